@@ -1,0 +1,89 @@
+"""Dunning policy: when to retry a failed invoice payment and what to do when retries run out.
+
+Offsets are measured from the *first* failure of the invoice, not from the previous retry,
+so a card update (an extra, immediate retry) never moves the remaining schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from billing.errors import InvalidInput
+
+
+class FinalAction(StrEnum):
+    #: Cancel the subscription and mark the invoice uncollectible.
+    CANCEL = "cancel"
+    #: Keep the subscription but stop billing (status ``unpaid``); invoice uncollectible.
+    #: A payment-method update reactivates billing at the next anchor date.
+    MARK_UNPAID = "mark_unpaid"
+
+
+#: Stripe recommends "8 tries within 2 weeks" for subscription retries: the first attempt on
+#: the billing date plus seven retries spread over fourteen days.
+DEFAULT_RETRY_OFFSETS_DAYS: tuple[int, ...] = (1, 3, 5, 7, 9, 11, 14)
+
+MAX_RETRIES = 20
+MAX_WINDOW_DAYS = 90
+
+
+@dataclass(frozen=True)
+class DunningPolicy:
+    """Retry schedule as days after the first failure, ascending, plus the final action."""
+
+    retry_offsets_days: list[int] = field(default_factory=lambda: list(DEFAULT_RETRY_OFFSETS_DAYS))
+    final_action: FinalAction = FinalAction.CANCEL
+
+    def __post_init__(self) -> None:
+        validate_dunning_policy(self)
+
+    def retry_at(self, first_failure_at: datetime, retries_done: int) -> datetime | None:
+        """When the next scheduled retry is due, or None when the schedule is exhausted."""
+        if retries_done < len(self.retry_offsets_days):
+            return first_failure_at + timedelta(days=self.retry_offsets_days[retries_done])
+        return None
+
+    def window_end(self, first_failure_at: datetime) -> datetime:
+        """When dunning gives up: the last offset (or the failure itself if there are none).
+
+        Hard declines and authentication waits do not retry on schedule, but they still end here,
+        so a card nobody fixes reaches the final action on the same day a soft decline would.
+        """
+        last = self.retry_offsets_days[-1] if self.retry_offsets_days else 0
+        return first_failure_at + timedelta(days=last)
+
+
+def validate_dunning_policy(policy: DunningPolicy) -> None:
+    offsets = policy.retry_offsets_days
+    if not isinstance(offsets, list | tuple) or any(
+        isinstance(o, bool) or not isinstance(o, int) for o in offsets
+    ):
+        raise InvalidInput(
+            f"retry_offsets_days must be a list of whole days; got {offsets!r}",
+            field="dunning.retry_offsets_days",
+        )
+    if len(offsets) > MAX_RETRIES:
+        raise InvalidInput(
+            f"at most {MAX_RETRIES} retries are allowed; got {len(offsets)}",
+            field="dunning.retry_offsets_days",
+        )
+    if any(o < 1 or o > MAX_WINDOW_DAYS for o in offsets):
+        raise InvalidInput(
+            f"each retry offset must be between 1 and {MAX_WINDOW_DAYS} days; got {list(offsets)}",
+            field="dunning.retry_offsets_days",
+        )
+    if any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)):
+        raise InvalidInput(
+            f"retry offsets must be strictly increasing; got {list(offsets)}",
+            field="dunning.retry_offsets_days",
+        )
+    try:
+        FinalAction(policy.final_action)
+    except ValueError:
+        allowed = ", ".join(a.value for a in FinalAction)
+        raise InvalidInput(
+            f"unknown final_action {policy.final_action!r}; use one of: {allowed}",
+            field="dunning.final_action",
+        ) from None

@@ -1,0 +1,145 @@
+"""Normalized payment outcomes. The Stripe adapter maps every provider answer to one of these
+at the edge; nothing past the adapter sees a Stripe object (Kill Bill's plugin shape)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+from enum import StrEnum
+
+
+class ChargeOutcomeKind(StrEnum):
+    PAID = "paid"
+    SOFT_DECLINE = "soft_decline"
+    HARD_DECLINE = "hard_decline"
+    AUTHENTICATION_REQUIRED = "authentication_required"
+
+
+#: Decline codes after which retrying the same card is pointless or harmful (card networks
+#: penalise retries of these). Follows Stripe's non-retryable list for Smart Retries, plus the
+#: codes its decline-code reference marks "do not retry" / "the customer must use another card".
+HARD_DECLINE_CODES: frozenset[str] = frozenset(
+    {
+        "lost_card",
+        "stolen_card",
+        "pickup_card",
+        "fraudulent",
+        "merchant_blacklist",
+        "restricted_card",
+        "security_violation",
+        "incorrect_number",
+        "invalid_number",
+        "invalid_account",
+        "account_closed",
+        "card_not_supported",
+        "currency_not_supported",
+        "expired_card",
+        "do_not_try_again",
+        "revocation_of_authorization",
+        "revocation_of_all_authorizations",
+        "stop_payment_order",
+        "new_account_information_available",
+        "transaction_not_allowed",
+    }
+)
+
+AUTHENTICATION_CODES: frozenset[str] = frozenset(
+    {"authentication_required", "card_authentication_required"}
+)
+
+
+def classify_decline(error_code: str | None, decline_code: str | None) -> ChargeOutcomeKind:
+    """Map a provider decline to soft, hard or authentication-required.
+
+    ``decline_code`` (the issuer's reason) wins over the generic ``error_code``
+    (``card_declined``, ``expired_card``, ...). Anything unknown is soft: retrying a soft decline
+    on the dunning schedule is safe, while wrongly calling it hard would give up on money.
+    """
+    for code in (decline_code, error_code):
+        if code in AUTHENTICATION_CODES:
+            return ChargeOutcomeKind.AUTHENTICATION_REQUIRED
+        if code in HARD_DECLINE_CODES:
+            return ChargeOutcomeKind.HARD_DECLINE
+    return ChargeOutcomeKind.SOFT_DECLINE
+
+
+@dataclass(frozen=True)
+class ChargeOutcome:
+    """What one charge attempt produced, in domain terms. Amounts in minor units."""
+
+    kind: ChargeOutcomeKind
+    payment_intent_id: str | None = None
+    charge_id: str | None = None
+    decline_code: str | None = None
+    failure_message: str | None = None
+    amount_minor: int = 0
+    currency: str = ""
+
+
+@dataclass(frozen=True)
+class SettlementDetails:
+    """Fee and net as the provider's balance transaction reports them (None when unknown)."""
+
+    charge_id: str | None
+    amount_minor: int
+    currency: str
+    fee_minor: int | None
+    net_minor: int | None
+    balance_transaction_id: str | None
+
+
+@dataclass(frozen=True)
+class AttachedPaymentMethod:
+    payment_method_id: str
+    card_brand: str | None = None
+    card_last4: str | None = None
+
+
+class TransientPaymentError(Exception):
+    """The provider could not be reached or answered 5xx / 429. Safe to retry with the same
+    idempotency key; activities let it propagate so Temporal's RetryPolicy retries."""
+
+
+class PaymentProviderError(Exception):
+    """The provider refused the request for a reason retrying cannot fix (bad API key,
+    invalid parameters, idempotency key reused with other parameters). Non-retryable."""
+
+
+class PaymentGateway(Protocol):
+    """The payment plugin interface (Kill Bill's shape): returns normalized domain results.
+    Implemented by ``activities.stripe_gateway.StripeGateway``."""
+
+    def ensure_customer(self, *, customer_id: str, email: str | None, name: str | None) -> str:
+        """Provider customer id for our customer, created once (idempotent per customer_id)."""
+        ...
+
+    def attach_payment_method(
+        self, *, provider_customer_id: str, payment_method_id: str
+    ) -> AttachedPaymentMethod:
+        """Attach and make default. Raises billing.errors.PaymentMethodRejected if refused."""
+        ...
+
+    def default_payment_method(self, *, provider_customer_id: str) -> str | None: ...
+
+    def charge(
+        self,
+        *,
+        provider_customer_id: str,
+        payment_method_id: str,
+        amount_minor: int,
+        currency: str,
+        idempotency_key: str,
+        description: str,
+        metadata: dict[str, str],
+    ) -> ChargeOutcome:
+        """One off-session charge. Declines are returned; transient faults raise
+        TransientPaymentError; misconfiguration raises PaymentProviderError."""
+        ...
+
+    def settlement_details(
+        self, *, payment_intent_id: str, charge_id: str | None
+    ) -> SettlementDetails: ...
+
+    def payment_intent_outcome(self, *, payment_intent_id: str) -> ChargeOutcome:
+        """Current state of a payment intent (used after the customer authenticates)."""
+        ...

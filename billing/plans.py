@@ -1,0 +1,73 @@
+"""Plans: a price (minor units + currency) per interval (unit x count), an optional trial and an
+optional dunning policy. A plan is snapshotted into each subscription, so later edits to the
+catalog never change what an existing subscription is billed."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from billing.calendar import IntervalUnit, parse_interval_unit, validate_interval_count
+from billing.dunning import DunningPolicy
+from billing.errors import InvalidInput, UnknownPlan
+from billing.money import normalize_currency, validate_amount_minor
+
+MAX_TRIAL_DAYS = 730
+_CODE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Plan:
+    code: str
+    name: str
+    amount_minor: int
+    currency: str
+    interval: IntervalUnit
+    interval_count: int = 1
+    trial_days: int = 0
+    dunning: DunningPolicy = field(default_factory=DunningPolicy)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.code, str) or not _CODE_RE.match(self.code):
+            raise InvalidInput(
+                f"plan code must be 1-63 lower-case letters, digits, '-' or '_'; got {self.code!r}",
+                field="code",
+            )
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise InvalidInput("plan name must not be empty", field="name")
+        validate_amount_minor(self.amount_minor)
+        object.__setattr__(self, "currency", normalize_currency(self.currency))
+        unit = parse_interval_unit(self.interval)
+        object.__setattr__(self, "interval", unit)
+        validate_interval_count(unit, self.interval_count)
+        if (
+            isinstance(self.trial_days, bool)
+            or not isinstance(self.trial_days, int)
+            or not 0 <= self.trial_days <= MAX_TRIAL_DAYS
+        ):
+            raise InvalidInput(
+                f"trial_days must be a whole number between 0 and {MAX_TRIAL_DAYS}; "
+                f"got {self.trial_days!r}",
+                field="trial_days",
+            )
+
+
+def find_plan(code: str, plans: Mapping[str, Plan] | Iterable[Plan]) -> Plan:
+    """The plan with ``code``, or UnknownPlan listing the known codes."""
+    by_code = dict(plans) if isinstance(plans, Mapping) else {p.code: p for p in plans}
+    try:
+        return by_code[code]
+    except KeyError:
+        known = ", ".join(sorted(by_code)) or "(none)"
+        raise UnknownPlan(f"unknown plan {code!r}; known plans: {known}", field="plan") from None
+
+
+#: Plans loaded by the demo and `billing dev`.
+DEMO_PLANS: tuple[Plan, ...] = (
+    Plan("basic-monthly", "Basic (monthly)", 900, "USD", IntervalUnit.MONTH),
+    Plan("pro-monthly", "Pro (monthly)", 2900, "USD", IntervalUnit.MONTH, trial_days=14),
+    Plan("pro-annual", "Pro (annual)", 29000, "USD", IntervalUnit.YEAR),
+    Plan("team-weekly", "Team (weekly)", 1500, "EUR", IntervalUnit.WEEK),
+    Plan("tokyo-monthly", "Tokyo (monthly, JPY)", 1200, "JPY", IntervalUnit.MONTH),
+)

@@ -1,0 +1,186 @@
+"""Subscription lifecycle: statuses, the state a subscription workflow carries (also what
+continue-as-new carries), and the pure rules for the changes a caller may ask for.
+
+The workflow only sequences these decisions and calls activities; everything here is pure and
+deterministic, so it is tested without Temporal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+from billing.calendar import BillingPeriod, first_index_at_or_after, period
+from billing.errors import ChangeRefused
+from billing.plans import Plan
+
+
+class SubscriptionStatus(StrEnum):
+    #: Recorded by signup, workflow not yet running.
+    PENDING = "pending"
+    TRIALING = "trialing"
+    ACTIVE = "active"
+    #: The latest invoice failed and dunning is retrying it.
+    PAST_DUE = "past_due"
+    PAUSED = "paused"
+    #: Dunning ran out with final action "mark unpaid": no new invoices until the card changes.
+    UNPAID = "unpaid"
+    CANCELED = "canceled"
+
+
+TERMINAL_STATUSES = frozenset({SubscriptionStatus.CANCELED})
+
+
+class BlockedReason(StrEnum):
+    """Why dunning is not retrying on schedule."""
+
+    HARD_DECLINE = "hard_decline"
+    AUTHENTICATION_REQUIRED = "authentication_required"
+
+
+@dataclass
+class OpenInvoice:
+    """The invoice currently being collected. Amount in minor units; instants in UTC."""
+
+    invoice_id: str
+    number: str
+    period_index: int
+    period_start: datetime
+    period_end: datetime
+    amount_minor: int
+    currency: str
+    #: Charge attempts made so far; the next attempt's number is ``attempts + 1``.
+    attempts: int = 0
+    first_failure_at: datetime | None = None
+    #: Scheduled retries consumed (card-update retries do not consume the schedule).
+    scheduled_retries_done: int = 0
+    blocked: BlockedReason | None = None
+    last_decline_code: str | None = None
+    last_outcome: str | None = None
+    next_retry_at: datetime | None = None
+
+
+@dataclass
+class SubscriptionState:
+    """Everything a subscription workflow knows. Instants are UTC; amounts are minor units.
+
+    New fields must get defaults so histories recorded before them still decode.
+    """
+
+    subscription_id: str
+    customer_id: str
+    plan: Plan
+    timezone: str
+    started_at: datetime
+    #: Billing dates are ``anchor_at + k * interval`` in ``timezone``.
+    anchor_at: datetime
+    trial_end_at: datetime | None = None
+    status: SubscriptionStatus = SubscriptionStatus.PENDING
+    #: Index of the next period to invoice.
+    next_period_index: int = 0
+    current_period_start: datetime | None = None
+    current_period_end: datetime | None = None
+    open_invoice: OpenInvoice | None = None
+    cancel_at_period_end: bool = False
+    cancel_reason: str | None = None
+    canceled_at: datetime | None = None
+    ended_at: datetime | None = None
+    paused_at: datetime | None = None
+    #: Bumped on every payment-method change; dunning retries at once when it moves.
+    payment_method_version: int = 0
+    payment_method_id: str | None = None
+    #: A customer completed authentication for this payment intent (from a webhook).
+    authenticated_payment_intent_id: str | None = None
+    invoice_ids: list[str] = field(default_factory=list)
+    invoices_issued: int = 0
+    #: How many workflow runs came before this one (continue-as-new count).
+    run_number: int = 1
+
+    # ---- calendar -------------------------------------------------------------------------
+
+    def period(self, index: int) -> BillingPeriod:
+        return period(
+            self.anchor_at, self.timezone, self.plan.interval, self.plan.interval_count, index
+        )
+
+    @property
+    def next_billing_at(self) -> datetime | None:
+        """When the next invoice will be issued, or None if none will be."""
+        if self.status in (
+            SubscriptionStatus.CANCELED,
+            SubscriptionStatus.PAUSED,
+            SubscriptionStatus.UNPAID,
+            SubscriptionStatus.PENDING,
+        ):
+            return None
+        if self.cancel_at_period_end:
+            return None
+        return self.period(self.next_period_index).start
+
+    def end_of_paid_through(self) -> datetime:
+        """Where a cancel-at-period-end subscription ends: the end of the last invoiced period,
+        or the trial's end if nothing was invoiced yet."""
+        if self.current_period_end is not None:
+            return self.current_period_end
+        return self.trial_end_at or self.started_at
+
+    # ---- changes: each returns nothing or raises ChangeRefused with a reason ------------------
+
+    def check_cancel(self, at_period_end: bool) -> None:
+        if self.status == SubscriptionStatus.CANCELED:
+            raise ChangeRefused(
+                f"subscription {self.subscription_id} is already canceled"
+                + (f" (since {self.canceled_at.isoformat()})" if self.canceled_at else "")
+            )
+        if at_period_end and self.cancel_at_period_end:
+            raise ChangeRefused(
+                f"subscription {self.subscription_id} is already set to cancel at period end "
+                f"({self.end_of_paid_through().isoformat()}); cancel immediately instead if needed"
+            )
+
+    def check_pause(self) -> None:
+        if self.status == SubscriptionStatus.PAUSED:
+            raise ChangeRefused(f"subscription {self.subscription_id} is already paused")
+        if self.status in (SubscriptionStatus.CANCELED, SubscriptionStatus.UNPAID):
+            raise ChangeRefused(
+                f"subscription {self.subscription_id} is {self.status.value} and cannot be paused"
+            )
+        if self.open_invoice is not None:
+            raise ChangeRefused(
+                f"subscription {self.subscription_id} has unpaid invoice "
+                f"{self.open_invoice.number}; update the payment method or cancel instead"
+            )
+        if self.cancel_at_period_end:
+            raise ChangeRefused(
+                f"subscription {self.subscription_id} is set to cancel at period end; "
+                "it cannot also be paused"
+            )
+
+    def check_resume(self) -> None:
+        if self.status != SubscriptionStatus.PAUSED:
+            raise ChangeRefused(
+                f"subscription {self.subscription_id} is {self.status.value}, not paused; "
+                "only a paused subscription can be resumed"
+            )
+
+    def check_payment_method_update(self) -> None:
+        if self.status == SubscriptionStatus.CANCELED:
+            raise ChangeRefused(
+                f"subscription {self.subscription_id} is canceled; its payment method "
+                "can no longer be changed"
+            )
+
+    def next_index_after_resume(self, resumed_at: datetime) -> int:
+        """Resume keeps the anchor: billing restarts at the first anchor date at or after the
+        resume, and periods that started while paused are never invoiced (Stripe's
+        pause-collection behaviour)."""
+        k = first_index_at_or_after(
+            self.anchor_at,
+            self.timezone,
+            self.plan.interval,
+            self.plan.interval_count,
+            resumed_at,
+        )
+        return max(k, self.next_period_index)
+
