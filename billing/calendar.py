@@ -72,27 +72,46 @@ def validate_interval_count(unit: IntervalUnit, count: object) -> int:
     return count
 
 
-@cache
+# Names the tz database resolves per machine rather than per customer: "localtime" is the
+# host's own zone, so two workers (or a replay) could compute different billing dates.
+_MACHINE_LOCAL_ZONES = frozenset({"localtime", "posixrules"})
+
+
 def resolve_timezone(name: str) -> ZoneInfo:
     """The IANA zone for ``name``, or InvalidTimezone naming the bad value."""
-    if not isinstance(name, str) or not name or name.startswith(("/", ".")) or ".." in name:
-        raise InvalidTimezone(
-            f"unknown time zone {name!r}; use an IANA name such as 'Europe/Paris'",
-            field="timezone",
-        )
+    if (
+        not isinstance(name, str)
+        or not name
+        or name.startswith(("/", "."))
+        or ".." in name
+        or name in _MACHINE_LOCAL_ZONES
+    ):
+        raise _invalid_timezone(name)
+    return _zone(name)
+
+
+def _invalid_timezone(name: object) -> InvalidTimezone:
+    return InvalidTimezone(
+        f"unknown time zone {name!r}; use an IANA name such as 'Europe/Paris'",
+        field="timezone",
+    )
+
+
+@cache
+def _zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, IsADirectoryError):
-        raise InvalidTimezone(
-            f"unknown time zone {name!r}; use an IANA name such as 'Europe/Paris'",
-            field="timezone",
-        ) from None
+    # OSError covers directories ("America") and names the file system refuses (too long).
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise _invalid_timezone(name) from None
 
 
 def ensure_utc(instant: datetime) -> datetime:
     """Reject naive datetimes: an instant without a zone is ambiguous in billing."""
     if instant.tzinfo is None or instant.utcoffset() is None:
-        raise InvalidInput(f"instant {instant.isoformat()} has no time zone; pass an aware datetime")
+        raise InvalidInput(
+            f"instant {instant.isoformat()} has no time zone; pass an aware datetime"
+        )
     return instant.astimezone(UTC)
 
 
@@ -122,9 +141,13 @@ def billing_date(
     if index < 0:
         raise InvalidInput(f"period index must be >= 0; got {index}")
     anchor_utc = ensure_utc(anchor_at)
+    # Validate everything even for index 0, so a bad zone or interval fails on the first call
+    # rather than on the first renewal.
+    zone = resolve_timezone(timezone)
+    unit = parse_interval_unit(unit)
+    validate_interval_count(unit, count)
     if index == 0:
         return anchor_utc
-    zone = resolve_timezone(timezone)
     anchor_local = anchor_utc.astimezone(zone).replace(tzinfo=None)
     return _local_to_utc(anchor_local + _step(unit, index * count), zone)
 
@@ -154,6 +177,10 @@ def period_index_at(
     """Index of the period containing ``instant`` (-1 if it is before the anchor)."""
     anchor_utc = ensure_utc(anchor_at)
     instant_utc = ensure_utc(instant)
+    # A zero or negative count would divide by zero or walk forever below.
+    resolve_timezone(timezone)
+    unit = parse_interval_unit(unit)
+    validate_interval_count(unit, count)
     if instant_utc < anchor_utc:
         return -1
     elapsed_days = (instant_utc - anchor_utc) / timedelta(days=1)

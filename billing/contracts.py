@@ -222,3 +222,158 @@ class ConfirmAuthenticatedPaymentResult:
     attempt_number: int = 0
     charge_id: str | None = None
     reason: str = ""
+
+
+# ==== the subscription workflow's own messages ================================================
+
+from billing.subscription import SubscriptionState  # noqa: E402
+
+
+class WorkflowName:
+    SUBSCRIPTION = "SubscriptionWorkflow"
+
+
+class SubscriptionMessage:
+    """Update, signal and query names of the subscription workflow."""
+
+    CANCEL = "cancel"
+    PAUSE = "pause"
+    RESUME = "resume"
+    UPDATE_PAYMENT_METHOD = "update_payment_method"
+    PAYMENT_METHOD_CHANGED = "payment_method_changed"
+    PAYMENT_AUTHENTICATED = "payment_authenticated"
+    GET_STATE = "get_state"
+
+
+#: The most recent invoice ids a workflow keeps in its state (the database keeps them all).
+#: Bounds the continue-as-new payload however long a subscription lives.
+MAX_INVOICE_IDS_IN_STATE = 1000
+
+
+@dataclass
+class SubscriptionWorkflowInput:
+    state: SubscriptionState
+    #: Continue-as-new after this many billed periods in one run, so every run's history is
+    #: bounded by one billing cycle's events whatever the subscription's age.
+    periods_per_run: int = 1
+
+
+@dataclass
+class SubscriptionWorkflowResult:
+    subscription_id: str
+    status: SubscriptionStatus
+    ended_at: datetime | None
+    invoices_issued: int
+
+
+@dataclass
+class CancelInput:
+    #: True: stop at the end of the paid period. False: stop now and void an open invoice.
+    at_period_end: bool = True
+    reason: str = ""
+
+
+@dataclass
+class CancelResult:
+    status: SubscriptionStatus
+    cancel_at_period_end: bool
+    #: When the subscription ends (or ended, for an immediate cancel), UTC.
+    ends_at: datetime | None
+    voided_invoice_id: str | None = None
+
+
+@dataclass
+class PauseInput:
+    reason: str = ""
+
+
+@dataclass
+class PauseResult:
+    status: SubscriptionStatus
+    paused_at: datetime
+
+
+@dataclass
+class ResumeInput:
+    reason: str = ""
+
+
+@dataclass
+class ResumeResult:
+    status: SubscriptionStatus
+    next_billing_at: datetime | None
+
+
+@dataclass
+class UpdatePaymentMethodInput:
+    payment_method_id: str
+
+
+@dataclass
+class UpdatePaymentMethodResult:
+    payment_method_id: str
+    #: An open invoice will be retried at once with the new payment method.
+    retry_scheduled: bool
+    status: SubscriptionStatus
+    card_brand: str | None = None
+    card_last4: str | None = None
+
+
+@dataclass
+class PaymentMethodChangedInput:
+    """From a webhook: the customer already set a new default payment method at the provider."""
+
+    payment_method_id: str
+
+
+@dataclass
+class PaymentAuthenticatedInput:
+    """From a webhook: a payment intent that required authentication has succeeded."""
+
+    payment_intent_id: str
+    invoice_id: str | None = None
+
+
+@dataclass
+class OpenInvoiceView:
+    invoice_id: str
+    number: str
+    amount_minor: int
+    currency: str
+    period_start: datetime
+    period_end: datetime
+    #: Charge attempts made so far (the dunning attempt count).
+    attempts: int
+    first_failure_at: datetime | None
+    next_retry_at: datetime | None
+    blocked: str | None
+    last_decline_code: str | None
+
+
+@dataclass
+class SubscriptionView:
+    """The live state a query returns. Instants UTC; amounts minor units."""
+
+    subscription_id: str
+    customer_id: str
+    status: SubscriptionStatus
+    plan_code: str
+    amount_minor: int
+    currency: str
+    interval: str
+    interval_count: int
+    timezone: str
+    anchor_at: datetime
+    trial_end_at: datetime | None
+    current_period_start: datetime | None
+    current_period_end: datetime | None
+    next_billing_at: datetime | None
+    cancel_at_period_end: bool
+    canceled_at: datetime | None
+    ended_at: datetime | None
+    paused_at: datetime | None
+    open_invoice: OpenInvoiceView | None
+    invoice_ids: list[str]
+    invoices_issued: int
+    run_number: int
+    history_length: int

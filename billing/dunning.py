@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
+from itertools import pairwise
 
 from billing.errors import InvalidInput
 
@@ -41,6 +42,12 @@ class DunningPolicy:
 
     def retry_at(self, first_failure_at: datetime, retries_done: int) -> datetime | None:
         """When the next scheduled retry is due, or None when the schedule is exhausted."""
+        if isinstance(retries_done, bool) or not isinstance(retries_done, int) or retries_done < 0:
+            # A negative count would index the schedule from its end and return a plausible date.
+            raise InvalidInput(
+                f"retries_done must be a whole number >= 0; got {retries_done!r}",
+                field="retries_done",
+            )
         if retries_done < len(self.retry_offsets_days):
             return first_failure_at + timedelta(days=self.retry_offsets_days[retries_done])
         return None
@@ -74,7 +81,7 @@ def validate_dunning_policy(policy: DunningPolicy) -> None:
             f"each retry offset must be between 1 and {MAX_WINDOW_DAYS} days; got {list(offsets)}",
             field="dunning.retry_offsets_days",
         )
-    if any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)):
+    if any(b <= a for a, b in pairwise(offsets)):
         raise InvalidInput(
             f"retry offsets must be strictly increasing; got {list(offsets)}",
             field="dunning.retry_offsets_days",

@@ -51,3 +51,9 @@ class ChangeRefused(BillingError):
 
 class NotFound(BillingError):
     code = "not_found"
+
+
+class IdempotencyConflict(BillingError):
+    """The idempotency key was already used with a different request body."""
+
+    code = "idempotency_conflict"

@@ -5,10 +5,30 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from datetime import datetime
 
+from billing.calendar import ensure_utc
+
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower-case
+_RANDOM_BITS = 80
+
+# The (millisecond, random) pair of the last id this process made. Ids made in the same
+# millisecond (many per ms, or a clock frozen by a test) count up from it, so ids from one process
+# sort in creation order (ULID monotonic mode). The time part always shows the clock's own time.
+_last: tuple[int, int] = (0, 0)
+_lock = threading.Lock()
+
+
+def _forget_last_id() -> None:
+    # A forked child must not count up from its parent's last id: both would make the same ids.
+    global _last
+    _last = (0, 0)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_last_id)
 
 
 def _b32(value: int, length: int) -> str:
@@ -20,9 +40,22 @@ def _b32(value: int, length: int) -> str:
 
 
 def new_id(prefix: str) -> str:
-    """``prefix_`` + 26 chars: 48-bit millisecond time then 80 random bits (ULID layout)."""
-    millis = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    """``prefix_`` + 26 chars: 48-bit millisecond time then 80 random bits (ULID layout).
+
+    Strictly increasing within one process while the clock does not go back, even when many ids
+    share a millisecond.
+    """
+    global _last
+    with _lock:
+        millis = time.time_ns() // 1_000_000
+        last_millis, last_rand = _last
+        if millis == last_millis:
+            rand = last_rand + 1
+            if rand >= 1 << _RANDOM_BITS:
+                millis, rand = millis + 1, 0
+        else:
+            rand = int.from_bytes(os.urandom(_RANDOM_BITS // 8), "big")
+        _last = (millis, rand)
     return f"{prefix}_{_b32(millis, 10)}{_b32(rand, 16)}"
 
 
@@ -31,8 +64,12 @@ def _digest(*parts: str) -> str:
 
 
 def invoice_id_for(subscription_id: str, period_start: datetime) -> str:
-    """The same (subscription, period) always names the same invoice."""
-    return f"in_{_digest(subscription_id, period_start.isoformat())}"
+    """The same (subscription, period) always names the same invoice.
+
+    ``period_start`` must be aware; it is read in UTC, so the same instant given in another zone
+    (or as a value read back from the database) names the same invoice. Naive values are refused.
+    """
+    return f"in_{_digest(subscription_id, ensure_utc(period_start).isoformat())}"
 
 
 def subscription_id_for_signup(idempotency_key: str) -> str:

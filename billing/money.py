@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from babel import numbers as babel_numbers
+from babel.core import get_global
 
 from billing.errors import InvalidCurrency, InvalidInput
 
@@ -23,7 +24,18 @@ _NON_BILLABLE = frozenset({"XXX", "XTS", "XAU", "XAG", "XPT", "XPD", "XDR", "XSU
 
 @cache
 def _known_currencies() -> frozenset[str]:
-    return frozenset(babel_numbers.list_currencies())
+    # A currency is billable when CLDR says some territory uses it as legal tender with no end
+    # date. ``list_currencies()`` alone also returns withdrawn money (DEM, FRF, HRK) and fund
+    # codes (USN, CLF). Only the babel data decides, not today's date, so every worker and
+    # every replay accepts the same set.
+    territory_currencies = get_global("territory_currencies")
+    in_use = {
+        code
+        for entries in territory_currencies.values()
+        for code, _start, end, tender in entries
+        if tender and end is None
+    }
+    return frozenset(in_use & set(babel_numbers.list_currencies()))
 
 
 def normalize_currency(code: object) -> str:

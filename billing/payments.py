@@ -4,8 +4,8 @@ at the edge; nothing past the adapter sees a Stripe object (Kill Bill's plugin s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 from enum import StrEnum
+from typing import Protocol
 
 
 class ChargeOutcomeKind(StrEnum):
@@ -55,11 +55,13 @@ def classify_decline(error_code: str | None, decline_code: str | None) -> Charge
     (``card_declined``, ``expired_card``, ...). Anything unknown is soft: retrying a soft decline
     on the dunning schedule is safe, while wrongly calling it hard would give up on money.
     """
-    for code in (decline_code, error_code):
-        if code in AUTHENTICATION_CODES:
-            return ChargeOutcomeKind.AUTHENTICATION_REQUIRED
-        if code in HARD_DECLINE_CODES:
-            return ChargeOutcomeKind.HARD_DECLINE
+    # The issuer's reason, when there is one, decides alone: a soft decline_code such as
+    # insufficient_funds stays soft whatever generic error_code came with it.
+    code = decline_code or error_code
+    if code in AUTHENTICATION_CODES:
+        return ChargeOutcomeKind.AUTHENTICATION_REQUIRED
+    if code in HARD_DECLINE_CODES:
+        return ChargeOutcomeKind.HARD_DECLINE
     return ChargeOutcomeKind.SOFT_DECLINE
 
 

@@ -14,7 +14,8 @@ from billing.errors import InvalidInput, UnknownPlan
 from billing.money import normalize_currency, validate_amount_minor
 
 MAX_TRIAL_DAYS = 730
-_CODE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# fullmatch, not match: "$" would also accept a trailing newline ("pro\n").
+_CODE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,15 @@ class Plan:
     dunning: DunningPolicy = field(default_factory=DunningPolicy)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.code, str) or not _CODE_RE.match(self.code):
+        if not isinstance(self.code, str) or not _CODE_RE.fullmatch(self.code):
             raise InvalidInput(
                 f"plan code must be 1-63 lower-case letters, digits, '-' or '_'; got {self.code!r}",
                 field="code",
             )
         if not isinstance(self.name, str) or not self.name.strip():
-            raise InvalidInput("plan name must not be empty", field="name")
+            raise InvalidInput(
+                f"plan name must be a non-empty string; got {self.name!r}", field="name"
+            )
         validate_amount_minor(self.amount_minor)
         object.__setattr__(self, "currency", normalize_currency(self.currency))
         unit = parse_interval_unit(self.interval)
@@ -59,7 +62,7 @@ def find_plan(code: str, plans: Mapping[str, Plan] | Iterable[Plan]) -> Plan:
     try:
         return by_code[code]
     except KeyError:
-        known = ", ".join(sorted(by_code)) or "(none)"
+        known = ", ".join(by_code) or "(none)"
         raise UnknownPlan(f"unknown plan {code!r}; known plans: {known}", field="plan") from None
 
 

@@ -59,6 +59,9 @@ class OpenInvoice:
     last_decline_code: str | None = None
     last_outcome: str | None = None
     next_retry_at: datetime | None = None
+    #: The subscription's payment_method_version at the last attempt; a newer version means
+    #: the customer changed the card since, which triggers an immediate retry.
+    payment_method_version_seen: int = 0
 
 
 @dataclass
@@ -183,4 +186,3 @@ class SubscriptionState:
             resumed_at,
         )
         return max(k, self.next_period_index)
-

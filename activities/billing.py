@@ -1,0 +1,524 @@
+"""Billing activities: every side effect of a subscription workflow.
+
+Each activity is idempotent, because Temporal runs it at least once:
+- invoices are keyed by (subscription, period start) and their ids derive from that key;
+- a charge attempt is recorded as ``pending`` *before* the provider is called, and the
+  provider gets an idempotency key derived from (invoice, attempt number), so a worker killed
+  mid-charge re-sends the same key on retry;
+- our own records guard before the key does: a paid invoice, an attempt that already has an
+  outcome, or an earlier successful attempt means no provider call at all; and the database
+  allows one settled payment per invoice.
+
+Errors: a decline is a return value. A transient fault (provider 5xx, network, database down)
+raises and Temporal retries. A validation or programming error raises a non-retryable
+ApplicationError whose type names the domain error.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from billing.clock import Clock
+from billing.contracts import (
+    ActivityName,
+    AttachPaymentMethodInput,
+    AttachPaymentMethodResult,
+    ChargeInvoiceInput,
+    ChargeInvoiceResult,
+    CloseInvoiceInput,
+    CloseInvoiceResult,
+    ConfirmAuthenticatedPaymentInput,
+    ConfirmAuthenticatedPaymentResult,
+    CreateInvoiceInput,
+    CreateInvoiceResult,
+    EnqueueNotificationInput,
+    EnqueueNotificationResult,
+    SettleInvoiceInput,
+    SettleInvoiceResult,
+    SyncSubscriptionInput,
+    SyncSubscriptionResult,
+    idempotency_key_for,
+)
+from billing.errors import BillingError, ChangeRefused, NotFound
+from billing.ids import invoice_id_for, new_id
+from billing.invoices import InvoiceStatus
+from billing.payments import (
+    ChargeOutcome,
+    ChargeOutcomeKind,
+    PaymentGateway,
+    PaymentProviderError,
+)
+from billing.records import (
+    InvoiceRecord,
+    NotificationRecord,
+    PaymentAttemptRecord,
+    PaymentRecord,
+)
+from db.engine import unit_of_work
+from db.repositories import attempts as attempts_repo
+from db.repositories import customers as customers_repo
+from db.repositories import invoices as invoices_repo
+from db.repositories import notifications as notifications_repo
+from db.repositories import payments as payments_repo
+from db.repositories import subscriptions as subscriptions_repo
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_ATTEMPT_STATUS = {
+    ChargeOutcomeKind.PAID: "succeeded",
+    ChargeOutcomeKind.SOFT_DECLINE: "failed",
+    ChargeOutcomeKind.HARD_DECLINE: "failed",
+    ChargeOutcomeKind.AUTHENTICATION_REQUIRED: "requires_action",
+}
+
+
+def _domain_errors_are_final(fn: F) -> F:
+    """Domain errors become non-retryable ApplicationErrors typed by the error's class name;
+    a provider misconfiguration too. Everything else propagates and is retried."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BillingError as error:
+            raise ApplicationError(
+                error.message, type=type(error).__name__, non_retryable=True
+            ) from error
+        except PaymentProviderError as error:
+            raise ApplicationError(
+                str(error), type="PaymentProviderError", non_retryable=True
+            ) from error
+
+    return wrapper  # type: ignore[return-value]
+
+
+class BillingActivities:
+    """Activities with their dependencies injected (the worker builds them from Settings)."""
+
+    def __init__(
+        self, session_factory: sessionmaker[Session], gateway: PaymentGateway, clock: Clock
+    ) -> None:
+        self.session_factory = session_factory
+        self.gateway = gateway
+        self.clock = clock
+
+    def all(self) -> list[Callable[..., Any]]:
+        return [
+            self.sync_subscription,
+            self.create_invoice,
+            self.charge_invoice,
+            self.settle_invoice,
+            self.close_invoice,
+            self.enqueue_notification,
+            self.attach_payment_method,
+            self.confirm_authenticated_payment,
+        ]
+
+    # ---------------------------------------------------------------- subscription mirror --
+
+    @activity.defn(name=ActivityName.SYNC_SUBSCRIPTION)
+    @_domain_errors_are_final
+    def sync_subscription(self, input: SyncSubscriptionInput) -> SyncSubscriptionResult:
+        with unit_of_work(self.session_factory) as session:
+            updated = subscriptions_repo.update_subscription_state(
+                session,
+                input.subscription_id,
+                status=input.status,
+                current_period_start=input.current_period_start,
+                current_period_end=input.current_period_end,
+                next_billing_at=input.next_billing_at,
+                cancel_at_period_end=input.cancel_at_period_end,
+                canceled_at=input.canceled_at,
+                ended_at=input.ended_at,
+                paused_at=input.paused_at,
+                cancel_reason=input.cancel_reason,
+                now=self.clock.now(),
+            )
+        if not updated:
+            raise NotFound(f"subscription {input.subscription_id} is not in the database")
+        return SyncSubscriptionResult(updated=True)
+
+    # ---------------------------------------------------------------------------- invoices --
+
+    @activity.defn(name=ActivityName.CREATE_INVOICE)
+    @_domain_errors_are_final
+    def create_invoice(self, input: CreateInvoiceInput) -> CreateInvoiceResult:
+        """Create and finalize the period's invoice; idempotent per (subscription, period)."""
+        with unit_of_work(self.session_factory) as session:
+            existing = invoices_repo.get_invoice_for_period(
+                session, input.subscription_id, input.period_start
+            )
+            if existing is not None:
+                return _invoice_result(existing, created=False)
+            now = self.clock.now()
+            number = customers_repo.allocate_invoice_number(session, input.customer_id)
+            draft = InvoiceRecord(
+                id=invoice_id_for(input.subscription_id, input.period_start),
+                number=number,
+                subscription_id=input.subscription_id,
+                customer_id=input.customer_id,
+                period_index=input.period_index,
+                period_start=input.period_start,
+                period_end=input.period_end,
+                amount_due_minor=input.amount_minor,
+                amount_paid_minor=0,
+                currency=input.currency,
+                status=InvoiceStatus.DRAFT,
+                description=input.description,
+                status_reason=None,
+                created_at=now,
+                finalized_at=None,
+                paid_at=None,
+                voided_at=None,
+                marked_uncollectible_at=None,
+            )
+            invoice, created = invoices_repo.insert_invoice(session, draft)
+            if not created:
+                # A concurrent run of this activity won; drop our number allocation with it.
+                session.rollback()
+                return _invoice_result(invoice, created=False)
+            invoice = invoices_repo.transition_invoice(
+                session, invoice.id, to=InvoiceStatus.OPEN, at=now
+            )
+            if invoice.amount_due_minor == 0:
+                # Nothing to collect (free period): paid on finalization, as Stripe does.
+                invoice = invoices_repo.transition_invoice(
+                    session, invoice.id, to=InvoiceStatus.PAID, at=now, amount_paid_minor=0
+                )
+            return _invoice_result(invoice, created=True)
+
+    @activity.defn(name=ActivityName.CLOSE_INVOICE)
+    @_domain_errors_are_final
+    def close_invoice(self, input: CloseInvoiceInput) -> CloseInvoiceResult:
+        if input.status not in (InvoiceStatus.VOID, InvoiceStatus.UNCOLLECTIBLE):
+            raise ChangeRefused(
+                f"close_invoice takes void or uncollectible; got {input.status.value}"
+            )
+        with unit_of_work(self.session_factory) as session:
+            invoice = _require_invoice(session, input.invoice_id)
+            if invoice.status == InvoiceStatus.PAID:
+                return CloseInvoiceResult(invoice.id, invoice.status, was_paid=True)
+            if invoice.status == input.status:
+                return CloseInvoiceResult(invoice.id, invoice.status)
+            closed = invoices_repo.transition_invoice(
+                session, invoice.id, to=input.status, at=self.clock.now(), reason=input.reason
+            )
+            return CloseInvoiceResult(closed.id, closed.status)
+
+    # ----------------------------------------------------------------------------- charges --
+
+    @activity.defn(name=ActivityName.CHARGE_INVOICE)
+    @_domain_errors_are_final
+    def charge_invoice(self, input: ChargeInvoiceInput) -> ChargeInvoiceResult:
+        """One charge attempt of an open invoice, off-session, on the customer's default
+        payment method. Declines are returned; provider outages raise and are retried."""
+        attempt_number = input.attempt_number
+        with unit_of_work(self.session_factory) as session:
+            invoice = _require_invoice(session, input.invoice_id)
+            attempts = attempts_repo.list_attempts_for_invoice(session, invoice.id)
+            succeeded = next((a for a in attempts if a.status == "succeeded"), None)
+            if invoice.status == InvoiceStatus.PAID or succeeded is not None:
+                # Our records say the money is already collected: never charge again.
+                return _already_paid(session, invoice, succeeded)
+            if invoice.status != InvoiceStatus.OPEN:
+                raise ChangeRefused(
+                    f"invoice {invoice.number} is {invoice.status.value}; only open invoices "
+                    "are charged"
+                )
+            # An earlier attempt with an unknown outcome (its worker died mid-call) is
+            # re-driven under its own key rather than replaced by a new one.
+            unknown = [a for a in attempts if a.status == "pending"]
+            if unknown and unknown[0].attempt_number < attempt_number:
+                attempt_number = unknown[0].attempt_number
+            attempt = next((a for a in attempts if a.attempt_number == attempt_number), None)
+            if attempt is not None and attempt.status != "pending":
+                return _attempt_result(attempt)  # this attempt already finished: replay it
+            customer = customers_repo.get_customer(session, invoice.customer_id)
+            if customer is None:
+                raise NotFound(f"customer {invoice.customer_id} of invoice {invoice.id} not found")
+            key = idempotency_key_for(invoice.id, attempt_number)
+            if attempt is None:
+                attempt, _ = attempts_repo.insert_pending_attempt(
+                    session,
+                    PaymentAttemptRecord(
+                        id=new_id("pa"),
+                        invoice_id=invoice.id,
+                        attempt_number=attempt_number,
+                        idempotency_key=key,
+                        amount_minor=invoice.amount_due_minor,
+                        currency=invoice.currency,
+                        status="pending",
+                        outcome=None,
+                        decline_code=None,
+                        failure_message=None,
+                        reason=input.reason,
+                        stripe_payment_intent_id=None,
+                        stripe_charge_id=None,
+                        payment_method_id=None,
+                        created_at=self.clock.now(),
+                        completed_at=None,
+                    ),
+                )
+        # The pending attempt is committed before the provider sees anything.
+        payment_method_id = None
+        if customer.stripe_customer_id is not None:
+            payment_method_id = self.gateway.default_payment_method(
+                provider_customer_id=customer.stripe_customer_id
+            )
+        payment_method_id = payment_method_id or customer.default_payment_method_id
+        if customer.stripe_customer_id is None or payment_method_id is None:
+            outcome = ChargeOutcome(
+                kind=ChargeOutcomeKind.HARD_DECLINE,
+                decline_code="no_payment_method",
+                failure_message="the customer has no default payment method",
+                amount_minor=invoice.amount_due_minor,
+                currency=invoice.currency,
+            )
+        else:
+            activity.heartbeat(key)
+            outcome = self.gateway.charge(
+                provider_customer_id=customer.stripe_customer_id,
+                payment_method_id=payment_method_id,
+                amount_minor=invoice.amount_due_minor,
+                currency=invoice.currency,
+                idempotency_key=key,
+                description=f"Invoice {invoice.number}",
+                metadata={
+                    "invoice_id": invoice.id,
+                    "invoice_number": invoice.number,
+                    "subscription_id": invoice.subscription_id,
+                    "attempt_number": str(attempt_number),
+                },
+            )
+        with unit_of_work(self.session_factory) as session:
+            attempts_repo.record_attempt_outcome(
+                session,
+                attempt.id,
+                status=_ATTEMPT_STATUS[outcome.kind],
+                outcome=outcome.kind,
+                decline_code=outcome.decline_code,
+                failure_message=(outcome.failure_message or "")[:500] or None,
+                payment_intent_id=outcome.payment_intent_id,
+                charge_id=outcome.charge_id,
+                payment_method_id=payment_method_id,
+                completed_at=self.clock.now(),
+            )
+        return ChargeInvoiceResult(
+            outcome=outcome.kind,
+            attempt_number=attempt_number,
+            idempotency_key=key,
+            payment_intent_id=outcome.payment_intent_id,
+            charge_id=outcome.charge_id,
+            decline_code=outcome.decline_code,
+            failure_message=outcome.failure_message,
+        )
+
+    @activity.defn(name=ActivityName.SETTLE_INVOICE)
+    @_domain_errors_are_final
+    def settle_invoice(self, input: SettleInvoiceInput) -> SettleInvoiceResult:
+        """Record the settled payment (amount, fee, net) and mark the invoice paid."""
+        with unit_of_work(self.session_factory) as session:
+            invoice = _require_invoice(session, input.invoice_id)
+            payment = payments_repo.get_payment_for_invoice(session, invoice.id)
+            if payment is not None:
+                return _settle_result(payment)
+            attempt = attempts_repo.get_attempt(session, invoice.id, input.attempt_number)
+            if attempt is None:
+                raise NotFound(f"attempt {input.attempt_number} of invoice {invoice.id} not found")
+        details = self.gateway.settlement_details(
+            payment_intent_id=input.payment_intent_id, charge_id=input.charge_id
+        )
+        if (details.amount_minor, details.currency) != (invoice.amount_due_minor, invoice.currency):
+            # Never mark an invoice paid with money that does not match it.
+            raise ChangeRefused(
+                f"payment {input.payment_intent_id} is {details.amount_minor} {details.currency} "
+                f"but invoice {invoice.number} is {invoice.amount_due_minor} {invoice.currency}"
+            )
+        now = self.clock.now()
+        with unit_of_work(self.session_factory) as session:
+            payment, _ = payments_repo.insert_payment(
+                session,
+                PaymentRecord(
+                    id=new_id("py"),
+                    invoice_id=invoice.id,
+                    attempt_id=attempt.id,
+                    stripe_payment_intent_id=input.payment_intent_id,
+                    stripe_charge_id=details.charge_id or input.charge_id,
+                    balance_transaction_id=details.balance_transaction_id,
+                    amount_minor=details.amount_minor,
+                    currency=details.currency,
+                    fee_minor=details.fee_minor,
+                    net_minor=details.net_minor,
+                    settled_at=now,
+                ),
+            )
+            current = _require_invoice(session, invoice.id)
+            if current.status != InvoiceStatus.PAID:
+                invoices_repo.transition_invoice(
+                    session,
+                    invoice.id,
+                    to=InvoiceStatus.PAID,
+                    at=now,
+                    amount_paid_minor=payment.amount_minor,
+                )
+            return _settle_result(payment)
+
+    @activity.defn(name=ActivityName.CONFIRM_AUTHENTICATED_PAYMENT)
+    @_domain_errors_are_final
+    def confirm_authenticated_payment(
+        self, input: ConfirmAuthenticatedPaymentInput
+    ) -> ConfirmAuthenticatedPaymentResult:
+        """Check with the provider that a payment intent the customer authenticated belongs to
+        this invoice and succeeded; record it on its attempt."""
+        with unit_of_work(self.session_factory) as session:
+            attempt = attempts_repo.get_attempt_by_payment_intent(session, input.payment_intent_id)
+        if attempt is None or attempt.invoice_id != input.invoice_id:
+            return ConfirmAuthenticatedPaymentResult(
+                succeeded=False,
+                reason=f"payment intent {input.payment_intent_id} is not an attempt of "
+                f"invoice {input.invoice_id}",
+            )
+        outcome = self.gateway.payment_intent_outcome(payment_intent_id=input.payment_intent_id)
+        if outcome.kind != ChargeOutcomeKind.PAID:
+            return ConfirmAuthenticatedPaymentResult(
+                succeeded=False,
+                attempt_number=attempt.attempt_number,
+                reason=f"payment intent is {outcome.kind.value}",
+            )
+        with unit_of_work(self.session_factory) as session:
+            attempts_repo.record_attempt_outcome(
+                session,
+                attempt.id,
+                status="succeeded",
+                outcome=ChargeOutcomeKind.PAID,
+                decline_code=None,
+                failure_message=None,
+                payment_intent_id=input.payment_intent_id,
+                charge_id=outcome.charge_id,
+                payment_method_id=attempt.payment_method_id,
+                completed_at=self.clock.now(),
+            )
+        return ConfirmAuthenticatedPaymentResult(
+            succeeded=True, attempt_number=attempt.attempt_number, charge_id=outcome.charge_id
+        )
+
+    # ----------------------------------------------------------------- customers & notices --
+
+    @activity.defn(name=ActivityName.ATTACH_PAYMENT_METHOD)
+    @_domain_errors_are_final
+    def attach_payment_method(self, input: AttachPaymentMethodInput) -> AttachPaymentMethodResult:
+        with unit_of_work(self.session_factory) as session:
+            customer = customers_repo.get_customer(session, input.customer_id)
+        if customer is None:
+            raise NotFound(f"customer {input.customer_id} not found")
+        provider_customer_id = customer.stripe_customer_id
+        if provider_customer_id is None:
+            provider_customer_id = self.gateway.ensure_customer(
+                customer_id=customer.id, email=customer.email, name=customer.name
+            )
+        attached = self.gateway.attach_payment_method(
+            provider_customer_id=provider_customer_id, payment_method_id=input.payment_method_id
+        )
+        with unit_of_work(self.session_factory) as session:
+            if customer.stripe_customer_id is None:
+                customers_repo.set_stripe_customer_id(session, customer.id, provider_customer_id)
+            customers_repo.set_default_payment_method(
+                session, customer.id, attached.payment_method_id
+            )
+        return AttachPaymentMethodResult(
+            payment_method_id=attached.payment_method_id,
+            card_brand=attached.card_brand,
+            card_last4=attached.card_last4,
+        )
+
+    @activity.defn(name=ActivityName.ENQUEUE_NOTIFICATION)
+    @_domain_errors_are_final
+    def enqueue_notification(self, input: EnqueueNotificationInput) -> EnqueueNotificationResult:
+        """Write a customer notice to the outbox; a sender delivers it (at most once per key)."""
+        with unit_of_work(self.session_factory) as session:
+            record, created = notifications_repo.enqueue_notification(
+                session,
+                NotificationRecord(
+                    id=new_id("ntf"),
+                    kind=input.kind,
+                    customer_id=input.customer_id,
+                    subscription_id=input.subscription_id,
+                    invoice_id=input.invoice_id,
+                    dedupe_key=input.dedupe_key,
+                    payload=input.payload,
+                    created_at=self.clock.now(),
+                    sent_at=None,
+                ),
+            )
+        return EnqueueNotificationResult(notification_id=record.id, created=created)
+
+
+# ---------------------------------------------------------------------------- helpers ------
+
+
+def _require_invoice(session: Session, invoice_id: str) -> InvoiceRecord:
+    invoice = invoices_repo.get_invoice(session, invoice_id)
+    if invoice is None:
+        raise NotFound(f"invoice {invoice_id} not found")
+    return invoice
+
+
+def _invoice_result(invoice: InvoiceRecord, *, created: bool) -> CreateInvoiceResult:
+    return CreateInvoiceResult(
+        invoice_id=invoice.id,
+        number=invoice.number,
+        status=invoice.status,
+        amount_due_minor=invoice.amount_due_minor,
+        currency=invoice.currency,
+        created=created,
+    )
+
+
+def _attempt_result(attempt: PaymentAttemptRecord) -> ChargeInvoiceResult:
+    assert attempt.outcome is not None
+    return ChargeInvoiceResult(
+        outcome=ChargeOutcomeKind(attempt.outcome),
+        attempt_number=attempt.attempt_number,
+        idempotency_key=attempt.idempotency_key,
+        payment_intent_id=attempt.stripe_payment_intent_id,
+        charge_id=attempt.stripe_charge_id,
+        decline_code=attempt.decline_code,
+        failure_message=attempt.failure_message,
+    )
+
+
+def _already_paid(
+    session: Session, invoice: InvoiceRecord, succeeded: PaymentAttemptRecord | None
+) -> ChargeInvoiceResult:
+    payment = payments_repo.get_payment_for_invoice(session, invoice.id)
+    if succeeded is None and payment is not None:
+        succeeded = next(
+            a
+            for a in attempts_repo.list_attempts_for_invoice(session, invoice.id)
+            if a.id == payment.attempt_id
+        )
+    if succeeded is None:
+        raise ChangeRefused(f"invoice {invoice.number} is paid but has no successful attempt")
+    result = _attempt_result(succeeded)
+    result.already_paid = True
+    return result
+
+
+def _settle_result(payment: PaymentRecord) -> SettleInvoiceResult:
+    return SettleInvoiceResult(
+        payment_id=payment.id,
+        paid_at=payment.settled_at,
+        amount_minor=payment.amount_minor,
+        currency=payment.currency,
+        fee_minor=payment.fee_minor,
+        net_minor=payment.net_minor,
+    )

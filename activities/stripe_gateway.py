@@ -1,0 +1,532 @@
+"""The Stripe payment adapter: the only module that imports ``stripe``.
+
+Every Stripe answer is translated here into the normalized results of ``billing.payments``
+(Kill Bill's plugin shape), so nothing past this module sees a Stripe object or exception:
+
+* a business outcome (paid, declined, needs authentication) is a returned ``ChargeOutcome``;
+* a fault that a retry with the *same* idempotency key can fix (network, 5xx, 429, lock
+  timeouts, an idempotent request still in flight) raises ``TransientPaymentError``;
+* anything a retry cannot fix (bad API key, missing permission, invalid parameters, an
+  idempotency key reused with other parameters) raises ``PaymentProviderError``.
+
+Amounts are integer minor units; currencies are upper-case ISO 4217 codes on our side and
+lower-case on the wire (Stripe's convention).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import stripe
+
+from billing.errors import PaymentMethodRejected
+from billing.payments import (
+    AttachedPaymentMethod,
+    ChargeOutcome,
+    ChargeOutcomeKind,
+    PaymentGateway,
+    PaymentProviderError,
+    SettlementDetails,
+    TransientPaymentError,
+    classify_decline,
+)
+
+if TYPE_CHECKING:
+    from stripe.params import CustomerCreateParams, PaymentIntentCreateParams
+
+__all__ = ["StripeGateway", "make_stripe_client"]
+
+logger = logging.getLogger(__name__)
+
+#: Stripe rejects longer Idempotency-Key headers.
+_MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+#: Error codes meaning "Stripe is momentarily busy with this object/key; the same request will
+#: succeed later" (Stripe sends ``lock_timeout`` with 429, sometimes 400).
+_TRANSIENT_ERROR_CODES = frozenset({"lock_timeout", "rate_limit"})
+
+#: Invalid-request codes on attach that mean "this card cannot be used" rather than "our
+#: request was malformed": the customer must supply another payment method.
+_REJECTED_PAYMENT_METHOD_CODES = frozenset(
+    {
+        "resource_missing",
+        "payment_method_unexpected_state",
+        "payment_method_invalid_parameter",
+        "payment_method_not_available",
+        "payment_method_unactivated",
+    }
+)
+
+#: PaymentIntent statuses that wait for the customer to act (3-D Secure / confirm on-session).
+_NEEDS_CUSTOMER_STATUSES = frozenset({"requires_action", "requires_confirmation"})
+
+
+def make_stripe_client(
+    *,
+    api_key: str,
+    api_base: str | None,
+    max_network_retries: int = 2,
+    http_client: stripe.HTTPClient | None = None,
+) -> stripe.StripeClient:
+    """A ``StripeClient`` for ``api_base`` (None: api.stripe.com; else e.g. localstripe's URL).
+
+    The SDK retries connection errors, 409 and 5xx itself ``max_network_retries`` times, reusing
+    the request's Idempotency-Key, before the adapter sees a ``TransientPaymentError``.
+    """
+    if not api_key:
+        raise PaymentProviderError(
+            "the Stripe API key is empty; configure a secret key such as 'sk_test_...'"
+        )
+    return stripe.StripeClient(
+        api_key,
+        base_addresses={"api": api_base} if api_base else None,
+        max_network_retries=max_network_retries,
+        http_client=http_client,
+    )
+
+
+def _expandable_id(value: object) -> str | None:
+    """The id of an expandable field, which Stripe returns as an id string or, when expanded
+    (localstripe always expands ``latest_charge``), as the object itself."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    object_id = getattr(value, "id", None)
+    return object_id if isinstance(object_id, str) else None
+
+
+def _get(obj: object, name: str) -> Any:
+    """A field of a Stripe object, or None when absent. Stripe omits null fields in some
+    payloads (error objects) and localstripe omits fields real Stripe always sends."""
+    if obj is None:
+        return None
+    return getattr(obj, name, None)
+
+
+def _describe(error: stripe.StripeError) -> str:
+    """A compact, log-friendly description of a Stripe error for our own messages."""
+    parts = [f"HTTP {error.http_status}" if error.http_status else "no HTTP response"]
+    code = error.code or _get(error.error, "code")
+    if code:
+        parts.append(f"code={code}")
+    decline_code = _get(error.error, "decline_code")
+    if decline_code:
+        parts.append(f"decline_code={decline_code}")
+    if error.request_id:
+        parts.append(f"request_id={error.request_id}")
+    message = error.user_message or "no message"
+    return f"{message} ({', '.join(parts)})"
+
+
+def _is_card_error(error: stripe.StripeError) -> bool:
+    return isinstance(error, stripe.CardError) or _get(error.error, "type") == "card_error"
+
+
+def _is_transient(error: stripe.StripeError) -> bool:
+    code = error.code or _get(error.error, "code")
+    if code in _TRANSIENT_ERROR_CODES:
+        return True
+    if isinstance(error, stripe.RateLimitError | stripe.APIConnectionError):
+        return True
+    if isinstance(error, stripe.APIError):
+        # The SDK maps every status it has no class for to APIError. 5xx and 409 (another
+        # request with this idempotency key is still in flight) are worth retrying with the
+        # same key; a missing status means no response at all.
+        status = error.http_status
+        return status is None or status >= 500 or status == 409
+    return False
+
+
+def _raise_translated(error: stripe.StripeError, *, operation: str) -> NoReturn:
+    """Raise the domain exception for a Stripe error that is not a business outcome."""
+    detail = _describe(error)
+    if _is_transient(error):
+        raise TransientPaymentError(
+            f"Stripe could not complete {operation}: {detail}; this is safe to retry (a write "
+            "with the same idempotency key)"
+        ) from error
+    if isinstance(error, stripe.AuthenticationError):
+        raise PaymentProviderError(
+            f"Stripe rejected the API key while trying {operation}: {detail}; configure a valid "
+            "secret key (sk_live_... or sk_test_...) for this account"
+        ) from error
+    if isinstance(error, stripe.PermissionError):
+        raise PaymentProviderError(
+            f"the Stripe API key may not perform {operation}: {detail}; use a key with write "
+            "access to customers, payment methods and payment intents"
+        ) from error
+    if isinstance(error, stripe.IdempotencyError):
+        raise PaymentProviderError(
+            f"Stripe refused {operation} because its idempotency key was already used with "
+            f"different parameters: {detail}; derive a new key for a different request"
+        ) from error
+    if isinstance(error, stripe.InvalidRequestError):
+        raise PaymentProviderError(
+            f"Stripe rejected {operation} as invalid: {detail}; fix the request parameters "
+            "(a retry will be refused the same way)"
+        ) from error
+    raise PaymentProviderError(f"Stripe failed {operation}: {detail}") from error
+
+
+class StripeGateway:
+    """``billing.payments.PaymentGateway`` on Stripe's API, through an injected ``StripeClient``.
+
+    ``send_description``: localstripe 1.15 rejects ``description`` on PaymentIntents
+    (HTTP 400 "Unexpected description"). Pass False there; the description then travels as
+    ``metadata["description"]`` instead. Real Stripe takes it as a field (the default).
+    """
+
+    def __init__(self, client: stripe.StripeClient, *, send_description: bool = True) -> None:
+        self._client = client
+        self._send_description = send_description
+
+    # -- customers and payment methods ------------------------------------------------------
+
+    def ensure_customer(self, *, customer_id: str, email: str | None, name: str | None) -> str:
+        """Create the Stripe customer for our ``customer_id`` and return its id (``cus_...``).
+
+        The Idempotency-Key ``customer-{customer_id}`` makes a retried call return the same
+        customer (Stripe keeps keys for 24 hours); callers persist the returned id.
+        """
+        params: CustomerCreateParams = {"metadata": {"billing_customer_id": customer_id}}
+        if email:
+            params["email"] = email
+        if name:
+            params["name"] = name
+        try:
+            customer = self._client.v1.customers.create(
+                params=params, options={"idempotency_key": f"customer-{customer_id}"}
+            )
+        except stripe.StripeError as error:
+            _raise_translated(error, operation=f"creating the customer for {customer_id!r}")
+        return customer.id
+
+    def attach_payment_method(
+        self, *, provider_customer_id: str, payment_method_id: str
+    ) -> AttachedPaymentMethod:
+        """Attach the payment method to the customer (unless it already is) and make it the
+        default for invoices. Raises ``PaymentMethodRejected`` if Stripe refuses the card."""
+        try:
+            payment_method = self._client.v1.payment_methods.retrieve(payment_method_id)
+        except stripe.StripeError as error:
+            self._raise_for_attach(error, payment_method_id, provider_customer_id)
+
+        # Stripe test tokens such as ``pm_card_visa`` resolve to a new ``pm_...``: from here on
+        # use the id Stripe gave us.
+        attached_id = payment_method.id
+        owner = _expandable_id(payment_method.customer)
+        if owner is not None and owner != provider_customer_id:
+            raise PaymentMethodRejected(
+                f"payment method {payment_method_id!r} belongs to another Stripe customer "
+                f"({owner}), not {provider_customer_id}; collect a new card from this customer",
+                field="payment_method_id",
+            )
+        if owner is None:
+            # Only attach an unattached card: a retry after a lost answer then skips the attach
+            # instead of depending on how the provider treats a repeated one.
+            try:
+                payment_method = self._client.v1.payment_methods.attach(
+                    attached_id, params={"customer": provider_customer_id}
+                )
+            except stripe.StripeError as error:
+                self._raise_for_attach(error, payment_method_id, provider_customer_id)
+
+        try:
+            self._client.v1.customers.update(
+                provider_customer_id,
+                params={"invoice_settings": {"default_payment_method": attached_id}},
+            )
+        except stripe.StripeError as error:
+            _raise_translated(
+                error,
+                operation=f"making {attached_id} the default payment method of "
+                f"{provider_customer_id}",
+            )
+
+        card = _get(payment_method, "card")
+        return AttachedPaymentMethod(
+            payment_method_id=attached_id,
+            card_brand=_get(card, "brand"),
+            card_last4=_get(card, "last4"),
+        )
+
+    def _raise_for_attach(
+        self, error: stripe.StripeError, payment_method_id: str, provider_customer_id: str
+    ) -> NoReturn:
+        code = error.code or _get(error.error, "code")
+        rejected = _is_card_error(error) or (
+            isinstance(error, stripe.InvalidRequestError)
+            and (error.http_status == 404 or code in _REJECTED_PAYMENT_METHOD_CODES)
+        )
+        if rejected:
+            decline_code = _get(error.error, "decline_code")
+            reason = error.user_message or "no reason given"
+            codes = ", ".join(
+                f"{label}={value}"
+                for label, value in (("decline_code", decline_code), ("code", code))
+                if value
+            )
+            raise PaymentMethodRejected(
+                f"Stripe refused payment method {payment_method_id!r} for customer "
+                f"{provider_customer_id}: {reason}" + (f" ({codes})" if codes else "") + "; "
+                "ask the customer for another card",
+                field="payment_method_id",
+            ) from error
+        _raise_translated(
+            error,
+            operation=f"attaching {payment_method_id} to {provider_customer_id}",
+        )
+
+    def default_payment_method(self, *, provider_customer_id: str) -> str | None:
+        """The customer's default payment method for invoices (``pm_...``), or None."""
+        try:
+            customer = self._client.v1.customers.retrieve(provider_customer_id)
+        except stripe.StripeError as error:
+            _raise_translated(error, operation=f"reading customer {provider_customer_id}")
+        if _get(customer, "deleted"):
+            raise PaymentProviderError(
+                f"Stripe customer {provider_customer_id} is deleted; create a new customer "
+                "with ensure_customer before charging"
+            )
+        invoice_settings = _get(customer, "invoice_settings")
+        return _expandable_id(_get(invoice_settings, "default_payment_method"))
+
+    # -- charges -----------------------------------------------------------------------------
+
+    def charge(
+        self,
+        *,
+        provider_customer_id: str,
+        payment_method_id: str,
+        amount_minor: int,
+        currency: str,
+        idempotency_key: str,
+        description: str,
+        metadata: dict[str, str],
+    ) -> ChargeOutcome:
+        """One off-session, automatically captured charge of ``amount_minor`` (minor units).
+
+        ``idempotency_key`` goes on the wire as the Idempotency-Key: Stripe answers a retry of
+        the same key with the first attempt's result instead of charging again.
+        """
+        if not idempotency_key or len(idempotency_key) > _MAX_IDEMPOTENCY_KEY_LENGTH:
+            # Without a key the SDK would invent a random one per call, silently losing the
+            # at-most-once guarantee; refuse instead.
+            raise PaymentProviderError(
+                f"idempotency_key must be 1 to {_MAX_IDEMPOTENCY_KEY_LENGTH} characters; got "
+                f"{idempotency_key!r}. Derive it from the invoice id and attempt number"
+            )
+        currency_upper = currency.upper()
+        wire_metadata = dict(metadata)
+        params: PaymentIntentCreateParams = {
+            "amount": amount_minor,
+            "currency": currency.lower(),
+            "customer": provider_customer_id,
+            "payment_method": payment_method_id,
+            "off_session": True,
+            "confirm": True,
+            "metadata": wire_metadata,
+        }
+        if self._send_description:
+            params["description"] = description
+        else:
+            wire_metadata.setdefault("description", description)
+
+        try:
+            intent = self._client.v1.payment_intents.create(
+                params=params, options={"idempotency_key": idempotency_key}
+            )
+        except stripe.StripeError as error:
+            if _is_card_error(error):
+                return self._outcome_from_card_error(
+                    error, amount_minor=amount_minor, currency=currency_upper
+                )
+            _raise_translated(
+                error,
+                operation=f"charging {amount_minor} {currency_upper} minor units to "
+                f"{provider_customer_id} (idempotency key {idempotency_key!r})",
+            )
+        return self._outcome_from_intent(intent)
+
+    def payment_intent_outcome(self, *, payment_intent_id: str) -> ChargeOutcome:
+        """The current state of a PaymentIntent, e.g. after the customer authenticated."""
+        try:
+            intent = self._client.v1.payment_intents.retrieve(payment_intent_id)
+        except stripe.StripeError as error:
+            _raise_translated(error, operation=f"reading payment intent {payment_intent_id}")
+        return self._outcome_from_intent(intent)
+
+    def _outcome_from_intent(self, intent: stripe.PaymentIntent) -> ChargeOutcome:
+        status = intent.status
+        amount = intent.amount
+        currency = intent.currency.upper()
+        charge_id = _expandable_id(intent.latest_charge)
+        if status == "succeeded":
+            return ChargeOutcome(
+                kind=ChargeOutcomeKind.PAID,
+                payment_intent_id=intent.id,
+                charge_id=charge_id,
+                amount_minor=amount,
+                currency=currency,
+            )
+        if status in _NEEDS_CUSTOMER_STATUSES:
+            return ChargeOutcome(
+                kind=ChargeOutcomeKind.AUTHENTICATION_REQUIRED,
+                payment_intent_id=intent.id,
+                charge_id=charge_id,
+                failure_message=(
+                    f"payment intent {intent.id} is {status}: the customer must authenticate "
+                    "the payment on-session"
+                ),
+                amount_minor=amount,
+                currency=currency,
+            )
+        if status == "processing":
+            raise TransientPaymentError(
+                f"payment intent {intent.id} is still processing (asynchronous payment method); "
+                "check it again later with payment_intent_outcome"
+            )
+        if status == "requires_payment_method":
+            error = _get(intent, "last_payment_error")
+            code = _get(error, "code")
+            decline_code = _get(error, "decline_code")
+            if error is None:
+                message = (
+                    f"payment intent {intent.id} has no payment method and reports no decline; "
+                    "ask the customer for a card"
+                )
+            else:
+                message = _get(error, "message") or f"payment intent {intent.id} was declined"
+            return ChargeOutcome(
+                kind=classify_decline(code, decline_code),
+                payment_intent_id=intent.id,
+                charge_id=charge_id or _get(error, "charge"),
+                decline_code=decline_code or code,
+                failure_message=message,
+                amount_minor=amount,
+                currency=currency,
+            )
+        if status == "canceled":
+            reason = _get(intent, "cancellation_reason") or "no reason given"
+            return ChargeOutcome(
+                kind=ChargeOutcomeKind.SOFT_DECLINE,
+                payment_intent_id=intent.id,
+                charge_id=charge_id,
+                failure_message=(
+                    f"payment intent {intent.id} was canceled ({reason}); charge again with a "
+                    "new idempotency key"
+                ),
+                amount_minor=amount,
+                currency=currency,
+            )
+        raise PaymentProviderError(
+            f"payment intent {intent.id} has status {status!r}, which this adapter never "
+            "creates (it confirms off-session with automatic capture); inspect it in the "
+            "Stripe dashboard"
+        )
+
+    def _outcome_from_card_error(
+        self, error: stripe.StripeError, *, amount_minor: int, currency: str
+    ) -> ChargeOutcome:
+        code = error.code or _get(error.error, "code")
+        decline_code = _get(error.error, "decline_code")
+        intent = _get(error.error, "payment_intent")
+        payment_intent_id = _expandable_id(intent)
+        charge_id = _expandable_id(_get(error.error, "charge")) or _expandable_id(
+            _get(intent, "latest_charge")
+        )
+        if payment_intent_id is None and charge_id is not None:
+            # Real Stripe puts the PaymentIntent in the error; localstripe only names the
+            # charge. The charge points back at its PaymentIntent.
+            payment_intent_id = self._payment_intent_of_charge(charge_id)
+        return ChargeOutcome(
+            kind=classify_decline(code, decline_code),
+            payment_intent_id=payment_intent_id,
+            charge_id=charge_id,
+            decline_code=decline_code or code,
+            failure_message=error.user_message,
+            amount_minor=amount_minor,
+            currency=currency,
+        )
+
+    def _payment_intent_of_charge(self, charge_id: str) -> str | None:
+        try:
+            charge = self._client.v1.charges.retrieve(charge_id)
+        except stripe.StripeError as error:
+            # Best effort: the decline itself is already known and is the outcome.
+            logger.warning(
+                "could not look up the payment intent of declined charge %s: %s",
+                charge_id,
+                _describe(error),
+            )
+            return None
+        return _expandable_id(charge.payment_intent)
+
+    # -- settlement --------------------------------------------------------------------------
+
+    def settlement_details(
+        self, *, payment_intent_id: str, charge_id: str | None
+    ) -> SettlementDetails:
+        """Amount, fee and net (minor units) as the charge's balance transaction reports them.
+
+        When Stripe reports a balance transaction, amount/currency are the balance
+        transaction's (the settlement currency), so ``fee + net == amount`` always holds in one
+        currency; otherwise they are the charge's and fee/net are None.
+        """
+        if charge_id is None:
+            try:
+                intent = self._client.v1.payment_intents.retrieve(payment_intent_id)
+            except stripe.StripeError as error:
+                _raise_translated(error, operation=f"reading payment intent {payment_intent_id}")
+            charge_id = _expandable_id(intent.latest_charge)
+            if charge_id is None:
+                return SettlementDetails(
+                    charge_id=None,
+                    amount_minor=intent.amount,
+                    currency=intent.currency.upper(),
+                    fee_minor=None,
+                    net_minor=None,
+                    balance_transaction_id=None,
+                )
+        try:
+            charge = self._client.v1.charges.retrieve(
+                charge_id, params={"expand": ["balance_transaction"]}
+            )
+        except stripe.StripeError as error:
+            _raise_translated(error, operation=f"reading charge {charge_id}")
+
+        balance_transaction: Any = charge.balance_transaction
+        if isinstance(balance_transaction, str):
+            # Not expanded after all (some proxies/fakes ignore ``expand``): fetch it.
+            try:
+                balance_transaction = self._client.v1.balance_transactions.retrieve(
+                    balance_transaction
+                )
+            except stripe.StripeError as error:
+                _raise_translated(
+                    error, operation=f"reading balance transaction {balance_transaction}"
+                )
+        if balance_transaction is None:
+            return SettlementDetails(
+                charge_id=charge.id,
+                amount_minor=charge.amount,
+                currency=charge.currency.upper(),
+                fee_minor=None,
+                net_minor=None,
+                balance_transaction_id=None,
+            )
+        return SettlementDetails(
+            charge_id=charge.id,
+            amount_minor=int(balance_transaction.amount),
+            currency=str(balance_transaction.currency).upper(),
+            fee_minor=int(balance_transaction.fee),
+            net_minor=int(balance_transaction.net),
+            balance_transaction_id=str(balance_transaction.id),
+        )
+
+
+if TYPE_CHECKING:
+    # mypy proves here that StripeGateway implements the PaymentGateway protocol exactly.
+    _implements_protocol: type[PaymentGateway] = StripeGateway

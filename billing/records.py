@@ -1,0 +1,160 @@
+"""What the database repositories return: plain frozen dataclasses, one per table row.
+
+They carry no SQLAlchemy state, so activities, the API and tests can hold them after the
+session is gone. Field names equal the column names. Amounts are integer minor units;
+every instant is an aware UTC datetime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from billing.calendar import IntervalUnit
+from billing.invoices import InvoiceStatus
+from billing.payments import ChargeOutcomeKind
+from billing.subscription import SubscriptionStatus
+
+
+class AttemptStatus(StrEnum):
+    """Where one charge attempt stands with the payment provider."""
+
+    #: Recorded before the provider is called, so a crash mid-charge leaves a trace.
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    #: The customer must authenticate (SCA); a webhook or a later attempt finishes it.
+    REQUIRES_ACTION = "requires_action"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CustomerRecord:
+    """A customer. ``invoice_prefix`` plus ``next_invoice_sequence`` number their invoices."""
+
+    id: str
+    invoice_prefix: str
+    timezone: str
+    created_at: datetime
+    updated_at: datetime
+    #: The business's own reference for this customer.
+    external_id: str | None = None
+    email: str | None = None
+    name: str | None = None
+    stripe_customer_id: str | None = None
+    default_payment_method_id: str | None = None
+    #: The sequence number the customer's next invoice gets (1-based).
+    next_invoice_sequence: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubscriptionRecord:
+    """A subscription with the plan's price snapshotted (minor units) at signup."""
+
+    id: str
+    customer_id: str
+    plan_code: str
+    status: SubscriptionStatus
+    amount_minor: int
+    currency: str
+    interval: IntervalUnit
+    interval_count: int
+    timezone: str
+    anchor_at: datetime
+    workflow_id: str
+    created_at: datetime
+    updated_at: datetime
+    trial_end_at: datetime | None = None
+    current_period_start: datetime | None = None
+    current_period_end: datetime | None = None
+    next_billing_at: datetime | None = None
+    cancel_at_period_end: bool = False
+    cancel_reason: str | None = None
+    canceled_at: datetime | None = None
+    ended_at: datetime | None = None
+    paused_at: datetime | None = None
+    signup_idempotency_key: str | None = None
+    #: SHA-256 hex of the signup request, to refuse a reused key with a different request.
+    signup_request_hash: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InvoiceRecord:
+    """One invoice per (subscription, period). Amounts in minor units."""
+
+    id: str
+    number: str
+    subscription_id: str
+    customer_id: str
+    period_index: int
+    period_start: datetime
+    period_end: datetime
+    amount_due_minor: int
+    currency: str
+    status: InvoiceStatus
+    created_at: datetime
+    description: str = ""
+    amount_paid_minor: int = 0
+    status_reason: str | None = None
+    finalized_at: datetime | None = None
+    paid_at: datetime | None = None
+    voided_at: datetime | None = None
+    marked_uncollectible_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PaymentAttemptRecord:
+    """One charge attempt of an invoice; ``idempotency_key`` is what the provider saw."""
+
+    id: str
+    invoice_id: str
+    attempt_number: int
+    idempotency_key: str
+    amount_minor: int
+    currency: str
+    #: Why the attempt ran: "scheduled", "retry", "payment_method_updated".
+    reason: str
+    created_at: datetime
+    status: AttemptStatus = AttemptStatus.PENDING
+    outcome: ChargeOutcomeKind | None = None
+    decline_code: str | None = None
+    failure_message: str | None = None
+    stripe_payment_intent_id: str | None = None
+    stripe_charge_id: str | None = None
+    payment_method_id: str | None = None
+    completed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PaymentRecord:
+    """The settlement of an invoice: the one successful charge. Amounts in minor units."""
+
+    id: str
+    invoice_id: str
+    attempt_id: str
+    stripe_payment_intent_id: str
+    amount_minor: int
+    currency: str
+    settled_at: datetime
+    stripe_charge_id: str | None = None
+    balance_transaction_id: str | None = None
+    #: Provider fee and net as the balance transaction reports them; None when unknown.
+    fee_minor: int | None = None
+    net_minor: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NotificationRecord:
+    """A notice waiting in the outbox (``sent_at`` None) or already delivered."""
+
+    id: str
+    kind: str
+    customer_id: str
+    #: Unique per notice, so activity retries and replays enqueue it once.
+    dedupe_key: str
+    created_at: datetime
+    subscription_id: str | None = None
+    invoice_id: str | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+    sent_at: datetime | None = None

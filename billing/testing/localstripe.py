@@ -1,0 +1,201 @@
+"""Run localstripe (a fake, stateful Stripe-protocol server) as a child process for tests and
+the local stack. It is never imported: the real ``stripe`` SDK talks to it over HTTP.
+
+Facts about localstripe 1.15 that shape this helper (read from its source):
+
+* it pickles its whole store to the fixed path ``/tmp/localstripe.pickle`` after every write and
+  reloads that file at start-up unless given ``--from-scratch``. Every instance on the machine
+  shares that file, so we always pass ``--from-scratch``: a run never inherits another run's
+  objects, nor crashes on a file another instance was half-way through writing;
+* it logs every request to stderr, so its output goes to a file, not a pipe nobody reads
+  (a full pipe would block the server);
+* ``DELETE /_config/data`` empties the store (``flush``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+__all__ = ["LocalStripe", "find_localstripe_executable"]
+
+_INSTALL_HINT = "install the PyPI package localstripe (pip install 'localstripe>=1.15')"
+
+
+def find_localstripe_executable() -> str:
+    """The ``localstripe`` script of this interpreter's environment, else the one on PATH."""
+    beside_python = shutil.which("localstripe", path=str(Path(sys.executable).parent))
+    found = beside_python or shutil.which("localstripe")
+    if found is None:
+        raise RuntimeError(
+            f"the localstripe executable was not found next to {sys.executable} or on PATH; "
+            f"{_INSTALL_HINT}"
+        )
+    return found
+
+
+def _free_port() -> int:
+    # The OS picks a free port; localstripe binds it a moment later. A rare race with another
+    # process is handled by retrying the start-up.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LocalStripe:
+    """A localstripe process on a free port, as a context manager::
+
+    with LocalStripe() as server:
+        client = make_stripe_client(api_key="sk_test_local", api_base=server.url)
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        startup_timeout_seconds: float = 15.0,
+        executable: str | None = None,
+    ) -> None:
+        self._requested_port = port
+        self._startup_timeout_seconds = startup_timeout_seconds
+        self._executable = executable
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("localstripe is not running; use LocalStripe as a context manager")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The API base to give the Stripe client, e.g. ``http://127.0.0.1:54321``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LocalStripe:
+        if self._process is not None:
+            return self
+        executable = self._executable or find_localstripe_executable()
+        # A port picked by us can be taken before localstripe binds it: try a few times.
+        attempts = 1 if self._requested_port is not None else 3
+        last_error: RuntimeError | None = None
+        for _ in range(attempts):
+            port = self._requested_port or _free_port()
+            try:
+                self._spawn(executable, port)
+                self._wait_until_answering()
+                return self
+            except RuntimeError as error:
+                last_error = error
+                self.stop()
+        assert last_error is not None
+        raise last_error
+
+    def _spawn(self, executable: str, port: int) -> None:
+        # Lives as long as the process and is closed in stop(), so no ``with`` block.
+        self._log = tempfile.TemporaryFile(prefix="localstripe-", suffix=".log")  # noqa: SIM115
+        self._port = port
+        try:
+            self._process = subprocess.Popen(
+                [executable, "--port", str(port), "--from-scratch"],
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+            )
+        except OSError as error:
+            raise RuntimeError(f"could not start {executable}: {error}; {_INSTALL_HINT}") from error
+
+    def _wait_until_answering(self) -> None:
+        deadline = time.monotonic() + self._startup_timeout_seconds
+        while True:
+            process = self._process
+            assert process is not None
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"localstripe exited with code {process.returncode} before answering on "
+                    f"port {self.port}; its output ends with:\n{self.output_tail()}"
+                )
+            # Still alive after answering: it was localstripe, not another process that took
+            # the port first.
+            if self._answers_http() and process.poll() is None:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"localstripe did not answer HTTP on {self.url} within "
+                    f"{self._startup_timeout_seconds:g}s; its output ends with:\n"
+                    f"{self.output_tail()}"
+                )
+            time.sleep(0.1)
+
+    def _answers_http(self) -> bool:
+        # Any HTTP answer counts (an unauthenticated GET gets 401): the server is up.
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+        try:
+            connection.request("GET", "/v1/balance")
+            connection.getresponse().read()
+            return True
+        except OSError:
+            return False
+        finally:
+            connection.close()
+
+    def output_tail(self, max_chars: int = 2000) -> str:
+        """The end of localstripe's combined stdout/stderr (its access log and tracebacks)."""
+        if self._log is None:
+            return "(no output captured)"
+        self._log.flush()
+        self._log.seek(0)
+        text = self._log.read().decode("utf-8", errors="replace")
+        return text[-max_chars:] or "(no output)"
+
+    def flush(self) -> None:
+        """Delete every object localstripe holds (``DELETE /_config/data``)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            connection.request("DELETE", "/_config/data")
+            response = connection.getresponse()
+            body = response.read()
+        finally:
+            connection.close()
+        if response.status != 200:
+            raise RuntimeError(
+                f"localstripe refused to flush its data: HTTP {response.status} {body[:200]!r}"
+            )
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+        if self._log is not None:
+            with contextlib.suppress(OSError):
+                self._log.close()
+            self._log = None
+        self._port = None
+
+    def __enter__(self) -> LocalStripe:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,137 @@
+"""An HTTP client for the Stripe SDK that records what goes on the wire and can lose answers.
+
+localstripe ignores ``Idempotency-Key`` (the same key creates a second PaymentIntent), so tests
+cannot show at-most-once charging by looking at its state. They show the real-Stripe contract
+instead: every attempt of one charge carries the same key, including the attempt after a
+connection that dropped once the server had already processed the request.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import stripe
+
+__all__ = ["RecordedRequest", "RecordingHTTPClient"]
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One HTTP request the SDK sent. ``status`` is None when the answer was dropped."""
+
+    method: str
+    path: str
+    idempotency_key: str | None
+    status: int | None
+    response_dropped: bool = False
+
+
+class RecordingHTTPClient(stripe.RequestsClient):
+    """``stripe.RequestsClient`` (the SDK's default sync client) that records each request's
+    method, URL path and Idempotency-Key, thread-safely, and can drop answers on purpose.
+
+    Pass it as ``http_client`` to ``make_stripe_client``; build that client with
+    ``max_network_retries=0`` when a test should see the dropped answer itself rather than the
+    SDK's own retry.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._lock = threading.Lock()
+        self._recorded: list[RecordedRequest] = []
+        # (method, path) -> (how many answers still to drop, whether the SDK may retry)
+        self._drops: dict[tuple[str, str], tuple[int, bool]] = {}
+
+    def drop_responses(
+        self, path: str, *, times: int = 1, method: str = "POST", retryable: bool = True
+    ) -> None:
+        """Lose the answers of the next ``times`` requests to ``path`` (e.g.
+        ``/v1/payment_intents``) *after* the server processed them, like a connection that
+        dropped or a worker killed mid-request: the server has done the work, the client gets
+        ``stripe.APIConnectionError``. ``retryable`` is what the SDK's own retry loop sees
+        (a real reset/timeout is retryable)."""
+        if times < 1:
+            raise ValueError(f"times must be at least 1; got {times}")
+        with self._lock:
+            self._drops[(method.upper(), path)] = (times, retryable)
+
+    def _take_drop(self, method: str, path: str) -> bool | None:
+        """Whether to drop this answer: None for no, else the ``should_retry`` to report."""
+        with self._lock:
+            pending = self._drops.get((method, path))
+            if pending is None:
+                return None
+            remaining, retryable = pending
+            if remaining <= 1:
+                del self._drops[(method, path)]
+            else:
+                self._drops[(method, path)] = (remaining - 1, retryable)
+            return retryable
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        post_data: Any = None,
+        *,
+        _usage: list[str] | None = None,
+    ) -> tuple[Any, int, Mapping[str, str]]:
+        # Same signature as ``stripe.HTTPClient.request``; the body is ``bytes`` at runtime.
+        method_upper = method.upper()
+        path = urlsplit(url).path
+        key = _header(headers, "Idempotency-Key")
+        try:
+            body, status, response_headers = super().request(method, url, headers, post_data)
+        except stripe.APIConnectionError:
+            self._record(RecordedRequest(method_upper, path, key, status=None))
+            raise
+        drop = self._take_drop(method_upper, path)
+        if drop is not None:
+            self._record(RecordedRequest(method_upper, path, key, None, response_dropped=True))
+            # The SDK leaves APIConnectionError's constructor unannotated.
+            raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
+                f"simulated network failure: the server answered {method_upper} {path} with "
+                f"HTTP {status}, but the connection dropped before the client read it",
+                should_retry=drop,
+            )
+        self._record(RecordedRequest(method_upper, path, key, status))
+        return body, status, response_headers
+
+    def _record(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self._recorded.append(request)
+
+    # Not named ``requests``: RequestsClient keeps the requests module in that attribute.
+    @property
+    def recorded(self) -> list[RecordedRequest]:
+        """A snapshot of every request so far, oldest first."""
+        with self._lock:
+            return list(self._recorded)
+
+    def requests_to(self, path: str, *, method: str | None = "POST") -> list[RecordedRequest]:
+        """Recorded requests to exactly ``path`` (and ``method``, unless None)."""
+        return [
+            r
+            for r in self.recorded
+            if r.path == path and (method is None or r.method == method.upper())
+        ]
+
+    def clear(self) -> None:
+        """Forget the recorded requests (pending drops stay armed)."""
+        with self._lock:
+            self._recorded.clear()
+
+
+def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    if not headers:
+        return None
+    wanted = name.lower()
+    for key, value in headers.items():
+        if key.lower() == wanted:
+            return value
+    return None

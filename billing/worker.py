@@ -1,0 +1,59 @@
+"""Builds the Temporal worker: the subscription workflow plus the billing activities, with
+dependencies (database, payment gateway, clock) constructed from Settings."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.billing import BillingActivities
+from activities.stripe_gateway import StripeGateway, make_stripe_client
+from billing.clock import Clock, SystemClock
+from billing.payments import PaymentGateway
+from billing.settings import Settings
+from db.engine import make_engine, make_session_factory
+from workflows.subscription import SubscriptionWorkflow
+
+
+@dataclass
+class Dependencies:
+    session_factory: sessionmaker[Session]
+    gateway: PaymentGateway
+    clock: Clock
+
+
+def build_dependencies(settings: Settings, *, clock: Clock | None = None) -> Dependencies:
+    engine = make_engine(settings.database_url)
+    client = make_stripe_client(
+        api_key=settings.stripe_secret(),
+        api_base=settings.stripe_api_base,
+        max_network_retries=settings.stripe_max_network_retries,
+    )
+    return Dependencies(
+        session_factory=make_session_factory(engine),
+        # localstripe rejects `description` on PaymentIntents; real Stripe gets it.
+        gateway=StripeGateway(client, send_description=settings.stripe_api_key is not None),
+        clock=clock or SystemClock(),
+    )
+
+
+def build_worker(
+    client: Client,
+    deps: Dependencies,
+    *,
+    task_queue: str,
+    activity_threads: int = 16,
+) -> Worker:
+    activities = BillingActivities(deps.session_factory, deps.gateway, deps.clock)
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[SubscriptionWorkflow],
+        activities=activities.all(),
+        activity_executor=ThreadPoolExecutor(max_workers=activity_threads),
+        max_concurrent_activities=activity_threads,
+    )

@@ -1,0 +1,241 @@
+"""Tables. Amounts are BigInteger minor units, currencies ISO 4217 ``String(3)``, instants
+``UTCDateTime``. Every invariant that money depends on is a constraint here, not only a check
+in code: one invoice per (subscription, period start), one attempt per (invoice, attempt
+number), one settled payment per invoice, no negative amounts, never paid more than due.
+
+Revision ``0001_initial`` creates exactly this schema; ``tests/db`` compares the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    false,
+    true,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from billing.calendar import IntervalUnit
+from billing.dunning import FinalAction
+from billing.invoices import InvoiceStatus
+from billing.payments import ChargeOutcomeKind
+from billing.records import AttemptStatus
+from billing.subscription import SubscriptionStatus
+from db.base import Base
+from db.types import StrEnumType, UTCDateTime
+
+
+def one_of(column: str, values: Iterable[StrEnum]) -> str:
+    """CHECK text allowing only the enum's values. The column is quoted because ``interval``
+    is a keyword in PostgreSQL."""
+    listed = ", ".join(f"'{v.value}'" for v in values)
+    return f'"{column}" IN ({listed})'
+
+
+class CustomerRow(Base):
+    __tablename__ = "customers"
+    __table_args__ = (CheckConstraint("next_invoice_sequence >= 1", name="next_invoice_sequence"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    external_id: Mapped[str | None] = mapped_column(String(200), unique=True)
+    email: Mapped[str | None] = mapped_column(String(320))
+    name: Mapped[str | None] = mapped_column(String(200))
+    timezone: Mapped[str] = mapped_column(String(64))
+    stripe_customer_id: Mapped[str | None] = mapped_column(String(100), unique=True)
+    default_payment_method_id: Mapped[str | None] = mapped_column(String(100))
+    invoice_prefix: Mapped[str] = mapped_column(String(12), unique=True)
+    #: The next invoice's 1-based sequence; bumped by ``allocate_invoice_number``.
+    next_invoice_sequence: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class PlanRow(Base):
+    """The plan catalog. Subscriptions snapshot the price, so editing a plan never reprices
+    an existing subscription."""
+
+    __tablename__ = "plans"
+    __table_args__ = (
+        CheckConstraint("amount_minor >= 0", name="amount_minor_nonnegative"),
+        CheckConstraint(one_of("interval", IntervalUnit), name="interval"),
+        CheckConstraint("interval_count >= 1", name="interval_count_positive"),
+        CheckConstraint("trial_days >= 0", name="trial_days_nonnegative"),
+        CheckConstraint(one_of("dunning_final_action", FinalAction), name="dunning_final_action"),
+    )
+
+    code: Mapped[str] = mapped_column(String(63), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    interval: Mapped[IntervalUnit] = mapped_column(StrEnumType(IntervalUnit, 8))
+    interval_count: Mapped[int] = mapped_column(Integer)
+    trial_days: Mapped[int] = mapped_column(Integer)
+    #: Days after the first failure, ascending (billing.dunning.DunningPolicy).
+    dunning_retry_offsets_days: Mapped[list[int]] = mapped_column(JSON)
+    dunning_final_action: Mapped[FinalAction] = mapped_column(StrEnumType(FinalAction, 16))
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class SubscriptionRow(Base):
+    __tablename__ = "subscriptions"
+    __table_args__ = (
+        CheckConstraint(one_of("status", SubscriptionStatus), name="status"),
+        CheckConstraint("amount_minor >= 0", name="amount_minor_nonnegative"),
+        CheckConstraint(one_of("interval", IntervalUnit), name="interval"),
+        CheckConstraint("interval_count >= 1", name="interval_count_positive"),
+        Index("ix_subscriptions_customer_id", "customer_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(40), ForeignKey("customers.id"))
+    plan_code: Mapped[str] = mapped_column(String(63), ForeignKey("plans.code"))
+    status: Mapped[SubscriptionStatus] = mapped_column(StrEnumType(SubscriptionStatus, 16))
+    # Plan snapshot at signup: what this subscription is billed, whatever the catalog says later.
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    interval: Mapped[IntervalUnit] = mapped_column(StrEnumType(IntervalUnit, 8))
+    interval_count: Mapped[int] = mapped_column(Integer)
+    timezone: Mapped[str] = mapped_column(String(64))
+    anchor_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    trial_end_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    current_period_start: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    current_period_end: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    next_billing_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancel_at_period_end: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=false()
+    )
+    cancel_reason: Mapped[str | None] = mapped_column(String(500))
+    canceled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    workflow_id: Mapped[str] = mapped_column(String(100), unique=True)
+    signup_idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    signup_request_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class InvoiceRow(Base):
+    __tablename__ = "invoices"
+    __table_args__ = (
+        # One invoice per billing period: a retried or replayed create_invoice finds this row
+        # instead of billing the customer twice. Its unique index also serves lookups by
+        # (subscription_id, period_start), so no second index on those columns.
+        UniqueConstraint("subscription_id", "period_start"),
+        CheckConstraint("amount_due_minor >= 0", name="amount_due_nonnegative"),
+        CheckConstraint(
+            "amount_paid_minor >= 0 AND amount_paid_minor <= amount_due_minor",
+            name="amount_paid_within_due",
+        ),
+        CheckConstraint(one_of("status", InvoiceStatus), name="status"),
+        Index("ix_invoices_customer_id_created_at", "customer_id", "created_at"),
+        Index("ix_invoices_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    #: ``PREFIX-NNNN``, gap-free per customer.
+    number: Mapped[str] = mapped_column(String(32), unique=True)
+    subscription_id: Mapped[str] = mapped_column(String(40), ForeignKey("subscriptions.id"))
+    customer_id: Mapped[str] = mapped_column(String(40), ForeignKey("customers.id"))
+    period_index: Mapped[int] = mapped_column(Integer)
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    period_end: Mapped[datetime] = mapped_column(UTCDateTime)
+    amount_due_minor: Mapped[int] = mapped_column(BigInteger)
+    amount_paid_minor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[InvoiceStatus] = mapped_column(StrEnumType(InvoiceStatus, 16))
+    description: Mapped[str] = mapped_column(String(500))
+    status_reason: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finalized_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    paid_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    voided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    marked_uncollectible_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class PaymentAttemptRow(Base):
+    __tablename__ = "payment_attempts"
+    __table_args__ = (
+        # One row per (invoice, attempt number): the attempt number is part of the provider
+        # idempotency key, so a duplicate row would mean two charges under two keys.
+        UniqueConstraint("invoice_id", "attempt_number"),
+        CheckConstraint("attempt_number >= 1", name="attempt_number_positive"),
+        CheckConstraint("amount_minor >= 0", name="amount_minor_nonnegative"),
+        CheckConstraint(one_of("status", AttemptStatus), name="status"),
+        CheckConstraint(one_of("outcome", ChargeOutcomeKind), name="outcome"),
+        Index("ix_payment_attempts_stripe_payment_intent_id", "stripe_payment_intent_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    invoice_id: Mapped[str] = mapped_column(String(40), ForeignKey("invoices.id"))
+    attempt_number: Mapped[int] = mapped_column(Integer)
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[AttemptStatus] = mapped_column(StrEnumType(AttemptStatus, 24))
+    # NULL passes the IN check (SQL three-valued logic): no outcome until the provider answers.
+    outcome: Mapped[ChargeOutcomeKind | None] = mapped_column(StrEnumType(ChargeOutcomeKind, 32))
+    decline_code: Mapped[str | None] = mapped_column(String(64))
+    failure_message: Mapped[str | None] = mapped_column(String(500))
+    reason: Mapped[str] = mapped_column(String(32))
+    stripe_payment_intent_id: Mapped[str | None] = mapped_column(String(100))
+    stripe_charge_id: Mapped[str | None] = mapped_column(String(100))
+    payment_method_id: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class PaymentRow(Base):
+    """A settled charge. ``invoice_id`` is unique: two successful charges can never both be
+    recorded against one invoice, whatever races the workers run into."""
+
+    __tablename__ = "payments"
+    __table_args__ = (CheckConstraint("amount_minor > 0", name="amount_minor_positive"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    invoice_id: Mapped[str] = mapped_column(String(40), ForeignKey("invoices.id"), unique=True)
+    attempt_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("payment_attempts.id"), unique=True
+    )
+    stripe_payment_intent_id: Mapped[str] = mapped_column(String(100), unique=True)
+    stripe_charge_id: Mapped[str | None] = mapped_column(String(100), unique=True)
+    balance_transaction_id: Mapped[str | None] = mapped_column(String(100))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    fee_minor: Mapped[int | None] = mapped_column(BigInteger)
+    net_minor: Mapped[int | None] = mapped_column(BigInteger)
+    settled_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class NotificationRow(Base):
+    """The notification outbox: written in the same transaction as the change it reports."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (
+        Index("ix_notifications_customer_id_created_at", "customer_id", "created_at"),
+        Index("ix_notifications_subscription_id", "subscription_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    customer_id: Mapped[str] = mapped_column(String(40), ForeignKey("customers.id"))
+    subscription_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("subscriptions.id"))
+    invoice_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("invoices.id"))
+    dedupe_key: Mapped[str] = mapped_column(String(200), unique=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -1,0 +1,128 @@
+"""Charge attempts: one row per (invoice, attempt number), written as pending before the
+provider is called and completed with the outcome afterwards."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import func, update
+from sqlalchemy.orm import Session
+
+from billing.errors import ChangeRefused, NotFound
+from billing.payments import ChargeOutcomeKind
+from billing.records import AttemptStatus, PaymentAttemptRecord
+from db.models import PaymentAttemptRow
+from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
+
+
+def get_attempt(
+    session: Session, invoice_id: str, attempt_number: int
+) -> PaymentAttemptRecord | None:
+    return fetch_one(
+        session,
+        PaymentAttemptRecord,
+        select_rows(PaymentAttemptRow).where(
+            PaymentAttemptRow.invoice_id == invoice_id,
+            PaymentAttemptRow.attempt_number == attempt_number,
+        ),
+    )
+
+
+def get_attempt_by_payment_intent(
+    session: Session, payment_intent_id: str
+) -> PaymentAttemptRecord | None:
+    """The attempt that created the provider payment intent ``payment_intent_id``."""
+    return fetch_one(
+        session,
+        PaymentAttemptRecord,
+        select_rows(PaymentAttemptRow)
+        .where(PaymentAttemptRow.stripe_payment_intent_id == payment_intent_id)
+        .order_by(PaymentAttemptRow.created_at)
+        .limit(1),
+    )
+
+
+def list_attempts_for_invoice(session: Session, invoice_id: str) -> list[PaymentAttemptRecord]:
+    """The invoice's attempts by attempt number."""
+    return fetch_all(
+        session,
+        PaymentAttemptRecord,
+        select_rows(PaymentAttemptRow)
+        .where(PaymentAttemptRow.invoice_id == invoice_id)
+        .order_by(PaymentAttemptRow.attempt_number),
+    )
+
+
+def insert_pending_attempt(
+    session: Session, record: PaymentAttemptRecord
+) -> tuple[PaymentAttemptRecord, bool]:
+    """Insert the attempt; ``(existing, False)`` if (invoice, attempt number) is already
+    recorded. A retried charge activity thereby reuses the first attempt's idempotency key."""
+    return insert_or_get(
+        session,
+        PaymentAttemptRow,
+        record,
+        lambda: get_attempt(session, record.invoice_id, record.attempt_number),
+    )
+
+
+def record_attempt_outcome(
+    session: Session,
+    attempt_id: str,
+    *,
+    status: AttemptStatus | str,
+    outcome: ChargeOutcomeKind | None,
+    decline_code: str | None,
+    failure_message: str | None,
+    payment_intent_id: str | None,
+    charge_id: str | None,
+    payment_method_id: str | None,
+    completed_at: datetime | None,
+) -> PaymentAttemptRecord:
+    """Complete the attempt with what the provider said (``completed_at`` UTC).
+
+    Provider ids passed as None keep what is already recorded. A succeeded attempt stays
+    succeeded: recording anything else on it raises ChangeRefused, because it means money
+    was taken and something is about to forget it.
+    """
+    status = AttemptStatus(status)
+    outcome = None if outcome is None else ChargeOutcomeKind(outcome)
+    statement = (
+        update(PaymentAttemptRow)
+        .where(PaymentAttemptRow.id == attempt_id)
+        .values(
+            status=status,
+            outcome=outcome,
+            decline_code=decline_code,
+            failure_message=failure_message,
+            stripe_payment_intent_id=func.coalesce(
+                payment_intent_id, PaymentAttemptRow.stripe_payment_intent_id
+            ),
+            stripe_charge_id=func.coalesce(charge_id, PaymentAttemptRow.stripe_charge_id),
+            payment_method_id=func.coalesce(payment_method_id, PaymentAttemptRow.payment_method_id),
+            completed_at=completed_at,
+        )
+        .returning(PaymentAttemptRow.id)
+        .execution_options(synchronize_session=False)
+    )
+    if status != AttemptStatus.SUCCEEDED:
+        statement = statement.where(PaymentAttemptRow.status != AttemptStatus.SUCCEEDED)
+    if session.execute(statement).scalar_one_or_none() is None:
+        current = fetch_one(
+            session,
+            PaymentAttemptRecord,
+            select_rows(PaymentAttemptRow).where(PaymentAttemptRow.id == attempt_id),
+        )
+        if current is None:
+            raise NotFound(f"payment attempt {attempt_id} not found")
+        raise ChangeRefused(
+            f"payment attempt {attempt_id} (invoice {current.invoice_id}, attempt "
+            f"{current.attempt_number}) already succeeded; it cannot become {status.value}"
+        )
+    updated = fetch_one(
+        session,
+        PaymentAttemptRecord,
+        select_rows(PaymentAttemptRow).where(PaymentAttemptRow.id == attempt_id),
+    )
+    assert updated is not None
+    return updated

@@ -1,0 +1,113 @@
+"""Customers and their gap-free invoice numbering."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from billing.errors import NotFound
+from billing.invoices import format_invoice_number
+from billing.records import CustomerRecord
+from db.models import CustomerRow
+from db.repositories._rows import fetch_one, insert_or_get, select_rows, utcnow
+
+
+def get_customer(session: Session, customer_id: str) -> CustomerRecord | None:
+    return fetch_one(
+        session, CustomerRecord, select_rows(CustomerRow).where(CustomerRow.id == customer_id)
+    )
+
+
+def get_customer_by_external_id(session: Session, external_id: str) -> CustomerRecord | None:
+    """The customer the business knows as ``external_id`` (its own reference)."""
+    return fetch_one(
+        session,
+        CustomerRecord,
+        select_rows(CustomerRow).where(CustomerRow.external_id == external_id),
+    )
+
+
+def insert_customer(session: Session, record: CustomerRecord) -> tuple[CustomerRecord, bool]:
+    """Insert ``record``; ``(existing, False)`` if a customer with its id, or with its
+    external id, is already there (a retried signup)."""
+
+    def existing() -> CustomerRecord | None:
+        same_id = CustomerRow.id == record.id
+        condition = (
+            same_id
+            if record.external_id is None
+            else or_(same_id, CustomerRow.external_id == record.external_id)
+        )
+        return fetch_one(
+            session, CustomerRecord, select_rows(CustomerRow).where(condition).limit(1)
+        )
+
+    return insert_or_get(session, CustomerRow, record, existing)
+
+
+def set_stripe_customer_id(
+    session: Session, customer_id: str, stripe_customer_id: str, *, now: datetime | None = None
+) -> str:
+    """Record the provider's customer id, first writer wins; returns the id now on record.
+
+    Two workers racing through ``ensure_customer`` may each get an id back; whichever is
+    stored first is the customer's, and the other caller should use the returned one.
+    """
+    stored = session.execute(
+        update(CustomerRow)
+        .where(CustomerRow.id == customer_id, CustomerRow.stripe_customer_id.is_(None))
+        .values(stripe_customer_id=stripe_customer_id, updated_at=now or utcnow())
+        .returning(CustomerRow.stripe_customer_id)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if stored is not None:
+        return str(stored)
+    current = session.execute(
+        select(CustomerRow.id, CustomerRow.stripe_customer_id).where(CustomerRow.id == customer_id)
+    ).one_or_none()
+    if current is None:
+        raise NotFound(f"customer {customer_id} not found; create it before linking it")
+    # The UPDATE skipped this row, so an id is already recorded: the first writer's.
+    return str(current.stripe_customer_id)
+
+
+def set_default_payment_method(
+    session: Session,
+    customer_id: str,
+    payment_method_id: str | None,
+    *,
+    now: datetime | None = None,
+) -> None:
+    """Make ``payment_method_id`` the card charged for the customer's invoices."""
+    updated = session.execute(
+        update(CustomerRow)
+        .where(CustomerRow.id == customer_id)
+        .values(default_payment_method_id=payment_method_id, updated_at=now or utcnow())
+        .returning(CustomerRow.id)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if updated is None:
+        raise NotFound(f"customer {customer_id} not found; create it before setting its card")
+
+
+def allocate_invoice_number(session: Session, customer_id: str) -> str:
+    """The customer's next invoice number (``PREFIX-0001``, ``PREFIX-0002``, ...).
+
+    One ``UPDATE ... RETURNING``: the row lock it takes makes concurrent allocations for the
+    same customer queue behind each other until commit, so numbers are unique; and the
+    increment commits or rolls back with the caller's transaction, so a transaction that
+    never stores its invoice leaves no gap.
+    """
+    allocated = session.execute(
+        update(CustomerRow)
+        .where(CustomerRow.id == customer_id)
+        .values(next_invoice_sequence=CustomerRow.next_invoice_sequence + 1)
+        .returning(CustomerRow.invoice_prefix, CustomerRow.next_invoice_sequence - 1)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if allocated is None:
+        raise NotFound(f"customer {customer_id} not found; cannot number its invoice")
+    prefix, sequence = allocated
+    return format_invoice_number(prefix, sequence)

@@ -1,0 +1,161 @@
+"""Invoices: one per (subscription, period start), numbered gap-free per customer, moved
+through their lifecycle by compare-and-set so concurrent workers cannot undo each other."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from billing.errors import InvalidInput, NotFound
+from billing.invoices import InvoiceStatus, check_transition
+from billing.records import InvoiceRecord
+from db.models import InvoiceRow
+from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
+from db.repositories.customers import allocate_invoice_number
+
+#: Which timestamp column records the moment an invoice entered each status.
+_STAMPED_AT: dict[InvoiceStatus, str] = {
+    InvoiceStatus.OPEN: "finalized_at",
+    InvoiceStatus.PAID: "paid_at",
+    InvoiceStatus.VOID: "voided_at",
+    InvoiceStatus.UNCOLLECTIBLE: "marked_uncollectible_at",
+}
+
+
+def get_invoice(session: Session, invoice_id: str) -> InvoiceRecord | None:
+    return fetch_one(
+        session, InvoiceRecord, select_rows(InvoiceRow).where(InvoiceRow.id == invoice_id)
+    )
+
+
+def get_invoice_for_period(
+    session: Session, subscription_id: str, period_start: datetime
+) -> InvoiceRecord | None:
+    """The subscription's invoice for the period starting at ``period_start`` (any zone)."""
+    return fetch_one(
+        session,
+        InvoiceRecord,
+        select_rows(InvoiceRow).where(
+            InvoiceRow.subscription_id == subscription_id,
+            InvoiceRow.period_start == period_start,
+        ),
+    )
+
+
+def list_invoices_for_subscription(session: Session, subscription_id: str) -> list[InvoiceRecord]:
+    """The subscription's invoices in billing order (by period start)."""
+    return fetch_all(
+        session,
+        InvoiceRecord,
+        select_rows(InvoiceRow)
+        .where(InvoiceRow.subscription_id == subscription_id)
+        .order_by(InvoiceRow.period_start),
+    )
+
+
+def insert_invoice(session: Session, record: InvoiceRecord) -> tuple[InvoiceRecord, bool]:
+    """Insert ``record`` unless its (subscription, period start) already has an invoice; then
+    return that one and False. Safe against a concurrent insert (savepoint + constraint).
+
+    ``record.number`` must already be allocated. If the invoice turns out to exist, that
+    allocation is a gap unless the caller rolls back; ``issue_invoice`` avoids this.
+    """
+    return insert_or_get(
+        session,
+        InvoiceRow,
+        record,
+        lambda: get_invoice_for_period(session, record.subscription_id, record.period_start),
+    )
+
+
+def issue_invoice(session: Session, record: InvoiceRecord) -> tuple[InvoiceRecord, bool]:
+    """Number and insert the invoice for (subscription, period start), or return the existing
+    one and False. ``record.number`` is ignored: the customer's next number is allocated.
+
+    Gap-free even when two workers race for the same period: the allocation takes the
+    customer's row lock, the period is checked again under that lock, and allocation and
+    insert share one savepoint, so the loser's number is rolled back with its insert.
+    """
+    existing = get_invoice_for_period(session, record.subscription_id, record.period_start)
+    if existing is not None:
+        return existing, False
+    with session.begin_nested() as savepoint:
+        number = allocate_invoice_number(session, record.customer_id)
+        # Under the customer's row lock: a racing worker that got here first has committed.
+        existing = get_invoice_for_period(session, record.subscription_id, record.period_start)
+        if existing is not None:
+            savepoint.rollback()
+            return existing, False
+        created, inserted = insert_invoice(session, dataclasses.replace(record, number=number))
+        if not inserted:
+            savepoint.rollback()
+        return created, inserted
+
+
+def transition_invoice(
+    session: Session,
+    invoice_id: str,
+    *,
+    to: InvoiceStatus,
+    at: datetime,
+    reason: str | None = None,
+    amount_paid_minor: int | None = None,
+) -> InvoiceRecord:
+    """Move the invoice to ``to`` at ``at`` (UTC), if its lifecycle allows it from the status
+    it has *in the database*; raises ChangeRefused otherwise (e.g. voiding a paid invoice)
+    and leaves the row unchanged.
+
+    Asking for the status it already has returns it unchanged, so retries are harmless.
+    Stamps ``finalized_at``/``paid_at``/``voided_at``/``marked_uncollectible_at``. Paying
+    sets ``amount_paid_minor`` (default: the full amount due, in minor units).
+    """
+    to = InvoiceStatus(to)
+    if amount_paid_minor is not None and (
+        isinstance(amount_paid_minor, bool) or amount_paid_minor < 0
+    ):
+        raise InvalidInput(
+            f"amount_paid_minor must be a non-negative whole number of minor units; "
+            f"got {amount_paid_minor!r}",
+            field="amount_paid_minor",
+        )
+    # Each lost race moves the invoice one step further along an acyclic lifecycle, so a
+    # handful of rounds always settles: either our write lands or the move is refused.
+    for _ in range(len(InvoiceStatus) + 1):
+        current = get_invoice(session, invoice_id)
+        if current is None:
+            raise NotFound(f"invoice {invoice_id} not found")
+        if current.status == to:
+            return current
+        check_transition(f"{invoice_id} ({current.number})", current.status, to)
+        values: dict[str, Any] = {"status": to, _STAMPED_AT[to]: at}
+        if reason is not None:
+            values["status_reason"] = reason
+        paid = amount_paid_minor
+        if to == InvoiceStatus.PAID and paid is None:
+            paid = current.amount_due_minor
+        if paid is not None:
+            if paid > current.amount_due_minor:
+                raise InvalidInput(
+                    f"invoice {current.number} is due {current.amount_due_minor} minor units; "
+                    f"{paid} cannot be recorded as paid on it",
+                    field="amount_paid_minor",
+                )
+            values["amount_paid_minor"] = paid
+        # Compare-and-set on the status we checked: if another transaction moved the invoice
+        # in between, no row matches and the loop re-checks against the new status.
+        moved = session.execute(
+            update(InvoiceRow)
+            .where(InvoiceRow.id == invoice_id, InvoiceRow.status == current.status)
+            .values(values)
+            .returning(InvoiceRow.id)
+            .execution_options(synchronize_session=False)
+        ).scalar_one_or_none()
+        if moved is not None:
+            updated = get_invoice(session, invoice_id)
+            assert updated is not None
+            return updated
+    raise RuntimeError(f"invoice {invoice_id} kept changing status; try again")

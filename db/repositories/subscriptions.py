@@ -1,0 +1,127 @@
+"""Subscriptions as the database mirrors them (the workflow holds the live state)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import delete, or_, update
+from sqlalchemy.orm import Session
+
+from billing.records import SubscriptionRecord
+from billing.subscription import TERMINAL_STATUSES, SubscriptionStatus
+from db.models import SubscriptionRow
+from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
+
+
+def insert_subscription(
+    session: Session, record: SubscriptionRecord
+) -> tuple[SubscriptionRecord, bool]:
+    """Insert ``record``; ``(existing, False)`` if its id, workflow id or signup idempotency
+    key is already taken by a subscription (a retried signup).
+
+    The caller compares ``signup_request_hash`` to tell a retry from a reused key.
+    """
+
+    def existing() -> SubscriptionRecord | None:
+        conditions = [SubscriptionRow.id == record.id]
+        conditions.append(SubscriptionRow.workflow_id == record.workflow_id)
+        if record.signup_idempotency_key is not None:
+            conditions.append(
+                SubscriptionRow.signup_idempotency_key == record.signup_idempotency_key
+            )
+        return fetch_one(
+            session,
+            SubscriptionRecord,
+            select_rows(SubscriptionRow).where(or_(*conditions)).limit(1),
+        )
+
+    return insert_or_get(session, SubscriptionRow, record, existing)
+
+
+def get_subscription(session: Session, subscription_id: str) -> SubscriptionRecord | None:
+    return fetch_one(
+        session,
+        SubscriptionRecord,
+        select_rows(SubscriptionRow).where(SubscriptionRow.id == subscription_id),
+    )
+
+
+def get_subscription_by_signup_key(
+    session: Session, idempotency_key: str
+) -> SubscriptionRecord | None:
+    """The subscription a signup with this idempotency key created, if any."""
+    return fetch_one(
+        session,
+        SubscriptionRecord,
+        select_rows(SubscriptionRow).where(
+            SubscriptionRow.signup_idempotency_key == idempotency_key
+        ),
+    )
+
+
+def list_subscriptions_for_customer(session: Session, customer_id: str) -> list[SubscriptionRecord]:
+    """The customer's subscriptions, oldest first."""
+    return fetch_all(
+        session,
+        SubscriptionRecord,
+        select_rows(SubscriptionRow)
+        .where(SubscriptionRow.customer_id == customer_id)
+        .order_by(SubscriptionRow.created_at, SubscriptionRow.id),
+    )
+
+
+def update_subscription_state(
+    session: Session,
+    subscription_id: str,
+    *,
+    status: SubscriptionStatus,
+    current_period_start: datetime | None,
+    current_period_end: datetime | None,
+    next_billing_at: datetime | None,
+    cancel_at_period_end: bool,
+    canceled_at: datetime | None,
+    ended_at: datetime | None,
+    paused_at: datetime | None,
+    cancel_reason: str | None,
+    now: datetime,
+) -> bool:
+    """Mirror the workflow's view of the subscription (instants UTC). False if there is no
+    such subscription, or if it is canceled and ``status`` is not: cancellation is final, so
+    a late, retried sync from before the cancel must not bring it back."""
+    status = SubscriptionStatus(status)
+    statement = (
+        update(SubscriptionRow)
+        .where(SubscriptionRow.id == subscription_id)
+        .values(
+            status=status,
+            current_period_start=current_period_start,
+            current_period_end=current_period_end,
+            next_billing_at=next_billing_at,
+            cancel_at_period_end=cancel_at_period_end,
+            canceled_at=canceled_at,
+            ended_at=ended_at,
+            paused_at=paused_at,
+            cancel_reason=cancel_reason,
+            updated_at=now,
+        )
+        .returning(SubscriptionRow.id)
+        .execution_options(synchronize_session=False)
+    )
+    if status not in TERMINAL_STATUSES:
+        statement = statement.where(SubscriptionRow.status.not_in(TERMINAL_STATUSES))
+    return session.execute(statement).scalar_one_or_none() is not None
+
+
+def delete_pending_subscription(session: Session, subscription_id: str) -> bool:
+    """Remove a subscription whose workflow never started (status ``pending``); a signup
+    that failed without an idempotency key to retry with. False if it is not pending."""
+    deleted = session.execute(
+        delete(SubscriptionRow)
+        .where(
+            SubscriptionRow.id == subscription_id,
+            SubscriptionRow.status == SubscriptionStatus.PENDING,
+        )
+        .returning(SubscriptionRow.id)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    return deleted is not None

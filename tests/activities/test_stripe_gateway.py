@@ -1,0 +1,684 @@
+"""The Stripe adapter against a real localstripe process, plus the real-Stripe answers that
+localstripe cannot produce (issuer decline codes, SCA errors, 5xx/429/409), fed to the real SDK
+through a scripted HTTP transport."""
+
+from __future__ import annotations
+
+import json
+import socket
+import uuid
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+import stripe
+
+from activities.stripe_gateway import StripeGateway, make_stripe_client
+from billing.errors import PaymentMethodRejected
+from billing.payments import (
+    ChargeOutcome,
+    ChargeOutcomeKind,
+    PaymentProviderError,
+    TransientPaymentError,
+)
+from billing.testing import cards
+from billing.testing.localstripe import LocalStripe
+from billing.testing.stripe_recording import RecordingHTTPClient
+
+PAYMENT_INTENTS = "/v1/payment_intents"
+
+
+def _customer(gateway: StripeGateway) -> str:
+    return gateway.ensure_customer(
+        customer_id=f"cust-{uuid.uuid4().hex[:12]}", email="ada@example.com", name="Ada"
+    )
+
+
+def _customer_with_card(
+    gateway: StripeGateway, client: stripe.StripeClient, number: str
+) -> tuple[str, str]:
+    customer = _customer(gateway)
+    attached = gateway.attach_payment_method(
+        provider_customer_id=customer,
+        payment_method_id=cards.create_card_payment_method(client, number),
+    )
+    return customer, attached.payment_method_id
+
+
+def _charge(
+    gateway: StripeGateway,
+    customer: str,
+    payment_method: str,
+    *,
+    key: str | None = None,
+    amount_minor: int = 1999,
+    invoice_id: str = "inv_1",
+) -> ChargeOutcome:
+    return gateway.charge(
+        provider_customer_id=customer,
+        payment_method_id=payment_method,
+        amount_minor=amount_minor,
+        currency="USD",
+        idempotency_key=f"invoice-{uuid.uuid4().hex}-attempt-1" if key is None else key,
+        description=f"Invoice {invoice_id}",
+        metadata={"invoice_id": invoice_id},
+    )
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# -- against localstripe --------------------------------------------------------------------
+
+
+def test_ensure_customer_records_our_id_and_sends_a_per_customer_key(
+    gateway: StripeGateway,
+    stripe_client: stripe.StripeClient,
+    recording_http_client: RecordingHTTPClient,
+) -> None:
+    customer_id = f"cust-{uuid.uuid4().hex[:12]}"
+
+    provider_id = gateway.ensure_customer(
+        customer_id=customer_id, email="ada@example.com", name="Ada"
+    )
+
+    stored = stripe_client.v1.customers.retrieve(provider_id)
+    assert stored.metadata["billing_customer_id"] == customer_id
+    assert stored.email == "ada@example.com"
+    assert stored.name == "Ada"
+    [request] = recording_http_client.requests_to("/v1/customers")
+    assert request.idempotency_key == f"customer-{customer_id}"
+
+
+def test_successful_charge_is_paid_and_settlement_matches_the_balance_transaction(
+    gateway: StripeGateway, stripe_client: stripe.StripeClient
+) -> None:
+    customer, payment_method = _customer_with_card(gateway, stripe_client, cards.SUCCEEDS)
+    assert gateway.default_payment_method(provider_customer_id=customer) == payment_method
+
+    outcome = _charge(gateway, customer, payment_method, amount_minor=1999, invoice_id="inv_42")
+
+    assert outcome.kind is ChargeOutcomeKind.PAID
+    assert outcome.payment_intent_id is not None and outcome.payment_intent_id.startswith("pi_")
+    assert outcome.charge_id is not None and outcome.charge_id.startswith("ch_")
+    assert (outcome.amount_minor, outcome.currency) == (1999, "USD")
+    # What the Stripe-protocol server recorded for the charge.
+    intent = stripe_client.v1.payment_intents.retrieve(outcome.payment_intent_id)
+    assert (intent.amount, intent.currency, intent.customer) == (1999, "usd", customer)
+    assert intent.payment_method == payment_method
+    assert intent.metadata["invoice_id"] == "inv_42"
+    assert intent.metadata["description"] == "Invoice inv_42"
+
+    settlement = gateway.settlement_details(
+        payment_intent_id=outcome.payment_intent_id, charge_id=outcome.charge_id
+    )
+
+    assert settlement.charge_id == outcome.charge_id
+    assert (settlement.amount_minor, settlement.currency) == (1999, "USD")
+    assert settlement.balance_transaction_id is not None
+    txn = stripe_client.v1.balance_transactions.retrieve(settlement.balance_transaction_id)
+    assert txn.source == outcome.charge_id
+    assert (settlement.fee_minor, settlement.net_minor) == (txn.fee, txn.net)
+    assert settlement.fee_minor is not None and settlement.net_minor is not None
+    assert settlement.fee_minor + settlement.net_minor == settlement.amount_minor
+    # Without a charge id the adapter finds the PaymentIntent's latest charge itself.
+    assert (
+        gateway.settlement_details(payment_intent_id=outcome.payment_intent_id, charge_id=None)
+        == settlement
+    )
+
+
+def test_payment_intent_outcome_of_a_succeeded_intent_is_paid(
+    gateway: StripeGateway, stripe_client: stripe.StripeClient
+) -> None:
+    customer, payment_method = _customer_with_card(gateway, stripe_client, cards.SUCCEEDS)
+    charged = _charge(gateway, customer, payment_method, amount_minor=500)
+    assert charged.payment_intent_id is not None
+
+    outcome = gateway.payment_intent_outcome(payment_intent_id=charged.payment_intent_id)
+
+    assert outcome == ChargeOutcome(
+        kind=ChargeOutcomeKind.PAID,
+        payment_intent_id=charged.payment_intent_id,
+        charge_id=charged.charge_id,
+        amount_minor=500,
+        currency="USD",
+    )
+
+
+def test_card_declined_after_attach_is_a_soft_decline_with_its_code(
+    gateway: StripeGateway, stripe_client: stripe.StripeClient
+) -> None:
+    customer, payment_method = _customer_with_card(
+        gateway, stripe_client, cards.DECLINES_AFTER_ATTACH
+    )
+
+    outcome = _charge(gateway, customer, payment_method)
+
+    assert outcome.kind is ChargeOutcomeKind.SOFT_DECLINE
+    assert outcome.decline_code == "card_declined"
+    assert outcome.failure_message == "Your card was declined."
+    assert outcome.charge_id is not None and outcome.charge_id.startswith("ch_")
+    # localstripe's error names only the charge; the adapter finds the PaymentIntent from it.
+    assert outcome.payment_intent_id is not None
+    intent = stripe_client.v1.payment_intents.retrieve(outcome.payment_intent_id)
+    assert intent.status == "requires_payment_method"
+    again = gateway.payment_intent_outcome(payment_intent_id=outcome.payment_intent_id)
+    assert (again.kind, again.decline_code) == (ChargeOutcomeKind.SOFT_DECLINE, "card_declined")
+
+
+def test_card_declined_at_attach_raises_payment_method_rejected(
+    gateway: StripeGateway, stripe_client: stripe.StripeClient
+) -> None:
+    customer = _customer(gateway)
+    payment_method = cards.create_card_payment_method(stripe_client, cards.DECLINED_AT_ATTACH)
+
+    with pytest.raises(PaymentMethodRejected) as raised:
+        gateway.attach_payment_method(
+            provider_customer_id=customer, payment_method_id=payment_method
+        )
+
+    assert payment_method in raised.value.message
+    assert "Your card was declined." in raised.value.message
+    assert "card_declined" in raised.value.message
+    assert raised.value.field == "payment_method_id"
+    assert gateway.default_payment_method(provider_customer_id=customer) is None
+
+
+def test_unknown_payment_method_raises_payment_method_rejected(gateway: StripeGateway) -> None:
+    customer = _customer(gateway)
+
+    with pytest.raises(PaymentMethodRejected, match="pm_doesNotExist"):
+        gateway.attach_payment_method(
+            provider_customer_id=customer, payment_method_id="pm_doesNotExist"
+        )
+
+
+def test_attaching_an_already_attached_card_again_is_a_no_op(
+    gateway: StripeGateway,
+    stripe_client: stripe.StripeClient,
+    recording_http_client: RecordingHTTPClient,
+) -> None:
+    customer, payment_method = _customer_with_card(gateway, stripe_client, cards.SUCCEEDS)
+    attach_path = f"/v1/payment_methods/{payment_method}/attach"
+    assert len(recording_http_client.requests_to(attach_path)) == 1
+
+    again = gateway.attach_payment_method(
+        provider_customer_id=customer, payment_method_id=payment_method
+    )
+
+    assert (again.payment_method_id, again.card_last4, again.card_brand) == (
+        payment_method,
+        "4242",
+        "visa",
+    )
+    assert len(recording_http_client.requests_to(attach_path)) == 1
+    assert gateway.default_payment_method(provider_customer_id=customer) == payment_method
+
+
+def test_card_attached_to_another_customer_is_rejected(
+    gateway: StripeGateway, stripe_client: stripe.StripeClient
+) -> None:
+    _owner, payment_method = _customer_with_card(gateway, stripe_client, cards.SUCCEEDS)
+    other = _customer(gateway)
+
+    with pytest.raises(PaymentMethodRejected, match="belongs to another Stripe customer"):
+        gateway.attach_payment_method(provider_customer_id=other, payment_method_id=payment_method)
+
+
+def test_card_requiring_authentication_keeps_the_intent_until_the_customer_authenticates(
+    gateway: StripeGateway, stripe_client: stripe.StripeClient
+) -> None:
+    customer, payment_method = _customer_with_card(
+        gateway, stripe_client, cards.REQUIRES_AUTHENTICATION
+    )
+
+    outcome = _charge(gateway, customer, payment_method, amount_minor=2500)
+
+    assert outcome.kind is ChargeOutcomeKind.AUTHENTICATION_REQUIRED
+    assert outcome.payment_intent_id is not None
+    assert outcome.charge_id is None
+    pending = gateway.payment_intent_outcome(payment_intent_id=outcome.payment_intent_id)
+    assert pending.kind is ChargeOutcomeKind.AUTHENTICATION_REQUIRED
+
+    # The customer completes 3-D Secure (localstripe's stand-in for Stripe.js).
+    intent = stripe_client.v1.payment_intents.retrieve(outcome.payment_intent_id)
+    stripe_client.raw_request(
+        "post",
+        f"{PAYMENT_INTENTS}/{intent.id}/_authenticate",
+        client_secret=intent.client_secret,
+        success="true",
+    )
+
+    paid = gateway.payment_intent_outcome(payment_intent_id=outcome.payment_intent_id)
+    assert paid.kind is ChargeOutcomeKind.PAID
+    assert paid.charge_id is not None
+    assert (paid.amount_minor, paid.currency) == (2500, "USD")
+
+
+def test_charging_a_nonexistent_customer_is_a_provider_error(
+    gateway: StripeGateway, stripe_client: stripe.StripeClient
+) -> None:
+    payment_method = cards.create_card_payment_method(stripe_client, cards.SUCCEEDS)
+
+    with pytest.raises(PaymentProviderError, match=r"rejected .* as invalid"):
+        _charge(gateway, "cus_doesNotExist", payment_method)
+
+
+def test_a_malformed_api_key_is_a_provider_error(localstripe: LocalStripe) -> None:
+    # localstripe, like Stripe, answers 401 to a key that is not `sk_...`.
+    gateway = StripeGateway(
+        make_stripe_client(api_key="not-a-secret-key", api_base=localstripe.url),
+        send_description=False,
+    )
+
+    with pytest.raises(PaymentProviderError, match="rejected the API key"):
+        gateway.ensure_customer(customer_id="cust-1", email=None, name=None)
+
+
+def test_an_empty_api_key_is_refused_before_any_request() -> None:
+    with pytest.raises(PaymentProviderError, match="API key is empty"):
+        make_stripe_client(api_key="", api_base=None)
+
+
+_EVERY_OPERATION: dict[str, Any] = {
+    "ensure_customer": lambda g: g.ensure_customer(customer_id="c", email=None, name=None),
+    "attach_payment_method": lambda g: g.attach_payment_method(
+        provider_customer_id="cus_1", payment_method_id="pm_1"
+    ),
+    "default_payment_method": lambda g: g.default_payment_method(provider_customer_id="cus_1"),
+    "charge": lambda g: _charge(g, "cus_1", "pm_1", key="invoice-1-attempt-1"),
+    "settlement_details": lambda g: g.settlement_details(payment_intent_id="pi_1", charge_id=None),
+    "payment_intent_outcome": lambda g: g.payment_intent_outcome(payment_intent_id="pi_1"),
+}
+
+
+@pytest.mark.parametrize("operation", sorted(_EVERY_OPERATION))
+def test_unreachable_api_is_transient_for_every_operation(operation: str) -> None:
+    gateway = StripeGateway(
+        make_stripe_client(
+            api_key="sk_test_x",
+            api_base=f"http://127.0.0.1:{_closed_port()}",
+            max_network_retries=0,
+        )
+    )
+
+    with pytest.raises(TransientPaymentError, match="safe to retry"):
+        _EVERY_OPERATION[operation](gateway)
+
+
+def test_the_charge_idempotency_key_is_the_one_on_the_wire(
+    gateway: StripeGateway,
+    stripe_client: stripe.StripeClient,
+    recording_http_client: RecordingHTTPClient,
+) -> None:
+    customer, payment_method = _customer_with_card(gateway, stripe_client, cards.SUCCEEDS)
+    recording_http_client.clear()
+
+    _charge(gateway, customer, payment_method, key="invoice-inv_7-attempt-3")
+
+    [request] = recording_http_client.requests_to(PAYMENT_INTENTS)
+    assert request.idempotency_key == "invoice-inv_7-attempt-3"
+
+
+def test_a_charge_retried_after_a_dropped_connection_sends_the_same_key(
+    gateway: StripeGateway,
+    stripe_client: stripe.StripeClient,
+    recording_http_client: RecordingHTTPClient,
+) -> None:
+    customer, payment_method = _customer_with_card(gateway, stripe_client, cards.SUCCEEDS)
+    invoice_id = f"inv_{uuid.uuid4().hex[:10]}"
+    key = f"invoice-{invoice_id}-attempt-1"
+    recording_http_client.drop_responses(PAYMENT_INTENTS)
+
+    # The server charges, the worker never hears back: the activity fails transiently...
+    with pytest.raises(TransientPaymentError):
+        _charge(gateway, customer, payment_method, key=key, invoice_id=invoice_id)
+    # ...and Temporal runs it again with the key derived from the same workflow state.
+    outcome = _charge(gateway, customer, payment_method, key=key, invoice_id=invoice_id)
+
+    assert outcome.kind is ChargeOutcomeKind.PAID
+    first, second = recording_http_client.requests_to(PAYMENT_INTENTS)
+    assert first.response_dropped and first.status is None
+    assert second.status == 200
+    assert first.idempotency_key == second.idempotency_key == key
+    # Proof that the lost request did reach the server: localstripe holds two intents for this
+    # invoice. It ignores Idempotency-Key; Stripe would have answered the retry with the first.
+    created = [
+        intent
+        for intent in stripe_client.v1.payment_intents.list(params={"limit": 100}).data
+        if intent.metadata["invoice_id"] == invoice_id
+    ]
+    assert len(created) == 2
+
+
+def test_the_sdk_retry_after_a_dropped_connection_reuses_the_key(
+    localstripe: LocalStripe, recording_http_client: RecordingHTTPClient
+) -> None:
+    client = make_stripe_client(
+        api_key="sk_test_x",
+        api_base=localstripe.url,
+        max_network_retries=1,
+        http_client=recording_http_client,
+    )
+    gateway = StripeGateway(client, send_description=False)
+    customer, payment_method = _customer_with_card(gateway, client, cards.SUCCEEDS)
+    recording_http_client.drop_responses(PAYMENT_INTENTS, retryable=True)
+
+    outcome = _charge(gateway, customer, payment_method, key="invoice-inv_9-attempt-1")
+
+    assert outcome.kind is ChargeOutcomeKind.PAID
+    keys = [r.idempotency_key for r in recording_http_client.requests_to(PAYMENT_INTENTS)]
+    assert keys == ["invoice-inv_9-attempt-1", "invoice-inv_9-attempt-1"]
+
+
+def test_localstripe_flush_empties_its_store() -> None:
+    # A private server: flushing the session one would pull data from under other tests.
+    with LocalStripe() as private:
+        client = make_stripe_client(api_key="sk_test_x", api_base=private.url)
+        customer = client.v1.customers.create(params={})
+        private.flush()
+        with pytest.raises(stripe.InvalidRequestError):
+            client.v1.customers.retrieve(customer.id)
+
+
+# -- real-Stripe answers localstripe cannot produce ------------------------------------------
+
+
+class ScriptedHTTPClient(stripe.HTTPClient):
+    """Answers each request with the next scripted (status, JSON body) pair, so the real SDK
+    parses real-Stripe-shaped responses into its own errors and objects."""
+
+    name = "scripted"
+
+    def __init__(self, *responses: tuple[int, dict[str, Any]]) -> None:
+        super().__init__()
+        self._responses = list(responses)
+        self.sent: list[tuple[str, str, Mapping[str, str] | None, Any]] = []
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        post_data: Any = None,
+        *,
+        _usage: list[str] | None = None,
+    ) -> tuple[Any, int, Mapping[str, str]]:
+        self.sent.append((method, url, headers, post_data))
+        status, body = self._responses.pop(0)
+        return json.dumps(body).encode(), status, {"request-id": "req_scripted"}
+
+    def close(self) -> None:
+        pass
+
+
+def _scripted_gateway(*responses: tuple[int, dict[str, Any]]) -> StripeGateway:
+    client = make_stripe_client(
+        api_key="sk_test_x",
+        api_base="https://api.stripe.invalid",
+        max_network_retries=0,
+        http_client=ScriptedHTTPClient(*responses),
+    )
+    return StripeGateway(client)
+
+
+def _intent(status: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "id": "pi_real",
+        "object": "payment_intent",
+        "amount": 1999,
+        "currency": "usd",
+        "status": status,
+        "latest_charge": None,
+        "last_payment_error": None,
+        **fields,
+    }
+
+
+def _card_error(code: str, decline_code: str | None, **fields: Any) -> tuple[int, dict[str, Any]]:
+    error: dict[str, Any] = {
+        "type": "card_error",
+        "code": code,
+        "message": f"Your card was declined ({decline_code or code}).",
+        "charge": "ch_real",
+        "payment_intent": _intent(
+            "requires_payment_method",
+            latest_charge="ch_real",
+            last_payment_error={"code": code, "decline_code": decline_code},
+        ),
+        **fields,
+    }
+    if decline_code is not None:
+        error["decline_code"] = decline_code
+    return 402, {"error": error}
+
+
+@pytest.mark.parametrize("decline_code", ["lost_card", "stolen_card"])
+def test_lost_or_stolen_card_is_a_hard_decline(decline_code: str) -> None:
+    gateway = _scripted_gateway(_card_error("card_declined", decline_code))
+
+    outcome = _charge(gateway, "cus_1", "pm_1")
+
+    assert outcome.kind is ChargeOutcomeKind.HARD_DECLINE
+    assert outcome.decline_code == decline_code
+    assert (outcome.payment_intent_id, outcome.charge_id) == ("pi_real", "ch_real")
+    assert outcome.failure_message == f"Your card was declined ({decline_code})."
+
+
+def test_insufficient_funds_is_a_soft_decline_keeping_the_decline_code() -> None:
+    gateway = _scripted_gateway(_card_error("card_declined", "insufficient_funds"))
+
+    outcome = _charge(gateway, "cus_1", "pm_1", amount_minor=4200)
+
+    assert outcome.kind is ChargeOutcomeKind.SOFT_DECLINE
+    assert outcome.decline_code == "insufficient_funds"
+    assert (outcome.amount_minor, outcome.currency) == (4200, "USD")
+    assert outcome.payment_intent_id == "pi_real"
+
+
+def test_off_session_authentication_error_is_authentication_required_with_the_intent() -> None:
+    # Real Stripe answers an off-session charge of an SCA card with this CardError; the
+    # PaymentIntent (requires_payment_method) is only in the error.
+    gateway = _scripted_gateway(
+        _card_error("authentication_required", "authentication_required", charge=None)
+    )
+
+    outcome = _charge(gateway, "cus_1", "pm_1")
+
+    assert outcome.kind is ChargeOutcomeKind.AUTHENTICATION_REQUIRED
+    assert outcome.payment_intent_id == "pi_real"
+    assert outcome.decline_code == "authentication_required"
+
+
+def test_succeeded_intent_with_an_unexpanded_latest_charge_is_paid() -> None:
+    gateway = _scripted_gateway((200, _intent("succeeded", latest_charge="ch_real")))
+
+    outcome = _charge(gateway, "cus_1", "pm_1")
+
+    assert (outcome.kind, outcome.payment_intent_id, outcome.charge_id) == (
+        ChargeOutcomeKind.PAID,
+        "pi_real",
+        "ch_real",
+    )
+
+
+@pytest.mark.parametrize(
+    ("decline_code", "kind"),
+    [
+        ("expired_card", ChargeOutcomeKind.HARD_DECLINE),
+        ("authentication_required", ChargeOutcomeKind.AUTHENTICATION_REQUIRED),
+        ("do_not_honor", ChargeOutcomeKind.SOFT_DECLINE),
+    ],
+)
+def test_outcome_of_a_declined_intent_is_classified(
+    decline_code: str, kind: ChargeOutcomeKind
+) -> None:
+    error = {"type": "card_error", "code": "card_declined", "decline_code": decline_code}
+    error["message"] = "Declined."
+    gateway = _scripted_gateway((200, _intent("requires_payment_method", last_payment_error=error)))
+
+    outcome = gateway.payment_intent_outcome(payment_intent_id="pi_real")
+
+    assert (outcome.kind, outcome.decline_code) == (kind, decline_code)
+    assert outcome.failure_message == "Declined."
+
+
+def test_processing_intent_is_transient() -> None:
+    gateway = _scripted_gateway((200, _intent("processing")))
+
+    with pytest.raises(TransientPaymentError, match="still processing"):
+        _charge(gateway, "cus_1", "pm_1")
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (429, {"type": "invalid_request_error", "code": "lock_timeout", "message": "locked"}),
+        (429, {"type": "invalid_request_error", "code": "rate_limit", "message": "slow down"}),
+        (500, {"type": "api_error", "message": "internal"}),
+        (503, {"type": "api_error", "message": "unavailable"}),
+        (409, {"type": "idempotency_error", "message": "request with this key in progress"}),
+    ],
+)
+def test_retryable_provider_faults_are_transient(status: int, error: dict[str, Any]) -> None:
+    gateway = _scripted_gateway((status, {"error": error}))
+
+    with pytest.raises(TransientPaymentError, match=error["message"]):
+        _charge(gateway, "cus_1", "pm_1")
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "advice"),
+    [
+        (401, {"type": "invalid_request_error", "message": "Invalid API Key"}, "secret key"),
+        (403, {"type": "invalid_request_error", "message": "restricted"}, "write access"),
+        (
+            400,
+            {"type": "idempotency_error", "message": "Keys for idempotent requests ..."},
+            "new key",
+        ),
+        (
+            400,
+            {"type": "invalid_request_error", "code": "parameter_invalid_integer", "message": "x"},
+            "fix the request",
+        ),
+    ],
+)
+def test_faults_a_retry_cannot_fix_are_provider_errors(
+    status: int, error: dict[str, Any], advice: str
+) -> None:
+    gateway = _scripted_gateway((status, {"error": error}))
+
+    with pytest.raises(PaymentProviderError, match=advice):
+        _charge(gateway, "cus_1", "pm_1")
+
+
+def test_an_empty_idempotency_key_is_refused_without_charging() -> None:
+    client = ScriptedHTTPClient()
+    gateway = StripeGateway(
+        make_stripe_client(api_key="sk_test_x", api_base=None, http_client=client)
+    )
+
+    with pytest.raises(PaymentProviderError, match="idempotency_key"):
+        _charge(gateway, "cus_1", "pm_1", key="")
+    assert client.sent == []
+
+
+def test_real_stripe_charge_sends_description_as_a_field() -> None:
+    client = ScriptedHTTPClient((200, _intent("succeeded", latest_charge="ch_real")))
+    gateway = StripeGateway(
+        make_stripe_client(api_key="sk_test_x", api_base=None, http_client=client)
+    )
+
+    _charge(gateway, "cus_1", "pm_1", key="invoice-inv_1-attempt-1", invoice_id="inv_1")
+
+    [(method, url, headers, body)] = client.sent
+    assert (method, url) == ("post", "https://api.stripe.com/v1/payment_intents")
+    assert headers is not None and headers["Idempotency-Key"] == "invoice-inv_1-attempt-1"
+    form = parse_qs(body)
+    assert form["description"] == ["Invoice inv_1"]
+    assert form["metadata[invoice_id]"] == ["inv_1"]
+    assert "metadata[description]" not in form
+    assert (form["amount"], form["currency"]) == (["1999"], ["usd"])
+    assert (form["off_session"], form["confirm"]) == (["true"], ["true"])
+
+
+def test_attach_declined_by_the_issuer_names_the_card_and_decline_code() -> None:
+    gateway = _scripted_gateway(
+        (200, {"id": "pm_real", "object": "payment_method", "customer": None, "type": "card"}),
+        (
+            402,
+            {
+                "error": {
+                    "type": "card_error",
+                    "code": "card_declined",
+                    "decline_code": "stolen_card",
+                    "message": "Your card was declined.",
+                }
+            },
+        ),
+    )
+
+    with pytest.raises(PaymentMethodRejected, match=r"pm_real.*decline_code=stolen_card"):
+        gateway.attach_payment_method(provider_customer_id="cus_1", payment_method_id="pm_real")
+
+
+def test_settlement_reports_stripe_fees() -> None:
+    gateway = _scripted_gateway(
+        (
+            200,
+            {
+                "id": "ch_real",
+                "object": "charge",
+                "amount": 1999,
+                "currency": "usd",
+                "balance_transaction": {
+                    "id": "txn_real",
+                    "object": "balance_transaction",
+                    "amount": 1999,
+                    "currency": "usd",
+                    "fee": 88,
+                    "net": 1911,
+                },
+            },
+        )
+    )
+
+    settlement = gateway.settlement_details(payment_intent_id="pi_real", charge_id="ch_real")
+
+    assert (settlement.amount_minor, settlement.fee_minor, settlement.net_minor) == (
+        1999,
+        88,
+        1911,
+    )
+    assert (settlement.currency, settlement.balance_transaction_id) == ("USD", "txn_real")
+
+
+def test_settlement_without_a_balance_transaction_reports_no_fee() -> None:
+    gateway = _scripted_gateway(
+        (
+            200,
+            {
+                "id": "ch_real",
+                "object": "charge",
+                "amount": 1999,
+                "currency": "eur",
+                "balance_transaction": None,
+            },
+        )
+    )
+
+    settlement = gateway.settlement_details(payment_intent_id="pi_real", charge_id="ch_real")
+
+    assert (settlement.amount_minor, settlement.currency) == (1999, "EUR")
+    assert (settlement.fee_minor, settlement.net_minor, settlement.balance_transaction_id) == (
+        None,
+        None,
+        None,
+    )
