@@ -62,7 +62,7 @@ def find_plan(code: str, plans: Mapping[str, Plan] | Iterable[Plan]) -> Plan:
     try:
         return by_code[code]
     except KeyError:
-        known = ", ".join(by_code) or "(none)"
+        known = ", ".join(sorted(by_code)) or "(none)"
         raise UnknownPlan(f"unknown plan {code!r}; known plans: {known}", field="plan") from None
 
 

@@ -165,14 +165,16 @@ class SubscriptionWorkflow:
                 continue
             if self._should_continue_as_new():
                 await self._continue_as_new()
+            if s.cancel_at_period_end:
+                # Also while paused or unpaid: the subscription still ends when its paid period
+                # does (or now, if that end has already passed).
+                ends_at = max(s.end_of_paid_through(), workflow.now())
+                if await self._sleep_until(ends_at):
+                    await self._end(ended_at=ends_at, reason=s.cancel_reason or "canceled")
+                continue
             if s.status in (SubscriptionStatus.PAUSED, SubscriptionStatus.UNPAID):
                 # Nothing is billed until a resume or a payment-method update arrives.
                 await workflow.wait_condition(lambda: bool(self._inbox))
-                continue
-            if s.cancel_at_period_end:
-                ends_at = s.end_of_paid_through()
-                if await self._sleep_until(ends_at):
-                    await self._end(ended_at=ends_at, reason=s.cancel_reason or "canceled")
                 continue
             due = s.period(s.next_period_index).start
             if await self._sleep_until(due):
@@ -497,7 +499,7 @@ class SubscriptionWorkflow:
                     s.cancel_at_period_end = True
                     s.cancel_reason = cancel.reason or "canceled_at_period_end"
                     await self._sync()
-                    return CancelResult(s.status, True, s.end_of_paid_through())
+                    return CancelResult(s.status, True, max(s.end_of_paid_through(), now))
                 voided = None
                 if s.open_invoice is not None:
                     closed = await self._close_invoice(

