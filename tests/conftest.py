@@ -7,8 +7,12 @@ failure, not a skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.testing import WorkflowEnvironment
@@ -66,13 +70,50 @@ def database_url(backend: str) -> Iterator[str]:
             yield url
 
 
+HISTORIES_DIR = Path(__file__).parent / "histories"
+RECORD_HISTORIES = os.environ.get("BILLING_RECORD_HISTORIES") == "1"
+
+
+async def record_histories(h: BillingHarness, test_name: str) -> None:
+    """Save the runs of every subscription the test started, for the replay test. Long chains
+    keep their first three runs and the last one."""
+    for n, subscription_id in enumerate(h.started_subscription_ids):
+        runs = await h.run_histories(subscription_id)
+        keep = list(enumerate(runs))
+        if len(keep) > 4:
+            keep = [*keep[:3], keep[-1]]
+        for index, history in keep:
+            name = f"{test_name}-s{n}-run{index + 1}.json"
+            (HISTORIES_DIR / name).write_text(history.to_json())
+
+
+@contextlib.asynccontextmanager
+async def recorded_harness(
+    request: pytest.FixtureRequest,
+    temporal_env: WorkflowEnvironment,
+    localstripe: LocalStripe,
+    database_url: str,
+    **options: Any,
+) -> AsyncIterator[BillingHarness]:
+    """A BillingHarness whose workflow histories are saved for the replay test when
+    BILLING_RECORD_HISTORIES=1."""
+    async with BillingHarness(
+        temporal_env, database_url=database_url, stripe_api_base=localstripe.url, **options
+    ) as h:
+        yield h
+        if RECORD_HISTORIES:
+            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+            await record_histories(h, safe)
+
+
 @pytest.fixture
 async def harness(
-    temporal_env: WorkflowEnvironment, localstripe: LocalStripe, database_url: str
+    request: pytest.FixtureRequest,
+    temporal_env: WorkflowEnvironment,
+    localstripe: LocalStripe,
+    database_url: str,
 ) -> AsyncIterator[BillingHarness]:
-    async with BillingHarness(
-        temporal_env, database_url=database_url, stripe_api_base=localstripe.url
-    ) as h:
+    async with recorded_harness(request, temporal_env, localstripe, database_url) as h:
         yield h
 
 

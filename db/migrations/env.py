@@ -57,7 +57,9 @@ def run_offline() -> None:
         context.run_migrations()
 
 
-def run_on(connection: Connection) -> None:
+def run_on(connection: Connection, *, begins_itself: bool = False) -> None:
+    """``begins_itself``: the connection comes from db.engine.make_engine, whose SQLite
+    connections emit their own BEGIN, so DDL there really is transactional."""
     is_sqlite = connection.dialect.name == "sqlite"
     # SQLite alters a table by copying it to a new one and dropping the old one (batch mode);
     # with foreign keys enforced, that drop would fail or cascade. The pragma only works
@@ -72,6 +74,9 @@ def run_on(connection: Connection) -> None:
             target_metadata=Base.metadata,
             render_as_batch=is_sqlite,
             compare_type=True,
+            # One transaction for the whole upgrade, so a failing revision leaves nothing
+            # half-applied (and the foreign key check below runs before the commit).
+            transactional_ddl=True if is_sqlite and begins_itself else None,
         )
         with context.begin_transaction():
             context.run_migrations()
@@ -93,7 +98,7 @@ def run_online() -> None:
     engine = make_engine(database_url(), poolclass=pool.NullPool)
     try:
         with engine.connect() as connection:
-            run_on(connection)
+            run_on(connection, begins_itself=True)
     finally:
         engine.dispose()
 

@@ -2,7 +2,7 @@
 
 The PostgreSQL run is skipped when no server answers, except under ``CI=true``, where an
 unreachable server fails the tests: CI must never pass by quietly not testing PostgreSQL.
-Set ``BILLING_TEST_POSTGRES_ADMIN_URL`` to use a server other than the local default.
+Set ``BILLING_TEST_POSTGRES_URL`` to use a server other than the local default.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from db.base import Base
 from db.engine import make_engine, make_session_factory, unit_of_work
 from db.repositories import attempts, customers, invoices, plans, subscriptions
 
-POSTGRES_ADMIN_URL = os.environ.get("BILLING_TEST_POSTGRES_ADMIN_URL", DEFAULT_ADMIN_URL)
+POSTGRES_ADMIN_URL = os.environ.get("BILLING_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL)
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 

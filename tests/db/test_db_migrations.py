@@ -3,19 +3,30 @@ and run in both directions."""
 
 from __future__ import annotations
 
+import shutil
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect
+from sqlalchemy.orm import Session
 
 from billing.testing.database import temporary_database
 from db.base import Base
-from db.engine import make_engine
-from db.migrate import MIGRATIONS_DIR, current_revision, downgrade, head_revision, upgrade
+from db.engine import make_engine, make_session_factory, unit_of_work
+from db.migrate import (
+    MIGRATIONS_DIR,
+    alembic_config,
+    current_revision,
+    downgrade,
+    head_revision,
+    upgrade,
+)
+from db.repositories import customers, subscriptions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -139,3 +150,67 @@ def test_package_data_ships_every_migration_file() -> None:
     needed = {MIGRATIONS_DIR / "env.py", *(MIGRATIONS_DIR / "versions").glob("*.py")}
     assert len(needed) >= 2
     assert needed <= shipped, sorted(str(p) for p in needed - shipped)
+
+
+#: A later revision of the kind SQLite can only do by copying the table: rebuild `customers`,
+#: which subscriptions and invoices reference.
+REBUILD_CUSTOMERS = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0099"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("customers", recreate="always") as batch:
+        batch.add_column(sa.Column("nickname", sa.String(50), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("customers", recreate="always") as batch:
+        batch.drop_column("nickname")
+"""
+
+
+def test_sqlite_batch_migration_can_rebuild_a_referenced_table(
+    tmp_path: Path, factory: Any
+) -> None:
+    """Rebuilding a table drops the old copy; with foreign keys enforced that drop fails
+    while other rows point at it. env.py switches enforcement off around the migration and
+    runs PRAGMA foreign_key_check before committing."""
+    scripts = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS_DIR, scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    (scripts / "versions" / "0099_rebuild_customers.py").write_text(REBUILD_CUSTOMERS)
+    url = f"sqlite:///{tmp_path / 'billing.sqlite3'}"
+    config = alembic_config(url)
+    config.set_main_option("script_location", str(scripts))
+
+    command.upgrade(config, "0001")
+    engine = make_engine(url)
+    session_factory = make_session_factory(engine)
+    with unit_of_work(session_factory) as session:
+        subscription = factory.subscription(session)
+
+    command.upgrade(config, "0099")
+    command.downgrade(config, "0001")
+
+    with unit_of_work(session_factory) as session:
+        assert subscriptions.get_subscription(session, subscription.id) == subscription
+        assert customers.get_customer(session, subscription.customer_id) is not None
+        assert session.connection().exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    _assert_foreign_keys_enforced(session_factory)
+    engine.dispose()
+
+
+def _assert_foreign_keys_enforced(session_factory: Any) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    with pytest.raises(IntegrityError), unit_of_work(session_factory) as session:
+        session.execute(
+            __import__("sqlalchemy").text(
+                "UPDATE subscriptions SET customer_id = 'cus_missing'"
+            )
+        )

@@ -291,15 +291,17 @@ def test_a_paid_invoice_cannot_be_voided_and_stays_unchanged(
             session, invoice.id, to=InvoiceStatus.PAID, at=factory.t0
         )
 
-    with pytest.raises(ChangeRefused, match="is paid and cannot become void"):
-        with unit_of_work(session_factory) as session:
-            invoices.transition_invoice(
-                session,
-                invoice.id,
-                to=InvoiceStatus.VOID,
-                at=factory.t0 + timedelta(days=1),
-                reason="customer disputed",
-            )
+    with (
+        pytest.raises(ChangeRefused, match="is paid and cannot become void"),
+        unit_of_work(session_factory) as session,
+    ):
+        invoices.transition_invoice(
+            session,
+            invoice.id,
+            to=InvoiceStatus.VOID,
+            at=factory.t0 + timedelta(days=1),
+            reason="customer disputed",
+        )
 
     with unit_of_work(session_factory) as session:
         assert invoices.get_invoice(session, invoice.id) == paid
@@ -347,6 +349,10 @@ def test_transition_of_an_unknown_invoice_says_so(session: Session) -> None:
         invoices.transition_invoice(session, "in_missing", to=InvoiceStatus.OPEN, at=None)  # type: ignore[arg-type]
 
 
+# PostgreSQL only: SQLite takes the write lock at BEGIN, so the two cannot interleave there.
+@pytest.mark.parametrize(
+    "backend", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
 def test_void_loses_to_a_payment_committed_after_it_read_the_invoice(
     backend: str,
     session_factory: sessionmaker[Session],
@@ -355,8 +361,6 @@ def test_void_loses_to_a_payment_committed_after_it_read_the_invoice(
 ) -> None:
     """The compare-and-set: a worker read the invoice as open, then another worker's payment
     committed before its UPDATE. The void must be refused, not overwrite the payment."""
-    if backend == "sqlite":
-        pytest.skip("SQLite takes the write lock at BEGIN, so the two cannot interleave")
     with unit_of_work(session_factory) as session:
         invoice = factory.invoice(session)
         invoices.transition_invoice(session, invoice.id, to=InvoiceStatus.OPEN, at=factory.t0)
@@ -374,9 +378,11 @@ def test_void_loses_to_a_payment_committed_after_it_read_the_invoice(
         return seen
 
     monkeypatch.setattr(invoices, "get_invoice", get_invoice_then_get_paid)
-    with pytest.raises(ChangeRefused, match="is paid"):
-        with unit_of_work(session_factory) as session:
-            invoices.transition_invoice(session, invoice.id, to=InvoiceStatus.VOID, at=factory.t0)
+    with (
+        pytest.raises(ChangeRefused, match="is paid"),
+        unit_of_work(session_factory) as session,
+    ):
+        invoices.transition_invoice(session, invoice.id, to=InvoiceStatus.VOID, at=factory.t0)
     monkeypatch.undo()
 
     with unit_of_work(session_factory) as session:
@@ -491,15 +497,17 @@ def test_a_succeeded_attempt_cannot_be_marked_failed(
         )
         assert again == succeeded
 
-    with pytest.raises(ChangeRefused, match="already succeeded"):
-        with unit_of_work(session_factory) as session:
-            attempts.record_attempt_outcome(
-                session,
-                attempt.id,
-                status="failed",
-                outcome=ChargeOutcomeKind.SOFT_DECLINE,
-                **outcome,
-            )
+    with (
+        pytest.raises(ChangeRefused, match="already succeeded"),
+        unit_of_work(session_factory) as session,
+    ):
+        attempts.record_attempt_outcome(
+            session,
+            attempt.id,
+            status="failed",
+            outcome=ChargeOutcomeKind.SOFT_DECLINE,
+            **outcome,
+        )
     with unit_of_work(session_factory) as session:
         assert attempts.get_attempt(session, attempt.invoice_id, 1) == succeeded
         with pytest.raises(NotFound):

@@ -28,7 +28,9 @@ async def test_leap_year_month_end_anchor_bills_twelve_exact_invoices(
     tz = "America/New_York"
     # 2028 is the next leap year after the test server's start (its clock cannot go back).
     anchor = datetime(2028, 1, 31, 9, 0, tzinfo=ZoneInfo(tz))
-    sub = await harness.signup("basic-monthly", card=SUCCEEDS, timezone=tz, billing_anchor_at=anchor)
+    sub = await harness.signup(
+        "basic-monthly", card=SUCCEEDS, timezone=tz, billing_anchor_at=anchor
+    )
 
     await harness.advance_to(anchor + relativedelta(months=11) + timedelta(days=1))
 
@@ -48,7 +50,9 @@ async def test_leap_year_month_end_anchor_bills_twelve_exact_invoices(
         (900, 900, "USD")
     }
     numbers = [i.number for i in snap.invoices]
-    assert len(set(numbers)) == 12 and numbers[0].endswith("-0001") and numbers[-1].endswith("-0012")
+    assert (
+        len(set(numbers)) == 12 and numbers[0].endswith("-0001") and numbers[-1].endswith("-0012")
+    )
 
     # One settled payment per invoice, and the provider holds exactly those charges.
     payments = [p for i in snap.invoices for p in snap.payments[i.id]]
@@ -78,7 +82,9 @@ async def test_feb_29_annual_anchor_bills_feb_28_in_common_years(harness: Billin
         date(2028, 2, 29), date(2029, 2, 28), date(2030, 2, 28), date(2031, 2, 28),
         date(2032, 2, 29),
     ]  # fmt: skip
-    assert all(i.status == InvoiceStatus.PAID and i.amount_paid_minor == 12000 for i in snap.invoices)
+    assert all(
+        i.status == InvoiceStatus.PAID and i.amount_paid_minor == 12000 for i in snap.invoices
+    )
 
 
 async def test_trial_then_monthly_from_trial_end(harness: BillingHarness) -> None:

@@ -26,7 +26,7 @@ from billing.subscription import SubscriptionStatus
 from billing.testing.cards import DECLINES_AFTER_ATTACH, REQUIRES_AUTHENTICATION, SUCCEEDS
 from billing.testing.harness import BillingHarness
 from billing.testing.localstripe import LocalStripe
-from tests.conftest import BOTH_BACKENDS
+from tests.conftest import BOTH_BACKENDS, recorded_harness
 
 DAY = timedelta(days=1)
 
@@ -90,9 +90,7 @@ async def test_card_update_on_day_4_recovers_dunning_without_moving_the_billing_
     attempts = snap.attempts[third.id]
     assert [a.attempt_number for a in attempts] == [1, 2, 3, 4]
     assert [a.status for a in attempts] == ["failed", "failed", "failed", "succeeded"]
-    assert attempt_offsets(attempts, first_failure) == [
-        timedelta(0), 1 * DAY, 3 * DAY, 4 * DAY
-    ]
+    assert attempt_offsets(attempts, first_failure) == [timedelta(0), 1 * DAY, 3 * DAY, 4 * DAY]
     assert attempts[3].reason == "payment_method_updated"
     assert len({a.idempotency_key for a in attempts}) == 4
     assert len(snap.payments[third.id]) == 1
@@ -196,19 +194,21 @@ class StolenCardGateway:
         if outcome.kind != ChargeOutcomeKind.SOFT_DECLINE:
             return outcome
         return dataclasses.replace(
-            outcome, kind=classify_decline("card_declined", "stolen_card"), decline_code="stolen_card"
+            outcome,
+            kind=classify_decline("card_declined", "stolen_card"),
+            decline_code="stolen_card",
         )
 
 
 @pytest.fixture
 async def stolen_card_harness(
-    temporal_env: WorkflowEnvironment, localstripe: LocalStripe, database_url: str
+    request: pytest.FixtureRequest,
+    temporal_env: WorkflowEnvironment,
+    localstripe: LocalStripe,
+    database_url: str,
 ) -> AsyncIterator[BillingHarness]:
-    async with BillingHarness(
-        temporal_env,
-        database_url=database_url,
-        stripe_api_base=localstripe.url,
-        wrap_gateway=StolenCardGateway,
+    async with recorded_harness(
+        request, temporal_env, localstripe, database_url, wrap_gateway=StolenCardGateway
     ) as h:
         yield h
 

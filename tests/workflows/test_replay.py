@@ -1,0 +1,45 @@
+"""Recorded histories of the workflow scenarios replay against today's workflow code without
+non-determinism. Re-record after an intended, patched change with:
+
+    BILLING_RECORD_HISTORIES=1 pytest tests/workflows
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.worker import Replayer
+
+from workflows.subscription import SubscriptionWorkflow
+
+HISTORIES = sorted((Path(__file__).parents[1] / "histories").glob("*.json"))
+
+
+def test_histories_are_recorded_for_every_scenario() -> None:
+    names = " ".join(p.name for p in HISTORIES)
+    for scenario in (
+        "leap_year",
+        "feb_29",
+        "trial",
+        "card_update_on_day_4",
+        "exhausted_dunning_cancels",
+        "mark_unpaid",
+        "hard_decline",
+        "authentication_required",
+        "cancel_at_period_end",
+        "cancel_immediately",
+        "pause_skips_billing",
+        "ten_years",
+    ):
+        assert scenario in names, f"no recorded history for {scenario}; re-record (see docstring)"
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+async def test_recorded_history_replays(path: Path) -> None:
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    result = await Replayer(workflows=[SubscriptionWorkflow]).replay_workflow(
+        history, raise_on_replay_failure=False
+    )
+    assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
