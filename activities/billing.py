@@ -56,6 +56,7 @@ from billing.payments import (
     PaymentProviderError,
 )
 from billing.records import (
+    AttemptStatus,
     InvoiceRecord,
     NotificationRecord,
     PaymentAttemptRecord,
@@ -73,11 +74,11 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_ATTEMPT_STATUS = {
-    ChargeOutcomeKind.PAID: "succeeded",
-    ChargeOutcomeKind.SOFT_DECLINE: "failed",
-    ChargeOutcomeKind.HARD_DECLINE: "failed",
-    ChargeOutcomeKind.AUTHENTICATION_REQUIRED: "requires_action",
+_ATTEMPT_STATUS: dict[ChargeOutcomeKind, AttemptStatus] = {
+    ChargeOutcomeKind.PAID: AttemptStatus.SUCCEEDED,
+    ChargeOutcomeKind.SOFT_DECLINE: AttemptStatus.FAILED,
+    ChargeOutcomeKind.HARD_DECLINE: AttemptStatus.FAILED,
+    ChargeOutcomeKind.AUTHENTICATION_REQUIRED: AttemptStatus.REQUIRES_ACTION,
 }
 
 
@@ -225,7 +226,7 @@ class BillingActivities:
         with unit_of_work(self.session_factory) as session:
             invoice = _require_invoice(session, input.invoice_id)
             attempts = attempts_repo.list_attempts_for_invoice(session, invoice.id)
-            succeeded = next((a for a in attempts if a.status == "succeeded"), None)
+            succeeded = next((a for a in attempts if a.status == AttemptStatus.SUCCEEDED), None)
             if invoice.status == InvoiceStatus.PAID or succeeded is not None:
                 # Our records say the money is already collected: never charge again.
                 return _already_paid(session, invoice, succeeded)
@@ -236,11 +237,11 @@ class BillingActivities:
                 )
             # An earlier attempt with an unknown outcome (its worker died mid-call) is
             # re-driven under its own key rather than replaced by a new one.
-            unknown = [a for a in attempts if a.status == "pending"]
+            unknown = [a for a in attempts if a.status == AttemptStatus.PENDING]
             if unknown and unknown[0].attempt_number < attempt_number:
                 attempt_number = unknown[0].attempt_number
             attempt = next((a for a in attempts if a.attempt_number == attempt_number), None)
-            if attempt is not None and attempt.status != "pending":
+            if attempt is not None and attempt.status != AttemptStatus.PENDING:
                 return _attempt_result(attempt)  # this attempt already finished: replay it
             customer = customers_repo.get_customer(session, invoice.customer_id)
             if customer is None:
@@ -256,7 +257,7 @@ class BillingActivities:
                         idempotency_key=key,
                         amount_minor=invoice.amount_due_minor,
                         currency=invoice.currency,
-                        status="pending",
+                        status=AttemptStatus.PENDING,
                         outcome=None,
                         decline_code=None,
                         failure_message=None,
@@ -398,7 +399,7 @@ class BillingActivities:
             attempts_repo.record_attempt_outcome(
                 session,
                 attempt.id,
-                status="succeeded",
+                status=AttemptStatus.SUCCEEDED,
                 outcome=ChargeOutcomeKind.PAID,
                 decline_code=None,
                 failure_message=None,

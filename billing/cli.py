@@ -63,10 +63,8 @@ def dev(
         table.add_row("Database", _safe_url(settings.database_url))
         table.add_row("State folder", str(settings.state_dir.resolve()))
         console.print(table)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_run_dev(settings, demo=demo))
-        except KeyboardInterrupt:
-            pass
         console.print("stopping ...")
     console.print("[green]stopped cleanly[/green]")
 
@@ -172,7 +170,9 @@ def _print_view(view: SubscriptionView) -> None:
     table = Table(title=f"subscription {view.subscription_id}", show_header=False)
     table.add_row("status", view.status.value)
     table.add_row("plan", f"{view.plan_code} ({view.amount_minor} {view.currency} minor units)")
-    table.add_row("current period", f"{_fmt(view.current_period_start)} → {_fmt(view.current_period_end)}")
+    table.add_row(
+        "current period", f"{_fmt(view.current_period_start)} → {_fmt(view.current_period_end)}"
+    )
     table.add_row("next billing", _fmt(view.next_billing_at))
     table.add_row("invoices issued", str(view.invoices_issued))
     table.add_row("open invoice", view.open_invoice.number if view.open_invoice else "none")

@@ -124,7 +124,9 @@ def localstripe_server(settings: Settings) -> Iterator[str | None]:
     log = settings.state_dir / "localstripe.log"
     managed = _spawn("localstripe", [binary, "--port", str(settings.localstripe_port)], log)
     try:
-        wait_for_port("127.0.0.1", settings.localstripe_port, timeout=30, what="localstripe", log=log)
+        wait_for_port(
+            "127.0.0.1", settings.localstripe_port, timeout=30, what="localstripe", log=log
+        )
         yield url
     finally:
         managed.stop()

@@ -74,3 +74,57 @@ DEMO_PLANS: tuple[Plan, ...] = (
     Plan("team-weekly", "Team (weekly)", 1500, "EUR", IntervalUnit.WEEK),
     Plan("tokyo-monthly", "Tokyo (monthly, JPY)", 1200, "JPY", IntervalUnit.MONTH),
 )
+
+
+_PLAN_FIELDS = (
+    "code",
+    "name",
+    "amount_minor",
+    "currency",
+    "interval",
+    "interval_count",
+    "trial_days",
+    "dunning",
+)
+_DUNNING_FIELDS = ("retry_offsets_days", "final_action")
+
+
+def parse_plan(raw: Mapping[str, object]) -> Plan:
+    """A Plan from user input (JSON, YAML, CLI), with errors that name the bad field."""
+    if not isinstance(raw, Mapping):
+        raise InvalidInput(f"a plan must be an object with fields; got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_PLAN_FIELDS))
+    if unknown:
+        raise InvalidInput(
+            f"unknown plan field {unknown[0]!r}; allowed: {', '.join(_PLAN_FIELDS)}",
+            field=unknown[0],
+        )
+    missing = [f for f in ("code", "name", "amount_minor", "currency", "interval") if f not in raw]
+    if missing:
+        raise InvalidInput(f"plan field {missing[0]!r} is required", field=missing[0])
+    dunning_raw = raw.get("dunning")
+    dunning = DunningPolicy()
+    if dunning_raw is not None:
+        if not isinstance(dunning_raw, Mapping):
+            raise InvalidInput("dunning must be an object", field="dunning")
+        bad = sorted(set(dunning_raw) - set(_DUNNING_FIELDS))
+        if bad:
+            raise InvalidInput(
+                f"unknown dunning field {bad[0]!r}; allowed: {', '.join(_DUNNING_FIELDS)}",
+                field=f"dunning.{bad[0]}",
+            )
+        offsets = dunning_raw.get("retry_offsets_days", dunning.retry_offsets_days)
+        dunning = DunningPolicy(
+            retry_offsets_days=list(offsets) if isinstance(offsets, list | tuple) else offsets,
+            final_action=dunning_raw.get("final_action", dunning.final_action),
+        )
+    return Plan(
+        code=raw["code"],  # type: ignore[arg-type]
+        name=raw["name"],  # type: ignore[arg-type]
+        amount_minor=raw["amount_minor"],  # type: ignore[arg-type]
+        currency=raw["currency"],  # type: ignore[arg-type]
+        interval=raw["interval"],  # type: ignore[arg-type]
+        interval_count=raw.get("interval_count", 1),  # type: ignore[arg-type]
+        trial_days=raw.get("trial_days", 0),  # type: ignore[arg-type]
+        dunning=dunning,
+    )

@@ -205,7 +205,7 @@ class SignupService:
             status=SubscriptionStatus.PENDING,
             amount_minor=plan.amount_minor,
             currency=plan.currency,
-            interval=plan.interval.value,
+            interval=plan.interval,
             interval_count=plan.interval_count,
             timezone=timezone,
             anchor_at=anchor_at,

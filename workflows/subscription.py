@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -84,33 +84,54 @@ with workflow.unsafe.imports_passed_through():
     )
 
 # Database and notification writes: retried until the database is back.
-_DB_ACTIVITY = {
-    "start_to_close_timeout": timedelta(seconds=30),
-    "retry_policy": RetryPolicy(
-        initial_interval=timedelta(seconds=1),
-        maximum_interval=timedelta(minutes=1),
-        non_retryable_error_types=["InvalidInput", "ChangeRefused", "NotFound"],
-    ),
-}
+_DB_TIMEOUT = timedelta(seconds=30)
+_DB_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(minutes=1),
+    non_retryable_error_types=["InvalidInput", "ChangeRefused", "NotFound"],
+)
 
 # Provider calls. Retries re-send the same idempotency key, which the provider honours for 24
 # hours; schedule_to_close keeps every retry of one attempt well inside that window.
-_PROVIDER_ACTIVITY = {
-    "start_to_close_timeout": timedelta(seconds=60),
-    "schedule_to_close_timeout": timedelta(hours=12),
-    "retry_policy": RetryPolicy(
-        initial_interval=timedelta(seconds=2),
-        maximum_interval=timedelta(minutes=5),
-        non_retryable_error_types=[
-            "InvalidInput",
-            "ChangeRefused",
-            "NotFound",
-            "PaymentProviderError",
-            "PaymentMethodRejected",
-            "MissingPaymentMethod",
-        ],
-    ),
-}
+_PROVIDER_TIMEOUT = timedelta(seconds=60)
+_PROVIDER_GIVE_UP = timedelta(hours=12)
+_PROVIDER_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    maximum_interval=timedelta(minutes=5),
+    non_retryable_error_types=[
+        "InvalidInput",
+        "ChangeRefused",
+        "NotFound",
+        "PaymentProviderError",
+        "PaymentMethodRejected",
+        "MissingPaymentMethod",
+    ],
+)
+
+_R = TypeVar("_R")
+
+
+async def _db_activity(name: str, arg: object, result_type: type[_R]) -> _R:
+    result: _R = await workflow.execute_activity(
+        name,
+        arg,
+        result_type=result_type,
+        start_to_close_timeout=_DB_TIMEOUT,
+        retry_policy=_DB_RETRY,
+    )
+    return result
+
+
+async def _provider_activity(name: str, arg: object, result_type: type[_R]) -> _R:
+    result: _R = await workflow.execute_activity(
+        name,
+        arg,
+        result_type=result_type,
+        start_to_close_timeout=_PROVIDER_TIMEOUT,
+        schedule_to_close_timeout=_PROVIDER_GIVE_UP,
+        retry_policy=_PROVIDER_RETRY,
+    )
+    return result
 
 
 @dataclass
@@ -201,7 +222,7 @@ class SubscriptionWorkflow:
         p = s.period(s.next_period_index)
         if s.status == SubscriptionStatus.TRIALING:
             s.status = SubscriptionStatus.ACTIVE
-        invoice: CreateInvoiceResult = await workflow.execute_activity(
+        invoice: CreateInvoiceResult = await _db_activity(
             ActivityName.CREATE_INVOICE,
             CreateInvoiceInput(
                 subscription_id=s.subscription_id,
@@ -214,8 +235,7 @@ class SubscriptionWorkflow:
                 currency=s.plan.currency,
                 description=f"{s.plan.name}",
             ),
-            result_type=CreateInvoiceResult,
-            **_DB_ACTIVITY,  # type: ignore[arg-type]
+            CreateInvoiceResult,
         )
         s.next_period_index = p.index + 1
         s.current_period_start, s.current_period_end = p.start, p.end
@@ -258,13 +278,12 @@ class SubscriptionWorkflow:
                 continue
             inv.payment_method_version_seen = s.payment_method_version
             try:
-                result: ChargeInvoiceResult = await workflow.execute_activity(
+                result: ChargeInvoiceResult = await _provider_activity(
                     ActivityName.CHARGE_INVOICE,
                     ChargeInvoiceInput(
                         invoice_id=inv.invoice_id, attempt_number=inv.attempts + 1, reason=reason
                     ),
-                    result_type=ChargeInvoiceResult,
-                    **_PROVIDER_ACTIVITY,  # type: ignore[arg-type]
+                    ChargeInvoiceResult,
                 )
             except ActivityError as error:
                 # Failing the workflow would stop billing this customer for good; instead wait
@@ -367,11 +386,10 @@ class SubscriptionWorkflow:
         pi_id = s.authenticated_payment_intent_id
         s.authenticated_payment_intent_id = None
         assert pi_id is not None
-        confirmed: ConfirmAuthenticatedPaymentResult = await workflow.execute_activity(
+        confirmed: ConfirmAuthenticatedPaymentResult = await _provider_activity(
             ActivityName.CONFIRM_AUTHENTICATED_PAYMENT,
             ConfirmAuthenticatedPaymentInput(invoice_id=inv.invoice_id, payment_intent_id=pi_id),
-            result_type=ConfirmAuthenticatedPaymentResult,
-            **_PROVIDER_ACTIVITY,  # type: ignore[arg-type]
+            ConfirmAuthenticatedPaymentResult,
         )
         if not confirmed.succeeded:
             workflow.logger.info("authenticated payment not confirmed: %s", confirmed.reason)
@@ -392,7 +410,7 @@ class SubscriptionWorkflow:
                 f"invoice {inv.invoice_id} was reported paid without a payment intent",
                 non_retryable=True,
             )
-        await workflow.execute_activity(
+        await _provider_activity(
             ActivityName.SETTLE_INVOICE,
             SettleInvoiceInput(
                 invoice_id=inv.invoice_id,
@@ -400,8 +418,7 @@ class SubscriptionWorkflow:
                 payment_intent_id=payment_intent_id,
                 charge_id=charge_id,
             ),
-            result_type=SettleInvoiceResult,
-            **_PROVIDER_ACTIVITY,  # type: ignore[arg-type]
+            SettleInvoiceResult,
         )
         recovered = inv.first_failure_at is not None
         s.open_invoice = None
@@ -441,11 +458,10 @@ class SubscriptionWorkflow:
     async def _close_invoice(
         self, inv: OpenInvoice, status: InvoiceStatus, reason: str
     ) -> CloseInvoiceResult:
-        result: CloseInvoiceResult = await workflow.execute_activity(
+        result: CloseInvoiceResult = await _db_activity(
             ActivityName.CLOSE_INVOICE,
             CloseInvoiceInput(invoice_id=inv.invoice_id, status=status, reason=reason),
-            result_type=CloseInvoiceResult,
-            **_DB_ACTIVITY,  # type: ignore[arg-type]
+            CloseInvoiceResult,
         )
         return result
 
@@ -529,15 +545,14 @@ class SubscriptionWorkflow:
             ):
                 s.check_payment_method_update()
                 pm_id: str = request.payload.payment_method_id
-                attached: AttachPaymentMethodResult = await workflow.execute_activity(
+                attached: AttachPaymentMethodResult = await _provider_activity(
                     ActivityName.ATTACH_PAYMENT_METHOD,
                     AttachPaymentMethodInput(
                         subscription_id=s.subscription_id,
                         customer_id=s.customer_id,
                         payment_method_id=pm_id,
                     ),
-                    result_type=AttachPaymentMethodResult,
-                    **_PROVIDER_ACTIVITY,  # type: ignore[arg-type]
+                    AttachPaymentMethodResult,
                 )
                 s.payment_method_id = attached.payment_method_id
                 s.payment_method_version += 1
@@ -715,7 +730,7 @@ class SubscriptionWorkflow:
 
     async def _sync(self) -> None:
         s = self.state
-        await workflow.execute_activity(
+        await _db_activity(
             ActivityName.SYNC_SUBSCRIPTION,
             SyncSubscriptionInput(
                 subscription_id=s.subscription_id,
@@ -729,8 +744,7 @@ class SubscriptionWorkflow:
                 paused_at=s.paused_at,
                 cancel_reason=s.cancel_reason,
             ),
-            result_type=SyncSubscriptionResult,
-            **_DB_ACTIVITY,  # type: ignore[arg-type]
+            SyncSubscriptionResult,
         )
 
     async def _notify(
@@ -742,7 +756,7 @@ class SubscriptionWorkflow:
         payload: dict[str, Any] | None = None,
     ) -> None:
         s = self.state
-        await workflow.execute_activity(
+        await _db_activity(
             ActivityName.ENQUEUE_NOTIFICATION,
             EnqueueNotificationInput(
                 kind=kind,
@@ -752,8 +766,7 @@ class SubscriptionWorkflow:
                 invoice_id=invoice_id,
                 payload=payload or {},
             ),
-            result_type=EnqueueNotificationResult,
-            **_DB_ACTIVITY,  # type: ignore[arg-type]
+            EnqueueNotificationResult,
         )
 
 

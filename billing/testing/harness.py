@@ -164,7 +164,7 @@ class BillingHarness:
             await self._worker.shutdown()
         if self._worker_task is not None:
             await asyncio.gather(self._worker_task, return_exceptions=True)
-        self.http_client.close()
+        self.http_client.close()  # type: ignore[no-untyped-call]
         self.engine.dispose()
 
     # ------------------------------------------------------------------------- time -------
@@ -335,7 +335,7 @@ class BillingHarness:
         charges: list[dict[str, Any]] = []
         params: dict[str, Any] = {"customer": customer.stripe_customer_id, "limit": 100}
         while True:
-            page = self.stripe.v1.charges.list(params=params)
+            page = self.stripe.v1.charges.list(params=params)  # type: ignore[arg-type]
             charges.extend(c.to_dict() for c in page.data)
             if not page.has_more or not page.data:
                 return charges

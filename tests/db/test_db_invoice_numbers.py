@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from billing.errors import NotFound
 from billing.invoices import format_invoice_number
+from billing.records import InvoiceRecord
 from db.engine import unit_of_work
 from db.repositories import customers, invoices
 
@@ -133,3 +134,29 @@ def _prefix(session_factory: sessionmaker[Session], customer_id: str) -> str:
         customer = customers.get_customer(session, customer_id)
     assert customer is not None
     return customer.invoice_prefix
+
+
+def test_issue_invoice_falls_back_on_the_unique_constraint(
+    session: Session, factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If both period checks miss a row that exists (a stale read), the insert hits the
+    (subscription, period start) constraint: the existing invoice comes back and the
+    number allocated for the failed insert is rolled back with it."""
+    subscription = factory.subscription(session)
+    existing = factory.invoice(session, subscription, 0)
+    real_lookup = invoices.get_invoice_for_period
+    stale_reads = 2
+
+    def stale_then_real(*args: Any) -> InvoiceRecord | None:
+        nonlocal stale_reads
+        if stale_reads:
+            stale_reads -= 1
+            return None
+        return real_lookup(*args)
+
+    monkeypatch.setattr(invoices, "get_invoice_for_period", stale_then_real)
+    again, created = invoices.issue_invoice(session, factory.invoice_record(subscription, 0))
+
+    assert (again, created) == (existing, False)
+    customer = customers.get_customer(session, subscription.customer_id)
+    assert customer is not None and customer.next_invoice_sequence == 2

@@ -12,8 +12,8 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from billing.testing.database import temporary_database
 from db.base import Base
@@ -201,16 +201,7 @@ def test_sqlite_batch_migration_can_rebuild_a_referenced_table(
         assert subscriptions.get_subscription(session, subscription.id) == subscription
         assert customers.get_customer(session, subscription.customer_id) is not None
         assert session.connection().exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-    _assert_foreign_keys_enforced(session_factory)
-    engine.dispose()
-
-
-def _assert_foreign_keys_enforced(session_factory: Any) -> None:
-    from sqlalchemy.exc import IntegrityError
-
+    # The rebuilt table is still referenced and enforcement is back on.
     with pytest.raises(IntegrityError), unit_of_work(session_factory) as session:
-        session.execute(
-            __import__("sqlalchemy").text(
-                "UPDATE subscriptions SET customer_id = 'cus_missing'"
-            )
-        )
+        session.execute(text("UPDATE subscriptions SET customer_id = 'cus_missing'"))
+    engine.dispose()
