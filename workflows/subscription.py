@@ -353,8 +353,10 @@ class SubscriptionWorkflow:
         else:
             inv.blocked = None
         if s.status in (SubscriptionStatus.ACTIVE, SubscriptionStatus.TRIALING):
+            # Only the first failure changes what the database shows; later failures are in
+            # the attempt rows already, so they cost no extra activity.
             s.status = SubscriptionStatus.PAST_DUE
-        await self._sync()
+            await self._sync()
         next_retry = (
             None
             if inv.blocked is not None

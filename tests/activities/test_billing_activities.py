@@ -671,7 +671,11 @@ def test_settling_twice_records_one_payment(stack: Stack) -> None:
     paid = charge(stack, invoice.invoice_id, 1)
 
     first = settle(stack, invoice.invoice_id, paid)
+    stack.http.clear()
     second = settle(stack, invoice.invoice_id, paid)
+
+    # The recorded payment answers the retry; the provider is not asked again.
+    assert stack.http.recorded == []
 
     assert second == first
     assert (first.amount_minor, first.currency, first.paid_at) == (AMOUNT_MINOR, "USD", NOW)

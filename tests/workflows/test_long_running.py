@@ -12,9 +12,9 @@ from billing.invoices import InvoiceStatus
 from billing.testing.cards import SUCCEEDS
 from billing.testing.harness import BillingHarness
 
-#: Events one run may hold. A paid cycle costs about 30 (timer, create, charge, settle, sync,
-#: continue-as-new), a fully exhausted dunning cycle about 90; 200 leaves room for changes
-#: while staying two orders of magnitude under the server's 10,240-event warning.
+#: Events one run may hold. A paid cycle costs 34 (timer, create, charge, settle, sync,
+#: continue-as-new; see scripts/history_cost.py); 200 leaves room for changes while staying
+#: fifty times under the server's 10,240-event warning.
 MAX_EVENTS_PER_RUN = 200
 
 

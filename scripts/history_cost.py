@@ -1,0 +1,90 @@
+"""Measure workflow history cost: events per paid billing cycle and per continue-as-new run.
+
+Runs the real workflow and activities on the time-skipping server with localstripe and a
+temporary SQLite database, then reads every run's history:
+
+    .venv/bin/python scripts/history_cost.py [--months 24]
+
+Prints, for a subscription paid every month, the events of each run (one run per billed
+period), and for a subscription whose card fails, the events of the run that holds a full
+dunning cycle (8 tries, then the final action).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from collections import Counter
+from datetime import timedelta
+
+from dateutil.relativedelta import relativedelta
+from temporalio.api.enums.v1 import EventType
+
+from billing.testing.cards import DECLINES_AFTER_ATTACH, SUCCEEDS
+from billing.testing.database import temporary_database
+from billing.testing.harness import BillingHarness, start_time_skipping_environment
+from billing.testing.localstripe import LocalStripe
+
+
+def _kinds(history: object) -> Counter[str]:
+    events = history.events  # type: ignore[attr-defined]
+    return Counter(EventType.Name(e.event_type).removeprefix("EVENT_TYPE_") for e in events)
+
+
+async def measure(months: int) -> None:
+    with LocalStripe() as stripe_server, temporary_database("sqlite") as url:
+        env = await start_time_skipping_environment()
+        try:
+            async with BillingHarness(env, database_url=url, stripe_api_base=stripe_server.url) as h:
+                now = await h.now()
+                anchor = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+                started = time.perf_counter()
+                paid = await h.signup("basic-monthly", card=SUCCEEDS, billing_anchor_at=anchor)
+                failing = await h.signup(
+                    "basic-monthly", card=DECLINES_AFTER_ATTACH, billing_anchor_at=anchor
+                )
+                await h.advance_to(anchor + relativedelta(months=months) - timedelta(days=1))
+                elapsed = time.perf_counter() - started
+
+                runs = await h.run_histories(paid.subscription_id)
+                sizes = [len(r.events) for r in runs]
+                invoices = len(h.snapshot(paid.subscription_id).invoices)
+                # Run 1 holds the start (status sync) plus the first cycle; later runs are one
+                # cycle each, which is the steady-state cost of a paid billing cycle.
+                steady = sizes[1:-1] or sizes
+                print(f"simulated {months} months in {elapsed:.1f} s wall clock")
+                print(f"paid subscription: {invoices} invoices, {len(runs)} runs")
+                print(
+                    "  events per continue-as-new run: "
+                    f"min {min(sizes)}, median {statistics.median(sizes):.0f}, max {max(sizes)}"
+                )
+                print(f"  events per paid billing cycle (steady state): {statistics.median(steady):.0f}")
+                print(f"  total events for {invoices} paid cycles: {sum(sizes)}")
+                print("  one steady-state run by event type:")
+                for kind, count in sorted(_kinds(runs[1]).items()):
+                    print(f"    {count:3d}  {kind}")
+
+                dunning_runs = await h.run_histories(failing.subscription_id)
+                dsizes = [len(r.events) for r in dunning_runs]
+                snap = h.snapshot(failing.subscription_id)
+                attempts = sum(len(a) for a in snap.attempts.values())
+                print(
+                    f"failing card: {len(snap.invoices)} invoice, {attempts} charge attempts, "
+                    f"final status {snap.subscription.status.value}"
+                )
+                print(f"  events in the run holding the whole dunning cycle: {max(dsizes)}")
+        finally:
+            await env.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--months", type=int, default=24)
+    args = parser.parse_args()
+    asyncio.run(measure(args.months))
+
+
+if __name__ == "__main__":
+    main()
