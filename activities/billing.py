@@ -206,7 +206,12 @@ class BillingActivities:
             )
         with unit_of_work(self.session_factory) as session:
             invoice = _require_invoice(session, input.invoice_id)
-            if invoice.status == InvoiceStatus.PAID:
+            charged = any(
+                a.status == AttemptStatus.SUCCEEDED
+                for a in attempts_repo.list_attempts_for_invoice(session, invoice.id)
+            )
+            if invoice.status == InvoiceStatus.PAID or charged:
+                # Money was taken (maybe not settled yet): never void or write it off.
                 return CloseInvoiceResult(invoice.id, invoice.status, was_paid=True)
             if invoice.status == input.status:
                 return CloseInvoiceResult(invoice.id, invoice.status)
@@ -246,8 +251,20 @@ class BillingActivities:
             customer = customers_repo.get_customer(session, invoice.customer_id)
             if customer is None:
                 raise NotFound(f"customer {invoice.customer_id} of invoice {invoice.id} not found")
-            key = idempotency_key_for(invoice.id, attempt_number)
-            if attempt is None:
+        key = idempotency_key_for(invoice.id, attempt_number)
+        if attempt is not None and attempt.payment_method_id is not None:
+            # Re-driving an attempt of unknown outcome: same key, so exactly the same request
+            # (the provider refuses a reused key with other parameters).
+            payment_method_id: str | None = attempt.payment_method_id
+        else:
+            payment_method_id = None
+            if customer.stripe_customer_id is not None:
+                payment_method_id = self.gateway.default_payment_method(
+                    provider_customer_id=customer.stripe_customer_id
+                )
+            payment_method_id = payment_method_id or customer.default_payment_method_id
+        if attempt is None:
+            with unit_of_work(self.session_factory) as session:
                 attempt, _ = attempts_repo.insert_pending_attempt(
                     session,
                     PaymentAttemptRecord(
@@ -264,18 +281,14 @@ class BillingActivities:
                         reason=input.reason,
                         stripe_payment_intent_id=None,
                         stripe_charge_id=None,
-                        payment_method_id=None,
+                        payment_method_id=payment_method_id,
                         created_at=self.clock.now(),
                         completed_at=None,
                     ),
                 )
-        # The pending attempt is committed before the provider sees anything.
-        payment_method_id = None
-        if customer.stripe_customer_id is not None:
-            payment_method_id = self.gateway.default_payment_method(
-                provider_customer_id=customer.stripe_customer_id
-            )
-        payment_method_id = payment_method_id or customer.default_payment_method_id
+            payment_method_id = attempt.payment_method_id
+        # The pending attempt, with the card it will use, is committed before the provider
+        # sees anything.
         if customer.stripe_customer_id is None or payment_method_id is None:
             outcome = ChargeOutcome(
                 kind=ChargeOutcomeKind.HARD_DECLINE,
@@ -339,7 +352,8 @@ class BillingActivities:
             payment_intent_id=input.payment_intent_id, charge_id=input.charge_id
         )
         if (details.amount_minor, details.currency) != (invoice.amount_due_minor, invoice.currency):
-            # Never mark an invoice paid with money that does not match it.
+            # Never mark an invoice paid with money that does not match it. This compares the
+            # charge (what the customer paid); the settlement currency may legitimately differ.
             raise ChangeRefused(
                 f"payment {input.payment_intent_id} is {details.amount_minor} {details.currency} "
                 f"but invoice {invoice.number} is {invoice.amount_due_minor} {invoice.currency}"
@@ -359,6 +373,8 @@ class BillingActivities:
                     currency=details.currency,
                     fee_minor=details.fee_minor,
                     net_minor=details.net_minor,
+                    settlement_amount_minor=details.settlement_amount_minor,
+                    settlement_currency=details.settlement_currency,
                     settled_at=now,
                 ),
             )

@@ -469,12 +469,10 @@ class StripeGateway:
     def settlement_details(
         self, *, payment_intent_id: str, charge_id: str | None
     ) -> SettlementDetails:
-        """Amount, fee and net (minor units) as the charge's balance transaction reports them.
-
-        When Stripe reports a balance transaction, amount/currency are the balance
-        transaction's (the settlement currency), so ``fee + net == amount`` always holds in one
-        currency; otherwise they are the charge's and fee/net are None.
-        """
+        """The charge's amount and currency (what the customer paid, in the invoice's currency)
+        plus the balance transaction's gross, fee and net in the settlement currency, where
+        ``fee + net == settlement amount``. Settlement fields are None without a balance
+        transaction."""
         if charge_id is None:
             try:
                 intent = self._client.v1.payment_intents.retrieve(payment_intent_id)
@@ -519,11 +517,13 @@ class StripeGateway:
             )
         return SettlementDetails(
             charge_id=charge.id,
-            amount_minor=int(balance_transaction.amount),
-            currency=str(balance_transaction.currency).upper(),
+            amount_minor=int(charge.amount),
+            currency=str(charge.currency).upper(),
             fee_minor=int(balance_transaction.fee),
             net_minor=int(balance_transaction.net),
             balance_transaction_id=str(balance_transaction.id),
+            settlement_amount_minor=int(balance_transaction.amount),
+            settlement_currency=str(balance_transaction.currency).upper(),
         )
 
 

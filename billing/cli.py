@@ -116,6 +116,10 @@ async def _start_demo(settings: Settings, client: Client, deps: object) -> str:
     from billing.worker import Dependencies
 
     assert isinstance(deps, Dependencies)
+    existing = await asyncio.to_thread(_existing_demo, deps)
+    if existing is not None:
+        console.print(f"demo subscription resumed: [bold]{existing}[/bold]")
+        return existing
     payment_method_id = await asyncio.to_thread(_demo_payment_method, settings)
     service = SignupService(
         deps.session_factory,
@@ -146,6 +150,18 @@ async def _start_demo(settings: Settings, client: Client, deps: object) -> str:
             break
         await asyncio.sleep(0.2)
     return result.subscription_id
+
+
+def _existing_demo(deps: object) -> str | None:
+    """The demo subscription a previous `billing dev` started in this state folder."""
+    from billing.worker import Dependencies
+    from db.engine import unit_of_work
+    from db.repositories import subscriptions as subscriptions_repo
+
+    assert isinstance(deps, Dependencies)
+    with unit_of_work(deps.session_factory) as session:
+        record = subscriptions_repo.get_subscription_by_signup_key(session, DEMO_IDEMPOTENCY_KEY)
+    return record.id if record is not None else None
 
 
 def _demo_payment_method(settings: Settings) -> str | None:

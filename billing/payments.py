@@ -80,14 +80,20 @@ class ChargeOutcome:
 
 @dataclass(frozen=True)
 class SettlementDetails:
-    """Fee and net as the provider's balance transaction reports them (None when unknown)."""
+    """What the customer paid (the charge: matches the invoice) and what the account received
+    (the balance transaction, in the account's settlement currency, which may differ).
+    Minor units; settlement fields are None when the provider reports no balance transaction."""
 
     charge_id: str | None
+    #: The charge's amount and currency, as presented to the customer.
     amount_minor: int
     currency: str
     fee_minor: int | None
     net_minor: int | None
     balance_transaction_id: str | None
+    #: Gross, fee and net are in this currency; ``fee + net == settlement_amount``.
+    settlement_amount_minor: int | None = None
+    settlement_currency: str | None = None
 
 
 @dataclass(frozen=True)

@@ -139,9 +139,12 @@ class PaymentRecord:
     settled_at: datetime
     stripe_charge_id: str | None = None
     balance_transaction_id: str | None = None
-    #: Provider fee and net as the balance transaction reports them; None when unknown.
+    #: Provider fee and net as the balance transaction reports them, in the settlement
+    #: currency (which may differ from ``currency``); None when unknown.
     fee_minor: int | None = None
     net_minor: int | None = None
+    settlement_amount_minor: int | None = None
+    settlement_currency: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -193,10 +193,13 @@ class SignupService:
             )
         )
         if request.payment_method_id is not None:
-            self.gateway.attach_payment_method(
+            # Store what the provider attached: a token such as `pm_card_visa` becomes a real
+            # payment method id there.
+            attached = self.gateway.attach_payment_method(
                 provider_customer_id=provider_customer_id,
                 payment_method_id=request.payment_method_id,
             )
+            payment_method_id = attached.payment_method_id
 
         record = SubscriptionRecord(
             id=subscription_id,

@@ -216,8 +216,11 @@ class PaymentRow(Base):
     balance_transaction_id: Mapped[str | None] = mapped_column(String(100))
     amount_minor: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
+    #: Fee, net and gross as the account received them, in ``settlement_currency``.
     fee_minor: Mapped[int | None] = mapped_column(BigInteger)
     net_minor: Mapped[int | None] = mapped_column(BigInteger)
+    settlement_amount_minor: Mapped[int | None] = mapped_column(BigInteger)
+    settlement_currency: Mapped[str | None] = mapped_column(String(3))
     settled_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 

@@ -37,7 +37,9 @@ async def measure(months: int) -> None:
     with LocalStripe() as stripe_server, temporary_database("sqlite") as url:
         env = await start_time_skipping_environment()
         try:
-            async with BillingHarness(env, database_url=url, stripe_api_base=stripe_server.url) as h:
+            async with BillingHarness(
+                env, database_url=url, stripe_api_base=stripe_server.url
+            ) as h:
                 now = await h.now()
                 anchor = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
                 started = time.perf_counter()
@@ -60,7 +62,8 @@ async def measure(months: int) -> None:
                     "  events per continue-as-new run: "
                     f"min {min(sizes)}, median {statistics.median(sizes):.0f}, max {max(sizes)}"
                 )
-                print(f"  events per paid billing cycle (steady state): {statistics.median(steady):.0f}")
+                per_cycle = statistics.median(steady)
+                print(f"  events per paid billing cycle (steady state): {per_cycle:.0f}")
                 print(f"  total events for {invoices} paid cycles: {sum(sizes)}")
                 print("  one steady-state run by event type:")
                 for kind, count in sorted(_kinds(runs[1]).items()):

@@ -241,6 +241,8 @@ def upgrade() -> None:
         sa.Column("currency", sa.String(3), nullable=False),
         sa.Column("fee_minor", sa.BigInteger(), nullable=True),
         sa.Column("net_minor", sa.BigInteger(), nullable=True),
+        sa.Column("settlement_amount_minor", sa.BigInteger(), nullable=True),
+        sa.Column("settlement_currency", sa.String(3), nullable=True),
         instant("settled_at"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_payments")),
         sa.ForeignKeyConstraint(
