@@ -10,11 +10,23 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Values that mean "nobody configured this" and must never reach production.
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "sk_test_placeholder", "xxx"})
+
+
+ApiScope = Literal["signup", "finance", "admin"]
+
+
+class ApiKey(BaseModel):
+    """One API key. ``signup`` may create subscriptions, ``finance`` may read, ``admin`` may
+    change subscriptions (and read)."""
+
+    name: str = Field(min_length=1, max_length=100)
+    scope: ApiScope
+    key: SecretStr
 
 
 class Settings(BaseSettings):
@@ -43,6 +55,18 @@ class Settings(BaseSettings):
     stripe_max_network_retries: int = Field(default=2, ge=0, le=10)
     localstripe_port: int = 8420
 
+    #: Stripe's webhook signing secret (whsec_...): required to accept webhooks.
+    stripe_webhook_secret: SecretStr | None = None
+    #: Seconds a webhook's signed timestamp may be off (Stripe's default tolerance).
+    stripe_webhook_tolerance_seconds: int = Field(default=300, ge=1, le=3600)
+
+    #: API keys as JSON, e.g. [{"name": "signup-hook", "scope": "signup", "key": "..."}].
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    #: Request bodies above this size are refused with 413.
+    api_max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=10 * 1024 * 1024)
+
     #: Threads running synchronous activities (DB and Stripe calls).
     activity_threads: int = Field(default=16, ge=1, le=256)
 
@@ -60,14 +84,33 @@ class Settings(BaseSettings):
         return "sk_test_localstripe"
 
     def check_production_secrets(self) -> None:
-        """Outside dev, refuse to start with a missing or placeholder secret."""
-        if self.environment != "production":
+        """Outside dev, refuse to start with a missing or placeholder secret, naming it."""
+        if self.environment == "dev":
             return
+        problems = []
         key = self.stripe_api_key.get_secret_value() if self.stripe_api_key else ""
         if key.strip().lower() in PLACEHOLDER_SECRETS:
+            problems.append(
+                "BILLING_STRIPE_API_KEY is missing or a placeholder; set your Stripe secret "
+                "key (sk_live_... or sk_test_...)"
+            )
+        hook = self.stripe_webhook_secret.get_secret_value() if self.stripe_webhook_secret else ""
+        if hook.strip().lower() in PLACEHOLDER_SECRETS:
+            problems.append(
+                "BILLING_STRIPE_WEBHOOK_SECRET is missing or a placeholder; set the endpoint's "
+                "signing secret (whsec_...)"
+            )
+        if not self.api_keys:
+            problems.append("BILLING_API_KEYS is empty; configure at least one API key")
+        for api_key in self.api_keys:
+            value = api_key.key.get_secret_value()
+            if value.strip().lower() in PLACEHOLDER_SECRETS or len(value) < 24:
+                problems.append(
+                    f"API key {api_key.name!r} is a placeholder or shorter than 24 characters"
+                )
+        if problems:
             raise SystemExit(
-                "BILLING_STRIPE_API_KEY is missing or a placeholder; set it to your Stripe "
-                "secret key (sk_live_... or sk_test_...) before starting in production"
+                f"refusing to start in {self.environment} mode:\n- " + "\n- ".join(problems)
             )
 
 
