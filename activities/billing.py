@@ -7,7 +7,10 @@ Each activity is idempotent, because Temporal runs it at least once:
   mid-charge re-sends the same key on retry;
 - our own records guard before the key does: a paid invoice, an attempt that already has an
   outcome, or an earlier successful attempt means no provider call at all; and the database
-  allows one settled payment per invoice.
+  allows one settled payment per invoice;
+- the provider forgets a key after ~24 hours, so an attempt re-driven later than that is first
+  looked up at the provider by the key its PaymentIntent carries in metadata, and re-sent only
+  if no PaymentIntent was ever created for it.
 
 Errors: a decline is a return value. A transient fault (provider 5xx, network, database down)
 raises and Temporal retries. A validation or programming error raises a non-retryable
@@ -19,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -73,6 +77,17 @@ from db.repositories import subscriptions as subscriptions_repo
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: How long after an attempt was recorded its idempotency key can still be trusted to make the
+#: provider answer a re-send with the first result. Stripe removes keys once they are at least
+#: 24 hours old; the key reached Stripe no earlier than the attempt's ``created_at`` (it is
+#: recorded before the first send), so 23 hours leaves an hour for our clock against Stripe's.
+#: Older pending attempts are reconciled with the provider before anything is re-sent.
+IDEMPOTENCY_KEY_SAFE_WINDOW = timedelta(hours=23)
+
+#: How far before the attempt's ``created_at`` the reconciliation looks for its PaymentIntent:
+#: Stripe stamps ``created`` with its own clock, which may run behind ours.
+RECONCILE_CLOCK_SKEW = timedelta(hours=1)
 
 _ATTEMPT_STATUS: dict[ChargeOutcomeKind, AttemptStatus] = {
     ChargeOutcomeKind.PAID: AttemptStatus.SUCCEEDED,
@@ -252,6 +267,9 @@ class BillingActivities:
             if customer is None:
                 raise NotFound(f"customer {invoice.customer_id} of invoice {invoice.id} not found")
         key = idempotency_key_for(invoice.id, attempt_number)
+        # An attempt already recorded as pending is being re-driven: a send of it may have
+        # reached the provider with its answer lost.
+        redriven = attempt
         if attempt is not None and attempt.payment_method_id is not None:
             # Re-driving an attempt of unknown outcome: same key, so exactly the same request
             # (the provider refuses a reused key with other parameters).
@@ -299,20 +317,49 @@ class BillingActivities:
             )
         else:
             activity.heartbeat(key)
-            outcome = self.gateway.charge(
-                provider_customer_id=customer.stripe_customer_id,
-                payment_method_id=payment_method_id,
-                amount_minor=invoice.amount_due_minor,
-                currency=invoice.currency,
-                idempotency_key=key,
-                description=f"Invoice {invoice.number}",
-                metadata={
-                    "invoice_id": invoice.id,
-                    "invoice_number": invoice.number,
-                    "subscription_id": invoice.subscription_id,
-                    "attempt_number": str(attempt_number),
-                },
-            )
+            found = None
+            if (
+                redriven is not None
+                and redriven.created_at < self.clock.now() - IDEMPOTENCY_KEY_SAFE_WINDOW
+            ):
+                # The provider may have forgotten this key: a re-send could then charge a
+                # second time. Ask it what the first send created, by the key in metadata.
+                found = self.gateway.find_charge_attempt(
+                    provider_customer_id=customer.stripe_customer_id,
+                    idempotency_key=key,
+                    created_after=redriven.created_at - RECONCILE_CLOCK_SKEW,
+                )
+                log.warning(
+                    "re-driving charge attempt %s (%s) recorded at %s, past the key's safe "
+                    "window: %s",
+                    attempt.id,
+                    key,
+                    redriven.created_at.isoformat(),
+                    "nothing was created, re-sending"
+                    if found is None
+                    else f"found {found.payment_intent_id} ({found.kind.value}), not re-sending",
+                )
+            if found is not None:
+                outcome = found
+            else:
+                # A fresh attempt, a re-drive inside the key's window (the provider answers it
+                # with the first result), or an old one the provider never created anything
+                # for: the same request under the same key, on the recorded card.
+                outcome = self.gateway.charge(
+                    provider_customer_id=customer.stripe_customer_id,
+                    payment_method_id=payment_method_id,
+                    amount_minor=invoice.amount_due_minor,
+                    currency=invoice.currency,
+                    idempotency_key=key,
+                    description=f"Invoice {invoice.number}",
+                    # The gateway adds the key itself as metadata["idempotency_key"].
+                    metadata={
+                        "invoice_id": invoice.id,
+                        "invoice_number": invoice.number,
+                        "subscription_id": invoice.subscription_id,
+                        "attempt_number": str(attempt_number),
+                    },
+                )
         with unit_of_work(self.session_factory) as session:
             attempts_repo.record_attempt_outcome(
                 session,

@@ -9,6 +9,10 @@ Every Stripe answer is translated here into the normalized results of ``billing.
 * anything a retry cannot fix (bad API key, missing permission, invalid parameters, an
   idempotency key reused with other parameters) raises ``PaymentProviderError``.
 
+Stripe keeps an Idempotency-Key for about 24 hours only. Every PaymentIntent we create therefore
+also carries its key in ``metadata["idempotency_key"]``, so ``find_charge_attempt`` can tell,
+long after the key expired, whether a charge whose answer was lost was created at all.
+
 Amounts are integer minor units; currencies are upper-case ISO 4217 codes on our side and
 lower-case on the wire (Stripe's convention).
 """
@@ -16,10 +20,13 @@ lower-case on the wire (Stripe's convention).
 from __future__ import annotations
 
 import logging
+import re
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import stripe
 
+from billing.contracts import idempotency_key_for
 from billing.errors import PaymentMethodRejected
 from billing.payments import (
     AttachedPaymentMethod,
@@ -33,9 +40,14 @@ from billing.payments import (
 )
 
 if TYPE_CHECKING:
-    from stripe.params import CustomerCreateParams, PaymentIntentCreateParams
+    from stripe.params import (
+        ChargeListParams,
+        CustomerCreateParams,
+        PaymentIntentCreateParams,
+        PaymentIntentListParams,
+    )
 
-__all__ = ["StripeGateway", "make_stripe_client"]
+__all__ = ["IDEMPOTENCY_KEY_METADATA", "StripeGateway", "make_stripe_client"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +72,20 @@ _REJECTED_PAYMENT_METHOD_CODES = frozenset(
 
 #: PaymentIntent statuses that wait for the customer to act (3-D Secure / confirm on-session).
 _NEEDS_CUSTOMER_STATUSES = frozenset({"requires_action", "requires_confirmation"})
+
+#: The metadata field holding the Idempotency-Key a PaymentIntent was created with. Stripe
+#: never shows a request's key and forgets it after ~24 hours; the intent keeps this for good.
+IDEMPOTENCY_KEY_METADATA = "idempotency_key"
+
+#: Stripe's largest page size for list endpoints.
+_PAGE_LIMIT = 100
+
+#: The PaymentIntent list filters ``find_charge_attempt`` relies on. A provider refusing one
+#: of these (and nothing else) is the one case that switches to the fallback lookup.
+_INTENT_LIST_FILTERS = frozenset({"customer", "created"})
+
+#: localstripe's refusal of list parameters it does not implement: "Unexpected a, b".
+_UNEXPECTED_PARAMETERS = re.compile(r"Unexpected (?P<names>[\w\[\]]+(?:, [\w\[\]]+)*)")
 
 
 def make_stripe_client(
@@ -137,6 +163,86 @@ def _is_transient(error: stripe.StripeError) -> bool:
         status = error.http_status
         return status is None or status >= 500 or status == 409
     return False
+
+
+def _is_unsupported_list_filter(error: stripe.StripeError) -> bool:
+    """Whether the provider refused a PaymentIntent list *only* because it does not support the
+    ``customer``/``created`` filters. Any other refusal (bad key, unknown customer, bad value,
+    outage) is not this and must surface as usual, never be papered over by a fallback.
+
+    Two answers count, both HTTP 400 ``invalid_request_error`` naming nothing but those filters:
+
+    * Stripe's shape for a parameter an endpoint does not know: ``code="parameter_unknown"``
+      and ``param`` naming it (Stripe itself supports both filters; an older API version, a
+      proxy or another Stripe-protocol server might not);
+    * localstripe 1.15's shape: no ``code``, message ``"Unexpected customer, created"``. Its
+      PaymentIntent list is the generic one, which accepts only ``limit`` and
+      ``starting_after`` and names every other parameter it received.
+    """
+    if not isinstance(error, stripe.InvalidRequestError) or error.http_status != 400:
+        return False
+    code = error.code or _get(error.error, "code")
+    if code == "parameter_unknown":
+        param = error.param or _get(error.error, "param") or ""
+        return str(param).split("[", 1)[0] in _INTENT_LIST_FILTERS
+    if code:
+        return False
+    match = _UNEXPECTED_PARAMETERS.fullmatch(str(_get(error.error, "message") or "").strip())
+    if match is None:
+        return False
+    names = {name.split("[", 1)[0] for name in match["names"].split(", ")}
+    return names <= _INTENT_LIST_FILTERS
+
+
+def _metadata_of(obj: object) -> dict[str, str]:
+    metadata = _get(obj, "metadata")
+    if metadata is None:
+        return {}
+    raw = metadata.to_dict() if isinstance(metadata, stripe.StripeObject) else dict(metadata)
+    return {str(key): str(value) for key, value in raw.items()}
+
+
+def _created_with_key(
+    intent: stripe.PaymentIntent, *, provider_customer_id: str, idempotency_key: str, since: int
+) -> bool:
+    """Whether ``charge`` created this intent for this customer with this key, at or after
+    ``since`` (Unix seconds)."""
+    if _expandable_id(_get(intent, "customer")) != provider_customer_id:
+        return False
+    if int(_get(intent, "created") or 0) < since:
+        return False
+    metadata = _metadata_of(intent)
+    recorded = metadata.get(IDEMPOTENCY_KEY_METADATA)
+    if recorded is not None:
+        return recorded == idempotency_key
+    # Intents created before the key was put in metadata still carry what it derives from.
+    invoice_id, attempt_number = metadata.get("invoice_id"), metadata.get("attempt_number")
+    return (
+        invoice_id is not None
+        and attempt_number is not None
+        and attempt_number.isdigit()
+        and idempotency_key_for(invoice_id, int(attempt_number)) == idempotency_key
+    )
+
+
+def _preferred_intent(
+    matches: list[stripe.PaymentIntent], idempotency_key: str
+) -> stripe.PaymentIntent | None:
+    """The intent that answers for the key. Several can carry it only if the key was not
+    honoured (a provider that ignores keys, or a re-send after the key expired): a succeeded
+    one wins, since money was taken; otherwise the newest."""
+    if not matches:
+        return None
+    succeeded = [intent for intent in matches if intent.status == "succeeded"]
+    if len(succeeded) > 1:
+        logger.error(
+            "%d succeeded payment intents (%s) carry idempotency key %r: the customer was "
+            "charged more than once; refund all but one",
+            len(succeeded),
+            ", ".join(intent.id for intent in succeeded),
+            idempotency_key,
+        )
+    return max(succeeded or matches, key=lambda intent: int(_get(intent, "created") or 0))
 
 
 def _raise_translated(error: stripe.StripeError, *, operation: str) -> NoReturn:
@@ -319,7 +425,9 @@ class StripeGateway:
                 f"{idempotency_key!r}. Derive it from the invoice id and attempt number"
             )
         currency_upper = currency.upper()
-        wire_metadata = dict(metadata)
+        # The key also goes into metadata, where it outlives Stripe's ~24-hour memory of it:
+        # find_charge_attempt looks for it there before an old attempt is re-sent.
+        wire_metadata = {**metadata, IDEMPOTENCY_KEY_METADATA: idempotency_key}
         params: PaymentIntentCreateParams = {
             "amount": amount_minor,
             "currency": currency.lower(),
@@ -357,6 +465,129 @@ class StripeGateway:
         except stripe.StripeError as error:
             _raise_translated(error, operation=f"reading payment intent {payment_intent_id}")
         return self._outcome_from_intent(intent)
+
+    def find_charge_attempt(
+        self, *, provider_customer_id: str, idempotency_key: str, created_after: datetime
+    ) -> ChargeOutcome | None:
+        """The outcome of the PaymentIntent ``charge`` created for this customer with
+        ``idempotency_key`` at or after ``created_after`` (aware UTC), or None if there is none.
+
+        Matches ``metadata["idempotency_key"]`` (intents from before that field: their
+        ``invoice_id`` and ``attempt_number``). Uses the PaymentIntent list filtered by customer
+        and creation time, which is strongly consistent; the Search API is not (new intents
+        appear there after a delay) and would answer "none" for an intent that exists.
+        Only a provider that answers that those filters are unsupported (localstripe) gets the
+        fallback, ``_find_without_intent_filters``.
+        """
+        if created_after.tzinfo is None:
+            raise PaymentProviderError(
+                f"created_after must be a timezone-aware UTC datetime; got {created_after!r}"
+            )
+        # Whole seconds, rounded down: the bound stays inclusive.
+        since = int(created_after.timestamp())
+        operation = (
+            f"looking up the payment intent of {provider_customer_id} with idempotency key "
+            f"{idempotency_key!r}"
+        )
+        try:
+            matches = self._find_by_intent_filters(provider_customer_id, idempotency_key, since)
+        except stripe.StripeError as error:
+            if not _is_unsupported_list_filter(error):
+                _raise_translated(error, operation=operation)
+            logger.info(
+                "the provider cannot list payment intents by customer and date (%s); looking "
+                "up %r through the customer's charges instead",
+                _describe(error),
+                idempotency_key,
+            )
+            try:
+                matches = self._find_without_intent_filters(
+                    provider_customer_id, idempotency_key, since
+                )
+            except stripe.StripeError as fallback_error:
+                _raise_translated(fallback_error, operation=operation)
+        intent = _preferred_intent(matches, idempotency_key)
+        return None if intent is None else self._outcome_from_intent(intent)
+
+    def _find_by_intent_filters(
+        self, provider_customer_id: str, idempotency_key: str, since: int
+    ) -> list[stripe.PaymentIntent]:
+        """Stripe: the customer's PaymentIntents created since ``since``, every page."""
+        params: PaymentIntentListParams = {
+            "customer": provider_customer_id,
+            "created": {"gte": since},
+            "limit": _PAGE_LIMIT,
+        }
+        matches: list[stripe.PaymentIntent] = []
+        while True:
+            page = self._client.v1.payment_intents.list(params=params)
+            matches.extend(
+                intent
+                for intent in page.data
+                if _created_with_key(
+                    intent,
+                    provider_customer_id=provider_customer_id,
+                    idempotency_key=idempotency_key,
+                    since=since,
+                )
+            )
+            if not page.has_more or not page.data:
+                return matches
+            params["starting_after"] = page.data[-1].id
+
+    def _find_without_intent_filters(
+        self, provider_customer_id: str, idempotency_key: str, since: int
+    ) -> list[stripe.PaymentIntent]:
+        """For a provider without the PaymentIntent list filters (localstripe 1.15).
+
+        First the customer's charges since ``since`` (localstripe filters charges by customer
+        and ``created[gt]``), each leading to its PaymentIntent: every intent that was paid or
+        declined has a charge. Only if that finds nothing, every PaymentIntent on the account
+        (localstripe's list takes ``limit`` and ``starting_after`` only), filtered here: an
+        off-session intent that needs authentication has no charge on localstripe (Stripe
+        would have failed it with one). Unbounded on a large account, which is why real Stripe
+        never comes here.
+        """
+        # ``gt since - 1`` is ``gte since`` in whole seconds; localstripe implements only ``gt``
+        # of the range operators (``gte`` answers 500 "Not implemented").
+        charge_params: ChargeListParams = {
+            "customer": provider_customer_id,
+            "created": {"gt": since - 1},
+            "limit": _PAGE_LIMIT,
+        }
+
+        def is_ours(intent: stripe.PaymentIntent) -> bool:
+            return _created_with_key(
+                intent,
+                provider_customer_id=provider_customer_id,
+                idempotency_key=idempotency_key,
+                since=since,
+            )
+
+        matches: list[stripe.PaymentIntent] = []
+        seen: set[str] = set()
+        while True:
+            charges = self._client.v1.charges.list(params=charge_params)
+            for charge in charges.data:
+                intent_id = _expandable_id(_get(charge, "payment_intent"))
+                if intent_id is None or intent_id in seen:
+                    continue
+                seen.add(intent_id)
+                intent = self._client.v1.payment_intents.retrieve(intent_id)
+                if is_ours(intent):
+                    matches.append(intent)
+            if not charges.has_more or not charges.data:
+                break
+            charge_params["starting_after"] = charges.data[-1].id
+        if matches:
+            return matches
+        intent_params: PaymentIntentListParams = {"limit": _PAGE_LIMIT}
+        while True:
+            intents = self._client.v1.payment_intents.list(params=intent_params)
+            matches.extend(intent for intent in intents.data if is_ours(intent))
+            if not intents.has_more or not intents.data:
+                return matches
+            intent_params["starting_after"] = intents.data[-1].id
 
     def _outcome_from_intent(self, intent: stripe.PaymentIntent) -> ChargeOutcome:
         status = intent.status

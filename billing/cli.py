@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
+import json
+import secrets
 import signal
+import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import NoReturn
 
 import typer
+import uvicorn
 from rich.console import Console
 from rich.table import Table
-from temporalio.client import Client
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.service import RPCError
 
 from billing.contracts import SubscriptionMessage, SubscriptionView
-from billing.settings import Settings
+from billing.settings import ApiKey, Settings
 
 app = typer.Typer(help="Recurring billing on Temporal.", no_args_is_help=True)
 console = Console()
+err_console = Console(stderr=True)
 
 DEMO_IDEMPOTENCY_KEY = "billing-dev-demo-subscription"
 
@@ -40,6 +51,57 @@ def worker() -> None:
 
 
 @app.command()
+def api() -> None:
+    """Run the HTTP API (uvicorn) against the configured Temporal server and database."""
+    settings = Settings()
+    settings.check_production_secrets()
+    asyncio.run(_run_api_only(settings))
+
+
+async def _run_api_only(settings: Settings) -> None:
+    from billing.worker import build_dependencies
+
+    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    deps = build_dependencies(settings)
+    await _serve_api(settings, deps, client, stop=_stop_event())
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the command's stop event owns Ctrl-C, so the
+    worker, the API and the child processes stop together and in order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve_api(
+    settings: Settings, deps: object, client: Client, *, stop: asyncio.Event
+) -> None:
+    """Serve the API until ``stop`` is set; uvicorn runs in this event loop."""
+    from billing.api.app import create_app
+    from billing.api.webhooks import router as webhook_router
+    from billing.worker import Dependencies
+
+    assert isinstance(deps, Dependencies)
+    application = create_app(
+        settings, deps=deps, temporal=client, clock=deps.clock, include_routers=[webhook_router]
+    )
+    config = uvicorn.Config(
+        application,
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="warning",
+        lifespan="off",
+    )
+    server = _EmbeddedServer(config)
+    serving = asyncio.create_task(server.serve())
+    await stop.wait()
+    server.should_exit = True
+    await serving
+
+
+@app.command()
 def dev(
     demo: bool = typer.Option(True, help="Start (or resume) a demo subscription."),
 ) -> None:
@@ -55,6 +117,8 @@ def dev(
         stripe_url = stack.enter_context(localstripe_server(settings))
         if stripe_url is not None:
             settings = settings.model_copy(update={"stripe_api_base": stripe_url})
+        if not settings.api_keys:
+            settings = settings.model_copy(update={"api_keys": dev_api_keys(settings.state_dir)})
         migrate_and_seed(settings)
         table = Table(title="billing dev", show_header=False)
         table.add_row("Temporal", settings.temporal_address)
@@ -62,7 +126,26 @@ def dev(
         table.add_row("Stripe", stripe_url or "api.stripe.com (configured key)")
         table.add_row("Database", _safe_url(settings.database_url))
         table.add_row("State folder", str(settings.state_dir.resolve()))
+        api_url = f"http://{settings.api_host}:{settings.api_port}"
+        table.add_row("API", api_url)
+        table.add_row("API docs", f"{api_url}/docs")
+        for api_key in settings.api_keys:
+            table.add_row(f"API key ({api_key.scope})", api_key.key.get_secret_value())
         console.print(table)
+        # Stripe's test token (localstripe accepts it too); a live key needs a real pm_ id.
+        example_pm = "pm_card_visa"
+        signup_key = next(
+            (k.key.get_secret_value() for k in settings.api_keys if k.scope == "signup"), "KEY"
+        )
+        console.print(
+            "Sign up a customer (a test card is made for you when localstripe runs):\n"
+            f"  curl -s -X POST {api_url}/v1/subscriptions \\\n"
+            f"    -H 'Authorization: Bearer {signup_key}' -H 'Content-Type: application/json' \\\n"
+            "    -H 'Idempotency-Key: signup-1' \\\n"
+            """    -d '{"plan": "basic-monthly", "customer": {"external_id": "cust-1", """
+            """"email": "ada@example.com", "timezone": "Europe/London"}, """
+            f""""payment_method_id": "{example_pm}"}}'"""
+        )
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_run_dev(settings, demo=demo))
         console.print("stopping ...")
@@ -103,12 +186,14 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
     stop = _stop_event()
     async with w:
         console.print(f"[green]worker running[/green] on task queue {settings.task_queue!r}")
+        api_task = asyncio.create_task(_serve_api(settings, deps, client, stop=stop))
         if demo:
             subscription_id = await _start_demo(settings, client, deps)
             view = await _query(client, subscription_id)
             _print_view(view)
-        console.print("Ctrl-C to stop.")
+        console.print("[green]API running[/green]. Ctrl-C to stop.")
         await stop.wait()
+        await api_task
 
 
 async def _start_demo(settings: Settings, client: Client, deps: object) -> str:
@@ -150,6 +235,21 @@ async def _start_demo(settings: Settings, client: Client, deps: object) -> str:
             break
         await asyncio.sleep(0.2)
     return result.subscription_id
+
+
+def dev_api_keys(state_dir: Path) -> list[ApiKey]:
+    """API keys for the local stack: made once per state folder and kept there, so a second
+    `billing dev` accepts the same keys."""
+    path = state_dir / "dev-api-keys.json"
+    if path.exists():
+        return [ApiKey.model_validate(k) for k in json.loads(path.read_text())]
+    keys = [
+        {"name": f"dev-{scope}", "scope": scope, "key": f"dev_{scope}_{secrets.token_urlsafe(24)}"}
+        for scope in ("signup", "finance", "admin")
+    ]
+    path.write_text(json.dumps(keys, indent=2))
+    path.chmod(0o600)
+    return [ApiKey.model_validate(k) for k in keys]
 
 
 def _existing_demo(deps: object) -> str | None:
@@ -204,6 +304,217 @@ def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+# ---- finance and support commands -----------------------------------------------------------
+
+invoices_app = typer.Typer(help="Invoices, as finance sees them.", no_args_is_help=True)
+subscriptions_app = typer.Typer(help="Subscriptions: live state and changes.", no_args_is_help=True)
+app.add_typer(invoices_app, name="invoices")
+app.add_typer(subscriptions_app, name="subscriptions")
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    err_console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def _session_factory(settings: Settings) -> sessionmaker[Session]:
+    from db.engine import make_engine, make_session_factory
+
+    return make_session_factory(make_engine(settings.database_url))
+
+
+@invoices_app.command("list")
+def invoices_list(
+    status: list[str] = typer.Option(
+        [], "--status", help="draft, open, paid, void, uncollectible; repeatable"
+    ),
+    customer_id: str | None = typer.Option(None, "--customer-id"),
+    subscription_id: str | None = typer.Option(None, "--subscription-id"),
+    currency: str | None = typer.Option(None, "--currency"),
+    issued_from: str | None = typer.Option(None, "--issued-from", help="ISO 8601 with a zone"),
+    issued_to: str | None = typer.Option(None, "--issued-to"),
+    period_from: str | None = typer.Option(None, "--period-from"),
+    period_to: str | None = typer.Option(None, "--period-to"),
+    limit: int = typer.Option(50, "--limit", help="rows per page (1-200); ignored with --csv"),
+    cursor: str | None = typer.Option(None, "--cursor", help="next_cursor of the previous page"),
+    csv_output: bool = typer.Option(False, "--csv", help="every matching invoice as CSV on stdout"),
+) -> None:
+    """List invoices with the same filters as GET /v1/invoices."""
+    from billing.errors import BillingError
+    from billing.finance import (
+        INVOICE_CSV_COLUMNS,
+        InvoiceCursor,
+        InvoiceFilter,
+        amount_display,
+        format_instant,
+        invoice_csv_row,
+    )
+    from db.engine import unit_of_work
+    from db.repositories import finance
+
+    settings = Settings()
+    try:
+        invoice_filter = InvoiceFilter.parse(
+            statuses=status,
+            customer_id=customer_id,
+            subscription_id=subscription_id,
+            currency=currency,
+            issued_from=issued_from,
+            issued_to=issued_to,
+            period_from=period_from,
+            period_to=period_to,
+        )
+        after = InvoiceCursor.decode(cursor) if cursor else None
+        factory = _session_factory(settings)
+        if csv_output:
+            writer = csv.writer(sys.stdout, lineterminator="\n")
+            writer.writerow(INVOICE_CSV_COLUMNS)
+            for item in finance.iter_invoices(factory, invoice_filter):
+                writer.writerow(invoice_csv_row(item))
+            return
+        with unit_of_work(factory) as session:
+            page = finance.list_invoices(session, invoice_filter, limit=limit, after=after)
+    except BillingError as error:
+        _fail(error.message)
+    table = Table(title="invoices")
+    for column in ("number", "status", "period start", "period end", "amount due", "paid", "id"):
+        table.add_column(column)
+    for item in page.items:
+        i = item.invoice
+        table.add_row(
+            i.number,
+            i.status.value,
+            format_instant(i.period_start),
+            format_instant(i.period_end),
+            f"{i.amount_due_minor} {i.currency} ({amount_display(i.amount_due_minor, i.currency)})",
+            str(i.amount_paid_minor),
+            i.id,
+        )
+    console.print(table)
+    if page.has_more:
+        console.print(f"more: --cursor {page.next_cursor}")
+
+
+@invoices_app.command("show")
+def invoices_show(invoice_id: str) -> None:
+    """One invoice with its payment attempts and payments."""
+    from billing.finance import format_instant
+    from db.engine import unit_of_work
+    from db.repositories import finance
+
+    with unit_of_work(_session_factory(Settings())) as session:
+        detail = finance.get_invoice_detail(session, invoice_id)
+    if detail is None:
+        _fail(f"invoice {invoice_id!r} not found", code=1)
+    i = detail.invoice
+    head = Table(title=f"invoice {i.number}", show_header=False)
+    for label, value in (
+        ("id", i.id),
+        ("status", i.status.value),
+        ("customer", i.customer_id),
+        ("subscription", i.subscription_id),
+        ("period", f"{format_instant(i.period_start)} → {format_instant(i.period_end)}"),
+        ("amount due", f"{i.amount_due_minor} {i.currency} (minor units)"),
+        ("amount paid", f"{i.amount_paid_minor} {i.currency}"),
+        ("created", format_instant(i.created_at)),
+        ("paid", format_instant(i.paid_at)),
+    ):
+        head.add_row(label, value)
+    console.print(head)
+    attempts = Table(title="payment attempts")
+    for column in ("#", "status", "outcome", "decline code", "payment intent", "at"):
+        attempts.add_column(column)
+    for a in detail.attempts:
+        attempts.add_row(
+            str(a.attempt_number),
+            a.status.value,
+            a.outcome.value if a.outcome else "",
+            a.decline_code or "",
+            a.stripe_payment_intent_id or "",
+            format_instant(a.created_at),
+        )
+    console.print(attempts)
+    payments = Table(title="payments")
+    for column in ("payment", "amount", "fee", "net", "charge", "settled"):
+        payments.add_column(column)
+    for p in detail.payments:
+        payments.add_row(
+            p.id,
+            f"{p.amount_minor} {p.currency}",
+            "" if p.fee_minor is None else f"{p.fee_minor} {p.settlement_currency or ''}",
+            "" if p.net_minor is None else f"{p.net_minor} {p.settlement_currency or ''}",
+            p.stripe_charge_id or "",
+            format_instant(p.settled_at),
+        )
+    console.print(payments)
+
+
+@subscriptions_app.command("show")
+def subscriptions_show(subscription_id: str) -> None:
+    """The subscription's live state from its workflow (the database if it is unreachable)."""
+    settings = Settings()
+
+    async def run() -> SubscriptionView | None:
+        client = await Client.connect(
+            settings.temporal_address, namespace=settings.temporal_namespace
+        )
+        try:
+            return await _query(client, subscription_id)
+        except RPCError:
+            return None
+
+    view = asyncio.run(run())
+    if view is not None:
+        _print_view(view)
+        return
+    from db.engine import unit_of_work
+    from db.repositories import subscriptions as subscriptions_repo
+
+    with unit_of_work(_session_factory(settings)) as session:
+        record = subscriptions_repo.get_subscription(session, subscription_id)
+    if record is None:
+        _fail(f"subscription {subscription_id!r} not found", code=1)
+    console.print(f"{record.id}: {record.status.value} (from the database; workflow unreachable)")
+
+
+@subscriptions_app.command("cancel")
+def subscriptions_cancel(
+    subscription_id: str,
+    now: bool = typer.Option(False, "--now", help="cancel immediately and void an open invoice"),
+    reason: str = typer.Option("", "--reason"),
+) -> None:
+    """Cancel at the end of the paid period (default) or immediately (--now)."""
+    from billing.contracts import CancelInput, CancelResult
+
+    settings = Settings()
+
+    async def run() -> CancelResult:
+        client = await Client.connect(
+            settings.temporal_address, namespace=settings.temporal_namespace
+        )
+        handle = client.get_workflow_handle(f"subscription-{subscription_id}")
+        result: CancelResult = await handle.execute_update(
+            SubscriptionMessage.CANCEL,
+            CancelInput(at_period_end=not now, reason=reason),
+            result_type=CancelResult,
+        )
+        return result
+
+    try:
+        result = asyncio.run(run())
+    except WorkflowUpdateFailedError as error:
+        cause = error.cause
+        _fail(getattr(cause, "message", None) or str(cause or error), code=1)
+    except RPCError as error:
+        _fail(f"subscription {subscription_id!r} cannot be changed: {error.message}", code=1)
+    when = _fmt(result.ends_at)
+    if result.cancel_at_period_end and result.status != "canceled":
+        console.print(f"subscription {subscription_id} will end at {when}")
+    else:
+        voided = f"; voided invoice {result.voided_invoice_id}" if result.voided_invoice_id else ""
+        console.print(f"subscription {subscription_id} canceled at {when}{voided}")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ at the edge; nothing past the adapter sees a Stripe object (Kill Bill's plugin s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
@@ -150,4 +151,16 @@ class PaymentGateway(Protocol):
 
     def payment_intent_outcome(self, *, payment_intent_id: str) -> ChargeOutcome:
         """Current state of a payment intent (used after the customer authenticates)."""
+        ...
+
+    def find_charge_attempt(
+        self, *, provider_customer_id: str, idempotency_key: str, created_after: datetime
+    ) -> ChargeOutcome | None:
+        """The normalized outcome of the charge that ``charge`` created with
+        ``idempotency_key`` for this customer at or after ``created_after`` (aware UTC), or
+        None if the provider holds no such charge.
+
+        Our own record of what was sent, for when the provider's idempotency key may have
+        expired: None means a charge with this key was never created, so sending it is safe.
+        Reads only; transient faults raise TransientPaymentError."""
         ...

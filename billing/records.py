@@ -161,3 +161,39 @@ class NotificationRecord:
     invoice_id: str | None = None
     payload: dict[str, Any] = field(default_factory=dict)
     sent_at: datetime | None = None
+
+
+class WebhookOutcome(StrEnum):
+    """What the webhook endpoint did with one provider event."""
+
+    #: Claimed by a request that has not finished yet (or crashed; see ``claimed_at``).
+    PROCESSING = "processing"
+    #: At least one subscription workflow was signalled.
+    ROUTED = "routed"
+    #: Nothing to do: an event type we do not act on, or news we already have.
+    IGNORED = "ignored"
+    #: About a customer or payment we do not know, or one with no live subscription.
+    NO_SUBSCRIPTION = "no_subscription"
+    #: Every workflow it was meant for has already finished; nothing was signalled.
+    WORKFLOW_CLOSED = "workflow_closed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebhookEventRecord:
+    """One provider webhook event, keyed by the provider's event id (``evt_...``) so that a
+    redelivery is recognised. Instants UTC."""
+
+    id: str
+    type: str
+    #: A ``WebhookOutcome`` value.
+    outcome: str
+    #: When the event first arrived.
+    received_at: datetime
+    #: When the request now processing it took it on; a stale claim with no
+    #: ``processed_at`` means that request died, and a redelivery may take over.
+    claimed_at: datetime
+    processed_at: datetime | None = None
+    #: The subscription it was routed to (the first one, if the customer has several).
+    subscription_id: str | None = None
+    #: Why it was ignored, or which workflows were signalled.
+    detail: str | None = None

@@ -242,3 +242,24 @@ class NotificationRow(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class WebhookEventRow(Base):
+    """Provider webhook events we accepted. The primary key is the provider's event id, so a
+    redelivered event (Stripe delivers at least once) is recognised by the insert itself.
+
+    ``subscription_id`` is deliberately not a foreign key: this is an audit log of what the
+    provider told us, and it must not stop a pending subscription from being deleted.
+    """
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (Index("ix_webhook_events_subscription_id", "subscription_id"),)
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    type: Mapped[str] = mapped_column(String(100))
+    outcome: Mapped[str] = mapped_column(String(32))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    subscription_id: Mapped[str | None] = mapped_column(String(40))
+    detail: Mapped[str | None] = mapped_column(String(500))

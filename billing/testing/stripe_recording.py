@@ -1,4 +1,5 @@
-"""An HTTP client for the Stripe SDK that records what goes on the wire and can lose answers.
+"""An HTTP client for the Stripe SDK that records what goes on the wire and can lose requests
+or their answers.
 
 localstripe ignores ``Idempotency-Key`` (the same key creates a second PaymentIntent), so tests
 cannot show at-most-once charging by looking at its state. They show the real-Stripe contract
@@ -21,18 +22,22 @@ __all__ = ["RecordedRequest", "RecordingHTTPClient"]
 
 @dataclass(frozen=True)
 class RecordedRequest:
-    """One HTTP request the SDK sent. ``status`` is None when the answer was dropped."""
+    """One HTTP request the SDK tried to send. ``status`` is None when there was no answer:
+    ``response_dropped`` (the server did the work, the answer was lost) or ``request_dropped``
+    (the request never reached the server)."""
 
     method: str
     path: str
     idempotency_key: str | None
     status: int | None
     response_dropped: bool = False
+    request_dropped: bool = False
 
 
 class RecordingHTTPClient(stripe.RequestsClient):
     """``stripe.RequestsClient`` (the SDK's default sync client) that records each request's
-    method, URL path and Idempotency-Key, thread-safely, and can drop answers on purpose.
+    method, URL path and Idempotency-Key, thread-safely, and can drop requests or their
+    answers on purpose.
 
     Pass it as ``http_client`` to ``make_stripe_client``; build that client with
     ``max_network_retries=0`` when a test should see the dropped answer itself rather than the
@@ -43,8 +48,10 @@ class RecordingHTTPClient(stripe.RequestsClient):
         super().__init__(**kwargs)
         self._lock = threading.Lock()
         self._recorded: list[RecordedRequest] = []
-        # (method, path) -> (how many answers still to drop, whether the SDK may retry)
+        # (method, path) -> (how many still to drop, whether the SDK may retry): answers the
+        # server produced, and requests it never gets.
         self._drops: dict[tuple[str, str], tuple[int, bool]] = {}
+        self._request_drops: dict[tuple[str, str], tuple[int, bool]] = {}
 
     def drop_responses(
         self, path: str, *, times: int = 1, method: str = "POST", retryable: bool = True
@@ -54,23 +61,20 @@ class RecordingHTTPClient(stripe.RequestsClient):
         dropped or a worker killed mid-request: the server has done the work, the client gets
         ``stripe.APIConnectionError``. ``retryable`` is what the SDK's own retry loop sees
         (a real reset/timeout is retryable)."""
-        if times < 1:
-            raise ValueError(f"times must be at least 1; got {times}")
-        with self._lock:
-            self._drops[(method.upper(), path)] = (times, retryable)
+        _arm(self._lock, self._drops, path, times=times, method=method, retryable=retryable)
+
+    def drop_requests(
+        self, path: str, *, times: int = 1, method: str = "POST", retryable: bool = True
+    ) -> None:
+        """Lose the next ``times`` requests to ``path`` *before* they reach the server, like a
+        connection that failed while sending or a worker killed before the request left: the
+        server never sees them, the client gets ``stripe.APIConnectionError``. ``retryable``
+        is what the SDK's own retry loop sees."""
+        _arm(self._lock, self._request_drops, path, times=times, method=method, retryable=retryable)
 
     def _take_drop(self, method: str, path: str) -> bool | None:
         """Whether to drop this answer: None for no, else the ``should_retry`` to report."""
-        with self._lock:
-            pending = self._drops.get((method, path))
-            if pending is None:
-                return None
-            remaining, retryable = pending
-            if remaining <= 1:
-                del self._drops[(method, path)]
-            else:
-                self._drops[(method, path)] = (remaining - 1, retryable)
-            return retryable
+        return _take(self._lock, self._drops, method, path)
 
     def request(
         self,
@@ -85,6 +89,13 @@ class RecordingHTTPClient(stripe.RequestsClient):
         method_upper = method.upper()
         path = urlsplit(url).path
         key = _header(headers, "Idempotency-Key")
+        drop_request = _take(self._lock, self._request_drops, method_upper, path)
+        if drop_request is not None:
+            self._record(RecordedRequest(method_upper, path, key, None, request_dropped=True))
+            raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
+                f"simulated network failure: {method_upper} {path} never reached the server",
+                should_retry=drop_request,
+            )
         try:
             body, status, response_headers = super().request(method, url, headers, post_data)
         except stripe.APIConnectionError:
@@ -125,6 +136,37 @@ class RecordingHTTPClient(stripe.RequestsClient):
         """Forget the recorded requests (pending drops stay armed)."""
         with self._lock:
             self._recorded.clear()
+
+
+def _arm(
+    lock: threading.Lock,
+    drops: dict[tuple[str, str], tuple[int, bool]],
+    path: str,
+    *,
+    times: int,
+    method: str,
+    retryable: bool,
+) -> None:
+    if times < 1:
+        raise ValueError(f"times must be at least 1; got {times}")
+    with lock:
+        drops[(method.upper(), path)] = (times, retryable)
+
+
+def _take(
+    lock: threading.Lock, drops: dict[tuple[str, str], tuple[int, bool]], method: str, path: str
+) -> bool | None:
+    """Use up one armed drop of (method, path): None if none is armed, else its retryable."""
+    with lock:
+        pending = drops.get((method, path))
+        if pending is None:
+            return None
+        remaining, retryable = pending
+        if remaining <= 1:
+            del drops[(method, path)]
+        else:
+            drops[(method, path)] = (remaining - 1, retryable)
+        return retryable
 
 
 def _header(headers: Mapping[str, str] | None, name: str) -> str | None:

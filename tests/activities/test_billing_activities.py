@@ -17,7 +17,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,7 +30,7 @@ from sqlalchemy.pool import NullPool
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.billing import BillingActivities
+from activities.billing import IDEMPOTENCY_KEY_SAFE_WINDOW, BillingActivities
 from activities.stripe_gateway import StripeGateway, make_stripe_client
 from billing.calendar import IntervalUnit
 from billing.clock import FixedClock
@@ -124,6 +124,8 @@ class Stack:
     session_factory: sessionmaker[Session]
     engine: Engine
     localstripe: LocalStripe
+    #: The activities' "now"; a test moves it with ``clock.at = ...``.
+    clock: FixedClock
 
 
 @pytest.fixture
@@ -139,8 +141,9 @@ def stack(localstripe: LocalStripe, database_url: str) -> Iterator[Stack]:
     )
     # localstripe 1.15 rejects `description` on PaymentIntents; real Stripe takes it.
     gateway = StripeGateway(client, send_description=False)
-    activities = BillingActivities(session_factory, gateway, FixedClock(NOW))
-    yield Stack(activities, gateway, client, http, session_factory, engine, localstripe)
+    clock = FixedClock(NOW)
+    activities = BillingActivities(session_factory, gateway, clock)
+    yield Stack(activities, gateway, client, http, session_factory, engine, localstripe, clock)
     http.close()  # type: ignore[no-untyped-call]
     engine.dispose()
     # The localstripe process is shared by the whole session and these tests create many
@@ -296,6 +299,23 @@ def stored_customer(stack: Stack, customer_id: str) -> CustomerRecord:
 def charge_posts(stack: Stack) -> list[str | None]:
     """Idempotency keys of every PaymentIntent creation sent so far."""
     return [r.idempotency_key for r in stack.http.requests_to(PAYMENT_INTENTS)]
+
+
+def provider_intents(stack: Stack, invoice_id: str) -> list[Any]:
+    """Every PaymentIntent localstripe holds for the invoice (read behind the gateway's back;
+    localstripe's list takes no filters)."""
+    intents: list[Any] = []
+    params: dict[str, Any] = {"limit": 100}
+    while True:
+        page = stack.stripe.v1.payment_intents.list(params=params)  # type: ignore[arg-type]
+        intents.extend(
+            i
+            for i in page.data
+            if "invoice_id" in i.metadata and i.metadata["invoice_id"] == invoice_id
+        )
+        if not page.has_more or not page.data:
+            return intents
+        params["starting_after"] = page.data[-1].id
 
 
 def assert_final(error: ApplicationError, error_type: str) -> None:
@@ -611,6 +631,176 @@ def test_a_re_driven_attempt_resends_exactly_the_first_request(stack: Stack) -> 
     first, resent = stack.http.bodies_with_key(PAYMENT_INTENTS, key_1)
     assert resent["payment_method"] == first["payment_method"] == [seeded.payment_method_id]
     assert resent == first
+
+
+# -- charge_invoice: re-driven after the provider forgot the key --------------------------------
+#
+# Stripe forgets an Idempotency-Key ~24 hours after it first saw it; a re-send after that is a new
+# charge. localstripe ignores keys altogether, so it behaves exactly like Stripe after expiry:
+# a re-sent creation makes a second PaymentIntent. That makes these tests real.
+
+
+def provider_reads(stack: Stack) -> list[str]:
+    """Paths of every GET of PaymentIntents or charges recorded (since the last clear)."""
+    return [
+        r.path
+        for r in stack.http.recorded
+        if r.method == "GET" and r.path.startswith((PAYMENT_INTENTS, "/v1/charges"))
+    ]
+
+
+@BOTH_BACKENDS
+def test_a_lost_answer_re_driven_after_the_key_expired_is_reconciled_not_charged_again(
+    stack: Stack,
+) -> None:
+    seeded = seed_subscription(stack)
+    invoice = open_invoice(stack, seeded)
+    key = idempotency_key_for(invoice.invoice_id, 1)
+    # Stripe creates the PaymentIntent and takes the money; the answer is lost.
+    stack.http.drop_responses(PAYMENT_INTENTS, retryable=False)
+    with pytest.raises(TransientPaymentError):
+        charge(stack, invoice.invoice_id, 1)
+    [lost] = stored_attempts(stack, invoice.invoice_id)
+    assert (lost.status, lost.created_at) == (AttemptStatus.PENDING, NOW)
+    [original] = provider_intents(stack, invoice.invoice_id)
+    assert original.status == "succeeded"
+    assert original.metadata["idempotency_key"] == key
+
+    # The activity gave up after 12 hours; the workflow re-drives the attempt hourly. This
+    # re-drive comes 25 hours after the first send: Stripe no longer knows the key.
+    stack.clock.at = NOW + timedelta(hours=25)
+    stack.http.clear()
+    redriven = charge(stack, invoice.invoice_id, 1)
+
+    assert charge_posts(stack) == []  # nothing sent: no second charge
+    assert provider_reads(stack) != []  # it asked the provider instead
+    assert (redriven.outcome, redriven.attempt_number, redriven.idempotency_key) == (
+        ChargeOutcomeKind.PAID,
+        1,
+        key,
+    )
+    assert redriven.payment_intent_id == original.id
+    assert redriven.charge_id == original.latest_charge.id
+    [attempt] = stored_attempts(stack, invoice.invoice_id)
+    assert (attempt.status, attempt.outcome) == (AttemptStatus.SUCCEEDED, ChargeOutcomeKind.PAID)
+    assert (attempt.stripe_payment_intent_id, attempt.stripe_charge_id) == (
+        original.id,
+        original.latest_charge.id,
+    )
+    assert attempt.completed_at == NOW + timedelta(hours=25)
+
+    settle(stack, invoice.invoice_id, redriven)
+
+    [payment] = stored_payments(stack, invoice.invoice_id)
+    assert (payment.stripe_payment_intent_id, payment.amount_minor) == (original.id, AMOUNT_MINOR)
+    paid = stored_invoice(stack, invoice.invoice_id)
+    assert (paid.status, paid.amount_paid_minor) == (InvoiceStatus.PAID, AMOUNT_MINOR)
+    assert [i.id for i in provider_intents(stack, invoice.invoice_id)] == [original.id]
+
+
+@pytest.mark.parametrize(
+    ("card", "outcome", "status"),
+    [
+        (cards.DECLINES_AFTER_ATTACH, ChargeOutcomeKind.SOFT_DECLINE, AttemptStatus.FAILED),
+        (
+            cards.REQUIRES_AUTHENTICATION,
+            ChargeOutcomeKind.AUTHENTICATION_REQUIRED,
+            AttemptStatus.REQUIRES_ACTION,
+        ),
+    ],
+    ids=["soft-decline", "requires-action"],
+)
+def test_a_lost_decline_re_driven_after_the_key_expired_records_the_first_outcome(
+    stack: Stack, card: str, outcome: ChargeOutcomeKind, status: AttemptStatus
+) -> None:
+    seeded = seed_subscription(stack, card=card)
+    invoice = open_invoice(stack, seeded)
+    stack.http.drop_responses(PAYMENT_INTENTS, retryable=False)
+    with pytest.raises(TransientPaymentError):
+        charge(stack, invoice.invoice_id, 1)
+    [original] = provider_intents(stack, invoice.invoice_id)
+
+    stack.clock.at = NOW + timedelta(hours=25)
+    stack.http.clear()
+    redriven = charge(stack, invoice.invoice_id, 1)
+
+    # Dunning goes on from the first send's decline; the card is not tried a second time.
+    assert charge_posts(stack) == []
+    assert (redriven.outcome, redriven.payment_intent_id) == (outcome, original.id)
+    [attempt] = stored_attempts(stack, invoice.invoice_id)
+    assert (attempt.status, attempt.outcome, attempt.stripe_payment_intent_id) == (
+        status,
+        outcome,
+        original.id,
+    )
+    assert len(provider_intents(stack, invoice.invoice_id)) == 1
+
+
+@BOTH_BACKENDS
+def test_a_lost_request_re_driven_after_the_key_expired_is_sent_once_with_the_same_key(
+    stack: Stack,
+) -> None:
+    seeded = seed_subscription(stack)
+    invoice = open_invoice(stack, seeded)
+    key = idempotency_key_for(invoice.invoice_id, 1)
+    # This time the request itself never reached Stripe.
+    stack.http.drop_requests(PAYMENT_INTENTS, retryable=False)
+    with pytest.raises(TransientPaymentError):
+        charge(stack, invoice.invoice_id, 1)
+    assert stored_attempts(stack, invoice.invoice_id)[0].status == AttemptStatus.PENDING
+    [lost] = stack.http.requests_to(PAYMENT_INTENTS)
+    assert (lost.idempotency_key, lost.request_dropped, lost.status) == (key, True, None)
+    assert provider_intents(stack, invoice.invoice_id) == []
+
+    stack.clock.at = NOW + timedelta(hours=25)
+    stack.http.clear()
+    redriven = charge(stack, invoice.invoice_id, 1)
+
+    # The provider holds nothing for the key, so re-sending is safe: after looking, once, with
+    # the same key and the same request (amount, card).
+    assert provider_reads(stack) != []
+    assert stack.http.recorded[-1].method == "POST"  # the reads came first
+    [resent] = stack.http.requests_to(PAYMENT_INTENTS)
+    assert (resent.idempotency_key, resent.status) == (key, 200)
+    first_body, resent_body = stack.http.bodies_with_key(PAYMENT_INTENTS, key)
+    assert resent_body == first_body
+    assert first_body["payment_method"] == [seeded.payment_method_id]
+    assert (redriven.outcome, redriven.idempotency_key) == (ChargeOutcomeKind.PAID, key)
+    [intent] = provider_intents(stack, invoice.invoice_id)
+    assert redriven.payment_intent_id == intent.id
+    [attempt] = stored_attempts(stack, invoice.invoice_id)
+    assert (attempt.status, attempt.stripe_payment_intent_id) == (
+        AttemptStatus.SUCCEEDED,
+        intent.id,
+    )
+
+
+@pytest.mark.parametrize(
+    "later",
+    [timedelta(seconds=5), IDEMPOTENCY_KEY_SAFE_WINDOW - timedelta(minutes=1)],
+    ids=["temporal-retry", "just-inside-the-window"],
+)
+def test_a_re_drive_inside_the_keys_window_relies_on_the_key_without_reading(
+    stack: Stack, later: timedelta
+) -> None:
+    seeded = seed_subscription(stack)
+    invoice = open_invoice(stack, seeded)
+    key = idempotency_key_for(invoice.invoice_id, 1)
+    stack.http.drop_responses(PAYMENT_INTENTS, retryable=False)
+    with pytest.raises(TransientPaymentError):
+        charge(stack, invoice.invoice_id, 1)
+
+    stack.clock.at = NOW + later
+    stack.http.clear()
+    retried = charge(stack, invoice.invoice_id, 1)
+
+    # The hot path: Stripe still holds the key and answers with the first result. One request,
+    # no reads. (localstripe ignores the key and creates a second PaymentIntent; Stripe would
+    # return the first, which the re-sent key is the whole point of.)
+    assert [(r.method, r.path, r.idempotency_key) for r in stack.http.recorded] == [
+        ("POST", PAYMENT_INTENTS, key)
+    ]
+    assert retried.outcome == ChargeOutcomeKind.PAID
 
 
 def test_a_void_invoice_is_refused_without_calling_the_provider(stack: Stack) -> None:

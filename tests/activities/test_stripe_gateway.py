@@ -8,8 +8,9 @@ import json
 import socket
 import uuid
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import stripe
@@ -295,6 +296,11 @@ _EVERY_OPERATION: dict[str, Any] = {
     "charge": lambda g: _charge(g, "cus_1", "pm_1", key="invoice-1-attempt-1"),
     "settlement_details": lambda g: g.settlement_details(payment_intent_id="pi_1", charge_id=None),
     "payment_intent_outcome": lambda g: g.payment_intent_outcome(payment_intent_id="pi_1"),
+    "find_charge_attempt": lambda g: g.find_charge_attempt(
+        provider_customer_id="cus_1",
+        idempotency_key="invoice-1-attempt-1",
+        created_after=datetime(2025, 3, 1, tzinfo=UTC),
+    ),
 }
 
 
@@ -604,6 +610,8 @@ def test_real_stripe_charge_sends_description_as_a_field() -> None:
     form = parse_qs(body)
     assert form["description"] == ["Invoice inv_1"]
     assert form["metadata[invoice_id]"] == ["inv_1"]
+    # The key outlives Stripe's 24-hour memory of it in the intent's metadata.
+    assert form["metadata[idempotency_key]"] == ["invoice-inv_1-attempt-1"]
     assert "metadata[description]" not in form
     assert (form["amount"], form["currency"]) == (["1999"], ["usd"])
     assert (form["off_session"], form["confirm"]) == (["true"], ["true"])
@@ -682,3 +690,354 @@ def test_settlement_without_a_balance_transaction_reports_no_fee() -> None:
         None,
         None,
     )
+
+
+# -- find_charge_attempt: what a key created, after the provider forgot the key ---------------
+
+
+def _key() -> str:
+    return f"invoice-inv_{uuid.uuid4().hex[:10]}-attempt-1"
+
+
+def _lookup(
+    gateway: StripeGateway, customer: str, key: str, created_after: datetime
+) -> ChargeOutcome | None:
+    return gateway.find_charge_attempt(
+        provider_customer_id=customer, idempotency_key=key, created_after=created_after
+    )
+
+
+def _reads(recording_http_client: RecordingHTTPClient) -> list[tuple[str, int | None]]:
+    return [(r.path, r.status) for r in recording_http_client.recorded if r.method == "GET"]
+
+
+@pytest.mark.parametrize(
+    ("card", "kind"),
+    [
+        (cards.SUCCEEDS, ChargeOutcomeKind.PAID),
+        (cards.DECLINES_AFTER_ATTACH, ChargeOutcomeKind.SOFT_DECLINE),
+        (cards.REQUIRES_AUTHENTICATION, ChargeOutcomeKind.AUTHENTICATION_REQUIRED),
+    ],
+    ids=["paid", "soft-decline", "requires-action"],
+)
+def test_find_charge_attempt_on_localstripe_falls_back_and_finds_the_intent_by_key(
+    gateway: StripeGateway,
+    stripe_client: stripe.StripeClient,
+    recording_http_client: RecordingHTTPClient,
+    card: str,
+    kind: ChargeOutcomeKind,
+) -> None:
+    # localstripe stamps `created` with the wall clock.
+    since = datetime.now(UTC) - timedelta(hours=1)
+    customer, payment_method = _customer_with_card(gateway, stripe_client, card)
+    key = _key()
+    _charge(gateway, customer, payment_method, key=_key())  # another attempt of this customer
+    charged = _charge(gateway, customer, payment_method, key=key)
+    assert charged.kind is kind and charged.payment_intent_id is not None
+    stored = stripe_client.v1.payment_intents.retrieve(charged.payment_intent_id)
+    assert stored.metadata["idempotency_key"] == key
+    recording_http_client.clear()
+
+    found = _lookup(gateway, customer, key, since)
+
+    # The same normalized outcome the charge itself returned: same intent, charge and decline.
+    assert found == charged
+    reads = _reads(recording_http_client)
+    # localstripe refuses the filtered PaymentIntent list (HTTP 400 "Unexpected customer,
+    # created"); the customer's charges lead to the intent instead.
+    assert reads[0] == (PAYMENT_INTENTS, 400)
+    assert reads[1] == ("/v1/charges", 200)
+    if kind is ChargeOutcomeKind.AUTHENTICATION_REQUIRED:
+        # localstripe leaves an off-session intent that needs authentication without a charge:
+        # only the account's whole PaymentIntent list shows it.
+        assert reads[-1] == (PAYMENT_INTENTS, 200)
+    assert [r for r in recording_http_client.recorded if r.method != "GET"] == []
+
+
+def test_find_charge_attempt_on_localstripe_finds_nothing_for_a_key_never_sent(
+    gateway: StripeGateway, stripe_client: stripe.StripeClient
+) -> None:
+    since = datetime.now(UTC) - timedelta(hours=1)
+    customer, payment_method = _customer_with_card(gateway, stripe_client, cards.SUCCEEDS)
+    other_customer, other_payment_method = _customer_with_card(
+        gateway, stripe_client, cards.SUCCEEDS
+    )
+    sent = _key()
+    _charge(gateway, customer, payment_method, key=sent)
+    elsewhere = _key()
+    _charge(gateway, other_customer, other_payment_method, key=elsewhere)
+
+    assert _lookup(gateway, customer, _key(), since) is None
+    # Another customer's intent is not this customer's charge, whatever its key.
+    assert _lookup(gateway, customer, elsewhere, since) is None
+    # Nor is an intent created before the window looked at.
+    assert _lookup(gateway, customer, sent, datetime.now(UTC) + timedelta(hours=1)) is None
+    assert _lookup(gateway, customer, sent, since) is not None
+
+
+def _list(*intents: dict[str, Any], has_more: bool = False) -> tuple[int, dict[str, Any]]:
+    return 200, {"object": "list", "url": PAYMENT_INTENTS, "has_more": has_more, "data": intents}
+
+
+_SINCE = datetime(2025, 3, 1, 8, 30, tzinfo=UTC)
+_SINCE_TS = int(_SINCE.timestamp())
+
+
+def _ours(status: str, key: str, pi: str = "pi_ours", **fields: Any) -> dict[str, Any]:
+    """A PaymentIntent as Stripe lists it: ours carry the key in metadata."""
+    attempt_number = key.rsplit("-", 1)[-1]
+    return _intent(
+        status,
+        **{
+            "id": pi,
+            "customer": "cus_1",
+            "created": _SINCE_TS + 3600,
+            "metadata": {
+                "invoice_id": "inv_1",
+                "attempt_number": attempt_number,
+                "idempotency_key": key,
+            },
+            **fields,
+        },
+    )
+
+
+def _query(sent: tuple[str, str, Any, Any]) -> tuple[str, str, dict[str, list[str]]]:
+    method, url, _headers, _body = sent
+    parts = urlsplit(url)
+    return method, parts.path, parse_qs(parts.query)
+
+
+@pytest.mark.parametrize(
+    ("intent", "expected"),
+    [
+        (
+            _ours("succeeded", "inv_1-attempt-1", latest_charge="ch_ours"),
+            ChargeOutcome(
+                kind=ChargeOutcomeKind.PAID,
+                payment_intent_id="pi_ours",
+                charge_id="ch_ours",
+                amount_minor=1999,
+                currency="USD",
+            ),
+        ),
+        (
+            _ours(
+                "requires_payment_method",
+                "inv_1-attempt-1",
+                latest_charge="ch_declined",
+                last_payment_error={
+                    "type": "card_error",
+                    "code": "card_declined",
+                    "decline_code": "insufficient_funds",
+                    "message": "Your card has insufficient funds.",
+                },
+            ),
+            ChargeOutcome(
+                kind=ChargeOutcomeKind.SOFT_DECLINE,
+                payment_intent_id="pi_ours",
+                charge_id="ch_declined",
+                decline_code="insufficient_funds",
+                failure_message="Your card has insufficient funds.",
+                amount_minor=1999,
+                currency="USD",
+            ),
+        ),
+        (
+            _ours("requires_action", "inv_1-attempt-1"),
+            ChargeOutcome(
+                kind=ChargeOutcomeKind.AUTHENTICATION_REQUIRED,
+                payment_intent_id="pi_ours",
+                failure_message="payment intent pi_ours is requires_action: the customer must "
+                "authenticate the payment on-session",
+                amount_minor=1999,
+                currency="USD",
+            ),
+        ),
+    ],
+    ids=["paid", "soft-decline", "requires-action"],
+)
+def test_find_charge_attempt_pages_the_customers_intents_since_the_attempt(
+    intent: dict[str, Any], expected: ChargeOutcome
+) -> None:
+    transport = ScriptedHTTPClient(
+        _list(
+            _ours("succeeded", "inv_9-attempt-1", pi="pi_other_invoice"),
+            _intent("succeeded", id="pi_not_ours", customer="cus_1", created=_SINCE_TS),
+            has_more=True,
+        ),
+        _list(intent),
+    )
+    gateway = StripeGateway(
+        make_stripe_client(
+            api_key="sk_test_x", api_base=None, max_network_retries=0, http_client=transport
+        )
+    )
+
+    found = _lookup(gateway, "cus_1", "inv_1-attempt-1", _SINCE)
+
+    assert found == expected
+    first, second = (_query(sent) for sent in transport.sent)
+    assert first == (
+        "get",
+        PAYMENT_INTENTS,
+        {"customer": ["cus_1"], "created[gte]": [str(_SINCE_TS)], "limit": ["100"]},
+    )
+    assert second[2]["starting_after"] == ["pi_not_ours"]
+    assert (second[2]["customer"], second[2]["created[gte]"]) == (["cus_1"], [str(_SINCE_TS)])
+
+
+def test_find_charge_attempt_is_none_when_no_intent_carries_the_key() -> None:
+    transport = ScriptedHTTPClient(_list(_ours("succeeded", "inv_1-attempt-2")))
+    gateway = StripeGateway(
+        make_stripe_client(api_key="sk_test_x", api_base=None, http_client=transport)
+    )
+
+    assert _lookup(gateway, "cus_1", "inv_1-attempt-1", _SINCE) is None
+    assert len(transport.sent) == 1
+
+
+def test_find_charge_attempt_matches_an_intent_created_before_the_key_was_in_metadata() -> None:
+    legacy = _intent(
+        "succeeded",
+        id="pi_legacy",
+        customer="cus_1",
+        created=_SINCE_TS,
+        latest_charge="ch_legacy",
+        metadata={"invoice_id": "inv_1", "attempt_number": "1"},
+    )
+    other_attempt = {**legacy, "id": "pi_attempt_2", "metadata": {**legacy["metadata"]}}
+    other_attempt["metadata"]["attempt_number"] = "2"
+    gateway = _scripted_gateway(_list(other_attempt, legacy))
+
+    found = _lookup(gateway, "cus_1", "inv_1-attempt-1", _SINCE)
+
+    assert found is not None
+    assert (found.kind, found.payment_intent_id) == (ChargeOutcomeKind.PAID, "pi_legacy")
+
+
+def test_of_several_intents_with_one_key_a_succeeded_one_answers() -> None:
+    key = "inv_1-attempt-1"
+    gateway = _scripted_gateway(
+        _list(
+            _ours("requires_payment_method", key, pi="pi_newer_declined", created=_SINCE_TS + 7200),
+            _ours("succeeded", key, pi="pi_paid", latest_charge="ch_paid"),
+        )
+    )
+
+    found = _lookup(gateway, "cus_1", key, _SINCE)
+
+    assert found is not None
+    assert (found.kind, found.payment_intent_id) == (ChargeOutcomeKind.PAID, "pi_paid")
+
+
+def test_stripes_unknown_parameter_answer_also_selects_the_charge_fallback() -> None:
+    # Stripe's own shape for a list filter an endpoint does not support.
+    unsupported = {
+        "error": {
+            "type": "invalid_request_error",
+            "code": "parameter_unknown",
+            "param": "customer",
+            "message": "Received unknown parameter: customer",
+        }
+    }
+    charges = {
+        "object": "list",
+        "url": "/v1/charges",
+        "has_more": False,
+        "data": [{"id": "ch_ours", "object": "charge", "payment_intent": "pi_ours"}],
+    }
+    transport = ScriptedHTTPClient(
+        (400, unsupported),
+        (200, charges),
+        (200, _ours("succeeded", "inv_1-attempt-1", latest_charge="ch_ours")),
+    )
+    gateway = StripeGateway(
+        make_stripe_client(api_key="sk_test_x", api_base=None, http_client=transport)
+    )
+
+    found = _lookup(gateway, "cus_1", "inv_1-attempt-1", _SINCE)
+
+    assert found is not None
+    assert (found.kind, found.payment_intent_id, found.charge_id) == (
+        ChargeOutcomeKind.PAID,
+        "pi_ours",
+        "ch_ours",
+    )
+    listed, charge_list, retrieved = (_query(sent) for sent in transport.sent)
+    assert listed[1] == PAYMENT_INTENTS
+    assert charge_list == (
+        "get",
+        "/v1/charges",
+        {"customer": ["cus_1"], "created[gt]": [str(_SINCE_TS - 1)], "limit": ["100"]},
+    )
+    assert retrieved[:2] == ("get", f"{PAYMENT_INTENTS}/pi_ours")
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "raised"),
+    [
+        # Invalid values, an unknown customer, another unknown parameter: not "unsupported".
+        (
+            400,
+            {"type": "invalid_request_error", "code": "parameter_invalid_integer", "message": "x"},
+            PaymentProviderError,
+        ),
+        (
+            400,
+            {
+                "type": "invalid_request_error",
+                "code": "parameter_unknown",
+                "param": "expand",
+                "message": "Received unknown parameter: expand",
+            },
+            PaymentProviderError,
+        ),
+        (
+            400,
+            {"type": "invalid_request_error", "message": "Unexpected expand"},
+            PaymentProviderError,
+        ),
+        (
+            404,
+            {"type": "invalid_request_error", "code": "resource_missing", "message": "No such"},
+            PaymentProviderError,
+        ),
+        (
+            401,
+            {"type": "invalid_request_error", "message": "Invalid API Key"},
+            PaymentProviderError,
+        ),
+        (500, {"type": "api_error", "message": "internal"}, TransientPaymentError),
+        (
+            429,
+            {"type": "invalid_request_error", "code": "rate_limit", "message": "slow"},
+            TransientPaymentError,
+        ),
+    ],
+    ids=["bad-value", "other-unknown-param", "localstripe-other", "404", "401", "500", "429"],
+)
+def test_find_charge_attempt_falls_back_on_nothing_but_an_unsupported_filter(
+    status: int, error: dict[str, Any], raised: type[Exception]
+) -> None:
+    transport = ScriptedHTTPClient((status, {"error": error}))
+    gateway = StripeGateway(
+        make_stripe_client(
+            api_key="sk_test_x", api_base=None, max_network_retries=0, http_client=transport
+        )
+    )
+
+    with pytest.raises(raised):
+        _lookup(gateway, "cus_1", "inv_1-attempt-1", _SINCE)
+    assert len(transport.sent) == 1  # no fallback request
+
+
+def test_find_charge_attempt_refuses_a_naive_datetime_before_any_request() -> None:
+    transport = ScriptedHTTPClient()
+    gateway = StripeGateway(
+        make_stripe_client(api_key="sk_test_x", api_base=None, http_client=transport)
+    )
+
+    with pytest.raises(PaymentProviderError, match="timezone-aware"):
+        _lookup(gateway, "cus_1", "inv_1-attempt-1", datetime(2025, 3, 1))
+    assert transport.sent == []

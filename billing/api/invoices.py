@@ -1,0 +1,189 @@
+"""Invoices for finance (scope ``finance`` or ``admin``): a filtered, keyset-paginated list,
+one invoice with its attempts and payment, and the same list as a streamed CSV."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import StreamingResponse
+
+from billing.api.auth import require_scope
+from billing.api.dependencies import get_deps
+from billing.api.errors import ApiError
+from billing.api.schemas import ErrorOut, InvoiceDetailOut, InvoiceListOut
+from billing.errors import NotFound
+from billing.finance import (
+    DEFAULT_PAGE_SIZE,
+    EXPORT_PAGE_SIZE,
+    INVOICE_CSV_COLUMNS,
+    MAX_PAGE_SIZE,
+    InvoiceCursor,
+    InvoiceFilter,
+    InvoiceListItem,
+    invoice_csv_row,
+)
+from billing.worker import Dependencies
+from db.engine import unit_of_work
+from db.repositories import finance as finance_repo
+
+router = APIRouter(
+    prefix="/v1",
+    tags=["invoices"],
+    dependencies=[Depends(require_scope("finance", "admin"))],
+    responses={code: {"model": ErrorOut} for code in (400, 401, 403, 404, 422)},
+)
+
+_FILTER_PARAMS = frozenset(
+    {
+        "status",
+        "customer_id",
+        "subscription_id",
+        "currency",
+        "issued_from",
+        "issued_to",
+        "period_from",
+        "period_to",
+    }
+)
+_INSTANT_HELP = "ISO 8601 instant with a zone, e.g. 2025-01-31T00:00:00Z"
+
+
+def _refuse_unknown_params(request: Request, allowed: frozenset[str]) -> None:
+    # A misspelt filter (`statuses=paid`) would otherwise list every invoice, silently.
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        raise ApiError(
+            422,
+            "invalid_input",
+            f"unknown query parameter {unknown[0]!r}; known: {', '.join(sorted(allowed))}",
+            field=unknown[0],
+        )
+
+
+def invoice_filter(
+    status: Annotated[
+        list[str],
+        Query(description="Repeatable: draft, open, paid, void, uncollectible."),
+    ] = [],  # noqa: B006 (FastAPI copies defaults per request)
+    customer_id: Annotated[str | None, Query(max_length=40)] = None,
+    subscription_id: Annotated[str | None, Query(max_length=40)] = None,
+    currency: Annotated[str | None, Query(max_length=8, description="ISO 4217, e.g. USD")] = None,
+    issued_from: Annotated[
+        str | None, Query(max_length=64, description=f"created_at >= this; {_INSTANT_HELP}")
+    ] = None,
+    issued_to: Annotated[
+        str | None, Query(max_length=64, description=f"created_at < this; {_INSTANT_HELP}")
+    ] = None,
+    period_from: Annotated[
+        str | None, Query(max_length=64, description=f"period_start >= this; {_INSTANT_HELP}")
+    ] = None,
+    period_to: Annotated[
+        str | None, Query(max_length=64, description=f"period_start < this; {_INSTANT_HELP}")
+    ] = None,
+) -> InvoiceFilter:
+    """The filter from the query string; InvalidInput (422) names a bad value."""
+    return InvoiceFilter.parse(
+        statuses=status,
+        customer_id=customer_id,
+        subscription_id=subscription_id,
+        currency=currency,
+        issued_from=issued_from,
+        issued_to=issued_to,
+        period_from=period_from,
+        period_to=period_to,
+    )
+
+
+@router.get("/invoices", summary="List invoices")
+async def list_invoices(
+    request: Request,
+    filters: Annotated[InvoiceFilter, Depends(invoice_filter)],
+    deps: Annotated[Dependencies, Depends(get_deps)],
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
+    cursor: Annotated[
+        str | None, Query(max_length=512, description="next_cursor of the previous page.")
+    ] = None,
+) -> InvoiceListOut:
+    """Invoices matching every filter given, oldest first (by created_at, then id). Amounts
+    are minor units with their currency; ranges are half-open ([from, to))."""
+    _refuse_unknown_params(request, _FILTER_PARAMS | {"limit", "cursor"})
+    after = InvoiceCursor.decode(cursor) if cursor is not None else None
+
+    def read() -> InvoiceListOut:
+        with unit_of_work(deps.session_factory) as session:
+            page = finance_repo.list_invoices(session, filters, limit=limit, after=after)
+        return InvoiceListOut.of(page)
+
+    return await asyncio.to_thread(read)
+
+
+@router.get(
+    "/invoices.csv",
+    summary="Export invoices as CSV",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/csv": {}}, "description": "One line per invoice."}},
+)
+async def export_invoices(
+    request: Request,
+    filters: Annotated[InvoiceFilter, Depends(invoice_filter)],
+    deps: Annotated[Dependencies, Depends(get_deps)],
+) -> StreamingResponse:
+    """The invoices ``GET /v1/invoices`` lists for the same filters, all of them, streamed: a
+    header row, then one line per invoice. Amounts are minor units next to a currency
+    column; instants are ISO 8601 UTC."""
+    _refuse_unknown_params(request, _FILTER_PARAMS)
+    pages = finance_repo.iter_invoice_pages(
+        deps.session_factory, filters, page_size=EXPORT_PAGE_SIZE
+    )
+    # The first page is read before answering, so a database failure is still a clean error
+    # response rather than a truncated 200.
+    first = await asyncio.to_thread(_next_page, pages)
+    return StreamingResponse(
+        _csv_lines(first, pages),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": 'attachment; filename="invoices.csv"'},
+    )
+
+
+def _next_page(pages: Iterator[list[InvoiceListItem]]) -> list[InvoiceListItem] | None:
+    return next(pages, None)
+
+
+def _csv_text(rows: list[list[str]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\r\n").writerows(rows)
+    return buffer.getvalue()
+
+
+async def _csv_lines(
+    first: list[InvoiceListItem] | None, pages: Iterator[list[InvoiceListItem]]
+) -> AsyncIterator[str]:
+    yield _csv_text([list(INVOICE_CSV_COLUMNS)])
+    page = first
+    while page is not None:
+        yield _csv_text([invoice_csv_row(item) for item in page])
+        # Each page is its own short transaction, read off the event loop.
+        page = await asyncio.to_thread(_next_page, pages)
+
+
+@router.get("/invoices/{id}", summary="One invoice with its attempts and payment")
+async def get_invoice(
+    id: Annotated[str, Path(min_length=1, max_length=40, description="Invoice id, 'in_...'.")],
+    deps: Annotated[Dependencies, Depends(get_deps)],
+) -> InvoiceDetailOut:
+    """The invoice, every charge attempt (number, status, outcome, decline code, idempotency
+    key, provider ids) and its payment (amount, fee, net, settlement)."""
+
+    def read() -> InvoiceDetailOut:
+        with unit_of_work(deps.session_factory) as session:
+            detail = finance_repo.get_invoice_detail(session, id)
+        if detail is None:
+            raise NotFound(f"invoice {id!r} not found", field="id")
+        return InvoiceDetailOut.of_detail(detail)
+
+    return await asyncio.to_thread(read)

@@ -1,0 +1,445 @@
+"""Request and response bodies. Requests forbid unknown fields; amounts are integer minor units
+next to their ISO 4217 currency (never in a signup body: prices come from the plan); instants
+are ISO 8601 with a zone on the way in and UTC (``Z``) on the way out."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StrictBool,
+    StrictInt,
+)
+from pydantic_core import PydanticCustomError
+
+from billing.contracts import (
+    CancelResult,
+    OpenInvoiceView,
+    PauseResult,
+    ResumeResult,
+    UpdatePaymentMethodResult,
+)
+from billing.finance import (
+    InvoiceDetail,
+    InvoiceListItem,
+    InvoicePage,
+    amount_display,
+    format_instant,
+)
+from billing.invoices import InvoiceStatus
+from billing.plans import MAX_TRIAL_DAYS
+from billing.records import AttemptStatus, InvoiceRecord, PaymentAttemptRecord, PaymentRecord
+from billing.subscription import SubscriptionStatus
+
+
+def _iso_text(value: Any) -> Any:
+    # pydantic would also take a number as Unix seconds; an instant must be ISO 8601 text.
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise PydanticCustomError(
+            "instant_type",
+            "must be an ISO 8601 instant with a time zone such as '2025-01-31T09:00:00Z'",
+        )
+    return value
+
+
+#: An instant in a request: ISO 8601 text with a zone; naive values are refused.
+InstantIn = Annotated[AwareDatetime, BeforeValidator(_iso_text)]
+#: An instant in a response: always UTC, ``Z``.
+Instant = Annotated[datetime, PlainSerializer(format_instant, return_type=str, when_used="json")]
+
+_FORBID = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="Stable machine-readable code, e.g. 'change_refused'.")
+    message: str = Field(description="What was wrong and what to do.")
+    field: str | None = Field(None, description="The request field at fault, if one is.")
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+# ---- signup ------------------------------------------------------------------------------------
+
+
+class CustomerIn(BaseModel):
+    model_config = _FORBID
+
+    external_id: str | None = Field(
+        None, min_length=1, max_length=200, description="Your own reference for the customer."
+    )
+    email: str | None = Field(None, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")
+    name: str | None = Field(None, min_length=1, max_length=200)
+    timezone: str = Field(
+        "UTC",
+        min_length=1,
+        max_length=64,
+        description="IANA zone in which billing dates are computed, e.g. 'Europe/Paris'.",
+    )
+
+
+class SignupIn(BaseModel):
+    model_config = _FORBID
+
+    plan: str = Field(min_length=1, max_length=63, description="Plan code, e.g. 'basic-monthly'.")
+    customer: CustomerIn = Field(default_factory=CustomerIn)
+    customer_id: str | None = Field(
+        None, min_length=1, max_length=40, description="One of our existing customers."
+    )
+    payment_method_id: str | None = Field(
+        None, min_length=1, max_length=100, description="A provider payment method, 'pm_...'."
+    )
+    billing_anchor_at: InstantIn | None = Field(
+        None, description="First billing date; default: the trial's end, or now."
+    )
+    trial_days: StrictInt | None = Field(None, ge=0, le=MAX_TRIAL_DAYS)
+
+
+class SignupOut(BaseModel):
+    id: str
+    status: SubscriptionStatus
+    customer_id: str
+    plan: str
+    next_billing_at: Instant | None
+    trial_end_at: Instant | None
+    workflow_id: str
+
+
+# ---- changes -----------------------------------------------------------------------------------
+
+
+class CancelIn(BaseModel):
+    model_config = _FORBID
+
+    at_period_end: StrictBool = Field(
+        True, description="True: end when the paid period does. False: end now."
+    )
+    reason: str | None = Field(None, max_length=500)
+
+
+class PauseIn(BaseModel):
+    model_config = _FORBID
+
+    reason: str | None = Field(None, max_length=500)
+
+
+class ResumeIn(BaseModel):
+    model_config = _FORBID
+
+    reason: str | None = Field(None, max_length=500)
+
+
+class PaymentMethodIn(BaseModel):
+    model_config = _FORBID
+
+    payment_method_id: str = Field(min_length=1, max_length=100)
+
+
+class CancelOut(BaseModel):
+    subscription_id: str
+    status: SubscriptionStatus
+    cancel_at_period_end: bool
+    ends_at: Instant | None
+    voided_invoice_id: str | None
+
+    @classmethod
+    def of(cls, subscription_id: str, result: CancelResult) -> CancelOut:
+        return cls(
+            subscription_id=subscription_id,
+            status=result.status,
+            cancel_at_period_end=result.cancel_at_period_end,
+            ends_at=result.ends_at,
+            voided_invoice_id=result.voided_invoice_id,
+        )
+
+
+class PauseOut(BaseModel):
+    subscription_id: str
+    status: SubscriptionStatus
+    paused_at: Instant
+
+    @classmethod
+    def of(cls, subscription_id: str, result: PauseResult) -> PauseOut:
+        return cls(
+            subscription_id=subscription_id, status=result.status, paused_at=result.paused_at
+        )
+
+
+class ResumeOut(BaseModel):
+    subscription_id: str
+    status: SubscriptionStatus
+    next_billing_at: Instant | None
+
+    @classmethod
+    def of(cls, subscription_id: str, result: ResumeResult) -> ResumeOut:
+        return cls(
+            subscription_id=subscription_id,
+            status=result.status,
+            next_billing_at=result.next_billing_at,
+        )
+
+
+class PaymentMethodOut(BaseModel):
+    subscription_id: str
+    payment_method_id: str
+    status: SubscriptionStatus
+    retry_scheduled: bool = Field(description="An open invoice is retried at once.")
+    card_brand: str | None
+    card_last4: str | None
+
+    @classmethod
+    def of(cls, subscription_id: str, result: UpdatePaymentMethodResult) -> PaymentMethodOut:
+        return cls(
+            subscription_id=subscription_id,
+            payment_method_id=result.payment_method_id,
+            status=result.status,
+            retry_scheduled=result.retry_scheduled,
+            card_brand=result.card_brand,
+            card_last4=result.card_last4,
+        )
+
+
+# ---- subscription read -------------------------------------------------------------------------
+
+
+class PriceOut(BaseModel):
+    amount_minor: int
+    currency: str
+    amount_display: str | None
+    interval: str
+    interval_count: int
+
+
+class OpenInvoiceOut(BaseModel):
+    id: str
+    number: str
+    amount_minor: int
+    currency: str
+    period_start: Instant
+    period_end: Instant
+    attempts: int = Field(description="Charge attempts made so far (the dunning attempt count).")
+    first_failure_at: Instant | None = None
+    next_retry_at: Instant | None = Field(None, description="Only known from the live workflow.")
+    blocked: str | None = Field(None, description="hard_decline or authentication_required.")
+    last_decline_code: str | None = None
+
+    @classmethod
+    def of_view(cls, view: OpenInvoiceView) -> OpenInvoiceOut:
+        return cls(
+            id=view.invoice_id,
+            number=view.number,
+            amount_minor=view.amount_minor,
+            currency=view.currency,
+            period_start=view.period_start,
+            period_end=view.period_end,
+            attempts=view.attempts,
+            first_failure_at=view.first_failure_at,
+            next_retry_at=view.next_retry_at,
+            blocked=view.blocked,
+            last_decline_code=view.last_decline_code,
+        )
+
+    @classmethod
+    def of_record(cls, invoice: InvoiceRecord, attempts: int) -> OpenInvoiceOut:
+        return cls(
+            id=invoice.id,
+            number=invoice.number,
+            amount_minor=invoice.amount_due_minor,
+            currency=invoice.currency,
+            period_start=invoice.period_start,
+            period_end=invoice.period_end,
+            attempts=attempts,
+        )
+
+
+class SubscriptionOut(BaseModel):
+    id: str
+    customer_id: str
+    status: SubscriptionStatus
+    plan: str
+    price: PriceOut
+    timezone: str
+    anchor_at: Instant
+    trial_end_at: Instant | None
+    current_period_start: Instant | None
+    current_period_end: Instant | None
+    next_billing_at: Instant | None
+    cancel_at_period_end: bool
+    cancel_reason: str | None
+    canceled_at: Instant | None
+    ended_at: Instant | None
+    paused_at: Instant | None
+    open_invoice: OpenInvoiceOut | None
+    invoices_issued: int
+    workflow_id: str
+    created_at: Instant
+    live: bool = Field(
+        description="True: from the running workflow. False: the workflow could not be asked "
+        "(closed long ago, or Temporal unreachable), so this is the database's copy."
+    )
+
+
+# ---- invoices ----------------------------------------------------------------------------------
+
+
+class PaymentOut(BaseModel):
+    id: str
+    attempt_id: str
+    stripe_payment_intent_id: str
+    stripe_charge_id: str | None
+    balance_transaction_id: str | None
+    amount_minor: int
+    currency: str
+    fee_minor: int | None = Field(description="In settlement_currency.")
+    net_minor: int | None = Field(description="In settlement_currency.")
+    settlement_amount_minor: int | None
+    settlement_currency: str | None
+    settled_at: Instant
+
+    @classmethod
+    def of(cls, p: PaymentRecord) -> PaymentOut:
+        return cls(
+            id=p.id,
+            attempt_id=p.attempt_id,
+            stripe_payment_intent_id=p.stripe_payment_intent_id,
+            stripe_charge_id=p.stripe_charge_id,
+            balance_transaction_id=p.balance_transaction_id,
+            amount_minor=p.amount_minor,
+            currency=p.currency,
+            fee_minor=p.fee_minor,
+            net_minor=p.net_minor,
+            settlement_amount_minor=p.settlement_amount_minor,
+            settlement_currency=p.settlement_currency,
+            settled_at=p.settled_at,
+        )
+
+
+class AttemptOut(BaseModel):
+    id: str
+    attempt_number: int
+    status: AttemptStatus
+    outcome: str | None
+    reason: str
+    amount_minor: int
+    currency: str
+    decline_code: str | None
+    failure_message: str | None
+    idempotency_key: str = Field(description="What the payment provider saw for this attempt.")
+    stripe_payment_intent_id: str | None
+    stripe_charge_id: str | None
+    payment_method_id: str | None
+    created_at: Instant
+    completed_at: Instant | None
+
+    @classmethod
+    def of(cls, a: PaymentAttemptRecord) -> AttemptOut:
+        return cls(
+            id=a.id,
+            attempt_number=a.attempt_number,
+            status=a.status,
+            outcome=a.outcome.value if a.outcome is not None else None,
+            reason=a.reason,
+            amount_minor=a.amount_minor,
+            currency=a.currency,
+            decline_code=a.decline_code,
+            failure_message=a.failure_message,
+            idempotency_key=a.idempotency_key,
+            stripe_payment_intent_id=a.stripe_payment_intent_id,
+            stripe_charge_id=a.stripe_charge_id,
+            payment_method_id=a.payment_method_id,
+            created_at=a.created_at,
+            completed_at=a.completed_at,
+        )
+
+
+class InvoiceOut(BaseModel):
+    id: str
+    number: str
+    status: InvoiceStatus
+    customer_id: str
+    subscription_id: str
+    period_index: int
+    period_start: Instant
+    period_end: Instant
+    amount_due_minor: int
+    amount_paid_minor: int
+    currency: str
+    amount_due_display: str | None
+    description: str
+    status_reason: str | None
+    created_at: Instant
+    finalized_at: Instant | None
+    paid_at: Instant | None
+    voided_at: Instant | None
+    marked_uncollectible_at: Instant | None
+    payment: PaymentOut | None = Field(None, description="The settlement, once paid.")
+
+    @classmethod
+    def of(cls, i: InvoiceRecord, payment: PaymentRecord | None) -> InvoiceOut:
+        return cls(
+            id=i.id,
+            number=i.number,
+            status=i.status,
+            customer_id=i.customer_id,
+            subscription_id=i.subscription_id,
+            period_index=i.period_index,
+            period_start=i.period_start,
+            period_end=i.period_end,
+            amount_due_minor=i.amount_due_minor,
+            amount_paid_minor=i.amount_paid_minor,
+            currency=i.currency,
+            amount_due_display=amount_display(i.amount_due_minor, i.currency),
+            description=i.description,
+            status_reason=i.status_reason,
+            created_at=i.created_at,
+            finalized_at=i.finalized_at,
+            paid_at=i.paid_at,
+            voided_at=i.voided_at,
+            marked_uncollectible_at=i.marked_uncollectible_at,
+            payment=PaymentOut.of(payment) if payment is not None else None,
+        )
+
+    @classmethod
+    def of_item(cls, item: InvoiceListItem) -> InvoiceOut:
+        return cls.of(item.invoice, item.payment)
+
+
+class InvoiceDetailOut(InvoiceOut):
+    attempts: list[AttemptOut]
+    payments: list[PaymentOut]
+
+    @classmethod
+    def of_detail(cls, detail: InvoiceDetail) -> InvoiceDetailOut:
+        base = InvoiceOut.of(detail.invoice, detail.payments[0] if detail.payments else None)
+        return cls(
+            **base.model_dump(exclude={"payment"}),
+            payment=base.payment,
+            attempts=[AttemptOut.of(a) for a in detail.attempts],
+            payments=[PaymentOut.of(p) for p in detail.payments],
+        )
+
+
+class InvoiceListOut(BaseModel):
+    data: list[InvoiceOut]
+    has_more: bool
+    next_cursor: str | None = Field(
+        description="Pass as 'cursor' for the next page; null on the last page."
+    )
+
+    @classmethod
+    def of(cls, page: InvoicePage) -> InvoiceListOut:
+        return cls(
+            data=[InvoiceOut.of_item(item) for item in page.items],
+            has_more=page.has_more,
+            next_cursor=page.next_cursor,
+        )

@@ -1,0 +1,426 @@
+"""Subscriptions: signup (scope ``signup``), changes through the workflow's Updates (scope
+``admin``), and the merged live view (scope ``finance`` or ``admin``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, timedelta
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from temporalio.client import (
+    Client,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
+    WorkflowUpdateFailedError,
+)
+from temporalio.service import RPCError, RPCStatusCode
+
+from billing.api.auth import require_scope
+from billing.api.dependencies import (
+    get_deps,
+    get_signups,
+    get_temporal,
+    require_json_body,
+)
+from billing.api.errors import ApiError, from_update_failure
+from billing.api.schemas import (
+    CancelIn,
+    CancelOut,
+    ErrorOut,
+    OpenInvoiceOut,
+    PauseIn,
+    PauseOut,
+    PaymentMethodIn,
+    PaymentMethodOut,
+    PriceOut,
+    ResumeIn,
+    ResumeOut,
+    SignupIn,
+    SignupOut,
+    SubscriptionOut,
+)
+from billing.contracts import (
+    CancelInput,
+    CancelResult,
+    PauseInput,
+    PauseResult,
+    ResumeInput,
+    ResumeResult,
+    SubscriptionMessage,
+    SubscriptionView,
+    UpdatePaymentMethodInput,
+    UpdatePaymentMethodResult,
+    workflow_id_for,
+)
+from billing.errors import ChangeRefused, NotFound
+from billing.finance import SubscriptionInvoicing, amount_display
+from billing.records import SubscriptionRecord
+from billing.signup import CustomerDetails, SignupRequest, SignupService
+from billing.subscription import SubscriptionStatus
+from billing.worker import Dependencies
+from db.engine import unit_of_work
+from db.repositories import finance as finance_repo
+from db.repositories import subscriptions as subscriptions_repo
+
+logger = logging.getLogger("billing.api")
+
+router = APIRouter(prefix="/v1/subscriptions", tags=["subscriptions"])
+
+#: How long a read waits for the workflow's answer before falling back to the database.
+LIVE_QUERY_TIMEOUT = timedelta(seconds=5)
+
+SubscriptionId = Annotated[
+    str, Path(min_length=1, max_length=40, description="Subscription id, 'sub_...'.")
+]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 415, 422)
+}
+
+_R = TypeVar("_R")
+
+
+# ---- signup ------------------------------------------------------------------------------------
+
+
+@router.post(
+    "",
+    status_code=201,
+    dependencies=[Depends(require_scope("signup")), Depends(require_json_body)],
+    responses={
+        200: {"model": SignupOut, "description": "Replayed: same Idempotency-Key and body."},
+        402: {"model": ErrorOut},
+        **_ERRORS,
+    },
+    summary="Start a subscription",
+)
+async def create_subscription(
+    body: SignupIn,
+    response: Response,
+    signups: Annotated[SignupService, Depends(get_signups)],
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=200,
+            description="Retry-safe signup: the same key and body answer the same subscription.",
+        ),
+    ] = None,
+) -> SignupOut:
+    """Validate, attach the card, record the customer and subscription, start its workflow.
+
+    A repeat with the same ``Idempotency-Key`` and the same body answers 200 with header
+    ``Idempotent-Replayed: true`` and the subscription as it is now; the same key with a
+    different body is 409.
+    """
+    customer = body.customer
+    result = await signups.start_subscription(
+        SignupRequest(
+            plan_code=body.plan,
+            customer=CustomerDetails(
+                external_id=customer.external_id,
+                email=customer.email,
+                name=customer.name,
+                timezone=customer.timezone,
+            ),
+            payment_method_id=body.payment_method_id,
+            customer_id=body.customer_id,
+            # In UTC, so the same instant written with another offset is the same request.
+            billing_anchor_at=body.billing_anchor_at.astimezone(UTC)
+            if body.billing_anchor_at
+            else None,
+            trial_days=body.trial_days,
+            idempotency_key=idempotency_key,
+        )
+    )
+    if not result.created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        logger.info("subscription %s started (plan %s)", result.subscription_id, body.plan)
+    return SignupOut(
+        id=result.subscription_id,
+        status=result.status,
+        customer_id=result.customer_id,
+        # Same key and same body (else IdempotencyConflict), hence the same plan.
+        plan=body.plan,
+        next_billing_at=result.next_billing_at,
+        trial_end_at=result.trial_end_at,
+        workflow_id=result.workflow_id,
+    )
+
+
+# ---- changes -----------------------------------------------------------------------------------
+
+
+def _load(deps: Dependencies, subscription_id: str) -> SubscriptionRecord:
+    with unit_of_work(deps.session_factory) as session:
+        record = subscriptions_repo.get_subscription(session, subscription_id)
+    if record is None:
+        raise NotFound(f"subscription {subscription_id!r} not found", field="id")
+    return record
+
+
+async def _update(
+    deps: Dependencies,
+    temporal: Client,
+    subscription_id: str,
+    name: str,
+    arg: object,
+    result_type: type[_R],
+) -> _R:
+    """Run the workflow Update ``name`` and return its result; refusals become domain errors
+    carrying the workflow's reason."""
+    await asyncio.to_thread(_load, deps, subscription_id)  # 404 before asking Temporal
+    handle = temporal.get_workflow_handle(workflow_id_for(subscription_id))
+    try:
+        result: _R = await handle.execute_update(name, arg, result_type=result_type)
+    except WorkflowUpdateFailedError as failed:
+        raise from_update_failure(failed) from None
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            # The workflow is gone (a canceled subscription's workflow has completed) or never
+            # started; the database says which.
+            record = await asyncio.to_thread(_load, deps, subscription_id)
+            if record.status == SubscriptionStatus.CANCELED:
+                ended = f" (ended {record.ended_at.isoformat()})" if record.ended_at else ""
+                raise ChangeRefused(
+                    f"subscription {subscription_id} is canceled{ended}; it cannot be changed"
+                ) from None
+            raise ChangeRefused(
+                f"subscription {subscription_id} ({record.status.value}) has no running "
+                "workflow; retry the signup with its Idempotency-Key to start it"
+            ) from None
+        if error.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED):
+            raise ApiError(
+                503,
+                "service_unavailable",
+                "the workflow service did not answer; nothing was changed for certain, "
+                "retry the request",
+                headers={"Retry-After": "5"},
+            ) from None
+        raise
+    return result
+
+
+_CHANGE_DEPENDENCIES = [Depends(require_scope("admin")), Depends(require_json_body)]
+_CHANGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    402: {"model": ErrorOut},
+    503: {"model": ErrorOut},
+    **_ERRORS,
+}
+
+
+@router.post(
+    "/{id}/cancel",
+    summary="Cancel at period end, or now",
+    dependencies=_CHANGE_DEPENDENCIES,
+    responses=_CHANGE_RESPONSES,
+)
+async def cancel_subscription(
+    id: SubscriptionId,
+    deps: Annotated[Dependencies, Depends(get_deps)],
+    temporal: Annotated[Client, Depends(get_temporal)],
+    body: CancelIn | None = None,
+) -> CancelOut:
+    """At period end (default): nothing more is billed and the subscription ends when the paid
+    period does. ``at_period_end: false``: it ends now and an open invoice is voided. A
+    second cancel is refused (409) with the reason."""
+    body = body or CancelIn()
+    result = await _update(
+        deps,
+        temporal,
+        id,
+        SubscriptionMessage.CANCEL,
+        CancelInput(at_period_end=body.at_period_end, reason=body.reason or ""),
+        CancelResult,
+    )
+    return CancelOut.of(id, result)
+
+
+@router.post(
+    "/{id}/pause",
+    summary="Pause billing",
+    dependencies=_CHANGE_DEPENDENCIES,
+    responses=_CHANGE_RESPONSES,
+)
+async def pause_subscription(
+    id: SubscriptionId,
+    deps: Annotated[Dependencies, Depends(get_deps)],
+    temporal: Annotated[Client, Depends(get_temporal)],
+    body: PauseIn | None = None,
+) -> PauseOut:
+    """No invoices while paused. Refused while an invoice is unpaid or a cancel is pending."""
+    reason = body.reason if body else None
+    result = await _update(
+        deps, temporal, id, SubscriptionMessage.PAUSE, PauseInput(reason or ""), PauseResult
+    )
+    return PauseOut.of(id, result)
+
+
+@router.post(
+    "/{id}/resume",
+    summary="Resume billing",
+    dependencies=_CHANGE_DEPENDENCIES,
+    responses=_CHANGE_RESPONSES,
+)
+async def resume_subscription(
+    id: SubscriptionId,
+    deps: Annotated[Dependencies, Depends(get_deps)],
+    temporal: Annotated[Client, Depends(get_temporal)],
+    body: ResumeIn | None = None,
+) -> ResumeOut:
+    """Billing restarts on the anchor's next date (the anchor is kept)."""
+    reason = body.reason if body else None
+    result = await _update(
+        deps, temporal, id, SubscriptionMessage.RESUME, ResumeInput(reason or ""), ResumeResult
+    )
+    return ResumeOut.of(id, result)
+
+
+@router.post(
+    "/{id}/payment-method",
+    summary="Change the card",
+    dependencies=_CHANGE_DEPENDENCIES,
+    responses=_CHANGE_RESPONSES,
+)
+async def update_payment_method(
+    id: SubscriptionId,
+    body: PaymentMethodIn,
+    deps: Annotated[Dependencies, Depends(get_deps)],
+    temporal: Annotated[Client, Depends(get_temporal)],
+) -> PaymentMethodOut:
+    """Attach the new card and make it the default; an open invoice is retried at once. A card
+    the provider refuses is 402 and the subscription keeps its card."""
+    result = await _update(
+        deps,
+        temporal,
+        id,
+        SubscriptionMessage.UPDATE_PAYMENT_METHOD,
+        UpdatePaymentMethodInput(payment_method_id=body.payment_method_id),
+        UpdatePaymentMethodResult,
+    )
+    return PaymentMethodOut.of(id, result)
+
+
+# ---- read --------------------------------------------------------------------------------------
+
+
+@router.get(
+    "/{id}",
+    dependencies=[Depends(require_scope("finance", "admin"))],
+    responses=_ERRORS,
+    summary="A subscription, live",
+)
+async def get_subscription(
+    id: SubscriptionId,
+    request: Request,
+    deps: Annotated[Dependencies, Depends(get_deps)],
+    temporal: Annotated[Client, Depends(get_temporal)],
+) -> SubscriptionOut:
+    """The database record merged with the workflow's live state (``live: true``). If the
+    workflow cannot be asked, the database's copy (``live: false``)."""
+    record = await asyncio.to_thread(_load, deps, id)
+    view = await _live_view(temporal, id)
+    if view is not None:
+        return _merged(record, view)
+    invoicing = await asyncio.to_thread(_invoicing, deps, id)
+    return _from_database(record, invoicing)
+
+
+async def _live_view(temporal: Client, subscription_id: str) -> SubscriptionView | None:
+    handle = temporal.get_workflow_handle(workflow_id_for(subscription_id))
+    try:
+        view: SubscriptionView = await handle.query(
+            SubscriptionMessage.GET_STATE,
+            result_type=SubscriptionView,
+            rpc_timeout=LIVE_QUERY_TIMEOUT,
+        )
+    except (
+        RPCError,
+        WorkflowQueryFailedError,
+        WorkflowQueryRejectedError,
+        TimeoutError,
+    ) as error:
+        logger.warning(
+            "live state of subscription %s unavailable, answering from the database: %s",
+            subscription_id,
+            error,
+        )
+        return None
+    return view
+
+
+def _invoicing(deps: Dependencies, subscription_id: str) -> SubscriptionInvoicing:
+    with unit_of_work(deps.session_factory) as session:
+        return finance_repo.subscription_invoicing(session, subscription_id)
+
+
+def _price(amount_minor: int, currency: str, interval: str, interval_count: int) -> PriceOut:
+    return PriceOut(
+        amount_minor=amount_minor,
+        currency=currency,
+        amount_display=amount_display(amount_minor, currency),
+        interval=interval,
+        interval_count=interval_count,
+    )
+
+
+def _merged(record: SubscriptionRecord, view: SubscriptionView) -> SubscriptionOut:
+    return SubscriptionOut(
+        id=record.id,
+        customer_id=record.customer_id,
+        status=view.status,
+        plan=view.plan_code,
+        price=_price(view.amount_minor, view.currency, view.interval, view.interval_count),
+        timezone=view.timezone,
+        anchor_at=view.anchor_at,
+        trial_end_at=view.trial_end_at,
+        current_period_start=view.current_period_start,
+        current_period_end=view.current_period_end,
+        next_billing_at=view.next_billing_at,
+        cancel_at_period_end=view.cancel_at_period_end,
+        cancel_reason=record.cancel_reason,
+        canceled_at=view.canceled_at,
+        ended_at=view.ended_at,
+        paused_at=view.paused_at,
+        open_invoice=OpenInvoiceOut.of_view(view.open_invoice) if view.open_invoice else None,
+        invoices_issued=view.invoices_issued,
+        workflow_id=record.workflow_id,
+        created_at=record.created_at,
+        live=True,
+    )
+
+
+def _from_database(record: SubscriptionRecord, invoicing: SubscriptionInvoicing) -> SubscriptionOut:
+    open_invoice = invoicing.open_invoice
+    return SubscriptionOut(
+        id=record.id,
+        customer_id=record.customer_id,
+        status=record.status,
+        plan=record.plan_code,
+        price=_price(
+            record.amount_minor, record.currency, record.interval.value, record.interval_count
+        ),
+        timezone=record.timezone,
+        anchor_at=record.anchor_at,
+        trial_end_at=record.trial_end_at,
+        current_period_start=record.current_period_start,
+        current_period_end=record.current_period_end,
+        next_billing_at=record.next_billing_at,
+        cancel_at_period_end=record.cancel_at_period_end,
+        cancel_reason=record.cancel_reason,
+        canceled_at=record.canceled_at,
+        ended_at=record.ended_at,
+        paused_at=record.paused_at,
+        open_invoice=OpenInvoiceOut.of_record(open_invoice, invoicing.open_invoice_attempts)
+        if open_invoice
+        else None,
+        invoices_issued=invoicing.invoices_issued,
+        workflow_id=record.workflow_id,
+        created_at=record.created_at,
+        live=False,
+    )

@@ -1,0 +1,558 @@
+"""``POST /v1/webhooks/stripe``: Stripe's news, turned into signals to subscription workflows.
+
+Order of work, each step before the next can change anything:
+
+1. verify ``Stripe-Signature`` over the raw body with the endpoint's signing secret (the
+   Stripe SDK's own check; no hand-written HMAC), and refuse with 400 otherwise;
+2. parse the JSON;
+3. claim the event id in ``webhook_events`` (insert first): a redelivery finds the row and is
+   answered ``{"received": true, "duplicate": true}`` with nothing else done;
+4. route it: look up which subscriptions it concerns in our database and signal their
+   workflows (fire-and-forget; the workflow applies the news at a safe point);
+5. record the outcome on the row.
+
+Routing (the ``route_event`` function):
+
+=========================  ========================================================  ==========
+event                      condition                                                 signal
+=========================  ========================================================  ==========
+customer.updated           ``invoice_settings.default_payment_method`` changed       payment_
+                           (``data.previous_attributes`` says so, when present) and  method_
+                           differs from the card on record for the customer; each    changed
+                           not-canceled subscription of that customer
+payment_intent.succeeded   the PaymentIntent is one of our attempts (by              payment_
+                           ``payment_attempts.stripe_payment_intent_id``, else its   authenti-
+                           ``metadata.invoice_id``), its invoice is open and no      cated
+                           attempt of it has succeeded yet
+anything else              (``payment_method.attached`` included, see below)         none
+=========================  ========================================================  ==========
+
+Failure answers: Temporal unreachable gives 503 *and the claim is deleted*, so Stripe's retry
+of the same event is processed rather than taken for a duplicate. A workflow that has already
+finished is not an error: the event is recorded (``workflow_closed``) and answered 200, or
+Stripe would retry it for three days. An event another delivery is still processing gets 409,
+so Stripe retries it later instead of being told it is done.
+
+The dependencies come from ``request.app.state``: ``settings`` (billing.settings.Settings),
+``deps`` (billing.worker.Dependencies: ``session_factory`` and ``clock``) and ``temporal``
+(a connected ``temporalio.client.Client``). This module does not import ``billing.worker``,
+which imports the workflow code that the API must not depend on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+import stripe
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from billing.clock import Clock
+from billing.contracts import (
+    PaymentAuthenticatedInput,
+    PaymentMethodChangedInput,
+    SubscriptionMessage,
+    workflow_id_for,
+)
+from billing.invoices import InvoiceStatus
+from billing.records import AttemptStatus, WebhookOutcome
+from billing.settings import Settings
+from db.engine import unit_of_work
+from db.repositories import attempts as attempts_repo
+from db.repositories import invoices as invoices_repo
+from db.repositories import webhook_events as webhook_events_repo
+
+__all__ = [
+    "WEBHOOK_PATH",
+    "RoutedSignal",
+    "Routing",
+    "receive_stripe_webhook",
+    "route_event",
+    "router",
+    "webhook_router",
+]
+
+logger = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/v1/webhooks/stripe"
+
+NOT_CONFIGURED_MESSAGE = (
+    "webhooks are not configured (BILLING_STRIPE_WEBHOOK_SECRET); set it to this endpoint's "
+    "signing secret (whsec_...) from the Stripe dashboard"
+)
+
+#: Longest wait for one signal RPC. Stripe gives up on a delivery after about 10 s; a slower
+#: Temporal is treated as unavailable (503), and Stripe retries the event later.
+SIGNAL_RPC_TIMEOUT = timedelta(seconds=5)
+
+#: A claim older than this without an outcome belongs to a request that died (its process was
+#: killed mid-request); a redelivery of the event may then take it over. Far above the
+#: slowest honest request (a few signals at SIGNAL_RPC_TIMEOUT each).
+CLAIM_STALE_AFTER = timedelta(minutes=2)
+
+#: Longest event id we store (the column's length); Stripe's are about 30 characters.
+_MAX_EVENT_ID_LENGTH = 255
+
+
+class WebhookDependencies(Protocol):
+    """What the endpoint needs from ``request.app.state.deps`` (a billing.worker.Dependencies)."""
+
+    @property
+    def session_factory(self) -> sessionmaker[Session]: ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+
+# ---- answers ------------------------------------------------------------------------------
+
+
+def _error(status_code: int, error_type: str, message: str) -> JSONResponse:
+    return JSONResponse(
+        status_code=status_code, content={"error": {"type": error_type, "message": message}}
+    )
+
+
+# ---- 1. signature ---------------------------------------------------------------------------
+
+
+class _InvalidSignature(Exception):
+    pass
+
+
+def _header_timestamp(header: str) -> int | None:
+    """The ``t=`` value of a Stripe-Signature header, for messages only (the SDK verifies)."""
+    for item in header.split(","):
+        key, _, value = item.strip().partition("=")
+        if key == "t" and value.isdigit():
+            return int(value)
+    return None
+
+
+def verify_signature(payload: bytes, header: str | None, secret: str, tolerance_s: int) -> None:
+    """Raise ``_InvalidSignature`` saying what is wrong unless ``header`` is Stripe's valid,
+    recent signature of exactly ``payload`` under ``secret``.
+
+    The check itself is the Stripe SDK's ``WebhookSignature.verify_header`` (HMAC-SHA256 of
+    ``"{t}.{body}"``, constant-time comparison, any of several ``v1`` signatures, timestamp
+    not older than the tolerance). The code here only chooses the message.
+    """
+    if not header:
+        raise _InvalidSignature(
+            "the Stripe-Signature header is missing; Stripe signs every webhook delivery, so "
+            "this request was not sent by Stripe (or a proxy removed the header)"
+        )
+    try:
+        body = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _InvalidSignature(
+            "the body is not UTF-8 text, so it is not an event Stripe signed"
+        ) from None
+    timestamp = _header_timestamp(header)
+    if timestamp is None or "v1=" not in header:
+        raise _InvalidSignature(
+            "the Stripe-Signature header is malformed; expected 't=<unix time>,v1=<signature>'"
+        )
+    try:
+        stripe.WebhookSignature.verify_header(body, header, secret, tolerance_s)
+    except stripe.SignatureVerificationError:
+        pass
+    else:
+        return
+    # The SDK checks the HMAC before the timestamp: if the signature alone holds, the
+    # timestamp was what failed.
+    try:
+        stripe.WebhookSignature.verify_header(body, header, secret, None)
+    except stripe.SignatureVerificationError:
+        raise _InvalidSignature(
+            "the Stripe-Signature does not match the body: the body was altered after signing, "
+            "or it was signed with another secret (check that BILLING_STRIPE_WEBHOOK_SECRET is "
+            "this endpoint's signing secret)"
+        ) from None
+    age_s = int(time.time()) - timestamp
+    raise _InvalidSignature(
+        f"the Stripe-Signature timestamp is {age_s} s old, beyond the {tolerance_s} s tolerance "
+        "(a delayed or replayed delivery); if every webhook is refused this way, check this "
+        "server's clock"
+    )
+
+
+# ---- 2. payload -------------------------------------------------------------------------------
+
+
+class _InvalidPayload(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Event:
+    id: str
+    type: str
+    data: dict[str, Any]
+
+    @property
+    def object(self) -> dict[str, Any]:
+        obj: dict[str, Any] = self.data["object"]
+        return obj
+
+
+def _parse_event(payload: bytes) -> _Event:
+    try:
+        parsed = json.loads(payload)
+    except ValueError as error:
+        raise _InvalidPayload(f"the body is not valid JSON: {error}") from None
+    if not isinstance(parsed, dict):
+        raise _InvalidPayload("the body is not a JSON object; expected a Stripe event")
+    event_id, event_type, data = parsed.get("id"), parsed.get("type"), parsed.get("data")
+    if not isinstance(event_id, str) or not event_id or len(event_id) > _MAX_EVENT_ID_LENGTH:
+        raise _InvalidPayload(
+            f"the event has no usable 'id' (a string of 1 to {_MAX_EVENT_ID_LENGTH} "
+            "characters, e.g. 'evt_...')"
+        )
+    if not isinstance(event_type, str) or not event_type:
+        raise _InvalidPayload(f"event {event_id} has no 'type'")
+    if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+        raise _InvalidPayload(
+            f"event {event_id} has no 'data.object'; only snapshot events are accepted"
+        )
+    return _Event(event_id, event_type, data)
+
+
+# ---- 4. routing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoutedSignal:
+    subscription_id: str
+    name: str
+    arg: PaymentMethodChangedInput | PaymentAuthenticatedInput
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The signals an event calls for. With none, ``outcome`` and ``detail`` say why."""
+
+    signals: list[RoutedSignal] = field(default_factory=list)
+    outcome: WebhookOutcome = WebhookOutcome.IGNORED
+    detail: str = ""
+
+
+def _object_id(value: object) -> str | None:
+    """The id of an expandable field: an id string, or the expanded object's ``id``."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, dict):
+        inner = value.get("id")
+        return inner if isinstance(inner, str) and inner else None
+    return None
+
+
+def _default_payment_method(customer: dict[str, Any]) -> str | None:
+    settings = customer.get("invoice_settings")
+    return (
+        _object_id(settings.get("default_payment_method")) if isinstance(settings, dict) else None
+    )
+
+
+def _route_customer_updated(session: Session, event: _Event) -> Routing:
+    """A new default card for invoices means "retry the open invoice now" (README: card
+    updated), for every live subscription of the customer."""
+    previous = event.data.get("previous_attributes")
+    if isinstance(previous, dict):
+        # Real Stripe lists exactly the fields this update changed. localstripe sends no
+        # previous_attributes; then the comparison with our records below decides alone.
+        previous_settings = previous.get("invoice_settings")
+        if not (
+            isinstance(previous_settings, dict) and "default_payment_method" in previous_settings
+        ):
+            return Routing(detail="the update did not change the default payment method")
+    stripe_customer_id = _object_id(event.object.get("id"))
+    new_default = _default_payment_method(event.object)
+    if stripe_customer_id is None:
+        return Routing(detail="the customer object has no id")
+    if new_default is None:
+        return Routing(detail="the customer has no default payment method to retry with")
+    customer = webhook_events_repo.get_customer_by_provider_id(session, stripe_customer_id)
+    if customer is None:
+        return Routing(
+            outcome=WebhookOutcome.NO_SUBSCRIPTION,
+            detail=f"no customer of ours is provider customer {stripe_customer_id}",
+        )
+    if customer.default_payment_method_id == new_default:
+        # Our own write coming back: the workflow's attach activity makes the card the
+        # default at Stripe and then records it here. Signalling it would attach the card
+        # again, whose update would send this event again: a loop of extra retries.
+        return Routing(
+            detail=f"{new_default} is already the payment method on record for {customer.id}"
+        )
+    subscriptions = webhook_events_repo.list_live_subscriptions_for_customer(session, customer.id)
+    if not subscriptions:
+        return Routing(
+            outcome=WebhookOutcome.NO_SUBSCRIPTION,
+            detail=f"customer {customer.id} has no subscription that is not canceled",
+        )
+    return Routing(
+        signals=[
+            RoutedSignal(
+                s.id,
+                SubscriptionMessage.PAYMENT_METHOD_CHANGED,
+                PaymentMethodChangedInput(payment_method_id=new_default),
+            )
+            for s in subscriptions
+        ]
+    )
+
+
+def _route_payment_intent_succeeded(session: Session, event: _Event) -> Routing:
+    """A PaymentIntent of ours that needed the customer (3-D Secure) has succeeded: the
+    workflow checks it with Stripe (confirm_authenticated_payment) and settles the invoice."""
+    payment_intent_id = _object_id(event.object.get("id"))
+    if payment_intent_id is None:
+        return Routing(detail="the payment intent has no id")
+    attempt = attempts_repo.get_attempt_by_payment_intent(session, payment_intent_id)
+    if attempt is not None:
+        if attempt.status == AttemptStatus.SUCCEEDED:
+            # The ordinary off-session success: the workflow got it from the charge call and
+            # settles it itself. A signal would be harmless (the workflow ignores news about
+            # an invoice it no longer holds open) but is noise in its history.
+            return Routing(
+                detail=f"attempt {attempt.attempt_number} of invoice {attempt.invoice_id} "
+                "already succeeded"
+            )
+        invoice_id = attempt.invoice_id
+    else:
+        # The attempt row gets the PaymentIntent id only once the charge call returns; our
+        # charges carry the invoice id in their metadata, so an event that overtakes that
+        # write still finds its invoice. The workflow verifies the claim either way.
+        metadata = event.object.get("metadata")
+        named = metadata.get("invoice_id") if isinstance(metadata, dict) else None
+        if not isinstance(named, str) or not named:
+            return Routing(
+                outcome=WebhookOutcome.NO_SUBSCRIPTION,
+                detail=f"{payment_intent_id} is not a charge attempt of ours",
+            )
+        invoice_id = named
+    invoice = invoices_repo.get_invoice(session, invoice_id)
+    if invoice is None:
+        return Routing(
+            outcome=WebhookOutcome.NO_SUBSCRIPTION,
+            detail=f"{payment_intent_id} names invoice {invoice_id}, which we do not have",
+        )
+    if invoice.status != InvoiceStatus.OPEN:
+        return Routing(detail=f"invoice {invoice.number} is already {invoice.status.value}")
+    attempts = attempts_repo.list_attempts_for_invoice(session, invoice.id)
+    if any(a.status == AttemptStatus.SUCCEEDED for a in attempts):
+        return Routing(detail=f"invoice {invoice.number} already has a succeeded attempt")
+    return Routing(
+        signals=[
+            RoutedSignal(
+                invoice.subscription_id,
+                SubscriptionMessage.PAYMENT_AUTHENTICATED,
+                PaymentAuthenticatedInput(
+                    payment_intent_id=payment_intent_id, invoice_id=invoice.id
+                ),
+            )
+        ]
+    )
+
+
+_ROUTES: dict[str, Callable[[Session, _Event], Routing]] = {
+    "customer.updated": _route_customer_updated,
+    "payment_intent.succeeded": _route_payment_intent_succeeded,
+    # Not "payment_method.attached": attaching a card does not make it the one invoices are
+    # charged to (our charges use the customer's invoice_settings.default_payment_method),
+    # and signalling it would make the workflow switch the customer's default to a card they
+    # may have added for something else. Our own attach activity also attaches before it sets
+    # the default. The customer.updated that follows a real change of default is the news.
+}
+
+
+def route_event(
+    session: Session, event_type: str, data: dict[str, Any], event_id: str = ""
+) -> Routing:
+    """Which workflow signals the event calls for, from our database (read only)."""
+    route = _ROUTES.get(event_type)
+    if route is None:
+        return Routing(detail=f"event type {event_type} is not one this endpoint acts on")
+    return route(session, _Event(event_id, event_type, data))
+
+
+# ---- the endpoint -----------------------------------------------------------------------------
+
+
+class _TemporalUnavailable(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Delivered:
+    outcome: WebhookOutcome
+    subscription_id: str | None
+    detail: str
+
+
+async def _signal_all(temporal: Client | None, routing: Routing) -> _Delivered:
+    if not routing.signals:
+        return _Delivered(routing.outcome, None, routing.detail)
+    if temporal is None:
+        raise _TemporalUnavailable("no Temporal client is configured on the application")
+    signalled: list[str] = []
+    closed: list[str] = []
+    for signal in routing.signals:
+        handle = temporal.get_workflow_handle(workflow_id_for(signal.subscription_id))
+        try:
+            await handle.signal(signal.name, signal.arg, rpc_timeout=SIGNAL_RPC_TIMEOUT)
+        except RPCError as error:
+            if error.status == RPCStatusCode.NOT_FOUND:
+                # Finished (canceled, or never started): nothing left to tell it.
+                closed.append(signal.subscription_id)
+                continue
+            raise _TemporalUnavailable(f"{error.status.name}: {error.message}") from error
+        except RuntimeError as error:
+            # A lazily connecting client that cannot reach the server raises RuntimeError.
+            raise _TemporalUnavailable(str(error)) from error
+        signalled.append(signal.subscription_id)
+    name = routing.signals[0].name
+    parts = []
+    if signalled:
+        parts.append(f"{name} sent to {', '.join(signalled)}")
+    if closed:
+        parts.append(f"workflow already closed for {', '.join(closed)}")
+    detail = "; ".join(parts)
+    if signalled:
+        return _Delivered(WebhookOutcome.ROUTED, signalled[0], detail)
+    return _Delivered(WebhookOutcome.WORKFLOW_CLOSED, closed[0], detail)
+
+
+def _claim(
+    session_factory: sessionmaker[Session], event: _Event, now: datetime
+) -> webhook_events_repo.WebhookClaim:
+    with unit_of_work(session_factory) as session:
+        return webhook_events_repo.claim_webhook_event(
+            session,
+            event_id=event.id,
+            event_type=event.type,
+            now=now,
+            stale_after=CLAIM_STALE_AFTER,
+        )
+
+
+def _route(session_factory: sessionmaker[Session], event: _Event) -> Routing:
+    with unit_of_work(session_factory) as session:
+        return route_event(session, event.type, event.data, event.id)
+
+
+def _release(session_factory: sessionmaker[Session], event_id: str, claimed_at: datetime) -> None:
+    with unit_of_work(session_factory) as session:
+        webhook_events_repo.release_webhook_event(session, event_id, claimed_at=claimed_at)
+
+
+def _record(
+    session_factory: sessionmaker[Session], event_id: str, delivered: _Delivered, now: datetime
+) -> None:
+    with unit_of_work(session_factory) as session:
+        webhook_events_repo.record_webhook_outcome(
+            session,
+            event_id,
+            outcome=delivered.outcome,
+            processed_at=now,
+            subscription_id=delivered.subscription_id,
+            detail=delivered.detail or None,
+        )
+
+
+async def receive_stripe_webhook(request: Request) -> JSONResponse:
+    """Verify, dedupe, route and record one Stripe event delivery."""
+    # The signature covers the exact bytes Stripe sent: read them before anything parses.
+    payload = await request.body()
+    settings: Settings = request.app.state.settings
+    secret = settings.stripe_webhook_secret
+    if secret is None or not secret.get_secret_value().strip():
+        return _error(400, "invalid_signature", NOT_CONFIGURED_MESSAGE)
+    try:
+        verify_signature(
+            payload,
+            request.headers.get("stripe-signature"),
+            secret.get_secret_value(),
+            settings.stripe_webhook_tolerance_seconds,
+        )
+    except _InvalidSignature as invalid:
+        logger.warning("refused a webhook delivery: %s", invalid)
+        return _error(400, "invalid_signature", str(invalid))
+    try:
+        event = _parse_event(payload)
+    except _InvalidPayload as invalid:
+        logger.warning("refused a signed webhook delivery: %s", invalid)
+        return _error(400, "invalid_payload", str(invalid))
+
+    deps: WebhookDependencies = request.app.state.deps
+    temporal: Client | None = getattr(request.app.state, "temporal", None)
+    session_factory = deps.session_factory
+
+    claim = await asyncio.to_thread(_claim, session_factory, event, deps.clock.now())
+    if not claim.claimed:
+        if claim.already_processed:
+            return JSONResponse({"received": True, "duplicate": True})
+        return _error(
+            409,
+            "event_in_progress",
+            f"event {event.id} is being processed by another delivery; retry later",
+        )
+
+    claimed_at = claim.event.claimed_at
+    try:
+        routing = await asyncio.to_thread(_route, session_factory, event)
+        delivered = await _signal_all(temporal, routing)
+    except _TemporalUnavailable as unavailable:
+        # Without this delete, Stripe's retry would find the row and be answered "duplicate":
+        # the news would be lost. Signals already sent stay sent; their workflows treat a
+        # repeat as harmless.
+        await asyncio.to_thread(_release, session_factory, event.id, claimed_at)
+        logger.warning("Temporal unavailable for webhook %s: %s", event.id, unavailable)
+        return _error(
+            503,
+            "temporal_unavailable",
+            f"could not reach the workflow service ({unavailable}); event {event.id} was not "
+            "processed, retry later",
+        )
+    except Exception:
+        # e.g. the database went away mid-request: let Stripe's retry process the event.
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(_release, session_factory, event.id, claimed_at)
+        raise
+
+    await asyncio.to_thread(_record, session_factory, event.id, delivered, deps.clock.now())
+    logger.info(
+        "webhook %s (%s): %s %s", event.id, event.type, delivered.outcome.value, delivered.detail
+    )
+    return JSONResponse(
+        {"received": True, "event_id": event.id, "outcome": delivered.outcome.value}
+    )
+
+
+def webhook_router() -> APIRouter:
+    """The router serving ``POST /v1/webhooks/stripe``. It authenticates by the Stripe
+    signature, so the API-key dependency must not apply to it."""
+    webhook_routes = APIRouter(tags=["webhooks"])
+    webhook_routes.add_api_route(
+        WEBHOOK_PATH,
+        receive_stripe_webhook,
+        methods=["POST"],
+        summary="Receive a Stripe webhook event",
+        response_class=JSONResponse,
+    )
+    return webhook_routes
+
+
+router = webhook_router()

@@ -1,0 +1,205 @@
+"""Finance reads: filtered invoice listings with keyset pagination, one invoice with its
+attempts and payment, and a subscription's invoicing summary.
+
+Listings are ordered by (created_at, id) ascending and continue after a cursor with
+``created_at > c OR (created_at = c AND id > i)``, which both SQLite and PostgreSQL run; the
+extra ``created_at >= c`` lets the planner use an index on created_at for the range.
+Reads only: nothing here writes or commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import fields
+from typing import Any
+
+from sqlalchemy import Select, and_, func, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing.finance import (
+    DEFAULT_PAGE_SIZE,
+    EXPORT_PAGE_SIZE,
+    InvoiceCursor,
+    InvoiceDetail,
+    InvoiceFilter,
+    InvoiceListItem,
+    InvoicePage,
+    SubscriptionInvoicing,
+    check_page_size,
+)
+from billing.invoices import InvoiceStatus
+from billing.records import InvoiceRecord, PaymentRecord
+from db.engine import unit_of_work
+from db.models import InvoiceRow, PaymentAttemptRow, PaymentRow
+from db.repositories import attempts as attempts_repo
+from db.repositories import invoices as invoices_repo
+from db.repositories import payments as payments_repo
+from db.repositories._rows import fetch_one, select_rows
+
+_PAYMENT_PREFIX = "payment__"
+_INVOICE_FIELDS = tuple(f.name for f in fields(InvoiceRecord))
+_PAYMENT_FIELDS = tuple(f.name for f in fields(PaymentRecord))
+
+
+def _listing(invoice_filter: InvoiceFilter) -> Select[Any]:
+    """Invoices matching the filter, each with its payment (at most one: a unique constraint),
+    so the outer join never repeats an invoice."""
+    invoices = InvoiceRow.__table__
+    payments = PaymentRow.__table__
+    statement = select(
+        *(invoices.c[name] for name in _INVOICE_FIELDS),
+        *(payments.c[name].label(_PAYMENT_PREFIX + name) for name in _PAYMENT_FIELDS),
+    ).select_from(invoices.outerjoin(payments, payments.c.invoice_id == invoices.c.id))
+    f = invoice_filter
+    if f.statuses:
+        statement = statement.where(InvoiceRow.status.in_(f.statuses))
+    if f.customer_id is not None:
+        statement = statement.where(InvoiceRow.customer_id == f.customer_id)
+    if f.subscription_id is not None:
+        statement = statement.where(InvoiceRow.subscription_id == f.subscription_id)
+    if f.currency is not None:
+        statement = statement.where(InvoiceRow.currency == f.currency)
+    if f.issued_from is not None:
+        statement = statement.where(InvoiceRow.created_at >= f.issued_from)
+    if f.issued_to is not None:
+        statement = statement.where(InvoiceRow.created_at < f.issued_to)
+    if f.period_from is not None:
+        statement = statement.where(InvoiceRow.period_start >= f.period_from)
+    if f.period_to is not None:
+        statement = statement.where(InvoiceRow.period_start < f.period_to)
+    return statement
+
+
+def _item(row: Any) -> InvoiceListItem:
+    invoice = InvoiceRecord(**{name: row[name] for name in _INVOICE_FIELDS})
+    payment = None
+    if row[_PAYMENT_PREFIX + "id"] is not None:
+        payment = PaymentRecord(**{name: row[_PAYMENT_PREFIX + name] for name in _PAYMENT_FIELDS})
+    return InvoiceListItem(invoice, payment)
+
+
+def _after(statement: Select[Any], after: InvoiceCursor | None) -> Select[Any]:
+    if after is None:
+        return statement
+    return statement.where(
+        InvoiceRow.created_at >= after.created_at,
+        or_(
+            InvoiceRow.created_at > after.created_at,
+            and_(InvoiceRow.created_at == after.created_at, InvoiceRow.id > after.invoice_id),
+        ),
+    )
+
+
+def _fetch(
+    session: Session, invoice_filter: InvoiceFilter, limit: int, after: InvoiceCursor | None
+) -> tuple[list[InvoiceListItem], bool]:
+    """Up to ``limit`` items after ``after``, and whether more follow. One row more than asked
+    tells whether another page exists, without a COUNT."""
+    statement = (
+        _after(_listing(invoice_filter), after)
+        .order_by(InvoiceRow.created_at, InvoiceRow.id)
+        .limit(limit + 1)
+    )
+    items = [_item(row) for row in session.execute(statement).mappings()]
+    return items[:limit], len(items) > limit
+
+
+def list_invoices(
+    session: Session,
+    invoice_filter: InvoiceFilter,
+    *,
+    limit: int = DEFAULT_PAGE_SIZE,
+    after: InvoiceCursor | None = None,
+) -> InvoicePage:
+    """One page of the invoices matching ``invoice_filter``, in (created_at, id) order,
+    starting after ``after`` (the previous page's ``next_cursor``, decoded). ``limit`` is
+    1..200; InvalidInput otherwise."""
+    items, has_more = _fetch(session, invoice_filter, check_page_size(limit), after)
+    next_cursor = InvoiceCursor.after(items[-1].invoice).encode() if has_more else None
+    return InvoicePage(items=items, has_more=has_more, next_cursor=next_cursor)
+
+
+def iter_invoice_pages(
+    session_factory: sessionmaker[Session],
+    invoice_filter: InvoiceFilter,
+    *,
+    page_size: int = EXPORT_PAGE_SIZE,
+    after: InvoiceCursor | None = None,
+) -> Iterator[list[InvoiceListItem]]:
+    """Every invoice matching the filter, in (created_at, id) order, as lists of at most
+    ``page_size`` (never an empty list). Each page is read in its own short transaction, so
+    an export of any size holds no transaction open between pages (on SQLite every
+    transaction takes the write lock the workers need) and has one page in memory."""
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"page_size must be a positive integer; got {page_size!r}")
+    cursor = after
+    while True:
+        with unit_of_work(session_factory) as session:
+            items, has_more = _fetch(session, invoice_filter, page_size, cursor)
+        if items:
+            yield items
+        if not has_more:
+            return
+        cursor = InvoiceCursor.after(items[-1].invoice)
+
+
+def iter_invoices(
+    session_factory: sessionmaker[Session],
+    invoice_filter: InvoiceFilter,
+    *,
+    page_size: int = EXPORT_PAGE_SIZE,
+) -> Iterator[InvoiceListItem]:
+    """``iter_invoice_pages``, one invoice at a time."""
+    for page in iter_invoice_pages(session_factory, invoice_filter, page_size=page_size):
+        yield from page
+
+
+def count_invoices(session: Session, invoice_filter: InvoiceFilter) -> int:
+    """How many invoices match the filter."""
+    listing = _listing(invoice_filter).subquery()
+    return int(session.execute(select(func.count()).select_from(listing)).scalar_one())
+
+
+def get_invoice_detail(session: Session, invoice_id: str) -> InvoiceDetail | None:
+    """The invoice with its attempts (by attempt number) and payments; None if unknown."""
+    invoice = invoices_repo.get_invoice(session, invoice_id)
+    if invoice is None:
+        return None
+    return InvoiceDetail(
+        invoice=invoice,
+        attempts=attempts_repo.list_attempts_for_invoice(session, invoice_id),
+        payments=payments_repo.list_payments_for_invoice(session, invoice_id),
+    )
+
+
+def subscription_invoicing(session: Session, subscription_id: str) -> SubscriptionInvoicing:
+    """How many invoices the subscription has, and its open invoice with the number of
+    charge attempts made on it (the newest open one, if several)."""
+    issued = session.execute(
+        select(func.count())
+        .select_from(InvoiceRow)
+        .where(InvoiceRow.subscription_id == subscription_id)
+    ).scalar_one()
+    open_invoice = fetch_one(
+        session,
+        InvoiceRecord,
+        select_rows(InvoiceRow)
+        .where(
+            InvoiceRow.subscription_id == subscription_id,
+            InvoiceRow.status == InvoiceStatus.OPEN,
+        )
+        .order_by(InvoiceRow.period_start.desc())
+        .limit(1),
+    )
+    attempts = 0
+    if open_invoice is not None:
+        attempts = int(
+            session.execute(
+                select(func.count())
+                .select_from(PaymentAttemptRow)
+                .where(PaymentAttemptRow.invoice_id == open_invoice.id)
+            ).scalar_one()
+        )
+    return SubscriptionInvoicing(
+        invoices_issued=int(issued), open_invoice=open_invoice, open_invoice_attempts=attempts
+    )

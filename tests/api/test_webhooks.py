@@ -1,0 +1,481 @@
+"""POST /v1/webhooks/stripe against real parts: localstripe signs and delivers events over
+HTTP to a uvicorn server running the webhook router, which signals the real subscription
+workflow on the time-skipping server, with a real database behind it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client
+
+from billing.api.webhooks import NOT_CONFIGURED_MESSAGE
+from billing.contracts import NoticeKind, SubscriptionMessage
+from billing.invoices import InvoiceStatus
+from billing.records import WebhookEventRecord, WebhookOutcome
+from billing.subscription import SubscriptionStatus
+from billing.testing.cards import DECLINES_AFTER_ATTACH, REQUIRES_AUTHENTICATION, SUCCEEDS
+from billing.testing.harness import BillingHarness
+from tests.api.webhook_fixtures import (  # noqa: F401  (fixtures)
+    CAPTURE_PATH,
+    TOLERANCE_SECONDS,
+    WEBHOOK_SECRET,
+    WebhookStack,
+    localstripe,
+    make_webhook_app,
+    sign,
+    wait_until,
+    webhook_harness,
+    webhook_settings,
+    webhook_stack,
+)
+from tests.conftest import BOTH_BACKENDS
+
+DAY = timedelta(days=1)
+
+
+async def signals_received(harness: BillingHarness, subscription_id: str, name: str) -> int:
+    """How many ``name`` signals the subscription's workflow has received, over all runs."""
+    count = 0
+    for history in await harness.run_histories(subscription_id):
+        for event in history.events:
+            if (
+                event.HasField("workflow_execution_signaled_event_attributes")
+                and event.workflow_execution_signaled_event_attributes.signal_name == name
+            ):
+                count += 1
+    return count
+
+
+async def history_size(harness: BillingHarness, subscription_id: str) -> int:
+    return sum(len(h.events) for h in await harness.run_histories(subscription_id))
+
+
+async def first_anchor(harness: BillingHarness) -> Any:
+    now = await harness.now()
+    return now.replace(minute=0, second=0, microsecond=0) + DAY
+
+
+async def processed(stack: WebhookStack, event_id: str) -> WebhookEventRecord:
+    """The event's row once its outcome is recorded (deliveries arrive about 1 s late)."""
+
+    def done() -> WebhookEventRecord | None:
+        row = stack.event(event_id)
+        return row if row is not None and row.processed_at is not None else None
+
+    result: WebhookEventRecord = await wait_until(done, what=f"event {event_id} processed")
+    return result
+
+
+def set_default_card_at_stripe(stack: WebhookStack, stripe_customer_id: str, number: str) -> str:
+    """What the customer does in Stripe's own pages: add a card and make it the default for
+    invoices. Our service is not told, except by the webhook."""
+    client = stack.harness.stripe
+    pm = stack.harness.card(number)
+    client.v1.payment_methods.attach(pm, params={"customer": stripe_customer_id})
+    client.v1.customers.update(
+        stripe_customer_id, params={"invoice_settings": {"default_payment_method": pm}}
+    )
+    return pm
+
+
+def stripe_customer_id(stack: WebhookStack, subscription_id: str) -> str:
+    from db.engine import unit_of_work
+    from db.repositories import customers, subscriptions
+
+    with unit_of_work(stack.harness.session_factory) as session:
+        subscription = subscriptions.get_subscription(session, subscription_id)
+        assert subscription is not None
+        customer = customers.get_customer(session, subscription.customer_id)
+    assert customer is not None and customer.stripe_customer_id is not None
+    return customer.stripe_customer_id
+
+
+def for_customer(deliveries: list[Any], customer: str, pm: str | None = None) -> list[Any]:
+    return [
+        d
+        for d in deliveries
+        if d.event["data"]["object"]["id"] == customer
+        and (
+            pm is None
+            or d.event["data"]["object"]["invoice_settings"]["default_payment_method"] == pm
+        )
+    ]
+
+
+# ---- localstripe's signed events are accepted ------------------------------------------------
+
+
+async def test_localstripe_signed_events_are_accepted_and_recorded(
+    webhook_stack: WebhookStack,
+) -> None:
+    stack = webhook_stack
+    client = stack.harness.stripe
+    # A Stripe customer none of our subscriptions belongs to.
+    customer = client.v1.customers.create(params={"email": "stranger@example.com"})
+    pm = set_default_card_at_stripe(stack, customer.id, SUCCEEDS)
+
+    updated = await wait_until(
+        lambda: for_customer(stack.deliveries("customer.updated"), customer.id, pm),
+        what="customer.updated delivered",
+    )
+    created = await wait_until(
+        lambda: for_customer(stack.deliveries("customer.created"), customer.id),
+        what="customer.created delivered",
+    )
+    # localstripe signs as Stripe does; our endpoint verified it and answered 200.
+    assert updated[0].signature.startswith("t=") and ",v1=" in updated[0].signature
+    assert [d.status for d in updated + created] == [200, 200]
+
+    row = await processed(stack, updated[0].event["id"])
+    assert row.type == "customer.updated"
+    assert row.outcome == WebhookOutcome.NO_SUBSCRIPTION
+    assert row.subscription_id is None
+    assert customer.id in (row.detail or "")
+    created_row = await processed(stack, created[0].event["id"])
+    assert created_row.outcome == WebhookOutcome.IGNORED
+    assert "not one this endpoint acts on" in (created_row.detail or "")
+
+
+# ---- 3-D Secure: authentication completes an open invoice ------------------------------------
+
+
+@BOTH_BACKENDS
+async def test_authenticated_payment_from_the_webhook_settles_the_blocked_invoice(
+    webhook_stack: WebhookStack,
+) -> None:
+    stack, harness = webhook_stack, webhook_stack.harness
+    anchor = await first_anchor(harness)
+    sub = await harness.signup(
+        "basic-monthly", card=REQUIRES_AUTHENTICATION, billing_anchor_at=anchor
+    )
+    await harness.advance_to(anchor + 2 * DAY)
+    state = await harness.state(sub.subscription_id)
+    assert state.status == SubscriptionStatus.PAST_DUE
+    assert state.open_invoice is not None
+    assert state.open_invoice.blocked == "authentication_required"
+    invoice_id = state.open_invoice.invoice_id
+    [attempt] = harness.snapshot(sub.subscription_id).attempts[invoice_id]
+    assert attempt.status == "requires_action" and attempt.stripe_payment_intent_id
+    payment_intent_id = attempt.stripe_payment_intent_id
+
+    # The customer completes 3-D Secure (localstripe's stand-in for Stripe.js); nothing else
+    # tells our service but localstripe's payment_intent.succeeded webhook.
+    intent = harness.stripe.v1.payment_intents.retrieve(payment_intent_id)
+    authenticated = stack.stripe_post(
+        f"/v1/payment_intents/{payment_intent_id}/_authenticate",
+        {"client_secret": intent.client_secret or "", "success": "true"},
+    )
+    assert authenticated["status"] == "succeeded"
+
+    state = await harness.wait_for(
+        sub.subscription_id, lambda v: v.open_invoice is None, timeout=20
+    )
+    assert state.status == SubscriptionStatus.ACTIVE
+    # The workflow mirrors the status and sends the "recovered" notice just after settling.
+    snap = await wait_until(
+        lambda: (s := harness.snapshot(sub.subscription_id)).notifications[1:] and s,
+        what="the recovered notice",
+    )
+    [invoice] = snap.invoices
+    assert invoice.status == InvoiceStatus.PAID and invoice.amount_paid_minor == 900
+    [payment] = snap.payments[invoice.id]
+    assert payment.stripe_payment_intent_id == payment_intent_id
+    assert (payment.amount_minor, payment.currency) == (900, "USD")
+    [attempt] = snap.attempts[invoice.id]
+    assert attempt.status == "succeeded"
+    assert snap.subscription.status == SubscriptionStatus.ACTIVE
+    assert [n.kind for n in snap.notifications] == [
+        NoticeKind.ACTION_REQUIRED,
+        NoticeKind.PAYMENT_SUCCEEDED_AFTER_FAILURE,
+    ]
+
+    [delivery] = [
+        d
+        for d in stack.deliveries("payment_intent.succeeded")
+        if d.event["data"]["object"]["id"] == payment_intent_id
+    ]
+    row = await processed(stack, delivery.event["id"])
+    assert row.outcome == WebhookOutcome.ROUTED
+    assert row.subscription_id == sub.subscription_id
+    authenticated_signals = SubscriptionMessage.PAYMENT_AUTHENTICATED
+    assert await signals_received(harness, sub.subscription_id, authenticated_signals) == 1
+    # The customer.updated of signup was our own write echoed back: not a card change.
+    assert (
+        await signals_received(
+            harness, sub.subscription_id, SubscriptionMessage.PAYMENT_METHOD_CHANGED
+        )
+        == 0
+    )
+
+    # Stripe delivers at least once: the same delivery again is acknowledged and dropped.
+    rows_before = stack.event_count()
+    replay = await stack.post(delivery.body, delivery.signature)
+    assert replay.status_code == 200
+    assert replay.json() == {"received": True, "duplicate": True}
+    assert stack.event_count() == rows_before
+    assert await signals_received(harness, sub.subscription_id, authenticated_signals) == 1
+    assert len(harness.snapshot(sub.subscription_id).payments[invoice.id]) == 1
+
+
+# ---- a card changed at Stripe retries the open invoice at once ---------------------------------
+
+
+async def test_card_changed_at_stripe_retries_the_past_due_invoice_at_once(
+    webhook_stack: WebhookStack,
+) -> None:
+    stack, harness = webhook_stack, webhook_stack.harness
+    anchor = await first_anchor(harness)
+    sub = await harness.signup(
+        "basic-monthly", card=DECLINES_AFTER_ATTACH, billing_anchor_at=anchor
+    )
+    await harness.advance_to(anchor + timedelta(hours=1))
+    state = await harness.state(sub.subscription_id)
+    assert state.status == SubscriptionStatus.PAST_DUE
+    assert state.open_invoice is not None and state.open_invoice.attempts == 1
+    first_failure = state.open_invoice.first_failure_at
+    assert first_failure is not None
+    assert state.open_invoice.next_retry_at == first_failure + DAY
+
+    customer = stripe_customer_id(stack, sub.subscription_id)
+    good_card = set_default_card_at_stripe(stack, customer, SUCCEEDS)
+
+    # No time passes on the workflow's clock: only the webhook can trigger this retry.
+    try:
+        state = await harness.wait_for(
+            sub.subscription_id, lambda v: v.open_invoice is None, timeout=20
+        )
+    except AssertionError:
+        print(
+            "DEBUG",
+            good_card,
+            stack.events(),
+            [
+                (
+                    d.path,
+                    d.status,
+                    d.event["type"],
+                    d.event["data"]["object"].get("invoice_settings"),
+                )
+                for d in stack.server.deliveries
+            ],
+        )
+        for h in await harness.run_histories(sub.subscription_id):
+            for e in h.events:
+                print("H", e.event_id, e.event_type, e.event_time.ToDatetime())
+        raise
+    assert state.status == SubscriptionStatus.ACTIVE
+    assert state.next_billing_at == anchor + timedelta(days=31)  # the anchor is kept (Jan/…)
+    snap = harness.snapshot(sub.subscription_id)
+    [invoice] = snap.invoices
+    assert invoice.status == InvoiceStatus.PAID and invoice.amount_paid_minor == 900
+    attempts = snap.attempts[invoice.id]
+    assert [(a.status, a.reason) for a in attempts] == [
+        ("failed", "scheduled"),
+        ("succeeded", "payment_method_updated"),
+    ]
+    assert attempts[1].payment_method_id == good_card
+    assert attempts[1].created_at - first_failure < timedelta(minutes=5)
+    assert len(snap.payments[invoice.id]) == 1
+
+    [change] = for_customer(stack.deliveries("customer.updated"), customer, good_card)[:1]
+    row = await processed(stack, change.event["id"])
+    assert row.outcome == WebhookOutcome.ROUTED
+    assert row.subscription_id == sub.subscription_id
+
+    # The workflow's attach activity sets the same default at Stripe again, which sends a
+    # second customer.updated: recognised as our own write, so no second signal (no loop).
+    echoes = await wait_until(
+        lambda: [
+            d
+            for d in for_customer(stack.deliveries("customer.updated"), customer, good_card)
+            if d.event["id"] != change.event["id"]
+        ],
+        what="the echo of the workflow's own card update",
+    )
+    echo = await processed(stack, echoes[0].event["id"])
+    assert echo.outcome == WebhookOutcome.IGNORED
+    assert "already the payment method on record" in (echo.detail or "")
+    changed_signals = SubscriptionMessage.PAYMENT_METHOD_CHANGED
+    assert await signals_received(harness, sub.subscription_id, changed_signals) == 1
+
+
+# ---- what is refused changes nothing ---------------------------------------------------------
+
+
+async def test_forged_stale_and_unsigned_deliveries_are_refused_without_any_effect(
+    webhook_stack: WebhookStack,
+) -> None:
+    stack, harness = webhook_stack, webhook_stack.harness
+    anchor = await first_anchor(harness)
+    sub = await harness.signup(
+        "basic-monthly", card=DECLINES_AFTER_ATTACH, billing_anchor_at=anchor
+    )
+    await harness.advance_to(anchor + timedelta(hours=1))
+    customer = stripe_customer_id(stack, sub.subscription_id)
+
+    # Hold a genuine localstripe delivery of a card change without processing it: accepted,
+    # it would retry the past-due invoice with the good card.
+    stack.listen(CAPTURE_PATH)
+    good_card = set_default_card_at_stripe(stack, customer, SUCCEEDS)
+    [genuine] = await wait_until(
+        lambda: for_customer(
+            stack.deliveries("customer.updated", path=CAPTURE_PATH), customer, good_card
+        ),
+        what="the card change delivered to the capture route",
+    )
+    body, signature = genuine.body, genuine.signature
+    assert signature is not None
+
+    rows = stack.event_count()
+    history = await history_size(harness, sub.subscription_id)
+    state = await harness.state(sub.subscription_id)
+
+    tampered = body.replace(good_card.encode(), b"pm_attacker_card0000")
+    assert tampered != body
+    stale_at = int(genuine.event["created"]) - TOLERANCE_SECONDS - 60
+    refusals: dict[str, tuple[bytes, str | None, str]] = {
+        "tampered body, original signature": (tampered, signature, "does not match the body"),
+        "signed with another secret": (
+            body,
+            sign(body, secret="whsec_not_this_endpoint"),
+            "another secret",
+        ),
+        "stale timestamp": (body, sign(body, timestamp=stale_at), "beyond the 300 s tolerance"),
+        "no Stripe-Signature header": (body, None, "header is missing"),
+        "malformed header": (body, "v1=deadbeef", "malformed"),
+    }
+    for case, (sent_body, sent_signature, reason) in refusals.items():
+        response = await stack.post(sent_body, sent_signature)
+        assert response.status_code == 400, case
+        error = response.json()["error"]
+        assert error["type"] == "invalid_signature", case
+        assert reason in error["message"], (case, error["message"])
+
+    assert stack.event_count() == rows
+    assert await history_size(harness, sub.subscription_id) == history
+    assert await signals_received(harness, sub.subscription_id, "payment_method_changed") == 0
+    assert await harness.state(sub.subscription_id) == state
+    snap = harness.snapshot(sub.subscription_id)
+    assert [a.status for a in snap.attempts[snap.invoices[0].id]] == ["failed"]
+
+    # The genuine delivery itself is accepted and does what the forgeries could not.
+    accepted = await stack.post(body, signature)
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["outcome"] == WebhookOutcome.ROUTED
+    state = await harness.wait_for(
+        sub.subscription_id, lambda v: v.open_invoice is None, timeout=20
+    )
+    assert state.status == SubscriptionStatus.ACTIVE
+    assert harness.snapshot(sub.subscription_id).invoices[0].status == InvoiceStatus.PAID
+
+
+async def test_unconfigured_secret_and_malformed_json_are_refused() -> None:
+    malformed = b'{"id": "evt_1", "type": '
+    no_object = b'{"id": "evt_2", "type": "customer.updated"}'
+    unconfigured = make_webhook_app(webhook_settings(secret=None), deps=None, temporal=None)
+    configured = make_webhook_app(webhook_settings(), deps=None, temporal=None)
+    transport_a = httpx.ASGITransport(app=unconfigured)
+    transport_b = httpx.ASGITransport(app=configured)
+    async with (
+        httpx.AsyncClient(transport=transport_a, base_url="http://test") as off,
+        httpx.AsyncClient(transport=transport_b, base_url="http://test") as on,
+    ):
+        response = await off.post(
+            "/v1/webhooks/stripe", content=b"{}", headers={"Stripe-Signature": sign(b"{}")}
+        )
+        assert response.status_code == 400
+        assert response.json() == {
+            "error": {"type": "invalid_signature", "message": NOT_CONFIGURED_MESSAGE}
+        }
+        assert "BILLING_STRIPE_WEBHOOK_SECRET" in NOT_CONFIGURED_MESSAGE
+
+        for body, reason in ((malformed, "not valid JSON"), (no_object, "no 'data.object'")):
+            response = await on.post(
+                "/v1/webhooks/stripe", content=body, headers={"Stripe-Signature": sign(body)}
+            )
+            assert response.status_code == 400
+            assert response.json()["error"]["type"] == "invalid_payload"
+            assert reason in response.json()["error"]["message"]
+
+
+# ---- failures of the workflow side ------------------------------------------------------------
+
+
+async def test_temporal_unreachable_answers_503_and_forgets_the_event_so_the_retry_counts(
+    webhook_stack: WebhookStack,
+) -> None:
+    stack, harness = webhook_stack, webhook_stack.harness
+    anchor = await first_anchor(harness)
+    sub = await harness.signup(
+        "basic-monthly", card=DECLINES_AFTER_ATTACH, billing_anchor_at=anchor
+    )
+    await harness.advance_to(anchor + timedelta(hours=1))
+    customer = stripe_customer_id(stack, sub.subscription_id)
+    stack.listen(CAPTURE_PATH)
+    good_card = set_default_card_at_stripe(stack, customer, SUCCEEDS)
+    [delivery] = await wait_until(
+        lambda: for_customer(
+            stack.deliveries("customer.updated", path=CAPTURE_PATH), customer, good_card
+        ),
+        what="the card change delivered to the capture route",
+    )
+    event_id = delivery.event["id"]
+
+    # Nothing listens on port 1: every signal fails to connect.
+    stack.app.state.temporal = await Client.connect("127.0.0.1:1", lazy=True)
+    response = await stack.post(delivery.body, delivery.signature)
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "temporal_unavailable"
+    assert stack.event(event_id) is None  # not taken for done
+
+    # Stripe retries the same delivery once Temporal is back: processed, not a duplicate.
+    stack.app.state.temporal = harness.client
+    retried = await stack.post(delivery.body, delivery.signature)
+    assert retried.status_code == 200
+    assert retried.json() == {"received": True, "event_id": event_id, "outcome": "routed"}
+    state = await harness.wait_for(
+        sub.subscription_id, lambda v: v.open_invoice is None, timeout=20
+    )
+    assert state.status == SubscriptionStatus.ACTIVE
+    assert await signals_received(harness, sub.subscription_id, "payment_method_changed") == 1
+
+
+async def test_an_event_for_a_finished_workflow_is_recorded_and_acknowledged(
+    webhook_stack: WebhookStack,
+) -> None:
+    stack, harness = webhook_stack, webhook_stack.harness
+    sub = await harness.signup("basic-monthly", card=SUCCEEDS)
+    # The workflow is gone while the database still says the subscription is live.
+    await harness.handle(sub.subscription_id).terminate("test: workflow finished")
+    customer = stripe_customer_id(stack, sub.subscription_id)
+    new_card = set_default_card_at_stripe(stack, customer, SUCCEEDS)
+
+    [delivery] = await wait_until(
+        lambda: for_customer(stack.deliveries("customer.updated"), customer, new_card),
+        what="customer.updated delivered",
+    )
+    row = await processed(stack, delivery.event["id"])
+    assert delivery.status == 200  # Stripe must not retry this for days
+    assert row.outcome == WebhookOutcome.WORKFLOW_CLOSED
+    assert row.subscription_id == sub.subscription_id
+
+
+@pytest.mark.parametrize("event_type", ["payment_method.attached", "invoice.paid"])
+async def test_events_we_do_not_act_on_are_recorded_as_ignored(
+    webhook_stack: WebhookStack, event_type: str
+) -> None:
+    stack = webhook_stack
+    body = (
+        '{"id": "evt_ignored_%s", "object": "event", "type": "%s", "created": 1, '
+        '"data": {"object": {"id": "pm_123", "object": "payment_method", "customer": "cus_1"}}}'
+        % (event_type.replace(".", "_"), event_type)
+    ).encode()
+    response = await stack.post(body, sign(body))
+    assert response.status_code == 200
+    assert response.json()["outcome"] == WebhookOutcome.IGNORED
+    row = stack.event(f"evt_ignored_{event_type.replace('.', '_')}")
+    assert row is not None and row.outcome == WebhookOutcome.IGNORED
+    assert row.processed_at is not None

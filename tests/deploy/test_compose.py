@@ -1,0 +1,128 @@
+"""docker-compose.yml cannot run here (no Docker engine), so this checks it against the code:
+every BILLING_* variable is a Settings field, every service's settings load, and the
+addresses, ports and credentials line up between services."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy.engine import make_url
+
+from billing.settings import Settings
+
+COMPOSE = Path(__file__).parents[2] / "docker-compose.yml"
+BILLING_SERVICES = ("migrate", "worker", "api")
+
+# Host environment a deployment provides (compose refuses to start without these).
+HOST_ENV = {
+    "POSTGRES_PASSWORD": "s3cret-postgres-password",
+    "BILLING_STRIPE_API_KEY": "sk_test_" + "x" * 24,
+    "BILLING_STRIPE_WEBHOOK_SECRET": "whsec_" + "y" * 24,
+    "BILLING_API_KEYS": '[{"name": "ops", "scope": "admin", "key": "' + "k" * 32 + '"}]',
+}
+
+_VAR = re.compile(r"\$\{(\w+)(?::\?[^}]*)?\}")
+
+
+def interpolate(value: Any) -> str:
+    """Compose's ${VAR:?message} substitution, failing like compose on a missing variable."""
+
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in HOST_ENV:
+            raise AssertionError(f"compose needs ${{{name}}} from the host environment")
+        return HOST_ENV[name]
+
+    return _VAR.sub(sub, str(value))
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def env_of(compose: dict[str, Any], service: str) -> dict[str, str]:
+    return {k: interpolate(v) for k, v in compose["services"][service]["environment"].items()}
+
+
+def test_the_stack_has_the_production_services(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == {
+        "postgres", "temporal", "temporal-ui", "migrate", "worker", "api"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("service", BILLING_SERVICES)
+def test_every_billing_variable_is_a_settings_field(compose: dict[str, Any], service: str) -> None:
+    fields = {f"BILLING_{name.upper()}" for name in Settings.model_fields}
+    names = {k for k in env_of(compose, service) if k.startswith("BILLING_")}
+    assert names, f"{service} sets no BILLING_ variables"
+    assert names <= fields, f"{service}: not settings fields: {sorted(names - fields)}"
+
+
+@pytest.mark.parametrize("service", BILLING_SERVICES)
+def test_each_service_settings_load_and_pass_the_production_checks(
+    compose: dict[str, Any], service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in list(__import__("os").environ):
+        if key.startswith("BILLING_"):
+            monkeypatch.delenv(key)
+    for key, value in env_of(compose, service).items():
+        monkeypatch.setenv(key, value)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.environment == "production"
+    settings.check_production_secrets()  # would exit on a missing or placeholder secret
+
+
+def test_database_url_points_at_the_postgres_service(compose: dict[str, Any]) -> None:
+    pg = env_of(compose, "postgres")
+    for service in BILLING_SERVICES:
+        url = make_url(env_of(compose, service)["BILLING_DATABASE_URL"])
+        assert url.drivername == "postgresql+psycopg"
+        assert (url.host, url.port) == ("postgres", 5432)
+        assert url.username == pg["POSTGRES_USER"]
+        assert url.password == pg["POSTGRES_PASSWORD"]
+        assert url.database == pg["POSTGRES_DB"]
+
+
+def test_temporal_addresses_line_up(compose: dict[str, Any]) -> None:
+    temporal = compose["services"]["temporal"]
+    assert "7233:7233" in temporal["ports"]
+    assert env_of(compose, "temporal")["POSTGRES_SEEDS"] == "postgres"
+    assert (
+        env_of(compose, "temporal")["POSTGRES_USER"] == env_of(compose, "postgres")["POSTGRES_USER"]
+    )
+    for service in BILLING_SERVICES:
+        assert env_of(compose, service)["BILLING_TEMPORAL_ADDRESS"] == "temporal:7233"
+    assert env_of(compose, "temporal-ui")["TEMPORAL_ADDRESS"] == "temporal:7233"
+
+
+def test_api_port_matches_its_published_port(compose: dict[str, Any]) -> None:
+    api = compose["services"]["api"]
+    port = int(env_of(compose, "api")["BILLING_API_PORT"])
+    assert f"{port}:{port}" in api["ports"]
+    assert env_of(compose, "api")["BILLING_API_HOST"] == "0.0.0.0"
+    assert api["command"] == ["billing", "api"]
+
+
+def test_worker_scales_and_everything_waits_for_the_migration(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    worker = services["worker"]
+    # `--scale worker=N` needs no fixed name and no published ports.
+    assert "container_name" not in worker and "ports" not in worker
+    assert worker["command"] == ["billing", "worker"]
+    assert services["migrate"]["command"] == ["billing", "migrate"]
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for service in ("worker", "api"):
+        deps = services[service]["depends_on"]
+        assert deps["migrate"]["condition"] == "service_completed_successfully"
+        assert deps["temporal"]["condition"] == "service_healthy"
+
+
+def test_compose_refuses_to_start_without_a_secret(compose: dict[str, Any]) -> None:
+    env = compose["services"]["worker"]["environment"]
+    secret = env["BILLING_STRIPE_API_KEY"]
+    assert re.fullmatch(r"\$\{BILLING_STRIPE_API_KEY:\?.+\}", secret)

@@ -1,0 +1,154 @@
+"""`billing dev` is the newcomer's one command: on a fresh state folder it starts the
+Temporal dev server, localstripe, SQLite, the worker and the API, serves a signup end to end,
+stops cleanly on Ctrl-C, and a second start resumes the same state."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class DevStack:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.ports = {
+            "temporal": free_port(),
+            "ui": free_port(),
+            "stripe": free_port(),
+            "api": free_port(),
+        }
+        self.log = state_dir / "dev-stdout.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
+        env.update(
+            BILLING_STATE_DIR=str(self.state_dir),
+            BILLING_DATABASE_URL=f"sqlite:///{self.state_dir}/billing.db",
+            BILLING_TEMPORAL_ADDRESS=f"127.0.0.1:{self.ports['temporal']}",
+            BILLING_TEMPORAL_UI_PORT=str(self.ports["ui"]),
+            BILLING_LOCALSTRIPE_PORT=str(self.ports["stripe"]),
+            BILLING_API_PORT=str(self.ports["api"]),
+            COLUMNS="200",
+        )
+        return env
+
+    def start(self) -> str:
+        billing = str(Path(sys.executable).parent / "billing")
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [billing, "dev", "--no-demo"], env=self.env(), stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            text = self.log.read_text(errors="replace")
+            if "API running" in text and port_open(self.ports["api"]):
+                return text
+            if self.process.poll() is not None:
+                pytest.fail(f"billing dev exited early ({self.process.returncode}):\n{text}")
+            time.sleep(0.3)
+        pytest.fail(f"billing dev did not come up in 90 s:\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail(f"billing dev did not stop on Ctrl-C:\n{self.log.read_text()}")
+
+    def keys(self) -> dict[str, str]:
+        data = json.loads((self.state_dir / "dev-api-keys.json").read_text())
+        return {k["scope"]: k["key"] for k in data}
+
+
+def wait_for_paid_invoice(client: httpx.Client, subscription_id: str, key: str) -> dict:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        response = client.get(
+            "/v1/invoices",
+            params={"subscription_id": subscription_id},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert response.status_code == 200, response.text
+        data = response.json()["data"]
+        if data and data[0]["status"] == "paid":
+            return dict(data[0])
+        time.sleep(0.3)
+    pytest.fail(f"no paid invoice for {subscription_id} in 30 s")
+
+
+def test_billing_dev_serves_a_signup_end_to_end_and_stops_cleanly(tmp_path: Path) -> None:
+    stack = DevStack(tmp_path / "state")
+    stack.state_dir.mkdir()
+    banner = stack.start()
+    try:
+        assert f"http://127.0.0.1:{stack.ports['api']}/docs" in banner
+        assert "curl" in banner and "/v1/subscriptions" in banner
+        keys = stack.keys()
+        with httpx.Client(base_url=f"http://127.0.0.1:{stack.ports['api']}", timeout=30) as client:
+            assert client.get("/docs").status_code == 200
+            signup = client.post(
+                "/v1/subscriptions",
+                headers={"Authorization": f"Bearer {keys['signup']}", "Idempotency-Key": "e2e-1"},
+                json={
+                    "plan": "basic-monthly",
+                    "customer": {"external_id": "ada", "email": "ada@example.com"},
+                    "payment_method_id": "pm_card_visa",
+                },
+            )
+            assert signup.status_code == 201, signup.text
+            subscription_id = signup.json()["id"]
+            invoice = wait_for_paid_invoice(client, subscription_id, keys["finance"])
+            assert invoice["amount_due_minor"] == 900 and invoice["currency"] == "USD"
+    finally:
+        code = stack.stop()
+    assert code == 0, stack.log.read_text()
+    assert "stopped cleanly" in stack.log.read_text()
+    for name, port in stack.ports.items():
+        assert not port_open(port), f"{name} still listening on {port} after Ctrl-C"
+
+    # A second start resumes the same state: same keys, same subscription, still one invoice.
+    stack.start()
+    try:
+        keys_again = stack.keys()
+        assert keys_again == keys
+        with httpx.Client(base_url=f"http://127.0.0.1:{stack.ports['api']}", timeout=30) as client:
+            response = client.get(
+                f"/v1/subscriptions/{subscription_id}",
+                headers={"Authorization": f"Bearer {keys['finance']}"},
+            )
+            assert response.status_code == 200, response.text
+            assert response.json()["status"] == "active"
+            invoices = client.get(
+                "/v1/invoices",
+                params={"subscription_id": subscription_id},
+                headers={"Authorization": f"Bearer {keys['finance']}"},
+            ).json()["data"]
+            assert [i["status"] for i in invoices] == ["paid"]
+    finally:
+        assert stack.stop() == 0
