@@ -76,7 +76,12 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 async def _serve_api(
-    settings: Settings, deps: object, client: Client, *, stop: asyncio.Event
+    settings: Settings,
+    deps: object,
+    client: Client,
+    *,
+    stop: asyncio.Event,
+    ready: asyncio.Event | None = None,
 ) -> None:
     """Serve the API until ``stop`` is set; uvicorn runs in this event loop."""
     from billing.api.app import create_app
@@ -96,6 +101,12 @@ async def _serve_api(
     )
     server = _EmbeddedServer(config)
     serving = asyncio.create_task(server.serve())
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.05)
+    if serving.done():
+        await serving  # raises why it could not start (e.g. the port is taken)
+    if ready is not None:
+        ready.set()
     await stop.wait()
     server.should_exit = True
     await serving
@@ -186,11 +197,20 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
     stop = _stop_event()
     async with w:
         console.print(f"[green]worker running[/green] on task queue {settings.task_queue!r}")
-        api_task = asyncio.create_task(_serve_api(settings, deps, client, stop=stop))
+        api_ready = asyncio.Event()
+        api_task = asyncio.create_task(
+            _serve_api(settings, deps, client, stop=stop, ready=api_ready)
+        )
         if demo:
             subscription_id = await _start_demo(settings, client, deps)
             view = await _query(client, subscription_id)
             _print_view(view)
+        await asyncio.wait(
+            [asyncio.ensure_future(api_ready.wait()), api_task],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if api_task.done():
+            await api_task  # the API could not start: say why
         console.print("[green]API running[/green]. Ctrl-C to stop.")
         await stop.wait()
         await api_task
