@@ -113,7 +113,10 @@ class InvoiceFilter:
     period_to: datetime | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "statuses", tuple(InvoiceStatus(s) for s in self.statuses))
+        statuses = tuple(
+            s if isinstance(s, InvoiceStatus) else parse_invoice_status(s) for s in self.statuses
+        )
+        object.__setattr__(self, "statuses", tuple(dict.fromkeys(statuses)))
         _check_id(self.customer_id, "customer_id")
         _check_id(self.subscription_id, "subscription_id")
         if self.currency is not None:
@@ -142,9 +145,15 @@ class InvoiceFilter:
         period_from: str | datetime | None = None,
         period_to: str | datetime | None = None,
     ) -> InvoiceFilter:
-        """A filter from user input (query string, CLI options). Raises InvalidInput (or
+        """A filter from user input (query string, CLI options). ``statuses`` may repeat and
+        each may hold a comma-separated list (``paid,open``). Raises InvalidInput (or
         InvalidCurrency) naming the bad field and saying what is accepted."""
-        parsed = tuple(dict.fromkeys(parse_invoice_status(s) for s in statuses))
+        parsed = tuple(
+            parse_invoice_status(part)
+            for value in statuses
+            for part in value.split(",")
+            if part.strip()
+        )
         return cls(
             statuses=parsed,
             customer_id=customer_id or None,

@@ -251,7 +251,15 @@ class SignupService:
                         session, customer.id, provider_customer_id
                     )
                 customers_repo.set_default_payment_method(session, customer.id, payment_method_id)
-            subscriptions_repo.insert_subscription(session, record)
+            stored, inserted = subscriptions_repo.insert_subscription(session, record)
+            if not inserted:
+                # A concurrent request with the same idempotency key got here first.
+                if stored.signup_request_hash != fingerprint:
+                    raise IdempotencyConflict(
+                        f"idempotency key {request.idempotency_key!r} was already used "
+                        "with a different request; use a new key for a new signup"
+                    )
+                return _result_from_record(stored)
 
         state = SubscriptionState(
             subscription_id=subscription_id,

@@ -18,11 +18,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 
 from billing.errors import (
     BillingError,
@@ -250,8 +252,63 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, "http_error", detail, headers=headers)
 
 
+_UNREACHABLE = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED)
+
+
+def temporal_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the Temporal frontend could not be reached: an RPC that found no
+    server, or a lazily connecting client's failed connect (a plain RuntimeError)."""
+    if isinstance(error, RPCError):
+        return error.status in _UNREACHABLE
+    return isinstance(error, RuntimeError) and str(error).startswith("Failed client connect")
+
+
+async def _temporal_error(request: Request, exc: Exception) -> JSONResponse:
+    """RPCError, and RuntimeError (which is how a lazy client reports a failed connect)."""
+    if temporal_unreachable(exc):
+        logger.warning("Temporal unreachable in %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            503,
+            "temporal_unavailable",
+            "the workflow service did not answer; retry the request (a signup with the same "
+            "Idempotency-Key)",
+            headers={"Retry-After": "5"},
+        )
+    return _internal_error(request.method, request.url.path, exc)
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, OperationalError)
+    reference = secrets.token_hex(6)
+    logger.error(
+        "database error %s in %s %s", reference, request.method, request.url.path, exc_info=exc
+    )
+    return error_response(
+        503,
+        "database_unavailable",
+        f"the database did not answer (reference {reference}); retry the request",
+        headers={"Retry-After": "5"},
+    )
+
+
+def _internal_error(method: str, path: str, exc: BaseException) -> JSONResponse:
+    reference = secrets.token_hex(6)
+    logger.error("unhandled error %s in %s %s", reference, method, path, exc_info=exc)
+    return error_response(500, "internal_error", _internal_message(reference))
+
+
+def _internal_message(reference: str) -> str:
+    return (
+        f"internal error (reference {reference}); try again later, and quote the reference "
+        "if it persists"
+    )
+
+
 def install_error_handlers(app: FastAPI, *, max_body_bytes: int) -> None:
     app.add_exception_handler(BillingError, _billing_error)
+    app.add_exception_handler(RPCError, _temporal_error)
+    app.add_exception_handler(RuntimeError, _temporal_error)
+    app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -367,10 +424,4 @@ class UnhandledErrorMiddleware:
             )
             if started:
                 raise  # mid-stream: dropping the connection tells the client it is incomplete
-            await _send_error(
-                send,
-                500,
-                "internal_error",
-                f"internal error (reference {reference}); try again later, and quote the "
-                "reference if it persists",
-            )
+            await _send_error(send, 500, "internal_error", _internal_message(reference))

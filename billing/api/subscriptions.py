@@ -14,17 +14,19 @@ from temporalio.client import (
     WorkflowQueryFailedError,
     WorkflowQueryRejectedError,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+    WorkflowUpdateStage,
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from billing.api.auth import require_scope
+from billing.api.auth import Caller, require_scope
 from billing.api.dependencies import (
     get_deps,
     get_signups,
     get_temporal,
     require_json_body,
 )
-from billing.api.errors import ApiError, from_update_failure
+from billing.api.errors import ApiError, from_update_failure, temporal_unreachable
 from billing.api.schemas import (
     CancelIn,
     CancelOut,
@@ -70,6 +72,9 @@ router = APIRouter(prefix="/v1/subscriptions", tags=["subscriptions"])
 
 #: How long a read waits for the workflow's answer before falling back to the database.
 LIVE_QUERY_TIMEOUT = timedelta(seconds=5)
+#: How long a change waits for the workflow to apply an accepted Update before answering 504
+#: ("accepted, still being applied").
+CHANGE_RESULT_TIMEOUT = timedelta(seconds=30)
 
 SubscriptionId = Annotated[
     str, Path(min_length=1, max_length=40, description="Subscription id, 'sub_...'.")
@@ -165,8 +170,7 @@ def _load(deps: Dependencies, subscription_id: str) -> SubscriptionRecord:
 
 
 async def _update(
-    deps: Dependencies,
-    temporal: Client,
+    request: Request,
     subscription_id: str,
     name: str,
     arg: object,
@@ -174,35 +178,57 @@ async def _update(
 ) -> _R:
     """Run the workflow Update ``name`` and return its result; refusals become domain errors
     carrying the workflow's reason."""
+    deps, temporal = get_deps(request), get_temporal(request)
     await asyncio.to_thread(_load, deps, subscription_id)  # 404 before asking Temporal
+    caller: Caller | None = getattr(request.state, "caller", None)
+    # An audit line per change: who asked what of which subscription.
+    logger.info(
+        "%s requested by API key %r on subscription %s: %s",
+        name,
+        caller.key_name if caller else None,
+        subscription_id,
+        arg,
+    )
     handle = temporal.get_workflow_handle(workflow_id_for(subscription_id))
     try:
-        result: _R = await handle.execute_update(name, arg, result_type=result_type)
+        # Accepted first: the workflow's validator answers at once, and a refusal never
+        # enters history. Then the result, which waits for the workflow to apply the change.
+        update = await handle.start_update(
+            name, arg, wait_for_stage=WorkflowUpdateStage.ACCEPTED, result_type=result_type
+        )
+        try:
+            result: _R = await asyncio.wait_for(
+                update.result(), timeout=CHANGE_RESULT_TIMEOUT.total_seconds()
+            )
+        except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+            # E.g. the provider is slow to attach a card: its activity keeps retrying and the
+            # accepted change will still be applied, so say that rather than hold the request.
+            # (wait_for surfaces the poll's own error when it cancels the poll.)
+            raise ApiError(
+                504,
+                "change_pending",
+                f"the change was accepted by subscription {subscription_id} but has not "
+                f"finished within {CHANGE_RESULT_TIMEOUT.total_seconds():g} s; it will still "
+                f"be applied: check GET /v1/subscriptions/{subscription_id} before retrying",
+                headers={"Retry-After": "30"},
+            ) from None
     except WorkflowUpdateFailedError as failed:
         raise from_update_failure(failed) from None
     except RPCError as error:
-        if error.status == RPCStatusCode.NOT_FOUND:
-            # The workflow is gone (a canceled subscription's workflow has completed) or never
-            # started; the database says which.
-            record = await asyncio.to_thread(_load, deps, subscription_id)
-            if record.status == SubscriptionStatus.CANCELED:
-                ended = f" (ended {record.ended_at.isoformat()})" if record.ended_at else ""
-                raise ChangeRefused(
-                    f"subscription {subscription_id} is canceled{ended}; it cannot be changed"
-                ) from None
+        if error.status != RPCStatusCode.NOT_FOUND:
+            raise  # an unreachable Temporal is answered 503 by the app's handler
+        # The workflow is gone (a canceled subscription's workflow has completed) or never
+        # started; the database says which.
+        record = await asyncio.to_thread(_load, deps, subscription_id)
+        if record.status == SubscriptionStatus.CANCELED:
+            ended = f" (ended {record.ended_at.isoformat()})" if record.ended_at else ""
             raise ChangeRefused(
-                f"subscription {subscription_id} ({record.status.value}) has no running "
-                "workflow; retry the signup with its Idempotency-Key to start it"
+                f"subscription {subscription_id} is canceled{ended}; it cannot be changed"
             ) from None
-        if error.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED):
-            raise ApiError(
-                503,
-                "service_unavailable",
-                "the workflow service did not answer; nothing was changed for certain, "
-                "retry the request",
-                headers={"Retry-After": "5"},
-            ) from None
-        raise
+        raise ChangeRefused(
+            f"subscription {subscription_id} ({record.status.value}) has no running "
+            "workflow; retry the signup with its Idempotency-Key to start it"
+        ) from None
     return result
 
 
@@ -210,6 +236,7 @@ _CHANGE_DEPENDENCIES = [Depends(require_scope("admin")), Depends(require_json_bo
 _CHANGE_RESPONSES: dict[int | str, dict[str, Any]] = {
     402: {"model": ErrorOut},
     503: {"model": ErrorOut},
+    504: {"model": ErrorOut},
     **_ERRORS,
 }
 
@@ -222,8 +249,7 @@ _CHANGE_RESPONSES: dict[int | str, dict[str, Any]] = {
 )
 async def cancel_subscription(
     id: SubscriptionId,
-    deps: Annotated[Dependencies, Depends(get_deps)],
-    temporal: Annotated[Client, Depends(get_temporal)],
+    request: Request,
     body: CancelIn | None = None,
 ) -> CancelOut:
     """At period end (default): nothing more is billed and the subscription ends when the paid
@@ -231,8 +257,7 @@ async def cancel_subscription(
     second cancel is refused (409) with the reason."""
     body = body or CancelIn()
     result = await _update(
-        deps,
-        temporal,
+        request,
         id,
         SubscriptionMessage.CANCEL,
         CancelInput(at_period_end=body.at_period_end, reason=body.reason or ""),
@@ -249,14 +274,13 @@ async def cancel_subscription(
 )
 async def pause_subscription(
     id: SubscriptionId,
-    deps: Annotated[Dependencies, Depends(get_deps)],
-    temporal: Annotated[Client, Depends(get_temporal)],
+    request: Request,
     body: PauseIn | None = None,
 ) -> PauseOut:
     """No invoices while paused. Refused while an invoice is unpaid or a cancel is pending."""
     reason = body.reason if body else None
     result = await _update(
-        deps, temporal, id, SubscriptionMessage.PAUSE, PauseInput(reason or ""), PauseResult
+        request, id, SubscriptionMessage.PAUSE, PauseInput(reason or ""), PauseResult
     )
     return PauseOut.of(id, result)
 
@@ -269,14 +293,13 @@ async def pause_subscription(
 )
 async def resume_subscription(
     id: SubscriptionId,
-    deps: Annotated[Dependencies, Depends(get_deps)],
-    temporal: Annotated[Client, Depends(get_temporal)],
+    request: Request,
     body: ResumeIn | None = None,
 ) -> ResumeOut:
     """Billing restarts on the anchor's next date (the anchor is kept)."""
     reason = body.reason if body else None
     result = await _update(
-        deps, temporal, id, SubscriptionMessage.RESUME, ResumeInput(reason or ""), ResumeResult
+        request, id, SubscriptionMessage.RESUME, ResumeInput(reason or ""), ResumeResult
     )
     return ResumeOut.of(id, result)
 
@@ -290,14 +313,12 @@ async def resume_subscription(
 async def update_payment_method(
     id: SubscriptionId,
     body: PaymentMethodIn,
-    deps: Annotated[Dependencies, Depends(get_deps)],
-    temporal: Annotated[Client, Depends(get_temporal)],
+    request: Request,
 ) -> PaymentMethodOut:
     """Attach the new card and make it the default; an open invoice is retried at once. A card
     the provider refuses is 402 and the subscription keeps its card."""
     result = await _update(
-        deps,
-        temporal,
+        request,
         id,
         SubscriptionMessage.UPDATE_PAYMENT_METHOD,
         UpdatePaymentMethodInput(payment_method_id=body.payment_method_id),
@@ -344,7 +365,10 @@ async def _live_view(temporal: Client, subscription_id: str) -> SubscriptionView
         WorkflowQueryFailedError,
         WorkflowQueryRejectedError,
         TimeoutError,
+        RuntimeError,
     ) as error:
+        if isinstance(error, RuntimeError) and not temporal_unreachable(error):
+            raise
         logger.warning(
             "live state of subscription %s unavailable, answering from the database: %s",
             subscription_id,

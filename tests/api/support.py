@@ -33,12 +33,12 @@ def auth(scope: str) -> dict[str, str]:
 
 def api_settings(harness: BillingHarness) -> Settings:
     return Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         environment="test",
         database_url=harness.database_url,
         task_queue=harness.task_queue,
         api_keys=[
-            ApiKey(name=f"{scope}-key", scope=scope, key=SecretStr(key))  # type: ignore[arg-type]
+            ApiKey(name=f"{scope}-key", scope=scope, key=SecretStr(key))
             for scope, key in API_KEYS.items()
         ],
         api_max_body_bytes=MAX_BODY_BYTES,

@@ -201,7 +201,8 @@ BAD_SIGNUPS: list[Any] = [
         lambda ok: _json({**ok, "customer": {"email": "not-an-email"}}),
         422,
         "invalid_input",
-        "field 'customer.email' string should match pattern",
+        "field 'customer.email' must be an email address such as 'pat@example.com'; got "
+        "'not-an-email'",
         id="bad-email",
     ),
     pytest.param(
