@@ -761,3 +761,15 @@ class StripeGateway:
 if TYPE_CHECKING:
     # mypy proves here that StripeGateway implements the PaymentGateway protocol exactly.
     _implements_protocol: type[PaymentGateway] = StripeGateway
+
+
+def webhook_signature_valid(
+    payload: str, header: str, secret: str, tolerance_seconds: int | None
+) -> bool:
+    """Whether ``header`` (Stripe-Signature) signs ``payload`` with ``secret``; with a
+    tolerance, the signed timestamp must also be that recent. Uses the SDK's own check."""
+    try:
+        stripe.WebhookSignature.verify_header(payload, header, secret, tolerance_seconds)
+    except stripe.SignatureVerificationError:
+        return False
+    return True

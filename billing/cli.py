@@ -16,6 +16,7 @@ from typing import NoReturn
 
 import typer
 import uvicorn
+from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
@@ -130,6 +131,10 @@ def dev(
             settings = settings.model_copy(update={"stripe_api_base": stripe_url})
         if not settings.api_keys:
             settings = settings.model_copy(update={"api_keys": dev_api_keys(settings.state_dir)})
+        if stripe_url is not None and settings.stripe_webhook_secret is None:
+            settings = settings.model_copy(
+                update={"stripe_webhook_secret": SecretStr(dev_webhook_secret(settings.state_dir))}
+            )
         migrate_and_seed(settings)
         table = Table(title="billing dev", show_header=False)
         table.add_row("Temporal", settings.temporal_address)
@@ -211,6 +216,8 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
         )
         if api_task.done():
             await api_task  # the API could not start: say why
+        if settings.stripe_api_key is None and settings.stripe_api_base:
+            await asyncio.to_thread(_register_localstripe_webhook, settings)
         console.print("[green]API running[/green]. Ctrl-C to stop.")
         await stop.wait()
         await api_task
@@ -270,6 +277,31 @@ def dev_api_keys(state_dir: Path) -> list[ApiKey]:
     path.write_text(json.dumps(keys, indent=2))
     path.chmod(0o600)
     return [ApiKey.model_validate(k) for k in keys]
+
+
+def dev_webhook_secret(state_dir: Path) -> str:
+    """The local stack's webhook signing secret, made once per state folder."""
+    path = state_dir / "dev-webhook-secret"
+    if not path.exists():
+        path.write_text(f"whsec_dev_{secrets.token_urlsafe(24)}")
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _register_localstripe_webhook(settings: Settings) -> None:
+    """Point localstripe's signed webhooks at our endpoint (re-registering replaces it)."""
+    import httpx
+
+    assert settings.stripe_api_base is not None and settings.stripe_webhook_secret is not None
+    response = httpx.post(
+        f"{settings.stripe_api_base}/_config/webhooks/billing-dev",
+        data={
+            "url": f"http://{settings.api_host}:{settings.api_port}/v1/webhooks/stripe",
+            "secret": settings.stripe_webhook_secret.get_secret_value(),
+        },
+        timeout=10,
+    )
+    response.raise_for_status()
 
 
 def _existing_demo(deps: object) -> str | None:

@@ -5,8 +5,11 @@ plans, and the worker. Started by ``billing dev``; Ctrl-C stops everything."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,11 +111,19 @@ def temporal_dev_server(settings: Settings) -> Iterator[ManagedProcess | None]:
         managed.stop()
 
 
+#: localstripe persists its whole store to this fixed path, shared by every localstripe
+#: process on the machine (a test run's instances write it too).
+LOCALSTRIPE_STORE = Path("/tmp/localstripe.pickle")
+
+
 @contextlib.contextmanager
 def localstripe_server(settings: Settings) -> Iterator[str | None]:
     """localstripe on the configured port, unless a real Stripe key is configured (then None).
-    Its state persists in localstripe's own file (/tmp/localstripe.pickle), so a second start
-    still knows the customers and cards made by the first."""
+
+    Its store is kept in the state folder: restored into localstripe's fixed path just before
+    it starts and saved back after a clean stop, so a second start knows the customers and
+    cards of the first even if other localstripe processes used the shared path in between.
+    """
     if settings.stripe_api_key is not None:
         yield None
         return
@@ -122,14 +133,40 @@ def localstripe_server(settings: Settings) -> Iterator[str | None]:
         return
     binary = find_binary("localstripe", None, "localstripe")
     log = settings.state_dir / "localstripe.log"
-    managed = _spawn("localstripe", [binary, "--port", str(settings.localstripe_port)], log)
+    snapshot = settings.state_dir / "localstripe.pickle"
+    args = [binary, "--port", str(settings.localstripe_port)]
+    if snapshot.exists() and snapshot.stat().st_size > 0:
+        staging = LOCALSTRIPE_STORE.with_name(f".localstripe-{os.getpid()}.pickle")
+        shutil.copyfile(snapshot, staging)
+        os.replace(staging, LOCALSTRIPE_STORE)  # atomic: never a half-written store
+    else:
+        args.append("--from-scratch")
+    managed = _spawn("localstripe", args, log)
     try:
-        wait_for_port(
-            "127.0.0.1", settings.localstripe_port, timeout=30, what="localstripe", log=log
-        )
+        try:
+            wait_for_port(
+                "127.0.0.1", settings.localstripe_port, timeout=30, what="localstripe", log=log
+            )
+        except RuntimeError:
+            if "--from-scratch" in args or managed.process.poll() is None:
+                raise
+            # The saved store could not be loaded: start empty rather than not at all.
+            log_tail = log.read_text(errors="replace")[-300:]
+            print(
+                "warning: localstripe could not load its saved store; starting it empty, so "
+                f"customers and cards made earlier are gone at the fake Stripe ({log_tail!r})",
+                file=sys.stderr,
+            )
+            managed.stop()
+            managed = _spawn("localstripe", [*args, "--from-scratch"], log)
+            wait_for_port(
+                "127.0.0.1", settings.localstripe_port, timeout=30, what="localstripe", log=log
+            )
         yield url
     finally:
         managed.stop()
+        if LOCALSTRIPE_STORE.exists() and LOCALSTRIPE_STORE.stat().st_size > 0:
+            shutil.copyfile(LOCALSTRIPE_STORE, snapshot)
 
 
 def migrate_and_seed(settings: Settings) -> None:

@@ -315,7 +315,12 @@ def install_error_handlers(app: FastAPI, *, max_body_bytes: int) -> None:
     # add_middleware puts each new middleware outside the previous ones: the size limit runs
     # first, then the catch-all, then FastAPI's own exception handling.
     app.add_middleware(UnhandledErrorMiddleware)
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=max_body_bytes)
+    # Stripe's events (e.g. an invoice with many lines) can outgrow the API's limit.
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_body_bytes=max_body_bytes,
+        path_limits={"/v1/webhooks/stripe": max(WEBHOOK_MAX_BODY_BYTES, max_body_bytes)},
+    )
 
 
 # ---- middleware --------------------------------------------------------------------------------
@@ -338,6 +343,10 @@ async def _send_error(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+#: Body limit of the Stripe webhook endpoint.
+WEBHOOK_MAX_BODY_BYTES = 1024 * 1024
+
+
 class BodySizeLimitMiddleware:
     """Refuse request bodies above ``max_body_bytes`` with 413, before any route runs.
 
@@ -347,20 +356,22 @@ class BodySizeLimitMiddleware:
     application unchanged. So no route ever sees a partial or oversized body, whatever it is.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, path_limits: dict[str, int] | None = None
+    ) -> None:
         self.app = app
+        self.default_max_body_bytes = max_body_bytes
         self.max_body_bytes = max_body_bytes
+        self.path_limits = path_limits or {}
 
-    def _too_large(self) -> str:
-        return (
-            f"request body is larger than the limit of {self.max_body_bytes} bytes; "
-            "send a smaller body"
-        )
+    def _too_large(self, limit: int) -> str:
+        return f"request body is larger than the limit of {limit} bytes; send a smaller body"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(scope.get("path", ""), self.default_max_body_bytes)
         declared = Headers(scope=scope).get("content-length")
         if declared is not None:
             if not declared.strip().isdigit():
@@ -368,8 +379,8 @@ class BodySizeLimitMiddleware:
                     send, 400, "invalid_request", f"Content-Length {declared!r} is not a number"
                 )
                 return
-            if int(declared) > self.max_body_bytes:
-                await _send_error(send, 413, "payload_too_large", self._too_large())
+            if int(declared) > limit:
+                await _send_error(send, 413, "payload_too_large", self._too_large(limit))
                 return
         body = bytearray()
         while True:
@@ -377,9 +388,9 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.disconnect":
                 return  # the client went away; nobody is left to answer
             body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:
+            if len(body) > limit:
                 await _send_error(
-                    send, 413, "payload_too_large", self._too_large(), {"Connection": "close"}
+                    send, 413, "payload_too_large", self._too_large(limit), {"Connection": "close"}
                 )
                 return
             if not message.get("more_body", False):

@@ -11,21 +11,17 @@ Order of work, each step before the next can change anything:
    workflows (fire-and-forget; the workflow applies the news at a safe point);
 5. record the outcome on the row.
 
-Routing (the ``route_event`` function):
+Routing (``route_event``; the workflow id is ``workflow_id_for(subscription_id)``):
 
-=========================  ========================================================  ==========
-event                      condition                                                 signal
-=========================  ========================================================  ==========
-customer.updated           ``invoice_settings.default_payment_method`` changed       payment_
-                           (``data.previous_attributes`` says so, when present) and  method_
-                           differs from the card on record for the customer; each    changed
-                           not-canceled subscription of that customer
-payment_intent.succeeded   the PaymentIntent is one of our attempts (by              payment_
-                           ``payment_attempts.stripe_payment_intent_id``, else its   authenti-
-                           ``metadata.invoice_id``), its invoice is open and no      cated
-                           attempt of it has succeeded yet
-anything else              (``payment_method.attached`` included, see below)         none
-=========================  ========================================================  ==========
+* ``customer.updated`` whose ``invoice_settings.default_payment_method`` changed (by
+  ``data.previous_attributes`` when Stripe sends it) to a card other than the one on record
+  for our customer: signal ``payment_method_changed`` to each of the customer's subscriptions
+  that is not canceled ("retry the open invoice now").
+* ``payment_intent.succeeded`` for one of our charge attempts (found by
+  ``payment_attempts.stripe_payment_intent_id``, else by ``metadata.invoice_id``) whose invoice
+  is still open and has no succeeded attempt: signal ``payment_authenticated`` to the
+  invoice's subscription; the workflow verifies the intent with Stripe and settles.
+* Anything else, ``payment_method.attached`` included (see ``_ROUTES``): recorded as ignored.
 
 Failure answers: Temporal unreachable gives 503 *and the claim is deleted*, so Stripe's retry
 of the same event is processed rather than taken for a duplicate. A workflow that has already
@@ -35,8 +31,8 @@ so Stripe retries it later instead of being told it is done.
 
 The dependencies come from ``request.app.state``: ``settings`` (billing.settings.Settings),
 ``deps`` (billing.worker.Dependencies: ``session_factory`` and ``clock``) and ``temporal``
-(a connected ``temporalio.client.Client``). This module does not import ``billing.worker``,
-which imports the workflow code that the API must not depend on.
+(a connected ``temporalio.client.Client``). This module itself does not import
+``billing.worker``, which imports the workflow code.
 """
 
 from __future__ import annotations
@@ -51,13 +47,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-import stripe
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.stripe_gateway import webhook_signature_valid
 from billing.clock import Clock
 from billing.contracts import (
     PaymentAuthenticatedInput,
@@ -75,11 +71,13 @@ from db.repositories import webhook_events as webhook_events_repo
 
 __all__ = [
     "WEBHOOK_PATH",
+    "InvalidSignature",
     "RoutedSignal",
     "Routing",
     "receive_stripe_webhook",
     "route_event",
     "router",
+    "verify_signature",
     "webhook_router",
 ]
 
@@ -127,8 +125,8 @@ def _error(status_code: int, error_type: str, message: str) -> JSONResponse:
 # ---- 1. signature ---------------------------------------------------------------------------
 
 
-class _InvalidSignature(Exception):
-    pass
+class InvalidSignature(Exception):
+    """A delivery whose Stripe-Signature does not prove it is Stripe's; the message says why."""
 
 
 def _header_timestamp(header: str) -> int | None:
@@ -141,7 +139,7 @@ def _header_timestamp(header: str) -> int | None:
 
 
 def verify_signature(payload: bytes, header: str | None, secret: str, tolerance_s: int) -> None:
-    """Raise ``_InvalidSignature`` saying what is wrong unless ``header`` is Stripe's valid,
+    """Raise ``InvalidSignature`` saying what is wrong unless ``header`` is Stripe's valid,
     recent signature of exactly ``payload`` under ``secret``.
 
     The check itself is the Stripe SDK's ``WebhookSignature.verify_header`` (HMAC-SHA256 of
@@ -149,39 +147,32 @@ def verify_signature(payload: bytes, header: str | None, secret: str, tolerance_
     not older than the tolerance). The code here only chooses the message.
     """
     if not header:
-        raise _InvalidSignature(
+        raise InvalidSignature(
             "the Stripe-Signature header is missing; Stripe signs every webhook delivery, so "
             "this request was not sent by Stripe (or a proxy removed the header)"
         )
     try:
         body = payload.decode("utf-8")
     except UnicodeDecodeError:
-        raise _InvalidSignature(
+        raise InvalidSignature(
             "the body is not UTF-8 text, so it is not an event Stripe signed"
         ) from None
     timestamp = _header_timestamp(header)
     if timestamp is None or "v1=" not in header:
-        raise _InvalidSignature(
+        raise InvalidSignature(
             "the Stripe-Signature header is malformed; expected 't=<unix time>,v1=<signature>'"
         )
-    try:
-        stripe.WebhookSignature.verify_header(body, header, secret, tolerance_s)
-    except stripe.SignatureVerificationError:
-        pass
-    else:
+    if webhook_signature_valid(body, header, secret, tolerance_s):
         return
-    # The SDK checks the HMAC before the timestamp: if the signature alone holds, the
-    # timestamp was what failed.
-    try:
-        stripe.WebhookSignature.verify_header(body, header, secret, None)
-    except stripe.SignatureVerificationError:
-        raise _InvalidSignature(
+    # If the signature holds without the time limit, the timestamp was what failed.
+    if not webhook_signature_valid(body, header, secret, None):
+        raise InvalidSignature(
             "the Stripe-Signature does not match the body: the body was altered after signing, "
             "or it was signed with another secret (check that BILLING_STRIPE_WEBHOOK_SECRET is "
             "this endpoint's signing secret)"
         ) from None
     age_s = int(time.time()) - timestamp
-    raise _InvalidSignature(
+    raise InvalidSignature(
         f"the Stripe-Signature timestamp is {age_s} s old, beyond the {tolerance_s} s tolerance "
         "(a delayed or replayed delivery); if every webhook is refused this way, check this "
         "server's clock"
@@ -487,7 +478,7 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
             secret.get_secret_value(),
             settings.stripe_webhook_tolerance_seconds,
         )
-    except _InvalidSignature as invalid:
+    except InvalidSignature as invalid:
         logger.warning("refused a webhook delivery: %s", invalid)
         return _error(400, "invalid_signature", str(invalid))
     try:
@@ -516,8 +507,11 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
         delivered = await _signal_all(temporal, routing)
     except _TemporalUnavailable as unavailable:
         # Without this delete, Stripe's retry would find the row and be answered "duplicate":
-        # the news would be lost. Signals already sent stay sent; their workflows treat a
-        # repeat as harmless.
+        # the news would be lost. Signals already sent (to a customer's other subscriptions)
+        # stay sent and are sent again on the retry: a repeated payment_authenticated is a
+        # no-op once the invoice is settled, a repeated payment_method_changed costs one more
+        # attach and at most one extra charge attempt on the same card, never a second
+        # payment (a paid invoice is never charged).
         await asyncio.to_thread(_release, session_factory, event.id, claimed_at)
         logger.warning("Temporal unavailable for webhook %s: %s", event.id, unavailable)
         return _error(

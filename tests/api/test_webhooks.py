@@ -4,6 +4,8 @@ workflow on the time-skipping server, with a real database behind it."""
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -13,25 +15,29 @@ import pytest
 from dateutil.relativedelta import relativedelta
 from temporalio.client import Client
 
-from billing.api.webhooks import NOT_CONFIGURED_MESSAGE
+from billing.api import create_app
+from billing.api.webhooks import NOT_CONFIGURED_MESSAGE, webhook_router
 from billing.contracts import NoticeKind, SubscriptionMessage
 from billing.invoices import InvoiceStatus
 from billing.records import WebhookEventRecord, WebhookOutcome
 from billing.subscription import SubscriptionStatus
 from billing.testing.cards import DECLINES_AFTER_ATTACH, REQUIRES_AUTHENTICATION, SUCCEEDS
 from billing.testing.harness import BillingHarness, BillingSnapshot
-from tests.api.webhook_fixtures import (  # noqa: F401  (fixtures)
+from db.engine import unit_of_work
+from db.repositories import customers, subscriptions
+from db.repositories import webhook_events as webhook_events_repo
+from tests.api.webhook_fixtures import (
     CAPTURE_PATH,
     TOLERANCE_SECONDS,
-    WEBHOOK_SECRET,
+    Delivery,
     WebhookStack,
-    localstripe,
+    localstripe_fixture,  # noqa: F401  (a fixture, registered under its short name)
     make_webhook_app,
     sign,
     wait_until,
-    webhook_harness,
+    webhook_harness_fixture,  # noqa: F401  (a fixture, registered under its short name)
     webhook_settings,
-    webhook_stack,
+    webhook_stack_fixture,  # noqa: F401  (a fixture, registered under its short name)
 )
 from tests.conftest import BOTH_BACKENDS
 
@@ -108,9 +114,6 @@ def set_default_card_at_stripe(stack: WebhookStack, stripe_customer_id: str, num
 
 
 def stripe_customer_id(stack: WebhookStack, subscription_id: str) -> str:
-    from db.engine import unit_of_work
-    from db.repositories import customers, subscriptions
-
     with unit_of_work(stack.harness.session_factory) as session:
         subscription = subscriptions.get_subscription(session, subscription_id)
         assert subscription is not None
@@ -119,7 +122,10 @@ def stripe_customer_id(stack: WebhookStack, subscription_id: str) -> str:
     return customer.stripe_customer_id
 
 
-def for_customer(deliveries: list[Any], customer: str, pm: str | None = None) -> list[Any]:
+def for_customer(
+    deliveries: list[Delivery], customer: str, pm: str | None = None
+) -> list[Delivery]:
+    """The deliveries about Stripe customer ``customer`` (whose default card is ``pm``)."""
     return [
         d
         for d in deliveries
@@ -458,14 +464,139 @@ async def test_events_we_do_not_act_on_are_recorded_as_ignored(
     webhook_stack: WebhookStack, event_type: str
 ) -> None:
     stack = webhook_stack
-    body = (
-        '{"id": "evt_ignored_%s", "object": "event", "type": "%s", "created": 1, '
-        '"data": {"object": {"id": "pm_123", "object": "payment_method", "customer": "cus_1"}}}'
-        % (event_type.replace(".", "_"), event_type)
+    event_id = f"evt_ignored_{event_type.replace('.', '_')}"
+    body = json.dumps(
+        {
+            "id": event_id,
+            "object": "event",
+            "type": event_type,
+            "created": int(time.time()),
+            "data": {"object": {"id": "pm_123", "object": "payment_method", "customer": "cus_1"}},
+        }
     ).encode()
     response = await stack.post(body, sign(body))
     assert response.status_code == 200
     assert response.json()["outcome"] == WebhookOutcome.IGNORED
-    row = stack.event(f"evt_ignored_{event_type.replace('.', '_')}")
+    row = stack.event(event_id)
     assert row is not None and row.outcome == WebhookOutcome.IGNORED
     assert row.processed_at is not None
+
+
+async def test_an_unfinished_claim_is_retried_later_unless_its_request_died(
+    webhook_stack: WebhookStack,
+) -> None:
+    """A delivery that finds the event claimed but not finished is told to come back (409),
+    so Stripe keeps the event; a claim older than the stale limit belongs to a request that
+    died mid-way, and the redelivery takes it over."""
+    stack, harness = webhook_stack, webhook_stack.harness
+    now = await harness.now()
+    body = json.dumps(
+        {
+            "id": "evt_claimed_elsewhere",
+            "object": "event",
+            "type": "charge.succeeded",
+            "created": int(time.time()),
+            "data": {"object": {"id": "ch_1", "object": "charge"}},
+        }
+    ).encode()
+    with unit_of_work(harness.session_factory) as session:
+        webhook_events_repo.claim_webhook_event(
+            session,
+            event_id="evt_claimed_elsewhere",
+            event_type="charge.succeeded",
+            now=now,
+            stale_after=timedelta(minutes=2),
+        )
+    busy = await stack.post(body, sign(body))
+    assert busy.status_code == 409
+    assert busy.json()["error"]["type"] == "event_in_progress"
+    claimed = stack.event("evt_claimed_elsewhere")
+    assert claimed is not None and claimed.outcome == WebhookOutcome.PROCESSING
+
+    harness.clock.fallback = now + timedelta(minutes=3)  # the claimer never came back
+    taken_over = await stack.post(body, sign(body))
+    assert taken_over.status_code == 200
+    assert taken_over.json()["outcome"] == WebhookOutcome.IGNORED
+    row = stack.event("evt_claimed_elsewhere")
+    assert row is not None and row.processed_at is not None
+    assert row.received_at == now and row.claimed_at == now + timedelta(minutes=3)
+
+
+async def test_the_router_serves_inside_the_api_app_without_an_api_key(
+    webhook_stack: WebhookStack,
+) -> None:
+    """Wired into ``create_app`` (the API's factory) the endpoint authenticates by the Stripe
+    signature alone, and its refusals keep the API's error shape."""
+    harness = webhook_stack.harness
+    app = create_app(
+        webhook_settings(),
+        deps=harness.deps,
+        temporal=harness.client,
+        include_routers=[webhook_router()],
+    )
+    body = json.dumps(
+        {
+            "id": "evt_through_create_app",
+            "object": "event",
+            "type": "customer.created",
+            "created": int(time.time()),
+            "data": {"object": {"id": "cus_elsewhere", "object": "customer"}},
+        }
+    ).encode()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        accepted = await client.post(
+            "/v1/webhooks/stripe",
+            content=body,
+            headers={"Content-Type": "application/json", "Stripe-Signature": sign(body)},
+        )
+        refused = await client.post("/v1/webhooks/stripe", content=body)
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["outcome"] == WebhookOutcome.IGNORED
+    assert refused.status_code == 400
+    assert refused.json()["error"]["type"] == "invalid_signature"
+    assert webhook_stack.event("evt_through_create_app") is not None
+
+
+async def test_real_stripe_previous_attributes_decide_whether_the_default_card_changed(
+    webhook_stack: WebhookStack,
+) -> None:
+    """Real Stripe lists the fields an update changed in ``data.previous_attributes``
+    (localstripe sends none): an update that did not touch the default card signals nothing,
+    even if our record differs; one that did signals the workflow."""
+    stack, harness = webhook_stack, webhook_stack.harness
+    sub = await harness.signup("basic-monthly", card=SUCCEEDS)
+    customer = stripe_customer_id(stack, sub.subscription_id)
+    new_card = await harness.to_thread_card(SUCCEEDS)
+
+    def customer_updated(event_id: str, previous: dict[str, Any]) -> bytes:
+        return json.dumps(
+            {
+                "id": event_id,
+                "object": "event",
+                "type": "customer.updated",
+                "created": int(time.time()),
+                "data": {
+                    "object": {
+                        "id": customer,
+                        "object": "customer",
+                        "invoice_settings": {"default_payment_method": new_card},
+                    },
+                    "previous_attributes": previous,
+                },
+            }
+        ).encode()
+
+    email_only = customer_updated("evt_email_changed", {"email": "old@example.com"})
+    response = await stack.post(email_only, sign(email_only))
+    assert response.json()["outcome"] == WebhookOutcome.IGNORED
+    row = stack.event("evt_email_changed")
+    assert row is not None and "did not change the default payment method" in (row.detail or "")
+
+    card_changed = customer_updated(
+        "evt_card_changed", {"invoice_settings": {"default_payment_method": "pm_previous"}}
+    )
+    response = await stack.post(card_changed, sign(card_changed))
+    assert response.json()["outcome"] == WebhookOutcome.ROUTED
+    changed = SubscriptionMessage.PAYMENT_METHOD_CHANGED
+    assert await signals_received(harness, sub.subscription_id, changed) == 1

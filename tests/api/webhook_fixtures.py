@@ -5,7 +5,9 @@ localstripe's signed deliveries reach it over HTTP.
 The app holds exactly what the API's app factory stores on ``app.state``: ``settings``,
 ``deps`` (the harness's Dependencies) and ``temporal`` (the harness's client).
 
-Import the fixtures into a test module: ``from tests.api.webhook_fixtures import ...``.
+Import the fixtures into a test module (``from tests.api.webhook_fixtures import
+webhook_stack_fixture``, and so on); they are registered under their short names
+(``webhook_stack``), so a test's parameter does not shadow the imported function.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ CAPTURE_PATH = "/capture"
 
 def webhook_settings(secret: str | None = WEBHOOK_SECRET) -> Settings:
     return Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         environment="test",
         stripe_webhook_secret=None if secret is None else SecretStr(secret),
         stripe_webhook_tolerance_seconds=TOLERANCE_SECONDS,
@@ -196,9 +198,10 @@ def register_localstripe_webhook(
 
 def sign(body: bytes, *, secret: str = WEBHOOK_SECRET, timestamp: int | None = None) -> str:
     """A ``Stripe-Signature`` header for ``body``, made by the Stripe SDK's own helper."""
-    return stripe.WebhookSignature.generate_signature_header(
+    header: str = stripe.WebhookSignature.generate_signature_header(
         body.decode("utf-8"), secret, timestamp=timestamp
     )
+    return header
 
 
 async def wait_until(
@@ -281,16 +284,16 @@ class WebhookStack:
         return result
 
 
-@pytest.fixture(scope="module")
-def localstripe() -> Iterator[LocalStripe]:
+@pytest.fixture(name="localstripe", scope="module")
+def localstripe_fixture() -> Iterator[LocalStripe]:
     """A localstripe of this module's own: webhook endpoints are registered process-wide, so
     a shared one would send these tests other modules' events (and them, ours)."""
     with LocalStripe() as server:
         yield server
 
 
-@pytest.fixture
-async def webhook_harness(
+@pytest.fixture(name="webhook_harness")
+async def webhook_harness_fixture(
     temporal_env: WorkflowEnvironment, localstripe: LocalStripe, database_url: str
 ) -> AsyncIterator[BillingHarness]:
     async with BillingHarness(
@@ -299,8 +302,8 @@ async def webhook_harness(
         yield harness
 
 
-@pytest.fixture
-def webhook_stack(
+@pytest.fixture(name="webhook_stack")
+def webhook_stack_fixture(
     webhook_harness: BillingHarness, localstripe: LocalStripe
 ) -> Iterator[WebhookStack]:
     """The webhook app on a real server, listening to localstripe's events."""

