@@ -144,6 +144,8 @@ class InvoiceRow(Base):
         CheckConstraint(one_of("status", InvoiceStatus), name="status"),
         Index("ix_invoices_customer_id_created_at", "customer_id", "created_at"),
         Index("ix_invoices_status", "status"),
+        # Finance listings and CSV exports page through invoices in (created_at, id) order.
+        Index("ix_invoices_created_at_id", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
