@@ -25,6 +25,7 @@ from temporalio.service import RPCError
 
 from billing.contracts import SubscriptionMessage, SubscriptionView
 from billing.settings import ApiKey, Settings
+from billing.simulate.command import simulate
 
 app = typer.Typer(help="Recurring billing on Temporal.", no_args_is_help=True)
 console = Console()
@@ -359,6 +360,9 @@ def _safe_url(url: str) -> str:
 
 
 # ---- finance and support commands -----------------------------------------------------------
+
+# `billing simulate SCENARIO`: years of billing in seconds on the time-skipping server.
+app.command()(simulate)
 
 invoices_app = typer.Typer(help="Invoices, as finance sees them.", no_args_is_help=True)
 subscriptions_app = typer.Typer(help="Subscriptions: live state and changes.", no_args_is_help=True)

@@ -27,6 +27,7 @@ def simulate(
     scenario: Annotated[
         Path,
         typer.Argument(
+            metavar="SCENARIO",
             help="The scenario file, YAML or JSON (format: docs/scenarios.md).",
             show_default=False,
         ),

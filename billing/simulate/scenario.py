@@ -114,7 +114,8 @@ class Action:
     index: int
     at: datetime
     kind: ActionKind
-    #: The subscription it applies to; None: the only one, or (update_card) every live one.
+    #: The subscription it applies to (always set for cancel, pause and resume); None for
+    #: the card at the bank, and for update_card on every subscription that has not ended.
     subscription: str | None = None
     #: update_card: how the new card behaves.
     card: CardBehaviour = CardBehaviour.SUCCEEDS

@@ -1,0 +1,151 @@
+"""Every example scenario, run through the real `billing simulate --json` command on the
+time-skipping server, gives exactly the timeline kept next to it (`NAME.expected.json`).
+
+To regenerate the expected files after an intended change, then review the diff:
+
+    BILLING_UPDATE_EXPECTED=1 .venv/bin/pytest tests/simulate/test_simulate_examples.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.simulate.cli import EXAMPLES, run_cli
+
+UPDATE = os.environ.get("BILLING_UPDATE_EXPECTED") == "1"
+SCENARIOS = sorted(EXAMPLES.glob("*.yaml"))
+
+Document = dict[str, Any]
+
+
+def test_the_issue_s_examples_exist() -> None:
+    names = {p.stem for p in SCENARIOS}
+    assert names >= {
+        "leap-year-month-end",
+        "trial-then-monthly",
+        "dunning-recovered-by-card-update",
+        "dunning-exhausted",
+        "cancel-at-period-end-during-dunning",
+        "pause-and-resume-over-a-year",
+        "annual-plan-ten-years",
+    }
+    for scenario in SCENARIOS:
+        assert scenario.with_suffix("").with_suffix(".expected.json").exists() or UPDATE, (
+            f"{scenario.name} has no expected timeline next to it"
+        )
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_example_timeline_equals_its_expected_file(scenario: Path) -> None:
+    result = run_cli(scenario, "--json")
+    assert result.exit_code == 0, result.stderr
+    actual = json.loads(result.stdout)
+    expected_path = scenario.with_suffix("").with_suffix(".expected.json")
+    if UPDATE:
+        expected_path.write_text(result.stdout)
+    expected = json.loads(expected_path.read_text())
+    assert actual == expected
+    # The expected files are reviewed facts, not just "what came out": check the ones each
+    # example exists to show.
+    FACTS.get(scenario.stem, lambda _: None)(actual)
+
+
+# ---- what each example shows --------------------------------------------------------------
+
+
+def only_subscription(doc: Document) -> Document:
+    [subscription] = doc["subscriptions"]
+    return subscription
+
+
+def leap_year(doc: Document) -> None:
+    sub = only_subscription(doc)
+    # 09:00 in New York: 14:00Z in winter, 13:00Z in summer; Feb 29, then month ends.
+    starts = [i["period_start"] for i in sub["invoices"]]
+    assert starts[:4] == [
+        "2032-01-31T14:00:00Z",
+        "2032-02-29T14:00:00Z",
+        "2032-03-31T13:00:00Z",
+        "2032-04-30T13:00:00Z",
+    ]
+    assert starts[-1] == "2032-12-31T14:00:00Z" and len(starts) == 12
+    assert {i["status"] for i in sub["invoices"]} == {"paid"}
+
+
+def trial(doc: Document) -> None:
+    sub = only_subscription(doc)
+    assert sub["trial_end"] == sub["anchor"] == "2032-04-24T01:00:00Z"  # 10:00 in Tokyo
+    assert [c["status"] for c in sub["status_changes"]] == ["trialing", "active"]
+    assert sub["invoices"][0]["period_start"] == "2032-04-24T01:00:00Z"
+
+
+def recovered_by_card_update(doc: Document) -> None:
+    sub = only_subscription(doc)
+    june = sub["invoices"][3]
+    assert [(a["outcome"], a["reason"]) for a in june["attempts"]] == [
+        ("failed", "scheduled"),
+        ("failed", "retry"),
+        ("failed", "retry"),
+        ("succeeded", "payment_method_updated"),
+    ]
+    # The card update's retry runs when the customer updates the card.
+    update = next(a for a in doc["actions"] if a["action"] == "update_card")
+    assert june["attempts"][3]["at"] == update["at"] == "2032-06-05T12:30:00Z"
+    assert [c["status"] for c in sub["status_changes"]] == ["active", "past_due", "active"]
+    # The billing date did not move.
+    assert sub["invoices"][4]["period_start"] == "2032-07-01T07:00:00Z"
+
+
+def exhausted(doc: Document) -> None:
+    sub = only_subscription(doc)
+    march = sub["invoices"][2]
+    days = [int(a["at"][8:10]) for a in march["attempts"]]
+    assert days == [10, 11, 13, 15, 17, 19, 21, 24]  # first try + days 1..14 of the policy
+    assert march["status"] == "uncollectible"
+    assert sub["status"] == "canceled" and sub["ended_at"] == "2032-03-24T08:00:00Z"
+    assert len(sub["invoices"]) == 3  # nothing billed after
+
+
+def cancel_during_dunning(doc: Document) -> None:
+    sub = only_subscription(doc)
+    assert sub["invoices"][-1]["status"] == "paid"
+    assert sub["ended_at"] == sub["invoices"][-1]["period_end"] == "2032-06-15T19:00:00Z"
+    assert [c["status"] for c in sub["status_changes"]] == [
+        "active",
+        "past_due",
+        "active",
+        "canceled",
+    ]
+
+
+def pause_resume(doc: Document) -> None:
+    sub = only_subscription(doc)
+    days = [i["period_start"][:10] for i in sub["invoices"]]
+    assert "2032-05-15" not in days and "2032-06-15" not in days
+    assert "2032-07-15" in days  # the anchor's next date after the resume
+    assert [a["outcome"] for a in doc["actions"]] == ["applied", "refused", "applied"]
+    assert "already paused" in doc["actions"][1]["detail"]
+
+
+def annual(doc: Document) -> None:
+    sub = only_subscription(doc)
+    days = [i["period_start"][:10] for i in sub["invoices"]]
+    assert days[:5] == ["2032-02-29", "2033-02-28", "2034-02-28", "2035-02-28", "2036-02-29"]
+    assert len(days) == 10
+
+
+FACTS: dict[str, Callable[[Document], None]] = {
+    "leap-year-month-end": leap_year,
+    "trial-then-monthly": trial,
+    "dunning-recovered-by-card-update": recovered_by_card_update,
+    "dunning-exhausted": exhausted,
+    "cancel-at-period-end-during-dunning": cancel_during_dunning,
+    "pause-and-resume-over-a-year": pause_resume,
+    "annual-plan-ten-years": annual,
+}
