@@ -250,12 +250,17 @@ class SubscriptionMessage:
 MAX_INVOICE_IDS_IN_STATE = 1000
 
 
+#: Billed periods per workflow run before it continues as new (a year of monthly billing).
+DEFAULT_PERIODS_PER_RUN = 12
+
+
 @dataclass
 class SubscriptionWorkflowInput:
     state: SubscriptionState
-    #: Continue-as-new after this many billed periods in one run, so every run's history is
-    #: bounded by one billing cycle's events whatever the subscription's age.
-    periods_per_run: int = 1
+    #: Continue-as-new after this many billed periods in one run (or once the run is a year
+    #: old), so every run's history is bounded whatever the subscription's age. Runs started
+    #: before this default existed carry 1 in their input and keep continuing every period.
+    periods_per_run: int = DEFAULT_PERIODS_PER_RUN
 
 
 @dataclass

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import Worker, WorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.billing import BillingActivities
 from activities.stripe_gateway import StripeGateway, make_stripe_client
@@ -47,7 +48,11 @@ def build_worker(
     *,
     task_queue: str,
     activity_threads: int = 16,
+    workflow_runner: WorkflowRunner | None = None,
 ) -> Worker:
+    """``workflow_runner``: the sandbox by default; simulations pass
+    ``UnsandboxedWorkflowRunner()`` to skip re-creating the sandbox for every run (the
+    sandboxed test suite and the replay test keep guarding determinism)."""
     activities = BillingActivities(deps.session_factory, deps.gateway, deps.clock)
     return Worker(
         client,
@@ -56,4 +61,5 @@ def build_worker(
         activities=activities.all(),
         activity_executor=ThreadPoolExecutor(max_workers=activity_threads),
         max_concurrent_activities=activity_threads,
+        workflow_runner=workflow_runner or SandboxedWorkflowRunner(),
     )

@@ -22,10 +22,11 @@ def normalize_url(url: str | URL) -> URL:
     return parsed
 
 
-def make_engine(url: str | URL, **engine_options: Any) -> Engine:
+def make_engine(url: str | URL, *, throwaway: bool = False, **engine_options: Any) -> Engine:
     """An engine for SQLite (the embedded default) or PostgreSQL (``postgresql+psycopg``).
 
-    ``engine_options`` go to ``create_engine`` (e.g. ``poolclass``, ``echo``).
+    ``throwaway``: a SQLite database nobody keeps (simulations) skips fsync on commit; never
+    set it for real money. ``engine_options`` go to ``create_engine`` (e.g. ``echo``).
     """
     parsed = normalize_url(url)
     if parsed.get_backend_name() != "sqlite":
@@ -35,11 +36,11 @@ def make_engine(url: str | URL, **engine_options: Any) -> Engine:
     # Activities run in worker threads; the pool hands one connection to one thread at a time.
     connect_args.setdefault("check_same_thread", False)
     engine = create_engine(parsed, connect_args=connect_args, **engine_options)
-    _configure_sqlite(engine)
+    _configure_sqlite(engine, synchronous="OFF" if throwaway else "FULL")
     return engine
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, *, synchronous: str) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control away from the sqlite3 module: in its legacy mode it does
@@ -53,6 +54,8 @@ def _configure_sqlite(engine: Engine) -> None:
             # WAL lets readers proceed while one writer commits.
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            # FULL: a committed payment survives a power cut. OFF only for throwaway databases.
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
         finally:
             cursor.close()
 

@@ -28,6 +28,15 @@ from billing.testing.harness import BillingHarness, start_time_skipping_environm
 from billing.testing.localstripe import LocalStripe
 
 
+def _kinds_by_activity(history: object) -> Counter[str]:
+    events = history.events  # type: ignore[attr-defined]
+    return Counter(
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    )
+
+
 def _kinds(history: object) -> Counter[str]:
     events = history.events  # type: ignore[attr-defined]
     return Counter(EventType.Name(e.event_type).removeprefix("EVENT_TYPE_") for e in events)
@@ -53,11 +62,18 @@ async def measure(months: int) -> None:
                 runs = await h.run_histories(paid.subscription_id)
                 sizes = [len(r.events) for r in runs]
                 invoices = len(h.snapshot(paid.subscription_id).invoices)
-                # Run 1 holds the start (status sync) plus the first cycle; later runs are one
-                # cycle each, which is the steady-state cost of a paid billing cycle.
-                steady = sizes[1:-1] or sizes
+                # Cycles in a run = invoices it created. Complete runs after the first (which
+                # also holds the start) give the steady-state cost of one paid cycle: their
+                # events, less the run's own start and continue-as-new, per cycle.
+                cycles = [_kinds_by_activity(r).get("create_invoice", 0) for r in runs]
+                steady = [
+                    (size - 5) / n for size, n in zip(sizes[1:-1], cycles[1:-1], strict=True) if n
+                ] or [size / max(n, 1) for size, n in zip(sizes, cycles, strict=True)]
                 print(f"simulated {months} months in {elapsed:.1f} s wall clock")
-                print(f"paid subscription: {invoices} invoices, {len(runs)} runs")
+                print(
+                    f"paid subscription: {invoices} invoices, {len(runs)} runs "
+                    f"(billed periods per run: {cycles})"
+                )
                 print(
                     "  events per continue-as-new run: "
                     f"min {min(sizes)}, median {statistics.median(sizes):.0f}, max {max(sizes)}"

@@ -153,6 +153,11 @@ class _Request:
 PROVIDER_OUTAGE_BACKOFF = timedelta(hours=1)
 
 
+#: A run continues as new at the first period boundary after it is this old.
+MAX_RUN_AGE = timedelta(days=366)
+PATCH_RUN_AGE_LIMIT = "continue-as-new-by-run-age"
+
+
 class _Outcome:
     RETRY = "retry"
     PAYMENT_METHOD_UPDATED = "payment_method_updated"
@@ -712,9 +717,16 @@ class SubscriptionWorkflow:
         return False
 
     def _should_continue_as_new(self) -> bool:
+        if self._periods_billed_this_run >= self._periods_per_run:
+            return True
+        if workflow.info().is_continue_as_new_suggested():
+            return True
+        # A run also ends once it is a year old (an annual plan bills once a year), far from
+        # any run timeout. Patched: runs recorded before this rule replay without it.
         return (
-            self._periods_billed_this_run >= self._periods_per_run
-            or workflow.info().is_continue_as_new_suggested()
+            self._periods_billed_this_run > 0
+            and workflow.now() - workflow.info().start_time > MAX_RUN_AGE
+            and workflow.patched(PATCH_RUN_AGE_LIMIT)
         )
 
     async def _continue_as_new(self) -> None:

@@ -22,7 +22,7 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowHandle, WorkflowHistory
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from activities.stripe_gateway import StripeGateway, make_stripe_client
 from billing.contracts import SubscriptionMessage, SubscriptionView
@@ -101,12 +101,14 @@ class BillingHarness:
         plans: Sequence[Plan] = DEMO_PLANS,
         activity_threads: int = 8,
         wrap_gateway: Callable[[PaymentGateway], PaymentGateway] | None = None,
+        sandboxed: bool = True,
+        throwaway_database: bool = False,
     ) -> None:
         self.env = env
         self.client: Client = env.client
         self.task_queue = task_queue or f"billing-test-{uuid.uuid4().hex[:12]}"
         self.database_url = database_url
-        self.engine = make_engine(database_url)
+        self.engine = make_engine(database_url, throwaway=throwaway_database)
         self.session_factory: sessionmaker[Session] = make_session_factory(self.engine)
         self.http_client = RecordingHTTPClient()
         self.stripe = make_stripe_client(
@@ -132,6 +134,7 @@ class BillingHarness:
         )
         self._plans = list(plans)
         self._activity_threads = activity_threads
+        self._sandboxed = sandboxed
         self._worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
         self.started_subscription_ids: list[str] = []
@@ -146,6 +149,7 @@ class BillingHarness:
             self.deps,
             task_queue=self.task_queue,
             activity_threads=self._activity_threads,
+            workflow_runner=None if self._sandboxed else UnsandboxedWorkflowRunner(),
         )
         self._worker_task = asyncio.create_task(self._worker.run())
         return self
@@ -227,10 +231,17 @@ class BillingHarness:
                 idempotency_key=idempotency_key,
             )
         )
-        self.started_subscription_ids.append(result.subscription_id)
-        description = await self.handle(result.subscription_id).describe()
-        self._first_run_ids[result.subscription_id] = description.run_id
+        await self.track(result.subscription_id)
         return result
+
+    async def track(self, subscription_id: str) -> None:
+        """Follow a subscription started outside ``signup`` (stopped at exit, histories
+        readable with ``run_histories``). Call it right after the start."""
+        if subscription_id in self._first_run_ids:
+            return
+        self.started_subscription_ids.append(subscription_id)
+        description = await self.handle(subscription_id).describe()
+        self._first_run_ids[subscription_id] = description.run_id
 
     async def to_thread_card(self, number: str) -> str:
         return await asyncio.to_thread(self.card, number)

@@ -115,8 +115,11 @@ async def test_cancelling_twice_is_refused_with_a_reason(harness: BillingHarness
 
 async def test_refused_change_is_rejected_before_it_is_accepted(harness: BillingHarness) -> None:
     sub = await harness.signup("basic-monthly", card=SUCCEEDS)
-    # After the first period is billed the workflow continues as new and sleeps.
-    await harness.wait_for(sub.subscription_id, lambda v: v.run_number == 2)
+    # The first period is billed and paid; the workflow sleeps until the next one.
+    await harness.wait_for(
+        sub.subscription_id,
+        lambda v: v.invoices_issued == 1 and v.open_invoice is None and v.status == "active",
+    )
     with pytest.raises(WorkflowUpdateFailedError) as refused:
         await harness.update(
             sub.subscription_id, SubscriptionMessage.RESUME, ResumeInput(), ResumeResult

@@ -156,7 +156,7 @@ async def test_signup_is_idempotent_by_key(harness: BillingHarness) -> None:
     assert first.created and not again.created
     assert again.subscription_id == first.subscription_id
     assert row_counts(harness)["subscriptions"] == 1
-    harness.started_subscription_ids.append(first.subscription_id)
+    await harness.track(first.subscription_id)
 
     with pytest.raises(IdempotencyConflict, match="already used with a different request"):
         await harness.signups.start_subscription(
