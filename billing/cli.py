@@ -161,7 +161,11 @@ def dev(
             "    -H 'Idempotency-Key: signup-1' \\\n"
             """    -d '{"plan": "basic-monthly", "customer": {"external_id": "cust-1", """
             """"email": "ada@example.com", "timezone": "Europe/London"}, """
-            f""""payment_method_id": "{example_pm}"}}'"""
+            f""""payment_method_id": "{example_pm}"}}'""",
+            # Never wrap: the command must survive copy and paste.
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
         )
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_run_dev(settings, demo=demo))
