@@ -170,16 +170,10 @@ class BillingActivities:
     def create_invoice(self, input: CreateInvoiceInput) -> CreateInvoiceResult:
         """Create and finalize the period's invoice; idempotent per (subscription, period)."""
         with unit_of_work(self.session_factory) as session:
-            existing = invoices_repo.get_invoice_for_period(
-                session, input.subscription_id, input.period_start
-            )
-            if existing is not None:
-                return _invoice_result(existing, created=False)
             now = self.clock.now()
-            number = customers_repo.allocate_invoice_number(session, input.customer_id)
             draft = InvoiceRecord(
                 id=invoice_id_for(input.subscription_id, input.period_start),
-                number=number,
+                number="",  # issue_invoice allocates the customer's next number
                 subscription_id=input.subscription_id,
                 customer_id=input.customer_id,
                 period_index=input.period_index,
@@ -197,10 +191,10 @@ class BillingActivities:
                 voided_at=None,
                 marked_uncollectible_at=None,
             )
-            invoice, created = invoices_repo.insert_invoice(session, draft)
+            # Idempotent per (subscription, period) and gap-free: a racing run of this activity
+            # gets the existing invoice and gives its number back.
+            invoice, created = invoices_repo.issue_invoice(session, draft)
             if not created:
-                # A concurrent run of this activity won; drop our number allocation with it.
-                session.rollback()
                 return _invoice_result(invoice, created=False)
             invoice = invoices_repo.transition_invoice(
                 session, invoice.id, to=InvoiceStatus.OPEN, at=now
@@ -425,15 +419,14 @@ class BillingActivities:
                     settled_at=now,
                 ),
             )
-            current = _require_invoice(session, invoice.id)
-            if current.status != InvoiceStatus.PAID:
-                invoices_repo.transition_invoice(
-                    session,
-                    invoice.id,
-                    to=InvoiceStatus.PAID,
-                    at=now,
-                    amount_paid_minor=payment.amount_minor,
-                )
+            # A no-op when a previous run of this activity already marked it paid.
+            invoices_repo.transition_invoice(
+                session,
+                invoice.id,
+                to=InvoiceStatus.PAID,
+                at=now,
+                amount_paid_minor=payment.amount_minor,
+            )
             return _settle_result(payment)
 
     @activity.defn(name=ActivityName.CONFIRM_AUTHENTICATED_PAYMENT)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,7 +21,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
-from billing.calendar import add_local_days, ensure_utc, resolve_timezone
+from billing.calendar import add_local_days, ensure_utc, parse_interval_unit, resolve_timezone
 from billing.clock import Clock
 from billing.contracts import SubscriptionWorkflowInput, workflow_id_for
 from billing.errors import (
@@ -392,10 +392,6 @@ def _result_from_record(record: SubscriptionRecord) -> SignupResult:
 
 def _snapshot(plan: Plan, record: SubscriptionRecord) -> Plan:
     """The plan as recorded on the subscription (price and interval are snapshotted)."""
-    from dataclasses import replace
-
-    from billing.calendar import parse_interval_unit
-
     return replace(
         plan,
         amount_minor=record.amount_minor,

@@ -16,8 +16,7 @@ resume, including dunning progress.
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -144,7 +143,6 @@ class _Request:
     result: Any = None
     error: str | None = None
     error_type: str = "ChangeRefused"
-    waiters: list[int] = field(default_factory=list)
 
 
 #: How long to wait before re-driving a charge whose activity gave up (provider unreachable or
@@ -329,11 +327,7 @@ class SubscriptionWorkflow:
             if s.authenticated_payment_intent_id is not None:
                 return _Outcome.AUTHENTICATED
             now = workflow.now()
-            next_retry = (
-                None
-                if inv.blocked is not None
-                else policy.retry_at(inv.first_failure_at, inv.scheduled_retries_done)
-            )
+            next_retry = self._scheduled_retry_at(inv)
             inv.next_retry_at = next_retry
             if next_retry is not None and next_retry <= now:
                 inv.scheduled_retries_done += 1
@@ -346,6 +340,13 @@ class SubscriptionWorkflow:
                 # Safe mid-dunning: the state carries attempts, schedule position and blocks.
                 await self._continue_as_new()
             await self._sleep_until(next_retry if next_retry is not None else window_end)
+
+    def _scheduled_retry_at(self, inv: OpenInvoice) -> datetime | None:
+        """The next retry on the dunning schedule; None when exhausted or blocked (a hard
+        decline or pending authentication waits for the customer instead)."""
+        if inv.blocked is not None or inv.first_failure_at is None:
+            return None
+        return self.state.plan.dunning.retry_at(inv.first_failure_at, inv.scheduled_retries_done)
 
     async def _record_failure(self, inv: OpenInvoice, result: ChargeInvoiceResult) -> None:
         s = self.state
@@ -362,11 +363,7 @@ class SubscriptionWorkflow:
             # the attempt rows already, so they cost no extra activity.
             s.status = SubscriptionStatus.PAST_DUE
             await self._sync()
-        next_retry = (
-            None
-            if inv.blocked is not None
-            else s.plan.dunning.retry_at(inv.first_failure_at, inv.scheduled_retries_done)
-        )
+        next_retry = self._scheduled_retry_at(inv)
         kind = (
             NoticeKind.ACTION_REQUIRED
             if inv.blocked == BlockedReason.AUTHENTICATION_REQUIRED
@@ -785,6 +782,3 @@ class SubscriptionWorkflow:
 
 
 __all__ = ["SubscriptionWorkflow"]
-
-# Keep asyncio imported for readers: wait_condition raises asyncio.TimeoutError (== TimeoutError).
-_ = asyncio

@@ -15,6 +15,7 @@ from temporalio.client import Client
 from billing.api import invoices, subscriptions
 from billing.api.auth import KeyRing
 from billing.api.errors import install_error_handlers
+from billing.api.webhooks import WEBHOOK_MAX_BODY_BYTES, WEBHOOK_PATH
 from billing.clock import Clock
 from billing.settings import Settings
 from billing.signup import SignupService
@@ -58,7 +59,13 @@ def create_app(
         task_queue=settings.task_queue,
         clock=clock,
     )
-    install_error_handlers(app, max_body_bytes=settings.api_max_body_bytes)
+    install_error_handlers(
+        app,
+        max_body_bytes=settings.api_max_body_bytes,
+        path_limits={
+            WEBHOOK_PATH: max(WEBHOOK_MAX_BODY_BYTES, settings.api_max_body_bytes),
+        },
+    )
     app.include_router(subscriptions.router)
     app.include_router(invoices.router)
     for router in include_routers:

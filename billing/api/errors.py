@@ -304,7 +304,10 @@ def _internal_message(reference: str) -> str:
     )
 
 
-def install_error_handlers(app: FastAPI, *, max_body_bytes: int) -> None:
+def install_error_handlers(
+    app: FastAPI, *, max_body_bytes: int, path_limits: dict[str, int] | None = None
+) -> None:
+    """Error handlers and middleware. ``path_limits``: body limits for particular paths."""
     app.add_exception_handler(BillingError, _billing_error)
     app.add_exception_handler(RPCError, _temporal_error)
     app.add_exception_handler(RuntimeError, _temporal_error)
@@ -315,11 +318,8 @@ def install_error_handlers(app: FastAPI, *, max_body_bytes: int) -> None:
     # add_middleware puts each new middleware outside the previous ones: the size limit runs
     # first, then the catch-all, then FastAPI's own exception handling.
     app.add_middleware(UnhandledErrorMiddleware)
-    # Stripe's events (e.g. an invoice with many lines) can outgrow the API's limit.
     app.add_middleware(
-        BodySizeLimitMiddleware,
-        max_body_bytes=max_body_bytes,
-        path_limits={"/v1/webhooks/stripe": max(WEBHOOK_MAX_BODY_BYTES, max_body_bytes)},
+        BodySizeLimitMiddleware, max_body_bytes=max_body_bytes, path_limits=path_limits
     )
 
 
@@ -343,10 +343,6 @@ async def _send_error(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-#: Body limit of the Stripe webhook endpoint.
-WEBHOOK_MAX_BODY_BYTES = 1024 * 1024
-
-
 class BodySizeLimitMiddleware:
     """Refuse request bodies above ``max_body_bytes`` with 413, before any route runs.
 
@@ -361,7 +357,6 @@ class BodySizeLimitMiddleware:
     ) -> None:
         self.app = app
         self.default_max_body_bytes = max_body_bytes
-        self.max_body_bytes = max_body_bytes
         self.path_limits = path_limits or {}
 
     def _too_large(self, limit: int) -> str:

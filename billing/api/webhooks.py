@@ -66,7 +66,9 @@ from billing.records import AttemptStatus, WebhookOutcome
 from billing.settings import Settings
 from db.engine import unit_of_work
 from db.repositories import attempts as attempts_repo
+from db.repositories import customers as customers_repo
 from db.repositories import invoices as invoices_repo
+from db.repositories import subscriptions as subscriptions_repo
 from db.repositories import webhook_events as webhook_events_repo
 
 __all__ = [
@@ -84,6 +86,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/v1/webhooks/stripe"
+#: Stripe's events (e.g. an invoice with many lines) can outgrow the API's body limit.
+WEBHOOK_MAX_BODY_BYTES = 1024 * 1024
 
 NOT_CONFIGURED_MESSAGE = (
     "webhooks are not configured (BILLING_STRIPE_WEBHOOK_SECRET); set it to this endpoint's "
@@ -274,7 +278,7 @@ def _route_customer_updated(session: Session, event: _Event) -> Routing:
         return Routing(detail="the customer object has no id")
     if new_default is None:
         return Routing(detail="the customer has no default payment method to retry with")
-    customer = webhook_events_repo.get_customer_by_provider_id(session, stripe_customer_id)
+    customer = customers_repo.get_customer_by_stripe_id(session, stripe_customer_id)
     if customer is None:
         return Routing(
             outcome=WebhookOutcome.NO_SUBSCRIPTION,
@@ -287,7 +291,9 @@ def _route_customer_updated(session: Session, event: _Event) -> Routing:
         return Routing(
             detail=f"{new_default} is already the payment method on record for {customer.id}"
         )
-    subscriptions = webhook_events_repo.list_live_subscriptions_for_customer(session, customer.id)
+    subscriptions = subscriptions_repo.list_subscriptions_for_customer(
+        session, customer.id, live_only=True
+    )
     if not subscriptions:
         return Routing(
             outcome=WebhookOutcome.NO_SUBSCRIPTION,

@@ -102,12 +102,13 @@ def record_attempt_outcome(
             payment_method_id=func.coalesce(payment_method_id, PaymentAttemptRow.payment_method_id),
             completed_at=completed_at,
         )
-        .returning(PaymentAttemptRow.id)
+        .returning(*PaymentAttemptRow.__table__.columns)
         .execution_options(synchronize_session=False)
     )
     if status != AttemptStatus.SUCCEEDED:
         statement = statement.where(PaymentAttemptRow.status != AttemptStatus.SUCCEEDED)
-    if session.execute(statement).scalar_one_or_none() is None:
+    updated = session.execute(statement).mappings().first()
+    if updated is None:
         current = fetch_one(
             session,
             PaymentAttemptRecord,
@@ -119,10 +120,4 @@ def record_attempt_outcome(
             f"payment attempt {attempt_id} (invoice {current.invoice_id}, attempt "
             f"{current.attempt_number}) already succeeded; it cannot become {status.value}"
         )
-    updated = fetch_one(
-        session,
-        PaymentAttemptRecord,
-        select_rows(PaymentAttemptRow).where(PaymentAttemptRow.id == attempt_id),
-    )
-    assert updated is not None
-    return updated
+    return PaymentAttemptRecord(**updated)

@@ -111,3 +111,12 @@ def allocate_invoice_number(session: Session, customer_id: str) -> str:
         raise NotFound(f"customer {customer_id} not found; cannot number its invoice")
     prefix, sequence = allocated
     return format_invoice_number(prefix, sequence)
+
+
+def get_customer_by_stripe_id(session: Session, stripe_customer_id: str) -> CustomerRecord | None:
+    """Our customer whose provider customer is ``stripe_customer_id`` (``cus_...``)."""
+    return fetch_one(
+        session,
+        CustomerRecord,
+        select_rows(CustomerRow).where(CustomerRow.stripe_customer_id == stripe_customer_id),
+    )

@@ -147,15 +147,17 @@ def transition_invoice(
             values["amount_paid_minor"] = paid
         # Compare-and-set on the status we checked: if another transaction moved the invoice
         # in between, no row matches and the loop re-checks against the new status.
-        moved = session.execute(
-            update(InvoiceRow)
-            .where(InvoiceRow.id == invoice_id, InvoiceRow.status == current.status)
-            .values(values)
-            .returning(InvoiceRow.id)
-            .execution_options(synchronize_session=False)
-        ).scalar_one_or_none()
+        moved = (
+            session.execute(
+                update(InvoiceRow)
+                .where(InvoiceRow.id == invoice_id, InvoiceRow.status == current.status)
+                .values(values)
+                .returning(*InvoiceRow.__table__.columns)
+                .execution_options(synchronize_session=False)
+            )
+            .mappings()
+            .first()
+        )
         if moved is not None:
-            updated = get_invoice(session, invoice_id)
-            assert updated is not None
-            return updated
+            return InvoiceRecord(**moved)
     raise RuntimeError(f"invoice {invoice_id} kept changing status; try again")

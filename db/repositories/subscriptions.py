@@ -59,14 +59,17 @@ def get_subscription_by_signup_key(
     )
 
 
-def list_subscriptions_for_customer(session: Session, customer_id: str) -> list[SubscriptionRecord]:
-    """The customer's subscriptions, oldest first."""
+def list_subscriptions_for_customer(
+    session: Session, customer_id: str, *, live_only: bool = False
+) -> list[SubscriptionRecord]:
+    """The customer's subscriptions, oldest first; ``live_only``: those not canceled."""
+    statement = select_rows(SubscriptionRow).where(SubscriptionRow.customer_id == customer_id)
+    if live_only:
+        statement = statement.where(SubscriptionRow.status.not_in(TERMINAL_STATUSES))
     return fetch_all(
         session,
         SubscriptionRecord,
-        select_rows(SubscriptionRow)
-        .where(SubscriptionRow.customer_id == customer_id)
-        .order_by(SubscriptionRow.created_at, SubscriptionRow.id),
+        statement.order_by(SubscriptionRow.created_at, SubscriptionRow.id),
     )
 
 

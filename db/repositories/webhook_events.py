@@ -16,13 +16,10 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from billing.records import (
-    CustomerRecord,
-    SubscriptionRecord,
     WebhookEventRecord,
     WebhookOutcome,
 )
-from billing.subscription import TERMINAL_STATUSES
-from db.models import CustomerRow, SubscriptionRow, WebhookEventRow
+from db.models import WebhookEventRow
 from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
 
 
@@ -152,32 +149,3 @@ def list_webhook_events(
 
 def count_webhook_events(session: Session) -> int:
     return int(session.execute(select(func.count()).select_from(WebhookEventRow)).scalar_one())
-
-
-# ---- routing lookups ----------------------------------------------------------------------
-# Read-only queries only the webhook endpoint needs: from the provider's ids to ours.
-
-
-def get_customer_by_provider_id(session: Session, stripe_customer_id: str) -> CustomerRecord | None:
-    """Our customer whose provider customer is ``stripe_customer_id`` (``cus_...``)."""
-    return fetch_one(
-        session,
-        CustomerRecord,
-        select_rows(CustomerRow).where(CustomerRow.stripe_customer_id == stripe_customer_id),
-    )
-
-
-def list_live_subscriptions_for_customer(
-    session: Session, customer_id: str
-) -> list[SubscriptionRecord]:
-    """The customer's subscriptions that are not canceled, oldest first."""
-    return fetch_all(
-        session,
-        SubscriptionRecord,
-        select_rows(SubscriptionRow)
-        .where(
-            SubscriptionRow.customer_id == customer_id,
-            SubscriptionRow.status.not_in(TERMINAL_STATUSES),
-        )
-        .order_by(SubscriptionRow.created_at, SubscriptionRow.id),
-    )
