@@ -18,7 +18,7 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from billing.testing.database import postgres_available, temporary_database
-from billing.testing.harness import BillingHarness, start_time_skipping_environment
+from billing.testing.harness import BillingHarness
 from billing.testing.localstripe import LocalStripe
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -37,20 +37,16 @@ def require_postgres() -> None:
 
 
 @pytest.fixture(scope="session")
-def localstripe() -> Iterator[LocalStripe]:
-    with LocalStripe() as server:
-        yield server
+def localstripe(billing_localstripe: LocalStripe) -> LocalStripe:
+    """The plugin's session localstripe (one process for the whole run)."""
+    return billing_localstripe
 
 
 @pytest.fixture
-async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
-    """A fresh time-skipping server per test (0.1 s to start): its clock only moves forward,
-    so tests that bill at fixed dates each need their own."""
-    env = await start_time_skipping_environment()
-    try:
-        yield env
-    finally:
-        await env.shutdown()
+def temporal_env(billing_env: WorkflowEnvironment) -> WorkflowEnvironment:
+    """The plugin's time-skipping server: a fresh one per test (0.1 s to start), because its
+    clock only moves forward and tests that bill at fixed dates each need their own."""
+    return billing_env
 
 
 @pytest.fixture(params=["sqlite"])

