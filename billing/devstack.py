@@ -18,6 +18,7 @@ from typing import IO
 
 from billing.plans import DEMO_PLANS
 from billing.settings import Settings, find_binary
+from billing.testing.localstripe import LocalStripe
 from db.engine import make_engine, make_session_factory, unit_of_work
 from db.migrate import upgrade
 from db.repositories import plans as plans_repo
@@ -131,40 +132,31 @@ def localstripe_server(settings: Settings) -> Iterator[str | None]:
     if _port_open("127.0.0.1", settings.localstripe_port):
         yield url
         return
-    binary = find_binary("localstripe", None, "localstripe")
     log = settings.state_dir / "localstripe.log"
     snapshot = settings.state_dir / "localstripe.pickle"
-    args = [binary, "--port", str(settings.localstripe_port)]
-    if snapshot.exists() and snapshot.stat().st_size > 0:
+    restore = snapshot.exists() and snapshot.stat().st_size > 0
+    if restore:
         staging = LOCALSTRIPE_STORE.with_name(f".localstripe-{os.getpid()}.pickle")
         shutil.copyfile(snapshot, staging)
         os.replace(staging, LOCALSTRIPE_STORE)  # atomic: never a half-written store
-    else:
-        args.append("--from-scratch")
-    managed = _spawn("localstripe", args, log)
+    port = settings.localstripe_port
+    server = LocalStripe(port=port, from_scratch=not restore, log_path=log)
     try:
-        try:
-            wait_for_port(
-                "127.0.0.1", settings.localstripe_port, timeout=30, what="localstripe", log=log
-            )
-        except RuntimeError:
-            if "--from-scratch" in args or managed.process.poll() is None:
-                raise
-            # The saved store could not be loaded: start empty rather than not at all.
-            log_tail = log.read_text(errors="replace")[-300:]
-            print(
-                "warning: localstripe could not load its saved store; starting it empty, so "
-                f"customers and cards made earlier are gone at the fake Stripe ({log_tail!r})",
-                file=sys.stderr,
-            )
-            managed.stop()
-            managed = _spawn("localstripe", [*args, "--from-scratch"], log)
-            wait_for_port(
-                "127.0.0.1", settings.localstripe_port, timeout=30, what="localstripe", log=log
-            )
+        server.start()
+    except RuntimeError as error:
+        if not restore:
+            raise
+        # The saved store could not be loaded: start empty rather than not at all.
+        print(
+            "warning: localstripe could not load its saved store; starting it empty, so "
+            f"customers and cards made earlier are gone at the fake Stripe ({error})",
+            file=sys.stderr,
+        )
+        server = LocalStripe(port=port, log_path=log).start()
+    try:
         yield url
     finally:
-        managed.stop()
+        server.stop()
         if LOCALSTRIPE_STORE.exists() and LOCALSTRIPE_STORE.stat().st_size > 0:
             shutil.copyfile(LOCALSTRIPE_STORE, snapshot)
 

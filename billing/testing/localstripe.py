@@ -20,6 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import IO
 
@@ -55,7 +56,13 @@ class LocalStripe:
         port: int | None = None,
         startup_timeout_seconds: float = 15.0,
         executable: str | None = None,
+        from_scratch: bool = True,
+        log_path: Path | None = None,
     ) -> None:
+        """``from_scratch=False`` loads localstripe's saved store (the local stack resumes
+        with it); ``log_path`` keeps its output in a file instead of a temporary one."""
+        self._from_scratch = from_scratch
+        self._log_path = log_path
         self._requested_port = port
         self._startup_timeout_seconds = startup_timeout_seconds
         self._executable = executable
@@ -95,11 +102,18 @@ class LocalStripe:
 
     def _spawn(self, executable: str, port: int) -> None:
         # Lives as long as the process and is closed in stop(), so no ``with`` block.
-        self._log = tempfile.TemporaryFile(prefix="localstripe-", suffix=".log")  # noqa: SIM115
+        self._log = (
+            self._log_path.open("ab+")
+            if self._log_path is not None
+            else tempfile.TemporaryFile(prefix="localstripe-", suffix=".log")  # noqa: SIM115
+        )
         self._port = port
+        args = [executable, "--port", str(port)]
+        if self._from_scratch:
+            args.append("--from-scratch")
         try:
             self._process = subprocess.Popen(
-                [executable, "--port", str(port), "--from-scratch"],
+                args,
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
