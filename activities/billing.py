@@ -158,6 +158,7 @@ class BillingActivities:
                 paused_at=input.paused_at,
                 cancel_reason=input.cancel_reason,
                 now=self.clock.now(),
+                changed_at=input.changed_at,
             )
         if not updated:
             raise NotFound(f"subscription {input.subscription_id} is not in the database")
@@ -170,7 +171,7 @@ class BillingActivities:
     def create_invoice(self, input: CreateInvoiceInput) -> CreateInvoiceResult:
         """Create and finalize the period's invoice; idempotent per (subscription, period)."""
         with unit_of_work(self.session_factory) as session:
-            now = self.clock.now()
+            now = input.issued_at or self.clock.now()
             draft = InvoiceRecord(
                 id=invoice_id_for(input.subscription_id, input.period_start),
                 number="",  # issue_invoice allocates the customer's next number
@@ -225,7 +226,11 @@ class BillingActivities:
             if invoice.status == input.status:
                 return CloseInvoiceResult(invoice.id, invoice.status)
             closed = invoices_repo.transition_invoice(
-                session, invoice.id, to=input.status, at=self.clock.now(), reason=input.reason
+                session,
+                invoice.id,
+                to=input.status,
+                at=input.at or self.clock.now(),
+                reason=input.reason,
             )
             return CloseInvoiceResult(closed.id, closed.status)
 
@@ -367,6 +372,11 @@ class BillingActivities:
                 payment_method_id=payment_method_id,
                 completed_at=self.clock.now(),
             )
+        payment_id = None
+        if outcome.kind == ChargeOutcomeKind.PAID and outcome.payment_intent_id is not None:
+            payment_id = self._settle_after_charge(
+                invoice, attempt, outcome.payment_intent_id, outcome.charge_id
+            )
         return ChargeInvoiceResult(
             outcome=outcome.kind,
             attempt_number=attempt_number,
@@ -375,7 +385,29 @@ class BillingActivities:
             charge_id=outcome.charge_id,
             decline_code=outcome.decline_code,
             failure_message=outcome.failure_message,
+            payment_id=payment_id,
         )
+
+    def _settle_after_charge(
+        self,
+        invoice: InvoiceRecord,
+        attempt: PaymentAttemptRecord,
+        payment_intent_id: str,
+        charge_id: str | None,
+    ) -> str | None:
+        """Settle a charge that just succeeded, in the same activity: one round trip less
+        per paid period. The charge's outcome is already committed, so nothing here may lose
+        it: any failure is logged and left to ``settle_invoice``, which the workflow runs
+        (with its own retries and errors) when no payment id comes back."""
+        try:
+            return self._settle(invoice, attempt, payment_intent_id, charge_id).id
+        except Exception:
+            log.warning(
+                "settling invoice %s after its charge failed; the workflow settles it instead",
+                invoice.id,
+                exc_info=True,
+            )
+            return None
 
     @activity.defn(name=ActivityName.SETTLE_INVOICE)
     @_domain_errors_are_final
@@ -389,14 +421,27 @@ class BillingActivities:
             attempt = attempts_repo.get_attempt(session, invoice.id, input.attempt_number)
             if attempt is None:
                 raise NotFound(f"attempt {input.attempt_number} of invoice {invoice.id} not found")
+        return _settle_result(
+            self._settle(invoice, attempt, input.payment_intent_id, input.charge_id)
+        )
+
+    def _settle(
+        self,
+        invoice: InvoiceRecord,
+        attempt: PaymentAttemptRecord,
+        payment_intent_id: str,
+        charge_id: str | None,
+    ) -> PaymentRecord:
+        """Record the settled payment of ``attempt`` (amount, fee, net from the provider) and
+        mark the invoice paid, in one transaction; idempotent (one payment per invoice)."""
         details = self.gateway.settlement_details(
-            payment_intent_id=input.payment_intent_id, charge_id=input.charge_id
+            payment_intent_id=payment_intent_id, charge_id=charge_id
         )
         if (details.amount_minor, details.currency) != (invoice.amount_due_minor, invoice.currency):
             # Never mark an invoice paid with money that does not match it. This compares the
             # charge (what the customer paid); the settlement currency may legitimately differ.
             raise ChangeRefused(
-                f"payment {input.payment_intent_id} is {details.amount_minor} {details.currency} "
+                f"payment {payment_intent_id} is {details.amount_minor} {details.currency} "
                 f"but invoice {invoice.number} is {invoice.amount_due_minor} {invoice.currency}"
             )
         now = self.clock.now()
@@ -407,8 +452,8 @@ class BillingActivities:
                     id=new_id("py"),
                     invoice_id=invoice.id,
                     attempt_id=attempt.id,
-                    stripe_payment_intent_id=input.payment_intent_id,
-                    stripe_charge_id=details.charge_id or input.charge_id,
+                    stripe_payment_intent_id=payment_intent_id,
+                    stripe_charge_id=details.charge_id or charge_id,
                     balance_transaction_id=details.balance_transaction_id,
                     amount_minor=details.amount_minor,
                     currency=details.currency,
@@ -419,7 +464,7 @@ class BillingActivities:
                     settled_at=now,
                 ),
             )
-            # A no-op when a previous run of this activity already marked it paid.
+            # A no-op when a previous run already marked it paid.
             invoices_repo.transition_invoice(
                 session,
                 invoice.id,
@@ -427,7 +472,7 @@ class BillingActivities:
                 at=now,
                 amount_paid_minor=payment.amount_minor,
             )
-            return _settle_result(payment)
+            return payment
 
     @activity.defn(name=ActivityName.CONFIRM_AUTHENTICATED_PAYMENT)
     @_domain_errors_are_final
@@ -512,7 +557,7 @@ class BillingActivities:
                     invoice_id=input.invoice_id,
                     dedupe_key=input.dedupe_key,
                     payload=input.payload,
-                    created_at=self.clock.now(),
+                    created_at=input.created_at or self.clock.now(),
                     sent_at=None,
                 ),
             )
@@ -567,6 +612,7 @@ def _already_paid(
         raise ChangeRefused(f"invoice {invoice.number} is paid but has no successful attempt")
     result = _attempt_result(succeeded)
     result.already_paid = True
+    result.payment_id = payment.id if payment is not None else None
     return result
 
 

@@ -61,6 +61,9 @@ class SyncSubscriptionInput:
     ended_at: datetime | None = None
     paused_at: datetime | None = None
     cancel_reason: str | None = None
+    #: When the workflow decided this state (UTC); logged with a status change. None: the
+    #: activity's clock (histories recorded before the field).
+    changed_at: datetime | None = None
 
 
 @dataclass
@@ -82,6 +85,10 @@ class CreateInvoiceInput:
     amount_minor: int
     currency: str
     description: str = ""
+    #: When the workflow decided this step (UTC). Database-only steps run as local
+    #: activities, whose own clock is the worker's, not the workflow's; None: the activity's
+    #: clock (histories recorded before the field).
+    issued_at: datetime | None = None
 
 
 @dataclass
@@ -117,6 +124,9 @@ class ChargeInvoiceResult:
     failure_message: str | None = None
     #: The invoice was already paid before this attempt; nothing was sent to the provider.
     already_paid: bool = False
+    #: The settled payment, when the charge activity also settled the invoice (the usual
+    #: case); None means the workflow settles it with ``settle_invoice``.
+    payment_id: str | None = None
 
 
 # ---- settle_invoice ------------------------------------------------------------------------
@@ -149,6 +159,10 @@ class CloseInvoiceInput:
     #: InvoiceStatus.VOID or InvoiceStatus.UNCOLLECTIBLE.
     status: InvoiceStatus
     reason: str = ""
+    #: When the workflow decided this step (UTC). Database-only steps run as local
+    #: activities, whose own clock is the worker's, not the workflow's; None: the activity's
+    #: clock (histories recorded before the field).
+    at: datetime | None = None
 
 
 @dataclass
@@ -180,6 +194,10 @@ class EnqueueNotificationInput:
     dedupe_key: str
     invoice_id: str | None = None
     payload: dict[str, Any] = field(default_factory=dict)
+    #: When the workflow decided this step (UTC). Database-only steps run as local
+    #: activities, whose own clock is the worker's, not the workflow's; None: the activity's
+    #: clock (histories recorded before the field).
+    created_at: datetime | None = None
 
 
 @dataclass

@@ -148,6 +148,18 @@ class PaymentRecord:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StatusChangeRecord:
+    """A subscription's move from one status to another (``changed_at`` UTC)."""
+
+    id: int
+    subscription_id: str
+    from_status: SubscriptionStatus
+    to_status: SubscriptionStatus
+    changed_at: datetime
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NotificationRecord:
     """A notice waiting in the outbox (``sent_at`` None) or already delivered."""
 

@@ -226,6 +226,32 @@ class PaymentRow(Base):
     settled_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class SubscriptionStatusChangeRow(Base):
+    """Every status a subscription moved to, with the instant its workflow decided it: the
+    audit trail finance and support read (and the simulator's status timeline). Written in
+    the same transaction as the mirrored status, and only when the status changes, so a
+    retried sync writes nothing twice."""
+
+    __tablename__ = "subscription_status_changes"
+    __table_args__ = (
+        CheckConstraint(one_of("to_status", SubscriptionStatus), name="to_status"),
+        Index(
+            "ix_subscription_status_changes_subscription_id_changed_at",
+            "subscription_id",
+            "changed_at",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    subscription_id: Mapped[str] = mapped_column(String(40), ForeignKey("subscriptions.id"))
+    from_status: Mapped[SubscriptionStatus] = mapped_column(StrEnumType(SubscriptionStatus, 16))
+    to_status: Mapped[SubscriptionStatus] = mapped_column(StrEnumType(SubscriptionStatus, 16))
+    #: When the workflow decided the change (its deterministic clock), UTC.
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: Why, when known: the cancel reason for a cancellation.
+    reason: Mapped[str | None] = mapped_column(String(500))
+
+
 class NotificationRow(Base):
     """The notification outbox: written in the same transaction as the change it reports."""
 

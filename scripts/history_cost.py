@@ -5,9 +5,9 @@ temporary SQLite database, then reads every run's history:
 
     .venv/bin/python scripts/history_cost.py [--months 24]
 
-Prints, for a subscription paid every month, the events of each run (one run per billed
-period), and for a subscription whose card fails, the events of the run that holds a full
-dunning cycle (8 tries, then the final action).
+Prints, for a subscription paid every month, the events of each continue-as-new run, and
+for a subscription whose card fails, the events of the run that holds a full dunning cycle
+(8 tries, then the final action).
 """
 
 from __future__ import annotations
@@ -62,10 +62,12 @@ async def measure(months: int) -> None:
                 runs = await h.run_histories(paid.subscription_id)
                 sizes = [len(r.events) for r in runs]
                 invoices = len(h.snapshot(paid.subscription_id).invoices)
-                # Cycles in a run = invoices it created. Complete runs after the first (which
-                # also holds the start) give the steady-state cost of one paid cycle: their
-                # events, less the run's own start and continue-as-new, per cycle.
-                cycles = [_kinds_by_activity(r).get("create_invoice", 0) for r in runs]
+                # Cycles in a run = charges it made (one per period for a card that pays;
+                # invoices are created by a local activity, which leaves only a marker).
+                # Complete runs after the first (which also holds the start) give the
+                # steady-state cost of one paid cycle: their events, less the run's own start
+                # and continue-as-new, per cycle.
+                cycles = [_kinds_by_activity(r).get("charge_invoice", 0) for r in runs]
                 steady = [
                     (size - 5) / n for size, n in zip(sizes[1:-1], cycles[1:-1], strict=True) if n
                 ] or [size / max(n, 1) for size, n in zip(sizes, cycles, strict=True)]
@@ -79,7 +81,7 @@ async def measure(months: int) -> None:
                     f"min {min(sizes)}, median {statistics.median(sizes):.0f}, max {max(sizes)}"
                 )
                 per_cycle = statistics.median(steady)
-                print(f"  events per paid billing cycle (steady state): {per_cycle:.0f}")
+                print(f"  events per paid billing cycle (steady state): {per_cycle:.1f}")
                 print(f"  total events for {invoices} paid cycles: {sum(sizes)}")
                 print("  one steady-state run by event type:")
                 for kind, count in sorted(_kinds(runs[1]).items()):

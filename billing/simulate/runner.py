@@ -15,13 +15,12 @@ How time moves:
   or workflow task is in flight, so each step ends with every subscription at rest.
 
 What the timeline reports comes from the records, never from the test clock: invoices,
-attempts and notices from the database, status changes from the ``sync_subscription``
-activities in the workflow's history (every run of its continue-as-new chain).
+attempts, notices and status changes (each at the instant the workflow decided it) from the
+database.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -29,11 +28,9 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from temporalio.api.enums.v1 import EventType
-from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowUpdateFailedError
 from temporalio.runtime import (
     LogForwardingConfig,
@@ -47,7 +44,6 @@ from temporalio.testing import WorkflowEnvironment
 
 from billing.clock import FixedClock
 from billing.contracts import (
-    ActivityName,
     CancelInput,
     CancelResult,
     PauseInput,
@@ -55,7 +51,6 @@ from billing.contracts import (
     ResumeInput,
     ResumeResult,
     SubscriptionMessage,
-    SyncSubscriptionInput,
     UpdatePaymentMethodInput,
     UpdatePaymentMethodResult,
 )
@@ -81,7 +76,6 @@ from billing.simulate.timeline import (
     Timeline,
     totals_of,
 )
-from billing.subscription import SubscriptionStatus
 from billing.testing.cards import DECLINES_AFTER_ATTACH, REQUIRES_AUTHENTICATION, SUCCEEDS
 from billing.testing.database import temporary_database
 from billing.testing.harness import (
@@ -267,25 +261,12 @@ class Simulation:
 
     async def _settle(self) -> None:
         """Wait (in real time, the clock held) until no subscription has work in flight."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + SETTLE_TIMEOUT_SECONDS
-        pending = [live.workflow_id for live in self.live]
-        while pending:
-            now = await self.env.get_current_time()
-            busy = [w for w in pending if _is_busy(await self._current_run(w), now)]
-            if not busy:
-                return
-            if loop.time() > deadline:
-                raise SimulationError(
-                    f"subscriptions {', '.join(busy)} did not come to rest within "
-                    f"{SETTLE_TIMEOUT_SECONDS:g}s; see the worker's log"
-                )
-            pending = busy
-            await asyncio.sleep(0.005)
-
-    async def _current_run(self, workflow_id: str) -> Sequence[HistoryEvent]:
-        history = await self.client.get_workflow_handle(workflow_id).fetch_history()
-        return history.events
+        try:
+            await self.harness.wait_until_at_rest(
+                [live.subscription_id for live in self.live], timeout=SETTLE_TIMEOUT_SECONDS
+            )
+        except TimeoutError as error:
+            raise SimulationError(f"{error}; see the worker's log") from None
 
     # ------------------------------------------------------------------------ signup ------
 
@@ -454,10 +435,7 @@ class Simulation:
         # its place in one chronological order (the timeline itself is to the minute).
         occurred: list[tuple[datetime, tuple[int, int, int], Any]] = []
         for live in self.live:
-            changes = await self._status_changes(live.subscription_id)
-            sub, exact = _subscription_timeline(
-                live, snapshots[live.name], numbers, changes, s.horizon
-            )
+            sub, exact = _subscription_timeline(live, snapshots[live.name], numbers, s.horizon)
             subscriptions.append(sub)
             for n, (item, instant) in enumerate(exact):
                 occurred.append((instant, (live.index, 0, n), item))
@@ -497,95 +475,11 @@ class Simulation:
             totals=totals_of([i for sub in subscriptions for i in sub.invoices]),
         )
 
-    async def _status_changes(self, subscription_id: str) -> list[tuple[datetime, str]]:
-        """Every status the workflow wrote with ``sync_subscription``, in order, with the
-        instant it decided it, across its whole continue-as-new chain."""
-        changes: list[tuple[datetime, str]] = []
-        for history in await self.harness.run_histories(subscription_id):
-            for event in history.events:
-                if event.event_type != EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-                    continue
-                attributes = event.activity_task_scheduled_event_attributes
-                if attributes.activity_type.name != ActivityName.SYNC_SUBSCRIPTION:
-                    continue
-                [sync] = await self.client.data_converter.decode(
-                    attributes.input.payloads, [SyncSubscriptionInput]
-                )
-                assert isinstance(sync, SyncSubscriptionInput)
-                changes.append((event.event_time.ToDatetime(tzinfo=UTC), str(sync.status.value)))
-        return changes
-
-
-def _is_busy(events: Sequence[HistoryEvent], now: datetime) -> bool:
-    """Whether a workflow run has work in flight: an unfinished workflow task, an activity
-    without a result, or a timer that is due (it fires without the clock skipping)."""
-    task_open = False
-    activities: set[int] = set()
-    timers: dict[int, datetime] = {}
-    for event in events:
-        kind = event.event_type
-        if kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW:
-            return True  # its next run is starting: look again
-        if kind in _CLOSED:
-            return False
-        if kind == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
-            task_open = True
-        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
-            task_open = False
-        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-            activities.add(event.event_id)
-        elif kind in _ACTIVITY_DONE:
-            activities.discard(_activity_scheduled_id(event))
-        elif kind == EventType.EVENT_TYPE_TIMER_STARTED:
-            attributes = event.timer_started_event_attributes
-            timers[event.event_id] = (
-                event.event_time.ToDatetime(tzinfo=UTC)
-                + attributes.start_to_fire_timeout.ToTimedelta()
-            )
-        elif kind == EventType.EVENT_TYPE_TIMER_FIRED:
-            timers.pop(event.timer_fired_event_attributes.started_event_id, None)
-        elif kind == EventType.EVENT_TYPE_TIMER_CANCELED:
-            timers.pop(event.timer_canceled_event_attributes.started_event_id, None)
-    # A failed or timed-out workflow task leaves task_open set: it will be retried.
-    return task_open or bool(activities) or any(due <= now for due in timers.values())
-
-
-_CLOSED = frozenset(
-    {
-        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
-        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
-        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT,
-        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED,
-        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED,
-    }
-)
-_ACTIVITY_DONE = frozenset(
-    {
-        EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED,
-        EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED,
-        EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT,
-        EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED,
-    }
-)
-
-
-def _activity_scheduled_id(event: HistoryEvent) -> int:
-    for name in (
-        "activity_task_completed_event_attributes",
-        "activity_task_failed_event_attributes",
-        "activity_task_timed_out_event_attributes",
-        "activity_task_canceled_event_attributes",
-    ):
-        if event.HasField(name):
-            return int(getattr(event, name).scheduled_event_id)
-    return -1
-
 
 def _subscription_timeline(
     live: _Live,
     snap: BillingSnapshot,
     numbers: dict[str, str],
-    changes: list[tuple[datetime, str]],
     horizon: datetime,
 ) -> tuple[SubscriptionTimeline, list[tuple[StatusChange | Notice, datetime]]]:
     """The subscription's part of the timeline, and the exact instant of each status change
@@ -616,12 +510,12 @@ def _subscription_timeline(
     )
     exact: list[tuple[StatusChange | Notice, datetime]] = []
     status_changes: list[StatusChange] = []
-    for at, status in changes:
-        if status == SubscriptionStatus.PENDING.value or to_minute(at) > horizon:
-            continue
-        if not status_changes or status_changes[-1].status != status:
-            status_changes.append(StatusChange(to_minute(at), status))
-            exact.append((status_changes[-1], at))
+    for change in snap.status_changes:
+        if to_minute(change.changed_at) <= horizon:
+            status_changes.append(
+                StatusChange(to_minute(change.changed_at), change.to_status.value)
+            )
+            exact.append((status_changes[-1], change.changed_at))
     notices = []
     for n in snap.notifications:
         if to_minute(n.created_at) <= horizon:

@@ -19,6 +19,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client, WorkflowHandle, WorkflowHistory
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
@@ -34,6 +36,7 @@ from billing.records import (
     NotificationRecord,
     PaymentAttemptRecord,
     PaymentRecord,
+    StatusChangeRecord,
     SubscriptionRecord,
 )
 from billing.settings import find_binary
@@ -91,6 +94,8 @@ class BillingSnapshot:
     attempts: dict[str, list[PaymentAttemptRecord]]
     payments: dict[str, list[PaymentRecord]]
     notifications: list[NotificationRecord]
+    #: Every status the subscription moved to, oldest first.
+    status_changes: list[StatusChangeRecord]
 
 
 class BillingHarness:
@@ -288,10 +293,14 @@ class BillingHarness:
         predicate: Callable[[SubscriptionView], bool],
         *,
         timeout: float = 60.0,
+        at_rest: bool = True,
     ) -> SubscriptionView:
         """Poll the workflow's state in real time (no time skipping) until ``predicate`` holds,
-        e.g. for the retry an update triggers to finish."""
-        deadline = asyncio.get_running_loop().time() + timeout
+        e.g. for the retry an update triggers to finish. ``at_rest``: and until the workflow
+        has finished what follows (the sync and notices after a payment), so the database
+        shows it too."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         view: SubscriptionView | None = None
         while True:
             try:
@@ -304,11 +313,43 @@ class BillingHarness:
                 if error.status not in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED):
                     raise
             else:
-                if predicate(view):
+                if predicate(view) and not at_rest:
                     return view
-            if asyncio.get_running_loop().time() > deadline:
+                if predicate(view):
+                    await self.wait_until_at_rest(
+                        [subscription_id], timeout=max(0.0, deadline - loop.time())
+                    )
+                    at_rest = False  # the state is re-read (and re-checked) once more
+                    continue
+            if loop.time() > deadline:
                 raise AssertionError(f"condition not reached in {timeout}s; state: {view}")
             await asyncio.sleep(0.05)
+
+    async def wait_until_at_rest(
+        self, subscription_ids: Sequence[str], *, timeout: float = 60.0
+    ) -> None:
+        """Wait (in real time) until none of the subscriptions' workflows has work in flight:
+        no open workflow task, no activity without a result, no due timer. What a workflow
+        does after the state a test waited for (a sync, a notice) is then in the database.
+        Raises TimeoutError naming the busy ones."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending = list(subscription_ids)
+        while pending:
+            now = await self.env.get_current_time()
+            busy = []
+            for subscription_id in pending:
+                history = await self.handle(subscription_id).fetch_history()
+                if workflow_is_busy(history.events, now):
+                    busy.append(subscription_id)
+            if not busy:
+                return
+            if loop.time() > deadline:
+                raise TimeoutError(
+                    f"subscriptions {', '.join(busy)} did not come to rest within {timeout:g}s"
+                )
+            pending = busy
+            await asyncio.sleep(0.005)
 
     async def run_histories(self, subscription_id: str) -> list[WorkflowHistory]:
         """Every run of the subscription's workflow, first to last, following the
@@ -349,6 +390,7 @@ class BillingHarness:
                 notifications=notifications_repo.list_notifications(
                     session, subscription_id=subscription_id
                 ),
+                status_changes=subscriptions_repo.list_status_changes(session, subscription_id),
             )
 
     def provider_charges(self, subscription_id: str) -> list[dict[str, Any]]:
@@ -366,3 +408,68 @@ class BillingHarness:
             if not page.has_more or not page.data:
                 return charges
             params["starting_after"] = page.data[-1].id
+
+
+def workflow_is_busy(events: Sequence[HistoryEvent], now: datetime) -> bool:
+    """Whether a workflow run has work in flight: an unfinished workflow task, an activity
+    without a result, or a timer that is due (it fires without the clock skipping)."""
+    task_open = False
+    activities: set[int] = set()
+    timers: dict[int, datetime] = {}
+    for event in events:
+        kind = event.event_type
+        if kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW:
+            return True  # its next run is starting: look again
+        if kind in _CLOSED:
+            return False
+        if kind == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
+            task_open = True
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+            task_open = False
+        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            activities.add(event.event_id)
+        elif kind in _ACTIVITY_DONE:
+            activities.discard(_activity_scheduled_id(event))
+        elif kind == EventType.EVENT_TYPE_TIMER_STARTED:
+            attributes = event.timer_started_event_attributes
+            timers[event.event_id] = (
+                event.event_time.ToDatetime(tzinfo=UTC)
+                + attributes.start_to_fire_timeout.ToTimedelta()
+            )
+        elif kind == EventType.EVENT_TYPE_TIMER_FIRED:
+            timers.pop(event.timer_fired_event_attributes.started_event_id, None)
+        elif kind == EventType.EVENT_TYPE_TIMER_CANCELED:
+            timers.pop(event.timer_canceled_event_attributes.started_event_id, None)
+    # A failed or timed-out workflow task leaves task_open set: it will be retried.
+    return task_open or bool(activities) or any(due <= now for due in timers.values())
+
+
+_CLOSED = frozenset(
+    {
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED,
+    }
+)
+_ACTIVITY_DONE = frozenset(
+    {
+        EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED,
+        EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED,
+        EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT,
+        EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED,
+    }
+)
+
+
+def _activity_scheduled_id(event: HistoryEvent) -> int:
+    for name in (
+        "activity_task_completed_event_attributes",
+        "activity_task_failed_event_attributes",
+        "activity_task_timed_out_event_attributes",
+        "activity_task_canceled_event_attributes",
+    ):
+        if event.HasField(name):
+            return int(getattr(event, name).scheduled_event_id)
+    return -1

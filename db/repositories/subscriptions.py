@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import delete, or_, update
+from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from billing.records import SubscriptionRecord
+from billing.records import StatusChangeRecord, SubscriptionRecord
 from billing.subscription import TERMINAL_STATUSES, SubscriptionStatus
-from db.models import SubscriptionRow
+from db.models import SubscriptionRow, SubscriptionStatusChangeRow
 from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
 
 
@@ -87,11 +87,22 @@ def update_subscription_state(
     paused_at: datetime | None,
     cancel_reason: str | None,
     now: datetime,
+    changed_at: datetime | None = None,
 ) -> bool:
     """Mirror the workflow's view of the subscription (instants UTC). False if there is no
     such subscription, or if it is canceled and ``status`` is not: cancellation is final, so
-    a late, retried sync from before the cancel must not bring it back."""
+    a late, retried sync from before the cancel must not bring it back.
+
+    A new status is also logged in ``subscription_status_changes`` at ``changed_at`` (when
+    the workflow decided it; ``now`` if not given), in the same transaction. A sync that
+    repeats the stored status logs nothing, so a retried sync is logged once.
+    """
     status = SubscriptionStatus(status)
+    previous = session.execute(
+        select(SubscriptionRow.status)
+        .where(SubscriptionRow.id == subscription_id)
+        .with_for_update()  # PostgreSQL: the logged "from" is the status this update replaces
+    ).scalar_one_or_none()
     statement = (
         update(SubscriptionRow)
         .where(SubscriptionRow.id == subscription_id)
@@ -112,7 +123,30 @@ def update_subscription_state(
     )
     if status not in TERMINAL_STATUSES:
         statement = statement.where(SubscriptionRow.status.not_in(TERMINAL_STATUSES))
-    return session.execute(statement).scalar_one_or_none() is not None
+    if session.execute(statement).scalar_one_or_none() is None:
+        return False
+    if previous is not None and SubscriptionStatus(previous) != status:
+        session.execute(
+            insert(SubscriptionStatusChangeRow).values(
+                subscription_id=subscription_id,
+                from_status=SubscriptionStatus(previous),
+                to_status=status,
+                changed_at=changed_at or now,
+                reason=cancel_reason if status == SubscriptionStatus.CANCELED else None,
+            )
+        )
+    return True
+
+
+def list_status_changes(session: Session, subscription_id: str) -> list[StatusChangeRecord]:
+    """The subscription's status changes, oldest first."""
+    return fetch_all(
+        session,
+        StatusChangeRecord,
+        select_rows(SubscriptionStatusChangeRow)
+        .where(SubscriptionStatusChangeRow.subscription_id == subscription_id)
+        .order_by(SubscriptionStatusChangeRow.changed_at, SubscriptionStatusChangeRow.id),
+    )
 
 
 def delete_pending_subscription(session: Session, subscription_id: str) -> bool:

@@ -444,6 +444,54 @@ def test_a_free_period_invoice_is_paid_on_creation_without_any_charge(stack: Sta
 # -- charge_invoice: at most once --------------------------------------------------------------
 
 
+def fail_settlement_reads(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The provider takes the charge, then cannot be read for its settlement (an outage)."""
+
+    def unavailable(**_: object) -> None:
+        raise TransientPaymentError("provider unavailable (test)")
+
+    monkeypatch.setattr(stack.gateway, "settlement_details", unavailable)
+
+
+@BOTH_BACKENDS
+def test_a_successful_charge_settles_the_invoice_in_the_same_activity(stack: Stack) -> None:
+    seeded = seed_subscription(stack)
+    invoice = open_invoice(stack, seeded)
+
+    paid = charge(stack, invoice.invoice_id, 1)
+
+    assert paid.outcome == ChargeOutcomeKind.PAID
+    [payment] = stored_payments(stack, invoice.invoice_id)
+    assert paid.payment_id == payment.id
+    assert (payment.amount_minor, payment.currency) == (AMOUNT_MINOR, "USD")
+    assert payment.stripe_payment_intent_id == paid.payment_intent_id
+    assert payment.balance_transaction_id is not None and payment.fee_minor is not None
+    stored = stored_invoice(stack, invoice.invoice_id)
+    assert (stored.status, stored.amount_paid_minor) == (InvoiceStatus.PAID, AMOUNT_MINOR)
+
+
+def test_a_settlement_outage_after_a_charge_keeps_the_charge_for_settle_invoice(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seeded = seed_subscription(stack)
+    invoice = open_invoice(stack, seeded)
+    fail_settlement_reads(stack, monkeypatch)
+
+    paid = charge(stack, invoice.invoice_id, 1)
+
+    # The money is taken and its attempt recorded; the payment row waits for settle_invoice
+    # (the workflow runs it when no payment id comes back).
+    assert (paid.outcome, paid.payment_id) == (ChargeOutcomeKind.PAID, None)
+    [attempt] = stored_attempts(stack, invoice.invoice_id)
+    assert attempt.status == AttemptStatus.SUCCEEDED
+    assert stored_payments(stack, invoice.invoice_id) == []
+    monkeypatch.undo()
+    settled = settle(stack, invoice.invoice_id, paid)
+    [payment] = stored_payments(stack, invoice.invoice_id)
+    assert settled.payment_id == payment.id and payment.attempt_id == attempt.id
+    assert stored_invoice(stack, invoice.invoice_id).status == InvoiceStatus.PAID
+
+
 @BOTH_BACKENDS
 def test_a_worker_lost_mid_charge_is_retried_under_the_same_key_and_settles_once(
     stack: Stack,
@@ -487,10 +535,13 @@ def test_a_worker_lost_mid_charge_is_retried_under_the_same_key_and_settles_once
     assert attempt.status == AttemptStatus.SUCCEEDED
     assert attempt.stripe_payment_intent_id == retried.payment_intent_id
 
+    # The successful charge settled the invoice in the same activity; settling again (the
+    # workflow's fallback) finds that payment and records nothing more.
+    assert retried.payment_id is not None
     settled = settle(stack, invoice.invoice_id, retried)
 
     [payment] = stored_payments(stack, invoice.invoice_id)
-    assert payment.id == settled.payment_id
+    assert payment.id == settled.payment_id == retried.payment_id
     assert (payment.amount_minor, payment.currency) == (AMOUNT_MINOR, "USD")
     assert payment.stripe_payment_intent_id == retried.payment_intent_id
     assert payment.attempt_id == attempt.id
@@ -521,11 +572,14 @@ def test_a_paid_invoice_is_never_sent_to_the_provider_again(stack: Stack) -> Non
 
 
 @BOTH_BACKENDS
-def test_a_succeeded_attempt_not_yet_settled_blocks_a_new_charge(stack: Stack) -> None:
+def test_a_succeeded_attempt_not_yet_settled_blocks_a_new_charge(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seeded = seed_subscription(stack)
     invoice = open_invoice(stack, seeded)
+    fail_settlement_reads(stack, monkeypatch)
     first = charge(stack, invoice.invoice_id, 1)
-    assert first.outcome == ChargeOutcomeKind.PAID
+    assert (first.outcome, first.payment_id) == (ChargeOutcomeKind.PAID, None)
     assert stored_invoice(stack, invoice.invoice_id).status == InvoiceStatus.OPEN
     stack.http.clear()
 
@@ -759,7 +813,9 @@ def test_a_lost_request_re_driven_after_the_key_expired_is_sent_once_with_the_sa
     # The provider holds nothing for the key, so re-sending is safe: after looking, once, with
     # the same key and the same request (amount, card).
     assert provider_reads(stack) != []
-    assert stack.http.recorded[-1].method == "POST"  # the reads came first
+    # The reconciliation reads came first; only the settlement reads follow the POST.
+    [post] = [n for n, r in enumerate(stack.http.recorded) if r.method == "POST"]
+    assert any(r.method == "GET" for r in stack.http.recorded[:post])
     [resent] = stack.http.requests_to(PAYMENT_INTENTS)
     assert (resent.idempotency_key, resent.status) == (key, 200)
     first_body, resent_body = stack.http.bodies_with_key(PAYMENT_INTENTS, key)
@@ -797,9 +853,10 @@ def test_a_re_drive_inside_the_keys_window_relies_on_the_key_without_reading(
     # The hot path: Stripe still holds the key and answers with the first result. One request,
     # no reads. (localstripe ignores the key and creates a second PaymentIntent; Stripe would
     # return the first, which the re-sent key is the whole point of.)
-    assert [(r.method, r.path, r.idempotency_key) for r in stack.http.recorded] == [
-        ("POST", PAYMENT_INTENTS, key)
-    ]
+    sent = [(r.method, r.path, r.idempotency_key) for r in stack.http.recorded]
+    assert sent[0] == ("POST", PAYMENT_INTENTS, key)
+    # Then only the settlement's reads of the charge it made (not of PaymentIntents).
+    assert all(m == "GET" and not p.startswith(PAYMENT_INTENTS) for m, p, _ in sent[1:])
     assert retried.outcome == ChargeOutcomeKind.PAID
 
 
@@ -875,11 +932,13 @@ def test_settling_twice_records_one_payment(stack: Stack) -> None:
     ("other_amount", "other_currency"), [(999, "USD"), (AMOUNT_MINOR, "EUR")], ids=str
 )
 def test_settling_with_money_that_does_not_match_the_invoice_is_refused(
-    stack: Stack, other_amount: int, other_currency: str
+    stack: Stack, other_amount: int, other_currency: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seeded = seed_subscription(stack)
     invoice = open_invoice(stack, seeded)
+    fail_settlement_reads(stack, monkeypatch)
     paid = charge(stack, invoice.invoice_id, 1)
+    monkeypatch.undo()
     assert seeded.stripe_customer_id is not None and seeded.payment_method_id is not None
     other = stack.gateway.charge(
         provider_customer_id=seeded.stripe_customer_id,

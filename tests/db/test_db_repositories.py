@@ -228,6 +228,33 @@ def test_a_canceled_subscription_is_not_revived_by_a_late_sync(
     assert not _sync(session, "sub_missing", SubscriptionStatus.ACTIVE, canceled_at)
 
 
+def test_status_changes_are_logged_once_each_at_the_decided_instant(
+    session: Session, factory: Any
+) -> None:
+    subscription = factory.subscription(session, status=SubscriptionStatus.PENDING)
+    t0 = factory.t0
+    steps = [
+        (SubscriptionStatus.ACTIVE, t0),
+        (SubscriptionStatus.ACTIVE, t0 + timedelta(days=30)),  # a period sync: no change
+        (SubscriptionStatus.PAST_DUE, t0 + timedelta(days=60)),
+        (SubscriptionStatus.PAST_DUE, t0 + timedelta(days=60)),  # a retried sync
+        (SubscriptionStatus.ACTIVE, t0 + timedelta(days=63)),
+        (SubscriptionStatus.CANCELED, t0 + timedelta(days=90)),
+        (SubscriptionStatus.ACTIVE, t0 + timedelta(days=91)),  # a late sync: refused
+    ]
+    for status, at in steps:
+        _sync(session, subscription.id, status, at)
+
+    changes = subscriptions.list_status_changes(session, subscription.id)
+    assert [(c.from_status, c.to_status, c.changed_at) for c in changes] == [
+        (SubscriptionStatus.PENDING, SubscriptionStatus.ACTIVE, t0),
+        (SubscriptionStatus.ACTIVE, SubscriptionStatus.PAST_DUE, t0 + timedelta(days=60)),
+        (SubscriptionStatus.PAST_DUE, SubscriptionStatus.ACTIVE, t0 + timedelta(days=63)),
+        (SubscriptionStatus.ACTIVE, SubscriptionStatus.CANCELED, t0 + timedelta(days=90)),
+    ]
+    assert subscriptions.list_status_changes(session, "sub_missing") == []
+
+
 def test_only_a_pending_subscription_can_be_deleted(session: Session, factory: Any) -> None:
     pending = factory.subscription(session, status=SubscriptionStatus.PENDING)
     active = factory.subscription(session)

@@ -19,7 +19,9 @@ from workflows.subscription import SubscriptionWorkflow
 
 ROOT = Path(__file__).parents[1] / "histories"
 #: Current recordings at the top level; recordings made by earlier workflow versions in
-#: subfolders (v1: one billed period per run), which must keep replaying.
+#: subfolders, which must keep replaying: v1, one billed period per run; v2, 12 periods per
+#: run with every step an ordinary activity (before the "local-db-steps" patch and the
+#: charge that settles its own payment).
 HISTORIES = sorted(ROOT.rglob("*.json"))
 CURRENT = sorted(ROOT.glob("*.json"))
 
