@@ -62,6 +62,11 @@ _FORBID = ConfigDict(extra="forbid")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 
 
+#: What our ids look like (``sub_01j...``, ``in_...``): checked on the way in, so nothing else
+#: reaches a query.
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
+
+
 class ErrorDetail(BaseModel):
     type: str = Field(description="Stable machine-readable code, e.g. 'change_refused'.")
     message: str = Field(description="What was wrong and what to do.")
@@ -70,6 +75,33 @@ class ErrorDetail(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorDetail
+
+
+#: Why each error status is answered; every one has the ErrorOut shape.
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "Malformed request: JSON that does not parse, or a bad Content-Length.",
+    401: "Missing or unknown API key.",
+    402: "The payment provider refused the card.",
+    403: "The API key lacks the scope this endpoint needs.",
+    404: "No such resource.",
+    409: "Refused by the subscription's current state, or an Idempotency-Key reused with "
+    "another body.",
+    413: "Request body over the size limit.",
+    415: "The body is not application/json.",
+    422: "A field or parameter is invalid; the message names it and says what was wrong.",
+    500: "Internal error; the message carries a reference to quote.",
+    502: "The payment provider failed; retry later.",
+    503: "A dependency (database, Temporal, payment provider) did not answer; retry.",
+    504: "A change was accepted but not finished in time; it will still be applied.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses (plus 500, which any route may answer)."""
+    return {
+        code: {"model": ErrorOut, "description": ERROR_DESCRIPTIONS[code]}
+        for code in sorted({*codes, 500})
+    }
 
 
 # ---- signup ------------------------------------------------------------------------------------

@@ -387,7 +387,7 @@ async def test_unconfigured_secret_and_malformed_json_are_refused() -> None:
         )
         assert response.status_code == 400
         assert response.json() == {
-            "error": {"type": "invalid_signature", "message": NOT_CONFIGURED_MESSAGE}
+            "error": {"type": "invalid_signature", "message": NOT_CONFIGURED_MESSAGE, "field": None}
         }
         assert "BILLING_STRIPE_WEBHOOK_SECRET" in NOT_CONFIGURED_MESSAGE
 
