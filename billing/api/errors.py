@@ -166,6 +166,12 @@ def _describe(error: Mapping[str, Any]) -> str:
                 f"has no time zone ({_shown(value)}); send an ISO 8601 instant with a zone "
                 "such as '2025-01-31T09:00:00Z' or '2025-01-31T10:00:00+01:00'"
             )
+    if kind == "string_pattern_mismatch":
+        from billing.api.schemas import PATTERN_HELP  # schemas is the patterns' home
+
+        pattern = str((error.get("ctx") or {}).get("pattern", ""))
+        if pattern in PATTERN_HELP:
+            return f"{PATTERN_HELP[pattern]}; got {_shown(value)}"
     message = str(error.get("msg", "is not valid"))
     message = message[:1].lower() + message[1:]
     if isinstance(value, str | int | float | bool) or value is None:

@@ -15,7 +15,13 @@ from fastapi.responses import StreamingResponse
 from billing.api.auth import require_scope
 from billing.api.dependencies import get_deps
 from billing.api.errors import ApiError
-from billing.api.schemas import ID_PATTERN, InvoiceDetailOut, InvoiceListOut, error_responses
+from billing.api.schemas import (
+    CURRENCY_PATTERN,
+    ID_PATTERN,
+    InvoiceDetailOut,
+    InvoiceListOut,
+    error_responses,
+)
 from billing.errors import NotFound
 from billing.finance import (
     DEFAULT_PAGE_SIZE,
@@ -82,7 +88,7 @@ def invoice_filter(
     customer_id: Annotated[str | None, Query(max_length=40, pattern=ID_PATTERN)] = None,
     subscription_id: Annotated[str | None, Query(max_length=40, pattern=ID_PATTERN)] = None,
     currency: Annotated[
-        str | None, Query(pattern=r"^[A-Za-z]{3}$", description="ISO 4217, e.g. USD")
+        str | None, Query(pattern=CURRENCY_PATTERN, description="ISO 4217, e.g. USD")
     ] = None,
     issued_from: Annotated[
         str | None,

@@ -65,6 +65,14 @@ _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 #: What our ids look like (``sub_01j...``, ``in_...``): checked on the way in, so nothing else
 #: reaches a query.
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
+CURRENCY_PATTERN = r"^[A-Za-z]{3}$"
+
+#: What a value refused by one of these patterns should have looked like.
+PATTERN_HELP: dict[str, str] = {
+    ID_PATTERN: "must be an id of 1 to 40 letters, digits, '_' or '-', such as "
+    "'sub_01jd8x2k3m4n5p6q7r8s9t0vwx'",
+    CURRENCY_PATTERN: "must be a 3-letter ISO 4217 code such as 'USD'",
+}
 
 
 class ErrorDetail(BaseModel):

@@ -241,7 +241,11 @@ def _parse_event(payload: bytes) -> _Event:
     # but JSON true is no time.
     if isinstance(created, float) and created.is_integer():
         created = int(created)
-    if not isinstance(created, int) or isinstance(created, bool) or not 0 <= created <= _MAX_CREATED:
+    if (
+        not isinstance(created, int)
+        or isinstance(created, bool)
+        or not 0 <= created <= _MAX_CREATED
+    ):
         raise _InvalidPayload(
             f"event {event_id} has no usable 'created' (Unix seconds, e.g. 1735689600)"
         )

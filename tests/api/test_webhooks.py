@@ -373,7 +373,7 @@ async def test_forged_stale_and_unsigned_deliveries_are_refused_without_any_effe
 
 async def test_unconfigured_secret_and_malformed_json_are_refused() -> None:
     malformed = b'{"id": "evt_1", "type": '
-    no_object = b'{"id": "evt_2", "type": "customer.updated"}'
+    no_object = b'{"id": "evt_2", "type": "customer.updated", "created": 1735689600}'
     unconfigured = make_webhook_app(webhook_settings(secret=None), deps=None, temporal=None)
     configured = make_webhook_app(webhook_settings(), deps=None, temporal=None)
     transport_a = httpx.ASGITransport(app=unconfigured)
