@@ -146,7 +146,9 @@ def advance_payment_method_event(
     ).scalar_one_or_none()
     if advanced is not None:
         return None
-    newer = session.execute(select(column).where(CustomerRow.id == customer_id)).scalar_one_or_none()
+    newer = session.execute(
+        select(column).where(CustomerRow.id == customer_id)
+    ).scalar_one_or_none()
     if newer is None:
         raise NotFound(f"customer {customer_id} not found")
     return newer
