@@ -178,7 +178,10 @@ def verify_signature(payload: bytes, header: str | None, secret: str, tolerance_
         raise InvalidSignature(
             "the Stripe-Signature header is malformed; expected 't=<unix time>,v1=<signature>'"
         )
-    if webhook_signature_valid(body, header, secret, tolerance_s):
+    # Stripe's check only bounds the age; a timestamp far ahead of our clock is refused too
+    # (nobody but the secret's holder can make one, and it would outlive every tolerance).
+    ahead_s = timestamp - int(time.time())
+    if webhook_signature_valid(body, header, secret, tolerance_s) and ahead_s <= tolerance_s:
         return
     # If the signature holds without the time limit, the timestamp was what failed.
     if not webhook_signature_valid(body, header, secret, None):
@@ -187,6 +190,11 @@ def verify_signature(payload: bytes, header: str | None, secret: str, tolerance_
             "or it was signed with another secret (check that BILLING_STRIPE_WEBHOOK_SECRET is "
             "this endpoint's signing secret)"
         ) from None
+    if ahead_s > tolerance_s:
+        raise InvalidSignature(
+            f"the Stripe-Signature timestamp is {ahead_s} s in the future, beyond the "
+            f"{tolerance_s} s tolerance; check this server's clock"
+        )
     age_s = int(time.time()) - timestamp
     raise InvalidSignature(
         f"the Stripe-Signature timestamp is {age_s} s old, beyond the {tolerance_s} s tolerance "
