@@ -26,6 +26,7 @@ from temporalio.client import WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from billing.card_data import redact_card_numbers
 from billing.errors import (
     BillingError,
     ChangeRefused,
@@ -79,7 +80,9 @@ class ApiError(Exception):
 
 
 def error_body(error_type: str, message: str, field: str | None = None) -> dict[str, Any]:
-    return {"error": {"type": error_type, "message": message, "field": field}}
+    # Messages quote what was sent (an unknown id, a bad value); a card number pasted into
+    # any field must not come back (or reach a log that stores answers).
+    return {"error": {"type": error_type, "message": redact_card_numbers(message), "field": field}}
 
 
 def error_response(

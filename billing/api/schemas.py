@@ -18,9 +18,11 @@ from pydantic import (
     StrictBool,
     StrictInt,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from billing.card_data import contains_card_number
 from billing.contracts import (
     CancelResult,
     OpenInvoiceView,
@@ -59,6 +61,63 @@ InstantIn = Annotated[AwareDatetime, BeforeValidator(_iso_text)]
 Instant = Annotated[datetime, PlainSerializer(format_instant, return_type=str, when_used="json")]
 
 _FORBID = ConfigDict(extra="forbid")
+
+
+def _card_data_path(value: Any, path: str = "") -> str | None:
+    """The path of the first key or string value in ``value`` that looks like a card
+    number (or a card field name), or None."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and (
+                contains_card_number(key) or key.lower() in CARD_FIELD_NAMES
+            ):
+                return where
+            found = _card_data_path(inner, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            found = _card_data_path(inner, f"{path}[{index}]")
+            if found is not None:
+                return found
+    elif (
+        isinstance(value, str | int)
+        and not isinstance(value, bool)
+        and contains_card_number(str(value))
+    ):
+        return path or "(body)"
+    return None
+
+
+#: Field names that only card details go by; never ours.
+CARD_FIELD_NAMES = frozenset(
+    {"card", "card_number", "cardnumber", "number", "pan", "cvc", "cvv", "cvc2", "exp_month"}
+)
+
+
+class RequestIn(BaseModel):
+    """A request body: unknown fields are refused, and so is anything that looks like card
+    details, before any field is read, without echoing the value. Cards reach us only as
+    the provider's payment method ids (``pm_...``, from Stripe.js or Checkout)."""
+
+    model_config = _FORBID
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_card_data(cls, data: Any) -> Any:
+        path = _card_data_path(data)
+        if path is not None:
+            raise PydanticCustomError(
+                "card_data",
+                "field '{path}' looks like card details (a card number or card field); "
+                "send a payment method id ('pm_...') from Stripe.js or Checkout instead: "
+                "card details must never reach this API",
+                {"path": path},
+            )
+        return data
+
+
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 
 
@@ -115,9 +174,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 # ---- signup ------------------------------------------------------------------------------------
 
 
-class CustomerIn(BaseModel):
-    model_config = _FORBID
-
+class CustomerIn(RequestIn):
     external_id: str | None = Field(
         None, min_length=1, max_length=200, description="Your own reference for the customer."
     )
@@ -139,9 +196,7 @@ class CustomerIn(BaseModel):
         return value
 
 
-class SignupIn(BaseModel):
-    model_config = _FORBID
-
+class SignupIn(RequestIn):
     plan: str = Field(min_length=1, max_length=63, description="Plan code, e.g. 'basic-monthly'.")
     customer: CustomerIn = Field(default_factory=CustomerIn)
     customer_id: str | None = Field(
@@ -169,30 +224,22 @@ class SignupOut(BaseModel):
 # ---- changes -----------------------------------------------------------------------------------
 
 
-class CancelIn(BaseModel):
-    model_config = _FORBID
-
+class CancelIn(RequestIn):
     at_period_end: StrictBool = Field(
         True, description="True: end when the paid period does. False: end now."
     )
     reason: str | None = Field(None, max_length=500)
 
 
-class PauseIn(BaseModel):
-    model_config = _FORBID
-
+class PauseIn(RequestIn):
     reason: str | None = Field(None, max_length=500)
 
 
-class ResumeIn(BaseModel):
-    model_config = _FORBID
-
+class ResumeIn(RequestIn):
     reason: str | None = Field(None, max_length=500)
 
 
-class PaymentMethodIn(BaseModel):
-    model_config = _FORBID
-
+class PaymentMethodIn(RequestIn):
     payment_method_id: str = Field(min_length=1, max_length=100)
 
 

@@ -44,6 +44,7 @@ from billing.api.schemas import (
     SubscriptionOut,
     error_responses,
 )
+from billing.card_data import contains_card_number
 from billing.contracts import (
     CancelInput,
     CancelResult,
@@ -57,7 +58,7 @@ from billing.contracts import (
     UpdatePaymentMethodResult,
     workflow_id_for,
 )
-from billing.errors import ChangeRefused, NotFound
+from billing.errors import ChangeRefused, InvalidInput, NotFound
 from billing.finance import SubscriptionInvoicing, amount_display
 from billing.records import SubscriptionRecord
 from billing.signup import CustomerDetails, SignupRequest, SignupService
@@ -120,6 +121,13 @@ async def create_subscription(
     ``Idempotent-Replayed: true`` and the subscription as it is now; the same key with a
     different body is 409.
     """
+    if idempotency_key is not None and contains_card_number(idempotency_key):
+        # The key is stored with the subscription: no card number may ride in on it.
+        raise InvalidInput(
+            "header 'Idempotency-Key' looks like a card number; use a key of your own, "
+            "such as a UUID",
+            field="Idempotency-Key",
+        )
     customer = body.customer
     result = await signups.start_subscription(
         SignupRequest(
