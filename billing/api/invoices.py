@@ -57,6 +57,7 @@ _FILTER_PARAMS = frozenset(
         "period_to",
     }
 )
+_REPEATABLE_PARAMS = frozenset({"status"})
 _INSTANT_HELP = "ISO 8601 instant with a zone, e.g. 2025-01-31T00:00:00Z"
 #: Documents the format; InvoiceFilter.parse checks it and names the field when it is wrong.
 _INSTANT_SCHEMA: dict[str, Any] = {"format": "date-time"}
@@ -73,6 +74,17 @@ def _refuse_unknown_params(request: Request, allowed: frozenset[str]) -> None:
             f"unknown query parameter {unknown[0]!r}; known: {', '.join(sorted(allowed))}",
             field=unknown[0],
         )
+    # Only `status` repeats; a repeated single value (`issued_to=a&issued_to=b`) would
+    # otherwise silently keep the last one, and which one a proxy or a client keeps varies.
+    for name in sorted(allowed - _REPEATABLE_PARAMS):
+        given = len(request.query_params.getlist(name))
+        if given > 1:
+            raise ApiError(
+                422,
+                "invalid_input",
+                f"query parameter {name!r} was given {given} times; give it once",
+                field=name,
+            )
 
 
 def invoice_filter(

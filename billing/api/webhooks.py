@@ -261,6 +261,10 @@ def _parse_event(payload: bytes) -> _Event:
         raise _InvalidPayload(
             f"event {event_id} has no 'data.object'; only snapshot events are accepted"
         )
+    if not isinstance(data.get("previous_attributes", {}), dict):
+        raise _InvalidPayload(
+            f"event {event_id} has a 'data.previous_attributes' that is not an object"
+        )
     return _Event(event_id, event_type, data, datetime.fromtimestamp(created, UTC))
 
 
