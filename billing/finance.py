@@ -62,7 +62,14 @@ def parse_instant(value: str | datetime | None, *, field: str) -> datetime | Non
             "('2025-01-31T00:00:00Z')",
             field=field,
         )
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        # 0001-01-01T01:00:00+02:00 is in year 0 in UTC, which no datetime can hold.
+        raise InvalidInput(
+            f"{field} {value!r} is out of range; use an instant between years 1 and 9999 UTC",
+            field=field,
+        ) from None
 
 
 def parse_invoice_status(value: str, *, field: str = "status") -> InvoiceStatus:

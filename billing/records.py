@@ -46,6 +46,8 @@ class CustomerRecord:
     default_payment_method_id: str | None = None
     #: The sequence number the customer's next invoice gets (1-based).
     next_invoice_sequence: int = 1
+    #: ``created`` (UTC) of the newest provider event about the default card acted on.
+    default_payment_method_event_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -61,6 +61,9 @@ class CustomerRow(Base):
     next_invoice_sequence: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: ``created`` of the newest provider event about the default card that was acted on:
+    #: an older event delivered late must not bring an older card back.
+    default_payment_method_event_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class PlanRow(Base):

@@ -15,9 +15,9 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, get_args
+from typing import Annotated, Any, get_args
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from billing.api.errors import ApiError
@@ -128,9 +128,13 @@ class ScopeRequirement:
         return self.check(request)
 
 
-def require_scope(*scopes: ApiScope) -> ScopeRequirement:
-    """``Depends(require_scope("finance", "admin"))``: any one of the scopes will do."""
-    return ScopeRequirement(*scopes)
+def require_scope(*scopes: ApiScope) -> Any:
+    """``dependencies=[require_scope("finance", "admin")]``: any one of the scopes will do.
+
+    A ``Security`` dependency, so the OpenAPI document lists the scopes in each operation's
+    security requirements (``{"HTTPBearer": ["finance", "admin"]}``): callers and tests read
+    there which key a route takes."""
+    return Security(ScopeRequirement(*scopes), scopes=list(scopes))
 
 
 def check_route_auth(request: Request) -> ApiError | None:

@@ -26,6 +26,7 @@ from temporalio.client import WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from billing.card_data import redact_card_numbers
 from billing.errors import (
     BillingError,
     ChangeRefused,
@@ -79,7 +80,9 @@ class ApiError(Exception):
 
 
 def error_body(error_type: str, message: str, field: str | None = None) -> dict[str, Any]:
-    return {"error": {"type": error_type, "message": message, "field": field}}
+    # Messages quote what was sent (an unknown id, a bad value); a card number pasted into
+    # any field must not come back (or reach a log that stores answers).
+    return {"error": {"type": error_type, "message": redact_card_numbers(message), "field": field}}
 
 
 def error_response(
@@ -166,6 +169,12 @@ def _describe(error: Mapping[str, Any]) -> str:
                 f"has no time zone ({_shown(value)}); send an ISO 8601 instant with a zone "
                 "such as '2025-01-31T09:00:00Z' or '2025-01-31T10:00:00+01:00'"
             )
+    if kind == "string_pattern_mismatch":
+        from billing.api.schemas import PATTERN_HELP  # schemas is the patterns' home
+
+        pattern = str((error.get("ctx") or {}).get("pattern", ""))
+        if pattern in PATTERN_HELP:
+            return f"{PATTERN_HELP[pattern]}; got {_shown(value)}"
     message = str(error.get("msg", "is not valid"))
     message = message[:1].lower() + message[1:]
     if isinstance(value, str | int | float | bool) or value is None:

@@ -7,7 +7,7 @@ import asyncio
 import csv
 import io
 from collections.abc import AsyncIterator, Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import StreamingResponse
@@ -15,7 +15,13 @@ from fastapi.responses import StreamingResponse
 from billing.api.auth import require_scope
 from billing.api.dependencies import get_deps
 from billing.api.errors import ApiError
-from billing.api.schemas import ErrorOut, InvoiceDetailOut, InvoiceListOut
+from billing.api.schemas import (
+    CURRENCY_PATTERN,
+    ID_PATTERN,
+    InvoiceDetailOut,
+    InvoiceListOut,
+    error_responses,
+)
 from billing.errors import NotFound
 from billing.finance import (
     DEFAULT_PAGE_SIZE,
@@ -27,6 +33,7 @@ from billing.finance import (
     InvoiceListItem,
     invoice_csv_row,
 )
+from billing.invoices import InvoiceStatus
 from billing.worker import Dependencies
 from db.engine import unit_of_work
 from db.repositories import finance as finance_repo
@@ -34,8 +41,8 @@ from db.repositories import finance as finance_repo
 router = APIRouter(
     prefix="/v1",
     tags=["invoices"],
-    dependencies=[Depends(require_scope("finance", "admin"))],
-    responses={code: {"model": ErrorOut} for code in (400, 401, 403, 404, 422)},
+    dependencies=[require_scope("finance", "admin")],
+    responses=error_responses(401, 403, 422, 503),
 )
 
 _FILTER_PARAMS = frozenset(
@@ -50,7 +57,11 @@ _FILTER_PARAMS = frozenset(
         "period_to",
     }
 )
+_REPEATABLE_PARAMS = frozenset({"status"})
 _INSTANT_HELP = "ISO 8601 instant with a zone, e.g. 2025-01-31T00:00:00Z"
+#: Documents the format; InvoiceFilter.parse checks it and names the field when it is wrong.
+_INSTANT_SCHEMA: dict[str, Any] = {"format": "date-time"}
+_STATUS_VALUES = [status.value for status in InvoiceStatus]
 
 
 def _refuse_unknown_params(request: Request, allowed: frozenset[str]) -> None:
@@ -63,27 +74,65 @@ def _refuse_unknown_params(request: Request, allowed: frozenset[str]) -> None:
             f"unknown query parameter {unknown[0]!r}; known: {', '.join(sorted(allowed))}",
             field=unknown[0],
         )
+    # Only `status` repeats; a repeated single value (`issued_to=a&issued_to=b`) would
+    # otherwise silently keep the last one, and which one a proxy or a client keeps varies.
+    for name in sorted(allowed - _REPEATABLE_PARAMS):
+        given = len(request.query_params.getlist(name))
+        if given > 1:
+            raise ApiError(
+                422,
+                "invalid_input",
+                f"query parameter {name!r} was given {given} times; give it once",
+                field=name,
+            )
 
 
 def invoice_filter(
     status: Annotated[
         list[str],
-        Query(description="Repeatable: draft, open, paid, void, uncollectible."),
+        Query(
+            description="Repeatable: draft, open, paid, void, uncollectible.",
+            json_schema_extra={
+                "items": {"type": "string", "enum": [s.value for s in InvoiceStatus]}
+            },
+        ),
     ] = [],  # noqa: B006 (FastAPI copies defaults per request)
-    customer_id: Annotated[str | None, Query(max_length=40)] = None,
-    subscription_id: Annotated[str | None, Query(max_length=40)] = None,
-    currency: Annotated[str | None, Query(max_length=8, description="ISO 4217, e.g. USD")] = None,
+    customer_id: Annotated[str | None, Query(max_length=40, pattern=ID_PATTERN)] = None,
+    subscription_id: Annotated[str | None, Query(max_length=40, pattern=ID_PATTERN)] = None,
+    currency: Annotated[
+        str | None, Query(pattern=CURRENCY_PATTERN, description="ISO 4217, e.g. USD")
+    ] = None,
     issued_from: Annotated[
-        str | None, Query(max_length=64, description=f"created_at >= this; {_INSTANT_HELP}")
+        str | None,
+        Query(
+            max_length=64,
+            description=f"created_at >= this; {_INSTANT_HELP}",
+            json_schema_extra=_INSTANT_SCHEMA,
+        ),
     ] = None,
     issued_to: Annotated[
-        str | None, Query(max_length=64, description=f"created_at < this; {_INSTANT_HELP}")
+        str | None,
+        Query(
+            max_length=64,
+            description=f"created_at < this; {_INSTANT_HELP}",
+            json_schema_extra=_INSTANT_SCHEMA,
+        ),
     ] = None,
     period_from: Annotated[
-        str | None, Query(max_length=64, description=f"period_start >= this; {_INSTANT_HELP}")
+        str | None,
+        Query(
+            max_length=64,
+            description=f"period_start >= this; {_INSTANT_HELP}",
+            json_schema_extra=_INSTANT_SCHEMA,
+        ),
     ] = None,
     period_to: Annotated[
-        str | None, Query(max_length=64, description=f"period_start < this; {_INSTANT_HELP}")
+        str | None,
+        Query(
+            max_length=64,
+            description=f"period_start < this; {_INSTANT_HELP}",
+            json_schema_extra=_INSTANT_SCHEMA,
+        ),
     ] = None,
 ) -> InvoiceFilter:
     """The filter from the query string; InvalidInput (422) names a bad value."""
@@ -171,9 +220,16 @@ async def _csv_lines(
         page = await asyncio.to_thread(_next_page, pages)
 
 
-@router.get("/invoices/{id}", summary="One invoice with its attempts and payment")
+@router.get(
+    "/invoices/{id}",
+    summary="One invoice with its attempts and payment",
+    responses=error_responses(404),
+)
 async def get_invoice(
-    id: Annotated[str, Path(min_length=1, max_length=40, description="Invoice id, 'in_...'.")],
+    id: Annotated[
+        str,
+        Path(min_length=1, max_length=40, pattern=ID_PATTERN, description="Invoice id, 'in_...'."),
+    ],
     deps: Annotated[Dependencies, Depends(get_deps)],
 ) -> InvoiceDetailOut:
     """The invoice, every charge attempt (number, status, outcome, decline code, idempotency

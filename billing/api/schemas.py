@@ -18,9 +18,11 @@ from pydantic import (
     StrictBool,
     StrictInt,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from billing.card_data import contains_card_number
 from billing.contracts import (
     CancelResult,
     OpenInvoiceView,
@@ -59,7 +61,77 @@ InstantIn = Annotated[AwareDatetime, BeforeValidator(_iso_text)]
 Instant = Annotated[datetime, PlainSerializer(format_instant, return_type=str, when_used="json")]
 
 _FORBID = ConfigDict(extra="forbid")
+
+
+def _card_data_path(value: Any, path: str = "") -> str | None:
+    """The path of the first key or string value in ``value`` that looks like a card
+    number (or a card field name), or None."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and (
+                contains_card_number(key) or key.lower() in CARD_FIELD_NAMES
+            ):
+                return where
+            found = _card_data_path(inner, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            found = _card_data_path(inner, f"{path}[{index}]")
+            if found is not None:
+                return found
+    elif (
+        isinstance(value, str | int)
+        and not isinstance(value, bool)
+        and contains_card_number(str(value))
+    ):
+        return path or "(body)"
+    return None
+
+
+#: Field names that only card details go by; never ours.
+CARD_FIELD_NAMES = frozenset(
+    {"card", "card_number", "cardnumber", "number", "pan", "cvc", "cvv", "cvc2", "exp_month"}
+)
+
+
+class RequestIn(BaseModel):
+    """A request body: unknown fields are refused, and so is anything that looks like card
+    details, before any field is read, without echoing the value. Cards reach us only as
+    the provider's payment method ids (``pm_...``, from Stripe.js or Checkout)."""
+
+    model_config = _FORBID
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_card_data(cls, data: Any) -> Any:
+        path = _card_data_path(data)
+        if path is not None:
+            raise PydanticCustomError(
+                "card_data",
+                "field '{path}' looks like card details (a card number or card field); "
+                "send a payment method id ('pm_...') from Stripe.js or Checkout instead: "
+                "card details must never reach this API",
+                {"path": path},
+            )
+        return data
+
+
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+
+
+#: What our ids look like (``sub_01j...``, ``in_...``): checked on the way in, so nothing else
+#: reaches a query.
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
+CURRENCY_PATTERN = r"^[A-Za-z]{3}$"
+
+#: What a value refused by one of these patterns should have looked like.
+PATTERN_HELP: dict[str, str] = {
+    ID_PATTERN: "must be an id of 1 to 40 letters, digits, '_' or '-', such as "
+    "'sub_01jd8x2k3m4n5p6q7r8s9t0vwx'",
+    CURRENCY_PATTERN: "must be a 3-letter ISO 4217 code such as 'USD'",
+}
 
 
 class ErrorDetail(BaseModel):
@@ -72,12 +144,37 @@ class ErrorOut(BaseModel):
     error: ErrorDetail
 
 
+#: Why each error status is answered; every one has the ErrorOut shape.
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "Malformed request: JSON that does not parse, or a bad Content-Length.",
+    401: "Missing or unknown API key.",
+    402: "The payment provider refused the card.",
+    403: "The API key lacks the scope this endpoint needs.",
+    404: "No such resource.",
+    409: "Refused by the subscription's current state, or an Idempotency-Key reused with "
+    "another body.",
+    413: "Request body over the size limit.",
+    415: "The body is not application/json.",
+    422: "A field or parameter is invalid; the message names it and says what was wrong.",
+    500: "Internal error; the message carries a reference to quote.",
+    502: "The payment provider failed; retry later.",
+    503: "A dependency (database, Temporal, payment provider) did not answer; retry.",
+    504: "A change was accepted but not finished in time; it will still be applied.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses (plus 500, which any route may answer)."""
+    return {
+        code: {"model": ErrorOut, "description": ERROR_DESCRIPTIONS[code]}
+        for code in sorted({*codes, 500})
+    }
+
+
 # ---- signup ------------------------------------------------------------------------------------
 
 
-class CustomerIn(BaseModel):
-    model_config = _FORBID
-
+class CustomerIn(RequestIn):
     external_id: str | None = Field(
         None, min_length=1, max_length=200, description="Your own reference for the customer."
     )
@@ -99,9 +196,7 @@ class CustomerIn(BaseModel):
         return value
 
 
-class SignupIn(BaseModel):
-    model_config = _FORBID
-
+class SignupIn(RequestIn):
     plan: str = Field(min_length=1, max_length=63, description="Plan code, e.g. 'basic-monthly'.")
     customer: CustomerIn = Field(default_factory=CustomerIn)
     customer_id: str | None = Field(
@@ -129,30 +224,22 @@ class SignupOut(BaseModel):
 # ---- changes -----------------------------------------------------------------------------------
 
 
-class CancelIn(BaseModel):
-    model_config = _FORBID
-
+class CancelIn(RequestIn):
     at_period_end: StrictBool = Field(
         True, description="True: end when the paid period does. False: end now."
     )
     reason: str | None = Field(None, max_length=500)
 
 
-class PauseIn(BaseModel):
-    model_config = _FORBID
-
+class PauseIn(RequestIn):
     reason: str | None = Field(None, max_length=500)
 
 
-class ResumeIn(BaseModel):
-    model_config = _FORBID
-
+class ResumeIn(RequestIn):
     reason: str | None = Field(None, max_length=500)
 
 
-class PaymentMethodIn(BaseModel):
-    model_config = _FORBID
-
+class PaymentMethodIn(RequestIn):
     payment_method_id: str = Field(min_length=1, max_length=100)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, timedelta
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from temporalio.client import (
@@ -28,9 +28,9 @@ from billing.api.dependencies import (
 )
 from billing.api.errors import ApiError, from_update_failure, temporal_unreachable
 from billing.api.schemas import (
+    ID_PATTERN,
     CancelIn,
     CancelOut,
-    ErrorOut,
     OpenInvoiceOut,
     PauseIn,
     PauseOut,
@@ -42,7 +42,9 @@ from billing.api.schemas import (
     SignupIn,
     SignupOut,
     SubscriptionOut,
+    error_responses,
 )
+from billing.card_data import contains_card_number
 from billing.contracts import (
     CancelInput,
     CancelResult,
@@ -56,7 +58,7 @@ from billing.contracts import (
     UpdatePaymentMethodResult,
     workflow_id_for,
 )
-from billing.errors import ChangeRefused, NotFound
+from billing.errors import ChangeRefused, InvalidInput, NotFound
 from billing.finance import SubscriptionInvoicing, amount_display
 from billing.records import SubscriptionRecord
 from billing.signup import CustomerDetails, SignupRequest, SignupService
@@ -77,12 +79,11 @@ LIVE_QUERY_TIMEOUT = timedelta(seconds=5)
 CHANGE_RESULT_TIMEOUT = timedelta(seconds=30)
 
 SubscriptionId = Annotated[
-    str, Path(min_length=1, max_length=40, description="Subscription id, 'sub_...'.")
+    str,
+    Path(
+        min_length=1, max_length=40, pattern=ID_PATTERN, description="Subscription id, 'sub_...'."
+    ),
 ]
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 415, 422)
-}
 
 _R = TypeVar("_R")
 
@@ -93,11 +94,10 @@ _R = TypeVar("_R")
 @router.post(
     "",
     status_code=201,
-    dependencies=[Depends(require_scope("signup")), Depends(require_json_body)],
+    dependencies=[require_scope("signup"), Depends(require_json_body)],
     responses={
         200: {"model": SignupOut, "description": "Replayed: same Idempotency-Key and body."},
-        402: {"model": ErrorOut},
-        **_ERRORS,
+        **error_responses(400, 401, 402, 403, 409, 413, 415, 422, 503),
     },
     summary="Start a subscription",
 )
@@ -121,6 +121,13 @@ async def create_subscription(
     ``Idempotent-Replayed: true`` and the subscription as it is now; the same key with a
     different body is 409.
     """
+    if idempotency_key is not None and contains_card_number(idempotency_key):
+        # The key is stored with the subscription: no card number may ride in on it.
+        raise InvalidInput(
+            "header 'Idempotency-Key' looks like a card number; use a key of your own, "
+            "such as a UUID",
+            field="Idempotency-Key",
+        )
     customer = body.customer
     result = await signups.start_subscription(
         SignupRequest(
@@ -232,13 +239,8 @@ async def _update(
     return result
 
 
-_CHANGE_DEPENDENCIES = [Depends(require_scope("admin")), Depends(require_json_body)]
-_CHANGE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    402: {"model": ErrorOut},
-    503: {"model": ErrorOut},
-    504: {"model": ErrorOut},
-    **_ERRORS,
-}
+_CHANGE_DEPENDENCIES = [require_scope("admin"), Depends(require_json_body)]
+_CHANGE_RESPONSES = error_responses(400, 401, 402, 403, 404, 409, 413, 415, 422, 502, 503, 504)
 
 
 @router.post(
@@ -332,8 +334,8 @@ async def update_payment_method(
 
 @router.get(
     "/{id}",
-    dependencies=[Depends(require_scope("finance", "admin"))],
-    responses=_ERRORS,
+    dependencies=[require_scope("finance", "admin")],
+    responses=error_responses(401, 403, 404, 422, 503),
     summary="A subscription, live",
 )
 async def get_subscription(

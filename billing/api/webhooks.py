@@ -16,7 +16,9 @@ Routing (``route_event``; the workflow id is ``workflow_id_for(subscription_id)`
 * ``customer.updated`` whose ``invoice_settings.default_payment_method`` changed (by
   ``data.previous_attributes`` when Stripe sends it) to a card other than the one on record
   for our customer: signal ``payment_method_changed`` to each of the customer's subscriptions
-  that is not canceled ("retry the open invoice now").
+  that is not canceled ("retry the open invoice now"). Stripe does not deliver events in
+  order: an event ``created`` before the newest one already acted on for that customer is
+  stale news and is recorded as ignored, so an older card never overwrites a newer one.
 * ``payment_intent.succeeded`` for one of our charge attempts (found by
   ``payment_attempts.stripe_payment_intent_id``, else by ``metadata.invoice_id``) whose invoice
   is still open and has no succeeded attempt: signal ``payment_authenticated`` to the
@@ -41,19 +43,23 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.stripe_gateway import webhook_signature_valid
+from billing.api.errors import error_body
+from billing.api.schemas import ErrorOut
 from billing.clock import Clock
 from billing.contracts import (
     PaymentAuthenticatedInput,
@@ -105,6 +111,14 @@ CLAIM_STALE_AFTER = timedelta(minutes=2)
 
 #: Longest event id we store (the column's length); Stripe's are about 30 characters.
 _MAX_EVENT_ID_LENGTH = 255
+#: Longest event type we store (the column's length); Stripe's are under 50 characters.
+_MAX_EVENT_TYPE_LENGTH = 100
+#: Longest provider object id we look up; Stripe's are well under this.
+_MAX_OBJECT_ID_LENGTH = 255
+#: What Stripe's event ids (``evt_1Nx...``) and types (``customer.updated``) are made of.
+_EVENT_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
+#: The latest ``created`` a datetime can hold (9999-12-31T23:59:59Z), in Unix seconds.
+_MAX_CREATED = 253_402_300_799
 
 
 class WebhookDependencies(Protocol):
@@ -121,9 +135,7 @@ class WebhookDependencies(Protocol):
 
 
 def _error(status_code: int, error_type: str, message: str) -> JSONResponse:
-    return JSONResponse(
-        status_code=status_code, content={"error": {"type": error_type, "message": message}}
-    )
+    return JSONResponse(status_code=status_code, content=error_body(error_type, message))
 
 
 # ---- 1. signature ---------------------------------------------------------------------------
@@ -166,7 +178,10 @@ def verify_signature(payload: bytes, header: str | None, secret: str, tolerance_
         raise InvalidSignature(
             "the Stripe-Signature header is malformed; expected 't=<unix time>,v1=<signature>'"
         )
-    if webhook_signature_valid(body, header, secret, tolerance_s):
+    # Stripe's check only bounds the age; a timestamp far ahead of our clock is refused too
+    # (nobody but the secret's holder can make one, and it would outlive every tolerance).
+    ahead_s = timestamp - int(time.time())
+    if webhook_signature_valid(body, header, secret, tolerance_s) and ahead_s <= tolerance_s:
         return
     # If the signature holds without the time limit, the timestamp was what failed.
     if not webhook_signature_valid(body, header, secret, None):
@@ -175,6 +190,11 @@ def verify_signature(payload: bytes, header: str | None, secret: str, tolerance_
             "or it was signed with another secret (check that BILLING_STRIPE_WEBHOOK_SECRET is "
             "this endpoint's signing secret)"
         ) from None
+    if ahead_s > tolerance_s:
+        raise InvalidSignature(
+            f"the Stripe-Signature timestamp is {ahead_s} s in the future, beyond the "
+            f"{tolerance_s} s tolerance; check this server's clock"
+        )
     age_s = int(time.time()) - timestamp
     raise InvalidSignature(
         f"the Stripe-Signature timestamp is {age_s} s old, beyond the {tolerance_s} s tolerance "
@@ -195,6 +215,8 @@ class _Event:
     id: str
     type: str
     data: dict[str, Any]
+    #: When Stripe created the event (UTC): the order of the news, whatever the delivery order.
+    created: datetime | None = None
 
     @property
     def object(self) -> dict[str, Any]:
@@ -210,18 +232,54 @@ def _parse_event(payload: bytes) -> _Event:
     if not isinstance(parsed, dict):
         raise _InvalidPayload("the body is not a JSON object; expected a Stripe event")
     event_id, event_type, data = parsed.get("id"), parsed.get("type"), parsed.get("data")
-    if not isinstance(event_id, str) or not event_id or len(event_id) > _MAX_EVENT_ID_LENGTH:
+    if not _event_name(event_id, _MAX_EVENT_ID_LENGTH):
         raise _InvalidPayload(
-            f"the event has no usable 'id' (a string of 1 to {_MAX_EVENT_ID_LENGTH} "
-            "characters, e.g. 'evt_...')"
+            f"the event has no usable 'id' (1 to {_MAX_EVENT_ID_LENGTH} letters, digits and "
+            "_.:- such as 'evt_1NxYz')"
         )
-    if not isinstance(event_type, str) or not event_type:
-        raise _InvalidPayload(f"event {event_id} has no 'type'")
+    assert isinstance(event_id, str)
+    if not _event_name(event_type, _MAX_EVENT_TYPE_LENGTH):
+        raise _InvalidPayload(
+            f"event {event_id} has no usable 'type' (1 to {_MAX_EVENT_TYPE_LENGTH} letters, "
+            "digits and _.:- such as 'customer.updated')"
+        )
+    assert isinstance(event_type, str)
+    created = parsed.get("created")
+    # JSON has one number type: 1735689600.0 is the same integer. bool is an int in Python,
+    # but JSON true is no time.
+    if isinstance(created, float) and created.is_integer():
+        created = int(created)
+    if (
+        not isinstance(created, int)
+        or isinstance(created, bool)
+        or not 0 <= created <= _MAX_CREATED
+    ):
+        raise _InvalidPayload(
+            f"event {event_id} has no usable 'created' (Unix seconds, e.g. 1735689600)"
+        )
     if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
         raise _InvalidPayload(
             f"event {event_id} has no 'data.object'; only snapshot events are accepted"
         )
-    return _Event(event_id, event_type, data)
+    if not isinstance(data.get("previous_attributes", {}), dict):
+        raise _InvalidPayload(
+            f"event {event_id} has a 'data.previous_attributes' that is not an object"
+        )
+    return _Event(event_id, event_type, data, datetime.fromtimestamp(created, UTC))
+
+
+def _event_name(value: object, max_length: int) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) <= max_length
+        and _EVENT_NAME.fullmatch(value) is not None
+    )
+
+
+def _usable_text(value: object, max_length: int) -> bool:
+    """A non-empty string of at most ``max_length`` printable characters: what Stripe's ids and
+    type names are, and what the database can store (PostgreSQL text cannot hold NUL)."""
+    return isinstance(value, str) and 0 < len(value) <= max_length and value.isprintable()
 
 
 # ---- 4. routing -------------------------------------------------------------------------------
@@ -245,12 +303,10 @@ class Routing:
 
 def _object_id(value: object) -> str | None:
     """The id of an expandable field: an id string, or the expanded object's ``id``."""
-    if isinstance(value, str) and value:
-        return value
     if isinstance(value, dict):
-        inner = value.get("id")
-        return inner if isinstance(inner, str) and inner else None
-    return None
+        value = value.get("id")
+    # Anything else is no id Stripe issued, and must not reach a query (NUL, megabytes).
+    return value if isinstance(value, str) and _usable_text(value, _MAX_OBJECT_ID_LENGTH) else None
 
 
 def _default_payment_method(customer: dict[str, Any]) -> str | None:
@@ -284,6 +340,16 @@ def _route_customer_updated(session: Session, event: _Event) -> Routing:
             outcome=WebhookOutcome.NO_SUBSCRIPTION,
             detail=f"no customer of ours is provider customer {stripe_customer_id}",
         )
+    if event.created is not None:
+        newer = customers_repo.advance_payment_method_event(session, customer.id, event.created)
+        if newer is not None:
+            # Delivered late: a newer change of default (or our own write's echo) has been
+            # acted on already; acting on this one would bring back the older card.
+            return Routing(
+                detail=f"stale: event created {event.created.isoformat()} is older than the "
+                f"payment method news of {newer.isoformat()} already acted on for "
+                f"{customer.id}; the newer state is kept"
+            )
     if customer.default_payment_method_id == new_default:
         # Our own write coming back: the workflow's attach activity makes the card the
         # default at Stripe and then records it here. Signalling it would attach the card
@@ -376,13 +442,19 @@ _ROUTES: dict[str, Callable[[Session, _Event], Routing]] = {
 
 
 def route_event(
-    session: Session, event_type: str, data: dict[str, Any], event_id: str = ""
+    session: Session,
+    event_type: str,
+    data: dict[str, Any],
+    event_id: str = "",
+    created: datetime | None = None,
 ) -> Routing:
-    """Which workflow signals the event calls for, from our database (read only)."""
+    """Which workflow signals the event calls for, from our database. The only write is the
+    customer's payment-method event watermark (``created``, UTC), which keeps late events from
+    overwriting newer news."""
     route = _ROUTES.get(event_type)
     if route is None:
         return Routing(detail=f"event type {event_type} is not one this endpoint acts on")
-    return route(session, _Event(event_id, event_type, data))
+    return route(session, _Event(event_id, event_type, data, created))
 
 
 # ---- the endpoint -----------------------------------------------------------------------------
@@ -447,7 +519,7 @@ def _claim(
 
 def _route(session_factory: sessionmaker[Session], event: _Event) -> Routing:
     with unit_of_work(session_factory) as session:
-        return route_event(session, event.type, event.data, event.id)
+        return route_event(session, event.type, event.data, event.id, event.created)
 
 
 def _release(session_factory: sessionmaker[Session], event_id: str, claimed_at: datetime) -> None:
@@ -541,6 +613,48 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
     )
 
 
+class WebhookReceivedOut(BaseModel):
+    """The answer to an accepted delivery (Stripe only looks at the 2xx)."""
+
+    received: bool
+    duplicate: bool | None = Field(
+        None, description="True: this event id was processed before; nothing was done again."
+    )
+    event_id: str | None = None
+    outcome: WebhookOutcome | None = Field(None, description="What was done with the event.")
+
+
+#: The event as documented in the OpenAPI description. The handler parses the raw bytes
+#: itself (the signature covers them exactly), with the same rules (``_parse_event``).
+STRIPE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "A Stripe event (snapshot payload), signed in the Stripe-Signature header "
+    "('t=<unix time>,v1=<HMAC-SHA256 of \"t.body\" with the endpoint secret>').",
+    "required": ["id", "type", "created", "data"],
+    "properties": {
+        "id": {
+            "type": "string",
+            "maxLength": _MAX_EVENT_ID_LENGTH,
+            "pattern": f"^{_EVENT_NAME.pattern}$",
+        },
+        "type": {
+            "type": "string",
+            "maxLength": _MAX_EVENT_TYPE_LENGTH,
+            "pattern": f"^{_EVENT_NAME.pattern}$",
+        },
+        "created": {"type": "integer", "minimum": 0, "maximum": _MAX_CREATED},
+        "data": {
+            "type": "object",
+            "required": ["object"],
+            "properties": {
+                "object": {"type": "object"},
+                "previous_attributes": {"type": "object"},
+            },
+        },
+    },
+}
+
+
 def webhook_router() -> APIRouter:
     """The router serving ``POST /v1/webhooks/stripe``. It authenticates by the Stripe
     signature, so the API-key dependency must not apply to it."""
@@ -550,7 +664,23 @@ def webhook_router() -> APIRouter:
         receive_stripe_webhook,
         methods=["POST"],
         summary="Receive a Stripe webhook event",
+        description="Authenticated by the Stripe-Signature header over the raw body (no API "
+        "key). A repeated event id is acknowledged and dropped; an event older than news "
+        "already acted on for the same customer is recorded as stale and changes nothing.",
         response_class=JSONResponse,
+        response_model=WebhookReceivedOut,
+        responses={
+            400: {"model": ErrorOut, "description": "Bad signature, or not a Stripe event."},
+            409: {"model": ErrorOut, "description": "Another delivery is processing it."},
+            413: {"model": ErrorOut, "description": "Body over the webhook limit."},
+            503: {"model": ErrorOut, "description": "Temporal unreachable; Stripe retries."},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": STRIPE_EVENT_SCHEMA}},
+            }
+        },
     )
     return webhook_routes
 

@@ -120,3 +120,35 @@ def get_customer_by_stripe_id(session: Session, stripe_customer_id: str) -> Cust
         CustomerRecord,
         select_rows(CustomerRow).where(CustomerRow.stripe_customer_id == stripe_customer_id),
     )
+
+
+def advance_payment_method_event(
+    session: Session, customer_id: str, event_created_at: datetime
+) -> datetime | None:
+    """Record that provider news about the customer's default card, created at
+    ``event_created_at`` (UTC), is being acted on, unless newer news already was.
+
+    Returns None when this event is the newest seen (or as new: Stripe's ``created`` has
+    one-second resolution, and a redelivery of the same event must pass again); otherwise the
+    newer event's time, and nothing changes. One conditional UPDATE, so of two deliveries
+    racing for the same customer only an ordering that ends with the newest one is possible.
+    """
+    column = CustomerRow.default_payment_method_event_at
+    advanced = session.execute(
+        update(CustomerRow)
+        .where(
+            CustomerRow.id == customer_id,
+            or_(column.is_(None), column <= event_created_at),
+        )
+        .values(default_payment_method_event_at=event_created_at)
+        .returning(CustomerRow.id)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if advanced is not None:
+        return None
+    newer = session.execute(
+        select(column).where(CustomerRow.id == customer_id)
+    ).scalar_one_or_none()
+    if newer is None:
+        raise NotFound(f"customer {customer_id} not found")
+    return newer

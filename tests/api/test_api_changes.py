@@ -170,7 +170,15 @@ async def test_a_card_refused_at_attach_is_402_and_changes_nothing(api: Api) -> 
 async def test_a_new_card_retries_the_past_due_invoice_at_once(api: Api) -> None:
     body = await api.signed_up("basic-monthly", card=DECLINES_AFTER_ATTACH)
     sub_id = body["id"]
-    await api.harness.wait_for(sub_id, lambda v: v.status == SubscriptionStatus.PAST_DUE)
+    # The workflow records past_due (an activity) before it schedules the retry: wait for both.
+    await api.harness.wait_for(
+        sub_id,
+        lambda v: (
+            v.status == SubscriptionStatus.PAST_DUE
+            and v.open_invoice is not None
+            and v.open_invoice.next_retry_at is not None
+        ),
+    )
 
     view = await read(api, sub_id)
     assert view["status"] == "past_due"

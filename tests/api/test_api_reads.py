@@ -364,6 +364,11 @@ BAD_FILTERS: list[Any] = [
     pytest.param({"currency": "ABC"}, "unknown currency 'ABC'", id="unknown-currency"),
     pytest.param({"currency": "dollars"}, "3-letter ISO 4217 code", id="bad-currency"),
     pytest.param(
+        [("issued_to", "2026-01-01T00:00:00Z"), ("issued_to", "2027-01-01T00:00:00Z")],
+        "query parameter 'issued_to' was given 2 times; give it once",
+        id="repeated-single-value",
+    ),
+    pytest.param(
         {"issued_from": "2026-02-01T00:00:00Z", "issued_to": "2026-01-01T00:00:00Z"},
         "issued_from (2026-02-01T00:00:00Z) is after issued_to (2026-01-01T00:00:00Z)",
         id="issued-from-after-to",

@@ -51,6 +51,13 @@ def test_a_filter_from_text_normalizes_what_it_can() -> None:
             "period_from (2026-02-01T00:00:00Z) is after period_to (2026-01-01T00:00:00Z)",
         ),
         ({"subscription_id": "s" * 41}, InvalidInput, "subscription_id", "1 to 40 characters"),
+        # Found by the fuzzer: year 0 in UTC was an OverflowError, a 500.
+        (
+            {"issued_to": "0001-01-01T01:00:03+02:00"},
+            InvalidInput,
+            "issued_to",
+            "'0001-01-01T01:00:03+02:00' is out of range; use an instant between years 1 and 9999",
+        ),
     ],
 )
 def test_bad_filter_values_name_the_field(

@@ -4,10 +4,11 @@ workflow on the time-skipping server, with a real database behind it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Callable
-from datetime import timedelta
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ from dateutil.relativedelta import relativedelta
 from temporalio.client import Client
 
 from billing.api import create_app
-from billing.api.webhooks import NOT_CONFIGURED_MESSAGE, webhook_router
+from billing.api.webhooks import NOT_CONFIGURED_MESSAGE, WEBHOOK_MAX_BODY_BYTES, webhook_router
 from billing.contracts import NoticeKind, SubscriptionMessage
 from billing.invoices import InvoiceStatus
 from billing.records import WebhookEventRecord, WebhookOutcome
@@ -26,6 +27,7 @@ from billing.testing.harness import BillingHarness, BillingSnapshot
 from db.engine import unit_of_work
 from db.repositories import customers, subscriptions
 from db.repositories import webhook_events as webhook_events_repo
+from tests.api.support import row_counts
 from tests.api.webhook_fixtures import (
     CAPTURE_PATH,
     TOLERANCE_SECONDS,
@@ -373,7 +375,7 @@ async def test_forged_stale_and_unsigned_deliveries_are_refused_without_any_effe
 
 async def test_unconfigured_secret_and_malformed_json_are_refused() -> None:
     malformed = b'{"id": "evt_1", "type": '
-    no_object = b'{"id": "evt_2", "type": "customer.updated"}'
+    no_object = b'{"id": "evt_2", "type": "customer.updated", "created": 1735689600}'
     unconfigured = make_webhook_app(webhook_settings(secret=None), deps=None, temporal=None)
     configured = make_webhook_app(webhook_settings(), deps=None, temporal=None)
     transport_a = httpx.ASGITransport(app=unconfigured)
@@ -387,7 +389,7 @@ async def test_unconfigured_secret_and_malformed_json_are_refused() -> None:
         )
         assert response.status_code == 400
         assert response.json() == {
-            "error": {"type": "invalid_signature", "message": NOT_CONFIGURED_MESSAGE}
+            "error": {"type": "invalid_signature", "message": NOT_CONFIGURED_MESSAGE, "field": None}
         }
         assert "BILLING_STRIPE_WEBHOOK_SECRET" in NOT_CONFIGURED_MESSAGE
 
@@ -600,3 +602,261 @@ async def test_real_stripe_previous_attributes_decide_whether_the_default_card_c
     assert response.json()["outcome"] == WebhookOutcome.ROUTED
     changed = SubscriptionMessage.PAYMENT_METHOD_CHANGED
     assert await signals_received(harness, sub.subscription_id, changed) == 1
+
+
+# ---- hostile and disordered deliveries -------------------------------------------------------
+
+
+def customer_updated_event(
+    event_id: str, stripe_customer: str, default_card: str, created: int
+) -> bytes:
+    return json.dumps(
+        {
+            "id": event_id,
+            "object": "event",
+            "type": "customer.updated",
+            "created": created,
+            "data": {
+                "object": {
+                    "id": stripe_customer,
+                    "object": "customer",
+                    "invoice_settings": {"default_payment_method": default_card},
+                },
+                "previous_attributes": {"invoice_settings": {"default_payment_method": None}},
+            },
+        }
+    ).encode()
+
+
+def customer_record(stack: WebhookStack, subscription_id: str) -> Any:
+    with unit_of_work(stack.harness.session_factory) as session:
+        subscription = subscriptions.get_subscription(session, subscription_id)
+        assert subscription is not None
+        return customers.get_customer(session, subscription.customer_id)
+
+
+@BOTH_BACKENDS
+async def test_an_older_card_change_delivered_late_never_overwrites_the_newer_one(
+    webhook_stack: WebhookStack,
+) -> None:
+    """Stripe does not deliver in order. The customer changed the default card twice (to
+    ``older``, then to ``newer``); the news of the first arrives last. It is recorded as
+    stale and signals nothing: the customer keeps ``newer``, in our database and at Stripe.
+    A replay of the newer event's id, even with a fresh signature and another body, is a
+    duplicate."""
+    stack, harness = webhook_stack, webhook_stack.harness
+    sub = await harness.signup("basic-monthly", card=SUCCEEDS)
+    customer = stripe_customer_id(stack, sub.subscription_id)
+    older, newer, other = [await harness.to_thread_card(SUCCEEDS) for _ in range(3)]
+    changed = SubscriptionMessage.PAYMENT_METHOD_CHANGED
+    # After signup, whose own card write (echoed back as customer.updated) came first.
+    first_change_at = int(time.time()) + 1
+    older_event = customer_updated_event("evt_card_older", customer, older, first_change_at)
+    newer_event = customer_updated_event("evt_card_newer", customer, newer, first_change_at + 1)
+
+    response = await stack.post(newer_event, sign(newer_event))
+    assert response.json()["outcome"] == WebhookOutcome.ROUTED, response.text
+    # The workflow attaches the newer card and records it as the customer's default.
+    await wait_until(
+        lambda: customer_record(stack, sub.subscription_id).default_payment_method_id == newer,
+        timeout=20,
+        what="the newer card on record",
+    )
+    assert await signals_received(harness, sub.subscription_id, changed) == 1
+
+    late = await stack.post(older_event, sign(older_event))
+    assert late.status_code == 200  # acknowledged: Stripe must not retry it
+    assert late.json()["outcome"] == WebhookOutcome.IGNORED
+    row = stack.event("evt_card_older")
+    assert row is not None and row.outcome == WebhookOutcome.IGNORED
+    assert "stale" in (row.detail or "") and "newer state is kept" in (row.detail or "")
+    # A late payment_method.attached of the older card is no news either.
+    attached = json.dumps(
+        {
+            "id": "evt_older_attached",
+            "type": "payment_method.attached",
+            "created": first_change_at,
+            "data": {"object": {"id": older, "object": "payment_method", "customer": customer}},
+        }
+    ).encode()
+    assert (await stack.post(attached, sign(attached))).json()["outcome"] == "ignored"
+
+    replayed = customer_updated_event("evt_card_newer", customer, other, first_change_at + 2)
+    duplicate = await stack.post(replayed, sign(replayed))
+    assert duplicate.json() == {"received": True, "duplicate": True}
+
+    record = customer_record(stack, sub.subscription_id)
+    assert record.default_payment_method_id == newer
+    assert record.default_payment_method_event_at == datetime.fromtimestamp(
+        first_change_at + 1, UTC
+    )
+    at_stripe = harness.stripe.v1.customers.retrieve(customer)
+    assert at_stripe.invoice_settings is not None
+    assert at_stripe.invoice_settings.default_payment_method == newer
+    # No signal for the late event (the workflow's own work goes on, so its history grows).
+    assert await signals_received(harness, sub.subscription_id, changed) == 1
+    snap = await billed_and_settled(harness, sub.subscription_id)
+    assert [i.status for i in snap.invoices] == [InvoiceStatus.PAID]
+    assert len(snap.payments[snap.invoices[0].id]) == 1
+
+
+async def test_signatures_outside_the_tolerance_either_way_are_refused(
+    webhook_stack: WebhookStack,
+) -> None:
+    stack = webhook_stack
+    body = json.dumps(
+        {
+            "id": "evt_timed",
+            "type": "customer.created",
+            "created": int(time.time()),
+            "data": {"object": {"id": "cus_timed", "object": "customer"}},
+        }
+    ).encode()
+    now = int(time.time())
+    for timestamp, reason in (
+        (now - TOLERANCE_SECONDS - 5, "s old, beyond the 300 s tolerance"),
+        (now + TOLERANCE_SECONDS + 60, "s in the future, beyond the 300 s tolerance"),
+    ):
+        response = await stack.post(body, sign(body, timestamp=timestamp))
+        assert response.status_code == 400
+        assert response.json()["error"]["type"] == "invalid_signature"
+        assert reason in response.json()["error"]["message"]
+    assert stack.event("evt_timed") is None
+    # Inside the tolerance (a little clock skew either way) it is accepted.
+    ok = await stack.post(body, sign(body, timestamp=now + 30))
+    assert ok.status_code == 200 and ok.json()["outcome"] == "ignored"
+
+
+async def billed_and_settled(harness: BillingHarness, subscription_id: str) -> BillingSnapshot:
+    """The snapshot once the first invoice is paid and the workflow has gone to sleep until
+    the next billing date (two reads a moment apart agree)."""
+
+    async def steady() -> BillingSnapshot | None:
+        first = harness.snapshot(subscription_id)
+        if not first.invoices or first.invoices[0].status != InvoiceStatus.PAID:
+            return None
+        await asyncio.sleep(0.5)
+        second = harness.snapshot(subscription_id)
+        return second if second == first else None
+
+    result: BillingSnapshot = await wait_until(steady, timeout=20, what="first invoice paid")
+    return result
+
+
+UNKNOWN_EVENTS: list[Any] = [
+    pytest.param(
+        "customer.updated",
+        {
+            "id": "cus_nobody",
+            "object": "customer",
+            "invoice_settings": {"default_payment_method": "pm_x"},
+        },
+        WebhookOutcome.NO_SUBSCRIPTION,
+        "no customer of ours is provider customer cus_nobody",
+        id="unknown-customer",
+    ),
+    pytest.param(
+        "payment_intent.succeeded",
+        {"id": "pi_nobody", "object": "payment_intent"},
+        WebhookOutcome.NO_SUBSCRIPTION,
+        "pi_nobody is not a charge attempt of ours",
+        id="unknown-payment-intent",
+    ),
+    pytest.param(
+        "payment_intent.succeeded",
+        {"id": "pi_forged", "object": "payment_intent", "metadata": {"invoice_id": "in_nope"}},
+        WebhookOutcome.NO_SUBSCRIPTION,
+        "names invoice in_nope, which we do not have",
+        id="unknown-invoice",
+    ),
+    pytest.param(
+        "customer.updated",
+        {"id": "cus_\u0000" + "x" * 5000, "invoice_settings": {"default_payment_method": "pm"}},
+        WebhookOutcome.IGNORED,
+        "the customer object has no id",
+        id="hostile-customer-id",
+    ),
+    pytest.param(
+        "payment_intent.succeeded",
+        {"id": ["pi_1"], "metadata": "in_1"},
+        WebhookOutcome.IGNORED,
+        "the payment intent has no id",
+        id="payment-intent-id-not-a-string",
+    ),
+]
+
+
+@BOTH_BACKENDS
+@pytest.mark.parametrize(("event_type", "obj", "outcome", "detail"), UNKNOWN_EVENTS)
+async def test_events_about_things_we_do_not_have_are_recorded_and_change_nothing(
+    webhook_stack: WebhookStack,
+    event_type: str,
+    obj: dict[str, Any],
+    outcome: WebhookOutcome,
+    detail: str,
+) -> None:
+    stack, harness = webhook_stack, webhook_stack.harness
+    sub = await harness.signup("basic-monthly", card=SUCCEEDS)
+    before = await billed_and_settled(harness, sub.subscription_id)
+    rows = row_counts(harness)
+    event_id = f"evt_unknown_{event_type.replace('.', '_')}"
+    body = json.dumps(
+        {"id": event_id, "type": event_type, "created": int(time.time()), "data": {"object": obj}}
+    ).encode()
+    response = await stack.post(body, sign(body))
+    assert response.status_code == 200, response.text
+    assert response.json()["outcome"] == outcome
+    row = stack.event(event_id)
+    assert row is not None and row.outcome == outcome and detail in (row.detail or "")
+    assert row_counts(harness) == rows
+    assert harness.snapshot(sub.subscription_id) == before
+    for name in (
+        SubscriptionMessage.PAYMENT_METHOD_CHANGED,
+        SubscriptionMessage.PAYMENT_AUTHENTICATED,
+    ):
+        assert await signals_received(harness, sub.subscription_id, name) == 0
+
+
+async def test_huge_bodies_are_refused_before_anything_reads_them(
+    webhook_stack: WebhookStack,
+) -> None:
+    """In the API app (``create_app``), the webhook's body limit (1 MiB) holds whether the
+    size is declared or streamed in chunks, and a correctly signed huge event is refused
+    with 413 all the same, recording nothing."""
+    harness = webhook_stack.harness
+    app = create_app(
+        webhook_settings(),
+        deps=harness.deps,
+        temporal=harness.client,
+        include_routers=[webhook_router()],
+    )
+    padding = "x" * (WEBHOOK_MAX_BODY_BYTES + 1)
+    body = json.dumps(
+        {
+            "id": "evt_huge",
+            "type": "customer.updated",
+            "created": int(time.time()),
+            "data": {"object": {"id": "cus_huge", "padding": padding}},
+        }
+    ).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 64 * 1024):
+            yield body[start : start + 64 * 1024]
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        headers = {"Content-Type": "application/json", "Stripe-Signature": sign(body)}
+        declared = await client.post("/v1/webhooks/stripe", content=body, headers=headers)
+        streamed = await client.post("/v1/webhooks/stripe", content=chunks(), headers=headers)
+        lying = await client.post(
+            "/v1/webhooks/stripe", content=body, headers={**headers, "Content-Length": "abc"}
+        )
+    for response in (declared, streamed):
+        assert response.status_code == 413
+        error = response.json()["error"]
+        assert error["type"] == "payload_too_large"
+        assert f"limit of {WEBHOOK_MAX_BODY_BYTES} bytes" in error["message"]
+    assert lying.status_code == 400
+    # (Not the row count: localstripe may still be delivering an earlier test's events.)
+    assert webhook_stack.event("evt_huge") is None

@@ -159,7 +159,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0099"
-down_revision = "0001"
+down_revision = "{base}"
 branch_labels = None
 depends_on = None
 
@@ -183,19 +183,24 @@ def test_sqlite_batch_migration_can_rebuild_a_referenced_table(
     runs PRAGMA foreign_key_check before committing."""
     scripts = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS_DIR, scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0099_rebuild_customers.py").write_text(REBUILD_CUSTOMERS)
+    # On top of the current head: the repositories below write every column of today's tables.
+    base = head_revision()
+    assert base is not None
+    (scripts / "versions" / "0099_rebuild_customers.py").write_text(
+        REBUILD_CUSTOMERS.replace("{base}", base)
+    )
     url = f"sqlite:///{tmp_path / 'billing.sqlite3'}"
     config = alembic_config(url)
     config.set_main_option("script_location", str(scripts))
 
-    command.upgrade(config, "0001")
+    command.upgrade(config, base)
     engine = make_engine(url)
     session_factory = make_session_factory(engine)
     with unit_of_work(session_factory) as session:
         subscription = factory.subscription(session)
 
     command.upgrade(config, "0099")
-    command.downgrade(config, "0001")
+    command.downgrade(config, base)
 
     with unit_of_work(session_factory) as session:
         assert subscriptions.get_subscription(session, subscription.id) == subscription
