@@ -383,12 +383,13 @@ class SubscriptionWorkflow:
             inv.blocked = BlockedReason.AUTHENTICATION_REQUIRED
         else:
             inv.blocked = None
+        # Set before anything awaits, so a query never sees past_due without its retry time.
+        next_retry = inv.next_retry_at = self._scheduled_retry_at(inv)
         if s.status in (SubscriptionStatus.ACTIVE, SubscriptionStatus.TRIALING):
             # Only the first failure changes what the database shows; later failures are in
             # the attempt rows already, so they cost no extra activity.
             s.status = SubscriptionStatus.PAST_DUE
             await self._sync()
-        next_retry = self._scheduled_retry_at(inv)
         kind = (
             NoticeKind.ACTION_REQUIRED
             if inv.blocked == BlockedReason.AUTHENTICATION_REQUIRED

@@ -1,8 +1,8 @@
 """Customers remember the newest provider event about their default card, so an older event
 delivered late (webhooks arrive in any order) cannot bring back an older card.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 
 Written by hand to match ``CustomerRow`` in db/models.py exactly (tests/db compares them).
 """
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004"
-down_revision: str | Sequence[str] | None = "0003"
+revision: str = "0005"
+down_revision: str | Sequence[str] | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
