@@ -39,7 +39,13 @@ from billing.finance import (
 )
 from billing.invoices import InvoiceStatus
 from billing.plans import MAX_TRIAL_DAYS
-from billing.records import AttemptStatus, InvoiceRecord, PaymentAttemptRecord, PaymentRecord
+from billing.records import (
+    AttemptStatus,
+    InvoiceRecord,
+    PaymentAttemptRecord,
+    PaymentRecord,
+    StatusChangeRecord,
+)
 from billing.subscription import SubscriptionStatus
 
 
@@ -360,6 +366,22 @@ class OpenInvoiceOut(BaseModel):
         )
 
 
+class StatusChangeOut(BaseModel):
+    from_status: SubscriptionStatus
+    to_status: SubscriptionStatus
+    changed_at: Instant = Field(description="When the subscription's workflow decided it.")
+    reason: str | None = Field(description="Why, when known (the reason of a cancellation).")
+
+    @classmethod
+    def of(cls, change: StatusChangeRecord) -> StatusChangeOut:
+        return cls(
+            from_status=change.from_status,
+            to_status=change.to_status,
+            changed_at=change.changed_at,
+            reason=change.reason,
+        )
+
+
 class SubscriptionOut(BaseModel):
     id: str
     customer_id: str
@@ -384,6 +406,11 @@ class SubscriptionOut(BaseModel):
     live: bool = Field(
         description="True: from the running workflow. False: the workflow could not be asked "
         "(closed long ago, or Temporal unreachable), so this is the database's copy."
+    )
+    status_history: list[StatusChangeOut] = Field(
+        default_factory=list,
+        description="Every status change, oldest first, from the database's status log "
+        "(the live status may be one step ahead of it for a moment).",
     )
 
 

@@ -41,6 +41,7 @@ from billing.api.schemas import (
     ResumeOut,
     SignupIn,
     SignupOut,
+    StatusChangeOut,
     SubscriptionOut,
     error_responses,
 )
@@ -60,7 +61,7 @@ from billing.contracts import (
 )
 from billing.errors import ChangeRefused, InvalidInput, NotFound
 from billing.finance import SubscriptionInvoicing, amount_display
-from billing.records import SubscriptionRecord
+from billing.records import StatusChangeRecord, SubscriptionRecord
 from billing.signup import CustomerDetails, SignupRequest, SignupService
 from billing.subscription import SubscriptionStatus
 from billing.worker import Dependencies
@@ -349,9 +350,18 @@ async def get_subscription(
     record = await asyncio.to_thread(_load, deps, id)
     view = await _live_view(temporal, id)
     if view is not None:
-        return _merged(record, view)
-    invoicing = await asyncio.to_thread(_invoicing, deps, id)
-    return _from_database(record, invoicing)
+        answer = _merged(record, view)
+    else:
+        invoicing = await asyncio.to_thread(_invoicing, deps, id)
+        answer = _from_database(record, invoicing)
+    history = await asyncio.to_thread(_status_history, deps, id)
+    answer.status_history = [StatusChangeOut.of(change) for change in history]
+    return answer
+
+
+def _status_history(deps: Dependencies, subscription_id: str) -> list[StatusChangeRecord]:
+    with unit_of_work(deps.session_factory) as session:
+        return subscriptions_repo.list_status_changes(session, subscription_id)
 
 
 async def _live_view(temporal: Client, subscription_id: str) -> SubscriptionView | None:

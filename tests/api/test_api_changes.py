@@ -138,6 +138,12 @@ async def test_pause_and_resume_keep_the_anchor(api: Api) -> None:
     assert (view["status"], view["paused_at"]) == ("active", None)
     assert instant(view["next_billing_at"]) == anchor + relativedelta(months=3)
     assert view["invoices_issued"] == 1
+    # The status log: each change once, at the instant the workflow decided it.
+    await api.harness.wait_until_at_rest([sub_id])
+    view = await read(api, sub_id)
+    history = [(c["from_status"], c["to_status"]) for c in view["status_history"]]
+    assert history == [("pending", "active"), ("active", "paused"), ("paused", "active")]
+    assert instant(view["status_history"][1]["changed_at"]) == instant(paused["paused_at"])
 
     status, refused = await change(api, sub_id, "resume")
     assert status == 409
