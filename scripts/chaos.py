@@ -76,6 +76,7 @@ from db.models import (  # noqa: E402
     PaymentAttemptRow,
     PaymentRow,
     SubscriptionRow,
+    WebhookEventRow,
 )
 
 PLAN = "basic-monthly"
@@ -340,6 +341,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--pg-outage-s", type=float, default=30)
     parser.add_argument("--no-temporal-restart", action="store_true")
+    parser.add_argument(
+        "--no-webhooks",
+        action="store_true",
+        help="do not deliver localstripe's signed webhooks to the API",
+    )
     parser.add_argument("--fault-5xx", type=float, default=0.03)
     parser.add_argument("--fault-429", type=float, default=0.02)
     parser.add_argument("--fault-timeout", type=float, default=0.02)
@@ -359,7 +365,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.subscriptions < 1:
         parser.error("--subscriptions must be at least 1")
     if args.lead_s is None:
-        args.lead_s = 10 + 0.1 * args.subscriptions
+        # Signups take ~0.15 s each on two cores: the first anchor falls after the last signup.
+        args.lead_s = 10 + 0.2 * args.subscriptions
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1 << 30)
     return args
@@ -460,6 +467,7 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
     )
     api_port = free_port()
     keys = {scope: f"chaos-{scope}-{uuid.uuid4().hex}" for scope in ("signup", "admin")}
+    webhook_secret = f"whsec_chaos_{uuid.uuid4().hex}"
     api = BillingProcess(
         "api",
         "api",
@@ -468,6 +476,7 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
             # Signups go straight to localstripe: the faults are aimed at billing.
             stripe_api_base=localstripe.url,
             api_port=str(api_port),
+            stripe_webhook_secret=webhook_secret,
             api_keys=json.dumps(
                 [{"name": f"chaos-{s}", "scope": s, "key": k} for s, k in keys.items()]
             ),
@@ -480,6 +489,13 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
     stack.callback(api.stop)
     wait_for_port(api_port, 60, "billing api")
     base_url = f"http://127.0.0.1:{api_port}"
+    if not args.no_webhooks:
+        # As Stripe does: every event, signed, to the webhook endpoint (about 1 s later).
+        httpx.post(
+            f"{localstripe.url}/_config/webhooks/chaos",
+            data={"url": f"{base_url}/v1/webhooks/stripe", "secret": webhook_secret},
+            timeout=10,
+        ).raise_for_status()
 
     # Sign up, anchors spread over the window.
     stripe_direct = make_stripe_client(api_key=LOCALSTRIPE_KEY, api_base=localstripe.url)
@@ -495,7 +511,7 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
     # The fault timeline, relative to the start of signups.
     t0 = time.monotonic() - (datetime.now(UTC) - signup_started).total_seconds()
     window_end = t0 + args.lead_s + args.window_s
-    faults_from = t0 + args.lead_s * 0.5
+    faults_from = max(time.monotonic(), t0 + args.lead_s * 0.5)
     faults_to = window_end + 10
     span = faults_to - faults_from
     events: list[tuple[float, str]] = [
@@ -560,6 +576,12 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
         0,
         worker.starts - 1 - run.faults["worker_kill"] - run.faults["worker_crash_after_charge"],
     )
+    refused_starts = worker.count_in_log("Failed client connect")
+    if refused_starts:
+        run.notes.append(
+            f"{refused_starts} worker start(s) exited because Temporal was down (restarted, "
+            "as docker-compose's restart: unless-stopped would)"
+        )
     if not done:
         run.notes.append(f"expected work not done within {args.settle_timeout_s:g} s")
 
@@ -568,6 +590,7 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
     for kind, count in proxy.faults_injected().items():
         run.faults[kind] = count
     report = audit(run, engine, stripe_direct)
+    report["webhook_events"] = webhook_outcomes(engine)
     report["stripe_proxy"] = {
         "requests": proxy.stats.requests,
         "idempotent_replays": proxy.stats.idempotent_replays,
@@ -787,6 +810,12 @@ def billing_progress(engine: Engine, run: Run) -> dict[str, Any]:
     return {"outstanding": outstanding, "declined_open": declined_open}
 
 
+def webhook_outcomes(engine: Engine) -> dict[str, int]:
+    with engine.connect() as connection:
+        outcomes = connection.execute(select(WebhookEventRow.outcome)).scalars().all()
+    return dict(Counter(outcomes))
+
+
 def _list_all(list_page: Callable[[dict[str, Any]], Any]) -> list[Any]:
     found: list[Any] = []
     params: dict[str, Any] = {"limit": 100}
@@ -937,8 +966,9 @@ def print_summary(report: dict[str, Any]) -> None:
         f"  Stripe                 {report['stripe_succeeded_charges']} succeeded charges, "
         f"{report['stripe_payment_intents']} payment intents; proxy {report['stripe_proxy']}"
     )
+    print(f"  webhook events         {report['webhook_events']}")
     for key in LOSS_KEYS:
-        print(f"  {key:<23}{report[key]}")
+        print(f"  {key:<24}{report[key]}")
     print(f"  expected work done     {report['work_done']}")
     for line in report["problems"] + report["notes"]:
         print(f"  ! {line}")

@@ -49,7 +49,7 @@ def test_a_small_chaos_run_loses_and_doubles_nothing() -> None:
             "--json",
             f"--subscriptions={SUBSCRIPTIONS}",
             f"--kills={KILLS}",
-            "--crash-after-charge-percent=50",
+            "--crash-after-charge-percent=25",
             "--declining-share=0.25",
             "--recover-share=0.5",
             "--window-s=20",
@@ -80,5 +80,6 @@ def test_a_small_chaos_run_loses_and_doubles_nothing() -> None:
     assert faults["temporal_restart"] == 1
     assert faults["postgres_outage"] == 1
     assert faults["card_update"] == 1
+    assert report["webhook_events"], "localstripe's webhooks reached the API"
     stripe_faults = sum(n for kind, n in faults.items() if kind.startswith("stripe_"))
     assert stripe_faults > 0
