@@ -65,6 +65,7 @@ from activities.stripe_gateway import make_stripe_client  # noqa: E402
 from billing.contracts import NoticeKind  # noqa: E402
 from billing.devstack import ManagedProcess, migrate_and_seed, spawn_temporal_dev_server  # noqa: E402
 from billing.invoices import InvoiceStatus  # noqa: E402
+from billing.plans import DEMO_PLANS, find_plan  # noqa: E402
 from billing.records import AttemptStatus  # noqa: E402
 from billing.settings import Settings  # noqa: E402
 from billing.testing import cards  # noqa: E402
@@ -89,6 +90,7 @@ LOSS_KEYS = (
     "orphan_charges",
     "paid_without_charge",
     "payment_mismatches",
+    "wrong_amounts",
     "duplicate_notifications",
     "missing_notifications",
 )
@@ -888,9 +890,22 @@ def audit(run: Run, engine: Engine, stripe_direct: Any) -> dict[str, Any]:
             payment is None
             or payment.amount_minor != invoice.amount_due_minor
             or not any(c.id == payment.stripe_charge_id for c, _ in taken)
+            # What Stripe took, not only what we wrote down.
+            or any(
+                (c.amount, str(c.currency).upper()) != (invoice.amount_due_minor, invoice.currency)
+                for c, _ in taken
+            )
         ):
             payment_mismatches += 1
             problems.append(f"invoice {invoice.id}: payment row missing or not Stripe's charge")
+
+    # Every invoice bills the plan's price.
+    plan = find_plan(PLAN, DEMO_PLANS)
+    wrong_amounts = sum(
+        1
+        for i in rows["invoices"]
+        if (i.amount_due_minor, i.currency) != (plan.amount_minor, plan.currency)
+    )
 
     # Invoices: one per (subscription, period) that should exist, none other.
     per_period = Counter((i.subscription_id, i.period_index) for i in rows["invoices"])
@@ -936,6 +951,7 @@ def audit(run: Run, engine: Engine, stripe_direct: Any) -> dict[str, Any]:
         "orphan_charges": orphan_charges,
         "paid_without_charge": paid_without_charge,
         "payment_mismatches": payment_mismatches,
+        "wrong_amounts": wrong_amounts,
         "duplicate_notifications": duplicate_notifications,
         "missing_notifications": missing_notifications,
         "customers_by_card": dict(by_kind),

@@ -27,6 +27,7 @@ LOSSES = (
     "orphan_charges",
     "paid_without_charge",
     "payment_mismatches",
+    "wrong_amounts",
     "duplicate_notifications",
     "missing_notifications",
 )
