@@ -570,6 +570,7 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
                     done = True
                     break
         time.sleep(0.2)
+    updater.pool.shutdown(wait=False, cancel_futures=True)
     for _, kind in events:
         if kind == "pg_start":  # never audit (or leave) with the database down
             on_event(kind)
@@ -710,7 +711,7 @@ class CardUpdater:
                     f"HTTP {response.status_code} {response.text[:200]}"
                 )
                 customer.card_updated = True
-        except (httpx.HTTPError, Exception) as error:  # retried at the next check
+        except Exception as error:  # retried at the next check
             log(f"card update of {customer.subscription_id} failed, will retry: {error}")
         finally:
             with self.lock:
