@@ -78,6 +78,12 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: TEST ONLY: called with (idempotency key, re-driven?) after the provider answered a charge and
+#: before that answer is written down, the one instant where a crash leaves money taken with
+#: only a pending attempt to show for it. Fault-injection runs (scripts/chaos.py) kill the
+#: worker here; the worker never installs it in production (see billing.worker).
+AfterChargeHook = Callable[[str, bool], None]
+
 #: How long after an attempt was recorded its idempotency key can still be trusted to make the
 #: provider answer a re-send with the first result. Stripe removes keys once they are at least
 #: 24 hours old; the key reached Stripe no earlier than the attempt's ``created_at`` (it is
@@ -121,11 +127,17 @@ class BillingActivities:
     """Activities with their dependencies injected (the worker builds them from Settings)."""
 
     def __init__(
-        self, session_factory: sessionmaker[Session], gateway: PaymentGateway, clock: Clock
+        self,
+        session_factory: sessionmaker[Session],
+        gateway: PaymentGateway,
+        clock: Clock,
+        *,
+        after_charge_hook: AfterChargeHook | None = None,
     ) -> None:
         self.session_factory = session_factory
         self.gateway = gateway
         self.clock = clock
+        self._after_charge_hook = after_charge_hook
 
     def all(self) -> list[Callable[..., Any]]:
         return [
@@ -359,6 +371,8 @@ class BillingActivities:
                         "attempt_number": str(attempt_number),
                     },
                 )
+                if self._after_charge_hook is not None:
+                    self._after_charge_hook(key, redriven is not None)
         with unit_of_work(self.session_factory) as session:
             attempts_repo.record_attempt_outcome(
                 session,

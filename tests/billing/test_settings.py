@@ -87,3 +87,16 @@ def test_production_commands_refuse_to_start_with_placeholder_secrets(command: s
     assert "refusing to start in production mode" in done.stderr
     assert "BILLING_STRIPE_API_KEY is missing or a placeholder" in done.stderr
     assert "BILLING_API_KEYS is empty" in done.stderr
+
+
+def test_the_test_only_crash_injection_is_off_by_default_and_refused_in_production() -> None:
+    assert settings().chaos_crash_after_charge_percent == 0
+    assert settings(environment="test", chaos_crash_after_charge_percent=10)
+    with pytest.raises(ValueError, match="test-only fault injection and is refused in production"):
+        settings(
+            environment="production",
+            stripe_api_key=GOOD_KEY,
+            stripe_webhook_secret=GOOD_HOOK,
+            api_keys=[GOOD_API_KEY],
+            chaos_crash_after_charge_percent=10,
+        )

