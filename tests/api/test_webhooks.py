@@ -47,7 +47,12 @@ DAY = timedelta(days=1)
 
 
 async def signals_received(harness: BillingHarness, subscription_id: str, name: str) -> int:
-    """How many ``name`` signals the subscription's workflow has received, over all runs."""
+    """How many ``name`` signals the subscription's workflow has received, over all runs.
+
+    Waits for the workflow to come to rest first: the server writes a signal that arrives
+    while a workflow task is in flight (its local activities, say) only when the task ends.
+    """
+    await harness.wait_until_at_rest([subscription_id])
     count = 0
     for history in await harness.run_histories(subscription_id):
         for event in history.events:
