@@ -180,7 +180,11 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
     client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
     deps = build_dependencies(settings)
     w = build_worker(
-        client, deps, task_queue=settings.task_queue, activity_threads=settings.activity_threads
+        client,
+        deps,
+        task_queue=settings.task_queue,
+        activity_threads=settings.activity_threads,
+        max_cached_workflows=settings.worker_max_cached_workflows,
     )
     stop = stop or _stop_event()
     async with w, _payments_worker(settings, client, deps):
@@ -222,7 +226,11 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
     client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
     deps = build_dependencies(settings)
     w = build_worker(
-        client, deps, task_queue=settings.task_queue, activity_threads=settings.activity_threads
+        client,
+        deps,
+        task_queue=settings.task_queue,
+        activity_threads=settings.activity_threads,
+        max_cached_workflows=settings.worker_max_cached_workflows,
     )
     stop = _stop_event()
     async with w, _payments_worker(settings, client, deps):

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
 
     #: Threads running synchronous activities (DB and Stripe calls).
     activity_threads: int = Field(default=16, ge=1, le=256)
+    #: Subscription workflows a worker keeps in memory between their tasks (Temporal's sticky
+    #: cache, least recently used evicted). Each costs about 160 KiB (a sandboxed instance);
+    #: an evicted one replays its current run's history when it next wakes. A subscription
+    #: sleeps for most of its life, so the cache bounds worker memory, not the book's size.
+    worker_max_cached_workflows: int = Field(default=1000, ge=0, le=100_000)
 
     @field_validator("stripe_api_key")
     @classmethod

@@ -55,6 +55,7 @@ def build_worker(
     task_queue: str,
     activity_threads: int = 16,
     workflow_runner: WorkflowRunner | None = None,
+    max_cached_workflows: int = 1000,
 ) -> Worker:
     """``workflow_runner``: the sandbox by default; simulations pass
     ``UnsandboxedWorkflowRunner()`` to skip re-creating the sandbox for every run (the
@@ -68,6 +69,7 @@ def build_worker(
         activity_executor=ThreadPoolExecutor(max_workers=activity_threads),
         max_concurrent_activities=activity_threads,
         workflow_runner=workflow_runner or SandboxedWorkflowRunner(),
+        max_cached_workflows=max_cached_workflows,
     )
 
 
