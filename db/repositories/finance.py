@@ -126,8 +126,9 @@ def _fetch(
         # at 1M invoices). A materialized CTE fences that off: the window's (id, created_at)
         # come from the (period_start, created_at, id) index alone, the page is the first of
         # them in listing order, and only the page's rows are read in full.
+        keys: Select[Any] = select(InvoiceRow.id, InvoiceRow.created_at)
         window = (
-            _after(_filtered(select(InvoiceRow.id, InvoiceRow.created_at), invoice_filter), after)
+            _after(_filtered(keys, invoice_filter), after)
             .cte("period_window")
             .prefix_with("MATERIALIZED")
         )
