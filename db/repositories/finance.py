@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import fields
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -126,7 +126,7 @@ def _fetch(
         # at 1M invoices). A materialized CTE fences that off: the window's (id, created_at)
         # come from the (period_start, created_at, id) index alone, the page is the first of
         # them in listing order, and only the page's rows are read in full.
-        keys: Select[Any] = select(InvoiceRow.id, InvoiceRow.created_at)
+        keys = cast("Select[Any]", select(InvoiceRow.id, InvoiceRow.created_at))
         window = (
             _after(_filtered(keys, invoice_filter), after)
             .cte("period_window")
