@@ -243,22 +243,39 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def runqueue_wait_seconds(pid: int) -> float:
+    """Time the process's live threads spent runnable but waiting for a CPU (schedstat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 class CpuMeter:
-    """CPU cores each process used over a stretch of wall time: which side is busy (a figure
-    near 1.0 means that process is saturated; it is single-threaded Python or close)."""
+    """Per process, over a stretch of wall time: CPU cores used, and cores' worth of time its
+    threads waited for a CPU while runnable. High waits everywhere mean the machine is the
+    limit (2 shared cores), not one process."""
 
     def __init__(self, pids: dict[str, int | None]) -> None:
         self.pids = {name: pid for name, pid in pids.items() if pid is not None}
         self.pids["bench"] = os.getpid()
         self.start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.start_wait = {name: runqueue_wait_seconds(pid) for name, pid in self.pids.items()}
         self.started = time.monotonic()
+        self.load_start = os.getloadavg()[0]
 
-    def cores(self) -> dict[str, float]:
+    def cores(self) -> dict[str, Any]:
         wall = time.monotonic() - self.started
-        return {
+        used = {
             name: round((cpu_seconds(pid) - self.start[name]) / wall, 2)
             for name, pid in self.pids.items()
         }
+        waited = {
+            name: round((runqueue_wait_seconds(pid) - self.start_wait[name]) / wall, 2)
+            for name, pid in self.pids.items()
+        }
+        return {"used": used, "waited_for_cpu": waited, "load_avg_1m": os.getloadavg()[0]}
 
 
 def max_per_window(instants: list[float], window_s: float = 1.0) -> int:
@@ -660,6 +677,10 @@ async def signup_phase(stack: Stack, client: Client, sizes: Sizes) -> dict[str, 
             raise SystemExit(f"signup failed: {response.status_code} {response.text}")
 
     await gather_limited(c, c, signup)  # warm-up
+    # One at a time first: the latency of a signup alone, without queueing behind others.
+    latencies.clear()
+    await gather_limited(max(10, sizes.signups // 10), 1, signup)
+    alone = [s * 1000 for s in latencies]
     latencies.clear()
     profiler = start_profiler(api, "api-signup")
     meter = CpuMeter(
@@ -681,6 +702,8 @@ async def signup_phase(stack: Stack, client: Client, sizes: Sizes) -> dict[str, 
         "signup_p50_ms": round(percentile(ms, 50), 1),
         "signup_p99_ms": round(percentile(ms, 99), 1),
         "signups_per_s": round(signups_per_s, 1),
+        "signup_p50_ms_alone": round(percentile(alone, 50), 1),
+        "signup_p99_ms_alone": round(percentile(alone, 99), 1),
         "bare_starts_per_s": round(starts_per_s, 1),
         "signup_ratio_to_bare_start": round(signups_per_s / starts_per_s, 3),
         "signup_concurrency": c,
