@@ -988,7 +988,17 @@ def main() -> None:
     unknown = sizes.phases - set(PHASES)
     if unknown:
         parser.error(f"unknown phases {sorted(unknown)}; choose from {', '.join(PHASES)}")
-    figures = asyncio.run(run(sizes))
+    # The Temporal SDK core and the child servers may write to file descriptor 1: send all of
+    # it to stderr while measuring, so stdout holds the figures alone (--json parses).
+    sys.stdout.flush()
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        figures = asyncio.run(run(sizes))
+    finally:
+        sys.stdout.flush()
+        os.dup2(real_stdout, 1)
+        os.close(real_stdout)
     print(json.dumps(figures, indent=2) if args.json else table(figures))
 
 
