@@ -275,7 +275,7 @@ class CpuMeter:
             name: round((runqueue_wait_seconds(pid) - self.start_wait[name]) / wall, 2)
             for name, pid in self.pids.items()
         }
-        return {"used": used, "waited_for_cpu": waited, "load_avg_1m": os.getloadavg()[0]}
+        return {"used": used, "waited_for_cpu": waited, "load_avg_1m": round(os.getloadavg()[0], 1)}
 
 
 def max_per_window(instants: list[float], window_s: float = 1.0) -> int:
@@ -951,6 +951,15 @@ def table(figures: dict[str, Any]) -> str:
         if key == "max_charge_rate_per_s":
             cap = figures["configured_charge_rate_per_s"]
             goal = f"<= {cap:g}  {'met' if value <= cap else 'MISSED'}"
+        if isinstance(value, dict) and "used" in value:
+            # CPU per process: cores used / cores' worth waited for a CPU.
+            value = (
+                " ".join(
+                    f"{name} {used}/{value['waited_for_cpu'][name]}"
+                    for name, used in value["used"].items()
+                )
+                + f" (load {value['load_avg_1m']})"
+            )
         lines.append(f"{key:<34} {value!s:>14}  {goal}")
     return "\n".join(lines)
 
