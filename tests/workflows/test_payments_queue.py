@@ -6,6 +6,8 @@ before the payments queue existed (or on another queue name) still replay."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from billing.settings import Settings
 from billing.testing.cards import SUCCEEDS
 from billing.testing.harness import BillingHarness
 from billing.testing.localstripe import LocalStripe
+from billing.worker import OneSecondWindow
 from tests.conftest import recorded_harness
 from workflows.subscription import SubscriptionWorkflow
 
@@ -132,3 +135,25 @@ def test_the_default_charge_rate_keeps_three_requests_each_under_stripes_limit(
     assert settings.payments_queue() == "q-payments"
     # At most 3 Stripe requests per provider activity; Stripe's live limit is ~100/s.
     assert settings.charge_rate_per_s * 3 < 100
+
+
+def test_the_window_lets_no_more_than_the_cap_start_in_any_window() -> None:
+    window = OneSecondWindow(5, window_s=0.2)
+    starts: list[float] = []
+    lock = threading.Lock()
+
+    def start_three() -> None:
+        for _ in range(3):
+            window.acquire()
+            with lock:
+                starts.append(time.monotonic())
+
+    threads = [threading.Thread(target=start_three) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    starts.sort()
+    assert len(starts) == 12
+    # Any 6 consecutive starts span at least one window: never 6 inside one.
+    assert all(later - earlier >= 0.2 for earlier, later in zip(starts, starts[5:], strict=False))
