@@ -1,14 +1,15 @@
 """Index for finance listings filtered by billing period (``period_from``/``period_to``).
 
-Revision ID: 0005
-Revises: 0003 (the lead re-points this at 0004 when merging; nothing here depends on 0004)
+Revision ID: 0006
+Revises: 0003 on this branch; main already has 0004 (status log) and 0005 (payment-method
+watermark), so on merge ``down_revision`` becomes "0005". Nothing here depends on them.
 """
 
 from __future__ import annotations
 
 from alembic import op
 
-revision = "0005"
+revision = "0006"
 down_revision = "0003"
 branch_labels = None
 depends_on = None
