@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import re
 
-#: Runs of 13-19 digits, each optionally followed by one space or dash, not inside a longer
-#: run of digits.
-_CANDIDATE = re.compile(r"(?<![0-9])(?:[0-9][ -]?){12,18}[0-9](?![0-9])")
+#: Runs of 13-19 digits, each optionally followed by one space or dash, standing on their own:
+#: not inside a longer run of digits, nor glued to letters or underscores. The latter keeps
+#: opaque ids (a hex UUID such as ``bench-0123456789012f...``, ``cus_...``) from being taken
+#: for cards now and then.
+_CANDIDATE = re.compile(r"(?<![0-9A-Za-z_])(?:[0-9][ -]?){12,18}[0-9](?![0-9A-Za-z_])")
 REDACTED = "[card number removed]"
 
 

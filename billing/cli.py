@@ -22,6 +22,7 @@ from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError
+from temporalio.worker import Worker
 
 from billing.contracts import SubscriptionMessage, SubscriptionView
 from billing.settings import ApiKey, Settings
@@ -179,12 +180,35 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
     client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
     deps = build_dependencies(settings)
     w = build_worker(
-        client, deps, task_queue=settings.task_queue, activity_threads=settings.activity_threads
+        client,
+        deps,
+        task_queue=settings.task_queue,
+        activity_threads=settings.activity_threads,
+        max_cached_workflows=settings.worker_max_cached_workflows,
     )
     stop = stop or _stop_event()
-    async with w:
-        console.print(f"[green]worker running[/green] on task queue {settings.task_queue!r}")
+    async with w, _payments_worker(settings, client, deps):
+        console.print(
+            f"[green]worker running[/green] on task queues {settings.task_queue!r} and "
+            f"{settings.payments_queue()!r} (provider calls, at most "
+            f"{settings.charge_rate_per_s:g}/s)"
+        )
         await stop.wait()
+
+
+def _payments_worker(settings: Settings, client: Client, deps: object) -> Worker:
+    """The rate-capped worker for provider calls; every worker process runs it next to the
+    billing worker."""
+    from billing.worker import Dependencies, build_payments_worker
+
+    assert isinstance(deps, Dependencies)
+    return build_payments_worker(
+        client,
+        deps,
+        task_queue=settings.payments_queue(),
+        charge_rate_per_s=settings.charge_rate_per_s,
+        activity_threads=settings.activity_threads,
+    )
 
 
 def _stop_event() -> asyncio.Event:
@@ -202,10 +226,14 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
     client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
     deps = build_dependencies(settings)
     w = build_worker(
-        client, deps, task_queue=settings.task_queue, activity_threads=settings.activity_threads
+        client,
+        deps,
+        task_queue=settings.task_queue,
+        activity_threads=settings.activity_threads,
+        max_cached_workflows=settings.worker_max_cached_workflows,
     )
     stop = _stop_event()
-    async with w:
+    async with w, _payments_worker(settings, client, deps):
         console.print(f"[green]worker running[/green] on task queue {settings.task_queue!r}")
         api_ready = asyncio.Event()
         api_task = asyncio.create_task(
@@ -243,6 +271,7 @@ async def _start_demo(settings: Settings, client: Client, deps: object) -> str:
         deps.gateway,
         client,
         task_queue=settings.task_queue,
+        payments_task_queue=settings.payments_queue(),
         clock=deps.clock,
     )
     result = await service.start_subscription(

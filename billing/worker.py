@@ -1,16 +1,29 @@
-"""Builds the Temporal worker: the subscription workflow plus the billing activities, with
-dependencies (database, payment gateway, clock) constructed from Settings."""
+"""Builds the Temporal workers, with dependencies (database, payment gateway, clock)
+constructed from Settings:
+
+- the billing worker: the subscription workflow plus every billing activity;
+- the payments worker: the activities that call the payment provider, on their own task queue
+  with a rate cap (``Settings.charge_rate_per_s``), so a billing-day burst never exceeds the
+  provider's request limit. Run both in every worker process."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import math
 import os
 import signal
 import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
+from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
@@ -81,6 +94,7 @@ def build_worker(
     task_queue: str,
     activity_threads: int = 16,
     workflow_runner: WorkflowRunner | None = None,
+    max_cached_workflows: int = 1000,
 ) -> Worker:
     """``workflow_runner``: the sandbox by default; simulations pass
     ``UnsandboxedWorkflowRunner()`` to skip re-creating the sandbox for every run (the
@@ -96,4 +110,104 @@ def build_worker(
         activity_executor=ThreadPoolExecutor(max_workers=activity_threads),
         max_concurrent_activities=activity_threads,
         workflow_runner=workflow_runner or SandboxedWorkflowRunner(),
+        max_cached_workflows=max_cached_workflows,
+    )
+
+
+def provider_activities(activities: BillingActivities) -> list[Any]:
+    """The activities that call the payment provider: they run on the payments task queue."""
+    return [
+        activities.charge_invoice,
+        activities.settle_invoice,
+        activities.attach_payment_method,
+        activities.confirm_authenticated_payment,
+    ]
+
+
+#: The pacing window is this much longer than a second: a provider call that starts up to this
+#: long after its activity was let through still keeps every one-second window under the cap.
+#: (Temporal's queue-wide rate, at half the cap, binds first, so throughput is unchanged.)
+PACING_GUARD_S = 0.25
+
+
+class OneSecondWindow:
+    """At most ``limit`` starts in any sliding window of ``window_s`` seconds in this process:
+    ``acquire`` blocks (the calling activity thread) until a start keeps the window under the
+    limit."""
+
+    def __init__(self, limit: float, *, window_s: float = 1.0) -> None:
+        self.limit = max(1, math.floor(limit))
+        self.window_s = window_s
+        self._starts: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                while self._starts and now - self._starts[0] >= self.window_s:
+                    self._starts.popleft()
+                if len(self._starts) < self.limit:
+                    self._starts.append(now)
+                    return
+                wait = self.window_s - (now - self._starts[0])
+            time.sleep(wait)
+
+
+def paced(fn: Callable[[Any], Any], window: OneSecondWindow) -> Callable[[Any], Any]:
+    """The activity ``fn`` (one argument), under the same name, waiting for ``window`` before it
+    runs."""
+    name = str(getattr(fn, "__temporal_activity_definition").name)
+
+    # Not its __dict__: that holds fn's own activity definition.
+    @functools.wraps(fn, updated=())
+    def run(input: Any) -> Any:
+        window.acquire()
+        return fn(input)
+
+    return activity.defn(name=name)(run)
+
+
+def queue_rate_for(charge_rate_per_s: float | None) -> float | None:
+    """The rate to give Temporal for a cap of ``charge_rate_per_s`` in any one-second window:
+    half, because its token bucket can add a full second's burst to the rate."""
+    return None if charge_rate_per_s is None else charge_rate_per_s / 2
+
+
+def build_payments_worker(
+    client: Client,
+    deps: Dependencies,
+    *,
+    task_queue: str,
+    charge_rate_per_s: float | None,
+    activity_threads: int = 16,
+) -> Worker:
+    """The payments worker: provider activities only, at most ``charge_rate_per_s`` started in
+    any one-second window on ``task_queue`` by all its workers together. ``None``: no cap
+    (tests and simulations, which talk to localstripe).
+
+    Temporal's matching service enforces ``max_task_queue_activities_per_second`` for the whole
+    queue as a token bucket that starts full: after a quiet spell it releases a whole second's
+    worth at once on top of its rate, so a window can see twice the rate (measured by
+    ``scripts/bench.py``: 23 charges in one second under a cap of 20). The queue therefore gets
+    half the cap. Tasks the server spaced out can still start together in the worker (threads
+    busy, a CPU-starved process: 22 in one second was measured with the half rate alone), so
+    each payments worker also paces its own starts to the cap in any window of 1.25 seconds.
+
+    The billing worker registers these activities too: runs started before the payments queue
+    existed schedule them on their own queue."""
+    activities = BillingActivities(
+        deps.session_factory, deps.gateway, deps.clock, after_charge_hook=deps.after_charge_hook
+    )
+    provider = provider_activities(activities)
+    if charge_rate_per_s is not None:
+        window = OneSecondWindow(charge_rate_per_s, window_s=1 + PACING_GUARD_S)
+        provider = [paced(fn, window) for fn in provider]
+    return Worker(
+        client,
+        task_queue=task_queue,
+        activities=provider,
+        activity_executor=ThreadPoolExecutor(max_workers=activity_threads),
+        max_concurrent_activities=activity_threads,
+        max_task_queue_activities_per_second=queue_rate_for(charge_rate_per_s),
     )

@@ -149,6 +149,9 @@ class InvoiceRow(Base):
         Index("ix_invoices_status", "status"),
         # Finance listings and CSV exports page through invoices in (created_at, id) order.
         Index("ix_invoices_created_at_id", "created_at", "id"),
+        # Listings filtered by billing period (e.g. "March's invoices"), see
+        # db/repositories/finance.py.
+        Index("ix_invoices_period_start_created_at_id", "period_start", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

@@ -42,7 +42,15 @@ def _kinds(history: object) -> Counter[str]:
     return Counter(EventType.Name(e.event_type).removeprefix("EVENT_TYPE_") for e in events)
 
 
-async def measure(months: int) -> None:
+async def measure(months: int, *, quiet: bool = False) -> dict[str, float]:
+    """Print the figures (unless ``quiet``) and return the headline ones:
+    ``events_per_paid_cycle`` (mean of the steady-state runs), ``max_events_per_run``,
+    ``paid_cycles``, ``runs`` and ``dunning_run_events``."""
+
+    def print_(*args: object) -> None:
+        if not quiet:
+            print(*args)
+
     with LocalStripe() as stripe_server, temporary_database("sqlite") as url:
         env = await start_time_skipping_environment()
         try:
@@ -71,31 +79,38 @@ async def measure(months: int) -> None:
                 steady = [
                     (size - 5) / n for size, n in zip(sizes[1:-1], cycles[1:-1], strict=True) if n
                 ] or [size / max(n, 1) for size, n in zip(sizes, cycles, strict=True)]
-                print(f"simulated {months} months in {elapsed:.1f} s wall clock")
-                print(
+                print_(f"simulated {months} months in {elapsed:.1f} s wall clock")
+                print_(
                     f"paid subscription: {invoices} invoices, {len(runs)} runs "
                     f"(billed periods per run: {cycles})"
                 )
-                print(
+                print_(
                     "  events per continue-as-new run: "
                     f"min {min(sizes)}, median {statistics.median(sizes):.0f}, max {max(sizes)}"
                 )
                 per_cycle = statistics.median(steady)
-                print(f"  events per paid billing cycle (steady state): {per_cycle:.1f}")
-                print(f"  total events for {invoices} paid cycles: {sum(sizes)}")
-                print("  one steady-state run by event type:")
+                print_(f"  events per paid billing cycle (steady state): {per_cycle:.1f}")
+                print_(f"  total events for {invoices} paid cycles: {sum(sizes)}")
+                print_("  one steady-state run by event type:")
                 for kind, count in sorted(_kinds(runs[1]).items()):
-                    print(f"    {count:3d}  {kind}")
+                    print_(f"    {count:3d}  {kind}")
 
                 dunning_runs = await h.run_histories(failing.subscription_id)
                 dsizes = [len(r.events) for r in dunning_runs]
                 snap = h.snapshot(failing.subscription_id)
                 attempts = sum(len(a) for a in snap.attempts.values())
-                print(
+                print_(
                     f"failing card: {len(snap.invoices)} invoice, {attempts} charge attempts, "
                     f"final status {snap.subscription.status.value}"
                 )
-                print(f"  events in the run holding the whole dunning cycle: {max(dsizes)}")
+                print_(f"  events in the run holding the whole dunning cycle: {max(dsizes)}")
+                return {
+                    "events_per_paid_cycle": statistics.fmean(steady),
+                    "max_events_per_run": max(sizes),
+                    "paid_cycles": invoices,
+                    "runs": len(runs),
+                    "dunning_run_events": max(dsizes),
+                }
         finally:
             await env.shutdown()
 

@@ -141,11 +141,16 @@ async def _db_activity(name: str, arg: object, result_type: type[_R]) -> _R:
     return result
 
 
-async def _provider_activity(name: str, arg: object, result_type: type[_R]) -> _R:
+async def _provider_activity(
+    name: str, arg: object, result_type: type[_R], *, task_queue: str | None
+) -> _R:
+    """``task_queue``: the rate-capped payments queue from the workflow input (None: the
+    workflow's own queue, for runs started before it existed)."""
     result: _R = await workflow.execute_activity(
         name,
         arg,
         result_type=result_type,
+        task_queue=task_queue,
         start_to_close_timeout=_PROVIDER_TIMEOUT,
         schedule_to_close_timeout=_PROVIDER_GIVE_UP,
         retry_policy=_PROVIDER_RETRY,
@@ -191,6 +196,9 @@ class SubscriptionWorkflow:
         self.state: SubscriptionState = input.state
         self._periods_per_run = max(1, input.periods_per_run)
         self._periods_billed_this_run = 0
+        # Provider calls go to this queue, whose workers cap their rate; fixed by the input, so
+        # replay schedules them exactly as the recorded run did.
+        self._payments_task_queue = input.payments_task_queue
         self._inbox: list[_Request] = []
 
     # ================================================================== main loop ==========
@@ -308,6 +316,7 @@ class SubscriptionWorkflow:
                         invoice_id=inv.invoice_id, attempt_number=inv.attempts + 1, reason=reason
                     ),
                     ChargeInvoiceResult,
+                    task_queue=self._payments_task_queue,
                 )
             except ActivityError as error:
                 # Failing the workflow would stop billing this customer for good; instead wait
@@ -420,6 +429,7 @@ class SubscriptionWorkflow:
             ActivityName.CONFIRM_AUTHENTICATED_PAYMENT,
             ConfirmAuthenticatedPaymentInput(invoice_id=inv.invoice_id, payment_intent_id=pi_id),
             ConfirmAuthenticatedPaymentResult,
+            task_queue=self._payments_task_queue,
         )
         if not confirmed.succeeded:
             workflow.logger.info("authenticated payment not confirmed: %s", confirmed.reason)
@@ -454,6 +464,7 @@ class SubscriptionWorkflow:
                     charge_id=charge_id,
                 ),
                 SettleInvoiceResult,
+                task_queue=self._payments_task_queue,
             )
         recovered = inv.first_failure_at is not None
         s.open_invoice = None
@@ -590,6 +601,7 @@ class SubscriptionWorkflow:
                         payment_method_id=pm_id,
                     ),
                     AttachPaymentMethodResult,
+                    task_queue=self._payments_task_queue,
                 )
                 s.payment_method_id = attached.payment_method_id
                 s.payment_method_version += 1
@@ -769,7 +781,11 @@ class SubscriptionWorkflow:
             )
         self.state.run_number += 1
         workflow.continue_as_new(
-            SubscriptionWorkflowInput(state=self.state, periods_per_run=self._periods_per_run)
+            SubscriptionWorkflowInput(
+                state=self.state,
+                periods_per_run=self._periods_per_run,
+                payments_task_queue=self._payments_task_queue,
+            )
         )
 
     async def _sync(self) -> None:

@@ -57,6 +57,7 @@ def create_app(
         deps.gateway,
         temporal,
         task_queue=settings.task_queue,
+        payments_task_queue=settings.payments_queue(),
         clock=clock,
     )
     install_error_handlers(

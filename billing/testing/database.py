@@ -43,7 +43,11 @@ def postgres_available(admin_url: str = DEFAULT_ADMIN_URL, *, timeout_s: int = 2
 
 @contextmanager
 def temporary_database(
-    backend: Backend, *, admin_url: str = DEFAULT_ADMIN_URL, migrate: bool = True
+    backend: Backend,
+    *,
+    admin_url: str = DEFAULT_ADMIN_URL,
+    migrate: bool = True,
+    name_prefix: str = "billing_test_",
 ) -> Iterator[str]:
     """Yield the URL of a new, empty database migrated to head (unless ``migrate=False``).
 
@@ -61,7 +65,7 @@ def temporary_database(
         raise ValueError(f"unknown backend {backend!r}; use 'sqlite' or 'postgres'")
 
     admin = normalize_url(admin_url)
-    name = f"billing_test_{secrets.token_hex(6)}"
+    name = f"{name_prefix}{secrets.token_hex(6)}"
     # CREATE/DROP DATABASE cannot run inside a transaction block.
     admin_engine = create_engine(admin, poolclass=NullPool, isolation_level="AUTOCOMMIT")
     try:

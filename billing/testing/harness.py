@@ -43,7 +43,7 @@ from billing.settings import find_binary
 from billing.signup import CustomerDetails, SignupRequest, SignupResult, SignupService
 from billing.testing.cards import create_card_payment_method
 from billing.testing.stripe_recording import RecordingHTTPClient
-from billing.worker import Dependencies, build_worker
+from billing.worker import Dependencies, build_payments_worker, build_worker
 from db.engine import make_engine, make_session_factory, unit_of_work
 from db.repositories import attempts as attempts_repo
 from db.repositories import customers as customers_repo
@@ -114,10 +114,15 @@ class BillingHarness:
         wrap_gateway: Callable[[PaymentGateway], PaymentGateway] | None = None,
         sandboxed: bool = True,
         throwaway_database: bool = False,
+        charge_rate_per_s: float | None = None,
     ) -> None:
+        """Provider activities run on ``{task_queue}-payments``, as in production, capped at
+        ``charge_rate_per_s`` (None: no cap, for localstripe)."""
         self.env = env
         self.client: Client = env.client
         self.task_queue = task_queue or f"billing-test-{uuid.uuid4().hex[:12]}"
+        self.payments_task_queue = f"{self.task_queue}-payments"
+        self.charge_rate_per_s = charge_rate_per_s
         self.database_url = database_url
         self.engine = make_engine(database_url, throwaway=throwaway_database)
         self.session_factory: sessionmaker[Session] = make_session_factory(self.engine)
@@ -141,6 +146,7 @@ class BillingHarness:
             self.gateway,
             self.client,
             task_queue=self.task_queue,
+            payments_task_queue=self.payments_task_queue,
             clock=self.clock,
         )
         self._plans = list(plans)
@@ -148,6 +154,8 @@ class BillingHarness:
         self._sandboxed = sandboxed
         self._worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
+        self._payments_worker: Worker | None = None
+        self._payments_worker_task: asyncio.Task[None] | None = None
         self.started_subscription_ids: list[str] = []
 
     async def __aenter__(self) -> BillingHarness:
@@ -162,6 +170,14 @@ class BillingHarness:
             workflow_runner=None if self._sandboxed else UnsandboxedWorkflowRunner(),
         )
         self._worker_task = asyncio.create_task(self._worker.run())
+        self._payments_worker = build_payments_worker(
+            self.client,
+            self.deps,
+            task_queue=self.payments_task_queue,
+            charge_rate_per_s=self.charge_rate_per_s,
+            activity_threads=self._activity_threads,
+        )
+        self._payments_worker_task = asyncio.create_task(self._payments_worker.run())
         return self
 
     async def __aexit__(
@@ -175,10 +191,11 @@ class BillingHarness:
         for subscription_id in self.started_subscription_ids:
             with contextlib.suppress(Exception):
                 await self.handle(subscription_id).terminate("test finished")
-        if self._worker is not None:
-            await self._worker.shutdown()
-        if self._worker_task is not None:
-            await asyncio.gather(self._worker_task, return_exceptions=True)
+        for worker in (self._worker, self._payments_worker):
+            if worker is not None:
+                await worker.shutdown()
+        tasks = [t for t in (self._worker_task, self._payments_worker_task) if t is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.http_client.close()  # type: ignore[no-untyped-call]
         self.engine.dispose()
 

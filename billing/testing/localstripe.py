@@ -77,6 +77,13 @@ class LocalStripe:
         return self._port
 
     @property
+    def pid(self) -> int:
+        """The localstripe process's id (benchmarks read its CPU time)."""
+        if self._process is None:
+            raise RuntimeError("localstripe is not running; use LocalStripe as a context manager")
+        return self._process.pid
+
+    @property
     def url(self) -> str:
         """The API base to give the Stripe client, e.g. ``http://127.0.0.1:54321``."""
         return f"http://127.0.0.1:{self.port}"

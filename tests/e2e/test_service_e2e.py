@@ -26,7 +26,7 @@ from billing.plans import DEMO_PLANS
 from billing.settings import ApiKey, Settings, find_binary
 from billing.testing.database import temporary_database
 from billing.testing.localstripe import LocalStripe
-from billing.worker import build_dependencies, build_worker
+from billing.worker import build_dependencies, build_payments_worker, build_worker
 from db.engine import unit_of_work
 from db.repositories import plans as plans_repo
 from tests.conftest import POSTGRES_ADMIN_URL, require_postgres
@@ -50,6 +50,12 @@ async def service(settings: Settings, env: WorkflowEnvironment) -> AsyncIterator
         for plan in DEMO_PLANS:
             plans_repo.upsert_plan(session, plan)
     worker = build_worker(env.client, deps, task_queue=settings.task_queue)
+    payments_worker = build_payments_worker(
+        env.client,
+        deps,
+        task_queue=settings.payments_queue(),
+        charge_rate_per_s=settings.charge_rate_per_s,
+    )
     app = create_app(settings, deps=deps, temporal=env.client, include_routers=[webhook_router])
     import uvicorn
 
@@ -57,7 +63,7 @@ async def service(settings: Settings, env: WorkflowEnvironment) -> AsyncIterator
         uvicorn.Config(app, host="127.0.0.1", port=settings.api_port, log_level="warning")
     )
     serving = asyncio.create_task(server.serve())
-    async with worker:
+    async with worker, payments_worker:
         while not server.started:
             await asyncio.sleep(0.05)
         try:

@@ -1,0 +1,1040 @@
+"""Billing-day burst against the bare Temporal limit, and what the machinery around it costs.
+
+    .venv/bin/python scripts/bench.py [--json] [--quick] [--burst 1000] ...
+
+One run, one Temporal dev server (in memory), one PostgreSQL database (created and dropped),
+a fresh localstripe per phase (its store pickles itself on every write, so it slows as it
+grows). Workers run as separate processes, as in production: ``billing worker`` for billing,
+``scripts/bench_bare.py`` for the baseline. Every figure is compared with a baseline measured
+in the same run, because the machine is shared and noisy.
+
+Phases:
+- idle: worker RSS before and after starting ``--idle`` subscriptions that sleep until a far
+  billing date (``worker_rss_mb_per_1k_idle``);
+- burst: ``--burst`` bare workflows whose timers fall due at one instant, then ``--burst``
+  subscriptions whose billing date is one instant, invoiced, charged (through the payments
+  queue, capped at ``--charge-rate``) and settled; again without the cap, to show the engine's
+  own limit; localstripe called directly (``stripe_fake_ceiling_per_s``);
+- signup: ``--signups`` signups through the HTTP API at ``--concurrency``, and bare
+  ``start_workflow`` calls at the same concurrency;
+- finance query: ``--invoices`` invoices bulk-loaded, then ``--queries`` filtered, paginated
+  listings through the HTTP API;
+- simulation and history: ``scripts/bench_simulate.py`` and ``scripts/history_cost.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import re
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+from temporalio.client import Client
+
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS))
+
+import bench_simulate  # noqa: E402
+import history_cost  # noqa: E402
+from bench_bare import WORKFLOW_NAME as BARE_WORKFLOW  # noqa: E402
+from bench_bare import BareCycleInput  # noqa: E402
+from bench_signup import free_port, percentile  # noqa: E402
+
+from billing.devstack import migrate_and_seed, temporal_dev_server, wait_for_port  # noqa: E402
+from billing.settings import Settings  # noqa: E402
+from billing.signup import CustomerDetails, SignupRequest, SignupService  # noqa: E402
+from billing.testing.database import temporary_database  # noqa: E402
+from billing.testing.localstripe import LocalStripe  # noqa: E402
+from billing.worker import build_dependencies  # noqa: E402
+from db.engine import make_engine  # noqa: E402
+
+#: Stripe's live-mode limit (read and write requests together), per second.
+STRIPE_LIVE_LIMIT_PER_S = 100
+#: Test card token that Stripe and localstripe both accept.
+CARD = "pm_card_visa"
+API_KEYS = {s: f"bench-{s}-{secrets.token_hex(16)}" for s in ("signup", "finance", "admin")}
+
+
+@dataclass
+class Sizes:
+    burst: int
+    idle: int
+    signups: int
+    concurrency: int
+    invoices: int
+    queries: int
+    months: int
+    charge_rate: float
+    ceiling_s: float
+    #: Run ``scripts/bench_simulate.py``'s 100 subscriptions over a year (about a minute).
+    sim_hundred: bool
+    phases: frozenset[str] = frozenset()
+
+
+DEFAULT = Sizes(
+    # 300, not more: under the default cap a burst of 300 takes over a minute (see docs).
+    burst=300,
+    idle=1000,
+    signups=300,
+    concurrency=20,
+    invoices=1_000_000,
+    queries=300,
+    months=24,
+    charge_rate=Settings(_env_file=None).charge_rate_per_s,  # type: ignore[call-arg]
+    ceiling_s=5.0,
+    sim_hundred=True,
+)
+QUICK = Sizes(
+    burst=60,
+    idle=100,
+    signups=40,
+    concurrency=20,
+    invoices=20_000,
+    queries=60,
+    months=24,
+    charge_rate=DEFAULT.charge_rate,
+    ceiling_s=1.5,
+    sim_hundred=False,
+)
+PHASES = ("idle", "burst", "signup", "query", "simulate")
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------ the stack --------
+
+
+class Stack:
+    """The dev server, the PostgreSQL database and the child processes of one run."""
+
+    def __init__(self, state: Path, temporal_address: str, database_url: str) -> None:
+        self.state = state
+        self.temporal_address = temporal_address
+        self.database_url = database_url
+        self.engine = make_engine(database_url)
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.temporal_pid: int | None = None
+
+    def env(self, **settings: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
+        env.update(
+            BILLING_ENVIRONMENT="dev",
+            BILLING_STATE_DIR=str(self.state),
+            BILLING_DATABASE_URL=self.database_url,
+            BILLING_TEMPORAL_ADDRESS=self.temporal_address,
+        )
+        env.update({f"BILLING_{k.upper()}": v for k, v in settings.items()})
+        return env
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str], ready: str) -> Process:
+        log_path = self.state / f"{name}.log"
+        with log_path.open("wb") as out:
+            # cwd: the state folder, so no stray .env is read.
+            process = subprocess.Popen(args, env=env, stdout=out, stderr=out, cwd=self.state)
+        self.processes.append(process)
+        deadline = time.monotonic() + 90
+        while ready not in log_path.read_text(errors="replace"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{name} did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        return Process(process, log_path)
+
+    def billing_worker(self, stripe: LocalStripe, task_queue: str, rate: float) -> Process:
+        env = self.env(
+            # BENCH_WORKER_X in the environment becomes the worker's BILLING_X, e.g.
+            # BENCH_WORKER_WORKER_MAX_CACHED_WORKFLOWS=200 to try a smaller cache.
+            **{
+                k.removeprefix("BENCH_WORKER_").lower(): v
+                for k, v in os.environ.items()
+                if k.startswith("BENCH_WORKER_")
+            },
+            task_queue=task_queue,
+            payments_task_queue=f"{task_queue}-payments",
+            charge_rate_per_s=str(rate),
+            stripe_api_base=stripe.url,
+        )
+        billing = str(Path(sys.executable).parent / "billing")
+        return self.spawn(f"worker-{task_queue}", [billing, "worker"], env, "worker running")
+
+    def bare_worker(self, task_queue: str) -> Process:
+        args = [
+            sys.executable,
+            str(SCRIPTS / "bench_bare.py"),
+            "--address",
+            self.temporal_address,
+            "--task-queue",
+            task_queue,
+        ]
+        return self.spawn(f"bare-{task_queue}", args, self.env(), "bare worker running")
+
+    def close(self) -> None:
+        for process in self.processes:
+            stop_process(process)
+        self.engine.dispose()
+
+
+@dataclass
+class Process:
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def rss_mb(self) -> float:
+        """Resident memory of the process (VmRSS), in MiB."""
+        status = Path(f"/proc/{self.popen.pid}/status").read_text()
+        kib = int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1))  # type: ignore[union-attr]
+        return kib / 1024
+
+    def stop(self) -> None:
+        stop_process(self.popen)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def sql(stack: Stack, statement: str, **params: Any) -> list[Any]:
+    with stack.engine.connect() as connection:
+        return list(connection.execute(text(statement), params))
+
+
+async def gather_limited(
+    n: int, concurrency: int, make: Callable[[int], Awaitable[Any]]
+) -> list[Any]:
+    """``make(i)`` for i in range(n), at most ``concurrency`` at a time, results in order."""
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> Any:
+        async with semaphore:
+            return await make(i)
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def runqueue_wait_seconds(pid: int) -> float:
+    """Time the process's live threads spent runnable but waiting for a CPU (schedstat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
+class CpuMeter:
+    """Per process, over a stretch of wall time: CPU cores used, and cores' worth of time its
+    threads waited for a CPU while runnable. High waits everywhere mean the machine is the
+    limit (2 shared cores), not one process."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.pids = {name: pid for name, pid in pids.items() if pid is not None}
+        self.pids["bench"] = os.getpid()
+        self.start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.start_wait = {name: runqueue_wait_seconds(pid) for name, pid in self.pids.items()}
+        self.started = time.monotonic()
+        self.load_start = os.getloadavg()[0]
+
+    def cores(self) -> dict[str, Any]:
+        wall = time.monotonic() - self.started
+        used = {
+            name: round((cpu_seconds(pid) - self.start[name]) / wall, 2)
+            for name, pid in self.pids.items()
+        }
+        waited = {
+            name: round((runqueue_wait_seconds(pid) - self.start_wait[name]) / wall, 2)
+            for name, pid in self.pids.items()
+        }
+        return {"used": used, "waited_for_cpu": waited, "load_avg_1m": round(os.getloadavg()[0], 1)}
+
+
+def max_per_window(instants: list[float], window_s: float = 1.0) -> int:
+    """The most instants inside any sliding window of ``window_s`` seconds."""
+    ordered = sorted(instants)
+    best = start = 0
+    for end, instant in enumerate(ordered):
+        while instant - ordered[start] >= window_s:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+# ------------------------------------------------------------------------ signups ----------
+
+
+class Signups:
+    """Signups through the real SignupService (Stripe customer and card at localstripe, rows in
+    PostgreSQL, the workflow started), driven from this process."""
+
+    def __init__(self, stack: Stack, client: Client, stripe: LocalStripe, task_queue: str) -> None:
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            database_url=stack.database_url,
+            stripe_api_base=stripe.url,
+            task_queue=task_queue,
+        )
+        self.deps = build_dependencies(settings)
+        self.service = SignupService(
+            self.deps.session_factory,
+            self.deps.gateway,
+            client,
+            task_queue=task_queue,
+            payments_task_queue=settings.payments_queue(),
+            clock=self.deps.clock,
+        )
+
+    async def one(self, anchor: datetime) -> str:
+        result = await self.service.start_subscription(
+            SignupRequest(
+                plan_code="basic-monthly",
+                customer=CustomerDetails(
+                    external_id=f"bench-{uuid.uuid4().hex}",
+                    email="bench@example.com",
+                    name="Bench Customer",
+                    timezone="UTC",
+                ),
+                payment_method_id=CARD,
+                billing_anchor_at=anchor,
+                idempotency_key=uuid.uuid4().hex,
+            )
+        )
+        return result.subscription_id
+
+    async def many(self, n: int, anchor: datetime, concurrency: int = 12) -> list[str]:
+        return await gather_limited(n, concurrency, lambda _: self.one(anchor))
+
+    def close(self) -> None:
+        self.deps.session_factory.kw["bind"].dispose()
+
+
+async def wait_until_synced(stack: Stack, ids: list[str], *, timeout: float) -> None:
+    """Until every subscription's workflow has written its first status (active)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        [(synced,)] = sql(
+            stack,
+            "SELECT count(*) FROM subscriptions WHERE id = ANY(:ids) AND status <> 'pending'",
+            ids=ids,
+        )
+        if synced == len(ids):
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {synced} of {len(ids)} subscriptions started in {timeout}s")
+        await asyncio.sleep(0.25)
+
+
+# ------------------------------------------------------------------------ phases -----------
+
+
+async def idle_phase(stack: Stack, client: Client, sizes: Sizes) -> dict[str, Any]:
+    """Worker RSS per 1,000 subscriptions asleep until a billing date a year away."""
+    with LocalStripe(log_path=stack.state / "localstripe-idle.log") as stripe:
+        queue = f"idle-{secrets.token_hex(4)}"
+        worker = stack.billing_worker(stripe, queue, sizes.charge_rate)
+        signups = Signups(stack, client, stripe, queue)
+        try:
+            far = datetime.now(UTC) + timedelta(days=300)
+            # Warm-up: the first workflows import modules into the sandbox once per worker.
+            warm = await signups.many(20, far)
+            await wait_until_synced(stack, warm, timeout=60)
+            await asyncio.sleep(2)
+            before = worker.rss_mb()
+            # Rows written in bulk, workflows started by the signup's recovery path (what a
+            # signup does after its Stripe calls): the worker's side is the same, in seconds.
+            ids = await asyncio.to_thread(bulk_pending_subscriptions, stack, sizes.idle, far)
+            await gather_limited(
+                len(ids), 20, lambda i: signups.service._start_workflow_from_db(ids[i])
+            )
+            await wait_until_synced(stack, ids, timeout=600)
+            await asyncio.sleep(2)
+            after = worker.rss_mb()
+        finally:
+            signups.close()
+            worker.stop()
+    log(f"idle: worker RSS {before:.0f} -> {after:.0f} MiB for {sizes.idle} subscriptions")
+    return {
+        "worker_rss_mb_before_idle": round(before, 1),
+        "worker_rss_mb_after_idle": round(after, 1),
+        "worker_rss_mb_per_1k_idle": round((after - before) / sizes.idle * 1000, 2),
+        "idle_subscriptions": sizes.idle,
+    }
+
+
+def bulk_pending_subscriptions(stack: Stack, n: int, anchor: datetime) -> list[str]:
+    """``n`` customers with one pending ``basic-monthly`` subscription each, anchored at
+    ``anchor``, as signup writes them before starting the workflow. Returns their ids."""
+    tag = secrets.token_hex(4)
+    now = datetime.now(UTC)
+    params = {"n": n, "tag": tag, "anchor": anchor, "now": now}
+    with stack.engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO customers (id, external_id, timezone, invoice_prefix, "
+                "next_invoice_sequence, created_at, updated_at) "
+                "SELECT 'cus_' || :tag || '_' || g, 'idle-' || :tag || '-' || g, 'UTC', "
+                "'I' || :tag || to_hex(g), 1, :now, :now FROM generate_series(1, :n) AS g"
+            ),
+            params,
+        )
+        connection.execute(
+            text(
+                "INSERT INTO subscriptions (id, customer_id, plan_code, status, amount_minor, "
+                "currency, interval, interval_count, timezone, anchor_at, next_billing_at, "
+                "workflow_id, created_at, updated_at) "
+                "SELECT 'sub_' || :tag || '_' || g, 'cus_' || :tag || '_' || g, "
+                "'basic-monthly', 'pending', amount_minor, currency, interval, interval_count, "
+                "'UTC', :anchor, :anchor, 'subscription-sub_' || :tag || '_' || g, :now, :now "
+                "FROM generate_series(1, :n) AS g, plans WHERE plans.code = 'basic-monthly'"
+            ),
+            params,
+        )
+    return [f"sub_{tag}_{g}" for g in range(1, n + 1)]
+
+
+class Overran(Exception):
+    """Setting a burst up took longer than the time left before its due instant."""
+
+
+async def due_instant(
+    started: float, n_started: int, n: int, margin_s: float, factor: float = 2.5
+) -> datetime:
+    """An instant far enough ahead to set up ``n`` more, given a pilot's rate."""
+    elapsed = max(time.monotonic() - started, 1e-3)
+    per_s = n_started / elapsed
+    # Generous: localstripe slows as its store grows, and the machine is shared.
+    return datetime.now(UTC) + timedelta(seconds=n / per_s * factor + margin_s)
+
+
+async def with_retries(attempt: Callable[[float], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """Run a burst; if its set-up overran the due instant (a load spike on the shared machine),
+    run it again from scratch with twice the margin. The overrun attempt's workflows are on a
+    task queue whose worker is gone, so they cannot disturb the next one."""
+    factor = 2.5
+    for _ in range(3):
+        try:
+            return await attempt(factor)
+        except Overran as overran:
+            log(f"{overran}; again with a {factor * 2:g}x margin")
+            factor *= 2
+    raise SystemExit("the burst's set-up overran its due instant three times; machine too busy")
+
+
+async def bare_burst(stack: Stack, client: Client, n: int, factor: float) -> dict[str, Any]:
+    queue = f"bare-{secrets.token_hex(4)}"
+    worker = stack.bare_worker(queue)
+    try:
+
+        async def start(due: datetime) -> Any:
+            return await client.start_workflow(
+                BARE_WORKFLOW,
+                BareCycleInput(due.timestamp()),
+                id=f"bare-{uuid.uuid4().hex}",
+                task_queue=queue,
+            )
+
+        far = datetime.now(UTC) + timedelta(days=300)
+        pilot_started = time.monotonic()
+        await gather_limited(20, 20, lambda _: start(far))
+        due = await due_instant(pilot_started, 20, n, margin_s=3, factor=factor)
+        handles = await gather_limited(n, 20, lambda _: start(due))
+        if datetime.now(UTC) >= due:
+            raise Overran("bare burst: starting the workflows overran the due instant")
+        await asyncio.sleep((due - datetime.now(UTC)).total_seconds())
+        query = f"TaskQueue = '{queue}' AND ExecutionStatus = 'Running'"
+        while (await client.count_workflows(query)).count > 20:
+            await asyncio.sleep(0.25)
+        done = [await h.result() for h in handles]
+    finally:
+        worker.stop()
+    seconds = max(done) - due.timestamp()
+    log(f"bare burst: {n} cycles in {seconds:.2f} s")
+    return {"bare_cycles_per_s": round(n / seconds, 1), "bare_burst_s": round(seconds, 2)}
+
+
+def start_profiler(process: Process, name: str) -> subprocess.Popen[bytes] | None:
+    """With BENCH_PROFILE_DIR set: py-spy samples ``process`` (all threads, native frames off)
+    until ``stop_profiler``, writing ``NAME.txt`` (collapsed stacks, for flame graphs)."""
+    folder = os.environ.get("BENCH_PROFILE_DIR")
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    py_spy = str(Path(sys.executable).parent / "py-spy")
+    args = [py_spy, "record", "--pid", str(process.popen.pid), "--format", "raw", "--rate", "50"]
+    args += ["--nonblocking", "--output", str(Path(folder) / f"{name}.txt")]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profiler(profiler: subprocess.Popen[bytes] | None) -> None:
+    if profiler is not None:
+        profiler.send_signal(2)  # SIGINT: py-spy writes its output and exits
+        profiler.wait(timeout=30)
+
+
+def stripe_requests_per_second(log_path: Path, since: datetime, until: datetime) -> Counter[str]:
+    """localstripe's access log (second resolution): requests per second between two instants,
+    plus the count of 429 answers under the key ``"429"``."""
+    per_second: Counter[str] = Counter()
+    pattern = re.compile(r'\[(\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d) \+0000\] "[A-Z]+ \S+ [^"]*" (\d{3})')
+    low, high = since.replace(microsecond=0), until
+    for line in log_path.read_text(errors="replace").splitlines():
+        match = pattern.search(line)
+        if not match:
+            continue
+        at = datetime.strptime(match.group(1), "%d/%b/%Y:%H:%M:%S").replace(tzinfo=UTC)
+        if low <= at <= high:
+            per_second[match.group(1)] += 1
+            if match.group(2) == "429":
+                per_second["429"] += 1
+    return per_second
+
+
+async def billing_burst(
+    stack: Stack, client: Client, n: int, rate: float, *, ceiling_s: float, factor: float
+) -> dict[str, Any]:
+    """``n`` subscriptions billed at one instant, through ``billing worker`` with its payments
+    queue capped at ``rate`` provider activities per second."""
+    ls_log = stack.state / f"localstripe-burst-{rate:g}.log"
+    with LocalStripe(log_path=ls_log) as stripe:
+        queue = f"burst-{secrets.token_hex(4)}"
+        worker = stack.billing_worker(stripe, queue, rate)
+        signups = Signups(stack, client, stripe, queue)
+        try:
+            far = datetime.now(UTC) + timedelta(days=300)
+            pilot_started = time.monotonic()
+            await signups.many(20, far)
+            due = await due_instant(pilot_started, 20, n, margin_s=10, factor=factor)
+            # The anchor is the billing date: whole seconds, as a customer's anchor would be.
+            due = due.replace(microsecond=0) + timedelta(seconds=1)
+            ids = await signups.many(n, due)
+            if datetime.now(UTC) >= due:
+                raise Overran("billing burst: signups overran the billing instant")
+            await wait_until_synced(stack, ids, timeout=120)
+            await asyncio.sleep((due - datetime.now(UTC)).total_seconds())
+            profiler = start_profiler(worker, f"worker-burst-{rate:g}")
+            meter = CpuMeter(
+                {
+                    "worker": worker.popen.pid,
+                    "localstripe": stripe.pid,
+                    "temporal": stack.temporal_pid,
+                }
+            )
+            deadline = time.monotonic() + 1800
+            while True:
+                [(settled,)] = sql(
+                    stack,
+                    "SELECT count(*) FROM subscriptions WHERE id = ANY(:ids) "
+                    "AND status = 'active' AND current_period_start IS NOT NULL",
+                    ids=ids,
+                )
+                if settled == n:
+                    break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"billing burst: only {settled} of {n} settled")
+                await asyncio.sleep(0.25)
+            cores = meter.cores()
+            stop_profiler(profiler)
+            [(end, paid)] = sql(
+                stack,
+                "SELECT max(s.updated_at), count(i.id) FILTER (WHERE i.status = 'paid') "
+                "FROM subscriptions s JOIN invoices i ON i.subscription_id = s.id "
+                "WHERE s.id = ANY(:ids)",
+                ids=ids,
+            )
+            charges = [
+                row[0].timestamp()
+                for row in sql(
+                    stack,
+                    "SELECT a.created_at FROM payment_attempts a JOIN invoices i "
+                    "ON i.id = a.invoice_id WHERE i.subscription_id = ANY(:ids)",
+                    ids=ids,
+                )
+            ]
+            per_second = stripe_requests_per_second(ls_log, due, end)
+            ceiling = await asyncio.to_thread(stripe_ceiling, stripe, ceiling_s)
+        finally:
+            signups.close()
+            worker.stop()
+    seconds = end.timestamp() - due.timestamp()
+    rate_limited = per_second.pop("429", 0)
+    over_limit = sum(max(0, c - STRIPE_LIVE_LIMIT_PER_S) for c in per_second.values())
+    figures = {
+        "cycles_per_s": round(n / seconds, 1),
+        "burst_s": round(seconds, 2),
+        "paid": paid,
+        "max_charge_rate_per_s": max_per_window(charges),
+        "max_stripe_requests_per_s": max(per_second.values(), default=0),
+        "stripe_requests_per_cycle": round(sum(per_second.values()) / n, 2),
+        # 429s localstripe sent (it never does) plus the requests real Stripe would have
+        # refused: those above its live-mode limit in any second.
+        "stripe_rate_limit_errors": rate_limited + over_limit,
+        "stripe_fake_ceiling_per_s": ceiling,
+        "cpu_cores": cores,
+    }
+    log(f"billing burst (cap {rate:g}/s): {json.dumps(figures)}")
+    return figures
+
+
+def stripe_ceiling(stripe: LocalStripe, seconds: float, threads: int = 8) -> float:
+    """Paid cycles per second localstripe serves when called directly: the provider calls of
+    one cycle (card lookup, charge, settlement read) through the real gateway, from
+    ``threads`` threads, on the store the burst left behind."""
+    from activities.stripe_gateway import StripeGateway, make_stripe_client
+
+    client = make_stripe_client(api_key="sk_test_bench", api_base=stripe.url, max_network_retries=0)
+    gateway = StripeGateway(client, send_description=False)
+    customer = gateway.ensure_customer(customer_id="bench-ceiling", email=None, name=None)
+    gateway.attach_payment_method(provider_customer_id=customer, payment_method_id=CARD)
+    stop_at = time.monotonic() + seconds
+
+    def cycles() -> int:
+        done = 0
+        while time.monotonic() < stop_at:
+            pm = gateway.default_payment_method(provider_customer_id=customer)
+            outcome = gateway.charge(
+                provider_customer_id=customer,
+                payment_method_id=pm or CARD,
+                amount_minor=900,
+                currency="USD",
+                idempotency_key=uuid.uuid4().hex,
+                description="ceiling",
+                metadata={},
+            )
+            assert outcome.payment_intent_id is not None
+            gateway.settlement_details(
+                payment_intent_id=outcome.payment_intent_id, charge_id=outcome.charge_id
+            )
+            done += 1
+        return done
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        total = sum(pool.map(lambda _: cycles(), range(threads)))
+    return round(total / (time.monotonic() - started), 1)
+
+
+async def signup_phase(stack: Stack, client: Client, sizes: Sizes) -> dict[str, Any]:
+    """Signups through the HTTP API (``billing api``, PostgreSQL, a worker charging them) at
+    ``concurrency``; bare ``start_workflow`` calls at the same concurrency as the baseline."""
+    c = sizes.concurrency
+    # Baseline: bare starts on a queue nobody polls (the start call only).
+    queue = f"starts-{secrets.token_hex(4)}"
+    far = datetime.now(UTC) + timedelta(days=300)
+
+    async def start(_: int) -> Any:
+        return await client.start_workflow(
+            BARE_WORKFLOW, BareCycleInput(far.timestamp()), id=uuid.uuid4().hex, task_queue=queue
+        )
+
+    await gather_limited(c, c, start)
+    t0 = time.perf_counter()
+    await gather_limited(sizes.signups, c, start)
+    starts_per_s = sizes.signups / (time.perf_counter() - t0)
+
+    stripe = LocalStripe(log_path=stack.state / "localstripe-signup.log").start()
+    signup_queue = f"signup-{secrets.token_hex(4)}"
+    worker = stack.billing_worker(stripe, signup_queue, sizes.charge_rate)
+    api_port = free_port()
+    api_env = stack.env(
+        task_queue=signup_queue,
+        payments_task_queue=f"{signup_queue}-payments",
+        stripe_api_base=stripe.url,
+        api_port=str(api_port),
+        api_keys=json.dumps([{"name": s, "scope": s, "key": k} for s, k in API_KEYS.items()]),
+    )
+    billing = str(Path(sys.executable).parent / "billing")
+    api = stack.spawn("api", [billing, "api"], api_env, "")
+    wait_for_port("127.0.0.1", api_port, timeout=60, what="billing api", log=api.log_path)
+    http = httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{api_port}",
+        timeout=60,
+        limits=httpx.Limits(max_connections=c, max_keepalive_connections=c),
+    )
+    headers = {"Authorization": f"Bearer {API_KEYS['signup']}"}
+    latencies: list[float] = []
+
+    async def signup(_: int) -> None:
+        body = {
+            "plan": "basic-monthly",
+            "payment_method_id": CARD,
+            "customer": {"external_id": f"bench-{uuid.uuid4().hex}", "timezone": "UTC"},
+        }
+        t = time.perf_counter()
+        response = await http.post(
+            "/v1/subscriptions", json=body, headers={**headers, "Idempotency-Key": uuid.uuid4().hex}
+        )
+        latencies.append(time.perf_counter() - t)
+        if response.status_code != 201:
+            raise SystemExit(f"signup failed: {response.status_code} {response.text}")
+
+    await gather_limited(c, c, signup)  # warm-up
+    # One at a time first: the latency of a signup alone, without queueing behind others.
+    latencies.clear()
+    await gather_limited(max(10, sizes.signups // 10), 1, signup)
+    alone = [s * 1000 for s in latencies]
+    latencies.clear()
+    profiler = start_profiler(api, "api-signup")
+    meter = CpuMeter(
+        {
+            "api": api.popen.pid,
+            "worker": worker.popen.pid,
+            "localstripe": stripe.pid,
+            "temporal": stack.temporal_pid,
+        }
+    )
+    t0 = time.perf_counter()
+    await gather_limited(sizes.signups, c, signup)
+    signups_per_s = sizes.signups / (time.perf_counter() - t0)
+    cores = meter.cores()
+    stop_profiler(profiler)
+    ms = [s * 1000 for s in latencies]
+    log(f"signup: {signups_per_s:.1f}/s vs bare starts {starts_per_s:.1f}/s")
+    return {
+        "signup_p50_ms": round(percentile(ms, 50), 1),
+        "signup_p99_ms": round(percentile(ms, 99), 1),
+        "signups_per_s": round(signups_per_s, 1),
+        "signup_p50_ms_alone": round(percentile(alone, 50), 1),
+        "signup_p99_ms_alone": round(percentile(alone, 99), 1),
+        "bare_starts_per_s": round(starts_per_s, 1),
+        "signup_ratio_to_bare_start": round(signups_per_s / starts_per_s, 3),
+        "signup_concurrency": c,
+        "signup_cpu_cores": cores,
+        "_api": (api, http, worker, stripe),
+    }
+
+
+def bulk_load_invoices(stack: Stack, invoices: int, per_customer: int = 20) -> float:
+    """``invoices`` invoices for ``invoices / per_customer`` customers (one subscription each,
+    one invoice per monthly period), in three INSERT ... SELECT generate_series statements.
+    Statuses: 90% paid, 5% open, 3% uncollectible, 2% void. Returns seconds taken."""
+    customers = max(1, invoices // per_customer)
+    started = time.perf_counter()
+    statements = [
+        """
+        INSERT INTO customers (id, external_id, email, name, timezone, invoice_prefix,
+            next_invoice_sequence, created_at, updated_at)
+        SELECT 'cus_bulk_' || g, 'bulk-' || g, 'bulk' || g || '@example.com', 'Bulk ' || g,
+            'UTC', 'BK' || to_hex(g), :per + 1, :epoch, :epoch
+        FROM generate_series(1, :customers) AS g
+        """,
+        """
+        INSERT INTO subscriptions (id, customer_id, plan_code, status, amount_minor, currency,
+            interval, interval_count, timezone, anchor_at, workflow_id, created_at, updated_at)
+        SELECT 'sub_bulk_' || g, 'cus_bulk_' || g, 'basic-monthly', 'active', 900, 'USD',
+            'month', 1, 'UTC', :epoch + (g % 28) * interval '1 day',
+            'subscription-sub_bulk_' || g, :epoch, :epoch
+        FROM generate_series(1, :customers) AS g
+        """,
+        """
+        INSERT INTO invoices (id, number, subscription_id, customer_id, period_index,
+            period_start, period_end, amount_due_minor, amount_paid_minor, currency, status,
+            description, created_at, finalized_at, paid_at)
+        SELECT 'in_bulk_' || c || '_' || k, 'BK' || to_hex(c) || '-' || lpad(k::text, 4, '0'),
+            'sub_bulk_' || c, 'cus_bulk_' || c, k - 1, start, start + interval '1 month', 900,
+            CASE WHEN st = 'paid' THEN 900 ELSE 0 END, 'USD', st, 'Basic', start, start,
+            CASE WHEN st = 'paid' THEN start + interval '1 minute' END
+        FROM (
+            SELECT c, k,
+                :epoch + (c % 28) * interval '1 day' + (k - 1) * interval '1 month'
+                    + (c % 86400) * interval '1 second' AS start,
+                CASE WHEN (c * 31 + k * 17) % 100 < 90 THEN 'paid'
+                     WHEN (c * 31 + k * 17) % 100 < 95 THEN 'open'
+                     WHEN (c * 31 + k * 17) % 100 < 98 THEN 'uncollectible'
+                     ELSE 'void' END AS st
+            FROM generate_series(1, :customers) AS c, generate_series(1, :per) AS k
+        ) AS rows
+        """,
+    ]
+    epoch = datetime(2020, 1, 1, tzinfo=UTC)
+    with stack.engine.begin() as connection:
+        for statement in statements:
+            connection.execute(
+                text(statement), {"customers": customers, "per": per_customer, "epoch": epoch}
+            )
+    with stack.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("VACUUM ANALYZE customers, subscriptions, invoices"))
+    return time.perf_counter() - started
+
+
+async def query_phase(
+    stack: Stack, http: httpx.AsyncClient, sizes: Sizes, customers: int
+) -> dict[str, Any]:
+    """Finance listings through the HTTP API, one at a time: a mix of the filters finance uses
+    and keyset pages deep into a listing."""
+    load_s = await asyncio.to_thread(bulk_load_invoices, stack, sizes.invoices)
+    [(in_db,)] = sql(stack, "SELECT count(*) FROM invoices")
+    log(f"query: {in_db} invoices loaded in {load_s:.1f} s")
+    headers = {"Authorization": f"Bearer {API_KEYS['finance']}"}
+    rng = random.Random(6)
+
+    def month(m: int) -> dict[str, str]:
+        start = datetime(2020 + m // 12, m % 12 + 1, 1, tzinfo=UTC)
+        end = datetime(2020 + (m + 1) // 12, (m + 1) % 12 + 1, 1, tzinfo=UTC)
+        return {"from": start.isoformat(), "to": end.isoformat()}
+
+    def params(i: int) -> list[dict[str, Any]]:
+        """One query (or a chain of pages) per kind, in turn."""
+        c = rng.randint(1, customers)
+        m = month(rng.randint(0, 20))
+        kinds: list[dict[str, Any]] = [
+            {"status": "paid", "limit": 50},
+            {"customer_id": f"cus_bulk_{c}", "limit": 50},
+            {"subscription_id": f"sub_bulk_{c}", "limit": 50},
+            {"status": ["open", "uncollectible"], "limit": 100},
+            {"period_from": m["from"], "period_to": m["to"], "limit": 100},
+            {"issued_from": m["from"], "issued_to": m["to"], "status": "open", "limit": 100},
+            {"currency": "USD", "status": "paid", "issued_from": m["from"], "limit": 200},
+        ]
+        return [kinds[i % len(kinds)]]
+
+    latencies: list[float] = []
+    for i in range(sizes.queries):
+        [query] = params(i)
+        # Every third query also follows its listing five pages deep by cursor.
+        pages = 5 if i % 3 == 0 else 1
+        cursor = None
+        for _ in range(pages):
+            q = dict(query, **({"cursor": cursor} if cursor else {}))
+            t = time.perf_counter()
+            response = await http.get("/v1/invoices", params=q, headers=headers)
+            latencies.append(time.perf_counter() - t)
+            if response.status_code != 200:
+                raise SystemExit(f"invoice query failed: {response.status_code} {response.text}")
+            cursor = response.json().get("next_cursor")
+            if not cursor:
+                break
+    ms = [s * 1000 for s in latencies]
+    return {
+        "invoice_query_p50_ms": round(percentile(ms, 50), 1),
+        "invoice_query_p99_ms": round(percentile(ms, 99), 1),
+        "invoice_queries": len(ms),
+        "invoices_in_db": in_db,
+        "invoice_bulk_load_s": round(load_s, 1),
+    }
+
+
+async def simulation_phase(sizes: Sizes) -> dict[str, Any]:
+    ten_years, _ = await bench_simulate.measure(bench_simulate.ten_years_with_yearly_dunning())
+    hundred: float | None = None
+    if sizes.sim_hundred:
+        hundred, _ = await bench_simulate.measure(bench_simulate.hundred_subscriptions_one_year())
+    history = await history_cost.measure(sizes.months, quiet=True)
+    return {
+        "sim_10y_s": round(ten_years, 2),
+        # None in --quick: a minute is too long for a smoke test.
+        "sim_100x1y_s": None if hundred is None else round(hundred, 2),
+        "events_per_paid_cycle": round(history["events_per_paid_cycle"], 1),
+        "max_events_per_run": int(history["max_events_per_run"]),
+        "history_cycles": int(history["paid_cycles"]),
+        "history_runs": int(history["runs"]),
+    }
+
+
+# ------------------------------------------------------------------------ the run ----------
+
+
+@contextlib.contextmanager
+def stack_up() -> Iterator[Stack]:
+    state = Path(tempfile.mkdtemp(prefix="billing-bench-"))
+    address = f"127.0.0.1:{free_port()}"
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        state_dir=state,
+        temporal_address=address,
+        temporal_ui_port=free_port(),
+    )
+    with (
+        temporal_dev_server(settings, persist=False) as temporal,
+        temporary_database("postgres", migrate=False, name_prefix="bench_") as url,
+    ):
+        migrate_and_seed(settings.model_copy(update={"database_url": url}))
+        stack = Stack(state, address, url)
+        stack.temporal_pid = temporal.process.pid if temporal is not None else None
+        try:
+            yield stack
+        finally:
+            stack.close()
+
+
+async def run(sizes: Sizes) -> dict[str, Any]:
+    started = time.perf_counter()
+    figures: dict[str, Any] = {}
+    with stack_up() as stack:
+        client = await Client.connect(stack.temporal_address)
+        log(f"stack up: Temporal {stack.temporal_address}, state {stack.state}")
+        if "idle" in sizes.phases:
+            figures.update(await idle_phase(stack, client, sizes))
+        if "burst" in sizes.phases:
+            figures.update(await burst_phase(stack, client, sizes))
+        if "signup" in sizes.phases or "query" in sizes.phases:
+            figures.update(await api_phases(stack, client, sizes))
+    if "simulate" in sizes.phases:
+        figures.update(await simulation_phase(sizes))
+    figures["wall_s"] = round(time.perf_counter() - started, 1)
+    figures["machine"] = f"{platform.node()}: {os.cpu_count()} cores, {platform.platform()}"
+    return figures
+
+
+async def burst_phase(stack: Stack, client: Client, sizes: Sizes) -> dict[str, Any]:
+    n = sizes.burst
+    figures = await with_retries(lambda f: bare_burst(stack, client, n, f))
+    capped = await with_retries(
+        lambda f: billing_burst(
+            stack, client, n, sizes.charge_rate, ceiling_s=sizes.ceiling_s, factor=f
+        )
+    )
+    # The same burst without the cap: the engine's own limit.
+    uncapped = await with_retries(
+        lambda f: billing_burst(stack, client, n, 10_000, ceiling_s=0.5, factor=f)
+    )
+    figures.update(
+        billing_cycles_per_s=capped["cycles_per_s"],
+        burst_ratio=round(capped["cycles_per_s"] / figures["bare_cycles_per_s"], 3),
+        billing_cycles_per_s_uncapped=uncapped["cycles_per_s"],
+        burst_ratio_uncapped=round(uncapped["cycles_per_s"] / figures["bare_cycles_per_s"], 3),
+        stripe_fake_ceiling_per_s=capped["stripe_fake_ceiling_per_s"],
+        burst_size=sizes.burst,
+        burst_paid=capped["paid"],
+        configured_charge_rate_per_s=sizes.charge_rate,
+        max_charge_rate_per_s=capped["max_charge_rate_per_s"],
+        max_charge_rate_per_s_uncapped=uncapped["max_charge_rate_per_s"],
+        max_stripe_requests_per_s=capped["max_stripe_requests_per_s"],
+        stripe_requests_per_cycle=capped["stripe_requests_per_cycle"],
+        stripe_rate_limit_errors=capped["stripe_rate_limit_errors"],
+        burst_cpu_cores=capped["cpu_cores"],
+        burst_cpu_cores_uncapped=uncapped["cpu_cores"],
+    )
+    return figures
+
+
+async def api_phases(stack: Stack, client: Client, sizes: Sizes) -> dict[str, Any]:
+    figures = await signup_phase(stack, client, sizes)
+    api, http, worker, stripe = figures.pop("_api")
+    if "signup" not in sizes.phases:
+        figures = {}
+    try:
+        worker.stop()  # the signups' first charges are done or do not matter now
+        if "query" in sizes.phases:
+            figures.update(
+                await query_phase(stack, http, sizes, customers=max(1, sizes.invoices // 20))
+            )
+    finally:
+        await http.aclose()
+        api.stop()
+        stripe.stop()
+    return figures
+
+
+GOALS: dict[str, tuple[str, float]] = {
+    "burst_ratio": (">=", 0.6),
+    "events_per_paid_cycle": ("<=", 14),
+    "signup_p99_ms": ("<", 100),
+    "invoice_query_p99_ms": ("<", 50),
+    "sim_10y_s": ("<", 5),
+    "worker_rss_mb_per_1k_idle": ("<", 20),
+    "stripe_rate_limit_errors": ("<=", 0),
+}
+
+
+def table(figures: dict[str, Any]) -> str:
+    lines = [f"{'figure':<34} {'value':>14}  goal"]
+    for key, value in figures.items():
+        goal = ""
+        if key in GOALS:
+            op, bound = GOALS[key]
+            ok = {"<": value < bound, "<=": value <= bound, ">=": value >= bound}[op]
+            goal = f"{op} {bound:g}  {'met' if ok else 'MISSED'}"
+        if key == "max_charge_rate_per_s":
+            cap = figures["configured_charge_rate_per_s"]
+            goal = f"<= {cap:g}  {'met' if value <= cap else 'MISSED'}"
+        if isinstance(value, dict) and "used" in value:
+            # CPU per process: cores used / cores' worth waited for a CPU.
+            value = (
+                " ".join(
+                    f"{name} {used}/{value['waited_for_cpu'][name]}"
+                    for name, used in value["used"].items()
+                )
+                + f" (load {value['load_avg_1m']})"
+            )
+        lines.append(f"{key:<34} {value!s:>14}  {goal}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a CI smoke test")
+    parser.add_argument("--burst", type=int, help="subscriptions (and bare workflows) per burst")
+    parser.add_argument("--idle", type=int, help="subscriptions asleep for the idle cost")
+    parser.add_argument("--signups", type=int, help="signups through the HTTP API")
+    parser.add_argument("--concurrency", type=int, help="concurrent signups")
+    parser.add_argument("--invoices", type=int, help="invoices bulk-loaded for the query")
+    parser.add_argument("--queries", type=int, help="finance queries (some follow 5 pages)")
+    parser.add_argument("--months", type=int, help="billing cycles of the history measure")
+    parser.add_argument("--charge-rate", type=float, help="payments queue cap, per second")
+    parser.add_argument(
+        "--phases", default=",".join(PHASES), help=f"comma-separated subset of {PHASES}"
+    )
+    args = parser.parse_args()
+    base = QUICK if args.quick else DEFAULT
+    sizes = Sizes(
+        burst=args.burst or base.burst,
+        idle=args.idle or base.idle,
+        signups=args.signups or base.signups,
+        concurrency=args.concurrency or base.concurrency,
+        invoices=args.invoices or base.invoices,
+        queries=args.queries or base.queries,
+        months=args.months or base.months,
+        charge_rate=args.charge_rate or base.charge_rate,
+        ceiling_s=base.ceiling_s,
+        sim_hundred=base.sim_hundred,
+        phases=frozenset(p.strip() for p in args.phases.split(",") if p.strip()),
+    )
+    unknown = sizes.phases - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phases {sorted(unknown)}; choose from {', '.join(PHASES)}")
+    # The Temporal SDK core and the child servers may write to file descriptor 1: send all of
+    # it to stderr while measuring, so stdout holds the figures alone (--json parses).
+    sys.stdout.flush()
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        figures = asyncio.run(run(sizes))
+    finally:
+        sys.stdout.flush()
+        os.dup2(real_stdout, 1)
+        os.close(real_stdout)
+    print(json.dumps(figures, indent=2) if args.json else table(figures))
+
+
+if __name__ == "__main__":
+    main()
