@@ -26,8 +26,6 @@ from billing.worker import OneSecondWindow
 from tests.conftest import recorded_harness
 from workflows.subscription import SubscriptionWorkflow
 
-PROVIDER_ACTIVITIES = {ActivityName.CHARGE_INVOICE, ActivityName.SETTLE_INVOICE}
-
 
 def scheduled_queues(history: WorkflowHistory) -> dict[str, set[str]]:
     queues: dict[str, set[str]] = {}
@@ -63,12 +61,9 @@ async def test_charge_and_settle_run_on_the_rate_capped_payments_queue(
     assert invoice.status == InvoiceStatus.PAID
 
     [run] = await h.run_histories(signup.subscription_id)
-    queues = scheduled_queues(run)
-    for name in PROVIDER_ACTIVITIES:
-        assert queues[name] == {h.payments_task_queue}, queues
-    for name, used in queues.items():
-        if name not in PROVIDER_ACTIVITIES:
-            assert used == {h.task_queue}, queues
+    # The charge (which also settles) is the one ordinary activity of a paid period, on the
+    # payments queue; the database steps are local activities of the billing worker.
+    assert scheduled_queues(run) == {ActivityName.CHARGE_INVOICE: {h.payments_task_queue}}
     # The configured cap reaches the payments worker: Temporal gets half of it, because its
     # token bucket may add a full second's burst to the rate.
     assert h._payments_worker is not None
@@ -87,7 +82,7 @@ async def test_charge_and_settle_run_on_the_rate_capped_payments_queue(
         for e in moved["events"]
         if "activityTaskScheduledEventAttributes" in e
     ]
-    assert len(scheduled) >= 3
+    assert len(scheduled) >= 1
     for attrs in scheduled:
         attrs["taskQueue"]["name"] = "some-other-queue"
     result = await replayer.replay_workflow(
