@@ -9,6 +9,7 @@ from datetime import UTC, timedelta
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from sqlalchemy.orm import Session
 from temporalio.client import (
     Client,
     WorkflowQueryFailedError,
@@ -169,12 +170,16 @@ async def create_subscription(
 # ---- changes -----------------------------------------------------------------------------------
 
 
-def _load(deps: Dependencies, subscription_id: str) -> SubscriptionRecord:
-    with unit_of_work(deps.session_factory) as session:
-        record = subscriptions_repo.get_subscription(session, subscription_id)
+def _require(session: Session, subscription_id: str) -> SubscriptionRecord:
+    record = subscriptions_repo.get_subscription(session, subscription_id)
     if record is None:
         raise NotFound(f"subscription {subscription_id!r} not found", field="id")
     return record
+
+
+def _load(deps: Dependencies, subscription_id: str) -> SubscriptionRecord:
+    with unit_of_work(deps.session_factory) as session:
+        return _require(session, subscription_id)
 
 
 async def _update(
@@ -347,21 +352,24 @@ async def get_subscription(
 ) -> SubscriptionOut:
     """The database record merged with the workflow's live state (``live: true``). If the
     workflow cannot be asked, the database's copy (``live: false``)."""
-    record = await asyncio.to_thread(_load, deps, id)
+    record, history = await asyncio.to_thread(_load_with_history, deps, id)
     view = await _live_view(temporal, id)
     if view is not None:
         answer = _merged(record, view)
     else:
         invoicing = await asyncio.to_thread(_invoicing, deps, id)
         answer = _from_database(record, invoicing)
-    history = await asyncio.to_thread(_status_history, deps, id)
     answer.status_history = [StatusChangeOut.of(change) for change in history]
     return answer
 
 
-def _status_history(deps: Dependencies, subscription_id: str) -> list[StatusChangeRecord]:
+def _load_with_history(
+    deps: Dependencies, subscription_id: str
+) -> tuple[SubscriptionRecord, list[StatusChangeRecord]]:
+    """The record and its status log, in one transaction."""
     with unit_of_work(deps.session_factory) as session:
-        return subscriptions_repo.list_status_changes(session, subscription_id)
+        record = _require(session, subscription_id)
+        return record, subscriptions_repo.list_status_changes(session, subscription_id)
 
 
 async def _live_view(temporal: Client, subscription_id: str) -> SubscriptionView | None:

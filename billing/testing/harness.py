@@ -330,14 +330,13 @@ class BillingHarness:
                 if error.status not in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED):
                     raise
             else:
-                if predicate(view) and not at_rest:
-                    return view
                 if predicate(view):
+                    if not at_rest:
+                        return view
                     await self.wait_until_at_rest(
                         [subscription_id], timeout=max(0.0, deadline - loop.time())
                     )
-                    at_rest = False  # the state is re-read (and re-checked) once more
-                    continue
+                    return await self.state(subscription_id)
             if loop.time() > deadline:
                 raise AssertionError(f"condition not reached in {timeout}s; state: {view}")
             await asyncio.sleep(0.05)
