@@ -18,7 +18,7 @@ from typing import IO
 
 from billing.plans import DEMO_PLANS
 from billing.settings import Settings, find_binary
-from billing.testing.localstripe import LocalStripe
+from billing.testing.localstripe import LOCALSTRIPE_STORE, LocalStripe
 from db.engine import make_engine, make_session_factory, unit_of_work
 from db.migrate import upgrade
 from db.repositories import plans as plans_repo
@@ -140,7 +140,6 @@ def temporal_dev_server(
 
 #: localstripe persists its whole store to this fixed path, shared by every localstripe
 #: process on the machine (a test run's instances write it too).
-LOCALSTRIPE_STORE = Path("/tmp/localstripe.pickle")
 
 
 @contextlib.contextmanager
@@ -166,7 +165,7 @@ def localstripe_server(settings: Settings) -> Iterator[str | None]:
         shutil.copyfile(snapshot, staging)
         os.replace(staging, LOCALSTRIPE_STORE)  # atomic: never a half-written store
     port = settings.localstripe_port
-    server = LocalStripe(port=port, from_scratch=not restore, log_path=log)
+    server = LocalStripe(port=port, from_scratch=not restore, persist=True, log_path=log)
     try:
         server.start()
     except RuntimeError as error:
@@ -178,7 +177,7 @@ def localstripe_server(settings: Settings) -> Iterator[str | None]:
             f"customers and cards made earlier are gone at the fake Stripe ({error})",
             file=sys.stderr,
         )
-        server = LocalStripe(port=port, log_path=log).start()
+        server = LocalStripe(port=port, persist=True, log_path=log).start()
     try:
         yield url
     finally:

@@ -10,6 +10,11 @@ Facts about localstripe 1.15 that shape this helper (read from its source):
 * it logs every request to stderr, so its output goes to a file, not a pipe nobody reads
   (a full pipe would block the server);
 * ``DELETE /_config/data`` empties the store (``flush``).
+
+That re-pickling makes each write cost time in proportion to the whole store, so a throwaway
+server (``persist=False``, the default) runs localstripe through
+``billing.testing.localstripe_server``, which keeps the store in memory only. The local
+stack passes ``persist=True`` to resume its objects after a restart.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import http.client
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +32,10 @@ from typing import IO
 
 from billing.settings import find_binary
 
-__all__ = ["LocalStripe", "find_localstripe_executable"]
+__all__ = ["LOCALSTRIPE_STORE", "LocalStripe", "find_localstripe_executable"]
+
+#: Where every localstripe on the machine saves its store (fixed in its source).
+LOCALSTRIPE_STORE = Path("/tmp/localstripe.pickle")
 
 
 def find_localstripe_executable() -> str:
@@ -55,17 +64,19 @@ class LocalStripe:
         *,
         port: int | None = None,
         startup_timeout_seconds: float = 15.0,
-        executable: str | None = None,
         from_scratch: bool = True,
+        persist: bool = False,
         log_path: Path | None = None,
     ) -> None:
-        """``from_scratch=False`` loads localstripe's saved store (the local stack resumes
-        with it); ``log_path`` keeps its output in a file instead of a temporary one."""
+        """``from_scratch=False`` loads localstripe's saved store and implies ``persist``;
+        ``persist=True`` writes the store to ``/tmp/localstripe.pickle`` after every write,
+        as localstripe does (the local stack resumes with it; slow for long runs);
+        ``log_path`` keeps its output in a file instead of a temporary one."""
         self._from_scratch = from_scratch
+        self._persist = persist or not from_scratch
         self._log_path = log_path
         self._requested_port = port
         self._startup_timeout_seconds = startup_timeout_seconds
-        self._executable = executable
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._port: int | None = None
@@ -91,7 +102,7 @@ class LocalStripe:
     def start(self) -> LocalStripe:
         if self._process is not None:
             return self
-        executable = self._executable or find_localstripe_executable()
+        executable = find_localstripe_executable() if self._persist else sys.executable
         # A port picked by us can be taken before localstripe binds it: try a few times.
         attempts = 1 if self._requested_port is not None else 3
         last_error: RuntimeError | None = None
@@ -116,6 +127,9 @@ class LocalStripe:
         )
         self._port = port
         args = [executable, "--port", str(port)]
+        if not self._persist:
+            # The same localstripe server with its store in memory only (see the module doc).
+            args[1:1] = ["-m", "billing.testing.localstripe_server"]
         if self._from_scratch:
             args.append("--from-scratch")
         try:

@@ -24,7 +24,7 @@ from billing.payments import (
     TransientPaymentError,
 )
 from billing.testing import cards
-from billing.testing.localstripe import LocalStripe
+from billing.testing.localstripe import LOCALSTRIPE_STORE, LocalStripe
 from billing.testing.stripe_recording import RecordingHTTPClient
 
 PAYMENT_INTENTS = "/v1/payment_intents"
@@ -391,6 +391,29 @@ def test_localstripe_flush_empties_its_store() -> None:
         private.flush()
         with pytest.raises(stripe.InvalidRequestError):
             client.v1.customers.retrieve(customer.id)
+
+
+def _store_stamp() -> tuple[int, int] | None:
+    try:
+        stat = LOCALSTRIPE_STORE.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+@pytest.mark.parametrize("persist", [False, True])
+def test_localstripe_writes_its_shared_store_only_when_asked_to_persist(persist: bool) -> None:
+    # In memory (tests, simulations): localstripe's re-pickling of its whole store after each
+    # write made long runs quadratic. The local stack persists, to resume after a restart.
+    before = _store_stamp()
+    with LocalStripe(persist=persist) as private:
+        client = make_stripe_client(api_key="sk_test_x", api_base=private.url)
+        customer = client.v1.customers.create(params={"email": "store@example.com"})
+        assert client.v1.customers.retrieve(customer.id).email == "store@example.com"
+    if persist:
+        assert _store_stamp() != before
+    else:
+        assert _store_stamp() == before
 
 
 # -- real-Stripe answers localstripe cannot produce ------------------------------------------
