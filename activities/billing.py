@@ -327,7 +327,6 @@ class BillingActivities:
                 currency=invoice.currency,
             )
         else:
-            activity.heartbeat(key)
             found = None
             if (
                 redriven is not None

@@ -7,19 +7,17 @@ from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Executable, Select, insert, select
+from sqlalchemy import Executable, Insert, Select, Table, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-
-from db.base import Base
 
 R = TypeVar("R")
 
 
-def select_rows(model: type[Base]) -> Select[Any]:
-    """``SELECT`` every column of the model's table. Columns, not ORM entities: a Session kept
-    across commits would otherwise hand back stale objects from its identity map."""
-    return select(model.__table__)
+def select_rows(table: Table) -> Select[Any]:
+    """``SELECT`` every column of the table. Columns, not ORM entities: a Session kept across
+    commits would otherwise hand back stale objects from its identity map."""
+    return select(table)
 
 
 def fetch_one(session: Session, record_type: Callable[..., R], statement: Executable) -> R | None:
@@ -36,8 +34,20 @@ def column_values(record: object) -> dict[str, Any]:
     return {f.name: getattr(record, f.name) for f in fields(record)}  # type: ignore[arg-type]
 
 
+_INSERTS: dict[str, Insert] = {}
+
+
+def _insert_returning(table: Table) -> Insert:
+    """``INSERT INTO table ... RETURNING *``, built once per table: the values are bound at
+    execution, so SQLAlchemy's compiled-statement cache key is computed once too."""
+    statement = _INSERTS.get(table.name)
+    if statement is None:
+        statement = _INSERTS[table.name] = insert(table).returning(*table.c)
+    return statement
+
+
 def insert_or_get(
-    session: Session, model: type[Base], record: R, lookup: Callable[[], R | None]
+    session: Session, table: Table, record: R, lookup: Callable[[], R | None]
 ) -> tuple[R, bool]:
     """Insert ``record`` once: ``(stored row, True)``, or ``(existing row, False)`` when a
     unique constraint says it is already there (a retry, or a concurrent writer that won).
@@ -47,10 +57,9 @@ def insert_or_get(
     it finds nothing, the violation was something else (a CHECK or a foreign key) and the
     IntegrityError propagates.
     """
-    statement = insert(model).values(column_values(record)).returning(*model.__table__.columns)
     try:
         with session.begin_nested():
-            row = session.execute(statement).mappings().one()
+            row = session.execute(_insert_returning(table), column_values(record)).mappings().one()
     except IntegrityError:
         existing = lookup()
         if existing is None:

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from billing.errors import ChangeRefused, NotFound
 from billing.payments import ChargeOutcomeKind
 from billing.records import AttemptStatus, PaymentAttemptRecord
-from db.models import PaymentAttemptRow
+from db.models import PAYMENT_ATTEMPTS
 from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
 
 
@@ -21,9 +21,9 @@ def get_attempt(
     return fetch_one(
         session,
         PaymentAttemptRecord,
-        select_rows(PaymentAttemptRow).where(
-            PaymentAttemptRow.invoice_id == invoice_id,
-            PaymentAttemptRow.attempt_number == attempt_number,
+        select_rows(PAYMENT_ATTEMPTS).where(
+            PAYMENT_ATTEMPTS.c.invoice_id == invoice_id,
+            PAYMENT_ATTEMPTS.c.attempt_number == attempt_number,
         ),
     )
 
@@ -35,9 +35,9 @@ def get_attempt_by_payment_intent(
     return fetch_one(
         session,
         PaymentAttemptRecord,
-        select_rows(PaymentAttemptRow)
-        .where(PaymentAttemptRow.stripe_payment_intent_id == payment_intent_id)
-        .order_by(PaymentAttemptRow.created_at)
+        select_rows(PAYMENT_ATTEMPTS)
+        .where(PAYMENT_ATTEMPTS.c.stripe_payment_intent_id == payment_intent_id)
+        .order_by(PAYMENT_ATTEMPTS.c.created_at)
         .limit(1),
     )
 
@@ -47,9 +47,9 @@ def list_attempts_for_invoice(session: Session, invoice_id: str) -> list[Payment
     return fetch_all(
         session,
         PaymentAttemptRecord,
-        select_rows(PaymentAttemptRow)
-        .where(PaymentAttemptRow.invoice_id == invoice_id)
-        .order_by(PaymentAttemptRow.attempt_number),
+        select_rows(PAYMENT_ATTEMPTS)
+        .where(PAYMENT_ATTEMPTS.c.invoice_id == invoice_id)
+        .order_by(PAYMENT_ATTEMPTS.c.attempt_number),
     )
 
 
@@ -60,7 +60,7 @@ def insert_pending_attempt(
     recorded. A retried charge activity thereby reuses the first attempt's idempotency key."""
     return insert_or_get(
         session,
-        PaymentAttemptRow,
+        PAYMENT_ATTEMPTS,
         record,
         lambda: get_attempt(session, record.invoice_id, record.attempt_number),
     )
@@ -88,31 +88,32 @@ def record_attempt_outcome(
     status = AttemptStatus(status)
     outcome = None if outcome is None else ChargeOutcomeKind(outcome)
     statement = (
-        update(PaymentAttemptRow)
-        .where(PaymentAttemptRow.id == attempt_id)
+        update(PAYMENT_ATTEMPTS)
+        .where(PAYMENT_ATTEMPTS.c.id == attempt_id)
         .values(
             status=status,
             outcome=outcome,
             decline_code=decline_code,
             failure_message=failure_message,
             stripe_payment_intent_id=func.coalesce(
-                payment_intent_id, PaymentAttemptRow.stripe_payment_intent_id
+                payment_intent_id, PAYMENT_ATTEMPTS.c.stripe_payment_intent_id
             ),
-            stripe_charge_id=func.coalesce(charge_id, PaymentAttemptRow.stripe_charge_id),
-            payment_method_id=func.coalesce(payment_method_id, PaymentAttemptRow.payment_method_id),
+            stripe_charge_id=func.coalesce(charge_id, PAYMENT_ATTEMPTS.c.stripe_charge_id),
+            payment_method_id=func.coalesce(
+                payment_method_id, PAYMENT_ATTEMPTS.c.payment_method_id
+            ),
             completed_at=completed_at,
         )
-        .returning(*PaymentAttemptRow.__table__.columns)
-        .execution_options(synchronize_session=False)
+        .returning(*PAYMENT_ATTEMPTS.c)
     )
     if status != AttemptStatus.SUCCEEDED:
-        statement = statement.where(PaymentAttemptRow.status != AttemptStatus.SUCCEEDED)
+        statement = statement.where(PAYMENT_ATTEMPTS.c.status != AttemptStatus.SUCCEEDED)
     updated = session.execute(statement).mappings().first()
     if updated is None:
         current = fetch_one(
             session,
             PaymentAttemptRecord,
-            select_rows(PaymentAttemptRow).where(PaymentAttemptRow.id == attempt_id),
+            select_rows(PAYMENT_ATTEMPTS).where(PAYMENT_ATTEMPTS.c.id == attempt_id),
         )
         if current is None:
             raise NotFound(f"payment attempt {attempt_id} not found")

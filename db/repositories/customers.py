@@ -10,13 +10,13 @@ from sqlalchemy.orm import Session
 from billing.errors import NotFound
 from billing.invoices import format_invoice_number
 from billing.records import CustomerRecord
-from db.models import CustomerRow
+from db.models import CUSTOMERS
 from db.repositories._rows import fetch_one, insert_or_get, select_rows, utcnow
 
 
 def get_customer(session: Session, customer_id: str) -> CustomerRecord | None:
     return fetch_one(
-        session, CustomerRecord, select_rows(CustomerRow).where(CustomerRow.id == customer_id)
+        session, CustomerRecord, select_rows(CUSTOMERS).where(CUSTOMERS.c.id == customer_id)
     )
 
 
@@ -25,7 +25,7 @@ def get_customer_by_external_id(session: Session, external_id: str) -> CustomerR
     return fetch_one(
         session,
         CustomerRecord,
-        select_rows(CustomerRow).where(CustomerRow.external_id == external_id),
+        select_rows(CUSTOMERS).where(CUSTOMERS.c.external_id == external_id),
     )
 
 
@@ -34,17 +34,15 @@ def insert_customer(session: Session, record: CustomerRecord) -> tuple[CustomerR
     external id, is already there (a retried signup)."""
 
     def existing() -> CustomerRecord | None:
-        same_id = CustomerRow.id == record.id
+        same_id = CUSTOMERS.c.id == record.id
         condition = (
             same_id
             if record.external_id is None
-            else or_(same_id, CustomerRow.external_id == record.external_id)
+            else or_(same_id, CUSTOMERS.c.external_id == record.external_id)
         )
-        return fetch_one(
-            session, CustomerRecord, select_rows(CustomerRow).where(condition).limit(1)
-        )
+        return fetch_one(session, CustomerRecord, select_rows(CUSTOMERS).where(condition).limit(1))
 
-    return insert_or_get(session, CustomerRow, record, existing)
+    return insert_or_get(session, CUSTOMERS, record, existing)
 
 
 def set_stripe_customer_id(
@@ -56,16 +54,15 @@ def set_stripe_customer_id(
     stored first is the customer's, and the other caller should use the returned one.
     """
     stored = session.execute(
-        update(CustomerRow)
-        .where(CustomerRow.id == customer_id, CustomerRow.stripe_customer_id.is_(None))
+        update(CUSTOMERS)
+        .where(CUSTOMERS.c.id == customer_id, CUSTOMERS.c.stripe_customer_id.is_(None))
         .values(stripe_customer_id=stripe_customer_id, updated_at=now or utcnow())
-        .returning(CustomerRow.stripe_customer_id)
-        .execution_options(synchronize_session=False)
+        .returning(CUSTOMERS.c.stripe_customer_id)
     ).scalar_one_or_none()
     if stored is not None:
         return str(stored)
     current = session.execute(
-        select(CustomerRow.id, CustomerRow.stripe_customer_id).where(CustomerRow.id == customer_id)
+        select(CUSTOMERS.c.id, CUSTOMERS.c.stripe_customer_id).where(CUSTOMERS.c.id == customer_id)
     ).one_or_none()
     if current is None:
         raise NotFound(f"customer {customer_id} not found; create it before linking it")
@@ -82,11 +79,10 @@ def set_default_payment_method(
 ) -> None:
     """Make ``payment_method_id`` the card charged for the customer's invoices."""
     updated = session.execute(
-        update(CustomerRow)
-        .where(CustomerRow.id == customer_id)
+        update(CUSTOMERS)
+        .where(CUSTOMERS.c.id == customer_id)
         .values(default_payment_method_id=payment_method_id, updated_at=now or utcnow())
-        .returning(CustomerRow.id)
-        .execution_options(synchronize_session=False)
+        .returning(CUSTOMERS.c.id)
     ).scalar_one_or_none()
     if updated is None:
         raise NotFound(f"customer {customer_id} not found; create it before setting its card")
@@ -101,11 +97,10 @@ def allocate_invoice_number(session: Session, customer_id: str) -> str:
     never stores its invoice leaves no gap.
     """
     allocated = session.execute(
-        update(CustomerRow)
-        .where(CustomerRow.id == customer_id)
-        .values(next_invoice_sequence=CustomerRow.next_invoice_sequence + 1)
-        .returning(CustomerRow.invoice_prefix, CustomerRow.next_invoice_sequence - 1)
-        .execution_options(synchronize_session=False)
+        update(CUSTOMERS)
+        .where(CUSTOMERS.c.id == customer_id)
+        .values(next_invoice_sequence=CUSTOMERS.c.next_invoice_sequence + 1)
+        .returning(CUSTOMERS.c.invoice_prefix, CUSTOMERS.c.next_invoice_sequence - 1)
     ).one_or_none()
     if allocated is None:
         raise NotFound(f"customer {customer_id} not found; cannot number its invoice")
@@ -118,7 +113,7 @@ def get_customer_by_stripe_id(session: Session, stripe_customer_id: str) -> Cust
     return fetch_one(
         session,
         CustomerRecord,
-        select_rows(CustomerRow).where(CustomerRow.stripe_customer_id == stripe_customer_id),
+        select_rows(CUSTOMERS).where(CUSTOMERS.c.stripe_customer_id == stripe_customer_id),
     )
 
 
@@ -133,21 +128,20 @@ def advance_payment_method_event(
     newer event's time, and nothing changes. One conditional UPDATE, so of two deliveries
     racing for the same customer only an ordering that ends with the newest one is possible.
     """
-    column = CustomerRow.default_payment_method_event_at
+    column = CUSTOMERS.c.default_payment_method_event_at
     advanced = session.execute(
-        update(CustomerRow)
+        update(CUSTOMERS)
         .where(
-            CustomerRow.id == customer_id,
+            CUSTOMERS.c.id == customer_id,
             or_(column.is_(None), column <= event_created_at),
         )
         .values(default_payment_method_event_at=event_created_at)
-        .returning(CustomerRow.id)
-        .execution_options(synchronize_session=False)
+        .returning(CUSTOMERS.c.id)
     ).scalar_one_or_none()
     if advanced is not None:
         return None
-    newer = session.execute(
-        select(column).where(CustomerRow.id == customer_id)
+    newer: datetime | None = session.execute(
+        select(column).where(CUSTOMERS.c.id == customer_id)
     ).scalar_one_or_none()
     if newer is None:
         raise NotFound(f"customer {customer_id} not found")

@@ -31,7 +31,7 @@ from billing.finance import (
 from billing.invoices import InvoiceStatus
 from billing.records import InvoiceRecord, PaymentRecord
 from db.engine import unit_of_work
-from db.models import InvoiceRow, PaymentAttemptRow, PaymentRow
+from db.models import INVOICES, PAYMENT_ATTEMPTS, PAYMENTS
 from db.repositories import attempts as attempts_repo
 from db.repositories import invoices as invoices_repo
 from db.repositories import payments as payments_repo
@@ -46,8 +46,8 @@ def _listing(invoice_filter: InvoiceFilter, *, only: Any = None) -> Select[Any]:
     """Invoices matching the filter, each with its payment (at most one: a unique constraint),
     so the outer join never repeats an invoice. ``only``: a subquery of invoice ids (column
     ``id``) the listing is restricted to, by join."""
-    invoices = InvoiceRow.__table__
-    payments = PaymentRow.__table__
+    invoices = INVOICES
+    payments = PAYMENTS
     source = invoices if only is None else invoices.join(only, only.c.id == invoices.c.id)
     statement = select(
         *(invoices.c[name] for name in _INVOICE_FIELDS),
@@ -59,21 +59,21 @@ def _listing(invoice_filter: InvoiceFilter, *, only: Any = None) -> Select[Any]:
 def _filtered(statement: Select[Any], f: InvoiceFilter) -> Select[Any]:
     """``statement`` (a select over invoices) narrowed by the filter."""
     if f.statuses:
-        statement = statement.where(InvoiceRow.status.in_(f.statuses))
+        statement = statement.where(INVOICES.c.status.in_(f.statuses))
     if f.customer_id is not None:
-        statement = statement.where(InvoiceRow.customer_id == f.customer_id)
+        statement = statement.where(INVOICES.c.customer_id == f.customer_id)
     if f.subscription_id is not None:
-        statement = statement.where(InvoiceRow.subscription_id == f.subscription_id)
+        statement = statement.where(INVOICES.c.subscription_id == f.subscription_id)
     if f.currency is not None:
-        statement = statement.where(InvoiceRow.currency == f.currency)
+        statement = statement.where(INVOICES.c.currency == f.currency)
     if f.issued_from is not None:
-        statement = statement.where(InvoiceRow.created_at >= f.issued_from)
+        statement = statement.where(INVOICES.c.created_at >= f.issued_from)
     if f.issued_to is not None:
-        statement = statement.where(InvoiceRow.created_at < f.issued_to)
+        statement = statement.where(INVOICES.c.created_at < f.issued_to)
     if f.period_from is not None:
-        statement = statement.where(InvoiceRow.period_start >= f.period_from)
+        statement = statement.where(INVOICES.c.period_start >= f.period_from)
     if f.period_to is not None:
-        statement = statement.where(InvoiceRow.period_start < f.period_to)
+        statement = statement.where(INVOICES.c.period_start < f.period_to)
     return statement
 
 
@@ -89,10 +89,10 @@ def _after(statement: Select[Any], after: InvoiceCursor | None) -> Select[Any]:
     if after is None:
         return statement
     return statement.where(
-        InvoiceRow.created_at >= after.created_at,
+        INVOICES.c.created_at >= after.created_at,
         or_(
-            InvoiceRow.created_at > after.created_at,
-            and_(InvoiceRow.created_at == after.created_at, InvoiceRow.id > after.invoice_id),
+            INVOICES.c.created_at > after.created_at,
+            and_(INVOICES.c.created_at == after.created_at, INVOICES.c.id > after.invoice_id),
         ),
     )
 
@@ -118,7 +118,7 @@ def _fetch(
 ) -> tuple[list[InvoiceListItem], bool]:
     """Up to ``limit`` items after ``after``, and whether more follow. One row more than asked
     tells whether another page exists, without a COUNT."""
-    order = (InvoiceRow.created_at, InvoiceRow.id)
+    order = (INVOICES.c.created_at, INVOICES.c.id)
     if _narrow_period(invoice_filter):
         # Invoices are created when their period starts, so periods and (created_at, id) order
         # are correlated: the planner, assuming them independent, walks the created_at index
@@ -126,7 +126,7 @@ def _fetch(
         # at 1M invoices). A materialized CTE fences that off: the window's (id, created_at)
         # come from the (period_start, created_at, id) index alone, the page is the first of
         # them in listing order, and only the page's rows are read in full.
-        keys = cast("Select[Any]", select(InvoiceRow.id, InvoiceRow.created_at))
+        keys = cast("Select[Any]", select(INVOICES.c.id, INVOICES.c.created_at))
         window = (
             _after(_filtered(keys, invoice_filter), after)
             .cte("period_window")
@@ -218,18 +218,18 @@ def subscription_invoicing(session: Session, subscription_id: str) -> Subscripti
     charge attempts made on it (the newest open one, if several)."""
     issued = session.execute(
         select(func.count())
-        .select_from(InvoiceRow)
-        .where(InvoiceRow.subscription_id == subscription_id)
+        .select_from(INVOICES)
+        .where(INVOICES.c.subscription_id == subscription_id)
     ).scalar_one()
     open_invoice = fetch_one(
         session,
         InvoiceRecord,
-        select_rows(InvoiceRow)
+        select_rows(INVOICES)
         .where(
-            InvoiceRow.subscription_id == subscription_id,
-            InvoiceRow.status == InvoiceStatus.OPEN,
+            INVOICES.c.subscription_id == subscription_id,
+            INVOICES.c.status == InvoiceStatus.OPEN,
         )
-        .order_by(InvoiceRow.period_start.desc())
+        .order_by(INVOICES.c.period_start.desc())
         .limit(1),
     )
     attempts = 0
@@ -237,8 +237,8 @@ def subscription_invoicing(session: Session, subscription_id: str) -> Subscripti
         attempts = int(
             session.execute(
                 select(func.count())
-                .select_from(PaymentAttemptRow)
-                .where(PaymentAttemptRow.invoice_id == open_invoice.id)
+                .select_from(PAYMENT_ATTEMPTS)
+                .where(PAYMENT_ATTEMPTS.c.invoice_id == open_invoice.id)
             ).scalar_one()
         )
     return SubscriptionInvoicing(

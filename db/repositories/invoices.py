@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from billing.errors import InvalidInput, NotFound
 from billing.invoices import InvoiceStatus, check_transition
 from billing.records import InvoiceRecord
-from db.models import InvoiceRow
+from db.models import INVOICES
 from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
 from db.repositories.customers import allocate_invoice_number
 
@@ -28,7 +28,7 @@ _STAMPED_AT: dict[InvoiceStatus, str] = {
 
 def get_invoice(session: Session, invoice_id: str) -> InvoiceRecord | None:
     return fetch_one(
-        session, InvoiceRecord, select_rows(InvoiceRow).where(InvoiceRow.id == invoice_id)
+        session, InvoiceRecord, select_rows(INVOICES).where(INVOICES.c.id == invoice_id)
     )
 
 
@@ -39,9 +39,9 @@ def get_invoice_for_period(
     return fetch_one(
         session,
         InvoiceRecord,
-        select_rows(InvoiceRow).where(
-            InvoiceRow.subscription_id == subscription_id,
-            InvoiceRow.period_start == period_start,
+        select_rows(INVOICES).where(
+            INVOICES.c.subscription_id == subscription_id,
+            INVOICES.c.period_start == period_start,
         ),
     )
 
@@ -51,9 +51,9 @@ def list_invoices_for_subscription(session: Session, subscription_id: str) -> li
     return fetch_all(
         session,
         InvoiceRecord,
-        select_rows(InvoiceRow)
-        .where(InvoiceRow.subscription_id == subscription_id)
-        .order_by(InvoiceRow.period_start),
+        select_rows(INVOICES)
+        .where(INVOICES.c.subscription_id == subscription_id)
+        .order_by(INVOICES.c.period_start),
     )
 
 
@@ -66,7 +66,7 @@ def insert_invoice(session: Session, record: InvoiceRecord) -> tuple[InvoiceReco
     """
     return insert_or_get(
         session,
-        InvoiceRow,
+        INVOICES,
         record,
         lambda: get_invoice_for_period(session, record.subscription_id, record.period_start),
     )
@@ -149,11 +149,10 @@ def transition_invoice(
         # in between, no row matches and the loop re-checks against the new status.
         moved = (
             session.execute(
-                update(InvoiceRow)
-                .where(InvoiceRow.id == invoice_id, InvoiceRow.status == current.status)
+                update(INVOICES)
+                .where(INVOICES.c.id == invoice_id, INVOICES.c.status == current.status)
                 .values(values)
-                .returning(*InvoiceRow.__table__.columns)
-                .execution_options(synchronize_session=False)
+                .returning(*INVOICES.c)
             )
             .mappings()
             .first()

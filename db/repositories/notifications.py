@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from billing.records import NotificationRecord
-from db.models import NotificationRow
+from db.models import NOTIFICATIONS
 from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
 
 
@@ -14,7 +14,7 @@ def get_notification_by_dedupe_key(session: Session, dedupe_key: str) -> Notific
     return fetch_one(
         session,
         NotificationRecord,
-        select_rows(NotificationRow).where(NotificationRow.dedupe_key == dedupe_key),
+        select_rows(NOTIFICATIONS).where(NOTIFICATIONS.c.dedupe_key == dedupe_key),
     )
 
 
@@ -24,7 +24,7 @@ def enqueue_notification(
     """Put the notice in the outbox; ``(existing, False)`` if its dedupe key is already there."""
     return insert_or_get(
         session,
-        NotificationRow,
+        NOTIFICATIONS,
         record,
         lambda: get_notification_by_dedupe_key(session, record.dedupe_key),
     )
@@ -38,13 +38,11 @@ def list_notifications(
     kind: str | None = None,
 ) -> list[NotificationRecord]:
     """Notices matching every filter given, oldest first."""
-    statement = select_rows(NotificationRow).order_by(
-        NotificationRow.created_at, NotificationRow.id
-    )
+    statement = select_rows(NOTIFICATIONS).order_by(NOTIFICATIONS.c.created_at, NOTIFICATIONS.c.id)
     if customer_id is not None:
-        statement = statement.where(NotificationRow.customer_id == customer_id)
+        statement = statement.where(NOTIFICATIONS.c.customer_id == customer_id)
     if subscription_id is not None:
-        statement = statement.where(NotificationRow.subscription_id == subscription_id)
+        statement = statement.where(NOTIFICATIONS.c.subscription_id == subscription_id)
     if kind is not None:
-        statement = statement.where(NotificationRow.kind == kind)
+        statement = statement.where(NOTIFICATIONS.c.kind == kind)
     return fetch_all(session, NotificationRecord, statement)

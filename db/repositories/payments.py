@@ -5,13 +5,13 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from billing.records import PaymentRecord
-from db.models import PaymentRow
+from db.models import PAYMENTS
 from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
 
 
 def get_payment_for_invoice(session: Session, invoice_id: str) -> PaymentRecord | None:
     return fetch_one(
-        session, PaymentRecord, select_rows(PaymentRow).where(PaymentRow.invoice_id == invoice_id)
+        session, PaymentRecord, select_rows(PAYMENTS).where(PAYMENTS.c.invoice_id == invoice_id)
     )
 
 
@@ -20,9 +20,9 @@ def list_payments_for_invoice(session: Session, invoice_id: str) -> list[Payment
     return fetch_all(
         session,
         PaymentRecord,
-        select_rows(PaymentRow)
-        .where(PaymentRow.invoice_id == invoice_id)
-        .order_by(PaymentRow.settled_at),
+        select_rows(PAYMENTS)
+        .where(PAYMENTS.c.invoice_id == invoice_id)
+        .order_by(PAYMENTS.c.settled_at),
     )
 
 
@@ -34,7 +34,7 @@ def insert_payment(session: Session, record: PaymentRecord) -> tuple[PaymentReco
     """
     return insert_or_get(
         session,
-        PaymentRow,
+        PAYMENTS,
         record,
         lambda: get_payment_for_invoice(session, record.invoice_id),
     )

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from billing.dunning import DunningPolicy
 from billing.plans import Plan
-from db.models import PlanRow
+from db.models import PLANS
 from db.repositories._rows import select_rows, utcnow
 
 
@@ -34,23 +34,23 @@ def upsert_plan(
     # would race with a concurrent seed. Both dialects spell it the same way.
     row = {**values, "created_at": now or utcnow()}
     if session.get_bind().dialect.name == "postgresql":
-        pg = postgresql.insert(PlanRow).values(row)
-        session.execute(pg.on_conflict_do_update(index_elements=[PlanRow.code], set_=values))
+        pg = postgresql.insert(PLANS).values(row)
+        session.execute(pg.on_conflict_do_update(index_elements=[PLANS.c.code], set_=values))
     else:
-        lite = sqlite.insert(PlanRow).values(row)
-        session.execute(lite.on_conflict_do_update(index_elements=[PlanRow.code], set_=values))
+        lite = sqlite.insert(PLANS).values(row)
+        session.execute(lite.on_conflict_do_update(index_elements=[PLANS.c.code], set_=values))
 
 
 def get_plan(session: Session, code: str) -> Plan | None:
-    row = session.execute(select_rows(PlanRow).where(PlanRow.code == code)).first()
+    row = session.execute(select_rows(PLANS).where(PLANS.c.code == code)).first()
     return None if row is None else _plan(row)
 
 
 def list_plans(session: Session, *, active_only: bool = False) -> list[Plan]:
     """Every plan, by code (only those open for new signups if ``active_only``)."""
-    statement = select_rows(PlanRow).order_by(PlanRow.code)
+    statement = select_rows(PLANS).order_by(PLANS.c.code)
     if active_only:
-        statement = statement.where(PlanRow.active.is_(True))
+        statement = statement.where(PLANS.c.active.is_(True))
     return [_plan(row) for row in session.execute(statement)]
 
 

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from billing.records import StatusChangeRecord, SubscriptionRecord
 from billing.subscription import TERMINAL_STATUSES, SubscriptionStatus
-from db.models import SubscriptionRow, SubscriptionStatusChangeRow
+from db.models import SUBSCRIPTION_STATUS_CHANGES, SUBSCRIPTIONS
 from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
 
 
@@ -23,26 +23,26 @@ def insert_subscription(
     """
 
     def existing() -> SubscriptionRecord | None:
-        conditions = [SubscriptionRow.id == record.id]
-        conditions.append(SubscriptionRow.workflow_id == record.workflow_id)
+        conditions = [SUBSCRIPTIONS.c.id == record.id]
+        conditions.append(SUBSCRIPTIONS.c.workflow_id == record.workflow_id)
         if record.signup_idempotency_key is not None:
             conditions.append(
-                SubscriptionRow.signup_idempotency_key == record.signup_idempotency_key
+                SUBSCRIPTIONS.c.signup_idempotency_key == record.signup_idempotency_key
             )
         return fetch_one(
             session,
             SubscriptionRecord,
-            select_rows(SubscriptionRow).where(or_(*conditions)).limit(1),
+            select_rows(SUBSCRIPTIONS).where(or_(*conditions)).limit(1),
         )
 
-    return insert_or_get(session, SubscriptionRow, record, existing)
+    return insert_or_get(session, SUBSCRIPTIONS, record, existing)
 
 
 def get_subscription(session: Session, subscription_id: str) -> SubscriptionRecord | None:
     return fetch_one(
         session,
         SubscriptionRecord,
-        select_rows(SubscriptionRow).where(SubscriptionRow.id == subscription_id),
+        select_rows(SUBSCRIPTIONS).where(SUBSCRIPTIONS.c.id == subscription_id),
     )
 
 
@@ -53,9 +53,7 @@ def get_subscription_by_signup_key(
     return fetch_one(
         session,
         SubscriptionRecord,
-        select_rows(SubscriptionRow).where(
-            SubscriptionRow.signup_idempotency_key == idempotency_key
-        ),
+        select_rows(SUBSCRIPTIONS).where(SUBSCRIPTIONS.c.signup_idempotency_key == idempotency_key),
     )
 
 
@@ -63,13 +61,13 @@ def list_subscriptions_for_customer(
     session: Session, customer_id: str, *, live_only: bool = False
 ) -> list[SubscriptionRecord]:
     """The customer's subscriptions, oldest first; ``live_only``: those not canceled."""
-    statement = select_rows(SubscriptionRow).where(SubscriptionRow.customer_id == customer_id)
+    statement = select_rows(SUBSCRIPTIONS).where(SUBSCRIPTIONS.c.customer_id == customer_id)
     if live_only:
-        statement = statement.where(SubscriptionRow.status.not_in(TERMINAL_STATUSES))
+        statement = statement.where(SUBSCRIPTIONS.c.status.not_in(TERMINAL_STATUSES))
     return fetch_all(
         session,
         SubscriptionRecord,
-        statement.order_by(SubscriptionRow.created_at, SubscriptionRow.id),
+        statement.order_by(SUBSCRIPTIONS.c.created_at, SUBSCRIPTIONS.c.id),
     )
 
 
@@ -99,13 +97,13 @@ def update_subscription_state(
     """
     status = SubscriptionStatus(status)
     previous = session.execute(
-        select(SubscriptionRow.status)
-        .where(SubscriptionRow.id == subscription_id)
+        select(SUBSCRIPTIONS.c.status)
+        .where(SUBSCRIPTIONS.c.id == subscription_id)
         .with_for_update()  # PostgreSQL: the logged "from" is the status this update replaces
     ).scalar_one_or_none()
     statement = (
-        update(SubscriptionRow)
-        .where(SubscriptionRow.id == subscription_id)
+        update(SUBSCRIPTIONS)
+        .where(SUBSCRIPTIONS.c.id == subscription_id)
         .values(
             status=status,
             current_period_start=current_period_start,
@@ -118,16 +116,15 @@ def update_subscription_state(
             cancel_reason=cancel_reason,
             updated_at=now,
         )
-        .returning(SubscriptionRow.id)
-        .execution_options(synchronize_session=False)
+        .returning(SUBSCRIPTIONS.c.id)
     )
     if status not in TERMINAL_STATUSES:
-        statement = statement.where(SubscriptionRow.status.not_in(TERMINAL_STATUSES))
+        statement = statement.where(SUBSCRIPTIONS.c.status.not_in(TERMINAL_STATUSES))
     if session.execute(statement).scalar_one_or_none() is None:
         return False
     if previous is not None and SubscriptionStatus(previous) != status:
         session.execute(
-            insert(SubscriptionStatusChangeRow).values(
+            insert(SUBSCRIPTION_STATUS_CHANGES).values(
                 subscription_id=subscription_id,
                 from_status=SubscriptionStatus(previous),
                 to_status=status,
@@ -143,9 +140,9 @@ def list_status_changes(session: Session, subscription_id: str) -> list[StatusCh
     return fetch_all(
         session,
         StatusChangeRecord,
-        select_rows(SubscriptionStatusChangeRow)
-        .where(SubscriptionStatusChangeRow.subscription_id == subscription_id)
-        .order_by(SubscriptionStatusChangeRow.changed_at, SubscriptionStatusChangeRow.id),
+        select_rows(SUBSCRIPTION_STATUS_CHANGES)
+        .where(SUBSCRIPTION_STATUS_CHANGES.c.subscription_id == subscription_id)
+        .order_by(SUBSCRIPTION_STATUS_CHANGES.c.changed_at, SUBSCRIPTION_STATUS_CHANGES.c.id),
     )
 
 
@@ -153,12 +150,11 @@ def delete_pending_subscription(session: Session, subscription_id: str) -> bool:
     """Remove a subscription whose workflow never started (status ``pending``); a signup
     that failed without an idempotency key to retry with. False if it is not pending."""
     deleted = session.execute(
-        delete(SubscriptionRow)
+        delete(SUBSCRIPTIONS)
         .where(
-            SubscriptionRow.id == subscription_id,
-            SubscriptionRow.status == SubscriptionStatus.PENDING,
+            SUBSCRIPTIONS.c.id == subscription_id,
+            SUBSCRIPTIONS.c.status == SubscriptionStatus.PENDING,
         )
-        .returning(SubscriptionRow.id)
-        .execution_options(synchronize_session=False)
+        .returning(SUBSCRIPTIONS.c.id)
     ).scalar_one_or_none()
     return deleted is not None

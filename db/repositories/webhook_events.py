@@ -19,7 +19,7 @@ from billing.records import (
     WebhookEventRecord,
     WebhookOutcome,
 )
-from db.models import WebhookEventRow
+from db.models import WEBHOOK_EVENTS
 from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
 
 
@@ -39,7 +39,7 @@ def get_webhook_event(session: Session, event_id: str) -> WebhookEventRecord | N
     return fetch_one(
         session,
         WebhookEventRecord,
-        select_rows(WebhookEventRow).where(WebhookEventRow.id == event_id),
+        select_rows(WEBHOOK_EVENTS).where(WEBHOOK_EVENTS.c.id == event_id),
     )
 
 
@@ -60,7 +60,7 @@ def claim_webhook_event(
     """
     record, inserted = insert_or_get(
         session,
-        WebhookEventRow,
+        WEBHOOK_EVENTS,
         WebhookEventRecord(
             id=event_id,
             type=event_type,
@@ -74,15 +74,14 @@ def claim_webhook_event(
         return WebhookClaim(record, claimed=inserted)
     taken = (
         session.execute(
-            update(WebhookEventRow)
+            update(WEBHOOK_EVENTS)
             .where(
-                WebhookEventRow.id == event_id,
-                WebhookEventRow.processed_at.is_(None),
-                WebhookEventRow.claimed_at < now - stale_after,
+                WEBHOOK_EVENTS.c.id == event_id,
+                WEBHOOK_EVENTS.c.processed_at.is_(None),
+                WEBHOOK_EVENTS.c.claimed_at < now - stale_after,
             )
             .values(claimed_at=now, outcome=WebhookOutcome.PROCESSING)
-            .returning(*WebhookEventRow.__table__.columns)
-            .execution_options(synchronize_session=False)
+            .returning(*WEBHOOK_EVENTS.c)
         )
         .mappings()
         .first()
@@ -104,16 +103,15 @@ def record_webhook_outcome(
     """Mark the event processed with what was done (``processed_at`` UTC). False if its row is
     gone."""
     updated = session.execute(
-        update(WebhookEventRow)
-        .where(WebhookEventRow.id == event_id)
+        update(WEBHOOK_EVENTS)
+        .where(WEBHOOK_EVENTS.c.id == event_id)
         .values(
             outcome=WebhookOutcome(outcome),
             processed_at=processed_at,
             subscription_id=subscription_id,
             detail=None if detail is None else detail[:500],
         )
-        .returning(WebhookEventRow.id)
-        .execution_options(synchronize_session=False)
+        .returning(WEBHOOK_EVENTS.c.id)
     ).scalar_one_or_none()
     return updated is not None
 
@@ -123,14 +121,13 @@ def release_webhook_event(session: Session, event_id: str, *, claimed_at: dateti
     processed instead of being taken for a duplicate. Only the claim made at ``claimed_at``
     is deleted: a later takeover by another delivery, or a finished event, stays."""
     deleted = session.execute(
-        delete(WebhookEventRow)
+        delete(WEBHOOK_EVENTS)
         .where(
-            WebhookEventRow.id == event_id,
-            WebhookEventRow.processed_at.is_(None),
-            WebhookEventRow.claimed_at == claimed_at,
+            WEBHOOK_EVENTS.c.id == event_id,
+            WEBHOOK_EVENTS.c.processed_at.is_(None),
+            WEBHOOK_EVENTS.c.claimed_at == claimed_at,
         )
-        .returning(WebhookEventRow.id)
-        .execution_options(synchronize_session=False)
+        .returning(WEBHOOK_EVENTS.c.id)
     ).scalar_one_or_none()
     return deleted is not None
 
@@ -139,13 +136,13 @@ def list_webhook_events(
     session: Session, *, event_type: str | None = None
 ) -> list[WebhookEventRecord]:
     """Events in the order they arrived (of ``event_type`` only, if given)."""
-    statement = select_rows(WebhookEventRow).order_by(
-        WebhookEventRow.received_at, WebhookEventRow.id
+    statement = select_rows(WEBHOOK_EVENTS).order_by(
+        WEBHOOK_EVENTS.c.received_at, WEBHOOK_EVENTS.c.id
     )
     if event_type is not None:
-        statement = statement.where(WebhookEventRow.type == event_type)
+        statement = statement.where(WEBHOOK_EVENTS.c.type == event_type)
     return fetch_all(session, WebhookEventRecord, statement)
 
 
 def count_webhook_events(session: Session) -> int:
-    return int(session.execute(select(func.count()).select_from(WebhookEventRow)).scalar_one())
+    return int(session.execute(select(func.count()).select_from(WEBHOOK_EVENTS)).scalar_one())

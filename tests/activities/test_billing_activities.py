@@ -253,7 +253,7 @@ def open_invoice(stack: Stack, seeded: Seeded, **kwargs: Any) -> CreateInvoiceRe
 def charge(
     stack: Stack, invoice_id: str, attempt_number: int, reason: str = "scheduled"
 ) -> ChargeInvoiceResult:
-    # charge_invoice heartbeats, so it needs an activity context.
+    # As the worker runs it: inside an activity context.
     return ActivityEnvironment().run(
         stack.activities.charge_invoice,
         ChargeInvoiceInput(invoice_id=invoice_id, attempt_number=attempt_number, reason=reason),
