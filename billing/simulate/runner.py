@@ -21,6 +21,7 @@ database.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -133,13 +134,22 @@ async def run_scenario(
     Raises ScenarioError for a scenario the engine refuses (e.g. a start in the past).
     """
     async with contextlib.AsyncExitStack() as stack:
+        local_stripe: asyncio.Future[LocalStripe] | None = None
         if stripe_api_base is None:
-            stripe_api_base = stack.enter_context(LocalStripe()).url
+            # localstripe takes a few tenths of a second to import and answer: it starts in a
+            # thread while the test server and the database start.
+            server = LocalStripe()
+            stack.callback(server.stop)
+            local_stripe = asyncio.ensure_future(asyncio.to_thread(server.start))
+            stack.push_async_callback(_finished, local_stripe)
         throwaway = database_url is None
         if database_url is None:
             database_url = stack.enter_context(temporary_database("sqlite"))
         env = await start_time_skipping_environment(test_server_path, runtime=quiet_runtime())
         stack.push_async_callback(env.shutdown)
+        if local_stripe is not None:
+            stripe_api_base = (await local_stripe).url
+        assert stripe_api_base is not None
         harness = await stack.enter_async_context(
             BillingHarness(
                 env,
@@ -150,9 +160,20 @@ async def run_scenario(
                 # no fsync per commit (about half the worker's time per billed period).
                 sandboxed=False,
                 throwaway_database=throwaway,
+                # Many subscriptions keep one process's interpreter busy: the charges then run
+                # in a second process, on the other core. One subscription is a single chain
+                # of steps, which a second process would not shorten.
+                payments_processes=1 if len(scenario.subscriptions) > 1 else 0,
             )
         )
         return await Simulation(harness, scenario, progress=progress).run()
+
+
+async def _finished(future: asyncio.Future[Any]) -> None:
+    """Wait for ``future`` to end, whatever its outcome (its error, if any, is raised where
+    it is awaited first)."""
+    with contextlib.suppress(BaseException):
+        await future
 
 
 @functools.cache

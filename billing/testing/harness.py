@@ -42,6 +42,8 @@ from billing.records import (
 from billing.settings import find_binary
 from billing.signup import CustomerDetails, SignupRequest, SignupResult, SignupService
 from billing.testing.cards import create_card_payment_method
+from billing.testing.localstripe import LOCALSTRIPE_API_KEY
+from billing.testing.payments_process import PaymentsProcess
 from billing.testing.stripe_recording import RecordingHTTPClient
 from billing.worker import Dependencies, build_payments_worker, build_worker
 from db.engine import make_engine, make_session_factory, unit_of_work
@@ -52,8 +54,6 @@ from db.repositories import notifications as notifications_repo
 from db.repositories import payments as payments_repo
 from db.repositories import plans as plans_repo
 from db.repositories import subscriptions as subscriptions_repo
-
-LOCALSTRIPE_API_KEY = "sk_test_localstripe"
 
 
 async def start_time_skipping_environment(
@@ -115,9 +115,17 @@ class BillingHarness:
         sandboxed: bool = True,
         throwaway_database: bool = False,
         charge_rate_per_s: float | None = None,
+        payments_processes: int = 0,
     ) -> None:
         """Provider activities run on ``{task_queue}-payments``, as in production, capped at
-        ``charge_rate_per_s`` (None: no cap, for localstripe)."""
+        ``charge_rate_per_s`` (None: no cap, for localstripe). ``payments_processes``: run
+        that queue's worker in this many processes of its own instead of this one (see
+        ``billing.testing.payments_process``); they talk to the gateway unwrapped."""
+        if payments_processes and (wrap_gateway is not None or charge_rate_per_s is not None):
+            raise ValueError(
+                "payments worker processes use the plain Stripe gateway without a rate cap; "
+                "wrap_gateway and charge_rate_per_s need the in-process payments worker"
+            )
         self.env = env
         self.client: Client = env.client
         self.task_queue = task_queue or f"billing-test-{uuid.uuid4().hex[:12]}"
@@ -154,11 +162,29 @@ class BillingHarness:
         self._sandboxed = sandboxed
         self._worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
+        self._payments_processes = [
+            PaymentsProcess(
+                target=self.client.service_client.config.target_host,
+                namespace=self.client.namespace,
+                task_queue=self.payments_task_queue,
+                database_url=database_url,
+                stripe_api_base=stripe_api_base,
+                threads=activity_threads,
+                throwaway_database=throwaway_database,
+            )
+            for _ in range(payments_processes)
+        ]
         self._payments_worker: Worker | None = None
         self._payments_worker_task: asyncio.Task[None] | None = None
         self.started_subscription_ids: list[str] = []
 
     async def __aenter__(self) -> BillingHarness:
+        try:
+            # Processes first: they import and connect while this one builds its worker.
+            await asyncio.gather(*(p.spawn() for p in self._payments_processes))
+        except BaseException:
+            await asyncio.gather(*(p.stop() for p in self._payments_processes))
+            raise
         with unit_of_work(self.session_factory) as session:
             for plan in self._plans:
                 plans_repo.upsert_plan(session, plan)
@@ -170,6 +196,13 @@ class BillingHarness:
             workflow_runner=None if self._sandboxed else UnsandboxedWorkflowRunner(),
         )
         self._worker_task = asyncio.create_task(self._worker.run())
+        if self._payments_processes:
+            try:
+                await asyncio.gather(*(p.wait_ready() for p in self._payments_processes))
+            except BaseException:
+                await self.__aexit__(None, None, None)
+                raise
+            return self
         self._payments_worker = build_payments_worker(
             self.client,
             self.deps,
@@ -194,6 +227,7 @@ class BillingHarness:
         for worker in (self._worker, self._payments_worker):
             if worker is not None:
                 await worker.shutdown()
+        await asyncio.gather(*(p.stop() for p in self._payments_processes))
         tasks = [t for t in (self._worker_task, self._payments_worker_task) if t is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
         self.http_client.close()  # type: ignore[no-untyped-call]
@@ -352,6 +386,8 @@ class BillingHarness:
         deadline = loop.time() + timeout
         pending = list(subscription_ids)
         while pending:
+            for process in self._payments_processes:
+                process.check()
             now = await self.env.get_current_time()
             busy = []
             for subscription_id in pending:

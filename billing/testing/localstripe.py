@@ -32,7 +32,15 @@ from typing import IO
 
 from billing.settings import find_binary
 
-__all__ = ["LOCALSTRIPE_STORE", "LocalStripe", "find_localstripe_executable"]
+__all__ = [
+    "LOCALSTRIPE_API_KEY",
+    "LOCALSTRIPE_STORE",
+    "LocalStripe",
+    "find_localstripe_executable",
+]
+
+#: The API key the test stacks give the Stripe SDK for localstripe (any key works there).
+LOCALSTRIPE_API_KEY = "sk_test_localstripe"
 
 #: Where every localstripe on the machine saves its store (fixed in its source).
 LOCALSTRIPE_STORE = Path("/tmp/localstripe.pickle")
@@ -164,7 +172,7 @@ class LocalStripe:
                     f"{self._startup_timeout_seconds:g}s; its output ends with:\n"
                     f"{self.output_tail()}"
                 )
-            time.sleep(0.1)
+            time.sleep(0.02)
 
     def _answers_http(self) -> bool:
         # Any HTTP answer counts (an unauthenticated GET gets 401): the server is up.

@@ -140,6 +140,30 @@ def annual(doc: Document) -> None:
     assert len(days) == 10
 
 
+def two_subscriptions(doc: Document) -> None:
+    basic, team = doc["subscriptions"]
+    assert (basic["name"], team["name"]) == ("basic", "team")
+    # One customer: one invoice sequence across both subscriptions, no gaps.
+    numbers = sorted(i["number"] for sub in (basic, team) for i in sub["invoices"])
+    assert numbers == [f"INV-{n:04d}" for n in range(1, len(numbers) + 1)]
+    # The failing card reaches each subscription at its own renewal; the new card pays both
+    # open invoices at once (10:00 Berlin, 08:00Z).
+    for sub, failed_at in ((team, "2032-03-29T07:00:00Z"), (basic, "2032-04-01T07:00:00Z")):
+        assert [(c["at"], c["status"]) for c in sub["status_changes"]][1:3] == [
+            (failed_at, "past_due"),
+            ("2032-04-03T08:00:00Z", "active"),
+        ]
+        [dunned] = [i for i in sub["invoices"] if len(i["attempts"]) > 1]
+        assert dunned["status"] == "paid"
+        assert dunned["attempts"][-1]["reason"] == "payment_method_updated"
+        assert dunned["attempts"][-1]["at"] == "2032-04-03T08:00:00Z"
+    assert (basic["status"], team["status"]) == ("active", "canceled")
+    assert team["ended_at"] == "2032-06-14T07:00:00Z"
+    assert team["invoices"][-1]["period_end"] == "2032-06-14T07:00:00Z"
+    assert len(basic["invoices"]) == 4  # March to June: the horizon is July 1st, 00:00
+    assert {i["status"] for sub in (basic, team) for i in sub["invoices"]} == {"paid"}
+
+
 FACTS: dict[str, Callable[[Document], None]] = {
     "leap-year-month-end": leap_year,
     "trial-then-monthly": trial,
@@ -148,4 +172,5 @@ FACTS: dict[str, Callable[[Document], None]] = {
     "cancel-at-period-end-during-dunning": cancel_during_dunning,
     "pause-and-resume-over-a-year": pause_resume,
     "annual-plan-ten-years": annual,
+    "two-subscriptions-one-card": two_subscriptions,
 }
