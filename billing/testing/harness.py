@@ -178,6 +178,11 @@ class BillingHarness:
         self._payments_worker_task: asyncio.Task[None] | None = None
         self.started_subscription_ids: list[str] = []
 
+    @property
+    def payments_process_ids(self) -> list[int]:
+        """The payments worker processes' ids (``payments_processes``; empty otherwise)."""
+        return [p.pid for p in self._payments_processes if p.pid is not None]
+
     async def __aenter__(self) -> BillingHarness:
         try:
             # Processes first: they import and connect while this one builds its worker.

@@ -106,6 +106,11 @@ class PaymentsProcess:
             await self.stop()
             raise RuntimeError(f"the payments worker process did not start: {self.output_tail()}")
 
+    @property
+    def pid(self) -> int | None:
+        """The running process's id (None before ``spawn`` and after ``stop``)."""
+        return None if self._process is None else self._process.pid
+
     def check(self) -> None:
         """Raise if the process has exited (its worker died): nothing would charge any more."""
         if self._process is not None and self._process.returncode is not None:
