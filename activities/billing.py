@@ -58,6 +58,7 @@ from billing.payments import (
     ChargeOutcomeKind,
     PaymentGateway,
     PaymentProviderError,
+    SettlementDetails,
 )
 from billing.records import (
     AttemptStatus,
@@ -181,10 +182,14 @@ class BillingActivities:
     @activity.defn(name=ActivityName.CREATE_INVOICE)
     @_domain_errors_are_final
     def create_invoice(self, input: CreateInvoiceInput) -> CreateInvoiceResult:
-        """Create and finalize the period's invoice; idempotent per (subscription, period)."""
+        """Create the period's invoice, finalized; idempotent per (subscription, period)."""
         with unit_of_work(self.session_factory) as session:
             now = input.issued_at or self.clock.now()
-            draft = InvoiceRecord(
+            # Issued final in the one INSERT: nobody can see or edit a draft of an invoice the
+            # engine generates, so it goes straight to open. A free period is paid on
+            # finalization, as Stripe does.
+            free = input.amount_minor == 0
+            issued = InvoiceRecord(
                 id=invoice_id_for(input.subscription_id, input.period_start),
                 number="",  # issue_invoice allocates the customer's next number
                 subscription_id=input.subscription_id,
@@ -195,29 +200,19 @@ class BillingActivities:
                 amount_due_minor=input.amount_minor,
                 amount_paid_minor=0,
                 currency=input.currency,
-                status=InvoiceStatus.DRAFT,
+                status=InvoiceStatus.PAID if free else InvoiceStatus.OPEN,
                 description=input.description,
                 status_reason=None,
                 created_at=now,
-                finalized_at=None,
-                paid_at=None,
+                finalized_at=now,
+                paid_at=now if free else None,
                 voided_at=None,
                 marked_uncollectible_at=None,
             )
             # Idempotent per (subscription, period) and gap-free: a racing run of this activity
             # gets the existing invoice and gives its number back.
-            invoice, created = invoices_repo.issue_invoice(session, draft)
-            if not created:
-                return _invoice_result(invoice, created=False)
-            invoice = invoices_repo.transition_invoice(
-                session, invoice.id, to=InvoiceStatus.OPEN, at=now
-            )
-            if invoice.amount_due_minor == 0:
-                # Nothing to collect (free period): paid on finalization, as Stripe does.
-                invoice = invoices_repo.transition_invoice(
-                    session, invoice.id, to=InvoiceStatus.PAID, at=now, amount_paid_minor=0
-                )
-            return _invoice_result(invoice, created=True)
+            invoice, created = invoices_repo.issue_invoice(session, issued)
+            return _invoice_result(invoice, created=created)
 
     @activity.defn(name=ActivityName.CLOSE_INVOICE)
     @_domain_errors_are_final
@@ -372,6 +367,12 @@ class BillingActivities:
                 )
                 if self._after_charge_hook is not None:
                     self._after_charge_hook(key, redriven is not None)
+        details = None
+        if outcome.kind == ChargeOutcomeKind.PAID and outcome.payment_intent_id is not None:
+            details = self._details_after_charge(
+                invoice, outcome.payment_intent_id, outcome.charge_id
+            )
+        payment_id = None
         with unit_of_work(self.session_factory) as session:
             attempts_repo.record_attempt_outcome(
                 session,
@@ -385,11 +386,11 @@ class BillingActivities:
                 payment_method_id=payment_method_id,
                 completed_at=self.clock.now(),
             )
-        payment_id = None
-        if outcome.kind == ChargeOutcomeKind.PAID and outcome.payment_intent_id is not None:
-            payment_id = self._settle_after_charge(
-                invoice, attempt, outcome.payment_intent_id, outcome.charge_id
-            )
+            if details is not None:
+                assert outcome.payment_intent_id is not None
+                payment_id = self._settle_with_outcome(
+                    session, invoice, attempt, outcome.payment_intent_id, outcome.charge_id, details
+                )
         return ChargeInvoiceResult(
             outcome=outcome.kind,
             attempt_number=attempt_number,
@@ -401,19 +402,41 @@ class BillingActivities:
             payment_id=payment_id,
         )
 
-    def _settle_after_charge(
+    def _details_after_charge(
+        self, invoice: InvoiceRecord, payment_intent_id: str, charge_id: str | None
+    ) -> SettlementDetails | None:
+        """The settlement of a charge that just succeeded, to record with its outcome in one
+        transaction (one commit less per paid period). None if the provider cannot say now
+        or the money does not match: the outcome is then recorded alone and ``settle_invoice``
+        (run by the workflow when no payment id comes back) settles it, with its own retries
+        and errors."""
+        try:
+            return self._settlement_details(invoice, payment_intent_id, charge_id)
+        except Exception:
+            log.warning(
+                "reading the settlement of invoice %s's charge failed; the workflow settles it",
+                invoice.id,
+                exc_info=True,
+            )
+            return None
+
+    def _settle_with_outcome(
         self,
+        session: Session,
         invoice: InvoiceRecord,
         attempt: PaymentAttemptRecord,
         payment_intent_id: str,
         charge_id: str | None,
+        details: SettlementDetails,
     ) -> str | None:
-        """Settle a charge that just succeeded, in the same activity: one round trip less
-        per paid period. The charge's outcome is already committed, so nothing here may lose
-        it: any failure is logged and left to ``settle_invoice``, which the workflow runs
-        (with its own retries and errors) when no payment id comes back."""
+        """Record the settlement in the transaction that records the charge's outcome, inside
+        a savepoint: if it fails, only the settlement is rolled back and logged, and the
+        outcome still commits. Nothing here may lose a charge."""
         try:
-            return self._settle(invoice, attempt, payment_intent_id, charge_id).id
+            with session.begin_nested():
+                return self._record_settlement(
+                    session, invoice, attempt, payment_intent_id, charge_id, details
+                ).id
         except Exception:
             log.warning(
                 "settling invoice %s after its charge failed; the workflow settles it instead",
@@ -447,6 +470,17 @@ class BillingActivities:
     ) -> PaymentRecord:
         """Record the settled payment of ``attempt`` (amount, fee, net from the provider) and
         mark the invoice paid, in one transaction; idempotent (one payment per invoice)."""
+        details = self._settlement_details(invoice, payment_intent_id, charge_id)
+        with unit_of_work(self.session_factory) as session:
+            return self._record_settlement(
+                session, invoice, attempt, payment_intent_id, charge_id, details
+            )
+
+    def _settlement_details(
+        self, invoice: InvoiceRecord, payment_intent_id: str, charge_id: str | None
+    ) -> SettlementDetails:
+        """What the provider settled for the charge; ChangeRefused if it is not the invoice's
+        amount and currency."""
         details = self.gateway.settlement_details(
             payment_intent_id=payment_intent_id, charge_id=charge_id
         )
@@ -457,35 +491,46 @@ class BillingActivities:
                 f"payment {payment_intent_id} is {details.amount_minor} {details.currency} "
                 f"but invoice {invoice.number} is {invoice.amount_due_minor} {invoice.currency}"
             )
+        return details
+
+    def _record_settlement(
+        self,
+        session: Session,
+        invoice: InvoiceRecord,
+        attempt: PaymentAttemptRecord,
+        payment_intent_id: str,
+        charge_id: str | None,
+        details: SettlementDetails,
+    ) -> PaymentRecord:
+        """Write the payment and mark the invoice paid, in the caller's transaction."""
         now = self.clock.now()
-        with unit_of_work(self.session_factory) as session:
-            payment, _ = payments_repo.insert_payment(
-                session,
-                PaymentRecord(
-                    id=new_id("py"),
-                    invoice_id=invoice.id,
-                    attempt_id=attempt.id,
-                    stripe_payment_intent_id=payment_intent_id,
-                    stripe_charge_id=details.charge_id or charge_id,
-                    balance_transaction_id=details.balance_transaction_id,
-                    amount_minor=details.amount_minor,
-                    currency=details.currency,
-                    fee_minor=details.fee_minor,
-                    net_minor=details.net_minor,
-                    settlement_amount_minor=details.settlement_amount_minor,
-                    settlement_currency=details.settlement_currency,
-                    settled_at=now,
-                ),
-            )
-            # A no-op when a previous run already marked it paid.
-            invoices_repo.transition_invoice(
-                session,
-                invoice.id,
-                to=InvoiceStatus.PAID,
-                at=now,
-                amount_paid_minor=payment.amount_minor,
-            )
-            return payment
+        payment, _ = payments_repo.insert_payment(
+            session,
+            PaymentRecord(
+                id=new_id("py"),
+                invoice_id=invoice.id,
+                attempt_id=attempt.id,
+                stripe_payment_intent_id=payment_intent_id,
+                stripe_charge_id=details.charge_id or charge_id,
+                balance_transaction_id=details.balance_transaction_id,
+                amount_minor=details.amount_minor,
+                currency=details.currency,
+                fee_minor=details.fee_minor,
+                net_minor=details.net_minor,
+                settlement_amount_minor=details.settlement_amount_minor,
+                settlement_currency=details.settlement_currency,
+                settled_at=now,
+            ),
+        )
+        # A no-op when a previous run already marked it paid.
+        invoices_repo.transition_invoice(
+            session,
+            invoice.id,
+            to=InvoiceStatus.PAID,
+            at=now,
+            amount_paid_minor=payment.amount_minor,
+        )
+        return payment
 
     @activity.defn(name=ActivityName.CONFIRM_AUTHENTICATED_PAYMENT)
     @_domain_errors_are_final

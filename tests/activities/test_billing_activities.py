@@ -493,6 +493,40 @@ def test_a_settlement_outage_after_a_charge_keeps_the_charge_for_settle_invoice(
 
 
 @BOTH_BACKENDS
+def test_a_settlement_write_that_fails_rolls_back_alone_and_the_charge_outcome_commits(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The outcome and the settlement share one transaction; the settlement sits in a savepoint
+    # so that a failure writing it cannot take the record of the money with it.
+    seeded = seed_subscription(stack)
+    invoice = open_invoice(stack, seeded)
+    real_transition = invoices_repo.transition_invoice
+
+    def transition_fails_after_the_payment_insert(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("database fault while marking the invoice paid (test)")
+
+    monkeypatch.setattr(
+        invoices_repo, "transition_invoice", transition_fails_after_the_payment_insert
+    )
+    paid = charge(stack, invoice.invoice_id, 1)
+
+    assert (paid.outcome, paid.payment_id) == (ChargeOutcomeKind.PAID, None)
+    [attempt] = stored_attempts(stack, invoice.invoice_id)
+    assert (attempt.status, attempt.stripe_payment_intent_id) == (
+        AttemptStatus.SUCCEEDED,
+        paid.payment_intent_id,
+    )
+    # The payment row inserted before the fault went with the savepoint, not half of it.
+    assert stored_payments(stack, invoice.invoice_id) == []
+    assert stored_invoice(stack, invoice.invoice_id).status == InvoiceStatus.OPEN
+    monkeypatch.setattr(invoices_repo, "transition_invoice", real_transition)
+    settled = settle(stack, invoice.invoice_id, paid)
+    [payment] = stored_payments(stack, invoice.invoice_id)
+    assert settled.payment_id == payment.id and payment.attempt_id == attempt.id
+    assert stored_invoice(stack, invoice.invoice_id).status == InvoiceStatus.PAID
+
+
+@BOTH_BACKENDS
 def test_a_worker_lost_mid_charge_is_retried_under_the_same_key_and_settles_once(
     stack: Stack,
 ) -> None:
