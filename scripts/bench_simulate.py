@@ -1,18 +1,30 @@
 """Wall time of `billing simulate` runs (a script that prints figures; never a timed test).
 
-    .venv/bin/python scripts/bench_simulate.py
+    .venv/bin/python scripts/bench_simulate.py [--repeat N] [--no-cli]
 
 1. Ten years of monthly billing with a dunning episode each year: the card fails before the
    March renewal and recovers nine days later, so each March invoice is paid by a retry.
 2. 100 subscriptions (one customer) over one year of monthly billing.
 
-Each figure is the whole run: test server, localstripe and database start-up included.
+Each figure is the whole run: test server, localstripe and database start-up included. Two
+ways, each repeated (the machines are shared and noisy; the median is the figure to quote):
+
+- ``run_scenario`` in this process (what ``scripts/bench.py`` reports);
+- the ``billing simulate FILE --json`` command as a user runs it, interpreter start-up and
+  imports included.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from billing.simulate.runner import run_scenario
@@ -52,21 +64,48 @@ async def measure(data: dict[str, Any]) -> tuple[float, Timeline]:
     return time.perf_counter() - started, timeline
 
 
+def cli_seconds(data: dict[str, Any]) -> float:
+    """Wall time of ``billing simulate FILE --json`` in a new process."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "scenario.json"
+        path.write_text(json.dumps(data))
+        billing = Path(sys.executable).with_name("billing")
+        started = time.perf_counter()
+        command = [str(billing), "simulate", str(path), "--json"]
+        subprocess.run(command, check=True, capture_output=True)
+        return time.perf_counter() - started
+
+
+def figures(label: str, runs: list[float]) -> str:
+    listed = ", ".join(f"{r:.2f}" for r in runs)
+    return f"{label}: median {statistics.median(runs):.2f} s (runs: {listed})"
+
+
 async def main() -> None:
-    seconds, timeline = await measure(ten_years_with_yearly_dunning())
-    [sub] = timeline.subscriptions
-    attempts = sum(len(i.attempts) for i in sub.invoices)
-    print(
-        f"ten years monthly + yearly dunning: {seconds:.2f} s wall "
-        f"({len(sub.invoices)} invoices, {attempts} charge attempts, "
-        f"{sum(1 for i in sub.invoices if i.status == 'paid')} paid)"
-    )
-    seconds, timeline = await measure(hundred_subscriptions_one_year())
-    invoices = sum(len(s.invoices) for s in timeline.subscriptions)
-    print(
-        f"100 subscriptions over one year: {seconds:.2f} s wall "
-        f"({invoices} invoices, {len(timeline.subscriptions)} subscriptions)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each (default 3)")
+    parser.add_argument("--no-cli", action="store_true", help="skip the command-line runs")
+    args = parser.parse_args()
+    for name, make in (
+        ("ten years monthly + yearly dunning", ten_years_with_yearly_dunning),
+        ("100 subscriptions over one year", hundred_subscriptions_one_year),
+    ):
+        runs = []
+        for _ in range(args.repeat):
+            seconds, timeline = await measure(make())
+            runs.append(seconds)
+        invoices = [i for sub in timeline.subscriptions for i in sub.invoices]
+        attempts = sum(len(i.attempts) for i in invoices)
+        paid = sum(1 for i in invoices if i.status == "paid")
+        print(
+            figures(f"{name}, run_scenario", runs)
+            + f" [{len(timeline.subscriptions)} subscriptions, {len(invoices)} invoices, "
+            f"{attempts} charge attempts, {paid} paid]",
+            flush=True,
+        )
+        if not args.no_cli:
+            cli = [cli_seconds(make()) for _ in range(args.repeat)]
+            print(figures(f"{name}, billing simulate --json", cli), flush=True)
 
 
 if __name__ == "__main__":
