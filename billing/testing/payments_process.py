@@ -1,5 +1,6 @@
 """A payments worker in its own process, for simulations and tests on the time-skipping server:
-``python -m billing.testing.payments_process --target HOST:PORT --task-queue Q ...``.
+``python -m billing.testing.payments_process --target HOST:PORT --task-queue Q ...``, with
+the database URL in ``BILLING_PAYMENTS_PROCESS_DATABASE_URL``.
 
 ``BillingHarness(payments_processes=N)`` starts N of these instead of the payments worker in its
 own process, as production runs workers in several processes. A simulation of many
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -31,6 +33,8 @@ from billing.testing.localstripe import LOCALSTRIPE_API_KEY
 from billing.worker import Dependencies, build_payments_worker
 from db.engine import make_engine, make_session_factory
 
+#: The variable that carries the database URL to the process.
+DATABASE_URL_VARIABLE = "BILLING_PAYMENTS_PROCESS_DATABASE_URL"
 #: Real seconds a new process may take to import, connect and build its worker.
 READY_TIMEOUT_S = 60.0
 
@@ -65,8 +69,6 @@ class PaymentsProcess:
             namespace,
             "--task-queue",
             task_queue,
-            "--database-url",
-            database_url,
             "--stripe-api-base",
             stripe_api_base,
             "--threads",
@@ -74,6 +76,9 @@ class PaymentsProcess:
         ]
         if throwaway_database:
             self._args.append("--throwaway-database")
+        # In the environment, not the command line: a PostgreSQL URL may hold a password, and
+        # any user on the machine can read a process's arguments.
+        self._env = {**os.environ, DATABASE_URL_VARIABLE: database_url}
         self._process: asyncio.subprocess.Process | None = None
         self._log: IO[bytes] | None = None
 
@@ -90,6 +95,7 @@ class PaymentsProcess:
             "-m",
             __name__,
             *self._args,
+            env=self._env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=self._log,
@@ -147,7 +153,6 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--target", required=True, help="Temporal frontend, HOST:PORT")
     parser.add_argument("--namespace", default="default")
     parser.add_argument("--task-queue", required=True, help="the payments task queue")
-    parser.add_argument("--database-url", required=True)
     parser.add_argument("--stripe-api-base", required=True, help="localstripe's URL")
     parser.add_argument("--threads", type=int, default=8, help="activity threads")
     parser.add_argument(
@@ -159,7 +164,10 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    engine = make_engine(args.database_url, throwaway=args.throwaway_database)
+    database_url = os.environ.get(DATABASE_URL_VARIABLE)
+    if not database_url:
+        raise SystemExit(f"set {DATABASE_URL_VARIABLE} to the database the harness uses")
+    engine = make_engine(database_url, throwaway=args.throwaway_database)
     stripe = make_stripe_client(
         api_key=LOCALSTRIPE_API_KEY, api_base=args.stripe_api_base, max_network_retries=0
     )

@@ -14,10 +14,12 @@ from billing.invoices import InvoiceStatus
 from billing.testing.cards import SUCCEEDS
 from billing.testing.harness import BillingHarness
 from billing.testing.localstripe import LocalStripe
+from tests.conftest import BOTH_BACKENDS
 
 PAYMENT_INTENTS = "/v1/payment_intents"
 
 
+@BOTH_BACKENDS
 async def test_charges_run_in_the_payments_worker_process(
     temporal_env: Any, localstripe: LocalStripe, database_url: str
 ) -> None:
