@@ -23,7 +23,7 @@ import signal
 import sys
 import tempfile
 from datetime import UTC, datetime
-from typing import IO
+from typing import IO, TextIO
 
 from temporalio import activity
 from temporalio.client import Client
@@ -109,8 +109,9 @@ class PaymentsProcess:
         except TimeoutError:
             line = b""
         if line.strip() != b"ready":
+            tail = self.output_tail()
             await self.stop()
-            raise RuntimeError(f"the payments worker process did not start: {self.output_tail()}")
+            raise RuntimeError(f"the payments worker process did not start: {tail}")
 
     @property
     def pid(self) -> int | None:
@@ -163,7 +164,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace, ready: TextIO) -> None:
     database_url = os.environ.get(DATABASE_URL_VARIABLE)
     if not database_url:
         raise SystemExit(f"set {DATABASE_URL_VARIABLE} to the database the harness uses")
@@ -190,7 +191,8 @@ async def serve(args: argparse.Namespace) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     running = asyncio.create_task(worker.run())
-    print("ready", flush=True)
+    print("ready", file=ready, flush=True)
+    ready.close()
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({running, stopped}, return_when=asyncio.FIRST_COMPLETED)
     if not running.done():
@@ -200,8 +202,13 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Standard output carries the one "ready" line and nothing else: whatever else writes to
+    # it (the SDK core prints its warnings there) goes to stderr, the log, instead, so the
+    # parent never reads a warning for "ready" nor blocks this process on a full pipe.
+    ready = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    asyncio.run(serve(_arguments(argv)))
+    asyncio.run(serve(_arguments(argv), ready))
     return 0
 
 

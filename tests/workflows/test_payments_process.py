@@ -14,6 +14,7 @@ from billing.invoices import InvoiceStatus
 from billing.testing.cards import SUCCEEDS
 from billing.testing.harness import BillingHarness
 from billing.testing.localstripe import LocalStripe
+from billing.testing.payments_process import PaymentsProcess
 from tests.conftest import BOTH_BACKENDS
 
 PAYMENT_INTENTS = "/v1/payment_intents"
@@ -77,3 +78,16 @@ def test_a_wrapped_gateway_needs_the_in_process_payments_worker(
             payments_processes=1,
             charge_rate_per_s=10,
         )
+
+
+async def test_a_payments_process_that_cannot_start_says_why(database_url: str) -> None:
+    process = PaymentsProcess(
+        target="127.0.0.1:1",  # nothing listens there
+        namespace="default",
+        task_queue="unused",
+        database_url=database_url,
+        stripe_api_base="http://127.0.0.1:1",
+    )
+    with pytest.raises(RuntimeError, match=r"did not start: (?s:.*)127\.0\.0\.1:1"):
+        await process.start()
+    assert process.pid is None
