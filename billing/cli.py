@@ -64,9 +64,21 @@ def api() -> None:
 async def _run_api_only(settings: Settings) -> None:
     from billing.worker import build_dependencies
 
-    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    stop = _stop_event()
+    client = await _connect_at_start_up(settings, stop)
+    if client is None:
+        return
     deps = build_dependencies(settings)
-    await _serve_api(settings, deps, client, stop=_stop_event())
+    await _serve_api(settings, deps, client, stop=stop)
+
+
+async def _connect_at_start_up(settings: Settings, stop: asyncio.Event) -> Client | None:
+    """A long-running command's client: Temporal may still be starting (a deploy that starts
+    everything at once), so it is retried for ``temporal_connect_timeout_s``."""
+    try:
+        return await _connect(settings, retry_for_s=settings.temporal_connect_timeout_s, stop=stop)
+    except TemporalUnreachable as error:
+        _fail(str(error), code=1)
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -177,7 +189,10 @@ def dev(
 async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     from billing.worker import build_dependencies, build_worker
 
-    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    stop = stop or _stop_event()
+    client = await _connect_at_start_up(settings, stop)
+    if client is None:
+        return
     deps = build_dependencies(settings)
     w = build_worker(
         client,
@@ -186,7 +201,6 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
         activity_threads=settings.activity_threads,
         max_cached_workflows=settings.worker_max_cached_workflows,
     )
-    stop = stop or _stop_event()
     async with w, _payments_worker(settings, client, deps):
         console.print(
             f"[green]worker running[/green] on task queues {settings.task_queue!r} and "
@@ -403,6 +417,63 @@ app.add_typer(invoices_app, name="invoices")
 app.add_typer(subscriptions_app, name="subscriptions")
 
 
+class TemporalUnreachable(Exception):
+    """No Temporal server answered at the configured address."""
+
+
+#: Waits between connection attempts at start-up: doubling from the first to the last.
+CONNECT_BACKOFF_S = (1.0, 30.0)
+
+
+async def _connect(
+    settings: Settings, *, retry_for_s: float = 0.0, stop: asyncio.Event | None = None
+) -> Client | None:
+    """A client of the configured Temporal server. Unreachable: retried with backoff for up to
+    ``retry_for_s`` seconds (each failure printed, so a wrong address shows at once), then
+    TemporalUnreachable naming the address and the last error. None if ``stop`` is set while
+    waiting (Ctrl-C during start-up)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retry_for_s
+    wait, longest = CONNECT_BACKOFF_S
+    while True:
+        try:
+            return await Client.connect(
+                settings.temporal_address, namespace=settings.temporal_namespace
+            )
+        except RuntimeError as error:
+            # The SDK reports a failed connection as a RuntimeError ("Failed client connect").
+            reason = str(error)
+        left = deadline - loop.time()
+        if left <= 0:
+            raise TemporalUnreachable(
+                f"no Temporal server at {settings.temporal_address} "
+                f"(BILLING_TEMPORAL_ADDRESS): {reason}"
+            )
+        pause = min(wait, left)
+        err_console.print(
+            f"[yellow]Temporal at {settings.temporal_address} is not reachable; retrying in "
+            f"{pause:g} s[/yellow] ({reason})"
+        )
+        if stop is None:
+            await asyncio.sleep(pause)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), pause)
+            if stop.is_set():
+                return None
+        wait = min(wait * 2, longest)
+
+
+async def _connect_or_fail(settings: Settings) -> Client:
+    """A client for a one-off command: no retries; a clear error instead of a traceback."""
+    try:
+        client = await _connect(settings)
+    except TemporalUnreachable as error:
+        _fail(str(error), code=1)
+    assert client is not None
+    return client
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
     err_console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
@@ -546,9 +617,11 @@ def subscriptions_show(subscription_id: str) -> None:
     settings = Settings()
 
     async def run() -> SubscriptionView | None:
-        client = await Client.connect(
-            settings.temporal_address, namespace=settings.temporal_namespace
-        )
+        try:
+            client = await _connect(settings)
+        except TemporalUnreachable:
+            return None  # the database below still knows the subscription
+        assert client is not None
         try:
             return await _query(client, subscription_id)
         except RPCError:
@@ -580,9 +653,7 @@ def subscriptions_cancel(
     settings = Settings()
 
     async def run() -> CancelResult:
-        client = await Client.connect(
-            settings.temporal_address, namespace=settings.temporal_namespace
-        )
+        client = await _connect_or_fail(settings)
         handle = client.get_workflow_handle(f"subscription-{subscription_id}")
         result: CancelResult = await handle.execute_update(
             SubscriptionMessage.CANCEL,

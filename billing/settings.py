@@ -41,6 +41,10 @@ class Settings(BaseSettings):
 
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
+    #: How long ``billing worker`` and ``billing api`` keep retrying an unreachable Temporal
+    #: server at start-up (backoff from 1 s to 30 s) before they exit with an error, seconds.
+    #: 0: try once.
+    temporal_connect_timeout_s: float = Field(default=300.0, ge=0)
     task_queue: str = "billing"
     #: Task queue of the activities that call the payment provider (charge, settlement read,
     #: card attach, authenticated-payment confirm). Default: ``{task_queue}-payments``.
