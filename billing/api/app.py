@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from fastapi import APIRouter, FastAPI
 from temporalio.client import Client
 
-from billing.api import invoices, subscriptions
+from billing.api import access_log, invoices, subscriptions
 from billing.api.auth import KeyRing
 from billing.api.errors import install_error_handlers
 from billing.api.webhooks import WEBHOOK_MAX_BODY_BYTES, WEBHOOK_PATH
@@ -46,6 +46,7 @@ def create_app(
         redoc_url=None,
         openapi_url="/openapi.json",
     )
+    access_log.install()
     clock = clock or deps.clock
     app.state.settings = settings
     app.state.deps = deps
