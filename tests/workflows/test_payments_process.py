@@ -20,16 +20,22 @@ from tests.conftest import BOTH_BACKENDS
 PAYMENT_INTENTS = "/v1/payment_intents"
 
 
-@BOTH_BACKENDS
-async def test_charges_run_in_the_payments_worker_process(
+def with_one_process(
     temporal_env: Any, localstripe: LocalStripe, database_url: str
-) -> None:
-    async with BillingHarness(
+) -> BillingHarness:
+    return BillingHarness(
         temporal_env,
         database_url=database_url,
         stripe_api_base=localstripe.url,
         payments_processes=1,
-    ) as h:
+    )
+
+
+@BOTH_BACKENDS
+async def test_charges_run_in_the_payments_worker_process(
+    temporal_env: Any, localstripe: LocalStripe, database_url: str
+) -> None:
+    async with with_one_process(temporal_env, localstripe, database_url) as h:
         [pid] = h.payments_process_ids
         assert pid != os.getpid()
         signup = await h.signup("basic-monthly", card=SUCCEEDS)
@@ -51,12 +57,7 @@ async def test_charges_run_in_the_payments_worker_process(
 async def test_a_payments_process_that_dies_stops_the_wait_with_its_reason(
     temporal_env: Any, localstripe: LocalStripe, database_url: str
 ) -> None:
-    async with BillingHarness(
-        temporal_env,
-        database_url=database_url,
-        stripe_api_base=localstripe.url,
-        payments_processes=1,
-    ) as h:
+    async with with_one_process(temporal_env, localstripe, database_url) as h:
         [pid] = h.payments_process_ids
         os.kill(pid, signal.SIGKILL)
         signup = await h.signup("basic-monthly", card=SUCCEEDS)
