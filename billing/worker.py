@@ -44,6 +44,9 @@ class Dependencies:
     clock: Clock
     #: TEST ONLY fault injection; None unless BILLING_CHAOS_CRASH_AFTER_CHARGE_PERCENT is set.
     after_charge_hook: AfterChargeHook | None = None
+    #: The process's pacing of provider activities (``Settings.charge_rate_per_s``), shared by
+    #: both workers; None: no pacing (tests and simulations against localstripe).
+    provider_window: OneSecondWindow | None = None
 
 
 def crash_selected(idempotency_key: str, percent: int) -> bool:
@@ -84,6 +87,7 @@ def build_dependencies(settings: Settings, *, clock: Clock | None = None) -> Dep
         clock=clock or SystemClock(),
         # Settings refuse a non-zero percentage in production.
         after_charge_hook=crash_after_charge_hook(settings.chaos_crash_after_charge_percent),
+        provider_window=OneSecondWindow(settings.charge_rate_per_s, window_s=1 + PACING_GUARD_S),
     )
 
 
@@ -102,11 +106,20 @@ def build_worker(
     activities = BillingActivities(
         deps.session_factory, deps.gateway, deps.clock, after_charge_hook=deps.after_charge_hook
     )
+    registered = activities.all()
+    if deps.provider_window is not None:
+        # Runs started before the payments queue existed schedule their provider calls here,
+        # out of reach of that queue's Temporal rate: they take the same per-process pacing.
+        provider = {_activity_name(fn) for fn in provider_activities(activities)}
+        registered = [
+            paced(fn, deps.provider_window) if _activity_name(fn) in provider else fn
+            for fn in registered
+        ]
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[SubscriptionWorkflow],
-        activities=activities.all(),
+        activities=registered,
         activity_executor=ThreadPoolExecutor(max_workers=activity_threads),
         max_concurrent_activities=activity_threads,
         workflow_runner=workflow_runner or SandboxedWorkflowRunner(),
@@ -154,10 +167,14 @@ class OneSecondWindow:
             time.sleep(wait)
 
 
+def _activity_name(fn: Callable[..., Any]) -> str:
+    return str(getattr(fn, "__temporal_activity_definition").name)
+
+
 def paced(fn: Callable[[Any], Any], window: OneSecondWindow) -> Callable[[Any], Any]:
     """The activity ``fn`` (one argument), under the same name, waiting for ``window`` before it
     runs."""
-    name = str(getattr(fn, "__temporal_activity_definition").name)
+    name = _activity_name(fn)
 
     # Not its __dict__: that holds fn's own activity definition.
     @functools.wraps(fn, updated=())
@@ -195,13 +212,17 @@ def build_payments_worker(
     each payments worker also paces its own starts to the cap in any window of 1.25 seconds.
 
     The billing worker registers these activities too: runs started before the payments queue
-    existed schedule them on their own queue."""
+    existed schedule them on their own queue. With ``deps.provider_window`` both workers pace
+    with that one window, so the process stays under the cap across both queues."""
     activities = BillingActivities(
         deps.session_factory, deps.gateway, deps.clock, after_charge_hook=deps.after_charge_hook
     )
     provider = provider_activities(activities)
     if charge_rate_per_s is not None:
-        window = OneSecondWindow(charge_rate_per_s, window_s=1 + PACING_GUARD_S)
+        # The process's window when it has one: the billing worker paces with it too.
+        window = deps.provider_window or OneSecondWindow(
+            charge_rate_per_s, window_s=1 + PACING_GUARD_S
+        )
         provider = [paced(fn, window) for fn in provider]
     return Worker(
         client,

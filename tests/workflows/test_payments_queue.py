@@ -13,16 +13,18 @@ from typing import Any
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
+from temporalio.exceptions import ApplicationError
 from temporalio.worker import Replayer
 
 from billing.cli import _payments_worker
-from billing.contracts import ActivityName
+from billing.contracts import ActivityName, ChargeInvoiceInput, SyncSubscriptionInput
 from billing.invoices import InvoiceStatus
 from billing.settings import Settings
+from billing.subscription import SubscriptionStatus
 from billing.testing.cards import SUCCEEDS
 from billing.testing.harness import BillingHarness
 from billing.testing.localstripe import LocalStripe
-from billing.worker import OneSecondWindow
+from billing.worker import OneSecondWindow, build_dependencies, build_worker
 from tests.conftest import recorded_harness
 from workflows.subscription import SubscriptionWorkflow
 
@@ -152,3 +154,47 @@ def test_the_window_lets_no_more_than_the_cap_start_in_any_window() -> None:
     assert len(starts) == 12
     # Any 6 consecutive starts span at least one window: never 6 inside one.
     assert all(later - earlier >= 0.2 for earlier, later in zip(starts, starts[5:], strict=False))
+
+
+class CountingWindow(OneSecondWindow):
+    def __init__(self) -> None:
+        super().__init__(1000)
+        self.acquired = 0
+
+    def acquire(self) -> None:
+        self.acquired += 1
+        super().acquire()
+
+
+async def test_both_workers_of_a_process_pace_provider_calls_with_one_window(
+    temporal_env: Any, database_url: str
+) -> None:
+    # Runs from before the payments queue schedule their charges on the billing queue, out of
+    # reach of the payments queue's Temporal rate: the process's one window paces both.
+    settings = Settings(_env_file=None, database_url=database_url)  # type: ignore[call-arg]
+    deps = build_dependencies(settings)
+    assert isinstance(deps.provider_window, OneSecondWindow)
+    assert deps.provider_window.limit == 20  # the default cap
+    window = deps.provider_window = CountingWindow()
+    billing = build_worker(temporal_env.client, deps, task_queue="q")
+    payments = _payments_worker(settings, temporal_env.client, deps)
+
+    def activity(worker: Any, name: str) -> Any:
+        [fn] = [
+            f
+            for f in worker.config()["activities"]
+            if getattr(f, "__temporal_activity_definition").name == name
+        ]
+        return fn
+
+    missing = ChargeInvoiceInput(invoice_id="inv_missing", attempt_number=1, reason="scheduled")
+    for worker in (billing, payments):
+        with pytest.raises(ApplicationError, match="inv_missing"):
+            activity(worker, ActivityName.CHARGE_INVOICE)(missing)
+    assert window.acquired == 2
+    # Database-only steps are not paced.
+    with pytest.raises(ApplicationError):
+        activity(billing, ActivityName.SYNC_SUBSCRIPTION)(
+            SyncSubscriptionInput(subscription_id="sub_missing", status=SubscriptionStatus.ACTIVE)
+        )
+    assert window.acquired == 2
