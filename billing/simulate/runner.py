@@ -173,9 +173,8 @@ async def run_scenario(
 
 async def _finished(future: asyncio.Future[Any]) -> None:
     """Wait for ``future`` to end, whatever its outcome (its error, if any, is raised where
-    it is awaited first)."""
-    with contextlib.suppress(BaseException):
-        await future
+    it is awaited first); a cancellation of the caller still propagates."""
+    await asyncio.wait([future])
 
 
 @functools.cache
