@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ready = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    gc.freeze()  # the modules live as long as the process: keep them out of full collections
     asyncio.run(serve(_arguments(argv), ready))
     return 0
 
