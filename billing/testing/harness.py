@@ -18,7 +18,6 @@ from types import TracebackType
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
-from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client, WorkflowHandle, WorkflowHistory
@@ -42,6 +41,7 @@ from billing.records import (
 from billing.settings import find_binary
 from billing.signup import CustomerDetails, SignupRequest, SignupResult, SignupService
 from billing.testing.cards import create_card_payment_method
+from billing.testing.clocks import ServerTimeClock
 from billing.testing.localstripe import LOCALSTRIPE_API_KEY
 from billing.testing.payments_process import PaymentsProcess
 from billing.testing.stripe_recording import RecordingHTTPClient
@@ -68,21 +68,6 @@ async def start_time_skipping_environment(
     return await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=path, runtime=runtime
     )
-
-
-class ServerTimeClock:
-    """ "Now" for activities on a time-skipping server: the scheduled time of the running
-    activity attempt, which is the server's (skipped) clock. Outside an activity: ``fallback``
-    (the harness sets it to the server's time before each client-side call)."""
-
-    def __init__(self) -> None:
-        self.fallback = datetime.now(UTC)
-
-    def now(self) -> datetime:
-        try:
-            return activity.info().current_attempt_scheduled_time.astimezone(UTC)
-        except RuntimeError:
-            return self.fallback
 
 
 @dataclass

@@ -23,13 +23,12 @@ import os
 import signal
 import sys
 import tempfile
-from datetime import UTC, datetime
 from typing import IO, TextIO
 
-from temporalio import activity
 from temporalio.client import Client
 
 from activities.stripe_gateway import StripeGateway, make_stripe_client
+from billing.testing.clocks import ServerTimeClock
 from billing.testing.localstripe import LOCALSTRIPE_API_KEY
 from billing.worker import Dependencies, build_payments_worker
 from db.engine import make_engine, make_session_factory
@@ -38,14 +37,6 @@ from db.engine import make_engine, make_session_factory
 DATABASE_URL_VARIABLE = "BILLING_PAYMENTS_PROCESS_DATABASE_URL"
 #: Real seconds a new process may take to import, connect and build its worker.
 READY_TIMEOUT_S = 60.0
-
-
-class ActivityScheduledClock:
-    """ "Now" in an activity on a time-skipping server: the scheduled time of the running
-    attempt, which is the server's (skipped) clock. This process runs activities only."""
-
-    def now(self) -> datetime:
-        return activity.info().current_attempt_scheduled_time.astimezone(UTC)
 
 
 class PaymentsProcess:
@@ -177,7 +168,7 @@ async def serve(args: argparse.Namespace, ready: TextIO) -> None:
         session_factory=make_session_factory(engine),
         # localstripe rejects `description` on PaymentIntents.
         gateway=StripeGateway(stripe, send_description=False),
-        clock=ActivityScheduledClock(),
+        clock=ServerTimeClock(),  # only activities run here
     )
     client = await Client.connect(args.target, namespace=args.namespace)
     worker = build_payments_worker(

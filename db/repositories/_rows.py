@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -34,16 +35,11 @@ def column_values(record: object) -> dict[str, Any]:
     return {f.name: getattr(record, f.name) for f in fields(record)}  # type: ignore[arg-type]
 
 
-_INSERTS: dict[str, Insert] = {}
-
-
+@functools.cache
 def _insert_returning(table: Table) -> Insert:
     """``INSERT INTO table ... RETURNING *``, built once per table: the values are bound at
     execution, so SQLAlchemy's compiled-statement cache key is computed once too."""
-    statement = _INSERTS.get(table.name)
-    if statement is None:
-        statement = _INSERTS[table.name] = insert(table).returning(*table.c)
-    return statement
+    return insert(table).returning(*table.c)
 
 
 def insert_or_get(
