@@ -21,7 +21,8 @@ ROOT = Path(__file__).parents[1] / "histories"
 #: Current recordings at the top level; recordings made by earlier workflow versions in
 #: subfolders, which must keep replaying: v1, one billed period per run; v2, 12 periods per
 #: run with every step an ordinary activity (before the "local-db-steps" patch and the
-#: charge that settles its own payment).
+#: charge that settles its own payment); v3, the code before the money-safety issue (one
+#: PaymentIntent per attempt, no retry spacing, no needs_attention).
 HISTORIES = sorted(ROOT.rglob("*.json"))
 CURRENT = sorted(ROOT.glob("*.json"))
 
