@@ -28,6 +28,7 @@ class ActivityName:
     ENQUEUE_NOTIFICATION = "enqueue_notification"
     ATTACH_PAYMENT_METHOD = "attach_payment_method"
     CONFIRM_AUTHENTICATED_PAYMENT = "confirm_authenticated_payment"
+    CANCEL_INVOICE_PAYMENT = "cancel_invoice_payment"
 
 
 def workflow_id_for(subscription_id: str) -> str:
@@ -240,6 +241,33 @@ class ConfirmAuthenticatedPaymentResult:
     attempt_number: int = 0
     charge_id: str | None = None
     reason: str = ""
+
+
+# ---- cancel_invoice_payment ----------------------------------------------------------------
+
+
+@dataclass
+class CancelInvoicePaymentInput:
+    """Before an invoice is voided or written off: settle what the provider says about its
+    payment (an attempt whose outcome is unknown included), and cancel its PaymentIntent so
+    nobody can pay it behind our back afterwards."""
+
+    invoice_id: str
+    #: Why the invoice is being closed ("subscription_canceled", "dunning_exhausted").
+    reason: str = ""
+
+
+@dataclass
+class CancelInvoicePaymentResult:
+    #: The provider holds a succeeded payment for the invoice. It is now recorded (payment row,
+    #: invoice paid): the caller must not close the invoice.
+    paid: bool
+    payment_intent_id: str | None = None
+    payment_id: str | None = None
+    #: The attempt the payment belongs to, when ``paid``.
+    attempt_number: int = 0
+    #: The PaymentIntent was canceled at the provider (False: there was none to cancel).
+    canceled: bool = False
 
 
 # ==== the subscription workflow's own messages ================================================
