@@ -172,6 +172,7 @@ class BillingActivities:
                 cancel_reason=input.cancel_reason,
                 now=self.clock.now(),
                 changed_at=input.changed_at,
+                attention_reason=input.attention_reason,
             )
         if not updated:
             raise NotFound(f"subscription {input.subscription_id} is not in the database")
@@ -594,10 +595,18 @@ class BillingActivities:
             customers_repo.set_default_payment_method(
                 session, customer.id, attached.payment_method_id
             )
+            others = [
+                sub.id
+                for sub in subscriptions_repo.list_subscriptions_for_customer(
+                    session, customer.id, live_only=True
+                )
+                if sub.id != input.subscription_id
+            ]
         return AttachPaymentMethodResult(
             payment_method_id=attached.payment_method_id,
             card_brand=attached.card_brand,
             card_last4=attached.card_last4,
+            other_subscription_ids=others,
         )
 
     @activity.defn(name=ActivityName.ENQUEUE_NOTIFICATION)

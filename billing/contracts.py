@@ -65,6 +65,8 @@ class SyncSubscriptionInput:
     #: When the workflow decided this state (UTC); logged with a status change. None: the
     #: activity's clock (histories recorded before the field).
     changed_at: datetime | None = None
+    #: Status needs_attention: what failed and why, for operators (None otherwise).
+    attention_reason: str | None = None
 
 
 @dataclass
@@ -222,6 +224,8 @@ class AttachPaymentMethodResult:
     payment_method_id: str
     card_brand: str | None = None
     card_last4: str | None = None
+    #: The customer's other subscriptions that have not ended: the new card is theirs too.
+    other_subscription_ids: list[str] = field(default_factory=list)
 
 
 # ---- confirm_authenticated_payment ---------------------------------------------------------
@@ -288,6 +292,7 @@ class SubscriptionMessage:
     UPDATE_PAYMENT_METHOD = "update_payment_method"
     PAYMENT_METHOD_CHANGED = "payment_method_changed"
     PAYMENT_AUTHENTICATED = "payment_authenticated"
+    RESUME_BILLING = "resume_billing"
     GET_STATE = "get_state"
 
 
@@ -357,6 +362,21 @@ class ResumeInput:
 class ResumeResult:
     status: SubscriptionStatus
     next_billing_at: datetime | None
+
+
+@dataclass
+class ResumeBillingInput:
+    """An operator fixed what parked the subscription (status needs_attention): billing
+    resumes by running the failed step again."""
+
+    reason: str = ""
+
+
+@dataclass
+class ResumeBillingResult:
+    status: SubscriptionStatus
+    #: The step that had failed, which runs again now.
+    resumed_step: str
 
 
 @dataclass
@@ -432,3 +452,7 @@ class SubscriptionView:
     invoices_issued: int
     run_number: int
     history_length: int
+    #: Status needs_attention: the step that failed and why.
+    attention_step: str | None = None
+    attention_reason: str | None = None
+    attention_since: datetime | None = None

@@ -29,6 +29,12 @@ DEFAULT_RETRY_OFFSETS_DAYS: tuple[int, ...] = (1, 3, 5, 7, 9, 11, 14)
 MAX_RETRIES = 20
 MAX_WINDOW_DAYS = 90
 
+#: Automatic attempts of one invoice are at least this far apart, whatever caused the attempt
+#: before (card networks treat bursts of retries as abuse, and each attempt mails the customer).
+#: Only the customer's own action (a new card, an authentication) is acted on sooner.
+MIN_AUTOMATIC_RETRY_SPACING = timedelta(hours=20)
+MAX_RETRY_SPACING_HOURS = 7 * 24
+
 
 @dataclass(frozen=True)
 class DunningPolicy:
@@ -36,6 +42,12 @@ class DunningPolicy:
 
     retry_offsets_days: list[int] = field(default_factory=lambda: list(DEFAULT_RETRY_OFFSETS_DAYS))
     final_action: FinalAction = FinalAction.CANCEL
+    #: Least time between two attempts of one invoice when the later one is automatic (hours).
+    min_retry_spacing_hours: int = MIN_AUTOMATIC_RETRY_SPACING // timedelta(hours=1)
+
+    @property
+    def min_retry_spacing(self) -> timedelta:
+        return timedelta(hours=self.min_retry_spacing_hours)
 
     def __post_init__(self) -> None:
         validate_dunning_policy(self)
@@ -85,6 +97,17 @@ def validate_dunning_policy(policy: DunningPolicy) -> None:
         raise InvalidInput(
             f"retry offsets must be strictly increasing; got {list(offsets)}",
             field="dunning.retry_offsets_days",
+        )
+    spacing = policy.min_retry_spacing_hours
+    if (
+        isinstance(spacing, bool)
+        or not isinstance(spacing, int)
+        or not (0 <= spacing <= MAX_RETRY_SPACING_HOURS)
+    ):
+        raise InvalidInput(
+            f"min_retry_spacing_hours must be a whole number of hours from 0 to "
+            f"{MAX_RETRY_SPACING_HOURS}; got {spacing!r}",
+            field="dunning.min_retry_spacing_hours",
         )
     try:
         FinalAction(policy.final_action)

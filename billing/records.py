@@ -76,6 +76,8 @@ class SubscriptionRecord:
     canceled_at: datetime | None = None
     ended_at: datetime | None = None
     paused_at: datetime | None = None
+    #: Status needs_attention: the step that failed and why.
+    attention_reason: str | None = None
     signup_idempotency_key: str | None = None
     #: SHA-256 hex of the signup request, to refuse a reused key with a different request.
     signup_request_hash: str | None = None

@@ -26,6 +26,10 @@ class SubscriptionStatus(StrEnum):
     PAUSED = "paused"
     #: Dunning ran out with final action "mark unpaid": no new invoices until the card changes.
     UNPAID = "unpaid"
+    #: A step failed in a way retrying cannot fix (an amount mismatch, an unexpected provider
+    #: answer): billing waits for an operator, who fixes the cause and resumes billing. Changes
+    #: are still accepted meanwhile.
+    NEEDS_ATTENTION = "needs_attention"
     CANCELED = "canceled"
 
 
@@ -62,6 +66,27 @@ class OpenInvoice:
     #: The subscription's payment_method_version at the last attempt; a newer version means
     #: the customer changed the card since, which triggers an immediate retry.
     payment_method_version_seen: int = 0
+    #: When the last attempt of this invoice was made (UTC): automatic retries keep their
+    #: distance from it. None in runs recorded before the field.
+    last_attempt_at: datetime | None = None
+    #: A charge of this invoice succeeded (this attempt) but its settlement is not recorded
+    #: yet; set while a run is parked after the charge, so resuming settles instead of charging.
+    paid_attempt_number: int | None = None
+    paid_payment_intent_id: str | None = None
+    paid_charge_id: str | None = None
+
+
+@dataclass
+class Attention:
+    """Why a subscription waits for an operator (status ``needs_attention``)."""
+
+    #: The step that failed, e.g. "settle invoice INV-0001-0003".
+    step: str
+    #: What failed, as the activity reported it.
+    reason: str
+    since: datetime
+    #: The status to return to when an operator resumes billing.
+    previous_status: SubscriptionStatus
 
 
 @dataclass
@@ -96,6 +121,8 @@ class SubscriptionState:
     #: A customer completed authentication for this payment intent (from a webhook).
     authenticated_payment_intent_id: str | None = None
     invoice_ids: list[str] = field(default_factory=list)
+    #: Set while the subscription is parked (status needs_attention).
+    attention: Attention | None = None
     invoices_issued: int = 0
     #: How many workflow runs came before this one (continue-as-new count).
     run_number: int = 1
@@ -115,6 +142,7 @@ class SubscriptionState:
             SubscriptionStatus.PAUSED,
             SubscriptionStatus.UNPAID,
             SubscriptionStatus.PENDING,
+            SubscriptionStatus.NEEDS_ATTENTION,
         ):
             return None
         if self.cancel_at_period_end:
@@ -145,7 +173,11 @@ class SubscriptionState:
     def check_pause(self) -> None:
         if self.status == SubscriptionStatus.PAUSED:
             raise ChangeRefused(f"subscription {self.subscription_id} is already paused")
-        if self.status in (SubscriptionStatus.CANCELED, SubscriptionStatus.UNPAID):
+        if self.status in (
+            SubscriptionStatus.CANCELED,
+            SubscriptionStatus.UNPAID,
+            SubscriptionStatus.NEEDS_ATTENTION,
+        ):
             raise ChangeRefused(
                 f"subscription {self.subscription_id} is {self.status.value} and cannot be paused"
             )
@@ -165,6 +197,13 @@ class SubscriptionState:
             raise ChangeRefused(
                 f"subscription {self.subscription_id} is {self.status.value}, not paused; "
                 "only a paused subscription can be resumed"
+            )
+
+    def check_resume_billing(self) -> None:
+        if self.status != SubscriptionStatus.NEEDS_ATTENTION or self.attention is None:
+            raise ChangeRefused(
+                f"subscription {self.subscription_id} is {self.status.value}, not "
+                "needs_attention; only a subscription parked for an operator resumes billing"
             )
 
     def check_payment_method_update(self) -> None:

@@ -126,6 +126,8 @@ class SubscriptionRow(Base):
     canceled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Status needs_attention: the step that failed and why (for operators).
+    attention_reason: Mapped[str | None] = mapped_column(String(2000))
     workflow_id: Mapped[str] = mapped_column(String(100), unique=True)
     signup_idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     signup_request_hash: Mapped[str | None] = mapped_column(String(64))

@@ -17,30 +17,52 @@ resume, including dunning progress.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Generic, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     # Every module whose dataclasses travel in payloads is imported here by name: the payload
     # converter resolves their annotations through the sandbox's sys.modules, which only holds
     # modules imported explicitly inside this block (not their transitive imports).
     import billing.calendar
+    import billing.collection
     import billing.dunning
     import billing.invoices
     import billing.payments
     import billing.plans
     import billing.subscription  # noqa: F401
+    from billing.collection import (
+        AttemptReason,
+        BillPeriod,
+        Charge,
+        ConfirmAuthenticated,
+        ContinueAsNew,
+        EndAtPeriodEnd,
+        Finish,
+        RetryRules,
+        RunFacts,
+        Settle,
+        SleepUntil,
+        Step,
+        TakeFinalAction,
+        WaitForChange,
+        decide,
+        next_retry,
+    )
     from billing.contracts import (
         MAX_INVOICE_IDS_IN_STATE,
         ActivityName,
         AttachPaymentMethodInput,
         AttachPaymentMethodResult,
         CancelInput,
+        CancelInvoicePaymentInput,
+        CancelInvoicePaymentResult,
         CancelResult,
         ChargeInvoiceInput,
         ChargeInvoiceResult,
@@ -58,6 +80,8 @@ with workflow.unsafe.imports_passed_through():
         PauseResult,
         PaymentAuthenticatedInput,
         PaymentMethodChangedInput,
+        ResumeBillingInput,
+        ResumeBillingResult,
         ResumeInput,
         ResumeResult,
         SettleInvoiceInput,
@@ -71,12 +95,14 @@ with workflow.unsafe.imports_passed_through():
         UpdatePaymentMethodInput,
         UpdatePaymentMethodResult,
         WorkflowName,
+        workflow_id_for,
     )
     from billing.dunning import FinalAction
     from billing.errors import ChangeRefused
     from billing.invoices import InvoiceStatus
     from billing.payments import ChargeOutcomeKind
     from billing.subscription import (
+        Attention,
         BlockedReason,
         OpenInvoice,
         SubscriptionState,
@@ -118,11 +144,17 @@ _R = TypeVar("_R")
 PATCH_LOCAL_DB_STEPS = "local-db-steps"
 
 
-async def _db_activity(name: str, arg: object, result_type: type[_R]) -> _R:
+async def _db_activity(name: str, arg: object, result_type: type[_R], *, local: bool = True) -> _R:
     """A database-only step: retried until the database is back; idempotent like every
-    activity (a local activity re-runs if the worker dies before the task completes)."""
+    activity (a local activity re-runs if the worker dies before the task completes).
+
+    ``local=False``: an ordinary activity even in runs with local steps. A local activity runs
+    inside the workflow task that decides it, so a task that is then discarded (and decided
+    again, perhaps differently: another of several racing updates wins) has already written.
+    An ordinary activity is scheduled only by a workflow task that completed, so what it
+    writes is the decision history kept."""
     result: _R
-    if workflow.patched(PATCH_LOCAL_DB_STEPS):
+    if local and workflow.patched(PATCH_LOCAL_DB_STEPS):
         result = await workflow.execute_local_activity(
             name,
             arg,
@@ -158,14 +190,30 @@ async def _provider_activity(
     return result
 
 
+#: A change a handler accepted: one of the update or signal inputs, typed.
+Change = (
+    CancelInput
+    | PauseInput
+    | ResumeInput
+    | ResumeBillingInput
+    | UpdatePaymentMethodInput
+    | PaymentMethodChangedInput
+    | PaymentAuthenticatedInput
+)
+#: What applying a change answers (signals answer None).
+ChangeResult = (
+    CancelResult | PauseResult | ResumeResult | ResumeBillingResult | UpdatePaymentMethodResult
+)
+_C = TypeVar("_C", bound=ChangeResult)
+
+
 @dataclass
-class _Request:
+class _Request(Generic[_C]):
     """A change accepted by a handler, waiting for the main loop to apply it."""
 
-    kind: str
-    payload: Any
+    change: Change
     done: bool = False
-    result: Any = None
+    result: ChangeResult | None = None
     error: str | None = None
     error_type: str = "ChangeRefused"
 
@@ -180,13 +228,28 @@ PROVIDER_OUTAGE_BACKOFF = timedelta(hours=1)
 MAX_RUN_AGE = timedelta(days=366)
 PATCH_RUN_AGE_LIMIT = "continue-as-new-by-run-age"
 
+# The money-safety changes alter the commands a run issues. Each is patched: a run that had
+# already passed the point where it applies, on the code before, replays that way (the choice
+# is memoized per run); every run that reaches it on this code takes it.
+#: Missed retry slots are skipped and automatic attempts spaced (billing.collection).
+PATCH_SPACED_RETRIES = "spaced-retries"
+#: An invoice's PaymentIntent is settled or canceled at the provider before the invoice is
+#: voided or written off.
+PATCH_CANCEL_PAYMENT_BEFORE_CLOSE = "cancel-payment-before-close"
+#: Card news from the provider (the default already changed there) causes no provider write.
+PATCH_CARD_NEWS_WITHOUT_PROVIDER_WRITE = "card-news-without-provider-write"
+#: A card given for one subscription reaches the customer's other subscriptions.
+PATCH_CARD_TO_SIBLINGS = "card-change-to-siblings"
+#: The database steps of an accepted change are ordinary activities (see ``_db_activity``).
+PATCH_CHANGE_STEPS_NOT_LOCAL = "change-steps-not-local"
 
-class _Outcome:
-    RETRY = "retry"
-    PAYMENT_METHOD_UPDATED = "payment_method_updated"
-    AUTHENTICATED = "authenticated"
-    EXHAUSTED = "exhausted"
-    CANCELED = "canceled"
+
+@dataclass
+class _Parked(Exception):
+    """Raised by a step that failed in a way retrying cannot fix."""
+
+    step: str
+    reason: str
 
 
 @workflow.defn(name=WorkflowName.SUBSCRIPTION)
@@ -199,38 +262,26 @@ class SubscriptionWorkflow:
         # Provider calls go to this queue, whose workers cap their rate; fixed by the input, so
         # replay schedules them exactly as the recorded run did.
         self._payments_task_queue = input.payments_task_queue
-        self._inbox: list[_Request] = []
+        self._inbox: list[_Request[ChangeResult]] = []
+        # True while an accepted change is applied (its database steps are not local).
+        self._applying_change = False
 
     # ================================================================== main loop ==========
 
     @workflow.run
     async def run(self, input: SubscriptionWorkflowInput) -> SubscriptionWorkflowResult:
+        """Ask ``billing.collection.decide`` what is next and do it, until the subscription
+        ends. Never fails: a step that cannot succeed parks the subscription (needs_attention)
+        until an operator resumes billing."""
         s = self.state
         if s.status == SubscriptionStatus.PENDING:
-            await self._start()
+            await self._guarded("start the subscription", self._start())
         while True:
             await self._drain_inbox()
-            if s.status == SubscriptionStatus.CANCELED:
+            step = decide(s, workflow.now(), self._run_facts())
+            if isinstance(step, Finish):
                 break
-            if s.open_invoice is not None:
-                await self._collect(s.open_invoice)
-                continue
-            if self._should_continue_as_new():
-                await self._continue_as_new()
-            if s.cancel_at_period_end:
-                # Also while paused or unpaid: the subscription still ends when its paid period
-                # does (or now, if that end has already passed).
-                ends_at = max(s.end_of_paid_through(), workflow.now())
-                if await self._sleep_until(ends_at):
-                    await self._end(ended_at=ends_at, reason=s.cancel_reason or "canceled")
-                continue
-            if s.status in (SubscriptionStatus.PAUSED, SubscriptionStatus.UNPAID):
-                # Nothing is billed until a resume or a payment-method update arrives.
-                await workflow.wait_condition(lambda: bool(self._inbox))
-                continue
-            due = s.period(s.next_period_index).start
-            if await self._sleep_until(due):
-                await self._bill_next_period()
+            await self._do(step)
         # Requests accepted while the loop was finishing get their refusal, not silence.
         await self._drain_inbox()
         await workflow.wait_condition(workflow.all_handlers_finished)
@@ -241,6 +292,111 @@ class SubscriptionWorkflow:
             invoices_issued=s.invoices_issued,
         )
 
+    async def _do(self, step: Step) -> None:
+        s = self.state
+        match step:
+            case WaitForChange():
+                # Paused, unpaid (no invoices until a resume or a new card) or parked.
+                await workflow.wait_condition(lambda: bool(self._inbox))
+            case SleepUntil(at=at, then=then):
+                if s.open_invoice is not None and s.open_invoice.first_failure_at is not None:
+                    s.open_invoice.next_retry_at = self._next_retry_at(s.open_invoice)
+                if await self._sleep_until(at) and then is not None:
+                    await self._do(then)
+            case ContinueAsNew():
+                await self._continue_as_new()
+            case BillPeriod():
+                await self._guarded("issue the next invoice", self._bill_next_period())
+            case EndAtPeriodEnd(ended_at=ended_at):
+                reason = s.cancel_reason or "canceled"
+                await self._guarded(
+                    "end the subscription", self._end(ended_at=ended_at, reason=reason)
+                )
+            case Charge():
+                assert s.open_invoice is not None
+                inv = s.open_invoice
+                await self._guarded(f"charge invoice {inv.number}", self._charge(inv, step))
+            case ConfirmAuthenticated(payment_intent_id=pi_id):
+                assert s.open_invoice is not None
+                inv = s.open_invoice
+                await self._guarded(
+                    f"confirm the authenticated payment of invoice {inv.number}",
+                    self._confirm_authenticated(inv, pi_id),
+                )
+            case Settle():
+                assert s.open_invoice is not None
+                inv = s.open_invoice
+                await self._guarded(f"settle invoice {inv.number}", self._settle(inv))
+            case TakeFinalAction():
+                assert s.open_invoice is not None
+                inv = s.open_invoice
+                await self._guarded(
+                    f"take the final action on invoice {inv.number}", self._final_action(inv)
+                )
+            case Finish():
+                pass
+
+    def _run_facts(self) -> RunFacts:
+        """The facts ``decide`` needs beyond the state. Evaluated in the same order as the code
+        before the decision function (the run-age patch and the retry-rules patch are asked
+        only where that code asked them), so recorded runs replay."""
+        s = self.state
+        inv = s.open_invoice
+        parked_or_ended = s.status in (
+            SubscriptionStatus.CANCELED,
+            SubscriptionStatus.NEEDS_ATTENTION,
+        )
+        due = not parked_or_ended and inv is None and self._should_continue_as_new()
+        rules = RetryRules.LEGACY
+        if not parked_or_ended and inv is not None and inv.attempts > 0:
+            rules = self._retry_rules()
+        return RunFacts(
+            continue_as_new_due=due,
+            continue_as_new_suggested=workflow.info().is_continue_as_new_suggested(),
+            rules=rules,
+        )
+
+    def _retry_rules(self) -> RetryRules:
+        return RetryRules.SPACED if workflow.patched(PATCH_SPACED_RETRIES) else RetryRules.LEGACY
+
+    def _next_retry_at(self, inv: OpenInvoice) -> datetime | None:
+        nxt = next_retry(self.state.plan.dunning, inv, workflow.now(), self._retry_rules())
+        return None if nxt is None else nxt.at
+
+    async def _guarded(self, step: str, action: Awaitable[None]) -> None:
+        """Run one step; if it fails in a way its retry policy cannot fix, park the
+        subscription with the reason instead of failing the workflow (which would stop billing
+        this customer for good)."""
+        try:
+            await action
+        except _Parked as parked:
+            await self._park(parked.step, parked.reason)
+        except FailureError as error:
+            await self._park(step, _describe_failure(error))
+
+    async def _park(self, step: str, reason: str) -> None:
+        s = self.state
+        workflow.logger.error(
+            "subscription %s needs attention: %s failed: %s", s.subscription_id, step, reason
+        )
+        previous = s.status
+        if previous == SubscriptionStatus.NEEDS_ATTENTION and s.attention is not None:
+            previous = s.attention.previous_status
+        s.attention = Attention(
+            step=step, reason=reason[:2000], since=workflow.now(), previous_status=previous
+        )
+        s.status = SubscriptionStatus.NEEDS_ATTENTION
+        workflow.metric_meter().create_counter(
+            "billing_subscriptions_parked",
+            "subscriptions parked in needs_attention, waiting for an operator",
+        ).add(1, {"step": step.split(" ", 1)[0]})
+        try:
+            await self._sync()
+        except FailureError as error:
+            # The database cannot take it either; the workflow still shows it (query), and
+            # the next sync (on resume) writes it.
+            workflow.logger.error("could not record needs_attention: %s", error)
+
     async def _start(self) -> None:
         s = self.state
         trialing = s.trial_end_at is not None and s.trial_end_at > workflow.now()
@@ -248,11 +404,9 @@ class SubscriptionWorkflow:
         await self._sync()
 
     async def _bill_next_period(self) -> None:
-        """Issue the invoice for the next period. Charging happens in ``_collect``."""
+        """Issue the invoice for the next period. Charging happens in ``_charge``."""
         s = self.state
         p = s.period(s.next_period_index)
-        if s.status == SubscriptionStatus.TRIALING:
-            s.status = SubscriptionStatus.ACTIVE
         invoice: CreateInvoiceResult = await _db_activity(
             ActivityName.CREATE_INVOICE,
             CreateInvoiceInput(
@@ -269,6 +423,10 @@ class SubscriptionWorkflow:
             ),
             CreateInvoiceResult,
         )
+        # State changes only once the invoice exists: a failure above parks the run with the
+        # period still to bill, and resuming issues it (idempotent per period).
+        if s.status == SubscriptionStatus.TRIALING:
+            s.status = SubscriptionStatus.ACTIVE
         s.next_period_index = p.index + 1
         s.current_period_start, s.current_period_end = p.start, p.end
         s.invoices_issued += 1
@@ -292,35 +450,32 @@ class SubscriptionWorkflow:
 
     # ================================================================== collection & dunning
 
-    async def _collect(self, inv: OpenInvoice) -> None:
-        """Charge the open invoice, then retry on the dunning schedule until it is paid, the
-        schedule runs out (final action) or the subscription is canceled."""
+    async def _charge(self, inv: OpenInvoice, step: Charge) -> None:
+        """One charge attempt of the open invoice (``step`` says why), then its outcome."""
         s = self.state
-        reason = "scheduled" if inv.attempts == 0 else await self._next_attempt(inv)
+        if step.unblock:
+            inv.blocked = None
+        if step.reason == AttemptReason.RETRY:
+            inv.scheduled_retries_done = step.retry_slots_done
+            inv.next_retry_at = None
+        inv.payment_method_version_seen = s.payment_method_version
         while True:
-            if reason == _Outcome.CANCELED or s.open_invoice is not inv:
-                return
-            if reason == _Outcome.EXHAUSTED:
-                await self._final_action(inv)
-                return
-            if reason == _Outcome.AUTHENTICATED:
-                if await self._confirm_authenticated(inv):
-                    return
-                reason = await self._next_attempt(inv)
-                continue
-            inv.payment_method_version_seen = s.payment_method_version
             try:
                 result: ChargeInvoiceResult = await _provider_activity(
                     ActivityName.CHARGE_INVOICE,
                     ChargeInvoiceInput(
-                        invoice_id=inv.invoice_id, attempt_number=inv.attempts + 1, reason=reason
+                        invoice_id=inv.invoice_id,
+                        attempt_number=inv.attempts + 1,
+                        reason=step.reason.value,
                     ),
                     ChargeInvoiceResult,
                     task_queue=self._payments_task_queue,
                 )
+                break
             except ActivityError as error:
-                # Failing the workflow would stop billing this customer for good; instead wait
-                # for an operator to fix the provider, applying changes meanwhile.
+                # The provider was unreachable or misconfigured for the activity's whole
+                # window. The same attempt (same key) is re-driven after a pause, applying
+                # changes meanwhile: its outcome is unknown, so it is never replaced.
                 workflow.logger.error(
                     "charge of invoice %s attempt %d failed: %s; retrying the same attempt in %s",
                     inv.invoice_id,
@@ -330,57 +485,23 @@ class SubscriptionWorkflow:
                 )
                 await self._sleep_until(workflow.now() + PROVIDER_OUTAGE_BACKOFF)
                 await self._drain_inbox()
-                continue
-            inv.attempts = result.attempt_number
-            inv.last_outcome = result.outcome.value
-            if result.outcome == ChargeOutcomeKind.PAID:
-                await self._settle(
-                    inv,
-                    result.attempt_number,
-                    result.payment_intent_id,
-                    result.charge_id,
-                    settled=result.payment_id is not None,
+                if s.status == SubscriptionStatus.CANCELED or s.open_invoice is not inv:
+                    return
+        inv.attempts = result.attempt_number
+        inv.last_outcome = result.outcome.value
+        inv.last_attempt_at = workflow.now()
+        if result.outcome == ChargeOutcomeKind.PAID:
+            if result.payment_intent_id is None:
+                raise _Parked(
+                    f"charge invoice {inv.number}",
+                    f"invoice {inv.invoice_id} was reported paid without a payment intent",
                 )
-                return
-            await self._record_failure(inv, result)
-            reason = await self._next_attempt(inv)
-
-    async def _next_attempt(self, inv: OpenInvoice) -> str:
-        """Wait for the reason to attempt the invoice again, applying changes meanwhile."""
-        s = self.state
-        policy = s.plan.dunning
-        assert inv.first_failure_at is not None
-        while True:
-            await self._drain_inbox()
-            if s.status == SubscriptionStatus.CANCELED or s.open_invoice is not inv:
-                return _Outcome.CANCELED
-            if s.payment_method_version != inv.payment_method_version_seen:
-                # A new card clears a hard decline or pending authentication: retry at once.
-                inv.blocked = None
-                return _Outcome.PAYMENT_METHOD_UPDATED
-            if s.authenticated_payment_intent_id is not None:
-                return _Outcome.AUTHENTICATED
-            now = workflow.now()
-            next_retry = self._scheduled_retry_at(inv)
-            inv.next_retry_at = next_retry
-            if next_retry is not None and next_retry <= now:
-                inv.scheduled_retries_done += 1
-                inv.next_retry_at = None
-                return _Outcome.RETRY
-            window_end = policy.window_end(inv.first_failure_at)
-            if next_retry is None and now >= window_end:
-                return _Outcome.EXHAUSTED
-            if workflow.info().is_continue_as_new_suggested():
-                # Safe mid-dunning: the state carries attempts, schedule position and blocks.
-                await self._continue_as_new()
-            await self._sleep_until(next_retry if next_retry is not None else window_end)
-
-    def _scheduled_retry_at(self, inv: OpenInvoice) -> datetime | None:
-        """The next retry on the dunning schedule; None when exhausted or blocked (a hard
-        decline or pending authentication waits for the customer instead)."""
-        if inv.blocked is not None or inv.first_failure_at is None:
-            return None
-        return self.state.plan.dunning.retry_at(inv.first_failure_at, inv.scheduled_retries_done)
+            inv.paid_attempt_number = result.attempt_number
+            inv.paid_payment_intent_id = result.payment_intent_id
+            inv.paid_charge_id = result.charge_id
+            await self._settle(inv, settled=result.payment_id is not None)
+            return
+        await self._record_failure(inv, result)
 
     async def _record_failure(self, inv: OpenInvoice, result: ChargeInvoiceResult) -> None:
         s = self.state
@@ -393,7 +514,7 @@ class SubscriptionWorkflow:
         else:
             inv.blocked = None
         # Set before anything awaits, so a query never sees past_due without its retry time.
-        next_retry = inv.next_retry_at = self._scheduled_retry_at(inv)
+        next_retry_at = inv.next_retry_at = self._next_retry_at(inv)
         if s.status in (SubscriptionStatus.ACTIVE, SubscriptionStatus.TRIALING):
             # Only the first failure changes what the database shows; later failures are in
             # the attempt rows already, so they cost no extra activity.
@@ -416,15 +537,13 @@ class SubscriptionWorkflow:
                 "decline_code": result.decline_code,
                 "hard_decline": inv.blocked == BlockedReason.HARD_DECLINE,
                 "payment_intent_id": result.payment_intent_id,
-                "next_retry_at": next_retry.isoformat() if next_retry else None,
+                "next_retry_at": next_retry_at.isoformat() if next_retry_at else None,
             },
         )
 
-    async def _confirm_authenticated(self, inv: OpenInvoice) -> bool:
+    async def _confirm_authenticated(self, inv: OpenInvoice, pi_id: str) -> None:
         s = self.state
-        pi_id = s.authenticated_payment_intent_id
         s.authenticated_payment_intent_id = None
-        assert pi_id is not None
         confirmed: ConfirmAuthenticatedPaymentResult = await _provider_activity(
             ActivityName.CONFIRM_AUTHENTICATED_PAYMENT,
             ConfirmAuthenticatedPaymentInput(invoice_id=inv.invoice_id, payment_intent_id=pi_id),
@@ -433,39 +552,34 @@ class SubscriptionWorkflow:
         )
         if not confirmed.succeeded:
             workflow.logger.info("authenticated payment not confirmed: %s", confirmed.reason)
-            return False
-        await self._settle(inv, confirmed.attempt_number, pi_id, confirmed.charge_id)
-        return True
+            return
+        inv.paid_attempt_number = confirmed.attempt_number
+        inv.paid_payment_intent_id = pi_id
+        inv.paid_charge_id = confirmed.charge_id
+        await self._settle(inv)
 
-    async def _settle(
-        self,
-        inv: OpenInvoice,
-        attempt_number: int,
-        payment_intent_id: str | None,
-        charge_id: str | None,
-        *,
-        settled: bool = False,
-    ) -> None:
-        """``settled``: the charge activity already recorded the payment (its result is in
-        history, so this choice replays); otherwise ``settle_invoice`` does it now."""
-        s = self.state
-        if payment_intent_id is None:
-            raise ApplicationError(
-                f"invoice {inv.invoice_id} was reported paid without a payment intent",
-                non_retryable=True,
-            )
+    async def _settle(self, inv: OpenInvoice, *, settled: bool = False) -> None:
+        """The open invoice was charged (``inv.paid_*``): record the payment unless the charge
+        activity already did (``settled``: its result is in history, so this replays), then
+        close the collection."""
+        assert inv.paid_attempt_number is not None and inv.paid_payment_intent_id is not None
         if not settled:
             await _provider_activity(
                 ActivityName.SETTLE_INVOICE,
                 SettleInvoiceInput(
                     invoice_id=inv.invoice_id,
-                    attempt_number=attempt_number,
-                    payment_intent_id=payment_intent_id,
-                    charge_id=charge_id,
+                    attempt_number=inv.paid_attempt_number,
+                    payment_intent_id=inv.paid_payment_intent_id,
+                    charge_id=inv.paid_charge_id,
                 ),
                 SettleInvoiceResult,
                 task_queue=self._payments_task_queue,
             )
+        await self._paid(inv, inv.paid_attempt_number)
+
+    async def _paid(self, inv: OpenInvoice, attempt_number: int) -> None:
+        """The open invoice's payment is recorded: collection is over."""
+        s = self.state
         recovered = inv.first_failure_at is not None
         s.open_invoice = None
         if s.status == SubscriptionStatus.PAST_DUE:
@@ -482,6 +596,8 @@ class SubscriptionWorkflow:
     async def _final_action(self, inv: OpenInvoice) -> None:
         s = self.state
         closed = await self._close_invoice(inv, InvoiceStatus.UNCOLLECTIBLE, "dunning_exhausted")
+        if closed is None:
+            return  # the provider held a payment: recorded, collection over
         s.open_invoice = None
         if closed.was_paid:
             # Paid out of band (e.g. a webhook) just before the write-off: nothing to do.
@@ -503,13 +619,28 @@ class SubscriptionWorkflow:
 
     async def _close_invoice(
         self, inv: OpenInvoice, status: InvoiceStatus, reason: str
-    ) -> CloseInvoiceResult:
+    ) -> CloseInvoiceResult | None:
+        """Void or write off the open invoice. First its payment is settled or canceled at the
+        provider: an attempt whose outcome is unknown is resolved, a success is recorded (None
+        is returned: the invoice was paid, and collection is over), and the PaymentIntent is
+        canceled so nobody can pay it afterwards."""
+        if workflow.patched(PATCH_CANCEL_PAYMENT_BEFORE_CLOSE):
+            payment: CancelInvoicePaymentResult = await _provider_activity(
+                ActivityName.CANCEL_INVOICE_PAYMENT,
+                CancelInvoicePaymentInput(invoice_id=inv.invoice_id, reason=reason),
+                CancelInvoicePaymentResult,
+                task_queue=self._payments_task_queue,
+            )
+            if payment.paid:
+                await self._paid(inv, payment.attempt_number)
+                return None
         result: CloseInvoiceResult = await _db_activity(
             ActivityName.CLOSE_INVOICE,
             CloseInvoiceInput(
                 invoice_id=inv.invoice_id, status=status, reason=reason, at=workflow.now()
             ),
             CloseInvoiceResult,
+            local=not self._change_steps_not_local(),
         )
         return result
 
@@ -519,6 +650,7 @@ class SubscriptionWorkflow:
         s.canceled_at = s.canceled_at or workflow.now()
         s.ended_at = ended_at
         s.cancel_reason = reason
+        s.attention = None
         await self._sync()
         await self._notify(
             NoticeKind.SUBSCRIPTION_CANCELED,
@@ -531,8 +663,9 @@ class SubscriptionWorkflow:
     async def _drain_inbox(self) -> None:
         while self._inbox:
             request = self._inbox.pop(0)
+            self._applying_change = True
             try:
-                request.result = await self._apply(request)
+                request.result = await self._apply(request.change)
             except ChangeRefused as refused:
                 request.error = refused.message
             except ApplicationError as error:
@@ -550,36 +683,41 @@ class SubscriptionWorkflow:
                     if isinstance(cause, ApplicationError)
                     else "ActivityError"
                 )
+            finally:
+                self._applying_change = False
             request.done = True
 
-    async def _apply(self, request: _Request) -> Any:
+    def _change_steps_not_local(self) -> bool:
+        return self._applying_change and workflow.patched(PATCH_CHANGE_STEPS_NOT_LOCAL)
+
+    async def _apply(self, change: Change) -> ChangeResult | None:
         s = self.state
         now = workflow.now()
-        match request.kind:
-            case SubscriptionMessage.CANCEL:
-                cancel: CancelInput = request.payload
-                s.check_cancel(cancel.at_period_end)  # state may have moved since validation
-                if cancel.at_period_end:
+        match change:
+            case CancelInput():
+                s.check_cancel(change.at_period_end)  # state may have moved since validation
+                if change.at_period_end:
                     s.cancel_at_period_end = True
-                    s.cancel_reason = cancel.reason or "canceled_at_period_end"
+                    s.cancel_reason = change.reason or "canceled_at_period_end"
                     await self._sync()
                     return CancelResult(s.status, True, max(s.end_of_paid_through(), now))
                 voided = None
                 if s.open_invoice is not None:
+                    inv = s.open_invoice
                     closed = await self._close_invoice(
-                        s.open_invoice, InvoiceStatus.VOID, "subscription_canceled"
+                        inv, InvoiceStatus.VOID, "subscription_canceled"
                     )
-                    voided = None if closed.was_paid else s.open_invoice.invoice_id
+                    voided = None if closed is None or closed.was_paid else inv.invoice_id
                     s.open_invoice = None
-                await self._end(ended_at=now, reason=cancel.reason or "canceled")
+                await self._end(ended_at=now, reason=change.reason or "canceled")
                 return CancelResult(s.status, s.cancel_at_period_end, now, voided)
-            case SubscriptionMessage.PAUSE:
+            case PauseInput():
                 s.check_pause()
                 s.status = SubscriptionStatus.PAUSED
                 s.paused_at = now
                 await self._sync()
                 return PauseResult(s.status, now)
-            case SubscriptionMessage.RESUME:
+            case ResumeInput():
                 s.check_resume()
                 s.next_period_index = s.next_index_after_resume(now)
                 trialing = s.trial_end_at is not None and s.trial_end_at > now
@@ -587,29 +725,19 @@ class SubscriptionWorkflow:
                 s.paused_at = None
                 await self._sync()
                 return ResumeResult(s.status, s.next_billing_at)
-            case (
-                SubscriptionMessage.UPDATE_PAYMENT_METHOD
-                | SubscriptionMessage.PAYMENT_METHOD_CHANGED
-            ):
+            case ResumeBillingInput():
+                s.check_resume_billing()
+                assert s.attention is not None
+                step = s.attention.step
+                s.status = s.attention.previous_status
+                s.attention = None
+                await self._sync()
+                return ResumeBillingResult(s.status, step)
+            case UpdatePaymentMethodInput():
                 s.check_payment_method_update()
-                pm_id: str = request.payload.payment_method_id
-                attached: AttachPaymentMethodResult = await _provider_activity(
-                    ActivityName.ATTACH_PAYMENT_METHOD,
-                    AttachPaymentMethodInput(
-                        subscription_id=s.subscription_id,
-                        customer_id=s.customer_id,
-                        payment_method_id=pm_id,
-                    ),
-                    AttachPaymentMethodResult,
-                    task_queue=self._payments_task_queue,
-                )
-                s.payment_method_id = attached.payment_method_id
-                s.payment_method_version += 1
-                if s.status == SubscriptionStatus.UNPAID:
-                    # A working card reactivates billing from the next anchor date.
-                    s.next_period_index = s.next_index_after_resume(now)
-                    s.status = SubscriptionStatus.ACTIVE
-                    await self._sync()
+                attached = await self._attach(change.payment_method_id)
+                if workflow.patched(PATCH_CARD_TO_SIBLINGS):
+                    await self._tell_siblings(attached)
                 return UpdatePaymentMethodResult(
                     payment_method_id=attached.payment_method_id,
                     retry_scheduled=s.open_invoice is not None,
@@ -617,26 +745,77 @@ class SubscriptionWorkflow:
                     card_brand=attached.card_brand,
                     card_last4=attached.card_last4,
                 )
-            case SubscriptionMessage.PAYMENT_AUTHENTICATED:
-                auth: PaymentAuthenticatedInput = request.payload
-                if s.open_invoice is not None and (
-                    auth.invoice_id is None or auth.invoice_id == s.open_invoice.invoice_id
-                ):
-                    s.authenticated_payment_intent_id = auth.payment_intent_id
+            case PaymentMethodChangedInput():
+                s.check_payment_method_update()
+                if not workflow.patched(PATCH_CARD_NEWS_WITHOUT_PROVIDER_WRITE):
+                    await self._attach(change.payment_method_id)
+                    return None
+                # The card is already the customer's default at the provider (that is the
+                # news). Writing to the provider again would make it send the news again.
+                if change.payment_method_id != s.payment_method_id:
+                    await self._card_changed(change.payment_method_id)
                 return None
-        raise ApplicationError(f"unknown request {request.kind}", non_retryable=True)
+            case PaymentAuthenticatedInput():
+                if s.open_invoice is not None and (
+                    change.invoice_id is None or change.invoice_id == s.open_invoice.invoice_id
+                ):
+                    s.authenticated_payment_intent_id = change.payment_intent_id
+                return None
+        raise ApplicationError(f"unknown change {change!r}", non_retryable=True)
 
-    async def _submit(self, kind: str, payload: Any) -> Any:
+    async def _attach(self, payment_method_id: str) -> AttachPaymentMethodResult:
+        s = self.state
+        attached: AttachPaymentMethodResult = await _provider_activity(
+            ActivityName.ATTACH_PAYMENT_METHOD,
+            AttachPaymentMethodInput(
+                subscription_id=s.subscription_id,
+                customer_id=s.customer_id,
+                payment_method_id=payment_method_id,
+            ),
+            AttachPaymentMethodResult,
+            task_queue=self._payments_task_queue,
+        )
+        await self._card_changed(attached.payment_method_id)
+        return attached
+
+    async def _card_changed(self, payment_method_id: str) -> None:
+        s = self.state
+        s.payment_method_id = payment_method_id
+        s.payment_method_version += 1
+        if s.status == SubscriptionStatus.UNPAID:
+            # A working card reactivates billing from the next anchor date.
+            s.next_period_index = s.next_index_after_resume(workflow.now())
+            s.status = SubscriptionStatus.ACTIVE
+            await self._sync()
+
+    async def _tell_siblings(self, attached: AttachPaymentMethodResult) -> None:
+        """The card is the customer's: their other subscriptions use it too (one blocked by a
+        hard decline retries now). Signals are durable commands of this workflow, so a crash
+        cannot lose them; a sibling that has ended is skipped."""
+        news = PaymentMethodChangedInput(payment_method_id=attached.payment_method_id)
+        for subscription_id in attached.other_subscription_ids:
+            if subscription_id == self.state.subscription_id:
+                continue
+            handle = workflow.get_external_workflow_handle(workflow_id_for(subscription_id))
+            try:
+                await handle.signal(SubscriptionMessage.PAYMENT_METHOD_CHANGED, news)
+            except FailureError as error:
+                workflow.logger.info(
+                    "subscription %s did not take the new card: %s", subscription_id, error
+                )
+
+    async def _submit(self, change: Change, result_type: type[_C]) -> _C:
         """Queue a change for the main loop and wait for its result (updates only)."""
-        request = _Request(kind, payload)
+        request: _Request[ChangeResult] = _Request(change)
         self._inbox.append(request)
         await workflow.wait_condition(lambda: request.done)
         if request.error is not None:
             raise ApplicationError(request.error, type=request.error_type, non_retryable=True)
+        assert isinstance(request.result, result_type)
         return request.result
 
     @staticmethod
-    def _refuse(check: Any, *args: Any) -> None:
+    def _refuse(check: Callable[..., None], *args: object) -> None:
         """Run a state check in a validator; a refusal rejects the update before it is
         written to history, with the reason the caller sees."""
         try:
@@ -648,8 +827,7 @@ class SubscriptionWorkflow:
 
     @workflow.update(name=SubscriptionMessage.CANCEL)
     async def cancel(self, input: CancelInput) -> CancelResult:
-        result: CancelResult = await self._submit(SubscriptionMessage.CANCEL, input)
-        return result
+        return await self._submit(input, CancelResult)
 
     @cancel.validator
     def _validate_cancel(self, input: CancelInput) -> None:
@@ -657,8 +835,7 @@ class SubscriptionWorkflow:
 
     @workflow.update(name=SubscriptionMessage.PAUSE)
     async def pause(self, input: PauseInput) -> PauseResult:
-        result: PauseResult = await self._submit(SubscriptionMessage.PAUSE, input)
-        return result
+        return await self._submit(input, PauseResult)
 
     @pause.validator
     def _validate_pause(self, input: PauseInput) -> None:
@@ -666,21 +843,25 @@ class SubscriptionWorkflow:
 
     @workflow.update(name=SubscriptionMessage.RESUME)
     async def resume(self, input: ResumeInput) -> ResumeResult:
-        result: ResumeResult = await self._submit(SubscriptionMessage.RESUME, input)
-        return result
+        return await self._submit(input, ResumeResult)
 
     @resume.validator
     def _validate_resume(self, input: ResumeInput) -> None:
         self._refuse(self.state.check_resume)
 
+    @workflow.update(name=SubscriptionMessage.RESUME_BILLING)
+    async def resume_billing(self, input: ResumeBillingInput) -> ResumeBillingResult:
+        return await self._submit(input, ResumeBillingResult)
+
+    @resume_billing.validator
+    def _validate_resume_billing(self, input: ResumeBillingInput) -> None:
+        self._refuse(self.state.check_resume_billing)
+
     @workflow.update(name=SubscriptionMessage.UPDATE_PAYMENT_METHOD)
     async def update_payment_method(
         self, input: UpdatePaymentMethodInput
     ) -> UpdatePaymentMethodResult:
-        result: UpdatePaymentMethodResult = await self._submit(
-            SubscriptionMessage.UPDATE_PAYMENT_METHOD, input
-        )
-        return result
+        return await self._submit(input, UpdatePaymentMethodResult)
 
     @update_payment_method.validator
     def _validate_update_payment_method(self, input: UpdatePaymentMethodInput) -> None:
@@ -693,11 +874,11 @@ class SubscriptionWorkflow:
     @workflow.signal(name=SubscriptionMessage.PAYMENT_METHOD_CHANGED)
     def payment_method_changed(self, input: PaymentMethodChangedInput) -> None:
         if self.state.status != SubscriptionStatus.CANCELED:
-            self._inbox.append(_Request(SubscriptionMessage.PAYMENT_METHOD_CHANGED, input))
+            self._inbox.append(_Request(input))
 
     @workflow.signal(name=SubscriptionMessage.PAYMENT_AUTHENTICATED)
     def payment_authenticated(self, input: PaymentAuthenticatedInput) -> None:
-        self._inbox.append(_Request(SubscriptionMessage.PAYMENT_AUTHENTICATED, input))
+        self._inbox.append(_Request(input))
 
     @workflow.query(name=SubscriptionMessage.GET_STATE)
     def get_state(self) -> SubscriptionView:
@@ -741,6 +922,9 @@ class SubscriptionWorkflow:
             invoices_issued=s.invoices_issued,
             run_number=s.run_number,
             history_length=workflow.info().get_current_history_length(),
+            attention_step=s.attention.step if s.attention else None,
+            attention_reason=s.attention.reason if s.attention else None,
+            attention_since=s.attention.since if s.attention else None,
         )
 
     # ================================================================== helpers =============
@@ -804,8 +988,12 @@ class SubscriptionWorkflow:
                 paused_at=s.paused_at,
                 cancel_reason=s.cancel_reason,
                 changed_at=workflow.now(),
+                attention_reason=(
+                    f"{s.attention.step}: {s.attention.reason}" if s.attention else None
+                ),
             ),
             SyncSubscriptionResult,
+            local=not self._change_steps_not_local(),
         )
 
     async def _notify(
@@ -814,7 +1002,7 @@ class SubscriptionWorkflow:
         *,
         dedupe_key: str,
         invoice_id: str | None = None,
-        payload: dict[str, Any] | None = None,
+        payload: dict[str, object] | None = None,
     ) -> None:
         s = self.state
         await _db_activity(
@@ -825,11 +1013,27 @@ class SubscriptionWorkflow:
                 subscription_id=s.subscription_id,
                 dedupe_key=dedupe_key,
                 invoice_id=invoice_id,
-                payload=payload or {},
+                payload=dict(payload or {}),
                 created_at=workflow.now(),
             ),
             EnqueueNotificationResult,
+            local=not self._change_steps_not_local(),
         )
+
+
+def _describe_failure(error: FailureError) -> str:
+    """What failed, for an operator: the innermost cause's type and message."""
+    cause: BaseException | None = error
+    parts: list[str] = []
+    while cause is not None:
+        if isinstance(cause, ApplicationError):
+            parts.append(f"{cause.type or 'ApplicationError'}: {cause.message}")
+        elif not isinstance(cause, ActivityError):
+            parts.append(str(cause))
+        cause = cause.__cause__ if cause.__cause__ is not None else getattr(cause, "cause", None)
+        if len(parts) > 3:
+            break
+    return "; ".join(parts) or str(error)
 
 
 __all__ = ["SubscriptionWorkflow"]

@@ -86,6 +86,7 @@ def update_subscription_state(
     cancel_reason: str | None,
     now: datetime,
     changed_at: datetime | None = None,
+    attention_reason: str | None = None,
 ) -> bool:
     """Mirror the workflow's view of the subscription (instants UTC). False if there is no
     such subscription, or if it is canceled and ``status`` is not: cancellation is final, so
@@ -114,6 +115,7 @@ def update_subscription_state(
             ended_at=ended_at,
             paused_at=paused_at,
             cancel_reason=cancel_reason,
+            attention_reason=attention_reason,
             updated_at=now,
         )
         .returning(SUBSCRIPTIONS.c.id)
@@ -129,7 +131,11 @@ def update_subscription_state(
                 from_status=SubscriptionStatus(previous),
                 to_status=status,
                 changed_at=changed_at or now,
-                reason=cancel_reason if status == SubscriptionStatus.CANCELED else None,
+                reason=cancel_reason
+                if status == SubscriptionStatus.CANCELED
+                else ((attention_reason or "")[:500] or None)
+                if status == SubscriptionStatus.NEEDS_ATTENTION
+                else None,
             )
         )
     return True
