@@ -85,7 +85,12 @@ def _retrieve(id: object) -> Any:
 
 
 def _confirm(
-    cls: Any, id: object, payment_method: object = None, off_session: object = None, **kwargs: Any
+    cls: Any,
+    /,
+    id: object,
+    payment_method: object = None,
+    off_session: object = None,
+    **kwargs: Any,
 ) -> Any:
     if kwargs:
         raise UserError(400, "Unexpected " + ", ".join(kwargs.keys()))
@@ -126,7 +131,7 @@ def _confirm(
     return intent
 
 
-def _cancel(cls: Any, id: object, cancellation_reason: object = None, **kwargs: Any) -> Any:
+def _cancel(cls: Any, /, id: object, cancellation_reason: object = None, **kwargs: Any) -> Any:
     if kwargs:
         raise UserError(400, "Unexpected " + ", ".join(kwargs.keys()))
     if cancellation_reason is not None and cancellation_reason not in _CANCELLATION_REASONS:
