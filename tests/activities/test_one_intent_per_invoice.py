@@ -1,3 +1,6 @@
+# The ``stack`` fixture is imported from the activities' main test module; each test's
+# ``stack`` parameter is that fixture, not a redefinition.
+# ruff: noqa: F811
 """One PaymentIntent per invoice (Stripe Billing's model), through the billing activities on a
 real database and localstripe (patched in its own process to confirm and cancel as Stripe
 documents, ``billing.testing.localstripe_conformance``).
