@@ -34,6 +34,8 @@ from billing.contracts import (
     ActivityName,
     AttachPaymentMethodInput,
     AttachPaymentMethodResult,
+    CancelInvoicePaymentInput,
+    CancelInvoicePaymentResult,
     ChargeInvoiceInput,
     ChargeInvoiceResult,
     CloseInvoiceInput,
@@ -44,6 +46,8 @@ from billing.contracts import (
     CreateInvoiceResult,
     EnqueueNotificationInput,
     EnqueueNotificationResult,
+    RecordInvoicePaymentInput,
+    RecordInvoicePaymentResult,
     SettleInvoiceInput,
     SettleInvoiceResult,
     SyncSubscriptionInput,
@@ -62,6 +66,7 @@ from billing.payments import (
 )
 from billing.records import (
     AttemptStatus,
+    CustomerRecord,
     InvoiceRecord,
     NotificationRecord,
     PaymentAttemptRecord,
@@ -150,6 +155,8 @@ class BillingActivities:
             self.enqueue_notification,
             self.attach_payment_method,
             self.confirm_authenticated_payment,
+            self.cancel_invoice_payment,
+            self.record_invoice_payment,
         ]
 
     # ---------------------------------------------------------------- subscription mirror --
@@ -289,6 +296,18 @@ class BillingActivities:
                 )
             payment_method_id = payment_method_id or customer.default_payment_method_id
         if attempt is None:
+            # One PaymentIntent per invoice: the attempt confirms the invoice's intent when it
+            # has one (an invoice charged before that model: its latest attempt's intent),
+            # else creates it. Recorded on the pending attempt, so a re-drive sends the same
+            # request under the same key, whatever was learnt in between.
+            intent_to_confirm = invoice.stripe_payment_intent_id or next(
+                (
+                    a.stripe_payment_intent_id
+                    for a in reversed(attempts)
+                    if a.stripe_payment_intent_id is not None
+                ),
+                None,
+            )
             with unit_of_work(self.session_factory) as session:
                 attempt, _ = attempts_repo.insert_pending_attempt(
                     session,
@@ -304,14 +323,19 @@ class BillingActivities:
                         decline_code=None,
                         failure_message=None,
                         reason=input.reason,
-                        stripe_payment_intent_id=None,
+                        stripe_payment_intent_id=intent_to_confirm,
                         stripe_charge_id=None,
                         payment_method_id=payment_method_id,
                         created_at=self.clock.now(),
                         completed_at=None,
                     ),
                 )
+                if intent_to_confirm is not None:
+                    self._record_invoice_intent(session, invoice.id, intent_to_confirm)
             payment_method_id = attempt.payment_method_id
+        # A pending attempt that names an intent confirms it; one that names none creates the
+        # invoice's intent. (Pending attempts get an intent id only when they are inserted.)
+        intent_to_confirm = attempt.stripe_payment_intent_id
         # The pending attempt, with the card it will use, is committed before the provider
         # sees anything.
         if customer.stripe_customer_id is None or payment_method_id is None:
@@ -329,28 +353,30 @@ class BillingActivities:
                 and redriven.created_at < self.clock.now() - IDEMPOTENCY_KEY_SAFE_WINDOW
             ):
                 # The provider may have forgotten this key: a re-send could then charge a
-                # second time. Ask it what the first send created, by the key in metadata.
-                found = self.gateway.find_charge_attempt(
-                    provider_customer_id=customer.stripe_customer_id,
-                    idempotency_key=key,
-                    created_after=redriven.created_at - RECONCILE_CLOCK_SKEW,
-                )
-                log.warning(
-                    "re-driving charge attempt %s (%s) recorded at %s, past the key's safe "
-                    "window: %s",
-                    attempt.id,
-                    key,
-                    redriven.created_at.isoformat(),
-                    "nothing was created, re-sending"
-                    if found is None
-                    else f"found {found.payment_intent_id} ({found.kind.value}), not re-sending",
+                # second time. Ask it what the first send did.
+                found = self._find_lost_send(
+                    customer.stripe_customer_id, redriven, key, intent_to_confirm
                 )
             if found is not None:
                 outcome = found
+            elif intent_to_confirm is not None:
+                # A later attempt: the same PaymentIntent again, on the customer's current
+                # card. It can succeed only once, so an earlier attempt that needed
+                # authentication can no longer be paid on top of this one.
+                outcome = self.gateway.confirm_payment_intent(
+                    payment_intent_id=intent_to_confirm,
+                    payment_method_id=payment_method_id,
+                    amount_minor=invoice.amount_due_minor,
+                    currency=invoice.currency,
+                    idempotency_key=key,
+                )
+                if self._after_charge_hook is not None:
+                    self._after_charge_hook(key, redriven is not None)
             else:
-                # A fresh attempt, a re-drive inside the key's window (the provider answers it
-                # with the first result), or an old one the provider never created anything
-                # for: the same request under the same key, on the recorded card.
+                # The invoice's first attempt to reach the provider, a re-drive inside the
+                # key's window (the provider answers it with the first result), or an old one
+                # the provider never created anything for: the same request under the same
+                # key, on the recorded card, creating the invoice's PaymentIntent.
                 outcome = self.gateway.charge(
                     provider_customer_id=customer.stripe_customer_id,
                     payment_method_id=payment_method_id,
@@ -387,6 +413,8 @@ class BillingActivities:
                 payment_method_id=payment_method_id,
                 completed_at=self.clock.now(),
             )
+            if outcome.payment_intent_id is not None:
+                self._record_invoice_intent(session, invoice.id, outcome.payment_intent_id)
             if details is not None:
                 assert outcome.payment_intent_id is not None
                 payment_id = self._settle_with_outcome(
@@ -402,6 +430,65 @@ class BillingActivities:
             failure_message=outcome.failure_message,
             payment_id=payment_id,
         )
+
+    def _find_lost_send(
+        self,
+        provider_customer_id: str,
+        attempt: PaymentAttemptRecord,
+        key: str,
+        intent_to_confirm: str | None,
+    ) -> ChargeOutcome | None:
+        """What an attempt re-driven past its key's safe window already did at the provider,
+        or None when re-sending it is safe.
+
+        A create is looked up by the key its PaymentIntent carries in metadata. A confirm of the
+        invoice's known intent reads that intent: succeeded means paid (by this send or by the
+        customer), and is never re-sent; in any other state a re-sent confirm can at worst be
+        one more declined try, never a second payment, since an intent succeeds only once.
+        """
+        if intent_to_confirm is None:
+            found = self.gateway.find_charge_attempt(
+                provider_customer_id=provider_customer_id,
+                idempotency_key=key,
+                created_after=attempt.created_at - RECONCILE_CLOCK_SKEW,
+            )
+        else:
+            current = self.gateway.payment_intent_outcome(payment_intent_id=intent_to_confirm)
+            found = current if current.kind == ChargeOutcomeKind.PAID else None
+        log.warning(
+            "re-driving charge attempt %s (%s) recorded at %s, past the key's safe window: %s",
+            attempt.id,
+            key,
+            attempt.created_at.isoformat(),
+            "nothing was paid, re-sending"
+            if found is None
+            else f"found {found.payment_intent_id} ({found.kind.value}), not re-sending",
+        )
+        return found
+
+    def _record_invoice_intent(
+        self, session: Session, invoice_id: str, payment_intent_id: str
+    ) -> None:
+        """Record the invoice's one PaymentIntent (set once), in a savepoint: a failure here
+        must never keep a charge's outcome from being recorded."""
+        try:
+            with session.begin_nested():
+                stored = invoices_repo.record_payment_intent(session, invoice_id, payment_intent_id)
+        except Exception:
+            log.exception(
+                "could not record payment intent %s on invoice %s", payment_intent_id, invoice_id
+            )
+            return
+        if stored.stripe_payment_intent_id != payment_intent_id:
+            # Only an invoice charged before one-intent-per-invoice, or a decline whose intent
+            # the provider did not name, gets here: both intents are canceled when the invoice
+            # is closed (cancel_invoice_payment cancels every intent its attempts name).
+            log.error(
+                "invoice %s has payment intent %s, and a charge used another one, %s",
+                invoice_id,
+                stored.stripe_payment_intent_id,
+                payment_intent_id,
+            )
 
     def _details_after_charge(
         self, invoice: InvoiceRecord, payment_intent_id: str, charge_id: str | None
@@ -523,12 +610,31 @@ class BillingActivities:
                 settled_at=now,
             ),
         )
+        current = invoices_repo.get_invoice(session, invoice.id)
+        reason = None
+        if current is not None and current.status in (
+            InvoiceStatus.VOID,
+            InvoiceStatus.UNCOLLECTIBLE,
+        ):
+            # Closed unpaid, then the provider's payment came to light: money taken is
+            # booked, never ignored, and the invoice says why it changed its mind.
+            reason = (
+                f"paid after it was {current.status.value}: the provider took payment "
+                f"{payment.stripe_payment_intent_id} ({payment.amount_minor} "
+                f"{payment.currency} minor units), recorded {now.isoformat()}"
+                + (
+                    f"; it was {current.status.value} for: {current.status_reason}"
+                    if current.status_reason
+                    else ""
+                )
+            )[:500]
         # A no-op when a previous run already marked it paid.
         invoices_repo.transition_invoice(
             session,
             invoice.id,
             to=InvoiceStatus.PAID,
             at=now,
+            reason=reason,
             amount_paid_minor=payment.amount_minor,
         )
         return payment
@@ -539,15 +645,31 @@ class BillingActivities:
         self, input: ConfirmAuthenticatedPaymentInput
     ) -> ConfirmAuthenticatedPaymentResult:
         """Check with the provider that a payment intent the customer authenticated belongs to
-        this invoice and succeeded; record it on its attempt."""
+        this invoice and succeeded; record it on its attempt.
+
+        All attempts of an invoice share its one intent: the success goes on the attempt that
+        waits for authentication (the latest such), else on the latest attempt of the intent.
+        A re-run finds that attempt succeeded and answers the same."""
         with unit_of_work(self.session_factory) as session:
-            attempt = attempts_repo.get_attempt_by_payment_intent(session, input.payment_intent_id)
-        if attempt is None or attempt.invoice_id != input.invoice_id:
+            invoice = invoices_repo.get_invoice(session, input.invoice_id)
+            attempts = (
+                attempts_repo.list_attempts_for_invoice(session, invoice.id)
+                if invoice is not None
+                else []
+            )
+        sharing = [a for a in attempts if a.stripe_payment_intent_id == input.payment_intent_id]
+        if not sharing:
             return ConfirmAuthenticatedPaymentResult(
                 succeeded=False,
                 reason=f"payment intent {input.payment_intent_id} is not an attempt of "
                 f"invoice {input.invoice_id}",
             )
+        done = next((a for a in sharing if a.status == AttemptStatus.SUCCEEDED), None)
+        if done is not None:
+            return ConfirmAuthenticatedPaymentResult(
+                succeeded=True, attempt_number=done.attempt_number, charge_id=done.stripe_charge_id
+            )
+        attempt = _attempt_for_success(sharing)
         outcome = self.gateway.payment_intent_outcome(payment_intent_id=input.payment_intent_id)
         if outcome.kind != ChargeOutcomeKind.PAID:
             return ConfirmAuthenticatedPaymentResult(
@@ -556,21 +678,254 @@ class BillingActivities:
                 reason=f"payment intent is {outcome.kind.value}",
             )
         with unit_of_work(self.session_factory) as session:
-            attempts_repo.record_attempt_outcome(
-                session,
-                attempt.id,
-                status=AttemptStatus.SUCCEEDED,
-                outcome=ChargeOutcomeKind.PAID,
-                decline_code=None,
-                failure_message=None,
-                payment_intent_id=input.payment_intent_id,
-                charge_id=outcome.charge_id,
-                payment_method_id=attempt.payment_method_id,
-                completed_at=self.clock.now(),
-            )
+            self._record_attempt_success(session, attempt, input.payment_intent_id, outcome)
         return ConfirmAuthenticatedPaymentResult(
             succeeded=True, attempt_number=attempt.attempt_number, charge_id=outcome.charge_id
         )
+
+    def _record_attempt_success(
+        self,
+        session: Session,
+        attempt: PaymentAttemptRecord,
+        payment_intent_id: str,
+        outcome: ChargeOutcome,
+    ) -> PaymentAttemptRecord:
+        recorded = attempts_repo.record_attempt_outcome(
+            session,
+            attempt.id,
+            status=AttemptStatus.SUCCEEDED,
+            outcome=ChargeOutcomeKind.PAID,
+            decline_code=None,
+            failure_message=None,
+            payment_intent_id=payment_intent_id,
+            charge_id=outcome.charge_id,
+            payment_method_id=attempt.payment_method_id,
+            completed_at=self.clock.now(),
+        )
+        self._record_invoice_intent(session, attempt.invoice_id, payment_intent_id)
+        return recorded
+
+    def _record_provider_success(
+        self,
+        invoice: InvoiceRecord,
+        attempts: list[PaymentAttemptRecord],
+        payment_intent_id: str,
+        outcome: ChargeOutcome,
+    ) -> tuple[PaymentAttemptRecord, PaymentRecord]:
+        """Book a success the provider reports for ``invoice`` and nobody recorded: the
+        attempt it belongs to succeeds, then the payment (fee, net) is settled and the invoice
+        paid, whatever its status (a void or uncollectible invoice becomes paid, with a
+        reason). Two transactions, each idempotent: a re-run after a crash between them
+        finds the succeeded attempt and settles it."""
+        sharing = [a for a in attempts if a.stripe_payment_intent_id == payment_intent_id]
+        # An attempt whose create was lost has no intent id yet; it is the one that paid.
+        unnamed = [
+            a
+            for a in attempts
+            if a.status == AttemptStatus.PENDING and a.stripe_payment_intent_id is None
+        ]
+        candidates = sharing or unnamed or attempts
+        if not candidates:
+            raise NotFound(
+                f"invoice {invoice.number} has no charge attempt to record payment "
+                f"{payment_intent_id} on"
+            )
+        attempt = _attempt_for_success(candidates)
+        if attempt.status != AttemptStatus.SUCCEEDED:
+            with unit_of_work(self.session_factory) as session:
+                attempt = self._record_attempt_success(session, attempt, payment_intent_id, outcome)
+        return attempt, self._settle(invoice, attempt, payment_intent_id, outcome.charge_id)
+
+    def _recorded_payment(
+        self, invoice: InvoiceRecord, attempts: list[PaymentAttemptRecord]
+    ) -> tuple[PaymentAttemptRecord, PaymentRecord] | None:
+        """The invoice's payment as our records hold it, settling a succeeded attempt that
+        has none yet (a run killed between the two writes). None: no success is recorded."""
+        with unit_of_work(self.session_factory) as session:
+            payment = payments_repo.get_payment_for_invoice(session, invoice.id)
+        if payment is not None:
+            attempt = next(a for a in attempts if a.id == payment.attempt_id)
+            return attempt, payment
+        succeeded = next((a for a in attempts if a.status == AttemptStatus.SUCCEEDED), None)
+        if succeeded is None:
+            return None
+        if succeeded.stripe_payment_intent_id is None:
+            raise ChangeRefused(
+                f"attempt {succeeded.attempt_number} of invoice {invoice.number} succeeded "
+                "without a payment intent id; settle it by hand"
+            )
+        return succeeded, self._settle(
+            invoice, succeeded, succeeded.stripe_payment_intent_id, succeeded.stripe_charge_id
+        )
+
+    @activity.defn(name=ActivityName.CANCEL_INVOICE_PAYMENT)
+    @_domain_errors_are_final
+    def cancel_invoice_payment(
+        self, input: CancelInvoicePaymentInput
+    ) -> CancelInvoicePaymentResult:
+        """Before an invoice is voided or written off: settle what the provider says about
+        its payment, and cancel its PaymentIntent so nobody can pay it afterwards.
+
+        A success the provider holds (a pending attempt whose answer was lost, an
+        authentication completed just now) is recorded (attempt, payment with fee and net,
+        invoice paid) and returned as ``paid``: the caller must not close the invoice.
+        Otherwise every intent the invoice's attempts name is canceled (one, unless the
+        invoice was charged before one-intent-per-invoice), and attempts still pending are
+        completed as failed: their intent can no longer take money.
+
+        Idempotent under at-least-once: each write is one transaction that a re-run finds
+        done (a payment row, a succeeded attempt, an intent already canceled)."""
+        with unit_of_work(self.session_factory) as session:
+            invoice = _require_invoice(session, input.invoice_id)
+            attempts = attempts_repo.list_attempts_for_invoice(session, invoice.id)
+            customer = customers_repo.get_customer(session, invoice.customer_id)
+        recorded = self._recorded_payment(invoice, attempts)
+        if recorded is not None:
+            attempt, payment = recorded
+            return CancelInvoicePaymentResult(
+                paid=True,
+                payment_intent_id=payment.stripe_payment_intent_id,
+                payment_id=payment.id,
+                attempt_number=attempt.attempt_number,
+            )
+        if invoice.status == InvoiceStatus.PAID:
+            # Paid without a charge (a free period): nothing to cancel, nothing to close.
+            return CancelInvoicePaymentResult(paid=True)
+        intents = _intents_of(invoice, attempts)
+        pending = [a for a in attempts if a.status == AttemptStatus.PENDING]
+        lost_creates = [a for a in pending if a.stripe_payment_intent_id is None]
+        if lost_creates and customer is not None and customer.stripe_customer_id is not None:
+            # A create whose answer was lost: did it make an intent? Read only, by the key the
+            # intent carries in metadata; re-sending it could charge.
+            for attempt in lost_creates:
+                found = self.gateway.find_charge_attempt(
+                    provider_customer_id=customer.stripe_customer_id,
+                    idempotency_key=attempt.idempotency_key,
+                    created_after=attempt.created_at - RECONCILE_CLOCK_SKEW,
+                )
+                if (
+                    found is not None
+                    and found.payment_intent_id is not None
+                    and found.payment_intent_id not in intents
+                ):
+                    intents.append(found.payment_intent_id)
+        canceled = False
+        for payment_intent_id in intents:
+            result = self.gateway.cancel_payment_intent(payment_intent_id=payment_intent_id)
+            if result.paid is not None:
+                attempt, payment = self._record_provider_success(
+                    invoice, attempts, payment_intent_id, result.paid
+                )
+                return CancelInvoicePaymentResult(
+                    paid=True,
+                    payment_intent_id=payment_intent_id,
+                    payment_id=payment.id,
+                    attempt_number=attempt.attempt_number,
+                )
+            canceled = canceled or result.canceled
+        if pending:
+            with unit_of_work(self.session_factory) as session:
+                for attempt in pending:
+                    attempts_repo.record_attempt_outcome(
+                        session,
+                        attempt.id,
+                        status=AttemptStatus.FAILED,
+                        outcome=ChargeOutcomeKind.SOFT_DECLINE,
+                        decline_code="payment_canceled",
+                        failure_message=(
+                            "its outcome was unknown when the invoice was closed "
+                            f"({input.reason or 'no reason given'}); the provider holds no "
+                            "payment for it and its payment intent is canceled"
+                        )[:500],
+                        payment_intent_id=None,
+                        charge_id=None,
+                        payment_method_id=None,
+                        completed_at=self.clock.now(),
+                    )
+        return CancelInvoicePaymentResult(
+            paid=False,
+            payment_intent_id=intents[0] if intents else None,
+            canceled=canceled,
+        )
+
+    @activity.defn(name=ActivityName.RECORD_INVOICE_PAYMENT)
+    @_domain_errors_are_final
+    def record_invoice_payment(
+        self, input: RecordInvoicePaymentInput
+    ) -> RecordInvoicePaymentResult:
+        """Record a success the provider reports for an invoice that no subscription workflow
+        will settle (closed unpaid, or its workflow has ended): checked with the provider
+        first (the intent is the invoice's and succeeded), then booked like any payment. A
+        void or uncollectible invoice becomes paid, saying why. Idempotent."""
+        with unit_of_work(self.session_factory) as session:
+            invoice = _require_invoice(session, input.invoice_id)
+            attempts = attempts_repo.list_attempts_for_invoice(session, invoice.id)
+            customer = customers_repo.get_customer(session, invoice.customer_id)
+        recorded = self._recorded_payment(invoice, attempts)
+        if recorded is not None:
+            attempt, payment = recorded
+            if payment.stripe_payment_intent_id != input.payment_intent_id:
+                log.error(
+                    "invoice %s is paid by %s, and the provider reports another payment, %s, "
+                    "for it: the customer was charged twice; refund %s",
+                    invoice.id,
+                    payment.stripe_payment_intent_id,
+                    input.payment_intent_id,
+                    input.payment_intent_id,
+                )
+                return RecordInvoicePaymentResult(
+                    recorded=False,
+                    payment_id=payment.id,
+                    attempt_number=attempt.attempt_number,
+                    reason=f"invoice {invoice.number} is already paid by "
+                    f"{payment.stripe_payment_intent_id}; {input.payment_intent_id} is a second "
+                    "payment and must be refunded",
+                )
+            return RecordInvoicePaymentResult(
+                recorded=True, payment_id=payment.id, attempt_number=attempt.attempt_number
+            )
+        if not self._is_intent_of(invoice, attempts, customer, input.payment_intent_id):
+            return RecordInvoicePaymentResult(
+                recorded=False,
+                reason=f"payment intent {input.payment_intent_id} is not one of invoice "
+                f"{invoice.number}'s charges",
+            )
+        outcome = self.gateway.payment_intent_outcome(payment_intent_id=input.payment_intent_id)
+        if outcome.kind != ChargeOutcomeKind.PAID:
+            return RecordInvoicePaymentResult(
+                recorded=False, reason=f"payment intent is {outcome.kind.value}"
+            )
+        attempt, payment = self._record_provider_success(
+            invoice, attempts, input.payment_intent_id, outcome
+        )
+        return RecordInvoicePaymentResult(
+            recorded=True, payment_id=payment.id, attempt_number=attempt.attempt_number
+        )
+
+    def _is_intent_of(
+        self,
+        invoice: InvoiceRecord,
+        attempts: list[PaymentAttemptRecord],
+        customer: CustomerRecord | None,
+        payment_intent_id: str,
+    ) -> bool:
+        """Whether our records, or the provider's record of a lost create, tie the intent to
+        the invoice. A webhook's metadata alone is not trusted."""
+        if payment_intent_id in _intents_of(invoice, attempts):
+            return True
+        if customer is None or customer.stripe_customer_id is None:
+            return False
+        for attempt in attempts:
+            if attempt.status != AttemptStatus.PENDING or attempt.stripe_payment_intent_id:
+                continue
+            found = self.gateway.find_charge_attempt(
+                provider_customer_id=customer.stripe_customer_id,
+                idempotency_key=attempt.idempotency_key,
+                created_after=attempt.created_at - RECONCILE_CLOCK_SKEW,
+            )
+            if found is not None and found.payment_intent_id == payment_intent_id:
+                return True
+        return False
 
     # ----------------------------------------------------------------- customers & notices --
 
@@ -681,6 +1036,28 @@ def _already_paid(
     result.already_paid = True
     result.payment_id = payment.id if payment is not None else None
     return result
+
+
+def _intents_of(invoice: InvoiceRecord, attempts: list[PaymentAttemptRecord]) -> list[str]:
+    """Every PaymentIntent our records tie to the invoice: its own first, then any other its
+    attempts name (invoices charged before one-intent-per-invoice), newest first."""
+    intents: list[str] = []
+    named = [invoice.stripe_payment_intent_id] + [
+        a.stripe_payment_intent_id for a in reversed(attempts)
+    ]
+    for payment_intent_id in named:
+        if payment_intent_id is not None and payment_intent_id not in intents:
+            intents.append(payment_intent_id)
+    return intents
+
+
+def _attempt_for_success(candidates: list[PaymentAttemptRecord]) -> PaymentAttemptRecord:
+    """Which of an intent's attempts (by attempt number) a success belongs to: the latest
+    one waiting for the customer or of unknown outcome, else the latest."""
+    waiting = [
+        a for a in candidates if a.status in (AttemptStatus.REQUIRES_ACTION, AttemptStatus.PENDING)
+    ]
+    return (waiting or candidates)[-1]
 
 
 def _settle_result(payment: PaymentRecord) -> SettleInvoiceResult:

@@ -9,6 +9,12 @@ Every Stripe answer is translated here into the normalized results of ``billing.
 * anything a retry cannot fix (bad API key, missing permission, invalid parameters, an
   idempotency key reused with other parameters) raises ``PaymentProviderError``.
 
+One PaymentIntent per invoice (Stripe Billing's model): an invoice's first attempt creates its
+intent and confirms it in the same request (``charge``); every later attempt confirms that same
+intent again with the customer's current card (``confirm_payment_intent``), and the intent is
+canceled when the invoice is closed unpaid (``cancel_payment_intent``). An intent can succeed
+only once, so an old attempt that needed authentication can never be paid on top of a new one.
+
 Stripe keeps an Idempotency-Key for about 24 hours only. Every PaymentIntent we create therefore
 also carries its key in ``metadata["idempotency_key"]``, so ``find_charge_attempt`` can tell,
 long after the key expired, whether a charge whose answer was lost was created at all.
@@ -33,6 +39,7 @@ from billing.payments import (
     ChargeOutcome,
     ChargeOutcomeKind,
     PaymentGateway,
+    PaymentIntentCancellation,
     PaymentProviderError,
     SettlementDetails,
     TransientPaymentError,
@@ -43,6 +50,8 @@ if TYPE_CHECKING:
     from stripe.params import (
         ChargeListParams,
         CustomerCreateParams,
+        PaymentIntentCancelParams,
+        PaymentIntentConfirmParams,
         PaymentIntentCreateParams,
         PaymentIntentListParams,
     )
@@ -72,6 +81,11 @@ _REJECTED_PAYMENT_METHOD_CODES = frozenset(
 
 #: PaymentIntent statuses that wait for the customer to act (3-D Secure / confirm on-session).
 _NEEDS_CUSTOMER_STATUSES = frozenset({"requires_action", "requires_confirmation"})
+
+#: Stripe's error code for a request the PaymentIntent's status does not allow: confirming one
+#: that succeeded or was canceled, canceling one that succeeded or was canceled already
+#: (https://docs.stripe.com/error-codes#payment-intent-unexpected-state).
+_UNEXPECTED_STATE = "payment_intent_unexpected_state"
 
 #: The metadata field holding the Idempotency-Key a PaymentIntent was created with. Stripe
 #: never shows a request's key and forgets it after ~24 hours; the intent keeps this for good.
@@ -243,6 +257,29 @@ def _preferred_intent(
             idempotency_key,
         )
     return max(succeeded or matches, key=lambda intent: int(_get(intent, "created") or 0))
+
+
+def _check_idempotency_key(idempotency_key: str) -> None:
+    if not idempotency_key or len(idempotency_key) > _MAX_IDEMPOTENCY_KEY_LENGTH:
+        # Without a key the SDK would invent a random one per call, silently losing the
+        # at-most-once guarantee; refuse instead.
+        raise PaymentProviderError(
+            f"idempotency_key must be 1 to {_MAX_IDEMPOTENCY_KEY_LENGTH} characters; got "
+            f"{idempotency_key!r}. Derive it from the invoice id and attempt number"
+        )
+
+
+def _is_unexpected_state(error: stripe.StripeError) -> bool:
+    """Whether Stripe refused a PaymentIntent request because of the intent's status. Stripe
+    says so with ``payment_intent_unexpected_state``; localstripe 1.15 (unpatched) answers a
+    bare 400 "Bad request" with no code, which is read the same way: the caller then reads the
+    intent, whose status is the real answer."""
+    if not isinstance(error, stripe.InvalidRequestError) or error.http_status != 400:
+        return False
+    code = error.code or _get(error.error, "code")
+    if code == _UNEXPECTED_STATE:
+        return True
+    return code is None and str(_get(error.error, "message") or "").strip() == "Bad request"
 
 
 def _raise_translated(error: stripe.StripeError, *, operation: str) -> NoReturn:
@@ -417,13 +454,7 @@ class StripeGateway:
         ``idempotency_key`` goes on the wire as the Idempotency-Key: Stripe answers a retry of
         the same key with the first attempt's result instead of charging again.
         """
-        if not idempotency_key or len(idempotency_key) > _MAX_IDEMPOTENCY_KEY_LENGTH:
-            # Without a key the SDK would invent a random one per call, silently losing the
-            # at-most-once guarantee; refuse instead.
-            raise PaymentProviderError(
-                f"idempotency_key must be 1 to {_MAX_IDEMPOTENCY_KEY_LENGTH} characters; got "
-                f"{idempotency_key!r}. Derive it from the invoice id and attempt number"
-            )
+        _check_idempotency_key(idempotency_key)
         currency_upper = currency.upper()
         # The key also goes into metadata, where it outlives Stripe's ~24-hour memory of it:
         # find_charge_attempt looks for it there before an old attempt is re-sent.
@@ -457,6 +488,99 @@ class StripeGateway:
                 f"{provider_customer_id} (idempotency key {idempotency_key!r})",
             )
         return self._outcome_from_intent(intent)
+
+    def confirm_payment_intent(
+        self,
+        *,
+        payment_intent_id: str,
+        payment_method_id: str,
+        amount_minor: int,
+        currency: str,
+        idempotency_key: str,
+    ) -> ChargeOutcome:
+        """Confirm the invoice's existing PaymentIntent again, off-session, with
+        ``payment_method_id`` (``POST /v1/payment_intents/{id}/confirm``; one request).
+
+        Stripe confirms an intent that ``requires_payment_method`` (the last charge failed) or
+        ``requires_action`` (it waits for authentication) with a newly provided payment method:
+        the new card replaces the old one and the pending authentication is dropped, so the
+        customer can no longer complete it (https://docs.stripe.com/api/payment_intents/confirm,
+        https://docs.stripe.com/payments/paymentintents/lifecycle). An intent that already
+        succeeded (the customer authenticated it meanwhile) is refused with
+        ``payment_intent_unexpected_state``; it is then read and reported PAID: the money was
+        taken once, and no second charge can exist.
+        """
+        _check_idempotency_key(idempotency_key)
+        currency_upper = currency.upper()
+        params: PaymentIntentConfirmParams = {
+            "payment_method": payment_method_id,
+            "off_session": True,
+        }
+        operation = (
+            f"confirming payment intent {payment_intent_id} with {payment_method_id} "
+            f"(idempotency key {idempotency_key!r})"
+        )
+        try:
+            intent = self._client.v1.payment_intents.confirm(
+                payment_intent_id, params=params, options={"idempotency_key": idempotency_key}
+            )
+        except stripe.StripeError as error:
+            if _is_card_error(error):
+                return self._outcome_from_card_error(
+                    error,
+                    amount_minor=amount_minor,
+                    currency=currency_upper,
+                    payment_intent_id=payment_intent_id,
+                )
+            if _is_unexpected_state(error):
+                # Succeeded or canceled meanwhile: its state is the answer, not an error.
+                return self.payment_intent_outcome(payment_intent_id=payment_intent_id)
+            _raise_translated(error, operation=operation)
+        return self._outcome_from_intent(intent)
+
+    def cancel_payment_intent(self, *, payment_intent_id: str) -> PaymentIntentCancellation:
+        """Cancel the invoice's PaymentIntent (``cancellation_reason=abandoned``) so that
+        nobody can pay it afterwards (https://docs.stripe.com/api/payment_intents/cancel).
+
+        Idempotent: Stripe refuses to cancel an intent that is already canceled or that
+        succeeded (``payment_intent_unexpected_state``); on any such refusal the intent is read
+        and its status decides: canceled is success, succeeded is returned as ``paid`` (money
+        was taken and must be recorded), processing raises TransientPaymentError.
+
+        No fixed Idempotency-Key: Stripe would replay a refusal recorded under it (say, while
+        the intent was processing) for 24 hours, even after the intent became cancelable. The
+        SDK's own per-call key still covers its network retries; a repeated cancel is harmless.
+        """
+        params: PaymentIntentCancelParams = {"cancellation_reason": "abandoned"}
+        operation = f"canceling payment intent {payment_intent_id}"
+        try:
+            intent = self._client.v1.payment_intents.cancel(payment_intent_id, params=params)
+        except stripe.StripeError as error:
+            if not _is_unexpected_state(error):
+                _raise_translated(error, operation=operation)
+            try:
+                intent = self._client.v1.payment_intents.retrieve(payment_intent_id)
+            except stripe.StripeError as read_error:
+                _raise_translated(
+                    read_error, operation=f"reading payment intent {payment_intent_id}"
+                )
+            if intent.status not in ("canceled", "succeeded", "processing"):
+                # Refused although cancelable: not the state problem we know how to read.
+                _raise_translated(error, operation=operation)
+        if intent.status == "canceled":
+            return PaymentIntentCancellation(payment_intent_id=intent.id, canceled=True)
+        if intent.status == "processing":
+            raise TransientPaymentError(
+                f"payment intent {intent.id} is processing and cannot be canceled now; ask "
+                "again once it succeeded or failed"
+            )
+        outcome = self._outcome_from_intent(intent)
+        if outcome.kind != ChargeOutcomeKind.PAID:
+            raise PaymentProviderError(
+                f"payment intent {intent.id} is {intent.status} after a cancel; inspect it in "
+                "the Stripe dashboard"
+            )
+        return PaymentIntentCancellation(payment_intent_id=intent.id, canceled=False, paid=outcome)
 
     def payment_intent_outcome(self, *, payment_intent_id: str) -> ChargeOutcome:
         """The current state of a PaymentIntent, e.g. after the customer authenticated."""
@@ -646,8 +770,8 @@ class StripeGateway:
                 payment_intent_id=intent.id,
                 charge_id=charge_id,
                 failure_message=(
-                    f"payment intent {intent.id} was canceled ({reason}); charge again with a "
-                    "new idempotency key"
+                    f"payment intent {intent.id} was canceled ({reason}); nothing can be "
+                    "charged on it any more"
                 ),
                 amount_minor=amount,
                 currency=currency,
@@ -659,12 +783,17 @@ class StripeGateway:
         )
 
     def _outcome_from_card_error(
-        self, error: stripe.StripeError, *, amount_minor: int, currency: str
+        self,
+        error: stripe.StripeError,
+        *,
+        amount_minor: int,
+        currency: str,
+        payment_intent_id: str | None = None,
     ) -> ChargeOutcome:
         code = error.code or _get(error.error, "code")
         decline_code = _get(error.error, "decline_code")
         intent = _get(error.error, "payment_intent")
-        payment_intent_id = _expandable_id(intent)
+        payment_intent_id = _expandable_id(intent) or payment_intent_id
         charge_id = _expandable_id(_get(error.error, "charge")) or _expandable_id(
             _get(intent, "latest_charge")
         )

@@ -29,6 +29,7 @@ class ActivityName:
     ATTACH_PAYMENT_METHOD = "attach_payment_method"
     CONFIRM_AUTHENTICATED_PAYMENT = "confirm_authenticated_payment"
     CANCEL_INVOICE_PAYMENT = "cancel_invoice_payment"
+    RECORD_INVOICE_PAYMENT = "record_invoice_payment"
 
 
 def workflow_id_for(subscription_id: str) -> str:
@@ -274,6 +275,51 @@ class CancelInvoicePaymentResult:
     canceled: bool = False
 
 
+# ---- record_invoice_payment ----------------------------------------------------------------
+
+
+@dataclass
+class RecordInvoicePaymentInput:
+    """A provider success that no subscription workflow will record (the invoice was closed
+    unpaid, or its workflow has ended): check it with the provider and record it."""
+
+    invoice_id: str
+    payment_intent_id: str
+
+
+@dataclass
+class RecordInvoicePaymentResult:
+    #: The payment is recorded (now or before): payment row, attempt succeeded, invoice paid.
+    recorded: bool
+    payment_id: str | None = None
+    attempt_number: int = 0
+    #: Why nothing was recorded (the intent did not succeed, or is not this invoice's).
+    reason: str = ""
+
+
+# ---- InvoicePaymentWorkflow ------------------------------------------------------------------
+
+
+def invoice_payment_workflow_id_for(invoice_id: str) -> str:
+    """One late-payment workflow per invoice: a second start for it joins the first."""
+    return f"invoice-payment-{invoice_id}"
+
+
+@dataclass
+class InvoicePaymentWorkflowInput:
+    invoice_id: str
+    payment_intent_id: str
+    #: Task queue of the provider activity (None: the workflow's own).
+    payments_task_queue: str | None = None
+
+
+@dataclass
+class InvoicePaymentWorkflowResult:
+    recorded: bool
+    payment_id: str | None = None
+    reason: str = ""
+
+
 # ==== the subscription workflow's own messages ================================================
 
 from billing.subscription import SubscriptionState  # noqa: E402
@@ -281,6 +327,7 @@ from billing.subscription import SubscriptionState  # noqa: E402
 
 class WorkflowName:
     SUBSCRIPTION = "SubscriptionWorkflow"
+    INVOICE_PAYMENT = "InvoicePaymentWorkflow"
 
 
 class SubscriptionMessage:

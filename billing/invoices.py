@@ -1,6 +1,12 @@
 """Invoice lifecycle and numbering (Stripe's model).
 
-draft -> open -> paid | void | uncollectible; uncollectible -> paid | void.
+draft -> open -> paid | void | uncollectible; uncollectible -> paid | void; void -> paid.
+
+A closed invoice can still become paid: money the provider took for it (the customer
+authenticated a payment just before the invoice was closed, a charge whose answer was lost)
+is recorded, never ignored. Stripe Billing lets a payment settle an uncollectible invoice;
+a void one cannot be paid there, but money taken must still be booked, so here a void invoice
+moves to paid too, and its ``status_reason`` says what happened.
 Numbers are ``PREFIX-NNNN``: a per-customer prefix and a per-customer sequence, so a customer
 sees invoice 0001, 0002, ... with no gaps caused by other customers.
 """
@@ -28,7 +34,8 @@ _TRANSITIONS: dict[InvoiceStatus, frozenset[InvoiceStatus]] = {
     ),
     InvoiceStatus.UNCOLLECTIBLE: frozenset({InvoiceStatus.PAID, InvoiceStatus.VOID}),
     InvoiceStatus.PAID: frozenset(),
-    InvoiceStatus.VOID: frozenset(),
+    # Only by recording a payment the provider took (see the module docstring).
+    InvoiceStatus.VOID: frozenset({InvoiceStatus.PAID}),
 }
 
 

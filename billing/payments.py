@@ -80,6 +80,19 @@ class ChargeOutcome:
 
 
 @dataclass(frozen=True)
+class PaymentIntentCancellation:
+    """What canceling an invoice's PaymentIntent found. Exactly one of ``canceled`` and
+    ``paid`` holds: an intent that succeeded cannot be canceled, and the money must be
+    recorded instead."""
+
+    payment_intent_id: str
+    #: The intent is canceled (by this call or an earlier one): nobody can pay it any more.
+    canceled: bool
+    #: The intent had already succeeded: the payment it took (kind PAID).
+    paid: ChargeOutcome | None = None
+
+
+@dataclass(frozen=True)
 class SettlementDetails:
     """What the customer paid (the charge: matches the invoice) and what the account received
     (the balance transaction, in the account's settlement currency, which may differ).
@@ -141,8 +154,31 @@ class PaymentGateway(Protocol):
         description: str,
         metadata: dict[str, str],
     ) -> ChargeOutcome:
-        """One off-session charge. Declines are returned; transient faults raise
-        TransientPaymentError; misconfiguration raises PaymentProviderError."""
+        """One off-session charge on a new PaymentIntent: an invoice's first attempt creates
+        the intent that its later attempts confirm (``confirm_payment_intent``). Declines are
+        returned; transient faults raise TransientPaymentError; misconfiguration raises
+        PaymentProviderError."""
+        ...
+
+    def confirm_payment_intent(
+        self,
+        *,
+        payment_intent_id: str,
+        payment_method_id: str,
+        amount_minor: int,
+        currency: str,
+        idempotency_key: str,
+    ) -> ChargeOutcome:
+        """Charge an invoice's existing PaymentIntent again, off-session, on
+        ``payment_method_id`` (a new card replaces the one that failed or needed
+        authentication). An intent that already succeeded is reported PAID, never charged
+        twice. Declines are returned; faults raise as for ``charge``."""
+        ...
+
+    def cancel_payment_intent(self, *, payment_intent_id: str) -> PaymentIntentCancellation:
+        """Cancel the PaymentIntent so nobody can pay it any more; idempotent. One that
+        already succeeded is reported as ``paid``; one still processing raises
+        TransientPaymentError (ask again later)."""
         ...
 
     def settlement_details(

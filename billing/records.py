@@ -105,6 +105,9 @@ class InvoiceRecord:
     paid_at: datetime | None = None
     voided_at: datetime | None = None
     marked_uncollectible_at: datetime | None = None
+    #: The invoice's one PaymentIntent, once a charge attempt created it; every later attempt
+    #: confirms it again (Stripe Billing's model).
+    stripe_payment_intent_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

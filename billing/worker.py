@@ -34,6 +34,7 @@ from billing.clock import Clock, SystemClock
 from billing.payments import PaymentGateway
 from billing.settings import Settings
 from db.engine import make_engine, make_session_factory
+from workflows.invoice_payment import InvoicePaymentWorkflow
 from workflows.subscription import SubscriptionWorkflow
 
 
@@ -118,7 +119,7 @@ def build_worker(
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[SubscriptionWorkflow],
+        workflows=[SubscriptionWorkflow, InvoicePaymentWorkflow],
         activities=registered,
         activity_executor=ThreadPoolExecutor(max_workers=activity_threads),
         max_concurrent_activities=activity_threads,
@@ -134,6 +135,8 @@ def provider_activities(activities: BillingActivities) -> list[Any]:
         activities.settle_invoice,
         activities.attach_payment_method,
         activities.confirm_authenticated_payment,
+        activities.cancel_invoice_payment,
+        activities.record_invoice_payment,
     ]
 
 

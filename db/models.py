@@ -176,6 +176,11 @@ class InvoiceRow(Base):
     paid_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     voided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     marked_uncollectible_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The invoice's one PaymentIntent (Stripe Billing's model): created by its first charge
+    #: attempt that reaches the provider, confirmed again by every later one, canceled when
+    #: the invoice is voided or written off. Unique: an intent pays one invoice, and a
+    #: ``payment_intent.succeeded`` webhook finds its invoice by it.
+    stripe_payment_intent_id: Mapped[str | None] = mapped_column(String(100), unique=True)
 
 
 class PaymentAttemptRow(Base):

@@ -19,10 +19,15 @@ Routing (``route_event``; the workflow id is ``workflow_id_for(subscription_id)`
   that is not canceled ("retry the open invoice now"). Stripe does not deliver events in
   order: an event ``created`` before the newest one already acted on for that customer is
   stale news and is recorded as ignored, so an older card never overwrites a newer one.
-* ``payment_intent.succeeded`` for one of our charge attempts (found by
-  ``payment_attempts.stripe_payment_intent_id``, else by ``metadata.invoice_id``) whose invoice
-  is still open and has no succeeded attempt: signal ``payment_authenticated`` to the
-  invoice's subscription; the workflow verifies the intent with Stripe and settles.
+* ``payment_intent.succeeded`` for one of our invoices (found by the invoice's one
+  PaymentIntent, ``invoices.stripe_payment_intent_id``, else by an attempt that used it, else
+  by ``metadata.invoice_id``) with no payment recorded: for an open invoice, signal
+  ``payment_authenticated`` to the invoice's subscription (the workflow verifies the intent
+  with Stripe and settles). Money taken is never ignored: for an invoice closed unpaid (void,
+  uncollectible), or an open one whose subscription workflow has ended, start
+  ``InvoicePaymentWorkflow`` (id ``invoice-payment-{invoice_id}``; a second start joins the
+  first), which checks the intent with Stripe and records the payment; the invoice becomes
+  paid and says why.
 * Anything else, ``payment_method.attached`` included (see ``_ROUTES``): recorded as ignored.
 
 Failure answers: Temporal unreachable gives 503 *and the claim is deleted*, so Stripe's retry
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -55,6 +61,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.stripe_gateway import webhook_signature_valid
@@ -62,9 +69,12 @@ from billing.api.errors import error_body
 from billing.api.schemas import ErrorOut
 from billing.clock import Clock
 from billing.contracts import (
+    InvoicePaymentWorkflowInput,
     PaymentAuthenticatedInput,
     PaymentMethodChangedInput,
     SubscriptionMessage,
+    WorkflowName,
+    invoice_payment_workflow_id_for,
     workflow_id_for,
 )
 from billing.invoices import InvoiceStatus
@@ -74,6 +84,7 @@ from db.engine import unit_of_work
 from db.repositories import attempts as attempts_repo
 from db.repositories import customers as customers_repo
 from db.repositories import invoices as invoices_repo
+from db.repositories import payments as payments_repo
 from db.repositories import subscriptions as subscriptions_repo
 from db.repositories import webhook_events as webhook_events_repo
 
@@ -299,6 +310,19 @@ class Routing:
     signals: list[RoutedSignal] = field(default_factory=list)
     outcome: WebhookOutcome = WebhookOutcome.IGNORED
     detail: str = ""
+    #: A provider payment to record through ``InvoicePaymentWorkflow``: at once when there
+    #: are no signals, else if every workflow signalled has already ended.
+    late_payment: LatePayment | None = None
+
+
+@dataclass(frozen=True)
+class LatePayment:
+    """A payment the provider took for an invoice that no live workflow will settle."""
+
+    invoice_id: str
+    payment_intent_id: str
+    subscription_id: str
+    why: str
 
 
 def _object_id(value: object) -> str | None:
@@ -378,45 +402,60 @@ def _route_customer_updated(session: Session, event: _Event) -> Routing:
 
 
 def _route_payment_intent_succeeded(session: Session, event: _Event) -> Routing:
-    """A PaymentIntent of ours that needed the customer (3-D Secure) has succeeded: the
-    workflow checks it with Stripe (confirm_authenticated_payment) and settles the invoice."""
+    """A PaymentIntent of ours has succeeded. Usually the charge's own answer settles it, or
+    the subscription workflow does after authentication (``payment_authenticated``); a
+    payment nobody live will settle goes to ``InvoicePaymentWorkflow``. Never ignored while
+    the invoice has no payment."""
     payment_intent_id = _object_id(event.object.get("id"))
     if payment_intent_id is None:
         return Routing(detail="the payment intent has no id")
-    attempt = attempts_repo.get_attempt_by_payment_intent(session, payment_intent_id)
-    if attempt is not None:
-        if attempt.status == AttemptStatus.SUCCEEDED:
-            # The ordinary off-session success: the workflow got it from the charge call and
-            # settles it itself. A signal would be harmless (the workflow ignores news about
-            # an invoice it no longer holds open) but is noise in its history.
-            return Routing(
-                detail=f"attempt {attempt.attempt_number} of invoice {attempt.invoice_id} "
-                "already succeeded"
-            )
-        invoice_id = attempt.invoice_id
-    else:
-        # The attempt row gets the PaymentIntent id only once the charge call returns; our
-        # charges carry the invoice id in their metadata, so an event that overtakes that
-        # write still finds its invoice. The workflow verifies the claim either way.
-        metadata = event.object.get("metadata")
-        named = metadata.get("invoice_id") if isinstance(metadata, dict) else None
-        if not isinstance(named, str) or not named:
+    invoice = invoices_repo.get_invoice_by_payment_intent(session, payment_intent_id)
+    if invoice is None:
+        attempt = attempts_repo.get_attempt_by_payment_intent(session, payment_intent_id)
+        if attempt is not None:
+            invoice_id = attempt.invoice_id
+        else:
+            # The invoice and attempt get the PaymentIntent id only once the charge call
+            # returns; our charges carry the invoice id in their metadata, so an event that
+            # overtakes that write still finds its invoice. The activity that acts on it
+            # verifies the claim with the provider either way.
+            metadata = event.object.get("metadata")
+            named = metadata.get("invoice_id") if isinstance(metadata, dict) else None
+            if not isinstance(named, str) or not _usable_text(named, _MAX_OBJECT_ID_LENGTH):
+                return Routing(
+                    outcome=WebhookOutcome.NO_SUBSCRIPTION,
+                    detail=f"{payment_intent_id} is not a charge attempt of ours",
+                )
+            invoice_id = named
+        invoice = invoices_repo.get_invoice(session, invoice_id)
+        if invoice is None:
             return Routing(
                 outcome=WebhookOutcome.NO_SUBSCRIPTION,
-                detail=f"{payment_intent_id} is not a charge attempt of ours",
+                detail=f"{payment_intent_id} names invoice {invoice_id}, which we do not have",
             )
-        invoice_id = named
-    invoice = invoices_repo.get_invoice(session, invoice_id)
-    if invoice is None:
-        return Routing(
-            outcome=WebhookOutcome.NO_SUBSCRIPTION,
-            detail=f"{payment_intent_id} names invoice {invoice_id}, which we do not have",
-        )
-    if invoice.status != InvoiceStatus.OPEN:
-        return Routing(detail=f"invoice {invoice.number} is already {invoice.status.value}")
+    payment = payments_repo.get_payment_for_invoice(session, invoice.id)
+    if payment is not None and payment.stripe_payment_intent_id == payment_intent_id:
+        return Routing(detail=f"invoice {invoice.number} is already paid by {payment_intent_id}")
     attempts = attempts_repo.list_attempts_for_invoice(session, invoice.id)
-    if any(a.status == AttemptStatus.SUCCEEDED for a in attempts):
-        return Routing(detail=f"invoice {invoice.number} already has a succeeded attempt")
+    succeeded = [a for a in attempts if a.status == AttemptStatus.SUCCEEDED]
+    if payment is None and any(a.stripe_payment_intent_id == payment_intent_id for a in succeeded):
+        # The ordinary off-session success: the workflow got it from the charge call and
+        # settles it itself. A signal would be harmless (the workflow ignores news about an
+        # invoice it no longer holds open) but is noise in its history.
+        return Routing(
+            detail=f"attempt {succeeded[0].attempt_number} of invoice {invoice.number} already "
+            "succeeded"
+        )
+    late = LatePayment(
+        invoice_id=invoice.id,
+        payment_intent_id=payment_intent_id,
+        subscription_id=invoice.subscription_id,
+        why=f"invoice {invoice.number} is {invoice.status.value}",
+    )
+    if invoice.status != InvoiceStatus.OPEN or payment is not None or succeeded:
+        # Closed unpaid (or paid by another payment: the workflow's activity flags the
+        # second one for a refund): no subscription workflow will book this money.
+        return Routing(late_payment=late)
     return Routing(
         signals=[
             RoutedSignal(
@@ -426,7 +465,10 @@ def _route_payment_intent_succeeded(session: Session, event: _Event) -> Routing:
                     payment_intent_id=payment_intent_id, invoice_id=invoice.id
                 ),
             )
-        ]
+        ],
+        late_payment=dataclasses.replace(
+            late, why=f"the workflow of subscription {invoice.subscription_id} has ended"
+        ),
     )
 
 
@@ -471,9 +513,53 @@ class _Delivered:
     detail: str
 
 
-async def _signal_all(temporal: Client | None, routing: Routing) -> _Delivered:
+async def _start_late_payment(
+    temporal: Client | None, late: LatePayment, settings: Settings
+) -> _Delivered:
+    """Start the invoice's ``InvoicePaymentWorkflow``. A run already going is joined
+    (USE_EXISTING) and a finished one may run again (its activity records nothing twice), so a
+    repeated or redelivered event is harmless."""
+    if temporal is None:
+        raise _TemporalUnavailable("no Temporal client is configured on the application")
+    workflow_id = invoice_payment_workflow_id_for(late.invoice_id)
+    try:
+        await temporal.start_workflow(
+            WorkflowName.INVOICE_PAYMENT,
+            InvoicePaymentWorkflowInput(
+                invoice_id=late.invoice_id,
+                payment_intent_id=late.payment_intent_id,
+                payments_task_queue=settings.payments_queue(),
+            ),
+            id=workflow_id,
+            task_queue=settings.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            rpc_timeout=SIGNAL_RPC_TIMEOUT,
+        )
+    except RPCError as error:
+        raise _TemporalUnavailable(f"{error.status.name}: {error.message}") from error
+    except RuntimeError as error:
+        raise _TemporalUnavailable(str(error)) from error
+    return _Delivered(
+        WebhookOutcome.ROUTED,
+        late.subscription_id,
+        f"{late.why}: {late.payment_intent_id} is recorded by workflow {workflow_id}",
+    )
+
+
+async def _deliver(temporal: Client | None, routing: Routing, settings: Settings) -> _Delivered:
     if not routing.signals:
+        if routing.late_payment is not None:
+            return await _start_late_payment(temporal, routing.late_payment, settings)
         return _Delivered(routing.outcome, None, routing.detail)
+    delivered = await _signal_all(temporal, routing)
+    if delivered.outcome == WebhookOutcome.WORKFLOW_CLOSED and routing.late_payment is not None:
+        # Nobody is left to settle it: record the money anyway.
+        return await _start_late_payment(temporal, routing.late_payment, settings)
+    return delivered
+
+
+async def _signal_all(temporal: Client | None, routing: Routing) -> _Delivered:
     if temporal is None:
         raise _TemporalUnavailable("no Temporal client is configured on the application")
     signalled: list[str] = []
@@ -582,7 +668,7 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
     claimed_at = claim.event.claimed_at
     try:
         routing = await asyncio.to_thread(_route, session_factory, event)
-        delivered = await _signal_all(temporal, routing)
+        delivered = await _deliver(temporal, routing, settings)
     except _TemporalUnavailable as unavailable:
         # Without this delete, Stripe's retry would find the row and be answered "duplicate":
         # the news would be lost. Signals already sent (to a customer's other subscriptions)

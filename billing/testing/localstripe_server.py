@@ -19,6 +19,7 @@ import sys
 
 def main() -> int:
     from localstripe import resources  # only in the server process
+    import billing.testing.localstripe_conformance  # noqa: F401  # isort: skip  (patches first)
     from localstripe.server import start
 
     if "--from-scratch" not in sys.argv[1:]:

@@ -31,7 +31,8 @@ def get_attempt(
 def get_attempt_by_payment_intent(
     session: Session, payment_intent_id: str
 ) -> PaymentAttemptRecord | None:
-    """The attempt that created the provider payment intent ``payment_intent_id``."""
+    """The first attempt that created or confirmed the provider payment intent
+    ``payment_intent_id`` (several attempts of one invoice share its intent)."""
     return fetch_one(
         session,
         PaymentAttemptRecord,
@@ -39,6 +40,20 @@ def get_attempt_by_payment_intent(
         .where(PAYMENT_ATTEMPTS.c.stripe_payment_intent_id == payment_intent_id)
         .order_by(PAYMENT_ATTEMPTS.c.created_at)
         .limit(1),
+    )
+
+
+def list_attempts_for_payment_intent(
+    session: Session, payment_intent_id: str
+) -> list[PaymentAttemptRecord]:
+    """Every attempt that created or confirmed the PaymentIntent ``payment_intent_id``, by
+    attempt number. An invoice has one intent, so all its attempts can share it."""
+    return fetch_all(
+        session,
+        PaymentAttemptRecord,
+        select_rows(PAYMENT_ATTEMPTS)
+        .where(PAYMENT_ATTEMPTS.c.stripe_payment_intent_id == payment_intent_id)
+        .order_by(PAYMENT_ATTEMPTS.c.attempt_number),
     )
 
 

@@ -160,3 +160,32 @@ def transition_invoice(
         if moved is not None:
             return InvoiceRecord(**moved)
     raise RuntimeError(f"invoice {invoice_id} kept changing status; try again")
+
+
+def get_invoice_by_payment_intent(session: Session, payment_intent_id: str) -> InvoiceRecord | None:
+    """The invoice whose one PaymentIntent is ``payment_intent_id`` (unique), or None."""
+    return fetch_one(
+        session,
+        InvoiceRecord,
+        select_rows(INVOICES).where(INVOICES.c.stripe_payment_intent_id == payment_intent_id),
+    )
+
+
+def record_payment_intent(
+    session: Session, invoice_id: str, payment_intent_id: str
+) -> InvoiceRecord:
+    """Record ``payment_intent_id`` as the invoice's PaymentIntent, unless it already has one.
+
+    Set-once (compare-and-set on NULL), so a retried or racing writer cannot replace the intent
+    the invoice's attempts confirm. Returns the invoice as stored: a caller whose intent is not
+    the one returned has found a second PaymentIntent for the invoice and must say so.
+    """
+    session.execute(
+        update(INVOICES)
+        .where(INVOICES.c.id == invoice_id, INVOICES.c.stripe_payment_intent_id.is_(None))
+        .values(stripe_payment_intent_id=payment_intent_id)
+    )
+    stored = get_invoice(session, invoice_id)
+    if stored is None:
+        raise NotFound(f"invoice {invoice_id} not found")
+    return stored

@@ -1064,3 +1064,85 @@ def test_find_charge_attempt_refuses_a_naive_datetime_before_any_request() -> No
     with pytest.raises(PaymentProviderError, match="timezone-aware"):
         _lookup(gateway, "cus_1", "inv_1-attempt-1", datetime(2025, 3, 1))
     assert transport.sent == []
+
+
+# -- one PaymentIntent per invoice: confirm again, cancel ----------------------------------------
+
+
+def _confirm(
+    gateway: StripeGateway, payment_intent_id: str, payment_method: str, key: str = "inv-attempt-2"
+) -> ChargeOutcome:
+    return gateway.confirm_payment_intent(
+        payment_intent_id=payment_intent_id,
+        payment_method_id=payment_method,
+        amount_minor=1999,
+        currency="USD",
+        idempotency_key=key,
+    )
+
+
+def test_confirming_a_declined_intent_with_a_new_card_charges_the_same_intent(
+    gateway: StripeGateway,
+    stripe_client: stripe.StripeClient,
+    recording_http_client: RecordingHTTPClient,
+) -> None:
+    customer, declining = _customer_with_card(gateway, stripe_client, cards.DECLINES_AFTER_ATTACH)
+    first = _charge(gateway, customer, declining)
+    assert first.kind == ChargeOutcomeKind.SOFT_DECLINE and first.payment_intent_id
+    new_card = gateway.attach_payment_method(
+        provider_customer_id=customer,
+        payment_method_id=cards.create_card_payment_method(stripe_client, cards.SUCCEEDS),
+    ).payment_method_id
+
+    again = _confirm(gateway, first.payment_intent_id, new_card)
+
+    assert again.kind == ChargeOutcomeKind.PAID
+    assert again.payment_intent_id == first.payment_intent_id
+    assert again.charge_id is not None and again.charge_id != first.charge_id
+    [sent] = recording_http_client.requests_to(
+        f"{PAYMENT_INTENTS}/{first.payment_intent_id}/confirm"
+    )
+    assert (sent.idempotency_key, sent.status) == ("inv-attempt-2", 200)
+    # Paid once: confirming it yet again answers PAID without a new charge.
+    assert _confirm(gateway, first.payment_intent_id, new_card, "inv-attempt-3") == again
+
+
+def test_a_confirm_without_a_key_is_refused_before_anything_is_sent(
+    gateway: StripeGateway, recording_http_client: RecordingHTTPClient
+) -> None:
+    with pytest.raises(PaymentProviderError, match="idempotency_key must be 1 to 255"):
+        _confirm(gateway, "pi_123", "pm_123", key="")
+    assert recording_http_client.recorded == []
+
+
+def test_cancel_is_idempotent_and_a_canceled_intent_takes_no_payment(
+    gateway: StripeGateway, stripe_client: stripe.StripeClient
+) -> None:
+    customer, sca = _customer_with_card(gateway, stripe_client, cards.REQUIRES_AUTHENTICATION)
+    first = _charge(gateway, customer, sca)
+    assert first.kind == ChargeOutcomeKind.AUTHENTICATION_REQUIRED and first.payment_intent_id
+
+    results = [
+        gateway.cancel_payment_intent(payment_intent_id=first.payment_intent_id) for _ in range(2)
+    ]
+
+    assert [(r.canceled, r.paid) for r in results] == [(True, None), (True, None)]
+    _, good = _customer_with_card(gateway, stripe_client, cards.SUCCEEDS)
+    after = _confirm(gateway, first.payment_intent_id, good)
+    assert after.kind == ChargeOutcomeKind.SOFT_DECLINE
+    assert after.failure_message is not None and "was canceled (abandoned)" in after.failure_message
+
+
+def test_canceling_an_intent_that_succeeded_reports_the_payment(
+    gateway: StripeGateway, stripe_client: stripe.StripeClient
+) -> None:
+    customer, card = _customer_with_card(gateway, stripe_client, cards.SUCCEEDS)
+    paid = _charge(gateway, customer, card)
+    assert paid.kind == ChargeOutcomeKind.PAID and paid.payment_intent_id
+
+    result = gateway.cancel_payment_intent(payment_intent_id=paid.payment_intent_id)
+
+    assert not result.canceled
+    assert result.paid == paid
+    intent = stripe_client.v1.payment_intents.retrieve(paid.payment_intent_id)
+    assert intent.status == "succeeded"

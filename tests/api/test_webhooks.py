@@ -25,7 +25,7 @@ from billing.subscription import SubscriptionStatus
 from billing.testing.cards import DECLINES_AFTER_ATTACH, REQUIRES_AUTHENTICATION, SUCCEEDS
 from billing.testing.harness import BillingHarness, BillingSnapshot
 from db.engine import unit_of_work
-from db.repositories import customers, subscriptions
+from db.repositories import customers, invoices, subscriptions
 from db.repositories import webhook_events as webhook_events_repo
 from tests.api.support import row_counts
 from tests.api.webhook_fixtures import (
@@ -249,6 +249,82 @@ async def test_authenticated_payment_from_the_webhook_settles_the_blocked_invoic
     assert stack.event_count() == rows_before
     assert await signals_received(harness, sub.subscription_id, authenticated_signals) == 1
     assert len(harness.snapshot(sub.subscription_id).payments[invoice.id]) == 1
+
+
+# ---- a payment nobody live will settle is recorded, never ignored --------------------------------
+
+
+@pytest.mark.parametrize("closed", ["invoice_uncollectible", "workflow_ended"])
+async def test_a_success_for_an_invoice_no_workflow_will_settle_is_recorded_and_paid(
+    webhook_stack: WebhookStack, closed: str
+) -> None:
+    """Finding 2: the customer authenticates after the invoice was written off (or after the
+    subscription's workflow ended). Stripe took the money; it must be booked, not "ignored"."""
+    stack, harness = webhook_stack, webhook_stack.harness
+    anchor = await first_anchor(harness)
+    sub = await harness.signup(
+        "basic-monthly", card=REQUIRES_AUTHENTICATION, billing_anchor_at=anchor
+    )
+    await harness.advance_to(anchor + 2 * DAY)
+    state = await harness.state(sub.subscription_id)
+    assert state.open_invoice is not None
+    invoice_id = state.open_invoice.invoice_id
+    [attempt] = harness.snapshot(sub.subscription_id).attempts[invoice_id]
+    payment_intent_id = attempt.stripe_payment_intent_id
+    assert payment_intent_id is not None
+    await harness.handle(sub.subscription_id).terminate("test: the workflow has ended")
+    if closed == "invoice_uncollectible":
+        # Written off without its intent canceled (as invoices closed before one intent per
+        # invoice were).
+        with unit_of_work(harness.session_factory) as session:
+            invoices.transition_invoice(
+                session,
+                invoice_id,
+                to=InvoiceStatus.UNCOLLECTIBLE,
+                at=anchor + 2 * DAY,
+                reason="dunning_exhausted",
+            )
+
+    intent = harness.stripe.v1.payment_intents.retrieve(payment_intent_id)
+    authenticated = stack.stripe_post(
+        f"/v1/payment_intents/{payment_intent_id}/_authenticate",
+        {"client_secret": intent.client_secret or "", "success": "true"},
+    )
+    assert authenticated["status"] == "succeeded"
+
+    def paid() -> BillingSnapshot | None:
+        snap = harness.snapshot(sub.subscription_id)
+        return snap if snap.invoices[0].status == InvoiceStatus.PAID else None
+
+    snap = await wait_until(paid, timeout=30, what="the late payment recorded")
+    [invoice] = snap.invoices
+    assert invoice.amount_paid_minor == 900
+    [payment] = snap.payments[invoice_id]
+    assert (payment.stripe_payment_intent_id, payment.amount_minor) == (payment_intent_id, 900)
+    [attempt] = snap.attempts[invoice_id]
+    assert attempt.status == "succeeded"
+    if closed == "invoice_uncollectible":
+        assert invoice.status_reason is not None
+        assert invoice.status_reason.startswith("paid after it was uncollectible: ")
+    [delivery] = [
+        d
+        for d in stack.deliveries("payment_intent.succeeded")
+        if d.event["data"]["object"]["id"] == payment_intent_id
+    ]
+    row = await processed(stack, delivery.event["id"])
+    assert row.outcome == WebhookOutcome.ROUTED
+    assert row.subscription_id == sub.subscription_id
+    assert row.detail is not None and f"invoice-payment-{invoice_id}" in row.detail
+
+    # The same news under another event id (Stripe may send it again): recorded as already
+    # paid, and still one payment.
+    again = json.loads(delivery.body)
+    again["id"] = delivery.event["id"] + "_again"
+    body = json.dumps(again).encode()
+    response = await stack.post(body, sign(body))
+    assert response.status_code == 200
+    assert response.json()["outcome"] == WebhookOutcome.IGNORED
+    assert len(harness.snapshot(sub.subscription_id).payments[invoice_id]) == 1
 
 
 # ---- a card changed at Stripe retries the open invoice at once ---------------------------------

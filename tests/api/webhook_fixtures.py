@@ -47,10 +47,14 @@ LOCALSTRIPE_ENDPOINT_ID = "billing-webhook-tests"
 CAPTURE_PATH = "/capture"
 
 
-def webhook_settings(secret: str | None = WEBHOOK_SECRET) -> Settings:
+def webhook_settings(
+    secret: str | None = WEBHOOK_SECRET, *, task_queue: str = "billing"
+) -> Settings:
+    """``task_queue``: the harness's, where workflows the webhook starts must run."""
     return Settings(
         _env_file=None,
         environment="test",
+        task_queue=task_queue,
         stripe_webhook_secret=None if secret is None else SecretStr(secret),
         stripe_webhook_tolerance_seconds=TOLERANCE_SECONDS,
     )
@@ -307,7 +311,11 @@ def webhook_stack_fixture(
     webhook_harness: BillingHarness, localstripe: LocalStripe
 ) -> Iterator[WebhookStack]:
     """The webhook app on a real server, listening to localstripe's events."""
-    app = make_webhook_app(webhook_settings(), webhook_harness.deps, webhook_harness.client)
+    app = make_webhook_app(
+        webhook_settings(task_queue=webhook_harness.task_queue),
+        webhook_harness.deps,
+        webhook_harness.client,
+    )
     with WebhookServer(app) as server:
         stack = WebhookStack(webhook_harness, localstripe, server, app)
         stack.listen()

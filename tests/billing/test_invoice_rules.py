@@ -31,6 +31,7 @@ ALLOWED = {
     (OPEN, UNCOLLECTIBLE),
     (UNCOLLECTIBLE, PAID),  # a late payment still settles a written-off invoice
     (UNCOLLECTIBLE, VOID),
+    (VOID, PAID),  # money the provider took for a voided invoice is recorded, never ignored
 }
 SAME = {(s, s) for s in InvoiceStatus}
 FORBIDDEN = sorted(set(itertools.product(InvoiceStatus, repeat=2)) - ALLOWED - SAME)
@@ -66,9 +67,9 @@ def test_a_paid_invoice_cannot_be_voided() -> None:
         check_transition("in_7", PAID, VOID)
 
 
-def test_paid_and_void_are_final() -> None:
+def test_paid_is_final_and_void_can_only_become_paid() -> None:
     assert [t for t in InvoiceStatus if t not in (PAID,) and can_transition(PAID, t)] == []
-    assert [t for t in InvoiceStatus if t not in (VOID,) and can_transition(VOID, t)] == []
+    assert [t for t in InvoiceStatus if t not in (VOID,) and can_transition(VOID, t)] == [PAID]
 
 
 @pytest.mark.parametrize(

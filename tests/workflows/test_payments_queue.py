@@ -112,6 +112,8 @@ async def test_the_worker_command_caps_the_payments_queue_from_settings(
         ActivityName.SETTLE_INVOICE,
         ActivityName.ATTACH_PAYMENT_METHOD,
         ActivityName.CONFIRM_AUTHENTICATED_PAYMENT,
+        ActivityName.CANCEL_INVOICE_PAYMENT,
+        ActivityName.RECORD_INVOICE_PAYMENT,
     }
 
 

@@ -1,0 +1,175 @@
+"""Make localstripe's PaymentIntent follow Stripe's documented contract for confirming an
+existing intent again and for canceling it, in the localstripe server process only.
+
+Importing this module patches ``localstripe.resources.PaymentIntent`` (idempotent). Only
+``billing.testing.localstripe_server`` imports it, inside the server process, *before*
+``localstripe.server`` is imported: that module binds the handlers of the extra routes
+(``/confirm``, ``/cancel``) when it is imported, so the patch also replaces them in
+``localstripe.resources.extra_apis``. Nothing of localstripe is copied here; its code stays as
+installed and runs around these two methods.
+
+The engine keeps one PaymentIntent per invoice (Stripe Billing's model) and confirms it again
+for each charge attempt, which localstripe 1.15 cannot do: its ``/confirm`` answers 500 "Not
+implemented" for ``payment_method``, 400 for ``off_session``, and refuses (400 "Bad request")
+unless the intent is ``requires_confirmation``, so never after a failed charge. What is
+patched, each as Stripe documents it:
+
+* ``POST /v1/payment_intents/{id}/confirm`` takes ``payment_method`` and ``off_session``
+  (https://docs.stripe.com/api/payment_intents/confirm: "Confirm that your customer intends
+  to pay with current or provided payment method"). An intent in ``requires_payment_method``
+  (its last charge failed), ``requires_confirmation`` or ``requires_action`` (it waits for
+  3-D Secure) is confirmed: a provided payment method replaces the old one, the pending
+  ``next_action`` is dropped (the customer can no longer complete the old authentication:
+  localstripe's ``/_authenticate`` then answers 400 because the intent is no longer
+  ``requires_action``), and a new charge is made, which becomes ``latest_charge``
+  (https://docs.stripe.com/payments/paymentintents/lifecycle). A decline answers 402 with the
+  card error, as localstripe's create does. A card that needs authentication puts the intent
+  in ``requires_action``, as localstripe's create with ``off_session=true`` already does (real
+  Stripe would decline it with ``authentication_required``; both mean "the customer must act").
+* Confirming an intent that ``succeeded``, is ``processing``, ``requires_capture`` or was
+  ``canceled`` is refused with HTTP 400, ``code: payment_intent_unexpected_state`` and the
+  intent in the error, as Stripe does
+  (https://docs.stripe.com/error-codes#payment-intent-unexpected-state). An intent can
+  therefore succeed only once, whoever confirms or authenticates it.
+* ``POST /v1/payment_intents/{id}/cancel`` takes ``cancellation_reason`` (``duplicate``,
+  ``fraudulent``, ``requested_by_customer``, ``abandoned``) and records it on the intent with
+  ``canceled_at``; it cancels from ``requires_payment_method``, ``requires_capture``,
+  ``requires_confirmation`` and ``requires_action``, and refuses any other status (``succeeded``,
+  ``canceled``, ``processing``) with 400 ``payment_intent_unexpected_state``
+  (https://docs.stripe.com/api/payment_intents/cancel). Stripe also allows canceling some
+  ``processing`` intents "in rare cases"; this server never has such a case. A canceled
+  intent sends ``payment_intent.canceled``
+  (https://docs.stripe.com/api/events/types#event_types-payment_intent.canceled).
+
+Each refusal names what was wrong, as Stripe's messages do.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from localstripe import resources  # the server process's own localstripe
+from localstripe.errors import UserError
+
+__all__ = ["apply"]
+
+_PaymentIntent: Any = resources.PaymentIntent
+
+#: Statuses Stripe confirms from (the lifecycle's "waiting for the merchant or customer" ones).
+_CONFIRMABLE = frozenset({"requires_payment_method", "requires_confirmation", "requires_action"})
+#: Statuses Stripe cancels from (leaving out its rare cancelable ``processing``).
+_CANCELABLE = frozenset(
+    {"requires_payment_method", "requires_capture", "requires_confirmation", "requires_action"}
+)
+#: ``cancellation_reason`` values a caller may set.
+_CANCELLATION_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer", "abandoned"})
+
+
+def _unexpected_state(intent: Any, action: str) -> UserError:
+    return UserError(
+        400,
+        f"You cannot {action} this PaymentIntent because it has a status of {intent.status}.",
+        {
+            "code": "payment_intent_unexpected_state",
+            "payment_intent": intent._export(),
+        },
+    )
+
+
+def _retrieve(id: object) -> Any:
+    if not (isinstance(id, str) and id.startswith("pi_")):
+        raise UserError(400, f"Invalid payment intent id: {id!r}")
+    return _PaymentIntent._api_retrieve(id)
+
+
+def _confirm(
+    cls: Any,
+    /,
+    id: object,
+    payment_method: object = None,
+    off_session: object = None,
+    **kwargs: Any,
+) -> Any:
+    if kwargs:
+        raise UserError(400, "Unexpected " + ", ".join(kwargs.keys()))
+    off_session = resources.try_convert_to_bool(off_session)
+    if off_session is not None and not isinstance(off_session, bool):
+        raise UserError(400, f"Invalid boolean for off_session: {off_session!r}")
+    if payment_method is not None and not (
+        isinstance(payment_method, str) and payment_method.startswith(("pm_", "src_", "card_"))
+    ):
+        raise UserError(400, f"Invalid payment_method: {payment_method!r}")
+    intent = _retrieve(id)
+    if intent.status not in _CONFIRMABLE:
+        raise _unexpected_state(intent, "confirm")
+    if payment_method is not None:
+        resources.PaymentMethod._api_retrieve(payment_method)  # 404 if it does not exist
+        intent.payment_method = payment_method
+    if intent.payment_method is None:
+        raise UserError(
+            400,
+            "You cannot confirm this PaymentIntent because it's missing a payment method. "
+            "Provide a payment_method.",
+            {"code": "payment_intent_unexpected_state"},
+        )
+    # A new confirmation: the old authentication and the failed charge are the past. Keep the
+    # failed charge as latest_charge until a new one replaces it (Stripe does too), but
+    # localstripe derives the status from these fields, and creates a charge only from
+    # ``requires_confirmation``.
+    previous_charge = intent.latest_charge
+    intent.next_action = None
+    intent._authentication_failed = False
+    intent.latest_charge = None
+    try:
+        intent._confirm(on_failure_now=intent._report_failure)
+    finally:
+        if intent.latest_charge is None:
+            # Waiting for authentication again: no new charge was made.
+            intent.latest_charge = previous_charge
+    return intent
+
+
+def _cancel(cls: Any, /, id: object, cancellation_reason: object = None, **kwargs: Any) -> Any:
+    if kwargs:
+        raise UserError(400, "Unexpected " + ", ".join(kwargs.keys()))
+    if cancellation_reason is not None and cancellation_reason not in _CANCELLATION_REASONS:
+        raise UserError(
+            400,
+            f"Invalid cancellation_reason: {cancellation_reason!r}; one of "
+            + ", ".join(sorted(_CANCELLATION_REASONS)),
+        )
+    intent = _retrieve(id)
+    if intent.status not in _CANCELABLE:
+        raise _unexpected_state(intent, "cancel")
+    intent._canceled = True
+    intent.next_action = None
+    intent.cancellation_reason = cancellation_reason
+    intent.canceled_at = int(time.time())
+    resources.schedule_webhook(resources.Event("payment_intent.canceled", intent))
+    return intent
+
+
+def apply() -> None:
+    """Patch ``PaymentIntent`` confirm and cancel, and the route table the server builds its
+    handlers from. Idempotent. Must run before ``localstripe.server`` is imported."""
+    if "localstripe.server" in sys.modules:
+        raise RuntimeError(
+            "localstripe.server is already imported and has bound the unpatched confirm and "
+            "cancel handlers; import billing.testing.localstripe_conformance before it"
+        )
+    confirm = classmethod(_confirm)
+    cancel = classmethod(_cancel)
+    _PaymentIntent._api_confirm = confirm
+    _PaymentIntent._api_cancel = cancel
+    by_url = {
+        "/v1/payment_intents/{id}/confirm": _PaymentIntent._api_confirm,
+        "/v1/payment_intents/{id}/cancel": _PaymentIntent._api_cancel,
+    }
+    resources.extra_apis[:] = [
+        (method, url, by_url.get(url, func)) for method, url, func in resources.extra_apis
+    ]
+
+
+apply()
