@@ -79,6 +79,8 @@ def build_dependencies(settings: Settings, *, clock: Clock | None = None) -> Dep
         api_key=settings.stripe_secret(),
         api_base=settings.stripe_api_base,
         max_network_retries=settings.stripe_max_network_retries,
+        connect_timeout_s=settings.stripe_connect_timeout_s,
+        read_timeout_s=settings.stripe_read_timeout_s,
     )
     return Dependencies(
         session_factory=make_session_factory(engine),

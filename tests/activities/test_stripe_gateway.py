@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import stripe
 
-from activities.stripe_gateway import StripeGateway, make_stripe_client
+from activities.stripe_gateway import STRIPE_API_VERSION, StripeGateway, make_stripe_client
+from billing.contracts import PROVIDER_ACTIVITY_TIMEOUT
 from billing.errors import PaymentMethodRejected
 from billing.payments import (
     ChargeOutcome,
@@ -23,9 +27,20 @@ from billing.payments import (
     PaymentProviderError,
     TransientPaymentError,
 )
+from billing.settings import (
+    DEFAULT_STRIPE_CONNECT_TIMEOUT_S,
+    DEFAULT_STRIPE_MAX_NETWORK_RETRIES,
+    DEFAULT_STRIPE_READ_TIMEOUT_S,
+    PROVIDER_ACTIVITY_MARGIN_S,
+    STRIPE_SDK_RETRY_INITIAL_DELAY_S,
+    STRIPE_SDK_RETRY_MAX_DELAY_S,
+    Settings,
+    stripe_request_worst_case_s,
+)
 from billing.testing import cards
 from billing.testing.localstripe import LOCALSTRIPE_STORE, LocalStripe
 from billing.testing.stripe_recording import RecordingHTTPClient
+from billing.worker import build_dependencies
 
 PAYMENT_INTENTS = "/v1/payment_intents"
 
@@ -1064,3 +1079,118 @@ def test_find_charge_attempt_refuses_a_naive_datetime_before_any_request() -> No
     with pytest.raises(PaymentProviderError, match="timezone-aware"):
         _lookup(gateway, "cus_1", "inv_1-attempt-1", datetime(2025, 3, 1))
     assert transport.sent == []
+
+
+# -- timeouts and the API version -------------------------------------------------------------
+
+
+class SilentServer:
+    """A TCP server that accepts every connection and never answers: a hung Stripe, or a
+    network path that drops the answer. Counts the connections it accepted."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            self.accepted.append(connection)  # held open, never read from or written to
+
+    def close(self) -> None:
+        self._sock.close()
+        for connection in self.accepted:
+            connection.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+def test_a_hung_stripe_ends_in_a_transient_error_within_the_configured_bound(
+    silent_server: SilentServer,
+) -> None:
+    # The SDK's default (80 s per try, 2 retries) let a request outlive the 60 s activity
+    # that made it, so the activity's retry ran beside a thread still waiting on Stripe.
+    connect_s, read_s, retries = 1.0, 0.4, 2
+    bound = stripe_request_worst_case_s(
+        connect_timeout_s=connect_s, read_timeout_s=read_s, max_network_retries=retries
+    )
+    client = make_stripe_client(
+        api_key="sk_test_x",
+        api_base=silent_server.url,
+        max_network_retries=retries,
+        connect_timeout_s=connect_s,
+        read_timeout_s=read_s,
+    )
+    started = time.monotonic()
+    with pytest.raises(TransientPaymentError, match="safe to retry"):
+        _charge(StripeGateway(client), "cus_1", "pm_1", key="invoice-inv_hung-attempt-1")
+    elapsed = time.monotonic() - started
+    assert len(silent_server.accepted) == 1 + retries  # every try waited out its read timeout
+    assert (1 + retries) * read_s <= elapsed <= bound
+
+
+def test_the_settings_mirror_the_sdks_retry_back_off() -> None:
+    # stripe_request_worst_case_s copies these (the domain may not import stripe).
+    assert stripe.HTTPClient.INITIAL_DELAY == STRIPE_SDK_RETRY_INITIAL_DELAY_S
+    assert stripe.HTTPClient.MAX_DELAY == STRIPE_SDK_RETRY_MAX_DELAY_S
+
+
+def test_the_default_client_fits_inside_the_provider_activity() -> None:
+    worst = stripe_request_worst_case_s(
+        connect_timeout_s=DEFAULT_STRIPE_CONNECT_TIMEOUT_S,
+        read_timeout_s=DEFAULT_STRIPE_READ_TIMEOUT_S,
+        max_network_retries=DEFAULT_STRIPE_MAX_NETWORK_RETRIES,
+    )
+    assert worst + PROVIDER_ACTIVITY_MARGIN_S <= PROVIDER_ACTIVITY_TIMEOUT.total_seconds()
+
+
+def test_every_request_names_the_pinned_api_version(
+    localstripe: LocalStripe, recording_http_client: RecordingHTTPClient, monkeypatch: Any
+) -> None:
+    # An SDK upgrade changes the SDK's default version; what we speak must not move with it.
+    from stripe._api_version import _ApiVersion
+
+    monkeypatch.setattr(_ApiVersion, "CURRENT", "2099-01-01.upgraded")
+    client = make_stripe_client(
+        api_key="sk_test_x", api_base=localstripe.url, http_client=recording_http_client
+    )
+    gateway = StripeGateway(client, send_description=False)
+    customer, payment_method = _customer_with_card(gateway, client, cards.SUCCEEDS)
+    assert _charge(gateway, customer, payment_method).kind is ChargeOutcomeKind.PAID
+
+    recorded = recording_http_client.recorded
+    assert len(recorded) >= 4  # customer, card, attach, default, charge
+    assert {r.stripe_version for r in recorded} == {STRIPE_API_VERSION}
+    assert STRIPE_API_VERSION == "2026-10-28.endive"
+
+
+def test_the_worker_gives_its_gateway_the_configured_timeouts(
+    silent_server: SilentServer, tmp_path: Path
+) -> None:
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        database_url=f"sqlite:///{tmp_path}/billing.db",
+        stripe_api_base=silent_server.url,
+        stripe_connect_timeout_s=1,
+        stripe_read_timeout_s=0.3,
+        stripe_max_network_retries=0,
+    )
+    gateway = build_dependencies(settings).gateway
+    started = time.monotonic()
+    with pytest.raises(TransientPaymentError):
+        gateway.default_payment_method(provider_customer_id="cus_1")
+    assert time.monotonic() - started < 1.3
+    assert len(silent_server.accepted) == 1
