@@ -235,9 +235,9 @@ def _stop_event() -> asyncio.Event:
 
 
 async def _run_dev(settings: Settings, *, demo: bool) -> None:
-    from billing.worker import build_dependencies, build_worker
+    from billing.worker import build_dependencies, build_worker, connect_temporal
 
-    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    client = await connect_temporal(settings)
     deps = build_dependencies(settings)
     w = build_worker(
         client,
@@ -432,14 +432,14 @@ async def _connect(
     ``retry_for_s`` seconds (each failure printed, so a wrong address shows at once), then
     TemporalUnreachable naming the address and the last error. None if ``stop`` is set while
     waiting (Ctrl-C during start-up)."""
+    from billing.worker import connect_temporal
+
     loop = asyncio.get_running_loop()
     deadline = loop.time() + retry_for_s
     wait, longest = CONNECT_BACKOFF_S
     while True:
         try:
-            return await Client.connect(
-                settings.temporal_address, namespace=settings.temporal_namespace
-            )
+            return await connect_temporal(settings)
         except RuntimeError as error:
             # The SDK reports a failed connection as a RuntimeError ("Failed client connect").
             reason = str(error)

@@ -76,6 +76,17 @@ class Settings(BaseSettings):
 
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
+    #: mTLS to a self-hosted Temporal cluster: this client's certificate and private key
+    #: (PEM files), and the CA that signed the server's certificate (PEM; unset: the system's
+    #: roots). Setting any of them turns TLS on.
+    temporal_tls_cert: Path | None = None
+    temporal_tls_key: Path | None = None
+    temporal_tls_ca: Path | None = None
+    #: The name to check the server's certificate against, when it differs from the host of
+    #: BILLING_TEMPORAL_ADDRESS (e.g. an address by IP inside a private network).
+    temporal_tls_server_name: str | None = None
+    #: Temporal Cloud's API key (namespace-scoped); implies TLS with the system's roots.
+    temporal_api_key: SecretStr | None = None
     #: How long ``billing worker`` and ``billing api`` keep retrying an unreachable Temporal
     #: server at start-up (backoff from 1 s to 30 s) before they exit with an error, seconds.
     #: 0: try once.
@@ -165,6 +176,39 @@ class Settings(BaseSettings):
                 f"BILLING_STRIPE_MAX_NETWORK_RETRIES so the total is at most {budget:g} s"
             )
         return self
+
+    @model_validator(mode="after")
+    def _temporal_tls_is_complete(self) -> Settings:
+        if (self.temporal_tls_cert is None) != (self.temporal_tls_key is None):
+            given, missing = (
+                ("BILLING_TEMPORAL_TLS_CERT", "BILLING_TEMPORAL_TLS_KEY")
+                if self.temporal_tls_cert is not None
+                else ("BILLING_TEMPORAL_TLS_KEY", "BILLING_TEMPORAL_TLS_CERT")
+            )
+            raise ValueError(
+                f"{given} is set but {missing} is not; mTLS needs both the client certificate "
+                "and its private key (PEM files)"
+            )
+        for name, path in (
+            ("BILLING_TEMPORAL_TLS_CERT", self.temporal_tls_cert),
+            ("BILLING_TEMPORAL_TLS_KEY", self.temporal_tls_key),
+            ("BILLING_TEMPORAL_TLS_CA", self.temporal_tls_ca),
+        ):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} is {str(path)!r}, which is not a readable file")
+        return self
+
+    def temporal_uses_tls(self) -> bool:
+        """Whether the Temporal connection is TLS: any certificate or CA, or an API key."""
+        return any(
+            value is not None
+            for value in (
+                self.temporal_tls_cert,
+                self.temporal_tls_ca,
+                self.temporal_tls_server_name,
+                self.temporal_api_key,
+            )
+        )
 
     @field_validator("stripe_api_key")
     @classmethod
