@@ -38,7 +38,7 @@ from billing.settings import (
     stripe_request_worst_case_s,
 )
 from billing.testing import cards
-from billing.testing.localstripe import LOCALSTRIPE_STORE, LocalStripe
+from billing.testing.localstripe import LocalStripe
 from billing.testing.stripe_recording import RecordingHTTPClient
 from billing.worker import build_dependencies
 
@@ -408,27 +408,58 @@ def test_localstripe_flush_empties_its_store() -> None:
             client.v1.customers.retrieve(customer.id)
 
 
-def _store_stamp() -> tuple[int, int] | None:
-    try:
-        stat = LOCALSTRIPE_STORE.stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_ino, stat.st_mtime_ns
+def _customer_ids(server: LocalStripe) -> set[str]:
+    client = make_stripe_client(api_key="sk_test_x", api_base=server.url)
+    return {c.id for c in client.v1.customers.list(params={"limit": 100}).data}
 
 
-@pytest.mark.parametrize("persist", [False, True])
-def test_localstripe_writes_its_shared_store_only_when_asked_to_persist(persist: bool) -> None:
-    # In memory (tests, simulations): localstripe's re-pickling of its whole store after each
-    # write made long runs quadratic. The local stack persists, to resume after a restart.
-    before = _store_stamp()
-    with LocalStripe(persist=persist) as private:
-        client = make_stripe_client(api_key="sk_test_x", api_base=private.url)
-        customer = client.v1.customers.create(params={"email": "store@example.com"})
-        assert client.v1.customers.retrieve(customer.id).email == "store@example.com"
-    if persist:
-        assert _store_stamp() != before
-    else:
-        assert _store_stamp() == before
+def _new_customer(server: LocalStripe, email: str) -> str:
+    client = make_stripe_client(api_key="sk_test_x", api_base=server.url)
+    return client.v1.customers.create(params={"email": email}).id
+
+
+def test_localstripe_in_memory_starts_empty_every_time() -> None:
+    # Tests and simulations: nothing is read from, or left in, a store another run can see
+    # (localstripe's own /tmp file is shared by every localstripe on the machine).
+    with LocalStripe() as first:
+        customer = _new_customer(first, "memory@example.com")
+    with LocalStripe() as second:
+        assert customer not in _customer_ids(second)
+
+
+def test_localstripe_store_survives_a_restart(tmp_path: Path) -> None:
+    store = tmp_path / "state" / "localstripe.pickle"
+    with LocalStripe(store=store) as first:
+        customer = _new_customer(first, "kept@example.com")
+    with LocalStripe(store=store) as second:
+        client = make_stripe_client(api_key="sk_test_x", api_base=second.url)
+        assert client.v1.customers.retrieve(customer).email == "kept@example.com"
+        _new_customer(second, "second-run@example.com")
+    # Written atomically: no temporary file is left beside it.
+    assert sorted(p.name for p in store.parent.iterdir()) == ["localstripe.pickle"]
+
+
+def test_two_localstripes_with_their_own_stores_do_not_clobber_each_other(
+    tmp_path: Path,
+) -> None:
+    store_a, store_b = tmp_path / "a.pickle", tmp_path / "b.pickle"
+    with LocalStripe(store=store_a) as a, LocalStripe(store=store_b) as b:
+        # Interleaved writes: each server rewrites only its own file.
+        mine_a = {_new_customer(a, "a1@example.com")}
+        mine_b = {_new_customer(b, "b1@example.com")}
+        mine_a.add(_new_customer(a, "a2@example.com"))
+        mine_b.add(_new_customer(b, "b2@example.com"))
+    with LocalStripe(store=store_a) as a, LocalStripe(store=store_b) as b:
+        assert _customer_ids(a) == mine_a
+        assert _customer_ids(b) == mine_b
+
+
+def test_an_unreadable_localstripe_store_is_named_not_replaced(tmp_path: Path) -> None:
+    store = tmp_path / "localstripe.pickle"
+    store.write_bytes(b"not a pickle")
+    with pytest.raises(RuntimeError, match=r"cannot be read .* move it aside"):
+        LocalStripe(store=store, startup_timeout_seconds=10).start()
+    assert store.read_bytes() == b"not a pickle"
 
 
 # -- real-Stripe answers localstripe cannot produce ------------------------------------------
