@@ -45,6 +45,11 @@ from billing.payments import (
     TransientPaymentError,
     classify_decline,
 )
+from billing.settings import (
+    DEFAULT_STRIPE_CONNECT_TIMEOUT_S,
+    DEFAULT_STRIPE_MAX_NETWORK_RETRIES,
+    DEFAULT_STRIPE_READ_TIMEOUT_S,
+)
 
 if TYPE_CHECKING:
     from stripe.params import (
@@ -56,7 +61,12 @@ if TYPE_CHECKING:
         PaymentIntentListParams,
     )
 
-__all__ = ["IDEMPOTENCY_KEY_METADATA", "StripeGateway", "make_stripe_client"]
+__all__ = [
+    "IDEMPOTENCY_KEY_METADATA",
+    "STRIPE_API_VERSION",
+    "StripeGateway",
+    "make_stripe_client",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -102,25 +112,44 @@ _INTENT_LIST_FILTERS = frozenset({"customer", "created"})
 _UNEXPECTED_PARAMETERS = re.compile(r"Unexpected (?P<names>[\w\[\]]+(?:, [\w\[\]]+)*)")
 
 
+#: The Stripe API version every request names (``Stripe-Version`` header). Without it Stripe
+#: answers in the account's default version, which the account owner can change in the
+#: dashboard (and new accounts start on the newest): the objects we parse could change shape
+#: under a running deployment. This is the version stripe-python 16.1 is generated for, so its
+#: types match the answers; move it deliberately, with the SDK, after reading Stripe's
+#: upgrade notes for the fields this module reads.
+STRIPE_API_VERSION = "2026-10-28.endive"
+
+
 def make_stripe_client(
     *,
     api_key: str,
     api_base: str | None,
-    max_network_retries: int = 2,
+    max_network_retries: int = DEFAULT_STRIPE_MAX_NETWORK_RETRIES,
+    connect_timeout_s: float = DEFAULT_STRIPE_CONNECT_TIMEOUT_S,
+    read_timeout_s: float = DEFAULT_STRIPE_READ_TIMEOUT_S,
     http_client: stripe.HTTPClient | None = None,
 ) -> stripe.StripeClient:
-    """A ``StripeClient`` for ``api_base`` (None: api.stripe.com; else e.g. localstripe's URL).
+    """A ``StripeClient`` for ``api_base`` (None: api.stripe.com; else e.g. localstripe's URL)
+    speaking ``STRIPE_API_VERSION``.
 
     The SDK retries connection errors, 409 and 5xx itself ``max_network_retries`` times, reusing
-    the request's Idempotency-Key, before the adapter sees a ``TransientPaymentError``.
+    the request's Idempotency-Key, before the adapter sees a ``TransientPaymentError``. Each try
+    waits at most ``connect_timeout_s`` to connect and ``read_timeout_s`` for each read (the
+    SDK's default is 80 s, longer than the activity that makes the call): ``Settings`` checks
+    that the worst case fits inside the provider activity's start-to-close timeout.
+    ``http_client`` (tests) replaces the timed client, with its own timeouts.
     """
     if not api_key:
         raise PaymentProviderError(
             "the Stripe API key is empty; configure a secret key such as 'sk_test_...'"
         )
+    if http_client is None:
+        http_client = stripe.RequestsClient(timeout=(connect_timeout_s, read_timeout_s))
     return stripe.StripeClient(
         api_key,
         base_addresses={"api": api_base} if api_base else None,
+        stripe_version=STRIPE_API_VERSION,
         max_network_retries=max_network_retries,
         http_client=http_client,
     )

@@ -133,14 +133,37 @@ def dev(
 ) -> None:
     """The embedded local stack in one command: Temporal dev server (persistent), localstripe,
     SQLite with demo plans, the worker and a demo subscription. Ctrl-C stops everything."""
-    from billing.devstack import localstripe_server, migrate_and_seed, temporal_dev_server
+    from billing.devstack import (
+        DevStackError,
+        check_port_free,
+        dev_lock,
+        localstripe_server,
+        migrate_and_seed,
+        temporal_dev_server,
+    )
 
     settings = Settings()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        console.print("starting Temporal dev server ...")
-        stack.enter_context(temporal_dev_server(settings))
-        stripe_url = stack.enter_context(localstripe_server(settings))
+        try:
+            # One `billing dev` per state folder: a second one says what runs, and where.
+            stack.enter_context(
+                dev_lock(
+                    settings,
+                    API=f"http://{settings.api_host}:{settings.api_port}",
+                    Temporal=settings.temporal_address,
+                    **{"Temporal UI": f"http://127.0.0.1:{settings.temporal_ui_port}"},
+                    Stripe=f"http://127.0.0.1:{settings.localstripe_port}"
+                    if settings.stripe_api_key is None
+                    else "api.stripe.com",
+                )
+            )
+            check_port_free(settings.api_host, settings.api_port, setting="BILLING_API_PORT")
+            console.print("starting Temporal dev server ...")
+            stack.enter_context(temporal_dev_server(settings))
+            stripe_url = stack.enter_context(localstripe_server(settings))
+        except DevStackError as error:
+            _fail(str(error), code=1)
         if stripe_url is not None:
             settings = settings.model_copy(update={"stripe_api_base": stripe_url})
         if not settings.api_keys:
@@ -235,9 +258,9 @@ def _stop_event() -> asyncio.Event:
 
 
 async def _run_dev(settings: Settings, *, demo: bool) -> None:
-    from billing.worker import build_dependencies, build_worker
+    from billing.worker import build_dependencies, build_worker, connect_temporal
 
-    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    client = await connect_temporal(settings)
     deps = build_dependencies(settings)
     w = build_worker(
         client,
@@ -432,14 +455,14 @@ async def _connect(
     ``retry_for_s`` seconds (each failure printed, so a wrong address shows at once), then
     TemporalUnreachable naming the address and the last error. None if ``stop`` is set while
     waiting (Ctrl-C during start-up)."""
+    from billing.worker import connect_temporal
+
     loop = asyncio.get_running_loop()
     deadline = loop.time() + retry_for_s
     wait, longest = CONNECT_BACKOFF_S
     while True:
         try:
-            return await Client.connect(
-                settings.temporal_address, namespace=settings.temporal_namespace
-            )
+            return await connect_temporal(settings)
         except RuntimeError as error:
             # The SDK reports a failed connection as a RuntimeError ("Failed client connect").
             reason = str(error)

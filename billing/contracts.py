@@ -9,7 +9,7 @@ Amounts are integer minor units; instants are aware UTC datetimes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from billing.invoices import InvoiceStatus
@@ -30,6 +30,13 @@ class ActivityName:
     CONFIRM_AUTHENTICATED_PAYMENT = "confirm_authenticated_payment"
     CANCEL_INVOICE_PAYMENT = "cancel_invoice_payment"
     RECORD_INVOICE_PAYMENT = "record_invoice_payment"
+
+
+#: Start-to-close timeout of every activity that calls the payment provider (charge, settle,
+#: attach, confirm, cancel). Here, not in the workflow, so the settings can check that the
+#: Stripe client's worst case fits inside it without the domain importing stripe: a client
+#: still waiting when Temporal times the attempt out would keep running beside its retry.
+PROVIDER_ACTIVITY_TIMEOUT = timedelta(seconds=60)
 
 
 def workflow_id_for(subscription_id: str) -> str:

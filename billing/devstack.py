@@ -5,20 +5,21 @@ plans, and the worker. Started by ``billing dev``; Ctrl-C stops everything."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
 from billing.plans import DEMO_PLANS
 from billing.settings import Settings, find_binary
-from billing.testing.localstripe import LOCALSTRIPE_STORE, LocalStripe
+from billing.testing.localstripe import LocalStripe
 from db.engine import make_engine, make_session_factory, unit_of_work
 from db.migrate import upgrade
 from db.repositories import plans as plans_repo
@@ -138,18 +139,13 @@ def temporal_dev_server(
         managed.stop()
 
 
-#: localstripe persists its whole store to this fixed path, shared by every localstripe
-#: process on the machine (a test run's instances write it too).
-
-
 @contextlib.contextmanager
 def localstripe_server(settings: Settings) -> Iterator[str | None]:
     """localstripe on the configured port, unless a real Stripe key is configured (then None).
 
-    Its store is kept in the state folder: restored into localstripe's fixed path just before
-    it starts and saved back after a clean stop, so a second start knows the customers and
-    cards of the first even if other localstripe processes used the shared path in between.
-    """
+    Its store lives in the state folder (``localstripe.pickle``): loaded at start, written
+    atomically after every write, so a restart (even after a crash) knows the customers and
+    cards of the run before, and no other localstripe on the machine can touch it."""
     if settings.stripe_api_key is not None:
         yield None
         return
@@ -157,33 +153,84 @@ def localstripe_server(settings: Settings) -> Iterator[str | None]:
     if _port_open("127.0.0.1", settings.localstripe_port):
         yield url
         return
-    log = settings.state_dir / "localstripe.log"
-    snapshot = settings.state_dir / "localstripe.pickle"
-    restore = snapshot.exists() and snapshot.stat().st_size > 0
-    if restore:
-        staging = LOCALSTRIPE_STORE.with_name(f".localstripe-{os.getpid()}.pickle")
-        shutil.copyfile(snapshot, staging)
-        os.replace(staging, LOCALSTRIPE_STORE)  # atomic: never a half-written store
-    port = settings.localstripe_port
-    server = LocalStripe(port=port, from_scratch=not restore, persist=True, log_path=log)
+    server = LocalStripe(
+        port=settings.localstripe_port,
+        store=settings.state_dir / "localstripe.pickle",
+        log_path=settings.state_dir / "localstripe.log",
+    )
     try:
         server.start()
     except RuntimeError as error:
-        if not restore:
-            raise
-        # The saved store could not be loaded: start empty rather than not at all.
-        print(
-            "warning: localstripe could not load its saved store; starting it empty, so "
-            f"customers and cards made earlier are gone at the fake Stripe ({error})",
-            file=sys.stderr,
-        )
-        server = LocalStripe(port=port, persist=True, log_path=log).start()
+        raise DevStackError(f"localstripe could not start: {error}") from error
     try:
         yield url
     finally:
         server.stop()
-        if LOCALSTRIPE_STORE.exists() and LOCALSTRIPE_STORE.stat().st_size > 0:
-            shutil.copyfile(LOCALSTRIPE_STORE, snapshot)
+
+
+class DevStackError(RuntimeError):
+    """The local stack cannot start; the message says why and what to do."""
+
+
+@contextlib.contextmanager
+def dev_lock(settings: Settings, **where: str) -> Iterator[None]:
+    """Hold ``state_dir/dev.lock`` while ``billing dev`` runs: a second ``billing dev`` on the
+    same state folder is refused with what is running and where (``where``: names and
+    addresses, written into the lock), instead of starting a second worker beside the first
+    and crashing on a port. The lock is the OS's (``flock``), so a crashed run leaves none."""
+    state_dir = settings.state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "dev.lock"
+    handle = path.open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        running = handle.read()
+        handle.close()
+        raise DevStackError(_already_running(running, state_dir)) from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(
+            json.dumps({"pid": os.getpid(), "started_at": datetime.now(UTC).isoformat(), **where})
+        )
+        handle.flush()
+        yield
+    finally:
+        handle.seek(0)
+        handle.truncate()
+        handle.close()  # releases the lock
+
+
+def _already_running(lock_text: str, state_dir: Path) -> str:
+    try:
+        running = json.loads(lock_text)
+    except ValueError:
+        running = {}
+    if not isinstance(running, dict):
+        running = {}
+    pid = running.pop("pid", "?")
+    started = running.pop("started_at", "?")
+    lines = [
+        f"billing dev is already running with the state folder {state_dir} "
+        f"(pid {pid}, started {started}):"
+    ]
+    lines += [f"  {name}: {address}" for name, address in running.items()]
+    lines.append(
+        f"Use that one, or stop it first (Ctrl-C in its terminal, or kill {pid}); to run a "
+        "second stack, give it its own BILLING_STATE_DIR and ports."
+    )
+    return "\n".join(lines)
+
+
+def check_port_free(host: str, port: int, *, setting: str) -> None:
+    """Refuse to start when another program already listens where we must."""
+    if _port_open(host, port):
+        raise DevStackError(
+            f"{host}:{port} is already in use by another program; stop it, or set {setting} "
+            "to a free port"
+        )
 
 
 def migrate_and_seed(settings: Settings) -> None:

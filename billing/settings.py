@@ -13,11 +13,46 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from billing.contracts import PROVIDER_ACTIVITY_TIMEOUT
+
 #: Values that mean "nobody configured this" and must never reach production.
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "sk_test_placeholder", "xxx"})
 
 
 ApiScope = Literal["signup", "finance", "admin"]
+
+#: The Stripe SDK's back-off between its own network retries (stripe-python's
+#: ``HTTPClient.INITIAL_DELAY`` and ``MAX_DELAY``, seconds): retry n sleeps at most
+#: ``min(INITIAL * 2 ** (n - 1), MAX)``. Copied because the domain may not import stripe;
+#: tests/activities/test_stripe_gateway.py fails if the SDK changes them.
+STRIPE_SDK_RETRY_INITIAL_DELAY_S = 0.5
+STRIPE_SDK_RETRY_MAX_DELAY_S = 5.0
+
+#: Time a provider activity needs besides its Stripe requests (database reads and writes
+#: before and after the call, thread scheduling), seconds: one Stripe request's worst case
+#: must end this long before the activity's start-to-close timeout.
+PROVIDER_ACTIVITY_MARGIN_S = 10.0
+
+DEFAULT_STRIPE_CONNECT_TIMEOUT_S = 3.0
+DEFAULT_STRIPE_READ_TIMEOUT_S = 12.0
+DEFAULT_STRIPE_MAX_NETWORK_RETRIES = 2
+
+
+def stripe_request_worst_case_s(
+    *, connect_timeout_s: float, read_timeout_s: float, max_network_retries: int
+) -> float:
+    """The longest one Stripe request can keep an activity thread busy, seconds: every try
+    waits out its connect and read timeouts, plus the SDK's sleeps between tries.
+
+    requests applies the read timeout to each wait for data, not to the whole answer: a server
+    that trickles bytes could take longer. Stripe answers in one piece; this bounds a hung
+    server or a dropped connection, which is what leaves a thread behind."""
+    tries = 1 + max_network_retries
+    sleeps = sum(
+        min(STRIPE_SDK_RETRY_INITIAL_DELAY_S * 2.0 ** (n - 1), STRIPE_SDK_RETRY_MAX_DELAY_S)
+        for n in range(1, max_network_retries + 1)
+    )
+    return tries * (connect_timeout_s + read_timeout_s) + sleeps
 
 
 class ApiKey(BaseModel):
@@ -41,6 +76,17 @@ class Settings(BaseSettings):
 
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
+    #: mTLS to a self-hosted Temporal cluster: this client's certificate and private key
+    #: (PEM files), and the CA that signed the server's certificate (PEM; unset: the system's
+    #: roots). Setting any of them turns TLS on.
+    temporal_tls_cert: Path | None = None
+    temporal_tls_key: Path | None = None
+    temporal_tls_ca: Path | None = None
+    #: The name to check the server's certificate against, when it differs from the host of
+    #: BILLING_TEMPORAL_ADDRESS (e.g. an address by IP inside a private network).
+    temporal_tls_server_name: str | None = None
+    #: Temporal Cloud's API key (namespace-scoped); implies TLS with the system's roots.
+    temporal_api_key: SecretStr | None = None
     #: How long ``billing worker`` and ``billing api`` keep retrying an unreachable Temporal
     #: server at start-up (backoff from 1 s to 30 s) before they exit with an error, seconds.
     #: 0: try once.
@@ -64,7 +110,14 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr | None = None
     #: Override the Stripe API base URL (localstripe's URL in the local stack and tests).
     stripe_api_base: str | None = None
-    stripe_max_network_retries: int = Field(default=2, ge=0, le=10)
+    #: Retries the Stripe SDK makes itself (connection errors, 409, 5xx) with the same
+    #: Idempotency-Key, before the activity sees the failure and Temporal retries it.
+    stripe_max_network_retries: int = Field(default=DEFAULT_STRIPE_MAX_NETWORK_RETRIES, ge=0, le=10)
+    #: Seconds the Stripe client waits for a connection, and then for each read of an answer.
+    #: With the retries, one request's worst case must fit inside the provider activity's
+    #: start-to-close timeout (checked below), so no request outlives its activity attempt.
+    stripe_connect_timeout_s: float = Field(default=DEFAULT_STRIPE_CONNECT_TIMEOUT_S, gt=0)
+    stripe_read_timeout_s: float = Field(default=DEFAULT_STRIPE_READ_TIMEOUT_S, gt=0)
     localstripe_port: int = 8420
 
     #: Stripe's webhook signing secret (whsec_...): required to accept webhooks.
@@ -101,6 +154,61 @@ class Settings(BaseSettings):
                 "refused in production; unset it (or set it to 0)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _stripe_requests_fit_inside_the_activity(self) -> Settings:
+        worst = stripe_request_worst_case_s(
+            connect_timeout_s=self.stripe_connect_timeout_s,
+            read_timeout_s=self.stripe_read_timeout_s,
+            max_network_retries=self.stripe_max_network_retries,
+        )
+        activity_s = PROVIDER_ACTIVITY_TIMEOUT.total_seconds()
+        budget = activity_s - PROVIDER_ACTIVITY_MARGIN_S
+        if worst > budget:
+            tries = 1 + self.stripe_max_network_retries
+            raise ValueError(
+                f"a Stripe request could take {worst:g} s ({tries} tries x (connect "
+                f"{self.stripe_connect_timeout_s:g} s + read {self.stripe_read_timeout_s:g} s) "
+                f"plus the SDK's back-off), but the provider activity is timed out after "
+                f"{activity_s:g} s and a request must end {PROVIDER_ACTIVITY_MARGIN_S:g} s "
+                f"before that, or it keeps running beside the activity's retry; lower "
+                "BILLING_STRIPE_READ_TIMEOUT_S, BILLING_STRIPE_CONNECT_TIMEOUT_S or "
+                f"BILLING_STRIPE_MAX_NETWORK_RETRIES so the total is at most {budget:g} s"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _temporal_tls_is_complete(self) -> Settings:
+        if (self.temporal_tls_cert is None) != (self.temporal_tls_key is None):
+            given, missing = (
+                ("BILLING_TEMPORAL_TLS_CERT", "BILLING_TEMPORAL_TLS_KEY")
+                if self.temporal_tls_cert is not None
+                else ("BILLING_TEMPORAL_TLS_KEY", "BILLING_TEMPORAL_TLS_CERT")
+            )
+            raise ValueError(
+                f"{given} is set but {missing} is not; mTLS needs both the client certificate "
+                "and its private key (PEM files)"
+            )
+        for name, path in (
+            ("BILLING_TEMPORAL_TLS_CERT", self.temporal_tls_cert),
+            ("BILLING_TEMPORAL_TLS_KEY", self.temporal_tls_key),
+            ("BILLING_TEMPORAL_TLS_CA", self.temporal_tls_ca),
+        ):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} is {str(path)!r}, which is not a readable file")
+        return self
+
+    def temporal_uses_tls(self) -> bool:
+        """Whether the Temporal connection is TLS: any certificate or CA, or an API key."""
+        return any(
+            value is not None
+            for value in (
+                self.temporal_tls_cert,
+                self.temporal_tls_ca,
+                self.temporal_tls_server_name,
+                self.temporal_api_key,
+            )
+        )
 
     @field_validator("stripe_api_key")
     @classmethod

@@ -20,11 +20,13 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
 from temporalio.client import Client
+from temporalio.service import TLSConfig
 from temporalio.worker import Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
@@ -48,6 +50,43 @@ class Dependencies:
     #: The process's pacing of provider activities (``Settings.charge_rate_per_s``), shared by
     #: both workers; None: no pacing (tests and simulations against localstripe).
     provider_window: OneSecondWindow | None = None
+
+
+def temporal_tls_config(settings: Settings) -> TLSConfig | bool:
+    """The ``tls`` argument of ``Client.connect`` for these settings: a ``TLSConfig`` carrying
+    the client certificate, key and CA read from their PEM files (mTLS to a self-hosted
+    cluster), True for TLS with the system's roots (Temporal Cloud with an API key), or False
+    (plain gRPC: the local dev server, a cluster on a private network)."""
+    if not settings.temporal_uses_tls():
+        return False
+    custom = (
+        settings.temporal_tls_cert,
+        settings.temporal_tls_ca,
+        settings.temporal_tls_server_name,
+    )
+    if all(value is None for value in custom):
+        return True  # an API key alone: TLS with the system's roots
+    return TLSConfig(
+        server_root_ca_cert=_read_pem(settings.temporal_tls_ca),
+        client_cert=_read_pem(settings.temporal_tls_cert),
+        client_private_key=_read_pem(settings.temporal_tls_key),
+        domain=settings.temporal_tls_server_name,
+    )
+
+
+def _read_pem(path: Path | None) -> bytes | None:
+    return None if path is None else path.read_bytes()
+
+
+async def connect_temporal(settings: Settings) -> Client:
+    """A client of the configured Temporal server: address, namespace, TLS and API key."""
+    api_key = settings.temporal_api_key
+    return await Client.connect(
+        settings.temporal_address,
+        namespace=settings.temporal_namespace,
+        tls=temporal_tls_config(settings),
+        api_key=api_key.get_secret_value() if api_key is not None else None,
+    )
 
 
 def crash_selected(idempotency_key: str, percent: int) -> bool:
@@ -80,6 +119,8 @@ def build_dependencies(settings: Settings, *, clock: Clock | None = None) -> Dep
         api_key=settings.stripe_secret(),
         api_base=settings.stripe_api_base,
         max_network_retries=settings.stripe_max_network_retries,
+        connect_timeout_s=settings.stripe_connect_timeout_s,
+        read_timeout_s=settings.stripe_read_timeout_s,
     )
     return Dependencies(
         session_factory=make_session_factory(engine),

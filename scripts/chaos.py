@@ -410,9 +410,7 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
     database_url = pg.create_database("billing")
 
     # localstripe, behind the fault proxy (faults stay off until signups are done).
-    localstripe = stack.enter_context(
-        LocalStripe(from_scratch=True, log_path=state / "localstripe.log")
-    )
+    localstripe = stack.enter_context(LocalStripe(log_path=state / "localstripe.log"))
     rates = FaultRates(
         server_error=args.fault_5xx,
         rate_limit=args.fault_429,

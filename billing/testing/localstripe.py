@@ -4,17 +4,14 @@ the local stack. It is never imported: the real ``stripe`` SDK talks to it over 
 Facts about localstripe 1.15 that shape this helper (read from its source):
 
 * it pickles its whole store to the fixed path ``/tmp/localstripe.pickle`` after every write and
-  reloads that file at start-up unless given ``--from-scratch``. Every instance on the machine
-  shares that file, so we always pass ``--from-scratch``: a run never inherits another run's
-  objects, nor crashes on a file another instance was half-way through writing;
+  reloads that file at start-up. Every instance on the machine shares that file, so one
+  clobbers another's. We therefore always run it through
+  ``billing.testing.localstripe_server``, which never touches that file: the store stays in
+  memory (``store=None``, the default: tests, simulations) or lives in a file of our own,
+  written atomically (``store=PATH``: the local stack, in its state folder);
 * it logs every request to stderr, so its output goes to a file, not a pipe nobody reads
   (a full pipe would block the server);
 * ``DELETE /_config/data`` empties the store (``flush``).
-
-That re-pickling makes each write cost time in proportion to the whole store, so a throwaway
-server (``persist=False``, the default) runs localstripe through
-``billing.testing.localstripe_server``, which keeps the store in memory only. The local
-stack passes ``persist=True`` to resume its objects after a restart.
 """
 
 from __future__ import annotations
@@ -42,7 +39,8 @@ __all__ = [
 #: The API key the test stacks give the Stripe SDK for localstripe (any key works there).
 LOCALSTRIPE_API_KEY = "sk_test_localstripe"
 
-#: Where every localstripe on the machine saves its store (fixed in its source).
+#: Where localstripe itself saves its store (fixed in its source), shared by every localstripe
+#: run directly on the machine. Ours never read or write it.
 LOCALSTRIPE_STORE = Path("/tmp/localstripe.pickle")
 
 
@@ -72,16 +70,14 @@ class LocalStripe:
         *,
         port: int | None = None,
         startup_timeout_seconds: float = 15.0,
-        from_scratch: bool = True,
-        persist: bool = False,
+        store: Path | None = None,
         log_path: Path | None = None,
     ) -> None:
-        """``from_scratch=False`` loads localstripe's saved store and implies ``persist``;
-        ``persist=True`` writes the store to ``/tmp/localstripe.pickle`` after every write,
-        as localstripe does (the local stack resumes with it; slow for long runs);
-        ``log_path`` keeps its output in a file instead of a temporary one."""
-        self._from_scratch = from_scratch
-        self._persist = persist or not from_scratch
+        """``store``: a file to load the store from at start and save it to after every write
+        (the local stack resumes with it; each write costs time in proportion to the store);
+        None keeps it in memory. ``log_path`` keeps its output in a file instead of a
+        temporary one."""
+        self._store = store
         self._log_path = log_path
         self._requested_port = port
         self._startup_timeout_seconds = startup_timeout_seconds
@@ -110,14 +106,13 @@ class LocalStripe:
     def start(self) -> LocalStripe:
         if self._process is not None:
             return self
-        executable = find_localstripe_executable() if self._persist else sys.executable
         # A port picked by us can be taken before localstripe binds it: try a few times.
         attempts = 1 if self._requested_port is not None else 3
         last_error: RuntimeError | None = None
         for _ in range(attempts):
             port = self._requested_port or _free_port()
             try:
-                self._spawn(executable, port)
+                self._spawn(port)
                 self._wait_until_answering()
                 return self
             except RuntimeError as error:
@@ -126,7 +121,7 @@ class LocalStripe:
         assert last_error is not None
         raise last_error
 
-    def _spawn(self, executable: str, port: int) -> None:
+    def _spawn(self, port: int) -> None:
         # Lives as long as the process and is closed in stop(), so no ``with`` block.
         self._log = (
             self._log_path.open("ab+")
@@ -134,12 +129,11 @@ class LocalStripe:
             else tempfile.TemporaryFile(prefix="localstripe-", suffix=".log")  # noqa: SIM115
         )
         self._port = port
-        args = [executable, "--port", str(port)]
-        if not self._persist:
-            # The same localstripe server with its store in memory only (see the module doc).
-            args[1:1] = ["-m", "billing.testing.localstripe_server"]
-        if self._from_scratch:
-            args.append("--from-scratch")
+        # localstripe's own server, with the store handled by our wrapper (see the module doc).
+        executable = sys.executable
+        args = [executable, "-m", "billing.testing.localstripe_server", "--port", str(port)]
+        if self._store is not None:
+            args += ["--store", str(self._store)]
         try:
             self._process = subprocess.Popen(
                 args,

@@ -1,32 +1,103 @@
-"""Start localstripe with its store kept in memory only: ``python -m
-billing.testing.localstripe_server --port PORT`` (``LocalStripe(persist=False)`` runs this).
+"""Start localstripe with its store in memory or in a file of our choosing:
+``python -m billing.testing.localstripe_server --port PORT [--store PATH]``.
 
-localstripe 1.15 pickles its *whole* store to ``/tmp/localstripe.pickle`` after every object
-it writes. Each write therefore costs time in proportion to everything stored so far, and a
-run's cost grows with the square of its charges: in a year of 100 subscriptions (3,600
-requests) that re-pickling was about 49 s of localstripe's CPU, and half the simulation's
-wall time. A throwaway server (tests, simulations, benchmarks, always ``--from-scratch``)
-never reads that file back, so here the store is not written at all. Everything else is
-localstripe's own server, unchanged: the requests, objects and answers are the same.
+localstripe 1.15 pickles its *whole* store to the fixed path ``/tmp/localstripe.pickle``
+after every object it writes, and reloads that file at start-up. Every localstripe on the
+machine shares it, so one clobbers another's (a restart of ``billing dev`` came back with no
+customers), and each write costs time in proportion to everything stored so far: in a year of
+100 subscriptions (3,600 requests) that re-pickling was about 49 s of localstripe's CPU. Here
+that file is never read or written:
 
-The local stack (``billing dev``) keeps localstripe's persistence, to resume across restarts.
+* without ``--store`` (tests, simulations, benchmarks) the store stays in memory;
+* with ``--store PATH`` (``billing dev``: its state folder) it is loaded from ``PATH`` at
+  start and written back after every write, atomically (a temporary file beside it, fsync,
+  rename), so a crash mid-write leaves the previous store, never half of one.
+
+Everything else is localstripe's own server, unchanged: the requests, objects and answers.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import os
+import pickle
 import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 
-def main() -> int:
+def save_store(store: dict[str, Any], path: Path) -> None:
+    """Write ``store`` to ``path`` atomically: readers see the old file or the new one."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            # A plain dict: the store's class writes itself to disk on every change.
+            pickle.dump(dict(store), out, protocol=pickle.HIGHEST_PROTOCOL)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    # The rename itself survives a power cut only once the folder is synced.
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def load_store(path: Path) -> dict[str, Any]:
+    """The store saved at ``path`` (empty if there is none yet). The file is our own, written
+    by ``save_store`` in the state folder; it is never taken from elsewhere."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    try:
+        loaded = pickle.loads(data)  # our own file, see above
+    except Exception as error:
+        raise SystemExit(
+            f"localstripe's saved store {path} cannot be read ({type(error).__name__}: "
+            f"{error}); move it aside to start the fake Stripe empty (customers and cards "
+            "made before are then gone from it)"
+        ) from error
+    if not isinstance(loaded, dict):
+        raise SystemExit(
+            f"localstripe's saved store {path} holds a {type(loaded).__name__}, not a store; "
+            "move it aside to start the fake Stripe empty"
+        )
+    return loaded
+
+
+def parse_args(argv: Sequence[str]) -> tuple[Path | None, list[str]]:
+    """Our ``--store PATH``, and the arguments left for localstripe's own parser."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--store", type=Path, default=None)
+    ours, theirs = parser.parse_known_args(argv)
+    store: Path | None = ours.store
+    return (None if store is None else store.resolve()), theirs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    store_path, rest = parse_args(sys.argv[1:] if argv is None else argv)
     from localstripe import resources  # only in the server process
     import billing.testing.localstripe_conformance  # noqa: F401  # isort: skip  (patches first)
     from localstripe.server import start
 
-    if "--from-scratch" not in sys.argv[1:]:
-        # Reading a saved store but never writing it back would lose what this run adds.
-        sys.argv.append("--from-scratch")
-    # The store is a dict subclass whose __setitem__/__delitem__ call dump_to_disk.
-    resources.Store.dump_to_disk = lambda self: None
+    if store_path is None:
+        # The store is a dict subclass whose __setitem__/__delitem__ call dump_to_disk.
+        resources.Store.dump_to_disk = lambda self: None
+    else:
+        store_path.parent.mkdir(parents=True, exist_ok=True)
+        resources.store.update(load_store(store_path))
+        resources.Store.dump_to_disk = lambda self: save_store(self, store_path)
+    # Never read the shared /tmp file: the store above is the whole of it.
+    sys.argv = [sys.argv[0], *rest, *([] if "--from-scratch" in rest else ["--from-scratch"])]
     start()
     return 0
 

@@ -32,6 +32,8 @@ class RecordedRequest:
     status: int | None
     response_dropped: bool = False
     request_dropped: bool = False
+    #: The ``Stripe-Version`` header sent (None: none, the account's default version).
+    stripe_version: str | None = None
 
 
 class RecordingHTTPClient(stripe.RequestsClient):
@@ -89,9 +91,14 @@ class RecordingHTTPClient(stripe.RequestsClient):
         method_upper = method.upper()
         path = urlsplit(url).path
         key = _header(headers, "Idempotency-Key")
+        version = _header(headers, "Stripe-Version")
         drop_request = _take(self._lock, self._request_drops, method_upper, path)
         if drop_request is not None:
-            self._record(RecordedRequest(method_upper, path, key, None, request_dropped=True))
+            self._record(
+                RecordedRequest(
+                    method_upper, path, key, None, request_dropped=True, stripe_version=version
+                )
+            )
             raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
                 f"simulated network failure: {method_upper} {path} never reached the server",
                 should_retry=drop_request,
@@ -99,18 +106,24 @@ class RecordingHTTPClient(stripe.RequestsClient):
         try:
             body, status, response_headers = super().request(method, url, headers, post_data)
         except stripe.APIConnectionError:
-            self._record(RecordedRequest(method_upper, path, key, status=None))
+            self._record(
+                RecordedRequest(method_upper, path, key, status=None, stripe_version=version)
+            )
             raise
         drop = self._take_drop(method_upper, path)
         if drop is not None:
-            self._record(RecordedRequest(method_upper, path, key, None, response_dropped=True))
+            self._record(
+                RecordedRequest(
+                    method_upper, path, key, None, response_dropped=True, stripe_version=version
+                )
+            )
             # The SDK leaves APIConnectionError's constructor unannotated.
             raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
                 f"simulated network failure: the server answered {method_upper} {path} with "
                 f"HTTP {status}, but the connection dropped before the client read it",
                 should_retry=drop,
             )
-        self._record(RecordedRequest(method_upper, path, key, status))
+        self._record(RecordedRequest(method_upper, path, key, status, stripe_version=version))
         return body, status, response_headers
 
     def _record(self, request: RecordedRequest) -> None:

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import stripe
 
-from activities.stripe_gateway import StripeGateway, make_stripe_client
+from activities.stripe_gateway import STRIPE_API_VERSION, StripeGateway, make_stripe_client
+from billing.contracts import PROVIDER_ACTIVITY_TIMEOUT
 from billing.errors import PaymentMethodRejected
 from billing.payments import (
     ChargeOutcome,
@@ -23,9 +27,20 @@ from billing.payments import (
     PaymentProviderError,
     TransientPaymentError,
 )
+from billing.settings import (
+    DEFAULT_STRIPE_CONNECT_TIMEOUT_S,
+    DEFAULT_STRIPE_MAX_NETWORK_RETRIES,
+    DEFAULT_STRIPE_READ_TIMEOUT_S,
+    PROVIDER_ACTIVITY_MARGIN_S,
+    STRIPE_SDK_RETRY_INITIAL_DELAY_S,
+    STRIPE_SDK_RETRY_MAX_DELAY_S,
+    Settings,
+    stripe_request_worst_case_s,
+)
 from billing.testing import cards
-from billing.testing.localstripe import LOCALSTRIPE_STORE, LocalStripe
+from billing.testing.localstripe import LocalStripe
 from billing.testing.stripe_recording import RecordingHTTPClient
+from billing.worker import build_dependencies
 
 PAYMENT_INTENTS = "/v1/payment_intents"
 
@@ -393,27 +408,58 @@ def test_localstripe_flush_empties_its_store() -> None:
             client.v1.customers.retrieve(customer.id)
 
 
-def _store_stamp() -> tuple[int, int] | None:
-    try:
-        stat = LOCALSTRIPE_STORE.stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_ino, stat.st_mtime_ns
+def _customer_ids(server: LocalStripe) -> set[str]:
+    client = make_stripe_client(api_key="sk_test_x", api_base=server.url)
+    return {c.id for c in client.v1.customers.list(params={"limit": 100}).data}
 
 
-@pytest.mark.parametrize("persist", [False, True])
-def test_localstripe_writes_its_shared_store_only_when_asked_to_persist(persist: bool) -> None:
-    # In memory (tests, simulations): localstripe's re-pickling of its whole store after each
-    # write made long runs quadratic. The local stack persists, to resume after a restart.
-    before = _store_stamp()
-    with LocalStripe(persist=persist) as private:
-        client = make_stripe_client(api_key="sk_test_x", api_base=private.url)
-        customer = client.v1.customers.create(params={"email": "store@example.com"})
-        assert client.v1.customers.retrieve(customer.id).email == "store@example.com"
-    if persist:
-        assert _store_stamp() != before
-    else:
-        assert _store_stamp() == before
+def _new_customer(server: LocalStripe, email: str) -> str:
+    client = make_stripe_client(api_key="sk_test_x", api_base=server.url)
+    return client.v1.customers.create(params={"email": email}).id
+
+
+def test_localstripe_in_memory_starts_empty_every_time() -> None:
+    # Tests and simulations: nothing is read from, or left in, a store another run can see
+    # (localstripe's own /tmp file is shared by every localstripe on the machine).
+    with LocalStripe() as first:
+        customer = _new_customer(first, "memory@example.com")
+    with LocalStripe() as second:
+        assert customer not in _customer_ids(second)
+
+
+def test_localstripe_store_survives_a_restart(tmp_path: Path) -> None:
+    store = tmp_path / "state" / "localstripe.pickle"
+    with LocalStripe(store=store) as first:
+        customer = _new_customer(first, "kept@example.com")
+    with LocalStripe(store=store) as second:
+        client = make_stripe_client(api_key="sk_test_x", api_base=second.url)
+        assert client.v1.customers.retrieve(customer).email == "kept@example.com"
+        _new_customer(second, "second-run@example.com")
+    # Written atomically: no temporary file is left beside it.
+    assert sorted(p.name for p in store.parent.iterdir()) == ["localstripe.pickle"]
+
+
+def test_two_localstripes_with_their_own_stores_do_not_clobber_each_other(
+    tmp_path: Path,
+) -> None:
+    store_a, store_b = tmp_path / "a.pickle", tmp_path / "b.pickle"
+    with LocalStripe(store=store_a) as a, LocalStripe(store=store_b) as b:
+        # Interleaved writes: each server rewrites only its own file.
+        mine_a = {_new_customer(a, "a1@example.com")}
+        mine_b = {_new_customer(b, "b1@example.com")}
+        mine_a.add(_new_customer(a, "a2@example.com"))
+        mine_b.add(_new_customer(b, "b2@example.com"))
+    with LocalStripe(store=store_a) as a, LocalStripe(store=store_b) as b:
+        assert _customer_ids(a) == mine_a
+        assert _customer_ids(b) == mine_b
+
+
+def test_an_unreadable_localstripe_store_is_named_not_replaced(tmp_path: Path) -> None:
+    store = tmp_path / "localstripe.pickle"
+    store.write_bytes(b"not a pickle")
+    with pytest.raises(RuntimeError, match=r"cannot be read .* move it aside"):
+        LocalStripe(store=store, startup_timeout_seconds=10).start()
+    assert store.read_bytes() == b"not a pickle"
 
 
 # -- real-Stripe answers localstripe cannot produce ------------------------------------------
@@ -1146,3 +1192,118 @@ def test_canceling_an_intent_that_succeeded_reports_the_payment(
     assert result.paid == paid
     intent = stripe_client.v1.payment_intents.retrieve(paid.payment_intent_id)
     assert intent.status == "succeeded"
+
+
+# -- timeouts and the API version -------------------------------------------------------------
+
+
+class SilentServer:
+    """A TCP server that accepts every connection and never answers: a hung Stripe, or a
+    network path that drops the answer. Counts the connections it accepted."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            self.accepted.append(connection)  # held open, never read from or written to
+
+    def close(self) -> None:
+        self._sock.close()
+        for connection in self.accepted:
+            connection.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+def test_a_hung_stripe_ends_in_a_transient_error_within_the_configured_bound(
+    silent_server: SilentServer,
+) -> None:
+    # The SDK's default (80 s per try, 2 retries) let a request outlive the 60 s activity
+    # that made it, so the activity's retry ran beside a thread still waiting on Stripe.
+    connect_s, read_s, retries = 1.0, 0.4, 2
+    bound = stripe_request_worst_case_s(
+        connect_timeout_s=connect_s, read_timeout_s=read_s, max_network_retries=retries
+    )
+    client = make_stripe_client(
+        api_key="sk_test_x",
+        api_base=silent_server.url,
+        max_network_retries=retries,
+        connect_timeout_s=connect_s,
+        read_timeout_s=read_s,
+    )
+    started = time.monotonic()
+    with pytest.raises(TransientPaymentError, match="safe to retry"):
+        _charge(StripeGateway(client), "cus_1", "pm_1", key="invoice-inv_hung-attempt-1")
+    elapsed = time.monotonic() - started
+    assert len(silent_server.accepted) == 1 + retries  # every try waited out its read timeout
+    assert (1 + retries) * read_s <= elapsed <= bound
+
+
+def test_the_settings_mirror_the_sdks_retry_back_off() -> None:
+    # stripe_request_worst_case_s copies these (the domain may not import stripe).
+    assert stripe.HTTPClient.INITIAL_DELAY == STRIPE_SDK_RETRY_INITIAL_DELAY_S
+    assert stripe.HTTPClient.MAX_DELAY == STRIPE_SDK_RETRY_MAX_DELAY_S
+
+
+def test_the_default_client_fits_inside_the_provider_activity() -> None:
+    worst = stripe_request_worst_case_s(
+        connect_timeout_s=DEFAULT_STRIPE_CONNECT_TIMEOUT_S,
+        read_timeout_s=DEFAULT_STRIPE_READ_TIMEOUT_S,
+        max_network_retries=DEFAULT_STRIPE_MAX_NETWORK_RETRIES,
+    )
+    assert worst + PROVIDER_ACTIVITY_MARGIN_S <= PROVIDER_ACTIVITY_TIMEOUT.total_seconds()
+
+
+def test_every_request_names_the_pinned_api_version(
+    localstripe: LocalStripe, recording_http_client: RecordingHTTPClient, monkeypatch: Any
+) -> None:
+    # An SDK upgrade changes the SDK's default version; what we speak must not move with it.
+    from stripe._api_version import _ApiVersion
+
+    monkeypatch.setattr(_ApiVersion, "CURRENT", "2099-01-01.upgraded")
+    client = make_stripe_client(
+        api_key="sk_test_x", api_base=localstripe.url, http_client=recording_http_client
+    )
+    gateway = StripeGateway(client, send_description=False)
+    customer, payment_method = _customer_with_card(gateway, client, cards.SUCCEEDS)
+    assert _charge(gateway, customer, payment_method).kind is ChargeOutcomeKind.PAID
+
+    recorded = recording_http_client.recorded
+    assert len(recorded) >= 4  # customer, card, attach, default, charge
+    assert {r.stripe_version for r in recorded} == {STRIPE_API_VERSION}
+    assert STRIPE_API_VERSION == "2026-10-28.endive"
+
+
+def test_the_worker_gives_its_gateway_the_configured_timeouts(
+    silent_server: SilentServer, tmp_path: Path
+) -> None:
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        database_url=f"sqlite:///{tmp_path}/billing.db",
+        stripe_api_base=silent_server.url,
+        stripe_connect_timeout_s=1,
+        stripe_read_timeout_s=0.3,
+        stripe_max_network_retries=0,
+    )
+    gateway = build_dependencies(settings).gateway
+    started = time.monotonic()
+    with pytest.raises(TransientPaymentError):
+        gateway.default_payment_method(provider_customer_id="cus_1")
+    assert time.monotonic() - started < 1.3
+    assert len(silent_server.accepted) == 1

@@ -100,3 +100,26 @@ def test_the_test_only_crash_injection_is_off_by_default_and_refused_in_producti
             api_keys=[GOOD_API_KEY],
             chaos_crash_after_charge_percent=10,
         )
+
+
+def test_a_stripe_timeout_that_outlives_the_provider_activity_is_refused() -> None:
+    # The SDK's own default (80 s per try, 2 retries) would keep a request running long after
+    # Temporal timed out the 60 s activity and started its retry.
+    with pytest.raises(ValueError) as refused:
+        settings(stripe_read_timeout_s=80)
+    message = str(refused.value)
+    assert "a Stripe request could take 250.5 s" in message
+    assert "timed out after 60 s" in message
+    assert "BILLING_STRIPE_READ_TIMEOUT_S" in message and "at most 50 s" in message
+    # Too many SDK retries of an otherwise fine timeout are refused the same way.
+    with pytest.raises(ValueError, match="BILLING_STRIPE_MAX_NETWORK_RETRIES"):
+        settings(stripe_max_network_retries=4)
+
+
+def test_the_stripe_timeouts_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BILLING_STRIPE_READ_TIMEOUT_S", "7.5")
+    monkeypatch.setenv("BILLING_STRIPE_CONNECT_TIMEOUT_S", "2")
+    s = settings()
+    assert (s.stripe_connect_timeout_s, s.stripe_read_timeout_s) == (2.0, 7.5)
+    with pytest.raises(ValueError, match="greater than 0"):
+        settings(stripe_read_timeout_s=0)

@@ -89,8 +89,6 @@ def test_database_url_points_at_the_postgres_service(compose: dict[str, Any]) ->
 
 
 def test_temporal_addresses_line_up(compose: dict[str, Any]) -> None:
-    temporal = compose["services"]["temporal"]
-    assert "7233:7233" in temporal["ports"]
     assert env_of(compose, "temporal")["POSTGRES_SEEDS"] == "postgres"
     assert (
         env_of(compose, "temporal")["POSTGRES_USER"] == env_of(compose, "postgres")["POSTGRES_USER"]
@@ -126,3 +124,53 @@ def test_compose_refuses_to_start_without_a_secret(compose: dict[str, Any]) -> N
     env = compose["services"]["worker"]["environment"]
     secret = env["BILLING_STRIPE_API_KEY"]
     assert re.fullmatch(r"\$\{BILLING_STRIPE_API_KEY:\?.+\}", secret)
+
+
+def _published(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(host address, host port, container port) of each published port; compose's short
+    syntax ``[HOST_IP:]HOST_PORT:CONTAINER_PORT`` (no host address: every interface)."""
+    published = []
+    for entry in service.get("ports", []):
+        if isinstance(entry, dict):  # long syntax
+            published.append(
+                (str(entry.get("host_ip", "0.0.0.0")), str(entry.get("published", "")),
+                 str(entry["target"]))
+            )  # fmt: skip
+            continue
+        parts = str(entry).split(":")
+        if len(parts) == 1:  # a container port alone: published on a random host port
+            parts = ["", parts[0]]
+        host_ip = parts[0] if len(parts) == 3 else "0.0.0.0"
+        published.append((host_ip, parts[-2], parts[-1]))
+    return published
+
+
+def test_the_temporal_frontend_is_not_published(compose: dict[str, Any]) -> None:
+    # Whoever reaches an unauthenticated frontend can signal or terminate billing workflows.
+    temporal = compose["services"]["temporal"]
+    assert _published(temporal) == [], "the Temporal frontend must stay on the internal network"
+    assert "network_mode" not in temporal
+
+
+def test_the_temporal_ui_is_published_on_the_host_loopback_only(compose: dict[str, Any]) -> None:
+    ui = compose["services"]["temporal-ui"]
+    for host_ip, _, _ in _published(ui):
+        assert host_ip == "127.0.0.1", f"the Temporal UI is published on {host_ip or 'all'}"
+    assert "network_mode" not in ui
+
+
+def test_only_the_api_is_published_on_every_interface(compose: dict[str, Any]) -> None:
+    exposed = {
+        name
+        for name, service in compose["services"].items()
+        for host_ip, _, _ in _published(service)
+        if host_ip not in ("127.0.0.1", "::1", "[::1]")
+    }
+    assert exposed == {"api"}
+
+
+def test_the_parser_reads_compose_port_syntax() -> None:
+    # The checks above are only as good as this reading of the short syntax.
+    assert _published({"ports": ["7233:7233"]}) == [("0.0.0.0", "7233", "7233")]
+    assert _published({"ports": ["127.0.0.1:8080:8080"]}) == [("127.0.0.1", "8080", "8080")]
+    assert _published({"ports": ["7233"]}) == [("0.0.0.0", "", "7233")]

@@ -169,3 +169,55 @@ def test_billing_dev_serves_a_signup_end_to_end_and_stops_cleanly(tmp_path: Path
             assert [i["status"] for i in invoices] == ["paid"]
     finally:
         assert stack.stop() == 0
+
+
+def test_a_second_billing_dev_on_the_same_state_folder_says_what_runs_and_where(
+    tmp_path: Path,
+) -> None:
+    stack = DevStack(tmp_path / "state")
+    stack.state_dir.mkdir()
+    stack.start()
+    try:
+        assert stack.process is not None
+        billing = str(Path(sys.executable).parent / "billing")
+        second = subprocess.run(
+            [billing, "dev", "--no-demo"],
+            env=stack.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        output = second.stdout + second.stderr
+        assert second.returncode == 1, output
+        assert "Traceback" not in output
+        assert "billing dev is already running" in output
+        assert f"pid {stack.process.pid}" in output
+        assert str(stack.state_dir.resolve()) in output.replace("\n", "")
+        assert f"http://127.0.0.1:{stack.ports['api']}" in output
+        # The first one is untouched: still serving.
+        assert stack.process.poll() is None and port_open(stack.ports["api"])
+    finally:
+        assert stack.stop() == 0
+    # A crashed or stopped run leaves no lock behind: the next start works.
+    stack.start()
+    assert stack.stop() == 0
+
+
+def test_billing_dev_refuses_an_api_port_another_program_holds(tmp_path: Path) -> None:
+    stack = DevStack(tmp_path / "state")
+    stack.state_dir.mkdir()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", stack.ports["api"]))
+        squatter.listen()
+        billing = str(Path(sys.executable).parent / "billing")
+        result = subprocess.run(
+            [billing, "dev", "--no-demo"], env=stack.env(), capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output
+    assert f"127.0.0.1:{stack.ports['api']} is already in use" in output
+    assert "BILLING_API_PORT" in output
+    for name in ("temporal", "stripe"):
+        assert not port_open(stack.ports[name]), f"{name} was started before the refusal"
