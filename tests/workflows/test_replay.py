@@ -15,6 +15,7 @@ import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
+from tests.cldr import cldr_without
 from workflows.subscription import SubscriptionWorkflow
 
 ROOT = Path(__file__).parents[1] / "histories"
@@ -54,4 +55,21 @@ async def test_recorded_history_replays(path: Path) -> None:
     result = await Replayer(workflows=[SubscriptionWorkflow]).replay_workflow(
         history, raise_on_replay_failure=False
     )
+    assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
+
+
+@pytest.mark.parametrize(
+    "path", HISTORIES, ids=[str(p.relative_to(ROOT).with_suffix("")) for p in HISTORIES]
+)
+async def test_recorded_history_replays_after_a_babel_that_refuses_its_currency(
+    path: Path,
+) -> None:
+    # A babel release whose CLDR data drops or changes the plans' currencies must not stop a
+    # running subscription: its recorded inputs (and continue-as-new payloads) decode as
+    # recorded, and the workflow never asks babel again.
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    with cldr_without("USD", "EUR", "JPY"):
+        result = await Replayer(workflows=[SubscriptionWorkflow]).replay_workflow(
+            history, raise_on_replay_failure=False
+        )
     assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
