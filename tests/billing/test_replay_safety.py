@@ -6,30 +6,38 @@ dates whatever the libraries and the host say later.
   babel still refuses the currency at every edge (validate_plan, parse_plan, the catalog).
 - Zone rules come from the pinned tzdata package only: a host whose zone files say something
   else (PYTHONTZPATH, an older or newer system tzdata) does not move a billing date.
+- When a deploy brings new zone rules, the invoiced period keeps its boundaries and the next
+  one starts where it ends; the rules apply from there on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from importlib import resources
 from importlib.metadata import version
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.converter import DataConverter
 
-from billing.calendar import IntervalUnit
+import billing.calendar
+from billing.calendar import BillingPeriod, IntervalUnit, period
 from billing.contracts import SubscriptionWorkflowInput
 from billing.errors import InvalidCurrency, InvalidInput
 from billing.money import currency_exponent
 from billing.plans import DEMO_PLANS, find_plan, parse_plan, validate_plan
+from billing.subscription import SubscriptionState, SubscriptionStatus
 from tests.cldr import cldr_without
 
 REPO = Path(__file__).resolve().parents[2]
@@ -196,3 +204,93 @@ def test_the_zone_rules_are_the_pinned_tzdata_release() -> None:
     assert f'"tzdata=={version("tzdata")}"' in pyproject, (
         "pin tzdata exactly in pyproject.toml (README, 'Replay safety')"
     )
+
+
+# ---------------------------------------------------- a zone-rule change mid-subscription --
+
+LONDON_ANCHOR = datetime(2027, 1, 15, 9, 0, tzinfo=UTC)  # 09:00 GMT
+
+
+def london_subscription() -> SubscriptionState:
+    return SubscriptionState(
+        subscription_id="sub_1",
+        customer_id="cus_1",
+        plan=find_plan("basic-monthly", DEMO_PLANS),
+        timezone="Europe/London",
+        started_at=LONDON_ANCHOR,
+        anchor_at=LONDON_ANCHOR,
+        status=SubscriptionStatus.ACTIVE,
+    )
+
+
+@pytest.fixture
+def london_abolishes_dst() -> Iterator[None]:
+    """A tzdata release in which London keeps GMT all year (Africa/Abidjan's rules), as a
+    later deploy could bring: only a patch can produce it, the pinned release is what it is."""
+    source = resources.files("tzdata").joinpath("zoneinfo", "Africa", "Abidjan")
+    with source.open("rb") as tzif:
+        gmt_all_year = ZoneInfo.from_file(tzif, key="Europe/London")
+    real = billing.calendar._zone
+
+    def zone(name: str) -> ZoneInfo:
+        return gmt_all_year if name == "Europe/London" else real(name)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(billing.calendar, "_zone", zone)
+        yield
+
+
+def test_new_zone_rules_start_at_the_end_of_the_invoiced_period(
+    london_abolishes_dst: None,
+) -> None:
+    # Period 5 was invoiced under today's rules: 09:00 BST is 08:00 UTC.
+    s = london_subscription()
+    invoiced = BillingPeriod(
+        index=5,
+        start=datetime(2027, 6, 15, 8, 0, tzinfo=UTC),
+        end=datetime(2027, 7, 15, 8, 0, tzinfo=UTC),
+    )
+    s.record_invoiced_period(invoiced, invoiced.start, invoiced.end)
+    # The new rules alone would start period 6 an hour after period 5 ended.
+    assert period(LONDON_ANCHOR, "Europe/London", IntervalUnit.MONTH, 1, 6).start == datetime(
+        2027, 7, 15, 9, 0, tzinfo=UTC
+    )
+
+    assert s.next_period_index == 6
+    assert s.period(5) == invoiced
+    # No gap: the next period starts where the invoiced one ends, and ends by the new rules.
+    assert s.next_billing_at == invoiced.end
+    assert s.period(6) == BillingPeriod(
+        index=6, start=invoiced.end, end=datetime(2027, 8, 15, 9, 0, tzinfo=UTC)
+    )
+    assert s.period(7).start == s.period(6).end
+    assert s.end_of_paid_through() == invoiced.end
+
+
+def test_the_invoice_s_recorded_boundaries_win_over_the_workflow_s_computation(
+    london_abolishes_dst: None,
+) -> None:
+    # A replay on a worker with the new rules recomputes period 5 differently; the recorded
+    # result of create_invoice (what the database stores) carries the boundaries invoiced.
+    s = london_subscription()
+    recomputed = s.period(5)
+    stored_start = datetime(2027, 6, 15, 8, 0, tzinfo=UTC)
+    stored_end = datetime(2027, 7, 15, 8, 0, tzinfo=UTC)
+    assert (recomputed.start, recomputed.end) != (stored_start, stored_end)
+
+    s.record_invoiced_period(recomputed, stored_start, stored_end)
+
+    assert (s.current_period_start, s.current_period_end) == (stored_start, stored_end)
+    assert s.period(6).start == stored_end
+
+
+def test_state_recorded_before_the_period_index_existed_computes_every_period() -> None:
+    s = dataclasses.replace(
+        london_subscription(),
+        next_period_index=6,
+        current_period_start=datetime(2027, 6, 15, 8, 0, tzinfo=UTC),
+        current_period_end=datetime(2027, 7, 15, 7, 0, tzinfo=UTC),  # deliberately off
+    )
+
+    assert s.current_period_index is None
+    assert s.period(6) == period(LONDON_ANCHOR, "Europe/London", IntervalUnit.MONTH, 1, 6)
