@@ -1004,6 +1004,8 @@ def _invoice_result(invoice: InvoiceRecord, *, created: bool) -> CreateInvoiceRe
         amount_due_minor=invoice.amount_due_minor,
         currency=invoice.currency,
         created=created,
+        period_start=invoice.period_start,
+        period_end=invoice.period_end,
     )
 
 

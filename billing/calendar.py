@@ -8,6 +8,12 @@ annual Feb 29 anchor bills Feb 28 in common years.
 
 Wall-clock arithmetic happens in the customer's zone, so a DST change never shifts the
 local billing time; results are returned in UTC.
+
+Zone rules come only from the ``tzdata`` package, pinned exactly in pyproject.toml, never from
+the host (``/usr/share/zoneinfo``, ``PYTHONTZPATH``): billing dates are computed inside
+workflow code, so two workers with different system tzdata would compute different dates for
+one subscription, and an OS update would move a running subscription's dates between two
+invoices. A new tzdata is a release of this package (README, "Replay safety").
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import cache
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from importlib import import_module, resources
+from zoneinfo import ZoneInfo
 
 from dateutil.relativedelta import relativedelta
 
@@ -76,16 +83,22 @@ def validate_interval_count(unit: IntervalUnit, count: object) -> int:
 # host's own zone, so two workers (or a replay) could compute different billing dates.
 _MACHINE_LOCAL_ZONES = frozenset({"localtime", "posixrules"})
 
+#: The IANA release of the zone rules every billing date is computed with (e.g. "2026f").
+TZDATA_VERSION: str = str(import_module("tzdata").IANA_VERSION)
+
+
+@cache
+def available_timezones() -> frozenset[str]:
+    """Every zone name the calendar accepts: the ``tzdata`` package's list, whatever the host
+    has installed."""
+    names = resources.files("tzdata").joinpath("zones").read_text(encoding="utf-8").split()
+    return frozenset(names) - _MACHINE_LOCAL_ZONES
+
 
 def resolve_timezone(name: str) -> ZoneInfo:
-    """The IANA zone for ``name``, or InvalidTimezone naming the bad value."""
-    if (
-        not isinstance(name, str)
-        or not name
-        or name.startswith(("/", "."))
-        or ".." in name
-        or name in _MACHINE_LOCAL_ZONES
-    ):
+    """The IANA zone for ``name`` from the pinned ``tzdata`` package, or InvalidTimezone naming
+    the bad value."""
+    if not isinstance(name, str) or name not in available_timezones():
         raise _invalid_timezone(name)
     return _zone(name)
 
@@ -99,11 +112,14 @@ def _invalid_timezone(name: object) -> InvalidTimezone:
 
 @cache
 def _zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    # OSError covers directories ("America") and names the file system refuses (too long).
-    except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise _invalid_timezone(name) from None
+    # ZoneInfo(name) would search the host's TZPATH first and fall back to tzdata only when the
+    # host has no such file; reading tzdata's own file makes the package the only source. The
+    # cache keeps one object per zone for the process (workflows pass this module through the
+    # sandbox, so it is shared by every workflow run in the worker).
+    # ``name`` is in tzdata's list (checked above), so it is a relative path of plain parts.
+    source = resources.files("tzdata").joinpath("zoneinfo", *name.split("/"))
+    with source.open("rb") as tzif:
+        return ZoneInfo.from_file(tzif, key=name)
 
 
 def ensure_utc(instant: datetime) -> datetime:

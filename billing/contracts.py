@@ -111,6 +111,11 @@ class CreateInvoiceResult:
     currency: str
     #: False when the invoice for this (subscription, period) already existed.
     created: bool = True
+    #: The period as the invoice stores it (UTC). The workflow keeps these, not its own
+    #: computation, so a replay on a worker with other zone rules keeps the invoiced period.
+    #: None in results recorded before they existed.
+    period_start: datetime | None = None
+    period_end: datetime | None = None
 
 
 # ---- charge_invoice ------------------------------------------------------------------------

@@ -6,7 +6,7 @@ so a card update (an extra, immediate retry) never moves the remaining schedule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from itertools import pairwise
@@ -38,7 +38,11 @@ MAX_RETRY_SPACING_HOURS = 7 * 24
 
 @dataclass(frozen=True)
 class DunningPolicy:
-    """Retry schedule as days after the first failure, ascending, plus the final action."""
+    """Retry schedule as days after the first failure, ascending, plus the final action.
+
+    Building one checks nothing (it is decoded from every workflow payload that carries a
+    plan, and a rule tightened later must not make a recorded history undecodable); policies
+    from outside data go through ``validate_dunning_policy`` at the edge."""
 
     retry_offsets_days: list[int] = field(default_factory=lambda: list(DEFAULT_RETRY_OFFSETS_DAYS))
     final_action: FinalAction = FinalAction.CANCEL
@@ -48,9 +52,6 @@ class DunningPolicy:
     @property
     def min_retry_spacing(self) -> timedelta:
         return timedelta(hours=self.min_retry_spacing_hours)
-
-    def __post_init__(self) -> None:
-        validate_dunning_policy(self)
 
     def retry_at(self, first_failure_at: datetime, retries_done: int) -> datetime | None:
         """When the next scheduled retry is due, or None when the schedule is exhausted."""
@@ -74,7 +75,9 @@ class DunningPolicy:
         return first_failure_at + timedelta(days=last)
 
 
-def validate_dunning_policy(policy: DunningPolicy) -> None:
+def validate_dunning_policy(policy: DunningPolicy) -> DunningPolicy:
+    """The policy normalized (a list of offsets, a FinalAction), or InvalidInput naming the
+    bad field."""
     offsets = policy.retry_offsets_days
     if not isinstance(offsets, list | tuple) or any(
         isinstance(o, bool) or not isinstance(o, int) for o in offsets
@@ -110,10 +113,11 @@ def validate_dunning_policy(policy: DunningPolicy) -> None:
             field="dunning.min_retry_spacing_hours",
         )
     try:
-        FinalAction(policy.final_action)
+        final_action = FinalAction(policy.final_action)
     except ValueError:
         allowed = ", ".join(a.value for a in FinalAction)
         raise InvalidInput(
             f"unknown final_action {policy.final_action!r}; use one of: {allowed}",
             field="dunning.final_action",
         ) from None
+    return replace(policy, retry_offsets_days=list(offsets), final_action=final_action)

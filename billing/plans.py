@@ -1,15 +1,20 @@
 """Plans: a price (minor units + currency) per interval (unit x count), an optional trial and an
 optional dunning policy. A plan is snapshotted into each subscription, so later edits to the
-catalog never change what an existing subscription is billed."""
+catalog never change what an existing subscription is billed.
+
+Validation happens at the edges (``parse_plan``, ``validate_plan``), never when a ``Plan`` is
+built: a plan travels in every subscription workflow's payloads, and a check that consults
+library data (babel's CLDR currencies) on decode would let a library upgrade make a running
+workflow's history, or its continue-as-new input, impossible to decode."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from billing.calendar import IntervalUnit, parse_interval_unit, validate_interval_count
-from billing.dunning import DunningPolicy
+from billing.dunning import DunningPolicy, validate_dunning_policy
 from billing.errors import InvalidInput, UnknownPlan
 from billing.money import normalize_currency, validate_amount_minor
 
@@ -20,6 +25,11 @@ _CODE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 @dataclass(frozen=True)
 class Plan:
+    """A plan's terms. Building one checks nothing, so decoding a recorded payload never
+    depends on today's libraries; anything built from outside data goes through
+    ``validate_plan`` (or ``parse_plan``) first. Keep the field layout: recorded workflow
+    histories decode into it."""
+
     code: str
     name: str
     amount_minor: int
@@ -29,31 +39,38 @@ class Plan:
     trial_days: int = 0
     dunning: DunningPolicy = field(default_factory=DunningPolicy)
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.code, str) or not _CODE_RE.fullmatch(self.code):
-            raise InvalidInput(
-                f"plan code must be 1-63 lower-case letters, digits, '-' or '_'; got {self.code!r}",
-                field="code",
-            )
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise InvalidInput(
-                f"plan name must be a non-empty string; got {self.name!r}", field="name"
-            )
-        validate_amount_minor(self.amount_minor)
-        object.__setattr__(self, "currency", normalize_currency(self.currency))
-        unit = parse_interval_unit(self.interval)
-        object.__setattr__(self, "interval", unit)
-        validate_interval_count(unit, self.interval_count)
-        if (
-            isinstance(self.trial_days, bool)
-            or not isinstance(self.trial_days, int)
-            or not 0 <= self.trial_days <= MAX_TRIAL_DAYS
-        ):
-            raise InvalidInput(
-                f"trial_days must be a whole number between 0 and {MAX_TRIAL_DAYS}; "
-                f"got {self.trial_days!r}",
-                field="trial_days",
-            )
+
+def validate_plan(plan: Plan) -> Plan:
+    """The plan normalized (upper-case currency, IntervalUnit, validated dunning), or
+    InvalidInput naming the bad field. Call it wherever a plan enters from outside: the
+    catalog, signup, scenario files, code that defines plans."""
+    if not isinstance(plan.code, str) or not _CODE_RE.fullmatch(plan.code):
+        raise InvalidInput(
+            f"plan code must be 1-63 lower-case letters, digits, '-' or '_'; got {plan.code!r}",
+            field="code",
+        )
+    if not isinstance(plan.name, str) or not plan.name.strip():
+        raise InvalidInput(f"plan name must be a non-empty string; got {plan.name!r}", field="name")
+    validate_amount_minor(plan.amount_minor)
+    currency = normalize_currency(plan.currency)
+    unit = parse_interval_unit(plan.interval)
+    validate_interval_count(unit, plan.interval_count)
+    if (
+        isinstance(plan.trial_days, bool)
+        or not isinstance(plan.trial_days, int)
+        or not 0 <= plan.trial_days <= MAX_TRIAL_DAYS
+    ):
+        raise InvalidInput(
+            f"trial_days must be a whole number between 0 and {MAX_TRIAL_DAYS}; "
+            f"got {plan.trial_days!r}",
+            field="trial_days",
+        )
+    if not isinstance(plan.dunning, DunningPolicy):
+        raise InvalidInput(
+            f"dunning must be a dunning policy; got {plan.dunning!r}", field="dunning"
+        )
+    dunning = validate_dunning_policy(plan.dunning)
+    return replace(plan, currency=currency, interval=unit, dunning=dunning)
 
 
 def find_plan(code: str, plans: Mapping[str, Plan] | Iterable[Plan]) -> Plan:
@@ -67,12 +84,15 @@ def find_plan(code: str, plans: Mapping[str, Plan] | Iterable[Plan]) -> Plan:
 
 
 #: Plans loaded by the demo and `billing dev`.
-DEMO_PLANS: tuple[Plan, ...] = (
-    Plan("basic-monthly", "Basic (monthly)", 900, "USD", IntervalUnit.MONTH),
-    Plan("pro-monthly", "Pro (monthly)", 2900, "USD", IntervalUnit.MONTH, trial_days=14),
-    Plan("pro-annual", "Pro (annual)", 29000, "USD", IntervalUnit.YEAR),
-    Plan("team-weekly", "Team (weekly)", 1500, "EUR", IntervalUnit.WEEK),
-    Plan("tokyo-monthly", "Tokyo (monthly, JPY)", 1200, "JPY", IntervalUnit.MONTH),
+DEMO_PLANS: tuple[Plan, ...] = tuple(
+    validate_plan(plan)
+    for plan in (
+        Plan("basic-monthly", "Basic (monthly)", 900, "USD", IntervalUnit.MONTH),
+        Plan("pro-monthly", "Pro (monthly)", 2900, "USD", IntervalUnit.MONTH, trial_days=14),
+        Plan("pro-annual", "Pro (annual)", 29000, "USD", IntervalUnit.YEAR),
+        Plan("team-weekly", "Team (weekly)", 1500, "EUR", IntervalUnit.WEEK),
+        Plan("tokyo-monthly", "Tokyo (monthly, JPY)", 1200, "JPY", IntervalUnit.MONTH),
+    )
 )
 
 
@@ -90,7 +110,8 @@ _DUNNING_FIELDS = ("retry_offsets_days", "final_action")
 
 
 def parse_plan(raw: Mapping[str, object]) -> Plan:
-    """A Plan from user input (JSON, YAML, CLI), with errors that name the bad field."""
+    """A validated Plan from user input (JSON, YAML, CLI), with errors that name the bad
+    field."""
     if not isinstance(raw, Mapping):
         raise InvalidInput(f"a plan must be an object with fields; got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(_PLAN_FIELDS))
@@ -118,13 +139,15 @@ def parse_plan(raw: Mapping[str, object]) -> Plan:
             retry_offsets_days=list(offsets) if isinstance(offsets, list | tuple) else offsets,
             final_action=dunning_raw.get("final_action", dunning.final_action),
         )
-    return Plan(
-        code=raw["code"],  # type: ignore[arg-type]
-        name=raw["name"],  # type: ignore[arg-type]
-        amount_minor=raw["amount_minor"],  # type: ignore[arg-type]
-        currency=raw["currency"],  # type: ignore[arg-type]
-        interval=raw["interval"],  # type: ignore[arg-type]
-        interval_count=raw.get("interval_count", 1),  # type: ignore[arg-type]
-        trial_days=raw.get("trial_days", 0),  # type: ignore[arg-type]
-        dunning=dunning,
+    return validate_plan(
+        Plan(
+            code=raw["code"],  # type: ignore[arg-type]
+            name=raw["name"],  # type: ignore[arg-type]
+            amount_minor=raw["amount_minor"],  # type: ignore[arg-type]
+            currency=raw["currency"],  # type: ignore[arg-type]
+            interval=raw["interval"],  # type: ignore[arg-type]
+            interval_count=raw.get("interval_count", 1),  # type: ignore[arg-type]
+            trial_days=raw.get("trial_days", 0),  # type: ignore[arg-type]
+            dunning=dunning,
+        )
     )

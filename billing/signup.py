@@ -34,7 +34,7 @@ from billing.errors import (
 from billing.ids import new_id, subscription_id_for_signup
 from billing.invoices import invoice_prefix_for
 from billing.payments import PaymentGateway
-from billing.plans import MAX_TRIAL_DAYS, Plan
+from billing.plans import MAX_TRIAL_DAYS, Plan, validate_plan
 from billing.records import CustomerRecord, SubscriptionRecord
 from billing.subscription import SubscriptionState, SubscriptionStatus
 from db.engine import unit_of_work
@@ -163,6 +163,7 @@ class SignupService:
                     f"unknown plan {request.plan_code!r}; known plans: {known or '(none)'}",
                     field="plan",
                 )
+            plan = _sellable(plan)
             customer = _find_customer(session, request)
         payment_method_id = request.payment_method_id or (
             customer.default_payment_method_id if customer else None
@@ -394,6 +395,22 @@ def _result_from_record(record: SubscriptionRecord) -> SignupResult:
         next_billing_at=record.next_billing_at or record.anchor_at,
         created=False,
     )
+
+
+def _sellable(plan: Plan) -> Plan:
+    """The catalog plan, validated by today's rules before a subscription snapshots it: the
+    catalog row was checked when written, but a later library (babel's CLDR currencies) may
+    refuse what an older one accepted, and a workflow must start only with a plan that every
+    edge of today's code accepts. Running subscriptions are not affected: their snapshot is
+    decoded without validation."""
+    try:
+        return validate_plan(plan)
+    except InvalidInput as error:
+        raise InvalidInput(
+            f"plan {plan.code!r} cannot be sold: {error.message}; fix the plan in the catalog "
+            "(create a new plan code) or choose another plan",
+            field="plan",
+        ) from None
 
 
 def _snapshot(plan: Plan, record: SubscriptionRecord) -> Plan:

@@ -126,13 +126,44 @@ class SubscriptionState:
     invoices_issued: int = 0
     #: How many workflow runs came before this one (continue-as-new count).
     run_number: int = 1
+    #: Index of the invoiced period [current_period_start, current_period_end); None in runs
+    #: recorded before it existed (the calendar then computes every period, as they did).
+    current_period_index: int | None = None
 
     # ---- calendar -------------------------------------------------------------------------
 
     def period(self, index: int) -> BillingPeriod:
-        return period(
+        """Period ``index``. The invoiced period keeps the boundaries it was invoiced with, and
+        the next one starts exactly where it ends: zone rules can change under a running
+        subscription (a tzdata release in a deploy, README "Replay safety"), and recomputing
+        either boundary then would leave a gap or an overlap between two invoices. Later
+        periods follow the rules in force."""
+        computed = period(
             self.anchor_at, self.timezone, self.plan.interval, self.plan.interval_count, index
         )
+        invoiced = self.current_period_index
+        start, end = self.current_period_start, self.current_period_end
+        if invoiced is None or start is None or end is None:
+            return computed
+        if index == invoiced:
+            return BillingPeriod(index=index, start=start, end=end)
+        if index == invoiced + 1 and computed.end > end:
+            return BillingPeriod(index=index, start=end, end=computed.end)
+        return computed
+
+    def record_invoiced_period(
+        self,
+        invoiced: BillingPeriod,
+        recorded_start: datetime | None = None,
+        recorded_end: datetime | None = None,
+    ) -> None:
+        """Remember the period just invoiced, with the boundaries the invoice was stored with
+        when the activity reports them (its recorded result is what a replay reads, whatever
+        zone rules the replaying worker has)."""
+        self.next_period_index = invoiced.index + 1
+        self.current_period_index = invoiced.index
+        self.current_period_start = recorded_start or invoiced.start
+        self.current_period_end = recorded_end or invoiced.end
 
     @property
     def next_billing_at(self) -> datetime | None:

@@ -14,6 +14,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from billing.calendar import resolve_timezone
 from billing.money import Money
 from billing.simulate.timeline import (
     ActionRecord,
@@ -54,7 +55,7 @@ def print_timeline(timeline: Timeline, console: Console) -> None:
 
 
 def timeline_renderable(timeline: Timeline) -> Group:
-    zone = ZoneInfo(timeline.timezone)
+    zone = resolve_timezone(timeline.timezone)
     parts: list[Table | Text] = [
         Text.assemble(
             (timeline.name, "bold"),

@@ -28,7 +28,13 @@ import yaml
 from dateutil.relativedelta import relativedelta
 
 from billing.calendar import MAX_INTERVAL_COUNT, IntervalUnit, add_local_days, resolve_timezone
-from billing.dunning import MAX_RETRIES, MAX_WINDOW_DAYS, DunningPolicy, FinalAction
+from billing.dunning import (
+    MAX_RETRIES,
+    MAX_WINDOW_DAYS,
+    DunningPolicy,
+    FinalAction,
+    validate_dunning_policy,
+)
 from billing.errors import BillingError
 from billing.money import MAX_AMOUNT_MINOR
 from billing.plans import DEMO_PLANS, MAX_TRIAL_DAYS, Plan, find_plan, parse_plan
@@ -150,7 +156,7 @@ class Scenario:
     def with_until(self, until: str) -> Scenario:
         """The scenario with its horizon moved to ``until`` (``--until``); actions after it
         are left out."""
-        horizon = _parse_instant_at(until, ZoneInfo(self.timezone), ("--until",))
+        horizon = _parse_instant_at(until, resolve_timezone(self.timezone), ("--until",))
         _check_horizon(self.start, horizon, ("--until",))
         return dataclasses.replace(
             self, horizon=horizon, timeline=tuple(a for a in self.timeline if a.at <= horizon)
@@ -612,10 +618,12 @@ def _dunning(raw: object, path: PathParts) -> DunningPolicy:
     default = DunningPolicy()
     offsets = obj.get("retry_offsets_days", default.retry_offsets_days)
     try:
-        # DunningPolicy validates what it is given (types included) and names the field.
-        return DunningPolicy(
-            retry_offsets_days=list(offsets) if isinstance(offsets, list | tuple) else offsets,  # type: ignore[arg-type]
-            final_action=obj.get("final_action", default.final_action),  # type: ignore[arg-type]
+        # validate_dunning_policy checks what it is given (types included) and names the field.
+        return validate_dunning_policy(
+            DunningPolicy(
+                retry_offsets_days=list(offsets) if isinstance(offsets, list | tuple) else offsets,  # type: ignore[arg-type]
+                final_action=obj.get("final_action", default.final_action),  # type: ignore[arg-type]
+            )
         )
     except BillingError as error:
         field_name = (error.field or "").removeprefix("dunning.")

@@ -29,7 +29,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from activities.stripe_gateway import StripeGateway, make_stripe_client
 from billing.contracts import SubscriptionMessage, SubscriptionView
 from billing.payments import PaymentGateway
-from billing.plans import DEMO_PLANS, Plan
+from billing.plans import DEMO_PLANS, Plan, validate_plan
 from billing.records import (
     InvoiceRecord,
     NotificationRecord,
@@ -177,7 +177,8 @@ class BillingHarness:
             raise
         with unit_of_work(self.session_factory) as session:
             for plan in self._plans:
-                plans_repo.upsert_plan(session, plan)
+                # Through the catalog's edge check, as a real catalog entry would be.
+                plans_repo.upsert_plan(session, validate_plan(plan))
         self._worker = build_worker(
             self.client,
             self.deps,
@@ -245,6 +246,7 @@ class BillingHarness:
     # ------------------------------------------------------------------------- setup ------
 
     def add_plan(self, plan: Plan) -> Plan:
+        plan = validate_plan(plan)
         with unit_of_work(self.session_factory) as session:
             plans_repo.upsert_plan(session, plan)
         return plan

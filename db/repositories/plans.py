@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from billing.dunning import DunningPolicy
+from billing.calendar import IntervalUnit
+from billing.dunning import DunningPolicy, FinalAction
 from billing.plans import Plan
 from db.models import PLANS
 from db.repositories._rows import select_rows, utcnow
@@ -55,16 +56,19 @@ def list_plans(session: Session, *, active_only: bool = False) -> list[Plan]:
 
 
 def _plan(row: Any) -> Plan:
+    # Rows were validated when written (billing.catalog, signup); reading them does not
+    # validate again, so a plan stays readable whatever a later library says about its
+    # currency. Signup validates the plan it sells (billing.signup).
     return Plan(
         code=row.code,
         name=row.name,
         amount_minor=row.amount_minor,
         currency=row.currency,
-        interval=row.interval,
+        interval=IntervalUnit(row.interval),
         interval_count=row.interval_count,
         trial_days=row.trial_days,
         dunning=DunningPolicy(
             retry_offsets_days=list(row.dunning_retry_offsets_days),
-            final_action=row.dunning_final_action,
+            final_action=FinalAction(row.dunning_final_action),
         ),
     )

@@ -10,6 +10,7 @@ records already know the answer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -355,6 +356,23 @@ def test_create_invoice_twice_for_a_period_issues_one_invoice_and_numbers_stay_g
     ]
     assert invoices[0].finalized_at == NOW
     assert stored_customer(stack, seeded.customer_id).next_invoice_sequence == 3
+
+
+@BOTH_BACKENDS
+def test_create_invoice_reports_the_period_the_invoice_stores(stack: Stack) -> None:
+    # A re-run computed under other zone rules (a worker with a newer tzdata) asks for another
+    # end; the answer is what the invoice stores, which the workflow keeps as the invoiced
+    # period (README, "Replay safety").
+    seeded = seed_subscription(stack)
+    asked = invoice_input(seeded)
+    first = stack.activities.create_invoice(asked)
+    rerun = stack.activities.create_invoice(
+        dataclasses.replace(asked, period_end=asked.period_end + timedelta(hours=1))
+    )
+
+    assert (first.period_start, first.period_end) == (asked.period_start, asked.period_end)
+    assert rerun.created is False
+    assert (rerun.period_start, rerun.period_end) == (asked.period_start, asked.period_end)
 
 
 @pytest.mark.postgres

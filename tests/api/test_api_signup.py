@@ -10,11 +10,14 @@ from typing import Any
 
 import pytest
 
+from billing.calendar import IntervalUnit
 from billing.ids import subscription_id_for_signup
 from billing.invoices import InvoiceStatus
+from billing.plans import Plan
 from billing.subscription import SubscriptionStatus
 from billing.testing.cards import DECLINED_AT_ATTACH, SUCCEEDS
 from tests.api.support import MAX_BODY_BYTES, Api, auth, row_counts, workflow_exists
+from tests.cldr import cldr_without
 from tests.conftest import BOTH_BACKENDS
 
 
@@ -283,6 +286,36 @@ async def test_bad_signups_are_refused_and_leave_nothing_behind(
     assert error["type"] == error_type
     assert message in error["message"]
     assert "Traceback" not in response.text
+    assert row_counts(api.harness) == before
+    assert not await workflow_exists(api.harness, subscription_id_for_signup(KEY))
+
+
+async def test_a_catalog_plan_whose_currency_babel_now_refuses_is_not_sold(api: Api) -> None:
+    # The catalog row was valid when written; a babel upgrade withdrew its currency. Plans
+    # decode without validation (running subscriptions must keep decoding), so signup is the
+    # edge that checks the plan it is about to snapshot into a new workflow.
+    api.harness.add_plan(Plan("kwd-monthly", "KWD (monthly)", 5000, "KWD", IntervalUnit.MONTH))
+    pm = await api.harness.to_thread_card(SUCCEEDS)
+    before = row_counts(api.harness)
+
+    with cldr_without("KWD"):
+        response = await api.request(
+            "POST",
+            "/v1/subscriptions",
+            scope="signup",
+            headers={"Idempotency-Key": KEY},
+            json={"plan": "kwd-monthly", "payment_method_id": pm, "customer": {"email": "k@w.d"}},
+        )
+
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_input"
+    assert error["field"] == "plan"
+    assert error["message"] == (
+        "plan 'kwd-monthly' cannot be sold: unknown currency 'KWD'; use an ISO 4217 code such "
+        "as 'USD', 'EUR' or 'JPY'; fix the plan in the catalog (create a new plan code) or "
+        "choose another plan"
+    )
     assert row_counts(api.harness) == before
     assert not await workflow_exists(api.harness, subscription_id_for_signup(KEY))
 

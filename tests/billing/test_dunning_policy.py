@@ -10,7 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billing.dunning import MAX_RETRIES, MAX_WINDOW_DAYS, DunningPolicy, FinalAction
+from billing.dunning import (
+    MAX_RETRIES,
+    MAX_WINDOW_DAYS,
+    DunningPolicy,
+    FinalAction,
+    validate_dunning_policy,
+)
 from billing.errors import InvalidInput
 
 FIRST_FAILURE = datetime(2024, 3, 1, 15, 0, tzinfo=UTC)
@@ -60,14 +66,17 @@ def test_policy_without_retries_gives_up_at_the_first_failure() -> None:
 
 
 def test_limits_are_inclusive() -> None:
-    longest = DunningPolicy(retry_offsets_days=list(range(MAX_WINDOW_DAYS - MAX_RETRIES + 1, 91)))
+    longest = validate_dunning_policy(
+        DunningPolicy(retry_offsets_days=list(range(MAX_WINDOW_DAYS - MAX_RETRIES + 1, 91)))
+    )
 
     assert len(longest.retry_offsets_days) == MAX_RETRIES
     assert longest.window_end(FIRST_FAILURE) == FIRST_FAILURE + timedelta(days=MAX_WINDOW_DAYS)
 
 
 def test_final_action_may_be_given_by_name() -> None:
-    assert DunningPolicy(final_action="mark_unpaid").final_action == FinalAction.MARK_UNPAID  # type: ignore[arg-type]
+    policy = validate_dunning_policy(DunningPolicy(final_action="mark_unpaid"))  # type: ignore[arg-type]
+    assert policy.final_action is FinalAction.MARK_UNPAID
 
 
 @pytest.mark.parametrize(
@@ -101,7 +110,7 @@ def test_invalid_policy_is_refused_with_a_clear_message(
     kwargs: dict[str, Any], field: str, message: str
 ) -> None:
     with pytest.raises(InvalidInput) as caught:
-        DunningPolicy(**kwargs)
+        validate_dunning_policy(DunningPolicy(**kwargs))
 
     assert caught.value.field == f"dunning.{field}"
     assert message in caught.value.message

@@ -1,4 +1,4 @@
-"""Plans: construction normalizes and validates; lookups say which plans exist."""
+"""Plans: validation at the edge normalizes and refuses; lookups say which plans exist."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from billing.calendar import IntervalUnit
 from billing.dunning import DEFAULT_RETRY_OFFSETS_DAYS, DunningPolicy, FinalAction
 from billing.errors import BillingError, InvalidCurrency, InvalidInput, UnknownPlan
-from billing.plans import DEMO_PLANS, MAX_TRIAL_DAYS, Plan, find_plan
+from billing.plans import DEMO_PLANS, MAX_TRIAL_DAYS, Plan, find_plan, validate_plan
 
 VALID: dict[str, Any] = {
     "code": "pro-monthly",
@@ -21,7 +21,7 @@ VALID: dict[str, Any] = {
 
 
 def make_plan(**changes: Any) -> Plan:
-    return Plan(**{**VALID, **changes})
+    return validate_plan(Plan(**{**VALID, **changes}))
 
 
 def test_valid_plan_normalizes_currency_and_interval() -> None:

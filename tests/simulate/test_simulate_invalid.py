@@ -104,6 +104,20 @@ CASES = {
         "scenario.yaml:8: subscriptions[0].plan.amount_minor: amount_minor must be an integer "
         "number of minor units (e.g. 1999 for 19.99); got 9.5",
     ),
+    "unknown currency in an inline plan": (
+        VALID.replace(
+            "  - plan: basic-monthly\n",
+            "  - plan:\n      code: gold\n      name: Gold\n      amount_minor: 950\n"
+            "      currency: ABC\n      interval: month\n",
+        ),
+        "scenario.yaml:9: subscriptions[0].plan.currency: unknown currency 'ABC'; use an ISO "
+        "4217 code such as 'USD', 'EUR' or 'JPY'",
+    ),
+    "bad final action in the dunning override": (
+        VALID.replace("subscriptions:", "dunning:\n  final_action: delete\nsubscriptions:"),
+        "scenario.yaml:5: dunning.final_action: unknown final_action 'delete'; use one of: "
+        "cancel, mark_unpaid",
+    ),
     "bad dunning override": (
         VALID.replace("subscriptions:", "dunning:\n  retry_offsets_days: [3, 1]\nsubscriptions:"),
         "scenario.yaml:5: dunning.retry_offsets_days: retry offsets must be strictly "

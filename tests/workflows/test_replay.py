@@ -9,12 +9,16 @@ started by earlier code are still running somewhere and must replay on the new c
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
+import billing.calendar
+from tests.cldr import cldr_without
 from workflows.subscription import SubscriptionWorkflow
 
 ROOT = Path(__file__).parents[1] / "histories"
@@ -54,4 +58,39 @@ async def test_recorded_history_replays(path: Path) -> None:
     result = await Replayer(workflows=[SubscriptionWorkflow]).replay_workflow(
         history, raise_on_replay_failure=False
     )
+    assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
+
+
+@pytest.mark.parametrize(
+    "path", HISTORIES, ids=[str(p.relative_to(ROOT).with_suffix("")) for p in HISTORIES]
+)
+async def test_recorded_history_replays_after_a_babel_that_refuses_its_currency(
+    path: Path,
+) -> None:
+    # A babel release whose CLDR data drops or changes the plans' currencies must not stop a
+    # running subscription: its recorded inputs (and continue-as-new payloads) decode as
+    # recorded, and the workflow never asks babel again.
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    with cldr_without("USD", "EUR", "JPY"):
+        result = await Replayer(workflows=[SubscriptionWorkflow]).replay_workflow(
+            history, raise_on_replay_failure=False
+        )
+    assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
+
+
+@pytest.mark.parametrize(
+    "path", CURRENT, ids=[str(p.relative_to(ROOT).with_suffix("")) for p in CURRENT]
+)
+async def test_recorded_history_replays_under_other_zone_rules(path: Path) -> None:
+    # A tzdata release changes dates, never commands: a replay on a worker with other rules
+    # (here every zone is Kathmandu's, +05:45) must not fail with a non-determinism error.
+    source = resources.files("tzdata").joinpath("zoneinfo", "Asia", "Kathmandu")
+    with source.open("rb") as tzif:
+        other_rules = ZoneInfo.from_file(tzif, key="Asia/Kathmandu")
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(billing.calendar, "_zone", lambda name: other_rules)
+        result = await Replayer(workflows=[SubscriptionWorkflow]).replay_workflow(
+            history, raise_on_replay_failure=False
+        )
     assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
