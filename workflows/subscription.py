@@ -57,6 +57,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from billing.contracts import (
         MAX_INVOICE_IDS_IN_STATE,
+        PROVIDER_ACTIVITY_TIMEOUT,
         ActivityName,
         AttachPaymentMethodInput,
         AttachPaymentMethodResult,
@@ -119,7 +120,7 @@ _DB_RETRY = RetryPolicy(
 
 # Provider calls. Retries re-send the same idempotency key, which the provider honours for 24
 # hours; schedule_to_close keeps every retry of one attempt well inside that window.
-_PROVIDER_TIMEOUT = timedelta(seconds=60)
+_PROVIDER_TIMEOUT = PROVIDER_ACTIVITY_TIMEOUT
 _PROVIDER_GIVE_UP = timedelta(hours=12)
 _PROVIDER_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
@@ -427,8 +428,7 @@ class SubscriptionWorkflow:
         # period still to bill, and resuming issues it (idempotent per period).
         if s.status == SubscriptionStatus.TRIALING:
             s.status = SubscriptionStatus.ACTIVE
-        s.next_period_index = p.index + 1
-        s.current_period_start, s.current_period_end = p.start, p.end
+        s.record_invoiced_period(p, invoice.period_start, invoice.period_end)
         s.invoices_issued += 1
         s.invoice_ids.append(invoice.invoice_id)
         del s.invoice_ids[:-MAX_INVOICE_IDS_IN_STATE]

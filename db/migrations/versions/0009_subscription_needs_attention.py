@@ -18,8 +18,7 @@ depends_on = None
 # Frozen here, as 0001 and 0004 do: a later status gets its own revision.
 _BEFORE = "'pending', 'trialing', 'active', 'past_due', 'paused', 'unpaid', 'canceled'"
 _AFTER = (
-    "'pending', 'trialing', 'active', 'past_due', 'paused', 'unpaid', 'needs_attention', "
-    "'canceled'"
+    "'pending', 'trialing', 'active', 'past_due', 'paused', 'unpaid', 'needs_attention', 'canceled'"
 )
 
 
