@@ -164,7 +164,25 @@ def two_subscriptions(doc: Document) -> None:
     assert {i["status"] for sub in (basic, team) for i in sub["invoices"]} == {"paid"}
 
 
+def blocked_then_failing_card(doc: Document) -> None:
+    """Issue 11, finding 1: the slots that passed while the invoice was blocked are skipped,
+    not fired in a burst when the customer's new card declines (the code before fired six
+    attempts in the same minute)."""
+    sub = only_subscription(doc)
+    april = sub["invoices"][1]
+    assert [(a["at"], a["reason"]) for a in april["attempts"]] == [
+        ("2027-04-01T08:00:00Z", "scheduled"),  # needs authentication: blocked
+        ("2027-04-11T11:00:00Z", "payment_method_updated"),  # the customer's own card
+        ("2027-04-12T08:00:00Z", "retry"),  # day 11, 21 hours later (at least 20)
+        ("2027-04-15T08:00:00Z", "retry"),  # day 14, the last slot
+    ]
+    failed = [e for e in sub["notices"] if e["kind"] == "payment_failed"]
+    assert len(failed) == 3  # one per failed attempt, none in a burst
+    assert april["status"] == "uncollectible" and sub["status"] == "canceled"
+
+
 FACTS: dict[str, Callable[[Document], None]] = {
+    "blocked-invoice-then-a-failing-new-card": blocked_then_failing_card,
     "leap-year-month-end": leap_year,
     "trial-then-monthly": trial,
     "dunning-recovered-by-card-update": recovered_by_card_update,
