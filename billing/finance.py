@@ -20,6 +20,7 @@ from billing.errors import InvalidInput
 from billing.invoices import InvoiceStatus
 from billing.money import Money, normalize_currency
 from billing.records import InvoiceRecord, PaymentAttemptRecord, PaymentRecord
+from billing.text import OUR_ID, text_problem
 
 #: Page size bounds for invoice listings.
 DEFAULT_PAGE_SIZE = 50
@@ -161,6 +162,10 @@ class InvoiceFilter:
             for part in value.split(",")
             if part.strip()
         )
+        for name, value in (("customer_id", customer_id), ("subscription_id", subscription_id)):
+            # Ids reach a query: the text rule keeps out what the database would refuse.
+            if value:
+                OUR_ID.check(value, field=name)
         return cls(
             statuses=parsed,
             customer_id=customer_id or None,
@@ -205,7 +210,12 @@ class InvoiceCursor:
         except (binascii.Error, ValueError, TypeError, InvalidInput):
             # ValueError covers bad JSON, bad UTF-8 and a wrong number of parts.
             raise InvalidInput(problem, field="cursor") from None
-        if created_at is None or not invoice_id or len(invoice_id) > _MAX_ID_LENGTH:
+        if (
+            created_at is None
+            or not invoice_id
+            or text_problem(invoice_id, max_length=_MAX_ID_LENGTH) is not None
+        ):
+            # The id reaches a query: nothing the database would refuse (a NUL) may.
             raise InvalidInput(problem, field="cursor")
         return cls(created_at, invoice_id)
 
