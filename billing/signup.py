@@ -27,6 +27,7 @@ from billing.contracts import SubscriptionWorkflowInput, workflow_id_for
 from billing.errors import (
     IdempotencyConflict,
     InvalidInput,
+    InvalidTimezone,
     MissingPaymentMethod,
     NotFound,
     UnknownPlan,
@@ -350,7 +351,11 @@ def _validate_shape(request: SignupRequest) -> None:
     OUR_ID.check_optional(request.customer_id, field="customer_id")
     PAYMENT_METHOD_ID.check_optional(request.payment_method_id, field="payment_method_id")
     IDEMPOTENCY_KEY.check_optional(request.idempotency_key, field="idempotency_key")
-    resolve_timezone(request.customer.timezone)
+    try:
+        resolve_timezone(customer.timezone)
+    except InvalidTimezone as unknown:
+        # Named where the request has it.
+        raise InvalidTimezone(unknown.message, field="customer.timezone") from None
     if request.trial_days is not None and (
         isinstance(request.trial_days, bool)
         or not isinstance(request.trial_days, int)

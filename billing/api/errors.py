@@ -208,6 +208,9 @@ def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | 
     first_field: str | None = None
     for index, error in enumerate(errors):
         where, field = _where(tuple(error.get("loc", ())))
+        if error.get("type") == "card_data":
+            # Found by a check of the whole body, which knows the field's path.
+            field = str((error.get("ctx") or {}).get("path") or field)
         if index == 0:
             first_field = field
         if index < 3:
