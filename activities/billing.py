@@ -72,6 +72,13 @@ from billing.records import (
     PaymentAttemptRecord,
     PaymentRecord,
 )
+from billing.text import (
+    CARD_BRAND,
+    CARD_LAST4,
+    DECLINE_CODE,
+    FAILURE_MESSAGE,
+    clean_provider_text,
+)
 from db.engine import unit_of_work
 from db.repositories import attempts as attempts_repo
 from db.repositories import customers as customers_repo
@@ -394,6 +401,10 @@ class BillingActivities:
                 )
                 if self._after_charge_hook is not None:
                     self._after_charge_hook(key, redriven is not None)
+        # The provider's text is recorded, and carried into the workflow's state, whatever it
+        # holds: made storable (no NUL, the column's length) rather than refused.
+        decline_code = clean_provider_text(outcome.decline_code, DECLINE_CODE)
+        failure_message = clean_provider_text(outcome.failure_message, FAILURE_MESSAGE)
         details = None
         if outcome.kind == ChargeOutcomeKind.PAID and outcome.payment_intent_id is not None:
             details = self._details_after_charge(
@@ -406,8 +417,8 @@ class BillingActivities:
                 attempt.id,
                 status=_ATTEMPT_STATUS[outcome.kind],
                 outcome=outcome.kind,
-                decline_code=outcome.decline_code,
-                failure_message=(outcome.failure_message or "")[:500] or None,
+                decline_code=decline_code,
+                failure_message=failure_message,
                 payment_intent_id=outcome.payment_intent_id,
                 charge_id=outcome.charge_id,
                 payment_method_id=payment_method_id,
@@ -426,8 +437,8 @@ class BillingActivities:
             idempotency_key=key,
             payment_intent_id=outcome.payment_intent_id,
             charge_id=outcome.charge_id,
-            decline_code=outcome.decline_code,
-            failure_message=outcome.failure_message,
+            decline_code=decline_code,
+            failure_message=failure_message,
             payment_id=payment_id,
         )
 
@@ -959,8 +970,8 @@ class BillingActivities:
             ]
         return AttachPaymentMethodResult(
             payment_method_id=attached.payment_method_id,
-            card_brand=attached.card_brand,
-            card_last4=attached.card_last4,
+            card_brand=clean_provider_text(attached.card_brand, CARD_BRAND),
+            card_last4=clean_provider_text(attached.card_last4, CARD_LAST4),
             other_subscription_ids=others,
         )
 

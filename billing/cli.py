@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import csv
 import json
+import os
 import secrets
 import signal
 import sys
@@ -210,27 +211,45 @@ def dev(
 
 
 async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    from billing.worker import build_dependencies, build_worker
+    from billing.worker import (
+        SHUTDOWN_MARGIN_S,
+        build_dependencies,
+        build_worker,
+        run_workers_until,
+    )
 
-    stop = stop or _stop_event()
+    stop = stop or _worker_stop_event()
     client = await _connect_at_start_up(settings, stop)
     if client is None:
         return
     deps = build_dependencies(settings)
+    graceful_s = settings.worker_graceful_shutdown_s
     w = build_worker(
         client,
         deps,
         task_queue=settings.task_queue,
         activity_threads=settings.activity_threads,
         max_cached_workflows=settings.worker_max_cached_workflows,
+        graceful_shutdown_s=graceful_s,
     )
-    async with w, _payments_worker(settings, client, deps):
-        console.print(
-            f"[green]worker running[/green] on task queues {settings.task_queue!r} and "
-            f"{settings.payments_queue()!r} (provider calls, at most "
-            f"{settings.charge_rate_per_s:g}/s)"
+    payments = _payments_worker(settings, client, deps)
+    console.print(
+        f"[green]worker running[/green] on task queues {settings.task_queue!r} and "
+        f"{settings.payments_queue()!r} (provider calls, at most "
+        f"{settings.charge_rate_per_s:g}/s)"
+    )
+    clean = await run_workers_until(stop, [w, payments], graceful_shutdown_s=graceful_s)
+    if not clean:
+        err_console.print(
+            f"[yellow]worker stopped with activities still running[/yellow] after "
+            f"{graceful_s + SHUTDOWN_MARGIN_S:g} s (BILLING_WORKER_GRACEFUL_SHUTDOWN_S = "
+            f"{graceful_s:g} s, plus {SHUTDOWN_MARGIN_S:g} s for cancellations): they are "
+            "abandoned, and Temporal runs them again after their timeout"
         )
-        await stop.wait()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # A normal exit would join the activity threads, which is what never ends.
+        os._exit(1)
 
 
 def _payments_worker(settings: Settings, client: Client, deps: object) -> Worker:
@@ -254,6 +273,27 @@ def _stop_event() -> asyncio.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _worker_stop_event() -> asyncio.Event:
+    """The worker's stop event: the first SIGINT or SIGTERM stops it within its graceful
+    timeout; a second one ends the process at once (running activities are abandoned, and
+    Temporal runs them again after their timeout)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            err_console.print("second stop signal: exiting now")
+            sys.stderr.flush()
+            os._exit(1)
+        err_console.print("stopping: waiting for running activities ...")
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, on_signal)
     return stop
 
 
@@ -497,6 +537,17 @@ async def _connect_or_fail(settings: Settings) -> Client:
     return client
 
 
+def _check_id(value: str, argument: str) -> None:
+    """Our id as a command-line argument, under the API's text rule (exit 2 if it is not)."""
+    from billing.errors import InvalidInput
+    from billing.text import OUR_ID
+
+    try:
+        OUR_ID.check(value, field=argument)
+    except InvalidInput as invalid:
+        _fail(invalid.message)
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
     err_console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
@@ -584,6 +635,8 @@ def invoices_list(
 def invoices_show(invoice_id: str) -> None:
     """One invoice with its payment attempts and payments."""
     from billing.finance import format_instant
+
+    _check_id(invoice_id, "INVOICE_ID")
     from db.engine import unit_of_work
     from db.repositories import finance
 
@@ -637,6 +690,7 @@ def invoices_show(invoice_id: str) -> None:
 @subscriptions_app.command("show")
 def subscriptions_show(subscription_id: str) -> None:
     """The subscription's live state from its workflow (the database if it is unreachable)."""
+    _check_id(subscription_id, "SUBSCRIPTION_ID")
     settings = Settings()
 
     async def run() -> SubscriptionView | None:
@@ -672,16 +726,24 @@ def subscriptions_cancel(
 ) -> None:
     """Cancel at the end of the paid period (default) or immediately (--now)."""
     from billing.contracts import CancelInput, CancelResult
+    from billing.errors import InvalidInput
 
+    _check_id(subscription_id, "SUBSCRIPTION_ID")
+    cancel = CancelInput(at_period_end=not now, reason=reason)
+    try:
+        # The same rule as the API and the workflow's validator, before anything is sent:
+        # an argument with undecodable bytes arrives here as lone surrogates.
+        cancel.check()
+    except InvalidInput as invalid:
+        where = "--reason" if invalid.field == "reason" else invalid.field
+        _fail(f"{where}: {invalid.message}")
     settings = Settings()
 
     async def run() -> CancelResult:
         client = await _connect_or_fail(settings)
         handle = client.get_workflow_handle(f"subscription-{subscription_id}")
         result: CancelResult = await handle.execute_update(
-            SubscriptionMessage.CANCEL,
-            CancelInput(at_period_end=not now, reason=reason),
-            result_type=CancelResult,
+            SubscriptionMessage.CANCEL, cancel, result_type=CancelResult
         )
         return result
 

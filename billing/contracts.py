@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from billing.errors import InvalidInput
 from billing.invoices import InvoiceStatus
 from billing.payments import ChargeOutcomeKind
 from billing.subscription import SubscriptionStatus
+from billing.text import OUR_ID, PAYMENT_METHOD_ID, PROVIDER_ID, REASON
 
 
 class ActivityName:
@@ -391,6 +393,14 @@ class CancelInput:
     at_period_end: bool = True
     reason: str = ""
 
+    def check(self) -> None:
+        """InvalidInput (field ``reason``) if the reason is text the database would refuse.
+        Pure: the workflow's update validator calls it, so such a value is refused before it
+        enters the workflow's history, as the API and the CLI refuse it before sending."""
+        if not isinstance(self.at_period_end, bool):
+            raise InvalidInput("at_period_end must be true or false", field="at_period_end")
+        REASON.check(self.reason, field="reason")
+
 
 @dataclass
 class CancelResult:
@@ -405,6 +415,10 @@ class CancelResult:
 class PauseInput:
     reason: str = ""
 
+    def check(self) -> None:
+        """InvalidInput (field ``reason``) if the reason is text the database would refuse."""
+        REASON.check(self.reason, field="reason")
+
 
 @dataclass
 class PauseResult:
@@ -415,6 +429,10 @@ class PauseResult:
 @dataclass
 class ResumeInput:
     reason: str = ""
+
+    def check(self) -> None:
+        """InvalidInput (field ``reason``) if the reason is text the database would refuse."""
+        REASON.check(self.reason, field="reason")
 
 
 @dataclass
@@ -430,6 +448,10 @@ class ResumeBillingInput:
 
     reason: str = ""
 
+    def check(self) -> None:
+        """InvalidInput (field ``reason``) if the reason is text the database would refuse."""
+        REASON.check(self.reason, field="reason")
+
 
 @dataclass
 class ResumeBillingResult:
@@ -441,6 +463,11 @@ class ResumeBillingResult:
 @dataclass
 class UpdatePaymentMethodInput:
     payment_method_id: str
+
+    def check(self) -> None:
+        """InvalidInput (field ``payment_method_id``) if the id is empty or text the database
+        would refuse."""
+        _check_payment_method_id(self.payment_method_id)
 
 
 @dataclass
@@ -459,6 +486,11 @@ class PaymentMethodChangedInput:
 
     payment_method_id: str
 
+    def check(self) -> None:
+        """InvalidInput if the id is empty or text the database would refuse: the signal
+        handler drops such a signal (a signal has nobody to answer)."""
+        _check_payment_method_id(self.payment_method_id)
+
 
 @dataclass
 class PaymentAuthenticatedInput:
@@ -466,6 +498,23 @@ class PaymentAuthenticatedInput:
 
     payment_intent_id: str
     invoice_id: str | None = None
+
+    def check(self) -> None:
+        """InvalidInput if an id is empty or text the database would refuse: the signal
+        handler drops such a signal."""
+        if not isinstance(self.payment_intent_id, str) or not self.payment_intent_id.strip():
+            raise InvalidInput("payment_intent_id must not be empty", field="payment_intent_id")
+        PROVIDER_ID.check(self.payment_intent_id, field="payment_intent_id")
+        OUR_ID.check_optional(self.invoice_id, field="invoice_id")
+
+
+def _check_payment_method_id(payment_method_id: str) -> None:
+    if not isinstance(payment_method_id, str) or not payment_method_id.strip():
+        raise InvalidInput(
+            "payment_method_id must not be empty; pass the provider's payment method id ('pm_...')",
+            field="payment_method_id",
+        )
+    PAYMENT_METHOD_ID.check(payment_method_id, field="payment_method_id")
 
 
 @dataclass

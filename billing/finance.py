@@ -20,6 +20,7 @@ from billing.errors import InvalidInput
 from billing.invoices import InvoiceStatus
 from billing.money import Money, normalize_currency
 from billing.records import InvoiceRecord, PaymentAttemptRecord, PaymentRecord
+from billing.text import text_problem
 
 #: Page size bounds for invoice listings.
 DEFAULT_PAGE_SIZE = 50
@@ -95,8 +96,12 @@ def _check_id(value: str | None, field: str) -> str | None:
     if value is None:
         return None
     if not value or len(value) > _MAX_ID_LENGTH or not value.isprintable():
+        # billing.text says what is wrong (a NUL, a lone surrogate, ...), when it is one.
+        problem = text_problem(value, max_length=_MAX_ID_LENGTH)
         raise InvalidInput(
-            f"{field} must be an id of 1 to {_MAX_ID_LENGTH} characters; got {value!r}",
+            f"{field} must be an id of 1 to {_MAX_ID_LENGTH} characters"
+            + (f" ({field} {problem})" if problem else "")
+            + f"; got {value!r}",
             field=field,
         )
     return value
@@ -205,7 +210,12 @@ class InvoiceCursor:
         except (binascii.Error, ValueError, TypeError, InvalidInput):
             # ValueError covers bad JSON, bad UTF-8 and a wrong number of parts.
             raise InvalidInput(problem, field="cursor") from None
-        if created_at is None or not invoice_id or len(invoice_id) > _MAX_ID_LENGTH:
+        if (
+            created_at is None
+            or not invoice_id
+            or text_problem(invoice_id, max_length=_MAX_ID_LENGTH) is not None
+        ):
+            # The id reaches a query: nothing the database would refuse (a NUL) may.
             raise InvalidInput(problem, field="cursor")
         return cls(created_at, invoice_id)
 

@@ -134,6 +134,15 @@ class Settings(BaseSettings):
 
     #: Threads running synchronous activities (DB and Stripe calls).
     activity_threads: int = Field(default=16, ge=1, le=256)
+    #: How long ``billing worker`` (and ``billing dev``) waits, after SIGTERM or Ctrl-C, for
+    #: running activities to finish, seconds. Then they are cancelled; any still running a
+    #: few seconds later (a thread stuck in a database or provider call cannot be interrupted)
+    #: are abandoned and the process exits anyway, with status 1 and a line saying so. Every
+    #: activity is idempotent: Temporal runs an abandoned one again after its timeout (a charge
+    #: with the same idempotency key). The whole stop takes at most this plus
+    #: ``billing.worker.SHUTDOWN_MARGIN_S`` (3 s): keep the sum below your orchestrator's kill
+    #: timeout (docker stop: 10 s; Kubernetes terminationGracePeriodSeconds: 30 s).
+    worker_graceful_shutdown_s: float = Field(default=5.0, ge=0, le=3600)
     #: Subscription workflows a worker keeps in memory between their tasks (Temporal's sticky
     #: cache, least recently used evicted). Each costs about 160 KiB (a sandboxed instance);
     #: an evicted one replays its current run's history when it next wakes. A subscription

@@ -27,6 +27,7 @@ from billing.contracts import SubscriptionWorkflowInput, workflow_id_for
 from billing.errors import (
     IdempotencyConflict,
     InvalidInput,
+    InvalidTimezone,
     MissingPaymentMethod,
     NotFound,
     UnknownPlan,
@@ -37,6 +38,16 @@ from billing.payments import PaymentGateway
 from billing.plans import MAX_TRIAL_DAYS, Plan, validate_plan
 from billing.records import CustomerRecord, SubscriptionRecord
 from billing.subscription import SubscriptionState, SubscriptionStatus
+from billing.text import (
+    CUSTOMER_NAME,
+    EMAIL,
+    EXTERNAL_ID,
+    IDEMPOTENCY_KEY,
+    OUR_ID,
+    PAYMENT_METHOD_ID,
+    PLAN_CODE,
+    TIMEZONE,
+)
 from db.engine import unit_of_work
 from db.repositories import customers as customers_repo
 from db.repositories import plans as plans_repo
@@ -142,8 +153,9 @@ class SignupService:
         self, request: SignupRequest
     ) -> SignupResult | tuple[SubscriptionState, SubscriptionRecord]:
         now = self.clock.now()
-        fingerprint = request_fingerprint(request)
+        # Before the fingerprint: text with a lone surrogate cannot even be hashed as UTF-8.
         _validate_shape(request)
+        fingerprint = request_fingerprint(request)
         with unit_of_work(self.session_factory) as session:
             if request.idempotency_key is not None:
                 existing = subscriptions_repo.get_subscription_by_signup_key(
@@ -329,7 +341,22 @@ class SignupService:
 
 
 def _validate_shape(request: SignupRequest) -> None:
-    resolve_timezone(request.customer.timezone)
+    # The text rule first (the API checked it already; other callers, such as the CLI's demo
+    # and the simulator, did not): nothing the database would refuse goes further.
+    customer = request.customer
+    PLAN_CODE.check(request.plan_code, field="plan")
+    EXTERNAL_ID.check_optional(customer.external_id, field="customer.external_id")
+    EMAIL.check_optional(customer.email, field="customer.email")
+    CUSTOMER_NAME.check_optional(customer.name, field="customer.name")
+    TIMEZONE.check(customer.timezone, field="customer.timezone")
+    OUR_ID.check_optional(request.customer_id, field="customer_id")
+    PAYMENT_METHOD_ID.check_optional(request.payment_method_id, field="payment_method_id")
+    IDEMPOTENCY_KEY.check_optional(request.idempotency_key, field="idempotency_key")
+    try:
+        resolve_timezone(customer.timezone)
+    except InvalidTimezone as unknown:
+        # Named where the request has it.
+        raise InvalidTimezone(unknown.message, field="customer.timezone") from None
     if request.trial_days is not None and (
         isinstance(request.trial_days, bool)
         or not isinstance(request.trial_days, int)

@@ -8,6 +8,7 @@ constructed from Settings:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import math
@@ -20,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +143,7 @@ def build_worker(
     activity_threads: int = 16,
     workflow_runner: WorkflowRunner | None = None,
     max_cached_workflows: int = 1000,
+    graceful_shutdown_s: float = 0.0,
 ) -> Worker:
     """``workflow_runner``: the sandbox by default; simulations pass
     ``UnsandboxedWorkflowRunner()`` to skip re-creating the sandbox for every run (the
@@ -166,6 +169,8 @@ def build_worker(
         max_concurrent_activities=activity_threads,
         workflow_runner=workflow_runner or SandboxedWorkflowRunner(),
         max_cached_workflows=max_cached_workflows,
+        # Running activities get this long to finish after shutdown starts, then are cancelled.
+        graceful_shutdown_timeout=timedelta(seconds=graceful_shutdown_s),
     )
 
 
@@ -242,6 +247,7 @@ def build_payments_worker(
     task_queue: str,
     charge_rate_per_s: float | None,
     activity_threads: int = 16,
+    graceful_shutdown_s: float = 0.0,
 ) -> Worker:
     """The payments worker: provider activities only, at most ``charge_rate_per_s`` started in
     any one-second window on ``task_queue`` by all its workers together. ``None``: no cap
@@ -275,4 +281,41 @@ def build_payments_worker(
         activity_executor=ThreadPoolExecutor(max_workers=activity_threads),
         max_concurrent_activities=activity_threads,
         max_task_queue_activities_per_second=queue_rate_for(charge_rate_per_s),
+        graceful_shutdown_timeout=timedelta(seconds=graceful_shutdown_s),
     )
+
+
+#: After the graceful period, how long cancelled activities get to report back before the
+#: process stops waiting for them, seconds.
+SHUTDOWN_MARGIN_S = 3.0
+
+
+async def run_workers_until(
+    stop: asyncio.Event, workers: list[Worker], *, graceful_shutdown_s: float
+) -> bool:
+    """Run ``workers`` until ``stop`` is set (or one fails), then shut them down within
+    ``graceful_shutdown_s`` + SHUTDOWN_MARGIN_S seconds. True: every activity finished or
+    reported its cancellation. False: some did not and were abandoned; their threads may still
+    be running, so the caller must end the process with ``os._exit`` (a normal exit joins every
+    activity thread, and a thread blocked in a database or provider call cannot be interrupted:
+    that is how a worker used to ignore SIGTERM for minutes). Temporal runs an abandoned
+    activity again after its timeout; every activity is idempotent.
+
+    A worker's own fatal error is raised after its siblings are shut down."""
+    runs = [asyncio.create_task(w.run()) for w in workers]
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([stopped, *runs], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    bound = graceful_shutdown_s + SHUTDOWN_MARGIN_S
+    # Worker.shutdown waits for every activity with no bound; wait_for adds it.
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(w.shutdown() for w in workers), *runs, return_exceptions=True),
+            timeout=bound,
+        )
+    except TimeoutError:
+        return False
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return True

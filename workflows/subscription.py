@@ -99,7 +99,7 @@ with workflow.unsafe.imports_passed_through():
         workflow_id_for,
     )
     from billing.dunning import FinalAction
-    from billing.errors import ChangeRefused
+    from billing.errors import ChangeRefused, InvalidInput
     from billing.invoices import InvoiceStatus
     from billing.payments import ChargeOutcomeKind
     from billing.subscription import (
@@ -815,6 +815,27 @@ class SubscriptionWorkflow:
         return request.result
 
     @staticmethod
+    def _refuse_invalid(change: Change) -> None:
+        """Refuse, in a validator, input the database could not store (NUL, a card number,
+        too long...): such a value never enters the workflow's history or state."""
+        try:
+            change.check()
+        except InvalidInput as invalid:
+            raise ApplicationError(
+                invalid.message, invalid.field, type="InvalidInput", non_retryable=True
+            ) from None
+
+    def _enqueue_news(self, change: PaymentMethodChangedInput | PaymentAuthenticatedInput) -> None:
+        """A signal's news, unless it carries text the database could not store (a signal
+        cannot be refused; it is dropped with a warning instead)."""
+        try:
+            change.check()
+        except InvalidInput as invalid:
+            workflow.logger.warning("dropped %s: %s", type(change).__name__, invalid.message)
+            return
+        self._inbox.append(_Request(change))
+
+    @staticmethod
     def _refuse(check: Callable[..., None], *args: object) -> None:
         """Run a state check in a validator; a refusal rejects the update before it is
         written to history, with the reason the caller sees."""
@@ -831,6 +852,7 @@ class SubscriptionWorkflow:
 
     @cancel.validator
     def _validate_cancel(self, input: CancelInput) -> None:
+        self._refuse_invalid(input)
         self._refuse(self.state.check_cancel, input.at_period_end)
 
     @workflow.update(name=SubscriptionMessage.PAUSE)
@@ -839,6 +861,7 @@ class SubscriptionWorkflow:
 
     @pause.validator
     def _validate_pause(self, input: PauseInput) -> None:
+        self._refuse_invalid(input)
         self._refuse(self.state.check_pause)
 
     @workflow.update(name=SubscriptionMessage.RESUME)
@@ -847,6 +870,7 @@ class SubscriptionWorkflow:
 
     @resume.validator
     def _validate_resume(self, input: ResumeInput) -> None:
+        self._refuse_invalid(input)
         self._refuse(self.state.check_resume)
 
     @workflow.update(name=SubscriptionMessage.RESUME_BILLING)
@@ -855,6 +879,7 @@ class SubscriptionWorkflow:
 
     @resume_billing.validator
     def _validate_resume_billing(self, input: ResumeBillingInput) -> None:
+        self._refuse_invalid(input)
         self._refuse(self.state.check_resume_billing)
 
     @workflow.update(name=SubscriptionMessage.UPDATE_PAYMENT_METHOD)
@@ -869,16 +894,17 @@ class SubscriptionWorkflow:
             raise ApplicationError(
                 "payment_method_id must not be empty", type="InvalidInput", non_retryable=True
             )
+        self._refuse_invalid(input)
         self._refuse(self.state.check_payment_method_update)
 
     @workflow.signal(name=SubscriptionMessage.PAYMENT_METHOD_CHANGED)
     def payment_method_changed(self, input: PaymentMethodChangedInput) -> None:
         if self.state.status != SubscriptionStatus.CANCELED:
-            self._inbox.append(_Request(input))
+            self._enqueue_news(input)
 
     @workflow.signal(name=SubscriptionMessage.PAYMENT_AUTHENTICATED)
     def payment_authenticated(self, input: PaymentAuthenticatedInput) -> None:
-        self._inbox.append(_Request(input))
+        self._enqueue_news(input)
 
     @workflow.query(name=SubscriptionMessage.GET_STATE)
     def get_state(self) -> SubscriptionView:

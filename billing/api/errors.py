@@ -79,10 +79,22 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
 
+def _encodable(text: str) -> str:
+    """``text`` with lone surrogates written as escapes: a message or field name that quotes
+    what was sent (JSON's ``"\\ud800"``) must still encode as UTF-8, or the answer itself fails."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(error_type: str, message: str, field: str | None = None) -> dict[str, Any]:
     # Messages quote what was sent (an unknown id, a bad value); a card number pasted into
     # any field must not come back (or reach a log that stores answers).
-    return {"error": {"type": error_type, "message": redact_card_numbers(message), "field": field}}
+    return {
+        "error": {
+            "type": error_type,
+            "message": _encodable(redact_card_numbers(message)),
+            "field": None if field is None else _encodable(redact_card_numbers(field)),
+        }
+    }
 
 
 def error_response(
@@ -122,7 +134,11 @@ def from_update_failure(error: WorkflowUpdateFailedError) -> Exception:
     if isinstance(cause, ApplicationError):
         domain = _domain_error_classes().get(cause.type or "")
         if domain is not None:
-            return domain(cause.message)
+            # A refusal may name the field at fault as its first detail (an InvalidInput from
+            # the update's validator).
+            details = cause.details
+            field = details[0] if details and isinstance(details[0], str) else None
+            return domain(cause.message, field=field)
         if cause.type == "PaymentProviderError":
             return ApiError(
                 502,
@@ -164,6 +180,10 @@ def _describe(error: Mapping[str, Any]) -> str:
             return "is required"
         case "extra_forbidden":
             return "is not a known field; remove it (see /docs for the accepted fields)"
+        case "text":
+            # billing.text's finding; the value is not quoted (it may be a card number, or
+            # ten thousand characters).
+            return str(error.get("msg", "is not valid text"))
         case "timezone_aware":
             return (
                 f"has no time zone ({_shown(value)}); send an ISO 8601 instant with a zone "
@@ -188,6 +208,9 @@ def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | 
     first_field: str | None = None
     for index, error in enumerate(errors):
         where, field = _where(tuple(error.get("loc", ())))
+        if error.get("type") == "card_data":
+            # Found by a check of the whole body, which knows the field's path.
+            field = str((error.get("ctx") or {}).get("path") or field)
         if index == 0:
             first_field = field
         if index < 3:

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -47,6 +48,18 @@ from billing.records import (
     StatusChangeRecord,
 )
 from billing.subscription import SubscriptionStatus
+from billing.text import (
+    CUSTOMER_NAME,
+    EMAIL,
+    EXTERNAL_ID,
+    OUR_ID,
+    PAYMENT_METHOD_ID,
+    PLAN_CODE,
+    REASON,
+    TIMEZONE,
+    TextRule,
+    text_problem,
+)
 
 
 def _iso_text(value: Any) -> Any:
@@ -67,6 +80,46 @@ InstantIn = Annotated[AwareDatetime, BeforeValidator(_iso_text)]
 Instant = Annotated[datetime, PlainSerializer(format_instant, return_type=str, when_used="json")]
 
 _FORBID = ConfigDict(extra="forbid")
+
+
+def _checked_by(rule: TextRule) -> Any:
+    def check(value: str) -> str:
+        problem = text_problem(value, max_length=rule.max_length, multiline=rule.multiline)
+        if problem is not None:
+            # Reported as "field '<path>' <problem>" (billing.api.errors), without the value.
+            raise PydanticCustomError("text", "{problem}", {"problem": problem})
+        return value
+
+    return AfterValidator(check)
+
+
+#: What billing.text refuses, as a JSON Schema pattern in the OpenAPI document, so clients
+#: (and the schema fuzzer) know it. Documentation only: billing.text does the check.
+_ONE_LINE_PATTERN = r"^[^\u0000-\u001f\u007f]*$"
+_MULTILINE_PATTERN = r"^[^\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f]*$"
+
+
+def _bounded(rule: TextRule, *, min_length: int | None = None) -> Any:
+    """The length bound (and the documented pattern) of a text field under ``rule``."""
+    pattern = _MULTILINE_PATTERN if rule.multiline else _ONE_LINE_PATTERN
+    return Field(
+        min_length=min_length, max_length=rule.max_length, json_schema_extra={"pattern": pattern}
+    )
+
+
+# A request's text fields, each under its billing.text rule (no NUL or other control
+# characters, no lone surrogates, no card numbers, the column's length): refused with 422
+# naming the field.
+PlanCodeIn = Annotated[str, _bounded(PLAN_CODE, min_length=1), _checked_by(PLAN_CODE)]
+ExternalIdIn = Annotated[str, _bounded(EXTERNAL_ID, min_length=1), _checked_by(EXTERNAL_ID)]
+CustomerNameIn = Annotated[str, _bounded(CUSTOMER_NAME, min_length=1), _checked_by(CUSTOMER_NAME)]
+EmailIn = Annotated[str, _bounded(EMAIL), _checked_by(EMAIL)]
+TimezoneIn = Annotated[str, _bounded(TIMEZONE, min_length=1), _checked_by(TIMEZONE)]
+OurIdIn = Annotated[str, _bounded(OUR_ID, min_length=1), _checked_by(OUR_ID)]
+PaymentMethodIdIn = Annotated[
+    str, _bounded(PAYMENT_METHOD_ID, min_length=1), _checked_by(PAYMENT_METHOD_ID)
+]
+ReasonIn = Annotated[str, _bounded(REASON), _checked_by(REASON)]
 
 
 def _card_data_path(value: Any, path: str = "") -> str | None:
@@ -181,15 +234,13 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 class CustomerIn(RequestIn):
-    external_id: str | None = Field(
-        None, min_length=1, max_length=200, description="Your own reference for the customer."
+    external_id: ExternalIdIn | None = Field(
+        None, description="Your own reference for the customer."
     )
-    email: str | None = Field(None, max_length=320)
-    name: str | None = Field(None, min_length=1, max_length=200)
-    timezone: str = Field(
+    email: EmailIn | None = None
+    name: CustomerNameIn | None = None
+    timezone: TimezoneIn = Field(
         "UTC",
-        min_length=1,
-        max_length=64,
         description="IANA zone in which billing dates are computed, e.g. 'Europe/Paris'.",
     )
 
@@ -203,13 +254,11 @@ class CustomerIn(RequestIn):
 
 
 class SignupIn(RequestIn):
-    plan: str = Field(min_length=1, max_length=63, description="Plan code, e.g. 'basic-monthly'.")
+    plan: PlanCodeIn = Field(description="Plan code, e.g. 'basic-monthly'.")
     customer: CustomerIn = Field(default_factory=CustomerIn)
-    customer_id: str | None = Field(
-        None, min_length=1, max_length=40, description="One of our existing customers."
-    )
-    payment_method_id: str | None = Field(
-        None, min_length=1, max_length=100, description="A provider payment method, 'pm_...'."
+    customer_id: OurIdIn | None = Field(None, description="One of our existing customers.")
+    payment_method_id: PaymentMethodIdIn | None = Field(
+        None, description="A provider payment method, 'pm_...'."
     )
     billing_anchor_at: InstantIn | None = Field(
         None, description="First billing date; default: the trial's end, or now."
@@ -234,19 +283,19 @@ class CancelIn(RequestIn):
     at_period_end: StrictBool = Field(
         True, description="True: end when the paid period does. False: end now."
     )
-    reason: str | None = Field(None, max_length=500)
+    reason: ReasonIn | None = None
 
 
 class PauseIn(RequestIn):
-    reason: str | None = Field(None, max_length=500)
+    reason: ReasonIn | None = None
 
 
 class ResumeIn(RequestIn):
-    reason: str | None = Field(None, max_length=500)
+    reason: ReasonIn | None = None
 
 
 class PaymentMethodIn(RequestIn):
-    payment_method_id: str = Field(min_length=1, max_length=100)
+    payment_method_id: PaymentMethodIdIn
 
 
 class CancelOut(BaseModel):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, timedelta
-from typing import Annotated, TypeVar
+from typing import Annotated, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from sqlalchemy.orm import Session
@@ -65,6 +65,7 @@ from billing.finance import SubscriptionInvoicing, amount_display
 from billing.records import StatusChangeRecord, SubscriptionRecord
 from billing.signup import CustomerDetails, SignupRequest, SignupService
 from billing.subscription import SubscriptionStatus
+from billing.text import IDEMPOTENCY_KEY
 from billing.worker import Dependencies
 from db.engine import unit_of_work
 from db.repositories import finance as finance_repo
@@ -88,6 +89,10 @@ SubscriptionId = Annotated[
 ]
 
 _R = TypeVar("_R")
+
+
+class _CheckedInput(Protocol):
+    def check(self) -> None: ...
 
 
 # ---- signup ------------------------------------------------------------------------------------
@@ -130,6 +135,8 @@ async def create_subscription(
             "such as a UUID",
             field="Idempotency-Key",
         )
+    # Stored with the subscription too: the same text rule as every body field.
+    IDEMPOTENCY_KEY.check_optional(idempotency_key, field="Idempotency-Key")
     customer = body.customer
     result = await signups.start_subscription(
         SignupRequest(
@@ -186,11 +193,14 @@ async def _update(
     request: Request,
     subscription_id: str,
     name: str,
-    arg: object,
+    arg: _CheckedInput,
     result_type: type[_R],
 ) -> _R:
     """Run the workflow Update ``name`` and return its result; refusals become domain errors
     carrying the workflow's reason."""
+    # The request schemas check each field already; this is the same check the workflow's
+    # validator makes, so nothing the workflow would refuse is sent to it.
+    arg.check()
     deps, temporal = get_deps(request), get_temporal(request)
     await asyncio.to_thread(_load, deps, subscription_id)  # 404 before asking Temporal
     caller: Caller | None = getattr(request.state, "caller", None)

@@ -80,6 +80,7 @@ from billing.contracts import (
 from billing.invoices import InvoiceStatus
 from billing.records import AttemptStatus, WebhookOutcome
 from billing.settings import Settings
+from billing.text import text_problem
 from db.engine import unit_of_work
 from db.repositories import attempts as attempts_repo
 from db.repositories import customers as customers_repo
@@ -290,7 +291,14 @@ def _event_name(value: object, max_length: int) -> bool:
 def _usable_text(value: object, max_length: int) -> bool:
     """A non-empty string of at most ``max_length`` printable characters: what Stripe's ids and
     type names are, and what the database can store (PostgreSQL text cannot hold NUL)."""
-    return isinstance(value, str) and 0 < len(value) <= max_length and value.isprintable()
+    # billing.text's rule (which also keeps lone surrogates out: no UTF-8 for them), plus
+    # printable: Stripe's ids and type names hold no spaces or formatting characters.
+    return (
+        isinstance(value, str)
+        and len(value) > 0
+        and text_problem(value, max_length=max_length) is None
+        and value.isprintable()
+    )
 
 
 # ---- 4. routing -------------------------------------------------------------------------------
