@@ -9,6 +9,7 @@ through the Stripe SDK).
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -130,7 +131,7 @@ def _spacing(name: str, snap: BillingSnapshot) -> list[str]:
             (a for a in snap.attempts[invoice.id] if a.reason in AUTOMATIC_REASONS),
             key=lambda a: a.created_at,
         )
-        for before, after in zip(automatic, automatic[1:], strict=False):
+        for before, after in itertools.pairwise(automatic):
             gap = after.created_at - before.created_at
             if gap < MIN_AUTOMATIC_RETRY_SPACING:
                 problems.append(
