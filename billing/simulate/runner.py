@@ -27,11 +27,12 @@ import dataclasses
 import functools
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+import stripe
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowUpdateFailedError
 from temporalio.runtime import (
     LogForwardingConfig,
@@ -55,12 +56,16 @@ from billing.contracts import (
     UpdatePaymentMethodInput,
     UpdatePaymentMethodResult,
 )
-from billing.errors import BillingError
+from billing.errors import BillingError, PaymentMethodRejected
+from billing.invoices import InvoiceStatus
 from billing.plans import DEMO_PLANS, Plan
+from billing.records import AttemptStatus
 from billing.signup import CustomerDetails, SignupRequest
 from billing.simulate.instants import ceil_minute, format_instant, to_minute
+from billing.simulate.provider import BankReports, ReportingGateway, WebhookEndpoint, find_event
 from billing.simulate.scenario import (
     CARD_ACTIONS,
+    HARD_DECLINE_ACTIONS,
     Action,
     ActionKind,
     CardBehaviour,
@@ -77,7 +82,13 @@ from billing.simulate.timeline import (
     Timeline,
     totals_of,
 )
-from billing.testing.cards import DECLINES_AFTER_ATTACH, REQUIRES_AUTHENTICATION, SUCCEEDS
+from billing.testing.cards import (
+    DECLINES_AFTER_ATTACH,
+    LOST,
+    REQUIRES_AUTHENTICATION,
+    STOLEN,
+    SUCCEEDS,
+)
 from billing.testing.database import temporary_database
 from billing.testing.harness import (
     BillingHarness,
@@ -85,6 +96,8 @@ from billing.testing.harness import (
     start_time_skipping_environment,
 )
 from billing.testing.localstripe import LocalStripe
+from db.engine import unit_of_work
+from db.repositories import customers as customers_repo
 
 _T = TypeVar("_T", StatusChange, Notice, ActionRecord)
 
@@ -95,6 +108,8 @@ CARD_NUMBERS: dict[CardBehaviour, str] = {
     CardBehaviour.SUCCEEDS: SUCCEEDS,
     CardBehaviour.DECLINES: DECLINES_AFTER_ATTACH,
     CardBehaviour.REQUIRES_AUTHENTICATION: REQUIRES_AUTHENTICATION,
+    CardBehaviour.STOLEN: STOLEN,
+    CardBehaviour.LOST: LOST,
 }
 
 _AT_THE_BANK = {
@@ -109,6 +124,10 @@ ACTION_OFFSET = timedelta(seconds=30)
 #: shorter for several, never under a month.
 MAX_STEP = timedelta(days=366)
 MIN_STEP = timedelta(days=31)
+#: Callback ``run_scenario`` awaits with the finished simulation before it tears the stack
+#: down, e.g. to compare the records with the provider's (``Simulation.harness``).
+InspectCallback = Callable[["Simulation", Timeline], Awaitable[None]]
+
 #: Real seconds to wait for the subscriptions to come to rest before giving up.
 SETTLE_TIMEOUT_SECONDS = 120.0
 
@@ -127,12 +146,14 @@ async def run_scenario(
     database_url: str | None = None,
     test_server_path: str | None = None,
     progress: ProgressCallback | None = None,
+    inspect: InspectCallback | None = None,
 ) -> Timeline:
     """Run ``scenario`` from its start to its horizon and return the timeline.
 
     Starts its own time-skipping test server (its clock must be at or before the start).
     ``stripe_api_base``: a running localstripe to use (else one is started);
     ``database_url``: a migrated database to use (else a throwaway SQLite one).
+    ``inspect``: awaited with the simulation and its timeline while the stack still runs.
     Raises ScenarioError for a scenario the engine refuses (e.g. a start in the past).
     """
     async with contextlib.AsyncExitStack() as stack:
@@ -152,6 +173,10 @@ async def run_scenario(
         if local_stripe is not None:
             stripe_api_base = (await local_stripe).url
         assert stripe_api_base is not None
+        # The bank's reports (stolen, lost) are answers localstripe cannot give: a wrapper of
+        # the gateway gives them, which needs the payments worker in this process.
+        reports = BankReports()
+        reporting = any(a.kind in HARD_DECLINE_ACTIONS for a in scenario.timeline)
         harness = await stack.enter_async_context(
             BillingHarness(
                 env,
@@ -165,10 +190,18 @@ async def run_scenario(
                 # Many subscriptions keep one process's interpreter busy: the charges then run
                 # in a second process, on the other core. One subscription is a single chain
                 # of steps, which a second process would not shorten.
-                payments_processes=1 if len(scenario.subscriptions) > 1 else 0,
+                payments_processes=1 if len(scenario.subscriptions) > 1 and not reporting else 0,
+                wrap_gateway=(lambda inner: ReportingGateway(inner, reports))
+                if reporting
+                else None,
             )
         )
-        return await Simulation(harness, scenario, progress=progress).run()
+        simulation = Simulation(harness, scenario, progress=progress, reports=reports)
+        stack.push_async_callback(simulation.close)
+        timeline = await simulation.run()
+        if inspect is not None:
+            await inspect(simulation, timeline)
+        return timeline
 
 
 async def _finished(future: asyncio.Future[Any]) -> None:
@@ -219,6 +252,22 @@ class _RawAction:
     detail: str = ""
     #: Invoice ids mentioned by the detail, to show by their timeline numbers.
     invoice_ids: list[str] = field(default_factory=list)
+    #: A webhook delivery: its instant and name ("webhook"), instead of the action's.
+    at: datetime | None = None
+    name: str | None = None
+
+
+@dataclass
+class _Delivery:
+    """A provider event the simulation delivers to the webhook endpoint at ``at``."""
+
+    at: datetime
+    #: Tiebreak: deliveries due at the same minute go in the order they were scheduled.
+    order: int
+    event: dict[str, Any]
+    #: The action that caused it (its instant is the event's ``created``).
+    cause: Action
+    again: bool = False
 
 
 class Simulation:
@@ -230,8 +279,14 @@ class Simulation:
         scenario: Scenario,
         *,
         progress: ProgressCallback | None = None,
+        reports: BankReports | None = None,
     ) -> None:
         self.harness = harness
+        self.reports = reports if reports is not None else BankReports()
+        self.webhooks = WebhookEndpoint(harness.deps, harness.client)
+        self.deliveries: list[_Delivery] = []
+        #: Provider events already scheduled for delivery (ids), so each is found once.
+        self._events_seen: set[str] = set()
         self.env: WorkflowEnvironment = harness.env
         self.client: Client = harness.client
         self.scenario = scenario
@@ -256,7 +311,20 @@ class Simulation:
         await self.harness.advance_to(s.start)
         await self._sign_up()
         await self._settle()
-        for action in s.timeline:
+        actions = list(s.timeline)
+        while actions or self.deliveries:
+            delivery = min(self.deliveries, key=lambda d: (d.at, d.order), default=None)
+            # A webhook due at an action's minute is delivered after that minute's actions.
+            if delivery is not None and (not actions or delivery.at < actions[0].at):
+                self.deliveries.remove(delivery)
+                if delivery.at > s.horizon:
+                    continue  # delivered after the simulation ends
+                await self._advance_to(delivery.at + ACTION_OFFSET)
+                await self._settle()
+                await self._deliver(delivery)
+                await self._settle()
+                continue
+            action = actions.pop(0)
             await self._advance_to(action.at + ACTION_OFFSET)
             await self._settle()
             await self._apply(action)
@@ -266,6 +334,9 @@ class Simulation:
         if self.progress is not None:
             self.progress(s.horizon)
         return await self._timeline()
+
+    async def close(self) -> None:
+        await self.webhooks.close()
 
     # ------------------------------------------------------------------------ time --------
 
@@ -346,6 +417,23 @@ class Simulation:
 
     async def _apply(self, action: Action) -> None:
         h = self.harness
+        if action.kind in HARD_DECLINE_ACTIONS:
+            assert self.customer_id is not None
+            code = HARD_DECLINE_ACTIONS[action.kind]
+            # The card on file becomes one localstripe declines; the gateway wrapper reports
+            # its declines with the bank's code (see billing.simulate.provider).
+            pm = await h.to_thread_switch_card(self.customer_id, DECLINES_AFTER_ATTACH)
+            self.reports.codes[pm] = code
+            self.actions.append(
+                _RawAction(action, None, "applied", f"every charge is declined ({code})")
+            )
+            return
+        if action.kind == ActionKind.AUTHENTICATE:
+            await self._authenticate(action)
+            return
+        if action.kind == ActionKind.CHANGE_CARD_AT_PROVIDER:
+            await self._change_card_at_provider(action)
+            return
         if action.kind in CARD_ACTIONS:
             assert self.customer_id is not None
             behaviour = CARD_ACTIONS[action.kind]
@@ -437,6 +525,140 @@ class Simulation:
                 record.detail += "; the open invoice is retried at once"
         return record
 
+    # ------------------------------------------------------------------------ webhooks ----
+
+    async def _authenticate(self, action: Action) -> None:
+        """The customer passes (or fails) 3-D Secure on each payment waiting for it, at the
+        provider; a success's payment_intent.succeeded goes to the webhook endpoint."""
+        h = self.harness
+        waiting: list[tuple[_Live, str]] = []
+        for target in self._targets(action):
+            snap = h.snapshot(target.subscription_id)
+            for invoice in snap.invoices:
+                attempts = snap.attempts[invoice.id]
+                if invoice.status != InvoiceStatus.OPEN or not attempts:
+                    continue
+                last = attempts[-1]
+                if last.status == AttemptStatus.REQUIRES_ACTION and last.stripe_payment_intent_id:
+                    waiting.append((target, last.stripe_payment_intent_id))
+        if not waiting:
+            self.actions.append(
+                _RawAction(
+                    action, action.subscription, "refused", "no payment waits for authentication"
+                )
+            )
+            return
+        for target, intent_id in waiting:
+            status = await asyncio.to_thread(self._authenticate_at_provider, intent_id, action)
+            record = _RawAction(action, target.name, "applied" if status else "refused")
+            if status is None:
+                record.detail = "the payment no longer waits for authentication"
+            elif not action.success:
+                record.detail = f"authentication failed; the payment is {status}"
+            else:
+                record.detail = f"authenticated; the payment is {status}"
+                event = await asyncio.to_thread(
+                    find_event,
+                    h.stripe,
+                    "payment_intent.succeeded",
+                    intent_id,
+                    skip=self._events_seen,
+                )
+                if event is not None:
+                    self._schedule(event, action)
+            self.actions.append(record)
+
+    def _authenticate_at_provider(self, intent_id: str, action: Action) -> str | None:
+        """localstripe's 3-D Secure step (``POST /v1/payment_intents/{id}/_authenticate``,
+        with the intent's client secret, as Stripe.js would). The intent's status afterwards,
+        or None if it was no longer waiting for the customer."""
+        client = self.harness.stripe
+        intent = client.v1.payment_intents.retrieve(intent_id)
+        if intent.status != "requires_action":
+            return None
+        client.raw_request(
+            "post",
+            f"/v1/payment_intents/{intent_id}/_authenticate",
+            client_secret=intent.client_secret,
+            success="true" if action.success else "false",
+        )
+        return str(client.v1.payment_intents.retrieve(intent_id).status)
+
+    async def _change_card_at_provider(self, action: Action) -> None:
+        """The customer makes a new card the default at the provider; its customer.updated
+        goes to the webhook endpoint."""
+        h = self.harness
+        assert self.customer_id is not None
+        try:
+            pm = await h.to_thread_switch_card(self.customer_id, CARD_NUMBERS[action.card])
+        except (PaymentMethodRejected, stripe.StripeError):
+            # The provider's message names random ids; the timeline stays stable without them.
+            self.actions.append(
+                _RawAction(
+                    action,
+                    None,
+                    "refused",
+                    f"the provider refused the {action.card.value} card at attach",
+                )
+            )
+            return
+        provider_customer_id = self._provider_customer_id()
+        event = await asyncio.to_thread(
+            find_event,
+            h.stripe,
+            "customer.updated",
+            provider_customer_id,
+            skip=self._events_seen,
+            match=lambda obj: (
+                (obj.get("invoice_settings") or {}).get("default_payment_method") == pm
+            ),
+        )
+        self.actions.append(
+            _RawAction(action, None, "applied", f"new default card ({action.card.value})")
+        )
+        if event is not None:
+            self._schedule(event, action)
+
+    def _provider_customer_id(self) -> str:
+        assert self.customer_id is not None
+        with unit_of_work(self.harness.session_factory) as session:
+            customer = customers_repo.get_customer(session, self.customer_id)
+        assert customer is not None and customer.stripe_customer_id is not None
+        return customer.stripe_customer_id
+
+    def _schedule(self, event: dict[str, Any], action: Action) -> None:
+        self._events_seen.add(str(event["id"]))
+        first = _Delivery(
+            action.at + timedelta(minutes=action.webhook_delay_minutes),
+            len(self.deliveries) + len(self.actions),
+            event,
+            action,
+        )
+        self.deliveries.append(first)
+        if action.webhook_redelivery_minutes is not None:
+            self.deliveries.append(
+                dataclasses.replace(
+                    first,
+                    at=action.at + timedelta(minutes=action.webhook_redelivery_minutes),
+                    order=first.order + 1,
+                    again=True,
+                )
+            )
+
+    async def _deliver(self, delivery: _Delivery) -> None:
+        verdict = await self.webhooks.deliver(delivery.event, delivery.cause.at)
+        again = ", again" if delivery.again else ""
+        self.actions.append(
+            _RawAction(
+                delivery.cause,
+                None,
+                "delivered",
+                f"{delivery.event['type']} of timeline[{delivery.cause.index}]{again}: {verdict}",
+                at=delivery.at,
+                name="webhook",
+            )
+        )
+
     async def _has_ended(self, target: _Live) -> bool:
         description = await self.client.get_workflow_handle(target.workflow_id).describe()
         return description.status != WorkflowExecutionStatus.RUNNING
@@ -468,9 +690,10 @@ class Simulation:
                 occurred.append((instant, (live.index, 0, n), item))
         actions = []
         for n, raw in enumerate(self.actions):
+            at = raw.at or raw.action.at
             record = ActionRecord(
-                at=raw.action.at,
-                action=raw.action.kind.value,
+                at=at,
+                action=raw.name or raw.action.kind.value,
                 subscription=raw.subscription,
                 outcome=raw.outcome,
                 detail=sanitize(
@@ -478,7 +701,7 @@ class Simulation:
                 ),
             )
             actions.append(record)
-            occurred.append((raw.action.at + ACTION_OFFSET, (-1, 1, n), record))
+            occurred.append((at + ACTION_OFFSET, (-1, 1, n), record))
         sequence = {id(item): n for n, (_, _, item) in enumerate(sorted(occurred, key=_order))}
 
         def placed(item: _T) -> _T:
@@ -605,4 +828,4 @@ class _Sanitizer:
         )
 
 
-__all__ = ["ProgressCallback", "Simulation", "SimulationError", "run_scenario"]
+__all__ = ["InspectCallback", "ProgressCallback", "Simulation", "SimulationError", "run_scenario"]

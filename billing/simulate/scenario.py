@@ -63,6 +63,14 @@ class CardBehaviour(StrEnum):
     DECLINES = "declines"
     #: Every charge needs 3-D Secure authentication by the customer (…3155).
     REQUIRES_AUTHENTICATION = "requires_authentication"
+    #: A card reported stolen (…9979): the provider refuses it when it is attached.
+    STOLEN = "stolen"
+    #: A card reported lost (…9987): the provider refuses it when it is attached.
+    LOST = "lost"
+
+
+#: Cards the provider refuses at attach: a scenario cannot start with one.
+CARDS_REFUSED_AT_ATTACH = frozenset({CardBehaviour.STOLEN, CardBehaviour.LOST})
 
 
 class ActionKind(StrEnum):
@@ -77,6 +85,16 @@ class ActionKind(StrEnum):
     CANCEL = "cancel"
     PAUSE = "pause"
     RESUME = "resume"
+    #: The bank reports the card on file stolen: every charge is a hard decline (stolen_card).
+    CARD_REPORTED_STOLEN = "card_reported_stolen"
+    #: The bank reports the card on file lost: every charge is a hard decline (lost_card).
+    CARD_REPORTED_LOST = "card_reported_lost"
+    #: The customer completes (or fails) 3-D Secure on the payment waiting for it; the
+    #: provider's payment_intent.succeeded reaches the webhook endpoint.
+    AUTHENTICATE = "authenticate"
+    #: The customer changes the default card at the provider (e.g. Stripe's customer portal);
+    #: the provider's customer.updated reaches the webhook endpoint.
+    CHANGE_CARD_AT_PROVIDER = "change_card_at_provider"
 
 
 #: Actions the issue foresees that the billing engine does not offer yet.
@@ -90,6 +108,16 @@ CARD_ACTIONS: Mapping[ActionKind, CardBehaviour] = {
     ActionKind.CARD_NEEDS_AUTHENTICATION: CardBehaviour.REQUIRES_AUTHENTICATION,
     ActionKind.CARD_RECOVERS: CardBehaviour.SUCCEEDS,
 }
+#: Actions whose bank answers localstripe cannot give: a charge of the card on file is
+#: declined with this decline code (a hard decline) instead of localstripe's card_declined.
+HARD_DECLINE_ACTIONS: Mapping[ActionKind, str] = {
+    ActionKind.CARD_REPORTED_STOLEN: "stolen_card",
+    ActionKind.CARD_REPORTED_LOST: "lost_card",
+}
+#: Actions whose news reaches the engine as a provider webhook (and take delivery fields).
+WEBHOOK_ACTIONS = frozenset({ActionKind.AUTHENTICATE, ActionKind.CHANGE_CARD_AT_PROVIDER})
+#: Longest delay of a webhook delivery: Stripe retries a failing endpoint for three days.
+MAX_WEBHOOK_DELAY_MINUTES = 3 * 24 * 60
 #: Actions that change one subscription (and need to know which, when there are several).
 SUBSCRIPTION_ACTIONS = frozenset({ActionKind.CANCEL, ActionKind.PAUSE, ActionKind.RESUME})
 
@@ -128,6 +156,13 @@ class Action:
     #: cancel: at the end of the paid period (True) or immediately (False).
     at_period_end: bool = True
     reason: str = ""
+    #: authenticate: whether the customer passes the bank's check.
+    success: bool = True
+    #: Webhook actions: minutes between the action and the webhook's delivery.
+    webhook_delay_minutes: int = 0
+    #: Webhook actions: minutes after the action at which the same event is delivered again
+    #: (Stripe's redelivery); None: delivered once.
+    webhook_redelivery_minutes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -372,6 +407,21 @@ PLAN_FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("dunning", {"$ref": "#/$defs/dunning"}, "The plan's own dunning policy."),
 )
 
+_WEBHOOK_FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec(
+        "webhook_delay_minutes",
+        {"type": "integer", "minimum": 0, "maximum": MAX_WEBHOOK_DELAY_MINUTES},
+        "Minutes between the action and the delivery of its webhook (default 0). Later "
+        "actions may overtake it: out-of-order delivery.",
+    ),
+    FieldSpec(
+        "webhook_redelivery_minutes",
+        {"type": "integer", "minimum": 0, "maximum": MAX_WEBHOOK_DELAY_MINUTES},
+        "The same event is delivered a second time, this many minutes after the action "
+        "(Stripe redelivers events).",
+    ),
+)
+
 _ACTION_COMMON: tuple[FieldSpec, ...] = (
     FieldSpec("at", _INSTANT, "When it happens.", required=True),
     FieldSpec("action", {"type": "string"}, "What happens.", required=True),
@@ -401,6 +451,26 @@ ACTION_FIELDS: Mapping[ActionKind, tuple[FieldSpec, ...]] = {
     ),
     ActionKind.PAUSE: (_REASON, _TARGET),
     ActionKind.RESUME: (_REASON, _TARGET),
+    ActionKind.CARD_REPORTED_STOLEN: (),
+    ActionKind.CARD_REPORTED_LOST: (),
+    ActionKind.AUTHENTICATE: (
+        FieldSpec(
+            "success",
+            {"type": "boolean"},
+            "true (default): the customer passes 3-D Secure and the payment succeeds; false: "
+            "the check fails and the payment needs a new card.",
+        ),
+        dataclasses.replace(
+            _TARGET,
+            description="The subscription whose pending payment is authenticated; default: "
+            "every payment waiting for authentication.",
+        ),
+        *_WEBHOOK_FIELDS,
+    ),
+    ActionKind.CHANGE_CARD_AT_PROVIDER: (
+        FieldSpec("card", _CARD, "How the new card behaves (default succeeds)."),
+        *_WEBHOOK_FIELDS,
+    ),
 }
 
 ACTION_DESCRIPTIONS: Mapping[ActionKind, str] = {
@@ -416,6 +486,16 @@ ACTION_DESCRIPTIONS: Mapping[ActionKind, str] = {
     ActionKind.PAUSE: "Pause: nothing is billed until a resume (refused while an invoice is "
     "unpaid).",
     ActionKind.RESUME: "Resume: billing restarts at the anchor's next date.",
+    ActionKind.CARD_REPORTED_STOLEN: "The bank reports the card on file stolen: every charge "
+    "is a hard decline (stolen_card); no retries until the card changes.",
+    ActionKind.CARD_REPORTED_LOST: "The bank reports the card on file lost: every charge is a "
+    "hard decline (lost_card); no retries until the card changes.",
+    ActionKind.AUTHENTICATE: "The customer completes 3-D Secure on the payment waiting for "
+    "it (at the provider); the provider's payment_intent.succeeded goes to the webhook "
+    "endpoint.",
+    ActionKind.CHANGE_CARD_AT_PROVIDER: "The customer makes a new card the default at the "
+    "provider (e.g. Stripe's customer portal); the provider's customer.updated goes to the "
+    "webhook endpoint.",
 }
 
 
@@ -464,7 +544,8 @@ def scenario_json_schema() -> dict[str, Any]:
             "card": {
                 "enum": [c.value for c in CardBehaviour],
                 "description": "succeeds; declines (attaches, then every charge is declined); "
-                "requires_authentication (every charge needs 3-D Secure).",
+                "requires_authentication (every charge needs 3-D Secure); stolen, lost (the "
+                "provider refuses the card at attach).",
             },
             "subscription": _object_schema(SUBSCRIPTION_FIELDS, "A subscription."),
             "plan": _object_schema(PLAN_FIELDS, "A plan written out in the scenario."),
@@ -502,6 +583,13 @@ def parse_scenario(data: object, *, default_name: str = "scenario") -> Scenario:
     horizon = _parse_instant_at(root["horizon"], zone, ("horizon",))
     _check_horizon(start, horizon, ("horizon",))
     card = _card(root.get("card", CardBehaviour.SUCCEEDS.value), ("card",))
+    if card in CARDS_REFUSED_AT_ATTACH:
+        raise ScenarioError(
+            ("card",),
+            f"a {card.value} card is refused by the provider when it is attached, so the "
+            "customer cannot sign up with it; start with another card and use "
+            f"card_reported_{card.value} in the timeline",
+        )
     dunning = _dunning(root["dunning"], ("dunning",)) if "dunning" in root else None
     subscriptions = _subscriptions(root["subscriptions"], start, timezone, zone, dunning)
     timeline = _timeline(root.get("timeline", []), start, horizon, zone, subscriptions)
@@ -700,6 +788,31 @@ def _timeline(
             action = dataclasses.replace(action, at_period_end=value)
         if "reason" in obj:
             action = dataclasses.replace(action, reason=_string(obj["reason"], (*here, "reason")))
+        if "success" in obj:
+            value = obj["success"]
+            if not isinstance(value, bool):
+                raise ScenarioError((*here, "success"), f"must be true or false; got {value!r}")
+            action = dataclasses.replace(action, success=value)
+        if "webhook_delay_minutes" in obj:
+            action = dataclasses.replace(
+                action,
+                webhook_delay_minutes=_whole(
+                    obj["webhook_delay_minutes"],
+                    (*here, "webhook_delay_minutes"),
+                    0,
+                    MAX_WEBHOOK_DELAY_MINUTES,
+                ),
+            )
+        if "webhook_redelivery_minutes" in obj:
+            action = dataclasses.replace(
+                action,
+                webhook_redelivery_minutes=_whole(
+                    obj["webhook_redelivery_minutes"],
+                    (*here, "webhook_redelivery_minutes"),
+                    0,
+                    MAX_WEBHOOK_DELAY_MINUTES,
+                ),
+            )
         actions.append(action)
     return tuple(actions)
 
@@ -916,10 +1029,14 @@ def _line_of(root: yaml.Node, path: Sequence[str | int]) -> int | None:
 
 __all__ = [
     "ACTION_FIELDS",
+    "CARDS_REFUSED_AT_ATTACH",
     "CARD_ACTIONS",
+    "HARD_DECLINE_ACTIONS",
+    "MAX_WEBHOOK_DELAY_MINUTES",
     "PLAN_FIELDS",
     "SCENARIO_FIELDS",
     "SUBSCRIPTION_ACTIONS",
+    "WEBHOOK_ACTIONS",
     "Action",
     "ActionKind",
     "CardBehaviour",

@@ -10,7 +10,9 @@ import stripe
 __all__ = [
     "DECLINED_AT_ATTACH",
     "DECLINES_AFTER_ATTACH",
+    "LOST",
     "REQUIRES_AUTHENTICATION",
+    "STOLEN",
     "SUCCEEDS",
     "create_card_payment_method",
 ]
@@ -23,6 +25,11 @@ DECLINES_AFTER_ATTACH: Final = "4000000000000341"
 DECLINED_AT_ATTACH: Final = "4000000000000002"
 #: Needs 3-D Secure authentication (SCA); off-session charges need the customer.
 REQUIRES_AUTHENTICATION: Final = "4000002500003155"
+#: Stripe's stolen_card test card. localstripe (1.15) refuses it at attach (card_declined,
+#: no decline code); it never gets to be charged there.
+STOLEN: Final = "4000000000009979"
+#: Stripe's lost_card test card; localstripe refuses it at attach, like STOLEN.
+LOST: Final = "4000000000009987"
 
 
 def create_card_payment_method(client: stripe.StripeClient, number: str) -> str:

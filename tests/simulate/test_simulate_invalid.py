@@ -93,7 +93,22 @@ CASES = {
         VALID.replace("action: card_recovers", "action: card_recover"),
         "scenario.yaml:10: timeline[1].action: unknown action 'card_recover' (did you mean "
         "'card_recovers'?); actions: card_starts_failing, card_needs_authentication, "
-        "card_recovers, update_card, cancel, pause, resume",
+        "card_recovers, update_card, cancel, pause, resume, card_reported_stolen, "
+        "card_reported_lost, authenticate, change_card_at_provider",
+    ),
+    "stolen card at the start": (
+        VALID.replace("start: ", "card: stolen\nstart: ", 1),
+        "scenario.yaml:2: card: a stolen card is refused by the provider when it is attached, "
+        "so the customer cannot sign up with it; start with another card and use "
+        "card_reported_stolen in the timeline",
+    ),
+    "bad webhook delay": (
+        VALID.replace(
+            "    action: card_recovers\n",
+            "    action: authenticate\n    webhook_delay_minutes: -5\n",
+        ),
+        "scenario.yaml:11: timeline[1].webhook_delay_minutes: must be a whole number from 0 to "
+        "4320; got -5",
     ),
     "bad inline plan": (
         VALID.replace(
