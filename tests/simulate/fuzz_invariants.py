@@ -19,18 +19,12 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import WorkflowExecutionStatus
 
+from billing.dunning import MIN_AUTOMATIC_RETRY_SPACING
 from billing.invoices import InvoiceStatus
 from billing.records import AttemptStatus
 from billing.simulate.runner import Simulation
 from billing.simulate.timeline import Timeline
 from billing.testing.harness import BillingSnapshot
-
-try:  # The lead's dunning module exports it once the retry-spacing fix lands.
-    from billing.dunning import (  # type: ignore[attr-defined]
-        MIN_AUTOMATIC_RETRY_SPACING,
-    )
-except ImportError:  # TODO(issue 11): drop once billing.dunning exports the constant.
-    MIN_AUTOMATIC_RETRY_SPACING = timedelta(hours=20)
 
 #: Attempts the engine makes on its own; every other reason is the customer's own action
 #: (a new card, an authentication), which may retry sooner.
@@ -125,19 +119,21 @@ def _provider(
 
 
 def _spacing(name: str, snap: BillingSnapshot) -> list[str]:
+    """An automatic attempt keeps the minimum spacing from the invoice's previous attempt,
+    whatever caused that one: only the customer's own action may come sooner."""
     problems = []
     for invoice in snap.invoices:
-        automatic = sorted(
-            (a for a in snap.attempts[invoice.id] if a.reason in AUTOMATIC_REASONS),
-            key=lambda a: a.created_at,
-        )
-        for before, after in itertools.pairwise(automatic):
+        attempts = sorted(snap.attempts[invoice.id], key=lambda a: a.created_at)
+        for before, after in itertools.pairwise(attempts):
+            if after.reason not in AUTOMATIC_REASONS:
+                continue
             gap = after.created_at - before.created_at
             if gap < MIN_AUTOMATIC_RETRY_SPACING:
                 problems.append(
                     f"[retry-spacing] {name} {invoice.number}: automatic attempt "
                     f"#{after.attempt_number} ({after.reason}) {_fmt(gap)} after "
-                    f"#{before.attempt_number} (minimum {_fmt(MIN_AUTOMATIC_RETRY_SPACING)})"
+                    f"#{before.attempt_number} ({before.reason}; minimum "
+                    f"{_fmt(MIN_AUTOMATIC_RETRY_SPACING)})"
                 )
     return problems
 

@@ -43,12 +43,6 @@ CI_SCENARIOS = 40
 SCENARIOS = int(os.environ.get("BILLING_FUZZ_SCENARIOS", CI_SCENARIOS))
 LONG_SEARCH = "BILLING_FUZZ_SCENARIOS" in os.environ
 
-#: What fails on today's code (issue 11); the lead enables strict runs once the fixes land.
-TODAY = (
-    "issue 11: today's workflow breaks retry-spacing (bursts after a blocked invoice gets a "
-    "failing new card) and other invariants; see examples/regressions/"
-)
-
 # ---- scenarios -------------------------------------------------------------------------------
 
 #: Far enough ahead that the time-skipping server's clock (the real time) is before them.
@@ -212,7 +206,6 @@ def _fuzz(localstripe: LocalStripe, data: st.DataObject) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(LONG_SEARCH, reason="the long search runs instead (test_search)")
-@pytest.mark.xfail(strict=False, reason=TODAY)
 @settings(
     max_examples=CI_SCENARIOS,
     derandomize=True,
@@ -242,7 +235,6 @@ def test_search(localstripe: LocalStripe, data: st.DataObject) -> None:
 REGRESSION_FILES = sorted(REGRESSIONS.glob("*.yaml"))
 
 
-@pytest.mark.xfail(strict=False, reason=TODAY)
 @pytest.mark.parametrize("path", REGRESSION_FILES, ids=[p.stem for p in REGRESSION_FILES])
 def test_regression(localstripe: LocalStripe, path: Path) -> None:
     """Each scenario the fuzzer found keeps every invariant."""
