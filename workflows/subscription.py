@@ -175,20 +175,41 @@ async def _db_activity(name: str, arg: object, result_type: type[_R], *, local: 
 
 
 async def _provider_activity(
-    name: str, arg: object, result_type: type[_R], *, task_queue: str | None
+    name: str,
+    arg: object,
+    result_type: type[_R],
+    *,
+    task_queue: str | None,
+    give_up: timedelta = _PROVIDER_GIVE_UP,
 ) -> _R:
     """``task_queue``: the rate-capped payments queue from the workflow input (None: the
-    workflow's own queue, for runs started before it existed)."""
+    workflow's own queue, for runs started before it existed). ``give_up``: how long retries
+    of a transient fault go on."""
     result: _R = await workflow.execute_activity(
         name,
         arg,
         result_type=result_type,
         task_queue=task_queue,
         start_to_close_timeout=_PROVIDER_TIMEOUT,
-        schedule_to_close_timeout=_PROVIDER_GIVE_UP,
+        schedule_to_close_timeout=give_up,
         retry_policy=_PROVIDER_RETRY,
     )
     return result
+
+
+#: An immediate cancel waits this long for the provider to settle or cancel the open invoice's
+#: payment; then it is refused (nothing changed) and the caller can try again, instead of
+#: waiting out a provider outage.
+CANCEL_PAYMENT_GIVE_UP = timedelta(minutes=2)
+
+
+def _refused_by_provider(error: ActivityError) -> ApplicationError | None:
+    """The provider's (or our records') refusal a retry cannot fix, if that is what failed the
+    activity (None for a timeout or retries running out on a transient fault)."""
+    cause = error.cause
+    if isinstance(cause, ApplicationError) and cause.non_retryable:
+        return cause
+    return None
 
 
 #: A change a handler accepted: one of the update or signal inputs, typed.
@@ -243,6 +264,9 @@ PATCH_CARD_NEWS_WITHOUT_PROVIDER_WRITE = "card-news-without-provider-write"
 PATCH_CARD_TO_SIBLINGS = "card-change-to-siblings"
 #: The database steps of an accepted change are ordinary activities (see ``_db_activity``).
 PATCH_CHANGE_STEPS_NOT_LOCAL = "change-steps-not-local"
+#: A charge the provider refuses for good (bad key, invalid request) parks the subscription
+#: for an operator instead of being re-sent every hour unseen.
+PATCH_PARK_ON_PROVIDER_REFUSAL = "park-on-provider-refusal"
 
 
 @dataclass
@@ -473,9 +497,17 @@ class SubscriptionWorkflow:
                 )
                 break
             except ActivityError as error:
-                # The provider was unreachable or misconfigured for the activity's whole
-                # window. The same attempt (same key) is re-driven after a pause, applying
-                # changes meanwhile: its outcome is unknown, so it is never replaced.
+                refused = _refused_by_provider(error)
+                if refused is not None and workflow.patched(PATCH_PARK_ON_PROVIDER_REFUSAL):
+                    # Retrying cannot fix it: an operator must (the attempt stays as it is;
+                    # resuming re-drives it under its own key).
+                    raise _Parked(
+                        f"charge invoice {inv.number}",
+                        f"{refused.type or 'ApplicationError'}: {refused.message}",
+                    ) from error
+                # The provider was unreachable for the activity's whole window. The same
+                # attempt (same key) is re-driven after a pause, applying changes meanwhile:
+                # its outcome is unknown, so it is never replaced.
                 workflow.logger.error(
                     "charge of invoice %s attempt %d failed: %s; retrying the same attempt in %s",
                     inv.invoice_id,
@@ -618,7 +650,12 @@ class SubscriptionWorkflow:
             )
 
     async def _close_invoice(
-        self, inv: OpenInvoice, status: InvoiceStatus, reason: str
+        self,
+        inv: OpenInvoice,
+        status: InvoiceStatus,
+        reason: str,
+        *,
+        give_up: timedelta = _PROVIDER_GIVE_UP,
     ) -> CloseInvoiceResult | None:
         """Void or write off the open invoice. First its payment is settled or canceled at the
         provider: an attempt whose outcome is unknown is resolved, a success is recorded (None
@@ -630,6 +667,7 @@ class SubscriptionWorkflow:
                 CancelInvoicePaymentInput(invoice_id=inv.invoice_id, reason=reason),
                 CancelInvoicePaymentResult,
                 task_queue=self._payments_task_queue,
+                give_up=give_up,
             )
             if payment.paid:
                 await self._paid(inv, payment.attempt_number)
@@ -704,9 +742,22 @@ class SubscriptionWorkflow:
                 voided = None
                 if s.open_invoice is not None:
                     inv = s.open_invoice
-                    closed = await self._close_invoice(
-                        inv, InvoiceStatus.VOID, "subscription_canceled"
-                    )
+                    try:
+                        closed = await self._close_invoice(
+                            inv,
+                            InvoiceStatus.VOID,
+                            "subscription_canceled",
+                            give_up=CANCEL_PAYMENT_GIVE_UP,
+                        )
+                    except ActivityError as error:
+                        # Never void an invoice whose payment the provider could not account
+                        # for: it may have taken the money. Nothing has changed; say so.
+                        raise ChangeRefused(
+                            f"subscription {s.subscription_id} was not canceled: the payment "
+                            f"of invoice {inv.number} could not be settled or canceled at the "
+                            f"payment provider ({_describe_failure(error)}); nothing was "
+                            "changed, try again later"
+                        ) from error
                     voided = None if closed is None or closed.was_paid else inv.invoice_id
                     s.open_invoice = None
                 await self._end(ended_at=now, reason=change.reason or "canceled")
