@@ -99,12 +99,19 @@ _R = TypeVar("_R")
     dependencies=[require_scope("signup"), Depends(require_json_body)],
     responses={
         200: {"model": SignupOut, "description": "Replayed: same Idempotency-Key and body."},
+        202: {
+            "model": SignupOut,
+            "description": "Recorded (status 'pending'), but the workflow service did not "
+            "confirm its start; it is started within minutes. Do not sign up again: a retry "
+            "with the same Idempotency-Key shows it.",
+        },
         **error_responses(400, 401, 402, 403, 409, 413, 415, 422, 503),
     },
     summary="Start a subscription",
 )
 async def create_subscription(
     body: SignupIn,
+    request: Request,
     response: Response,
     signups: Annotated[SignupService, Depends(get_signups)],
     idempotency_key: Annotated[
@@ -130,6 +137,7 @@ async def create_subscription(
             "such as a UUID",
             field="Idempotency-Key",
         )
+    caller: Caller | None = getattr(request.state, "caller", None)
     customer = body.customer
     result = await signups.start_subscription(
         SignupRequest(
@@ -148,9 +156,16 @@ async def create_subscription(
             else None,
             trial_days=body.trial_days,
             idempotency_key=idempotency_key,
+            # Keys are the sending API key's own, as Stripe's are the account's.
+            idempotency_scope=caller.key_id if caller else "",
         )
     )
-    if not result.created:
+    if result.created and not result.workflow_started:
+        response.status_code = 202
+        logger.warning(
+            "subscription %s recorded; workflow start unconfirmed", result.subscription_id
+        )
+    elif not result.created:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
     else:
