@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
 from sqlalchemy import ColumnElement, and_, delete, insert, or_, select, update
@@ -19,8 +20,12 @@ def insert_subscription(
     """Insert ``record``; ``(existing, False)`` if its id, workflow id or signup idempotency
     key is already taken by a subscription (a retried signup).
 
-    The caller compares ``signup_request_hash`` to tell a retry from a reused key.
+    The caller compares ``signup_request_hash`` to tell a retry from a reused key. A keyed
+    record without a scope is stored in-process (scope ""): NULL is kept for keys stored
+    before scoping, and a NULL would let the unique (scope, key) constraint admit a twin.
     """
+    if record.signup_idempotency_key is not None and record.signup_key_scope is None:
+        record = replace(record, signup_key_scope="")
 
     def existing() -> SubscriptionRecord | None:
         conditions = [SUBSCRIPTIONS.c.id == record.id]

@@ -68,9 +68,7 @@ async def parallel_signups(
     return responses
 
 
-async def assert_one_customer_everywhere(
-    api: Api, external_id: str, email: str, card: str
-) -> str:
+async def assert_one_customer_everywhere(api: Api, external_id: str, email: str, card: str) -> str:
     rows = customers_with_external_id(api.harness, external_id)
     assert len(rows) == 1, rows
     at_provider = await asyncio.to_thread(provider_customers, api.harness, email)
@@ -169,7 +167,6 @@ async def test_the_same_idempotency_key_from_two_api_keys_is_two_signups(
     transport = httpx.ASGITransport(app=app)
     tag = uuid.uuid4().hex[:10]
     async with httpx.AsyncClient(transport=transport, base_url="http://billing.test") as http:
-
         cards = {key: await harness.to_thread_card(SUCCEEDS) for key in ("a", "b")}
 
         async def signup(api_key: str, who: str) -> httpx.Response:
@@ -200,9 +197,7 @@ async def test_the_same_idempotency_key_from_two_api_keys_is_two_signups(
         assert again.status_code == 200, again.text
         assert again.json()["id"] == second.json()["id"]
         with harness.session_factory() as session:
-            stored = session.scalar(
-                select(func.count()).select_from(models.SubscriptionRow)
-            )
+            stored = session.scalar(select(func.count()).select_from(models.SubscriptionRow))
             keys = list(session.scalars(select(models.SubscriptionRow.signup_idempotency_key)))
         assert stored == 2
         assert keys == ["order-1", "order-1"]
