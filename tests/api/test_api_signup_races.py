@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ from sqlalchemy import func, select
 
 from billing.api import create_app
 from billing.settings import ApiKey
+from billing.subscription import SubscriptionStatus
 from billing.testing.cards import SUCCEEDS
 from billing.testing.harness import BillingHarness
 from db import models
@@ -201,3 +203,86 @@ async def test_the_same_idempotency_key_from_two_api_keys_is_two_signups(
             keys = list(session.scalars(select(models.SubscriptionRow.signup_idempotency_key)))
         assert stored == 2
         assert keys == ["order-1", "order-1"]
+
+
+@BOTH_BACKENDS
+async def test_parallel_signups_with_new_cards_leave_one_default_card_both_sides(
+    api: Api,
+) -> None:
+    """Signups for one existing customer, each with its own new card: they take turns, so the
+    default card we record is the provider's default too."""
+    tag = uuid.uuid4().hex[:10]
+    first = await api.signed_up(card=SUCCEEDS, customer={"external_id": f"many-{tag}"})
+    customer_id = first["customer_id"]
+    cards = [await api.harness.to_thread_card(SUCCEEDS) for _ in range(8)]
+
+    async def one(card: str) -> httpx.Response:
+        body = {"plan": "basic-monthly", "payment_method_id": card, "customer_id": customer_id}
+        return await api.request("POST", "/v1/subscriptions", scope="signup", json=body)
+
+    responses = list(await asyncio.gather(*(one(card) for card in cards)))
+    for response in responses:
+        if response.is_success:
+            await api.harness.track(response.json()["id"])
+    assert_no_server_errors(responses, {201, 409})
+
+    with api.harness.session_factory() as session:
+        customer = session.get(models.CustomerRow, customer_id)
+    assert customer is not None and customer.signup_lease_token is None
+    at_provider = await asyncio.to_thread(
+        api.harness.stripe.v1.customers.retrieve, customer.stripe_customer_id
+    )
+    assert at_provider.invoice_settings.default_payment_method == (
+        customer.default_payment_method_id
+    )
+    assert customer.default_payment_method_id in cards
+
+
+class UnconfirmedStart:
+    """The Temporal client, except that subscription workflow starts time out unanswered
+    (nothing starts), as when the service is overloaded."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    async def start_workflow(self, *args: Any, **kwargs: Any) -> Any:
+        from temporalio.service import RPCError, RPCStatusCode
+
+        raise RPCError("deadline exceeded", RPCStatusCode.DEADLINE_EXCEEDED, b"")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+async def test_an_unconfirmed_start_answers_202_and_the_worker_sweeper_starts_it(
+    app: Any, api: Api
+) -> None:
+    from billing.signup_sweep import PendingSignupSweepInput
+    from billing.worker import ensure_signup_sweeper
+
+    app.state.signups.temporal = UnconfirmedStart(api.harness.client)
+    card = await api.harness.to_thread_card(SUCCEEDS)
+    response = await api.signup(idempotency_key="unconfirmed-1", payment_method_id=card)
+
+    # Recorded, not confirmed started: 202, pending; a retry with the key answers the same.
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["status"] == "pending"
+    assert not await workflow_exists(api.harness, body["id"])
+    again = await api.signup(idempotency_key="unconfirmed-1", payment_method_id=card)
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == body["id"] and again.json()["status"] == "pending"
+
+    sweeper = await ensure_signup_sweeper(
+        api.harness.client,
+        task_queue=api.harness.task_queue,
+        sweep=PendingSignupSweepInput(interval_s=60, grace_s=120),
+    )
+    try:
+        await api.harness.advance(timedelta(minutes=4))
+        view = await api.harness.wait_for(
+            body["id"], lambda v: v.invoices_issued == 1 and v.open_invoice is None
+        )
+        assert view.status == SubscriptionStatus.ACTIVE
+    finally:
+        await api.harness.client.get_workflow_handle(sweeper).terminate("test finished")
