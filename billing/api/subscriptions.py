@@ -126,9 +126,11 @@ async def create_subscription(
 ) -> SignupOut:
     """Validate, attach the card, record the customer and subscription, start its workflow.
 
-    A repeat with the same ``Idempotency-Key`` and the same body answers 200 with header
-    ``Idempotent-Replayed: true`` and the subscription as it is now; the same key with a
-    different body is 409.
+    A repeat with the same ``Idempotency-Key`` (from the same API key) and the same body
+    answers 200 with header ``Idempotent-Replayed: true`` and the subscription as it is now;
+    the same key with a different body is 409. Another signup for the same customer in
+    progress for too long is 409 ``signup_in_progress``. A start the workflow service did not
+    confirm answers 202 with status ``pending``: the sweeper starts it within minutes.
     """
     if idempotency_key is not None and contains_card_number(idempotency_key):
         # The key is stored with the subscription: no card number may ride in on it.
