@@ -13,16 +13,20 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from click.testing import Result
 from sqlalchemy import select, update
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
+from typer.testing import CliRunner
 
+from billing import cli
 from billing.invoices import InvoiceStatus
 from billing.signup import CustomerDetails, SignupRequest
 from billing.signup_sweep import PendingSignupSweepInput
 from billing.subscription import SubscriptionStatus
 from billing.testing.cards import SUCCEEDS
 from billing.testing.harness import BillingHarness
+from billing.testing.localstripe import LocalStripe
 from billing.worker import ensure_signup_sweeper
 from db import models
 from tests.conftest import BOTH_BACKENDS
@@ -268,3 +272,35 @@ async def test_the_worker_runs_the_sweeper_workflow(harness: BillingHarness) -> 
         assert description.status is not None and description.status.name == "RUNNING"
     finally:
         await harness.client.get_workflow_handle(sweeper_id).terminate("test finished")
+
+
+async def test_billing_signups_sweep_starts_a_pending_signup(
+    harness: BillingHarness, localstripe: LocalStripe
+) -> None:
+    card = await harness.to_thread_card(SUCCEEDS)
+    await harness.now()
+    flaky(harness, "crash")
+    with pytest.raises(Crash):
+        await harness.signups.start_subscription(request(card))
+    (sub_id,) = pending_ids(harness)
+    env = {
+        "BILLING_TEMPORAL_ADDRESS": harness.client.service_client.config.target_host,
+        "BILLING_TEMPORAL_CONNECT_TIMEOUT_S": "0",
+        "BILLING_DATABASE_URL": harness.database_url,
+        "BILLING_STRIPE_API_BASE": localstripe.url,
+        "BILLING_TASK_QUEUE": harness.task_queue,
+        "BILLING_PAYMENTS_TASK_QUEUE": harness.payments_task_queue,
+    }
+
+    def sweep() -> Result:
+        return CliRunner().invoke(cli.app, ["signups", "sweep", "--grace-seconds", "0"], env=env)
+
+    first = await asyncio.to_thread(sweep)
+    assert first.exit_code == 0, first.output
+    assert f"started   {sub_id}" in first.output
+    assert "1 started, 0 cleaned up, 0 left" in first.output
+    await assert_bills(harness, sub_id)
+
+    second = await asyncio.to_thread(sweep)
+    assert second.exit_code == 0, second.output
+    assert "0 started, 0 cleaned up, 0 left" in second.output
