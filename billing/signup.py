@@ -234,6 +234,19 @@ class SignupService:
                 report.failed.append((record.id, f"{type(error).__name__}: {error}"))
         return report
 
+    async def start_pending(self, subscription_id: str) -> bool:
+        """Start the workflow of a subscription recorded ``pending`` (what the sweeper does for
+        one row, without the grace period); False if it is not pending any more. Raises if it
+        can never start."""
+        try:
+            state = await asyncio.to_thread(self._state_from_db, subscription_id)
+        except _CannotStart as reason:
+            raise NotFound(f"subscription {subscription_id} cannot start: {reason}") from None
+        if state is None:
+            return False
+        await self._start_workflow(state)
+        return True
+
     # ---------------------------------------------------------------------------------------
 
     def _look_up(
