@@ -20,7 +20,6 @@ including the card it attached.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -30,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -226,7 +225,15 @@ class SignupService:
                     continue
                 if state is None:
                     continue  # its workflow reported in meanwhile
-                await self._start_workflow(state)
+                if not await self._start_workflow(state) and not await self._workflow_running(
+                    record.id
+                ):
+                    # Its one execution ended before it ever reported in (terminated by hand?):
+                    # the id cannot run again, and what it did is for a person to look at.
+                    report.failed.append(
+                        (record.id, "its workflow closed without reporting in; see its history")
+                    )
+                    continue
                 logger.info("pending signup %s: workflow started by the sweeper", record.id)
                 report.started.append(record.id)
             except Exception as error:  # one bad row must not stop the sweep
@@ -518,9 +525,10 @@ class SignupService:
             return replace(result, workflow_started=False)
         return result
 
-    async def _start_workflow(self, state: SubscriptionState) -> None:
-        # Already started (by the signup, a replay or a sweep) is success.
-        with contextlib.suppress(WorkflowAlreadyStartedError):
+    async def _start_workflow(self, state: SubscriptionState) -> bool:
+        """Start the subscription's workflow: True if this call started it, False if it was
+        started before (by the signup, a replay or a sweep), which is success too."""
+        try:
             await self.temporal.start_workflow(
                 SubscriptionWorkflow.run,
                 SubscriptionWorkflowInput(
@@ -531,6 +539,13 @@ class SignupService:
                 # One workflow per subscription, ever: a second start is refused.
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             )
+        except WorkflowAlreadyStartedError:
+            return False
+        return True
+
+    async def _workflow_running(self, subscription_id: str) -> bool:
+        handle = self.temporal.get_workflow_handle(workflow_id_for(subscription_id))
+        return (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
 
     async def _workflow_exists(self, subscription_id: str) -> bool:
         try:

@@ -58,6 +58,10 @@ class FlakyTemporal:
             case "after_start":
                 await self._client.start_workflow(*args, **kwargs)
                 raise RPCError("deadline exceeded", RPCStatusCode.DEADLINE_EXCEEDED, b"")
+            case "after_start_nowhere":
+                # Started where no worker listens, so it never reports in.
+                await self._client.start_workflow(*args, **{**kwargs, "task_queue": "nowhere"})
+                raise RPCError("deadline exceeded", RPCStatusCode.DEADLINE_EXCEEDED, b"")
         return await self._client.start_workflow(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -246,6 +250,29 @@ async def test_a_signup_that_can_never_start_is_cleaned_up(harness: BillingHarne
     assert method.customer is not None
     again = await harness.signups.sweep_pending()
     assert (again.started, again.cleaned_up, again.failed) == ([], [], [])
+
+
+async def test_a_workflow_that_closed_without_reporting_in_is_left_for_a_person(
+    harness: BillingHarness,
+) -> None:
+    card = await harness.to_thread_card(SUCCEEDS)
+    await harness.now()
+    flaky(harness, "after_start_nowhere")
+    result = await harness.signups.start_subscription(request(card))
+    assert not result.workflow_started
+    await harness.handle(result.subscription_id).terminate("operator")
+    # (No time skipping here: the test server stalls on the never-polled queue.)
+    await asyncio.sleep(0.01)
+    await harness.now()
+
+    report = await harness.signups.sweep_pending(older_than=timedelta(0))
+
+    # Not "started" (it never will), and not removed (its execution may have done things).
+    assert report.started == [] and report.cleaned_up == []
+    assert report.failed == [
+        (result.subscription_id, "its workflow closed without reporting in; see its history")
+    ]
+    assert pending_ids(harness) == [result.subscription_id]
 
 
 async def test_the_worker_runs_the_sweeper_workflow(harness: BillingHarness) -> None:
