@@ -451,6 +451,17 @@ class StripeGateway:
             operation=f"attaching {payment_method_id} to {provider_customer_id}",
         )
 
+    def detach_payment_method(self, *, payment_method_id: str) -> None:
+        """Detach the card from its customer; an already detached card is done (a retry
+        after a lost answer)."""
+        try:
+            payment_method = self._client.v1.payment_methods.retrieve(payment_method_id)
+            if _expandable_id(payment_method.customer) is None:
+                return
+            self._client.v1.payment_methods.detach(payment_method_id)
+        except stripe.StripeError as error:
+            _raise_translated(error, operation=f"detaching payment method {payment_method_id}")
+
     def default_payment_method(self, *, provider_customer_id: str) -> str | None:
         """The customer's default payment method for invoices (``pm_...``), or None."""
         try:

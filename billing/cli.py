@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 import uvicorn
@@ -28,6 +28,9 @@ from temporalio.worker import Worker
 from billing.contracts import SubscriptionMessage, SubscriptionView
 from billing.settings import ApiKey, Settings
 from billing.simulate.command import simulate
+
+if TYPE_CHECKING:
+    from billing.signup import SweepReport
 
 app = typer.Typer(help="Recurring billing on Temporal.", no_args_is_help=True)
 console = Console()
@@ -215,6 +218,7 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
         SHUTDOWN_MARGIN_S,
         build_dependencies,
         build_worker,
+        ensure_signup_sweeper,
         run_workers_until,
     )
 
@@ -231,8 +235,12 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
         activity_threads=settings.activity_threads,
         max_cached_workflows=settings.worker_max_cached_workflows,
         graceful_shutdown_s=graceful_s,
+        payments_task_queue=settings.payments_queue(),
     )
     payments = _payments_worker(settings, client, deps)
+    # The sweeper is a workflow on this task queue: started once (idempotent by id), run by
+    # this worker as soon as it polls.
+    await ensure_signup_sweeper(client, task_queue=settings.task_queue)
     console.print(
         f"[green]worker running[/green] on task queues {settings.task_queue!r} and "
         f"{settings.payments_queue()!r} (provider calls, at most "
@@ -298,7 +306,12 @@ def _worker_stop_event() -> asyncio.Event:
 
 
 async def _run_dev(settings: Settings, *, demo: bool) -> None:
-    from billing.worker import build_dependencies, build_worker, connect_temporal
+    from billing.worker import (
+        build_dependencies,
+        build_worker,
+        connect_temporal,
+        ensure_signup_sweeper,
+    )
 
     client = await connect_temporal(settings)
     deps = build_dependencies(settings)
@@ -308,9 +321,11 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
         task_queue=settings.task_queue,
         activity_threads=settings.activity_threads,
         max_cached_workflows=settings.worker_max_cached_workflows,
+        payments_task_queue=settings.payments_queue(),
     )
     stop = _stop_event()
     async with w, _payments_worker(settings, client, deps):
+        await ensure_signup_sweeper(client, task_queue=settings.task_queue)
         console.print(f"[green]worker running[/green] on task queue {settings.task_queue!r}")
         api_ready = asyncio.Event()
         api_task = asyncio.create_task(
@@ -478,6 +493,10 @@ invoices_app = typer.Typer(help="Invoices, as finance sees them.", no_args_is_he
 subscriptions_app = typer.Typer(help="Subscriptions: live state and changes.", no_args_is_help=True)
 app.add_typer(invoices_app, name="invoices")
 app.add_typer(subscriptions_app, name="subscriptions")
+signups_app = typer.Typer(
+    help="Signups: sweep the ones whose workflow never started.", no_args_is_help=True
+)
+app.add_typer(signups_app, name="signups")
 
 
 class TemporalUnreachable(Exception):
@@ -760,6 +779,53 @@ def subscriptions_cancel(
     else:
         voided = f"; voided invoice {result.voided_invoice_id}" if result.voided_invoice_id else ""
         console.print(f"subscription {subscription_id} canceled at {when}{voided}")
+
+
+@signups_app.command("sweep")
+def signups_sweep(
+    grace_seconds: int = typer.Option(
+        120,
+        "--grace-seconds",
+        min=0,
+        help="leave signups younger than this alone (they may still be starting)",
+    ),
+) -> None:
+    """Start the workflow of every signup still pending after the grace period, or clean up
+    one that can never start (with the card it attached). The worker runs the same sweep
+    every minute; this runs it once, now. Running it twice is harmless."""
+    from datetime import timedelta
+
+    from billing.signup import SignupService
+    from billing.worker import build_dependencies
+
+    settings = Settings()
+    deps = build_dependencies(settings)
+
+    async def run() -> SweepReport:
+        client = await _connect_or_fail(settings)
+        signups = SignupService(
+            deps.session_factory,
+            deps.gateway,
+            client,
+            task_queue=settings.task_queue,
+            payments_task_queue=settings.payments_queue(),
+            clock=deps.clock,
+        )
+        return await signups.sweep_pending(older_than=timedelta(seconds=grace_seconds))
+
+    report = asyncio.run(run())
+    for subscription_id in report.started:
+        console.print(f"started   {subscription_id}")
+    for subscription_id in report.cleaned_up:
+        console.print(f"cleaned   {subscription_id} (could never start; its card was detached)")
+    for subscription_id, reason in report.failed:
+        err_console.print(f"[yellow]left[/yellow]      {subscription_id}: {reason}")
+    console.print(
+        f"pending signups: {len(report.started)} started, {len(report.cleaned_up)} cleaned up, "
+        f"{len(report.failed)} left for the next sweep"
+    )
+    if report.failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -57,3 +57,9 @@ class IdempotencyConflict(BillingError):
     """The idempotency key was already used with a different request body."""
 
     code = "idempotency_conflict"
+
+
+class SignupInProgress(BillingError):
+    """Another signup for the same customer is running; retry once it has finished."""
+
+    code = "signup_in_progress"

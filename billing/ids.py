@@ -72,6 +72,10 @@ def invoice_id_for(subscription_id: str, period_start: datetime) -> str:
     return f"in_{_digest(subscription_id, ensure_utc(period_start).isoformat())}"
 
 
-def subscription_id_for_signup(idempotency_key: str) -> str:
-    """A signup retried with the same idempotency key names the same subscription."""
-    return f"sub_{_digest('signup', idempotency_key)}"
+def subscription_id_for_signup(idempotency_key: str, scope: str = "") -> str:
+    """A signup retried with the same idempotency key by the same sender (``scope``, a digest
+    of its API key; "" in-process) names the same subscription; another sender's same key
+    names another."""
+    if not scope:
+        return f"sub_{_digest('signup', idempotency_key)}"
+    return f"sub_{_digest('signup', scope, idempotency_key)}"

@@ -143,6 +143,11 @@ class PaymentGateway(Protocol):
 
     def default_payment_method(self, *, provider_customer_id: str) -> str | None: ...
 
+    def detach_payment_method(self, *, payment_method_id: str) -> None:
+        """Detach the card from its customer (a signup that can never start gives back what
+        it attached). Done when it is already detached; transient faults raise."""
+        ...
+
     def charge(
         self,
         *,

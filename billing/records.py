@@ -48,6 +48,9 @@ class CustomerRecord:
     next_invoice_sequence: int = 1
     #: ``created`` (UTC) of the newest provider event about the default card acted on.
     default_payment_method_event_at: datetime | None = None
+    #: The signup in progress for this customer (token) and when its hold lapses (UTC).
+    signup_lease_token: str | None = None
+    signup_lease_expires_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,6 +84,11 @@ class SubscriptionRecord:
     signup_idempotency_key: str | None = None
     #: SHA-256 hex of the signup request, to refuse a reused key with a different request.
     signup_request_hash: str | None = None
+    #: Digest of the API key whose idempotency key this is ("" in-process; None: before keys
+    #: were scoped, matched by any caller).
+    signup_key_scope: str | None = None
+    #: The card the signup attached (``pm_...``).
+    signup_payment_method_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,11 +1,20 @@
 """Signup: the business's signup flow starts a subscription here.
 
-Order matters, so that bad input never leaves anything half-written:
+Order matters, so that bad input never leaves anything half-written and concurrent signups
+for one customer make one customer:
 1. validate the request (plan, time zone, trial, anchor, payment method) with reads only;
-2. make the provider-side customer and card ready (idempotent calls keyed by our ids);
-3. write the customer and the subscription in one database transaction;
-4. start the subscription's workflow, whose id derives from the subscription id.
-A repeat with the same idempotency key returns the same subscription and starts nothing new.
+2. claim the customer: find it or insert its row, and take its signup lease, so signups for
+   one customer run one at a time (another waits its turn, or answers 409 after a while);
+3. holding the lease, make the provider customer once (its creation key derives from our
+   customer id, and its id is stored at once) and attach the card once;
+4. write the default card and the ``pending`` subscription in one transaction, then let go;
+5. start the subscription's workflow, whose id derives from the subscription id.
+
+A repeat with the same idempotency key from the same API key returns the same subscription
+and starts nothing new. A start that fails ambiguously (timeout, unavailable: it may have
+started) keeps the pending row, and the sweeper (``sweep_pending``) starts it later; only a
+definite refusal removes it. The sweeper also cleans up a pending signup that can never start,
+including the card it attached.
 """
 
 from __future__ import annotations
@@ -13,13 +22,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timedelta
+import logging
+import random
+import secrets
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from billing.calendar import add_local_days, ensure_utc, parse_interval_unit, resolve_timezone
 from billing.clock import Clock
@@ -30,6 +43,7 @@ from billing.errors import (
     InvalidTimezone,
     MissingPaymentMethod,
     NotFound,
+    SignupInProgress,
     UnknownPlan,
 )
 from billing.ids import new_id, subscription_id_for_signup
@@ -53,6 +67,33 @@ from db.repositories import customers as customers_repo
 from db.repositories import plans as plans_repo
 from db.repositories import subscriptions as subscriptions_repo
 from workflows.subscription import SubscriptionWorkflow
+
+logger = logging.getLogger("billing.signup")
+
+#: How long a signup holds its customer. A holder that died frees it when this lapses; a
+#: holder still working (the provider being slow) keeps it correct by the provider's own
+#: idempotency keys.
+SIGNUP_LEASE = timedelta(minutes=2)
+#: How long a signup waits for another signup of the same customer before answering 409.
+SIGNUP_LEASE_WAIT = timedelta(seconds=15)
+_LEASE_POLL_S = 0.05
+#: A pending signup younger than this may still be starting its workflow; the sweeper leaves
+#: it alone.
+SIGNUP_SWEEP_GRACE = timedelta(minutes=2)
+
+#: Answers of the workflow service that mean the start was refused, so nothing runs: the row
+#: may go. Any other failure (timeout, unavailable, cancel, internal) may hide a start.
+_START_REFUSED = frozenset(
+    {
+        RPCStatusCode.INVALID_ARGUMENT,
+        RPCStatusCode.NOT_FOUND,
+        RPCStatusCode.PERMISSION_DENIED,
+        RPCStatusCode.UNAUTHENTICATED,
+        RPCStatusCode.FAILED_PRECONDITION,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.UNIMPLEMENTED,
+    }
+)
 
 #: A billing anchor may be this far in the past (clock skew between caller and us).
 ANCHOR_PAST_TOLERANCE = timedelta(minutes=5)
@@ -81,6 +122,9 @@ class SignupRequest:
     #: Overrides the plan's trial length.
     trial_days: int | None = None
     idempotency_key: str | None = None
+    #: Whose idempotency key it is: a digest of the sender's API key ("" in-process). The
+    #: same key from two senders is two requests, as Stripe scopes keys to the account.
+    idempotency_scope: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,11 +137,41 @@ class SignupResult:
     next_billing_at: datetime
     #: False when an earlier request with the same idempotency key created it.
     created: bool
+    #: False when the workflow's start could not be confirmed (the service timed out or was
+    #: unreachable): the subscription is recorded ``pending`` and the sweeper starts it.
+    workflow_started: bool = True
+
+
+@dataclass
+class SweepReport:
+    """What one sweep of pending signups did (subscription ids)."""
+
+    #: Workflows started (or found already started).
+    started: list[str] = field(default_factory=list)
+    #: Signups that can never start, removed with the card they attached.
+    cleaned_up: list[str] = field(default_factory=list)
+    #: Left for the next sweep, with the reason.
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A customer held by one signup (its lease ``token``)."""
+
+    customer_id: str
+    token: str
+    #: This signup inserted the customer's row.
+    created: bool
+
+
+class _CannotStart(Exception):
+    """A pending signup whose workflow can never be started (the reason is the message)."""
 
 
 def request_fingerprint(request: SignupRequest) -> str:
     body = asdict(request)
     body.pop("idempotency_key")
+    body.pop("idempotency_scope")
     canonical = json.dumps(body, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -123,51 +197,85 @@ class SignupService:
         self.clock = clock
 
     async def start_subscription(self, request: SignupRequest) -> SignupResult:
-        prepared = await asyncio.to_thread(self._prepare, request)
+        _validate_shape(request)
+        fingerprint = request_fingerprint(request)
+        looked_up = await asyncio.to_thread(self._look_up, request, fingerprint)
+        if isinstance(looked_up, SignupResult):
+            return await self._replayed(looked_up)
+        plan, customer_id = looked_up
+        claim = await self._claim_customer(request, customer_id)
+        # The lease is let go inside the same thread, after its work: a request canceled
+        # meanwhile (the caller hung up) must not free the customer while that work runs.
+        prepared = await asyncio.to_thread(self._prepare, request, fingerprint, plan, claim)
         if isinstance(prepared, SignupResult):
-            # Same key, same body: make sure its workflow runs, then answer as before.
-            await self._start_workflow_from_db(prepared.subscription_id)
-            return prepared
+            return await self._replayed(prepared)
         state, record = prepared
+        return await self._start_new(state, record)
+
+    async def sweep_pending(self, *, older_than: timedelta = SIGNUP_SWEEP_GRACE) -> SweepReport:
+        """Bring every signup still ``pending`` after ``older_than`` to an end: start its
+        workflow (a start is idempotent by workflow id: already started is success), or, if it
+        can never start, remove it and detach the card it attached (unless another live
+        subscription of the customer uses that card). Safe to run twice, or concurrently."""
+        report = SweepReport()
+        cutoff = self.clock.now() - older_than
+        pending = await asyncio.to_thread(self._pending_before, cutoff)
+        for record in pending:
+            try:
+                try:
+                    state = await asyncio.to_thread(self._state_from_db, record.id)
+                except _CannotStart as reason:
+                    if await self._workflow_exists(record.id):
+                        # Something runs under its id (it has not reported in yet): not ours.
+                        report.failed.append((record.id, f"{reason}; but its workflow exists"))
+                    elif await self._clean_up(record):
+                        logger.warning("pending signup %s removed: %s", record.id, reason)
+                        report.cleaned_up.append(record.id)
+                    else:
+                        report.failed.append((record.id, f"{reason}; cleanup must wait"))
+                    continue
+                if state is None:
+                    continue  # its workflow reported in meanwhile
+                if not await self._start_workflow(state) and not await self._workflow_running(
+                    record.id
+                ):
+                    # Its one execution ended before it ever reported in (terminated by hand?):
+                    # the id cannot run again, and what it did is for a person to look at.
+                    report.failed.append(
+                        (record.id, "its workflow closed without reporting in; see its history")
+                    )
+                    continue
+                logger.info("pending signup %s: workflow started by the sweeper", record.id)
+                report.started.append(record.id)
+            except Exception as error:  # one bad row must not stop the sweep
+                logger.warning("pending signup %s left for the next sweep: %s", record.id, error)
+                report.failed.append((record.id, f"{type(error).__name__}: {error}"))
+        return report
+
+    async def start_pending(self, subscription_id: str) -> bool:
+        """Start the workflow of a subscription recorded ``pending`` (what the sweeper does for
+        one row, without the grace period); False if it is not pending any more. Raises if it
+        can never start."""
         try:
-            await self._start_workflow(state)
-        except Exception:
-            if request.idempotency_key is None:
-                # No key to retry with: remove the pending row rather than orphan it.
-                await asyncio.to_thread(self._delete_pending, record.id)
-            raise
-        next_billing = state.anchor_at
-        return SignupResult(
-            subscription_id=state.subscription_id,
-            workflow_id=workflow_id_for(state.subscription_id),
-            customer_id=state.customer_id,
-            status=SubscriptionStatus.TRIALING if state.trial_end_at else SubscriptionStatus.ACTIVE,
-            trial_end_at=state.trial_end_at,
-            next_billing_at=next_billing,
-            created=True,
-        )
+            state = await asyncio.to_thread(self._state_from_db, subscription_id)
+        except _CannotStart as reason:
+            raise NotFound(f"subscription {subscription_id} cannot start: {reason}") from None
+        if state is None:
+            return False
+        await self._start_workflow(state)
+        return True
 
     # ---------------------------------------------------------------------------------------
 
-    def _prepare(
-        self, request: SignupRequest
-    ) -> SignupResult | tuple[SubscriptionState, SubscriptionRecord]:
-        now = self.clock.now()
-        # Before the fingerprint: text with a lone surrogate cannot even be hashed as UTF-8.
-        _validate_shape(request)
-        fingerprint = request_fingerprint(request)
+    def _look_up(
+        self, request: SignupRequest, fingerprint: str
+    ) -> SignupResult | tuple[Plan, str | None]:
+        """Reads only: the replay of an earlier request with the key, else the plan and the
+        existing customer's id. Refuses what can be refused before anything is written."""
         with unit_of_work(self.session_factory) as session:
-            if request.idempotency_key is not None:
-                existing = subscriptions_repo.get_subscription_by_signup_key(
-                    session, request.idempotency_key
-                )
-                if existing is not None:
-                    if existing.signup_request_hash != fingerprint:
-                        raise IdempotencyConflict(
-                            f"idempotency key {request.idempotency_key!r} was already used "
-                            "with a different request; use a new key for a new signup"
-                        )
-                    return _result_from_record(existing)
+            replay = _replay_of(session, request, fingerprint)
+            if replay is not None:
+                return replay
             plan = plans_repo.get_plan(session, request.plan_code)
             if plan is None:
                 known = ", ".join(sorted(p.code for p in plans_repo.list_plans(session)))
@@ -177,50 +285,153 @@ class SignupService:
                 )
             plan = _sellable(plan)
             customer = _find_customer(session, request)
-        payment_method_id = request.payment_method_id or (
-            customer.default_payment_method_id if customer else None
-        )
-        if payment_method_id is None:
-            who = customer.id if customer else (request.customer.external_id or "new customer")
-            raise MissingPaymentMethod(
-                f"customer {who!r} has no payment method; pass payment_method_id "
-                "(a provider payment method such as 'pm_...')",
-                field="payment_method_id",
-            )
-
-        trial_days = plan.trial_days if request.trial_days is None else request.trial_days
+        _check_payment_method(request, customer)
         timezone = customer.timezone if customer else request.customer.timezone
-        trial_end_at = add_local_days(now, timezone, trial_days) if trial_days > 0 else None
-        anchor_at = _anchor(request, now, trial_end_at)
+        _dates(request, plan, timezone, self.clock.now())  # refuses a bad trial or anchor
+        return plan, customer.id if customer else None
 
-        customer_id = customer.id if customer else _new_customer_id(request)
+    async def _claim_customer(self, request: SignupRequest, customer_id: str | None) -> _Claim:
+        """Find or insert the customer's row and take its signup lease, waiting up to
+        ``SIGNUP_LEASE_WAIT`` for another signup of the same customer to finish."""
+        token = secrets.token_hex(16)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SIGNUP_LEASE_WAIT.total_seconds()
+        while True:
+            claim = await asyncio.to_thread(self._try_claim, request, customer_id, token)
+            if claim is not None:
+                return claim
+            if loop.time() >= deadline:
+                who = customer_id or request.customer.external_id or "this customer"
+                raise SignupInProgress(
+                    f"another signup for customer {who!r} is in progress; retry in a few "
+                    "seconds (with the same Idempotency-Key, to get its answer if it was yours)"
+                )
+            # Jitter: waiters do not all hit the row at the same instant.
+            await asyncio.sleep(_LEASE_POLL_S * (1 + random.random()))
+
+    def _try_claim(
+        self, request: SignupRequest, customer_id: str | None, token: str
+    ) -> _Claim | None:
+        """One try: the claim, or None while another signup holds the customer."""
+        # Real time, not the injected billing clock (a simulation moves that one in jumps):
+        # a lease is about how long a request may run.
+        now = datetime.now(UTC)
+        expires_at = now + SIGNUP_LEASE
+        with unit_of_work(self.session_factory) as session:
+            if request.customer_id is not None:
+                taken = customers_repo.take_signup_lease(
+                    session, request.customer_id, token, now=now, expires_at=expires_at
+                )
+                if taken is None:
+                    raise NotFound(
+                        f"customer {request.customer_id!r} not found", field="customer_id"
+                    )
+                return _Claim(request.customer_id, token, created=False) if taken else None
+            existing = _find_customer(session, request)
+            if existing is None and request.idempotency_key:
+                # A retry of a keyed signup whose customer has no external id finds it here.
+                existing = customers_repo.get_customer(session, _new_customer_id(request))
+            if existing is None:
+                record = self._new_customer(request, token, expires_at)
+                stored, inserted = customers_repo.insert_customer(session, record)
+                if inserted:
+                    return _Claim(stored.id, token, created=True)
+                existing = stored  # a concurrent signup inserted it first
+            taken = customers_repo.take_signup_lease(
+                session, existing.id, token, now=now, expires_at=expires_at
+            )
+        if taken is None:
+            # Removed by the signup that held it (it failed before the provider had anything):
+            # start over, which inserts it again.
+            return self._try_claim(request, customer_id, token)
+        return _Claim(existing.id, token, created=False) if taken else None
+
+    def _new_customer(
+        self, request: SignupRequest, token: str, expires_at: datetime
+    ) -> CustomerRecord:
+        now = self.clock.now()
+        customer_id = _new_customer_id(request)
+        return CustomerRecord(
+            id=customer_id,
+            external_id=request.customer.external_id,
+            email=request.customer.email,
+            name=request.customer.name,
+            timezone=request.customer.timezone,
+            invoice_prefix=invoice_prefix_for(customer_id),
+            next_invoice_sequence=1,
+            created_at=now,
+            updated_at=now,
+            signup_lease_token=token,
+            signup_lease_expires_at=expires_at,
+        )
+
+    def _prepare(
+        self, request: SignupRequest, fingerprint: str, plan: Plan, claim: _Claim
+    ) -> SignupResult | tuple[SubscriptionState, SubscriptionRecord]:
+        """Holding the customer: provider customer and card, then the pending subscription.
+        Lets the customer go at the end, whatever happened."""
+        try:
+            return self._prepare_holding(request, fingerprint, plan, claim)
+        except BaseException:
+            if claim.created:
+                # A row this signup inserted and that the provider knows nothing of goes
+                # again; one with a provider customer stays, so that customer is never lost
+                # (a retry reuses both).
+                with unit_of_work(self.session_factory) as session:
+                    customers_repo.delete_customer_without_subscriptions(session, claim.customer_id)
+            raise
+        finally:
+            with unit_of_work(self.session_factory) as session:
+                customers_repo.release_signup_lease(session, claim.customer_id, claim.token)
+
+    def _prepare_holding(
+        self, request: SignupRequest, fingerprint: str, plan: Plan, claim: _Claim
+    ) -> SignupResult | tuple[SubscriptionState, SubscriptionRecord]:
+        with unit_of_work(self.session_factory) as session:
+            # While this signup waited for the customer, the same request may have finished.
+            replay = _replay_of(session, request, fingerprint)
+            if replay is not None:
+                return replay
+            customer = customers_repo.get_customer(session, claim.customer_id)
+        if customer is None:
+            raise NotFound(f"customer {claim.customer_id!r} not found", field="customer_id")
+        _check_payment_method(request, customer)
+        now = self.clock.now()
+        timezone = customer.timezone
+        trial_end_at, anchor_at = _dates(request, plan, timezone, now)
         subscription_id = (
-            subscription_id_for_signup(request.idempotency_key)
+            subscription_id_for_signup(request.idempotency_key, request.idempotency_scope)
             if request.idempotency_key
             else new_id("sub")
         )
 
-        # Provider side first: these calls are idempotent, so a failure here (e.g. the card is
-        # refused) leaves nothing in our database, and a retry reuses what was made.
-        provider_customer_id = (customer.stripe_customer_id if customer else None) or (
-            self.gateway.ensure_customer(
-                customer_id=customer_id,
-                email=request.customer.email,
-                name=request.customer.name,
+        # One provider customer per customer: created under the lease, with a creation key
+        # derived from our customer id, and recorded at once, so the next signup (or a retry
+        # after a crash) finds it instead of making another.
+        provider_customer_id = customer.stripe_customer_id
+        if provider_customer_id is None:
+            made = self.gateway.ensure_customer(
+                customer_id=customer.id, email=customer.email, name=customer.name
             )
-        )
+            with unit_of_work(self.session_factory) as session:
+                provider_customer_id = customers_repo.set_stripe_customer_id(
+                    session, customer.id, made, now=now
+                )
+        payment_method_id = customer.default_payment_method_id
+        attached_id: str | None = None
         if request.payment_method_id is not None:
             # Store what the provider attached: a token such as `pm_card_visa` becomes a real
-            # payment method id there.
+            # payment method id there. Under the lease, so a card is attached once.
             attached = self.gateway.attach_payment_method(
                 provider_customer_id=provider_customer_id,
                 payment_method_id=request.payment_method_id,
             )
-            payment_method_id = attached.payment_method_id
+            payment_method_id = attached_id = attached.payment_method_id
+        assert payment_method_id is not None  # _check_payment_method
 
         record = SubscriptionRecord(
             id=subscription_id,
-            customer_id=customer_id,
+            customer_id=customer.id,
             plan_code=plan.code,
             status=SubscriptionStatus.PENDING,
             amount_minor=plan.amount_minor,
@@ -241,46 +452,25 @@ class SignupService:
             workflow_id=workflow_id_for(subscription_id),
             signup_idempotency_key=request.idempotency_key,
             signup_request_hash=fingerprint,
+            signup_key_scope=request.idempotency_scope if request.idempotency_key else None,
+            signup_payment_method_id=attached_id,
             created_at=now,
             updated_at=now,
         )
         with unit_of_work(self.session_factory) as session:
-            if customer is None:
-                customers_repo.insert_customer(
-                    session,
-                    CustomerRecord(
-                        id=customer_id,
-                        external_id=request.customer.external_id,
-                        email=request.customer.email,
-                        name=request.customer.name,
-                        timezone=timezone,
-                        stripe_customer_id=provider_customer_id,
-                        default_payment_method_id=payment_method_id,
-                        invoice_prefix=invoice_prefix_for(customer_id),
-                        next_invoice_sequence=1,
-                        created_at=now,
-                        updated_at=now,
-                    ),
-                )
-            else:
-                if customer.stripe_customer_id is None:
-                    customers_repo.set_stripe_customer_id(
-                        session, customer.id, provider_customer_id
-                    )
-                customers_repo.set_default_payment_method(session, customer.id, payment_method_id)
+            if attached_id is not None:
+                customers_repo.set_default_payment_method(session, customer.id, attached_id)
             stored, inserted = subscriptions_repo.insert_subscription(session, record)
             if not inserted:
-                # A concurrent request with the same idempotency key got here first.
+                # The same key from the same sender got here first (before the lease: a
+                # subscription that moved to another customer cannot, ids derive from keys).
                 if stored.signup_request_hash != fingerprint:
-                    raise IdempotencyConflict(
-                        f"idempotency key {request.idempotency_key!r} was already used "
-                        "with a different request; use a new key for a new signup"
-                    )
+                    raise _conflict(request)
                 return _result_from_record(stored)
 
         state = SubscriptionState(
             subscription_id=subscription_id,
-            customer_id=customer_id,
+            customer_id=customer.id,
             plan=plan,
             timezone=timezone,
             started_at=now,
@@ -290,11 +480,68 @@ class SignupService:
         )
         return state, record
 
-    async def _start_workflow(
-        self, state: SubscriptionState
-    ) -> WorkflowHandle[SubscriptionWorkflow, object]:
+    async def _start_new(
+        self, state: SubscriptionState, record: SubscriptionRecord
+    ) -> SignupResult:
+        started = True
         try:
-            return await self.temporal.start_workflow(
+            await self._start_workflow(state)
+        except Exception as error:
+            if not _start_refused(error):
+                # It may have started: keep the row. The sweeper starts it (or finds it
+                # started); deleting it could leave a running workflow without its rows.
+                logger.warning(
+                    "subscription %s: workflow start not confirmed (%s); left pending for the "
+                    "sweeper",
+                    state.subscription_id,
+                    error,
+                )
+                started = False
+            else:
+                # Refused outright: nothing runs, so nothing may stay. The caller is told.
+                await self._clean_up(record)
+                raise
+        return SignupResult(
+            subscription_id=state.subscription_id,
+            workflow_id=workflow_id_for(state.subscription_id),
+            customer_id=state.customer_id,
+            status=(
+                SubscriptionStatus.PENDING
+                if not started
+                else SubscriptionStatus.TRIALING
+                if state.trial_end_at
+                else SubscriptionStatus.ACTIVE
+            ),
+            trial_end_at=state.trial_end_at,
+            next_billing_at=state.anchor_at,
+            created=True,
+            workflow_started=started,
+        )
+
+    async def _replayed(self, result: SignupResult) -> SignupResult:
+        """Same key, same body: make sure its workflow runs, then answer as before."""
+        if result.status != SubscriptionStatus.PENDING:
+            return result
+        try:
+            state = await asyncio.to_thread(self._state_from_db, result.subscription_id)
+            if state is not None:
+                await self._start_workflow(state)
+        except _CannotStart as reason:
+            raise NotFound(
+                f"subscription {result.subscription_id} cannot start: {reason}; sign up again "
+                "with a new Idempotency-Key"
+            ) from None
+        except Exception as error:
+            if _start_refused(error):
+                raise
+            return replace(result, workflow_started=False)
+        return result
+
+    async def _start_workflow(self, state: SubscriptionState) -> bool:
+        """Start the subscription's workflow: True if this call started it, False if it was
+        started before (by the signup, a replay or a sweep), which is success too."""
+        try:
+            await self.temporal.start_workflow(
                 SubscriptionWorkflow.run,
                 SubscriptionWorkflowInput(
                     state=state, payments_task_queue=self.payments_task_queue
@@ -305,39 +552,159 @@ class SignupService:
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             )
         except WorkflowAlreadyStartedError:
-            return self.temporal.get_workflow_handle(workflow_id_for(state.subscription_id))
+            return False
+        return True
 
-    async def _start_workflow_from_db(self, subscription_id: str) -> None:
-        """Start the workflow of a subscription recorded by an earlier attempt (its start may
-        have failed after the database commit)."""
+    async def _workflow_running(self, subscription_id: str) -> bool:
+        handle = self.temporal.get_workflow_handle(workflow_id_for(subscription_id))
+        return (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
 
-        def load() -> SubscriptionState | None:
-            with unit_of_work(self.session_factory) as session:
-                record = subscriptions_repo.get_subscription(session, subscription_id)
-                if record is None or record.status != SubscriptionStatus.PENDING:
-                    return None
-                plan = plans_repo.get_plan(session, record.plan_code)
-                customer = customers_repo.get_customer(session, record.customer_id)
-            if plan is None or customer is None:
-                raise NotFound(f"subscription {subscription_id} refers to missing rows")
-            return SubscriptionState(
-                subscription_id=record.id,
-                customer_id=record.customer_id,
-                plan=_snapshot(plan, record),
-                timezone=record.timezone,
-                started_at=record.created_at,
-                anchor_at=record.anchor_at,
-                trial_end_at=record.trial_end_at,
-                payment_method_id=customer.default_payment_method_id,
+    async def _workflow_exists(self, subscription_id: str) -> bool:
+        try:
+            await self.temporal.get_workflow_handle(workflow_id_for(subscription_id)).describe()
+        except RPCError as error:
+            if error.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise
+        return True
+
+    def _pending_before(self, cutoff: datetime) -> list[SubscriptionRecord]:
+        with unit_of_work(self.session_factory) as session:
+            return subscriptions_repo.list_pending_signups(session, created_before=cutoff)
+
+    def _state_from_db(self, subscription_id: str) -> SubscriptionState | None:
+        """The starting state of a subscription recorded by an earlier signup (its start may
+        have failed after the database commit); None if it is no longer pending. Raises
+        _CannotStart if it never can start."""
+        with unit_of_work(self.session_factory) as session:
+            record = subscriptions_repo.get_subscription(session, subscription_id)
+            if record is None or record.status != SubscriptionStatus.PENDING:
+                return None
+            plan = plans_repo.get_plan(session, record.plan_code)
+            customer = customers_repo.get_customer(session, record.customer_id)
+        if plan is None:
+            raise _CannotStart(f"its plan {record.plan_code!r} no longer exists")
+        if customer is None:
+            raise _CannotStart(f"its customer {record.customer_id!r} no longer exists")
+        payment_method_id = record.signup_payment_method_id or customer.default_payment_method_id
+        if payment_method_id is None:
+            raise _CannotStart(f"customer {customer.id} has no payment method")
+        return SubscriptionState(
+            subscription_id=record.id,
+            customer_id=record.customer_id,
+            plan=_snapshot(plan, record),
+            timezone=record.timezone,
+            started_at=record.created_at,
+            anchor_at=record.anchor_at,
+            trial_end_at=record.trial_end_at,
+            payment_method_id=payment_method_id,
+        )
+
+    async def _clean_up(self, record: SubscriptionRecord) -> bool:
+        """Remove a pending subscription that will never start and detach the card its signup
+        attached, unless another live subscription of the customer may charge it. Under the
+        customer's lease, so no signup attaches the same card meanwhile. False if the
+        customer is busy or the subscription is no longer pending."""
+        token = secrets.token_hex(16)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SIGNUP_LEASE_WAIT.total_seconds()
+        while True:
+            taken = await asyncio.to_thread(self._lease, record.customer_id, token)
+            if taken is not False:
+                break
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(_LEASE_POLL_S * (1 + random.random()))
+        return await asyncio.to_thread(self._clean_up_holding, record, token)
+
+    def _lease(self, customer_id: str, token: str) -> bool | None:
+        now = datetime.now(UTC)
+        with unit_of_work(self.session_factory) as session:
+            return customers_repo.take_signup_lease(
+                session, customer_id, token, now=now, expires_at=now + SIGNUP_LEASE
             )
 
-        state = await asyncio.to_thread(load)
-        if state is not None:
-            await self._start_workflow(state)
+    def _clean_up_holding(self, record: SubscriptionRecord, token: str) -> bool:
+        try:
+            card = record.signup_payment_method_id
+            with unit_of_work(self.session_factory) as session:
+                # The conditional delete decides: a subscription whose workflow reported in
+                # is not pending any more, and keeps everything.
+                if not subscriptions_repo.delete_pending_subscription(session, record.id):
+                    return False
+                in_use = card is not None and subscriptions_repo.payment_method_in_use(
+                    session, record.customer_id, card, besides=record.id
+                )
+            if card is not None and not in_use:
+                try:
+                    self.gateway.detach_payment_method(payment_method_id=card)
+                except Exception as error:
+                    # The row is gone already; the card stays attached to a customer with
+                    # no subscription charging it. Said loudly, for an operator.
+                    logger.error(
+                        "signup %s removed but its card %s could not be detached: %s",
+                        record.id,
+                        card,
+                        error,
+                    )
+                    return True
+                with unit_of_work(self.session_factory) as session:
+                    customer = customers_repo.get_customer(session, record.customer_id)
+                    if customer is not None and customer.default_payment_method_id == card:
+                        customers_repo.set_default_payment_method(session, customer.id, None)
+            return True
+        finally:
+            with unit_of_work(self.session_factory) as session:
+                customers_repo.release_signup_lease(session, record.customer_id, token)
 
-    def _delete_pending(self, subscription_id: str) -> None:
-        with unit_of_work(self.session_factory) as session:
-            subscriptions_repo.delete_pending_subscription(session, subscription_id)
+
+def _start_refused(error: BaseException) -> bool:
+    """Whether a failed start definitely started nothing."""
+    if isinstance(error, RPCError):
+        return error.status in _START_REFUSED
+    # A lazily connecting client that never reached the service.
+    return isinstance(error, RuntimeError) and str(error).startswith("Failed client connect")
+
+
+def _conflict(request: SignupRequest) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"idempotency key {request.idempotency_key!r} was already used "
+        "with a different request; use a new key for a new signup"
+    )
+
+
+def _replay_of(session: Session, request: SignupRequest, fingerprint: str) -> SignupResult | None:
+    if request.idempotency_key is None:
+        return None
+    existing = subscriptions_repo.get_subscription_by_signup_key(
+        session, request.idempotency_key, request.idempotency_scope
+    )
+    if existing is None:
+        return None
+    if existing.signup_request_hash != fingerprint:
+        raise _conflict(request)
+    return _result_from_record(existing)
+
+
+def _check_payment_method(request: SignupRequest, customer: CustomerRecord | None) -> None:
+    if request.payment_method_id is None and (
+        customer is None or customer.default_payment_method_id is None
+    ):
+        who = customer.id if customer else (request.customer.external_id or "new customer")
+        raise MissingPaymentMethod(
+            f"customer {who!r} has no payment method; pass payment_method_id "
+            "(a provider payment method such as 'pm_...')",
+            field="payment_method_id",
+        )
+
+
+def _dates(
+    request: SignupRequest, plan: Plan, timezone: str, now: datetime
+) -> tuple[datetime | None, datetime]:
+    """The trial's end and the first billing date (UTC)."""
+    trial_days = plan.trial_days if request.trial_days is None else request.trial_days
+    trial_end_at = add_local_days(now, timezone, trial_days) if trial_days > 0 else None
+    return trial_end_at, _anchor(request, now, trial_end_at)
 
 
 def _validate_shape(request: SignupRequest) -> None:
@@ -404,10 +771,15 @@ def _find_customer(session: Session, request: SignupRequest) -> CustomerRecord |
 
 
 def _new_customer_id(request: SignupRequest) -> str:
-    # Derived from the idempotency key when there is one, so a retried signup reuses the
-    # provider customer made by the first try (ensure_customer is keyed by our id).
+    # Derived from the sender's idempotency key when there is one, so concurrent and retried
+    # signups with that key claim the same row (and ensure_customer, keyed by our id, the same
+    # provider customer). The sender's scope is part of it: another API key's same key is
+    # another customer.
     if request.idempotency_key:
-        digest = hashlib.sha256(f"customer\x1f{request.idempotency_key}".encode()).hexdigest()
+        parts = ["customer", request.idempotency_key]
+        if request.idempotency_scope:
+            parts.insert(1, request.idempotency_scope)
+        digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
         return f"cus_{digest[:24]}"
     return new_id("cus")
 

@@ -28,17 +28,21 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
 from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import TLSConfig
 from temporalio.worker import Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.billing import AfterChargeHook, BillingActivities
+from activities.signup_sweep import SignupSweepActivities
 from activities.stripe_gateway import StripeGateway, make_stripe_client
 from billing.clock import Clock, SystemClock
 from billing.payments import PaymentGateway
 from billing.settings import Settings
+from billing.signup_sweep import PendingSignupSweepInput, sweeper_workflow_id
 from db.engine import make_engine, make_session_factory
 from workflows.invoice_payment import InvoicePaymentWorkflow
+from workflows.signup_sweep import PendingSignupSweepWorkflow
 from workflows.subscription import SubscriptionWorkflow
 
 
@@ -144,10 +148,15 @@ def build_worker(
     workflow_runner: WorkflowRunner | None = None,
     max_cached_workflows: int = 1000,
     graceful_shutdown_s: float = 0.0,
+    payments_task_queue: str | None = None,
 ) -> Worker:
     """``workflow_runner``: the sandbox by default; simulations pass
     ``UnsandboxedWorkflowRunner()`` to skip re-creating the sandbox for every run (the
-    sandboxed test suite and the replay test keep guarding determinism)."""
+    sandboxed test suite and the replay test keep guarding determinism).
+
+    It also runs the pending-signup sweeper (``ensure_signup_sweeper`` starts it), which
+    starts subscription workflows on ``task_queue`` with provider calls on
+    ``payments_task_queue`` (default ``{task_queue}-payments``, as ``Settings``)."""
     activities = BillingActivities(
         deps.session_factory, deps.gateway, deps.clock, after_charge_hook=deps.after_charge_hook
     )
@@ -160,11 +169,18 @@ def build_worker(
             paced(fn, deps.provider_window) if _activity_name(fn) in provider else fn
             for fn in registered
         ]
+    sweep = SignupSweepActivities(
+        deps.session_factory,
+        deps.gateway,
+        deps.clock,
+        task_queue=task_queue,
+        payments_task_queue=payments_task_queue or f"{task_queue}-payments",
+    )
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[SubscriptionWorkflow, InvoicePaymentWorkflow],
-        activities=registered,
+        workflows=[SubscriptionWorkflow, InvoicePaymentWorkflow, PendingSignupSweepWorkflow],
+        activities=[*registered, sweep.sweep_pending_signups],
         activity_executor=ThreadPoolExecutor(max_workers=activity_threads),
         max_concurrent_activities=activity_threads,
         workflow_runner=workflow_runner or SandboxedWorkflowRunner(),
@@ -172,6 +188,23 @@ def build_worker(
         # Running activities get this long to finish after shutdown starts, then are cancelled.
         graceful_shutdown_timeout=timedelta(seconds=graceful_shutdown_s),
     )
+
+
+async def ensure_signup_sweeper(
+    client: Client, *, task_queue: str, sweep: PendingSignupSweepInput | None = None
+) -> str:
+    """Make sure the pending-signup sweeper runs on ``task_queue`` (one per queue: a second
+    start finds the running one, so every worker process may call this). Returns its id."""
+    workflow_id = sweeper_workflow_id(task_queue)
+    await client.start_workflow(
+        PendingSignupSweepWorkflow.run,
+        sweep or PendingSignupSweepInput(),
+        id=workflow_id,
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+    )
+    return workflow_id
 
 
 def provider_activities(activities: BillingActivities) -> list[Any]:

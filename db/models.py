@@ -65,6 +65,11 @@ class CustomerRow(Base):
     #: ``created`` of the newest provider event about the default card that was acted on:
     #: an older event delivered late must not bring an older card back.
     default_payment_method_event_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The signup that holds this customer (a random token) and until when (UTC): signups for
+    #: one customer run one at a time, so concurrent ones make one provider customer, attach
+    #: a card once, and never race on the default card. An expired lease is free again.
+    signup_lease_token: Mapped[str | None] = mapped_column(String(40))
+    signup_lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class PlanRow(Base):
@@ -102,6 +107,11 @@ class SubscriptionRow(Base):
         CheckConstraint(one_of("interval", IntervalUnit), name="interval"),
         CheckConstraint("interval_count >= 1", name="interval_count_positive"),
         Index("ix_subscriptions_customer_id", "customer_id"),
+        # Idempotency keys belong to the API key that sent them (as Stripe's belong to the
+        # account): the same key from two API keys is two signups.
+        UniqueConstraint("signup_key_scope", "signup_idempotency_key"),
+        # The sweeper looks for signups whose workflow never started.
+        Index("ix_subscriptions_status_created_at", "status", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -129,8 +139,14 @@ class SubscriptionRow(Base):
     #: Status needs_attention: the step that failed and why (for operators).
     attention_reason: Mapped[str | None] = mapped_column(String(2000))
     workflow_id: Mapped[str] = mapped_column(String(100), unique=True)
-    signup_idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    signup_idempotency_key: Mapped[str | None] = mapped_column(String(200))
     signup_request_hash: Mapped[str | None] = mapped_column(String(64))
+    #: Whose idempotency key it is: a digest of the API key that sent it ("" for signups made
+    #: in-process, NULL for signups made before keys were scoped). Never the API key itself.
+    signup_key_scope: Mapped[str | None] = mapped_column(String(64))
+    #: The card this signup attached at the provider (``pm_...``), so a signup that can never
+    #: start can detach it again.
+    signup_payment_method_id: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 

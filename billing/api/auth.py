@@ -37,6 +37,15 @@ class Caller:
 
     key_name: str
     scope: ApiScope
+    #: A digest of the key that identifies it without revealing it: idempotency keys are
+    #: scoped by it (the same Idempotency-Key from two API keys is two requests).
+    key_id: str = ""
+
+
+def api_key_id(key: str) -> str:
+    """The stored identity of an API key: 32 hex digits of a domain-separated SHA-256. The
+    keys are long random secrets, so the digest reveals nothing usable."""
+    return hashlib.sha256(f"billing-api-key-id\x1f{key}".encode()).hexdigest()[:32]
 
 
 class KeyRing:
@@ -79,7 +88,7 @@ class KeyRing:
                 "forbidden",
                 f"API key {key.name!r} has scope '{key.scope}'; this endpoint needs scope {needed}",
             )
-        caller = Caller(key.name, key.scope)
+        caller = Caller(key.name, key.scope, api_key_id(key.key.get_secret_value()))
         request.state.caller = caller
         return caller
 

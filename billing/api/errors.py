@@ -35,6 +35,7 @@ from billing.errors import (
     MissingPaymentMethod,
     NotFound,
     PaymentMethodRejected,
+    SignupInProgress,
     UnknownPlan,
 )
 
@@ -49,6 +50,7 @@ STATUS_BY_ERROR: dict[type[BillingError], int] = {
     NotFound: 404,
     ChangeRefused: 409,
     IdempotencyConflict: 409,
+    SignupInProgress: 409,
 }
 
 
@@ -225,7 +227,9 @@ def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | 
 
 async def _billing_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, BillingError)
-    return error_response(status_for(exc), exc.code, exc.message, field=exc.field)
+    # A signup that waited its turn for the customer and did not get it: soon is fine.
+    headers = {"Retry-After": "2"} if isinstance(exc, SignupInProgress) else None
+    return error_response(status_for(exc), exc.code, exc.message, field=exc.field, headers=headers)
 
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:

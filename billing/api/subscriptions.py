@@ -104,12 +104,19 @@ class _CheckedInput(Protocol):
     dependencies=[require_scope("signup"), Depends(require_json_body)],
     responses={
         200: {"model": SignupOut, "description": "Replayed: same Idempotency-Key and body."},
+        202: {
+            "model": SignupOut,
+            "description": "Recorded (status 'pending'), but the workflow service did not "
+            "confirm its start; it is started within minutes. Do not sign up again: a retry "
+            "with the same Idempotency-Key shows it.",
+        },
         **error_responses(400, 401, 402, 403, 409, 413, 415, 422, 503),
     },
     summary="Start a subscription",
 )
 async def create_subscription(
     body: SignupIn,
+    request: Request,
     response: Response,
     signups: Annotated[SignupService, Depends(get_signups)],
     idempotency_key: Annotated[
@@ -124,9 +131,11 @@ async def create_subscription(
 ) -> SignupOut:
     """Validate, attach the card, record the customer and subscription, start its workflow.
 
-    A repeat with the same ``Idempotency-Key`` and the same body answers 200 with header
-    ``Idempotent-Replayed: true`` and the subscription as it is now; the same key with a
-    different body is 409.
+    A repeat with the same ``Idempotency-Key`` (from the same API key) and the same body
+    answers 200 with header ``Idempotent-Replayed: true`` and the subscription as it is now;
+    the same key with a different body is 409. Another signup for the same customer in
+    progress for too long is 409 ``signup_in_progress``. A start the workflow service did not
+    confirm answers 202 with status ``pending``: the sweeper starts it within minutes.
     """
     if idempotency_key is not None and contains_card_number(idempotency_key):
         # The key is stored with the subscription: no card number may ride in on it.
@@ -137,6 +146,7 @@ async def create_subscription(
         )
     # Stored with the subscription too: the same text rule as every body field.
     IDEMPOTENCY_KEY.check_optional(idempotency_key, field="Idempotency-Key")
+    caller: Caller | None = getattr(request.state, "caller", None)
     customer = body.customer
     result = await signups.start_subscription(
         SignupRequest(
@@ -155,9 +165,16 @@ async def create_subscription(
             else None,
             trial_days=body.trial_days,
             idempotency_key=idempotency_key,
+            # Keys are the sending API key's own, as Stripe's are the account's.
+            idempotency_scope=caller.key_id if caller else "",
         )
     )
-    if not result.created:
+    if result.created and not result.workflow_started:
+        response.status_code = 202
+        logger.warning(
+            "subscription %s recorded; workflow start unconfirmed", result.subscription_id
+        )
+    elif not result.created:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
     else:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from billing.errors import NotFound
 from billing.invoices import format_invoice_number
 from billing.records import CustomerRecord
-from db.models import CUSTOMERS
+from db.models import CUSTOMERS, SUBSCRIPTIONS
 from db.repositories._rows import fetch_one, insert_or_get, select_rows, utcnow
 
 
@@ -43,6 +43,62 @@ def insert_customer(session: Session, record: CustomerRecord) -> tuple[CustomerR
         return fetch_one(session, CustomerRecord, select_rows(CUSTOMERS).where(condition).limit(1))
 
     return insert_or_get(session, CUSTOMERS, record, existing)
+
+
+def take_signup_lease(
+    session: Session, customer_id: str, token: str, *, now: datetime, expires_at: datetime
+) -> bool | None:
+    """Hold the customer for the signup ``token`` until ``expires_at`` (UTC): True if taken
+    (free, lapsed, or already ours), False if another signup holds it, None if there is no
+    such customer (it may have been removed by the signup that held it).
+
+    One conditional UPDATE, so of two signups racing for the lease exactly one wins on both
+    databases; a holder that died frees it when the lease lapses.
+    """
+    taken = session.execute(
+        update(CUSTOMERS)
+        .where(
+            CUSTOMERS.c.id == customer_id,
+            or_(
+                CUSTOMERS.c.signup_lease_token.is_(None),
+                CUSTOMERS.c.signup_lease_token == token,
+                CUSTOMERS.c.signup_lease_expires_at <= now,
+            ),
+        )
+        .values(signup_lease_token=token, signup_lease_expires_at=expires_at)
+        .returning(CUSTOMERS.c.id)
+    ).scalar_one_or_none()
+    if taken is not None:
+        return True
+    held = session.execute(
+        select(CUSTOMERS.c.id).where(CUSTOMERS.c.id == customer_id)
+    ).scalar_one_or_none()
+    return None if held is None else False
+
+
+def release_signup_lease(session: Session, customer_id: str, token: str) -> None:
+    """Let the next signup for the customer go ahead (only the holder's token releases)."""
+    session.execute(
+        update(CUSTOMERS)
+        .where(CUSTOMERS.c.id == customer_id, CUSTOMERS.c.signup_lease_token == token)
+        .values(signup_lease_token=None, signup_lease_expires_at=None)
+    )
+
+
+def delete_customer_without_subscriptions(session: Session, customer_id: str) -> bool:
+    """Remove a customer that no subscription refers to and that has no provider customer (a
+    signup that created it and then failed before the provider had anything). False if it
+    has either, or does not exist."""
+    deleted = session.execute(
+        delete(CUSTOMERS)
+        .where(
+            CUSTOMERS.c.id == customer_id,
+            CUSTOMERS.c.stripe_customer_id.is_(None),
+            ~exists().where(SUBSCRIPTIONS.c.customer_id == customer_id),
+        )
+        .returning(CUSTOMERS.c.id)
+    ).scalar_one_or_none()
+    return deleted is not None
 
 
 def set_stripe_customer_id(

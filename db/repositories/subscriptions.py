@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from billing.records import StatusChangeRecord, SubscriptionRecord
 from billing.subscription import TERMINAL_STATUSES, SubscriptionStatus
-from db.models import SUBSCRIPTION_STATUS_CHANGES, SUBSCRIPTIONS
+from db.models import CUSTOMERS, SUBSCRIPTION_STATUS_CHANGES, SUBSCRIPTIONS
 from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
 
 
@@ -19,15 +20,19 @@ def insert_subscription(
     """Insert ``record``; ``(existing, False)`` if its id, workflow id or signup idempotency
     key is already taken by a subscription (a retried signup).
 
-    The caller compares ``signup_request_hash`` to tell a retry from a reused key.
+    The caller compares ``signup_request_hash`` to tell a retry from a reused key. A keyed
+    record without a scope is stored in-process (scope ""): NULL is kept for keys stored
+    before scoping, and a NULL would let the unique (scope, key) constraint admit a twin.
     """
+    if record.signup_idempotency_key is not None and record.signup_key_scope is None:
+        record = replace(record, signup_key_scope="")
 
     def existing() -> SubscriptionRecord | None:
         conditions = [SUBSCRIPTIONS.c.id == record.id]
         conditions.append(SUBSCRIPTIONS.c.workflow_id == record.workflow_id)
         if record.signup_idempotency_key is not None:
             conditions.append(
-                SUBSCRIPTIONS.c.signup_idempotency_key == record.signup_idempotency_key
+                _signup_key_matches(record.signup_idempotency_key, record.signup_key_scope or "")
             )
         return fetch_one(
             session,
@@ -46,15 +51,80 @@ def get_subscription(session: Session, subscription_id: str) -> SubscriptionReco
     )
 
 
+def _signup_key_matches(idempotency_key: str, scope: str) -> ColumnElement[bool]:
+    # A key is the sender's own (scope); one stored before keys were scoped (NULL) is still
+    # found by any sender, as it was when it was stored.
+    return and_(
+        SUBSCRIPTIONS.c.signup_idempotency_key == idempotency_key,
+        or_(SUBSCRIPTIONS.c.signup_key_scope == scope, SUBSCRIPTIONS.c.signup_key_scope.is_(None)),
+    )
+
+
 def get_subscription_by_signup_key(
-    session: Session, idempotency_key: str
+    session: Session, idempotency_key: str, scope: str = ""
 ) -> SubscriptionRecord | None:
-    """The subscription a signup with this idempotency key created, if any."""
+    """The subscription a signup with this idempotency key from this sender (``scope``: a
+    digest of its API key, "" in-process) created, if any."""
     return fetch_one(
         session,
         SubscriptionRecord,
-        select_rows(SUBSCRIPTIONS).where(SUBSCRIPTIONS.c.signup_idempotency_key == idempotency_key),
+        select_rows(SUBSCRIPTIONS)
+        .where(_signup_key_matches(idempotency_key, scope))
+        .order_by(SUBSCRIPTIONS.c.signup_key_scope.is_(None))  # the sender's own first
+        .limit(1),
     )
+
+
+def list_pending_signups(
+    session: Session, *, created_before: datetime, limit: int = 500
+) -> list[SubscriptionRecord]:
+    """Subscriptions still ``pending`` (their workflow was never confirmed started) that were
+    recorded before ``created_before`` (UTC), oldest first."""
+    return fetch_all(
+        session,
+        SubscriptionRecord,
+        select_rows(SUBSCRIPTIONS)
+        .where(
+            SUBSCRIPTIONS.c.status == SubscriptionStatus.PENDING,
+            SUBSCRIPTIONS.c.created_at < created_before,
+        )
+        .order_by(SUBSCRIPTIONS.c.created_at, SUBSCRIPTIONS.c.id)
+        .limit(limit),
+    )
+
+
+def payment_method_in_use(
+    session: Session, customer_id: str, payment_method_id: str, *, besides: str
+) -> bool:
+    """Whether a subscription of the customer other than ``besides`` that is not over may
+    charge ``payment_method_id``: one whose signup attached it, or any live one while it is
+    the customer's default card (subscriptions charge the default)."""
+    others = (
+        select(SUBSCRIPTIONS.c.id)
+        .where(
+            SUBSCRIPTIONS.c.customer_id == customer_id,
+            SUBSCRIPTIONS.c.id != besides,
+            SUBSCRIPTIONS.c.status.not_in(TERMINAL_STATUSES),
+        )
+        .subquery()
+    )
+    live = session.execute(select(others.c.id)).scalars().all()
+    if not live:
+        return False
+    attached_by_other = session.execute(
+        select(SUBSCRIPTIONS.c.id)
+        .where(
+            SUBSCRIPTIONS.c.id.in_(live),
+            SUBSCRIPTIONS.c.signup_payment_method_id == payment_method_id,
+        )
+        .limit(1)
+    ).scalar_one_or_none()
+    if attached_by_other is not None:
+        return True
+    default = session.execute(
+        select(CUSTOMERS.c.default_payment_method_id).where(CUSTOMERS.c.id == customer_id)
+    ).scalar_one_or_none()
+    return bool(default == payment_method_id)
 
 
 def list_subscriptions_for_customer(
@@ -153,8 +223,9 @@ def list_status_changes(session: Session, subscription_id: str) -> list[StatusCh
 
 
 def delete_pending_subscription(session: Session, subscription_id: str) -> bool:
-    """Remove a subscription whose workflow never started (status ``pending``); a signup
-    that failed without an idempotency key to retry with. False if it is not pending."""
+    """Remove a subscription whose workflow never started (status ``pending``): a signup the
+    workflow service definitely refused, or one the sweeper found can never start. False if
+    it is not pending (its workflow has reported in)."""
     deleted = session.execute(
         delete(SUBSCRIPTIONS)
         .where(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.calendar import IntervalUnit
@@ -163,6 +163,60 @@ def test_subscription_insert_is_idempotent_on_the_signup_key(
     retry = dataclasses.replace(subscription, id=new_id("sub"), workflow_id="subscription-other")
     assert subscriptions.insert_subscription(session, retry) == (subscription, False)
     assert subscriptions.get_subscription(session, retry.id) is None
+
+
+def test_a_signup_lease_is_held_by_one_until_released_or_lapsed(
+    session: Session, factory: Any
+) -> None:
+    customer = factory.customer(session)
+    t0 = datetime(2026, 1, 31, 9, 30, tzinfo=UTC)
+    held = {"now": t0, "expires_at": t0 + timedelta(minutes=2)}
+    assert customers.take_signup_lease(session, customer.id, "a", **held) is True
+    assert customers.take_signup_lease(session, customer.id, "a", **held) is True  # its own
+    assert customers.take_signup_lease(session, customer.id, "b", **held) is False
+    customers.release_signup_lease(session, customer.id, "b")  # not b's to release
+    assert customers.take_signup_lease(session, customer.id, "b", **held) is False
+    # A holder that died: its lease lapses.
+    later = {"now": t0 + timedelta(minutes=2), "expires_at": t0 + timedelta(minutes=4)}
+    assert customers.take_signup_lease(session, customer.id, "b", **later) is True
+    customers.release_signup_lease(session, customer.id, "b")
+    assert customers.take_signup_lease(session, customer.id, "c", **held) is True
+    assert customers.take_signup_lease(session, "cus_missing", "c", **held) is None
+
+
+def test_only_an_unused_customer_without_a_provider_customer_is_deleted(
+    session: Session, factory: Any
+) -> None:
+    bare = factory.customer(session)
+    linked = factory.customer(session, stripe_customer_id="cus_provider_1")
+    subscribed = factory.subscription(session).customer_id
+    assert customers.delete_customer_without_subscriptions(session, linked.id) is False
+    assert customers.delete_customer_without_subscriptions(session, subscribed) is False
+    assert customers.delete_customer_without_subscriptions(session, bare.id) is True
+    assert customers.get_customer(session, bare.id) is None
+
+
+def test_signup_keys_are_scoped_and_legacy_keys_match_any_sender(
+    session: Session, factory: Any
+) -> None:
+    mine = factory.subscription(
+        session, signup_idempotency_key="k", signup_key_scope="api-a", signup_request_hash="a"
+    )
+    theirs = factory.subscription(
+        session, signup_idempotency_key="k", signup_key_scope="api-b", signup_request_hash="b"
+    )
+    assert subscriptions.get_subscription_by_signup_key(session, "k", "api-a") == mine
+    assert subscriptions.get_subscription_by_signup_key(session, "k", "api-b") == theirs
+    assert subscriptions.get_subscription_by_signup_key(session, "k", "api-c") is None
+    legacy = factory.subscription(session, signup_idempotency_key="old", signup_request_hash="c")
+    with session.begin_nested():
+        session.execute(
+            update(SubscriptionRow)
+            .where(SubscriptionRow.id == legacy.id)
+            .values(signup_key_scope=None)
+        )
+    found = subscriptions.get_subscription_by_signup_key(session, "old", "api-c")
+    assert found is not None and found.id == legacy.id
 
 
 def test_subscription_state_is_mirrored(session: Session, factory: Any) -> None:

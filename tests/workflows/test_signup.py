@@ -3,6 +3,7 @@ is half-written (database, payment provider, Temporal)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -142,11 +143,43 @@ async def test_bad_signups_start_nothing_and_write_nothing(
         await harness.signups.start_subscription(request(**overrides))
 
     assert message in refused.value.message
-    assert row_counts(harness) == rows_before
+    expected = dict(rows_before)
+    if case == "card_declined_at_attach":
+        # The provider customer was made before the card was refused: its row stays, so it
+        # is never lost at the provider (a retry reuses it), with no card and nothing else.
+        expected["customers"] += 1
+        with harness.session_factory() as session:
+            customer = session.scalars(
+                select(models.CustomerRow).where(models.CustomerRow.external_id == "acme-42")
+            ).one()
+        assert customer.stripe_customer_id is not None
+        assert customer.default_payment_method_id is None
+        assert customer.signup_lease_token is None  # the lease was let go
+    assert row_counts(harness) == expected
     await assert_no_workflow(harness, subscription_id_for_signup("signup-acme-42"))
     if case != "card_declined_at_attach":
         # Refused before the provider was asked for anything.
         assert provider_customer_count(harness) == customers_before
+
+
+@BOTH_BACKENDS
+async def test_a_retry_after_a_refused_card_reuses_the_customer(harness: BillingHarness) -> None:
+    refused_card = await harness.to_thread_card(DECLINED_AT_ATTACH)
+    with pytest.raises(PaymentMethodRejected):
+        await harness.signups.start_subscription(request(payment_method_id=refused_card))
+    good_card = await harness.to_thread_card(SUCCEEDS)
+    result = await harness.signups.start_subscription(request(payment_method_id=good_card))
+    await harness.track(result.subscription_id)
+
+    assert result.created
+    with harness.session_factory() as session:
+        (customer,) = session.scalars(select(models.CustomerRow)).all()
+    assert customer.id == result.customer_id
+    provider = await asyncio.to_thread(
+        harness.stripe.v1.customers.retrieve, customer.stripe_customer_id
+    )
+    assert provider.metadata["billing_customer_id"] == customer.id
+    assert customer.default_payment_method_id == good_card
 
 
 async def test_signup_is_idempotent_by_key(harness: BillingHarness) -> None:
