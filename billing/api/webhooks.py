@@ -321,6 +321,11 @@ class Routing:
     #: A provider payment to record through ``InvoicePaymentWorkflow``: at once when there
     #: are no signals, else if every workflow signalled has already ended.
     late_payment: LatePayment | None = None
+    #: (customer id, payment method id): the provider's new default card, written to our
+    #: records once the subscriptions have been told (with the event's outcome). Written only
+    #: then: a delivery that fails before telling them is retried by Stripe, and must not find
+    #: the card already "on record" and be ignored.
+    record_default: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -383,9 +388,8 @@ def _route_customer_updated(session: Session, event: _Event) -> Routing:
                 f"{customer.id}; the newer state is kept"
             )
     if customer.default_payment_method_id == new_default:
-        # Our own write coming back: the workflow's attach activity makes the card the
-        # default at Stripe and then records it here. Signalling it would attach the card
-        # again, whose update would send this event again: a loop of extra retries.
+        # Our own write coming back (a card given through the API is attached, made the
+        # default at Stripe and recorded here), or news already acted on: nothing to tell.
         return Routing(
             detail=f"{new_default} is already the payment method on record for {customer.id}"
         )
@@ -405,7 +409,8 @@ def _route_customer_updated(session: Session, event: _Event) -> Routing:
                 PaymentMethodChangedInput(payment_method_id=new_default),
             )
             for s in subscriptions
-        ]
+        ],
+        record_default=(customer.id, new_default),
     )
 
 
@@ -622,9 +627,22 @@ def _release(session_factory: sessionmaker[Session], event_id: str, claimed_at: 
 
 
 def _record(
-    session_factory: sessionmaker[Session], event_id: str, delivered: _Delivered, now: datetime
+    session_factory: sessionmaker[Session],
+    event_id: str,
+    delivered: _Delivered,
+    now: datetime,
+    routing: Routing | None = None,
 ) -> None:
     with unit_of_work(session_factory) as session:
+        if (
+            routing is not None
+            and routing.record_default is not None
+            and delivered.outcome == WebhookOutcome.ROUTED
+        ):
+            # The workflows write nothing to Stripe for card news (the card already is the
+            # default there), so our record of the customer's card is kept here.
+            customer_id, payment_method_id = routing.record_default
+            customers_repo.set_default_payment_method(session, customer_id, payment_method_id)
         webhook_events_repo.record_webhook_outcome(
             session,
             event_id,
@@ -681,9 +699,8 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
         # Without this delete, Stripe's retry would find the row and be answered "duplicate":
         # the news would be lost. Signals already sent (to a customer's other subscriptions)
         # stay sent and are sent again on the retry: a repeated payment_authenticated is a
-        # no-op once the invoice is settled, a repeated payment_method_changed costs one more
-        # attach and at most one extra charge attempt on the same card, never a second
-        # payment (a paid invoice is never charged).
+        # no-op once the invoice is settled, and a repeated payment_method_changed of the card
+        # a subscription already has is ignored by its workflow.
         await asyncio.to_thread(_release, session_factory, event.id, claimed_at)
         logger.warning("Temporal unavailable for webhook %s: %s", event.id, unavailable)
         return _error(
@@ -698,7 +715,9 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
             await asyncio.to_thread(_release, session_factory, event.id, claimed_at)
         raise
 
-    await asyncio.to_thread(_record, session_factory, event.id, delivered, deps.clock.now())
+    await asyncio.to_thread(
+        _record, session_factory, event.id, delivered, deps.clock.now(), routing
+    )
     logger.info(
         "webhook %s (%s): %s %s", event.id, event.type, delivered.outcome.value, delivered.detail
     )

@@ -293,6 +293,7 @@ async def test_keyset_pagination_walks_every_invoice_once_in_order_and_csv_match
                     status=InvoiceStatus.OPEN,
                     amount_paid_minor=0,
                     paid_at=None,
+                    stripe_payment_intent_id=None,  # an invoice's intent is its own
                 ),
             )
     invoices = all_invoices(api)

@@ -370,19 +370,17 @@ async def test_card_changed_at_stripe_retries_the_past_due_invoice_at_once(
     assert row.outcome == WebhookOutcome.ROUTED
     assert row.subscription_id == sub.subscription_id
 
-    # The workflow's attach activity sets the same default at Stripe again, which sends a
-    # second customer.updated: recognised as our own write, so no second signal (no loop).
-    echoes = await wait_until(
-        lambda: [
-            d
-            for d in for_customer(stack.deliveries("customer.updated"), customer, good_card)
-            if d.event["id"] != change.event["id"]
-        ],
-        what="the echo of the workflow's own card update",
-    )
-    echo = await processed(stack, echoes[0].event["id"])
-    assert echo.outcome == WebhookOutcome.IGNORED
-    assert "already the payment method on record" in (echo.detail or "")
+    # Card news from Stripe makes the workflow write nothing back to Stripe (issue 11,
+    # finding 5): no second customer.updated follows, so no loop can start. (The code before
+    # attached the card again, and Stripe echoed the change.) Deliveries start about a second
+    # after an event, so five seconds without one is a real silence.
+    await asyncio.sleep(5)
+    echoes = [
+        d
+        for d in for_customer(stack.deliveries("customer.updated"), customer, good_card)
+        if d.event["id"] != change.event["id"]
+    ]
+    assert echoes == []
     changed_signals = SubscriptionMessage.PAYMENT_METHOD_CHANGED
     assert await signals_received(harness, sub.subscription_id, changed_signals) == 1
 
@@ -771,9 +769,11 @@ async def test_an_older_card_change_delivered_late_never_overwrites_the_newer_on
     assert record.default_payment_method_event_at == datetime.fromtimestamp(
         first_change_at + 1, UTC
     )
+    # Nothing was written back to Stripe for this news (the events here are forged, so Stripe
+    # still holds the signup card): card news never causes a provider write (finding 5).
     at_stripe = harness.stripe.v1.customers.retrieve(customer)
     assert at_stripe.invoice_settings is not None
-    assert at_stripe.invoice_settings.default_payment_method == newer
+    assert at_stripe.invoice_settings.default_payment_method not in (older, newer)
     # No signal for the late event (the workflow's own work goes on, so its history grows).
     assert await signals_received(harness, sub.subscription_id, changed) == 1
     snap = await billed_and_settled(harness, sub.subscription_id)
