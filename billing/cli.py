@@ -19,8 +19,10 @@ import uvicorn
 from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError
 from temporalio.worker import Worker
 
@@ -72,11 +74,18 @@ async def _run_api_only(settings: Settings) -> None:
     await _serve_api(settings, deps, client, stop=stop)
 
 
-async def _connect_at_start_up(settings: Settings, stop: asyncio.Event) -> Client | None:
+async def _connect_at_start_up(
+    settings: Settings, stop: asyncio.Event, *, runtime: Runtime | None = None
+) -> Client | None:
     """A long-running command's client: Temporal may still be starting (a deploy that starts
     everything at once), so it is retried for ``temporal_connect_timeout_s``."""
     try:
-        return await _connect(settings, retry_for_s=settings.temporal_connect_timeout_s, stop=stop)
+        return await _connect(
+            settings,
+            retry_for_s=settings.temporal_connect_timeout_s,
+            stop=stop,
+            runtime=runtime,
+        )
     except TemporalUnreachable as error:
         _fail(str(error), code=1)
 
@@ -210,10 +219,20 @@ def dev(
 
 
 async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    from billing.worker import build_dependencies, build_worker
+    from billing.worker import (
+        MetricsAddressInUse,
+        build_dependencies,
+        build_worker,
+        metrics_runtime,
+        report_needs_attention,
+    )
 
     stop = stop or _stop_event()
-    client = await _connect_at_start_up(settings, stop)
+    try:
+        runtime = metrics_runtime(settings)
+    except MetricsAddressInUse as error:
+        _fail(str(error), code=1)
+    client = await _connect_at_start_up(settings, stop, runtime=runtime)
     if client is None:
         return
     deps = build_dependencies(settings)
@@ -230,7 +249,20 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
             f"{settings.payments_queue()!r} (provider calls, at most "
             f"{settings.charge_rate_per_s:g}/s)"
         )
+        reporter = None
+        if runtime is not None:
+            console.print(f"metrics on http://{settings.worker_metrics_address}/metrics")
+            reporter = asyncio.create_task(
+                report_needs_attention(
+                    runtime,
+                    deps.session_factory,
+                    every_s=settings.worker_metrics_refresh_s,
+                    stop=stop,
+                )
+            )
         await stop.wait()
+        if reporter is not None:
+            await reporter
 
 
 def _payments_worker(settings: Settings, client: Client, deps: object) -> Worker:
@@ -415,7 +447,22 @@ def _print_view(view: SubscriptionView) -> None:
     table.add_row("next billing", _fmt(view.next_billing_at))
     table.add_row("invoices issued", str(view.invoices_issued))
     table.add_row("open invoice", view.open_invoice.number if view.open_invoice else "none")
+    if view.attention_reason is not None:
+        # Parked: say what failed and how to resume, where an operator looks first.
+        # Text, not markup: the reason is the provider's or database's words, brackets and all.
+        table.add_row("attention step", Text(view.attention_step or "-"))
+        table.add_row("attention reason", Text(view.attention_reason))
+        table.add_row("attention since", _fmt(view.attention_since))
     console.print(table)
+    if view.attention_reason is not None:
+        console.print(_resume_hint(view.subscription_id))
+
+
+def _resume_hint(subscription_id: str) -> str:
+    return (
+        f"billing waits for an operator: fix the cause, then run "
+        f"`billing subscriptions resume-billing {subscription_id} --reason '...'`"
+    )
 
 
 def _fmt(instant: datetime | None) -> str:
@@ -449,7 +496,11 @@ CONNECT_BACKOFF_S = (1.0, 30.0)
 
 
 async def _connect(
-    settings: Settings, *, retry_for_s: float = 0.0, stop: asyncio.Event | None = None
+    settings: Settings,
+    *,
+    retry_for_s: float = 0.0,
+    stop: asyncio.Event | None = None,
+    runtime: Runtime | None = None,
 ) -> Client | None:
     """A client of the configured Temporal server. Unreachable: retried with backoff for up to
     ``retry_for_s`` seconds (each failure printed, so a wrong address shows at once), then
@@ -462,7 +513,7 @@ async def _connect(
     wait, longest = CONNECT_BACKOFF_S
     while True:
         try:
-            return await connect_temporal(settings)
+            return await connect_temporal(settings, runtime=runtime)
         except RuntimeError as error:
             # The SDK reports a failed connection as a RuntimeError ("Failed client connect").
             reason = str(error)
@@ -654,14 +705,22 @@ def subscriptions_show(subscription_id: str) -> None:
     if view is not None:
         _print_view(view)
         return
+    from billing.api.schemas import AttentionOut
     from db.engine import unit_of_work
     from db.repositories import subscriptions as subscriptions_repo
 
     with unit_of_work(_session_factory(settings)) as session:
         record = subscriptions_repo.get_subscription(session, subscription_id)
+        history = subscriptions_repo.list_status_changes(session, subscription_id) if record else []
     if record is None:
         _fail(f"subscription {subscription_id!r} not found", code=1)
     console.print(f"{record.id}: {record.status.value} (from the database; workflow unreachable)")
+    attention = AttentionOut.of_record(record, history)
+    if attention is not None:
+        console.print(f"attention step: {attention.step or '-'}", markup=False, highlight=False)
+        console.print(f"attention reason: {attention.reason}", markup=False, highlight=False)
+        console.print(f"attention since: {_fmt(attention.since)}")
+        console.print(_resume_hint(record.id))
 
 
 @subscriptions_app.command("cancel")
@@ -698,6 +757,44 @@ def subscriptions_cancel(
     else:
         voided = f"; voided invoice {result.voided_invoice_id}" if result.voided_invoice_id else ""
         console.print(f"subscription {subscription_id} canceled at {when}{voided}")
+
+
+@subscriptions_app.command("resume-billing")
+def subscriptions_resume_billing(
+    subscription_id: str,
+    reason: str = typer.Option(
+        "", "--reason", help="what was fixed, for the audit log (e.g. a ticket number)"
+    ),
+) -> None:
+    """Resume a subscription parked in needs_attention, once its cause is fixed: it returns
+    to its previous status and the failed step runs again."""
+    from billing.contracts import ResumeBillingInput, ResumeBillingResult
+
+    settings = Settings()
+
+    async def run() -> ResumeBillingResult:
+        client = await _connect_or_fail(settings)
+        handle = client.get_workflow_handle(f"subscription-{subscription_id}")
+        result: ResumeBillingResult = await handle.execute_update(
+            SubscriptionMessage.RESUME_BILLING,
+            ResumeBillingInput(reason=reason),
+            result_type=ResumeBillingResult,
+        )
+        return result
+
+    try:
+        result = asyncio.run(run())
+    except WorkflowUpdateFailedError as error:
+        cause = error.cause
+        _fail(getattr(cause, "message", None) or str(cause or error), code=1)
+    except RPCError as error:
+        _fail(f"subscription {subscription_id!r} cannot be changed: {error.message}", code=1)
+    console.print(
+        f"subscription {subscription_id} is {result.status.value} again; "
+        f"running again: {result.resumed_step}",
+        markup=False,
+        highlight=False,
+    )
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from billing.api.dependencies import (
 from billing.api.errors import ApiError, from_update_failure, temporal_unreachable
 from billing.api.schemas import (
     ID_PATTERN,
+    AttentionOut,
     CancelIn,
     CancelOut,
     OpenInvoiceOut,
@@ -38,6 +39,8 @@ from billing.api.schemas import (
     PaymentMethodIn,
     PaymentMethodOut,
     PriceOut,
+    ResumeBillingIn,
+    ResumeBillingOut,
     ResumeIn,
     ResumeOut,
     SignupIn,
@@ -52,6 +55,8 @@ from billing.contracts import (
     CancelResult,
     PauseInput,
     PauseResult,
+    ResumeBillingInput,
+    ResumeBillingResult,
     ResumeInput,
     ResumeResult,
     SubscriptionMessage,
@@ -313,6 +318,32 @@ async def resume_subscription(
 
 
 @router.post(
+    "/{id}/resume-billing",
+    summary="Resume billing after an operator fixed what parked it",
+    dependencies=_CHANGE_DEPENDENCIES,
+    responses=_CHANGE_RESPONSES,
+)
+async def resume_billing(
+    id: SubscriptionId,
+    request: Request,
+    body: ResumeBillingIn | None = None,
+) -> ResumeBillingOut:
+    """For a subscription in ``needs_attention`` (a step failed in a way retrying cannot fix:
+    see ``attention`` in GET /v1/subscriptions/{id}). Call it once the cause is fixed: the
+    subscription returns to the status it had and the failed step runs again (a payment is
+    recorded once, whatever ran before). Any other status is refused (409) with the reason."""
+    reason = body.reason if body else None
+    result = await _update(
+        request,
+        id,
+        SubscriptionMessage.RESUME_BILLING,
+        ResumeBillingInput(reason or ""),
+        ResumeBillingResult,
+    )
+    return ResumeBillingOut.of(id, result)
+
+
+@router.post(
     "/{id}/payment-method",
     summary="Change the card",
     dependencies=_CHANGE_DEPENDENCIES,
@@ -359,6 +390,7 @@ async def get_subscription(
     else:
         invoicing = await asyncio.to_thread(_invoicing, deps, id)
         answer = _from_database(record, invoicing)
+        answer.attention = AttentionOut.of_record(record, history)
     answer.status_history = [StatusChangeOut.of(change) for change in history]
     return answer
 
@@ -432,6 +464,7 @@ def _merged(record: SubscriptionRecord, view: SubscriptionView) -> SubscriptionO
         ended_at=view.ended_at,
         paused_at=view.paused_at,
         open_invoice=OpenInvoiceOut.of_view(view.open_invoice) if view.open_invoice else None,
+        attention=AttentionOut.of_view(view),
         invoices_issued=view.invoices_issued,
         workflow_id=record.workflow_id,
         created_at=record.created_at,

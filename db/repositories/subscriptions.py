@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from billing.records import StatusChangeRecord, SubscriptionRecord
@@ -164,3 +164,14 @@ def delete_pending_subscription(session: Session, subscription_id: str) -> bool:
         .returning(SUBSCRIPTIONS.c.id)
     ).scalar_one_or_none()
     return deleted is not None
+
+
+def count_subscriptions_with_status(session: Session, status: SubscriptionStatus) -> int:
+    """How many subscriptions have ``status`` now (e.g. needs_attention, for the gauge an
+    operator alerts on)."""
+    return int(
+        session.scalar(
+            select(func.count()).select_from(SUBSCRIPTIONS).where(SUBSCRIPTIONS.c.status == status)
+        )
+        or 0
+    )
