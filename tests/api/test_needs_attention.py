@@ -373,6 +373,8 @@ async def test_the_worker_serves_the_parked_counter_and_the_needs_attention_gaug
                 counted = await asyncio.to_thread(scrape, workflow_metrics)
                 parked_series = [k for k in counted if k.startswith(PARKED_COUNTER)]
                 assert parked_series, sorted(counted)[:20]
+                # Labelled by the step's first word, as the README's alert examples use it.
+                assert any('step="charge"' in k for k in parked_series), parked_series
                 assert sample(counted, f"{PARKED_COUNTER}_total") == 1
 
                 # The gauge: the real `billing worker` command, configured by its environment,
