@@ -705,7 +705,7 @@ def subscriptions_show(subscription_id: str) -> None:
     if view is not None:
         _print_view(view)
         return
-    from billing.api.schemas import AttentionOut
+    from billing.api.schemas import AttentionOut, parked_since
     from db.engine import unit_of_work
     from db.repositories import subscriptions as subscriptions_repo
 
@@ -715,12 +715,62 @@ def subscriptions_show(subscription_id: str) -> None:
     if record is None:
         _fail(f"subscription {subscription_id!r} not found", code=1)
     console.print(f"{record.id}: {record.status.value} (from the database; workflow unreachable)")
-    attention = AttentionOut.of_record(record, history)
+    attention = AttentionOut.of_record(record, parked_since(history))
     if attention is not None:
         console.print(f"attention step: {attention.step or '-'}", markup=False, highlight=False)
         console.print(f"attention reason: {attention.reason}", markup=False, highlight=False)
         console.print(f"attention since: {_fmt(attention.since)}")
         console.print(_resume_hint(record.id))
+
+
+@subscriptions_app.command("list")
+def subscriptions_list(
+    status: str | None = typer.Option(
+        None, "--status", help="only this status, e.g. needs_attention (parked for an operator)"
+    ),
+    limit: int = typer.Option(50, "--limit", help="rows per page (1-200)"),
+    cursor: str | None = typer.Option(None, "--cursor", help="the id printed after 'more:'"),
+) -> None:
+    """Subscriptions from the database, with what parked each one in needs_attention."""
+    from billing.api.schemas import AttentionOut
+    from billing.subscription import SubscriptionStatus
+    from db.engine import unit_of_work
+    from db.repositories import subscriptions as subscriptions_repo
+
+    wanted: SubscriptionStatus | None = None
+    if status is not None:
+        try:
+            wanted = SubscriptionStatus(status)
+        except ValueError:
+            known = ", ".join(s.value for s in SubscriptionStatus)
+            _fail(f"unknown status {status!r}; known: {known}")
+    if not 1 <= limit <= 200:
+        _fail(f"--limit must be from 1 to 200 (got {limit})")
+    with unit_of_work(_session_factory(Settings())) as session:
+        records = subscriptions_repo.list_subscriptions(
+            session, status=wanted, limit=limit + 1, after_id=cursor
+        )
+        page = records[:limit]
+        parked = subscriptions_repo.parked_at(
+            session, [r.id for r in page if r.status == SubscriptionStatus.NEEDS_ATTENTION]
+        )
+    table = Table(title="subscriptions")
+    for column in ("id", "status", "plan", "next billing", "attention since", "step", "reason"):
+        table.add_column(column, overflow="fold")
+    for record in page:
+        attention = AttentionOut.of_record(record, parked.get(record.id))
+        table.add_row(
+            record.id,
+            record.status.value,
+            record.plan_code,
+            _fmt(record.next_billing_at),
+            _fmt(attention.since) if attention else "",
+            Text(attention.step or "-") if attention else "",
+            Text(attention.reason) if attention else "",
+        )
+    console.print(table)
+    if len(records) > limit:
+        console.print(f"more: --cursor {page[-1].id}")
 
 
 @subscriptions_app.command("cancel")

@@ -430,11 +430,9 @@ class AttentionOut(BaseModel):
         )
 
     @classmethod
-    def of_record(
-        cls, record: SubscriptionRecord, history: Sequence[StatusChangeRecord]
-    ) -> AttentionOut | None:
-        """From the database: the workflow writes ``attention_reason`` as "STEP: REASON" and
-        logs the move to needs_attention, whose time is when it was parked."""
+    def of_record(cls, record: SubscriptionRecord, since: datetime | None) -> AttentionOut | None:
+        """From the database: the workflow writes ``attention_reason`` as "STEP: REASON";
+        ``since`` is when the status log saw it move to needs_attention."""
         if record.status != SubscriptionStatus.NEEDS_ATTENTION:
             return None
         text = record.attention_reason or "unknown (the workflow did not record a reason)"
@@ -443,8 +441,13 @@ class AttentionOut(BaseModel):
         head, colon, tail = text.partition(": ")
         if colon and head and ":" not in head:
             step, text = head, tail
-        parked = [c for c in history if c.to_status == SubscriptionStatus.NEEDS_ATTENTION]
-        return cls(step=step, reason=text, since=parked[-1].changed_at if parked else None)
+        return cls(step=step, reason=text, since=since)
+
+
+def parked_since(history: Sequence[StatusChangeRecord]) -> datetime | None:
+    """When the status log last saw the subscription move to needs_attention."""
+    parked = [c for c in history if c.to_status == SubscriptionStatus.NEEDS_ATTENTION]
+    return parked[-1].changed_at if parked else None
 
 
 class SubscriptionOut(BaseModel):
@@ -481,6 +484,41 @@ class SubscriptionOut(BaseModel):
         default_factory=list,
         description="Every status change, oldest first, from the database's status log "
         "(the live status may be one step ahead of it for a moment).",
+    )
+
+
+class SubscriptionSummaryOut(BaseModel):
+    """A subscription as the database mirrors it (the live state is one GET away)."""
+
+    id: str
+    customer_id: str
+    status: SubscriptionStatus
+    plan: str
+    next_billing_at: Instant | None
+    cancel_at_period_end: bool
+    attention: AttentionOut | None = Field(
+        None, description="Set while status is needs_attention: what failed, why, since when."
+    )
+    updated_at: Instant
+
+    @classmethod
+    def of(cls, record: SubscriptionRecord, parked_at: datetime | None) -> SubscriptionSummaryOut:
+        return cls(
+            id=record.id,
+            customer_id=record.customer_id,
+            status=record.status,
+            plan=record.plan_code,
+            next_billing_at=record.next_billing_at,
+            cancel_at_period_end=record.cancel_at_period_end,
+            attention=AttentionOut.of_record(record, parked_at),
+            updated_at=record.updated_at,
+        )
+
+
+class SubscriptionListOut(BaseModel):
+    items: list[SubscriptionSummaryOut]
+    next_cursor: str | None = Field(
+        description="Pass as ``cursor`` for the next page; null on the last page."
     )
 
 

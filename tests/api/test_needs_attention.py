@@ -183,6 +183,26 @@ async def test_a_parked_subscription_shows_why_and_resume_billing_settles_it_onc
     assert stored["attention"]["reason"] == attention["reason"]
     assert instant(stored["attention"]["since"]) == instant(moved["changed_at"])
 
+    # The list an operator starts from: the parked ones, with the same attention.
+    listed = await api.request(
+        "GET", "/v1/subscriptions", scope="finance", params={"status": "needs_attention"}
+    )
+    assert listed.status_code == 200, listed.text
+    assert [(i["id"], i["attention"]) for i in listed.json()["items"]] == [
+        (sub_id, stored["attention"])
+    ]
+    parked_list = await asyncio.to_thread(
+        cli,
+        harness.database_url,
+        server_address(harness),
+        "subscriptions",
+        "list",
+        "--status",
+        "needs_attention",
+    )
+    assert parked_list.returncode == 0, parked_list.stderr + parked_list.stdout
+    assert sub_id in parked_list.stdout and "but invoice" in parked_list.stdout
+
     # The CLI, live and from the database.
     shown = await asyncio.to_thread(
         cli, harness.database_url, server_address(harness), "subscriptions", "show", sub_id
@@ -236,6 +256,10 @@ async def test_a_parked_subscription_shows_why_and_resume_billing_settles_it_onc
     assert [c["amount"] for c in charges] == [snap.invoices[0].amount_due_minor]
     after = await read(api, sub_id)
     assert after["status"] == "active" and after["attention"] is None
+    listed = await api.request(
+        "GET", "/v1/subscriptions", scope="finance", params={"status": "needs_attention"}
+    )
+    assert listed.json() == {"items": [], "next_cursor": None}
     assert after["status_history"][-1]["to_status"] == "active"
 
     # Not parked any more: refused with the reason, by the API and the CLI.
@@ -311,6 +335,19 @@ async def test_resume_billing_is_refused_on_a_healthy_subscription_and_checks_it
     assert status == 422, answer
     status, answer = await post(api, "sub_missing", "resume-billing", {"reason": "x"})
     assert status == 404, answer
+
+    for params, field in (
+        ({"status": "parked"}, "status"),
+        ({"state": "needs_attention"}, "state"),
+        ({"limit": "0"}, "limit"),
+        ({"cursor": "sub_1;drop"}, "cursor"),
+    ):
+        listed = await api.request("GET", "/v1/subscriptions", scope="finance", params=params)
+        assert listed.status_code == 422, (params, listed.text)
+        assert listed.json()["error"]["field"] == field, listed.text
+    listed = await api.request("GET", "/v1/subscriptions", scope="finance", params={"limit": 1})
+    assert [i["id"] for i in listed.json()["items"]] == [sub_id]
+    assert listed.json()["items"][0]["attention"] is None
 
     operation = (await api.request("GET", "/openapi.json")).json()["paths"][
         "/v1/subscriptions/{id}/resume-billing"
