@@ -312,6 +312,29 @@ async def test_a_parked_subscription_keeps_taking_cancels(
     assert [c["status"] for c in charges] == ["succeeded"]
 
 
+async def test_parallel_resume_billing_resumes_once_and_pays_once(
+    api: Api, gateway: WrongSettlementAmount
+) -> None:
+    harness = api.harness
+    sub_id = await parked_signup(api, gateway)
+    gateway.wrong_amount.clear()
+
+    answers = await asyncio.gather(
+        *(post(api, sub_id, "resume-billing", {"reason": f"operator {n}"}) for n in range(10))
+    )
+
+    assert sorted(status for status, _ in answers) == [200] + [409] * 9, answers
+    await harness.wait_for(sub_id, lambda v: v.status == SubscriptionStatus.ACTIVE)
+    snap = harness.snapshot(sub_id)
+    assert [i.status for i in snap.invoices] == [InvoiceStatus.PAID]
+    assert [len(p) for p in snap.payments.values()] == [1]
+    charges = await asyncio.to_thread(harness.provider_charges, sub_id)
+    assert [c["status"] for c in charges] == ["succeeded"]
+    # One move out of needs_attention in the status log.
+    moves = [(c.from_status, c.to_status) for c in snap.status_changes]
+    assert moves.count((SubscriptionStatus.NEEDS_ATTENTION, SubscriptionStatus.ACTIVE)) == 1
+
+
 async def test_resume_billing_is_refused_on_a_healthy_subscription_and_checks_its_input(
     api: Api,
 ) -> None:
