@@ -20,8 +20,10 @@ import uvicorn
 from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError
 from temporalio.worker import Worker
 
@@ -76,11 +78,18 @@ async def _run_api_only(settings: Settings) -> None:
     await _serve_api(settings, deps, client, stop=stop)
 
 
-async def _connect_at_start_up(settings: Settings, stop: asyncio.Event) -> Client | None:
+async def _connect_at_start_up(
+    settings: Settings, stop: asyncio.Event, *, runtime: Runtime | None = None
+) -> Client | None:
     """A long-running command's client: Temporal may still be starting (a deploy that starts
     everything at once), so it is retried for ``temporal_connect_timeout_s``."""
     try:
-        return await _connect(settings, retry_for_s=settings.temporal_connect_timeout_s, stop=stop)
+        return await _connect(
+            settings,
+            retry_for_s=settings.temporal_connect_timeout_s,
+            stop=stop,
+            runtime=runtime,
+        )
     except TemporalUnreachable as error:
         _fail(str(error), code=1)
 
@@ -216,14 +225,21 @@ def dev(
 async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     from billing.worker import (
         SHUTDOWN_MARGIN_S,
+        MetricsAddressInUse,
         build_dependencies,
         build_worker,
         ensure_signup_sweeper,
+        metrics_runtime,
+        report_needs_attention,
         run_workers_until,
     )
 
     stop = stop or _worker_stop_event()
-    client = await _connect_at_start_up(settings, stop)
+    try:
+        runtime = metrics_runtime(settings)
+    except MetricsAddressInUse as error:
+        _fail(str(error), code=1)
+    client = await _connect_at_start_up(settings, stop, runtime=runtime)
     if client is None:
         return
     deps = build_dependencies(settings)
@@ -246,7 +262,19 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
         f"{settings.payments_queue()!r} (provider calls, at most "
         f"{settings.charge_rate_per_s:g}/s)"
     )
+    reporter = None
+    if runtime is not None:
+        console.print(f"metrics on http://{settings.worker_metrics_address}/metrics")
+        reporter = asyncio.create_task(
+            report_needs_attention(
+                runtime, deps.session_factory, every_s=settings.worker_metrics_refresh_s, stop=stop
+            )
+        )
     clean = await run_workers_until(stop, [w, payments], graceful_shutdown_s=graceful_s)
+    if reporter is not None:
+        reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter
     if not clean:
         err_console.print(
             f"[yellow]worker stopped with activities still running[/yellow] after "
@@ -470,7 +498,22 @@ def _print_view(view: SubscriptionView) -> None:
     table.add_row("next billing", _fmt(view.next_billing_at))
     table.add_row("invoices issued", str(view.invoices_issued))
     table.add_row("open invoice", view.open_invoice.number if view.open_invoice else "none")
+    if view.attention_reason is not None:
+        # Parked: say what failed and how to resume, where an operator looks first.
+        # Text, not markup: the reason is the provider's or database's words, brackets and all.
+        table.add_row("attention step", Text(view.attention_step or "-"))
+        table.add_row("attention reason", Text(view.attention_reason))
+        table.add_row("attention since", _fmt(view.attention_since))
     console.print(table)
+    if view.attention_reason is not None:
+        console.print(_resume_hint(view.subscription_id))
+
+
+def _resume_hint(subscription_id: str) -> str:
+    return (
+        f"billing waits for an operator: fix the cause, then run "
+        f"`billing subscriptions resume-billing {subscription_id} --reason '...'`"
+    )
 
 
 def _fmt(instant: datetime | None) -> str:
@@ -508,7 +551,11 @@ CONNECT_BACKOFF_S = (1.0, 30.0)
 
 
 async def _connect(
-    settings: Settings, *, retry_for_s: float = 0.0, stop: asyncio.Event | None = None
+    settings: Settings,
+    *,
+    retry_for_s: float = 0.0,
+    stop: asyncio.Event | None = None,
+    runtime: Runtime | None = None,
 ) -> Client | None:
     """A client of the configured Temporal server. Unreachable: retried with backoff for up to
     ``retry_for_s`` seconds (each failure printed, so a wrong address shows at once), then
@@ -521,7 +568,7 @@ async def _connect(
     wait, longest = CONNECT_BACKOFF_S
     while True:
         try:
-            return await connect_temporal(settings)
+            return await connect_temporal(settings, runtime=runtime)
         except RuntimeError as error:
             # The SDK reports a failed connection as a RuntimeError ("Failed client connect").
             reason = str(error)
@@ -727,14 +774,72 @@ def subscriptions_show(subscription_id: str) -> None:
     if view is not None:
         _print_view(view)
         return
+    from billing.api.schemas import AttentionOut, parked_since
     from db.engine import unit_of_work
     from db.repositories import subscriptions as subscriptions_repo
 
     with unit_of_work(_session_factory(settings)) as session:
         record = subscriptions_repo.get_subscription(session, subscription_id)
+        history = subscriptions_repo.list_status_changes(session, subscription_id) if record else []
     if record is None:
         _fail(f"subscription {subscription_id!r} not found", code=1)
     console.print(f"{record.id}: {record.status.value} (from the database; workflow unreachable)")
+    attention = AttentionOut.of_record(record, parked_since(history))
+    if attention is not None:
+        console.print(f"attention step: {attention.step or '-'}", markup=False, highlight=False)
+        console.print(f"attention reason: {attention.reason}", markup=False, highlight=False)
+        console.print(f"attention since: {_fmt(attention.since)}")
+        console.print(_resume_hint(record.id))
+
+
+@subscriptions_app.command("list")
+def subscriptions_list(
+    status: str | None = typer.Option(
+        None, "--status", help="only this status, e.g. needs_attention (parked for an operator)"
+    ),
+    limit: int = typer.Option(50, "--limit", help="rows per page (1-200)"),
+    cursor: str | None = typer.Option(None, "--cursor", help="the id printed after 'more:'"),
+) -> None:
+    """Subscriptions from the database, with what parked each one in needs_attention."""
+    from billing.api.schemas import AttentionOut
+    from billing.subscription import SubscriptionStatus
+    from db.engine import unit_of_work
+    from db.repositories import subscriptions as subscriptions_repo
+
+    wanted: SubscriptionStatus | None = None
+    if status is not None:
+        try:
+            wanted = SubscriptionStatus(status)
+        except ValueError:
+            known = ", ".join(s.value for s in SubscriptionStatus)
+            _fail(f"unknown status {status!r}; known: {known}")
+    if not 1 <= limit <= 200:
+        _fail(f"--limit must be from 1 to 200 (got {limit})")
+    with unit_of_work(_session_factory(Settings())) as session:
+        records = subscriptions_repo.list_subscriptions(
+            session, status=wanted, limit=limit + 1, after_id=cursor
+        )
+        page = records[:limit]
+        parked = subscriptions_repo.parked_at(
+            session, [r.id for r in page if r.status == SubscriptionStatus.NEEDS_ATTENTION]
+        )
+    table = Table(title="subscriptions")
+    for column in ("id", "status", "plan", "next billing", "attention since", "step", "reason"):
+        table.add_column(column, overflow="fold")
+    for record in page:
+        attention = AttentionOut.of_record(record, parked.get(record.id))
+        table.add_row(
+            record.id,
+            record.status.value,
+            record.plan_code,
+            _fmt(record.next_billing_at),
+            _fmt(attention.since) if attention else "",
+            Text(attention.step or "-") if attention else "",
+            Text(attention.reason) if attention else "",
+        )
+    console.print(table)
+    if len(records) > limit:
+        console.print(f"more: --cursor {page[-1].id}")
 
 
 @subscriptions_app.command("cancel")
@@ -826,6 +931,44 @@ def signups_sweep(
     )
     if report.failed:
         raise typer.Exit(1)
+
+
+@subscriptions_app.command("resume-billing")
+def subscriptions_resume_billing(
+    subscription_id: str,
+    reason: str = typer.Option(
+        "", "--reason", help="what was fixed, for the audit log (e.g. a ticket number)"
+    ),
+) -> None:
+    """Resume a subscription parked in needs_attention, once its cause is fixed: it returns
+    to its previous status and the failed step runs again."""
+    from billing.contracts import ResumeBillingInput, ResumeBillingResult
+
+    settings = Settings()
+
+    async def run() -> ResumeBillingResult:
+        client = await _connect_or_fail(settings)
+        handle = client.get_workflow_handle(f"subscription-{subscription_id}")
+        result: ResumeBillingResult = await handle.execute_update(
+            SubscriptionMessage.RESUME_BILLING,
+            ResumeBillingInput(reason=reason),
+            result_type=ResumeBillingResult,
+        )
+        return result
+
+    try:
+        result = asyncio.run(run())
+    except WorkflowUpdateFailedError as error:
+        cause = error.cause
+        _fail(getattr(cause, "message", None) or str(cause or error), code=1)
+    except RPCError as error:
+        _fail(f"subscription {subscription_id!r} cannot be changed: {error.message}", code=1)
+    console.print(
+        f"subscription {subscription_id} is {result.status.value} again; "
+        f"running again: {result.resumed_step}",
+        markup=False,
+        highlight=False,
+    )
 
 
 def main() -> None:

@@ -149,6 +149,16 @@ class Settings(BaseSettings):
     #: sleeps for most of its life, so the cache bounds worker memory, not the book's size.
     worker_max_cached_workflows: int = Field(default=1000, ge=0, le=100_000)
 
+    #: Where ``billing worker`` serves Prometheus metrics (``HOST:PORT``, scraped at
+    #: ``http://HOST:PORT/metrics``): the Temporal SDK's worker metrics, the counter
+    #: ``billing_subscriptions_parked`` (each time a workflow parks a subscription in
+    #: needs_attention) and the gauge ``billing_subscriptions_needs_attention`` (how many are
+    #: parked now, read from the database; alert on it being above 0). Unset: no endpoint.
+    #: Keep it on loopback or a private network: it has no authentication.
+    worker_metrics_address: str | None = None
+    #: Seconds between two reads of the parked-subscription count for the gauge.
+    worker_metrics_refresh_s: float = Field(default=30.0, gt=0, le=3600)
+
     #: TEST ONLY (scripts/chaos.py): the worker kills itself (SIGKILL) right after Stripe
     #: answered the first send of a charge and before the answer is written to the database,
     #: for this percentage of idempotency keys (chosen by a hash of the key, so the subset is
@@ -185,6 +195,19 @@ class Settings(BaseSettings):
                 f"BILLING_STRIPE_MAX_NETWORK_RETRIES so the total is at most {budget:g} s"
             )
         return self
+
+    @field_validator("worker_metrics_address")
+    @classmethod
+    def _metrics_address_is_host_port(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        host, colon, port = value.strip().rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"BILLING_WORKER_METRICS_ADDRESS must be HOST:PORT such as 127.0.0.1:9464 "
+                f"(got {value!r}); unset it to serve no metrics"
+            )
+        return value.strip()
 
     @model_validator(mode="after")
     def _temporal_tls_is_complete(self) -> Settings:

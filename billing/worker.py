@@ -9,8 +9,10 @@ constructed from Settings:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
+import logging
 import math
 import os
 import signal
@@ -29,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import TLSConfig
 from temporalio.worker import Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
@@ -40,10 +43,14 @@ from billing.clock import Clock, SystemClock
 from billing.payments import PaymentGateway
 from billing.settings import Settings
 from billing.signup_sweep import PendingSignupSweepInput, sweeper_workflow_id
-from db.engine import make_engine, make_session_factory
+from billing.subscription import SubscriptionStatus
+from db.engine import make_engine, make_session_factory, unit_of_work
+from db.repositories import subscriptions as subscriptions_repo
 from workflows.invoice_payment import InvoicePaymentWorkflow
 from workflows.signup_sweep import PendingSignupSweepWorkflow
 from workflows.subscription import SubscriptionWorkflow
+
+log = logging.getLogger("billing.worker")
 
 
 @dataclass
@@ -84,15 +91,86 @@ def _read_pem(path: Path | None) -> bytes | None:
     return None if path is None else path.read_bytes()
 
 
-async def connect_temporal(settings: Settings) -> Client:
-    """A client of the configured Temporal server: address, namespace, TLS and API key."""
+async def connect_temporal(settings: Settings, *, runtime: Runtime | None = None) -> Client:
+    """A client of the configured Temporal server: address, namespace, TLS and API key.
+    ``runtime``: the worker's (``metrics_runtime``), so its workers' metrics reach its
+    Prometheus endpoint; None: the SDK's default runtime (no metrics served)."""
     api_key = settings.temporal_api_key
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         tls=temporal_tls_config(settings),
         api_key=api_key.get_secret_value() if api_key is not None else None,
+        runtime=runtime,
     )
+
+
+#: Counted by the subscription workflow each time it parks a subscription (a Temporal workflow
+#: metric, so it is served by the worker that ran the workflow task; it restarts from 0 with
+#: the process, like every counter).
+PARKED_COUNTER = "billing_subscriptions_parked"
+#: How many subscriptions are parked in needs_attention now, from the database: what an alert
+#: wants (``billing_subscriptions_needs_attention > 0``), whichever worker parked them and
+#: however long ago.
+NEEDS_ATTENTION_GAUGE = "billing_subscriptions_needs_attention"
+
+
+class MetricsAddressInUse(Exception):
+    """The Prometheus endpoint could not be bound."""
+
+
+def metrics_runtime(settings: Settings) -> Runtime | None:
+    """A Temporal runtime serving Prometheus metrics on ``worker_metrics_address`` (None when
+    it is unset). A Client connected with it gives its workers' metrics, including the
+    workflow's own counters, to that endpoint."""
+    address = settings.worker_metrics_address
+    if address is None:
+        return None
+    try:
+        return Runtime(
+            telemetry=TelemetryConfig(
+                # Counters end in _total, as Prometheus names them.
+                metrics=PrometheusConfig(bind_address=address, counters_total_suffix=True)
+            )
+        )
+    except Exception as error:  # the SDK core reports a bind failure as a plain exception
+        raise MetricsAddressInUse(
+            f"cannot serve metrics on {address} (BILLING_WORKER_METRICS_ADDRESS): {error}; "
+            "pick a free port or unset it"
+        ) from error
+
+
+async def report_needs_attention(
+    runtime: Runtime,
+    session_factory: sessionmaker[Session],
+    *,
+    every_s: float,
+    stop: asyncio.Event,
+) -> None:
+    """Set the needs_attention gauge from the database every ``every_s`` seconds until
+    ``stop``. A database that does not answer leaves the last value and is logged: a gauge
+    that stops changing is better than a worker that stops."""
+    gauge = runtime.metric_meter.create_gauge(
+        NEEDS_ATTENTION_GAUGE,
+        "subscriptions parked in needs_attention now, waiting for an operator "
+        "(billing subscriptions resume-billing ID)",
+    )
+    while not stop.is_set():
+        try:
+            count = await asyncio.to_thread(_count_needs_attention, session_factory)
+        except Exception:
+            log.warning("counting needs_attention subscriptions failed", exc_info=True)
+        else:
+            gauge.set(count)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+
+
+def _count_needs_attention(session_factory: sessionmaker[Session]) -> int:
+    with unit_of_work(session_factory) as session:
+        return subscriptions_repo.count_subscriptions_with_status(
+            session, SubscriptionStatus.NEEDS_ATTENTION
+        )
 
 
 def crash_selected(idempotency_key: str, percent: int) -> bool:

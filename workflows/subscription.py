@@ -752,11 +752,18 @@ class SubscriptionWorkflow:
                     except ActivityError as error:
                         # Never void an invoice whose payment the provider could not account
                         # for: it may have taken the money. Nothing has changed; say so.
+                        advice = "try again later"
+                        if s.attention is not None:
+                            advice = (
+                                f"the subscription is parked ({s.attention.step}: "
+                                f"{s.attention.reason}); fix that cause and resume billing, "
+                                "then cancel, or cancel at period end now"
+                            )
                         raise ChangeRefused(
                             f"subscription {s.subscription_id} was not canceled: the payment "
                             f"of invoice {inv.number} could not be settled or canceled at the "
                             f"payment provider ({_describe_failure(error)}); nothing was "
-                            "changed, try again later"
+                            f"changed; {advice}"
                         ) from error
                     voided = None if closed is None or closed.was_paid else inv.invoice_id
                     s.open_invoice = None
@@ -1103,10 +1110,13 @@ def _describe_failure(error: FailureError) -> str:
     cause: BaseException | None = error
     parts: list[str] = []
     while cause is not None:
+        part = None
         if isinstance(cause, ApplicationError):
-            parts.append(f"{cause.type or 'ApplicationError'}: {cause.message}")
+            part = f"{cause.type or 'ApplicationError'}: {cause.message}"
         elif not isinstance(cause, ActivityError):
-            parts.append(str(cause))
+            part = str(cause)
+        if part is not None and part not in parts:
+            parts.append(part)
         cause = cause.__cause__ if cause.__cause__ is not None else getattr(cause, "cause", None)
         if len(parts) > 3:
             break

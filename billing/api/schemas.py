@@ -5,6 +5,7 @@ are ISO 8601 with a zone on the way in and UTC (``Z``) on the way out."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -28,7 +29,9 @@ from billing.contracts import (
     CancelResult,
     OpenInvoiceView,
     PauseResult,
+    ResumeBillingResult,
     ResumeResult,
+    SubscriptionView,
     UpdatePaymentMethodResult,
 )
 from billing.finance import (
@@ -46,6 +49,7 @@ from billing.records import (
     PaymentAttemptRecord,
     PaymentRecord,
     StatusChangeRecord,
+    SubscriptionRecord,
 )
 from billing.subscription import SubscriptionStatus
 from billing.text import (
@@ -294,6 +298,15 @@ class ResumeIn(RequestIn):
     reason: ReasonIn | None = None
 
 
+class ResumeBillingIn(RequestIn):
+    reason: str | None = Field(
+        None,
+        max_length=500,
+        description="What the operator fixed, for the audit log (e.g. 'amount corrected at "
+        "the provider, ticket OPS-12').",
+    )
+
+
 class PaymentMethodIn(RequestIn):
     payment_method_id: PaymentMethodIdIn
 
@@ -339,6 +352,20 @@ class ResumeOut(BaseModel):
             subscription_id=subscription_id,
             status=result.status,
             next_billing_at=result.next_billing_at,
+        )
+
+
+class ResumeBillingOut(BaseModel):
+    subscription_id: str
+    status: SubscriptionStatus = Field(description="The status it had before it was parked.")
+    resumed_step: str = Field(description="The step that had failed; it runs again now.")
+
+    @classmethod
+    def of(cls, subscription_id: str, result: ResumeBillingResult) -> ResumeBillingOut:
+        return cls(
+            subscription_id=subscription_id,
+            status=result.status,
+            resumed_step=result.resumed_step,
         )
 
 
@@ -431,6 +458,47 @@ class StatusChangeOut(BaseModel):
         )
 
 
+class AttentionOut(BaseModel):
+    """Why a subscription is parked (status ``needs_attention``): billing waits until an
+    operator has fixed the cause and calls ``POST /v1/subscriptions/{id}/resume-billing``."""
+
+    step: str | None = Field(
+        description="The step that failed, e.g. 'charge invoice INV-0001-0003' (None when "
+        "only the database's copy is known and it does not name the step)."
+    )
+    reason: str = Field(description="What failed, as the provider or database reported it.")
+    since: Instant | None = Field(description="When the subscription was parked.")
+
+    @classmethod
+    def of_view(cls, view: SubscriptionView) -> AttentionOut | None:
+        """From the workflow's live state."""
+        if view.status != SubscriptionStatus.NEEDS_ATTENTION or view.attention_reason is None:
+            return None
+        return cls(
+            step=view.attention_step, reason=view.attention_reason, since=view.attention_since
+        )
+
+    @classmethod
+    def of_record(cls, record: SubscriptionRecord, since: datetime | None) -> AttentionOut | None:
+        """From the database: the workflow writes ``attention_reason`` as "STEP: REASON";
+        ``since`` is when the status log saw it move to needs_attention."""
+        if record.status != SubscriptionStatus.NEEDS_ATTENTION:
+            return None
+        text = record.attention_reason or "unknown (the workflow did not record a reason)"
+        step: str | None = None
+        # Steps are plain words and an invoice number ("charge invoice INV-..."); no colon.
+        head, colon, tail = text.partition(": ")
+        if colon and head and ":" not in head:
+            step, text = head, tail
+        return cls(step=step, reason=text, since=since)
+
+
+def parked_since(history: Sequence[StatusChangeRecord]) -> datetime | None:
+    """When the status log last saw the subscription move to needs_attention."""
+    parked = [c for c in history if c.to_status == SubscriptionStatus.NEEDS_ATTENTION]
+    return parked[-1].changed_at if parked else None
+
+
 class SubscriptionOut(BaseModel):
     id: str
     customer_id: str
@@ -449,6 +517,11 @@ class SubscriptionOut(BaseModel):
     ended_at: Instant | None
     paused_at: Instant | None
     open_invoice: OpenInvoiceOut | None
+    attention: AttentionOut | None = Field(
+        None,
+        description="Set while status is needs_attention: the step that failed, why, and "
+        "since when. Billing waits for POST .../resume-billing; changes are still accepted.",
+    )
     invoices_issued: int
     workflow_id: str
     created_at: Instant
@@ -460,6 +533,41 @@ class SubscriptionOut(BaseModel):
         default_factory=list,
         description="Every status change, oldest first, from the database's status log "
         "(the live status may be one step ahead of it for a moment).",
+    )
+
+
+class SubscriptionSummaryOut(BaseModel):
+    """A subscription as the database mirrors it (the live state is one GET away)."""
+
+    id: str
+    customer_id: str
+    status: SubscriptionStatus
+    plan: str
+    next_billing_at: Instant | None
+    cancel_at_period_end: bool
+    attention: AttentionOut | None = Field(
+        None, description="Set while status is needs_attention: what failed, why, since when."
+    )
+    updated_at: Instant
+
+    @classmethod
+    def of(cls, record: SubscriptionRecord, parked_at: datetime | None) -> SubscriptionSummaryOut:
+        return cls(
+            id=record.id,
+            customer_id=record.customer_id,
+            status=record.status,
+            plan=record.plan_code,
+            next_billing_at=record.next_billing_at,
+            cancel_at_period_end=record.cancel_at_period_end,
+            attention=AttentionOut.of_record(record, parked_at),
+            updated_at=record.updated_at,
+        )
+
+
+class SubscriptionListOut(BaseModel):
+    items: list[SubscriptionSummaryOut]
+    next_cursor: str | None = Field(
+        description="Pass as ``cursor`` for the next page; null on the last page."
     )
 
 

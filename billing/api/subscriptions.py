@@ -8,7 +8,7 @@ import logging
 from datetime import UTC, timedelta
 from typing import Annotated, Protocol, TypeVar
 
-from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from sqlalchemy.orm import Session
 from temporalio.client import (
     Client,
@@ -30,6 +30,7 @@ from billing.api.dependencies import (
 from billing.api.errors import ApiError, from_update_failure, temporal_unreachable
 from billing.api.schemas import (
     ID_PATTERN,
+    AttentionOut,
     CancelIn,
     CancelOut,
     OpenInvoiceOut,
@@ -38,13 +39,18 @@ from billing.api.schemas import (
     PaymentMethodIn,
     PaymentMethodOut,
     PriceOut,
+    ResumeBillingIn,
+    ResumeBillingOut,
     ResumeIn,
     ResumeOut,
     SignupIn,
     SignupOut,
     StatusChangeOut,
+    SubscriptionListOut,
     SubscriptionOut,
+    SubscriptionSummaryOut,
     error_responses,
+    parked_since,
 )
 from billing.card_data import contains_card_number
 from billing.contracts import (
@@ -52,6 +58,8 @@ from billing.contracts import (
     CancelResult,
     PauseInput,
     PauseResult,
+    ResumeBillingInput,
+    ResumeBillingResult,
     ResumeInput,
     ResumeResult,
     SubscriptionMessage,
@@ -340,6 +348,32 @@ async def resume_subscription(
 
 
 @router.post(
+    "/{id}/resume-billing",
+    summary="Resume billing after an operator fixed what parked it",
+    dependencies=_CHANGE_DEPENDENCIES,
+    responses=_CHANGE_RESPONSES,
+)
+async def resume_billing(
+    id: SubscriptionId,
+    request: Request,
+    body: ResumeBillingIn | None = None,
+) -> ResumeBillingOut:
+    """For a subscription in ``needs_attention`` (a step failed in a way retrying cannot fix:
+    see ``attention`` in GET /v1/subscriptions/{id}). Call it once the cause is fixed: the
+    subscription returns to the status it had and the failed step runs again (a payment is
+    recorded once, whatever ran before). Any other status is refused (409) with the reason."""
+    reason = body.reason if body else None
+    result = await _update(
+        request,
+        id,
+        SubscriptionMessage.RESUME_BILLING,
+        ResumeBillingInput(reason or ""),
+        ResumeBillingResult,
+    )
+    return ResumeBillingOut.of(id, result)
+
+
+@router.post(
     "/{id}/payment-method",
     summary="Change the card",
     dependencies=_CHANGE_DEPENDENCIES,
@@ -364,6 +398,72 @@ async def update_payment_method(
 
 # ---- read --------------------------------------------------------------------------------------
 
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+
+
+def _refuse_unknown_params(request: Request, allowed: frozenset[str]) -> None:
+    """A misspelt filter (``state=needs_attention``) would otherwise list everything, and a
+    repeated one keep whichever value a proxy keeps."""
+    for name in sorted(set(request.query_params)):
+        if name not in allowed:
+            raise ApiError(
+                422,
+                "invalid_input",
+                f"unknown query parameter {name!r}; known: {', '.join(sorted(allowed))}",
+                field=name,
+            )
+        given = len(request.query_params.getlist(name))
+        if given > 1:
+            raise ApiError(
+                422,
+                "invalid_input",
+                f"query parameter {name!r} was given {given} times; give it once",
+                field=name,
+            )
+
+
+@router.get(
+    "",
+    dependencies=[require_scope("finance", "admin")],
+    responses=error_responses(401, 403, 422, 503),
+    summary="List subscriptions (e.g. those that need attention)",
+)
+async def list_subscriptions(
+    request: Request,
+    deps: Annotated[Dependencies, Depends(get_deps)],
+    status: Annotated[
+        SubscriptionStatus | None,
+        Query(description="Only this status, e.g. needs_attention (what an operator resumes)."),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
+    cursor: Annotated[
+        str | None,
+        Query(max_length=40, pattern=ID_PATTERN, description="next_cursor of the previous page."),
+    ] = None,
+) -> SubscriptionListOut:
+    """Subscriptions from the database, by id, with the attention (step, reason, since) of
+    each one parked in needs_attention."""
+    _refuse_unknown_params(request, frozenset({"status", "limit", "cursor"}))
+
+    def read() -> SubscriptionListOut:
+        with unit_of_work(deps.session_factory) as session:
+            # One more than asked: whether a next page exists, without a count.
+            records = subscriptions_repo.list_subscriptions(
+                session, status=status, limit=limit + 1, after_id=cursor
+            )
+            page = records[:limit]
+            parked = subscriptions_repo.parked_at(
+                session,
+                [r.id for r in page if r.status == SubscriptionStatus.NEEDS_ATTENTION],
+            )
+        return SubscriptionListOut(
+            items=[SubscriptionSummaryOut.of(r, parked.get(r.id)) for r in page],
+            next_cursor=page[-1].id if len(records) > limit else None,
+        )
+
+    return await asyncio.to_thread(read)
+
 
 @router.get(
     "/{id}",
@@ -386,6 +486,7 @@ async def get_subscription(
     else:
         invoicing = await asyncio.to_thread(_invoicing, deps, id)
         answer = _from_database(record, invoicing)
+        answer.attention = AttentionOut.of_record(record, parked_since(history))
     answer.status_history = [StatusChangeOut.of(change) for change in history]
     return answer
 
@@ -459,6 +560,7 @@ def _merged(record: SubscriptionRecord, view: SubscriptionView) -> SubscriptionO
         ended_at=view.ended_at,
         paused_at=view.paused_at,
         open_invoice=OpenInvoiceOut.of_view(view.open_invoice) if view.open_invoice else None,
+        attention=AttentionOut.of_view(view),
         invoices_issued=view.invoices_issued,
         workflow_id=record.workflow_id,
         created_at=record.created_at,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, delete, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from billing.records import StatusChangeRecord, SubscriptionRecord
@@ -235,3 +235,50 @@ def delete_pending_subscription(session: Session, subscription_id: str) -> bool:
         .returning(SUBSCRIPTIONS.c.id)
     ).scalar_one_or_none()
     return deleted is not None
+
+
+def count_subscriptions_with_status(session: Session, status: SubscriptionStatus) -> int:
+    """How many subscriptions have ``status`` now (e.g. needs_attention, for the gauge an
+    operator alerts on)."""
+    return int(
+        session.scalar(
+            select(func.count()).select_from(SUBSCRIPTIONS).where(SUBSCRIPTIONS.c.status == status)
+        )
+        or 0
+    )
+
+
+def list_subscriptions(
+    session: Session,
+    *,
+    status: SubscriptionStatus | None = None,
+    limit: int,
+    after_id: str | None = None,
+) -> list[SubscriptionRecord]:
+    """Subscriptions by id (keyset: those after ``after_id``), with ``status`` if given; at
+    most ``limit``."""
+    statement = select_rows(SUBSCRIPTIONS).order_by(SUBSCRIPTIONS.c.id).limit(limit)
+    if status is not None:
+        statement = statement.where(SUBSCRIPTIONS.c.status == status)
+    if after_id is not None:
+        statement = statement.where(SUBSCRIPTIONS.c.id > after_id)
+    return fetch_all(session, SubscriptionRecord, statement)
+
+
+def parked_at(session: Session, subscription_ids: list[str]) -> dict[str, datetime]:
+    """When each of these subscriptions last moved to needs_attention (those that never did
+    are absent), from the status log."""
+    if not subscription_ids:
+        return {}
+    rows = session.execute(
+        select(
+            SUBSCRIPTION_STATUS_CHANGES.c.subscription_id,
+            func.max(SUBSCRIPTION_STATUS_CHANGES.c.changed_at),
+        )
+        .where(
+            SUBSCRIPTION_STATUS_CHANGES.c.subscription_id.in_(subscription_ids),
+            SUBSCRIPTION_STATUS_CHANGES.c.to_status == SubscriptionStatus.NEEDS_ATTENTION,
+        )
+        .group_by(SUBSCRIPTION_STATUS_CHANGES.c.subscription_id)
+    ).all()
+    return {subscription_id: changed_at for subscription_id, changed_at in rows}
