@@ -19,6 +19,11 @@ Routing (``route_event``; the workflow id is ``workflow_id_for(subscription_id)`
   that is not canceled ("retry the open invoice now"). Stripe does not deliver events in
   order: an event ``created`` before the newest one already acted on for that customer is
   stale news and is recorded as ignored, so an older card never overwrites a newer one.
+  Once the signals are sent, the new card is recorded as the customer's default in our
+  database (with the outcome), so the same news delivered again, under another event id or
+  as the echo of our own write, is recognised and signals nothing. Nothing here, and nothing
+  the workflow does with this news, writes to Stripe: the default already changed there, and
+  a write would make Stripe send the news again (the webhook storm of issue 11).
 * ``payment_intent.succeeded`` for one of our invoices (found by the invoice's one
   PaymentIntent, ``invoices.stripe_payment_intent_id``, else by an attempt that used it, else
   by ``metadata.invoice_id``) with no payment recorded: for an open invoice, signal
@@ -90,6 +95,7 @@ from db.repositories import webhook_events as webhook_events_repo
 
 __all__ = [
     "WEBHOOK_PATH",
+    "CardNews",
     "InvalidSignature",
     "RoutedSignal",
     "Routing",
@@ -313,6 +319,18 @@ class Routing:
     #: A provider payment to record through ``InvoicePaymentWorkflow``: at once when there
     #: are no signals, else if every workflow signalled has already ended.
     late_payment: LatePayment | None = None
+    #: The customer's new default card, recorded with the outcome once the signals are sent.
+    card_news: CardNews | None = None
+
+
+@dataclass(frozen=True)
+class CardNews:
+    """The provider made ``payment_method_id`` the default card of our customer
+    ``customer_id``, by an event created at ``created`` (UTC; None if it did not say)."""
+
+    customer_id: str
+    payment_method_id: str
+    created: datetime | None
 
 
 @dataclass(frozen=True)
@@ -375,9 +393,10 @@ def _route_customer_updated(session: Session, event: _Event) -> Routing:
                 f"{customer.id}; the newer state is kept"
             )
     if customer.default_payment_method_id == new_default:
-        # Our own write coming back: the workflow's attach activity makes the card the
-        # default at Stripe and then records it here. Signalling it would attach the card
-        # again, whose update would send this event again: a loop of extra retries.
+        # News we have: the echo of our own write (a signup's or a card update's attach makes
+        # the card the default at Stripe and records it here), or this change delivered again
+        # under another event id (recorded when it was first acted on). Acting again would
+        # only repeat signals; it would never write to Stripe.
         return Routing(
             detail=f"{new_default} is already the payment method on record for {customer.id}"
         )
@@ -397,7 +416,8 @@ def _route_customer_updated(session: Session, event: _Event) -> Routing:
                 PaymentMethodChangedInput(payment_method_id=new_default),
             )
             for s in subscriptions
-        ]
+        ],
+        card_news=CardNews(customer.id, new_default, event.created),
     )
 
 
@@ -614,9 +634,24 @@ def _release(session_factory: sessionmaker[Session], event_id: str, claimed_at: 
 
 
 def _record(
-    session_factory: sessionmaker[Session], event_id: str, delivered: _Delivered, now: datetime
+    session_factory: sessionmaker[Session],
+    event_id: str,
+    delivered: _Delivered,
+    now: datetime,
+    card_news: CardNews | None = None,
 ) -> None:
     with unit_of_work(session_factory) as session:
+        if card_news is not None:
+            # Only now, with the signals sent: recorded before them, a failed send (503) would
+            # make Stripe's retry of this event look like news we have, and it would be lost.
+            # Not over newer news acted on meanwhile (an older card never comes back).
+            customers_repo.record_default_payment_method_news(
+                session,
+                card_news.customer_id,
+                card_news.payment_method_id,
+                card_news.created,
+                now=now,
+            )
         webhook_events_repo.record_webhook_outcome(
             session,
             event_id,
@@ -673,9 +708,8 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
         # Without this delete, Stripe's retry would find the row and be answered "duplicate":
         # the news would be lost. Signals already sent (to a customer's other subscriptions)
         # stay sent and are sent again on the retry: a repeated payment_authenticated is a
-        # no-op once the invoice is settled, a repeated payment_method_changed costs one more
-        # attach and at most one extra charge attempt on the same card, never a second
-        # payment (a paid invoice is never charged).
+        # no-op once the invoice is settled, and a workflow ignores a payment_method_changed
+        # naming the card it already has (no attempt, no provider write).
         await asyncio.to_thread(_release, session_factory, event.id, claimed_at)
         logger.warning("Temporal unavailable for webhook %s: %s", event.id, unavailable)
         return _error(
@@ -690,7 +724,9 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
             await asyncio.to_thread(_release, session_factory, event.id, claimed_at)
         raise
 
-    await asyncio.to_thread(_record, session_factory, event.id, delivered, deps.clock.now())
+    await asyncio.to_thread(
+        _record, session_factory, event.id, delivered, deps.clock.now(), routing.card_news
+    )
     logger.info(
         "webhook %s (%s): %s %s", event.id, event.type, delivered.outcome.value, delivered.detail
     )
