@@ -1,0 +1,349 @@
+"""Issue 11, finding 5: the webhook storm. A change of default card that Stripe reports must
+never cause another write to Stripe, or Stripe reports that write too, and so on: several
+subscriptions of one customer signed up within a second once set off 3,580 webhook events in
+9 minutes (customer.updated -> payment_method_changed -> attach -> customer.updated ...).
+
+Everything here is real: the API app (signup endpoint and webhook endpoint) served by uvicorn
+on a real port, localstripe signing and delivering its own events to it over HTTP, the worker
+running the subscription workflows on the time-skipping server, a real database. Writes to
+Stripe are counted on the wire (the Stripe SDK's recording HTTP client, shared by the API's
+signups and the worker's activities).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from billing.api import create_app
+from billing.api.webhooks import WEBHOOK_PATH, webhook_router
+from billing.contracts import SubscriptionMessage
+from billing.invoices import InvoiceStatus
+from billing.records import WebhookOutcome
+from billing.settings import ApiKey, Settings
+from billing.subscription import SubscriptionStatus
+from billing.testing.cards import DECLINES_AFTER_ATTACH, SUCCEEDS
+from billing.testing.harness import BillingHarness
+from billing.testing.localstripe import LocalStripe
+from db.engine import unit_of_work
+from db.repositories import customers, subscriptions
+from tests.api.support import API_KEYS, auth
+from tests.api.test_webhooks import settled, signals_received
+from tests.api.webhook_fixtures import (
+    CAPTURE_PATH,
+    TOLERANCE_SECONDS,
+    WEBHOOK_SECRET,
+    Delivery,
+    WebhookServer,
+    WebhookStack,
+    localstripe_fixture,  # noqa: F401  (a fixture, registered under its short name)
+    register_localstripe_webhook,
+    sign,
+    wait_until,
+    webhook_harness_fixture,  # noqa: F401  (a fixture, registered under its short name)
+    webhook_stack_fixture,  # noqa: F401  (a fixture, registered under its short name)
+)
+from tests.conftest import BOTH_BACKENDS
+
+DAY = timedelta(days=1)
+#: Subscriptions signed up at once for a customer who already has one.
+CONCURRENT_SIGNUPS = 5
+#: "The count stops growing": no new event for this long after the last one. localstripe
+#: delivers an event about 1 s after it happens; a storm makes one every few hundred ms.
+QUIET_SECONDS = 10.0
+#: How long a test may watch for the events to stop before it calls it a storm.
+STORM_TIMEOUT_SECONDS = 60.0
+
+
+# ---- the whole API on a real port ------------------------------------------------------------
+
+
+@pytest.fixture(name="api_stack")
+def api_stack_fixture(webhook_harness: BillingHarness, localstripe: LocalStripe) -> Iterator[Any]:
+    """The API app as production builds it (``create_app`` with the webhook router), served by
+    uvicorn; localstripe delivers its events to the app's webhook endpoint."""
+    harness = webhook_harness
+    settings = Settings(
+        _env_file=None,
+        environment="test",
+        database_url=harness.database_url,
+        task_queue=harness.task_queue,
+        api_keys=[
+            ApiKey(name=f"{scope}-key", scope=scope, key=SecretStr(key))
+            for scope, key in API_KEYS.items()
+        ],
+        stripe_webhook_secret=SecretStr(WEBHOOK_SECRET),
+        stripe_webhook_tolerance_seconds=TOLERANCE_SECONDS,
+    )
+    app = create_app(
+        settings, deps=harness.deps, temporal=harness.client, include_routers=[webhook_router()]
+    )
+    with WebhookServer(app) as server:
+        stack = WebhookStack(harness, localstripe, server, app)
+        stack.listen(WEBHOOK_PATH)
+        try:
+            yield stack
+        finally:
+            register_localstripe_webhook(
+                localstripe, server.url + CAPTURE_PATH, events=["billing.tests.none"]
+            )
+
+
+async def signup_over_http(
+    stack: WebhookStack, external_id: str, payment_method_id: str
+) -> httpx.Response:
+    """``POST /v1/subscriptions`` on the served app, for the customer ``external_id``. A trial,
+    so no charge happens while the test watches: the only provider events are the customer's
+    (its creation, and the default card each signup sets)."""
+    await stack.harness.now()  # the API's clock reads the server's time
+    async with httpx.AsyncClient(base_url=stack.server.url, timeout=60) as client:
+        response = await client.post(
+            "/v1/subscriptions",
+            headers=auth("signup"),
+            json={
+                "plan": "basic-monthly",
+                "customer": {
+                    "external_id": external_id,
+                    "email": "storm@example.com",
+                    "timezone": "UTC",
+                },
+                "payment_method_id": payment_method_id,
+                "trial_days": 14,
+            },
+        )
+    if response.status_code == 201:
+        await stack.harness.track(response.json()["id"])
+    return response
+
+
+def stripe_customer_of(stack: WebhookStack, subscription_id: str) -> tuple[str, str]:
+    """(our customer id, its Stripe customer id)."""
+    with unit_of_work(stack.harness.session_factory) as session:
+        subscription = subscriptions.get_subscription(session, subscription_id)
+        assert subscription is not None
+        customer = customers.get_customer(session, subscription.customer_id)
+    assert customer is not None and customer.stripe_customer_id is not None
+    return customer.id, customer.stripe_customer_id
+
+
+def about(event: dict[str, Any], stripe_customer: str) -> bool:
+    obj = event["data"]["object"]
+    return bool(obj.get("id") == stripe_customer or obj.get("customer") == stripe_customer)
+
+
+def localstripe_events(stack: WebhookStack, stripe_customer: str) -> list[dict[str, Any]]:
+    """localstripe's own record of the events about the customer (what it will deliver)."""
+    events: list[dict[str, Any]] = []
+    starting_after: str | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 100}
+        if starting_after:
+            params["starting_after"] = starting_after
+        page = httpx.get(
+            f"{stack.localstripe.url}/v1/events",
+            params=params,
+            headers={"Authorization": "Bearer sk_test_localstripe"},
+            timeout=10,
+        ).json()
+        events.extend(e for e in page["data"] if about(e, stripe_customer))
+        if not page.get("has_more") or not page["data"]:
+            return events
+        starting_after = page["data"][-1]["id"]
+
+
+def writes(harness: BillingHarness, start: int = 0) -> list[str]:
+    """The paths of the POSTs (every write) sent to Stripe, from the ``start``-th request."""
+    return [r.path for r in harness.http_client.recorded[start:] if r.method == "POST"]
+
+
+async def until_quiet(stack: WebhookStack, bound: int) -> int:
+    """Watch the recorded webhook events until none has arrived for ``QUIET_SECONDS``; fail
+    at once if they exceed ``bound`` (a storm), or if they never stop. Returns the count."""
+    deadline = time.monotonic() + STORM_TIMEOUT_SECONDS
+    count, changed_at = stack.event_count(), time.monotonic()
+    while time.monotonic() - changed_at < QUIET_SECONDS:
+        now_count = stack.event_count()
+        if now_count != count:
+            count, changed_at = now_count, time.monotonic()
+        if count > bound or time.monotonic() > deadline:
+            kinds = Counter(f"{e.type}: {e.outcome}" for e in stack.events())
+            raise AssertionError(
+                f"{count} webhook events (bound {bound}), still arriving after "
+                f"{STORM_TIMEOUT_SECONDS - (deadline - time.monotonic()):.0f} s: {dict(kinds)}; "
+                f"writes to Stripe: {Counter(writes(stack.harness)).most_common(4)}"
+            )
+        await asyncio.sleep(0.25)
+    return count
+
+
+@BOTH_BACKENDS
+async def test_concurrent_signups_for_one_customer_make_a_bounded_number_of_events_that_stops(
+    api_stack: WebhookStack,
+) -> None:
+    """A customer with a subscription signs up for ``CONCURRENT_SIGNUPS`` more at once, each
+    with a new card. Each signup makes its card the customer's default at Stripe: one
+    customer.updated each. Their news reaches every subscription (the deliveries overtake
+    each other, so most of them name a card other than the one on record), and none of that
+    writes to Stripe. So the events are exactly: customer.created once, customer.updated once
+    per signup (``CONCURRENT_SIGNUPS + 2`` in all), every one delivered and recorded, and then
+    no more: the count is unchanged ``QUIET_SECONDS`` after the last delivery."""
+    stack, harness = api_stack, api_stack.harness
+    external_id = "storm-customer"
+    first_card = await harness.to_thread_card(SUCCEEDS)
+    first = await signup_over_http(stack, external_id, first_card)
+    assert first.status_code == 201, first.text
+    customer_id, stripe_customer = stripe_customer_of(stack, first.json()["id"])
+
+    cards = [await harness.to_thread_card(SUCCEEDS) for _ in range(CONCURRENT_SIGNUPS)]
+    answers = await asyncio.gather(*(signup_over_http(stack, external_id, c) for c in cards))
+    assert [a.status_code for a in answers] == [201] * CONCURRENT_SIGNUPS, [
+        a.text for a in answers
+    ]
+    assert {a.json()["customer_id"] for a in answers} == {customer_id}
+    after_signups = len(harness.http_client.recorded)
+    signups = CONCURRENT_SIGNUPS + 1
+
+    # The bound: the customer's creation, and one change of default per signup.
+    bound = 1 + signups
+    count = await until_quiet(stack, bound)
+    assert count == bound
+
+    events = localstripe_events(stack, stripe_customer)
+    assert Counter(e["type"] for e in events) == {"customer.created": 1, "customer.updated": signups}
+    recorded = stack.events()
+    assert sorted(r.id for r in recorded) == sorted(e["id"] for e in events)
+    assert all(r.processed_at is not None for r in recorded)
+    # Each signup's own write to Stripe, and nothing after the last signup answered: the news
+    # of those writes (routed to the workflows, or recognised as known) wrote nothing.
+    assert writes(harness, after_signups) == []
+    assert Counter(writes(harness))[f"/v1/customers/{stripe_customer}"] == signups
+    # The same on localstripe's side of the wire (its record of its deliveries).
+    delivered = [d for d in stack.deliveries() if about(d.event, stripe_customer)]
+    assert len(delivered) == bound and {d.status for d in delivered} == {200}
+
+    # Each subscription took at most one signal per change, and ended up trialing, with no
+    # charge attempted and nothing parked.
+    subscription_ids = [first.json()["id"], *(a.json()["id"] for a in answers)]
+    await harness.wait_until_at_rest(subscription_ids)
+    changed = SubscriptionMessage.PAYMENT_METHOD_CHANGED
+    routed = [r for r in recorded if r.outcome == WebhookOutcome.ROUTED]
+    for subscription_id in subscription_ids:
+        assert await signals_received(harness, subscription_id, changed) <= len(routed)
+        state = await harness.state(subscription_id)
+        assert state.status == SubscriptionStatus.TRIALING, state
+        assert state.open_invoice is None and state.invoices_issued == 0
+
+
+# ---- one change, delivered twice and out of order ---------------------------------------------
+
+
+def set_default_card_at_stripe(stack: WebhookStack, stripe_customer: str, number: str) -> str:
+    """The customer changes the default card in Stripe's own pages; only the webhook tells us."""
+    client = stack.harness.stripe
+    pm = stack.harness.card(number)
+    client.v1.payment_methods.attach(pm, params={"customer": stripe_customer})
+    client.v1.customers.update(
+        stripe_customer, params={"invoice_settings": {"default_payment_method": pm}}
+    )
+    return pm
+
+
+async def captured_change(stack: WebhookStack, stripe_customer: str, pm: str) -> Delivery:
+    """localstripe's signed customer.updated naming ``pm`` as the default, as captured."""
+
+    def found() -> list[Delivery]:
+        return [
+            d
+            for d in stack.deliveries("customer.updated", path=CAPTURE_PATH)
+            if d.event["data"]["object"]["id"] == stripe_customer
+            and d.event["data"]["object"]["invoice_settings"]["default_payment_method"] == pm
+        ]
+
+    [delivery] = await wait_until(found, what=f"localstripe's news of {pm}")
+    return delivery
+
+
+@BOTH_BACKENDS
+async def test_one_change_delivered_twice_at_once_and_behind_an_older_one_acts_once(
+    webhook_stack: WebhookStack,
+) -> None:
+    """Stripe delivers at least once and in any order. A past-due subscription's customer
+    sets a declining card and then, a second later, a good one, at Stripe. localstripe's two
+    genuine signed events reach us in the worst order: the newer change twice at the same
+    moment, again later, and then the older change. The newer card is tried once and pays;
+    the older news is stale; nothing is written to Stripe; the workflow hears the news once."""
+    stack, harness = webhook_stack, webhook_stack.harness
+    now = await harness.now()
+    anchor = now.replace(minute=0, second=0, microsecond=0) + DAY
+    sub = await harness.signup(
+        "basic-monthly", card=DECLINES_AFTER_ATTACH, billing_anchor_at=anchor
+    )
+    await harness.advance_to(anchor + timedelta(hours=1))
+    state = await harness.state(sub.subscription_id)
+    assert state.status == SubscriptionStatus.PAST_DUE
+    _, stripe_customer = stripe_customer_of(stack, sub.subscription_id)
+
+    # Hold localstripe's deliveries, to hand them to the endpoint in an order of our choosing.
+    stack.listen(CAPTURE_PATH)
+    older_card = await asyncio.to_thread(
+        set_default_card_at_stripe, stack, stripe_customer, DECLINES_AFTER_ATTACH
+    )
+    await asyncio.sleep(1.1)  # Stripe's ``created`` counts seconds: the newer one is later
+    newer_card = await asyncio.to_thread(
+        set_default_card_at_stripe, stack, stripe_customer, SUCCEEDS
+    )
+    older = await captured_change(stack, stripe_customer, older_card)
+    newer = await captured_change(stack, stripe_customer, newer_card)
+    assert older.event["created"] < newer.event["created"]
+    stack.listen(WEBHOOK_PATH)
+    writes_before = len(harness.http_client.recorded)
+
+    # The same event twice at once: one delivery acts on it, the other is told it is a
+    # duplicate, or that it is in progress (409: Stripe retries it later).
+    answers = await asyncio.gather(
+        stack.post(newer.body, sign(newer.body)), stack.post(newer.body, sign(newer.body))
+    )
+    bodies = sorted(json.dumps(a.json(), sort_keys=True) for a in answers)
+    assert sorted(a.status_code for a in answers) in ([200, 200], [200, 409]), bodies
+    assert sum(a.json().get("outcome") == WebhookOutcome.ROUTED for a in answers) == 1, bodies
+    snap = await wait_until(settled(harness, sub.subscription_id), timeout=20, what="paid")
+
+    again = await stack.post(newer.body, sign(newer.body))
+    assert again.json() == {"received": True, "duplicate": True}
+    late = await stack.post(older.body, sign(older.body))
+    assert late.status_code == 200 and late.json()["outcome"] == WebhookOutcome.IGNORED
+    stale = stack.event(older.event["id"])
+    assert stale is not None and "stale" in (stale.detail or "")
+
+    await harness.wait_until_at_rest([sub.subscription_id])
+    snap = harness.snapshot(sub.subscription_id)
+    [invoice] = snap.invoices
+    assert invoice.status == InvoiceStatus.PAID
+    attempts = snap.attempts[invoice.id]
+    assert [(a.status, a.reason) for a in attempts] == [
+        ("failed", "scheduled"),
+        ("succeeded", "payment_method_updated"),
+    ]
+    assert attempts[1].payment_method_id == newer_card
+    assert len(snap.payments[invoice.id]) == 1
+    changed = SubscriptionMessage.PAYMENT_METHOD_CHANGED
+    assert await signals_received(harness, sub.subscription_id, changed) == 1
+    # The charge is the only thing sent to Stripe after the news; its default stays the card
+    # the customer chose last, in our record too.
+    assert [p for p in writes(harness, writes_before) if p.startswith("/v1/customers")] == []
+    assert not any("/attach" in p for p in writes(harness, writes_before))
+    at_stripe = harness.stripe.v1.customers.retrieve(stripe_customer)
+    assert at_stripe.invoice_settings is not None
+    assert at_stripe.invoice_settings.default_payment_method == newer_card
+    with unit_of_work(harness.session_factory) as session:
+        record = customers.get_customer_by_stripe_id(session, stripe_customer)
+    assert record is not None and record.default_payment_method_id == newer_card
