@@ -19,6 +19,11 @@ Routing (``route_event``; the workflow id is ``workflow_id_for(subscription_id)`
   that is not canceled ("retry the open invoice now"). Stripe does not deliver events in
   order: an event ``created`` before the newest one already acted on for that customer is
   stale news and is recorded as ignored, so an older card never overwrites a newer one.
+  Within one second (``created`` counts seconds), and for news older than our own writes
+  (a signup's or a card update's attach, which carry no event time), the order is unknown:
+  so news naming a card other than the one on record is checked against the customer's
+  default at Stripe now (a read), and only that card is acted on; if it is the one on
+  record, the news was stale.
   Once the signals are sent, the new card is recorded as the customer's default in our
   database (with the outcome), so the same news delivered again, under another event id or
   as the echo of our own write, is recognised and signals nothing. Nothing here, and nothing
@@ -138,6 +143,16 @@ _EVENT_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
 _MAX_CREATED = 253_402_300_799
 
 
+class ProviderCustomers(Protocol):
+    """The one provider call routing makes: a read (billing.payments.PaymentGateway has it)."""
+
+    def default_payment_method(self, *, provider_customer_id: str) -> str | None: ...
+
+
+#: The customer's default card at the provider now, by provider customer id (a read).
+CurrentDefault = Callable[[str], str | None]
+
+
 class WebhookDependencies(Protocol):
     """What the endpoint needs from ``request.app.state.deps`` (a billing.worker.Dependencies)."""
 
@@ -146,6 +161,9 @@ class WebhookDependencies(Protocol):
 
     @property
     def clock(self) -> Clock: ...
+
+    @property
+    def gateway(self) -> ProviderCustomers: ...
 
 
 # ---- answers ------------------------------------------------------------------------------
@@ -358,7 +376,9 @@ def _default_payment_method(customer: dict[str, Any]) -> str | None:
     )
 
 
-def _route_customer_updated(session: Session, event: _Event) -> Routing:
+def _route_customer_updated(
+    session: Session, event: _Event, current_default: CurrentDefault | None
+) -> Routing:
     """A new default card for invoices means "retry the open invoice now" (README: card
     updated), for every live subscription of the customer."""
     previous = event.data.get("previous_attributes")
@@ -382,6 +402,17 @@ def _route_customer_updated(session: Session, event: _Event) -> Routing:
             outcome=WebhookOutcome.NO_SUBSCRIPTION,
             detail=f"no customer of ours is provider customer {stripe_customer_id}",
         )
+    said = new_default
+    if customer.default_payment_method_id != new_default and current_default is not None:
+        # News of a card other than ours may be older than what we know (see the module
+        # docstring): act on what the provider holds now. Read before the watermark's update
+        # below, so no row lock is held across the call.
+        new_default = current_default(stripe_customer_id)
+        if new_default is None:
+            return Routing(
+                detail=f"provider customer {stripe_customer_id} has no default payment "
+                "method now; nothing to retry with"
+            )
     if event.created is not None:
         newer = customers_repo.advance_payment_method_event(session, customer.id, event.created)
         if newer is not None:
@@ -392,6 +423,11 @@ def _route_customer_updated(session: Session, event: _Event) -> Routing:
                 f"payment method news of {newer.isoformat()} already acted on for "
                 f"{customer.id}; the newer state is kept"
             )
+    if customer.default_payment_method_id == new_default != said:
+        return Routing(
+            detail=f"stale: the event names {said}, but the provider's default is now "
+            f"{new_default}, already the payment method on record for {customer.id}"
+        )
     if customer.default_payment_method_id == new_default:
         # News we have: the echo of our own write (a signup's or a card update's attach makes
         # the card the default at Stripe and records it here), or this change delivered again
@@ -421,7 +457,9 @@ def _route_customer_updated(session: Session, event: _Event) -> Routing:
     )
 
 
-def _route_payment_intent_succeeded(session: Session, event: _Event) -> Routing:
+def _route_payment_intent_succeeded(
+    session: Session, event: _Event, current_default: CurrentDefault | None
+) -> Routing:
     """A PaymentIntent of ours has succeeded. Usually the charge's own answer settles it, or
     the subscription workflow does after authentication (``payment_authenticated``); a
     payment nobody live will settle goes to ``InvoicePaymentWorkflow``. Never ignored while
@@ -492,7 +530,7 @@ def _route_payment_intent_succeeded(session: Session, event: _Event) -> Routing:
     )
 
 
-_ROUTES: dict[str, Callable[[Session, _Event], Routing]] = {
+_ROUTES: dict[str, Callable[[Session, _Event, CurrentDefault | None], Routing]] = {
     "customer.updated": _route_customer_updated,
     "payment_intent.succeeded": _route_payment_intent_succeeded,
     # Not "payment_method.attached": attaching a card does not make it the one invoices are
@@ -509,20 +547,26 @@ def route_event(
     data: dict[str, Any],
     event_id: str = "",
     created: datetime | None = None,
+    current_default: CurrentDefault | None = None,
 ) -> Routing:
     """Which workflow signals the event calls for, from our database. The only write is the
     customer's payment-method event watermark (``created``, UTC), which keeps late events from
-    overwriting newer news."""
+    overwriting newer news. ``current_default``: reads a customer's default card at the
+    provider, to check card news against (None: the event is taken at its word)."""
     route = _ROUTES.get(event_type)
     if route is None:
         return Routing(detail=f"event type {event_type} is not one this endpoint acts on")
-    return route(session, _Event(event_id, event_type, data, created))
+    return route(session, _Event(event_id, event_type, data, created), current_default)
 
 
 # ---- the endpoint -----------------------------------------------------------------------------
 
 
 class _TemporalUnavailable(Exception):
+    pass
+
+
+class _ProviderUnavailable(Exception):
     pass
 
 
@@ -623,9 +667,19 @@ def _claim(
         )
 
 
-def _route(session_factory: sessionmaker[Session], event: _Event) -> Routing:
+def _route(
+    session_factory: sessionmaker[Session], event: _Event, provider: ProviderCustomers
+) -> Routing:
+    def current_default(provider_customer_id: str) -> str | None:
+        try:
+            return provider.default_payment_method(provider_customer_id=provider_customer_id)
+        except Exception as error:  # any failure: the event is retried, never half-applied
+            raise _ProviderUnavailable(f"{type(error).__name__}: {error}") from error
+
     with unit_of_work(session_factory) as session:
-        return route_event(session, event.type, event.data, event.id, event.created)
+        return route_event(
+            session, event.type, event.data, event.id, event.created, current_default
+        )
 
 
 def _release(session_factory: sessionmaker[Session], event_id: str, claimed_at: datetime) -> None:
@@ -702,7 +756,7 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
 
     claimed_at = claim.event.claimed_at
     try:
-        routing = await asyncio.to_thread(_route, session_factory, event)
+        routing = await asyncio.to_thread(_route, session_factory, event, deps.gateway)
         delivered = await _deliver(temporal, routing, settings)
     except _TemporalUnavailable as unavailable:
         # Without this delete, Stripe's retry would find the row and be answered "duplicate":
@@ -717,6 +771,15 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
             "temporal_unavailable",
             f"could not reach the workflow service ({unavailable}); event {event.id} was not "
             "processed, retry later",
+        )
+    except _ProviderUnavailable as unavailable:
+        await asyncio.to_thread(_release, session_factory, event.id, claimed_at)
+        logger.warning("Stripe unavailable for webhook %s: %s", event.id, unavailable)
+        return _error(
+            503,
+            "provider_unavailable",
+            f"could not read the customer's default card from Stripe ({unavailable}); event "
+            f"{event.id} was not processed, retry later",
         )
     except Exception:
         # e.g. the database went away mid-request: let Stripe's retry process the event.
@@ -795,7 +858,11 @@ def webhook_router() -> APIRouter:
             400: {"model": ErrorOut, "description": "Bad signature, or not a Stripe event."},
             409: {"model": ErrorOut, "description": "Another delivery is processing it."},
             413: {"model": ErrorOut, "description": "Body over the webhook limit."},
-            503: {"model": ErrorOut, "description": "Temporal unreachable; Stripe retries."},
+            503: {
+                "model": ErrorOut,
+                "description": "Temporal, or Stripe (read of a customer's card), unreachable; "
+                "Stripe retries.",
+            },
         },
         openapi_extra={
             "requestBody": {

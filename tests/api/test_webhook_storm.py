@@ -26,7 +26,11 @@ from pydantic import SecretStr
 
 from billing.api import create_app
 from billing.api.webhooks import WEBHOOK_PATH, webhook_router
-from billing.contracts import SubscriptionMessage
+from billing.contracts import (
+    SubscriptionMessage,
+    UpdatePaymentMethodInput,
+    UpdatePaymentMethodResult,
+)
 from billing.invoices import InvoiceStatus
 from billing.records import WebhookOutcome
 from billing.settings import ApiKey, Settings
@@ -205,9 +209,7 @@ async def test_concurrent_signups_for_one_customer_make_a_bounded_number_of_even
 
     cards = [await harness.to_thread_card(SUCCEEDS) for _ in range(CONCURRENT_SIGNUPS)]
     answers = await asyncio.gather(*(signup_over_http(stack, external_id, c) for c in cards))
-    assert [a.status_code for a in answers] == [201] * CONCURRENT_SIGNUPS, [
-        a.text for a in answers
-    ]
+    assert [a.status_code for a in answers] == [201] * CONCURRENT_SIGNUPS, [a.text for a in answers]
     assert {a.json()["customer_id"] for a in answers} == {customer_id}
     after_signups = len(harness.http_client.recorded)
     signups = CONCURRENT_SIGNUPS + 1
@@ -218,7 +220,10 @@ async def test_concurrent_signups_for_one_customer_make_a_bounded_number_of_even
     assert count == bound
 
     events = localstripe_events(stack, stripe_customer)
-    assert Counter(e["type"] for e in events) == {"customer.created": 1, "customer.updated": signups}
+    assert Counter(e["type"] for e in events) == {
+        "customer.created": 1,
+        "customer.updated": signups,
+    }
     recorded = stack.events()
     assert sorted(r.id for r in recorded) == sorted(e["id"] for e in events)
     assert all(r.processed_at is not None for r in recorded)
@@ -347,3 +352,81 @@ async def test_one_change_delivered_twice_at_once_and_behind_an_older_one_acts_o
     with unit_of_work(harness.session_factory) as session:
         record = customers.get_customer_by_stripe_id(session, stripe_customer)
     assert record is not None and record.default_payment_method_id == newer_card
+
+
+# ---- a card update through the API, with Stripe's news of it live -----------------------------
+
+
+async def test_an_api_card_update_reaches_the_sibling_once_and_its_echo_acts_on_nothing(
+    webhook_stack: WebhookStack,
+) -> None:
+    """Two past-due subscriptions of one customer; the customer gives a new card for the first
+    through the API. The attach is the one write to Stripe's customer; the workflow passes the
+    card to the sibling itself, and Stripe's news of that write (customer.updated) is
+    recognised as ours: each invoice is tried once more, with the new card, and paid."""
+    stack, harness = webhook_stack, webhook_stack.harness
+    now = await harness.now()
+    anchor = now.replace(minute=0, second=0, microsecond=0) + DAY
+    external_id = "api-update-customer"
+    first = await harness.signup(
+        "basic-monthly",
+        card=DECLINES_AFTER_ATTACH,
+        billing_anchor_at=anchor,
+        external_id=external_id,
+    )
+    sibling = await harness.signup(
+        "basic-monthly", billing_anchor_at=anchor, external_id=external_id
+    )
+    await harness.advance_to(anchor + timedelta(hours=1))
+    for sub in (first, sibling):
+        state = await harness.state(sub.subscription_id)
+        assert state.status == SubscriptionStatus.PAST_DUE and state.open_invoice is not None
+        assert state.open_invoice.first_failure_at is not None
+        # A soft decline: its next retry is a day away, not now.
+        assert state.open_invoice.next_retry_at == state.open_invoice.first_failure_at + DAY
+    _, stripe_customer = stripe_customer_of(stack, first.subscription_id)
+
+    good_card = await harness.to_thread_card(SUCCEEDS)
+    before = len(harness.http_client.recorded)
+    await harness.update(
+        first.subscription_id,
+        SubscriptionMessage.UPDATE_PAYMENT_METHOD,
+        UpdatePaymentMethodInput(payment_method_id=good_card),
+        UpdatePaymentMethodResult,
+    )
+    for sub in (first, sibling):
+        await wait_until(settled(harness, sub.subscription_id), timeout=20, what="paid")
+
+    def echo() -> list[Delivery]:
+        return [
+            d
+            for d in stack.deliveries("customer.updated")
+            if d.event["data"]["object"]["id"] == stripe_customer
+            and d.event["data"]["object"]["invoice_settings"]["default_payment_method"] == good_card
+        ]
+
+    [news] = await wait_until(echo, what="Stripe's news of the attach")
+    await asyncio.sleep(3)  # time for any further news to come
+    assert echo() == [news]
+    row = await wait_until(
+        lambda: (r := stack.event(news.event["id"])) is not None and r.processed_at and r,
+        what="the news processed",
+    )
+    assert row.outcome == WebhookOutcome.IGNORED, row
+    assert "already the payment method on record" in (row.detail or "")
+
+    posts = writes(harness, before)
+    assert posts.count(f"/v1/customers/{stripe_customer}") == 1  # the attach's, nothing else
+    assert posts.count(f"/v1/payment_methods/{good_card}/attach") == 1
+    await harness.wait_until_at_rest([first.subscription_id, sibling.subscription_id])
+    changed = SubscriptionMessage.PAYMENT_METHOD_CHANGED
+    assert await signals_received(harness, first.subscription_id, changed) == 0
+    assert await signals_received(harness, sibling.subscription_id, changed) == 1
+    for sub in (first, sibling):
+        snap = harness.snapshot(sub.subscription_id)
+        [invoice] = snap.invoices
+        assert [(a.status, a.reason) for a in snap.attempts[invoice.id]] == [
+            ("failed", "scheduled"),
+            ("succeeded", "payment_method_updated"),
+        ], sub.subscription_id
+        assert len(snap.payments[invoice.id]) == 1

@@ -120,6 +120,32 @@ def set_default_card_at_stripe(stack: WebhookStack, stripe_customer_id: str, num
     return pm
 
 
+async def set_default_card_at_stripe_unannounced(
+    stack: WebhookStack, stripe_customer_id: str, pm: str
+) -> None:
+    """Make ``pm`` the customer's default card at Stripe, with Stripe's news of it held at the
+    capture route: the test then delivers news of its own making. (The endpoint checks card
+    news against the customer's default at Stripe, so the change must be real.)"""
+    stack.listen(CAPTURE_PATH)
+
+    def change() -> None:
+        client = stack.harness.stripe
+        client.v1.payment_methods.attach(pm, params={"customer": stripe_customer_id})
+        client.v1.customers.update(
+            stripe_customer_id, params={"invoice_settings": {"default_payment_method": pm}}
+        )
+
+    await asyncio.to_thread(change)
+    # localstripe picks the endpoint when it sends (about 1 s later): wait for the capture.
+    await wait_until(
+        lambda: for_customer(
+            stack.deliveries("customer.updated", path=CAPTURE_PATH), stripe_customer_id, pm
+        ),
+        what=f"Stripe's news of {pm} captured",
+    )
+    stack.listen()
+
+
 def stripe_customer_id(stack: WebhookStack, subscription_id: str) -> str:
     with unit_of_work(stack.harness.session_factory) as session:
         subscription = subscriptions.get_subscription(session, subscription_id)
@@ -650,6 +676,7 @@ async def test_real_stripe_previous_attributes_decide_whether_the_default_card_c
     sub = await harness.signup("basic-monthly", card=SUCCEEDS)
     customer = stripe_customer_id(stack, sub.subscription_id)
     new_card = await harness.to_thread_card(SUCCEEDS)
+    await set_default_card_at_stripe_unannounced(stack, customer, new_card)
 
     def customer_updated(event_id: str, previous: dict[str, Any]) -> bytes:
         return json.dumps(
@@ -728,6 +755,9 @@ async def test_an_older_card_change_delivered_late_never_overwrites_the_newer_on
     sub = await harness.signup("basic-monthly", card=SUCCEEDS)
     customer = stripe_customer_id(stack, sub.subscription_id)
     older, newer, other = [await harness.to_thread_card(SUCCEEDS) for _ in range(3)]
+    # The customer really made both changes at Stripe, in this order.
+    await set_default_card_at_stripe_unannounced(stack, customer, older)
+    await set_default_card_at_stripe_unannounced(stack, customer, newer)
     changed = SubscriptionMessage.PAYMENT_METHOD_CHANGED
     # After signup, whose own card write (echoed back as customer.updated) came first.
     first_change_at = int(time.time()) + 1
@@ -771,12 +801,11 @@ async def test_an_older_card_change_delivered_late_never_overwrites_the_newer_on
     assert record.default_payment_method_event_at == datetime.fromtimestamp(
         first_change_at + 1, UTC
     )
-    # News from Stripe is never written back to Stripe (these events are made up here, so
-    # Stripe's default is still the signup's card; a real event says what Stripe has).
+    # News from Stripe is never written back to Stripe.
     assert len(harness.http_client.requests_to(f"/v1/customers/{customer}")) == writes_before
     at_stripe = harness.stripe.v1.customers.retrieve(customer)
     assert at_stripe.invoice_settings is not None
-    assert at_stripe.invoice_settings.default_payment_method not in (older, newer, other)
+    assert at_stripe.invoice_settings.default_payment_method == newer
     # No signal for the late event (the workflow's own work goes on, so its history grows).
     assert await signals_received(harness, sub.subscription_id, changed) == 1
     snap = await billed_and_settled(harness, sub.subscription_id)
