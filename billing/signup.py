@@ -4,7 +4,10 @@ Order matters, so that bad input never leaves anything half-written:
 1. validate the request (plan, time zone, trial, anchor, payment method) with reads only;
 2. make the provider-side customer and card ready (idempotent calls keyed by our ids);
 3. write the customer and the subscription in one database transaction;
-4. start the subscription's workflow, whose id derives from the subscription id.
+4. start the subscription's workflow, whose id derives from the subscription id;
+5. a new card for an existing customer is now their default at the provider: their other
+   live subscriptions are told (``payment_method_changed``, no provider write), so one blocked
+   by a hard decline retries with it at once.
 A repeat with the same idempotency key returns the same subscription and starts nothing new.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 
@@ -20,10 +24,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
 
 from billing.calendar import add_local_days, ensure_utc, parse_interval_unit, resolve_timezone
 from billing.clock import Clock
-from billing.contracts import SubscriptionWorkflowInput, workflow_id_for
+from billing.contracts import (
+    PaymentMethodChangedInput,
+    SubscriptionMessage,
+    SubscriptionWorkflowInput,
+    workflow_id_for,
+)
 from billing.errors import (
     IdempotencyConflict,
     InvalidInput,
@@ -42,6 +52,8 @@ from db.repositories import customers as customers_repo
 from db.repositories import plans as plans_repo
 from db.repositories import subscriptions as subscriptions_repo
 from workflows.subscription import SubscriptionWorkflow
+
+logger = logging.getLogger(__name__)
 
 #: A billing anchor may be this far in the past (clock skew between caller and us).
 ANCHOR_PAST_TOLERANCE = timedelta(minutes=5)
@@ -125,6 +137,8 @@ class SignupService:
                 # No key to retry with: remove the pending row rather than orphan it.
                 await asyncio.to_thread(self._delete_pending, record.id)
             raise
+        if request.payment_method_id is not None:
+            await self._tell_other_subscriptions(state)
         next_billing = state.anchor_at
         return SignupResult(
             subscription_id=state.subscription_id,
@@ -294,6 +308,38 @@ class SignupService:
             )
         except WorkflowAlreadyStartedError:
             return self.temporal.get_workflow_handle(workflow_id_for(state.subscription_id))
+
+    async def _tell_other_subscriptions(self, state: SubscriptionState) -> None:
+        """The signup made its card the customer's default at the provider: a card change for
+        every subscription of the customer. Stripe's news of that write (customer.updated) is
+        known news to the webhook (the card is on record), so the signup tells them. Best
+        effort: the subscription exists; a sibling not told keeps its own schedule."""
+
+        def others() -> list[str]:
+            with unit_of_work(self.session_factory) as session:
+                return [
+                    sub.id
+                    for sub in subscriptions_repo.list_subscriptions_for_customer(
+                        session, state.customer_id, live_only=True
+                    )
+                    if sub.id != state.subscription_id and sub.status != SubscriptionStatus.PENDING
+                ]
+
+        news = PaymentMethodChangedInput(payment_method_id=state.payment_method_id or "")
+        if not news.payment_method_id:
+            return
+        for subscription_id in await asyncio.to_thread(others):
+            handle = self.temporal.get_workflow_handle(workflow_id_for(subscription_id))
+            try:
+                await handle.signal(SubscriptionMessage.PAYMENT_METHOD_CHANGED, news)
+            except (RPCError, RuntimeError) as error:
+                # Ended meanwhile (NOT_FOUND), or Temporal unreachable: the signup stands.
+                logger.warning(
+                    "subscription %s was not told of the new card %s: %s",
+                    subscription_id,
+                    news.payment_method_id,
+                    error,
+                )
 
     async def _start_workflow_from_db(self, subscription_id: str) -> None:
         """Start the workflow of a subscription recorded by an earlier attempt (its start may

@@ -13,6 +13,7 @@ signups and the worker's activities).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from activities.stripe_gateway import StripeGateway, make_stripe_client
 from billing.api import create_app
 from billing.api.webhooks import WEBHOOK_PATH, webhook_router
 from billing.contracts import (
@@ -37,7 +39,7 @@ from billing.settings import ApiKey, Settings
 from billing.subscription import SubscriptionStatus
 from billing.testing.cards import DECLINES_AFTER_ATTACH, SUCCEEDS
 from billing.testing.harness import BillingHarness
-from billing.testing.localstripe import LocalStripe
+from billing.testing.localstripe import LOCALSTRIPE_API_KEY, LocalStripe
 from db.engine import unit_of_work
 from db.repositories import customers, subscriptions
 from tests.api.support import API_KEYS, auth
@@ -155,7 +157,7 @@ def localstripe_events(stack: WebhookStack, stripe_customer: str) -> list[dict[s
         page = httpx.get(
             f"{stack.localstripe.url}/v1/events",
             params=params,
-            headers={"Authorization": "Bearer sk_test_localstripe"},
+            headers={"Authorization": f"Bearer {LOCALSTRIPE_API_KEY}"},
             timeout=10,
         ).json()
         events.extend(e for e in page["data"] if about(e, stripe_customer))
@@ -235,14 +237,15 @@ async def test_concurrent_signups_for_one_customer_make_a_bounded_number_of_even
     delivered = [d for d in stack.deliveries() if about(d.event, stripe_customer)]
     assert len(delivered) == bound and {d.status for d in delivered} == {200}
 
-    # Each subscription took at most one signal per change, and ended up trialing, with no
-    # charge attempted and nothing parked.
+    # Each subscription heard of each change at most twice (from the signup that made it, and
+    # from Stripe's news of it when that was routed), and ended up trialing, with no charge
+    # attempted and nothing parked.
     subscription_ids = [first.json()["id"], *(a.json()["id"] for a in answers)]
     await harness.wait_until_at_rest(subscription_ids)
     changed = SubscriptionMessage.PAYMENT_METHOD_CHANGED
     routed = [r for r in recorded if r.outcome == WebhookOutcome.ROUTED]
     for subscription_id in subscription_ids:
-        assert await signals_received(harness, subscription_id, changed) <= len(routed)
+        assert await signals_received(harness, subscription_id, changed) <= signups + len(routed)
         state = await harness.state(subscription_id)
         assert state.status == SubscriptionStatus.TRIALING, state
         assert state.open_invoice is None and state.invoices_issued == 0
@@ -430,3 +433,45 @@ async def test_an_api_card_update_reaches_the_sibling_once_and_its_echo_acts_on_
             ("succeeded", "payment_method_updated"),
         ], sub.subscription_id
         assert len(snap.payments[invoice.id]) == 1
+
+
+async def test_stripe_unreachable_for_the_card_check_answers_503_and_the_retry_counts(
+    webhook_stack: WebhookStack,
+) -> None:
+    """Card news is checked against Stripe (a read). If Stripe cannot be reached, the event is
+    answered 503 and forgotten (not taken for done), so Stripe's retry acts on it."""
+    stack, harness = webhook_stack, webhook_stack.harness
+    now = await harness.now()
+    anchor = now.replace(minute=0, second=0, microsecond=0) + DAY
+    sub = await harness.signup(
+        "basic-monthly", card=DECLINES_AFTER_ATTACH, billing_anchor_at=anchor
+    )
+    await harness.advance_to(anchor + timedelta(hours=1))
+    _, stripe_customer = stripe_customer_of(stack, sub.subscription_id)
+    stack.listen(CAPTURE_PATH)
+    good_card = await asyncio.to_thread(
+        set_default_card_at_stripe, stack, stripe_customer, SUCCEEDS
+    )
+    news = await captured_change(stack, stripe_customer, good_card)
+    event_id = news.event["id"]
+
+    # Nothing listens on port 1: the read of the customer's default card cannot connect.
+    unreachable = StripeGateway(
+        make_stripe_client(
+            api_key=LOCALSTRIPE_API_KEY, api_base="http://127.0.0.1:1", max_network_retries=0
+        )
+    )
+    stack.app.state.deps = dataclasses.replace(harness.deps, gateway=unreachable)
+    response = await stack.post(news.body, sign(news.body))
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["type"] == "provider_unavailable"
+    assert "retry later" in response.json()["error"]["message"]
+    assert stack.event(event_id) is None  # not taken for done
+    changed = SubscriptionMessage.PAYMENT_METHOD_CHANGED
+    assert await signals_received(harness, sub.subscription_id, changed) == 0
+
+    stack.app.state.deps = harness.deps
+    retried = await stack.post(news.body, sign(news.body))
+    assert retried.json() == {"received": True, "event_id": event_id, "outcome": "routed"}
+    await wait_until(settled(harness, sub.subscription_id), timeout=20, what="paid")
+    assert await signals_received(harness, sub.subscription_id, changed) == 1

@@ -132,3 +132,48 @@ async def test_a_card_update_on_one_subscription_pays_the_hard_declined_sibling_
     ended_state = await harness.state(ended.subscription_id)
     assert ended_state.status == SubscriptionStatus.CANCELED
     assert harness.snapshot(ended.subscription_id).invoices == []
+
+
+@BOTH_BACKENDS
+async def test_a_new_card_given_at_signup_pays_the_customers_hard_declined_subscription(
+    stolen_card_harness: BillingHarness,
+) -> None:
+    """A signup for an existing customer with a new card makes it the customer's default at
+    Stripe: it is a card change for every subscription of the customer. The one blocked by a
+    hard decline retries at once, with it, and is paid. (Stripe's news of the signup's own
+    write is known news to the webhook, so the signup tells them itself.)"""
+    harness = stolen_card_harness
+    anchor = await first_anchor(harness)
+    customer = f"ext-signup-card-{uuid.uuid4().hex[:8]}"
+    blocked = await harness.signup(
+        "basic-monthly", card=DECLINES_AFTER_ATTACH, billing_anchor_at=anchor, external_id=customer
+    )
+    await harness.advance_to(anchor + 2 * DAY)
+    state = await harness.state(blocked.subscription_id)
+    assert state.open_invoice is not None and state.open_invoice.blocked == "hard_decline"
+
+    signed_up_at = await harness.now()
+    second = await harness.signup(
+        "basic-monthly",
+        card=SUCCEEDS,
+        billing_anchor_at=anchor + 5 * DAY,
+        external_id=customer,
+    )
+    assert second.customer_id == blocked.customer_id
+    state = await harness.wait_for(
+        blocked.subscription_id, lambda v: v.open_invoice is None, timeout=SIBLING_RETRY_TIMEOUT_S
+    )
+    assert state.status == SubscriptionStatus.ACTIVE
+    snap = harness.snapshot(blocked.subscription_id)
+    [invoice] = snap.invoices
+    assert invoice.status == InvoiceStatus.PAID
+    attempts = snap.attempts[invoice.id]
+    assert [(a.status, a.reason) for a in attempts] == [
+        ("failed", "scheduled"),
+        ("succeeded", "payment_method_updated"),
+    ]
+    assert attempts[1].created_at - signed_up_at < timedelta(hours=1)
+    # The new subscription is untouched: it bills on its own anchor.
+    second_state = await harness.state(second.subscription_id)
+    assert second_state.status == SubscriptionStatus.ACTIVE
+    assert second_state.invoices_issued == 0
