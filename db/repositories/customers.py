@@ -167,7 +167,8 @@ def record_default_payment_method_news(
     if event_created_at is not None:
         statement = statement.where(or_(column.is_(None), column <= event_created_at))
     recorded = session.execute(
-        statement.values(default_payment_method_id=payment_method_id, updated_at=now or utcnow())
-        .returning(CUSTOMERS.c.id)
+        statement.values(
+            default_payment_method_id=payment_method_id, updated_at=now or utcnow()
+        ).returning(CUSTOMERS.c.id)
     ).scalar_one_or_none()
     return recorded is not None
