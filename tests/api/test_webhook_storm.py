@@ -172,19 +172,20 @@ def writes(harness: BillingHarness, start: int = 0) -> list[str]:
 
 
 async def until_quiet(stack: WebhookStack, bound: int) -> int:
-    """Watch the recorded webhook events until none has arrived for ``QUIET_SECONDS``; fail
-    at once if they exceed ``bound`` (a storm), or if they never stop. Returns the count."""
-    deadline = time.monotonic() + STORM_TIMEOUT_SECONDS
-    count, changed_at = stack.event_count(), time.monotonic()
-    while time.monotonic() - changed_at < QUIET_SECONDS:
+    """Watch the recorded webhook events until all ``bound`` expected ones are in and none has
+    arrived for ``QUIET_SECONDS``; fail at once if they exceed ``bound`` (a storm), or if that
+    does not happen within ``STORM_TIMEOUT_SECONDS``. Returns the count."""
+    started = time.monotonic()
+    count, changed_at = stack.event_count(), started
+    while count < bound or time.monotonic() - changed_at < QUIET_SECONDS:
         now_count = stack.event_count()
         if now_count != count:
             count, changed_at = now_count, time.monotonic()
-        if count > bound or time.monotonic() > deadline:
+        if count > bound or time.monotonic() - started > STORM_TIMEOUT_SECONDS:
             kinds = Counter(f"{e.type}: {e.outcome}" for e in stack.events())
             raise AssertionError(
-                f"{count} webhook events (bound {bound}), still arriving after "
-                f"{STORM_TIMEOUT_SECONDS - (deadline - time.monotonic()):.0f} s: {dict(kinds)}; "
+                f"{count} webhook events (bound {bound}) after "
+                f"{time.monotonic() - started:.0f} s: {dict(kinds)}; "
                 f"writes to Stripe: {Counter(writes(stack.harness)).most_common(4)}"
             )
         await asyncio.sleep(0.25)
