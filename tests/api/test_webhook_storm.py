@@ -234,6 +234,14 @@ async def test_concurrent_signups_for_one_customer_make_a_bounded_number_of_even
     # of those writes (routed to the workflows, or recognised as known) wrote nothing.
     assert writes(harness, after_signups) == []
     assert Counter(writes(harness))[f"/v1/customers/{stripe_customer}"] == signups
+    # The signups' writes reached Stripe and our database in different orders; the news,
+    # checked against Stripe, leaves our record on the card Stripe charges.
+    at_stripe = harness.stripe.v1.customers.retrieve(stripe_customer)
+    assert at_stripe.invoice_settings is not None
+    with unit_of_work(harness.session_factory) as session:
+        record = customers.get_customer(session, customer_id)
+    assert record is not None
+    assert record.default_payment_method_id == at_stripe.invoice_settings.default_payment_method
     # The same on localstripe's side of the wire (its record of its deliveries).
     delivered = [d for d in stack.deliveries() if about(d.event, stripe_customer)]
     assert len(delivered) == bound and {d.status for d in delivered} == {200}
