@@ -36,7 +36,12 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from billing.calendar import add_local_days, ensure_utc, parse_interval_unit, resolve_timezone
 from billing.clock import Clock
-from billing.contracts import SubscriptionWorkflowInput, workflow_id_for
+from billing.contracts import (
+    PaymentMethodChangedInput,
+    SubscriptionMessage,
+    SubscriptionWorkflowInput,
+    workflow_id_for,
+)
 from billing.errors import (
     IdempotencyConflict,
     InvalidInput,
@@ -501,6 +506,10 @@ class SignupService:
                 # Refused outright: nothing runs, so nothing may stay. The caller is told.
                 await self._clean_up(record)
                 raise
+        if started:
+            # Its card is now the customer's default at the provider: the customer's other
+            # subscriptions use it too (a sibling news of the card it has ignores it).
+            await self._tell_other_subscriptions(state)
         return SignupResult(
             subscription_id=state.subscription_id,
             workflow_id=workflow_id_for(state.subscription_id),
@@ -558,6 +567,38 @@ class SignupService:
     async def _workflow_running(self, subscription_id: str) -> bool:
         handle = self.temporal.get_workflow_handle(workflow_id_for(subscription_id))
         return (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+
+    async def _tell_other_subscriptions(self, state: SubscriptionState) -> None:
+        """The signup made its card the customer's default at the provider: a card change for
+        every subscription of the customer. Stripe's news of that write (customer.updated) is
+        known news to the webhook (the card is on record), so the signup tells them. Best
+        effort: the subscription exists; a sibling not told keeps its own schedule."""
+
+        def others() -> list[str]:
+            with unit_of_work(self.session_factory) as session:
+                return [
+                    sub.id
+                    for sub in subscriptions_repo.list_subscriptions_for_customer(
+                        session, state.customer_id, live_only=True
+                    )
+                    if sub.id != state.subscription_id and sub.status != SubscriptionStatus.PENDING
+                ]
+
+        news = PaymentMethodChangedInput(payment_method_id=state.payment_method_id or "")
+        if not news.payment_method_id:
+            return
+        for subscription_id in await asyncio.to_thread(others):
+            handle = self.temporal.get_workflow_handle(workflow_id_for(subscription_id))
+            try:
+                await handle.signal(SubscriptionMessage.PAYMENT_METHOD_CHANGED, news)
+            except (RPCError, RuntimeError) as error:
+                # Ended meanwhile (NOT_FOUND), or Temporal unreachable: the signup stands.
+                logger.warning(
+                    "subscription %s was not told of the new card %s: %s",
+                    subscription_id,
+                    news.payment_method_id,
+                    error,
+                )
 
     async def _workflow_exists(self, subscription_id: str) -> bool:
         try:

@@ -19,6 +19,16 @@ Routing (``route_event``; the workflow id is ``workflow_id_for(subscription_id)`
   that is not canceled ("retry the open invoice now"). Stripe does not deliver events in
   order: an event ``created`` before the newest one already acted on for that customer is
   stale news and is recorded as ignored, so an older card never overwrites a newer one.
+  Within one second (``created`` counts seconds), and for news older than our own writes
+  (a signup's or a card update's attach, which carry no event time), the order is unknown:
+  so news naming a card other than the one on record is checked against the customer's
+  default at Stripe now (a read), and only that card is acted on; if it is the one on
+  record, the news was stale.
+  Once the signals are sent, the new card is recorded as the customer's default in our
+  database (with the outcome), so the same news delivered again, under another event id or
+  as the echo of our own write, is recognised and signals nothing. Nothing here, and nothing
+  the workflow does with this news, writes to Stripe: the default already changed there, and
+  a write would make Stripe send the news again (the webhook storm of issue 11).
 * ``payment_intent.succeeded`` for one of our invoices (found by the invoice's one
   PaymentIntent, ``invoices.stripe_payment_intent_id``, else by an attempt that used it, else
   by ``metadata.invoice_id``) with no payment recorded: for an open invoice, signal
@@ -91,6 +101,7 @@ from db.repositories import webhook_events as webhook_events_repo
 
 __all__ = [
     "WEBHOOK_PATH",
+    "CardNews",
     "InvalidSignature",
     "RoutedSignal",
     "Routing",
@@ -133,6 +144,16 @@ _EVENT_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
 _MAX_CREATED = 253_402_300_799
 
 
+class ProviderCustomers(Protocol):
+    """The one provider call routing makes: a read (billing.payments.PaymentGateway has it)."""
+
+    def default_payment_method(self, *, provider_customer_id: str) -> str | None: ...
+
+
+#: The customer's default card at the provider now, by provider customer id (a read).
+CurrentDefault = Callable[[str], str | None]
+
+
 class WebhookDependencies(Protocol):
     """What the endpoint needs from ``request.app.state.deps`` (a billing.worker.Dependencies)."""
 
@@ -141,6 +162,9 @@ class WebhookDependencies(Protocol):
 
     @property
     def clock(self) -> Clock: ...
+
+    @property
+    def gateway(self) -> ProviderCustomers: ...
 
 
 # ---- answers ------------------------------------------------------------------------------
@@ -321,11 +345,18 @@ class Routing:
     #: A provider payment to record through ``InvoicePaymentWorkflow``: at once when there
     #: are no signals, else if every workflow signalled has already ended.
     late_payment: LatePayment | None = None
-    #: (customer id, payment method id): the provider's new default card, written to our
-    #: records once the subscriptions have been told (with the event's outcome). Written only
-    #: then: a delivery that fails before telling them is retried by Stripe, and must not find
-    #: the card already "on record" and be ignored.
-    record_default: tuple[str, str] | None = None
+    #: The customer's new default card, recorded with the outcome once the signals are sent.
+    card_news: CardNews | None = None
+
+
+@dataclass(frozen=True)
+class CardNews:
+    """The provider made ``payment_method_id`` the default card of our customer
+    ``customer_id``, by an event created at ``created`` (UTC; None if it did not say)."""
+
+    customer_id: str
+    payment_method_id: str
+    created: datetime | None
 
 
 @dataclass(frozen=True)
@@ -353,7 +384,9 @@ def _default_payment_method(customer: dict[str, Any]) -> str | None:
     )
 
 
-def _route_customer_updated(session: Session, event: _Event) -> Routing:
+def _route_customer_updated(
+    session: Session, event: _Event, current_default: CurrentDefault | None
+) -> Routing:
     """A new default card for invoices means "retry the open invoice now" (README: card
     updated), for every live subscription of the customer."""
     previous = event.data.get("previous_attributes")
@@ -377,6 +410,17 @@ def _route_customer_updated(session: Session, event: _Event) -> Routing:
             outcome=WebhookOutcome.NO_SUBSCRIPTION,
             detail=f"no customer of ours is provider customer {stripe_customer_id}",
         )
+    said = new_default
+    if customer.default_payment_method_id != new_default and current_default is not None:
+        # News of a card other than ours may be older than what we know (see the module
+        # docstring): act on what the provider holds now. Read before the watermark's update
+        # below, so no row lock is held across the call.
+        new_default = current_default(stripe_customer_id)
+        if new_default is None:
+            return Routing(
+                detail=f"provider customer {stripe_customer_id} has no default payment "
+                "method now; nothing to retry with"
+            )
     if event.created is not None:
         newer = customers_repo.advance_payment_method_event(session, customer.id, event.created)
         if newer is not None:
@@ -387,9 +431,16 @@ def _route_customer_updated(session: Session, event: _Event) -> Routing:
                 f"payment method news of {newer.isoformat()} already acted on for "
                 f"{customer.id}; the newer state is kept"
             )
+    if customer.default_payment_method_id == new_default != said:
+        return Routing(
+            detail=f"stale: the event names {said}, but the provider's default is now "
+            f"{new_default}, already the payment method on record for {customer.id}"
+        )
     if customer.default_payment_method_id == new_default:
-        # Our own write coming back (a card given through the API is attached, made the
-        # default at Stripe and recorded here), or news already acted on: nothing to tell.
+        # News we have: the echo of our own write (a signup's or a card update's attach makes
+        # the card the default at Stripe and records it here), or this change delivered again
+        # under another event id (recorded when it was first acted on). Acting again would
+        # only repeat signals; it would never write to Stripe.
         return Routing(
             detail=f"{new_default} is already the payment method on record for {customer.id}"
         )
@@ -410,11 +461,13 @@ def _route_customer_updated(session: Session, event: _Event) -> Routing:
             )
             for s in subscriptions
         ],
-        record_default=(customer.id, new_default),
+        card_news=CardNews(customer.id, new_default, event.created),
     )
 
 
-def _route_payment_intent_succeeded(session: Session, event: _Event) -> Routing:
+def _route_payment_intent_succeeded(
+    session: Session, event: _Event, current_default: CurrentDefault | None
+) -> Routing:
     """A PaymentIntent of ours has succeeded. Usually the charge's own answer settles it, or
     the subscription workflow does after authentication (``payment_authenticated``); a
     payment nobody live will settle goes to ``InvoicePaymentWorkflow``. Never ignored while
@@ -485,7 +538,7 @@ def _route_payment_intent_succeeded(session: Session, event: _Event) -> Routing:
     )
 
 
-_ROUTES: dict[str, Callable[[Session, _Event], Routing]] = {
+_ROUTES: dict[str, Callable[[Session, _Event, CurrentDefault | None], Routing]] = {
     "customer.updated": _route_customer_updated,
     "payment_intent.succeeded": _route_payment_intent_succeeded,
     # Not "payment_method.attached": attaching a card does not make it the one invoices are
@@ -502,20 +555,26 @@ def route_event(
     data: dict[str, Any],
     event_id: str = "",
     created: datetime | None = None,
+    current_default: CurrentDefault | None = None,
 ) -> Routing:
     """Which workflow signals the event calls for, from our database. The only write is the
     customer's payment-method event watermark (``created``, UTC), which keeps late events from
-    overwriting newer news."""
+    overwriting newer news. ``current_default``: reads a customer's default card at the
+    provider, to check card news against (None: the event is taken at its word)."""
     route = _ROUTES.get(event_type)
     if route is None:
         return Routing(detail=f"event type {event_type} is not one this endpoint acts on")
-    return route(session, _Event(event_id, event_type, data, created))
+    return route(session, _Event(event_id, event_type, data, created), current_default)
 
 
 # ---- the endpoint -----------------------------------------------------------------------------
 
 
 class _TemporalUnavailable(Exception):
+    pass
+
+
+class _ProviderUnavailable(Exception):
     pass
 
 
@@ -616,9 +675,19 @@ def _claim(
         )
 
 
-def _route(session_factory: sessionmaker[Session], event: _Event) -> Routing:
+def _route(
+    session_factory: sessionmaker[Session], event: _Event, provider: ProviderCustomers
+) -> Routing:
+    def current_default(provider_customer_id: str) -> str | None:
+        try:
+            return provider.default_payment_method(provider_customer_id=provider_customer_id)
+        except Exception as error:  # any failure: the event is retried, never half-applied
+            raise _ProviderUnavailable(f"{type(error).__name__}: {error}") from error
+
     with unit_of_work(session_factory) as session:
-        return route_event(session, event.type, event.data, event.id, event.created)
+        return route_event(
+            session, event.type, event.data, event.id, event.created, current_default
+        )
 
 
 def _release(session_factory: sessionmaker[Session], event_id: str, claimed_at: datetime) -> None:
@@ -631,18 +700,20 @@ def _record(
     event_id: str,
     delivered: _Delivered,
     now: datetime,
-    routing: Routing | None = None,
+    card_news: CardNews | None = None,
 ) -> None:
     with unit_of_work(session_factory) as session:
-        if (
-            routing is not None
-            and routing.record_default is not None
-            and delivered.outcome == WebhookOutcome.ROUTED
-        ):
-            # The workflows write nothing to Stripe for card news (the card already is the
-            # default there), so our record of the customer's card is kept here.
-            customer_id, payment_method_id = routing.record_default
-            customers_repo.set_default_payment_method(session, customer_id, payment_method_id)
+        if card_news is not None:
+            # Only now, with the signals sent: recorded before them, a failed send (503) would
+            # make Stripe's retry of this event look like news we have, and it would be lost.
+            # Not over newer news acted on meanwhile (an older card never comes back).
+            customers_repo.record_default_payment_method_news(
+                session,
+                card_news.customer_id,
+                card_news.payment_method_id,
+                card_news.created,
+                now=now,
+            )
         webhook_events_repo.record_webhook_outcome(
             session,
             event_id,
@@ -693,14 +764,14 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
 
     claimed_at = claim.event.claimed_at
     try:
-        routing = await asyncio.to_thread(_route, session_factory, event)
+        routing = await asyncio.to_thread(_route, session_factory, event, deps.gateway)
         delivered = await _deliver(temporal, routing, settings)
     except _TemporalUnavailable as unavailable:
         # Without this delete, Stripe's retry would find the row and be answered "duplicate":
         # the news would be lost. Signals already sent (to a customer's other subscriptions)
         # stay sent and are sent again on the retry: a repeated payment_authenticated is a
-        # no-op once the invoice is settled, and a repeated payment_method_changed of the card
-        # a subscription already has is ignored by its workflow.
+        # no-op once the invoice is settled, and a workflow ignores a payment_method_changed
+        # naming the card it already has (no attempt, no provider write).
         await asyncio.to_thread(_release, session_factory, event.id, claimed_at)
         logger.warning("Temporal unavailable for webhook %s: %s", event.id, unavailable)
         return _error(
@@ -709,6 +780,15 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
             f"could not reach the workflow service ({unavailable}); event {event.id} was not "
             "processed, retry later",
         )
+    except _ProviderUnavailable as unavailable:
+        await asyncio.to_thread(_release, session_factory, event.id, claimed_at)
+        logger.warning("Stripe unavailable for webhook %s: %s", event.id, unavailable)
+        return _error(
+            503,
+            "provider_unavailable",
+            f"could not read the customer's default card from Stripe ({unavailable}); event "
+            f"{event.id} was not processed, retry later",
+        )
     except Exception:
         # e.g. the database went away mid-request: let Stripe's retry process the event.
         with contextlib.suppress(Exception):
@@ -716,7 +796,7 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
         raise
 
     await asyncio.to_thread(
-        _record, session_factory, event.id, delivered, deps.clock.now(), routing
+        _record, session_factory, event.id, delivered, deps.clock.now(), routing.card_news
     )
     logger.info(
         "webhook %s (%s): %s %s", event.id, event.type, delivered.outcome.value, delivered.detail
@@ -786,7 +866,11 @@ def webhook_router() -> APIRouter:
             400: {"model": ErrorOut, "description": "Bad signature, or not a Stripe event."},
             409: {"model": ErrorOut, "description": "Another delivery is processing it."},
             413: {"model": ErrorOut, "description": "Body over the webhook limit."},
-            503: {"model": ErrorOut, "description": "Temporal unreachable; Stripe retries."},
+            503: {
+                "model": ErrorOut,
+                "description": "Temporal, or Stripe (read of a customer's card), unreachable; "
+                "Stripe retries.",
+            },
         },
         openapi_extra={
             "requestBody": {

@@ -202,3 +202,29 @@ def advance_payment_method_event(
     if newer is None:
         raise NotFound(f"customer {customer_id} not found")
     return newer
+
+
+def record_default_payment_method_news(
+    session: Session,
+    customer_id: str,
+    payment_method_id: str,
+    event_created_at: datetime | None,
+    *,
+    now: datetime | None = None,
+) -> bool:
+    """Record the provider's news that ``payment_method_id`` is now the customer's default
+    card, unless newer news (``default_payment_method_event_at`` after ``event_created_at``,
+    UTC) has been acted on meanwhile. True if it was recorded.
+
+    The default changed at the provider already: this only keeps our record level with it, so
+    a repeat of the same news is recognised and nothing acts on it twice."""
+    column = CUSTOMERS.c.default_payment_method_event_at
+    statement = update(CUSTOMERS).where(CUSTOMERS.c.id == customer_id)
+    if event_created_at is not None:
+        statement = statement.where(or_(column.is_(None), column <= event_created_at))
+    recorded = session.execute(
+        statement.values(
+            default_payment_method_id=payment_method_id, updated_at=now or utcnow()
+        ).returning(CUSTOMERS.c.id)
+    ).scalar_one_or_none()
+    return recorded is not None

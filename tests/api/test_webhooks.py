@@ -120,6 +120,32 @@ def set_default_card_at_stripe(stack: WebhookStack, stripe_customer_id: str, num
     return pm
 
 
+async def set_default_card_at_stripe_unannounced(
+    stack: WebhookStack, stripe_customer_id: str, pm: str
+) -> None:
+    """Make ``pm`` the customer's default card at Stripe, with Stripe's news of it held at the
+    capture route: the test then delivers news of its own making. (The endpoint checks card
+    news against the customer's default at Stripe, so the change must be real.)"""
+    stack.listen(CAPTURE_PATH)
+
+    def change() -> None:
+        client = stack.harness.stripe
+        client.v1.payment_methods.attach(pm, params={"customer": stripe_customer_id})
+        client.v1.customers.update(
+            stripe_customer_id, params={"invoice_settings": {"default_payment_method": pm}}
+        )
+
+    await asyncio.to_thread(change)
+    # localstripe picks the endpoint when it sends (about 1 s later): wait for the capture.
+    await wait_until(
+        lambda: for_customer(
+            stack.deliveries("customer.updated", path=CAPTURE_PATH), stripe_customer_id, pm
+        ),
+        what=f"Stripe's news of {pm} captured",
+    )
+    stack.listen()
+
+
 def stripe_customer_id(stack: WebhookStack, subscription_id: str) -> str:
     with unit_of_work(stack.harness.session_factory) as session:
         subscription = subscriptions.get_subscription(session, subscription_id)
@@ -349,6 +375,7 @@ async def test_card_changed_at_stripe_retries_the_past_due_invoice_at_once(
     customer = stripe_customer_id(stack, sub.subscription_id)
     changed_at = await harness.now()
     good_card = set_default_card_at_stripe(stack, customer, SUCCEEDS)
+    writes_before_the_news = len(harness.http_client.requests_to(f"/v1/customers/{customer}"))
 
     # No time passes on the workflow's clock: only the webhook can trigger this retry.
     snap = await wait_until(settled(harness, sub.subscription_id), timeout=20, what="paid")
@@ -370,17 +397,17 @@ async def test_card_changed_at_stripe_retries_the_past_due_invoice_at_once(
     assert row.outcome == WebhookOutcome.ROUTED
     assert row.subscription_id == sub.subscription_id
 
-    # Card news from Stripe makes the workflow write nothing back to Stripe (issue 11,
-    # finding 5): no second customer.updated follows, so no loop can start. (The code before
-    # attached the card again, and Stripe echoed the change.) Deliveries start about a second
-    # after an event, so five seconds without one is a real silence.
-    await asyncio.sleep(5)
-    echoes = [
-        d
-        for d in for_customer(stack.deliveries("customer.updated"), customer, good_card)
-        if d.event["id"] != change.event["id"]
-    ]
-    assert echoes == []
+    # The default changed at Stripe already: nothing writes it there again (such a write
+    # would send this news again, issue 11's webhook storm), so there is no echo either.
+    # localstripe delivers about 1 s after an event; give an echo three times that to come.
+    await asyncio.sleep(3)
+    assert len(harness.http_client.requests_to(f"/v1/customers/{customer}")) == (
+        writes_before_the_news
+    )
+    news = for_customer(stack.deliveries("customer.updated"), customer, good_card)
+    assert [d.event["id"] for d in news] == [change.event["id"]]
+    # Our record follows the news, so a repeat of it is recognised.
+    assert customer_record(stack, sub.subscription_id).default_payment_method_id == good_card
     changed_signals = SubscriptionMessage.PAYMENT_METHOD_CHANGED
     assert await signals_received(harness, sub.subscription_id, changed_signals) == 1
 
@@ -649,6 +676,7 @@ async def test_real_stripe_previous_attributes_decide_whether_the_default_card_c
     sub = await harness.signup("basic-monthly", card=SUCCEEDS)
     customer = stripe_customer_id(stack, sub.subscription_id)
     new_card = await harness.to_thread_card(SUCCEEDS)
+    await set_default_card_at_stripe_unannounced(stack, customer, new_card)
 
     def customer_updated(event_id: str, previous: dict[str, Any]) -> bytes:
         return json.dumps(
@@ -727,15 +755,19 @@ async def test_an_older_card_change_delivered_late_never_overwrites_the_newer_on
     sub = await harness.signup("basic-monthly", card=SUCCEEDS)
     customer = stripe_customer_id(stack, sub.subscription_id)
     older, newer, other = [await harness.to_thread_card(SUCCEEDS) for _ in range(3)]
+    # The customer really made both changes at Stripe, in this order.
+    await set_default_card_at_stripe_unannounced(stack, customer, older)
+    await set_default_card_at_stripe_unannounced(stack, customer, newer)
     changed = SubscriptionMessage.PAYMENT_METHOD_CHANGED
     # After signup, whose own card write (echoed back as customer.updated) came first.
     first_change_at = int(time.time()) + 1
     older_event = customer_updated_event("evt_card_older", customer, older, first_change_at)
     newer_event = customer_updated_event("evt_card_newer", customer, newer, first_change_at + 1)
 
+    writes_before = len(harness.http_client.requests_to(f"/v1/customers/{customer}"))
     response = await stack.post(newer_event, sign(newer_event))
     assert response.json()["outcome"] == WebhookOutcome.ROUTED, response.text
-    # The workflow attaches the newer card and records it as the customer's default.
+    # The newer card is recorded as the customer's default once the workflow has the news.
     await wait_until(
         lambda: customer_record(stack, sub.subscription_id).default_payment_method_id == newer,
         timeout=20,
@@ -769,11 +801,11 @@ async def test_an_older_card_change_delivered_late_never_overwrites_the_newer_on
     assert record.default_payment_method_event_at == datetime.fromtimestamp(
         first_change_at + 1, UTC
     )
-    # Nothing was written back to Stripe for this news (the events here are forged, so Stripe
-    # still holds the signup card): card news never causes a provider write (finding 5).
+    # News from Stripe is never written back to Stripe.
+    assert len(harness.http_client.requests_to(f"/v1/customers/{customer}")) == writes_before
     at_stripe = harness.stripe.v1.customers.retrieve(customer)
     assert at_stripe.invoice_settings is not None
-    assert at_stripe.invoice_settings.default_payment_method not in (older, newer)
+    assert at_stripe.invoice_settings.default_payment_method == newer
     # No signal for the late event (the workflow's own work goes on, so its history grows).
     assert await signals_received(harness, sub.subscription_id, changed) == 1
     snap = await billed_and_settled(harness, sub.subscription_id)
