@@ -506,9 +506,9 @@ class SignupService:
                 # Refused outright: nothing runs, so nothing may stay. The caller is told.
                 await self._clean_up(record)
                 raise
-        if started:
-            # Its card is now the customer's default at the provider: the customer's other
-            # subscriptions use it too (a sibling news of the card it has ignores it).
+        if started and record.signup_payment_method_id is not None:
+            # The card it attached is now the customer's default at the provider: the
+            # customer's other subscriptions use it too.
             await self._tell_other_subscriptions(state)
         return SignupResult(
             subscription_id=state.subscription_id,
