@@ -36,6 +36,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -799,6 +800,9 @@ class CustomerActions:
         self.stripe_direct = stripe_direct
         self.localstripe_url = localstripe_url
         self.by_subscription = {c.subscription_id: c for c in run.customers}
+        self.groups: dict[int, list[Customer]] = defaultdict(list)
+        for customer in run.customers:
+            self.groups[customer.group].append(customer)
         #: Groups (customers with several subscriptions) whose new card was given already.
         self.groups_with_new_card: set[int] = set()
         self.lock = threading.Lock()
@@ -817,10 +821,14 @@ class CustomerActions:
             if kind in ("recovers", "cancel_declined") and subscription_id in declined_open:
                 steps = ["card" if kind == "recovers" else "cancel"]
             elif kind == "multi_recovers" and subscription_id in declined_open:
-                with self.lock:
-                    if customer.group in self.groups_with_new_card:
-                        continue  # a sibling's new card reaches this one
-                    self.groups_with_new_card.add(customer.group)
+                # Once every subscription of the customer has been declined, the new card is
+                # given on one of them: it must reach the others (finding 6).
+                members = self.groups[customer.group]
+                if customer.group in self.groups_with_new_card or not all(
+                    m.subscription_id in declined_open for m in members
+                ):
+                    continue
+                self.groups_with_new_card.add(customer.group)
                 steps = ["card"]
             elif kind == "sca_authenticates" and waits_for_action:
                 steps = ["authenticate"]
@@ -986,6 +994,9 @@ def _rows(engine: Engine, run: Run) -> dict[str, Any]:
                 PaymentAttemptRow.invoice_id,
                 PaymentAttemptRow.attempt_number,
                 PaymentAttemptRow.status,
+                PaymentAttemptRow.reason,
+                PaymentAttemptRow.decline_code,
+                PaymentAttemptRow.created_at,
                 PaymentAttemptRow.stripe_payment_intent_id,
             ).where(PaymentAttemptRow.invoice_id.in_(invoice_ids))
         ).all()
@@ -1307,7 +1318,56 @@ def audit(run: Run, engine: Engine, stripe_direct: Any) -> dict[str, Any]:
         "stripe_payment_intents": len(intents),
         "notifications": len(rows["notices"]),
         "problems": problems[:50],
+        "problem_invoices": problem_invoices(run, rows, problems, intents, charges),
     }
+
+
+def problem_invoices(
+    run: Run, rows: dict[str, Any], problems: list[str], intents: list[Any], charges: list[Any]
+) -> dict[str, Any]:
+    """For each invoice a problem names: whose it is (kind of customer, what they did), its
+    attempts, and the provider's intents and charges for it: what is needed to trace it."""
+    named = set(re.findall(r"in_[0-9a-f]{8,}", " ".join(problems)))
+    kind_of = {c.subscription_id: c for c in run.customers}
+    details: dict[str, Any] = {}
+    for invoice in rows["invoices"]:
+        if invoice.id not in named:
+            continue
+        customer = kind_of.get(invoice.subscription_id)
+        intent_ids = {
+            a.stripe_payment_intent_id
+            for a in rows["attempts"]
+            if a.invoice_id == invoice.id and a.stripe_payment_intent_id
+        } | ({invoice.stripe_payment_intent_id} if invoice.stripe_payment_intent_id else set())
+        for intent in intents:
+            metadata = intent.metadata.to_dict() if intent.metadata else {}
+            if metadata.get("invoice_id") == invoice.id:
+                intent_ids.add(intent.id)
+        details[invoice.id] = {
+            "subscription_id": invoice.subscription_id,
+            "kind": customer.kind if customer else None,
+            "customer_actions": customer.outcomes if customer else None,
+            "status": str(invoice.status),
+            "payment_intent": invoice.stripe_payment_intent_id,
+            "attempts": [
+                f"#{a.attempt_number} {a.status} ({a.reason}, {a.decline_code}) "
+                f"{a.stripe_payment_intent_id} created {a.created_at}"
+                for a in sorted(rows["attempts"], key=lambda a: a.attempt_number)
+                if a.invoice_id == invoice.id
+            ],
+            "provider_intents": [
+                f"{i.id} {i.status} created {i.created} metadata "
+                f"{i.metadata.to_dict() if i.metadata else {}}"
+                for i in intents
+                if i.id in intent_ids
+            ],
+            "provider_charges": [
+                f"{c.id} {c.status} created {c.created} intent {c.payment_intent}"
+                for c in charges
+                if c.payment_intent in intent_ids
+            ],
+        }
+    return details
 
 
 def outcomes_by_kind(run: Run, rows: dict[str, Any]) -> dict[str, dict[str, int]]:
@@ -1315,8 +1375,16 @@ def outcomes_by_kind(run: Run, rows: dict[str, Any]) -> dict[str, dict[str, int]
     customer's actions met (e.g. an authentication refused because the new card came first)."""
     status = {s.id: str(s.status) for s in rows["subscriptions"]}
     invoice = {i.subscription_id: str(i.status) for i in rows["invoices"] if i.period_index == 0}
+    invoice_ids = {i.subscription_id: i.id for i in rows["invoices"] if i.period_index == 0}
+    failed_first = {
+        a.invoice_id
+        for a in rows["attempts"]
+        if a.status in (AttemptStatus.FAILED, AttemptStatus.REQUIRES_ACTION)
+    } | {n.invoice_id for n in rows["notices"] if n.kind == NoticeKind.ACTION_REQUIRED}
     found: dict[str, Counter[str]] = defaultdict(Counter)
     for c in run.customers:
+        if invoice_ids.get(c.subscription_id) in failed_first:
+            found[c.kind]["a charge of the invoice failed or waited for authentication"] += 1
         found[c.kind][
             f"subscription {status.get(c.subscription_id)}, invoice "
             f"{invoice.get(c.subscription_id)}"

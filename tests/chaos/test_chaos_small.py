@@ -1,6 +1,9 @@
 """A small chaos run in CI: scripts/chaos.py on the real stack (its own PostgreSQL cluster,
 the Temporal dev server, localstripe behind the fault proxy, worker and API processes) with
-every fault kind, and an audit that finds no lost or doubled money and no duplicate notice."""
+every fault kind and every kind of customer (SCA cards that are authenticated, replaced, both,
+or authenticated while the subscription is canceled; customers with several subscriptions on
+one card; cancels in dunning), and an audit that finds no lost or doubled money, no duplicate
+notice, no invoice closed over a provider success, no failed workflow."""
 
 from __future__ import annotations
 
@@ -18,8 +21,23 @@ from tests.conftest import IN_CI
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "chaos.py"
-SUBSCRIPTIONS = 8
+SUBSCRIPTIONS = 14
 KILLS = 2
+#: With the shares below: customers with several subscriptions 3 + 2 (5 subscriptions);
+#: 9 single ones: 1 recovers, 1 canceled in dunning, one of each of the 5 SCA kinds, 2 pay.
+KINDS = {
+    "multi_pays": 3,
+    "multi_recovers": 2,
+    "recovers": 1,
+    "cancel_declined": 1,
+    "sca_authenticates": 1,
+    "sca_new_card": 1,
+    "sca_both": 1,
+    "sca_auth_cancel": 1,
+    "sca_waits": 1,
+    "pays": 2,
+}
+FAILED_FIRST = "a charge of the invoice failed or waited for authentication"
 LOSSES = (
     "double_charges",
     "missing_invoices",
@@ -30,6 +48,11 @@ LOSSES = (
     "wrong_amounts",
     "duplicate_notifications",
     "missing_notifications",
+    "closed_with_provider_success",
+    "extra_payment_intents",
+    "payable_intents_of_closed_invoices",
+    "failed_workflows",
+    "needs_attention",
 )
 
 
@@ -53,8 +76,11 @@ def test_a_small_chaos_run_loses_and_doubles_nothing() -> None:
             "--crash-after-charge-percent=25",
             "--declining-share=0.25",
             "--recover-share=0.5",
+            "--cancel-share=0.5",
+            "--sca-share=0.6",
+            "--multi-share=0.35",
             "--window-s=20",
-            "--lead-s=8",
+            "--lead-s=10",
             "--pg-outage-s=5",
             "--fault-5xx=0.1",
             "--fault-429=0.05",
@@ -73,14 +99,39 @@ def test_a_small_chaos_run_loses_and_doubles_nothing() -> None:
     assert report["subscriptions"] == SUBSCRIPTIONS
     assert report["invoices_expected"] == report["invoices_found"] == SUBSCRIPTIONS
     assert {key: report[key] for key in LOSSES} == dict.fromkeys(LOSSES, 0)
-    # 2 declining customers, 1 of whom gets a new card and pays: 7 paid invoices, each backed
-    # by exactly one succeeded charge at localstripe.
-    assert report["invoices_paid"] == report["stripe_succeeded_charges"] == SUBSCRIPTIONS - 1
+    assert report["customers_by_card"] == KINDS
+    assert report["customers"] == 11
+    outcomes = report["outcomes_by_kind"]
+    paid = "subscription active, invoice paid"
+    for kind in ("pays", "multi_pays"):
+        assert outcomes[kind] == {paid: KINDS[kind]}, outcomes
+    # Each needed the customer (new card, authentication, or both) after a failed first
+    # charge; then paid. Both subscriptions of the customer whose card declined were declined
+    # before the new card was given on one of them: it reached the other.
+    for kind in ("recovers", "multi_recovers", "sca_authenticates", "sca_new_card", "sca_both"):
+        assert outcomes[kind][paid] == KINDS[kind], outcomes
+        assert outcomes[kind][FAILED_FIRST] == KINDS[kind], outcomes
+    assert outcomes["sca_waits"]["subscription past_due, invoice open"] == 1
+    assert outcomes["cancel_declined"]["subscription canceled, invoice void"] == 1
+    # Authenticated and canceled now, in a random order: paid (once) or void, never both.
+    raced = outcomes["sca_auth_cancel"]
+    paid_then_canceled = raced.get("subscription canceled, invoice paid", 0)
+    assert paid_then_canceled + raced.get("subscription canceled, invoice void", 0) == 1, raced
+    # Every paid invoice is backed by exactly one succeeded charge at localstripe, and no
+    # other charge succeeded: sca_waits and cancel_declined are not paid.
+    expected_paid = SUBSCRIPTIONS - 3 + paid_then_canceled
+    assert report["invoices_paid"] == report["stripe_succeeded_charges"] == expected_paid
+    # One PaymentIntent per invoice.
+    assert report["stripe_payment_intents"] == SUBSCRIPTIONS
     faults = report["faults_injected"]
     assert faults["worker_kill"] == KILLS
     assert faults["temporal_restart"] == 1
     assert faults["postgres_outage"] == 1
-    assert faults["card_update"] == 1
+    # recovers, multi_recovers (once for the customer), sca_new_card, sca_both.
+    assert faults["customer_card"] == 4
+    assert faults["customer_authenticate"] == 3
+    assert faults["customer_cancel"] == 2
+    assert report["workflows"].get("SubscriptionWorkflow COMPLETED") == 2  # the two canceled
     assert report["webhook_events"], "localstripe's webhooks reached the API"
     stripe_faults = sum(n for kind, n in faults.items() if kind.startswith("stripe_"))
     assert stripe_faults > 0
