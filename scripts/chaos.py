@@ -73,6 +73,7 @@ from billing.subscription import SubscriptionStatus  # noqa: E402
 from billing.testing import cards  # noqa: E402
 from billing.testing.localstripe import LocalStripe  # noqa: E402
 from billing.testing.stripe_fault_proxy import FaultRates, StripeFaultProxy  # noqa: E402
+from billing.testing.webhook_relay import WebhookRelay  # noqa: E402
 from db.models import (  # noqa: E402
     InvoiceRow,
     NotificationRow,
@@ -566,11 +567,14 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
     stack.callback(api.stop)
     wait_for_port(api_port, 60, "billing api")
     base_url = f"http://127.0.0.1:{api_port}"
+    relay: WebhookRelay | None = None
     if not args.no_webhooks:
-        # As Stripe does: every event, signed, to the webhook endpoint (about 1 s later).
+        # As Stripe does: every event, signed, to the webhook endpoint (about 1 s later), and
+        # retried until the API accepts it (localstripe delivers once; the relay retries).
+        relay = stack.enter_context(WebhookRelay(f"{base_url}/v1/webhooks/stripe", webhook_secret))
         httpx.post(
             f"{localstripe.url}/_config/webhooks/chaos",
-            data={"url": f"{base_url}/v1/webhooks/stripe", "secret": webhook_secret},
+            data={"url": relay.url, "secret": webhook_secret},
             timeout=10,
         ).raise_for_status()
 
@@ -673,6 +677,9 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
     report["failed_workflows"] = len(workflows["failed"])
     report["problems"] = workflows["failed"][:50] + report["problems"]
     report["webhook_events"] = webhook_outcomes(engine)
+    report["webhook_deliveries"] = relay.counts() if relay is not None else {}
+    if report["webhook_deliveries"].get("gave_up"):
+        run.notes.append(f"{report['webhook_deliveries']['gave_up']} webhook event(s) undelivered")
     report["stripe_proxy"] = {
         "requests": proxy.stats.requests,
         "idempotent_replays": proxy.stats.idempotent_replays,
@@ -1444,6 +1451,7 @@ def print_summary(report: dict[str, Any]) -> None:
         f"{report['stripe_payment_intents']} payment intents; proxy {report['stripe_proxy']}"
     )
     print(f"  webhook events         {report['webhook_events']}")
+    print(f"  webhook deliveries     {report['webhook_deliveries']}")
     for key in LOSS_KEYS:
         print(f"  {key:<24}{report[key]}")
     print(f"  expected work done     {report['work_done']}")
