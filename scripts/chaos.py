@@ -631,6 +631,7 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
     deadline = window_end + args.settle_timeout_s
     done = False
     next_check = 0.0
+    last_outstanding = -1
     actions = CustomerActions(run, base_url, keys["admin"], stripe_direct, localstripe.url)
     while time.monotonic() < deadline:
         now = time.monotonic()
@@ -645,6 +646,9 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
             with contextlib.suppress(DBAPIError):
                 progress = billing_progress(engine, run)
                 actions.act(progress["declined_open"], progress["action_open"])
+                if progress["outstanding"] != last_outstanding:
+                    last_outstanding = progress["outstanding"]
+                    log(f"{last_outstanding} subscription(s) not at their expected end yet")
                 if not events and progress["outstanding"] == 0:
                     done = True
                     break
