@@ -8,10 +8,13 @@ Starts, each as its own process and on free ports:
   worker's Stripe API base points at;
 - ``billing worker`` and ``billing api``.
 
-It signs up ``--subscriptions`` customers through the HTTP API, with billing anchors spread
-over the next ``--window-s`` seconds, some on cards that are declined (dunning); for a share
-of those the card is then updated through the API, so the open invoice is retried. While they
-bill it injects:
+It signs up ``--subscriptions`` subscriptions through the HTTP API, with billing anchors spread
+over the next ``--window-s`` seconds, for the kinds of customer in ``KINDS``: good cards,
+declined cards (left in dunning, given a new card, or canceled now), cards that need
+authentication (the customer authenticates at localstripe, gives a new card, both in a random
+order, authenticates while the subscription is canceled, or does nothing) and customers with
+2-3 subscriptions on one card. localstripe's signed webhooks reach the API through a relay that
+retries failed deliveries, as Stripe does. While they bill it injects:
 
 - ``--kills`` SIGKILLs of the worker at random instants, restarting it each time;
 - SIGKILLs of the worker right after Stripe answered a charge and before our database heard
@@ -21,9 +24,12 @@ bill it injects:
 - Stripe-side 5xx, 429 and timeouts, before or after localstripe did the work.
 
 Then it waits until the expected billing work is done (or ``--settle-timeout-s``) and checks,
-against our database and localstripe's own records, that every (subscription, period) has
-exactly one invoice, every paid invoice exactly one successful charge, no charge is orphaned
-or doubled, and every outbox notice exists once. Exit 0 only if all of that holds.
+against our database, localstripe's own records and the Temporal server, that every
+(subscription, period) has exactly one invoice, every invoice at most one successful charge and
+every success is the recorded payment (none on a void or uncollectible invoice), each invoice
+has one PaymentIntent and none is payable once the invoice is closed, every outbox notice
+exists once, no workflow failed and no subscription needs attention. Exit 0 only if all of
+that holds.
 
     .venv/bin/python scripts/chaos.py --subscriptions 200 --kills 20 --json
 """
