@@ -324,6 +324,9 @@ KINDS: dict[str, str] = {
     "random order moments apart (the double-charge race): paid once",
     "sca_auth_cancel": "needs authentication; the customer authenticates and the subscription "
     "is canceled now, in a random order moments apart: paid once or void, never both",
+    "cancel_while_charging": "a good card; the subscription is canceled now as soon as its "
+    "invoice is open, racing the charge (with the crash hook and the provider faults its "
+    "outcome may be unknown): paid once or void, never both",
     "multi_pays": "one of a customer's 2-3 subscriptions (one external_id, one good card): paid",
     "multi_recovers": "one of a customer's 2-3 subscriptions on one declining card; the card is "
     "updated through the API on one of them and reaches the others: all paid",
@@ -334,7 +337,7 @@ NEW_CARD_KINDS = frozenset({"recovers", "sca_new_card", "sca_both", "multi_recov
 #: The customer authenticates the pending payment.
 AUTHENTICATE_KINDS = frozenset({"sca_authenticates", "sca_both", "sca_auth_cancel"})
 #: The subscription is canceled now (``at_period_end: false``) while its invoice is in dunning.
-CANCEL_KINDS = frozenset({"cancel_declined", "sca_auth_cancel"})
+CANCEL_KINDS = frozenset({"cancel_declined", "sca_auth_cancel", "cancel_while_charging"})
 
 
 @dataclass
@@ -357,7 +360,7 @@ class Customer:
 
     @property
     def card_number(self) -> str:
-        if self.kind in ("pays", "multi_pays"):
+        if self.kind in ("pays", "multi_pays", "cancel_while_charging"):
             return cards.SUCCEEDS
         if self.kind in SCA_KINDS:
             return cards.REQUIRES_AUTHENTICATION
@@ -408,6 +411,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "they authenticate, give a new card, both, authenticate while canceled, or do nothing",
     )
     parser.add_argument(
+        "--cancel-while-charging-share",
+        type=float,
+        default=0.05,
+        help="share of single-subscription customers with a good card whose subscription is "
+        "canceled now as soon as its invoice is open, racing the charge",
+    )
+    parser.add_argument(
         "--multi-share",
         type=float,
         default=0.2,
@@ -445,7 +455,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.subscriptions < 1:
         parser.error("--subscriptions must be at least 1")
-    for name in ("declining_share", "recover_share", "cancel_share", "sca_share", "multi_share"):
+    shares = ("declining_share", "recover_share", "cancel_share", "sca_share", "multi_share")
+    for name in (*shares, "cancel_while_charging_share"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             parser.error(f"--{name.replace('_', '-')} must be between 0 and 1")
     if args.declining_share + args.sca_share > 1.0:
@@ -609,6 +620,14 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
     if args.pg_outage_s > 0:
         events.append((faults_from + 0.6 * span, "pg_stop"))
         events.append((faults_from + 0.6 * span + args.pg_outage_s, "pg_start"))
+    for customer in run.customers:
+        if customer.kind == "cancel_while_charging":
+            # At the billing date, give or take a second: before the invoice, while it is
+            # charged, or just after. The poll of the database every 2 s would miss a charge
+            # that takes a fraction of a second.
+            assert customer.anchor_at is not None
+            offset = (customer.anchor_at - signup_started).total_seconds()
+            events.append((t0 + offset + run.rng.uniform(-0.5, 1.5), f"cancel:{customer.index}"))
     events.sort()
 
     def restart_temporal() -> None:
@@ -633,6 +652,8 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
         elif kind == "pg_start":
             pg.start()
             log("PostgreSQL back")
+        elif kind.startswith("cancel:"):
+            actions.cancel_now(run.customers[int(kind.split(":", 1)[1])])
 
     deadline = window_end + args.settle_timeout_s
     done = False
@@ -725,6 +746,8 @@ def plan_kinds(args: argparse.Namespace, rng: random.Random) -> list[tuple[str, 
     kinds = ["recovers"] * recovering + ["cancel_declined"] * canceled
     kinds += ["declined"] * (declining - recovering - canceled)
     kinds += [SCA_KINDS[i % len(SCA_KINDS)] for i in range(sca)]
+    good = singles - len(kinds)
+    kinds += ["cancel_while_charging"] * round(good * args.cancel_while_charging_share)
     kinds += ["pays"] * (singles - len(kinds))
     for kind in kinds:
         planned.append((kind, group))
@@ -861,6 +884,13 @@ class CustomerActions:
             # Moments apart: within the second of the race, or after the first step's effect.
             gap_s = self.run.rng.choice((0.0, 0.2, 0.5, 1.5))
             self.pool.submit(self._act, customer, steps, action_open.get(subscription_id), gap_s)
+
+    def cancel_now(self, customer: Customer) -> None:
+        """Cancel now, at a moment the caller chose (not from what the database shows)."""
+        if customer.acting:
+            return
+        customer.acting = True
+        self.pool.submit(self._act, customer, ["cancel"], None, 0.0)
 
     def _act(
         self, customer: Customer, steps: list[str], payment_intent_id: str | None, gap_s: float
@@ -1061,7 +1091,13 @@ def billing_progress(engine: Engine, run: Run) -> dict[str, Any]:
         invoice = invoices.get(customer.subscription_id)
         subscription = subscriptions.get(customer.subscription_id)
         if invoice is None or subscription is None:
-            outstanding += 1
+            # Canceled now before its billing date came: no invoice, rightly.
+            canceled_unbilled = (
+                customer.kind == "cancel_while_charging"
+                and subscription is not None
+                and subscription.status == SubscriptionStatus.CANCELED
+            )
+            outstanding += 0 if canceled_unbilled else 1
             continue
         tries = attempts[invoice.id]
         if any(a.status == AttemptStatus.PENDING for a in tries):
@@ -1096,14 +1132,18 @@ def billing_progress(engine: Engine, run: Run) -> dict[str, Any]:
             finished = invoice.status == InvoiceStatus.PAID and recovered
         elif kind == "cancel_declined":
             finished = canceled and invoice.status == InvoiceStatus.VOID
-        elif kind == "sca_auth_cancel":
+        elif kind in ("sca_auth_cancel", "cancel_while_charging"):
             # Whichever came first wins: the authentication (paid, then canceled) or the
             # cancel (void, the intent canceled, the authentication refused).
             finished = canceled and invoice.status in (InvoiceStatus.VOID, InvoiceStatus.PAID)
         else:  # pays, multi_pays, multi_recovers
             finished = invoice.status == InvoiceStatus.PAID
         outstanding += 0 if finished else 1
-    return {"outstanding": outstanding, "declined_open": declined_open, "action_open": action_open}
+    return {
+        "outstanding": outstanding,
+        "declined_open": declined_open,
+        "action_open": action_open,
+    }
 
 
 def webhook_outcomes(engine: Engine) -> dict[str, int]:
@@ -1259,7 +1299,17 @@ def audit(run: Run, engine: Engine, stripe_direct: Any) -> dict[str, Any]:
 
     # Invoices: one per (subscription, period) that should exist, none other.
     per_period = Counter((i.subscription_id, i.period_index) for i in rows["invoices"])
-    expected = {(c.subscription_id, 0) for c in run.customers}
+    status_of = {s.id: s.status for s in rows["subscriptions"]}
+    expected = {
+        (c.subscription_id, 0)
+        for c in run.customers
+        # One canceled now before its billing date has no invoice, rightly.
+        if not (
+            c.kind == "cancel_while_charging"
+            and status_of.get(c.subscription_id) == SubscriptionStatus.CANCELED
+            and per_period[(c.subscription_id, 0)] == 0
+        )
+    }
     missing_invoices = sum(1 for key in expected if per_period[key] == 0)
     extra_invoices = sum(n - 1 for n in per_period.values() if n > 1) + sum(
         n for key, n in per_period.items() if key not in expected

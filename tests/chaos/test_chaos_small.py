@@ -24,7 +24,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "chaos.py"
 SUBSCRIPTIONS = 14
 KILLS = 2
 #: With the shares below: customers with several subscriptions 3 + 2 (5 subscriptions);
-#: 9 single ones: 1 recovers, 1 canceled in dunning, one of each of the 5 SCA kinds, 2 pay.
+#: 9 single ones: 1 recovers, 1 canceled in dunning, one of each of the 5 SCA kinds, 1
+#: canceled now as soon as its invoice is open (racing the charge), 1 pays.
 KINDS = {
     "multi_pays": 3,
     "multi_recovers": 2,
@@ -35,7 +36,8 @@ KINDS = {
     "sca_both": 1,
     "sca_auth_cancel": 1,
     "sca_waits": 1,
-    "pays": 2,
+    "cancel_while_charging": 1,
+    "pays": 1,
 }
 FAILED_FIRST = "a charge of the invoice failed or waited for authentication"
 LOSSES = (
@@ -73,12 +75,13 @@ def test_a_small_chaos_run_loses_and_doubles_nothing() -> None:
             "--json",
             f"--subscriptions={SUBSCRIPTIONS}",
             f"--kills={KILLS}",
-            "--crash-after-charge-percent=25",
+            "--crash-after-charge-percent=20",
             "--declining-share=0.25",
             "--recover-share=0.5",
             "--cancel-share=0.5",
             "--sca-share=0.6",
             "--multi-share=0.35",
+            "--cancel-while-charging-share=0.5",
             "--window-s=20",
             "--lead-s=10",
             "--pg-outage-s=5",
@@ -86,7 +89,10 @@ def test_a_small_chaos_run_loses_and_doubles_nothing() -> None:
             "--fault-429=0.05",
             "--fault-timeout=0.05",
             "--timeout-hold-s=1",
-            "--settle-timeout-s=150",
+            # A worker killed mid-activity (the crash hook, a kill) is noticed when the
+            # activity's 60 s start-to-close timeout expires; a customer's card update then a
+            # charge can meet that twice. The run ends as soon as the expected work is done.
+            "--settle-timeout-s=170",
         ],
         capture_output=True,
         text=True,
@@ -97,7 +103,8 @@ def test_a_small_chaos_run_loses_and_doubles_nothing() -> None:
     assert done.returncode == 0, json.dumps(report, indent=2) + done.stderr[-3000:]
     assert report["work_done"] is True
     assert report["subscriptions"] == SUBSCRIPTIONS
-    assert report["invoices_expected"] == report["invoices_found"] == SUBSCRIPTIONS
+    # All but perhaps the one canceled at its billing date, before its invoice.
+    assert report["invoices_expected"] == report["invoices_found"] >= SUBSCRIPTIONS - 1
     assert {key: report[key] for key in LOSSES} == dict.fromkeys(LOSSES, 0)
     assert report["customers_by_card"] == KINDS
     assert report["customers"] == 11
@@ -113,16 +120,25 @@ def test_a_small_chaos_run_loses_and_doubles_nothing() -> None:
         assert outcomes[kind][FAILED_FIRST] == KINDS[kind], outcomes
     assert outcomes["sca_waits"]["subscription past_due, invoice open"] == 1
     assert outcomes["cancel_declined"]["subscription canceled, invoice void"] == 1
-    # Authenticated and canceled now, in a random order: paid (once) or void, never both.
-    raced = outcomes["sca_auth_cancel"]
-    paid_then_canceled = raced.get("subscription canceled, invoice paid", 0)
-    assert paid_then_canceled + raced.get("subscription canceled, invoice void", 0) == 1, raced
+    # Authenticated and canceled now in a random order, or canceled while the invoice was
+    # charged: paid (once) or void, never both.
+    paid_then_canceled = 0
+    for kind in ("sca_auth_cancel", "cancel_while_charging"):
+        raced = outcomes[kind]
+        paid_then_canceled += raced.get("subscription canceled, invoice paid", 0)
+        assert (
+            raced.get("subscription canceled, invoice paid", 0)
+            + raced.get("subscription canceled, invoice void", 0)
+            + raced.get("subscription canceled, invoice None", 0)  # before the billing date
+            == 1
+        ), raced
     # Every paid invoice is backed by exactly one succeeded charge at localstripe, and no
     # other charge succeeded: sca_waits and cancel_declined are not paid.
-    expected_paid = SUBSCRIPTIONS - 3 + paid_then_canceled
+    expected_paid = SUBSCRIPTIONS - 4 + paid_then_canceled
     assert report["invoices_paid"] == report["stripe_succeeded_charges"] == expected_paid
-    # One PaymentIntent per invoice.
-    assert report["stripe_payment_intents"] == SUBSCRIPTIONS
+    # One PaymentIntent per charged invoice (the one canceled at its billing date may have
+    # ended before its first charge).
+    assert SUBSCRIPTIONS - 1 <= report["stripe_payment_intents"] <= SUBSCRIPTIONS
     faults = report["faults_injected"]
     assert faults["worker_kill"] == KILLS
     assert faults["temporal_restart"] == 1
@@ -130,8 +146,8 @@ def test_a_small_chaos_run_loses_and_doubles_nothing() -> None:
     # recovers, multi_recovers (once for the customer), sca_new_card, sca_both.
     assert faults["customer_card"] == 4
     assert faults["customer_authenticate"] == 3
-    assert faults["customer_cancel"] == 2
-    assert report["workflows"].get("SubscriptionWorkflow COMPLETED") == 2  # the two canceled
+    assert faults["customer_cancel"] == 3
+    assert report["workflows"].get("SubscriptionWorkflow COMPLETED") == 3  # the three canceled
     assert report["webhook_events"], "localstripe's webhooks reached the API"
     stripe_faults = sum(n for kind, n in faults.items() if kind.startswith("stripe_"))
     assert stripe_faults > 0
