@@ -622,12 +622,12 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
         events.append((faults_from + 0.6 * span + args.pg_outage_s, "pg_start"))
     for customer in run.customers:
         if customer.kind == "cancel_while_charging":
-            # At the billing date, give or take a second: before the invoice, while it is
+            # At the billing date or up to 2.5 s later: before the invoice, while it is
             # charged, or just after. The poll of the database every 2 s would miss a charge
             # that takes a fraction of a second.
             assert customer.anchor_at is not None
             offset = (customer.anchor_at - signup_started).total_seconds()
-            events.append((t0 + offset + run.rng.uniform(-0.5, 1.5), f"cancel:{customer.index}"))
+            events.append((t0 + offset + run.rng.uniform(0.0, 2.5), f"cancel:{customer.index}"))
     events.sort()
 
     def restart_temporal() -> None:
