@@ -839,7 +839,11 @@ class StripeGateway:
         )
         if payment_intent_id is None and charge_id is not None:
             # Real Stripe puts the PaymentIntent in the error; localstripe only names the
-            # charge. The charge points back at its PaymentIntent.
+            # charge. The charge points back at its PaymentIntent. That read must succeed: a
+            # decline recorded without its intent leaves the intent unknown to us, so the next
+            # attempt would create a second one for the invoice and closing the invoice would
+            # not cancel the first (found by scripts/chaos.py). A transient failure of the read
+            # raises, and the retry replays the charge under its key, then reads again.
             payment_intent_id = self._payment_intent_of_charge(charge_id)
         return ChargeOutcome(
             kind=classify_decline(code, decline_code),
@@ -852,10 +856,17 @@ class StripeGateway:
         )
 
     def _payment_intent_of_charge(self, charge_id: str) -> str | None:
+        """The PaymentIntent of a declined charge. A transient failure raises
+        TransientPaymentError (retry); any other failure is logged and gives None (the decline
+        is still the outcome)."""
         try:
             charge = self._client.v1.charges.retrieve(charge_id)
         except stripe.StripeError as error:
-            # Best effort: the decline itself is already known and is the outcome.
+            if _is_transient(error):
+                _raise_translated(
+                    error,
+                    operation=f"reading declined charge {charge_id} to find its payment intent",
+                )
             logger.warning(
                 "could not look up the payment intent of declined charge %s: %s",
                 charge_id,

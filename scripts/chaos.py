@@ -8,10 +8,13 @@ Starts, each as its own process and on free ports:
   worker's Stripe API base points at;
 - ``billing worker`` and ``billing api``.
 
-It signs up ``--subscriptions`` customers through the HTTP API, with billing anchors spread
-over the next ``--window-s`` seconds, some on cards that are declined (dunning); for a share
-of those the card is then updated through the API, so the open invoice is retried. While they
-bill it injects:
+It signs up ``--subscriptions`` subscriptions through the HTTP API, with billing anchors spread
+over the next ``--window-s`` seconds, for the kinds of customer in ``KINDS``: good cards,
+declined cards (left in dunning, given a new card, or canceled now), cards that need
+authentication (the customer authenticates at localstripe, gives a new card, both in a random
+order, authenticates while the subscription is canceled, or does nothing) and customers with
+2-3 subscriptions on one card. localstripe's signed webhooks reach the API through a relay that
+retries failed deliveries, as Stripe does. While they bill it injects:
 
 - ``--kills`` SIGKILLs of the worker at random instants, restarting it each time;
 - SIGKILLs of the worker right after Stripe answered a charge and before our database heard
@@ -21,9 +24,12 @@ bill it injects:
 - Stripe-side 5xx, 429 and timeouts, before or after localstripe did the work.
 
 Then it waits until the expected billing work is done (or ``--settle-timeout-s``) and checks,
-against our database and localstripe's own records, that every (subscription, period) has
-exactly one invoice, every paid invoice exactly one successful charge, no charge is orphaned
-or doubled, and every outbox notice exists once. Exit 0 only if all of that holds.
+against our database, localstripe's own records and the Temporal server, that every
+(subscription, period) has exactly one invoice, every invoice at most one successful charge and
+every success is the recorded payment (none on a void or uncollectible invoice), each invoice
+has one PaymentIntent and none is payable once the invoice is closed, every outbox notice
+exists once, no workflow failed and no subscription needs attention. Exit 0 only if all of
+that holds.
 
     .venv/bin/python scripts/chaos.py --subscriptions 200 --kills 20 --json
 """
@@ -36,6 +42,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -68,9 +75,11 @@ from billing.invoices import InvoiceStatus  # noqa: E402
 from billing.plans import DEMO_PLANS, find_plan  # noqa: E402
 from billing.records import AttemptStatus  # noqa: E402
 from billing.settings import Settings  # noqa: E402
+from billing.subscription import SubscriptionStatus  # noqa: E402
 from billing.testing import cards  # noqa: E402
 from billing.testing.localstripe import LocalStripe  # noqa: E402
 from billing.testing.stripe_fault_proxy import FaultRates, StripeFaultProxy  # noqa: E402
+from billing.testing.webhook_relay import WebhookRelay  # noqa: E402
 from db.models import (  # noqa: E402
     InvoiceRow,
     NotificationRow,
@@ -93,7 +102,14 @@ LOSS_KEYS = (
     "wrong_amounts",
     "duplicate_notifications",
     "missing_notifications",
+    "closed_with_provider_success",
+    "extra_payment_intents",
+    "payable_intents_of_closed_invoices",
+    "failed_workflows",
+    "needs_attention",
 )
+#: Temporal execution statuses a subscription (or late-payment) workflow must never end in.
+FAILED_WORKFLOW_STATUSES = ("FAILED", "TERMINATED", "TIMED_OUT", "CANCELED")
 
 
 def log(message: str) -> None:
@@ -294,15 +310,61 @@ class BillingProcess:
 # -- the run ---------------------------------------------------------------------------------
 
 
+#: What each kind of subscription's customer does, and how its first invoice must end.
+KINDS: dict[str, str] = {
+    "pays": "a good card: paid on its billing date",
+    "declined": "every charge declined: left open in dunning",
+    "recovers": "declined, then a new card through the API: paid",
+    "cancel_declined": "declined, then canceled now through the API: void",
+    "sca_waits": "the card needs authentication and nobody acts: open, action required",
+    "sca_authenticates": "needs authentication; the customer authenticates the pending payment "
+    "(localstripe's /_authenticate, news by its signed payment_intent.succeeded): paid",
+    "sca_new_card": "needs authentication; the customer gives a new card instead: paid",
+    "sca_both": "needs authentication; the customer authenticates and gives a new card, in a "
+    "random order moments apart (the double-charge race): paid once",
+    "sca_auth_cancel": "needs authentication; the customer authenticates and the subscription "
+    "is canceled now, in a random order moments apart: paid once or void, never both",
+    "cancel_while_charging": "a good card; the subscription is canceled now as soon as its "
+    "invoice is open, racing the charge (with the crash hook and the provider faults its "
+    "outcome may be unknown): paid once or void, never both",
+    "multi_pays": "one of a customer's 2-3 subscriptions (one external_id, one good card): paid",
+    "multi_recovers": "one of a customer's 2-3 subscriptions on one declining card; the card is "
+    "updated through the API on one of them and reaches the others: all paid",
+}
+SCA_KINDS = ("sca_authenticates", "sca_new_card", "sca_both", "sca_auth_cancel", "sca_waits")
+#: The customer gives a new card through the API once the first charge failed.
+NEW_CARD_KINDS = frozenset({"recovers", "sca_new_card", "sca_both", "multi_recovers"})
+#: The customer authenticates the pending payment.
+AUTHENTICATE_KINDS = frozenset({"sca_authenticates", "sca_both", "sca_auth_cancel"})
+#: The subscription is canceled now (``at_period_end: false``) while its invoice is in dunning.
+CANCEL_KINDS = frozenset({"cancel_declined", "sca_auth_cancel", "cancel_while_charging"})
+
+
 @dataclass
 class Customer:
+    """One subscription, and what its customer does. Several share a ``group`` (one
+    external_id and one card) for the multi-subscription kinds."""
+
     index: int
     subscription_id: str = ""
-    #: "pays": a good card; "declined": every charge declined, left in dunning;
-    #: "recovers": declined, then the card is updated through the API and the invoice is paid.
     kind: str = "pays"
+    group: int = 0
     anchor_at: datetime | None = None
-    card_updated: bool = False
+    #: The customer's actions done so far ("card", "authenticate", "cancel").
+    done: set[str] = field(default_factory=set)
+    #: Set when its actions have been started (they run once, in a thread of their own).
+    acting: bool = False
+    #: What the actions met on the way (e.g. an authentication refused because the new card
+    #: was confirmed first), for the report.
+    outcomes: list[str] = field(default_factory=list)
+
+    @property
+    def card_number(self) -> str:
+        if self.kind in ("pays", "multi_pays", "cancel_while_charging"):
+            return cards.SUCCEEDS
+        if self.kind in SCA_KINDS:
+            return cards.REQUIRES_AUTHENTICATION
+        return cards.DECLINES_AFTER_ATTACH
 
 
 @dataclass
@@ -336,6 +398,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="of the declining customers, the share whose card is then updated",
     )
     parser.add_argument(
+        "--cancel-share",
+        type=float,
+        default=0.25,
+        help="of the declining single-subscription customers, the share canceled now in dunning",
+    )
+    parser.add_argument(
+        "--sca-share",
+        type=float,
+        default=0.25,
+        help="share of single-subscription customers whose card needs authentication (SCA); "
+        "they authenticate, give a new card, both, authenticate while canceled, or do nothing",
+    )
+    parser.add_argument(
+        "--cancel-while-charging-share",
+        type=float,
+        default=0.05,
+        help="share of single-subscription customers with a good card whose subscription is "
+        "canceled now as soon as its invoice is open, racing the charge",
+    )
+    parser.add_argument(
+        "--multi-share",
+        type=float,
+        default=0.2,
+        help="share of subscriptions that belong to customers with 2-3 subscriptions (one "
+        "external_id, one card; half of those cards decline and are replaced on one of them)",
+    )
+    parser.add_argument(
         "--window-s", type=float, default=60, help="billing anchors spread over this window"
     )
     parser.add_argument(
@@ -366,6 +455,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.subscriptions < 1:
         parser.error("--subscriptions must be at least 1")
+    shares = ("declining_share", "recover_share", "cancel_share", "sca_share", "multi_share")
+    for name in (*shares, "cancel_while_charging_share"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(f"--{name.replace('_', '-')} must be between 0 and 1")
+    if args.declining_share + args.sca_share > 1.0:
+        parser.error("--declining-share and --sca-share must sum to at most 1")
     if args.lead_s is None:
         # Signups take ~0.15 s each on two cores: the first anchor falls after the last signup.
         args.lead_s = 10 + 0.2 * args.subscriptions
@@ -489,11 +584,14 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
     stack.callback(api.stop)
     wait_for_port(api_port, 60, "billing api")
     base_url = f"http://127.0.0.1:{api_port}"
+    relay: WebhookRelay | None = None
     if not args.no_webhooks:
-        # As Stripe does: every event, signed, to the webhook endpoint (about 1 s later).
+        # As Stripe does: every event, signed, to the webhook endpoint (about 1 s later), and
+        # retried until the API accepts it (localstripe delivers once; the relay retries).
+        relay = stack.enter_context(WebhookRelay(f"{base_url}/v1/webhooks/stripe", webhook_secret))
         httpx.post(
             f"{localstripe.url}/_config/webhooks/chaos",
-            data={"url": f"{base_url}/v1/webhooks/stripe", "secret": webhook_secret},
+            data={"url": relay.url, "secret": webhook_secret},
             timeout=10,
         ).raise_for_status()
 
@@ -522,6 +620,14 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
     if args.pg_outage_s > 0:
         events.append((faults_from + 0.6 * span, "pg_stop"))
         events.append((faults_from + 0.6 * span + args.pg_outage_s, "pg_start"))
+    for customer in run.customers:
+        if customer.kind == "cancel_while_charging":
+            # At the billing date or up to 2.5 s later: before the invoice, while it is
+            # charged, or just after. The poll of the database every 2 s would miss a charge
+            # that takes a fraction of a second.
+            assert customer.anchor_at is not None
+            offset = (customer.anchor_at - signup_started).total_seconds()
+            events.append((t0 + offset + run.rng.uniform(0.0, 2.5), f"cancel:{customer.index}"))
     events.sort()
 
     def restart_temporal() -> None:
@@ -546,11 +652,14 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
         elif kind == "pg_start":
             pg.start()
             log("PostgreSQL back")
+        elif kind.startswith("cancel:"):
+            actions.cancel_now(run.customers[int(kind.split(":", 1)[1])])
 
     deadline = window_end + args.settle_timeout_s
     done = False
     next_check = 0.0
-    updater = CardUpdater(run, base_url, keys["admin"], stripe_direct)
+    last_outstanding = -1
+    actions = CustomerActions(run, base_url, keys["admin"], stripe_direct, localstripe.url)
     while time.monotonic() < deadline:
         now = time.monotonic()
         while events and events[0][0] <= now:
@@ -563,12 +672,15 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
             next_check = now + 2
             with contextlib.suppress(DBAPIError):
                 progress = billing_progress(engine, run)
-                updater.update_declined(progress["declined_open"])
+                actions.act(progress["declined_open"], progress["action_open"])
+                if progress["outstanding"] != last_outstanding:
+                    last_outstanding = progress["outstanding"]
+                    log(f"{last_outstanding} subscription(s) not at their expected end yet")
                 if not events and progress["outstanding"] == 0:
                     done = True
                     break
         time.sleep(0.2)
-    updater.pool.shutdown(wait=False, cancel_futures=True)
+    actions.pool.shutdown(wait=False, cancel_futures=True)
     for _, kind in events:
         if kind == "pg_start":  # never audit (or leave) with the database down
             on_event(kind)
@@ -591,7 +703,14 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
     for kind, count in proxy.faults_injected().items():
         run.faults[kind] = count
     report = audit(run, engine, stripe_direct)
+    workflows = workflow_statuses(settings)
+    report["workflows"] = workflows["counts"]
+    report["failed_workflows"] = len(workflows["failed"])
+    report["problems"] = workflows["failed"][:50] + report["problems"]
     report["webhook_events"] = webhook_outcomes(engine)
+    report["webhook_deliveries"] = relay.counts() if relay is not None else {}
+    if report["webhook_deliveries"].get("gave_up"):
+        run.notes.append(f"{report['webhook_deliveries']['gave_up']} webhook event(s) undelivered")
     report["stripe_proxy"] = {
         "requests": proxy.stats.requests,
         "idempotent_replays": proxy.stats.idempotent_replays,
@@ -603,37 +722,74 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
     return report
 
 
+def plan_kinds(args: argparse.Namespace, rng: random.Random) -> list[tuple[str, int]]:
+    """(kind, group) of each subscription: customers with 2-3 subscriptions first (one group
+    each), then one subscription per customer."""
+    n = args.subscriptions
+    multi = round(n * args.multi_share)
+    if multi == 1:
+        multi = 0 if n < 2 else 2  # a "several subscriptions" customer has at least two
+    planned: list[tuple[str, int]] = []
+    group = 0
+    left = multi
+    while left > 0:
+        size = left if left <= 3 else rng.choice((2, 3)) if left != 4 else 2
+        kind = "multi_recovers" if group % 2 else "multi_pays"
+        planned += [(kind, group)] * size
+        left -= size
+        group += 1
+    singles = n - multi
+    declining = round(singles * args.declining_share)
+    recovering = round(declining * args.recover_share)
+    canceled = min(declining - recovering, round(declining * args.cancel_share))
+    sca = round(singles * args.sca_share)
+    kinds = ["recovers"] * recovering + ["cancel_declined"] * canceled
+    kinds += ["declined"] * (declining - recovering - canceled)
+    kinds += [SCA_KINDS[i % len(SCA_KINDS)] for i in range(sca)]
+    good = singles - len(kinds)
+    kinds += ["cancel_while_charging"] * round(good * args.cancel_while_charging_share)
+    kinds += ["pays"] * (singles - len(kinds))
+    for kind in kinds:
+        planned.append((kind, group))
+        group += 1
+    return planned
+
+
 def plan_customers(run: Run, signup_started: datetime) -> None:
     args = run.args
     n = args.subscriptions
-    declining = round(n * args.declining_share)
-    recovering = round(declining * args.recover_share)
-    kinds = ["recovers"] * recovering + ["declined"] * (declining - recovering)
-    kinds += ["pays"] * (n - len(kinds))
-    run.rng.shuffle(kinds)
+    planned = plan_kinds(args, run.rng)
     offsets = [args.lead_s + args.window_s * i / max(1, n - 1) for i in range(n)]
     run.rng.shuffle(offsets)
     run.customers = [
-        Customer(index=i, kind=kind, anchor_at=signup_started + timedelta(seconds=offset))
-        for i, (kind, offset) in enumerate(zip(kinds, offsets, strict=True))
+        Customer(
+            index=i,
+            kind=kind,
+            group=group,
+            anchor_at=signup_started + timedelta(seconds=offset),
+        )
+        for i, ((kind, group), offset) in enumerate(zip(planned, offsets, strict=True))
     ]
 
 
 def signup_all(run: Run, base_url: str, key: str, stripe_direct: Any) -> None:
+    """Sign every customer up through the API. A customer with several subscriptions signs
+    them up one after the other, for the same external_id and with the same card."""
     run_id = uuid.uuid4().hex[:8]
+    groups: dict[int, list[Customer]] = defaultdict(list)
+    for customer in run.customers:
+        groups[customer.group].append(customer)
 
-    def sign_up(customer: Customer) -> None:
-        number = cards.SUCCEEDS if customer.kind == "pays" else cards.DECLINES_AFTER_ATTACH
-        payment_method = cards.create_card_payment_method(stripe_direct, number)
+    def sign_up(customer: Customer, payment_method: str) -> None:
         assert customer.anchor_at is not None
         body = {
             "plan": PLAN,
             "payment_method_id": payment_method,
             "billing_anchor_at": customer.anchor_at.isoformat(),
             "customer": {
-                "external_id": f"chaos-{run_id}-{customer.index}",
-                "email": f"chaos-{customer.index}@example.com",
-                "timezone": TIMEZONES[customer.index % len(TIMEZONES)],
+                "external_id": f"chaos-{run_id}-{customer.group}",
+                "email": f"chaos-{customer.group}@example.com",
+                "timezone": TIMEZONES[customer.group % len(TIMEZONES)],
             },
         }
         headers = {
@@ -659,61 +815,201 @@ def signup_all(run: Run, base_url: str, key: str, stripe_direct: Any) -> None:
                     raise RuntimeError(f"signup {customer.index} kept failing: {failure}")
                 time.sleep(1)
 
+    def sign_up_group(members: list[Customer]) -> None:
+        # One card for all of the customer's subscriptions.
+        payment_method = cards.create_card_payment_method(stripe_direct, members[0].card_number)
+        for customer in members:
+            sign_up(customer, payment_method)
+
     with ThreadPoolExecutor(max_workers=run.args.signup_threads) as pool:
-        list(pool.map(sign_up, run.customers))
+        list(pool.map(sign_up_group, groups.values()))
 
 
-class CardUpdater:
-    """Gives each "recovers" customer a good card once its first charge was declined; the
-    workflow then retries the open invoice at once (a dunning retry inside the run)."""
+class CustomerActions:
+    """What the customers do once their first charge failed or asks for authentication: give
+    a new card through the API, authenticate the pending payment at localstripe the way a
+    browser would, or have the subscription canceled now, alone or two at once in a random
+    order. Each customer acts once, in a pool thread; a failed step is retried within it."""
 
-    def __init__(self, run: Run, base_url: str, key: str, stripe_direct: Any) -> None:
+    def __init__(
+        self, run: Run, base_url: str, key: str, stripe_direct: Any, localstripe_url: str
+    ) -> None:
         self.run = run
         self.base_url = base_url
         self.key = key
         self.stripe_direct = stripe_direct
+        self.localstripe_url = localstripe_url
         self.by_subscription = {c.subscription_id: c for c in run.customers}
-        self.in_progress: set[str] = set()
+        self.groups: dict[int, list[Customer]] = defaultdict(list)
+        for customer in run.customers:
+            self.groups[customer.group].append(customer)
+        #: Groups (customers with several subscriptions) whose new card was given already.
+        self.groups_with_new_card: set[int] = set()
         self.lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(max_workers=2)
+        self.pool = ThreadPoolExecutor(max_workers=4)
 
-    def update_declined(self, subscription_ids: set[str]) -> None:
-        for subscription_id in subscription_ids:
+    def act(self, declined_open: set[str], action_open: dict[str, str]) -> None:
+        """``declined_open``: subscriptions whose open invoice had a declined charge;
+        ``action_open``: subscription -> PaymentIntent waiting for authentication."""
+        for subscription_id in declined_open | set(action_open):
             customer = self.by_subscription.get(subscription_id)
-            if customer is None or customer.kind != "recovers" or customer.card_updated:
+            if customer is None or customer.acting:
                 continue
-            with self.lock:
-                if subscription_id in self.in_progress:
+            steps: list[str] = []
+            kind = customer.kind
+            waits_for_action = subscription_id in action_open
+            if kind in ("recovers", "cancel_declined") and subscription_id in declined_open:
+                steps = ["card" if kind == "recovers" else "cancel"]
+            elif kind == "multi_recovers" and subscription_id in declined_open:
+                # Once every subscription of the customer has been declined, the new card is
+                # given on one of them: it must reach the others (finding 6).
+                members = self.groups[customer.group]
+                if customer.group in self.groups_with_new_card or not all(
+                    m.subscription_id in declined_open for m in members
+                ):
                     continue
-                self.in_progress.add(subscription_id)
-            self.pool.submit(self._update, customer)
+                self.groups_with_new_card.add(customer.group)
+                steps = ["card"]
+            elif kind == "sca_authenticates" and waits_for_action:
+                steps = ["authenticate"]
+            elif kind == "sca_new_card" and waits_for_action:
+                steps = ["card"]
+            elif kind == "sca_both" and waits_for_action:
+                steps = self.run.rng.sample(["authenticate", "card"], 2)
+            elif kind == "sca_auth_cancel" and waits_for_action:
+                steps = self.run.rng.sample(["authenticate", "cancel"], 2)
+            if not steps:
+                continue
+            customer.acting = True
+            # Moments apart: within the second of the race, or after the first step's effect.
+            gap_s = self.run.rng.choice((0.0, 0.2, 0.5, 1.5))
+            self.pool.submit(self._act, customer, steps, action_open.get(subscription_id), gap_s)
 
-    def _update(self, customer: Customer) -> None:
+    def cancel_now(self, customer: Customer) -> None:
+        """Cancel now, at a moment the caller chose (not from what the database shows)."""
+        if customer.acting:
+            return
+        customer.acting = True
+        self.pool.submit(self._act, customer, ["cancel"], None, 0.0)
+
+    def _act(
+        self, customer: Customer, steps: list[str], payment_intent_id: str | None, gap_s: float
+    ) -> None:
         try:
-            payment_method = cards.create_card_payment_method(self.stripe_direct, cards.SUCCEEDS)
-            with httpx.Client(base_url=self.base_url, timeout=60) as http:
-                response = http.post(
-                    f"/v1/subscriptions/{customer.subscription_id}/payment-method",
-                    json={"payment_method_id": payment_method},
-                    headers={"Authorization": f"Bearer {self.key}"},
-                )
-            # 504 change_pending: accepted by the workflow, applied when it gets to it.
-            if response.status_code == 200 or (
-                response.status_code == 504 and "change_pending" in response.text
-            ):
-                customer.card_updated = True
-                self.run.faults["card_update"] += 1
-            elif response.status_code < 500:
-                self.run.notes.append(
-                    f"card update of {customer.subscription_id} refused: "
-                    f"HTTP {response.status_code} {response.text[:200]}"
-                )
-                customer.card_updated = True
-        except Exception as error:  # retried at the next check
-            log(f"card update of {customer.subscription_id} failed, will retry: {error}")
-        finally:
+            if len(steps) == 2 and gap_s == 0.0:
+                # At the same instant: two threads.
+                with ThreadPoolExecutor(max_workers=2) as both:
+                    futures = [
+                        both.submit(self._step, customer, s, payment_intent_id) for s in steps
+                    ]
+                    for future in futures:
+                        future.result()
+            else:
+                for i, step in enumerate(steps):
+                    if i:
+                        time.sleep(gap_s)
+                    self._step(customer, step, payment_intent_id)
+        except Exception as error:
+            self.run.notes.append(f"{customer.kind} {customer.subscription_id}: {error}")
+            log(f"customer action of {customer.subscription_id} failed: {error}")
+
+    def _step(self, customer: Customer, step: str, payment_intent_id: str | None) -> None:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if step == "card":
+                    finished = self._new_card(customer)
+                elif step == "cancel":
+                    finished = self._cancel(customer)
+                else:
+                    assert payment_intent_id is not None
+                    finished = self._authenticate(customer, payment_intent_id)
+            except (httpx.HTTPError, OSError) as error:
+                finished, failure = False, str(error)
+            else:
+                failure = "answered 5xx"
+            if finished:
+                customer.done.add(step)
+                with self.lock:
+                    self.run.faults[f"customer_{step}"] += 1
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{step} kept failing: {failure}")
+            time.sleep(2)
+
+    def _api(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        with httpx.Client(base_url=self.base_url, timeout=60) as http:
+            return http.post(path, json=body, headers={"Authorization": f"Bearer {self.key}"})
+
+    def _accepted(self, customer: Customer, what: str, response: httpx.Response) -> bool:
+        """True when done (or refused with a reason, which is recorded), False to retry."""
+        # 504 change_pending: accepted by the workflow, applied when it gets to it.
+        if response.status_code == 504 and "change_pending" in response.text:
+            customer.outcomes.append(f"{what} pending: accepted, not finished in time")
+            return True
+        if response.status_code >= 500:
+            return False
+        if response.status_code != 200:
+            customer.outcomes.append(
+                f"{what} refused: HTTP {response.status_code} {response.text[:200]}"
+            )
+            self.run.notes.append(
+                f"{what} of {customer.subscription_id} ({customer.kind}) refused: "
+                f"HTTP {response.status_code} {response.text[:200]}"
+            )
+        else:
+            customer.outcomes.append(f"{what}: {response.text[:300]}")
+        return True
+
+    def _new_card(self, customer: Customer) -> bool:
+        payment_method = cards.create_card_payment_method(self.stripe_direct, cards.SUCCEEDS)
+        response = self._api(
+            f"/v1/subscriptions/{customer.subscription_id}/payment-method",
+            {"payment_method_id": payment_method},
+        )
+        return self._accepted(customer, "card", response)
+
+    def _cancel(self, customer: Customer) -> bool:
+        response = self._api(
+            f"/v1/subscriptions/{customer.subscription_id}/cancel",
+            {"at_period_end": False, "reason": "chaos: canceled in dunning"},
+        )
+        if response.status_code == 409 and "canceled" in response.text:
+            # An earlier try went through and its answer was lost.
+            customer.outcomes.append("cancel (answer lost): already canceled")
+            return True
+        return self._accepted(customer, "cancel", response)
+
+    def _authenticate(self, customer: Customer, payment_intent_id: str) -> bool:
+        """As the customer's browser does after 3-D Secure: straight to the provider, with the
+        intent's client secret (no fault proxy: the faults are aimed at the billing side)."""
+        intent = self.stripe_direct.v1.payment_intents.retrieve(payment_intent_id)
+        response = httpx.post(
+            f"{self.localstripe_url}/v1/payment_intents/{payment_intent_id}/_authenticate",
+            data={"client_secret": intent.client_secret, "success": "true"},
+            headers={"Authorization": f"Bearer {LOCALSTRIPE_KEY}"},
+            timeout=30,
+        )
+        if response.status_code >= 500:
+            return False
+        if response.status_code == 200:
+            customer.outcomes.append(
+                f"authenticate: {payment_intent_id} {response.json()['status']}"
+            )
+        else:
+            # E.g. the new card was confirmed first, or the intent canceled: it no longer
+            # waits for authentication. Expected in the races; a problem for the others.
+            customer.outcomes.append(
+                f"authenticate refused: HTTP {response.status_code} (intent {intent.status})"
+            )
             with self.lock:
-                self.in_progress.discard(customer.subscription_id)
+                self.run.faults["customer_authenticate_refused"] += 1
+            if customer.kind == "sca_authenticates":
+                self.run.notes.append(
+                    f"authentication of {payment_intent_id} ({customer.subscription_id}) "
+                    f"refused: HTTP {response.status_code} {response.text[:200]}"
+                )
+        return True
 
 
 # -- progress and audit ----------------------------------------------------------------------
@@ -723,7 +1019,9 @@ def _rows(engine: Engine, run: Run) -> dict[str, Any]:
     ids = [c.subscription_id for c in run.customers]
     with engine.connect() as connection:
         subscriptions = connection.execute(
-            select(SubscriptionRow.id, SubscriptionRow.status).where(SubscriptionRow.id.in_(ids))
+            select(
+                SubscriptionRow.id, SubscriptionRow.status, SubscriptionRow.attention_reason
+            ).where(SubscriptionRow.id.in_(ids))
         ).all()
         invoices = connection.execute(
             select(
@@ -734,6 +1032,7 @@ def _rows(engine: Engine, run: Run) -> dict[str, Any]:
                 InvoiceRow.status,
                 InvoiceRow.amount_due_minor,
                 InvoiceRow.currency,
+                InvoiceRow.stripe_payment_intent_id,
             ).where(InvoiceRow.subscription_id.in_(ids))
         ).all()
         invoice_ids = [i.id for i in invoices]
@@ -742,6 +1041,9 @@ def _rows(engine: Engine, run: Run) -> dict[str, Any]:
                 PaymentAttemptRow.invoice_id,
                 PaymentAttemptRow.attempt_number,
                 PaymentAttemptRow.status,
+                PaymentAttemptRow.reason,
+                PaymentAttemptRow.decline_code,
+                PaymentAttemptRow.created_at,
                 PaymentAttemptRow.stripe_payment_intent_id,
             ).where(PaymentAttemptRow.invoice_id.in_(invoice_ids))
         ).all()
@@ -772,43 +1074,76 @@ def _rows(engine: Engine, run: Run) -> dict[str, Any]:
 
 
 def billing_progress(engine: Engine, run: Run) -> dict[str, Any]:
-    """How many subscriptions have not reached their expected end state yet, and which
-    declined subscriptions have an open invoice whose charge failed."""
+    """How many subscriptions have not reached their expected end state yet; which have an
+    open invoice whose charge was declined, and which one waiting for authentication (with
+    its PaymentIntent)."""
     rows = _rows(engine, run)
     invoices = {i.subscription_id: i for i in rows["invoices"] if i.period_index == 0}
+    subscriptions = {s.id: s for s in rows["subscriptions"]}
     attempts: dict[str, list[Any]] = defaultdict(list)
     for a in rows["attempts"]:
         attempts[a.invoice_id].append(a)
     notices = {n.dedupe_key for n in rows["notices"]}
     outstanding = 0
     declined_open: set[str] = set()
+    action_open: dict[str, str] = {}
     for customer in run.customers:
         invoice = invoices.get(customer.subscription_id)
-        if invoice is None:
-            outstanding += 1
+        subscription = subscriptions.get(customer.subscription_id)
+        if invoice is None or subscription is None:
+            # Canceled now before its billing date came: no invoice, rightly.
+            canceled_unbilled = (
+                customer.kind == "cancel_while_charging"
+                and subscription is not None
+                and subscription.status == SubscriptionStatus.CANCELED
+            )
+            outstanding += 0 if canceled_unbilled else 1
             continue
         tries = attempts[invoice.id]
         if any(a.status == AttemptStatus.PENDING for a in tries):
             outstanding += 1
             continue
         failed = any(a.status == AttemptStatus.FAILED for a in tries)
+        waiting = next(
+            (a for a in reversed(tries) if a.status == AttemptStatus.REQUIRES_ACTION), None
+        )
         if invoice.status == InvoiceStatus.OPEN and failed:
             declined_open.add(customer.subscription_id)
-        if customer.kind == "declined":
+        if invoice.status == InvoiceStatus.OPEN and waiting is not None:
+            intent = invoice.stripe_payment_intent_id or waiting.stripe_payment_intent_id
+            if intent:
+                action_open[customer.subscription_id] = intent
+        recovered = f"{invoice.id}:{NoticeKind.PAYMENT_SUCCEEDED_AFTER_FAILURE}" in notices
+        canceled = subscription.status == SubscriptionStatus.CANCELED
+        kind = customer.kind
+        if kind == "declined":
             finished = (
                 invoice.status == InvoiceStatus.OPEN
                 and failed
                 and f"{invoice.id}:{NoticeKind.PAYMENT_FAILED}:1" in notices
             )
-        elif customer.kind == "recovers":
+        elif kind == "sca_waits":
             finished = (
-                invoice.status == InvoiceStatus.PAID
-                and f"{invoice.id}:{NoticeKind.PAYMENT_SUCCEEDED_AFTER_FAILURE}" in notices
+                invoice.status == InvoiceStatus.OPEN
+                and waiting is not None
+                and f"{invoice.id}:{NoticeKind.ACTION_REQUIRED}:1" in notices
             )
-        else:
+        elif kind in ("recovers", "sca_authenticates", "sca_new_card", "sca_both"):
+            finished = invoice.status == InvoiceStatus.PAID and recovered
+        elif kind == "cancel_declined":
+            finished = canceled and invoice.status == InvoiceStatus.VOID
+        elif kind in ("sca_auth_cancel", "cancel_while_charging"):
+            # Whichever came first wins: the authentication (paid, then canceled) or the
+            # cancel (void, the intent canceled, the authentication refused).
+            finished = canceled and invoice.status in (InvoiceStatus.VOID, InvoiceStatus.PAID)
+        else:  # pays, multi_pays, multi_recovers
             finished = invoice.status == InvoiceStatus.PAID
         outstanding += 0 if finished else 1
-    return {"outstanding": outstanding, "declined_open": declined_open}
+    return {
+        "outstanding": outstanding,
+        "declined_open": declined_open,
+        "action_open": action_open,
+    }
 
 
 def webhook_outcomes(engine: Engine) -> dict[str, int]:
@@ -833,13 +1168,25 @@ def audit(run: Run, engine: Engine, stripe_direct: Any) -> dict[str, Any]:
     rows = _rows(engine, run)
     intents = _list_all(lambda p: stripe_direct.v1.payment_intents.list(params=p))
     charges = _list_all(lambda p: stripe_direct.v1.charges.list(params=p))
-    intent_by_id = {i.id: i for i in intents}
 
     def metadata(intent: Any) -> dict[str, str]:
         return intent.metadata.to_dict() if intent is not None and intent.metadata else {}
 
     invoices_by_id = {i.id: i for i in rows["invoices"]}
     payment_by_invoice = {p.invoice_id: p for p in rows["payments"]}
+
+    # Which invoice each PaymentIntent is for: the provider's metadata (set at create), else
+    # our records of it (the invoice's one intent, or an attempt that named it).
+    invoice_of_intent: dict[str, str] = {}
+    for a in rows["attempts"]:
+        if a.stripe_payment_intent_id:
+            invoice_of_intent[a.stripe_payment_intent_id] = a.invoice_id
+    for i in rows["invoices"]:
+        if i.stripe_payment_intent_id:
+            invoice_of_intent[i.stripe_payment_intent_id] = i.id
+    for intent in intents:
+        if metadata(intent).get("invoice_id"):
+            invoice_of_intent[intent.id] = metadata(intent)["invoice_id"]
 
     # Money the customers actually lost: succeeded charges, per invoice.
     succeeded_by_invoice: dict[str | None, list[Any]] = defaultdict(list)
@@ -848,7 +1195,7 @@ def audit(run: Run, engine: Engine, stripe_direct: Any) -> dict[str, Any]:
             continue
         intent_id = charge.payment_intent
         intent_id = intent_id if isinstance(intent_id, str) else getattr(intent_id, "id", None)
-        invoice_id = metadata(intent_by_id.get(intent_id)).get("invoice_id")
+        invoice_id = invoice_of_intent.get(intent_id) if intent_id else None
         succeeded_by_invoice[invoice_id].append((charge, intent_id))
 
     double_charges = 0
@@ -898,6 +1245,50 @@ def audit(run: Run, engine: Engine, stripe_direct: Any) -> dict[str, Any]:
             payment_mismatches += 1
             problems.append(f"invoice {invoice.id}: payment row missing or not Stripe's charge")
 
+    # No invoice closed unpaid while the provider holds a success for it (the success must
+    # have been recorded, turning it paid).
+    closed_with_provider_success = 0
+    for invoice in rows["invoices"]:
+        taken = succeeded_by_invoice.get(invoice.id, [])
+        if taken and invoice.status in (InvoiceStatus.VOID, InvoiceStatus.UNCOLLECTIBLE):
+            closed_with_provider_success += 1
+            problems.append(
+                f"invoice {invoice.id} is {invoice.status} but the provider took "
+                + ", ".join(f"{c.id}/{pi}" for c, pi in taken)
+            )
+
+    # One PaymentIntent per invoice, and none left payable once the invoice is closed.
+    intents_of_invoice: dict[str, list[Any]] = defaultdict(list)
+    for intent in intents:
+        if intent.id in invoice_of_intent:
+            intents_of_invoice[invoice_of_intent[intent.id]].append(intent)
+    extra_payment_intents = 0
+    payable_intents_of_closed_invoices = 0
+    for invoice_id, of_invoice in intents_of_invoice.items():
+        if len(of_invoice) > 1:
+            extra_payment_intents += len(of_invoice) - 1
+            problems.append(
+                f"invoice {invoice_id} has {len(of_invoice)} payment intents: "
+                + ", ".join(f"{i.id} ({i.status})" for i in of_invoice)
+            )
+        invoice = invoices_by_id.get(invoice_id)
+        if invoice is None or invoice.status == InvoiceStatus.OPEN:
+            continue
+        for intent in of_invoice:
+            if intent.status not in ("succeeded", "canceled"):
+                payable_intents_of_closed_invoices += 1
+                problems.append(
+                    f"invoice {invoice_id} is {invoice.status} and its payment intent "
+                    f"{intent.id} is still {intent.status}: it can still be paid"
+                )
+
+    # No subscription parked for an operator (each is listed with its reason).
+    parked = [s for s in rows["subscriptions"] if s.status == SubscriptionStatus.NEEDS_ATTENTION]
+    for subscription in parked:
+        problems.append(
+            f"subscription {subscription.id} needs attention: {subscription.attention_reason}"
+        )
+
     # Every invoice bills the plan's price.
     plan = find_plan(PLAN, DEMO_PLANS)
     wrong_amounts = sum(
@@ -908,7 +1299,17 @@ def audit(run: Run, engine: Engine, stripe_direct: Any) -> dict[str, Any]:
 
     # Invoices: one per (subscription, period) that should exist, none other.
     per_period = Counter((i.subscription_id, i.period_index) for i in rows["invoices"])
-    expected = {(c.subscription_id, 0) for c in run.customers}
+    status_of = {s.id: s.status for s in rows["subscriptions"]}
+    expected = {
+        (c.subscription_id, 0)
+        for c in run.customers
+        # One canceled now before its billing date has no invoice, rightly.
+        if not (
+            c.kind == "cancel_while_charging"
+            and status_of.get(c.subscription_id) == SubscriptionStatus.CANCELED
+            and per_period[(c.subscription_id, 0)] == 0
+        )
+    }
     missing_invoices = sum(1 for key in expected if per_period[key] == 0)
     extra_invoices = sum(n - 1 for n in per_period.values() if n > 1) + sum(
         n for key, n in per_period.items() if key not in expected
@@ -916,7 +1317,8 @@ def audit(run: Run, engine: Engine, stripe_direct: Any) -> dict[str, Any]:
 
     # Notices: each exists once, and each failed attempt / recovery has its notice.
     identity = Counter(
-        (n.kind, n.invoice_id, (n.payload or {}).get("attempt")) for n in rows["notices"]
+        (n.kind, n.subscription_id, n.invoice_id, (n.payload or {}).get("attempt"))
+        for n in rows["notices"]
     )
     duplicate_notifications = sum(n - 1 for n in identity.values() if n > 1)
     dedupe_keys = {n.dedupe_key for n in rows["notices"]}
@@ -928,6 +1330,22 @@ def audit(run: Run, engine: Engine, stripe_direct: Any) -> dict[str, Any]:
             if f"{a.invoice_id}:{NoticeKind.PAYMENT_FAILED}:{a.attempt_number}" not in dedupe_keys:
                 missing_notifications += 1
                 problems.append(f"no payment_failed notice for {a.invoice_id} #{a.attempt_number}")
+        if a.status == AttemptStatus.REQUIRES_ACTION:
+            key = f"{a.invoice_id}:{NoticeKind.ACTION_REQUIRED}:{a.attempt_number}"
+            if key not in dedupe_keys:
+                missing_notifications += 1
+                problems.append(f"no action_required notice for {a.invoice_id} #{a.attempt_number}")
+    # An attempt that waited for authentication and then succeeded shows as succeeded; its
+    # action_required notice says it failed first.
+    failed_invoices |= {
+        n.invoice_id for n in rows["notices"] if n.kind == NoticeKind.ACTION_REQUIRED
+    }
+    for subscription in rows["subscriptions"]:
+        if subscription.status == SubscriptionStatus.CANCELED and (
+            f"{subscription.id}:{NoticeKind.SUBSCRIPTION_CANCELED}" not in dedupe_keys
+        ):
+            missing_notifications += 1
+            problems.append(f"no subscription_canceled notice for {subscription.id}")
     for invoice_id in failed_invoices:
         invoice = invoices_by_id[invoice_id]
         if invoice.status == InvoiceStatus.PAID and (
@@ -953,7 +1371,13 @@ def audit(run: Run, engine: Engine, stripe_direct: Any) -> dict[str, Any]:
         "wrong_amounts": wrong_amounts,
         "duplicate_notifications": duplicate_notifications,
         "missing_notifications": missing_notifications,
+        "closed_with_provider_success": closed_with_provider_success,
+        "extra_payment_intents": extra_payment_intents,
+        "payable_intents_of_closed_invoices": payable_intents_of_closed_invoices,
+        "needs_attention": len(parked),
         "customers_by_card": dict(by_kind),
+        "customers": len({c.group for c in run.customers}),
+        "outcomes_by_kind": outcomes_by_kind(run, rows),
         "subscription_statuses": dict(statuses),
         "invoices_paid": sum(1 for i in rows["invoices"] if i.status == InvoiceStatus.PAID),
         "attempts_by_status": dict(attempts_by_status),
@@ -961,7 +1385,112 @@ def audit(run: Run, engine: Engine, stripe_direct: Any) -> dict[str, Any]:
         "stripe_payment_intents": len(intents),
         "notifications": len(rows["notices"]),
         "problems": problems[:50],
+        "problem_invoices": problem_invoices(run, rows, problems, intents, charges),
     }
+
+
+def problem_invoices(
+    run: Run, rows: dict[str, Any], problems: list[str], intents: list[Any], charges: list[Any]
+) -> dict[str, Any]:
+    """For each invoice a problem names: whose it is (kind of customer, what they did), its
+    attempts, and the provider's intents and charges for it: what is needed to trace it."""
+    named = set(re.findall(r"in_[0-9a-f]{8,}", " ".join(problems)))
+    kind_of = {c.subscription_id: c for c in run.customers}
+    details: dict[str, Any] = {}
+    for invoice in rows["invoices"]:
+        if invoice.id not in named:
+            continue
+        customer = kind_of.get(invoice.subscription_id)
+        intent_ids = {
+            a.stripe_payment_intent_id
+            for a in rows["attempts"]
+            if a.invoice_id == invoice.id and a.stripe_payment_intent_id
+        } | ({invoice.stripe_payment_intent_id} if invoice.stripe_payment_intent_id else set())
+        for intent in intents:
+            metadata = intent.metadata.to_dict() if intent.metadata else {}
+            if metadata.get("invoice_id") == invoice.id:
+                intent_ids.add(intent.id)
+        details[invoice.id] = {
+            "subscription_id": invoice.subscription_id,
+            "kind": customer.kind if customer else None,
+            "customer_actions": customer.outcomes if customer else None,
+            "status": str(invoice.status),
+            "payment_intent": invoice.stripe_payment_intent_id,
+            "attempts": [
+                f"#{a.attempt_number} {a.status} ({a.reason}, {a.decline_code}) "
+                f"{a.stripe_payment_intent_id} created {a.created_at}"
+                for a in sorted(rows["attempts"], key=lambda a: a.attempt_number)
+                if a.invoice_id == invoice.id
+            ],
+            "provider_intents": [
+                f"{i.id} {i.status} created {i.created} metadata "
+                f"{i.metadata.to_dict() if i.metadata else {}}"
+                for i in intents
+                if i.id in intent_ids
+            ],
+            "provider_charges": [
+                f"{c.id} {c.status} created {c.created} intent {c.payment_intent}"
+                for c in charges
+                if c.payment_intent in intent_ids
+            ],
+        }
+    return details
+
+
+def outcomes_by_kind(run: Run, rows: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """For each kind of customer: how its subscriptions and first invoices ended, and what the
+    customer's actions met (e.g. an authentication refused because the new card came first)."""
+    status = {s.id: str(s.status) for s in rows["subscriptions"]}
+    invoice = {i.subscription_id: str(i.status) for i in rows["invoices"] if i.period_index == 0}
+    invoice_ids = {i.subscription_id: i.id for i in rows["invoices"] if i.period_index == 0}
+    failed_first = {
+        a.invoice_id
+        for a in rows["attempts"]
+        if a.status in (AttemptStatus.FAILED, AttemptStatus.REQUIRES_ACTION)
+    } | {n.invoice_id for n in rows["notices"] if n.kind == NoticeKind.ACTION_REQUIRED}
+    found: dict[str, Counter[str]] = defaultdict(Counter)
+    for c in run.customers:
+        if invoice_ids.get(c.subscription_id) in failed_first:
+            found[c.kind]["a charge of the invoice failed or waited for authentication"] += 1
+        found[c.kind][
+            f"subscription {status.get(c.subscription_id)}, invoice "
+            f"{invoice.get(c.subscription_id)}"
+        ] += 1
+        for outcome in c.outcomes:
+            # The kind of answer, not its ids.
+            found[c.kind][outcome.split(":", 1)[0]] += 1
+    return {kind: dict(sorted(counts.items())) for kind, counts in sorted(found.items())}
+
+
+def workflow_statuses(settings: Settings) -> dict[str, Any]:
+    """Every workflow execution the Temporal server holds, counted by type and status; the
+    ones that failed, were terminated, timed out or canceled are listed."""
+
+    async def list_all() -> dict[str, Any]:
+        from temporalio.client import Client
+
+        client = await Client.connect(
+            settings.temporal_address, namespace=settings.temporal_namespace
+        )
+        counts: Counter[str] = Counter()
+        failed: list[str] = []
+        async for execution in client.list_workflows():
+            status = execution.status.name if execution.status is not None else "UNKNOWN"
+            counts[f"{execution.workflow_type} {status}"] += 1
+            if status in FAILED_WORKFLOW_STATUSES:
+                failed.append(f"{execution.id} ({execution.workflow_type}) {status}")
+        return {"counts": dict(sorted(counts.items())), "failed": failed}
+
+    import asyncio
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return asyncio.run(list_all())
+        except Exception as error:  # the server may still be coming back
+            if time.monotonic() > deadline:
+                return {"counts": {}, "failed": [f"could not list workflows: {error}"]}
+            time.sleep(2)
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -982,6 +1511,7 @@ def print_summary(report: dict[str, Any]) -> None:
         f"{report['stripe_payment_intents']} payment intents; proxy {report['stripe_proxy']}"
     )
     print(f"  webhook events         {report['webhook_events']}")
+    print(f"  webhook deliveries     {report['webhook_deliveries']}")
     for key in LOSS_KEYS:
         print(f"  {key:<24}{report[key]}")
     print(f"  expected work done     {report['work_done']}")

@@ -55,6 +55,9 @@ class FaultRates:
     after_forward_share: float = 0.5
     #: How long a "timeout" holds the connection before closing it unanswered, in seconds.
     timeout_hold_s: float = 2.0
+    #: Only requests that start with one of these ("GET /v1/charges/") get faults; empty:
+    #: every ``/v1/`` request. A test aims a fault at one call of a sequence this way.
+    only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         shares = (self.server_error, self.rate_limit, self.timeout, self.after_forward_share)
@@ -247,7 +250,10 @@ class StripeFaultProxy:
             self.stats.requests += 1
         kind: str | None = None
         after = False
-        if request.target.startswith("/v1/"):
+        rates = self.rates
+        if request.target.startswith("/v1/") and (
+            not rates.only or f"{request.method} {request.target}".startswith(rates.only)
+        ):
             kind, after = self._pick_fault()
         if kind == "429":
             self._count("stripe_429")

@@ -109,6 +109,29 @@ def test_a_declined_answer_is_replayed_too(
     assert proxy.faults_injected() == {"stripe_timeout_after_forward": 1}
 
 
+def test_a_decline_is_never_reported_without_its_payment_intent(
+    proxy: StripeFaultProxy, localstripe: LocalStripe
+) -> None:
+    """localstripe names only the charge of a decline; the gateway reads the charge to find
+    the PaymentIntent. When that read failed, the decline was recorded without its intent: the
+    next attempt of the invoice then created a second intent, and closing the invoice left the
+    first one payable (found by scripts/chaos.py). Now the read's failure is transient (the
+    activity retries), and the retry, under the same key, names the one intent."""
+    gateway = gateway_through(proxy)
+    customer, card = customer_with_card(gateway, localstripe, cards.DECLINES_AFTER_ATTACH)
+    key = f"inv_{uuid.uuid4().hex[:8]}-attempt-1"
+    proxy.rates = FaultRates(server_error=1.0, after_forward_share=0.0, only=("GET /v1/charges/",))
+
+    with pytest.raises(TransientPaymentError):
+        charge(gateway, customer, card, key)
+    proxy.rates = FaultRates()
+
+    outcome = charge(gateway, customer, card, key)
+    [intent] = intents_for(localstripe, key)
+    assert (outcome.kind, outcome.payment_intent_id) == (ChargeOutcomeKind.SOFT_DECLINE, intent.id)
+    assert proxy.faults_injected() == {"stripe_5xx_before_forward": 1}
+
+
 @pytest.mark.parametrize(
     ("rates", "fault"),
     [
