@@ -267,6 +267,9 @@ PATCH_CHANGE_STEPS_NOT_LOCAL = "change-steps-not-local"
 #: A charge the provider refuses for good (bad key, invalid request) parks the subscription
 #: for an operator instead of being re-sent every hour unseen.
 PATCH_PARK_ON_PROVIDER_REFUSAL = "park-on-provider-refusal"
+#: An authentication still waiting when the invoice is paid another way is dropped with it
+#: (it would otherwise be "confirmed" against the next invoice's first failure).
+PATCH_CLEAR_AUTHENTICATION_WHEN_PAID = "clear-authentication-when-paid"
 
 
 @dataclass
@@ -614,6 +617,10 @@ class SubscriptionWorkflow:
         s = self.state
         recovered = inv.first_failure_at is not None
         s.open_invoice = None
+        if s.authenticated_payment_intent_id is not None and workflow.patched(
+            PATCH_CLEAR_AUTHENTICATION_WHEN_PAID
+        ):
+            s.authenticated_payment_intent_id = None
         if s.status == SubscriptionStatus.PAST_DUE:
             s.status = SubscriptionStatus.ACTIVE
         await self._sync()
