@@ -443,8 +443,9 @@ class Simulation:
         if action.kind == ActionKind.UPDATE_CARD:
             targets = self._targets(action)
             if action.subscription is None:
-                # "The customer updates the card": every subscription that has not ended.
-                targets = [t for t in targets if not await self._has_ended(t)]
+                # "The customer updates the card": given once, on a subscription that has not
+                # ended; the product takes it to the customer's other subscriptions itself.
+                targets = [t for t in targets if not await self._has_ended(t)][:1]
                 if not targets:
                     self.actions.append(
                         _RawAction(action, None, "refused", "every subscription has ended")
