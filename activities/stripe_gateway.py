@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import datetime
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import stripe
+from temporalio import activity
 
 from billing.contracts import idempotency_key_for
 from billing.errors import PaymentMethodRejected
@@ -121,6 +123,52 @@ _UNEXPECTED_PARAMETERS = re.compile(r"Unexpected (?P<names>[\w\[\]]+(?:, [\w\[\]
 STRIPE_API_VERSION = "2026-10-28.endive"
 
 
+#: Left in hand after a try's worst case before the activity attempt's deadline.
+_DEADLINE_MARGIN_S = 2.0
+
+
+def activity_time_left_s() -> float | None:
+    """Seconds until the running activity attempt's start-to-close deadline, or None outside
+    an activity (or without such a timeout). The deadline is the server's; so is the clock."""
+    if not activity.in_activity():
+        return None
+    info = activity.info()
+    if info.start_to_close_timeout is None:
+        return None
+    deadline = info.started_time + info.start_to_close_timeout
+    return (deadline - datetime.now(UTC)).total_seconds()
+
+
+class ActivityDeadlineClient(stripe.RequestsClient):
+    """The SDK's HTTP client with its timeouts, which starts no try that could outlive the
+    activity attempt making it. One try is bounded (connect + read timeout), but an activity
+    makes several requests in a row (a charge: the customer's card, the intent, the
+    settlement), and the SDK retries each: without this, a hung Stripe could keep a thread
+    talking to it after Temporal had given up on the attempt and started its retry beside it.
+    A try refused here is a connection error the SDK does not retry; the activity fails and
+    its retry sends the same request under the same idempotency key."""
+
+    def __init__(self, *, timeout: tuple[float, float]) -> None:
+        super().__init__(timeout=timeout)
+        self._worst_try_s = timeout[0] + timeout[1] + _DEADLINE_MARGIN_S
+
+    def request(  # type: ignore[override]
+        self, method: str, url: str, headers: Mapping[str, str] | None, post_data: Any = None
+    ) -> tuple[Any, int, Mapping[str, str]]:
+        left = activity_time_left_s()
+        if left is not None and left < self._worst_try_s:
+            raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
+                f"{method.upper()} {url} not sent: {max(left, 0):.1f} s are left of this "
+                f"activity attempt and one try may take {self._worst_try_s:.1f} s; the "
+                "activity's retry sends it again under the same idempotency key",
+                should_retry=False,
+            )
+        result: tuple[Any, int, Mapping[str, str]] = super().request(
+            method, url, headers, post_data
+        )
+        return result
+
+
 def make_stripe_client(
     *,
     api_key: str,
@@ -145,7 +193,7 @@ def make_stripe_client(
             "the Stripe API key is empty; configure a secret key such as 'sk_test_...'"
         )
     if http_client is None:
-        http_client = stripe.RequestsClient(timeout=(connect_timeout_s, read_timeout_s))
+        http_client = ActivityDeadlineClient(timeout=(connect_timeout_s, read_timeout_s))
     return stripe.StripeClient(
         api_key,
         base_addresses={"api": api_base} if api_base else None,

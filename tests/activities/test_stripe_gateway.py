@@ -4,6 +4,7 @@ through a scripted HTTP transport."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -17,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import stripe
+from temporalio.testing import ActivityEnvironment
 
 from activities.stripe_gateway import STRIPE_API_VERSION, StripeGateway, make_stripe_client
 from billing.contracts import PROVIDER_ACTIVITY_TIMEOUT
@@ -1307,3 +1309,41 @@ def test_the_worker_gives_its_gateway_the_configured_timeouts(
         gateway.default_payment_method(provider_customer_id="cus_1")
     assert time.monotonic() - started < 1.3
     assert len(silent_server.accepted) == 1
+
+
+def _with_time_left(
+    seconds_left: float, timeout: timedelta = timedelta(seconds=60)
+) -> ActivityEnvironment:
+    """An activity context whose attempt has ``seconds_left`` before its start-to-close."""
+    env = ActivityEnvironment()
+    started = datetime.now(UTC) - timeout + timedelta(seconds=seconds_left)
+    env.info = dataclasses.replace(env.info, started_time=started, start_to_close_timeout=timeout)
+    return env
+
+
+def test_no_stripe_try_starts_that_could_outlive_its_activity_attempt(
+    silent_server: SilentServer,
+) -> None:
+    """An activity makes several requests in a row, each retried by the SDK; one hung Stripe
+    could keep the thread talking past the attempt's deadline while Temporal's retry runs
+    beside it. A try that might not end before the deadline is not started: the activity fails
+    at once and its retry sends the same request under the same key (issue 11, finding 12)."""
+    client = make_stripe_client(
+        api_key="sk_test_x",
+        api_base=silent_server.url,
+        max_network_retries=2,
+        connect_timeout_s=1.0,
+        read_timeout_s=0.4,
+    )
+    gateway = StripeGateway(client)
+    started = time.monotonic()
+    with pytest.raises(TransientPaymentError, match="not sent"):
+        # 3 s left; a try may take 1.4 s + the 2 s margin.
+        _with_time_left(3.0).run(gateway.default_payment_method, provider_customer_id="cus_1")
+    assert silent_server.accepted == []  # nothing reached the wire
+    assert time.monotonic() - started < 1.0
+
+    # With time in hand, the same call does reach Stripe (and ends in its own bound).
+    with pytest.raises(TransientPaymentError, match="safe to retry"):
+        _with_time_left(50.0).run(gateway.default_payment_method, provider_customer_id="cus_1")
+    assert len(silent_server.accepted) == 3
