@@ -91,7 +91,13 @@ async def _connect_at_start_up(
             runtime=runtime,
         )
     except TemporalUnreachable as error:
-        _fail(str(error), code=1)
+        err_console.print(f"[red]error:[/red] {error}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Nothing has started to clean up. A normal exit would finalize the interpreter while
+        # the Temporal core's threads (from the failed connects) may still call into Python,
+        # which aborts the process (PyGILState_Release) about one time in four.
+        os._exit(1)
 
 
 class _EmbeddedServer(uvicorn.Server):

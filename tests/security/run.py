@@ -5,6 +5,7 @@ record of every logger at DEBUG is captured while it runs."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -141,6 +142,20 @@ async def full_run(api: Api, cards: Cards) -> Run:
         assert record is not None
         customer = customers.get_customer(session, record.customer_id)
     assert customer is not None and customer.stripe_customer_id
+    stripe_customer_id = customer.stripe_customer_id
+
+    def change_the_default_at_stripe() -> None:
+        # The change must be real: the endpoint checks card news against Stripe's own record
+        # of the customer's default (a read), and acts on nothing else.
+        harness.stripe.v1.payment_methods.attach(
+            cards.via_webhook, params={"customer": stripe_customer_id}
+        )
+        harness.stripe.v1.customers.update(
+            stripe_customer_id,
+            params={"invoice_settings": {"default_payment_method": cards.via_webhook}},
+        )
+
+    await asyncio.to_thread(change_the_default_at_stripe)
     event = json.dumps(
         {
             "id": "evt_security_run",
