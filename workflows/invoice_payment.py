@@ -20,6 +20,7 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from billing.contracts import (
+        PROVIDER_ACTIVITY_TIMEOUT,
         ActivityName,
         InvoicePaymentWorkflowInput,
         InvoicePaymentWorkflowResult,
@@ -32,7 +33,7 @@ with workflow.unsafe.imports_passed_through():
 #: taken, so this must not give up on a passing fault. Errors a retry cannot fix (a payment
 #: that does not match the invoice, a misconfigured provider) stop it, visibly failed, for an
 #: operator; the event is recorded either way.
-_RECORD_TIMEOUT = timedelta(seconds=60)
+_RECORD_TIMEOUT = PROVIDER_ACTIVITY_TIMEOUT
 _RECORD_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     maximum_interval=timedelta(minutes=5),

@@ -47,6 +47,8 @@ class BankReports:
     """Payment methods the bank has reported, with the decline code it now answers."""
 
     codes: dict[str, str] = field(default_factory=dict)
+    #: A code for every card's declines (tests where the bank reports whatever is on file).
+    every_card: str | None = None
 
 
 @dataclass
@@ -61,8 +63,16 @@ class ReportingGateway:
         return getattr(self.inner, name)
 
     def charge(self, **kwargs: Any) -> ChargeOutcome:
-        outcome: ChargeOutcome = self.inner.charge(**kwargs)
+        return self._reported(self.inner.charge(**kwargs), kwargs)
+
+    def confirm_payment_intent(self, **kwargs: Any) -> ChargeOutcome:
+        # Every attempt after an invoice's first confirms its PaymentIntent again.
+        return self._reported(self.inner.confirm_payment_intent(**kwargs), kwargs)
+
+    def _reported(self, outcome: ChargeOutcome, kwargs: dict[str, Any]) -> ChargeOutcome:
         code = self.reports.codes.get(str(kwargs.get("payment_method_id")))
+        if self.reports.every_card is not None:
+            code = self.reports.every_card
         if code is None or outcome.kind != ChargeOutcomeKind.SOFT_DECLINE:
             return outcome
         return dataclasses.replace(

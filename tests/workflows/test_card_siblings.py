@@ -6,17 +6,13 @@ whose invoice is blocked by a hard decline retries at once and is paid, instead 
 Real workflow and activities on the time-skipping server, localstripe, a real database. The
 hard decline is the one stand-in: localstripe never answers a charge with ``stolen_card``
 (it refuses such cards at attach), so its ``card_declined`` is reported as Stripe reports a
-stolen card (``StolenCardGateway``, as in the dunning tests).
+stolen card (``StolenCardGateway`` in tests/workflows/conftest.py, as in the dunning tests).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
-
-import pytest
-from temporalio.testing import WorkflowEnvironment
 
 from billing.contracts import (
     CancelInput,
@@ -30,27 +26,12 @@ from billing.invoices import InvoiceStatus
 from billing.subscription import SubscriptionStatus
 from billing.testing.cards import DECLINES_AFTER_ATTACH, SUCCEEDS
 from billing.testing.harness import BillingHarness
-from billing.testing.localstripe import LocalStripe
-from tests.conftest import BOTH_BACKENDS, recorded_harness
-from tests.workflows.test_dunning import StolenCardGateway
+from tests.conftest import BOTH_BACKENDS
 
 DAY = timedelta(days=1)
 #: Real seconds a sibling may take to retry after the card update (an activity or two).
 #: The old behaviour never retries without time passing, so this only bounds the failure.
 SIBLING_RETRY_TIMEOUT_S = 30.0
-
-
-@pytest.fixture
-async def stolen_card_harness(
-    request: pytest.FixtureRequest,
-    temporal_env: WorkflowEnvironment,
-    localstripe: LocalStripe,
-    database_url: str,
-) -> AsyncIterator[BillingHarness]:
-    async with recorded_harness(
-        request, temporal_env, localstripe, database_url, wrap_gateway=StolenCardGateway
-    ) as h:
-        yield h
 
 
 async def first_anchor(harness: BillingHarness) -> datetime:

@@ -3,13 +3,9 @@ update, exhaustion and its final action, hard declines and authentication."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
-import pytest
 from dateutil.relativedelta import relativedelta
-from temporalio.testing import WorkflowEnvironment
 
 from billing.calendar import IntervalUnit
 from billing.contracts import (
@@ -20,13 +16,11 @@ from billing.contracts import (
 )
 from billing.dunning import DEFAULT_RETRY_OFFSETS_DAYS, DunningPolicy, FinalAction
 from billing.invoices import InvoiceStatus
-from billing.payments import ChargeOutcome, ChargeOutcomeKind, PaymentGateway, classify_decline
 from billing.plans import Plan
 from billing.subscription import SubscriptionStatus
 from billing.testing.cards import DECLINES_AFTER_ATTACH, REQUIRES_AUTHENTICATION, SUCCEEDS
 from billing.testing.harness import BillingHarness
-from billing.testing.localstripe import LocalStripe
-from tests.conftest import BOTH_BACKENDS, recorded_harness
+from tests.conftest import BOTH_BACKENDS
 
 DAY = timedelta(days=1)
 
@@ -176,41 +170,6 @@ async def test_exhausted_dunning_can_mark_unpaid_and_a_new_card_reactivates(
     await harness.advance_to(anchor + relativedelta(months=3) + timedelta(hours=1))
     snap = harness.snapshot(sub.subscription_id)
     assert [i.status for i in snap.invoices] == [InvoiceStatus.UNCOLLECTIBLE, InvoiceStatus.PAID]
-
-
-@dataclasses.dataclass
-class StolenCardGateway:
-    """The real gateway, except that a decline comes back as `stolen_card`, as real Stripe
-    reports it. localstripe declines stolen/lost test cards at attach time and never returns a
-    decline_code on a charge, so this is a case the real part here cannot produce."""
-
-    inner: PaymentGateway
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-    def charge(self, **kwargs: object) -> ChargeOutcome:
-        outcome = self.inner.charge(**kwargs)  # type: ignore[arg-type]
-        if outcome.kind != ChargeOutcomeKind.SOFT_DECLINE:
-            return outcome
-        return dataclasses.replace(
-            outcome,
-            kind=classify_decline("card_declined", "stolen_card"),
-            decline_code="stolen_card",
-        )
-
-
-@pytest.fixture
-async def stolen_card_harness(
-    request: pytest.FixtureRequest,
-    temporal_env: WorkflowEnvironment,
-    localstripe: LocalStripe,
-    database_url: str,
-) -> AsyncIterator[BillingHarness]:
-    async with recorded_harness(
-        request, temporal_env, localstripe, database_url, wrap_gateway=StolenCardGateway
-    ) as h:
-        yield h
 
 
 async def test_hard_decline_is_not_retried_until_the_payment_method_changes(
