@@ -56,7 +56,7 @@ from billing.contracts import (
 )
 from billing.errors import BillingError, ChangeRefused, NotFound
 from billing.ids import invoice_id_for, new_id
-from billing.invoices import InvoiceStatus
+from billing.invoices import InvoiceLine, InvoiceLineKind, InvoiceStatus
 from billing.payments import (
     ChargeOutcome,
     ChargeOutcomeKind,
@@ -201,9 +201,9 @@ class BillingActivities:
         with unit_of_work(self.session_factory) as session:
             now = input.issued_at or self.clock.now()
             # Issued final in the one INSERT: nobody can see or edit a draft of an invoice the
-            # engine generates, so it goes straight to open. A free period is paid on
-            # finalization, as Stripe does.
-            free = input.amount_minor == 0
+            # engine generates, so it goes straight to open. One that owes nothing (a free
+            # period, or one the customer's credit balance covers) is paid on finalization, as
+            # Stripe does; issue_invoice decides that from its lines and the balance.
             issued = InvoiceRecord(
                 id=invoice_id_for(input.subscription_id, input.period_start),
                 number="",  # issue_invoice allocates the customer's next number
@@ -215,18 +215,27 @@ class BillingActivities:
                 amount_due_minor=input.amount_minor,
                 amount_paid_minor=0,
                 currency=input.currency,
-                status=InvoiceStatus.PAID if free else InvoiceStatus.OPEN,
+                status=InvoiceStatus.OPEN,
                 description=input.description,
                 status_reason=None,
                 created_at=now,
                 finalized_at=now,
-                paid_at=now if free else None,
+                paid_at=None,
                 voided_at=None,
                 marked_uncollectible_at=None,
             )
+            line = InvoiceLine(
+                kind=InvoiceLineKind.SUBSCRIPTION,
+                description=input.description,
+                amount_minor=input.amount_minor,
+                period_start=input.period_start,
+                period_end=input.period_end,
+                plan_code=input.plan_code,
+                unit_amount_minor=input.amount_minor,
+            )
             # Idempotent per (subscription, period) and gap-free: a racing run of this activity
             # gets the existing invoice and gives its number back.
-            invoice, created = invoices_repo.issue_invoice(session, issued)
+            invoice, created = invoices_repo.issue_invoice(session, issued, [line])
             return _invoice_result(invoice, created=created)
 
     @activity.defn(name=ActivityName.CLOSE_INVOICE)

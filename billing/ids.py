@@ -79,3 +79,10 @@ def subscription_id_for_signup(idempotency_key: str, scope: str = "") -> str:
     if not scope:
         return f"sub_{_digest('signup', idempotency_key)}"
     return f"sub_{_digest('signup', scope, idempotency_key)}"
+
+
+def invoice_line_id_for(invoice_id: str, position: int) -> str:
+    """The invoice's line at ``position`` (1-based) always has the same id, so a retried issue
+    writes it once. Line 1 of ``in_X`` is ``il_X`` (as revision 0010 named existing lines)."""
+    base = f"il_{invoice_id.removeprefix('in_')}"
+    return base if position == 1 else f"{base}_{position}"

@@ -14,9 +14,46 @@ sees invoice 0001, 0002, ... with no gaps caused by other customers.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
+from billing.balance import credit_to_apply
 from billing.errors import ChangeRefused
+
+
+class InvoiceLineKind(StrEnum):
+    """What a line bills. Amounts are signed minor units: a proration credit is negative."""
+
+    #: The plan's price for the invoice's period (unit amount x quantity).
+    SUBSCRIPTION = "subscription"
+    #: A proration: unused time of the old price (negative) or remaining time of the new one.
+    PRORATION = "proration"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InvoiceLine:
+    """A line to put on an invoice being issued (minor units, signed; instants UTC)."""
+
+    kind: InvoiceLineKind
+    description: str
+    amount_minor: int
+    period_start: datetime
+    period_end: datetime
+    plan_code: str | None = None
+    quantity: int = 1
+    unit_amount_minor: int | None = None
+    #: The plan change that produced a proration line.
+    change_id: str | None = None
+
+
+def invoice_totals(line_amounts_minor: list[int], balance_minor: int) -> tuple[int, int, int]:
+    """``(subtotal, credit_applied, amount_due)`` in minor units for lines totalling their sum,
+    paid first from a credit balance of ``balance_minor``. A negative subtotal owes nothing
+    (its credit goes to the balance, see ``billing.balance``)."""
+    subtotal = sum(line_amounts_minor)
+    applied = credit_to_apply(balance_minor, subtotal)
+    return subtotal, applied, max(subtotal - applied, 0)
 
 
 class InvoiceStatus(StrEnum):

@@ -12,8 +12,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from billing.balance import BalanceEntryKind
 from billing.calendar import IntervalUnit
-from billing.invoices import InvoiceStatus
+from billing.invoices import InvoiceLineKind, InvoiceStatus
 from billing.payments import ChargeOutcomeKind
 from billing.subscription import SubscriptionStatus
 
@@ -116,6 +117,56 @@ class InvoiceRecord:
     #: The invoice's one PaymentIntent, once a charge attempt created it; every later attempt
     #: confirms it again (Stripe Billing's model).
     stripe_payment_intent_id: str | None = None
+    #: The sum of the invoice's lines (minor units; negative when credits outweigh charges).
+    subtotal_minor: int = 0
+    #: Credit balance used to pay it at finalization (minor units, 0 <= it <= subtotal).
+    #: ``amount_due_minor`` is what is left to charge: subtotal - credit applied, at least 0.
+    credit_applied_minor: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InvoiceLineRecord:
+    """One line of an invoice. ``amount_minor`` is signed (a proration credit is negative);
+    ``period_start``/``period_end`` (UTC) say which time it bills."""
+
+    id: str
+    invoice_id: str
+    #: 1-based order on the invoice; the subscription line of a renewal is 1.
+    position: int
+    kind: InvoiceLineKind
+    description: str
+    amount_minor: int
+    currency: str
+    period_start: datetime
+    period_end: datetime
+    created_at: datetime
+    plan_code: str | None = None
+    quantity: int = 1
+    #: Price per unit for the whole period (minor units); a proration's amount is the
+    #: time-weighted share of ``quantity x unit_amount_minor``.
+    unit_amount_minor: int | None = None
+    #: The plan change that produced a proration line (the workflow's update id).
+    change_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BalanceEntryRecord:
+    """One movement of a customer's credit balance (see ``billing.balance``). ``amount_minor``
+    is signed: positive grants credit, negative uses it."""
+
+    id: str
+    customer_id: str
+    currency: str
+    amount_minor: int
+    kind: BalanceEntryKind
+    #: Unique: the decision that made the entry (e.g. ``applied:in_...``), so a retry or a
+    #: replay records it once.
+    source_key: str
+    description: str
+    created_at: datetime
+    invoice_id: str | None = None
+    #: The credit note it came from (settlement), when it did.
+    credit_note_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -29,9 +29,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from billing.balance import BalanceEntryKind
 from billing.calendar import IntervalUnit
 from billing.dunning import FinalAction
-from billing.invoices import InvoiceStatus
+from billing.invoices import InvoiceLineKind, InvoiceStatus
 from billing.payments import ChargeOutcomeKind
 from billing.records import AttemptStatus
 from billing.subscription import SubscriptionStatus
@@ -160,6 +161,11 @@ class InvoiceRow(Base):
         UniqueConstraint("subscription_id", "period_start"),
         CheckConstraint("amount_due_minor >= 0", name="amount_due_nonnegative"),
         CheckConstraint(
+            "credit_applied_minor >= 0 AND credit_applied_minor <= "
+            "CASE WHEN subtotal_minor > 0 THEN subtotal_minor ELSE 0 END",
+            name="credit_applied_within_subtotal",
+        ),
+        CheckConstraint(
             "amount_paid_minor >= 0 AND amount_paid_minor <= amount_due_minor",
             name="amount_paid_within_due",
         ),
@@ -197,6 +203,61 @@ class InvoiceRow(Base):
     #: the invoice is voided or written off. Unique: an intent pays one invoice, and a
     #: ``payment_intent.succeeded`` webhook finds its invoice by it.
     stripe_payment_intent_id: Mapped[str | None] = mapped_column(String(100), unique=True)
+    #: Sum of the lines, and the credit balance used to pay it (minor units).
+    subtotal_minor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    credit_applied_minor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class InvoiceLineRow(Base):
+    __tablename__ = "invoice_lines"
+    __table_args__ = (
+        # A retried or replayed issue writes each line once; lines are read in this order.
+        UniqueConstraint("invoice_id", "position"),
+        CheckConstraint("position >= 1", name="position_positive"),
+        CheckConstraint("quantity >= 1", name="quantity_positive"),
+        CheckConstraint(one_of("kind", InvoiceLineKind), name="kind"),
+        CheckConstraint("period_end >= period_start", name="period_ordered"),
+    )
+
+    id: Mapped[str] = mapped_column(String(48), primary_key=True)
+    invoice_id: Mapped[str] = mapped_column(String(40), ForeignKey("invoices.id"))
+    position: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[InvoiceLineKind] = mapped_column(StrEnumType(InvoiceLineKind, 16))
+    description: Mapped[str] = mapped_column(String(500))
+    #: Signed minor units: a proration credit is negative.
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    period_end: Mapped[datetime] = mapped_column(UTCDateTime)
+    plan_code: Mapped[str | None] = mapped_column(String(63))
+    quantity: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    unit_amount_minor: Mapped[int | None] = mapped_column(BigInteger)
+    change_id: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class BalanceEntryRow(Base):
+    """The customer's credit balance, one signed entry per movement (``billing.balance``).
+    Append-only: a correction is a new entry."""
+
+    __tablename__ = "customer_balance_entries"
+    __table_args__ = (
+        CheckConstraint(one_of("kind", BalanceEntryKind), name="kind"),
+        CheckConstraint("amount_minor <> 0", name="amount_nonzero"),
+        Index("ix_customer_balance_entries_customer_currency", "customer_id", "currency"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(40), ForeignKey("customers.id"))
+    currency: Mapped[str] = mapped_column(String(3))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[BalanceEntryKind] = mapped_column(StrEnumType(BalanceEntryKind, 24))
+    #: The decision that made it (``applied:in_...``); unique, so it is recorded once.
+    source_key: Mapped[str] = mapped_column(String(200), unique=True)
+    description: Mapped[str] = mapped_column(String(500))
+    invoice_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("invoices.id"))
+    credit_note_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class PaymentAttemptRow(Base):
@@ -340,3 +401,5 @@ PAYMENTS = _table(PaymentRow)
 SUBSCRIPTION_STATUS_CHANGES = _table(SubscriptionStatusChangeRow)
 NOTIFICATIONS = _table(NotificationRow)
 WEBHOOK_EVENTS = _table(WebhookEventRow)
+INVOICE_LINES = _table(InvoiceLineRow)
+BALANCE_ENTRIES = _table(BalanceEntryRow)

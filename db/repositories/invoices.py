@@ -10,11 +10,20 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from billing.balance import BalanceEntryKind
 from billing.errors import InvalidInput, NotFound
-from billing.invoices import InvoiceStatus, check_transition
-from billing.records import InvoiceRecord
-from db.models import INVOICES
-from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
+from billing.ids import invoice_line_id_for
+from billing.invoices import (
+    InvoiceLine,
+    InvoiceLineKind,
+    InvoiceStatus,
+    check_transition,
+    invoice_totals,
+)
+from billing.records import InvoiceLineRecord, InvoiceRecord
+from db.models import INVOICE_LINES, INVOICES
+from db.repositories import balances
+from db.repositories._rows import column_values, fetch_all, fetch_one, insert_or_get, select_rows
 from db.repositories.customers import allocate_invoice_number
 
 #: Which timestamp column records the moment an invoice entered each status.
@@ -72,9 +81,127 @@ def insert_invoice(session: Session, record: InvoiceRecord) -> tuple[InvoiceReco
     )
 
 
-def issue_invoice(session: Session, record: InvoiceRecord) -> tuple[InvoiceRecord, bool]:
+def list_invoice_lines(session: Session, invoice_id: str) -> list[InvoiceLineRecord]:
+    """The invoice's lines in order (position 1 first)."""
+    return fetch_all(
+        session,
+        InvoiceLineRecord,
+        select_rows(INVOICE_LINES)
+        .where(INVOICE_LINES.c.invoice_id == invoice_id)
+        .order_by(INVOICE_LINES.c.position),
+    )
+
+
+def lines_by_invoice(
+    session: Session, invoice_ids: list[str]
+) -> dict[str, list[InvoiceLineRecord]]:
+    """``{invoice id: its lines in order}`` for a page of invoices, in one query."""
+    found: dict[str, list[InvoiceLineRecord]] = {i: [] for i in invoice_ids}
+    if not invoice_ids:
+        return found
+    for line in fetch_all(
+        session,
+        InvoiceLineRecord,
+        select_rows(INVOICE_LINES)
+        .where(INVOICE_LINES.c.invoice_id.in_(invoice_ids))
+        .order_by(INVOICE_LINES.c.invoice_id, INVOICE_LINES.c.position),
+    ):
+        found[line.invoice_id].append(line)
+    return found
+
+
+def _subscription_line(record: InvoiceRecord) -> InvoiceLine:
+    return InvoiceLine(
+        kind=InvoiceLineKind.SUBSCRIPTION,
+        description=record.description,
+        amount_minor=record.amount_due_minor,
+        period_start=record.period_start,
+        period_end=record.period_end,
+        unit_amount_minor=record.amount_due_minor,
+    )
+
+
+def _finalize(session: Session, record: InvoiceRecord, lines: list[InvoiceLine]) -> InvoiceRecord:
+    """The invoice's totals from its lines, paid first from the customer's credit balance
+    (the caller holds the customer's row lock). An invoice that owes nothing is paid as it is
+    finalized, as Stripe does."""
+    balance = balances.credit_balance(session, record.customer_id, record.currency)
+    subtotal, applied, due = invoice_totals([line.amount_minor for line in lines], balance)
+    paid = due == 0
+    at = record.finalized_at or record.created_at
+    return dataclasses.replace(
+        record,
+        subtotal_minor=subtotal,
+        credit_applied_minor=applied,
+        amount_due_minor=due,
+        status=InvoiceStatus.PAID if paid else record.status,
+        paid_at=(record.paid_at or at) if paid else None,
+    )
+
+
+def _write_lines_and_credit(
+    session: Session, invoice: InvoiceRecord, lines: list[InvoiceLine]
+) -> None:
+    for position, line in enumerate(lines, start=1):
+        session.execute(
+            INVOICE_LINES.insert(),
+            column_values(
+                InvoiceLineRecord(
+                    id=invoice_line_id_for(invoice.id, position),
+                    invoice_id=invoice.id,
+                    position=position,
+                    kind=InvoiceLineKind(line.kind),
+                    description=line.description,
+                    amount_minor=line.amount_minor,
+                    currency=invoice.currency,
+                    period_start=line.period_start,
+                    period_end=line.period_end,
+                    created_at=invoice.created_at,
+                    plan_code=line.plan_code,
+                    quantity=line.quantity,
+                    unit_amount_minor=line.unit_amount_minor,
+                    change_id=line.change_id,
+                )
+            ),
+        )
+    if invoice.credit_applied_minor:
+        balances.record_entry(
+            session,
+            customer_id=invoice.customer_id,
+            currency=invoice.currency,
+            amount_minor=-invoice.credit_applied_minor,
+            kind=BalanceEntryKind.APPLIED_TO_INVOICE,
+            source_key=f"applied:{invoice.id}",
+            description=f"applied to invoice {invoice.number}",
+            at=invoice.created_at,
+            invoice_id=invoice.id,
+        )
+    if invoice.subtotal_minor < 0:
+        balances.record_entry(
+            session,
+            customer_id=invoice.customer_id,
+            currency=invoice.currency,
+            amount_minor=-invoice.subtotal_minor,
+            kind=BalanceEntryKind.INVOICE_CREDIT,
+            source_key=f"invoice-credit:{invoice.id}",
+            description=f"credit from invoice {invoice.number}",
+            at=invoice.created_at,
+            invoice_id=invoice.id,
+        )
+
+
+def issue_invoice(
+    session: Session, record: InvoiceRecord, lines: list[InvoiceLine] | None = None
+) -> tuple[InvoiceRecord, bool]:
     """Number and insert the invoice for (subscription, period start), or return the existing
     one and False. ``record.number`` is ignored: the customer's next number is allocated.
+
+    ``lines`` are its lines (default: one subscription line of ``record.amount_due_minor``
+    for the period). Totals come from them: the subtotal is their sum, the customer's credit
+    balance pays what it can (an ``applied_to_invoice`` entry), a negative subtotal is carried
+    to the balance, and an invoice left owing nothing is paid at once. Lines, totals and
+    balance entries are written with the invoice, in its savepoint, under the customer's row
+    lock (taken by the number allocation), so racing issues cannot spend one credit twice.
 
     Gap-free even when two workers race for the same period: the allocation takes the
     customer's row lock, the period is checked again under that lock, and allocation and
@@ -90,9 +217,13 @@ def issue_invoice(session: Session, record: InvoiceRecord) -> tuple[InvoiceRecor
         if existing is not None:
             savepoint.rollback()
             return existing, False
-        created, inserted = insert_invoice(session, dataclasses.replace(record, number=number))
+        drafts = list(lines) if lines else [_subscription_line(record)]
+        finalized = _finalize(session, dataclasses.replace(record, number=number), drafts)
+        created, inserted = insert_invoice(session, finalized)
         if not inserted:
             savepoint.rollback()
+            return created, inserted
+        _write_lines_and_credit(session, created, drafts)
         return created, inserted
 
 
@@ -158,7 +289,21 @@ def transition_invoice(
             .first()
         )
         if moved is not None:
-            return InvoiceRecord(**moved)
+            voided = InvoiceRecord(**moved)
+            if to == InvoiceStatus.VOID and voided.credit_applied_minor:
+                # A voided invoice owes nothing: the credit it used goes back, as Stripe does.
+                balances.record_entry(
+                    session,
+                    customer_id=voided.customer_id,
+                    currency=voided.currency,
+                    amount_minor=voided.credit_applied_minor,
+                    kind=BalanceEntryKind.RESTORED_FROM_INVOICE,
+                    source_key=f"restored:{voided.id}",
+                    description=f"invoice {voided.number} voided",
+                    at=at,
+                    invoice_id=voided.id,
+                )
+            return voided
     raise RuntimeError(f"invoice {invoice_id} kept changing status; try again")
 
 

@@ -123,6 +123,7 @@ def test_migration_creates_the_same_constraints_as_the_models(
     assert {name for name, _ in invoices["checks"]} == {
         "ck_invoices_amount_due_nonnegative",
         "ck_invoices_amount_paid_within_due",
+        "ck_invoices_credit_applied_within_subtotal",
         "ck_invoices_status",
     }
     assert ("uq_payments_invoice_id", ("invoice_id",)) in actual["payments"]["uniques"]
