@@ -161,9 +161,7 @@ class ActivityDeadlineClient(stripe.RequestsClient):
     A try refused here is a connection error the SDK does not retry; the activity fails and
     its retry sends the same request under the same idempotency key."""
 
-    def __init__(
-        self, *, timeout: tuple[float, float], pacer: ProviderPacer | None = None
-    ) -> None:
+    def __init__(self, *, timeout: tuple[float, float], pacer: ProviderPacer | None = None) -> None:
         super().__init__(timeout=timeout)
         self._worst_try_s = timeout[0] + timeout[1] + _DEADLINE_MARGIN_S
         self._pacer = pacer
