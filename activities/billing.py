@@ -305,12 +305,11 @@ class BillingActivities:
             # (the provider refuses a reused key with other parameters).
             payment_method_id: str | None = attempt.payment_method_id
         else:
-            payment_method_id = None
-            if customer.stripe_customer_id is not None:
-                payment_method_id = self.gateway.default_payment_method(
-                    provider_customer_id=customer.stripe_customer_id
-                )
-            payment_method_id = payment_method_id or customer.default_payment_method_id
+            # The card from our records, not a read of the provider's customer: the row is
+            # written by every card change we make (signup, card update) and by the provider's
+            # webhooks for changes made elsewhere (checked against the provider before they
+            # are recorded), so a paid cycle costs the one charge request.
+            payment_method_id = customer.default_payment_method_id
         if attempt is None:
             # One PaymentIntent per invoice: the attempt confirms the invoice's intent when it
             # has one (an invoice charged before that model: its latest attempt's intent),
@@ -416,9 +415,7 @@ class BillingActivities:
         failure_message = clean_provider_text(outcome.failure_message, FAILURE_MESSAGE)
         details = None
         if outcome.kind == ChargeOutcomeKind.PAID and outcome.payment_intent_id is not None:
-            details = self._details_after_charge(
-                invoice, outcome.payment_intent_id, outcome.charge_id
-            )
+            details = self._details_after_charge(invoice, outcome)
         payment_id = None
         with unit_of_work(self.session_factory) as session:
             attempts_repo.record_attempt_outcome(
@@ -511,15 +508,27 @@ class BillingActivities:
             )
 
     def _details_after_charge(
-        self, invoice: InvoiceRecord, payment_intent_id: str, charge_id: str | None
+        self, invoice: InvoiceRecord, outcome: ChargeOutcome
     ) -> SettlementDetails | None:
         """The settlement of a charge that just succeeded, to record with its outcome in one
-        transaction (one commit less per paid period). None if the provider cannot say now
-        or the money does not match: the outcome is then recorded alone and ``settle_invoice``
-        (run by the workflow when no payment id comes back) settles it, with its own retries
-        and errors."""
+        transaction (one commit less per paid period): the one the charge's answer carried
+        (its charge and balance transaction expanded), else read from the provider. None if
+        the provider cannot say now or the money does not match: the outcome is then recorded
+        alone and ``settle_invoice`` (run by the workflow when no payment id comes back)
+        settles it, with its own retries and errors."""
+        assert outcome.payment_intent_id is not None
+        if outcome.settlement is not None:
+            try:
+                return _matching(invoice, outcome.payment_intent_id, outcome.settlement)
+            except ChangeRefused:
+                log.warning(
+                    "the charge of invoice %s does not match it; the workflow settles it",
+                    invoice.id,
+                    exc_info=True,
+                )
+                return None
         try:
-            return self._settlement_details(invoice, payment_intent_id, charge_id)
+            return self._settlement_details(invoice, outcome.payment_intent_id, outcome.charge_id)
         except Exception:
             log.warning(
                 "reading the settlement of invoice %s's charge failed; the workflow settles it",
@@ -592,14 +601,7 @@ class BillingActivities:
         details = self.gateway.settlement_details(
             payment_intent_id=payment_intent_id, charge_id=charge_id
         )
-        if (details.amount_minor, details.currency) != (invoice.amount_due_minor, invoice.currency):
-            # Never mark an invoice paid with money that does not match it. This compares the
-            # charge (what the customer paid); the settlement currency may legitimately differ.
-            raise ChangeRefused(
-                f"payment {payment_intent_id} is {details.amount_minor} {details.currency} "
-                f"but invoice {invoice.number} is {invoice.amount_due_minor} {invoice.currency}"
-            )
-        return details
+        return _matching(invoice, payment_intent_id, details)
 
     def _record_settlement(
         self,
@@ -958,12 +960,21 @@ class BillingActivities:
             raise NotFound(f"customer {input.customer_id} not found")
         provider_customer_id = customer.stripe_customer_id
         if provider_customer_id is None:
-            provider_customer_id = self.gateway.ensure_customer(
-                customer_id=customer.id, email=customer.email, name=customer.name
+            # One request: the provider customer with this card as its default.
+            made = self.gateway.create_customer(
+                customer_id=customer.id,
+                email=customer.email,
+                name=customer.name,
+                payment_method_id=input.payment_method_id,
             )
-        attached = self.gateway.attach_payment_method(
-            provider_customer_id=provider_customer_id, payment_method_id=input.payment_method_id
-        )
+            provider_customer_id = made.provider_customer_id
+            assert made.payment_method is not None  # a card was given
+            attached = made.payment_method
+        else:
+            attached = self.gateway.attach_payment_method(
+                provider_customer_id=provider_customer_id,
+                payment_method_id=input.payment_method_id,
+            )
         with unit_of_work(self.session_factory) as session:
             if customer.stripe_customer_id is None:
                 customers_repo.set_stripe_customer_id(session, customer.id, provider_customer_id)
@@ -1014,6 +1025,20 @@ def _require_invoice(session: Session, invoice_id: str) -> InvoiceRecord:
     if invoice is None:
         raise NotFound(f"invoice {invoice_id} not found")
     return invoice
+
+
+def _matching(
+    invoice: InvoiceRecord, payment_intent_id: str, details: SettlementDetails
+) -> SettlementDetails:
+    """``details`` if they are the invoice's amount and currency; ChangeRefused otherwise."""
+    if (details.amount_minor, details.currency) != (invoice.amount_due_minor, invoice.currency):
+        # Never mark an invoice paid with money that does not match it. This compares the
+        # charge (what the customer paid); the settlement currency may legitimately differ.
+        raise ChangeRefused(
+            f"payment {payment_intent_id} is {details.amount_minor} {details.currency} "
+            f"but invoice {invoice.number} is {invoice.amount_due_minor} {invoice.currency}"
+        )
+    return details
 
 
 def _invoice_result(invoice: InvoiceRecord, *, created: bool) -> CreateInvoiceResult:

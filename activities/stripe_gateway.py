@@ -27,15 +27,24 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import stripe
+from stripe.params import (
+    ChargeListParams,
+    CustomerCreateParams,
+    PaymentIntentCancelParams,
+    PaymentIntentConfirmParams,
+    PaymentIntentCreateParams,
+    PaymentIntentListParams,
+)
 from temporalio import activity
 
 from billing.contracts import idempotency_key_for
 from billing.errors import PaymentMethodRejected
+from billing.pacing import ProviderPacer
 from billing.payments import (
     AttachedPaymentMethod,
     ChargeOutcome,
@@ -43,6 +52,7 @@ from billing.payments import (
     PaymentGateway,
     PaymentIntentCancellation,
     PaymentProviderError,
+    ProviderCustomer,
     SettlementDetails,
     TransientPaymentError,
     classify_decline,
@@ -52,16 +62,6 @@ from billing.settings import (
     DEFAULT_STRIPE_MAX_NETWORK_RETRIES,
     DEFAULT_STRIPE_READ_TIMEOUT_S,
 )
-
-if TYPE_CHECKING:
-    from stripe.params import (
-        ChargeListParams,
-        CustomerCreateParams,
-        PaymentIntentCancelParams,
-        PaymentIntentConfirmParams,
-        PaymentIntentCreateParams,
-        PaymentIntentListParams,
-    )
 
 __all__ = [
     "IDEMPOTENCY_KEY_METADATA",
@@ -103,6 +103,16 @@ _UNEXPECTED_STATE = "payment_intent_unexpected_state"
 #: never shows a request's key and forgets it after ~24 hours; the intent keeps this for good.
 IDEMPOTENCY_KEY_METADATA = "idempotency_key"
 
+#: What a charge's answer carries expanded: its charge and that charge's balance transaction
+#: (https://docs.stripe.com/api/expanding_objects), so the one create-and-confirm (or confirm)
+#: request also tells the fee and net, and no read follows a paid charge.
+_CHARGE_EXPAND = ["latest_charge.balance_transaction"]
+
+#: Stripe's test-mode tokens (``pm_card_visa``, ...) resolve to a *new* PaymentMethod each
+#: time they are used (https://docs.stripe.com/testing#cards), so one request cannot both
+#: attach one and name it as the default: they take the attach-then-default path.
+_TEST_TOKEN_PREFIX = "pm_card_"
+
 #: Stripe's largest page size for list endpoints.
 _PAGE_LIMIT = 100
 
@@ -126,6 +136,9 @@ STRIPE_API_VERSION = "2026-10-28.endive"
 #: Left in hand after a try's worst case before the activity attempt's deadline.
 _DEADLINE_MARGIN_S = 2.0
 
+#: Outside an activity, how long a request waits at most for its turn under the provider cap.
+_PACING_MAX_WAIT_S = 30.0
+
 
 def activity_time_left_s() -> float | None:
     """Seconds until the running activity attempt's start-to-close deadline, or None outside
@@ -148,13 +161,16 @@ class ActivityDeadlineClient(stripe.RequestsClient):
     A try refused here is a connection error the SDK does not retry; the activity fails and
     its retry sends the same request under the same idempotency key."""
 
-    def __init__(self, *, timeout: tuple[float, float]) -> None:
+    def __init__(self, *, timeout: tuple[float, float], pacer: ProviderPacer | None = None) -> None:
         super().__init__(timeout=timeout)
         self._worst_try_s = timeout[0] + timeout[1] + _DEADLINE_MARGIN_S
+        self._pacer = pacer
 
     def request(  # type: ignore[override]
         self, method: str, url: str, headers: Mapping[str, str] | None, post_data: Any = None
     ) -> tuple[Any, int, Mapping[str, str]]:
+        if self._pacer is not None:
+            self._wait_turn(method, url)
         left = activity_time_left_s()
         if left is not None and left < self._worst_try_s:
             raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
@@ -168,6 +184,21 @@ class ActivityDeadlineClient(stripe.RequestsClient):
         )
         return result
 
+    def _wait_turn(self, method: str, url: str) -> None:
+        """Wait for this try's turn in the schedule every worker shares (the provider cap);
+        a turn later than this activity attempt can still use is not taken: the attempt fails
+        at once and its retry asks again."""
+        assert self._pacer is not None
+        left = activity_time_left_s()
+        max_wait_s = _PACING_MAX_WAIT_S if left is None else left - self._worst_try_s
+        if not self._pacer.wait_turn(max_wait_s=max_wait_s):
+            raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
+                f"{method.upper()} {url} not sent: the provider cap's next free turn is more "
+                f"than {max(max_wait_s, 0):.1f} s away, later than this activity attempt can "
+                "wait; the activity's retry sends it under the same idempotency key",
+                should_retry=False,
+            )
+
 
 def make_stripe_client(
     *,
@@ -177,6 +208,7 @@ def make_stripe_client(
     connect_timeout_s: float = DEFAULT_STRIPE_CONNECT_TIMEOUT_S,
     read_timeout_s: float = DEFAULT_STRIPE_READ_TIMEOUT_S,
     http_client: stripe.HTTPClient | None = None,
+    pacer: ProviderPacer | None = None,
 ) -> stripe.StripeClient:
     """A ``StripeClient`` for ``api_base`` (None: api.stripe.com; else e.g. localstripe's URL)
     speaking ``STRIPE_API_VERSION``.
@@ -186,14 +218,18 @@ def make_stripe_client(
     waits at most ``connect_timeout_s`` to connect and ``read_timeout_s`` for each read (the
     SDK's default is 80 s, longer than the activity that makes the call): ``Settings`` checks
     that the worst case fits inside the provider activity's start-to-close timeout.
-    ``http_client`` (tests) replaces the timed client, with its own timeouts.
+    ``http_client`` (tests) replaces the timed client, with its own timeouts. ``pacer``: every
+    try first waits for its turn under the provider cap shared by all workers
+    (``billing.pacing``); None sends at once.
     """
     if not api_key:
         raise PaymentProviderError(
             "the Stripe API key is empty; configure a secret key such as 'sk_test_...'"
         )
     if http_client is None:
-        http_client = ActivityDeadlineClient(timeout=(connect_timeout_s, read_timeout_s))
+        http_client = ActivityDeadlineClient(
+            timeout=(connect_timeout_s, read_timeout_s), pacer=pacer
+        )
     return stripe.StripeClient(
         api_key,
         base_addresses={"api": api_base} if api_base else None,
@@ -212,6 +248,43 @@ def _expandable_id(value: object) -> str | None:
         return value
     object_id = getattr(value, "id", None)
     return object_id if isinstance(object_id, str) else None
+
+
+def _settlement_of_charge(charge: object) -> SettlementDetails | None:
+    """The settlement a charge object carries with its balance transaction expanded, or None
+    when the charge is only an id or its balance transaction was not expanded (a provider
+    that ignored ``expand``): then it is read with ``settlement_details``. A charge without
+    a balance transaction (Stripe sets none on some asynchronous methods) settles without a
+    fee and net, as ``settlement_details`` reports it."""
+    if charge is None or isinstance(charge, str):
+        return None
+    charge_id = _get(charge, "id")
+    amount = _get(charge, "amount")
+    currency = _get(charge, "currency")
+    if not isinstance(charge_id, str) or not isinstance(amount, int) or not currency:
+        return None
+    balance_transaction = _get(charge, "balance_transaction")
+    if isinstance(balance_transaction, str):
+        return None
+    if balance_transaction is None:
+        return SettlementDetails(
+            charge_id=charge_id,
+            amount_minor=amount,
+            currency=str(currency).upper(),
+            fee_minor=None,
+            net_minor=None,
+            balance_transaction_id=None,
+        )
+    return SettlementDetails(
+        charge_id=charge_id,
+        amount_minor=amount,
+        currency=str(currency).upper(),
+        fee_minor=int(balance_transaction.fee),
+        net_minor=int(balance_transaction.net),
+        balance_transaction_id=str(balance_transaction.id),
+        settlement_amount_minor=int(balance_transaction.amount),
+        settlement_currency=str(balance_transaction.currency).upper(),
+    )
 
 
 def _get(obj: object, name: str) -> Any:
@@ -390,6 +463,30 @@ def _raise_translated(error: stripe.StripeError, *, operation: str) -> NoReturn:
     raise PaymentProviderError(f"Stripe failed {operation}: {detail}") from error
 
 
+_P = TypeVar("_P", PaymentIntentCreateParams, PaymentIntentConfirmParams)
+
+
+def _without_expand_if_refused(
+    send: Callable[[_P], stripe.PaymentIntent], params: _P
+) -> stripe.PaymentIntent:
+    """Send a charge with its charge and balance transaction expanded. Stripe compares a
+    repeated Idempotency-Key's parameters with the first request's: a charge first sent by a
+    version of this adapter that did not ask for ``expand`` (in flight across an upgrade, its
+    answer lost) is refused as a different request. It is then sent again exactly as the
+    first time, which Stripe answers with the first result; its settlement is read after."""
+    try:
+        return send(params)
+    except stripe.IdempotencyError:
+        if "expand" not in params:
+            raise
+        logger.warning(
+            "a charge's idempotency key was first used without expand; re-sending it as it "
+            "was first sent"
+        )
+        first = cast(_P, {name: value for name, value in params.items() if name != "expand"})
+        return send(first)
+
+
 class StripeGateway:
     """``billing.payments.PaymentGateway`` on Stripe's API, through an injected ``StripeClient``.
 
@@ -423,15 +520,89 @@ class StripeGateway:
             _raise_translated(error, operation=f"creating the customer for {customer_id!r}")
         return customer.id
 
+    def create_customer(
+        self,
+        *,
+        customer_id: str,
+        email: str | None,
+        name: str | None,
+        payment_method_id: str | None,
+    ) -> ProviderCustomer:
+        """Create the Stripe customer for our ``customer_id`` with the card attached and made
+        its invoice default, in one request (``payment_method`` and
+        ``invoice_settings.default_payment_method`` of the customer's create,
+        https://docs.stripe.com/api/customers/create), the default expanded so the answer also
+        gives the card. A card Stripe refuses fails the whole create: ``PaymentMethodRejected``,
+        and no customer exists.
+
+        The Idempotency-Key derives from our customer id *and the card*: a retry after a lost
+        answer with the same card gets the same customer; a retry with another card (the
+        first was refused, and Stripe keeps that refusal under its key for 24 hours) is a new
+        request. A test token (``pm_card_...``) takes the customer create, then
+        ``attach_payment_method``."""
+        if payment_method_id is None or payment_method_id.startswith(_TEST_TOKEN_PREFIX):
+            provider_customer_id = self.ensure_customer(
+                customer_id=customer_id, email=email, name=name
+            )
+            attached = (
+                None
+                if payment_method_id is None
+                else self.attach_payment_method(
+                    provider_customer_id=provider_customer_id,
+                    payment_method_id=payment_method_id,
+                )
+            )
+            return ProviderCustomer(provider_customer_id, attached)
+        params: CustomerCreateParams = {
+            "metadata": {"billing_customer_id": customer_id},
+            "payment_method": payment_method_id,
+            "invoice_settings": {"default_payment_method": payment_method_id},
+            "expand": ["invoice_settings.default_payment_method"],
+        }
+        if email:
+            params["email"] = email
+        if name:
+            params["name"] = name
+        try:
+            customer = self._client.v1.customers.create(
+                params=params,
+                options={"idempotency_key": f"customer-{customer_id}-{payment_method_id}"},
+            )
+        except stripe.StripeError as error:
+            self._raise_for_attach(error, payment_method_id, f"a new customer ({customer_id})")
+        default = _get(_get(customer, "invoice_settings"), "default_payment_method")
+        card = _get(default, "card")
+        return ProviderCustomer(
+            customer.id,
+            AttachedPaymentMethod(
+                payment_method_id=_expandable_id(default) or payment_method_id,
+                card_brand=_get(card, "brand"),
+                card_last4=_get(card, "last4"),
+            ),
+        )
+
     def attach_payment_method(
         self, *, provider_customer_id: str, payment_method_id: str
     ) -> AttachedPaymentMethod:
-        """Attach the payment method to the customer (unless it already is) and make it the
-        default for invoices. Raises ``PaymentMethodRejected`` if Stripe refuses the card."""
+        """Attach the payment method to the customer and make it the default for invoices: two
+        requests. Raises ``PaymentMethodRejected`` if Stripe refuses the card or it belongs to
+        another customer.
+
+        The attach carries an Idempotency-Key derived from the customer and the card, so a
+        retry after a lost answer is answered with the first result. A refusal that is not
+        about the card itself (Stripe refuses to attach a card that is already attached) is
+        looked into with one read: already this customer's is success (a retry after the key
+        expired), another customer's is a rejection."""
         try:
-            payment_method = self._client.v1.payment_methods.retrieve(payment_method_id)
+            payment_method = self._client.v1.payment_methods.attach(
+                payment_method_id,
+                params={"customer": provider_customer_id},
+                options={"idempotency_key": f"attach-{provider_customer_id}-{payment_method_id}"},
+            )
         except stripe.StripeError as error:
-            self._raise_for_attach(error, payment_method_id, provider_customer_id)
+            if _is_card_error(error) or not isinstance(error, stripe.InvalidRequestError):
+                self._raise_for_attach(error, payment_method_id, provider_customer_id)
+            payment_method = self._attached_already(error, payment_method_id, provider_customer_id)
 
         # Stripe test tokens such as ``pm_card_visa`` resolve to a new ``pm_...``: from here on
         # use the id Stripe gave us.
@@ -443,16 +614,6 @@ class StripeGateway:
                 f"({owner}), not {provider_customer_id}; collect a new card from this customer",
                 field="payment_method_id",
             )
-        if owner is None:
-            # Only attach an unattached card: a retry after a lost answer then skips the attach
-            # instead of depending on how the provider treats a repeated one.
-            try:
-                payment_method = self._client.v1.payment_methods.attach(
-                    attached_id, params={"customer": provider_customer_id}
-                )
-            except stripe.StripeError as error:
-                self._raise_for_attach(error, payment_method_id, provider_customer_id)
-
         try:
             self._client.v1.customers.update(
                 provider_customer_id,
@@ -471,6 +632,19 @@ class StripeGateway:
             card_brand=_get(card, "brand"),
             card_last4=_get(card, "last4"),
         )
+
+    def _attached_already(
+        self, error: stripe.StripeError, payment_method_id: str, provider_customer_id: str
+    ) -> stripe.PaymentMethod:
+        """After an attach refused as invalid: the card if it is already attached (the caller
+        checks to whom); otherwise the refusal, translated."""
+        try:
+            payment_method = self._client.v1.payment_methods.retrieve(payment_method_id)
+        except stripe.StripeError as read_error:
+            self._raise_for_attach(read_error, payment_method_id, provider_customer_id)
+        if _expandable_id(payment_method.customer) is None:
+            self._raise_for_attach(error, payment_method_id, provider_customer_id)
+        return payment_method
 
     def _raise_for_attach(
         self, error: stripe.StripeError, payment_method_id: str, provider_customer_id: str
@@ -555,16 +729,20 @@ class StripeGateway:
             "off_session": True,
             "confirm": True,
             "metadata": wire_metadata,
+            "expand": list(_CHARGE_EXPAND),
         }
         if self._send_description:
             params["description"] = description
         else:
             wire_metadata.setdefault("description", description)
 
-        try:
-            intent = self._client.v1.payment_intents.create(
+        def create(params: PaymentIntentCreateParams) -> stripe.PaymentIntent:
+            return self._client.v1.payment_intents.create(
                 params=params, options={"idempotency_key": idempotency_key}
             )
+
+        try:
+            intent = _without_expand_if_refused(create, params)
         except stripe.StripeError as error:
             if _is_card_error(error):
                 return self._outcome_from_card_error(
@@ -603,15 +781,20 @@ class StripeGateway:
         params: PaymentIntentConfirmParams = {
             "payment_method": payment_method_id,
             "off_session": True,
+            "expand": list(_CHARGE_EXPAND),
         }
         operation = (
             f"confirming payment intent {payment_intent_id} with {payment_method_id} "
             f"(idempotency key {idempotency_key!r})"
         )
-        try:
-            intent = self._client.v1.payment_intents.confirm(
+
+        def confirm(params: PaymentIntentConfirmParams) -> stripe.PaymentIntent:
+            return self._client.v1.payment_intents.confirm(
                 payment_intent_id, params=params, options={"idempotency_key": idempotency_key}
             )
+
+        try:
+            intent = _without_expand_if_refused(confirm, params)
         except stripe.StripeError as error:
             if _is_card_error(error):
                 return self._outcome_from_card_error(
@@ -647,7 +830,9 @@ class StripeGateway:
             if not _is_unexpected_state(error):
                 _raise_translated(error, operation=operation)
             try:
-                intent = self._client.v1.payment_intents.retrieve(payment_intent_id)
+                intent = self._client.v1.payment_intents.retrieve(
+                    payment_intent_id, params={"expand": list(_CHARGE_EXPAND)}
+                )
             except stripe.StripeError as read_error:
                 _raise_translated(
                     read_error, operation=f"reading payment intent {payment_intent_id}"
@@ -673,7 +858,9 @@ class StripeGateway:
     def payment_intent_outcome(self, *, payment_intent_id: str) -> ChargeOutcome:
         """The current state of a PaymentIntent, e.g. after the customer authenticated."""
         try:
-            intent = self._client.v1.payment_intents.retrieve(payment_intent_id)
+            intent = self._client.v1.payment_intents.retrieve(
+                payment_intent_id, params={"expand": list(_CHARGE_EXPAND)}
+            )
         except stripe.StripeError as error:
             _raise_translated(error, operation=f"reading payment intent {payment_intent_id}")
         return self._outcome_from_intent(intent)
@@ -785,7 +972,9 @@ class StripeGateway:
                 if intent_id is None or intent_id in seen:
                     continue
                 seen.add(intent_id)
-                intent = self._client.v1.payment_intents.retrieve(intent_id)
+                intent = self._client.v1.payment_intents.retrieve(
+                    intent_id, params={"expand": list(_CHARGE_EXPAND)}
+                )
                 if is_ours(intent):
                     matches.append(intent)
             if not charges.has_more or not charges.data:
@@ -813,6 +1002,7 @@ class StripeGateway:
                 charge_id=charge_id,
                 amount_minor=amount,
                 currency=currency,
+                settlement=_settlement_of_charge(intent.latest_charge),
             )
         if status in _NEEDS_CUSTOMER_STATUSES:
             return ChargeOutcome(

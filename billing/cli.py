@@ -248,7 +248,8 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
     client = await _connect_at_start_up(settings, stop, runtime=runtime)
     if client is None:
         return
-    deps = build_dependencies(settings)
+    # Every Stripe request of the worker takes its turn under the cap shared by all workers.
+    deps = build_dependencies(settings, pace_provider=True)
     graceful_s = settings.worker_graceful_shutdown_s
     w = build_worker(
         client,

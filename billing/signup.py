@@ -414,19 +414,28 @@ class SignupService:
         # derived from our customer id, and recorded at once, so the next signup (or a retry
         # after a crash) finds it instead of making another.
         provider_customer_id = customer.stripe_customer_id
+        payment_method_id = customer.default_payment_method_id
+        attached_id: str | None = None
         if provider_customer_id is None:
-            made = self.gateway.ensure_customer(
-                customer_id=customer.id, email=customer.email, name=customer.name
+            # One request: the customer with the card attached and made its default. Its key
+            # derives from our customer id and the card (a retry with the same card finds the
+            # same customer).
+            made = self.gateway.create_customer(
+                customer_id=customer.id,
+                email=customer.email,
+                name=customer.name,
+                payment_method_id=request.payment_method_id,
             )
             with unit_of_work(self.session_factory) as session:
                 provider_customer_id = customers_repo.set_stripe_customer_id(
-                    session, customer.id, made, now=now
+                    session, customer.id, made.provider_customer_id, now=now
                 )
-        payment_method_id = customer.default_payment_method_id
-        attached_id: str | None = None
-        if request.payment_method_id is not None:
+            if made.payment_method is not None:
+                payment_method_id = attached_id = made.payment_method.payment_method_id
+        elif request.payment_method_id is not None:
             # Store what the provider attached: a token such as `pm_card_visa` becomes a real
-            # payment method id there. Under the lease, so a card is attached once.
+            # payment method id there. Under the lease, so a card is attached once. Two
+            # requests: the attach and the default.
             attached = self.gateway.attach_payment_method(
                 provider_customer_id=provider_customer_id,
                 payment_method_id=request.payment_method_id,

@@ -10,17 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import logging
-import math
 import os
 import signal
 import sys
-import threading
-import time
-from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
-from temporalio import activity
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
@@ -37,9 +30,11 @@ from temporalio.worker import Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.billing import AfterChargeHook, BillingActivities
+from activities.provider_pacing import DatabasePacer
 from activities.signup_sweep import SignupSweepActivities
 from activities.stripe_gateway import StripeGateway, make_stripe_client
 from billing.clock import Clock, SystemClock
+from billing.pacing import PACING_HEADROOM
 from billing.payments import PaymentGateway
 from billing.settings import Settings
 from billing.signup_sweep import PendingSignupSweepInput, sweeper_workflow_id
@@ -60,9 +55,10 @@ class Dependencies:
     clock: Clock
     #: TEST ONLY fault injection; None unless BILLING_CHAOS_CRASH_AFTER_CHARGE_PERCENT is set.
     after_charge_hook: AfterChargeHook | None = None
-    #: The process's pacing of provider activities (``Settings.charge_rate_per_s``), shared by
-    #: both workers; None: no pacing (tests and simulations against localstripe).
-    provider_window: OneSecondWindow | None = None
+    #: The schedule every Stripe request of this process takes its turn from, shared with
+    #: every other worker on the database (``Settings.charge_rate_per_s``); None: no pacing
+    #: (the API, tests and simulations against localstripe).
+    pacer: DatabasePacer | None = None
 
 
 def temporal_tls_config(settings: Settings) -> TLSConfig | bool:
@@ -197,23 +193,38 @@ def crash_after_charge_hook(percent: int) -> AfterChargeHook | None:
     return crash
 
 
-def build_dependencies(settings: Settings, *, clock: Clock | None = None) -> Dependencies:
+def build_dependencies(
+    settings: Settings, *, clock: Clock | None = None, pace_provider: bool = False
+) -> Dependencies:
+    """``pace_provider``: a worker's dependencies, whose Stripe requests keep to
+    ``Settings.charge_rate_per_s`` in any one-second window together with every other worker
+    on the database (``billing.pacing``). The API's are not paced: a signup must not wait
+    behind a billing-day burst (the cap leaves Stripe's limit room for it)."""
     engine = make_engine(settings.database_url)
+    session_factory = make_session_factory(engine)
+    pacer = (
+        DatabasePacer(
+            session_factory, name=settings.payments_queue(), cap_per_s=settings.charge_rate_per_s
+        )
+        if pace_provider
+        else None
+    )
     client = make_stripe_client(
         api_key=settings.stripe_secret(),
         api_base=settings.stripe_api_base,
         max_network_retries=settings.stripe_max_network_retries,
         connect_timeout_s=settings.stripe_connect_timeout_s,
         read_timeout_s=settings.stripe_read_timeout_s,
+        pacer=pacer,
     )
     return Dependencies(
-        session_factory=make_session_factory(engine),
+        session_factory=session_factory,
         # localstripe rejects `description` on PaymentIntents; real Stripe gets it.
         gateway=StripeGateway(client, send_description=settings.stripe_api_key is not None),
         clock=clock or SystemClock(),
         # Settings refuse a non-zero percentage in production.
         after_charge_hook=crash_after_charge_hook(settings.chaos_crash_after_charge_percent),
-        provider_window=OneSecondWindow(settings.charge_rate_per_s, window_s=1 + PACING_GUARD_S),
+        pacer=pacer,
     )
 
 
@@ -238,15 +249,10 @@ def build_worker(
     activities = BillingActivities(
         deps.session_factory, deps.gateway, deps.clock, after_charge_hook=deps.after_charge_hook
     )
+    # Runs started before the payments queue existed schedule their provider calls here, out
+    # of reach of that queue's Temporal rate: the gateway's shared pacer still holds them to
+    # the cap (it paces every Stripe request the process sends).
     registered = activities.all()
-    if deps.provider_window is not None:
-        # Runs started before the payments queue existed schedule their provider calls here,
-        # out of reach of that queue's Temporal rate: they take the same per-process pacing.
-        provider = {_activity_name(fn) for fn in provider_activities(activities)}
-        registered = [
-            paced(fn, deps.provider_window) if _activity_name(fn) in provider else fn
-            for fn in registered
-        ]
     sweep = SignupSweepActivities(
         deps.session_factory,
         deps.gateway,
@@ -297,58 +303,13 @@ def provider_activities(activities: BillingActivities) -> list[Any]:
     ]
 
 
-#: The pacing window is this much longer than a second: a provider call that starts up to this
-#: long after its activity was let through still keeps every one-second window under the cap.
-#: (Temporal's queue-wide rate, at half the cap, binds first, so throughput is unchanged.)
-PACING_GUARD_S = 0.25
-
-
-class OneSecondWindow:
-    """At most ``limit`` starts in any sliding window of ``window_s`` seconds in this process:
-    ``acquire`` blocks (the calling activity thread) until a start keeps the window under the
-    limit."""
-
-    def __init__(self, limit: float, *, window_s: float = 1.0) -> None:
-        self.limit = max(1, math.floor(limit))
-        self.window_s = window_s
-        self._starts: deque[float] = deque()
-        self._lock = threading.Lock()
-
-    def acquire(self) -> None:
-        while True:
-            with self._lock:
-                now = time.monotonic()
-                while self._starts and now - self._starts[0] >= self.window_s:
-                    self._starts.popleft()
-                if len(self._starts) < self.limit:
-                    self._starts.append(now)
-                    return
-                wait = self.window_s - (now - self._starts[0])
-            time.sleep(wait)
-
-
-def _activity_name(fn: Callable[..., Any]) -> str:
-    return str(getattr(fn, "__temporal_activity_definition").name)
-
-
-def paced(fn: Callable[[Any], Any], window: OneSecondWindow) -> Callable[[Any], Any]:
-    """The activity ``fn`` (one argument), under the same name, waiting for ``window`` before it
-    runs."""
-    name = _activity_name(fn)
-
-    # Not its __dict__: that holds fn's own activity definition.
-    @functools.wraps(fn, updated=())
-    def run(input: Any) -> Any:
-        window.acquire()
-        return fn(input)
-
-    return activity.defn(name=name)(run)
-
-
 def queue_rate_for(charge_rate_per_s: float | None) -> float | None:
-    """The rate to give Temporal for a cap of ``charge_rate_per_s`` in any one-second window:
-    half, because its token bucket can add a full second's burst to the rate."""
-    return None if charge_rate_per_s is None else charge_rate_per_s / 2
+    """The rate Temporal's matching service gives the payments queue: the rate the shared
+    pacer hands out turns at (``PACING_HEADROOM`` of the cap), so due charges wait in Temporal
+    rather than in worker threads. Its token bucket can release a second's burst on top of
+    that rate; the pacer (``billing.pacing``) spaces those out, so the cap holds in every
+    one-second window."""
+    return None if charge_rate_per_s is None else charge_rate_per_s * PACING_HEADROOM
 
 
 def build_payments_worker(
@@ -360,31 +321,21 @@ def build_payments_worker(
     activity_threads: int = 16,
     graceful_shutdown_s: float = 0.0,
 ) -> Worker:
-    """The payments worker: provider activities only, at most ``charge_rate_per_s`` started in
-    any one-second window on ``task_queue`` by all its workers together. ``None``: no cap
-    (tests and simulations, which talk to localstripe).
+    """The payments worker: provider activities only, on ``task_queue``, at ``charge_rate_per_s``
+    in total for all its workers. ``None``: no cap (tests and simulations on localstripe).
 
-    Temporal's matching service enforces ``max_task_queue_activities_per_second`` for the whole
-    queue as a token bucket that starts full: after a quiet spell it releases a whole second's
-    worth at once on top of its rate, so a window can see twice the rate (measured by
-    ``scripts/bench.py``: 23 charges in one second under a cap of 20). The queue therefore gets
-    half the cap. Tasks the server spaced out can still start together in the worker (threads
-    busy, a CPU-starved process: 22 in one second was measured with the half rate alone), so
-    each payments worker also paces its own starts to the cap in any window of 1.25 seconds.
-
-    The billing worker registers these activities too: runs started before the payments queue
-    existed schedule them on their own queue. With ``deps.provider_window`` both workers pace
-    with that one window, so the process stays under the cap across both queues."""
+    Two layers, both global. Temporal's matching service dispatches the queue's tasks at the
+    cap (``max_task_queue_activities_per_second`` is the queue's, whatever the number of
+    workers), so due charges wait in Temporal, not in worker threads. Its token bucket starts
+    full, though: after a quiet spell it hands out a whole second's worth at once on top of the
+    rate, which is why this worker used to give it half the cap and lost half the throughput.
+    The second layer removes that burst: every Stripe request takes its turn from one schedule
+    in the database (``deps.pacer``, ``billing.pacing``), turns ``1 / (0.95 * cap)`` s apart,
+    so no one-second window sees more than the cap, across every worker process."""
     activities = BillingActivities(
         deps.session_factory, deps.gateway, deps.clock, after_charge_hook=deps.after_charge_hook
     )
     provider = provider_activities(activities)
-    if charge_rate_per_s is not None:
-        # The process's window when it has one: the billing worker paces with it too.
-        window = deps.provider_window or OneSecondWindow(
-            charge_rate_per_s, window_s=1 + PACING_GUARD_S
-        )
-        provider = [paced(fn, window) for fn in provider]
     return Worker(
         client,
         task_queue=task_queue,

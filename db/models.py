@@ -18,6 +18,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -403,3 +404,17 @@ NOTIFICATIONS = _table(NotificationRow)
 WEBHOOK_EVENTS = _table(WebhookEventRow)
 INVOICE_LINES = _table(InvoiceLineRow)
 BALANCE_ENTRIES = _table(BalanceEntryRow)
+
+
+class ProviderPacingRow(Base):
+    """The shared schedule of provider requests (``billing.pacing``): one row per paced queue,
+    holding the next free turn. Every worker takes its turns from it with one atomic UPDATE."""
+
+    __tablename__ = "provider_pacing"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    #: The next free turn, Unix seconds (the database server's clock on PostgreSQL).
+    next_free_at: Mapped[float] = mapped_column(Double)
+
+
+PROVIDER_PACING = _table(ProviderPacingRow)

@@ -41,6 +41,27 @@ patched, each as Stripe documents it:
   intent sends ``payment_intent.canceled``
   (https://docs.stripe.com/api/events/types#event_types-payment_intent.canceled).
 
+* A charge a PaymentIntent's create or confirm makes and the card declines answers 402 with
+  an error of ``type: card_error`` that carries ``payment_intent``, the intent as it now is
+  (https://docs.stripe.com/api/errors: "payment_intent: The PaymentIntent object for errors
+  returned on a request involving a PaymentIntent"). localstripe 1.15 names only the
+  ``charge``, which costs a client a read of that charge to learn its intent.
+* ``POST /v1/customers`` with a ``payment_method`` the issuer refuses at attach fails as a
+  whole (402 ``card_declined``) and creates no customer, as Stripe's create does (one
+  request: https://docs.stripe.com/api/customers/create#create_customer-payment_method).
+  localstripe 1.15 stores the customer first and then fails the attach, leaving a customer
+  behind that the client was told was not created.
+* ``POST /v1/payment_methods/{id}/attach`` of a card that is attached to *another* customer
+  is refused with 400 ``invalid_request_error`` (Stripe: a PaymentMethod belongs to one
+  customer and must be detached before it is attached elsewhere,
+  https://docs.stripe.com/api/payment_methods/detach); localstripe 1.15 moves it silently.
+  Attaching it again to the customer it belongs to succeeds.
+
+``expand`` needs no patch: localstripe's handlers apply it to every answer, including
+``latest_charge.balance_transaction`` on the create and the patched confirm (its
+``latest_charge`` is always the charge object; the balance transaction is an id unless
+expanded, as on Stripe).
+
 Each refusal names what was wrong, as Stripe's messages do.
 """
 
@@ -151,6 +172,50 @@ def _cancel(cls: Any, /, id: object, cancellation_reason: object = None, **kwarg
     return intent
 
 
+_original_report_failure: Any = _PaymentIntent._report_failure
+_original_customer_create: Any = resources.Customer._api_create.__func__
+_original_attach: Any = resources.PaymentMethod._api_attach.__func__
+
+
+def _report_failure(self: Any) -> None:
+    """localstripe's decline, answered as Stripe's card error: typed, with the intent."""
+    try:
+        _original_report_failure(self)
+    except UserError as error:
+        if error.code == 402:
+            error.body["error"]["type"] = "card_error"
+            error.body["error"]["payment_intent"] = self._export()
+        raise
+
+
+def _customer_create(cls: Any, /, **data: Any) -> Any:
+    payment_method = data.get("payment_method")
+    if isinstance(payment_method, str) and payment_method.startswith("pm_"):
+        card = resources.PaymentMethod._api_retrieve(payment_method)  # 404 if unknown
+        if getattr(card, "customer", None) is not None:
+            raise UserError(
+                400,
+                "The payment method you provided has already been attached to a customer.",
+            )
+        if card._attaching_is_declined():
+            raise UserError(
+                402, "Your card was declined.", {"code": "card_declined", "type": "card_error"}
+            )
+    return _original_customer_create(cls, **data)
+
+
+def _attach(cls: Any, /, id: object, customer: object = None, **kwargs: Any) -> Any:
+    if isinstance(id, str) and isinstance(customer, str):
+        card = resources.PaymentMethod._api_retrieve(id)
+        owner = getattr(card, "customer", None)
+        if owner is not None and owner != customer:
+            raise UserError(
+                400,
+                "The payment method you provided has already been attached to a customer.",
+            )
+    return _original_attach(cls, id, customer=customer, **kwargs)
+
+
 def apply() -> None:
     """Patch ``PaymentIntent`` confirm and cancel, and the route table the server builds its
     handlers from. Idempotent. Must run before ``localstripe.server`` is imported."""
@@ -163,9 +228,13 @@ def apply() -> None:
     cancel = classmethod(_cancel)
     _PaymentIntent._api_confirm = confirm
     _PaymentIntent._api_cancel = cancel
+    _PaymentIntent._report_failure = _report_failure
+    resources.Customer._api_create = classmethod(_customer_create)
+    resources.PaymentMethod._api_attach = classmethod(_attach)
     by_url = {
         "/v1/payment_intents/{id}/confirm": _PaymentIntent._api_confirm,
         "/v1/payment_intents/{id}/cancel": _PaymentIntent._api_cancel,
+        "/v1/payment_methods/{id}/attach": resources.PaymentMethod._api_attach,
     }
     resources.extra_apis[:] = [
         (method, url, by_url.get(url, func)) for method, url, func in resources.extra_apis

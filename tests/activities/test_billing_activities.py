@@ -31,6 +31,7 @@ from sqlalchemy.pool import NullPool
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from activities import stripe_gateway
 from activities.billing import IDEMPOTENCY_KEY_SAFE_WINDOW, BillingActivities
 from activities.stripe_gateway import StripeGateway, make_stripe_client
 from billing.calendar import IntervalUnit
@@ -463,12 +464,14 @@ def test_a_free_period_invoice_is_paid_on_creation_without_any_charge(stack: Sta
 
 
 def fail_settlement_reads(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The provider takes the charge, then cannot be read for its settlement (an outage)."""
+    """The provider takes the charge, answers without its balance transaction (as a provider
+    that ignores ``expand`` would), then cannot be read for its settlement (an outage)."""
 
     def unavailable(**_: object) -> None:
         raise TransientPaymentError("provider unavailable (test)")
 
     monkeypatch.setattr(stack.gateway, "settlement_details", unavailable)
+    monkeypatch.setattr(stripe_gateway, "_settlement_of_charge", lambda charge: None)
 
 
 @BOTH_BACKENDS

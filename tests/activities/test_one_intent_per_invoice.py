@@ -130,8 +130,98 @@ def test_a_failed_attempt_and_its_retry_confirm_the_same_payment_intent(stack: S
     confirm_path = f"{PAYMENT_INTENTS}/{intent.id}/confirm"
     assert [r.idempotency_key for r in stack.http.requests_to(confirm_path)] == [key_2]
     [confirm_body] = stack.http.bodies_with_key(confirm_path, key_2)
-    assert confirm_body == {"payment_method": [new_card], "off_session": ["true"]}
+    assert confirm_body == {
+        "payment_method": [new_card],
+        "off_session": ["true"],
+        "expand[0]": ["latest_charge.balance_transaction"],
+    }
     assert len(stored_payments(stack, invoice.invoice_id)) == 1
+
+
+def wire(stack: Stack) -> list[tuple[str, str]]:
+    """What localstripe received since the recorder was last cleared: (method, path)."""
+    return [(r.method, r.path) for r in stack.http.recorded]
+
+
+@BOTH_BACKENDS
+def test_every_attempt_of_a_paid_cycle_is_one_stripe_request(stack: Stack) -> None:
+    """The first attempt (declined), its retry on a new card (paid and settled) and a repeat of
+    the paid attempt: one create-and-confirm, one confirm, nothing. No read of the customer's
+    card (ours is on record), no read of the charge or its balance transaction (expanded in the
+    answer), and the invoice settled with the fee and net the balance transaction holds."""
+    seeded = seed_subscription(stack, card=cards.DECLINES_AFTER_ATTACH)
+    invoice = open_invoice(stack, seeded)
+    stack.http.clear()
+
+    first = charge(stack, invoice.invoice_id, 1)
+    assert first.outcome == ChargeOutcomeKind.SOFT_DECLINE
+    assert wire(stack) == [("POST", PAYMENT_INTENTS)]
+
+    new_card = new_default_card(stack, seeded, cards.SUCCEEDS)
+    stack.http.clear()
+    second = charge(stack, invoice.invoice_id, 2, reason="payment_method_updated")
+    assert second.outcome == ChargeOutcomeKind.PAID and second.payment_id is not None
+    assert wire(stack) == [("POST", f"{PAYMENT_INTENTS}/{first.payment_intent_id}/confirm")]
+    [body] = stack.http.bodies_with_key(
+        f"{PAYMENT_INTENTS}/{first.payment_intent_id}/confirm",
+        idempotency_key_for(invoice.invoice_id, 2),
+    )
+    assert body["payment_method"] == [new_card]
+
+    stack.http.clear()
+    again = charge(stack, invoice.invoice_id, 2, reason="payment_method_updated")
+    assert (again.outcome, again.payment_id) == (ChargeOutcomeKind.PAID, second.payment_id)
+    assert wire(stack) == []
+
+    [payment] = stored_payments(stack, invoice.invoice_id)
+    assert payment.balance_transaction_id is not None
+    txn = stack.stripe.v1.balance_transactions.retrieve(payment.balance_transaction_id)
+    assert (payment.amount_minor, payment.fee_minor, payment.net_minor) == (
+        AMOUNT_MINOR,
+        txn.fee,
+        txn.net,
+    )
+    assert txn.source == payment.stripe_charge_id
+    assert stored_invoice(stack, invoice.invoice_id).status == InvoiceStatus.PAID
+
+
+def test_a_paid_first_attempt_is_one_stripe_request(stack: Stack) -> None:
+    seeded = seed_subscription(stack, card=cards.SUCCEEDS)
+    invoice = open_invoice(stack, seeded)
+    stack.http.clear()
+
+    paid = charge(stack, invoice.invoice_id, 1)
+
+    assert paid.outcome == ChargeOutcomeKind.PAID and paid.payment_id is not None
+    assert wire(stack) == [("POST", PAYMENT_INTENTS)]
+    [payment] = stored_payments(stack, invoice.invoice_id)
+    assert payment.stripe_payment_intent_id == paid.payment_intent_id
+    assert payment.balance_transaction_id is not None
+
+
+def test_the_card_charged_is_the_one_on_record(stack: Stack) -> None:
+    """The charge takes the customer's default card from our records (kept current by the
+    card changes we make and the webhooks for the others), not from a read at Stripe: a card
+    made the default at Stripe behind our back is not charged until its news is recorded."""
+    seeded = seed_subscription(stack, card=cards.SUCCEEDS)
+    assert seeded.stripe_customer_id is not None
+    behind_our_back = cards.create_card_payment_method(stack.stripe, cards.SUCCEEDS)
+    stack.stripe.v1.payment_methods.attach(
+        behind_our_back, params={"customer": seeded.stripe_customer_id}
+    )
+    stack.stripe.v1.customers.update(
+        seeded.stripe_customer_id,
+        params={"invoice_settings": {"default_payment_method": behind_our_back}},
+    )
+    invoice = open_invoice(stack, seeded)
+    stack.http.clear()
+
+    charge(stack, invoice.invoice_id, 1)
+
+    [body] = stack.http.bodies_with_key(PAYMENT_INTENTS, idempotency_key_for(invoice.invoice_id, 1))
+    assert body["payment_method"] == [seeded.payment_method_id]
+    [attempt] = stored_attempts(stack, invoice.invoice_id)
+    assert attempt.payment_method_id == seeded.payment_method_id
 
 
 def test_a_re_driven_confirm_sends_the_same_request_under_the_same_key(stack: Stack) -> None:

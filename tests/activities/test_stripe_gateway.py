@@ -114,12 +114,19 @@ def test_ensure_customer_records_our_id_and_sends_a_per_customer_key(
 
 
 def test_successful_charge_is_paid_and_settlement_matches_the_balance_transaction(
-    gateway: StripeGateway, stripe_client: stripe.StripeClient
+    gateway: StripeGateway,
+    stripe_client: stripe.StripeClient,
+    recording_http_client: RecordingHTTPClient,
 ) -> None:
     customer, payment_method = _customer_with_card(gateway, stripe_client, cards.SUCCEEDS)
     assert gateway.default_payment_method(provider_customer_id=customer) == payment_method
+    recording_http_client.clear()
 
     outcome = _charge(gateway, customer, payment_method, amount_minor=1999, invoice_id="inv_42")
+
+    # One request: create-and-confirm, answered with the charge and its balance transaction.
+    [request] = recording_http_client.recorded
+    assert (request.method, request.path) == ("POST", "/v1/payment_intents")
 
     assert outcome.kind is ChargeOutcomeKind.PAID
     assert outcome.payment_intent_id is not None and outcome.payment_intent_id.startswith("pi_")
@@ -135,6 +142,8 @@ def test_successful_charge_is_paid_and_settlement_matches_the_balance_transactio
     settlement = gateway.settlement_details(
         payment_intent_id=outcome.payment_intent_id, charge_id=outcome.charge_id
     )
+    # The settlement the charge's own answer carried is the one a read finds.
+    assert outcome.settlement == settlement
 
     assert settlement.charge_id == outcome.charge_id
     assert (settlement.amount_minor, settlement.currency) == (1999, "USD")
@@ -166,7 +175,9 @@ def test_payment_intent_outcome_of_a_succeeded_intent_is_paid(
         charge_id=charged.charge_id,
         amount_minor=500,
         currency="USD",
+        settlement=charged.settlement,
     )
+    assert outcome.settlement is not None and outcome.settlement.amount_minor == 500
 
 
 def test_card_declined_after_attach_is_a_soft_decline_with_its_code(
@@ -224,7 +235,8 @@ def test_attaching_an_already_attached_card_again_is_a_no_op(
 ) -> None:
     customer, payment_method = _customer_with_card(gateway, stripe_client, cards.SUCCEEDS)
     attach_path = f"/v1/payment_methods/{payment_method}/attach"
-    assert len(recording_http_client.requests_to(attach_path)) == 1
+    [first] = recording_http_client.requests_to(attach_path)
+    recording_http_client.clear()
 
     again = gateway.attach_payment_method(
         provider_customer_id=customer, payment_method_id=payment_method
@@ -235,18 +247,106 @@ def test_attaching_an_already_attached_card_again_is_a_no_op(
         "4242",
         "visa",
     )
-    assert len(recording_http_client.requests_to(attach_path)) == 1
+    # Two requests, no read first: the attach again under the same key (Stripe answers a
+    # retry within its key's 24 hours with the first result), then the default.
+    assert [(r.method, r.path) for r in recording_http_client.recorded] == [
+        ("POST", attach_path),
+        ("POST", f"/v1/customers/{customer}"),
+    ]
+    [repeated] = recording_http_client.requests_to(attach_path)
+    assert (
+        repeated.idempotency_key == first.idempotency_key == (f"attach-{customer}-{payment_method}")
+    )
     assert gateway.default_payment_method(provider_customer_id=customer) == payment_method
 
 
 def test_card_attached_to_another_customer_is_rejected(
     gateway: StripeGateway, stripe_client: stripe.StripeClient
 ) -> None:
-    _owner, payment_method = _customer_with_card(gateway, stripe_client, cards.SUCCEEDS)
+    owner, payment_method = _customer_with_card(gateway, stripe_client, cards.SUCCEEDS)
     other = _customer(gateway)
 
     with pytest.raises(PaymentMethodRejected, match="belongs to another Stripe customer"):
         gateway.attach_payment_method(provider_customer_id=other, payment_method_id=payment_method)
+    assert stripe_client.v1.payment_methods.retrieve(payment_method).customer == owner
+    assert gateway.default_payment_method(provider_customer_id=other) is None
+
+
+def test_a_new_customer_with_its_card_is_one_request(
+    gateway: StripeGateway,
+    stripe_client: stripe.StripeClient,
+    recording_http_client: RecordingHTTPClient,
+) -> None:
+    customer_id = f"cust-{uuid.uuid4().hex[:12]}"
+    payment_method = cards.create_card_payment_method(stripe_client, cards.SUCCEEDS)
+    recording_http_client.clear()
+
+    made = gateway.create_customer(
+        customer_id=customer_id,
+        email="ada@example.com",
+        name="Ada",
+        payment_method_id=payment_method,
+    )
+
+    [request] = recording_http_client.recorded
+    assert (request.method, request.path) == ("POST", "/v1/customers")
+    assert request.idempotency_key == f"customer-{customer_id}-{payment_method}"
+    assert made.payment_method is not None
+    assert (made.payment_method.payment_method_id, made.payment_method.card_last4) == (
+        payment_method,
+        "4242",
+    )
+    # What localstripe holds: the card attached to the new customer and its invoice default.
+    stored = stripe_client.v1.customers.retrieve(made.provider_customer_id)
+    assert stored.metadata["billing_customer_id"] == customer_id
+    assert gateway.default_payment_method(provider_customer_id=made.provider_customer_id) == (
+        payment_method
+    )
+    assert stripe_client.v1.payment_methods.retrieve(payment_method).customer == (
+        made.provider_customer_id
+    )
+
+
+def test_a_new_customer_with_a_refused_card_is_not_created(
+    gateway: StripeGateway,
+    stripe_client: stripe.StripeClient,
+    localstripe: LocalStripe,
+) -> None:
+    payment_method = cards.create_card_payment_method(stripe_client, cards.DECLINED_AT_ATTACH)
+    customers_before = len(stripe_client.v1.customers.list(params={"limit": 100}).data)
+
+    with pytest.raises(PaymentMethodRejected, match="card_declined"):
+        gateway.create_customer(
+            customer_id=f"cust-{uuid.uuid4().hex[:12]}",
+            email=None,
+            name=None,
+            payment_method_id=payment_method,
+        )
+
+    assert len(stripe_client.v1.customers.list(params={"limit": 100}).data) == customers_before
+    assert stripe_client.v1.payment_methods.retrieve(payment_method).customer is None
+
+
+def test_a_new_customer_with_a_test_token_gets_the_card_stripe_made_from_it(
+    gateway: StripeGateway, recording_http_client: RecordingHTTPClient
+) -> None:
+    made = gateway.create_customer(
+        customer_id=f"cust-{uuid.uuid4().hex[:12]}",
+        email=None,
+        name=None,
+        payment_method_id="pm_card_visa",
+    )
+
+    assert made.payment_method is not None
+    real = made.payment_method.payment_method_id
+    assert real.startswith("pm_") and real != "pm_card_visa"
+    assert gateway.default_payment_method(provider_customer_id=made.provider_customer_id) == real
+    # A token becomes a new card on each use: the create, then the attach and the default.
+    assert [r.path for r in recording_http_client.recorded[:3]] == [
+        "/v1/customers",
+        "/v1/payment_methods/pm_card_visa/attach",
+        f"/v1/customers/{made.provider_customer_id}",
+    ]
 
 
 def test_card_requiring_authentication_keeps_the_intent_until_the_customer_authenticates(
@@ -650,10 +750,44 @@ def test_retryable_provider_faults_are_transient(status: int, error: dict[str, A
 def test_faults_a_retry_cannot_fix_are_provider_errors(
     status: int, error: dict[str, Any], advice: str
 ) -> None:
-    gateway = _scripted_gateway((status, {"error": error}))
+    # Twice: an idempotency refusal is re-sent once without ``expand`` (below).
+    gateway = _scripted_gateway((status, {"error": error}), (status, {"error": error}))
 
     with pytest.raises(PaymentProviderError, match=advice):
         _charge(gateway, "cus_1", "pm_1")
+
+
+def test_a_charge_first_sent_without_expand_is_re_sent_as_it_was() -> None:
+    """A charge in flight across the upgrade to the expanded charge: Stripe refuses its key with
+    other parameters, so it is sent again exactly as first sent and answered with the first
+    result; the settlement is then read separately (None here)."""
+    refused = (
+        400,
+        {"error": {"type": "idempotency_error", "message": "Keys for idempotent requests ..."}},
+    )
+    paid = (200, _intent("succeeded", latest_charge="ch_1"))
+    http = ScriptedHTTPClient(refused, paid)
+    gateway = StripeGateway(
+        make_stripe_client(
+            api_key="sk_test_x",
+            api_base="https://api.stripe.invalid",
+            max_network_retries=0,
+            http_client=http,
+        )
+    )
+
+    outcome = _charge(gateway, "cus_1", "pm_1", key="invoice-inv_1-attempt-1")
+
+    assert (outcome.kind, outcome.charge_id, outcome.settlement) == (
+        ChargeOutcomeKind.PAID,
+        "ch_1",
+        None,
+    )
+    [(_, _, first_headers, first_body), (_, _, again_headers, again_body)] = http.sent
+    assert "expand[0]=latest_charge.balance_transaction" in str(first_body)
+    assert "expand" not in str(again_body)
+    assert first_headers is not None and again_headers is not None
+    assert first_headers["Idempotency-Key"] == again_headers["Idempotency-Key"]
 
 
 def test_an_empty_idempotency_key_is_refused_without_charging() -> None:
@@ -689,8 +823,8 @@ def test_real_stripe_charge_sends_description_as_a_field() -> None:
 
 
 def test_attach_declined_by_the_issuer_names_the_card_and_decline_code() -> None:
+    # The attach is the first request (no read of the card before it).
     gateway = _scripted_gateway(
-        (200, {"id": "pm_real", "object": "payment_method", "customer": None, "type": "card"}),
         (
             402,
             {
@@ -811,7 +945,8 @@ def test_find_charge_attempt_on_localstripe_falls_back_and_finds_the_intent_by_k
 
     found = _lookup(gateway, customer, key, since)
 
-    # The same normalized outcome the charge itself returned: same intent, charge and decline.
+    # The same normalized outcome the charge itself returned: same intent, charge, decline and
+    # (the intent's read expands it too) settlement.
     assert found == charged
     reads = _reads(recording_http_client)
     # localstripe refuses the filtered PaymentIntent list (HTTP 400 "Unexpected customer,

@@ -294,10 +294,8 @@ async def test_bad_signups_are_refused_and_leave_nothing_behind(
     assert error["type"] == error_type
     assert message in error["message"]
     assert "Traceback" not in response.text
-    if make == "declined":
-        # The provider customer made before the card was refused stays recorded, so a retry
-        # reuses it (tests/workflows/test_signup.py); nothing else is written.
-        before["customers"] += 1
+    # Nothing is written, a refused card included: a new customer and its card are one
+    # request to the provider, which it refuses as a whole (no provider customer either).
     assert row_counts(api.harness) == before
     # Keys are scoped to the sending API key: the id this signup would have had.
     scope = api_key_id(API_KEYS["signup"])

@@ -31,7 +31,7 @@ from temporalio.testing import WorkflowEnvironment
 from billing.api import create_app
 from billing.contracts import SubscriptionView
 from billing.invoices import InvoiceStatus
-from billing.payments import PaymentGateway, SettlementDetails
+from billing.payments import ChargeOutcome, PaymentGateway, SettlementDetails
 from billing.settings import Settings
 from billing.subscription import SubscriptionStatus
 from billing.testing.cards import SUCCEEDS
@@ -65,6 +65,21 @@ class WrongSettlementAmount:
         if self.wrong_amount.is_set():
             return dataclasses.replace(details, amount_minor=details.amount_minor + 1)
         return details
+
+    def charge(self, **kwargs: Any) -> ChargeOutcome:
+        return self._wrong(self.inner.charge(**kwargs))
+
+    def confirm_payment_intent(self, **kwargs: Any) -> ChargeOutcome:
+        return self._wrong(self.inner.confirm_payment_intent(**kwargs))
+
+    def _wrong(self, outcome: ChargeOutcome) -> ChargeOutcome:
+        """The settlement a charge's answer carries (expanded) is off by one minor unit too."""
+        if not self.wrong_amount.is_set() or outcome.settlement is None:
+            return outcome
+        wrong = dataclasses.replace(
+            outcome.settlement, amount_minor=outcome.settlement.amount_minor + 1
+        )
+        return dataclasses.replace(outcome, settlement=wrong)
 
 
 def wrapping(double: WrongSettlementAmount) -> Any:

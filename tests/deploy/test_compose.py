@@ -174,3 +174,18 @@ def test_the_parser_reads_compose_port_syntax() -> None:
     assert _published({"ports": ["7233:7233"]}) == [("0.0.0.0", "7233", "7233")]
     assert _published({"ports": ["127.0.0.1:8080:8080"]}) == [("127.0.0.1", "8080", "8080")]
     assert _published({"ports": ["7233"]}) == [("0.0.0.0", "", "7233")]
+
+
+def test_several_workers_run_against_one_temporal_with_bounded_memory(
+    compose: dict[str, Any],
+) -> None:
+    worker = compose["services"]["worker"]
+    assert worker["deploy"]["replicas"] >= 2
+    env = worker["environment"]
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        worker_max_cached_workflows=env["BILLING_WORKER_MAX_CACHED_WORKFLOWS"],
+        activity_threads=env["BILLING_ACTIVITY_THREADS"],
+    )
+    assert settings.worker_max_cached_workflows == 1000 and settings.activity_threads == 16
+    assert env["BILLING_TEMPORAL_ADDRESS"] == "temporal:7233"

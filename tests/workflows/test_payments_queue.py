@@ -11,21 +11,25 @@ import time
 from typing import Any
 
 import pytest
+import stripe
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
-from temporalio.exceptions import ApplicationError
 from temporalio.worker import Replayer
 
+from activities.provider_pacing import DatabasePacer
+from activities.stripe_gateway import make_stripe_client
 from billing.cli import _payments_worker
-from billing.contracts import ActivityName, ChargeInvoiceInput, SyncSubscriptionInput
+from billing.contracts import ActivityName
 from billing.invoices import InvoiceStatus
+from billing.pacing import PACING_HEADROOM
 from billing.settings import Settings
-from billing.subscription import SubscriptionStatus
 from billing.testing.cards import SUCCEEDS
 from billing.testing.harness import BillingHarness
-from billing.testing.localstripe import LocalStripe
-from billing.worker import OneSecondWindow, build_dependencies, build_worker
-from tests.conftest import recorded_harness
+from billing.testing.localstripe import LOCALSTRIPE_API_KEY, LocalStripe
+from billing.worker import build_dependencies
+from db.engine import make_engine, make_session_factory, unit_of_work
+from db.repositories.pacing import claim_turn
+from tests.conftest import BOTH_BACKENDS, recorded_harness
 from workflows.subscription import SubscriptionWorkflow
 
 
@@ -66,12 +70,12 @@ async def test_charge_and_settle_run_on_the_rate_capped_payments_queue(
     # The charge (which also settles) is the one ordinary activity of a paid period, on the
     # payments queue; the database steps are local activities of the billing worker.
     assert scheduled_queues(run) == {ActivityName.CHARGE_INVOICE: {h.payments_task_queue}}
-    # The configured cap reaches the payments worker: Temporal gets half of it, because its
-    # token bucket may add a full second's burst to the rate.
+    # The configured cap reaches the payments worker: Temporal gets the shared pacer's rate
+    # (0.95 of the cap), no longer half of it.
     assert h._payments_worker is not None
     config = h._payments_worker.config()
     assert config["task_queue"] == h.payments_task_queue
-    assert config["max_task_queue_activities_per_second"] == 7.5 / 2
+    assert config["max_task_queue_activities_per_second"] == 7.5 * PACING_HEADROOM
 
     # Replay: as recorded, and with every activity moved to another queue (the task queue is
     # not compared on replay, so histories from before the payments queue replay too).
@@ -105,7 +109,7 @@ async def test_the_worker_command_caps_the_payments_queue_from_settings(
     worker = _payments_worker(settings, harness.client, harness.deps)
     config = worker.config()
     assert config["task_queue"] == "bench-billing-payments"
-    assert config["max_task_queue_activities_per_second"] == 12.5 / 2
+    assert config["max_task_queue_activities_per_second"] == 12.5 * PACING_HEADROOM
     names = {getattr(a, "__temporal_activity_definition").name for a in config["activities"]}
     assert names == {
         ActivityName.CHARGE_INVOICE,
@@ -136,67 +140,85 @@ def test_the_default_charge_rate_keeps_three_requests_each_under_stripes_limit(
     assert settings.charge_rate_per_s * 3 < 100
 
 
-def test_the_window_lets_no_more_than_the_cap_start_in_any_window() -> None:
-    window = OneSecondWindow(5, window_s=0.2)
+def max_per_window(instants: list[float], window_s: float = 1.0) -> int:
+    """The most instants inside any half-open window [t, t + window_s)."""
+    ordered = sorted(instants)
+    most, first = 0, 0
+    for last, at in enumerate(ordered):
+        while at - ordered[first] >= window_s:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
+@BOTH_BACKENDS
+def test_two_pacers_on_one_database_share_one_schedule(database_url: str) -> None:
+    """Two processes' pacers (each its own engine) and six threads each take 60 turns at a cap
+    of 25/s: never more than 25 in a one-second window, turns at least the spacing apart
+    (as granted), and the cap used at 0.95."""
+    engines = [make_engine(database_url) for _ in range(2)]
+    pacers = [
+        DatabasePacer(make_session_factory(e), name="test-payments", cap_per_s=25) for e in engines
+    ]
     starts: list[float] = []
     lock = threading.Lock()
 
-    def start_three() -> None:
-        for _ in range(3):
-            window.acquire()
+    def take(pacer: DatabasePacer) -> None:
+        for _ in range(5):
+            assert pacer.wait_turn(max_wait_s=30)
             with lock:
-                starts.append(time.monotonic())
+                starts.append(time.time())
 
-    threads = [threading.Thread(target=start_three) for _ in range(4)]
+    threads = [threading.Thread(target=take, args=(pacers[n % 2],)) for n in range(12)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    starts.sort()
-    assert len(starts) == 12
-    # Any 6 consecutive starts span at least one window: never 6 inside one.
-    assert all(later - earlier >= 0.2 for earlier, later in zip(starts, starts[5:], strict=False))
+    for engine in engines:
+        engine.dispose()
+    assert len(starts) == 60
+    assert max_per_window(starts) <= 25
+    rate = (len(starts) - 1) / (max(starts) - min(starts))
+    assert 0.85 * 25 <= rate <= 25
 
 
-class CountingWindow(OneSecondWindow):
-    def __init__(self) -> None:
-        super().__init__(1000)
-        self.acquired = 0
+@BOTH_BACKENDS
+def test_a_turn_further_away_than_the_attempt_can_wait_is_not_taken(database_url: str) -> None:
+    engine = make_engine(database_url)
+    session_factory = make_session_factory(engine)
+    with unit_of_work(session_factory) as session:
+        # 2 turns a second: the first is now, the second half a second later.
+        assert claim_turn(session, "q", spacing_s=0.5, max_wait_s=0) == 0
+        assert claim_turn(session, "q", spacing_s=0.5, max_wait_s=0.1) is None
+        wait = claim_turn(session, "q", spacing_s=0.5, max_wait_s=1)
+        assert wait is not None and 0.3 < wait <= 0.5
+        # Another queue's schedule is its own.
+        assert claim_turn(session, "other", spacing_s=0.5, max_wait_s=0) == 0
+    engine.dispose()
 
-    def acquire(self) -> None:
-        self.acquired += 1
-        super().acquire()
 
-
-async def test_both_workers_of_a_process_pace_provider_calls_with_one_window(
-    temporal_env: Any, database_url: str
+def test_a_stripe_request_waits_for_its_turn_and_is_not_sent_without_one(
+    localstripe: LocalStripe,
 ) -> None:
-    # Runs from before the payments queue schedule their charges on the billing queue, out of
-    # reach of the payments queue's Temporal rate: the process's one window paces both.
-    settings = Settings(_env_file=None, database_url=database_url)  # type: ignore[call-arg]
-    deps = build_dependencies(settings)
-    assert isinstance(deps.provider_window, OneSecondWindow)
-    assert deps.provider_window.limit == 20  # the default cap
-    window = deps.provider_window = CountingWindow()
-    billing = build_worker(temporal_env.client, deps, task_queue="q")
-    payments = _payments_worker(settings, temporal_env.client, deps)
+    class NoTurn:
+        asked: list[float] = []
 
-    def activity(worker: Any, name: str) -> Any:
-        [fn] = [
-            f
-            for f in worker.config()["activities"]
-            if getattr(f, "__temporal_activity_definition").name == name
-        ]
-        return fn
+        def wait_turn(self, *, max_wait_s: float) -> bool:
+            self.asked.append(max_wait_s)
+            return False
 
-    missing = ChargeInvoiceInput(invoice_id="inv_missing", attempt_number=1, reason="scheduled")
-    for worker in (billing, payments):
-        with pytest.raises(ApplicationError, match="inv_missing"):
-            activity(worker, ActivityName.CHARGE_INVOICE)(missing)
-    assert window.acquired == 2
-    # Database-only steps are not paced.
-    with pytest.raises(ApplicationError):
-        activity(billing, ActivityName.SYNC_SUBSCRIPTION)(
-            SyncSubscriptionInput(subscription_id="sub_missing", status=SubscriptionStatus.ACTIVE)
-        )
-    assert window.acquired == 2
+    pacer = NoTurn()
+    client = make_stripe_client(
+        api_key=LOCALSTRIPE_API_KEY, api_base=localstripe.url, max_network_retries=0, pacer=pacer
+    )
+    with pytest.raises(stripe.APIConnectionError, match="next free turn"):
+        client.v1.customers.create()
+    assert pacer.asked == [30.0]
+
+
+def test_only_the_worker_paces_its_stripe_requests(database_url: str) -> None:
+    settings = Settings(_env_file=None, database_url=database_url, charge_rate_per_s=40)  # type: ignore[call-arg]
+    worker = build_dependencies(settings, pace_provider=True)
+    assert worker.pacer is not None
+    assert (worker.pacer.name, worker.pacer.cap_per_s) == (settings.payments_queue(), 40)
+    assert build_dependencies(settings).pacer is None  # the API's
