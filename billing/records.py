@@ -256,6 +256,8 @@ class EventEndpointRecord:
 
     id: str
     url: str
+    #: SHA-256 hex of ``url`` (one endpoint per URL).
+    url_digest: str
     event_types: list[str]
     secret: str
     created_at: datetime

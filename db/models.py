@@ -355,6 +355,9 @@ class EventEndpointRow(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     url: Mapped[str] = mapped_column(String(2000))
+    #: SHA-256 hex of the URL: one endpoint per URL, so a repeated registration finds the
+    #: first (a unique index on the URL itself could exceed PostgreSQL's index row size).
+    url_digest: Mapped[str] = mapped_column(String(64), unique=True)
     description: Mapped[str | None] = mapped_column(String(500))
     #: Event types it receives (``*``: all).
     event_types: Mapped[list[str]] = mapped_column(JSON)

@@ -35,9 +35,20 @@ from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_ro
 # ---- endpoints -----------------------------------------------------------------------------
 
 
-def insert_endpoint(session: Session, record: EventEndpointRecord) -> EventEndpointRecord:
-    stored, _ = insert_or_get(session, EVENT_ENDPOINTS, record, lambda: None)
-    return stored
+def insert_endpoint(
+    session: Session, record: EventEndpointRecord
+) -> tuple[EventEndpointRecord, bool]:
+    """Insert the endpoint; ``(existing, False)`` when one for the same URL exists."""
+    return insert_or_get(
+        session,
+        EVENT_ENDPOINTS,
+        record,
+        lambda: fetch_one(
+            session,
+            EventEndpointRecord,
+            select_rows(EVENT_ENDPOINTS).where(EVENT_ENDPOINTS.c.url_digest == record.url_digest),
+        ),
+    )
 
 
 def get_endpoint(session: Session, endpoint_id: str) -> EventEndpointRecord | None:

@@ -50,6 +50,7 @@ def upgrade() -> None:
         "event_endpoints",
         sa.Column("id", sa.String(40), nullable=False),
         sa.Column("url", sa.String(2000), nullable=False),
+        sa.Column("url_digest", sa.String(64), nullable=False),
         sa.Column("description", sa.String(500), nullable=True),
         sa.Column("event_types", sa.JSON(), nullable=False),
         sa.Column("secret", sa.String(100), nullable=False),
@@ -58,6 +59,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_event_endpoints")),
+        sa.UniqueConstraint("url_digest", name=op.f("uq_event_endpoints_url_digest")),
     )
     op.create_table(
         "events",
