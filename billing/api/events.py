@@ -12,9 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import socket
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -25,16 +22,12 @@ from billing.api.dependencies import get_clock, get_deps, get_settings, require_
 from billing.api.schemas import ID_PATTERN, Instant, OurIdIn, ReasonIn, RequestIn, error_responses
 from billing.business_events import (
     EVENT_TYPES,
-    MAX_ENDPOINTS,
-    address_is_public,
-    check_endpoint_url,
     check_event_types,
-    new_signing_secret,
 )
 from billing.clock import Clock
 from billing.errors import ChangeRefused, InvalidInput, NotFound
+from billing.event_endpoints import Resolver, checked_url, register_endpoint, resolve_host
 from billing.finance import InvoiceCursor
-from billing.ids import new_id
 from billing.notices import NoticeStatus
 from billing.records import (
     EventDeliveryAttemptRecord,
@@ -241,40 +234,10 @@ class MailPreferencesOut(BaseModel):
 # ---- endpoints -----------------------------------------------------------------------------
 
 
-def _resolver(request: Request) -> Callable[[str], list[str]]:
-    resolver: Callable[[str], list[str]] | None = getattr(request.app.state, "resolve_host", None)
-    return resolver or _resolve
-
-
-def _resolve(host: str) -> list[str]:
-    try:
-        return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, 443)})
-    except OSError:
-        raise InvalidInput(
-            f"url's host {host!r} does not resolve; register a reachable public host",
-            field="url",
-        ) from None
-
-
-def _checked_url(url: str, settings: Settings, resolve: Callable[[str], list[str]]) -> str:
-    from urllib.parse import urlsplit
-
-    allow = settings.endpoints_allow_insecure()
-    check_endpoint_url(url, allow_insecure=allow)
-    if not allow:
-        host = urlsplit(url).hostname or ""
-        for address in resolve(host):
-            if not address_is_public(address):
-                raise InvalidInput(
-                    f"url's host {host!r} resolves to {address}, a private, loopback or "
-                    "link-local address; endpoints must be on the public internet",
-                    field="url",
-                )
-    return url
-
-
-def _event_types(values: list[str]) -> list[str]:
-    return check_event_types(values)
+def _resolver(request: Request) -> Resolver:
+    """How host names are resolved: tests may put their own on ``app.state.resolve_host``."""
+    resolver: Resolver | None = getattr(request.app.state, "resolve_host", None)
+    return resolver or resolve_host
 
 
 @router.post(
@@ -295,39 +258,17 @@ async def create_endpoint(
     """A new endpoint, enabled, with a generated signing secret shown only in this answer.
     One endpoint per URL: registering the same URL again is refused (409) with the first's
     id."""
-    event_types = _event_types(body.enabled_events)
-    resolve = _resolver(request)
-    url = await asyncio.to_thread(_checked_url, body.url, settings, resolve)
-    now = clock.now()
-
-    def write() -> EndpointCreatedOut:
-        with unit_of_work(deps.session_factory) as session:
-            if events_repo.count_endpoints(session) >= MAX_ENDPOINTS:
-                raise ChangeRefused(
-                    f"at most {MAX_ENDPOINTS} endpoints; delete or reuse one", field="url"
-                )
-            stored, created = events_repo.insert_endpoint(
-                session,
-                EventEndpointRecord(
-                    id=new_id("we"),
-                    url=url,
-                    url_digest=hashlib.sha256(url.encode()).hexdigest(),
-                    event_types=event_types,
-                    secret=new_signing_secret(),
-                    description=body.description,
-                    created_at=now,
-                    updated_at=now,
-                ),
-            )
-        if not created:
-            raise ChangeRefused(
-                f"an endpoint for this url exists already: {stored.id}; change it with "
-                f"PATCH /v1/event-endpoints/{stored.id}",
-                field="url",
-            )
-        return EndpointCreatedOut(**EndpointOut.of(stored).model_dump(), secret=stored.secret)
-
-    return await asyncio.to_thread(write)
+    stored = await asyncio.to_thread(
+        register_endpoint,
+        deps.session_factory,
+        clock,
+        url=body.url,
+        event_types=body.enabled_events,
+        description=body.description,
+        allow_insecure=settings.endpoints_allow_insecure(),
+        resolve=_resolver(request),
+    )
+    return EndpointCreatedOut(**EndpointOut.of(stored).model_dump(), secret=stored.secret)
 
 
 @router.get(
@@ -364,10 +305,17 @@ async def update_endpoint(
     clock: Annotated[Clock, Depends(get_clock)],
 ) -> EndpointOut:
     """Re-enabling an endpoint resumes its pending deliveries, in order."""
-    event_types = _event_types(body.enabled_events) if body.enabled_events is not None else None
+    event_types = (
+        check_event_types(body.enabled_events) if body.enabled_events is not None else None
+    )
     url = None
     if body.url is not None:
-        url = await asyncio.to_thread(_checked_url, body.url, settings, _resolver(request))
+        url = await asyncio.to_thread(
+            checked_url,
+            body.url,
+            allow_insecure=settings.endpoints_allow_insecure(),
+            resolve=_resolver(request),
+        )
 
     def write() -> EndpointOut:
         with unit_of_work(deps.session_factory) as session:

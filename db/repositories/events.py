@@ -7,14 +7,17 @@ the change and its delivery."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from billing.business_events import endpoint_wants
+from billing.errors import ChangeRefused
 from billing.ids import new_id
 from billing.records import (
     DeliveryStatus,
@@ -88,13 +91,20 @@ def update_endpoint(
         values["disabled_reason"] = None if enabled else disabled_reason
     if url is not None:
         values["url"] = url
+        values["url_digest"] = hashlib.sha256(url.encode()).hexdigest()
     if event_types is not None:
         values["event_types"] = event_types
     if description is not None:
         values["description"] = description
-    session.execute(
-        update(EVENT_ENDPOINTS).where(EVENT_ENDPOINTS.c.id == endpoint_id).values(**values)
-    )
+    try:
+        with session.begin_nested():
+            session.execute(
+                update(EVENT_ENDPOINTS).where(EVENT_ENDPOINTS.c.id == endpoint_id).values(**values)
+            )
+    except IntegrityError:
+        raise ChangeRefused(
+            "another endpoint has this url already; change that one instead", field="url"
+        ) from None
     return get_endpoint(session, endpoint_id)
 
 
