@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities import event_log
 from billing.clock import Clock
 from billing.contracts import (
     ActivityName,
@@ -172,6 +173,7 @@ class BillingActivities:
     @_domain_errors_are_final
     def sync_subscription(self, input: SyncSubscriptionInput) -> SyncSubscriptionResult:
         with unit_of_work(self.session_factory) as session:
+            before = subscriptions_repo.get_subscription(session, input.subscription_id)
             updated = subscriptions_repo.update_subscription_state(
                 session,
                 input.subscription_id,
@@ -188,6 +190,8 @@ class BillingActivities:
                 changed_at=input.changed_at,
                 attention_reason=input.attention_reason,
             )
+            if updated:
+                event_log.subscription_synced(session, before, input.changed_at or self.clock.now())
         if not updated:
             raise NotFound(f"subscription {input.subscription_id} is not in the database")
         return SyncSubscriptionResult(updated=True)
@@ -236,6 +240,8 @@ class BillingActivities:
             # Idempotent per (subscription, period) and gap-free: a racing run of this activity
             # gets the existing invoice and gives its number back.
             invoice, created = invoices_repo.issue_invoice(session, issued, [line])
+            if created:
+                event_log.invoice_issued(session, invoice, now)
             return _invoice_result(invoice, created=created)
 
     @activity.defn(name=ActivityName.CLOSE_INVOICE)
@@ -263,6 +269,7 @@ class BillingActivities:
                 at=input.at or self.clock.now(),
                 reason=input.reason,
             )
+            event_log.invoice_closed(session, closed, input.at or self.clock.now())
             return CloseInvoiceResult(closed.id, closed.status)
 
     # ----------------------------------------------------------------------------- charges --
@@ -432,6 +439,14 @@ class BillingActivities:
             )
             if outcome.payment_intent_id is not None:
                 self._record_invoice_intent(session, invoice.id, outcome.payment_intent_id)
+            if outcome.kind != ChargeOutcomeKind.PAID:
+                event_log.charge_failed(
+                    session,
+                    invoice.id,
+                    attempt_number=attempt_number,
+                    action_required=outcome.kind == ChargeOutcomeKind.AUTHENTICATION_REQUIRED,
+                    at=self.clock.now(),
+                )
             if details is not None:
                 assert outcome.payment_intent_id is not None
                 payment_id = self._settle_with_outcome(
@@ -651,7 +666,7 @@ class BillingActivities:
                 )
             )[:500]
         # A no-op when a previous run already marked it paid.
-        invoices_repo.transition_invoice(
+        paid = invoices_repo.transition_invoice(
             session,
             invoice.id,
             to=InvoiceStatus.PAID,
@@ -659,6 +674,8 @@ class BillingActivities:
             reason=reason,
             amount_paid_minor=payment.amount_minor,
         )
+        # The event and the receipt go with the payment, once (their keys are the invoice's).
+        event_log.invoice_paid(session, paid, now)
         return payment
 
     @activity.defn(name=ActivityName.CONFIRM_AUTHENTICATED_PAYMENT)

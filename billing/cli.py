@@ -27,6 +27,7 @@ from temporalio.runtime import Runtime
 from temporalio.service import RPCError
 from temporalio.worker import Worker
 
+from billing.cli_events import event_endpoints_app
 from billing.contracts import SubscriptionMessage, SubscriptionView
 from billing.settings import ApiKey, Settings
 from billing.simulate.command import simulate
@@ -157,6 +158,7 @@ def dev(
         check_port_free,
         dev_lock,
         localstripe_server,
+        mail_sink,
         migrate_and_seed,
         temporal_dev_server,
     )
@@ -181,6 +183,13 @@ def dev(
             console.print("starting Temporal dev server ...")
             stack.enter_context(temporal_dev_server(settings))
             stripe_url = stack.enter_context(localstripe_server(settings))
+            mail_folder = None
+            if settings.smtp_host is None:
+                # No mail server configured: a local sink keeps every mail as a .eml file.
+                sink_port, mail_folder = stack.enter_context(mail_sink(settings))
+                settings = settings.model_copy(
+                    update={"smtp_host": "127.0.0.1", "smtp_port": sink_port, "smtp_tls": "none"}
+                )
         except DevStackError as error:
             _fail(str(error), code=1)
         if stripe_url is not None:
@@ -198,6 +207,12 @@ def dev(
         table.add_row("Stripe", stripe_url or "api.stripe.com (configured key)")
         table.add_row("Database", _safe_url(settings.database_url))
         table.add_row("State folder", str(settings.state_dir.resolve()))
+        table.add_row(
+            "Mails",
+            f"{mail_folder} (.eml files)"
+            if mail_folder is not None
+            else f"SMTP {settings.smtp_host}:{settings.smtp_port}",
+        )
         api_url = f"http://{settings.api_host}:{settings.api_port}"
         table.add_row("API", api_url)
         table.add_row("API docs", f"{api_url}/docs")
@@ -261,9 +276,11 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
         payments_task_queue=settings.payments_queue(),
     )
     payments = _payments_worker(settings, client, deps)
+    delivery = _delivery_worker(settings, client, deps)
     # The sweeper is a workflow on this task queue: started once (idempotent by id), run by
     # this worker as soon as it polls.
     await ensure_signup_sweeper(client, task_queue=settings.task_queue)
+    await _ensure_dispatcher(settings, client)
     console.print(
         f"[green]worker running[/green] on task queues {settings.task_queue!r} and "
         f"{settings.payments_queue()!r} (provider calls, at most "
@@ -277,7 +294,7 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
                 runtime, deps.session_factory, every_s=settings.worker_metrics_refresh_s, stop=stop
             )
         )
-    clean = await run_workers_until(stop, [w, payments], graceful_shutdown_s=graceful_s)
+    clean = await run_workers_until(stop, [w, payments, delivery], graceful_shutdown_s=graceful_s)
     if reporter is not None:
         reporter.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -307,6 +324,32 @@ def _payments_worker(settings: Settings, client: Client, deps: object) -> Worker
         task_queue=settings.payments_queue(),
         charge_rate_per_s=settings.charge_rate_per_s,
         activity_threads=settings.activity_threads,
+    )
+
+
+def _delivery_worker(settings: Settings, client: Client, deps: object) -> Worker:
+    """The worker for customer mails and events to the business (its own task queue)."""
+    from billing.worker import Dependencies, build_delivery_activities, build_delivery_worker
+
+    assert isinstance(deps, Dependencies)
+    return build_delivery_worker(
+        client,
+        build_delivery_activities(settings, deps.session_factory, deps.clock),
+        task_queue=settings.delivery_queue(),
+        activity_threads=settings.activity_threads,
+        graceful_shutdown_s=settings.worker_graceful_shutdown_s,
+    )
+
+
+async def _ensure_dispatcher(settings: Settings, client: Client) -> None:
+    from billing.delivery import DispatcherInput
+    from billing.worker import ensure_delivery_dispatcher
+
+    queue = settings.delivery_queue()
+    await ensure_delivery_dispatcher(
+        client,
+        task_queue=queue,
+        dispatcher=DispatcherInput(task_queue=queue, interval_s=settings.delivery_poll_interval_s),
     )
 
 
@@ -359,8 +402,13 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
         payments_task_queue=settings.payments_queue(),
     )
     stop = _stop_event()
-    async with w, _payments_worker(settings, client, deps):
+    async with (
+        w,
+        _payments_worker(settings, client, deps),
+        _delivery_worker(settings, client, deps),
+    ):
         await ensure_signup_sweeper(client, task_queue=settings.task_queue)
+        await _ensure_dispatcher(settings, client)
         console.print(f"[green]worker running[/green] on task queue {settings.task_queue!r}")
         api_ready = asyncio.Event()
         api_task = asyncio.create_task(
@@ -547,6 +595,7 @@ signups_app = typer.Typer(
     help="Signups: sweep the ones whose workflow never started.", no_args_is_help=True
 )
 app.add_typer(signups_app, name="signups")
+app.add_typer(event_endpoints_app, name="event-endpoints")
 
 
 class TemporalUnreachable(Exception):

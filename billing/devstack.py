@@ -168,6 +168,20 @@ def localstripe_server(settings: Settings) -> Iterator[str | None]:
         server.stop()
 
 
+@contextlib.contextmanager
+def mail_sink(settings: Settings) -> Iterator[tuple[int, Path]]:
+    """A local SMTP server that writes every mail it receives into ``state_dir/mail`` as a
+    ``.eml`` file (open it with any mail program); yields its port and the folder."""
+    from billing.testing.mail_sink import EmlFolderHandler, smtp_server
+
+    folder = (settings.state_dir / "mail").resolve()
+    try:
+        with smtp_server(EmlFolderHandler(folder)) as port:
+            yield port, folder
+    except OSError as error:
+        raise DevStackError(f"the local mail sink could not start: {error}") from error
+
+
 class DevStackError(RuntimeError):
     """The local stack cannot start; the message says why and what to do."""
 

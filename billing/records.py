@@ -52,6 +52,10 @@ class CustomerRecord:
     #: The signup in progress for this customer (token) and when its hold lapses (UTC).
     signup_lease_token: str | None = None
     signup_lease_expires_at: datetime | None = None
+    #: Language for mails (CLDR locale such as ``de-CH``); None: English.
+    locale: str | None = None
+    #: Opted out of non-essential mails (receipts, trial reminders); never of dunning notices.
+    mail_opt_out: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -238,7 +242,16 @@ class NotificationRecord:
     subscription_id: str | None = None
     invoice_id: str | None = None
     payload: dict[str, Any] = field(default_factory=dict)
+    #: When the mail server accepted it (UTC).
     sent_at: datetime | None = None
+    #: A ``billing.notices.NoticeStatus`` value.
+    status: str = "pending"
+    attempts: int = 0
+    #: Why the last attempt failed, or why it was skipped.
+    last_error: str | None = None
+    message_id: str | None = None
+    failed_at: datetime | None = None
+    dispatched_at: datetime | None = None
 
 
 class WebhookOutcome(StrEnum):
@@ -275,3 +288,72 @@ class WebhookEventRecord:
     subscription_id: str | None = None
     #: Why it was ignored, or which workflows were signalled.
     detail: str | None = None
+
+
+class DeliveryStatus(StrEnum):
+    """Where one event's delivery to one endpoint stands."""
+
+    PENDING = "pending"
+    #: The endpoint answered 2xx.
+    DELIVERED = "delivered"
+    #: Retried for 3 days without success (the endpoint was disabled), or the endpoint was
+    #: disabled before it was sent.
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventEndpointRecord:
+    """An endpoint of the business's that receives our events. ``secret`` signs them."""
+
+    id: str
+    url: str
+    #: SHA-256 hex of ``url`` (one endpoint per URL).
+    url_digest: str
+    event_types: list[str]
+    secret: str
+    created_at: datetime
+    updated_at: datetime
+    description: str | None = None
+    enabled: bool = True
+    disabled_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventRecord:
+    """An event for the business: ``object`` is the API's view of it when it happened;
+    ``sequence`` counts the subscription's events from 1."""
+
+    id: str
+    type: str
+    subscription_id: str
+    sequence: int
+    object_id: str
+    object: dict[str, Any]
+    dedupe_key: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventDeliveryRecord:
+    id: str
+    event_id: str
+    endpoint_id: str
+    subscription_id: str
+    sequence: int
+    status: DeliveryStatus
+    created_at: datetime
+    attempts: int = 0
+    last_status_code: int | None = None
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+    dispatched_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventDeliveryAttemptRecord:
+    id: int
+    delivery_id: str
+    attempted_at: datetime
+    duration_ms: int
+    status_code: int | None = None
+    error: str | None = None

@@ -159,6 +159,35 @@ class Settings(BaseSettings):
     #: Seconds between two reads of the parked-subscription count for the gauge.
     worker_metrics_refresh_s: float = Field(default=30.0, gt=0, le=3600)
 
+    #: Customer mails (billing.notices): the SMTP server that delivers them. Unset host: no
+    #: mail is sent and notices wait in the outbox (``billing dev`` sets its local sink).
+    smtp_host: str | None = None
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    #: ``starttls`` (port 587), ``tls`` (implicit TLS, port 465) or ``none`` (a local relay).
+    smtp_tls: Literal["none", "starttls", "tls"] = "none"
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    #: Seconds one SMTP conversation may take (connect, each reply); shorter than the delivery
+    #: activity's timeout, so a hung server never outlives its attempt.
+    smtp_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    #: The From address of customer mails; its domain names each mail's Message-ID.
+    mail_from: str = "billing@localhost"
+    #: Where a customer updates their card (in payment-failed and unpaid mails); unset: the
+    #: mails say nothing about it.
+    mail_card_update_url: str | None = None
+    #: Where a customer confirms a payment their bank holds (action-required mails);
+    #: ``{payment_intent_id}`` is replaced by the payment's id.
+    mail_authentication_url: str | None = None
+    #: Task queue of the mail and event deliveries. Default: ``{task_queue}-delivery``.
+    delivery_task_queue: str | None = None
+    #: Seconds between two looks of the dispatcher at the outbox and the events.
+    delivery_poll_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    #: Seconds one event delivery (HTTP POST to the business) may take.
+    event_delivery_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    #: Accept http:// and private or loopback addresses for event endpoints. Unset: only in
+    #: ``dev``.
+    event_endpoints_allow_insecure: bool | None = None
+
     #: TEST ONLY (scripts/chaos.py): the worker kills itself (SIGKILL) right after Stripe
     #: answered the first send of a charge and before the answer is written to the database,
     #: for this percentage of idempotency keys (chosen by a hash of the key, so the subset is
@@ -248,6 +277,15 @@ class Settings(BaseSettings):
         if value is not None and not value.get_secret_value().strip():
             return None
         return value
+
+    def delivery_queue(self) -> str:
+        """The delivery task queue's name: the configured one or ``{task_queue}-delivery``."""
+        return self.delivery_task_queue or f"{self.task_queue}-delivery"
+
+    def endpoints_allow_insecure(self) -> bool:
+        if self.event_endpoints_allow_insecure is not None:
+            return self.event_endpoints_allow_insecure
+        return self.environment == "dev"
 
     def payments_queue(self) -> str:
         """The payments task queue's name: the configured one or ``{task_queue}-payments``."""

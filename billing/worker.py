@@ -30,10 +30,13 @@ from temporalio.worker import Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.billing import AfterChargeHook, BillingActivities
+from activities.delivery import DeliveryActivities, MailSettings
 from activities.provider_pacing import DatabasePacer
 from activities.signup_sweep import SignupSweepActivities
+from activities.smtp_mailer import SmtpConfig, SmtpMailer
 from activities.stripe_gateway import StripeGateway, make_stripe_client
 from billing.clock import Clock, SystemClock
+from billing.delivery import DispatcherInput, dispatcher_workflow_id
 from billing.pacing import PACING_HEADROOM
 from billing.payments import PaymentGateway
 from billing.settings import Settings
@@ -41,6 +44,11 @@ from billing.signup_sweep import PendingSignupSweepInput, sweeper_workflow_id
 from billing.subscription import SubscriptionStatus
 from db.engine import make_engine, make_session_factory, unit_of_work
 from db.repositories import subscriptions as subscriptions_repo
+from workflows.delivery import (
+    DeliveryDispatcherWorkflow,
+    EventStreamWorkflow,
+    NotificationDeliveryWorkflow,
+)
 from workflows.invoice_payment import InvoicePaymentWorkflow
 from workflows.signup_sweep import PendingSignupSweepWorkflow
 from workflows.subscription import SubscriptionWorkflow
@@ -381,3 +389,78 @@ async def run_workers_until(
         if isinstance(result, BaseException):
             raise result
     return True
+
+
+# ---- deliveries: customer mails and events for the business ---------------------------------
+
+
+def build_delivery_activities(
+    settings: Settings, session_factory: sessionmaker[Session], clock: Clock
+) -> DeliveryActivities:
+    """The delivery activities for ``settings``: the SMTP server (none when
+    ``BILLING_SMTP_HOST`` is unset: notices then wait in the outbox) and the endpoint rules."""
+    mailer = None
+    if settings.smtp_host:
+        mailer = SmtpMailer(
+            SmtpConfig(
+                host=settings.smtp_host,
+                port=settings.smtp_port,
+                tls=settings.smtp_tls,
+                user=settings.smtp_user,
+                password=settings.smtp_password,
+                timeout_s=settings.smtp_timeout_s,
+            )
+        )
+    return DeliveryActivities(
+        session_factory,
+        clock,
+        mailer=mailer,
+        mail=MailSettings(
+            from_address=settings.mail_from,
+            card_update_url=settings.mail_card_update_url,
+            authentication_url=settings.mail_authentication_url,
+        ),
+        post_timeout_s=settings.event_delivery_timeout_s,
+        allow_insecure_endpoints=settings.endpoints_allow_insecure(),
+    )
+
+
+def build_delivery_worker(
+    client: Client,
+    activities: DeliveryActivities,
+    *,
+    task_queue: str,
+    activity_threads: int = 16,
+    graceful_shutdown_s: float = 0.0,
+    workflow_runner: WorkflowRunner | None = None,
+) -> Worker:
+    """The delivery worker: the dispatcher and the mail and event delivery workflows with
+    their activities, on their own task queue, so a slow mail server or endpoint never takes
+    the billing activities' threads."""
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[DeliveryDispatcherWorkflow, NotificationDeliveryWorkflow, EventStreamWorkflow],
+        activities=activities.all(),
+        activity_executor=ThreadPoolExecutor(max_workers=activity_threads),
+        max_concurrent_activities=activity_threads,
+        workflow_runner=workflow_runner or SandboxedWorkflowRunner(),
+        graceful_shutdown_timeout=timedelta(seconds=graceful_shutdown_s),
+    )
+
+
+async def ensure_delivery_dispatcher(
+    client: Client, *, task_queue: str, dispatcher: DispatcherInput | None = None
+) -> str:
+    """Make sure the delivery dispatcher runs on ``task_queue`` (one per queue; every worker
+    process may call this). Returns its id."""
+    workflow_id = dispatcher_workflow_id(task_queue)
+    await client.start_workflow(
+        DeliveryDispatcherWorkflow.run,
+        dispatcher or DispatcherInput(task_queue=task_queue),
+        id=workflow_id,
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+    )
+    return workflow_id

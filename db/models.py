@@ -34,8 +34,9 @@ from billing.balance import BalanceEntryKind
 from billing.calendar import IntervalUnit
 from billing.dunning import FinalAction
 from billing.invoices import InvoiceLineKind, InvoiceStatus
+from billing.notices import NoticeStatus
 from billing.payments import ChargeOutcomeKind
-from billing.records import AttemptStatus
+from billing.records import AttemptStatus, DeliveryStatus
 from billing.subscription import SubscriptionStatus
 from db.base import Base
 from db.types import StrEnumType, UTCDateTime
@@ -72,6 +73,11 @@ class CustomerRow(Base):
     #: a card once, and never race on the default card. An expired lease is free again.
     signup_lease_token: Mapped[str | None] = mapped_column(String(40))
     signup_lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The customer's language for mails (BCP 47 / CLDR, e.g. ``de-CH``); NULL: English.
+    locale: Mapped[str | None] = mapped_column(String(35))
+    #: The customer opted out of non-essential mails (receipts, trial reminders); dunning
+    #: notices are sent regardless (billing.notices.NON_ESSENTIAL_KINDS).
+    mail_opt_out: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class PlanRow(Base):
@@ -351,6 +357,10 @@ class NotificationRow(Base):
     __table_args__ = (
         Index("ix_notifications_customer_id_created_at", "customer_id", "created_at"),
         Index("ix_notifications_subscription_id", "subscription_id"),
+        CheckConstraint(one_of("status", NoticeStatus), name="status"),
+        CheckConstraint("attempts >= 0", name="attempts_nonnegative"),
+        # The sender's dispatcher looks for pending notices, oldest first.
+        Index("ix_notifications_status_created_at", "status", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -361,7 +371,20 @@ class NotificationRow(Base):
     dedupe_key: Mapped[str] = mapped_column(String(200), unique=True)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: When the mail server accepted it.
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    status: Mapped[NoticeStatus] = mapped_column(
+        StrEnumType(NoticeStatus, 16), default=NoticeStatus.PENDING, server_default="pending"
+    )
+    #: Delivery attempts made (each one an SMTP conversation).
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Why the last attempt failed, or why it was skipped (never a secret).
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    #: The mail's Message-ID, the same on every attempt.
+    message_id: Mapped[str | None] = mapped_column(String(250))
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: When the dispatcher last handed it to a delivery workflow.
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class WebhookEventRow(Base):
@@ -383,6 +406,96 @@ class WebhookEventRow(Base):
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     subscription_id: Mapped[str | None] = mapped_column(String(40))
     detail: Mapped[str | None] = mapped_column(String(500))
+
+
+class EventEndpointRow(Base):
+    """A URL of the business's that receives our events (webhooks we send), with the secret
+    that signs them. The secret is stored as given (it must sign every delivery) and shown
+    only once, when the endpoint is created."""
+
+    __tablename__ = "event_endpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    #: SHA-256 hex of the URL: one endpoint per URL, so a repeated registration finds the
+    #: first (a unique index on the URL itself could exceed PostgreSQL's index row size).
+    url_digest: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str | None] = mapped_column(String(500))
+    #: Event types it receives (``*``: all).
+    event_types: Mapped[list[str]] = mapped_column(JSON)
+    secret: Mapped[str] = mapped_column(String(100))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    #: Why it was disabled (by an operator, or after failing for 3 days).
+    disabled_reason: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class EventRow(Base):
+    """An event for the business, written in the same transaction as the change it reports.
+    ``sequence`` counts the subscription's events from 1: receivers can order them and
+    notice a gap."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("subscription_id", "sequence"),
+        CheckConstraint("sequence >= 1", name="sequence_positive"),
+        # GET /v1/events pages in (created_at, id) order.
+        Index("ix_events_created_at_id", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    type: Mapped[str] = mapped_column(String(64))
+    #: Not a foreign key, like webhook_events: an audit log that must not block a deletion.
+    subscription_id: Mapped[str] = mapped_column(String(40))
+    sequence: Mapped[int] = mapped_column(Integer)
+    object_id: Mapped[str] = mapped_column(String(40))
+    #: The object as the API shows it, when the event happened.
+    object: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: What makes the event unique (e.g. ``in_…:invoice.paid``): a retried activity writes it
+    #: once.
+    dedupe_key: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class EventDeliveryRow(Base):
+    """One event owed to one endpoint. Deliveries of one (endpoint, subscription) go out one
+    at a time in ``sequence`` order."""
+
+    __tablename__ = "event_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_id", "endpoint_id"),
+        CheckConstraint(one_of("status", DeliveryStatus), name="status"),
+        Index("ix_event_deliveries_stream", "endpoint_id", "subscription_id", "status", "sequence"),
+        Index("ix_event_deliveries_status_dispatched_at", "status", "dispatched_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(40), ForeignKey("events.id"))
+    endpoint_id: Mapped[str] = mapped_column(String(40), ForeignKey("event_endpoints.id"))
+    subscription_id: Mapped[str] = mapped_column(String(40))
+    sequence: Mapped[int] = mapped_column(Integer)
+    status: Mapped[DeliveryStatus] = mapped_column(StrEnumType(DeliveryStatus, 16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class EventDeliveryAttemptRow(Base):
+    """One HTTP request of a delivery, with what the endpoint answered."""
+
+    __tablename__ = "event_delivery_attempts"
+    __table_args__ = (Index("ix_event_delivery_attempts_delivery_id", "delivery_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(String(40), ForeignKey("event_deliveries.id"))
+    attempted_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(String(500))
+    duration_ms: Mapped[int] = mapped_column(Integer)
 
 
 # The same tables as SQLAlchemy Core objects, for the repositories' statements. The repositories
@@ -418,3 +531,7 @@ class ProviderPacingRow(Base):
 
 
 PROVIDER_PACING = _table(ProviderPacingRow)
+EVENT_ENDPOINTS = _table(EventEndpointRow)
+EVENTS = _table(EventRow)
+EVENT_DELIVERIES = _table(EventDeliveryRow)
+EVENT_DELIVERY_ATTEMPTS = _table(EventDeliveryAttemptRow)

@@ -228,3 +228,26 @@ def record_default_payment_method_news(
         ).returning(CUSTOMERS.c.id)
     ).scalar_one_or_none()
     return recorded is not None
+
+
+def set_mail_preferences(
+    session: Session,
+    customer_id: str,
+    *,
+    locale: str | None,
+    mail_opt_out: bool | None,
+    now: datetime,
+    clear_locale: bool = False,
+) -> CustomerRecord:
+    """Set the customer's mail locale and/or opt-out of non-essential mails (None: leave it;
+    ``clear_locale``: back to English). Raises NotFound for an unknown customer."""
+    values: dict[str, object] = {"updated_at": now}
+    if locale is not None or clear_locale:
+        values["locale"] = locale
+    if mail_opt_out is not None:
+        values["mail_opt_out"] = mail_opt_out
+    session.execute(update(CUSTOMERS).where(CUSTOMERS.c.id == customer_id).values(**values))
+    customer = get_customer(session, customer_id)
+    if customer is None:
+        raise NotFound(f"customer {customer_id!r} not found", field="customer_id")
+    return customer

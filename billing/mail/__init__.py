@@ -1,0 +1,1 @@
+"""Customer mails: rendering (``render``) from Jinja2 templates in ``templates/``."""

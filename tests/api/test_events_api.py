@@ -1,0 +1,206 @@
+"""Event endpoints, events, deliveries and customer mails through the HTTP API, on the real
+app, harness and database."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+
+from billing.testing.cards import DECLINES_AFTER_ATTACH, SUCCEEDS
+from tests.api.support import Api
+from tests.conftest import BOTH_BACKENDS
+
+HOSTS = {
+    "hooks.example.com": ["93.184.216.34"],
+    "sneaky.example.com": ["93.184.216.34", "10.1.2.3"],
+    "metadata.example.com": ["169.254.169.254"],
+}
+
+
+@pytest.fixture(autouse=True)
+def fake_dns(app: FastAPI) -> None:
+    """Host names resolve from this table (the sandbox has no DNS); IP literals are checked
+    without any."""
+    app.state.resolve_host = lambda host: HOSTS[host]
+
+
+async def register(api: Api, url: str, events: Any = None, **extra: Any) -> Any:
+    return await api.request(
+        "POST",
+        "/v1/event-endpoints",
+        scope="admin",
+        json={"url": url, "enabled_events": events or ["*"], **extra},
+    )
+
+
+async def test_register_shows_the_secret_once_and_refuses_the_same_url_again(api: Api) -> None:
+    created = await register(api, "https://hooks.example.com/billing", ["invoice.paid"])
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert body["secret"].startswith("bwhsec_") and len(body["secret"]) > 40
+    assert body["enabled"] is True and body["enabled_events"] == ["invoice.paid"]
+    listed = await api.request("GET", "/v1/event-endpoints", scope="admin")
+    assert listed.status_code == 200
+    assert [e["id"] for e in listed.json()["data"]] == [body["id"]]
+    assert "secret" not in listed.text and body["secret"] not in listed.text
+    # Twenty at once for the same URL: one endpoint, every other answer names it.
+    answers = await asyncio.gather(
+        *(register(api, "https://hooks.example.com/other") for _ in range(20))
+    )
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [201] + [409] * 19
+    winner = next(a.json()["id"] for a in answers if a.status_code == 201)
+    assert all(winner in a.json()["error"]["message"] for a in answers if a.status_code == 409)
+    listed = await api.request("GET", "/v1/event-endpoints", scope="admin")
+    assert len(listed.json()["data"]) == 2
+    # Disable and enable.
+    patched = await api.request(
+        "PATCH", f"/v1/event-endpoints/{body['id']}", scope="admin", json={"enabled": False}
+    )
+    assert patched.status_code == 200 and patched.json()["enabled"] is False
+    assert patched.json()["disabled_reason"] == "disabled through the API"
+
+
+@pytest.mark.parametrize(
+    ("url", "events", "message"),
+    [
+        ("http://hooks.example.com/x", ["*"], "url must use https:// outside dev"),
+        ("ftp://hooks.example.com/x", ["*"], "url must start with https://"),
+        ("https://127.0.0.1/x", ["*"], "private, loopback or link-local"),
+        ("https://10.0.0.8/x", ["*"], "private, loopback or link-local"),
+        ("https://[::1]/x", ["*"], "private, loopback or link-local"),
+        ("https://[::ffff:192.168.0.1]/x", ["*"], "private, loopback or link-local"),
+        ("https://localhost/x", ["*"], "localhost"),
+        ("https://sneaky.example.com/x", ["*"], "resolves to 10.1.2.3"),
+        ("https://metadata.example.com/x", ["*"], "resolves to 169.254.169.254"),
+        ("https://user:pw@hooks.example.com/x", ["*"], "must not contain credentials"),
+        ("https://hooks.example.com/\x00", ["*"], "control characters"),
+        # (10,000 characters are over this app's body limit: 413 before any field is read.)
+        ("https://hooks.example.com/" + "a" * 2_500, ["*"], "at most 2000 characters"),
+        ("https://hooks.example.com/x", ["invoice.pai"], "unknown event type 'invoice.pai'"),
+        ("https://hooks.example.com/x", [], "at least 1 item"),
+    ],
+)
+async def test_bad_endpoints_are_refused_clearly_and_write_nothing(
+    api: Api, url: str, events: list[str], message: str
+) -> None:
+    answer = await api.request(
+        "POST",
+        "/v1/event-endpoints",
+        scope="admin",
+        json={"url": url, "enabled_events": events},
+    )
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["error"]
+    assert message in error["message"], error
+    listed = await api.request("GET", "/v1/event-endpoints", scope="admin")
+    assert listed.json()["data"] == []
+
+
+async def test_endpoints_need_the_admin_scope(api: Api) -> None:
+    for scope in ("finance", "signup"):
+        answer = await api.request(
+            "POST",
+            "/v1/event-endpoints",
+            scope=scope,
+            json={"url": "https://hooks.example.com/y", "enabled_events": ["*"]},
+        )
+        assert answer.status_code == 403, answer.text
+
+
+@BOTH_BACKENDS
+async def test_events_page_by_keyset_with_the_objects_the_api_shows(api: Api) -> None:
+    endpoint = (await register(api, "https://hooks.example.com/billing")).json()
+    sub = await api.signed_up(card=SUCCEEDS)
+    await api.harness.wait_for(sub["id"], lambda v: v.invoices_issued == 1 and not v.open_invoice)
+
+    async def page_through(limit: int) -> list[dict[str, Any]]:
+        seen: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"limit": limit, "subscription_id": sub["id"]}
+            if cursor:
+                params["cursor"] = cursor
+            answer = await api.request("GET", "/v1/events", scope="finance", params=params)
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            seen += body["data"]
+            cursor = body["next_cursor"]
+            if not body["has_more"]:
+                return seen
+
+    events = await page_through(2)
+    assert [e["type"] for e in events][:4] == [
+        "subscription.created",
+        "invoice.created",
+        "invoice.finalized",
+        "invoice.paid",
+    ]
+    assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
+    assert len({e["id"] for e in events}) == len(events)
+    paid = next(e for e in events if e["type"] == "invoice.paid")
+    invoice = (
+        await api.request("GET", f"/v1/invoices/{paid['data']['object']['id']}", scope="finance")
+    ).json()
+    shown = paid["data"]["object"]
+    assert shown["status"] == "paid" and shown["amount_paid_minor"] == invoice["amount_paid_minor"]
+    assert {k: v for k, v in invoice.items() if k not in ("attempts", "payments")} == shown
+    # Deliveries: one per event for the endpoint, pending (no delivery worker here).
+    detail = (await api.request("GET", f"/v1/events/{paid['id']}", scope="finance")).json()
+    assert [(d["endpoint_id"], d["status"]) for d in detail["deliveries"]] == [
+        (endpoint["id"], "pending")
+    ]
+    again = await api.request("POST", f"/v1/events/{paid['id']}/redeliver", scope="admin", json={})
+    assert again.status_code == 200 and len(again.json()["deliveries"]) == 1
+    missing = await api.request("GET", "/v1/events/evt_nope", scope="finance")
+    assert missing.status_code == 404
+    bad = await api.request("GET", "/v1/events", scope="finance", params={"cursor": "x\x00"})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "cursor"
+    wrong_type = await api.request(
+        "GET", "/v1/events", scope="finance", params={"type": "invoice.pai"}
+    )
+    assert wrong_type.status_code == 422
+
+
+async def test_mails_are_visible_with_their_status_and_preferences_can_be_set(api: Api) -> None:
+    sub = await api.signed_up(card=DECLINES_AFTER_ATTACH)
+    await api.harness.wait_for(sub["id"], lambda v: v.status == "past_due")
+    customer_id = sub["customer_id"]
+    mails = await api.request(
+        "GET", "/v1/notifications", scope="finance", params={"customer_id": customer_id}
+    )
+    assert mails.status_code == 200, mails.text
+    kinds = [(m["kind"], m["status"], m["attempts"]) for m in mails.json()["data"]]
+    assert kinds == [("payment_failed", "pending", 0)]
+    nothing = await api.request("GET", "/v1/notifications", scope="finance")
+    assert nothing.status_code == 422
+    prefs = await api.request(
+        "PUT",
+        f"/v1/customers/{customer_id}/mail-preferences",
+        scope="admin",
+        json={"locale": "de-CH", "opt_out_non_essential": True},
+    )
+    assert prefs.status_code == 200, prefs.text
+    assert prefs.json() == {
+        "customer_id": customer_id,
+        "locale": "de-CH",
+        "opt_out_non_essential": True,
+    }
+    for body, field in (
+        ({"locale": "de\x00"}, "locale"),
+        ({"locale": "x" * 3_000}, "locale"),
+        ({"opt_out_non_essential": "yes"}, "opt_out_non_essential"),
+        ({"opt_in": True}, "opt_in"),
+    ):
+        refused = await api.request(
+            "PUT", f"/v1/customers/{customer_id}/mail-preferences", scope="admin", json=body
+        )
+        assert refused.status_code == 422, (body, refused.text)
+        assert field in (refused.json()["error"]["field"] or ""), refused.json()
+    unknown = await api.request(
+        "PUT", "/v1/customers/cus_nope/mail-preferences", scope="admin", json={}
+    )
+    assert unknown.status_code == 404
