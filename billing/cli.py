@@ -268,6 +268,31 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
         f"{settings.payments_queue()!r} (provider calls, at most "
         f"{settings.charge_rate_per_s:g}/s)"
     )
+    health = None
+    if settings.worker_health_address is not None:
+        from billing.health import serve_worker_health
+
+        health_started = asyncio.Event()
+        health = asyncio.create_task(
+            serve_worker_health(
+                settings.worker_health_address,
+                deps.session_factory,
+                client,
+                stop=stop,
+                started=health_started,
+            )
+        )
+        await asyncio.wait(
+            [asyncio.ensure_future(health_started.wait()), health],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if health.done():
+            _fail(
+                f"cannot serve health on {settings.worker_health_address} "
+                "(BILLING_WORKER_HEALTH_ADDRESS): the address is taken or invalid",
+                code=1,
+            )
+        console.print(f"health on http://{settings.worker_health_address}/healthz and /readyz")
     reporter = None
     if runtime is not None:
         console.print(f"metrics on http://{settings.worker_metrics_address}/metrics")
@@ -277,6 +302,9 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
             )
         )
     clean = await run_workers_until(stop, [w, payments], graceful_shutdown_s=graceful_s)
+    if health is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(health, timeout=2)
     if reporter is not None:
         reporter.cancel()
         with contextlib.suppress(asyncio.CancelledError):

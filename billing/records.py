@@ -51,6 +51,8 @@ class CustomerRecord:
     #: The signup in progress for this customer (token) and when its hold lapses (UTC).
     signup_lease_token: str | None = None
     signup_lease_expires_at: datetime | None = None
+    #: The CLDR locale of the customer's invoice documents (``fr_FR``); None: the default.
+    locale: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -70,6 +70,8 @@ class CustomerRow(Base):
     #: a card once, and never race on the default card. An expired lease is free again.
     signup_lease_token: Mapped[str | None] = mapped_column(String(40))
     signup_lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The CLDR locale invoice documents are written in (``fr_FR``); NULL: the seller's default.
+    locale: Mapped[str | None] = mapped_column(String(35))
 
 
 class PlanRow(Base):
