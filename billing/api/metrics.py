@@ -55,6 +55,10 @@ class BusinessCollector(Collector):
         self._cached: list[Metric] = []
         self._read_at = float("-inf")
 
+    def describe(self) -> Iterable[Metric]:
+        # Nothing: otherwise registering would read (and cache) the database at start-up.
+        return []
+
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             if time.monotonic() - self._read_at >= self._ttl_s:
