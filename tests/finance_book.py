@@ -176,7 +176,7 @@ def write_book(session_factory: sessionmaker[Session]) -> None:
                     locale="fr_FR",
                     timezone="Europe/Paris",
                     name="Société Générale d'Essai",
-                ),  # fmt: skip
+                ),
                 _customer("cus_d", "DDDDDDDD"),
             ],
         )
@@ -226,7 +226,7 @@ def write_book(session_factory: sessionmaker[Session]) -> None:
                     "paid",
                     at(1, 10),
                     paid_at=at(1, 10, 0, 5),
-                ),  # fmt: skip
+                ),
                 _invoice(
                     "in_2",
                     "sub_a",
@@ -237,7 +237,7 @@ def write_book(session_factory: sessionmaker[Session]) -> None:
                     "paid",
                     at(2, 10),
                     paid_at=at(2, 14),
-                ),  # fmt: skip
+                ),
                 _invoice(
                     "in_3",
                     "sub_b",
@@ -248,16 +248,12 @@ def write_book(session_factory: sessionmaker[Session]) -> None:
                     "uncollectible",
                     at(2, 5),
                     marked_uncollectible_at=at(3, 8),
-                ),  # fmt: skip
-                _invoice(
-                    "in_4", "sub_d", "cus_d", "DDDDDDDD-0001", 12000, "USD", "open", at(2, 1)
-                ),  # fmt: skip
-                _invoice(
-                    "in_5", "sub_b", "cus_b", "BBBBBBBB-0002", 2000, "USD", "open", at(4, 20)
-                ),  # fmt: skip
+                ),
+                _invoice("in_4", "sub_d", "cus_d", "DDDDDDDD-0001", 12000, "USD", "open", at(2, 1)),
+                _invoice("in_5", "sub_b", "cus_b", "BBBBBBBB-0002", 2000, "USD", "open", at(4, 20)),
                 _invoice(
                     "in_6", "sub_c", "cus_c", "CCCCCCCC-0001", 123456, "EUR", "open", at(3, 3)
-                ),  # fmt: skip
+                ),
                 _invoice(
                     "in_7",
                     "sub_a",
@@ -268,10 +264,10 @@ def write_book(session_factory: sessionmaker[Session]) -> None:
                     "void",
                     at(3, 10),
                     voided_at=at(3, 15),
-                ),  # fmt: skip
+                ),
                 _invoice(
                     "in_8", "sub_b", "cus_b", "BBBBBBBB-0003", 500, "USD", "open", at(4, 29, 12)
-                ),  # fmt: skip
+                ),
             ],
         )
         _insert_each(
@@ -287,7 +283,7 @@ def write_book(session_factory: sessionmaker[Session]) -> None:
                     at(2, 10),
                     amount=1000,
                     decline_code="insufficient_funds",
-                ),  # fmt: skip
+                ),
                 _attempt("in_2", 2, "succeeded", "paid", at(2, 14), amount=1000),
                 _attempt(
                     "in_3",
@@ -297,7 +293,7 @@ def write_book(session_factory: sessionmaker[Session]) -> None:
                     at(2, 5),
                     amount=2000,
                     decline_code="stolen_card",
-                ),  # fmt: skip
+                ),
                 _attempt("in_4", 1, "failed", "soft_decline", at(2, 1), amount=12000),
                 _attempt(
                     "in_6",
@@ -307,7 +303,7 @@ def write_book(session_factory: sessionmaker[Session]) -> None:
                     at(3, 3),
                     amount=123456,
                     currency="EUR",
-                ),  # fmt: skip
+                ),
             ],
         )
         _insert_each(
@@ -339,8 +335,11 @@ MRR = {
     ("2026-04", "EUR"): (4329, 0, 0, 0, 0, 0, 4329),
 }
 #: March USD: 3 customers at the opening, 1 at the closing.
-MARCH_USD_CHURN = {"churned_customers": 2, "logo_churn_rate": "0.6667",
-                   "revenue_churn_rate": "0.7500"}  # fmt: skip
+MARCH_USD_CHURN = {
+    "churned_customers": 2,
+    "logo_churn_rate": "0.6667",
+    "revenue_churn_rate": "0.7500",
+}
 
 #: (currency, bucket) -> (invoices, outstanding) as of 2026-04-30T00:00Z.
 AGING = {

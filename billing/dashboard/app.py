@@ -244,7 +244,7 @@ async def overview(request: Request) -> Response:
     if session is None:
         return _to_login()
     deps = _deps(request)
-    now = deps.clock.now()
+    now = request.app.state.clock.now()
 
     def read() -> dict[str, Any]:
         months = reporting.month_range_from(None, None, None, now=now)
@@ -310,6 +310,7 @@ def _filter_values(request: Request) -> dict[str, str]:
 
 
 def _invoice_filter(values: dict[str, str]) -> InvoiceFilter:
+    values = {k: v for k, v in values.items() if k != "limit"}
     for name, value in values.items():
         problem = text_problem(value, max_length=64)
         if problem:
@@ -331,6 +332,10 @@ async def invoices(request: Request) -> Response:
     deps = _deps(request)
     values = _filter_values(request)
     cursor_text = request.query_params.get("cursor") or None
+    limit_text = request.query_params.get("limit", "")
+    limit = int(limit_text) if limit_text.isdigit() and 1 <= int(limit_text) <= 200 else _PAGE_SIZE
+    if limit != _PAGE_SIZE:
+        values["limit"] = str(limit)
     try:
         invoice_filter = _invoice_filter(values)
         after = InvoiceCursor.decode(cursor_text) if cursor_text else None
@@ -350,7 +355,7 @@ async def invoices(request: Request) -> Response:
 
     def read() -> Any:
         with unit_of_work(deps.session_factory) as db:
-            return finance_repo.list_invoices(db, invoice_filter, limit=_PAGE_SIZE, after=after)
+            return finance_repo.list_invoices(db, invoice_filter, limit=limit, after=after)
 
     page = await asyncio.to_thread(read)
     next_query = urlencode({**values, "cursor": page.next_cursor}) if page.has_more else None

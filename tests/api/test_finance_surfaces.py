@@ -200,3 +200,33 @@ async def test_invoice_pdf_of_a_paid_usd_invoice_and_html(api: Api, tmp_path: Pa
     missing = await api.request("GET", "/v1/invoices/in_missing.pdf", scope="finance")
     assert missing.status_code == 404
     assert (await api.request("GET", "/v1/invoices/in_2.pdf")).status_code == 401
+
+
+async def test_the_worker_serves_health_on_its_own_port(api: Api) -> None:
+    """``serve_worker_health`` (what ``billing worker`` runs on BILLING_WORKER_HEALTH_ADDRESS)
+    on a real loopback port, with the harness's database and Temporal."""
+    import asyncio
+    import socket
+
+    from billing.health import serve_worker_health
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stop, started = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(
+        serve_worker_health(
+            f"127.0.0.1:{port}",
+            api.harness.session_factory,
+            api.harness.client,
+            stop=stop,
+            started=started,
+        )
+    )
+    await asyncio.wait_for(started.wait(), 10)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    stop.set()
+    await asyncio.wait_for(task, 10)

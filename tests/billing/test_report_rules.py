@@ -3,6 +3,7 @@ always add up, aging buckets and rates."""
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import given
@@ -16,8 +17,8 @@ from billing.reports import (
     aging_bucket,
     classify_movement,
     days_past_due,
-    monthly_recurring_minor,
     month_range,
+    monthly_recurring_minor,
     mrr_report,
     rate,
 )
@@ -91,7 +92,7 @@ def test_movements_always_add_up_and_months_chain(subs: list[SubscriptionHistory
         assert row.opening_mrr_minor + row.net_movement_minor == row.closing_mrr_minor
         assert min(row.new_minor, row.churned_minor, row.reactivated_minor) >= 0
         assert row.churned_customers <= row.opening_customers
-    for a, b in zip(rows, rows[1:], strict=False):
+    for a, b in itertools.pairwise(rows):
         if a.currency == b.currency:
             assert a.closing_mrr_minor == b.opening_mrr_minor
 
