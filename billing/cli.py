@@ -28,6 +28,7 @@ from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from billing.contracts import SubscriptionMessage, SubscriptionView
+from billing.reports_cli import reports_app
 from billing.settings import ApiKey, Settings
 from billing.simulate.command import simulate
 
@@ -574,6 +575,8 @@ signups_app = typer.Typer(
     help="Signups: sweep the ones whose workflow never started.", no_args_is_help=True
 )
 app.add_typer(signups_app, name="signups")
+# The revenue reports (billing/reports_cli.py).
+app.add_typer(reports_app, name="reports")
 
 
 class TemporalUnreachable(Exception):
