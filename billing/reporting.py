@@ -83,7 +83,7 @@ def aging(
     code = normalize_currency(currency) if currency else None
     with unit_of_work(session_factory) as session:
         receivables = reports_repo.receivables(session, as_of=instant, currency=code)
-    return instant, ar_aging(receivables, instant)
+    return instant, ar_aging(receivables)
 
 
 def dunning(session_factory: sessionmaker[Session], months: MonthRange) -> DunningReport:

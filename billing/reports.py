@@ -14,7 +14,6 @@ contraction - churned = closing.
 
 from __future__ import annotations
 
-import bisect
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -147,11 +146,28 @@ class SubscriptionHistory:
         on); None if the subscription did not exist yet."""
         if self.created_at >= instant:
             return None
-        index = bisect.bisect_left([at for at, _ in self.changes], instant)
-        return self.initial_status if index == 0 else self.changes[index - 1][1]
+        status = self.initial_status
+        for at, to in self.changes:
+            if at >= instant:
+                break
+            status = to
+        return status
 
     def mrr_at(self, instant: datetime) -> int:
         return self.monthly_minor if self.status_at(instant) in MRR_STATUSES else 0
+
+    def mrr_at_each(self, instants: Sequence[datetime]) -> list[int]:
+        """``mrr_at`` for each of ``instants`` (ascending), in one walk over the changes."""
+        values = []
+        status: SubscriptionStatus | None = self.initial_status
+        index = 0
+        for instant in instants:
+            while index < len(self.changes) and self.changes[index][0] < instant:
+                status = self.changes[index][1]
+                index += 1
+            counts = self.created_at < instant and status in MRR_STATUSES
+            values.append(self.monthly_minor if counts else 0)
+        return values
 
     def first_counted_at(self) -> datetime | None:
         """When it first counted toward MRR (None: never)."""
@@ -241,19 +257,21 @@ def mrr_report(histories: Iterable[SubscriptionHistory], months: Sequence[Month]
     by_currency: dict[str, list[SubscriptionHistory]] = defaultdict(list)
     for history in histories:
         by_currency[history.currency].append(history)
+    boundaries = [m.start for m in months] + [months[-1].next().start] if months else []
     result: list[MrrMonth] = []
     for currency in sorted(by_currency):
         subs = by_currency[currency]
         firsts = [s.first_counted_at() for s in subs]
-        for month in months:
-            opening_at, closing_at = month.start, month.next().start
+        series = [s.mrr_at_each(boundaries) for s in subs]
+        for k, month in enumerate(months):
+            opening_at = month.start
             totals: dict[Movement, int] = dict.fromkeys(Movement, 0)
             opening = closing = 0
             opening_customers: set[str] = set()
             closing_customers: set[str] = set()
             active = 0
-            for sub, first in zip(subs, firsts, strict=True):
-                before, after = sub.mrr_at(opening_at), sub.mrr_at(closing_at)
+            for sub, first, values in zip(subs, firsts, series, strict=True):
+                before, after = values[k], values[k + 1]
                 opening += before
                 closing += after
                 if before:
@@ -356,12 +374,14 @@ def aging_bucket(days: int) -> AgingBucket:
 
 @dataclass(frozen=True, slots=True)
 class Receivable:
-    """An invoice unpaid at the report's instant: due when finalized (invoices are charged
-    automatically), ``outstanding_minor`` still owed."""
+    """Invoices unpaid at the report's instant, ``days_past_due`` whole days after they fell
+    due (at finalization: invoices are charged automatically; see ``days_past_due``), and what
+    they still owe. The database groups them: ``invoices`` is how many."""
 
     currency: str
-    due_at: datetime
+    days_past_due: int
     outstanding_minor: int
+    invoices: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,14 +392,14 @@ class AgingRow:
     outstanding_minor: int
 
 
-def ar_aging(receivables: Iterable[Receivable], as_of: datetime) -> list[AgingRow]:
+def ar_aging(receivables: Iterable[Receivable]) -> list[AgingRow]:
     """Every bucket of every currency that has receivables (empty buckets as 0), in (currency,
     bucket) order."""
     counts: dict[tuple[str, AgingBucket], list[int]] = {}
     for r in receivables:
-        key = (r.currency, aging_bucket(days_past_due(r.due_at, as_of)))
+        key = (r.currency, aging_bucket(r.days_past_due))
         entry = counts.setdefault(key, [0, 0])
-        entry[0] += 1
+        entry[0] += r.invoices
         entry[1] += r.outstanding_minor
     currencies = sorted({currency for currency, _ in counts})
     return [
@@ -406,14 +426,16 @@ def aging_row(row: AgingRow) -> dict[str, object]:
 
 @dataclass(frozen=True, slots=True)
 class FailedInvoice:
-    """An invoice whose first charge attempt did not pay it: the class of that first failure,
-    where it stands now, and the attempt that paid it, if one did."""
+    """Invoices whose first charge attempt did not pay them: the class of that first failure,
+    where they stand now, and the attempt that paid them, if one did."""
 
     currency: str
     amount_due_minor: int
     first_failure: ChargeOutcomeKind
     status: InvoiceStatus
     paid_by_attempt: int | None = None
+    #: How many invoices alike the database grouped here (``amount_due_minor`` is their sum).
+    invoices: int = 1
 
     @property
     def recovered(self) -> bool:
@@ -450,6 +472,14 @@ class DunningReport:
     written_off: list[WriteOff] = field(default_factory=list)
 
 
+def _count(items: Iterable[FailedInvoice]) -> int:
+    return sum(i.invoices for i in items)
+
+
+def _amount(items: Iterable[FailedInvoice]) -> int:
+    return sum(i.amount_due_minor for i in items)
+
+
 def dunning_recovery(failed: Iterable[FailedInvoice]) -> DunningReport:
     """Recovery of failed invoices per currency, by attempt number and by decline class, and
     what was written off (failed invoices now uncollectible)."""
@@ -460,7 +490,7 @@ def dunning_recovery(failed: Iterable[FailedInvoice]) -> DunningReport:
     written_off: list[WriteOff] = []
     for currency in sorted(by_currency):
         items = by_currency[currency]
-        total = len(items)
+        total = _count(items)
         recovered = [i for i in items if i.recovered]
         rows.append(
             RecoveryRow(
@@ -468,25 +498,25 @@ def dunning_recovery(failed: Iterable[FailedInvoice]) -> DunningReport:
                 "total",
                 "all",
                 total,
-                len(recovered),
-                sum(i.amount_due_minor for i in recovered),
-                rate(len(recovered), total),
+                _count(recovered),
+                _amount(recovered),
+                rate(_count(recovered), total),
             )
         )
         attempts = sorted({i.paid_by_attempt for i in recovered if i.paid_by_attempt})
         cumulative = 0
         for n in attempts:
             at_n = [i for i in recovered if i.paid_by_attempt == n]
-            cumulative += len(at_n)
+            cumulative += _count(at_n)
             rows.append(
                 RecoveryRow(
                     currency,
                     "attempt",
                     str(n),
                     total,
-                    len(at_n),
-                    sum(i.amount_due_minor for i in at_n),
-                    rate(len(at_n), total),
+                    _count(at_n),
+                    _amount(at_n),
+                    rate(_count(at_n), total),
                     rate(cumulative, total),
                 )
             )
@@ -500,14 +530,14 @@ def dunning_recovery(failed: Iterable[FailedInvoice]) -> DunningReport:
                     currency,
                     "decline_class",
                     kind.value,
-                    len(of_kind),
-                    len(won),
-                    sum(i.amount_due_minor for i in won),
-                    rate(len(won), len(of_kind)),
+                    _count(of_kind),
+                    _count(won),
+                    _amount(won),
+                    rate(_count(won), _count(of_kind)),
                 )
             )
         lost = [i for i in items if i.status == InvoiceStatus.UNCOLLECTIBLE]
-        written_off.append(WriteOff(currency, len(lost), sum(i.amount_due_minor for i in lost)))
+        written_off.append(WriteOff(currency, _count(lost), _amount(lost)))
     return DunningReport(rows, written_off)
 
 

@@ -9,7 +9,7 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, Integer, and_, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from billing.calendar import IntervalUnit
@@ -31,6 +31,7 @@ from db.models import (
     SUBSCRIPTION_STATUS_CHANGES,
     SUBSCRIPTIONS,
 )
+from db.types import UTCDateTime
 
 
 def _quantity_column() -> Any:
@@ -125,19 +126,39 @@ def _unpaid_at(as_of: datetime) -> ColumnElement[bool]:
     )
 
 
+def _whole_days_since(session: Session, column: Any, as_of: datetime) -> Any:
+    """Whole days from ``column`` to ``as_of`` (floor of the elapsed seconds / 86400, as
+    billing.reports.days_past_due counts them), in SQL so the database groups by it."""
+    instant = bindparam("as_of_instant", as_of, type_=UTCDateTime())
+    if session.get_bind().dialect.name == "postgresql":
+        return func.floor(func.extract("epoch", instant - column) / 86400).cast(Integer)
+    # SQLite: integer seconds since the epoch of both UTC wall times, integer division.
+    seconds = func.strftime("%s", instant).cast(Integer) - func.strftime("%s", column).cast(Integer)
+    return seconds / 86400
+
+
 def receivables(
     session: Session, *, as_of: datetime, currency: str | None = None
 ) -> list[Receivable]:
-    """Invoices owed at ``as_of``: due at finalization, the whole amount due outstanding (an
-    invoice is paid in one payment)."""
-    statement = select(
-        INVOICES.c.currency, INVOICES.c.finalized_at, INVOICES.c.amount_due_minor
-    ).where(_unpaid_at(as_of), INVOICES.c.amount_due_minor > 0)
+    """Invoices owed at ``as_of``, grouped by currency and whole days since they fell due (at
+    finalization), with how many and the amount outstanding (an invoice is paid in one
+    payment, so the whole amount due). One row per day of age, not per invoice."""
+    days = _whole_days_since(session, INVOICES.c.finalized_at, as_of).label("days")
+    statement = (
+        select(INVOICES.c.currency, days, func.count(), func.sum(INVOICES.c.amount_due_minor))
+        .where(_unpaid_at(as_of), INVOICES.c.amount_due_minor > 0)
+        .group_by(INVOICES.c.currency, days)
+    )
     if currency is not None:
         statement = statement.where(INVOICES.c.currency == currency)
     return [
-        Receivable(currency=c, due_at=due, outstanding_minor=int(amount))
-        for c, due, amount in session.execute(statement)
+        Receivable(
+            currency=c,
+            days_past_due=max(0, int(d)),
+            outstanding_minor=int(amount),
+            invoices=int(n),
+        )
+        for c, d, n, amount in session.execute(statement)
     ]
 
 
@@ -145,7 +166,8 @@ def failed_invoices(
     session: Session, *, issued_from: datetime, issued_to: datetime, currency: str | None = None
 ) -> list[FailedInvoice]:
     """Invoices issued in [issued_from, issued_to) whose first attempt with an outcome was not
-    a payment, with the class of that failure and the attempt that paid them, if any."""
+    a payment, grouped by currency, status, the class of that failure and the attempt that
+    paid them (if any), with how many and their amount due."""
     attempts = PAYMENT_ATTEMPTS
     decided = attempts.c.outcome.isnot(None)
     first = (
@@ -159,10 +181,11 @@ def failed_invoices(
     statement = (
         select(
             INVOICES.c.currency,
-            INVOICES.c.amount_due_minor,
             INVOICES.c.status,
             first_attempt.c.outcome,
             paying.c.attempt_number,
+            func.count(),
+            func.sum(INVOICES.c.amount_due_minor),
         )
         .select_from(
             INVOICES.join(first, first.c.invoice_id == INVOICES.c.id)
@@ -181,6 +204,12 @@ def failed_invoices(
             INVOICES.c.created_at < issued_to,
             first_attempt.c.outcome != ChargeOutcomeKind.PAID.value,
         )
+        .group_by(
+            INVOICES.c.currency,
+            INVOICES.c.status,
+            first_attempt.c.outcome,
+            paying.c.attempt_number,
+        )
     )
     if currency is not None:
         statement = statement.where(INVOICES.c.currency == currency)
@@ -191,8 +220,9 @@ def failed_invoices(
             first_failure=ChargeOutcomeKind(outcome),
             status=InvoiceStatus(status),
             paid_by_attempt=int(paid_by) if paid_by is not None else None,
+            invoices=int(n),
         )
-        for c, amount, status, outcome, paid_by in session.execute(statement)
+        for c, status, outcome, paid_by, n, amount in session.execute(statement)
     ]
 
 

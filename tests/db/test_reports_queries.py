@@ -98,3 +98,59 @@ def test_collected_vs_invoiced_per_month(factory: sessionmaker[Session]) -> None
         for r in rows
     }
     assert got == book.COLLECTIONS
+
+
+def test_the_database_counts_whole_days_as_the_rule_does(
+    session_factory: sessionmaker[Session],
+) -> None:
+    """The database groups receivables by whole days since finalization: at each edge (a
+    second before a day is complete, the day itself, bucket edges) it agrees with
+    billing.reports.days_past_due and aging_bucket."""
+    from datetime import timedelta
+
+    from billing.reports import aging_bucket, ar_aging, days_past_due
+    from db.models import INVOICES
+
+    book.write_book(session_factory)
+    ages = [
+        timedelta(0),
+        timedelta(seconds=86399),
+        timedelta(days=1),
+        timedelta(days=30, seconds=86399),
+        timedelta(days=31),
+        timedelta(days=60, microseconds=999_999),
+        timedelta(days=61),
+        timedelta(days=90, hours=23),
+        timedelta(days=91),
+    ]
+    as_of = book.AS_OF
+    # Reuse the book's open USD invoices' shape: one invoice per age, all open.
+    with session_factory() as session, session.begin():
+        template = dict(
+            session.execute(INVOICES.select().where(INVOICES.c.id == "in_5")).mappings().one()
+        )
+        for n, age in enumerate(ages):
+            row = template | {
+                "id": f"in_age_{n}",
+                "number": f"AGE-{n:04d}",
+                "period_start": template["period_start"] + timedelta(days=400 + n),
+                "finalized_at": as_of - age,
+                "created_at": as_of - age,
+                "currency": "GBP",
+                "amount_due_minor": 10**n,
+            }
+            session.execute(INVOICES.insert().values(**row))
+    _, rows = reporting.aging(session_factory, as_of=as_of, currency="GBP", now=book.NOW)
+    expected_buckets: dict[str, int] = {}
+    for n, age in enumerate(ages):
+        bucket = aging_bucket(days_past_due(as_of - age, as_of)).value
+        expected_buckets[bucket] = expected_buckets.get(bucket, 0) + 10**n
+    assert ar_aging([]) == []
+    assert {r.bucket.value: r.outstanding_minor for r in rows if r.invoices} == expected_buckets
+    assert expected_buckets == {
+        "current": 1 + 10,
+        "1-30": 100 + 1000,
+        "31-60": 10**4 + 10**5,
+        "61-90": 10**6 + 10**7,
+        "over-90": 10**8,
+    }
