@@ -202,6 +202,7 @@ def dev(
         api_url = f"http://{settings.api_host}:{settings.api_port}"
         table.add_row("API", api_url)
         table.add_row("API docs", f"{api_url}/docs")
+        table.add_row("Dashboard", f"{api_url}/dashboard (sign in with the finance key)")
         for api_key in settings.api_keys:
             table.add_row(f"API key ({api_key.scope})", api_key.key.get_secret_value())
         console.print(table)

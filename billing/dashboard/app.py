@@ -309,6 +309,12 @@ def _filter_values(request: Request) -> dict[str, str]:
     return values
 
 
+def _echoable(values: dict[str, str]) -> dict[str, str]:
+    """The values safe to show back in the form: never one the text rule refuses (a NUL, a
+    lone surrogate, 10,000 characters)."""
+    return {k: v for k, v in values.items() if text_problem(v, max_length=64) is None}
+
+
 def _invoice_filter(values: dict[str, str]) -> InvoiceFilter:
     values = {k: v for k, v in values.items() if k != "limit"}
     for name, value in values.items():
@@ -347,9 +353,9 @@ async def invoices(request: Request) -> Response:
             status_code=422,
             error=error.message,
             page=None,
-            filters=values,
+            filters=_echoable(values),
             statuses=[s.value for s in InvoiceStatus],
-            query=urlencode(values),
+            query=urlencode(_echoable(values)),
             next_query=None,
         )
 
