@@ -64,8 +64,15 @@ async def test_odd_filters_are_said_not_crashed_on(
     assert "\x00" not in response.text
 
 
-@pytest.mark.parametrize("path", ["/dashboard/invoices/in_%00", "/dashboard/invoices/" + "x" * 500,
-                                  "/dashboard/subscriptions/sub_🙂", "/dashboard/invoices/nope.pdf"])  # fmt: skip
+ODD_PATHS = [
+    "/dashboard/invoices/in_%00",
+    "/dashboard/invoices/" + "x" * 500,
+    "/dashboard/subscriptions/sub_🙂",
+    "/dashboard/invoices/nope.pdf",
+]
+
+
+@pytest.mark.parametrize("path", ODD_PATHS)
 async def test_unknown_or_odd_ids_are_404(signed_in: httpx.AsyncClient, path: str) -> None:
     response = await signed_in.get(path)
     assert response.status_code == 404
