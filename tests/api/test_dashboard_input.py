@@ -50,7 +50,7 @@ async def signed_in(api: Api) -> httpx.AsyncClient:
             {"issued_from": "2026-02-01T00:00:00Z", "issued_to": "2026-01-01T00:00:00Z"},
             422,
             "must not be later",
-        ),  # fmt: skip
+        ),
         ({"customer_id": "cus_🙂"}, 200, "No invoices match"),
         ({"limit": "999999999999999999999"}, 200, "AAAAAAAA-0001"),
     ],
