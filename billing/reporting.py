@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from billing.finance import parse_instant
 from billing.money import normalize_currency
 from billing.reports import (
+    MRR_STATUSES,
     AgingRow,
     CollectionMonth,
     DunningReport,
@@ -63,12 +64,22 @@ def _add(month: Month, count: int) -> Month:
 
 
 def mrr(session_factory: sessionmaker[Session], months: MonthRange) -> list[MrrMonth]:
-    until = months.last.next().start
     with unit_of_work(session_factory) as session:
-        histories = reports_repo.subscription_histories(
-            session, until=until, currency=months.currency
+        reports_repo.tune_for_reports(session)
+        inputs = reports_repo.mrr_inputs(
+            session,
+            start=months.first.start,
+            until=months.last.next().start,
+            counted=sorted(status.value for status in MRR_STATUSES),
+            currency=months.currency,
         )
-    return mrr_report(histories, months.months)
+    return mrr_report(
+        inputs.histories,
+        months.months,
+        steady=inputs.steady,
+        steady_customers=inputs.steady_customers,
+        steady_customer_ids=inputs.steady_customer_ids,
+    )
 
 
 def aging(
@@ -82,6 +93,7 @@ def aging(
     assert instant is not None
     code = normalize_currency(currency) if currency else None
     with unit_of_work(session_factory) as session:
+        reports_repo.tune_for_reports(session)
         receivables = reports_repo.receivables(session, as_of=instant, currency=code)
     return instant, ar_aging(receivables)
 
@@ -89,6 +101,7 @@ def aging(
 def dunning(session_factory: sessionmaker[Session], months: MonthRange) -> DunningReport:
     """Invoices issued in the months, by how their dunning went."""
     with unit_of_work(session_factory) as session:
+        reports_repo.tune_for_reports(session)
         failed = reports_repo.failed_invoices(
             session,
             issued_from=months.first.start,
@@ -102,6 +115,7 @@ def collections(
     session_factory: sessionmaker[Session], months: MonthRange
 ) -> list[CollectionMonth]:
     with unit_of_work(session_factory) as session:
+        reports_repo.tune_for_reports(session)
         invoiced = reports_repo.monthly_invoiced(
             session, months.first, months.last, currency=months.currency
         )

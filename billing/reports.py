@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from enum import StrEnum
 from fractions import Fraction
+from functools import lru_cache
 
 from billing.calendar import IntervalUnit
 from billing.errors import InvalidInput
@@ -51,6 +52,7 @@ _MONTHS_PER_UNIT: dict[IntervalUnit, Fraction] = {
 MRR_ROUNDING = "half-even"
 
 
+@lru_cache(maxsize=4096)  # pure; a book has few price points
 def monthly_recurring_minor(
     amount_minor: int, interval: IntervalUnit, interval_count: int, quantity: int = 1
 ) -> int:
@@ -251,34 +253,70 @@ class MrrMonth:
         return rate(self.churned_minor + self.contraction_minor, self.opening_mrr_minor)
 
 
-def mrr_report(histories: Iterable[SubscriptionHistory], months: Sequence[Month]) -> list[MrrMonth]:
+@dataclass(frozen=True, slots=True)
+class SteadyGroup:
+    """Subscriptions that count toward MRR at every boundary of a report and never change
+    within it (created before it, no status change from its start on): ``subscriptions`` of
+    them at ``monthly_minor`` each. The database counts them instead of listing them, since
+    they move nothing; most of a book is steady in any given year."""
+
+    currency: str
+    monthly_minor: int
+    subscriptions: int
+
+
+def mrr_report(
+    histories: Iterable[SubscriptionHistory],
+    months: Sequence[Month],
+    *,
+    steady: Iterable[SteadyGroup] = (),
+    steady_customers: dict[str, int] | None = None,
+    steady_customer_ids: frozenset[tuple[str, str]] = frozenset(),
+) -> list[MrrMonth]:
     """MRR per currency and month, in (currency, month) order. Subscriptions are compared at
-    month boundaries: one that starts and ends inside a month moves nothing."""
+    month boundaries: one that starts and ends inside a month moves nothing.
+
+    ``steady`` adds counted subscriptions that are the same at every boundary (constant MRR,
+    no movement); ``steady_customers`` says how many distinct customers own them per currency,
+    and ``steady_customer_ids`` which (currency, customer) of ``histories`` also own one (such
+    a customer counts at every boundary and never churns). The result equals passing every
+    subscription in ``histories``."""
     by_currency: dict[str, list[SubscriptionHistory]] = defaultdict(list)
     for history in histories:
         by_currency[history.currency].append(history)
+    constant_mrr: dict[str, int] = defaultdict(int)
+    constant_subs: dict[str, int] = defaultdict(int)
+    for group in steady:
+        constant_mrr[group.currency] += group.monthly_minor * group.subscriptions
+        constant_subs[group.currency] += group.subscriptions
+    constant_customers = steady_customers or {}
     boundaries = [m.start for m in months] + [months[-1].next().start] if months else []
     result: list[MrrMonth] = []
-    for currency in sorted(by_currency):
-        subs = by_currency[currency]
+    for currency in sorted(set(by_currency) | set(constant_subs)):
+        subs = by_currency.get(currency, [])
         firsts = [s.first_counted_at() for s in subs]
         series = [s.mrr_at_each(boundaries) for s in subs]
+        always = constant_customers.get(currency, 0)
         for k, month in enumerate(months):
             opening_at = month.start
             totals: dict[Movement, int] = dict.fromkeys(Movement, 0)
-            opening = closing = 0
+            opening = closing = constant_mrr[currency]
+            # Customers only the listed subscriptions make count (the steady ones are counted
+            # at every boundary, in ``always``).
             opening_customers: set[str] = set()
             closing_customers: set[str] = set()
-            active = 0
+            active = constant_subs[currency]
             for sub, first, values in zip(subs, firsts, series, strict=True):
                 before, after = values[k], values[k + 1]
                 opening += before
                 closing += after
-                if before:
+                counted_anyway = (currency, sub.customer_id) in steady_customer_ids
+                if before and not counted_anyway:
                     opening_customers.add(sub.customer_id)
                 if after:
-                    closing_customers.add(sub.customer_id)
                     active += 1
+                    if not counted_anyway:
+                        closing_customers.add(sub.customer_id)
                 movement = classify_movement(
                     before, after, counted_before=first is not None and first < opening_at
                 )
@@ -296,12 +334,18 @@ def mrr_report(histories: Iterable[SubscriptionHistory], months: Sequence[Month]
                     reactivated_minor=totals[Movement.REACTIVATED],
                     closing_mrr_minor=closing,
                     active_subscriptions=active,
-                    active_customers=len(closing_customers),
-                    opening_customers=len(opening_customers),
+                    active_customers=always + len(closing_customers),
+                    opening_customers=always + len(opening_customers),
                     churned_customers=len(opening_customers - closing_customers),
                 )
             )
     return result
+
+
+def is_steady(history: SubscriptionHistory, start: datetime) -> bool:
+    """Whether the subscription is the same at every boundary from ``start`` on: created
+    before it and no status change at or after it."""
+    return history.created_at < start and all(at < start for at, _ in history.changes)
 
 
 MRR_CSV_COLUMNS = (

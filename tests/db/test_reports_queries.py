@@ -154,3 +154,27 @@ def test_the_database_counts_whole_days_as_the_rule_does(
         "61-90": 10**6 + 10**7,
         "over-90": 10**8,
     }
+
+
+def test_steady_months_are_counted_in_bulk_with_the_same_figures(
+    factory: sessionmaker[Session],
+) -> None:
+    """From May every subscription is steady (no change since April 20): sub_b, sub_c and
+    sub_d count, sub_a (canceled) does not; nothing moves."""
+    may_june = reporting.MonthRange(Month(2026, 5), Month(2026, 6))
+    rows = {(str(m.month), m.currency): m for m in reporting.mrr(factory, may_june)}
+    assert set(rows) == {("2026-05", "USD"), ("2026-06", "USD"), ("2026-05", "EUR"),
+                         ("2026-06", "EUR")}  # fmt: skip
+    for (_, currency), m in rows.items():
+        expected = {"USD": (3000, 2, 2), "EUR": (4329, 1, 1)}[currency]
+        assert (m.closing_mrr_minor, m.active_subscriptions, m.active_customers) == expected
+        assert m.opening_mrr_minor == m.closing_mrr_minor and m.net_movement_minor == 0
+        assert m.churned_customers == 0 and m.opening_customers == expected[2]
+    # April to May: sub_b (resumed Apr 20) is listed for April and steady in May; the figures
+    # chain.
+    april_may = reporting.mrr(factory, reporting.MonthRange(Month(2026, 4), Month(2026, 5)))
+    usd = [m for m in april_may if m.currency == "USD"]
+    assert [(m.opening_mrr_minor, m.reactivated_minor, m.closing_mrr_minor) for m in usd] == [
+        (1000, 2000, 3000),
+        (3000, 0, 3000),
+    ]

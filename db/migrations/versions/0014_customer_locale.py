@@ -1,5 +1,7 @@
 """``customers.locale``: the language and region invoice documents are written in (a BCP 47 /
 CLDR tag such as ``fr_FR``); NULL means the seller's default (``BILLING_INVOICE_LOCALE``).
+Two partial indexes for the dunning report: first attempts that failed, and the later
+attempts that paid.
 
 Revision ID: 0014
 Revises: 0009 (the lead re-chains it after 0010 at merge)
@@ -16,11 +18,32 @@ branch_labels = None
 depends_on = None
 
 
+# Frozen here (db.models has the same text).
+_FIRST_FAILED = "attempt_number = 1 AND outcome <> 'paid'"
+_RECOVERED = "outcome = 'paid' AND attempt_number > 1"
+
+
 def upgrade() -> None:
     with op.batch_alter_table("customers") as batch:
         batch.add_column(sa.Column("locale", sa.String(35), nullable=True))
+    op.create_index(
+        "ix_payment_attempts_first_failed",
+        "payment_attempts",
+        ["invoice_id", "outcome"],
+        postgresql_where=sa.text(_FIRST_FAILED),
+        sqlite_where=sa.text(_FIRST_FAILED),
+    )
+    op.create_index(
+        "ix_payment_attempts_recovered",
+        "payment_attempts",
+        ["invoice_id", "attempt_number"],
+        postgresql_where=sa.text(_RECOVERED),
+        sqlite_where=sa.text(_RECOVERED),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_payment_attempts_recovered", table_name="payment_attempts")
+    op.drop_index("ix_payment_attempts_first_failed", table_name="payment_attempts")
     with op.batch_alter_table("customers") as batch:
         batch.drop_column("locale")
