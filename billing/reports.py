@@ -277,18 +277,22 @@ def mrr_report(
     month boundaries: one that starts and ends inside a month moves nothing.
 
     ``steady`` adds counted subscriptions that are the same at every boundary (constant MRR,
-    no movement); ``steady_customers`` says how many distinct customers own them per currency,
-    and ``steady_customer_ids`` which (currency, customer) of ``histories`` also own one (such
-    a customer counts at every boundary and never churns). The result equals passing every
-    subscription in ``histories``."""
+    no movement); ``steady_customers`` says how many distinct customers own one with MRR above
+    0 per currency, and ``steady_customer_ids`` which (currency, customer) of ``histories``
+    also own one (such a customer counts at every boundary and never churns). The result
+    equals passing every subscription in ``histories``. Active subscriptions and customers are
+    those with MRR above 0."""
     by_currency: dict[str, list[SubscriptionHistory]] = defaultdict(list)
     for history in histories:
         by_currency[history.currency].append(history)
     constant_mrr: dict[str, int] = defaultdict(int)
     constant_subs: dict[str, int] = defaultdict(int)
     for group in steady:
-        constant_mrr[group.currency] += group.monthly_minor * group.subscriptions
-        constant_subs[group.currency] += group.subscriptions
+        # A subscription counts as active while its MRR is above 0 (a free plan, or a price
+        # that rounds to nothing a month, is not revenue), as for the listed ones below.
+        if group.monthly_minor > 0:
+            constant_mrr[group.currency] += group.monthly_minor * group.subscriptions
+            constant_subs[group.currency] += group.subscriptions
     constant_customers = steady_customers or {}
     boundaries = [m.start for m in months] + [months[-1].next().start] if months else []
     result: list[MrrMonth] = []

@@ -62,6 +62,8 @@ _FILTER_FIELDS = (
     "subscription_id",
     "issued_from",
     "issued_to",
+    "period_from",
+    "period_to",
 )
 _PAGE_SIZE = 25
 _MAX_FORM_BYTES = 4096
@@ -328,6 +330,8 @@ def _invoice_filter(values: dict[str, str]) -> InvoiceFilter:
         subscription_id=values.get("subscription_id"),
         issued_from=values.get("issued_from"),
         issued_to=values.get("issued_to"),
+        period_from=values.get("period_from"),
+        period_to=values.get("period_to"),
     )
 
 

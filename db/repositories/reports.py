@@ -22,6 +22,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
 )
 from sqlalchemy.orm import Session
 
@@ -118,21 +119,30 @@ def mrr_inputs(
             quantity_value,
         )
     )
-    steady = [
-        SteadyGroup(
-            currency=c,
-            monthly_minor=monthly_recurring_minor(
-                int(amount), IntervalUnit(interval), int(count), int(qty)
-            ),
-            subscriptions=int(n),
+    steady = []
+    free_prices: set[tuple[int, str, int, int]] = set()
+    for c, amount, interval, count, qty, n in groups:
+        monthly = monthly_recurring_minor(int(amount), IntervalUnit(interval), int(count), int(qty))
+        steady.append(SteadyGroup(currency=c, monthly_minor=monthly, subscriptions=int(n)))
+        if monthly == 0:
+            free_prices.add((int(amount), str(IntervalUnit(interval).value), int(count), int(qty)))
+    # Customers count while some subscription of theirs has MRR above 0: leave out the
+    # price points whose monthly amount rounds to 0 (free plans).
+    free = [
+        and_(
+            SUBSCRIPTIONS.c.amount_minor == amount,
+            SUBSCRIPTIONS.c.interval == interval,
+            SUBSCRIPTIONS.c.interval_count == count,
+            quantity_value == qty,
         )
-        for c, amount, interval, count, qty, n in groups
+        for amount, interval, count, qty in free_prices
     ]
+    paying = ~or_(*free) if free else true()
     steady_customers = {
         c: int(n)
         for c, n in session.execute(
             select(SUBSCRIPTIONS.c.currency, func.count(SUBSCRIPTIONS.c.customer_id.distinct()))
-            .where(*steady_where)
+            .where(*steady_where, paying)
             .group_by(SUBSCRIPTIONS.c.currency)
         )
     }
@@ -151,6 +161,24 @@ def mrr_inputs(
             sibling.c.currency == SUBSCRIPTIONS.c.currency,
             sibling.c.created_at < start,
             sibling.c.status.in_(counted),
+            *(
+                [
+                    ~or_(
+                        *(
+                            and_(
+                                sibling.c.amount_minor == amount,
+                                sibling.c.interval == interval,
+                                sibling.c.interval_count == count,
+                                (sibling.c[quantity.name] if quantity is not None else literal(1))
+                                == qty,
+                            )
+                            for amount, interval, count, qty in free_prices
+                        )
+                    )
+                ]
+                if free_prices
+                else []
+            ),
             ~exists().where(
                 SUBSCRIPTION_STATUS_CHANGES.c.subscription_id == sibling.c.id,
                 SUBSCRIPTION_STATUS_CHANGES.c.changed_at >= start,

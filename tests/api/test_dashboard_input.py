@@ -52,6 +52,12 @@ async def signed_in(api: Api) -> httpx.AsyncClient:
             "must not be later",
         ),
         ({"customer_id": "cus_🙂"}, 200, "No invoices match"),
+        # March's billing periods: in_6 (EUR) and in_7 (void) only.
+        (
+            {"period_from": "2026-03-01T00:00:00Z", "period_to": "2026-04-01T00:00:00Z"},
+            200,
+            "CCCCCCCC-0001",
+        ),
         ({"limit": "999999999999999999999"}, 200, "AAAAAAAA-0001"),
     ],
 )
@@ -145,3 +151,14 @@ async def test_a_configured_secret_keeps_sessions_across_restarts(api: Api) -> N
     key = ApiKey(name="admin-key", scope="admin", key=SecretStr(API_KEYS["admin"]))
     cookie = first.state.dashboard_signer.issue(key, now=time.time())
     assert second.state.dashboard_signer.check(cookie, now=time.time()) is not None
+
+
+async def test_the_period_filter_lists_that_months_invoices_only(
+    signed_in: httpx.AsyncClient,
+) -> None:
+    response = await signed_in.get(
+        "/dashboard/invoices",
+        params={"period_from": "2026-03-01T00:00:00Z", "period_to": "2026-04-01T00:00:00Z"},
+    )
+    listed = [chunk.split('"', 1)[0] for chunk in response.text.split('data-invoice-id="')[1:]]
+    assert sorted(listed) == ["in_6", "in_7"]

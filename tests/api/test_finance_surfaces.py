@@ -165,6 +165,7 @@ async def test_reports_need_the_finance_or_admin_scope(api: Api) -> None:
 
 def _pdf_text(pdf: bytes, tmp_path: Path) -> str:
     assert shutil.which("pdftotext"), "pdftotext is missing: apt-get install poppler-utils"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "invoice.pdf"
     path.write_bytes(pdf)
     return subprocess.run(
@@ -230,3 +231,21 @@ async def test_the_worker_serves_health_on_its_own_port(api: Api) -> None:
         assert ready.status_code == 200 and ready.json()["status"] == "ready"
     stop.set()
     await asyncio.wait_for(task, 10)
+
+
+async def test_twenty_pdfs_at_once_are_each_whole(api: Api, tmp_path: Path) -> None:
+    """WeasyPrint renders in the API's threads: twenty requests at once each get the right,
+    complete document."""
+    import asyncio
+
+    book.write_book(api.harness.session_factory)
+    ids = ["in_2", "in_6"] * 10
+    responses = await asyncio.gather(
+        *(api.request("GET", f"/v1/invoices/{i}.pdf", scope="finance") for i in ids)
+    )
+    for n, (invoice_id, response) in enumerate(zip(ids, responses, strict=True)):
+        assert response.status_code == 200
+        assert response.content.startswith(b"%PDF") and b"%%EOF" in response.content[-64:]
+        text = " ".join(_pdf_text(response.content, tmp_path / str(n)).split())
+        number = {"in_2": "AAAAAAAA-0002", "in_6": "CCCCCCCC-0001"}[invoice_id]
+        assert number in text

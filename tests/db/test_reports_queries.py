@@ -160,7 +160,40 @@ def test_steady_months_are_counted_in_bulk_with_the_same_figures(
     factory: sessionmaker[Session],
 ) -> None:
     """From May every subscription is steady (no change since April 20): sub_b, sub_c and
-    sub_d count, sub_a (canceled) does not; nothing moves."""
+    sub_d count, sub_a (canceled) does not; nothing moves. A free subscription (cus_b's second,
+    and one of a customer of its own) adds no MRR, no active subscription and no customer."""
+    from sqlalchemy import insert
+
+    from db.models import CUSTOMERS, SUBSCRIPTIONS
+
+    with factory() as session, session.begin():
+        session.execute(
+            insert(CUSTOMERS).values(
+                id="cus_free",
+                timezone="UTC",
+                invoice_prefix="FREEFREE",
+                created_at=book.at(1, 1),
+                updated_at=book.at(1, 1),
+            )
+        )
+        for sub_id, customer in (("sub_free", "cus_free"), ("sub_b_free", "cus_b")):
+            session.execute(
+                insert(SUBSCRIPTIONS).values(
+                    id=sub_id,
+                    customer_id=customer,
+                    plan_code="book-plan",
+                    status="active",
+                    amount_minor=0,
+                    currency="USD",
+                    interval="month",
+                    interval_count=1,
+                    timezone="UTC",
+                    anchor_at=book.at(1, 1),
+                    workflow_id=f"subscription-{sub_id}",
+                    created_at=book.at(1, 1),
+                    updated_at=book.at(1, 1),
+                )
+            )
     may_june = reporting.MonthRange(Month(2026, 5), Month(2026, 6))
     rows = {(str(m.month), m.currency): m for m in reporting.mrr(factory, may_june)}
     assert set(rows) == {("2026-05", "USD"), ("2026-06", "USD"), ("2026-05", "EUR"),
