@@ -29,6 +29,7 @@ from temporalio.worker import Worker
 
 from billing.cli_events import event_endpoints_app
 from billing.contracts import SubscriptionMessage, SubscriptionView
+from billing.reports_cli import reports_app
 from billing.settings import ApiKey, Settings
 from billing.simulate.command import simulate
 
@@ -216,6 +217,7 @@ def dev(
         api_url = f"http://{settings.api_host}:{settings.api_port}"
         table.add_row("API", api_url)
         table.add_row("API docs", f"{api_url}/docs")
+        table.add_row("Dashboard", f"{api_url}/dashboard (sign in with the finance key)")
         for api_key in settings.api_keys:
             table.add_row(f"API key ({api_key.scope})", api_key.key.get_secret_value())
         console.print(table)
@@ -286,6 +288,31 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
         f"{settings.payments_queue()!r} (provider calls, at most "
         f"{settings.charge_rate_per_s:g}/s)"
     )
+    health = None
+    if settings.worker_health_address is not None:
+        from billing.health import serve_worker_health
+
+        health_started = asyncio.Event()
+        health = asyncio.create_task(
+            serve_worker_health(
+                settings.worker_health_address,
+                deps.session_factory,
+                client,
+                stop=stop,
+                started=health_started,
+            )
+        )
+        await asyncio.wait(
+            [asyncio.ensure_future(health_started.wait()), health],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if health.done():
+            _fail(
+                f"cannot serve health on {settings.worker_health_address} "
+                "(BILLING_WORKER_HEALTH_ADDRESS): the address is taken or invalid",
+                code=1,
+            )
+        console.print(f"health on http://{settings.worker_health_address}/healthz and /readyz")
     reporter = None
     if runtime is not None:
         console.print(f"metrics on http://{settings.worker_metrics_address}/metrics")
@@ -295,6 +322,9 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
             )
         )
     clean = await run_workers_until(stop, [w, payments, delivery], graceful_shutdown_s=graceful_s)
+    if health is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(health, timeout=2)
     if reporter is not None:
         reporter.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -596,6 +626,8 @@ signups_app = typer.Typer(
 )
 app.add_typer(signups_app, name="signups")
 app.add_typer(event_endpoints_app, name="event-endpoints")
+# The revenue reports (billing/reports_cli.py).
+app.add_typer(reports_app, name="reports")
 
 
 class TemporalUnreachable(Exception):

@@ -52,7 +52,8 @@ class CustomerRecord:
     #: The signup in progress for this customer (token) and when its hold lapses (UTC).
     signup_lease_token: str | None = None
     signup_lease_expires_at: datetime | None = None
-    #: Language for mails (CLDR locale such as ``de-CH``); None: English.
+    #: The customer's CLDR locale (``de-CH`` or ``fr_FR``) for mails and invoice documents;
+    #: None: English mails, the seller's default for documents.
     locale: str | None = None
     #: Opted out of non-essential mails (receipts, trial reminders); never of dunning notices.
     mail_opt_out: bool = False

@@ -187,6 +187,27 @@ class Settings(BaseSettings):
     #: Accept http:// and private or loopback addresses for event endpoints. Unset: only in
     #: ``dev``.
     event_endpoints_allow_insecure: bool | None = None
+    #: Where ``billing worker`` serves ``/healthz`` (alive) and ``/readyz`` (database and
+    #: Temporal answer), ``HOST:PORT``. Unset: no health endpoint. No authentication and no
+    #: data beyond up/down: loopback or a private network.
+    worker_health_address: str | None = None
+
+    #: The dashboard's session cookie (``/dashboard``): signed with this secret, valid this
+    #: many seconds. Unset secret: a random one per process (sign-ins end when the API
+    #: restarts, and several API replicas need the same secret).
+    dashboard_session_secret: SecretStr | None = None
+    dashboard_session_ttl_s: int = Field(default=8 * 3600, ge=60, le=30 * 24 * 3600)
+
+    #: The seller on invoice documents (HTML and PDF): name, postal address (lines separated
+    #: by newlines), tax id and contact email.
+    seller_name: str = Field(default="Billing Demo Ltd", min_length=1, max_length=200)
+    seller_address: str = Field(
+        default="1 Example Street\nLondon EC1A 1AA\nUnited Kingdom", max_length=1000
+    )
+    seller_tax_id: str | None = Field(default=None, max_length=100)
+    seller_email: str | None = Field(default="billing@example.com", max_length=320)
+    #: Locale of invoice documents for customers without their own (``customers.locale``).
+    invoice_locale: str = Field(default="en_GB", min_length=2, max_length=35)
 
     #: TEST ONLY (scripts/chaos.py): the worker kills itself (SIGKILL) right after Stripe
     #: answered the first send of a charge and before the answer is written to the database,
@@ -225,7 +246,7 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("worker_metrics_address")
+    @field_validator("worker_metrics_address", "worker_health_address")
     @classmethod
     def _metrics_address_is_host_port(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
@@ -233,8 +254,8 @@ class Settings(BaseSettings):
         host, colon, port = value.strip().rpartition(":")
         if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(
-                f"BILLING_WORKER_METRICS_ADDRESS must be HOST:PORT such as 127.0.0.1:9464 "
-                f"(got {value!r}); unset it to serve no metrics"
+                f"BILLING_WORKER_METRICS_ADDRESS and BILLING_WORKER_HEALTH_ADDRESS must be "
+                f"HOST:PORT such as 127.0.0.1:9464 (got {value!r}); unset it to serve nothing"
             )
         return value.strip()
 

@@ -2,26 +2,72 @@
 
 ``create_app`` wires the routers, the error shape, the body-size limit and API-key auth onto
 the given dependencies, so the same factory serves production (``billing api``), the dev
-stack and tests (a time-skipping harness). OpenAPI docs are at ``/docs``.
+stack and tests (a time-skipping harness). OpenAPI docs are at ``/docs``: Swagger UI from
+files shipped in the package (``fastapi-offline``'s copy of swagger-ui-dist), so it works
+without the internet. Operations: ``/healthz``, ``/readyz``, ``/metrics``. Finance:
+``/v1/reports/...`` and the web dashboard at ``/dashboard``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib.resources import files
+from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse
+from starlette.staticfiles import StaticFiles
 from temporalio.client import Client
 
-from billing.api import access_log, events, invoices, subscriptions
+from billing.api import (
+    access_log,
+    documents,
+    events,
+    health,
+    invoices,
+    metrics,
+    reports,
+    subscriptions,
+)
 from billing.api.auth import KeyRing
 from billing.api.errors import install_error_handlers
 from billing.api.webhooks import WEBHOOK_MAX_BODY_BYTES, WEBHOOK_PATH
 from billing.clock import Clock
+from billing.dashboard import app as dashboard
 from billing.settings import Settings
 from billing.signup import SignupService
 from billing.worker import Dependencies
 
 API_VERSION = "1"
+DOCS_PATH = "/docs"
+DOCS_STATIC_PATH = "/docs/static"
+
+
+def swagger_ui_dir() -> Path:
+    """Swagger UI's files (swagger-ui-bundle.js, swagger-ui.css, favicon.png), shipped in the
+    ``fastapi-offline`` package."""
+    return Path(str(files("fastapi_offline") / "static"))
+
+
+def _install_docs(app: FastAPI) -> None:
+    app.mount(DOCS_STATIC_PATH, StaticFiles(directory=swagger_ui_dir()), name="docs-static")
+    oauth2_redirect = f"{DOCS_PATH}/oauth2-redirect"
+
+    @app.get(DOCS_PATH, include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="billing API",
+            oauth2_redirect_url=oauth2_redirect,
+            swagger_js_url=f"{DOCS_STATIC_PATH}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_STATIC_PATH}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_STATIC_PATH}/favicon.png",
+        )
+
+    @app.get(oauth2_redirect, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
 
 
 def create_app(
@@ -42,7 +88,7 @@ def create_app(
         title="billing",
         version=API_VERSION,
         summary="Recurring billing: subscriptions, changes and finance reads.",
-        docs_url="/docs",
+        docs_url=None,
         redoc_url=None,
         openapi_url="/openapi.json",
     )
@@ -68,9 +114,20 @@ def create_app(
             WEBHOOK_PATH: max(WEBHOOK_MAX_BODY_BYTES, settings.api_max_body_bytes),
         },
     )
+    app.state.metrics = metrics.ApiMetrics(
+        deps.session_factory, ttl_s=metrics.BUSINESS_METRICS_TTL_S
+    )
+    app.add_middleware(metrics.RequestTimer, metrics=app.state.metrics)
+    _install_docs(app)
+    app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(subscriptions.router)
+    # The PDF route before the invoice read, whose {id} would otherwise match "in_x.pdf".
+    app.include_router(documents.router)
     app.include_router(invoices.router)
     app.include_router(events.router)
+    app.include_router(reports.router)
+    dashboard.install(app)
     for router in include_routers:
         app.include_router(router)
     return app

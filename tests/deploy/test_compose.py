@@ -51,7 +51,8 @@ def env_of(compose: dict[str, Any], service: str) -> dict[str, str]:
 
 def test_the_stack_has_the_production_services(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == {
-        "postgres", "temporal", "temporal-ui", "migrate", "worker", "api"
+        "postgres", "temporal", "temporal-ui", "migrate", "worker", "api", "prometheus",
+        "grafana",
     }  # fmt: skip
 
 
@@ -189,3 +190,39 @@ def test_several_workers_run_against_one_temporal_with_bounded_memory(
     )
     assert settings.worker_max_cached_workflows == 1000 and settings.activity_threads == 16
     assert env["BILLING_TEMPORAL_ADDRESS"] == "temporal:7233"
+
+
+def test_health_checks_and_scrape_targets_match_the_settings(compose: dict[str, Any]) -> None:
+    """The API and worker health checks call /readyz on the ports the settings serve, and
+    Prometheus scrapes the ports they serve metrics on; the Grafana dashboard's queries name
+    metrics the code exports."""
+    import json
+
+    worker = Settings(_env_file=None, **{  # type: ignore[call-arg]
+        k.removeprefix("BILLING_").lower(): v
+        for k, v in env_of(compose, "worker").items()
+        if k in ("BILLING_WORKER_METRICS_ADDRESS", "BILLING_WORKER_HEALTH_ADDRESS")
+    })  # fmt: skip
+    assert worker.worker_health_address is not None and worker.worker_metrics_address
+    health_port = worker.worker_health_address.rsplit(":", 1)[1]
+    assert f":{health_port}/readyz" in " ".join(
+        compose["services"]["worker"]["healthcheck"]["test"]
+    )
+    assert ":8000/readyz" in " ".join(compose["services"]["api"]["healthcheck"]["test"])
+    scrape = yaml.safe_load((COMPOSE.parent / "prometheus.yml").read_text())
+    targets = {
+        t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]
+    }
+    metrics_port = worker.worker_metrics_address.rsplit(":", 1)[1]
+    assert {"api:8000", f"worker:{metrics_port}"} <= targets
+    dashboard = json.loads((COMPOSE.parent / "grafana" / "billing-dashboard.json").read_text())
+    queries = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    for name in (
+        "billing_api_request_duration_seconds_bucket",
+        "billing_charge_attempts_total",
+        "billing_dunning_recoveries_total",
+        "billing_webhook_events_total",
+        "billing_notifications",
+        "billing_subscriptions_needs_attention",
+    ):
+        assert name in queries

@@ -31,6 +31,11 @@ POSITIVE = (
     "worker_rss_mb_per_1k_idle",
     "max_charge_rate_per_s",
     "configured_charge_rate_per_s",
+    "report_mrr_p99_ms",
+    "report_ar_aging_p99_ms",
+    "report_dunning_p99_ms",
+    "report_collections_p99_ms",
+    "report_dashboard_overview_p99_ms",
 )
 
 

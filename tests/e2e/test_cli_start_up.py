@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from billing.devstack import spawn_temporal_dev_server
@@ -58,11 +59,12 @@ def wait_for_text(path: Path, text: str, timeout_s: float) -> None:
 def test_the_worker_waits_for_temporal_and_then_runs(tmp_path: Path, sqlite_url: str) -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
+    health = f"127.0.0.1:{free_port()}"
     out, err = tmp_path / "worker.out", tmp_path / "worker.err"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         worker = subprocess.Popen(
             [BILLING, "worker"],
-            env=environment(address, sqlite_url),
+            env=environment(address, sqlite_url, BILLING_WORKER_HEALTH_ADDRESS=health),
             stdout=stdout,
             stderr=stderr,
         )
@@ -74,6 +76,11 @@ def test_the_worker_waits_for_temporal_and_then_runs(tmp_path: Path, sqlite_url:
         server = spawn_temporal_dev_server(settings, db_filename=None, log=tmp_path / "t.log")
         # The backoff grows to at most 30 s between attempts; the first few are short.
         wait_for_text(out, "worker running", 60)
+        # Its health port (BILLING_WORKER_HEALTH_ADDRESS): alive, and ready once both answer.
+        wait_for_text(out, f"health on http://{health}/healthz", 10)
+        assert httpx.get(f"http://{health}/healthz", timeout=5).json() == {"status": "ok"}
+        ready = httpx.get(f"http://{health}/readyz", timeout=10)
+        assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=30) == 0
     finally:

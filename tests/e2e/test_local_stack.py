@@ -117,6 +117,17 @@ def wait_for_webhook(database: Path, event_type: str) -> bool:
     return False
 
 
+def sign_in_to_dashboard(client: httpx.Client, key: str) -> dict[str, str]:
+    """The session cookie a browser gets from the sign-in form."""
+    form = client.get("/dashboard/login")
+    token = form.text.split('name="login_token" value="', 1)[1].split('"', 1)[0]
+    signed = client.post(
+        "/dashboard/login", data={"api_key": key, "login_token": token}, cookies=form.cookies
+    )
+    assert signed.status_code == 303, signed.text
+    return {"billing_dashboard_session": signed.cookies["billing_dashboard_session"]}
+
+
 def test_billing_dev_serves_a_signup_end_to_end_and_stops_cleanly(tmp_path: Path) -> None:
     stack = DevStack(tmp_path / "state")
     stack.state_dir.mkdir()
@@ -140,6 +151,16 @@ def test_billing_dev_serves_a_signup_end_to_end_and_stops_cleanly(tmp_path: Path
             subscription_id = signup.json()["id"]
             invoice = wait_for_paid_invoice(client, subscription_id, keys["finance"])
             assert invoice["amount_due_minor"] == 900 and invoice["currency"] == "USD"
+            # The dashboard URL the banner prints shows the invoices and the MRR.
+            assert f"http://127.0.0.1:{stack.ports['api']}/dashboard" in banner
+            dashboard = sign_in_to_dashboard(client, keys["finance"])
+            overview = client.get("/dashboard", cookies=dashboard)
+            assert overview.status_code == 200
+            mrr = overview.text.split('id="mrr-USD">', 1)[1].split("<", 1)[0]
+            # The demo subscription and this one, USD 9.00 a month each (once both are paid).
+            assert mrr in ("USD 9.00", "USD 18.00"), mrr
+            listing = client.get("/dashboard/invoices", cookies=dashboard)
+            assert invoice["number"] in listing.text
         # localstripe's signed webhooks reach our endpoint and pass its signature check.
         assert wait_for_webhook(stack.state_dir / "billing.db", "customer.created")
     finally:

@@ -18,8 +18,19 @@ from tests.security.routes import every_route, operation_scopes
 
 #: Served without an API key, on purpose.
 PUBLIC_ROUTES = frozenset(
-    {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/oauth2-redirect")}
+    {
+        ("GET", "/openapi.json"),
+        ("GET", "/docs"),
+        ("GET", "/docs/oauth2-redirect"),
+        # Operations: up or down, and Prometheus figures (scraped from a private network).
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/metrics"),
+    }
 )
+#: The dashboard's pages take its session cookie instead of an API key: without one, every
+#: page redirects to the sign-in form (its own tests check the cookie and CSRF token).
+DASHBOARD_SIGN_IN = frozenset({("GET", "/dashboard/login"), ("POST", "/dashboard/login")})
 #: Authenticated by the Stripe signature instead of an API key.
 SIGNATURE_ROUTES = frozenset({("POST", WEBHOOK_PATH)})
 
@@ -38,7 +49,15 @@ async def protection_problems(app: FastAPI, client: httpx.AsyncClient) -> list[s
         for method in route.methods
         if method != "HEAD"  # answered by the GET route
     }
-    for method, path in sorted(served - set(scopes) - PUBLIC_ROUTES):
+    dashboard = {(m, p) for m, p in served if p.startswith("/dashboard")} - DASHBOARD_SIGN_IN
+    for method, path in sorted(dashboard):
+        url = path.replace("{id}", "in_unknown")
+        response = await client.request(method, url)
+        if response.status_code != 303 or response.headers.get("location") != "/dashboard/login":
+            problems.append(f"dashboard {method} {path} without a session: {response.status_code}")
+    for method, path in sorted(
+        served - set(scopes) - PUBLIC_ROUTES - dashboard - DASHBOARD_SIGN_IN
+    ):
         problems.append(f"{method} {path} is served but not in the OpenAPI document")
     for method, path in sorted(served & PUBLIC_ROUTES):
         response = await client.request(method, path)
@@ -46,6 +65,8 @@ async def protection_problems(app: FastAPI, client: httpx.AsyncClient) -> list[s
             problems.append(f"public {method} {path} answered {response.status_code}")
 
     for (method, path), allowed in sorted(scopes.items()):
+        if (method, path) in PUBLIC_ROUTES:
+            continue
         url = _concrete(path)
         body: dict[str, Any] = {"json": {}} if method == "POST" else {}
         if (method, path) in SIGNATURE_ROUTES:

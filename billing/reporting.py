@@ -1,0 +1,128 @@
+"""The reports as the API, the CLI and the dashboard ask for them: read the rows
+(``db.repositories.reports``), apply the rules (``billing.reports``), in one short read-only
+transaction each. Inputs are checked here, once, with errors that name the field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing.finance import parse_instant
+from billing.money import normalize_currency
+from billing.reports import (
+    MRR_STATUSES,
+    AgingRow,
+    CollectionMonth,
+    DunningReport,
+    Month,
+    MrrMonth,
+    ar_aging,
+    collections_report,
+    dunning_recovery,
+    month_range,
+    mrr_report,
+)
+from db.engine import unit_of_work
+from db.repositories import reports as reports_repo
+
+#: Months a monthly report covers when no range is given: the last twelve, this one included.
+DEFAULT_MONTHS = 12
+
+
+@dataclass(frozen=True, slots=True)
+class MonthRange:
+    first: Month
+    last: Month
+    currency: str | None = None
+
+    @property
+    def months(self) -> list[Month]:
+        return month_range(self.first, self.last)
+
+
+def month_range_from(
+    first: str | None, last: str | None, currency: str | None, *, now: datetime
+) -> MonthRange:
+    """The months asked for (``YYYY-MM``, both included); by default the twelve months up to
+    ``now``'s, or twelve from ``first``."""
+    end = Month.parse(last, field="to") if last else None
+    start = Month.parse(first, field="from") if first else None
+    if end is None:
+        end = Month.of(now) if start is None else _add(start, DEFAULT_MONTHS - 1)
+    if start is None:
+        start = _add(end, -(DEFAULT_MONTHS - 1))
+    result = MonthRange(start, end, normalize_currency(currency) if currency else None)
+    result.months  # noqa: B018 (checks the order and length)
+    return result
+
+
+def _add(month: Month, count: int) -> Month:
+    index = month.year * 12 + month.month - 1 + count
+    return Month(max(1, index // 12), index % 12 + 1)
+
+
+def mrr(session_factory: sessionmaker[Session], months: MonthRange) -> list[MrrMonth]:
+    with unit_of_work(session_factory) as session:
+        reports_repo.tune_for_reports(session)
+        inputs = reports_repo.mrr_inputs(
+            session,
+            start=months.first.start,
+            until=months.last.next().start,
+            counted=sorted(status.value for status in MRR_STATUSES),
+            currency=months.currency,
+        )
+    return mrr_report(
+        inputs.histories,
+        months.months,
+        steady=inputs.steady,
+        steady_customers=inputs.steady_customers,
+        steady_customer_ids=inputs.steady_customer_ids,
+    )
+
+
+def aging(
+    session_factory: sessionmaker[Session],
+    *,
+    as_of: str | datetime | None,
+    currency: str | None,
+    now: datetime,
+) -> tuple[datetime, list[AgingRow]]:
+    instant = parse_instant(as_of, field="as_of") if as_of else now
+    assert instant is not None
+    code = normalize_currency(currency) if currency else None
+    with unit_of_work(session_factory) as session:
+        reports_repo.tune_for_reports(session)
+        receivables = reports_repo.receivables(session, as_of=instant, currency=code)
+    return instant, ar_aging(receivables)
+
+
+def dunning(session_factory: sessionmaker[Session], months: MonthRange) -> DunningReport:
+    """Invoices issued in the months, by how their dunning went."""
+    with unit_of_work(session_factory) as session:
+        reports_repo.tune_for_reports(session)
+        failed = reports_repo.failed_invoices(
+            session,
+            issued_from=months.first.start,
+            issued_to=months.last.next().start,
+            currency=months.currency,
+        )
+    return dunning_recovery(failed)
+
+
+def collections(
+    session_factory: sessionmaker[Session], months: MonthRange
+) -> list[CollectionMonth]:
+    with unit_of_work(session_factory) as session:
+        reports_repo.tune_for_reports(session)
+        invoiced = reports_repo.monthly_invoiced(
+            session, months.first, months.last, currency=months.currency
+        )
+        collected = reports_repo.monthly_collected(
+            session, months.first, months.last, currency=months.currency
+        )
+        fees = reports_repo.monthly_fees(
+            session, months.first, months.last, currency=months.currency
+        )
+    return collections_report(months.months, invoiced, collected, fees)

@@ -1,0 +1,466 @@
+"""The reports' reads (rules in ``billing.reports``): subscription histories for MRR, invoices
+unpaid at an instant for AR aging, failed invoices for dunning recovery, and monthly sums for
+collected vs invoiced. Reads only. Months are grouped in UTC, in SQL, on both databases.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    and_,
+    bindparam,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    true,
+)
+from sqlalchemy.orm import Session
+
+from billing.calendar import IntervalUnit
+from billing.invoices import InvoiceStatus
+from billing.payments import ChargeOutcomeKind
+from billing.reports import (
+    FailedInvoice,
+    Month,
+    MonthlySum,
+    Receivable,
+    SteadyGroup,
+    SubscriptionHistory,
+    monthly_recurring_minor,
+)
+from billing.subscription import SubscriptionStatus
+from db.models import (
+    INVOICES,
+    PAYMENT_ATTEMPTS,
+    PAYMENTS,
+    SUBSCRIPTION_STATUS_CHANGES,
+    SUBSCRIPTIONS,
+)
+from db.types import UTCDateTime
+
+
+def _quantity_column() -> Any:
+    """``subscriptions.quantity`` once that column exists (seats: ``amount_minor`` is then the
+    unit price), else 1."""
+    return SUBSCRIPTIONS.c.get("quantity")
+
+
+@dataclass(frozen=True, slots=True)
+class MrrInputs:
+    """What ``billing.reports.mrr_report`` needs for a report from ``start`` to ``until``."""
+
+    histories: list[SubscriptionHistory]
+    steady: list[SteadyGroup]
+    steady_customers: dict[str, int]
+    steady_customer_ids: frozenset[tuple[str, str]]
+
+
+def _changed_since(start: datetime) -> Any:
+    """The subscription has a status change at or after ``start``."""
+    changes = SUBSCRIPTION_STATUS_CHANGES
+    return exists().where(
+        changes.c.subscription_id == SUBSCRIPTIONS.c.id, changes.c.changed_at >= start
+    )
+
+
+def _steady(start: datetime, counted: Sequence[str]) -> ColumnElement[bool]:
+    """Created before ``start``, no status change since, and counted: the same at every
+    boundary of the report. Its status then is its current one (the status mirror and its
+    change log are written together)."""
+    return and_(
+        SUBSCRIPTIONS.c.created_at < start,
+        SUBSCRIPTIONS.c.status.in_(counted),
+        ~_changed_since(start),
+    )
+
+
+def mrr_inputs(
+    session: Session,
+    *,
+    start: datetime,
+    until: datetime,
+    counted: Sequence[str],
+    currency: str | None = None,
+) -> MrrInputs:
+    """The book for an MRR report whose first boundary is ``start`` and last ``until``:
+    steady counted subscriptions grouped by price (counted, not listed), and every other
+    subscription that may count at some boundary with its status changes before ``until``.
+    ``counted``: the statuses that count (billing.reports.MRR_STATUSES)."""
+    quantity = _quantity_column()
+    quantity_value = quantity if quantity is not None else literal(1)
+    steady_where = [_steady(start, counted)]
+    if currency is not None:
+        steady_where.append(SUBSCRIPTIONS.c.currency == currency)
+    groups = session.execute(
+        select(
+            SUBSCRIPTIONS.c.currency,
+            SUBSCRIPTIONS.c.amount_minor,
+            SUBSCRIPTIONS.c.interval,
+            SUBSCRIPTIONS.c.interval_count,
+            quantity_value.label("quantity"),
+            func.count(),
+        )
+        .where(*steady_where)
+        .group_by(
+            SUBSCRIPTIONS.c.currency,
+            SUBSCRIPTIONS.c.amount_minor,
+            SUBSCRIPTIONS.c.interval,
+            SUBSCRIPTIONS.c.interval_count,
+            quantity_value,
+        )
+    )
+    steady = []
+    free_prices: set[tuple[int, str, int, int]] = set()
+    for c, amount, interval, count, qty, n in groups:
+        monthly = monthly_recurring_minor(int(amount), IntervalUnit(interval), int(count), int(qty))
+        steady.append(SteadyGroup(currency=c, monthly_minor=monthly, subscriptions=int(n)))
+        if monthly == 0:
+            free_prices.add((int(amount), str(IntervalUnit(interval).value), int(count), int(qty)))
+    # Customers count while some subscription of theirs has MRR above 0: leave out the
+    # price points whose monthly amount rounds to 0 (free plans).
+    free = [
+        and_(
+            SUBSCRIPTIONS.c.amount_minor == amount,
+            SUBSCRIPTIONS.c.interval == interval,
+            SUBSCRIPTIONS.c.interval_count == count,
+            quantity_value == qty,
+        )
+        for amount, interval, count, qty in free_prices
+    ]
+    paying = ~or_(*free) if free else true()
+    steady_customers = {
+        c: int(n)
+        for c, n in session.execute(
+            select(SUBSCRIPTIONS.c.currency, func.count(SUBSCRIPTIONS.c.customer_id.distinct()))
+            .where(*steady_where, paying)
+            .group_by(SUBSCRIPTIONS.c.currency)
+        )
+    }
+    # Everything else that may count at some boundary: created inside the report, or changed
+    # since its start.
+    others = and_(
+        SUBSCRIPTIONS.c.created_at < until,
+        or_(SUBSCRIPTIONS.c.created_at >= start, _changed_since(start)),
+        *([SUBSCRIPTIONS.c.currency == currency] if currency is not None else []),
+    )
+    sibling = SUBSCRIPTIONS.alias("sibling")
+    owns_steady = (
+        exists()
+        .where(
+            sibling.c.customer_id == SUBSCRIPTIONS.c.customer_id,
+            sibling.c.currency == SUBSCRIPTIONS.c.currency,
+            sibling.c.created_at < start,
+            sibling.c.status.in_(counted),
+            *(
+                [
+                    ~or_(
+                        *(
+                            and_(
+                                sibling.c.amount_minor == amount,
+                                sibling.c.interval == interval,
+                                sibling.c.interval_count == count,
+                                (sibling.c[quantity.name] if quantity is not None else literal(1))
+                                == qty,
+                            )
+                            for amount, interval, count, qty in free_prices
+                        )
+                    )
+                ]
+                if free_prices
+                else []
+            ),
+            ~exists().where(
+                SUBSCRIPTION_STATUS_CHANGES.c.subscription_id == sibling.c.id,
+                SUBSCRIPTION_STATUS_CHANGES.c.changed_at >= start,
+            ),
+        )
+        .label("owns_steady")
+    )
+    statement = select(
+        SUBSCRIPTIONS.c.id,
+        SUBSCRIPTIONS.c.customer_id,
+        SUBSCRIPTIONS.c.currency,
+        SUBSCRIPTIONS.c.amount_minor,
+        SUBSCRIPTIONS.c.interval,
+        SUBSCRIPTIONS.c.interval_count,
+        SUBSCRIPTIONS.c.created_at,
+        SUBSCRIPTIONS.c.status,
+        quantity_value.label("quantity"),
+        owns_steady,
+    ).where(others)
+    listed = select(SUBSCRIPTIONS.c.id).where(others).subquery("listed")
+    changes_statement = (
+        select(
+            SUBSCRIPTION_STATUS_CHANGES.c.subscription_id,
+            SUBSCRIPTION_STATUS_CHANGES.c.from_status,
+            SUBSCRIPTION_STATUS_CHANGES.c.to_status,
+            SUBSCRIPTION_STATUS_CHANGES.c.changed_at,
+        )
+        .join(listed, listed.c.id == SUBSCRIPTION_STATUS_CHANGES.c.subscription_id)
+        .where(SUBSCRIPTION_STATUS_CHANGES.c.changed_at < until)
+        .order_by(
+            SUBSCRIPTION_STATUS_CHANGES.c.subscription_id,
+            SUBSCRIPTION_STATUS_CHANGES.c.changed_at,
+            SUBSCRIPTION_STATUS_CHANGES.c.id,
+        )
+    )
+    changes: dict[str, list[tuple[datetime, SubscriptionStatus, SubscriptionStatus]]] = defaultdict(
+        list
+    )
+    for sub_id, from_status, to_status, changed_at in session.execute(changes_statement):
+        changes[sub_id].append(
+            (changed_at, SubscriptionStatus(from_status), SubscriptionStatus(to_status))
+        )
+    histories = []
+    owners: set[tuple[str, str]] = set()
+    for row in session.execute(statement).mappings():
+        own = changes.get(row["id"], [])
+        # Before its first change a subscription had that change's from-status; with no change
+        # recorded, it has had its current status since it was created.
+        initial = own[0][1] if own else SubscriptionStatus(row["status"])
+        if row["owns_steady"]:
+            owners.add((row["currency"], row["customer_id"]))
+        histories.append(
+            SubscriptionHistory(
+                subscription_id=row["id"],
+                customer_id=row["customer_id"],
+                currency=row["currency"],
+                monthly_minor=monthly_recurring_minor(
+                    int(row["amount_minor"]),
+                    IntervalUnit(row["interval"]),
+                    int(row["interval_count"]),
+                    int(row["quantity"]),
+                ),
+                created_at=row["created_at"],
+                initial_status=initial,
+                changes=tuple((at, to) for at, _, to in own),
+            )
+        )
+    return MrrInputs(histories, steady, steady_customers, frozenset(owners))
+
+
+def _unpaid_at(as_of: datetime) -> ColumnElement[bool]:
+    """Finalized at or before ``as_of`` and, at ``as_of``, neither paid, voided nor written
+    off (each is stamped with its instant, so the state at any past instant is known)."""
+    return and_(
+        INVOICES.c.finalized_at.isnot(None),
+        INVOICES.c.finalized_at <= as_of,
+        *(
+            or_(column.is_(None), column > as_of)
+            for column in (
+                INVOICES.c.paid_at,
+                INVOICES.c.voided_at,
+                INVOICES.c.marked_uncollectible_at,
+            )
+        ),
+    )
+
+
+def _whole_days_since(session: Session, column: Any, as_of: datetime) -> Any:
+    """Whole days from ``column`` to ``as_of`` (floor of the elapsed seconds / 86400, as
+    billing.reports.days_past_due counts them), in SQL so the database groups by it."""
+    instant = bindparam("as_of_instant", as_of, type_=UTCDateTime())
+    if session.get_bind().dialect.name == "postgresql":
+        return func.floor(func.extract("epoch", instant - column) / 86400).cast(Integer)
+    # SQLite: integer seconds since the epoch of both UTC wall times, integer division.
+    seconds = func.strftime("%s", instant).cast(Integer) - func.strftime("%s", column).cast(Integer)
+    return seconds / 86400
+
+
+def receivables(
+    session: Session, *, as_of: datetime, currency: str | None = None
+) -> list[Receivable]:
+    """Invoices owed at ``as_of``, grouped by currency and whole days since they fell due (at
+    finalization), with how many and the amount outstanding (an invoice is paid in one
+    payment, so the whole amount due). One row per day of age, not per invoice."""
+    days = _whole_days_since(session, INVOICES.c.finalized_at, as_of).label("days")
+    statement = (
+        select(INVOICES.c.currency, days, func.count(), func.sum(INVOICES.c.amount_due_minor))
+        .where(_unpaid_at(as_of), INVOICES.c.amount_due_minor > 0)
+        .group_by(INVOICES.c.currency, days)
+    )
+    if currency is not None:
+        statement = statement.where(INVOICES.c.currency == currency)
+    return [
+        Receivable(
+            currency=c,
+            days_past_due=max(0, int(d)),
+            outstanding_minor=int(amount),
+            invoices=int(n),
+        )
+        for c, d, n, amount in session.execute(statement)
+    ]
+
+
+def failed_invoices(
+    session: Session, *, issued_from: datetime, issued_to: datetime, currency: str | None = None
+) -> list[FailedInvoice]:
+    """Invoices issued in [issued_from, issued_to) whose first attempt with an outcome was not
+    a payment, grouped by currency, status, the class of that failure and the attempt that
+    paid them (if any), with how many and their amount due."""
+    attempts = PAYMENT_ATTEMPTS
+    # The first attempt decides whether an invoice failed: an attempt whose outcome is unknown
+    # is re-driven under its own number, never replaced, so attempt 1 always gets an outcome.
+    first_attempt = attempts.alias("first_attempt")
+    # The attempt that paid after a failure: a succeeded attempt after the first (at most one
+    # per invoice: an intent is paid once and an invoice has one settled payment).
+    recovered = (
+        select(attempts.c.invoice_id, func.min(attempts.c.attempt_number).label("n"))
+        .where(attempts.c.outcome == ChargeOutcomeKind.PAID.value, attempts.c.attempt_number > 1)
+        .group_by(attempts.c.invoice_id)
+        .subquery("recovered")
+    )
+    statement = (
+        select(
+            INVOICES.c.currency,
+            INVOICES.c.status,
+            first_attempt.c.outcome,
+            recovered.c.n,
+            func.count(),
+            func.sum(INVOICES.c.amount_due_minor),
+        )
+        .select_from(
+            first_attempt.join(INVOICES, INVOICES.c.id == first_attempt.c.invoice_id).outerjoin(
+                recovered, recovered.c.invoice_id == first_attempt.c.invoice_id
+            )
+        )
+        .where(
+            # Both conditions as the partial index ix_payment_attempts_first_failed states them.
+            first_attempt.c.attempt_number == 1,
+            first_attempt.c.outcome != ChargeOutcomeKind.PAID.value,
+            INVOICES.c.created_at >= issued_from,
+            INVOICES.c.created_at < issued_to,
+        )
+        .group_by(
+            INVOICES.c.currency,
+            INVOICES.c.status,
+            first_attempt.c.outcome,
+            recovered.c.n,
+        )
+    )
+    if currency is not None:
+        statement = statement.where(INVOICES.c.currency == currency)
+    return [
+        FailedInvoice(
+            currency=c,
+            amount_due_minor=int(amount),
+            first_failure=ChargeOutcomeKind(outcome),
+            status=InvoiceStatus(status),
+            # Recovered only if the invoice is paid now (a later refund-to-void would not be).
+            paid_by_attempt=int(paid_by) if paid_by is not None else None,
+            invoices=int(n),
+        )
+        for c, status, outcome, paid_by, n, amount in session.execute(statement)
+    ]
+
+
+def _month_of(session: Session, column: Any) -> Any:
+    """The month of an instant column, in UTC: a timestamp at the month's start on PostgreSQL
+    (``date_trunc`` is far cheaper per row than formatting text), ``YYYY-MM`` text on SQLite
+    (which stores UTC wall time as text, db.types.UTCDateTime)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return func.date_trunc("month", func.timezone("UTC", column))
+    return func.strftime("%Y-%m", column)
+
+
+def _month_text(value: Any) -> str:
+    return value.strftime("%Y-%m") if isinstance(value, datetime) else str(value)
+
+
+def tune_for_reports(session: Session) -> None:
+    """Per-transaction settings for the report queries: PostgreSQL's JIT compiles each of
+    these aggregates afresh (about 100 ms at 1M invoices) for no gain at this size."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL jit = off"))
+
+
+def _monthly_sums(
+    session: Session,
+    *,
+    instant: Any,
+    amount: Any,
+    currency_column: Any,
+    source: Any,
+    where: list[Any],
+) -> list[MonthlySum]:
+    month = _month_of(session, instant).label("month")
+    statement = (
+        select(month, currency_column, func.sum(amount), func.count())
+        .select_from(source)
+        .where(*where)
+        .group_by(month, currency_column)
+    )
+    return [
+        MonthlySum(_month_text(m), str(c), int(total or 0), int(n))
+        for m, c, total, n in session.execute(statement)
+        if c is not None
+    ]
+
+
+def monthly_invoiced(
+    session: Session, first: Month, last: Month, *, currency: str | None = None
+) -> list[MonthlySum]:
+    """Invoices issued per month (created_at) and currency, void and draft ones excluded."""
+    where = [
+        INVOICES.c.created_at >= first.start,
+        INVOICES.c.created_at < last.next().start,
+        INVOICES.c.status.notin_([InvoiceStatus.VOID.value, InvoiceStatus.DRAFT.value]),
+    ]
+    if currency is not None:
+        where.append(INVOICES.c.currency == currency)
+    return _monthly_sums(
+        session,
+        instant=INVOICES.c.created_at,
+        amount=INVOICES.c.amount_due_minor,
+        currency_column=INVOICES.c.currency,
+        source=INVOICES,
+        where=where,
+    )
+
+
+def monthly_collected(
+    session: Session, first: Month, last: Month, *, currency: str | None = None
+) -> list[MonthlySum]:
+    """Payments settled per month and charge currency."""
+    where = [PAYMENTS.c.settled_at >= first.start, PAYMENTS.c.settled_at < last.next().start]
+    if currency is not None:
+        where.append(PAYMENTS.c.currency == currency)
+    return _monthly_sums(
+        session,
+        instant=PAYMENTS.c.settled_at,
+        amount=PAYMENTS.c.amount_minor,
+        currency_column=PAYMENTS.c.currency,
+        source=PAYMENTS,
+        where=where,
+    )
+
+
+def monthly_fees(
+    session: Session, first: Month, last: Month, *, currency: str | None = None
+) -> list[MonthlySum]:
+    """Provider fees of payments settled per month, by settlement currency."""
+    where = [
+        PAYMENTS.c.settled_at >= first.start,
+        PAYMENTS.c.settled_at < last.next().start,
+        PAYMENTS.c.fee_minor.isnot(None),
+    ]
+    if currency is not None:
+        where.append(PAYMENTS.c.settlement_currency == currency)
+    return _monthly_sums(
+        session,
+        instant=PAYMENTS.c.settled_at,
+        amount=PAYMENTS.c.fee_minor,
+        currency_column=PAYMENTS.c.settlement_currency,
+        source=PAYMENTS,
+        where=where,
+    )
