@@ -1078,11 +1078,12 @@ class StripeGateway:
         if payment_intent_id is None and charge_id is not None:
             # Stripe puts the PaymentIntent in the error (and so does localstripe with
             # billing.testing.localstripe_conformance); an error naming only the charge (an
-            # unpatched localstripe) costs a read: the charge points back at its PaymentIntent. That read must succeed: a
-            # decline recorded without its intent leaves the intent unknown to us, so the next
-            # attempt would create a second one for the invoice and closing the invoice would
-            # not cancel the first (found by scripts/chaos.py). A transient failure of the read
-            # raises, and the retry replays the charge under its key, then reads again.
+            # unpatched localstripe) costs a read: the charge points back at its
+            # PaymentIntent. That read must succeed: a decline recorded without its intent
+            # leaves the intent unknown to us, so the next attempt would create a second one
+            # for the invoice and closing the invoice would not cancel the first (found by
+            # scripts/chaos.py). A transient failure of the read raises, and the retry
+            # replays the charge under its key, then reads again.
             payment_intent_id = self._payment_intent_of_charge(charge_id)
         return ChargeOutcome(
             kind=classify_decline(code, decline_code),

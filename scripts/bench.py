@@ -519,13 +519,33 @@ def stripe_requests_per_second(log_path: Path, since: datetime, until: datetime)
     return per_second
 
 
+#: A charge as localstripe's arrival log names it: a PaymentIntent created and confirmed, or an
+#: existing one confirmed again.
+_CHARGE_PATH = re.compile(r"^/v1/payment_intents(/[^/]+/confirm)?$")
+
+
+def charge_arrivals(log_path: Path, since: datetime, until: datetime) -> list[float]:
+    """When localstripe received each charge request between two instants (Unix seconds, to
+    the microsecond, from its ``--log-arrivals`` lines)."""
+    pattern = re.compile(r"^arrived (\d+\.\d+) POST (\S+)$")
+    low, high = since.timestamp(), until.timestamp()
+    arrivals = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        match = pattern.match(line)
+        if match and _CHARGE_PATH.match(match.group(2)) and low <= float(match.group(1)) <= high:
+            arrivals.append(float(match.group(1)))
+    if not arrivals:
+        raise SystemExit(f"no charge arrived at localstripe between {since} and {until}")
+    return arrivals
+
+
 async def billing_burst(
     stack: Stack, client: Client, n: int, rate: float, *, ceiling_s: float, factor: float
 ) -> dict[str, Any]:
     """``n`` subscriptions billed at one instant, through ``billing worker`` with its payments
     queue capped at ``rate`` provider activities per second."""
     ls_log = stack.state / f"localstripe-burst-{rate:g}.log"
-    with LocalStripe(log_path=ls_log) as stripe:
+    with LocalStripe(log_path=ls_log, log_arrivals=True) as stripe:
         queue = f"burst-{secrets.token_hex(4)}"
         worker = stack.billing_worker(stripe, queue, rate)
         signups = Signups(stack, client, stripe, queue)
@@ -571,15 +591,9 @@ async def billing_burst(
                 "WHERE s.id = ANY(:ids)",
                 ids=ids,
             )
-            charges = [
-                row[0].timestamp()
-                for row in sql(
-                    stack,
-                    "SELECT a.created_at FROM payment_attempts a JOIN invoices i "
-                    "ON i.id = a.invoice_id WHERE i.subscription_id = ANY(:ids)",
-                    ids=ids,
-                )
-            ]
+            # When the provider received each charge, not when its attempt was recorded: the
+            # attempt is written before the request waits for its turn under the cap.
+            charges = charge_arrivals(ls_log, due, end)
             per_second = stripe_requests_per_second(ls_log, due, end)
             ceiling = await asyncio.to_thread(stripe_ceiling, stripe, ceiling_s)
         finally:

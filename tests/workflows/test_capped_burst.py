@@ -10,6 +10,7 @@ invoice is paid once."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import threading
 import time
@@ -259,7 +260,7 @@ async def test_two_payments_workers_use_the_whole_cap_and_never_exceed_it(
     # from the first turn to the last: the burst's tail, the last activities reaching a
     # CPU-starved worker late, pulled that to 7.8-8.5/s on a loaded 2-core machine.
     granted = sorted(turn for turn, _ in charges)
-    gaps = [b - a for a, b in zip(granted, granted[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(granted)]
     sustained = 1 / statistics.median(gaps)
     assert sustained >= 0.9 * CAP_PER_S, f"{sustained:.2f} charges/s under a cap of {CAP_PER_S}"
     engine = make_engine(database_url)
