@@ -24,13 +24,17 @@ class DatabasePacer:
         self.cap_per_s = cap_per_s
         self.spacing_s = spacing_s(cap_per_s)
 
-    def wait_turn(self, *, max_wait_s: float) -> bool:
+    def wait_turn(self, *, max_wait_s: float) -> float | None:
+        """Sleep until the granted turn and return its start (Unix seconds on the schedule's
+        clock); None at once, no turn taken, if it is more than ``max_wait_s`` away."""
         with unit_of_work(self._session_factory) as session:
-            wait = pacing_repo.claim_turn(
+            turn = pacing_repo.claim_turn(
                 session, self.name, spacing_s=self.spacing_s, max_wait_s=max(0.0, max_wait_s)
             )
-        if wait is None:
-            return False
-        if wait > 0:
-            time.sleep(wait)
-        return True
+        if turn is None:
+            return None
+        if turn.wait_s > 0:
+            # Counted from the grant (the database's clock, which may not be this machine's):
+            # the commit and the round trip make the request a little late, never early.
+            time.sleep(turn.wait_s)
+        return turn.start_at

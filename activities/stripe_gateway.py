@@ -191,7 +191,7 @@ class ActivityDeadlineClient(stripe.RequestsClient):
         assert self._pacer is not None
         left = activity_time_left_s()
         max_wait_s = _PACING_MAX_WAIT_S if left is None else left - self._worst_try_s
-        if not self._pacer.wait_turn(max_wait_s=max_wait_s):
+        if self._pacer.wait_turn(max_wait_s=max_wait_s) is None:
             raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
                 f"{method.upper()} {url} not sent: the provider cap's next free turn is more "
                 f"than {max(max_wait_s, 0):.1f} s away, later than this activity attempt can "
@@ -1076,12 +1076,14 @@ class StripeGateway:
             _get(intent, "latest_charge")
         )
         if payment_intent_id is None and charge_id is not None:
-            # Real Stripe puts the PaymentIntent in the error; localstripe only names the
-            # charge. The charge points back at its PaymentIntent. That read must succeed: a
-            # decline recorded without its intent leaves the intent unknown to us, so the next
-            # attempt would create a second one for the invoice and closing the invoice would
-            # not cancel the first (found by scripts/chaos.py). A transient failure of the read
-            # raises, and the retry replays the charge under its key, then reads again.
+            # Stripe puts the PaymentIntent in the error (and so does localstripe with
+            # billing.testing.localstripe_conformance); an error naming only the charge (an
+            # unpatched localstripe) costs a read: the charge points back at its
+            # PaymentIntent. That read must succeed: a decline recorded without its intent
+            # leaves the intent unknown to us, so the next attempt would create a second one
+            # for the invoice and closing the invoice would not cancel the first (found by
+            # scripts/chaos.py). A transient failure of the read raises, and the retry
+            # replays the charge under its key, then reads again.
             payment_intent_id = self._payment_intent_of_charge(charge_id)
         return ChargeOutcome(
             kind=classify_decline(code, decline_code),

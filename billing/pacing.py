@@ -46,10 +46,21 @@ def next_turn(next_free_at: float | None, now: float, spacing: float) -> Turn:
     return Turn(start_at=start, next_free_at=start + spacing)
 
 
+@dataclass(frozen=True)
+class GrantedTurn:
+    """A turn the shared schedule handed out: when it starts (Unix seconds on the schedule's
+    clock) and how long the caller waits for it from when it was granted (0 or more)."""
+
+    start_at: float
+    wait_s: float
+
+
 class ProviderPacer(Protocol):
     """Waits for a provider request's turn in the shared schedule."""
 
-    def wait_turn(self, *, max_wait_s: float) -> bool:
-        """Block until this request's turn and return True; False at once (no turn taken) if
-        the next free turn is more than ``max_wait_s`` away."""
+    def wait_turn(self, *, max_wait_s: float) -> float | None:
+        """Block until this request's turn and return its start as the schedule granted it
+        (Unix seconds on the schedule's clock: what the cap is kept on; the request itself
+        leaves a little later, when the thread wakes); None at once (no turn taken) if the
+        next free turn is more than ``max_wait_s`` away."""
         ...

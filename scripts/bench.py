@@ -520,13 +520,33 @@ def stripe_requests_per_second(log_path: Path, since: datetime, until: datetime)
     return per_second
 
 
+#: A charge as localstripe's arrival log names it: a PaymentIntent created and confirmed, or an
+#: existing one confirmed again.
+_CHARGE_PATH = re.compile(r"^/v1/payment_intents(/[^/]+/confirm)?$")
+
+
+def charge_arrivals(log_path: Path, since: datetime, until: datetime) -> list[float]:
+    """When localstripe received each charge request between two instants (Unix seconds, to
+    the microsecond, from its ``--log-arrivals`` lines)."""
+    pattern = re.compile(r"^arrived (\d+\.\d+) POST (\S+)$")
+    low, high = since.timestamp(), until.timestamp()
+    arrivals = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        match = pattern.match(line)
+        if match and _CHARGE_PATH.match(match.group(2)) and low <= float(match.group(1)) <= high:
+            arrivals.append(float(match.group(1)))
+    if not arrivals:
+        raise SystemExit(f"no charge arrived at localstripe between {since} and {until}")
+    return arrivals
+
+
 async def billing_burst(
     stack: Stack, client: Client, n: int, rate: float, *, ceiling_s: float, factor: float
 ) -> dict[str, Any]:
     """``n`` subscriptions billed at one instant, through ``billing worker`` with its payments
     queue capped at ``rate`` provider activities per second."""
     ls_log = stack.state / f"localstripe-burst-{rate:g}.log"
-    with LocalStripe(log_path=ls_log) as stripe:
+    with LocalStripe(log_path=ls_log, log_arrivals=True) as stripe:
         queue = f"burst-{secrets.token_hex(4)}"
         worker = stack.billing_worker(stripe, queue, rate)
         signups = Signups(stack, client, stripe, queue)
@@ -572,15 +592,9 @@ async def billing_burst(
                 "WHERE s.id = ANY(:ids)",
                 ids=ids,
             )
-            charges = [
-                row[0].timestamp()
-                for row in sql(
-                    stack,
-                    "SELECT a.created_at FROM payment_attempts a JOIN invoices i "
-                    "ON i.id = a.invoice_id WHERE i.subscription_id = ANY(:ids)",
-                    ids=ids,
-                )
-            ]
+            # When the provider received each charge, not when its attempt was recorded: the
+            # attempt is written before the request waits for its turn under the cap.
+            charges = charge_arrivals(ls_log, due, end)
             per_second = stripe_requests_per_second(ls_log, due, end)
             ceiling = await asyncio.to_thread(stripe_ceiling, stripe, ceiling_s)
         finally:
@@ -607,34 +621,31 @@ async def billing_burst(
 
 
 def stripe_ceiling(stripe: LocalStripe, seconds: float, threads: int = 8) -> float:
-    """Paid cycles per second localstripe serves when called directly: the provider calls of
-    one cycle (card lookup, charge, settlement read) through the real gateway, from
-    ``threads`` threads, on the store the burst left behind."""
+    """Paid cycles per second localstripe serves when called directly: the provider request of
+    one cycle (the charge, its settlement in the answer, the card from our records) through the
+    real gateway, from ``threads`` threads, on the store the burst left behind."""
     from activities.stripe_gateway import StripeGateway, make_stripe_client
 
     client = make_stripe_client(api_key="sk_test_bench", api_base=stripe.url, max_network_retries=0)
     gateway = StripeGateway(client, send_description=False)
     customer = gateway.ensure_customer(customer_id="bench-ceiling", email=None, name=None)
-    gateway.attach_payment_method(provider_customer_id=customer, payment_method_id=CARD)
+    card = gateway.attach_payment_method(provider_customer_id=customer, payment_method_id=CARD)
     stop_at = time.monotonic() + seconds
 
     def cycles() -> int:
         done = 0
         while time.monotonic() < stop_at:
-            pm = gateway.default_payment_method(provider_customer_id=customer)
             outcome = gateway.charge(
                 provider_customer_id=customer,
-                payment_method_id=pm or CARD,
+                payment_method_id=card.payment_method_id,
                 amount_minor=900,
                 currency="USD",
                 idempotency_key=uuid.uuid4().hex,
                 description="ceiling",
                 metadata={},
             )
-            assert outcome.payment_intent_id is not None
-            gateway.settlement_details(
-                payment_intent_id=outcome.payment_intent_id, charge_id=outcome.charge_id
-            )
+            # One request, as a paid cycle: the answer carries the settlement.
+            assert outcome.payment_intent_id is not None and outcome.settlement is not None
             done += 1
         return done
 

@@ -591,7 +591,9 @@ class Simulation:
         h = self.harness
         assert self.customer_id is not None
         try:
-            pm = await h.to_thread_switch_card(self.customer_id, CARD_NUMBERS[action.card])
+            pm = await h.to_thread_make_default_at_provider(
+                self.customer_id, CARD_NUMBERS[action.card]
+            )
         except (PaymentMethodRejected, stripe.StripeError):
             # The provider's message names random ids; the timeline stays stable without them.
             self.actions.append(

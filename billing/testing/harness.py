@@ -301,8 +301,29 @@ class BillingHarness:
         return await asyncio.to_thread(self.switch_card_at_provider, customer_id, number)
 
     def switch_card_at_provider(self, customer_id: str, number: str) -> str:
-        """Replace the customer's default card *at the provider only*, as if the bank started
-        (or stopped) declining it. The workflow is not told: the next charge finds out."""
+        """From now on the bank answers charges of the customer's card on file as it answers
+        test card ``number`` (it starts or stops declining, asks for authentication, ...).
+        The workflow is not told: the next charge finds out. Returns the card's new id.
+
+        In reality the card keeps its id, at the provider and in our records alike. localstripe
+        cannot change how a saved card behaves, so a stand-in card with the new behaviour
+        takes the old one's place on both sides: the provider's default *and* the customer's
+        card on record, which is the card a charge uses (it does not read the provider's
+        customer). A card the *customer* makes the default in the provider's own pages, which
+        the product learns of from the provider's webhook, is ``make_default_at_provider``."""
+        pm = self.make_default_at_provider(customer_id, number)
+        with unit_of_work(self.session_factory) as session:
+            customers_repo.set_default_payment_method(session, customer_id, pm)
+        return pm
+
+    async def to_thread_make_default_at_provider(self, customer_id: str, number: str) -> str:
+        return await asyncio.to_thread(self.make_default_at_provider, customer_id, number)
+
+    def make_default_at_provider(self, customer_id: str, number: str) -> str:
+        """Attach a new card for test card ``number`` and make it the customer's default *at
+        the provider only*, as the customer would in the provider's own pages: our records
+        learn of it from the provider's ``customer.updated`` webhook, once it is delivered.
+        Returns the card's id at the provider."""
         with unit_of_work(self.session_factory) as session:
             customer = customers_repo.get_customer(session, customer_id)
         assert customer is not None and customer.stripe_customer_id is not None

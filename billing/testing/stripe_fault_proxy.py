@@ -7,6 +7,11 @@ Faults, each with its own rate (a share of ``/v1/`` requests):
 * ``429``: Stripe's ``rate_limit`` error (always before forwarding: Stripe did no work);
 * ``timeout``: the connection is held for ``timeout_hold_s`` seconds, then closed with no answer.
 
+One answer shape can be changed instead: with ``card_errors_name_only_the_charge`` every card
+error loses its ``payment_intent`` and keeps only the ``charge`` (as localstripe 1.15 answered
+before ``billing.testing.localstripe_conformance``), so a test reaches the gateway's fallback
+that reads the charge to find the intent.
+
 A 5xx or a timeout is injected *before* forwarding (the request never reaches Stripe) or
 *after* forwarding (Stripe did the work and the answer is lost) with probability
 ``after_forward_share``. The second kind is the one that can double charge.
@@ -58,6 +63,9 @@ class FaultRates:
     #: Only requests that start with one of these ("GET /v1/charges/") get faults; empty:
     #: every ``/v1/`` request. A test aims a fault at one call of a sequence this way.
     only: tuple[str, ...] = ()
+    #: Card errors (402 ``card_error``) lose their ``payment_intent``, naming only the
+    #: ``charge``, replays included: the answer a client must read the charge after.
+    card_errors_name_only_the_charge: bool = False
 
     def __post_init__(self) -> None:
         shares = (self.server_error, self.rate_limit, self.timeout, self.after_forward_share)
@@ -267,6 +275,8 @@ class StripeFaultProxy:
         if kind is not None:
             self._count(f"stripe_{kind}_after_forward")
             return await self._fail(kind)
+        if rates.card_errors_name_only_the_charge:
+            return _without_error_intent(answer)
         return answer
 
     async def _fail(self, kind: str) -> tuple[int, list[tuple[str, str]], bytes] | None:
@@ -388,6 +398,24 @@ def _write_response(
     lines.append(f"Content-Length: {len(body)}")
     lines.append(f"Connection: {'keep-alive' if keep_alive else 'close'}")
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+
+
+def _without_error_intent(
+    answer: tuple[int, list[tuple[str, str]], bytes],
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """``answer`` with a card error's ``payment_intent`` removed (its ``charge`` kept)."""
+    status, headers, body = answer
+    if status != 402:
+        return answer
+    try:
+        parsed = json.loads(body)
+        error = parsed["error"]
+    except (ValueError, KeyError, TypeError):
+        return answer
+    if not isinstance(error, dict) or error.get("type") != "card_error":
+        return answer
+    error.pop("payment_intent", None)
+    return status, headers, json.dumps(parsed).encode()
 
 
 def _stripe_error(

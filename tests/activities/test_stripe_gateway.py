@@ -193,7 +193,7 @@ def test_card_declined_after_attach_is_a_soft_decline_with_its_code(
     assert outcome.decline_code == "card_declined"
     assert outcome.failure_message == "Your card was declined."
     assert outcome.charge_id is not None and outcome.charge_id.startswith("ch_")
-    # localstripe's error names only the charge; the adapter finds the PaymentIntent from it.
+    # The card error carries the PaymentIntent (tests/chaos covers one that names only the charge).
     assert outcome.payment_intent_id is not None
     intent = stripe_client.v1.payment_intents.retrieve(outcome.payment_intent_id)
     assert intent.status == "requires_payment_method"

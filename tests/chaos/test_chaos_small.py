@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "chaos.py"
 SUBSCRIPTIONS = 14
 KILLS = 2
-#: With the shares below: customers with several subscriptions 3 + 2 (5 subscriptions);
+#: With the shares below: customers with several subscriptions 3 + 2 or 2 + 3, as the run's
+#: random seed splits them (5 subscriptions);
 #: 9 single ones: 1 recovers, 1 canceled in dunning, one of each of the 5 SCA kinds, 1
 #: canceled now as soon as its invoice is open (racing the charge), 1 pays.
 KINDS = {
@@ -106,18 +107,22 @@ def test_a_small_chaos_run_loses_and_doubles_nothing() -> None:
     # All but perhaps the one canceled at its billing date, before its invoice.
     assert report["invoices_expected"] == report["invoices_found"] >= SUBSCRIPTIONS - 1
     assert {key: report[key] for key in LOSSES} == dict.fromkeys(LOSSES, 0)
-    assert report["customers_by_card"] == KINDS
+    by_card = report["customers_by_card"]
+    multi = {kind: by_card.get(kind) for kind in ("multi_pays", "multi_recovers")}
+    assert sorted(multi.values()) == [2, 3], by_card  # the seed picks which customer has 3
+    kinds = {**KINDS, **multi}
+    assert by_card == kinds
     assert report["customers"] == 11
     outcomes = report["outcomes_by_kind"]
     paid = "subscription active, invoice paid"
     for kind in ("pays", "multi_pays"):
-        assert outcomes[kind] == {paid: KINDS[kind]}, outcomes
+        assert outcomes[kind] == {paid: kinds[kind]}, outcomes
     # Each needed the customer (new card, authentication, or both) after a failed first
     # charge; then paid. Both subscriptions of the customer whose card declined were declined
     # before the new card was given on one of them: it reached the other.
     for kind in ("recovers", "multi_recovers", "sca_authenticates", "sca_new_card", "sca_both"):
-        assert outcomes[kind][paid] == KINDS[kind], outcomes
-        assert outcomes[kind][FAILED_FIRST] == KINDS[kind], outcomes
+        assert outcomes[kind][paid] == kinds[kind], outcomes
+        assert outcomes[kind][FAILED_FIRST] == kinds[kind], outcomes
     assert outcomes["sca_waits"]["subscription past_due, invoice open"] == 1
     assert outcomes["cancel_declined"]["subscription canceled, invoice void"] == 1
     # Authenticated and canceled now in a random order, or canceled while the invoice was

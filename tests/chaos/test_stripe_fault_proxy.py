@@ -109,27 +109,55 @@ def test_a_declined_answer_is_replayed_too(
     assert proxy.faults_injected() == {"stripe_timeout_after_forward": 1}
 
 
-def test_a_decline_is_never_reported_without_its_payment_intent(
+def test_a_decline_names_its_payment_intent_in_its_one_request(
     proxy: StripeFaultProxy, localstripe: LocalStripe
 ) -> None:
-    """localstripe names only the charge of a decline; the gateway reads the charge to find
-    the PaymentIntent. When that read failed, the decline was recorded without its intent: the
-    next attempt of the invoice then created a second intent, and closing the invoice left the
-    first one payable (found by scripts/chaos.py). Now the read's failure is transient (the
-    activity retries), and the retry, under the same key, names the one intent."""
+    """A declined charge's card error carries its PaymentIntent (Stripe's contract, and
+    localstripe's through ``billing.testing.localstripe_conformance``): the decline names the
+    one intent with no read after the charge, so a failing read cannot lose it."""
     gateway = gateway_through(proxy)
     customer, card = customer_with_card(gateway, localstripe, cards.DECLINES_AFTER_ATTACH)
     key = f"inv_{uuid.uuid4().hex[:8]}-attempt-1"
-    proxy.rates = FaultRates(server_error=1.0, after_forward_share=0.0, only=("GET /v1/charges/",))
+    # Every read fails: the decline must not need one.
+    proxy.rates = FaultRates(server_error=1.0, after_forward_share=0.0, only=("GET /v1/",))
+    before = proxy.stats.requests
+
+    outcome = charge(gateway, customer, card, key)
+
+    [intent] = intents_for(localstripe, key)
+    assert (outcome.kind, outcome.payment_intent_id) == (ChargeOutcomeKind.SOFT_DECLINE, intent.id)
+    assert proxy.stats.requests - before == 1
+    assert proxy.faults_injected() == {}
+
+
+def test_a_decline_is_never_reported_without_its_payment_intent(
+    proxy: StripeFaultProxy, localstripe: LocalStripe
+) -> None:
+    """A card error that names only the charge (localstripe 1.15's, before the conformance
+    patch) makes the gateway read the charge to find the PaymentIntent. When that read failed,
+    the decline was recorded without its intent: the next attempt of the invoice then created a
+    second intent, and closing the invoice left the first one payable (found by
+    scripts/chaos.py). Now the read's failure is transient (the activity retries), and the
+    retry, under the same key, names the one intent."""
+    gateway = gateway_through(proxy)
+    customer, card = customer_with_card(gateway, localstripe, cards.DECLINES_AFTER_ATTACH)
+    key = f"inv_{uuid.uuid4().hex[:8]}-attempt-1"
+    proxy.rates = FaultRates(
+        server_error=1.0,
+        after_forward_share=0.0,
+        only=("GET /v1/charges/",),
+        card_errors_name_only_the_charge=True,
+    )
 
     with pytest.raises(TransientPaymentError):
         charge(gateway, customer, card, key)
-    proxy.rates = FaultRates()
+    proxy.rates = FaultRates(card_errors_name_only_the_charge=True)
 
     outcome = charge(gateway, customer, card, key)
     [intent] = intents_for(localstripe, key)
     assert (outcome.kind, outcome.payment_intent_id) == (ChargeOutcomeKind.SOFT_DECLINE, intent.id)
     assert proxy.faults_injected() == {"stripe_5xx_before_forward": 1}
+    assert proxy.stats.idempotent_replays == 1  # the retry got the first answer back
 
 
 @pytest.mark.parametrize(
