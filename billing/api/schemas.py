@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from billing.calendar import IntervalUnit
 from billing.card_data import contains_card_number
 from billing.contracts import (
     CancelResult,
@@ -34,6 +35,7 @@ from billing.contracts import (
     SubscriptionView,
     UpdatePaymentMethodResult,
 )
+from billing.dunning import FinalAction
 from billing.finance import (
     InvoiceDetail,
     InvoiceListItem,
@@ -42,9 +44,12 @@ from billing.finance import (
     format_instant,
 )
 from billing.invoices import InvoiceStatus
-from billing.plans import MAX_TRIAL_DAYS
+from billing.money import MAX_AMOUNT_MINOR
+from billing.plans import MAX_QUANTITY, MAX_TRIAL_DAYS
 from billing.records import (
     AttemptStatus,
+    CatalogPlan,
+    CustomerRecord,
     InvoiceRecord,
     PaymentAttemptRecord,
     PaymentRecord,
@@ -59,6 +64,7 @@ from billing.text import (
     OUR_ID,
     PAYMENT_METHOD_ID,
     PLAN_CODE,
+    PLAN_NAME,
     REASON,
     TIMEZONE,
     TextRule,
@@ -268,6 +274,9 @@ class SignupIn(RequestIn):
         None, description="First billing date; default: the trial's end, or now."
     )
     trial_days: StrictInt | None = Field(None, ge=0, le=MAX_TRIAL_DAYS)
+    quantity: StrictInt = Field(
+        1, ge=1, le=MAX_QUANTITY, description="Seats: each period bills quantity x the price."
+    )
 
 
 class SignupOut(BaseModel):
@@ -543,6 +552,8 @@ class SubscriptionSummaryOut(BaseModel):
     customer_id: str
     status: SubscriptionStatus
     plan: str
+    quantity: int = Field(1, description="Seats; each period bills quantity x the unit price.")
+    price: PriceOut | None = None
     next_billing_at: Instant | None
     cancel_at_period_end: bool
     attention: AttentionOut | None = Field(
@@ -557,6 +568,14 @@ class SubscriptionSummaryOut(BaseModel):
             customer_id=record.customer_id,
             status=record.status,
             plan=record.plan_code,
+            quantity=record.quantity,
+            price=PriceOut(
+                amount_minor=record.amount_minor,
+                currency=record.currency,
+                amount_display=amount_display(record.amount_minor, record.currency),
+                interval=record.interval.value,
+                interval_count=record.interval_count,
+            ),
             next_billing_at=record.next_billing_at,
             cancel_at_period_end=record.cancel_at_period_end,
             attention=AttentionOut.of_record(record, parked_at),
@@ -725,3 +744,130 @@ class InvoiceListOut(BaseModel):
             has_more=page.has_more,
             next_cursor=page.next_cursor,
         )
+
+
+# ---- plans -------------------------------------------------------------------------------------
+
+PlanNameIn = Annotated[str, _bounded(PLAN_NAME, min_length=1), _checked_by(PLAN_NAME)]
+
+
+class DunningIn(RequestIn):
+    retry_offsets_days: list[StrictInt] | None = Field(
+        None,
+        max_length=50,
+        description="Days after the first failure, ascending; default Stripe's 1,3,5,7,9,11,14.",
+    )
+    final_action: FinalAction | None = Field(None, description="cancel or mark_unpaid.")
+
+
+class PlanIn(RequestIn):
+    """A plan. Immutable once created: a new price is a new code."""
+
+    code: PlanCodeIn = Field(description="Lower-case letters, digits, '-' or '_'.")
+    name: PlanNameIn
+    amount_minor: StrictInt = Field(
+        ge=0,
+        le=MAX_AMOUNT_MINOR,
+        description="Price of one seat for one interval, in minor units (JPY 0, USD 2, KWD 3 "
+        "decimals). A subscription pays quantity x amount_minor.",
+    )
+    currency: str = Field(min_length=3, max_length=3, description="ISO 4217, e.g. 'USD'.")
+    interval: IntervalUnit
+    interval_count: StrictInt = Field(1, ge=1, le=1095)
+    trial_days: StrictInt = Field(0, ge=0, le=MAX_TRIAL_DAYS)
+    dunning: DunningIn | None = None
+
+    def as_raw(self) -> dict[str, object]:
+        """The fields as billing.plans.parse_plan reads them (it checks the domain rules)."""
+        raw: dict[str, object] = self.model_dump(exclude={"dunning"})
+        raw["interval"] = self.interval.value
+        if self.dunning is not None:
+            raw["dunning"] = self.dunning.model_dump(exclude_none=True)
+        return raw
+
+
+class PlanOut(BaseModel):
+    code: str
+    name: str
+    amount_minor: int = Field(description="Per seat and interval, minor units.")
+    currency: str
+    amount_display: str | None
+    interval: str
+    interval_count: int
+    trial_days: int
+    retry_offsets_days: list[int]
+    final_action: str
+    active: bool = Field(description="False once archived: no new signups or changes to it.")
+    created_at: Instant
+
+    @classmethod
+    def of(cls, entry: CatalogPlan) -> PlanOut:
+        p = entry.plan
+        return cls(
+            code=p.code,
+            name=p.name,
+            amount_minor=p.amount_minor,
+            currency=p.currency,
+            amount_display=amount_display(p.amount_minor, p.currency),
+            interval=p.interval.value,
+            interval_count=p.interval_count,
+            trial_days=p.trial_days,
+            retry_offsets_days=list(p.dunning.retry_offsets_days),
+            final_action=p.dunning.final_action.value,
+            active=entry.active,
+            created_at=entry.created_at,
+        )
+
+
+class PlanListOut(BaseModel):
+    items: list[PlanOut]
+
+
+# ---- customers ---------------------------------------------------------------------------------
+
+
+class CardOut(BaseModel):
+    payment_method_id: str
+    brand: str | None = Field(description="As the provider reported it when attached.")
+    last4: str | None
+
+
+class CustomerSummaryOut(BaseModel):
+    id: str
+    external_id: str | None
+    email: str | None
+    name: str | None
+    timezone: str
+    created_at: Instant
+
+    @classmethod
+    def of(cls, c: CustomerRecord) -> CustomerSummaryOut:
+        return cls(
+            id=c.id,
+            external_id=c.external_id,
+            email=c.email,
+            name=c.name,
+            timezone=c.timezone,
+            created_at=c.created_at,
+        )
+
+
+class CustomerListOut(BaseModel):
+    items: list[CustomerSummaryOut]
+    next_cursor: str | None = Field(
+        description="Pass as ``cursor`` for the next page; null on the last page."
+    )
+
+
+class BalanceOut(BaseModel):
+    currency: str
+    amount_minor: int = Field(description="Credit the customer holds (minor units, >= 0).")
+    amount_display: str | None
+
+
+class CustomerOut(CustomerSummaryOut):
+    card: CardOut | None = Field(description="The default card on file.")
+    credit_balance: list[BalanceOut] = Field(
+        description="Per currency; applied to the next invoices before charging."
+    )
+    subscriptions: list[SubscriptionSummaryOut]

@@ -172,6 +172,7 @@ async def create_subscription(
             if body.billing_anchor_at
             else None,
             trial_days=body.trial_days,
+            quantity=body.quantity,
             idempotency_key=idempotency_key,
             # Keys are the sending API key's own, as Stripe's are the account's.
             idempotency_scope=caller.key_id if caller else "",
@@ -436,6 +437,19 @@ async def list_subscriptions(
         SubscriptionStatus | None,
         Query(description="Only this status, e.g. needs_attention (what an operator resumes)."),
     ] = None,
+    customer_id: Annotated[
+        str | None,
+        Query(min_length=1, max_length=40, pattern=ID_PATTERN, description="Only this customer's."),
+    ] = None,
+    plan: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=63,
+            pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+            description="Only those on this plan code.",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
     cursor: Annotated[
         str | None,
@@ -443,14 +457,19 @@ async def list_subscriptions(
     ] = None,
 ) -> SubscriptionListOut:
     """Subscriptions from the database, by id, with the attention (step, reason, since) of
-    each one parked in needs_attention."""
-    _refuse_unknown_params(request, frozenset({"status", "limit", "cursor"}))
+    each one parked in needs_attention. Filters combine (all must hold)."""
+    _refuse_unknown_params(request, frozenset({"status", "customer_id", "plan", "limit", "cursor"}))
 
     def read() -> SubscriptionListOut:
         with unit_of_work(deps.session_factory) as session:
             # One more than asked: whether a next page exists, without a count.
             records = subscriptions_repo.list_subscriptions(
-                session, status=status, limit=limit + 1, after_id=cursor
+                session,
+                status=status,
+                limit=limit + 1,
+                after_id=cursor,
+                customer_id=customer_id,
+                plan_code=plan,
             )
             page = records[:limit]
             parked = subscriptions_repo.parked_at(
