@@ -28,6 +28,8 @@ from billing.calendar import IntervalUnit
 from billing.card_data import contains_card_number
 from billing.contracts import (
     CancelResult,
+    ChangePlanResult,
+    ChangePreview,
     OpenInvoiceView,
     PauseResult,
     ResumeBillingResult,
@@ -46,6 +48,7 @@ from billing.finance import (
 from billing.invoices import InvoiceStatus
 from billing.money import MAX_AMOUNT_MINOR
 from billing.plans import MAX_QUANTITY, MAX_TRIAL_DAYS
+from billing.proration import ProrationLine
 from billing.records import (
     AttemptStatus,
     CatalogPlan,
@@ -56,7 +59,7 @@ from billing.records import (
     StatusChangeRecord,
     SubscriptionRecord,
 )
-from billing.subscription import SubscriptionStatus
+from billing.subscription import ChangeEffective, ProrationBehavior, SubscriptionStatus
 from billing.text import (
     CUSTOMER_NAME,
     EMAIL,
@@ -508,6 +511,14 @@ def parked_since(history: Sequence[StatusChangeRecord]) -> datetime | None:
     return parked[-1].changed_at if parked else None
 
 
+class PendingChangeOut(BaseModel):
+    change_id: str
+    plan: str
+    quantity: int
+    effective_at: Instant | None
+    requested_at: Instant
+
+
 class SubscriptionOut(BaseModel):
     id: str
     customer_id: str
@@ -534,6 +545,14 @@ class SubscriptionOut(BaseModel):
     invoices_issued: int
     workflow_id: str
     created_at: Instant
+    quantity: int = Field(1, description="Seats; each period bills quantity x the unit price.")
+    pending_change: PendingChangeOut | None = Field(
+        None, description="A change scheduled for the next renewal (live reads only)."
+    )
+    pending_lines: list[LineOut] = Field(
+        default_factory=list,
+        description="Proration lines carried to the next renewal invoice (live reads only).",
+    )
     live: bool = Field(
         description="True: from the running workflow. False: the workflow could not be asked "
         "(closed long ago, or Temporal unreachable), so this is the database's copy."
@@ -871,3 +890,117 @@ class CustomerOut(CustomerSummaryOut):
         description="Per currency; applied to the next invoices before charging."
     )
     subscriptions: list[SubscriptionSummaryOut]
+
+
+# ---- plan changes ------------------------------------------------------------------------------
+
+
+class ChangePlanIn(RequestIn):
+    plan: PlanCodeIn | None = Field(None, description="The new plan's code; omit to keep it.")
+    quantity: StrictInt | None = Field(
+        None, ge=1, le=MAX_QUANTITY, description="The new number of seats; omit to keep it."
+    )
+    effective: ChangeEffective | None = Field(
+        None, description="now or period_end; default: now for an upgrade, period_end otherwise."
+    )
+    proration: ProrationBehavior | None = Field(
+        None,
+        description="always_invoice (default), create_prorations (to the next renewal) or none.",
+    )
+
+
+class LineOut(BaseModel):
+    description: str
+    amount_minor: int = Field(description="Signed minor units: a credit is negative.")
+    period_start: Instant
+    period_end: Instant
+    plan: str
+    quantity: int
+    unit_amount_minor: int
+
+    @classmethod
+    def of(cls, line: ProrationLine) -> LineOut:
+        return cls(
+            description=line.description,
+            amount_minor=line.amount_minor,
+            period_start=line.period_start,
+            period_end=line.period_end,
+            plan=line.plan_code,
+            quantity=line.quantity,
+            unit_amount_minor=line.unit_amount_minor,
+        )
+
+
+class ChangePlanOut(BaseModel):
+    id: str
+    change_id: str
+    effective: str
+    effective_at: Instant
+    plan: str
+    quantity: int
+    proration: str
+    lines: list[LineOut]
+    invoice_id: str | None = Field(description="The invoice issued for the lines now, if any.")
+    invoice_status: str | None
+    amount_due_minor: int | None = Field(description="What that invoice leaves to charge.")
+    voided_invoice_id: str | None = Field(
+        description="The period's unpaid renewal, voided and billed again with the change."
+    )
+    pending: bool = Field(description="Scheduled for effective_at, cancelable until then.")
+
+    @classmethod
+    def of(cls, subscription_id: str, r: ChangePlanResult) -> ChangePlanOut:
+        return cls(
+            id=subscription_id,
+            change_id=r.change_id,
+            effective=r.effective,
+            effective_at=r.effective_at,
+            plan=r.plan_code,
+            quantity=r.quantity,
+            proration=r.proration,
+            lines=[LineOut.of(line) for line in r.lines],
+            invoice_id=r.invoice_id,
+            invoice_status=r.invoice_status,
+            amount_due_minor=r.amount_due_minor,
+            voided_invoice_id=r.voided_invoice_id,
+            pending=r.pending,
+        )
+
+
+class ChangePreviewOut(BaseModel):
+    id: str
+    effective: str
+    effective_at: Instant | None
+    plan: str
+    quantity: int
+    proration: str
+    lines: list[LineOut]
+    subtotal_minor: int = Field(description="Sum of the lines; the credit balance applies later.")
+    currency: str
+    invoice_now: bool
+    carried_to_renewal: bool
+    adjusts_invoice_id: str | None
+
+    @classmethod
+    def of(cls, subscription_id: str, p: ChangePreview) -> ChangePreviewOut:
+        return cls(
+            id=subscription_id,
+            effective=p.effective,
+            effective_at=p.effective_at,
+            plan=p.plan_code,
+            quantity=p.quantity,
+            proration=p.proration,
+            lines=[LineOut.of(line) for line in p.lines],
+            subtotal_minor=p.subtotal_minor,
+            currency=p.currency,
+            invoice_now=p.invoice_now,
+            carried_to_renewal=p.carried_to_renewal,
+            adjusts_invoice_id=p.adjusts_invoice_id,
+        )
+
+
+class PendingChangeCancelOut(BaseModel):
+    id: str
+    change_id: str
+    plan: str
+    quantity: int
