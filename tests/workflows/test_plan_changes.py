@@ -322,3 +322,56 @@ async def test_monthly_to_annual_now_starts_a_new_period_with_a_new_anchor(
     assert state.current_period_end == at + relativedelta(years=1)
     assert state.next_billing_at == at + relativedelta(years=1)
     assert harness.snapshot(sub_id).subscription.anchor_at == at
+
+
+@BOTH_BACKENDS
+async def test_a_downgrade_now_credits_the_balance_which_pays_the_next_renewal(
+    harness: BillingHarness,
+) -> None:
+    sub_id, anchor = await signed_up(harness)
+    await change(harness, sub_id, quantity=4)  # 4 seats now, invoiced and paid
+    await harness.wait_for(sub_id, lambda v: v.open_invoice is None)
+    await harness.advance_to(anchor + 20 * DAY)
+    result = await change(harness, sub_id, quantity=1, effective="now")
+    credit, charge = [li.amount_minor for li in result.lines]
+    assert credit < 0 < charge and credit + charge < 0
+    # Owes nothing: paid at once, no charge; the rest is the customer's credit.
+    assert (result.invoice_status, result.amount_due_minor) == ("paid", 0)
+    customer_id = harness.snapshot(sub_id).subscription.customer_id
+    with unit_of_work(harness.session_factory) as session:
+        held = balances_repo.credit_balance(session, customer_id, "USD")
+    assert held == -(credit + charge)
+
+    charges_before = succeeded_charges(harness, sub_id)
+    await harness.advance_to(anchor + relativedelta(months=1) + timedelta(hours=1))
+    await harness.wait_for(sub_id, lambda v: v.invoices_issued == 4 and not v.open_invoice)
+    renewal = harness.snapshot(sub_id).invoices[-1]
+    assert renewal.credit_applied_minor == min(held, 900)
+    assert renewal.amount_due_minor == 900 - min(held, 900)
+    new_charges = succeeded_charges(harness, sub_id)
+    assert len(new_charges) == len(charges_before) + (1 if held < 900 else 0)
+
+
+async def test_create_prorations_carries_the_lines_to_the_next_renewal(
+    harness: BillingHarness,
+) -> None:
+    sub_id, anchor = await signed_up(harness)
+    await harness.advance_to(anchor + 15 * DAY)
+    result = await change(harness, sub_id, quantity=3, proration="create_prorations")
+    assert result.invoice_id is None and result.proration == "create_prorations"
+    amounts = [li.amount_minor for li in result.lines]
+    state = await harness.state(sub_id)
+    assert [li.amount_minor for li in state.pending_lines] == amounts
+    assert succeeded_charges(harness, sub_id) == [900]
+
+    await harness.advance_to(anchor + relativedelta(months=1) + timedelta(hours=1))
+    state = await harness.wait_for(sub_id, lambda v: v.invoices_issued == 2 and not v.open_invoice)
+    assert state.pending_lines == []
+    renewal = harness.snapshot(sub_id).invoices[-1]
+    assert lines_of(harness, renewal.id) == [
+        (InvoiceLineKind.SUBSCRIPTION, 2700),
+        (InvoiceLineKind.PRORATION, amounts[0]),
+        (InvoiceLineKind.PRORATION, amounts[1]),
+    ]
+    assert renewal.amount_due_minor == 2700 + sum(amounts)
+    assert succeeded_charges(harness, sub_id) == sorted([900, 2700 + sum(amounts)])
