@@ -53,6 +53,7 @@ from billing.records import (
     AttemptStatus,
     CatalogPlan,
     CustomerRecord,
+    InvoiceLineRecord,
     InvoiceRecord,
     PaymentAttemptRecord,
     PaymentRecord,
@@ -682,6 +683,34 @@ class AttemptOut(BaseModel):
         )
 
 
+class InvoiceLineOut(BaseModel):
+    position: int
+    kind: str = Field(description="subscription or proration.")
+    description: str
+    amount_minor: int = Field(description="Signed minor units: a credit is negative.")
+    period_start: Instant
+    period_end: Instant
+    plan: str | None
+    quantity: int
+    unit_amount_minor: int | None
+    change_id: str | None
+
+    @classmethod
+    def of(cls, line: InvoiceLineRecord) -> InvoiceLineOut:
+        return cls(
+            position=line.position,
+            kind=line.kind.value,
+            description=line.description,
+            amount_minor=line.amount_minor,
+            period_start=line.period_start,
+            period_end=line.period_end,
+            plan=line.plan_code,
+            quantity=line.quantity,
+            unit_amount_minor=line.unit_amount_minor,
+            change_id=line.change_id,
+        )
+
+
 class InvoiceOut(BaseModel):
     id: str
     number: str
@@ -703,10 +732,23 @@ class InvoiceOut(BaseModel):
     voided_at: Instant | None
     marked_uncollectible_at: Instant | None
     payment: PaymentOut | None = Field(None, description="The settlement, once paid.")
+    subtotal_minor: int = Field(0, description="Sum of the lines (negative: a net credit).")
+    credit_applied_minor: int = Field(0, description="Credit balance used to pay it.")
+    change_id: str | None = Field(None, description="The plan change it bills; null: renewal.")
+    lines: list[InvoiceLineOut] = Field(default_factory=list)
 
     @classmethod
-    def of(cls, i: InvoiceRecord, payment: PaymentRecord | None) -> InvoiceOut:
+    def of(
+        cls,
+        i: InvoiceRecord,
+        payment: PaymentRecord | None,
+        lines: Sequence[InvoiceLineRecord] = (),
+    ) -> InvoiceOut:
         return cls(
+            subtotal_minor=i.subtotal_minor,
+            credit_applied_minor=i.credit_applied_minor,
+            change_id=i.change_id,
+            lines=[InvoiceLineOut.of(line) for line in lines],
             id=i.id,
             number=i.number,
             status=i.status,
@@ -731,7 +773,7 @@ class InvoiceOut(BaseModel):
 
     @classmethod
     def of_item(cls, item: InvoiceListItem) -> InvoiceOut:
-        return cls.of(item.invoice, item.payment)
+        return cls.of(item.invoice, item.payment, item.lines)
 
 
 class InvoiceDetailOut(InvoiceOut):
@@ -740,7 +782,9 @@ class InvoiceDetailOut(InvoiceOut):
 
     @classmethod
     def of_detail(cls, detail: InvoiceDetail) -> InvoiceDetailOut:
-        base = InvoiceOut.of(detail.invoice, detail.payments[0] if detail.payments else None)
+        base = InvoiceOut.of(
+            detail.invoice, detail.payments[0] if detail.payments else None, detail.lines
+        )
         return cls(
             **base.model_dump(exclude={"payment"}),
             payment=base.payment,

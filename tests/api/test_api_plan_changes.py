@@ -55,6 +55,17 @@ async def test_preview_then_change_gives_the_same_lines_and_one_change_per_key(a
     live = await api.request("GET", f"/v1/subscriptions/{sub['id']}", scope="finance")
     assert (live.json()["plan"], live.json()["quantity"]) == ("pro-monthly", 2)
 
+    # Finance reads show the lines and the totals.
+    invoice = await api.request("GET", f"/v1/invoices/{changed['invoice_id']}", scope="finance")
+    body_out = invoice.json()
+    assert body_out["change_id"] == changed["change_id"]
+    assert [(x["kind"], x["amount_minor"]) for x in body_out["lines"]] == [
+        ("proration", x["amount_minor"]) for x in changed["lines"]
+    ]
+    assert body_out["subtotal_minor"] == preview["subtotal_minor"] == body_out["amount_due_minor"]
+    listed = await api.request("GET", f"/v1/invoices?subscription_id={sub['id']}", scope="finance")
+    assert [len(i["lines"]) for i in listed.json()["data"]] == [1, 2]
+
 
 @pytest.mark.parametrize(
     ("body", "status", "error_type"),
