@@ -144,10 +144,11 @@ def check_change(
             f"subscription {sid} is set to cancel at period end; its plan cannot change"
         )
     if s.pending_change is not None:
+        when = s.next_billing_at.isoformat() if s.next_billing_at else "the period end"
         raise ChangeRefused(
             f"subscription {sid} already has a change pending for the period end "
-            f"({s.pending_change.plan.code} x {s.pending_change.quantity}, change "
-            f"{s.pending_change.change_id}); cancel it first"
+            f"({s.pending_change.plan.code} x {s.pending_change.quantity} from {when}); "
+            "cancel it first"
         )
     if new_plan.currency != s.plan.currency:
         raise ChangeRefused(
