@@ -15,7 +15,7 @@ from typing import Any
 from billing.errors import InvalidInput
 from billing.invoices import InvoiceStatus
 from billing.payments import ChargeOutcomeKind
-from billing.plans import Plan
+from billing.plans import Plan, validate_plan
 from billing.proration import ProrationLine
 from billing.subscription import SubscriptionStatus
 from billing.text import OUR_ID, PAYMENT_METHOD_ID, PLAN_CODE, PLAN_NAME, PROVIDER_ID, REASON
@@ -597,6 +597,10 @@ class ChangePlanInput:
         if self.plan is not None:
             PLAN_CODE.check(self.plan.code, field="plan")
             PLAN_NAME.check(self.plan.name, field="plan.name")
+            # The plan comes from the caller's catalog read; anything the catalog would not
+            # hold (a negative price, an unknown currency) never reaches the state. (Update
+            # validators do not run on replay, so library data cannot break a history.)
+            validate_plan(self.plan)
         if self.quantity is not None and (
             isinstance(self.quantity, bool) or not isinstance(self.quantity, int)
         ):

@@ -21,7 +21,7 @@ from fractions import Fraction
 
 from billing.calendar import _APPROX_DAYS, IntervalUnit, period
 from billing.errors import ChangeRefused, InvalidInput
-from billing.plans import MAX_QUANTITY, Plan
+from billing.plans import MAX_QUANTITY, Plan, validate_total
 from billing.proration import ProrationLine, Terms, prorate
 from billing.subscription import (
     ChangeEffective,
@@ -121,6 +121,7 @@ def check_change(
             f"got {proration!r}",
             field="proration",
         ) from None
+    validate_total(new_plan, new_quantity)
     sid = s.subscription_id
     if s.status == SubscriptionStatus.CANCELED:
         raise ChangeRefused(f"subscription {sid} is canceled; its plan can no longer change")

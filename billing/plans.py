@@ -16,12 +16,13 @@ from dataclasses import dataclass, field, replace
 from billing.calendar import IntervalUnit, parse_interval_unit, validate_interval_count
 from billing.dunning import DunningPolicy, validate_dunning_policy
 from billing.errors import InvalidInput, UnknownPlan
-from billing.money import normalize_currency, validate_amount_minor
+from billing.money import MAX_AMOUNT_MINOR, normalize_currency, validate_amount_minor
 from billing.text import PLAN_NAME
 
 MAX_TRIAL_DAYS = 730
-#: Most seats one subscription may have (far above any real team, far below overflow:
-#: 10^6 x MAX_AMOUNT_MINOR stays inside int64).
+#: Most seats one subscription may have (far above any real team). A period's total,
+#: ``quantity x amount_minor``, must itself stay within MAX_AMOUNT_MINOR
+#: (``validate_total``).
 MAX_QUANTITY = 1_000_000
 # fullmatch, not match: "$" would also accept a trailing newline ("pro\n").
 _CODE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -89,6 +90,19 @@ def validate_quantity(quantity: object, *, field: str = "quantity") -> int:
             f"{field} must be between 1 and {MAX_QUANTITY}; got {quantity}", field=field
         )
     return quantity
+
+
+def validate_total(plan: Plan, quantity: int, *, field: str = "quantity") -> int:
+    """A period's total, ``quantity x plan.amount_minor`` (minor units), or InvalidInput when
+    it exceeds MAX_AMOUNT_MINOR (it would not fit the database's amounts)."""
+    total = plan.amount_minor * quantity
+    if total > MAX_AMOUNT_MINOR:
+        raise InvalidInput(
+            f"{quantity} seats of plan {plan.code!r} would bill {total} minor units a period, "
+            f"more than the maximum of {MAX_AMOUNT_MINOR}; use fewer seats",
+            field=field,
+        )
+    return total
 
 
 def find_plan(code: str, plans: Mapping[str, Plan] | Iterable[Plan]) -> Plan:

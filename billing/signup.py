@@ -55,7 +55,13 @@ from billing.errors import (
 from billing.ids import new_id, subscription_id_for_signup
 from billing.invoices import invoice_prefix_for
 from billing.payments import PaymentGateway
-from billing.plans import MAX_TRIAL_DAYS, Plan, validate_plan, validate_quantity
+from billing.plans import (
+    MAX_TRIAL_DAYS,
+    Plan,
+    validate_plan,
+    validate_quantity,
+    validate_total,
+)
 from billing.records import CustomerRecord, SubscriptionRecord
 from billing.subscription import SubscriptionState, SubscriptionStatus
 from billing.text import (
@@ -307,6 +313,7 @@ class SignupService:
                     field="plan",
                 )
             plan = _sellable(plan)
+            validate_total(plan, request.quantity)
             customer = _find_customer(session, request)
         _check_payment_method(request, customer)
         timezone = customer.timezone if customer else request.customer.timezone

@@ -113,7 +113,13 @@ with workflow.unsafe.imports_passed_through():
     from billing.errors import BillingError, ChangeRefused, InvalidInput
     from billing.invoices import InvoiceStatus
     from billing.payments import ChargeOutcomeKind
-    from billing.plan_change import ChangeRequest, check_change, decide_change, interval_changes
+    from billing.plan_change import (
+        ChangeDecision,
+        ChangeRequest,
+        check_change,
+        decide_change,
+        interval_changes,
+    )
     from billing.subscription import (
         Attention,
         BlockedReason,
@@ -567,25 +573,18 @@ class SubscriptionWorkflow:
         if decision.invoice_now:
             assert s.current_period_start is not None and s.current_period_end is not None
             first = decision.lines[0].period_start if decision.lines else now
-            invoice = await _db_activity(
-                ActivityName.CREATE_CHANGE_INVOICE,
-                CreateChangeInvoiceInput(
-                    subscription_id=s.subscription_id,
-                    customer_id=s.customer_id,
-                    change_id=request.change_id,
-                    period_index=s.current_period_index or 0,
-                    period_start=s.current_period_start if voided_id else first,
-                    period_end=decision.new_period_end or s.current_period_end,
-                    currency=s.plan.currency,
-                    description=f"Change to {request.plan.name}"
-                    + (f" x {request.quantity}" if request.quantity != 1 else ""),
-                    issued_at=now,
-                    lines=list(decision.lines),
-                    replaces_invoice_id=voided_id,
-                ),
-                CreateInvoiceResult,
-                local=False,
-            )
+            try:
+                invoice = await self._issue_change_invoice(request, decision, voided_id, first)
+            except ActivityError as error:
+                if voided_id is not None:
+                    # The period's renewal is void and its replacement could not be issued:
+                    # the period is unbilled, so an operator must look, never silence.
+                    await self._park(
+                        f"issue the invoice of change {request.change_id}",
+                        f"renewal {voided_id} was voided for the change, then: "
+                        f"{_describe_failure(error)}",
+                    )
+                raise
         # The state moves only once the invoice exists.
         s.plan = request.plan
         s.quantity = request.quantity
@@ -635,6 +634,36 @@ class SubscriptionWorkflow:
             amount_due_minor=invoice.amount_due_minor if invoice else None,
             voided_invoice_id=voided_id,
         )
+
+    async def _issue_change_invoice(
+        self,
+        request: ChangeRequest,
+        decision: ChangeDecision,
+        voided_id: str | None,
+        first: datetime,
+    ) -> CreateInvoiceResult:
+        s = self.state
+        assert s.current_period_start is not None and s.current_period_end is not None
+        invoice: CreateInvoiceResult = await _db_activity(
+            ActivityName.CREATE_CHANGE_INVOICE,
+            CreateChangeInvoiceInput(
+                subscription_id=s.subscription_id,
+                customer_id=s.customer_id,
+                change_id=request.change_id,
+                period_index=s.current_period_index or 0,
+                period_start=s.current_period_start if voided_id else first,
+                period_end=decision.new_period_end or s.current_period_end,
+                currency=s.plan.currency,
+                description=f"Change to {request.plan.name}"
+                + (f" x {request.quantity}" if request.quantity != 1 else ""),
+                issued_at=decision.effective_at,
+                lines=list(decision.lines),
+                replaces_invoice_id=voided_id,
+            ),
+            CreateInvoiceResult,
+            local=False,
+        )
+        return invoice
 
     # ================================================================== collection & dunning
 

@@ -211,3 +211,29 @@ async def test_customers_show_card_subscriptions_and_credit_balance(api: Api) ->
     bad = await api.request("GET", "/v1/customers?email=x", scope="finance")
     assert bad.status_code == 422
     assert (await api.request("GET", "/v1/customers", scope="signup")).status_code == 403
+
+
+@BOTH_BACKENDS
+async def test_emoji_names_are_kept_and_oversized_totals_refused(api: Api) -> None:
+    emoji = {**SEATS_PLAN, "code": "rocket", "name": "Rocket 🚀 plan", "amount_minor": 10**12}
+    created = await api.request("POST", "/v1/plans", scope="admin", json=emoji)
+    assert created.status_code == 201, created.text
+    read = await api.request("GET", "/v1/plans/rocket", scope="finance")
+    assert read.json()["name"] == "Rocket 🚀 plan"
+
+    # 10^6 seats x 10^12 = 10^18 minor units a period: over the maximum amount (and near the
+    # database's 64-bit limit): refused before anything is written.
+    before = row_counts(api.harness)
+    answer = await api.signup("rocket", card=SUCCEEDS, quantity=1_000_000)
+    assert answer.status_code == 422 and "would bill" in answer.json()["error"]["message"]
+    assert row_counts(api.harness) == before
+
+    sub = await api.signed_up("rocket", card=SUCCEEDS, quantity=1)
+    await api.harness.wait_for(sub["id"], lambda v: v.invoices_issued == 1 and not v.open_invoice)
+    change = await api.request(
+        "POST",
+        f"/v1/subscriptions/{sub['id']}/change-plan",
+        scope="admin",
+        json={"quantity": 1_000_000},
+    )
+    assert change.status_code == 422 and "would bill" in change.json()["error"]["message"]
