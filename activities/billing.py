@@ -43,6 +43,7 @@ from billing.contracts import (
     CloseInvoiceResult,
     ConfirmAuthenticatedPaymentInput,
     ConfirmAuthenticatedPaymentResult,
+    CreateChangeInvoiceInput,
     CreateInvoiceInput,
     CreateInvoiceResult,
     EnqueueNotificationInput,
@@ -56,7 +57,7 @@ from billing.contracts import (
     idempotency_key_for,
 )
 from billing.errors import BillingError, ChangeRefused, NotFound
-from billing.ids import invoice_id_for, new_id
+from billing.ids import change_invoice_id_for, invoice_id_for, new_id
 from billing.invoices import InvoiceLine, InvoiceLineKind, InvoiceStatus
 from billing.payments import (
     ChargeOutcome,
@@ -65,6 +66,7 @@ from billing.payments import (
     PaymentProviderError,
     SettlementDetails,
 )
+from billing.proration import ProrationLine
 from billing.records import (
     AttemptStatus,
     CustomerRecord,
@@ -157,6 +159,7 @@ class BillingActivities:
         return [
             self.sync_subscription,
             self.create_invoice,
+            self.create_change_invoice,
             self.charge_invoice,
             self.settle_invoice,
             self.close_invoice,
@@ -189,6 +192,7 @@ class BillingActivities:
                 now=self.clock.now(),
                 changed_at=input.changed_at,
                 attention_reason=input.attention_reason,
+                terms=input.terms.columns() if input.terms is not None else None,
             )
             if updated:
                 event_log.subscription_synced(session, before, input.changed_at or self.clock.now())
@@ -235,13 +239,74 @@ class BillingActivities:
                 period_start=input.period_start,
                 period_end=input.period_end,
                 plan_code=input.plan_code,
-                unit_amount_minor=input.amount_minor,
+                quantity=input.quantity,
+                unit_amount_minor=input.unit_amount_minor
+                if input.unit_amount_minor is not None
+                else input.amount_minor,
             )
+            # Prorations carried from changes since the last renewal (create_prorations).
+            lines = [line, *(_proration_line(p) for p in input.extra_lines)]
             # Idempotent per (subscription, period) and gap-free: a racing run of this activity
             # gets the existing invoice and gives its number back.
-            invoice, created = invoices_repo.issue_invoice(session, issued, [line])
+            invoice, created = invoices_repo.issue_invoice(session, issued, lines)
             if created:
                 event_log.invoice_issued(session, invoice, now)
+            return _invoice_result(invoice, created=created)
+
+    @activity.defn(name=ActivityName.CREATE_CHANGE_INVOICE)
+    @_domain_errors_are_final
+    def create_change_invoice(self, input: CreateChangeInvoiceInput) -> CreateInvoiceResult:
+        """Issue the invoice of one plan change, finalized; idempotent per change (its own
+        key, so it never collides with the period's renewal, even at the same instant)."""
+        with unit_of_work(self.session_factory) as session:
+            lines: list[InvoiceLine] = []
+            if input.replaces_invoice_id is not None:
+                # The voided renewal's lines are billed again, first: the customer pays the
+                # period once, adjusted by the change, instead of a credit for money never paid.
+                voided = invoices_repo.get_invoice(session, input.replaces_invoice_id)
+                if voided is None or voided.status != InvoiceStatus.VOID:
+                    raise ChangeRefused(
+                        f"invoice {input.replaces_invoice_id} is not void; it cannot be replaced"
+                    )
+                lines.extend(
+                    InvoiceLine(
+                        kind=old.kind,
+                        description=old.description,
+                        amount_minor=old.amount_minor,
+                        period_start=old.period_start,
+                        period_end=old.period_end,
+                        plan_code=old.plan_code,
+                        quantity=old.quantity,
+                        unit_amount_minor=old.unit_amount_minor,
+                        change_id=old.change_id,
+                    )
+                    for old in invoices_repo.list_invoice_lines(session, voided.id)
+                )
+            lines.extend(_proration_line(p) for p in input.lines)
+            issued = InvoiceRecord(
+                id=change_invoice_id_for(input.subscription_id, input.change_id),
+                number="",
+                subscription_id=input.subscription_id,
+                customer_id=input.customer_id,
+                period_index=input.period_index,
+                period_start=input.period_start,
+                period_end=input.period_end,
+                amount_due_minor=0,
+                amount_paid_minor=0,
+                currency=input.currency,
+                status=InvoiceStatus.OPEN,
+                description=input.description,
+                status_reason=None,
+                created_at=input.issued_at,
+                finalized_at=input.issued_at,
+                paid_at=None,
+                voided_at=None,
+                marked_uncollectible_at=None,
+                change_id=input.change_id,
+            )
+            invoice, created = invoices_repo.issue_invoice(session, issued, lines)
+            if created:
+                event_log.invoice_issued(session, invoice, input.issued_at)
             return _invoice_result(invoice, created=created)
 
     @activity.defn(name=ActivityName.CLOSE_INVOICE)
@@ -996,7 +1061,11 @@ class BillingActivities:
             if customer.stripe_customer_id is None:
                 customers_repo.set_stripe_customer_id(session, customer.id, provider_customer_id)
             customers_repo.set_default_payment_method(
-                session, customer.id, attached.payment_method_id
+                session,
+                customer.id,
+                attached.payment_method_id,
+                card_brand=clean_provider_text(attached.card_brand, CARD_BRAND),
+                card_last4=clean_provider_text(attached.card_last4, CARD_LAST4),
             )
             others = [
                 sub.id
@@ -1056,6 +1125,20 @@ def _matching(
             f"but invoice {invoice.number} is {invoice.amount_due_minor} {invoice.currency}"
         )
     return details
+
+
+def _proration_line(line: ProrationLine) -> InvoiceLine:
+    return InvoiceLine(
+        kind=InvoiceLineKind.PRORATION,
+        description=line.description,
+        amount_minor=line.amount_minor,
+        period_start=line.period_start,
+        period_end=line.period_end,
+        plan_code=line.plan_code,
+        quantity=line.quantity,
+        unit_amount_minor=line.unit_amount_minor,
+        change_id=line.change_id,
+    )
 
 
 def _invoice_result(invoice: InvoiceRecord, *, created: bool) -> CreateInvoiceResult:

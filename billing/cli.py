@@ -51,6 +51,18 @@ def migrate() -> None:
     settings = Settings()
     upgrade(settings.database_url)
     console.print(f"[green]database migrated[/green] ({_safe_url(settings.database_url)})")
+    if settings.environment == "dev":
+        # Only in dev: a production catalog holds only the plans the business created
+        # (`billing plans create FILE`), never demo prices a customer could sign up to.
+        from billing.plans import DEMO_PLANS
+        from db.engine import unit_of_work
+        from db.repositories import plans as plans_repo
+
+        with unit_of_work(_session_factory(settings)) as session:
+            for plan in DEMO_PLANS:
+                if plans_repo.get_plan(session, plan.code) is None:
+                    plans_repo.upsert_plan(session, plan)
+        console.print(f"demo plans loaded (environment dev): {len(DEMO_PLANS)}")
 
 
 @app.command()
@@ -628,6 +640,10 @@ app.add_typer(signups_app, name="signups")
 app.add_typer(event_endpoints_app, name="event-endpoints")
 # The revenue reports (billing/reports_cli.py).
 app.add_typer(reports_app, name="reports")
+plans_app = typer.Typer(help="The plan catalog.", no_args_is_help=True)
+app.add_typer(plans_app, name="plans")
+customers_app = typer.Typer(help="Customers, with card and credit balance.", no_args_is_help=True)
+app.add_typer(customers_app, name="customers")
 
 
 class TemporalUnreachable(Exception):
@@ -885,6 +901,8 @@ def subscriptions_list(
     status: str | None = typer.Option(
         None, "--status", help="only this status, e.g. needs_attention (parked for an operator)"
     ),
+    customer_id: str | None = typer.Option(None, "--customer-id", help="only this customer's"),
+    plan: str | None = typer.Option(None, "--plan", help="only those on this plan code"),
     limit: int = typer.Option(50, "--limit", help="rows per page (1-200)"),
     cursor: str | None = typer.Option(None, "--cursor", help="the id printed after 'more:'"),
 ) -> None:
@@ -905,14 +923,21 @@ def subscriptions_list(
         _fail(f"--limit must be from 1 to 200 (got {limit})")
     with unit_of_work(_session_factory(Settings())) as session:
         records = subscriptions_repo.list_subscriptions(
-            session, status=wanted, limit=limit + 1, after_id=cursor
+            session,
+            status=wanted,
+            limit=limit + 1,
+            after_id=cursor,
+            customer_id=customer_id,
+            plan_code=plan,
         )
         page = records[:limit]
         parked = subscriptions_repo.parked_at(
             session, [r.id for r in page if r.status == SubscriptionStatus.NEEDS_ATTENTION]
         )
     table = Table(title="subscriptions")
-    for column in ("id", "status", "plan", "next billing", "attention since", "step", "reason"):
+    # Ids never wrap: they stay copyable at 80 columns (the other columns fold).
+    table.add_column("id", no_wrap=True, min_width=30)
+    for column in ("status", "plan", "next billing", "attention since", "step", "reason"):
         table.add_column(column, overflow="fold")
     for record in page:
         attention = AttentionOut.of_record(record, parked.get(record.id))
@@ -1057,6 +1082,356 @@ def subscriptions_resume_billing(
         markup=False,
         highlight=False,
     )
+
+
+# ---- plans ---------------------------------------------------------------------------------
+
+
+def _read_plans_file(path: Path) -> list[dict[str, object]]:
+    """One plan object, a list of them, or ``{"plans": [...]}``, in YAML or JSON."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        _fail(f"cannot read {path}: {error.strerror}")
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        _fail(f"{path} is not valid YAML or JSON: {error}")
+    if isinstance(loaded, dict) and set(loaded) == {"plans"}:
+        loaded = loaded["plans"]
+    if isinstance(loaded, dict):
+        loaded = [loaded]
+    if not isinstance(loaded, list) or not all(isinstance(p, dict) for p in loaded):
+        _fail(f"{path} must hold a plan object, a list of plans, or {{plans: [...]}}")
+    return loaded
+
+
+def _plan_table(entries: list[object], title: str) -> Table:
+    from billing.finance import amount_display
+    from billing.records import CatalogPlan
+
+    table = Table(title=title)
+    table.add_column("code", no_wrap=True)
+    for column in ("name", "price", "every", "trial", "status"):
+        table.add_column(column, overflow="fold")
+    for entry in entries:
+        assert isinstance(entry, CatalogPlan)
+        p = entry.plan
+        table.add_row(
+            p.code,
+            Text(p.name),
+            f"{p.amount_minor} {p.currency} ({amount_display(p.amount_minor, p.currency)})",
+            f"{p.interval_count} {p.interval.value}",
+            f"{p.trial_days} d" if p.trial_days else "",
+            "active" if entry.active else "archived",
+        )
+    return table
+
+
+@plans_app.command("create")
+def plans_create(file: Path = typer.Argument(..., help="YAML or JSON: one plan or a list")) -> None:
+    """Create plans from FILE. All or nothing: one bad plan writes none. A plan already in
+    the catalog with the same terms is left as it is; other terms under its code are refused
+    (prices are immutable: a new price is a new code)."""
+    from billing import catalog
+    from billing.errors import BillingError
+
+    raws = _read_plans_file(file)
+    try:
+        created = catalog.create_plans(_session_factory(Settings()), raws)
+    except BillingError as error:
+        _fail(error.message)
+    for item in created:
+        word = "created  " if item.created else "unchanged"
+        console.print(f"{word} {item.entry.plan.code}", markup=False, highlight=False)
+
+
+@plans_app.command("list")
+def plans_list(
+    archived: bool | None = typer.Option(
+        None, "--archived/--active", help="only archived, or only active, plans"
+    ),
+) -> None:
+    """Every plan in the catalog."""
+    from billing import catalog
+
+    entries = catalog.list_plans(
+        _session_factory(Settings()), active=None if archived is None else not archived
+    )
+    console.print(_plan_table(list(entries), "plans"))
+
+
+@plans_app.command("archive")
+def plans_archive(code: str) -> None:
+    """Close a plan to new signups and changes; its subscribers keep billing."""
+    from billing import catalog
+    from billing.errors import BillingError
+
+    try:
+        entry = catalog.archive_plan(_session_factory(Settings()), code)
+    except BillingError as error:
+        _fail(error.message, code=1)
+    console.print(f"plan {entry.plan.code} archived", markup=False, highlight=False)
+
+
+# ---- subscription changes --------------------------------------------------------------------
+
+
+def _run_update(subscription_id: str, name: str, arg: object, result_type: type) -> object:
+    """Run a workflow Update; a refusal exits 1 with the workflow's reason."""
+    settings = Settings()
+
+    async def run() -> object:
+        client = await _connect_or_fail(settings)
+        handle = client.get_workflow_handle(f"subscription-{subscription_id}")
+        return await handle.execute_update(name, arg, result_type=result_type)
+
+    try:
+        return asyncio.run(run())
+    except WorkflowUpdateFailedError as error:
+        cause = error.cause
+        _fail(getattr(cause, "message", None) or str(cause or error), code=1)
+    except RPCError as error:
+        _fail(f"subscription {subscription_id!r} cannot be changed: {error.message}", code=1)
+
+
+def _checked(arg: object) -> None:
+    from billing.errors import InvalidInput
+
+    try:
+        arg.check()  # type: ignore[attr-defined]
+    except InvalidInput as invalid:
+        _fail(f"{invalid.field or 'input'}: {invalid.message}")
+
+
+@subscriptions_app.command("pause")
+def subscriptions_pause(subscription_id: str, reason: str = typer.Option("", "--reason")) -> None:
+    """Pause billing (no invoices until resumed)."""
+    from billing.contracts import PauseInput, PauseResult
+
+    _check_id(subscription_id, "SUBSCRIPTION_ID")
+    arg = PauseInput(reason)
+    _checked(arg)
+    result = _run_update(subscription_id, SubscriptionMessage.PAUSE, arg, PauseResult)
+    assert isinstance(result, PauseResult)
+    console.print(f"subscription {subscription_id} paused at {_fmt(result.paused_at)}")
+
+
+@subscriptions_app.command("resume")
+def subscriptions_resume(subscription_id: str, reason: str = typer.Option("", "--reason")) -> None:
+    """Resume a paused subscription; it bills from the anchor's next date."""
+    from billing.contracts import ResumeInput, ResumeResult
+
+    _check_id(subscription_id, "SUBSCRIPTION_ID")
+    arg = ResumeInput(reason)
+    _checked(arg)
+    result = _run_update(subscription_id, SubscriptionMessage.RESUME, arg, ResumeResult)
+    assert isinstance(result, ResumeResult)
+    console.print(
+        f"subscription {subscription_id} is {result.status.value}; "
+        f"next billing {_fmt(result.next_billing_at)}"
+    )
+
+
+@subscriptions_app.command("update-card")
+def subscriptions_update_card(subscription_id: str, payment_method_id: str) -> None:
+    """Attach PAYMENT_METHOD_ID ('pm_...') as the customer's card; an open invoice is retried."""
+    from billing.contracts import UpdatePaymentMethodInput, UpdatePaymentMethodResult
+
+    _check_id(subscription_id, "SUBSCRIPTION_ID")
+    arg = UpdatePaymentMethodInput(payment_method_id=payment_method_id)
+    _checked(arg)
+    result = _run_update(
+        subscription_id, SubscriptionMessage.UPDATE_PAYMENT_METHOD, arg, UpdatePaymentMethodResult
+    )
+    assert isinstance(result, UpdatePaymentMethodResult)
+    card = " ".join(x for x in (result.card_brand, result.card_last4) if x)
+    retry = "; the open invoice is retried now" if result.retry_scheduled else ""
+    console.print(
+        f"subscription {subscription_id}: card {result.payment_method_id} {card}{retry}",
+        markup=False,
+        highlight=False,
+    )
+
+
+@subscriptions_app.command("change-plan")
+def subscriptions_change_plan(
+    subscription_id: str,
+    plan: str | None = typer.Option(None, "--plan", help="the new plan's code"),
+    quantity: int | None = typer.Option(None, "--quantity", help="the new number of seats"),
+    effective: str | None = typer.Option(
+        None, "--effective", help="now or period_end (default: now for an upgrade)"
+    ),
+    proration: str | None = typer.Option(
+        None, "--proration", help="always_invoice (default), create_prorations or none"
+    ),
+    preview: bool = typer.Option(False, "--preview", help="show the lines; change nothing"),
+) -> None:
+    """Change the plan and/or the seats (see the README's proration rules)."""
+    from billing.contracts import (
+        ChangePlanInput,
+        ChangePlanResult,
+        ChangePreview,
+        PreviewChangeInput,
+    )
+    from billing.errors import BillingError, PlanArchived, UnknownPlan
+    from billing.proration import ProrationLine
+    from db.engine import unit_of_work
+    from db.repositories import plans as plans_repo
+
+    _check_id(subscription_id, "SUBSCRIPTION_ID")
+    settings = Settings()
+    new_plan = None
+    try:
+        if plan is not None:
+            with unit_of_work(_session_factory(settings)) as session:
+                entry = plans_repo.get_catalog_plan(session, plan)
+            if entry is None:
+                raise UnknownPlan(f"unknown plan {plan!r}; see `billing plans list`")
+            if not entry.active:
+                raise PlanArchived(f"plan {plan!r} is archived")
+            new_plan = entry.plan
+    except BillingError as error:
+        _fail(error.message)
+    arg = ChangePlanInput(
+        plan=new_plan, quantity=quantity, effective=effective, proration=proration
+    )
+    _checked(arg)
+
+    def show(lines: list[ProrationLine]) -> None:
+        table = Table(title="lines")
+        for column in ("description", "amount", "from", "to"):
+            table.add_column(column, overflow="fold")
+        for line in lines:
+            table.add_row(
+                Text(line.description),
+                str(line.amount_minor),
+                _fmt(line.period_start),
+                _fmt(line.period_end),
+            )
+        console.print(table)
+
+    if preview:
+
+        async def ask() -> ChangePreview:
+            client = await _connect_or_fail(settings)
+            handle = client.get_workflow_handle(f"subscription-{subscription_id}")
+            answer: ChangePreview = await handle.query(
+                SubscriptionMessage.PREVIEW_CHANGE,
+                PreviewChangeInput(change=arg, at=datetime.now(UTC)),
+                result_type=ChangePreview,
+            )
+            return answer
+
+        try:
+            shown = asyncio.run(ask())
+        except RPCError as error:
+            _fail(f"subscription {subscription_id!r}: {error.message}", code=1)
+        if shown.refused:
+            _fail(shown.refused, code=1)
+        show(shown.lines)
+        console.print(
+            f"{shown.effective} ({_fmt(shown.effective_at)}): {shown.plan_code} x "
+            f"{shown.quantity}; subtotal {shown.subtotal_minor} {shown.currency}",
+            markup=False,
+            highlight=False,
+        )
+        return
+    result = _run_update(subscription_id, SubscriptionMessage.CHANGE_PLAN, arg, ChangePlanResult)
+    assert isinstance(result, ChangePlanResult)
+    if result.pending:
+        console.print(
+            f"subscription {subscription_id}: {result.plan_code} x {result.quantity} from "
+            f"{_fmt(result.effective_at)} (pending; change {result.change_id})",
+            markup=False,
+            highlight=False,
+        )
+        return
+    show(result.lines)
+    invoice = (
+        f"; invoice {result.invoice_id} ({result.invoice_status}, {result.amount_due_minor} due)"
+        if result.invoice_id
+        else ""
+    )
+    console.print(
+        f"subscription {subscription_id}: now {result.plan_code} x {result.quantity}{invoice}",
+        markup=False,
+        highlight=False,
+    )
+
+
+# ---- customers -------------------------------------------------------------------------------
+
+
+@customers_app.command("list")
+def customers_list(
+    limit: int = typer.Option(50, "--limit", help="rows per page (1-200)"),
+    cursor: str | None = typer.Option(None, "--cursor", help="the id printed after 'more:'"),
+) -> None:
+    """Customers by id."""
+    from db.engine import unit_of_work
+    from db.repositories import customers as customers_repo
+
+    if not 1 <= limit <= 200:
+        _fail(f"--limit must be from 1 to 200 (got {limit})")
+    if cursor is not None:
+        _check_id(cursor, "--cursor")
+    with unit_of_work(_session_factory(Settings())) as session:
+        records = customers_repo.list_customers(session, limit=limit + 1, after_id=cursor)
+    page = records[:limit]
+    table = Table(title="customers")
+    table.add_column("id", no_wrap=True, min_width=30)
+    for column in ("external id", "email", "zone"):
+        table.add_column(column, overflow="fold")
+    for c in page:
+        table.add_row(c.id, Text(c.external_id or ""), Text(c.email or ""), c.timezone)
+    console.print(table)
+    if len(records) > limit:
+        console.print(f"more: --cursor {page[-1].id}")
+
+
+@customers_app.command("show")
+def customers_show(customer_id: str) -> None:
+    """A customer: card on file, credit balance, subscriptions."""
+    from billing.finance import amount_display
+    from db.engine import unit_of_work
+    from db.repositories import balances as balances_repo
+    from db.repositories import customers as customers_repo
+    from db.repositories import subscriptions as subscriptions_repo
+
+    _check_id(customer_id, "CUSTOMER_ID")
+    with unit_of_work(_session_factory(Settings())) as session:
+        customer = customers_repo.get_customer(session, customer_id)
+        if customer is None:
+            _fail(f"customer {customer_id!r} not found", code=1)
+        subscriptions = subscriptions_repo.list_subscriptions_for_customer(session, customer_id)
+        balances = balances_repo.credit_balances(session, customer_id)
+    head = Table(title=f"customer {customer.id}", show_header=False)
+    card = " ".join(x for x in (customer.default_card_brand, customer.default_card_last4) if x) or (
+        "on file" if customer.default_payment_method_id else "none"
+    )
+    credit = ", ".join(
+        f"{amount} {currency} ({amount_display(amount, currency)})"
+        for currency, amount in balances.items()
+    )
+    for label, value in (
+        ("external id", customer.external_id or ""),
+        ("email", customer.email or ""),
+        ("zone", customer.timezone),
+        ("card", card),
+        ("credit balance", credit or "0"),
+    ):
+        head.add_row(label, Text(value))
+    console.print(head)
+    table = Table(title="subscriptions")
+    table.add_column("id", no_wrap=True, min_width=30)
+    for column in ("status", "plan", "seats", "next billing"):
+        table.add_column(column, overflow="fold")
+    for sub in subscriptions:
+        table.add_row(
+            sub.id, sub.status.value, sub.plan_code, str(sub.quantity), _fmt(sub.next_billing_at)
+        )
+    console.print(table)
 
 
 def main() -> None:

@@ -15,8 +15,10 @@ from typing import Any
 from billing.errors import InvalidInput
 from billing.invoices import InvoiceStatus
 from billing.payments import ChargeOutcomeKind
+from billing.plans import Plan, validate_plan
+from billing.proration import ProrationLine
 from billing.subscription import SubscriptionStatus
-from billing.text import OUR_ID, PAYMENT_METHOD_ID, PROVIDER_ID, REASON
+from billing.text import OUR_ID, PAYMENT_METHOD_ID, PLAN_CODE, PLAN_NAME, PROVIDER_ID, REASON
 
 
 class ActivityName:
@@ -31,6 +33,7 @@ class ActivityName:
     ATTACH_PAYMENT_METHOD = "attach_payment_method"
     CONFIRM_AUTHENTICATED_PAYMENT = "confirm_authenticated_payment"
     CANCEL_INVOICE_PAYMENT = "cancel_invoice_payment"
+    CREATE_CHANGE_INVOICE = "create_change_invoice"
     RECORD_INVOICE_PAYMENT = "record_invoice_payment"
 
 
@@ -59,6 +62,32 @@ def idempotency_key_for(invoice_id: str, attempt_number: int) -> str:
 
 
 @dataclass
+class SubscriptionTerms:
+    """What a subscription is billed after a plan or quantity change (the database's
+    snapshot): the plan's unit amount (minor units) per ``interval_count`` ``interval``, times
+    ``quantity``; billing dates from ``anchor_at`` (UTC)."""
+
+    plan_code: str
+    amount_minor: int
+    currency: str
+    interval: str
+    interval_count: int
+    quantity: int
+    anchor_at: datetime
+
+    def columns(self) -> dict[str, object]:
+        return {
+            "plan_code": self.plan_code,
+            "amount_minor": self.amount_minor,
+            "currency": self.currency,
+            "interval": self.interval,
+            "interval_count": self.interval_count,
+            "quantity": self.quantity,
+            "anchor_at": self.anchor_at,
+        }
+
+
+@dataclass
 class SyncSubscriptionInput:
     """Mirror the workflow's view of the subscription into the database."""
 
@@ -77,6 +106,8 @@ class SyncSubscriptionInput:
     changed_at: datetime | None = None
     #: Status needs_attention: what failed and why, for operators (None otherwise).
     attention_reason: str | None = None
+    #: Set when a plan or quantity change was applied: the new snapshot to mirror.
+    terms: SubscriptionTerms | None = None
 
 
 @dataclass
@@ -102,6 +133,13 @@ class CreateInvoiceInput:
     #: activities, whose own clock is the worker's, not the workflow's; None: the activity's
     #: clock (histories recorded before the field).
     issued_at: datetime | None = None
+    #: Seats and the price of one (``amount_minor`` is their product); None: one seat at
+    #: ``amount_minor`` (histories recorded before seats).
+    quantity: int = 1
+    unit_amount_minor: int | None = None
+    #: Proration lines carried to this renewal (``create_prorations``), after its
+    #: subscription line.
+    extra_lines: list[ProrationLine] = field(default_factory=list)
 
 
 @dataclass
@@ -118,6 +156,26 @@ class CreateInvoiceResult:
     #: None in results recorded before they existed.
     period_start: datetime | None = None
     period_end: datetime | None = None
+
+
+@dataclass
+class CreateChangeInvoiceInput:
+    """Issue the invoice of plan change ``change_id``: its proration lines (and, when it
+    replaces the period's unpaid renewal, that renewal's lines again first). Idempotent per
+    change."""
+
+    subscription_id: str
+    customer_id: str
+    change_id: str
+    period_index: int
+    period_start: datetime
+    period_end: datetime
+    currency: str
+    description: str
+    issued_at: datetime
+    lines: list[ProrationLine] = field(default_factory=list)
+    #: The voided renewal whose subscription line is billed again on this invoice.
+    replaces_invoice_id: str | None = None
 
 
 # ---- charge_invoice ------------------------------------------------------------------------
@@ -354,7 +412,10 @@ class SubscriptionMessage:
     PAYMENT_METHOD_CHANGED = "payment_method_changed"
     PAYMENT_AUTHENTICATED = "payment_authenticated"
     RESUME_BILLING = "resume_billing"
+    CHANGE_PLAN = "change_plan"
+    CANCEL_PENDING_CHANGE = "cancel_pending_change"
     GET_STATE = "get_state"
+    PREVIEW_CHANGE = "preview_change"
 
 
 #: The most recent invoice ids a workflow keeps in its state (the database keeps them all).
@@ -518,6 +579,115 @@ def _check_payment_method_id(payment_method_id: str) -> None:
 
 
 @dataclass
+class ChangePlanInput:
+    """Change the plan and/or the seats. ``plan``: the new plan's terms as the catalog has them
+    (the caller looks it up and refuses an unknown or archived code); None keeps the plan.
+    ``quantity`` None keeps the seats. ``effective`` (``now``/``period_end``) and
+    ``proration`` (``always_invoice``/``create_prorations``/``none``) None take the
+    defaults (``billing.plan_change``)."""
+
+    plan: Plan | None = None
+    quantity: int | None = None
+    effective: str | None = None
+    proration: str | None = None
+
+    def check(self) -> None:
+        if self.plan is None and self.quantity is None:
+            raise InvalidInput("give a plan, a quantity, or both", field="plan")
+        if self.plan is not None:
+            PLAN_CODE.check(self.plan.code, field="plan")
+            PLAN_NAME.check(self.plan.name, field="plan.name")
+            # The plan comes from the caller's catalog read; anything the catalog would not
+            # hold (a negative price, an unknown currency) never reaches the state. (Update
+            # validators do not run on replay, so library data cannot break a history.)
+            validate_plan(self.plan)
+        if self.quantity is not None and (
+            isinstance(self.quantity, bool) or not isinstance(self.quantity, int)
+        ):
+            raise InvalidInput("quantity must be a whole number of seats", field="quantity")
+        for name in ("effective", "proration"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or len(value) > 32):
+                raise InvalidInput(f"{name} must be a short word", field=name)
+
+
+@dataclass
+class ChangePlanResult:
+    """What the change did. ``lines``: its proration lines (minor units, signed)."""
+
+    change_id: str
+    effective: str
+    effective_at: datetime
+    plan_code: str
+    quantity: int
+    lines: list[ProrationLine] = field(default_factory=list)
+    proration: str = "none"
+    #: The invoice issued for the lines now, if any, and what it leaves to charge.
+    invoice_id: str | None = None
+    invoice_status: str | None = None
+    amount_due_minor: int | None = None
+    #: The unpaid renewal voided and billed again on the change's invoice.
+    voided_invoice_id: str | None = None
+    #: True: scheduled for ``effective_at`` (the next renewal), cancelable until then.
+    pending: bool = False
+
+
+@dataclass
+class CancelPendingChangeInput:
+    reason: str = ""
+
+    def check(self) -> None:
+        REASON.check(self.reason, field="reason")
+
+
+@dataclass
+class CancelPendingChangeResult:
+    change_id: str
+    plan_code: str
+    quantity: int
+
+
+@dataclass
+class PreviewChangeInput:
+    """What ``change`` would bill if applied at ``at`` (UTC)."""
+
+    change: ChangePlanInput
+    at: datetime
+
+
+@dataclass
+class ChangePreview:
+    """The answer of the preview query: the same decision the workflow would take, or the
+    reason it would refuse (``refused``, with ``error_type``)."""
+
+    effective: str = ""
+    effective_at: datetime | None = None
+    plan_code: str = ""
+    quantity: int = 1
+    proration: str = "none"
+    lines: list[ProrationLine] = field(default_factory=list)
+    #: Sum of the lines (minor units); credit from the balance is applied when invoiced.
+    subtotal_minor: int = 0
+    currency: str = ""
+    #: Invoiced now, carried to the renewal, or scheduled for the period end.
+    invoice_now: bool = False
+    carried_to_renewal: bool = False
+    #: The period's unpaid renewal that would be voided and billed again with the lines.
+    adjusts_invoice_id: str | None = None
+    refused: str | None = None
+    error_type: str | None = None
+
+
+@dataclass
+class PendingChangeView:
+    change_id: str
+    plan_code: str
+    quantity: int
+    effective_at: datetime | None
+    requested_at: datetime
+
+
+@dataclass
 class OpenInvoiceView:
     invoice_id: str
     number: str
@@ -564,3 +734,8 @@ class SubscriptionView:
     attention_step: str | None = None
     attention_reason: str | None = None
     attention_since: datetime | None = None
+    #: Seats, and a change waiting for the next renewal (None: none).
+    quantity: int = 1
+    pending_change: PendingChangeView | None = None
+    #: Proration lines waiting for the next renewal invoice (``create_prorations``).
+    pending_lines: list[ProrationLine] = field(default_factory=list)

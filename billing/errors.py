@@ -33,6 +33,12 @@ class UnknownPlan(BillingError):
     code = "unknown_plan"
 
 
+class PlanArchived(UnknownPlan):
+    """The plan exists but is archived: it takes no new signups or changes to it."""
+
+    code = "plan_archived"
+
+
 class MissingPaymentMethod(BillingError):
     code = "missing_payment_method"
 

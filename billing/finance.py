@@ -19,7 +19,12 @@ from datetime import UTC, datetime
 from billing.errors import InvalidInput
 from billing.invoices import InvoiceStatus
 from billing.money import Money, normalize_currency
-from billing.records import InvoiceRecord, PaymentAttemptRecord, PaymentRecord
+from billing.records import (
+    InvoiceLineRecord,
+    InvoiceRecord,
+    PaymentAttemptRecord,
+    PaymentRecord,
+)
 from billing.text import text_problem
 
 #: Page size bounds for invoice listings.
@@ -230,6 +235,8 @@ class InvoiceListItem:
 
     invoice: InvoiceRecord
     payment: PaymentRecord | None = None
+    #: Its lines in order (the subscription line, prorations); filled by API listings.
+    lines: list[InvoiceLineRecord] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +255,7 @@ class InvoiceDetail:
     invoice: InvoiceRecord
     attempts: list[PaymentAttemptRecord] = field(default_factory=list)
     payments: list[PaymentRecord] = field(default_factory=list)
+    lines: list[InvoiceLineRecord] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,12 @@ def invoice_id_for(subscription_id: str, period_start: datetime) -> str:
     return f"in_{_digest(subscription_id, ensure_utc(period_start).isoformat())}"
 
 
+def change_invoice_id_for(subscription_id: str, change_id: str) -> str:
+    """The invoice of one plan change (its prorations): the same change always names the same
+    invoice, never a renewal's (whose id derives from the period)."""
+    return f"in_{_digest('change', subscription_id, change_id)}"
+
+
 def subscription_id_for_signup(idempotency_key: str, scope: str = "") -> str:
     """A signup retried with the same idempotency key by the same sender (``scope``, a digest
     of its API key; "" in-process) names the same subscription; another sender's same key

@@ -16,9 +16,14 @@ from dataclasses import dataclass, field, replace
 from billing.calendar import IntervalUnit, parse_interval_unit, validate_interval_count
 from billing.dunning import DunningPolicy, validate_dunning_policy
 from billing.errors import InvalidInput, UnknownPlan
-from billing.money import normalize_currency, validate_amount_minor
+from billing.money import MAX_AMOUNT_MINOR, normalize_currency, validate_amount_minor
+from billing.text import PLAN_NAME
 
 MAX_TRIAL_DAYS = 730
+#: Most seats one subscription may have (far above any real team). A period's total,
+#: ``quantity x amount_minor``, must itself stay within MAX_AMOUNT_MINOR
+#: (``validate_total``).
+MAX_QUANTITY = 1_000_000
 # fullmatch, not match: "$" would also accept a trailing newline ("pro\n").
 _CODE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
@@ -51,6 +56,7 @@ def validate_plan(plan: Plan) -> Plan:
         )
     if not isinstance(plan.name, str) or not plan.name.strip():
         raise InvalidInput(f"plan name must be a non-empty string; got {plan.name!r}", field="name")
+    PLAN_NAME.check(plan.name, field="name")
     validate_amount_minor(plan.amount_minor)
     currency = normalize_currency(plan.currency)
     unit = parse_interval_unit(plan.interval)
@@ -71,6 +77,32 @@ def validate_plan(plan: Plan) -> Plan:
         )
     dunning = validate_dunning_policy(plan.dunning)
     return replace(plan, currency=currency, interval=unit, dunning=dunning)
+
+
+def validate_quantity(quantity: object, *, field: str = "quantity") -> int:
+    """Seats on a subscription: a whole number from 1 to ``MAX_QUANTITY``."""
+    if isinstance(quantity, bool) or not isinstance(quantity, int):
+        raise InvalidInput(
+            f"{field} must be a whole number of seats; got {quantity!r}", field=field
+        )
+    if not 1 <= quantity <= MAX_QUANTITY:
+        raise InvalidInput(
+            f"{field} must be between 1 and {MAX_QUANTITY}; got {quantity}", field=field
+        )
+    return quantity
+
+
+def validate_total(plan: Plan, quantity: int, *, field: str = "quantity") -> int:
+    """A period's total, ``quantity x plan.amount_minor`` (minor units), or InvalidInput when
+    it exceeds MAX_AMOUNT_MINOR (it would not fit the database's amounts)."""
+    total = plan.amount_minor * quantity
+    if total > MAX_AMOUNT_MINOR:
+        raise InvalidInput(
+            f"{quantity} seats of plan {plan.code!r} would bill {total} minor units a period, "
+            f"more than the maximum of {MAX_AMOUNT_MINOR}; use fewer seats",
+            field=field,
+        )
+    return total
 
 
 def find_plan(code: str, plans: Mapping[str, Plan] | Iterable[Plan]) -> Plan:

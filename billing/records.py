@@ -16,6 +16,7 @@ from billing.balance import BalanceEntryKind
 from billing.calendar import IntervalUnit
 from billing.invoices import InvoiceLineKind, InvoiceStatus
 from billing.payments import ChargeOutcomeKind
+from billing.plans import Plan
 from billing.subscription import SubscriptionStatus
 
 
@@ -57,6 +58,9 @@ class CustomerRecord:
     locale: str | None = None
     #: Opted out of non-essential mails (receipts, trial reminders); never of dunning notices.
     mail_opt_out: bool = False
+    #: The default card's brand and last 4 digits as the provider reported them at attach.
+    default_card_brand: str | None = None
+    default_card_last4: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,6 +99,18 @@ class SubscriptionRecord:
     signup_key_scope: str | None = None
     #: The card the signup attached (``pm_...``).
     signup_payment_method_id: str | None = None
+    #: Seats: each period bills ``quantity x amount_minor``.
+    quantity: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CatalogPlan:
+    """A plan as the catalog lists it: its terms, whether it takes new signups, and when it
+    was created (UTC). ``plan.amount_minor`` is the price of one seat per period."""
+
+    plan: Plan
+    active: bool
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,6 +143,8 @@ class InvoiceRecord:
     #: Credit balance used to pay it at finalization (minor units, 0 <= it <= subtotal).
     #: ``amount_due_minor`` is what is left to charge: subtotal - credit applied, at least 0.
     credit_applied_minor: int = 0
+    #: The plan change this invoice bills (prorations), or None for a renewal.
+    change_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

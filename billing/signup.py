@@ -48,16 +48,25 @@ from billing.errors import (
     InvalidTimezone,
     MissingPaymentMethod,
     NotFound,
+    PlanArchived,
     SignupInProgress,
     UnknownPlan,
 )
 from billing.ids import new_id, subscription_id_for_signup
 from billing.invoices import invoice_prefix_for
 from billing.payments import PaymentGateway
-from billing.plans import MAX_TRIAL_DAYS, Plan, validate_plan
+from billing.plans import (
+    MAX_TRIAL_DAYS,
+    Plan,
+    validate_plan,
+    validate_quantity,
+    validate_total,
+)
 from billing.records import CustomerRecord, SubscriptionRecord
 from billing.subscription import SubscriptionState, SubscriptionStatus
 from billing.text import (
+    CARD_BRAND,
+    CARD_LAST4,
     CUSTOMER_NAME,
     EMAIL,
     EXTERNAL_ID,
@@ -66,6 +75,7 @@ from billing.text import (
     PAYMENT_METHOD_ID,
     PLAN_CODE,
     TIMEZONE,
+    clean_provider_text,
 )
 from db.engine import unit_of_work
 from db.repositories import customers as customers_repo
@@ -130,6 +140,8 @@ class SignupRequest:
     #: Whose idempotency key it is: a digest of the sender's API key ("" in-process). The
     #: same key from two senders is two requests, as Stripe scopes keys to the account.
     idempotency_scope: str = ""
+    #: Seats (the plan's amount is the price of one); 1 for a flat plan.
+    quantity: int = 1
 
 
 @dataclass(frozen=True)
@@ -177,6 +189,9 @@ def request_fingerprint(request: SignupRequest) -> str:
     body = asdict(request)
     body.pop("idempotency_key")
     body.pop("idempotency_scope")
+    if body.get("quantity") == 1:
+        # The default: requests recorded before seats existed keep their fingerprint.
+        body.pop("quantity")
     canonical = json.dumps(body, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -288,7 +303,17 @@ class SignupService:
                     f"unknown plan {request.plan_code!r}; known plans: {known or '(none)'}",
                     field="plan",
                 )
+            if not plans_repo.is_active(session, plan.code):
+                raise PlanArchived(
+                    f"plan {plan.code!r} is archived and takes no new signups; choose one of: "
+                    + (
+                        ", ".join(p.code for p in plans_repo.list_plans(session, active_only=True))
+                        or "(none)"
+                    ),
+                    field="plan",
+                )
             plan = _sellable(plan)
+            validate_total(plan, request.quantity)
             customer = _find_customer(session, request)
         _check_payment_method(request, customer)
         timezone = customer.timezone if customer else request.customer.timezone
@@ -416,6 +441,7 @@ class SignupService:
         provider_customer_id = customer.stripe_customer_id
         payment_method_id = customer.default_payment_method_id
         attached_id: str | None = None
+        card: tuple[str | None, str | None] = (None, None)
         if provider_customer_id is None:
             # One request: the customer with the card attached and made its default. Its key
             # derives from our customer id and the card (a retry with the same card finds the
@@ -432,6 +458,10 @@ class SignupService:
                 )
             if made.payment_method is not None:
                 payment_method_id = attached_id = made.payment_method.payment_method_id
+                card = (
+                    clean_provider_text(made.payment_method.card_brand, CARD_BRAND),
+                    clean_provider_text(made.payment_method.card_last4, CARD_LAST4),
+                )
         elif request.payment_method_id is not None:
             # Store what the provider attached: a token such as `pm_card_visa` becomes a real
             # payment method id there. Under the lease, so a card is attached once. Two
@@ -441,6 +471,10 @@ class SignupService:
                 payment_method_id=request.payment_method_id,
             )
             payment_method_id = attached_id = attached.payment_method_id
+            card = (
+                clean_provider_text(attached.card_brand, CARD_BRAND),
+                clean_provider_text(attached.card_last4, CARD_LAST4),
+            )
         assert payment_method_id is not None  # _check_payment_method
 
         record = SubscriptionRecord(
@@ -470,10 +504,13 @@ class SignupService:
             signup_payment_method_id=attached_id,
             created_at=now,
             updated_at=now,
+            quantity=request.quantity,
         )
         with unit_of_work(self.session_factory) as session:
             if attached_id is not None:
-                customers_repo.set_default_payment_method(session, customer.id, attached_id)
+                customers_repo.set_default_payment_method(
+                    session, customer.id, attached_id, card_brand=card[0], card_last4=card[1]
+                )
             stored, inserted = subscriptions_repo.insert_subscription(session, record)
             if not inserted:
                 # The same key from the same sender got here first (before the lease: a
@@ -491,6 +528,7 @@ class SignupService:
             anchor_at=anchor_at,
             trial_end_at=trial_end_at,
             payment_method_id=payment_method_id,
+            quantity=request.quantity,
         )
         return state, record
 
@@ -648,6 +686,7 @@ class SignupService:
             anchor_at=record.anchor_at,
             trial_end_at=record.trial_end_at,
             payment_method_id=payment_method_id,
+            quantity=record.quantity,
         )
 
     async def _clean_up(self, record: SubscriptionRecord) -> bool:
@@ -767,6 +806,7 @@ def _validate_shape(request: SignupRequest) -> None:
     CUSTOMER_NAME.check_optional(customer.name, field="customer.name")
     TIMEZONE.check(customer.timezone, field="customer.timezone")
     OUR_ID.check_optional(request.customer_id, field="customer_id")
+    validate_quantity(request.quantity)
     PAYMENT_METHOD_ID.check_optional(request.payment_method_id, field="payment_method_id")
     IDEMPOTENCY_KEY.check_optional(request.idempotency_key, field="idempotency_key")
     try:

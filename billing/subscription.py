@@ -14,6 +14,7 @@ from enum import StrEnum
 from billing.calendar import BillingPeriod, first_index_at_or_after, period
 from billing.errors import ChangeRefused
 from billing.plans import Plan
+from billing.proration import ProrationLine
 
 
 class SubscriptionStatus(StrEnum):
@@ -74,6 +75,37 @@ class OpenInvoice:
     paid_attempt_number: int | None = None
     paid_payment_intent_id: str | None = None
     paid_charge_id: str | None = None
+    #: The plan change this invoice bills (None: a renewal).
+    change_id: str | None = None
+
+
+class ChangeEffective(StrEnum):
+    """When a plan or quantity change applies."""
+
+    NOW = "now"
+    #: At the next renewal: pending until then, cancelable.
+    PERIOD_END = "period_end"
+
+
+class ProrationBehavior(StrEnum):
+    """What an immediate change bills for the rest of the period."""
+
+    #: The proration lines are invoiced and collected now.
+    ALWAYS_INVOICE = "always_invoice"
+    #: The lines are carried to the next renewal invoice.
+    CREATE_PRORATIONS = "create_prorations"
+    #: Nothing is prorated; the new terms bill from the next renewal.
+    NONE = "none"
+
+
+@dataclass
+class PendingChange:
+    """A change scheduled for the next renewal (``effective: period_end``)."""
+
+    change_id: str
+    plan: Plan
+    quantity: int
+    requested_at: datetime
 
 
 @dataclass
@@ -129,6 +161,18 @@ class SubscriptionState:
     #: Index of the invoiced period [current_period_start, current_period_end); None in runs
     #: recorded before it existed (the calendar then computes every period, as they did).
     current_period_index: int | None = None
+    #: Seats: each period bills ``quantity x plan.amount_minor``.
+    quantity: int = 1
+    #: What was billed for the current terms in the current period and not credited since
+    #: (minor units): the renewal's subscription line, or the last change's charge line. A
+    #: proration credit never exceeds it. None: nothing billed under these terms yet.
+    terms_billed_minor: int | None = None
+    #: A change waiting for the next renewal.
+    pending_change: PendingChange | None = None
+    #: Proration lines carried to the next renewal invoice (``create_prorations``).
+    pending_lines: list[ProrationLine] = field(default_factory=list)
+    #: Plan or quantity changes applied so far.
+    changes_applied: int = 0
 
     # ---- calendar -------------------------------------------------------------------------
 

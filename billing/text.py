@@ -120,6 +120,8 @@ EMAIL = TextRule(320)
 TIMEZONE = TextRule(64)
 #: plans.code.
 PLAN_CODE = TextRule(63)
+#: plans.name (also each invoice's description and line text).
+PLAN_NAME = TextRule(200)
 #: Our ids (customers.id, subscriptions.id, invoices.id ...).
 OUR_ID = TextRule(40)
 #: A provider payment method id (customers.default_payment_method_id, payment_attempts).

@@ -79,6 +79,10 @@ class CustomerRow(Base):
     #: The customer opted out of non-essential mails (receipts, trial reminders); dunning
     #: notices are sent regardless (billing.notices.NON_ESSENTIAL_KINDS).
     mail_opt_out: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: The default card as the provider described it when we attached it (brand, last 4),
+    #: for reads; NULL when the card came as news from the provider without its details.
+    default_card_brand: Mapped[str | None] = mapped_column(String(32))
+    default_card_last4: Mapped[str | None] = mapped_column(String(4))
 
 
 class PlanRow(Base):
@@ -115,6 +119,7 @@ class SubscriptionRow(Base):
         CheckConstraint("amount_minor >= 0", name="amount_minor_nonnegative"),
         CheckConstraint(one_of("interval", IntervalUnit), name="interval"),
         CheckConstraint("interval_count >= 1", name="interval_count_positive"),
+        CheckConstraint("quantity >= 1", name="quantity_positive"),
         Index("ix_subscriptions_customer_id", "customer_id"),
         # Idempotency keys belong to the API key that sent them (as Stripe's belong to the
         # account): the same key from two API keys is two signups.
@@ -158,15 +163,26 @@ class SubscriptionRow(Base):
     signup_payment_method_id: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: Seats: each period bills ``quantity x amount_minor`` (the plan's unit amount).
+    quantity: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class InvoiceRow(Base):
     __tablename__ = "invoices"
     __table_args__ = (
-        # One invoice per billing period: a retried or replayed create_invoice finds this row
-        # instead of billing the customer twice. Its unique index also serves lookups by
-        # (subscription_id, period_start), so no second index on those columns.
-        UniqueConstraint("subscription_id", "period_start"),
+        # One renewal invoice per billing period: a retried or replayed create_invoice finds
+        # this row instead of billing the customer twice. Its unique index also serves lookups
+        # by (subscription_id, period_start), so no second index on those columns. An invoice
+        # issued for a plan change is keyed by its change instead (``change_id``, unique), so
+        # a change at the very instant a period renews never collides with the renewal.
+        Index(
+            "uq_invoices_renewal_period",
+            "subscription_id",
+            "period_start",
+            unique=True,
+            sqlite_where=text("change_id IS NULL"),
+            postgresql_where=text("change_id IS NULL"),
+        ),
         CheckConstraint("amount_due_minor >= 0", name="amount_due_nonnegative"),
         CheckConstraint(
             "credit_applied_minor >= 0 AND credit_applied_minor <= "
@@ -214,6 +230,8 @@ class InvoiceRow(Base):
     #: Sum of the lines, and the credit balance used to pay it (minor units).
     subtotal_minor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     credit_applied_minor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    #: The plan change this invoice bills (its prorations), or NULL for a renewal.
+    change_id: Mapped[str | None] = mapped_column(String(200), unique=True)
 
 
 class InvoiceLineRow(Base):

@@ -35,7 +35,9 @@ with workflow.unsafe.imports_passed_through():
     import billing.dunning
     import billing.invoices
     import billing.payments
+    import billing.plan_change
     import billing.plans
+    import billing.proration
     import billing.subscription  # noqa: F401
     from billing.collection import (
         AttemptReason,
@@ -64,13 +66,19 @@ with workflow.unsafe.imports_passed_through():
         CancelInput,
         CancelInvoicePaymentInput,
         CancelInvoicePaymentResult,
+        CancelPendingChangeInput,
+        CancelPendingChangeResult,
         CancelResult,
+        ChangePlanInput,
+        ChangePlanResult,
+        ChangePreview,
         ChargeInvoiceInput,
         ChargeInvoiceResult,
         CloseInvoiceInput,
         CloseInvoiceResult,
         ConfirmAuthenticatedPaymentInput,
         ConfirmAuthenticatedPaymentResult,
+        CreateChangeInvoiceInput,
         CreateInvoiceInput,
         CreateInvoiceResult,
         EnqueueNotificationInput,
@@ -81,6 +89,8 @@ with workflow.unsafe.imports_passed_through():
         PauseResult,
         PaymentAuthenticatedInput,
         PaymentMethodChangedInput,
+        PendingChangeView,
+        PreviewChangeInput,
         ResumeBillingInput,
         ResumeBillingResult,
         ResumeInput,
@@ -88,6 +98,7 @@ with workflow.unsafe.imports_passed_through():
         SettleInvoiceInput,
         SettleInvoiceResult,
         SubscriptionMessage,
+        SubscriptionTerms,
         SubscriptionView,
         SubscriptionWorkflowInput,
         SubscriptionWorkflowResult,
@@ -99,13 +110,21 @@ with workflow.unsafe.imports_passed_through():
         workflow_id_for,
     )
     from billing.dunning import FinalAction
-    from billing.errors import ChangeRefused, InvalidInput
+    from billing.errors import BillingError, ChangeRefused, InvalidInput
     from billing.invoices import InvoiceStatus
     from billing.payments import ChargeOutcomeKind
+    from billing.plan_change import (
+        ChangeDecision,
+        ChangeRequest,
+        check_change,
+        decide_change,
+        interval_changes,
+    )
     from billing.subscription import (
         Attention,
         BlockedReason,
         OpenInvoice,
+        PendingChange,
         SubscriptionState,
         SubscriptionStatus,
     )
@@ -221,10 +240,18 @@ Change = (
     | UpdatePaymentMethodInput
     | PaymentMethodChangedInput
     | PaymentAuthenticatedInput
+    | ChangePlanInput
+    | CancelPendingChangeInput
 )
 #: What applying a change answers (signals answer None).
 ChangeResult = (
-    CancelResult | PauseResult | ResumeResult | ResumeBillingResult | UpdatePaymentMethodResult
+    CancelResult
+    | PauseResult
+    | ResumeResult
+    | ResumeBillingResult
+    | UpdatePaymentMethodResult
+    | ChangePlanResult
+    | CancelPendingChangeResult
 )
 _C = TypeVar("_C", bound=ChangeResult)
 
@@ -234,6 +261,8 @@ class _Request(Generic[_C]):
     """A change accepted by a handler, waiting for the main loop to apply it."""
 
     change: Change
+    #: The update's id (a plan change's key: its invoice and lines are named by it).
+    update_id: str = ""
     done: bool = False
     result: ChangeResult | None = None
     error: str | None = None
@@ -270,6 +299,9 @@ PATCH_PARK_ON_PROVIDER_REFUSAL = "park-on-provider-refusal"
 #: An authentication still waiting when the invoice is paid another way is dropped with it
 #: (it would otherwise be "confirmed" against the next invoice's first failure).
 PATCH_CLEAR_AUTHENTICATION_WHEN_PAID = "clear-authentication-when-paid"
+#: Plan and quantity changes (issue 12). The marker is written where a change is applied, so a
+#: later revision of that path can tell runs that applied changes on this code.
+PATCH_PLAN_CHANGES = "plan-changes"
 
 
 @dataclass
@@ -434,6 +466,7 @@ class SubscriptionWorkflow:
     async def _bill_next_period(self) -> None:
         """Issue the invoice for the next period. Charging happens in ``_charge``."""
         s = self.state
+        self._apply_pending_change()
         p = s.period(s.next_period_index)
         invoice: CreateInvoiceResult = await _db_activity(
             ActivityName.CREATE_INVOICE,
@@ -444,13 +477,20 @@ class SubscriptionWorkflow:
                 period_index=p.index,
                 period_start=p.start,
                 period_end=p.end,
-                amount_minor=s.plan.amount_minor,
+                amount_minor=s.plan.amount_minor * s.quantity,
                 currency=s.plan.currency,
                 description=f"{s.plan.name}",
                 issued_at=workflow.now(),
+                quantity=s.quantity,
+                unit_amount_minor=s.plan.amount_minor,
+                extra_lines=list(s.pending_lines),
             ),
             CreateInvoiceResult,
         )
+        # Billed under the current terms for this period (a later change's credit cap); the
+        # carried prorations are on this invoice now.
+        s.terms_billed_minor = s.plan.amount_minor * s.quantity
+        s.pending_lines = []
         # State changes only once the invoice exists: a failure above parks the run with the
         # period still to bill, and resuming issues it (idempotent per period).
         if s.status == SubscriptionStatus.TRIALING:
@@ -474,6 +514,156 @@ class SubscriptionWorkflow:
         else:
             # Zero-amount invoices are paid on creation; nothing to collect.
             await self._sync()
+
+    def _apply_pending_change(self) -> None:
+        """A change scheduled for the period end takes effect as the next period is billed:
+        the renewal bills the new terms. An interval change re-anchors at the renewal."""
+        s = self.state
+        pending = s.pending_change
+        if pending is None:
+            return
+        if interval_changes(s.plan, pending.plan):
+            renewal = s.period(s.next_period_index)
+            s.anchor_at = renewal.start
+            s.next_period_index = 0
+            # Periods now follow the new anchor (period 0 starts at the renewal).
+            s.current_period_index = None
+        s.plan = pending.plan
+        s.quantity = pending.quantity
+        s.pending_change = None
+        s.changes_applied += 1
+
+    async def _change_plan(self, request: ChangeRequest) -> ChangePlanResult:
+        """Apply an accepted plan or quantity change (``billing.plan_change`` decides)."""
+        s = self.state
+        now = workflow.now()
+        workflow.patched(PATCH_PLAN_CHANGES)
+        decision = decide_change(s, request, now)
+        if decision.scheduled:
+            s.pending_change = PendingChange(
+                change_id=request.change_id,
+                plan=request.plan,
+                quantity=request.quantity,
+                requested_at=now,
+            )
+            return ChangePlanResult(
+                change_id=request.change_id,
+                effective=request.effective.value,
+                effective_at=decision.effective_at,
+                plan_code=request.plan.code,
+                quantity=request.quantity,
+                proration="none",
+                pending=True,
+            )
+        voided_id: str | None = None
+        if decision.adjust_open_invoice:
+            inv = s.open_invoice
+            assert inv is not None
+            closed = await self._close_invoice(inv, InvoiceStatus.VOID, "plan_changed")
+            if closed is not None:
+                s.open_invoice = None
+                if not closed.was_paid:
+                    voided_id = inv.invoice_id
+            if voided_id is None:
+                # Paid after all (the provider held a payment): a paid period is credited.
+                if s.status == SubscriptionStatus.PAST_DUE:
+                    s.status = SubscriptionStatus.ACTIVE
+                decision = decide_change(s, request, now)
+        invoice: CreateInvoiceResult | None = None
+        if decision.invoice_now:
+            assert s.current_period_start is not None and s.current_period_end is not None
+            first = decision.lines[0].period_start if decision.lines else now
+            try:
+                invoice = await self._issue_change_invoice(request, decision, voided_id, first)
+            except ActivityError as error:
+                if voided_id is not None:
+                    # The period's renewal is void and its replacement could not be issued:
+                    # the period is unbilled, so an operator must look, never silence.
+                    await self._park(
+                        f"issue the invoice of change {request.change_id}",
+                        f"renewal {voided_id} was voided for the change, then: "
+                        f"{_describe_failure(error)}",
+                    )
+                raise
+        # The state moves only once the invoice exists.
+        s.plan = request.plan
+        s.quantity = request.quantity
+        s.changes_applied += 1
+        s.terms_billed_minor = decision.terms_billed_minor
+        if decision.carry_lines:
+            s.pending_lines.extend(decision.lines)
+        if decision.new_anchor_at is not None and decision.new_period_end is not None:
+            s.anchor_at = decision.new_anchor_at
+            s.current_period_index = 0
+            s.current_period_start = decision.new_anchor_at
+            s.current_period_end = decision.new_period_end
+            s.next_period_index = 1
+        if invoice is not None:
+            s.invoices_issued += 1
+            s.invoice_ids.append(invoice.invoice_id)
+            del s.invoice_ids[:-MAX_INVOICE_IDS_IN_STATE]
+            if invoice.status == InvoiceStatus.OPEN:
+                s.open_invoice = OpenInvoice(
+                    invoice_id=invoice.invoice_id,
+                    number=invoice.number,
+                    period_index=s.current_period_index or 0,
+                    period_start=invoice.period_start or now,
+                    period_end=invoice.period_end or decision.effective_at,
+                    amount_minor=invoice.amount_due_minor,
+                    currency=invoice.currency,
+                    payment_method_version_seen=s.payment_method_version,
+                    change_id=request.change_id,
+                )
+        await self._sync()
+        return ChangePlanResult(
+            change_id=request.change_id,
+            effective=request.effective.value,
+            effective_at=now,
+            plan_code=request.plan.code,
+            quantity=request.quantity,
+            lines=list(decision.lines),
+            proration=(
+                "always_invoice"
+                if decision.invoice_now
+                else "create_prorations"
+                if decision.carry_lines
+                else "none"
+            ),
+            invoice_id=invoice.invoice_id if invoice else None,
+            invoice_status=invoice.status.value if invoice else None,
+            amount_due_minor=invoice.amount_due_minor if invoice else None,
+            voided_invoice_id=voided_id,
+        )
+
+    async def _issue_change_invoice(
+        self,
+        request: ChangeRequest,
+        decision: ChangeDecision,
+        voided_id: str | None,
+        first: datetime,
+    ) -> CreateInvoiceResult:
+        s = self.state
+        assert s.current_period_start is not None and s.current_period_end is not None
+        invoice: CreateInvoiceResult = await _db_activity(
+            ActivityName.CREATE_CHANGE_INVOICE,
+            CreateChangeInvoiceInput(
+                subscription_id=s.subscription_id,
+                customer_id=s.customer_id,
+                change_id=request.change_id,
+                period_index=s.current_period_index or 0,
+                period_start=s.current_period_start if voided_id else first,
+                period_end=decision.new_period_end or s.current_period_end,
+                currency=s.plan.currency,
+                description=f"Change to {request.plan.name}"
+                + (f" x {request.quantity}" if request.quantity != 1 else ""),
+                issued_at=decision.effective_at,
+                lines=list(decision.lines),
+                replaces_invoice_id=voided_id,
+            ),
+            CreateInvoiceResult,
+            local=False,
+        )
+        return invoice
 
     # ================================================================== collection & dunning
 
@@ -710,9 +900,13 @@ class SubscriptionWorkflow:
             request = self._inbox.pop(0)
             self._applying_change = True
             try:
-                request.result = await self._apply(request.change)
+                request.result = await self._apply(request.change, request.update_id)
             except ChangeRefused as refused:
                 request.error = refused.message
+            except BillingError as invalid:
+                # e.g. InvalidInput from a plan change the state no longer allows.
+                request.error = invalid.message
+                request.error_type = type(invalid).__name__
             except ApplicationError as error:
                 request.error = error.message
                 request.error_type = error.type or "ApplicationError"
@@ -735,7 +929,7 @@ class SubscriptionWorkflow:
     def _change_steps_not_local(self) -> bool:
         return self._applying_change and workflow.patched(PATCH_CHANGE_STEPS_NOT_LOCAL)
 
-    async def _apply(self, change: Change) -> ChangeResult | None:
+    async def _apply(self, change: Change, update_id: str = "") -> ChangeResult | None:
         s = self.state
         now = workflow.now()
         match change:
@@ -820,6 +1014,27 @@ class SubscriptionWorkflow:
                 if change.payment_method_id != s.payment_method_id:
                     await self._card_changed(change.payment_method_id)
                 return None
+            case ChangePlanInput():
+                # The state may have moved since the validator accepted it.
+                request = check_change(
+                    s,
+                    plan=change.plan,
+                    quantity=change.quantity,
+                    effective=change.effective,
+                    proration=change.proration,
+                    change_id=update_id,
+                )
+                return await self._change_plan(request)
+            case CancelPendingChangeInput():
+                pending = s.pending_change
+                if pending is None:
+                    raise ChangeRefused(f"subscription {s.subscription_id} has no change pending")
+                s.pending_change = None
+                return CancelPendingChangeResult(
+                    change_id=pending.change_id,
+                    plan_code=pending.plan.code,
+                    quantity=pending.quantity,
+                )
             case PaymentAuthenticatedInput():
                 if s.open_invoice is not None and (
                     change.invoice_id is None or change.invoice_id == s.open_invoice.invoice_id
@@ -869,9 +1084,9 @@ class SubscriptionWorkflow:
                     "subscription %s did not take the new card: %s", subscription_id, error
                 )
 
-    async def _submit(self, change: Change, result_type: type[_C]) -> _C:
+    async def _submit(self, change: Change, result_type: type[_C], update_id: str = "") -> _C:
         """Queue a change for the main loop and wait for its result (updates only)."""
-        request: _Request[ChangeResult] = _Request(change)
+        request: _Request[ChangeResult] = _Request(change, update_id)
         self._inbox.append(request)
         await workflow.wait_condition(lambda: request.done)
         if request.error is not None:
@@ -962,6 +1177,83 @@ class SubscriptionWorkflow:
         self._refuse_invalid(input)
         self._refuse(self.state.check_payment_method_update)
 
+    @workflow.update(name=SubscriptionMessage.CHANGE_PLAN)
+    async def change_plan(self, input: ChangePlanInput) -> ChangePlanResult:
+        info = workflow.current_update_info()
+        assert info is not None
+        return await self._submit(input, ChangePlanResult, info.id)
+
+    @change_plan.validator
+    def _validate_change_plan(self, input: ChangePlanInput) -> None:
+        self._refuse_invalid(input)
+        try:
+            check_change(
+                self.state,
+                plan=input.plan,
+                quantity=input.quantity,
+                effective=input.effective,
+                proration=input.proration,
+                change_id="",
+            )
+        except BillingError as refused:
+            raise ApplicationError(
+                refused.message,
+                refused.field,
+                type="ChangeRefused" if isinstance(refused, ChangeRefused) else "InvalidInput",
+                non_retryable=True,
+            ) from None
+
+    @workflow.update(name=SubscriptionMessage.CANCEL_PENDING_CHANGE)
+    async def cancel_pending_change(
+        self, input: CancelPendingChangeInput
+    ) -> CancelPendingChangeResult:
+        return await self._submit(input, CancelPendingChangeResult)
+
+    @cancel_pending_change.validator
+    def _validate_cancel_pending_change(self, input: CancelPendingChangeInput) -> None:
+        self._refuse_invalid(input)
+        if self.state.pending_change is None:
+            raise ApplicationError(
+                f"subscription {self.state.subscription_id} has no change pending",
+                type="ChangeRefused",
+                non_retryable=True,
+            )
+
+    @workflow.query(name=SubscriptionMessage.PREVIEW_CHANGE)
+    def preview_change(self, input: PreviewChangeInput) -> ChangePreview:
+        """What the change would do at ``input.at``: the same pure decision ``change_plan``
+        takes, without any effect."""
+        s = self.state
+        change = input.change
+        try:
+            change.check()
+            request = check_change(
+                s,
+                plan=change.plan,
+                quantity=change.quantity,
+                effective=change.effective,
+                proration=change.proration,
+                change_id="preview",
+            )
+            decision = decide_change(s, request, input.at)
+        except BillingError as refused:
+            return ChangePreview(refused=refused.message, error_type=refused.code)
+        return ChangePreview(
+            effective=request.effective.value,
+            effective_at=decision.effective_at,
+            plan_code=request.plan.code,
+            quantity=request.quantity,
+            proration=request.proration.value,
+            lines=list(decision.lines),
+            subtotal_minor=sum(line.amount_minor for line in decision.lines),
+            currency=s.plan.currency,
+            invoice_now=decision.invoice_now,
+            carried_to_renewal=decision.carry_lines,
+            adjusts_invoice_id=s.open_invoice.invoice_id
+            if decision.adjust_open_invoice and s.open_invoice is not None
+            else None,
+        )
+
     @workflow.signal(name=SubscriptionMessage.PAYMENT_METHOD_CHANGED)
     def payment_method_changed(self, input: PaymentMethodChangedInput) -> None:
         if self.state.status != SubscriptionStatus.CANCELED:
@@ -1016,6 +1308,17 @@ class SubscriptionWorkflow:
             attention_step=s.attention.step if s.attention else None,
             attention_reason=s.attention.reason if s.attention else None,
             attention_since=s.attention.since if s.attention else None,
+            quantity=s.quantity,
+            pending_change=None
+            if s.pending_change is None
+            else PendingChangeView(
+                change_id=s.pending_change.change_id,
+                plan_code=s.pending_change.plan.code,
+                quantity=s.pending_change.quantity,
+                effective_at=s.next_billing_at,
+                requested_at=s.pending_change.requested_at,
+            ),
+            pending_lines=list(s.pending_lines),
         )
 
     # ================================================================== helpers =============
@@ -1081,6 +1384,18 @@ class SubscriptionWorkflow:
                 changed_at=workflow.now(),
                 attention_reason=(
                     f"{s.attention.step}: {s.attention.reason}" if s.attention else None
+                ),
+                # Only once a change was applied: earlier runs' syncs stay as they were.
+                terms=None
+                if s.changes_applied == 0
+                else SubscriptionTerms(
+                    plan_code=s.plan.code,
+                    amount_minor=s.plan.amount_minor,
+                    currency=s.plan.currency,
+                    interval=s.plan.interval.value,
+                    interval_count=s.plan.interval_count,
+                    quantity=s.quantity,
+                    anchor_at=s.anchor_at,
                 ),
             ),
             SyncSubscriptionResult,

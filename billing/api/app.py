@@ -22,11 +22,13 @@ from temporalio.client import Client
 
 from billing.api import (
     access_log,
+    customers,
     documents,
     events,
     health,
     invoices,
     metrics,
+    plans,
     reports,
     subscriptions,
 )
@@ -125,6 +127,8 @@ def create_app(
     # The PDF route before the invoice read, whose {id} would otherwise match "in_x.pdf".
     app.include_router(documents.router)
     app.include_router(invoices.router)
+    app.include_router(plans.router)
+    app.include_router(customers.router)
     app.include_router(events.router)
     app.include_router(reports.router)
     dashboard.install(app)

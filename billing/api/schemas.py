@@ -24,9 +24,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from billing.calendar import IntervalUnit
 from billing.card_data import contains_card_number
 from billing.contracts import (
     CancelResult,
+    ChangePlanResult,
+    ChangePreview,
     OpenInvoiceView,
     PauseResult,
     ResumeBillingResult,
@@ -34,6 +37,7 @@ from billing.contracts import (
     SubscriptionView,
     UpdatePaymentMethodResult,
 )
+from billing.dunning import FinalAction
 from billing.finance import (
     InvoiceDetail,
     InvoiceListItem,
@@ -42,16 +46,21 @@ from billing.finance import (
     format_instant,
 )
 from billing.invoices import InvoiceStatus
-from billing.plans import MAX_TRIAL_DAYS
+from billing.money import MAX_AMOUNT_MINOR
+from billing.plans import MAX_QUANTITY, MAX_TRIAL_DAYS
+from billing.proration import ProrationLine
 from billing.records import (
     AttemptStatus,
+    CatalogPlan,
+    CustomerRecord,
+    InvoiceLineRecord,
     InvoiceRecord,
     PaymentAttemptRecord,
     PaymentRecord,
     StatusChangeRecord,
     SubscriptionRecord,
 )
-from billing.subscription import SubscriptionStatus
+from billing.subscription import ChangeEffective, ProrationBehavior, SubscriptionStatus
 from billing.text import (
     CUSTOMER_NAME,
     EMAIL,
@@ -59,6 +68,7 @@ from billing.text import (
     OUR_ID,
     PAYMENT_METHOD_ID,
     PLAN_CODE,
+    PLAN_NAME,
     REASON,
     TIMEZONE,
     TextRule,
@@ -268,6 +278,9 @@ class SignupIn(RequestIn):
         None, description="First billing date; default: the trial's end, or now."
     )
     trial_days: StrictInt | None = Field(None, ge=0, le=MAX_TRIAL_DAYS)
+    quantity: StrictInt = Field(
+        1, ge=1, le=MAX_QUANTITY, description="Seats: each period bills quantity x the price."
+    )
 
 
 class SignupOut(BaseModel):
@@ -499,6 +512,14 @@ def parked_since(history: Sequence[StatusChangeRecord]) -> datetime | None:
     return parked[-1].changed_at if parked else None
 
 
+class PendingChangeOut(BaseModel):
+    change_id: str
+    plan: str
+    quantity: int
+    effective_at: Instant | None
+    requested_at: Instant
+
+
 class SubscriptionOut(BaseModel):
     id: str
     customer_id: str
@@ -525,6 +546,14 @@ class SubscriptionOut(BaseModel):
     invoices_issued: int
     workflow_id: str
     created_at: Instant
+    quantity: int = Field(1, description="Seats; each period bills quantity x the unit price.")
+    pending_change: PendingChangeOut | None = Field(
+        None, description="A change scheduled for the next renewal (live reads only)."
+    )
+    pending_lines: list[LineOut] = Field(
+        default_factory=list,
+        description="Proration lines carried to the next renewal invoice (live reads only).",
+    )
     live: bool = Field(
         description="True: from the running workflow. False: the workflow could not be asked "
         "(closed long ago, or Temporal unreachable), so this is the database's copy."
@@ -543,6 +572,8 @@ class SubscriptionSummaryOut(BaseModel):
     customer_id: str
     status: SubscriptionStatus
     plan: str
+    quantity: int = Field(1, description="Seats; each period bills quantity x the unit price.")
+    price: PriceOut | None = None
     next_billing_at: Instant | None
     cancel_at_period_end: bool
     attention: AttentionOut | None = Field(
@@ -557,6 +588,14 @@ class SubscriptionSummaryOut(BaseModel):
             customer_id=record.customer_id,
             status=record.status,
             plan=record.plan_code,
+            quantity=record.quantity,
+            price=PriceOut(
+                amount_minor=record.amount_minor,
+                currency=record.currency,
+                amount_display=amount_display(record.amount_minor, record.currency),
+                interval=record.interval.value,
+                interval_count=record.interval_count,
+            ),
             next_billing_at=record.next_billing_at,
             cancel_at_period_end=record.cancel_at_period_end,
             attention=AttentionOut.of_record(record, parked_at),
@@ -644,6 +683,34 @@ class AttemptOut(BaseModel):
         )
 
 
+class InvoiceLineOut(BaseModel):
+    position: int
+    kind: str = Field(description="subscription or proration.")
+    description: str
+    amount_minor: int = Field(description="Signed minor units: a credit is negative.")
+    period_start: Instant
+    period_end: Instant
+    plan: str | None
+    quantity: int
+    unit_amount_minor: int | None
+    change_id: str | None
+
+    @classmethod
+    def of(cls, line: InvoiceLineRecord) -> InvoiceLineOut:
+        return cls(
+            position=line.position,
+            kind=line.kind.value,
+            description=line.description,
+            amount_minor=line.amount_minor,
+            period_start=line.period_start,
+            period_end=line.period_end,
+            plan=line.plan_code,
+            quantity=line.quantity,
+            unit_amount_minor=line.unit_amount_minor,
+            change_id=line.change_id,
+        )
+
+
 class InvoiceOut(BaseModel):
     id: str
     number: str
@@ -665,10 +732,23 @@ class InvoiceOut(BaseModel):
     voided_at: Instant | None
     marked_uncollectible_at: Instant | None
     payment: PaymentOut | None = Field(None, description="The settlement, once paid.")
+    subtotal_minor: int = Field(0, description="Sum of the lines (negative: a net credit).")
+    credit_applied_minor: int = Field(0, description="Credit balance used to pay it.")
+    change_id: str | None = Field(None, description="The plan change it bills; null: renewal.")
+    lines: list[InvoiceLineOut] = Field(default_factory=list)
 
     @classmethod
-    def of(cls, i: InvoiceRecord, payment: PaymentRecord | None) -> InvoiceOut:
+    def of(
+        cls,
+        i: InvoiceRecord,
+        payment: PaymentRecord | None,
+        lines: Sequence[InvoiceLineRecord] = (),
+    ) -> InvoiceOut:
         return cls(
+            subtotal_minor=i.subtotal_minor,
+            credit_applied_minor=i.credit_applied_minor,
+            change_id=i.change_id,
+            lines=[InvoiceLineOut.of(line) for line in lines],
             id=i.id,
             number=i.number,
             status=i.status,
@@ -693,7 +773,7 @@ class InvoiceOut(BaseModel):
 
     @classmethod
     def of_item(cls, item: InvoiceListItem) -> InvoiceOut:
-        return cls.of(item.invoice, item.payment)
+        return cls.of(item.invoice, item.payment, item.lines)
 
 
 class InvoiceDetailOut(InvoiceOut):
@@ -702,7 +782,9 @@ class InvoiceDetailOut(InvoiceOut):
 
     @classmethod
     def of_detail(cls, detail: InvoiceDetail) -> InvoiceDetailOut:
-        base = InvoiceOut.of(detail.invoice, detail.payments[0] if detail.payments else None)
+        base = InvoiceOut.of(
+            detail.invoice, detail.payments[0] if detail.payments else None, detail.lines
+        )
         return cls(
             **base.model_dump(exclude={"payment"}),
             payment=base.payment,
@@ -725,3 +807,244 @@ class InvoiceListOut(BaseModel):
             has_more=page.has_more,
             next_cursor=page.next_cursor,
         )
+
+
+# ---- plans -------------------------------------------------------------------------------------
+
+PlanNameIn = Annotated[str, _bounded(PLAN_NAME, min_length=1), _checked_by(PLAN_NAME)]
+
+
+class DunningIn(RequestIn):
+    retry_offsets_days: list[StrictInt] | None = Field(
+        None,
+        max_length=50,
+        description="Days after the first failure, ascending; default Stripe's 1,3,5,7,9,11,14.",
+    )
+    final_action: FinalAction | None = Field(None, description="cancel or mark_unpaid.")
+
+
+class PlanIn(RequestIn):
+    """A plan. Immutable once created: a new price is a new code."""
+
+    code: PlanCodeIn = Field(description="Lower-case letters, digits, '-' or '_'.")
+    name: PlanNameIn
+    amount_minor: StrictInt = Field(
+        ge=0,
+        le=MAX_AMOUNT_MINOR,
+        description="Price of one seat for one interval, in minor units (JPY 0, USD 2, KWD 3 "
+        "decimals). A subscription pays quantity x amount_minor.",
+    )
+    currency: str = Field(min_length=3, max_length=3, description="ISO 4217, e.g. 'USD'.")
+    interval: IntervalUnit
+    interval_count: StrictInt = Field(1, ge=1, le=1095)
+    trial_days: StrictInt = Field(0, ge=0, le=MAX_TRIAL_DAYS)
+    dunning: DunningIn | None = None
+
+    def as_raw(self) -> dict[str, object]:
+        """The fields as billing.plans.parse_plan reads them (it checks the domain rules)."""
+        raw: dict[str, object] = self.model_dump(exclude={"dunning"})
+        raw["interval"] = self.interval.value
+        if self.dunning is not None:
+            raw["dunning"] = self.dunning.model_dump(exclude_none=True)
+        return raw
+
+
+class PlanOut(BaseModel):
+    code: str
+    name: str
+    amount_minor: int = Field(description="Per seat and interval, minor units.")
+    currency: str
+    amount_display: str | None
+    interval: str
+    interval_count: int
+    trial_days: int
+    retry_offsets_days: list[int]
+    final_action: str
+    active: bool = Field(description="False once archived: no new signups or changes to it.")
+    created_at: Instant
+
+    @classmethod
+    def of(cls, entry: CatalogPlan) -> PlanOut:
+        p = entry.plan
+        return cls(
+            code=p.code,
+            name=p.name,
+            amount_minor=p.amount_minor,
+            currency=p.currency,
+            amount_display=amount_display(p.amount_minor, p.currency),
+            interval=p.interval.value,
+            interval_count=p.interval_count,
+            trial_days=p.trial_days,
+            retry_offsets_days=list(p.dunning.retry_offsets_days),
+            final_action=p.dunning.final_action.value,
+            active=entry.active,
+            created_at=entry.created_at,
+        )
+
+
+class PlanListOut(BaseModel):
+    items: list[PlanOut]
+
+
+# ---- customers ---------------------------------------------------------------------------------
+
+
+class CardOut(BaseModel):
+    payment_method_id: str
+    brand: str | None = Field(description="As the provider reported it when attached.")
+    last4: str | None
+
+
+class CustomerSummaryOut(BaseModel):
+    id: str
+    external_id: str | None
+    email: str | None
+    name: str | None
+    timezone: str
+    created_at: Instant
+
+    @classmethod
+    def of(cls, c: CustomerRecord) -> CustomerSummaryOut:
+        return cls(
+            id=c.id,
+            external_id=c.external_id,
+            email=c.email,
+            name=c.name,
+            timezone=c.timezone,
+            created_at=c.created_at,
+        )
+
+
+class CustomerListOut(BaseModel):
+    items: list[CustomerSummaryOut]
+    next_cursor: str | None = Field(
+        description="Pass as ``cursor`` for the next page; null on the last page."
+    )
+
+
+class BalanceOut(BaseModel):
+    currency: str
+    amount_minor: int = Field(description="Credit the customer holds (minor units, >= 0).")
+    amount_display: str | None
+
+
+class CustomerOut(CustomerSummaryOut):
+    card: CardOut | None = Field(description="The default card on file.")
+    credit_balance: list[BalanceOut] = Field(
+        description="Per currency; applied to the next invoices before charging."
+    )
+    subscriptions: list[SubscriptionSummaryOut]
+
+
+# ---- plan changes ------------------------------------------------------------------------------
+
+
+class ChangePlanIn(RequestIn):
+    plan: PlanCodeIn | None = Field(None, description="The new plan's code; omit to keep it.")
+    quantity: StrictInt | None = Field(
+        None, ge=1, le=MAX_QUANTITY, description="The new number of seats; omit to keep it."
+    )
+    effective: ChangeEffective | None = Field(
+        None, description="now or period_end; default: now for an upgrade, period_end otherwise."
+    )
+    proration: ProrationBehavior | None = Field(
+        None,
+        description="always_invoice (default), create_prorations (to the next renewal) or none.",
+    )
+
+
+class LineOut(BaseModel):
+    description: str
+    amount_minor: int = Field(description="Signed minor units: a credit is negative.")
+    period_start: Instant
+    period_end: Instant
+    plan: str
+    quantity: int
+    unit_amount_minor: int
+
+    @classmethod
+    def of(cls, line: ProrationLine) -> LineOut:
+        return cls(
+            description=line.description,
+            amount_minor=line.amount_minor,
+            period_start=line.period_start,
+            period_end=line.period_end,
+            plan=line.plan_code,
+            quantity=line.quantity,
+            unit_amount_minor=line.unit_amount_minor,
+        )
+
+
+class ChangePlanOut(BaseModel):
+    id: str
+    change_id: str
+    effective: str
+    effective_at: Instant
+    plan: str
+    quantity: int
+    proration: str
+    lines: list[LineOut]
+    invoice_id: str | None = Field(description="The invoice issued for the lines now, if any.")
+    invoice_status: str | None
+    amount_due_minor: int | None = Field(description="What that invoice leaves to charge.")
+    voided_invoice_id: str | None = Field(
+        description="The period's unpaid renewal, voided and billed again with the change."
+    )
+    pending: bool = Field(description="Scheduled for effective_at, cancelable until then.")
+
+    @classmethod
+    def of(cls, subscription_id: str, r: ChangePlanResult) -> ChangePlanOut:
+        return cls(
+            id=subscription_id,
+            change_id=r.change_id,
+            effective=r.effective,
+            effective_at=r.effective_at,
+            plan=r.plan_code,
+            quantity=r.quantity,
+            proration=r.proration,
+            lines=[LineOut.of(line) for line in r.lines],
+            invoice_id=r.invoice_id,
+            invoice_status=r.invoice_status,
+            amount_due_minor=r.amount_due_minor,
+            voided_invoice_id=r.voided_invoice_id,
+            pending=r.pending,
+        )
+
+
+class ChangePreviewOut(BaseModel):
+    id: str
+    effective: str
+    effective_at: Instant | None
+    plan: str
+    quantity: int
+    proration: str
+    lines: list[LineOut]
+    subtotal_minor: int = Field(description="Sum of the lines; the credit balance applies later.")
+    currency: str
+    invoice_now: bool
+    carried_to_renewal: bool
+    adjusts_invoice_id: str | None
+
+    @classmethod
+    def of(cls, subscription_id: str, p: ChangePreview) -> ChangePreviewOut:
+        return cls(
+            id=subscription_id,
+            effective=p.effective,
+            effective_at=p.effective_at,
+            plan=p.plan_code,
+            quantity=p.quantity,
+            proration=p.proration,
+            lines=[LineOut.of(line) for line in p.lines],
+            subtotal_minor=p.subtotal_minor,
+            currency=p.currency,
+            invoice_now=p.invoice_now,
+            carried_to_renewal=p.carried_to_renewal,
+            adjusts_invoice_id=p.adjusts_invoice_id,
+        )
+
+
+class PendingChangeCancelOut(BaseModel):
+    id: str
+    change_id: str
+    plan: str
+    quantity: int

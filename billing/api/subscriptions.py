@@ -22,6 +22,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from billing.api.auth import Caller, require_scope
 from billing.api.dependencies import (
+    get_clock,
     get_deps,
     get_signups,
     get_temporal,
@@ -33,11 +34,17 @@ from billing.api.schemas import (
     AttentionOut,
     CancelIn,
     CancelOut,
+    ChangePlanIn,
+    ChangePlanOut,
+    ChangePreviewOut,
+    LineOut,
     OpenInvoiceOut,
     PauseIn,
     PauseOut,
     PaymentMethodIn,
     PaymentMethodOut,
+    PendingChangeCancelOut,
+    PendingChangeOut,
     PriceOut,
     ResumeBillingIn,
     ResumeBillingOut,
@@ -55,9 +62,15 @@ from billing.api.schemas import (
 from billing.card_data import contains_card_number
 from billing.contracts import (
     CancelInput,
+    CancelPendingChangeInput,
+    CancelPendingChangeResult,
     CancelResult,
+    ChangePlanInput,
+    ChangePlanResult,
+    ChangePreview,
     PauseInput,
     PauseResult,
+    PreviewChangeInput,
     ResumeBillingInput,
     ResumeBillingResult,
     ResumeInput,
@@ -68,8 +81,9 @@ from billing.contracts import (
     UpdatePaymentMethodResult,
     workflow_id_for,
 )
-from billing.errors import ChangeRefused, InvalidInput, NotFound
+from billing.errors import ChangeRefused, InvalidInput, NotFound, PlanArchived, UnknownPlan
 from billing.finance import SubscriptionInvoicing, amount_display
+from billing.plans import Plan
 from billing.records import StatusChangeRecord, SubscriptionRecord
 from billing.signup import CustomerDetails, SignupRequest, SignupService
 from billing.subscription import SubscriptionStatus
@@ -77,6 +91,7 @@ from billing.text import IDEMPOTENCY_KEY
 from billing.worker import Dependencies
 from db.engine import unit_of_work
 from db.repositories import finance as finance_repo
+from db.repositories import plans as plans_repo
 from db.repositories import subscriptions as subscriptions_repo
 
 logger = logging.getLogger("billing.api")
@@ -172,6 +187,7 @@ async def create_subscription(
             if body.billing_anchor_at
             else None,
             trial_days=body.trial_days,
+            quantity=body.quantity,
             idempotency_key=idempotency_key,
             # Keys are the sending API key's own, as Stripe's are the account's.
             idempotency_scope=caller.key_id if caller else "",
@@ -220,6 +236,8 @@ async def _update(
     name: str,
     arg: _CheckedInput,
     result_type: type[_R],
+    *,
+    update_id: str | None = None,
 ) -> _R:
     """Run the workflow Update ``name`` and return its result; refusals become domain errors
     carrying the workflow's reason."""
@@ -242,7 +260,11 @@ async def _update(
         # Accepted first: the workflow's validator answers at once, and a refusal never
         # enters history. Then the result, which waits for the workflow to apply the change.
         update = await handle.start_update(
-            name, arg, wait_for_stage=WorkflowUpdateStage.ACCEPTED, result_type=result_type
+            name,
+            arg,
+            id=update_id,
+            wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+            result_type=result_type,
         )
         try:
             result: _R = await asyncio.wait_for(
@@ -396,6 +418,140 @@ async def update_payment_method(
     return PaymentMethodOut.of(id, result)
 
 
+def _catalog_plan(deps: Dependencies, code: str) -> Plan:
+    """The plan a change moves to: unknown (422 unknown_plan) and archived (422
+    plan_archived) codes are refused here, before the workflow is asked."""
+    with unit_of_work(deps.session_factory) as session:
+        entry = plans_repo.get_catalog_plan(session, code)
+        if entry is None or not entry.active:
+            known = ", ".join(p.plan.code for p in plans_repo.list_catalog(session, active=True))
+            if entry is None:
+                raise UnknownPlan(
+                    f"unknown plan {code!r}; known plans: {known or '(none)'}", field="plan"
+                )
+            raise PlanArchived(
+                f"plan {code!r} is archived; choose one of: {known or '(none)'}", field="plan"
+            )
+    return entry.plan
+
+
+async def _change_input(request: Request, body: ChangePlanIn) -> ChangePlanInput:
+    plan = None
+    if body.plan is not None:
+        plan = await asyncio.to_thread(_catalog_plan, get_deps(request), body.plan)
+    change = ChangePlanInput(
+        plan=plan,
+        quantity=body.quantity,
+        effective=body.effective.value if body.effective else None,
+        proration=body.proration.value if body.proration else None,
+    )
+    change.check()
+    return change
+
+
+@router.post(
+    "/{id}/change-plan",
+    summary="Change the plan and/or the seats",
+    dependencies=_CHANGE_DEPENDENCIES,
+    responses=_CHANGE_RESPONSES,
+)
+async def change_plan(
+    id: SubscriptionId,
+    body: ChangePlanIn,
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=100,
+            description="The same key answers the same change instead of making another.",
+        ),
+    ] = None,
+) -> ChangePlanOut:
+    """``effective: now`` prorates the rest of the period (``proration``): one credit line for
+    the old terms' unused time, one charge line for the new; ``always_invoice`` bills them at
+    once (collected like any invoice; an unpaid renewal of the period is voided and billed
+    again with them instead of being credited), ``create_prorations`` carries them to the
+    next renewal, ``none`` bills nothing until then. ``effective: period_end`` schedules the
+    change for the renewal (shown as ``pending_change``; cancel it with POST
+    .../pending-change/cancel). An interval change now starts a new period. Defaults: an
+    upgrade now with always_invoice, a downgrade at the period end. Refused (409/422) with the
+    reason, writing nothing: an unknown or archived plan, another currency, a canceled
+    subscription, a change already pending."""
+    IDEMPOTENCY_KEY.check_optional(idempotency_key, field="Idempotency-Key")
+    change = await _change_input(request, body)
+    result = await _update(
+        request,
+        id,
+        SubscriptionMessage.CHANGE_PLAN,
+        change,
+        ChangePlanResult,
+        # Temporal answers a repeated update id with the first one's result.
+        update_id=f"change-{idempotency_key}" if idempotency_key else None,
+    )
+    return ChangePlanOut.of(id, result)
+
+
+@router.post(
+    "/{id}/change-plan/preview",
+    summary="What a plan change would bill now",
+    dependencies=_CHANGE_DEPENDENCIES,
+    responses=_CHANGE_RESPONSES,
+)
+async def preview_change_plan(
+    id: SubscriptionId,
+    body: ChangePlanIn,
+    request: Request,
+    temporal: Annotated[Client, Depends(get_temporal)],
+) -> ChangePreviewOut:
+    """Exactly the lines ``change-plan`` would produce now, from the same decision the
+    workflow takes; nothing is written. A change that would be refused is refused the same
+    way (409/422)."""
+    change = await _change_input(request, body)
+    deps = get_deps(request)
+    await asyncio.to_thread(_load, deps, id)
+    handle = temporal.get_workflow_handle(workflow_id_for(id))
+    try:
+        preview: ChangePreview = await handle.query(
+            SubscriptionMessage.PREVIEW_CHANGE,
+            PreviewChangeInput(change=change, at=get_clock(request).now()),
+            result_type=ChangePreview,
+            rpc_timeout=LIVE_QUERY_TIMEOUT,
+        )
+    except RPCError as error:
+        if error.status != RPCStatusCode.NOT_FOUND:
+            raise
+        raise ChangeRefused(
+            f"subscription {id} has no running workflow; it cannot change"
+        ) from None
+    if preview.refused is not None:
+        if preview.error_type == ChangeRefused.code:
+            raise ChangeRefused(preview.refused)
+        raise InvalidInput(preview.refused)
+    return ChangePreviewOut.of(id, preview)
+
+
+@router.post(
+    "/{id}/pending-change/cancel",
+    summary="Cancel a change scheduled for the period end",
+    dependencies=[require_scope("admin")],
+    responses=_CHANGE_RESPONSES,
+)
+async def cancel_pending_change(id: SubscriptionId, request: Request) -> PendingChangeCancelOut:
+    """409 when no change is pending."""
+    result = await _update(
+        request,
+        id,
+        SubscriptionMessage.CANCEL_PENDING_CHANGE,
+        CancelPendingChangeInput(),
+        CancelPendingChangeResult,
+    )
+    return PendingChangeCancelOut(
+        id=id, change_id=result.change_id, plan=result.plan_code, quantity=result.quantity
+    )
+
+
 # ---- read --------------------------------------------------------------------------------------
 
 DEFAULT_PAGE_SIZE = 50
@@ -436,6 +592,19 @@ async def list_subscriptions(
         SubscriptionStatus | None,
         Query(description="Only this status, e.g. needs_attention (what an operator resumes)."),
     ] = None,
+    customer_id: Annotated[
+        str | None,
+        Query(min_length=1, max_length=40, pattern=ID_PATTERN, description="Only this customer's."),
+    ] = None,
+    plan: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=63,
+            pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+            description="Only those on this plan code.",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
     cursor: Annotated[
         str | None,
@@ -443,14 +612,19 @@ async def list_subscriptions(
     ] = None,
 ) -> SubscriptionListOut:
     """Subscriptions from the database, by id, with the attention (step, reason, since) of
-    each one parked in needs_attention."""
-    _refuse_unknown_params(request, frozenset({"status", "limit", "cursor"}))
+    each one parked in needs_attention. Filters combine (all must hold)."""
+    _refuse_unknown_params(request, frozenset({"status", "customer_id", "plan", "limit", "cursor"}))
 
     def read() -> SubscriptionListOut:
         with unit_of_work(deps.session_factory) as session:
             # One more than asked: whether a next page exists, without a count.
             records = subscriptions_repo.list_subscriptions(
-                session, status=status, limit=limit + 1, after_id=cursor
+                session,
+                status=status,
+                limit=limit + 1,
+                after_id=cursor,
+                customer_id=customer_id,
+                plan_code=plan,
             )
             page = records[:limit]
             parked = subscriptions_repo.parked_at(
@@ -565,6 +739,17 @@ def _merged(record: SubscriptionRecord, view: SubscriptionView) -> SubscriptionO
         workflow_id=record.workflow_id,
         created_at=record.created_at,
         live=True,
+        quantity=view.quantity,
+        pending_change=None
+        if view.pending_change is None
+        else PendingChangeOut(
+            change_id=view.pending_change.change_id,
+            plan=view.pending_change.plan_code,
+            quantity=view.pending_change.quantity,
+            effective_at=view.pending_change.effective_at,
+            requested_at=view.pending_change.requested_at,
+        ),
+        pending_lines=[LineOut.of(line) for line in view.pending_lines],
     )
 
 
@@ -596,4 +781,5 @@ def _from_database(record: SubscriptionRecord, invoicing: SubscriptionInvoicing)
         workflow_id=record.workflow_id,
         created_at=record.created_at,
         live=False,
+        quantity=record.quantity,
     )

@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -48,6 +48,8 @@ from billing.clock import FixedClock
 from billing.contracts import (
     CancelInput,
     CancelResult,
+    ChangePlanInput,
+    ChangePlanResult,
     PauseInput,
     PauseResult,
     ResumeInput,
@@ -59,7 +61,7 @@ from billing.contracts import (
 from billing.errors import BillingError, PaymentMethodRejected
 from billing.invoices import InvoiceStatus
 from billing.plans import DEMO_PLANS, Plan
-from billing.records import AttemptStatus
+from billing.records import AttemptStatus, InvoiceLineRecord
 from billing.signup import CustomerDetails, SignupRequest
 from billing.simulate.instants import ceil_minute, format_instant, to_minute
 from billing.simulate.provider import BankReports, ReportingGateway, WebhookEndpoint, find_event
@@ -75,7 +77,9 @@ from billing.simulate.scenario import (
 from billing.simulate.timeline import (
     ActionRecord,
     Attempt,
+    BalanceMovement,
     Invoice,
+    Line,
     Notice,
     StatusChange,
     SubscriptionTimeline,
@@ -97,7 +101,9 @@ from billing.testing.harness import (
 )
 from billing.testing.localstripe import LocalStripe
 from db.engine import unit_of_work
+from db.repositories import balances as balances_repo
 from db.repositories import customers as customers_repo
+from db.repositories import invoices as invoices_repo
 
 _T = TypeVar("_T", StatusChange, Notice, ActionRecord)
 
@@ -389,6 +395,7 @@ class Simulation:
                     customer_id=self.customer_id,
                     billing_anchor_at=spec.anchor_at,
                     trial_days=spec.trial_days,
+                    quantity=spec.quantity,
                 )
                 try:
                     result = await h.signups.start_subscription(request)
@@ -487,6 +494,19 @@ class Simulation:
                     ResumeInput(action.reason),
                     ResumeResult,
                 )
+            case ActionKind.CHANGE_PLAN | ActionKind.CHANGE_QUANTITY:
+                await self._update(
+                    action,
+                    target,
+                    SubscriptionMessage.CHANGE_PLAN,
+                    ChangePlanInput(
+                        plan=action.plan,
+                        quantity=action.quantity,
+                        effective=action.effective,
+                        proration=action.proration,
+                    ),
+                    ChangePlanResult,
+                )
             case _:  # pragma: no cover - every kind is handled above
                 raise AssertionError(f"unhandled action {action.kind}")
 
@@ -520,6 +540,23 @@ class Simulation:
                 record.invoice_ids.append(result.voided_invoice_id)
         elif isinstance(result, ResumeResult) and result.next_billing_at is not None:
             record.detail = f"next billing at {format_instant(result.next_billing_at)}"
+        elif isinstance(result, ChangePlanResult):
+            terms = f"{result.plan_code} x {result.quantity}"
+            if result.pending:
+                record.detail = f"{terms} from {format_instant(result.effective_at)} (pending)"
+                return record
+            amounts = " ".join(f"{line.amount_minor:+d}" for line in result.lines)
+            record.detail = f"{terms} now"
+            if result.invoice_id is not None:
+                record.invoice_ids.append(result.invoice_id)
+                record.detail += f"; lines {amounts or 'none'} on {{0}} ({result.invoice_status})"
+            elif result.proration == "create_prorations":
+                record.detail += f"; lines {amounts} carried to the next renewal"
+            else:
+                record.detail += "; nothing prorated"
+            if result.voided_invoice_id is not None:
+                record.invoice_ids.append(result.voided_invoice_id)
+                record.detail += "; unpaid {1} voided and billed again with the change"
         elif isinstance(result, UpdatePaymentMethodResult):
             record.detail = f"new card ({action.card.value})"
             if result.retry_scheduled:
@@ -686,8 +723,28 @@ class Simulation:
         # (exact instant, tiebreak) of every status change, notice and action, to give each
         # its place in one chronological order (the timeline itself is to the minute).
         occurred: list[tuple[datetime, tuple[int, int, int], Any]] = []
+        with unit_of_work(self.harness.session_factory) as session:
+            lines = invoices_repo.lines_by_invoice(session, list(numbers))
+            entries = (
+                balances_repo.list_entries(session, self.customer_id)
+                if self.customer_id is not None
+                else []
+            )
+        balance = tuple(
+            BalanceMovement(
+                at=to_minute(entry.created_at),
+                kind=entry.kind.value,
+                amount_minor=entry.amount_minor,
+                currency=entry.currency,
+                invoice=numbers.get(entry.invoice_id) if entry.invoice_id else None,
+            )
+            for entry in entries
+            if to_minute(entry.created_at) <= s.horizon
+        )
         for live in self.live:
-            sub, exact = _subscription_timeline(live, snapshots[live.name], numbers, s.horizon)
+            sub, exact = _subscription_timeline(
+                live, snapshots[live.name], numbers, s.horizon, lines
+            )
             subscriptions.append(sub)
             for n, (item, instant) in enumerate(exact):
                 occurred.append((instant, (live.index, 0, n), item))
@@ -726,6 +783,7 @@ class Simulation:
             subscriptions=tuple(subscriptions),
             actions=tuple(placed(a) for a in actions),
             totals=totals_of([i for sub in subscriptions for i in sub.invoices]),
+            balance=balance,
         )
 
 
@@ -734,6 +792,7 @@ def _subscription_timeline(
     snap: BillingSnapshot,
     numbers: dict[str, str],
     horizon: datetime,
+    lines: Mapping[str, Sequence[InvoiceLineRecord]] | None = None,
 ) -> tuple[SubscriptionTimeline, list[tuple[StatusChange | Notice, datetime]]]:
     """The subscription's part of the timeline, and the exact instant of each status change
     and notice in it."""
@@ -758,6 +817,17 @@ def _subscription_timeline(
                 )
                 for a in snap.attempts[invoice.id]
             ),
+            lines=tuple(
+                Line(
+                    kind=line.kind.value,
+                    description=line.description,
+                    amount_minor=line.amount_minor,
+                    period_start=line.period_start,
+                    period_end=line.period_end,
+                )
+                for line in (lines or {}).get(invoice.id, ())
+            ),
+            credit_applied_minor=invoice.credit_applied_minor,
         )
         for invoice in snap.invoices
     )

@@ -37,7 +37,7 @@ from billing.dunning import (
 )
 from billing.errors import BillingError
 from billing.money import MAX_AMOUNT_MINOR
-from billing.plans import DEMO_PLANS, MAX_TRIAL_DAYS, Plan, find_plan, parse_plan
+from billing.plans import DEMO_PLANS, MAX_QUANTITY, MAX_TRIAL_DAYS, Plan, find_plan, parse_plan
 from billing.simulate.instants import (
     INSTANT_PATTERN,
     InstantFormatError,
@@ -95,12 +95,14 @@ class ActionKind(StrEnum):
     #: The customer changes the default card at the provider (e.g. Stripe's customer portal);
     #: the provider's customer.updated reaches the webhook endpoint.
     CHANGE_CARD_AT_PROVIDER = "change_card_at_provider"
+    #: A plan change (the change_plan update), prorated as the API's defaults say.
+    CHANGE_PLAN = "change_plan"
+    #: A change of seats (the change_plan update with a quantity).
+    CHANGE_QUANTITY = "change_quantity"
 
 
 #: Actions the issue foresees that the billing engine does not offer yet.
-_NOT_YET_AVAILABLE = {
-    "change_plan": "plan changes are not implemented by the billing engine yet",
-}
+_NOT_YET_AVAILABLE: dict[str, str] = {}
 
 #: Which test card stands for each behaviour when the card is switched at the provider.
 CARD_ACTIONS: Mapping[ActionKind, CardBehaviour] = {
@@ -119,7 +121,18 @@ WEBHOOK_ACTIONS = frozenset({ActionKind.AUTHENTICATE, ActionKind.CHANGE_CARD_AT_
 #: Longest delay of a webhook delivery: Stripe retries a failing endpoint for three days.
 MAX_WEBHOOK_DELAY_MINUTES = 3 * 24 * 60
 #: Actions that change one subscription (and need to know which, when there are several).
-SUBSCRIPTION_ACTIONS = frozenset({ActionKind.CANCEL, ActionKind.PAUSE, ActionKind.RESUME})
+SUBSCRIPTION_ACTIONS = frozenset(
+    {
+        ActionKind.CANCEL,
+        ActionKind.PAUSE,
+        ActionKind.RESUME,
+        ActionKind.CHANGE_PLAN,
+        ActionKind.CHANGE_QUANTITY,
+    }
+)
+#: Values of the change actions' ``effective`` and ``proration`` (the API's).
+CHANGE_EFFECTIVE = ("now", "period_end")
+CHANGE_PRORATION = ("always_invoice", "create_prorations", "none")
 
 
 # =============================================================================== the model ====
@@ -135,6 +148,8 @@ class SubscriptionSpec:
     anchor_at: datetime | None = None
     #: Overrides the plan's trial length; None keeps the plan's.
     trial_days: int | None = None
+    #: Seats at signup.
+    quantity: int = 1
 
     def effective_trial_days(self) -> int:
         return self.plan.trial_days if self.trial_days is None else self.trial_days
@@ -163,6 +178,12 @@ class Action:
     #: Webhook actions: minutes after the action at which the same event is delivered again
     #: (Stripe's redelivery); None: delivered once.
     webhook_redelivery_minutes: int | None = None
+    #: change_plan: the new plan; change_quantity: the new seats. ``effective`` and
+    #: ``proration`` None take the API's defaults.
+    plan: Plan | None = None
+    quantity: int | None = None
+    effective: str | None = None
+    proration: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,10 +200,14 @@ class Scenario:
     description: str = ""
 
     def plans(self) -> list[Plan]:
-        """The distinct plans the subscriptions use (with the dunning override applied)."""
+        """The distinct plans the subscriptions use, then those change_plan actions move to
+        (with the dunning override applied)."""
         by_code: dict[str, Plan] = {}
         for spec in self.subscriptions:
             by_code.setdefault(spec.plan.code, spec.plan)
+        for action in self.timeline:
+            if action.plan is not None:
+                by_code.setdefault(action.plan.code, action.plan)
         return list(by_code.values())
 
     def subscription_names(self) -> list[str]:
@@ -348,6 +373,11 @@ SUBSCRIPTION_FIELDS: tuple[FieldSpec, ...] = (
         {"type": "integer", "minimum": 0, "maximum": MAX_TRIAL_DAYS},
         "Overrides the plan's trial length (days on the customer's wall clock).",
     ),
+    FieldSpec(
+        "quantity",
+        {"type": "integer", "minimum": 1, "maximum": MAX_QUANTITY},
+        "Seats at signup (default 1): each period bills quantity x the plan's amount.",
+    ),
 )
 
 DUNNING_FIELDS: tuple[FieldSpec, ...] = (
@@ -422,6 +452,20 @@ _WEBHOOK_FIELDS: tuple[FieldSpec, ...] = (
     ),
 )
 
+_CHANGE_FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec(
+        "effective",
+        {"enum": list(CHANGE_EFFECTIVE)},
+        "now or period_end; default (the API's): now for an upgrade, period_end otherwise.",
+    ),
+    FieldSpec(
+        "proration",
+        {"enum": list(CHANGE_PRORATION)},
+        "always_invoice (default), create_prorations (lines on the next renewal) or none.",
+    ),
+    _TARGET,
+)
+
 _ACTION_COMMON: tuple[FieldSpec, ...] = (
     FieldSpec("at", _INSTANT, "When it happens.", required=True),
     FieldSpec("action", {"type": "string"}, "What happens.", required=True),
@@ -471,6 +515,29 @@ ACTION_FIELDS: Mapping[ActionKind, tuple[FieldSpec, ...]] = {
         FieldSpec("card", _CARD, "How the new card behaves (default succeeds)."),
         *_WEBHOOK_FIELDS,
     ),
+    ActionKind.CHANGE_PLAN: (
+        FieldSpec(
+            "plan",
+            {
+                "oneOf": [
+                    {"type": "string", "enum": sorted(p.code for p in DEMO_PLANS)},
+                    {"$ref": "#/$defs/plan"},
+                ]
+            },
+            "The new plan: a demo plan's code, or a plan written out.",
+            required=True,
+        ),
+        *_CHANGE_FIELDS,
+    ),
+    ActionKind.CHANGE_QUANTITY: (
+        FieldSpec(
+            "quantity",
+            {"type": "integer", "minimum": 1, "maximum": MAX_QUANTITY},
+            "The new number of seats.",
+            required=True,
+        ),
+        *_CHANGE_FIELDS,
+    ),
 }
 
 ACTION_DESCRIPTIONS: Mapping[ActionKind, str] = {
@@ -496,6 +563,11 @@ ACTION_DESCRIPTIONS: Mapping[ActionKind, str] = {
     ActionKind.CHANGE_CARD_AT_PROVIDER: "The customer makes a new card the default at the "
     "provider (e.g. Stripe's customer portal); the provider's customer.updated goes to the "
     "webhook endpoint.",
+    ActionKind.CHANGE_PLAN: "Change the plan (the change_plan update): prorated to the "
+    "second, with the API's defaults (an upgrade now and invoiced, a downgrade at the period "
+    "end); a refusal is recorded with its reason.",
+    ActionKind.CHANGE_QUANTITY: "Change the number of seats (the change_plan update with a "
+    "quantity), with the same rules as change_plan.",
 }
 
 
@@ -592,7 +664,7 @@ def parse_scenario(data: object, *, default_name: str = "scenario") -> Scenario:
         )
     dunning = _dunning(root["dunning"], ("dunning",)) if "dunning" in root else None
     subscriptions = _subscriptions(root["subscriptions"], start, timezone, zone, dunning)
-    timeline = _timeline(root.get("timeline", []), start, horizon, zone, subscriptions)
+    timeline = _timeline(root.get("timeline", []), start, horizon, zone, subscriptions, dunning)
     return Scenario(
         name=name,
         description=description,
@@ -662,6 +734,10 @@ def _subscriptions(
         if "trial_days" in obj:
             trial_days = _whole(obj["trial_days"], (*here, "trial_days"), 0, MAX_TRIAL_DAYS)
         spec = SubscriptionSpec(name=name, plan=plan, trial_days=trial_days)
+        if "quantity" in obj:
+            spec = dataclasses.replace(
+                spec, quantity=_whole(obj["quantity"], (*here, "quantity"), 1, MAX_QUANTITY)
+            )
         if "anchor" in obj:
             anchor = _parse_instant_at(obj["anchor"], zone, (*here, "anchor"))
             trial = spec.effective_trial_days()
@@ -724,6 +800,7 @@ def _timeline(
     horizon: datetime,
     zone: ZoneInfo,
     subscriptions: Sequence[SubscriptionSpec],
+    dunning: DunningPolicy | None = None,
 ) -> tuple[Action, ...]:
     path: PathParts = ("timeline",)
     if raw is None:
@@ -813,8 +890,39 @@ def _timeline(
                     MAX_WEBHOOK_DELAY_MINUTES,
                 ),
             )
+        if "plan" in obj:
+            plan = _plan(obj["plan"], (*here, "plan"))
+            if dunning is not None:
+                plan = dataclasses.replace(plan, dunning=dunning)
+            known = {spec.plan.code: spec.plan for spec in subscriptions}
+            known.update({a.plan.code: a.plan for a in actions if a.plan is not None})
+            if plan.code in known and known[plan.code] != plan:
+                raise ScenarioError(
+                    (*here, "plan"),
+                    f"plan code {plan.code!r} is used elsewhere in the scenario with other "
+                    "terms; give this plan its own code",
+                )
+            action = dataclasses.replace(action, plan=plan)
+        if "quantity" in obj:
+            action = dataclasses.replace(
+                action, quantity=_whole(obj["quantity"], (*here, "quantity"), 1, MAX_QUANTITY)
+            )
+        if "effective" in obj:
+            action = dataclasses.replace(
+                action, effective=_one_of(obj["effective"], CHANGE_EFFECTIVE, (*here, "effective"))
+            )
+        if "proration" in obj:
+            action = dataclasses.replace(
+                action, proration=_one_of(obj["proration"], CHANGE_PRORATION, (*here, "proration"))
+            )
         actions.append(action)
     return tuple(actions)
+
+
+def _one_of(value: object, allowed: Sequence[str], path: PathParts) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ScenarioError(path, f"must be one of: {', '.join(allowed)}; got {value!r}")
+    return value
 
 
 def _action_kind(obj: Mapping[str, object], path: PathParts) -> ActionKind:

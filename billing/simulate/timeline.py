@@ -55,6 +55,47 @@ class Attempt:
 
 
 @dataclass(frozen=True)
+class Line:
+    """One line of an invoice (signed minor units; a credit is negative)."""
+
+    kind: str
+    description: str
+    amount_minor: int
+    period_start: datetime
+    period_end: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "description": self.description,
+            "amount_minor": self.amount_minor,
+            "period_start": _instant(self.period_start),
+            "period_end": _instant(self.period_end),
+        }
+
+
+@dataclass(frozen=True)
+class BalanceMovement:
+    """A movement of the customer's credit balance (positive: credit granted)."""
+
+    at: datetime
+    kind: str
+    amount_minor: int
+    currency: str
+    #: The invoice it came from or went to, by its timeline number.
+    invoice: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "at": _instant(self.at),
+            "kind": self.kind,
+            "amount_minor": self.amount_minor,
+            "currency": self.currency,
+            "invoice": self.invoice,
+        }
+
+
+@dataclass(frozen=True)
 class Invoice:
     number: str
     period_start: datetime
@@ -67,9 +108,16 @@ class Invoice:
     #: Why it was closed without payment (e.g. dunning_exhausted, subscription_canceled).
     closed_reason: str | None = None
     attempts: tuple[Attempt, ...] = ()
+    lines: tuple[Line, ...] = ()
+    #: Credit balance used to pay it (minor units).
+    credit_applied_minor: int = 0
+
+    @property
+    def prorated(self) -> bool:
+        return len(self.lines) > 1 or any(line.kind != "subscription" for line in self.lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "number": self.number,
             "period_start": _instant(self.period_start),
             "period_end": _instant(self.period_end),
@@ -80,6 +128,13 @@ class Invoice:
             "closed_reason": self.closed_reason,
             "attempts": [a.to_dict() for a in self.attempts],
         }
+        # Only where there is something to show (a plan change, credit used), so invoices of
+        # one plain subscription line read as before.
+        if self.prorated:
+            out["lines"] = [line.to_dict() for line in self.lines]
+        if self.credit_applied_minor:
+            out["credit_applied_minor"] = self.credit_applied_minor
+        return out
 
 
 @dataclass(frozen=True)
@@ -212,6 +267,8 @@ class Timeline:
     subscriptions: tuple[SubscriptionTimeline, ...]
     actions: tuple[ActionRecord, ...] = ()
     totals: tuple[Totals, ...] = field(default=())
+    #: Movements of the customer's credit balance (present in the JSON when there are any).
+    balance: tuple[BalanceMovement, ...] = ()
 
     def subscription(self, name: str | None = None) -> SubscriptionTimeline:
         """The subscription called ``name``; without a name, the only one."""
@@ -239,6 +296,7 @@ class Timeline:
             "subscriptions": [s.to_dict() for s in self.subscriptions],
             "actions": [a.to_dict() for a in self.actions],
             "totals": [t.to_dict() for t in self.totals],
+            **({"balance": [b.to_dict() for b in self.balance]} if self.balance else {}),
         }
 
     def to_json(self) -> str:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import delete, exists, or_, select, update
+from sqlalchemy import case, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from billing.errors import NotFound
 from billing.invoices import format_invoice_number
 from billing.records import CustomerRecord
 from db.models import CUSTOMERS, SUBSCRIPTIONS
-from db.repositories._rows import fetch_one, insert_or_get, select_rows, utcnow
+from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows, utcnow
 
 
 def get_customer(session: Session, customer_id: str) -> CustomerRecord | None:
@@ -132,12 +132,20 @@ def set_default_payment_method(
     payment_method_id: str | None,
     *,
     now: datetime | None = None,
+    card_brand: str | None = None,
+    card_last4: str | None = None,
 ) -> None:
-    """Make ``payment_method_id`` the card charged for the customer's invoices."""
+    """Make ``payment_method_id`` the card charged for the customer's invoices; ``card_brand``
+    and ``card_last4`` describe it as the provider reported it (None: not known)."""
     updated = session.execute(
         update(CUSTOMERS)
         .where(CUSTOMERS.c.id == customer_id)
-        .values(default_payment_method_id=payment_method_id, updated_at=now or utcnow())
+        .values(
+            default_payment_method_id=payment_method_id,
+            default_card_brand=card_brand,
+            default_card_last4=card_last4,
+            updated_at=now or utcnow(),
+        )
         .returning(CUSTOMERS.c.id)
     ).scalar_one_or_none()
     if updated is None:
@@ -222,9 +230,14 @@ def record_default_payment_method_news(
     statement = update(CUSTOMERS).where(CUSTOMERS.c.id == customer_id)
     if event_created_at is not None:
         statement = statement.where(or_(column.is_(None), column <= event_created_at))
+    # News of another card than the one on file: its details are not known here.
+    same_card = CUSTOMERS.c.default_payment_method_id == payment_method_id
     recorded = session.execute(
         statement.values(
-            default_payment_method_id=payment_method_id, updated_at=now or utcnow()
+            default_payment_method_id=payment_method_id,
+            default_card_brand=case((same_card, CUSTOMERS.c.default_card_brand), else_=None),
+            default_card_last4=case((same_card, CUSTOMERS.c.default_card_last4), else_=None),
+            updated_at=now or utcnow(),
         ).returning(CUSTOMERS.c.id)
     ).scalar_one_or_none()
     return recorded is not None
@@ -251,3 +264,16 @@ def set_mail_preferences(
     if customer is None:
         raise NotFound(f"customer {customer_id!r} not found", field="customer_id")
     return customer
+
+
+def list_customers(
+    session: Session, *, limit: int, after_id: str | None = None, email: str | None = None
+) -> list[CustomerRecord]:
+    """Customers by id (keyset: those after ``after_id``), with ``email`` if given; at most
+    ``limit``."""
+    statement = select_rows(CUSTOMERS).order_by(CUSTOMERS.c.id).limit(limit)
+    if after_id is not None:
+        statement = statement.where(CUSTOMERS.c.id > after_id)
+    if email is not None:
+        statement = statement.where(CUSTOMERS.c.email == email)
+    return fetch_all(session, CustomerRecord, statement)

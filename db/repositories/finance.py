@@ -9,6 +9,7 @@ Reads only: nothing here writes or commits.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import fields
 from datetime import timedelta
@@ -157,6 +158,8 @@ def list_invoices(
     1..200; InvalidInput otherwise."""
     items, has_more = _fetch(session, invoice_filter, check_page_size(limit), after)
     next_cursor = InvoiceCursor.after(items[-1].invoice).encode() if has_more else None
+    lines = invoices_repo.lines_by_invoice(session, [item.invoice.id for item in items])
+    items = [dataclasses.replace(item, lines=lines[item.invoice.id]) for item in items]
     return InvoicePage(items=items, has_more=has_more, next_cursor=next_cursor)
 
 
@@ -210,6 +213,7 @@ def get_invoice_detail(session: Session, invoice_id: str) -> InvoiceDetail | Non
         invoice=invoice,
         attempts=attempts_repo.list_attempts_for_invoice(session, invoice_id),
         payments=payments_repo.list_payments_for_invoice(session, invoice_id),
+        lines=invoices_repo.list_invoice_lines(session, invoice_id),
     )
 
 

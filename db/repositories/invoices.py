@@ -44,15 +44,31 @@ def get_invoice(session: Session, invoice_id: str) -> InvoiceRecord | None:
 def get_invoice_for_period(
     session: Session, subscription_id: str, period_start: datetime
 ) -> InvoiceRecord | None:
-    """The subscription's invoice for the period starting at ``period_start`` (any zone)."""
+    """The subscription's renewal invoice for the period starting at ``period_start`` (any
+    zone); invoices issued for a plan change are found by ``get_invoice_for_change``."""
     return fetch_one(
         session,
         InvoiceRecord,
         select_rows(INVOICES).where(
             INVOICES.c.subscription_id == subscription_id,
             INVOICES.c.period_start == period_start,
+            INVOICES.c.change_id.is_(None),
         ),
     )
+
+
+def get_invoice_for_change(session: Session, change_id: str) -> InvoiceRecord | None:
+    """The invoice issued for the plan change ``change_id`` (unique), if any."""
+    return fetch_one(
+        session, InvoiceRecord, select_rows(INVOICES).where(INVOICES.c.change_id == change_id)
+    )
+
+
+def _existing(session: Session, record: InvoiceRecord) -> InvoiceRecord | None:
+    """The invoice that already holds ``record``'s key: its change, or its renewal period."""
+    if record.change_id is not None:
+        return get_invoice_for_change(session, record.change_id)
+    return get_invoice_for_period(session, record.subscription_id, record.period_start)
 
 
 def list_invoices_for_subscription(session: Session, subscription_id: str) -> list[InvoiceRecord]:
@@ -73,12 +89,7 @@ def insert_invoice(session: Session, record: InvoiceRecord) -> tuple[InvoiceReco
     ``record.number`` must already be allocated. If the invoice turns out to exist, that
     allocation is a gap unless the caller rolls back; ``issue_invoice`` avoids this.
     """
-    return insert_or_get(
-        session,
-        INVOICES,
-        record,
-        lambda: get_invoice_for_period(session, record.subscription_id, record.period_start),
-    )
+    return insert_or_get(session, INVOICES, record, lambda: _existing(session, record))
 
 
 def list_invoice_lines(session: Session, invoice_id: str) -> list[InvoiceLineRecord]:
@@ -193,8 +204,9 @@ def _write_lines_and_credit(
 def issue_invoice(
     session: Session, record: InvoiceRecord, lines: list[InvoiceLine] | None = None
 ) -> tuple[InvoiceRecord, bool]:
-    """Number and insert the invoice for (subscription, period start), or return the existing
-    one and False. ``record.number`` is ignored: the customer's next number is allocated.
+    """Number and insert the invoice for (subscription, period start), or, when
+    ``record.change_id`` is set, for that plan change; or return the existing one and False.
+    ``record.number`` is ignored: the customer's next number is allocated.
 
     ``lines`` are its lines (default: one subscription line of ``record.amount_due_minor``
     for the period). Totals come from them: the subtotal is their sum, the customer's credit
@@ -207,13 +219,13 @@ def issue_invoice(
     customer's row lock, the period is checked again under that lock, and allocation and
     insert share one savepoint, so the loser's number is rolled back with its insert.
     """
-    existing = get_invoice_for_period(session, record.subscription_id, record.period_start)
+    existing = _existing(session, record)
     if existing is not None:
         return existing, False
     with session.begin_nested() as savepoint:
         number = allocate_invoice_number(session, record.customer_id)
         # Under the customer's row lock: a racing worker that got here first has committed.
-        existing = get_invoice_for_period(session, record.subscription_id, record.period_start)
+        existing = _existing(session, record)
         if existing is not None:
             savepoint.rollback()
             return existing, False

@@ -157,10 +157,15 @@ def update_subscription_state(
     now: datetime,
     changed_at: datetime | None = None,
     attention_reason: str | None = None,
+    terms: dict[str, object] | None = None,
 ) -> bool:
     """Mirror the workflow's view of the subscription (instants UTC). False if there is no
     such subscription, or if it is canceled and ``status`` is not: cancellation is final, so
     a late, retried sync from before the cancel must not bring it back.
+
+    ``terms``: the plan snapshot after a plan or quantity change (``plan_code``,
+    ``amount_minor``, ``currency``, ``interval``, ``interval_count``, ``quantity``,
+    ``anchor_at``), written with the status; None leaves it as it is.
 
     A new status is also logged in ``subscription_status_changes`` at ``changed_at`` (when
     the workflow decided it; ``now`` if not given), in the same transaction. A sync that
@@ -187,6 +192,7 @@ def update_subscription_state(
             cancel_reason=cancel_reason,
             attention_reason=attention_reason,
             updated_at=now,
+            **(terms or {}),
         )
         .returning(SUBSCRIPTIONS.c.id)
     )
@@ -254,12 +260,18 @@ def list_subscriptions(
     status: SubscriptionStatus | None = None,
     limit: int,
     after_id: str | None = None,
+    customer_id: str | None = None,
+    plan_code: str | None = None,
 ) -> list[SubscriptionRecord]:
-    """Subscriptions by id (keyset: those after ``after_id``), with ``status`` if given; at
-    most ``limit``."""
+    """Subscriptions by id (keyset: those after ``after_id``), with ``status``, of
+    ``customer_id``, on ``plan_code`` when given; at most ``limit``."""
     statement = select_rows(SUBSCRIPTIONS).order_by(SUBSCRIPTIONS.c.id).limit(limit)
     if status is not None:
         statement = statement.where(SUBSCRIPTIONS.c.status == status)
+    if customer_id is not None:
+        statement = statement.where(SUBSCRIPTIONS.c.customer_id == customer_id)
+    if plan_code is not None:
+        statement = statement.where(SUBSCRIPTIONS.c.plan_code == plan_code)
     if after_id is not None:
         statement = statement.where(SUBSCRIPTIONS.c.id > after_id)
     return fetch_all(session, SubscriptionRecord, statement)

@@ -57,6 +57,10 @@ def rows(session_factory: sessionmaker[Session], factory: Any) -> dict[str, Any]
         session.execute(raw_insert(PaymentRow, payment))
         other_invoice = factory.invoice(session, subscription, period_index=1)
         other_attempt = factory.attempt(session, other_invoice, 1)
+        # A change's invoice may share the renewal's period start (a change at the renewal).
+        session.execute(
+            raw_insert(InvoiceRow, invoice, id=new_id("in"), number="CHANGE-0001", change_id="c1")
+        )
     return {
         "subscription": subscription,
         "invoice": invoice,
@@ -73,11 +77,19 @@ Build = Callable[[Any, dict[str, Any]], Executable]
 #: case -> (statement, what PostgreSQL names in its error, what SQLite names in its error).
 #: Each statement breaks exactly one constraint, so the message proves which one held.
 CASES: dict[str, tuple[Build, str, str]] = {
-    # One invoice per (subscription, period start), even with a fresh id and number.
+    # One renewal invoice per (subscription, period start), even with a fresh id and number.
     "second invoice for the same period": (
         lambda f, d: raw_insert(InvoiceRow, d["invoice"], id=new_id("in"), number="OTHER-0001"),
-        "uq_invoices_subscription_id_period_start",
+        "uq_invoices_renewal_period",
         "invoices.subscription_id, invoices.period_start",
+    ),
+    # One invoice per plan change.
+    "second invoice for the same change": (
+        lambda f, d: raw_insert(
+            InvoiceRow, d["invoice"], id=new_id("in"), number="OTHER-0003", change_id="c1"
+        ),
+        "uq_invoices_change_id",
+        "invoices.change_id",
     ),
     "duplicate invoice number": (
         lambda f, d: raw_insert(

@@ -117,9 +117,11 @@ def test_migration_creates_the_same_constraints_as_the_models(
     assert actual == expected
     # And the names follow the convention, so later revisions can address them.
     invoices = actual["invoices"]
-    assert ("uq_invoices_subscription_id_period_start", ("subscription_id", "period_start")) in (
-        invoices["uniques"]
+    # One renewal per period (a partial unique index: change invoices are keyed by change).
+    assert ("uq_invoices_renewal_period", ("subscription_id", "period_start"), True) in (
+        invoices["indexes"]
     )
+    assert ("uq_invoices_change_id", ("change_id",)) in invoices["uniques"]
     assert {name for name, _ in invoices["checks"]} == {
         "ck_invoices_amount_due_nonnegative",
         "ck_invoices_amount_paid_within_due",

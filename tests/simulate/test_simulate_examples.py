@@ -34,6 +34,10 @@ def test_the_issue_s_examples_exist() -> None:
         "cancel-at-period-end-during-dunning",
         "pause-and-resume-over-a-year",
         "annual-plan-ten-years",
+        "upgrade-mid-month",
+        "downgrade-at-period-end",
+        "monthly-to-annual",
+        "seats-added-and-removed",
     }
     for scenario in SCENARIOS:
         assert scenario.with_suffix("").with_suffix(".expected.json").exists() or UPDATE, (
@@ -181,7 +185,59 @@ def blocked_then_failing_card(doc: Document) -> None:
     assert april["status"] == "uncollectible" and sub["status"] == "canceled"
 
 
+def amounts(invoice: Document) -> list[int]:
+    return [line["amount_minor"] for line in invoice.get("lines", [])]
+
+
+def upgrade_mid_month(doc: Document) -> None:
+    sub = only_subscription(doc)
+    first, change, april = sub["invoices"]
+    assert (first["amount_paid_minor"], april["amount_paid_minor"]) == (900, 2900)
+    # 16 days (less 30 s) of 31 left: -464.51 -> -465 and +1496.73 -> +1497, charged at once.
+    assert amounts(change) == [-465, 1497]
+    assert change["amount_paid_minor"] == 1032 and change["period_start"].startswith("2032-03-16")
+    assert "lines" not in first  # a plain renewal reads as before
+
+
+def downgrade_at_period_end(doc: Document) -> None:
+    sub = only_subscription(doc)
+    assert [i["amount_due_minor"] for i in sub["invoices"]] == [2900, 900, 900]
+    scheduled, second = doc["actions"]
+    assert scheduled["outcome"] == "applied" and "(pending)" in scheduled["detail"]
+    assert second["outcome"] == "refused" and "already has a change pending" in second["detail"]
+
+
+def monthly_to_annual(doc: Document) -> None:
+    now, at_renewal = doc["subscriptions"]
+    assert amounts(now["invoices"][1]) == [-1964, 29000]
+    assert now["anchor"] == "2032-03-11T00:00:30Z"
+    assert now["invoices"][-1]["period_start"] == "2033-03-11T00:00:30Z"
+    assert [i["period_start"] for i in at_renewal["invoices"]] == [
+        "2032-03-01T00:00:00Z",
+        "2032-04-01T00:00:00Z",
+        "2033-04-01T00:00:00Z",
+    ]
+    assert at_renewal["invoices"][1]["amount_due_minor"] == 29000
+
+
+def seats(doc: Document) -> None:
+    sub = only_subscription(doc)
+    first, april, removal, may = sub["invoices"]
+    assert first["amount_due_minor"] == 3 * 1200
+    assert amounts(april) == [5 * 1200, -1858, 3097] and april["amount_due_minor"] == 7239
+    assert amounts(removal) == [-2000, 800] and removal["amount_due_minor"] == 0
+    assert (may["credit_applied_minor"], may["amount_due_minor"]) == (1200, 1200)
+    assert [(b["kind"], b["amount_minor"]) for b in doc["balance"]] == [
+        ("invoice_credit", 1200),
+        ("applied_to_invoice", -1200),
+    ]
+
+
 FACTS: dict[str, Callable[[Document], None]] = {
+    "upgrade-mid-month": upgrade_mid_month,
+    "downgrade-at-period-end": downgrade_at_period_end,
+    "monthly-to-annual": monthly_to_annual,
+    "seats-added-and-removed": seats,
     "blocked-invoice-then-a-failing-new-card": blocked_then_failing_card,
     "leap-year-month-end": leap_year,
     "trial-then-monthly": trial,

@@ -84,17 +84,22 @@ CASES = {
         "scenario.yaml:2: start: '2032-01-15T09:00:30' has seconds; scenario instants are "
         "given to the minute (seconds 00 or left out)",
     ),
-    "action not available yet": (
+    "plan change without a plan": (
         VALID.replace("action: card_recovers", "action: change_plan"),
-        "scenario.yaml:10: timeline[1].action: 'change_plan' is not available: plan changes "
-        "are not implemented by the billing engine yet",
+        "scenario.yaml:9: timeline[1].plan: required field is missing (a 'change_plan' action)",
+    ),
+    "plan change with an unknown effective": (
+        VALID.replace(
+            "action: card_recovers", "action: change_quantity\n    quantity: 2\n    effective: soon"
+        ),
+        "scenario.yaml:12: timeline[1].effective: must be one of: now, period_end; got 'soon'",
     ),
     "unknown action": (
         VALID.replace("action: card_recovers", "action: card_recover"),
         "scenario.yaml:10: timeline[1].action: unknown action 'card_recover' (did you mean "
         "'card_recovers'?); actions: card_starts_failing, card_needs_authentication, "
         "card_recovers, update_card, cancel, pause, resume, card_reported_stolen, "
-        "card_reported_lost, authenticate, change_card_at_provider",
+        "card_reported_lost, authenticate, change_card_at_provider, change_plan, change_quantity",
     ),
     "stolen card at the start": (
         VALID.replace("start: ", "card: stolen\nstart: ", 1),

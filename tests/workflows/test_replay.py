@@ -46,6 +46,12 @@ def test_histories_are_recorded_for_every_scenario() -> None:
         "cancel_immediately",
         "pause_skips_billing",
         "ten_years",
+        "upgrade_now_is_previewed",
+        "downgrade_waits_for_the_renewal",
+        "change_during_dunning",
+        "change_racing_the_renewal",
+        "monthly_to_annual",
+        "create_prorations_carries",
     ):
         assert scenario in names, f"no recorded history for {scenario}; re-record (see docstring)"
 

@@ -14,6 +14,7 @@ from billing.catalog import create_plan
 from billing.contracts import workflow_id_for
 from billing.errors import (
     BillingError,
+    ChangeRefused,
     IdempotencyConflict,
     InvalidCurrency,
     InvalidInput,
@@ -91,7 +92,9 @@ async def test_bad_plans_are_refused_and_nothing_is_written(
 async def test_a_valid_plan_is_created_once(harness: BillingHarness) -> None:
     plan = create_plan(harness.session_factory, VALID_PLAN)
     assert plan.amount_minor == 4900
-    with pytest.raises(InvalidInput, match="already exists"):
+    # The same terms again: a harmless retry. Other terms under the code: refused (immutable).
+    assert create_plan(harness.session_factory, VALID_PLAN) == plan
+    with pytest.raises(ChangeRefused, match="already exists"):
         create_plan(harness.session_factory, {**VALID_PLAN, "amount_minor": 1})
 
 
