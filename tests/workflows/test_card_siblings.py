@@ -101,8 +101,10 @@ async def test_a_card_update_on_one_subscription_pays_the_hard_declined_sibling_
         assert attempts[1].payment_method_id == good_card
         assert attempts[1].created_at - updated_at < timedelta(hours=1)
         assert len(snap.payments[invoice.id]) == 1
+        # The receipt is written with the payment; the recovery notice after it.
         assert [n.kind for n in snap.notifications] == [
             NoticeKind.PAYMENT_FAILED,
+            NoticeKind.RECEIPT,
             NoticeKind.PAYMENT_SUCCEEDED_AFTER_FAILURE,
         ]
     # The card was attached once, for the subscription it was given to: the sibling was told,

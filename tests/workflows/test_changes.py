@@ -67,7 +67,11 @@ async def test_cancel_at_period_end_bills_nothing_more_and_ends_at_the_period_en
     assert snap.subscription.status == SubscriptionStatus.CANCELED
     assert snap.subscription.ended_at == period_end
     assert snap.subscription.cancel_at_period_end
-    assert [n.kind for n in snap.notifications] == [NoticeKind.SUBSCRIPTION_CANCELED]
+    # The paid period's receipt, then the cancellation.
+    assert [n.kind for n in snap.notifications] == [
+        NoticeKind.RECEIPT,
+        NoticeKind.SUBSCRIPTION_CANCELED,
+    ]
     assert (await harness.handle(sub.subscription_id).result())["status"] == "canceled"
 
 
