@@ -23,6 +23,7 @@ from billing.contracts import (
     UpdatePaymentMethodResult,
 )
 from billing.invoices import InvoiceStatus
+from billing.notices import NoticeKind as MailKind
 from billing.subscription import SubscriptionStatus
 from billing.testing.cards import DECLINES_AFTER_ATTACH, SUCCEEDS
 from billing.testing.harness import BillingHarness
@@ -104,7 +105,7 @@ async def test_a_card_update_on_one_subscription_pays_the_hard_declined_sibling_
         # The receipt is written with the payment; the recovery notice after it.
         assert [n.kind for n in snap.notifications] == [
             NoticeKind.PAYMENT_FAILED,
-            NoticeKind.RECEIPT,
+            MailKind.RECEIPT,
             NoticeKind.PAYMENT_SUCCEEDED_AFTER_FAILURE,
         ]
     # The card was attached once, for the subscription it was given to: the sibling was told,

@@ -21,6 +21,7 @@ from billing.contracts import (
     SubscriptionMessage,
 )
 from billing.invoices import InvoiceStatus
+from billing.notices import NoticeKind as MailKind
 from billing.subscription import SubscriptionStatus
 from billing.testing.cards import DECLINES_AFTER_ATTACH, SUCCEEDS
 from billing.testing.harness import BillingHarness
@@ -69,7 +70,7 @@ async def test_cancel_at_period_end_bills_nothing_more_and_ends_at_the_period_en
     assert snap.subscription.cancel_at_period_end
     # The paid period's receipt, then the cancellation.
     assert [n.kind for n in snap.notifications] == [
-        NoticeKind.RECEIPT,
+        MailKind.RECEIPT,
         NoticeKind.SUBSCRIPTION_CANCELED,
     ]
     assert (await harness.handle(sub.subscription_id).result())["status"] == "canceled"
