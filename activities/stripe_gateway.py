@@ -35,6 +35,8 @@ import stripe
 from temporalio import activity
 
 from billing.contracts import idempotency_key_for
+from billing.credit_notes import RefundReason, RefundStatus
+from billing.disputes import DisputeStatus, ProviderDispute
 from billing.errors import PaymentMethodRejected
 from billing.payments import (
     AttachedPaymentMethod,
@@ -47,6 +49,7 @@ from billing.payments import (
     TransientPaymentError,
     classify_decline,
 )
+from billing.refunds import ProviderRefund, RefundGateway, RefundRefused
 from billing.settings import (
     DEFAULT_STRIPE_CONNECT_TIMEOUT_S,
     DEFAULT_STRIPE_MAX_NETWORK_RETRIES,
@@ -61,6 +64,8 @@ if TYPE_CHECKING:
         PaymentIntentConfirmParams,
         PaymentIntentCreateParams,
         PaymentIntentListParams,
+        RefundCreateParams,
+        RefundListParams,
     )
 
 __all__ = [
@@ -985,10 +990,158 @@ class StripeGateway:
             settlement_currency=str(balance_transaction.currency).upper(),
         )
 
+    # -- refunds and disputes (issue 13; new functions only, beside the charge path) --------
+
+    def create_refund(
+        self,
+        *,
+        charge_id: str,
+        amount_minor: int,
+        currency: str,
+        reason: RefundReason,
+        idempotency_key: str,
+        metadata: dict[str, str],
+    ) -> ProviderRefund:
+        """``POST /v1/refunds`` of ``amount_minor`` of the charge, with Stripe's reason
+        (https://docs.stripe.com/api/refunds/create). The key goes on the wire, so a retry is
+        answered with the first refund, and into ``metadata["idempotency_key"]``, where
+        ``find_refund`` finds it after Stripe forgot the key.
+
+        Stripe refuses a refund over what is left of the charge (``amount_too_large``), of a
+        charge already refunded (``charge_already_refunded``) or disputed
+        (``charge_disputed``): a retry cannot fix those, PaymentProviderError."""
+        _check_idempotency_key(idempotency_key)
+        params: RefundCreateParams = {
+            "charge": charge_id,
+            "amount": amount_minor,
+            "reason": reason.value,
+            "metadata": {**metadata, IDEMPOTENCY_KEY_METADATA: idempotency_key},
+        }
+        try:
+            refund = self._client.v1.refunds.create(
+                params=params, options={"idempotency_key": idempotency_key}
+            )
+        except stripe.StripeError as error:
+            if (
+                isinstance(error, stripe.InvalidRequestError)
+                and not isinstance(error, stripe.IdempotencyError)
+                and error.http_status == 400
+            ):
+                raise RefundRefused(
+                    f"Stripe refused to refund {amount_minor} {currency.upper()} minor units of "
+                    f"charge {charge_id}: {_describe(error)}"
+                ) from error
+            _raise_translated(
+                error,
+                operation=f"refunding {amount_minor} {currency.upper()} minor units of charge "
+                f"{charge_id} (idempotency key {idempotency_key!r})",
+            )
+        return _provider_refund(refund)
+
+    def find_refund(self, *, charge_id: str, idempotency_key: str) -> ProviderRefund | None:
+        """The charge's refund made with ``idempotency_key`` (its metadata), or None. Lists the
+        charge's refunds (``GET /v1/refunds?charge=``, strongly consistent; a charge has few)."""
+        for refund in self._charge_refunds(charge_id):
+            if refund.idempotency_key == idempotency_key:
+                return refund
+        return None
+
+    def retrieve_refund(self, *, refund_id: str) -> ProviderRefund:
+        try:
+            refund = self._client.v1.refunds.retrieve(refund_id)
+        except stripe.StripeError as error:
+            _raise_translated(error, operation=f"reading refund {refund_id}")
+        return _provider_refund(refund)
+
+    def list_charge_refunds(self, *, charge_id: str) -> list[ProviderRefund]:
+        return self._charge_refunds(charge_id)
+
+    def _charge_refunds(self, charge_id: str) -> list[ProviderRefund]:
+        params: RefundListParams = {"charge": charge_id, "limit": _PAGE_LIMIT}
+        found: list[ProviderRefund] = []
+        try:
+            while True:
+                page = self._client.v1.refunds.list(params=params)
+                found.extend(_provider_refund(refund) for refund in page.data)
+                if not page.has_more or not page.data:
+                    return found
+                params["starting_after"] = page.data[-1].id
+        except stripe.StripeError as error:
+            _raise_translated(error, operation=f"listing the refunds of charge {charge_id}")
+
+    def retrieve_dispute(self, *, dispute_id: str) -> ProviderDispute:
+        """The dispute as Stripe holds it now (https://docs.stripe.com/api/disputes/object)."""
+        try:
+            dispute = self._client.v1.disputes.retrieve(dispute_id)
+        except stripe.StripeError as error:
+            _raise_translated(error, operation=f"reading dispute {dispute_id}")
+        return _provider_dispute(dispute)
+
+
+def _timestamp(value: object) -> datetime | None:
+    return datetime.fromtimestamp(int(value), UTC) if isinstance(value, int) and value > 0 else None
+
+
+def _provider_refund(refund: Any) -> ProviderRefund:
+    """A Stripe Refund as ``ProviderRefund``. An unknown status is PaymentProviderError: never
+    guess whether money moved."""
+    raw_status = str(_get(refund, "status") or "")
+    try:
+        status = RefundStatus(raw_status)
+    except ValueError:
+        raise PaymentProviderError(
+            f"refund {refund.id} has status {raw_status!r}, which this adapter does not know; "
+            "inspect it in the Stripe dashboard"
+        ) from None
+    return ProviderRefund(
+        refund_id=str(refund.id),
+        charge_id=_expandable_id(_get(refund, "charge")),
+        payment_intent_id=_expandable_id(_get(refund, "payment_intent")),
+        amount_minor=int(refund.amount),
+        currency=str(refund.currency).upper(),
+        status=status,
+        idempotency_key=_metadata_of(refund).get(IDEMPOTENCY_KEY_METADATA),
+        reason=_get(refund, "reason"),
+        failure_reason=_get(refund, "failure_reason"),
+        balance_transaction_id=_expandable_id(_get(refund, "balance_transaction")),
+        created=_timestamp(_get(refund, "created")),
+    )
+
+
+def _provider_dispute(dispute: Any) -> ProviderDispute:
+    raw_status = str(_get(dispute, "status") or "")
+    try:
+        status = DisputeStatus(raw_status)
+    except ValueError:
+        raise PaymentProviderError(
+            f"dispute {dispute.id} has status {raw_status!r}, which this adapter does not know; "
+            "inspect it in the Stripe dashboard"
+        ) from None
+    transactions = _get(dispute, "balance_transactions") or []
+    evidence = _get(dispute, "evidence_details")
+    charge_id = _expandable_id(_get(dispute, "charge"))
+    if charge_id is None:
+        raise PaymentProviderError(f"dispute {dispute.id} names no charge")
+    return ProviderDispute(
+        dispute_id=str(dispute.id),
+        charge_id=charge_id,
+        payment_intent_id=_expandable_id(_get(dispute, "payment_intent")),
+        amount_minor=int(dispute.amount),
+        currency=str(dispute.currency).upper(),
+        status=status,
+        reason=_get(dispute, "reason"),
+        balance_transaction_ids=tuple(
+            txn_id for txn_id in (_expandable_id(t) for t in transactions) if txn_id is not None
+        ),
+        evidence_due_by=_timestamp(_get(evidence, "due_by")),
+        created=_timestamp(_get(dispute, "created")),
+    )
+
 
 if TYPE_CHECKING:
     # mypy proves here that StripeGateway implements the PaymentGateway protocol exactly.
     _implements_protocol: type[PaymentGateway] = StripeGateway
+    _implements_refunds: type[RefundGateway] = StripeGateway
 
 
 def webhook_signature_valid(

@@ -234,6 +234,7 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
         MetricsAddressInUse,
         build_dependencies,
         build_worker,
+        ensure_refund_sweeper,
         ensure_signup_sweeper,
         metrics_runtime,
         report_needs_attention,
@@ -263,6 +264,7 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
     # The sweeper is a workflow on this task queue: started once (idempotent by id), run by
     # this worker as soon as it polls.
     await ensure_signup_sweeper(client, task_queue=settings.task_queue)
+    await ensure_refund_sweeper(client, task_queue=settings.task_queue)
     console.print(
         f"[green]worker running[/green] on task queues {settings.task_queue!r} and "
         f"{settings.payments_queue()!r} (provider calls, at most "
@@ -344,6 +346,7 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
         build_dependencies,
         build_worker,
         connect_temporal,
+        ensure_refund_sweeper,
         ensure_signup_sweeper,
     )
 
@@ -360,6 +363,7 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
     stop = _stop_event()
     async with w, _payments_worker(settings, client, deps):
         await ensure_signup_sweeper(client, task_queue=settings.task_queue)
+        await ensure_refund_sweeper(client, task_queue=settings.task_queue)
         console.print(f"[green]worker running[/green] on task queue {settings.task_queue!r}")
         api_ready = asyncio.Event()
         api_task = asyncio.create_task(

@@ -14,6 +14,8 @@ from typing import Any
 
 from billing.balance import BalanceEntryKind
 from billing.calendar import IntervalUnit
+from billing.credit_notes import CreditNoteReason, RefundReason, RefundSource, RefundStatus
+from billing.disputes import DisputeStatus
 from billing.invoices import InvoiceLineKind, InvoiceStatus
 from billing.payments import ChargeOutcomeKind
 from billing.subscription import SubscriptionStatus
@@ -275,3 +277,84 @@ class WebhookEventRecord:
     subscription_id: str | None = None
     #: Why it was ignored, or which workflows were signalled.
     detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreditNoteRecord:
+    """A credit note (``billing.credit_notes``). Amounts in minor units; the parts add up to
+    ``amount_minor``."""
+
+    id: str
+    number: str
+    customer_id: str
+    sequence: int
+    invoice_id: str
+    #: ``post_payment`` (a paid invoice) or ``pre_payment`` (an open one), as Stripe says.
+    type: str
+    currency: str
+    amount_minor: int
+    refund_amount_minor: int
+    credit_amount_minor: int
+    out_of_band_amount_minor: int
+    amount_due_reduction_minor: int
+    created_at: datetime
+    reason: CreditNoteReason | None = None
+    memo: str | None = None
+    idempotency_key: str | None = None
+    key_scope: str | None = None
+    request_hash: str | None = None
+    created_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreditNoteLineRecord:
+    id: str
+    credit_note_id: str
+    position: int
+    description: str
+    amount_minor: int
+    invoice_line_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefundRecord:
+    """A refund of a payment: a credit note's (``source=credit_note``, with its key) or one made
+    elsewhere (``source=provider``)."""
+
+    id: str
+    invoice_id: str
+    payment_id: str
+    source: RefundSource
+    amount_minor: int
+    currency: str
+    status: RefundStatus
+    created_at: datetime
+    updated_at: datetime
+    credit_note_id: str | None = None
+    refund_number: int | None = None
+    idempotency_key: str | None = None
+    reason: RefundReason | None = None
+    stripe_refund_id: str | None = None
+    stripe_charge_id: str | None = None
+    balance_transaction_id: str | None = None
+    failure_reason: str | None = None
+    completed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DisputeRecord:
+    """A dispute as the provider last reported it (minor units)."""
+
+    id: str
+    stripe_dispute_id: str
+    stripe_charge_id: str
+    amount_minor: int
+    currency: str
+    status: DisputeStatus
+    created_at: datetime
+    updated_at: datetime
+    payment_id: str | None = None
+    invoice_id: str | None = None
+    reason: str | None = None
+    evidence_due_by: datetime | None = None
+    closed_at: datetime | None = None

@@ -37,16 +37,20 @@ from temporalio.worker import Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.billing import AfterChargeHook, BillingActivities
+from activities.settlement import AfterRefundHook, RefundSweepActivities, SettlementActivities
 from activities.signup_sweep import SignupSweepActivities
 from activities.stripe_gateway import StripeGateway, make_stripe_client
 from billing.clock import Clock, SystemClock
 from billing.payments import PaymentGateway
+from billing.refunds import RefundGateway
 from billing.settings import Settings
+from billing.settlement import RefundSweepInput, refund_sweeper_workflow_id
 from billing.signup_sweep import PendingSignupSweepInput, sweeper_workflow_id
 from billing.subscription import SubscriptionStatus
 from db.engine import make_engine, make_session_factory, unit_of_work
 from db.repositories import subscriptions as subscriptions_repo
 from workflows.invoice_payment import InvoicePaymentWorkflow
+from workflows.refund import RefundSweepWorkflow, RefundWorkflow
 from workflows.signup_sweep import PendingSignupSweepWorkflow
 from workflows.subscription import SubscriptionWorkflow
 
@@ -63,6 +67,11 @@ class Dependencies:
     #: The process's pacing of provider activities (``Settings.charge_rate_per_s``), shared by
     #: both workers; None: no pacing (tests and simulations against localstripe).
     provider_window: OneSecondWindow | None = None
+    #: Refunds at the provider (the same StripeGateway); None: refunds are not carried out
+    #: by this worker (their activity is not registered).
+    refund_gateway: RefundGateway | None = None
+    #: TEST ONLY: called after the provider answered a refund, before it is recorded.
+    after_refund_hook: AfterRefundHook | None = None
 
 
 def temporal_tls_config(settings: Settings) -> TLSConfig | bool:
@@ -206,10 +215,12 @@ def build_dependencies(settings: Settings, *, clock: Clock | None = None) -> Dep
         connect_timeout_s=settings.stripe_connect_timeout_s,
         read_timeout_s=settings.stripe_read_timeout_s,
     )
+    # localstripe rejects `description` on PaymentIntents; real Stripe gets it.
+    gateway = StripeGateway(client, send_description=settings.stripe_api_key is not None)
     return Dependencies(
         session_factory=make_session_factory(engine),
-        # localstripe rejects `description` on PaymentIntents; real Stripe gets it.
-        gateway=StripeGateway(client, send_description=settings.stripe_api_key is not None),
+        gateway=gateway,
+        refund_gateway=gateway,
         clock=clock or SystemClock(),
         # Settings refuse a non-zero percentage in production.
         after_charge_hook=crash_after_charge_hook(settings.chaos_crash_after_charge_percent),
@@ -254,11 +265,20 @@ def build_worker(
         task_queue=task_queue,
         payments_task_queue=payments_task_queue or f"{task_queue}-payments",
     )
+    settlement = _settlement_activities(
+        deps, task_queue=task_queue, payments_task_queue=payments_task_queue
+    )
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[SubscriptionWorkflow, InvoicePaymentWorkflow, PendingSignupSweepWorkflow],
-        activities=[*registered, sweep.sweep_pending_signups],
+        workflows=[
+            SubscriptionWorkflow,
+            InvoicePaymentWorkflow,
+            PendingSignupSweepWorkflow,
+            RefundWorkflow,
+            RefundSweepWorkflow,
+        ],
+        activities=[*registered, sweep.sweep_pending_signups, *settlement],
         activity_executor=ThreadPoolExecutor(max_workers=activity_threads),
         max_concurrent_activities=activity_threads,
         workflow_runner=workflow_runner or SandboxedWorkflowRunner(),
@@ -266,6 +286,48 @@ def build_worker(
         # Running activities get this long to finish after shutdown starts, then are cancelled.
         graceful_shutdown_timeout=timedelta(seconds=graceful_shutdown_s),
     )
+
+
+def _settlement_activities(
+    deps: Dependencies, *, task_queue: str, payments_task_queue: str | None
+) -> list[Any]:
+    """The refund sweep, and (with a refund gateway) the refund activity: runs started with
+    no payments queue schedule it on the workflow's own."""
+    found: list[Any] = [
+        RefundSweepActivities(
+            deps.session_factory,
+            deps.clock,
+            task_queue=task_queue,
+            payments_task_queue=payments_task_queue or f"{task_queue}-payments",
+        ).sweep_refunds
+    ]
+    if deps.refund_gateway is not None:
+        found.extend(_refund_activities(deps, deps.refund_gateway))
+    return found
+
+
+def _refund_activities(deps: Dependencies, gateway: RefundGateway) -> list[Any]:
+    return SettlementActivities(
+        deps.session_factory,
+        gateway,
+        deps.clock,
+        after_refund_hook=deps.after_refund_hook,
+    ).provider()
+
+
+async def ensure_refund_sweeper(client: Client, *, task_queue: str) -> str:
+    """Make sure the refund sweeper runs on ``task_queue`` (one per queue; a second start
+    finds the running one). Returns its id."""
+    workflow_id = refund_sweeper_workflow_id(task_queue)
+    await client.start_workflow(
+        RefundSweepWorkflow.run,
+        RefundSweepInput(),
+        id=workflow_id,
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+    )
+    return workflow_id
 
 
 async def ensure_signup_sweeper(
@@ -379,6 +441,8 @@ def build_payments_worker(
         deps.session_factory, deps.gateway, deps.clock, after_charge_hook=deps.after_charge_hook
     )
     provider = provider_activities(activities)
+    if deps.refund_gateway is not None:
+        provider.extend(_refund_activities(deps, deps.refund_gateway))
     if charge_rate_per_s is not None:
         # The process's window when it has one: the billing worker paces with it too.
         window = deps.provider_window or OneSecondWindow(

@@ -86,7 +86,8 @@ def parse_args(argv: Sequence[str]) -> tuple[Path | None, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     store_path, rest = parse_args(sys.argv[1:] if argv is None else argv)
     from localstripe import resources  # only in the server process
-    import billing.testing.localstripe_conformance  # noqa: F401  # isort: skip  (patches first)
+    import billing.testing.localstripe_conformance  # isort: skip  (patches first)
+    import billing.testing.localstripe_settlement  # noqa: F401  # isort: skip  (patches first)
     from localstripe.server import start
 
     if store_path is None:
