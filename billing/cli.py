@@ -981,6 +981,12 @@ def subscriptions_resume_billing(
     )
 
 
+# Settlement commands (issue 13), in their own module.
+from billing.cli_settlement import credit_notes_app  # noqa: E402
+
+app.add_typer(credit_notes_app, name="credit-notes")
+
+
 def main() -> None:
     app()
 

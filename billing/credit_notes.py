@@ -249,7 +249,7 @@ def plan_credit_note(facts: InvoiceFacts, request: CreditNoteRequest) -> CreditN
             f"invoice {facts.number} can be credited {facts.creditable_minor} more "
             f"{facts.currency} minor units (total {facts.total_minor}, credited "
             f"{facts.credited_minor}); {amount} is too much",
-            field="amount_minor" if not request.lines else "lines",
+            field=_amount_field(request),
         )
     parts = (
         request.refund_amount_minor,
@@ -297,6 +297,17 @@ def plan_credit_note(facts: InvoiceFacts, request: CreditNoteRequest) -> CreditN
         credit_amount_minor=credit,
         out_of_band_amount_minor=out_of_band,
     )
+
+
+def _amount_field(request: CreditNoteRequest) -> str:
+    """The request field the credit note's total came from."""
+    if request.lines:
+        return "lines"
+    if request.amount_minor is None:
+        for name in ("refund_amount_minor", "credit_amount_minor", "out_of_band_amount_minor"):
+            if getattr(request, name) is not None:
+                return name
+    return "amount_minor"
 
 
 def _planned_lines(facts: InvoiceFacts, request: CreditNoteRequest) -> tuple[PlannedLine, ...]:
