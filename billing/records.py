@@ -256,6 +256,8 @@ class WebhookOutcome(StrEnum):
     NO_SUBSCRIPTION = "no_subscription"
     #: Every workflow it was meant for has already finished; nothing was signalled.
     WORKFLOW_CLOSED = "workflow_closed"
+    #: Settlement news (a refund, a dispute) read back from the provider and recorded.
+    RECORDED = "recorded"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -77,6 +77,11 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.stripe_gateway import webhook_signature_valid
 from billing.api.errors import error_body
 from billing.api.schemas import ErrorOut
+from billing.api.settlement_webhooks import (
+    SETTLEMENT_EVENT_TYPES,
+    SettlementProviderUnavailable,
+    record_settlement_event,
+)
 from billing.clock import Clock
 from billing.contracts import (
     InvoicePaymentWorkflowInput,
@@ -764,8 +769,30 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
 
     claimed_at = claim.event.claimed_at
     try:
-        routing = await asyncio.to_thread(_route, session_factory, event, deps.gateway)
-        delivered = await _deliver(temporal, routing, settings)
+        if event.type in SETTLEMENT_EVENT_TYPES:
+            # Refunds and disputes: read back from Stripe and recorded (no workflow signal).
+            recorded = await asyncio.to_thread(
+                record_settlement_event,
+                session_factory,
+                getattr(deps, "refund_gateway", None) or deps.gateway,  # type: ignore[arg-type]
+                event.type,
+                event.object,
+                deps.clock.now(),
+            )
+            routing = Routing(outcome=recorded.outcome, detail=recorded.detail)
+            delivered = _Delivered(recorded.outcome, recorded.subscription_id, recorded.detail)
+        else:
+            routing = await asyncio.to_thread(_route, session_factory, event, deps.gateway)
+            delivered = await _deliver(temporal, routing, settings)
+    except SettlementProviderUnavailable as unavailable:
+        await asyncio.to_thread(_release, session_factory, event.id, claimed_at)
+        logger.warning("Stripe unavailable for webhook %s: %s", event.id, unavailable)
+        return _error(
+            503,
+            "provider_unavailable",
+            f"could not read the event's object back from Stripe ({unavailable}); event "
+            f"{event.id} was not processed, retry later",
+        )
     except _TemporalUnavailable as unavailable:
         # Without this delete, Stripe's retry would find the row and be answered "duplicate":
         # the news would be lost. Signals already sent (to a customer's other subscriptions)
