@@ -34,10 +34,17 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import stripe
 from temporalio import activity
 
+from billing.charge_reconciliation import ProviderCharge
 from billing.contracts import idempotency_key_for
 from billing.credit_notes import RefundReason, RefundStatus
 from billing.disputes import DisputeStatus, ProviderDispute
 from billing.errors import PaymentMethodRejected
+from billing.ledger import (
+    LedgerGateway,
+    PayoutStatus,
+    ProviderBalanceTransaction,
+    ProviderPayout,
+)
 from billing.payments import (
     AttachedPaymentMethod,
     ChargeOutcome,
@@ -58,12 +65,14 @@ from billing.settings import (
 
 if TYPE_CHECKING:
     from stripe.params import (
+        BalanceTransactionListParams,
         ChargeListParams,
         CustomerCreateParams,
         PaymentIntentCancelParams,
         PaymentIntentConfirmParams,
         PaymentIntentCreateParams,
         PaymentIntentListParams,
+        PayoutListParams,
         RefundCreateParams,
         RefundListParams,
     )
@@ -1077,6 +1086,134 @@ class StripeGateway:
             _raise_translated(error, operation=f"reading dispute {dispute_id}")
         return _provider_dispute(dispute)
 
+    # -- the ledger: balance transactions and payouts (issue 13) -----------------------------
+
+    def retrieve_balance_transaction(self, *, transaction_id: str) -> ProviderBalanceTransaction:
+        try:
+            txn = self._client.v1.balance_transactions.retrieve(transaction_id)
+        except stripe.StripeError as error:
+            _raise_translated(error, operation=f"reading balance transaction {transaction_id}")
+        return _provider_balance_transaction(txn)
+
+    def list_balance_transactions(
+        self, *, payout_id: str | None = None, created_from: datetime | None = None
+    ) -> list[ProviderBalanceTransaction]:
+        """``GET /v1/balance_transactions`` with ``payout`` (what an automatic payout paid out,
+        its own transaction included) or ``created[gte]``, every page."""
+        params: BalanceTransactionListParams = {"limit": _PAGE_LIMIT}
+        if payout_id is not None:
+            params["payout"] = payout_id
+        if created_from is not None:
+            params["created"] = {"gte": int(created_from.timestamp())}
+        found: list[ProviderBalanceTransaction] = []
+        try:
+            while True:
+                page = self._client.v1.balance_transactions.list(params=params)
+                found.extend(_provider_balance_transaction(txn) for txn in page.data)
+                if not page.has_more or not page.data:
+                    return found
+                params["starting_after"] = page.data[-1].id
+        except stripe.StripeError as error:
+            _raise_translated(error, operation="listing balance transactions")
+
+    def retrieve_payout(self, *, payout_id: str) -> ProviderPayout:
+        try:
+            payout = self._client.v1.payouts.retrieve(payout_id)
+        except stripe.StripeError as error:
+            _raise_translated(error, operation=f"reading payout {payout_id}")
+        return _provider_payout(payout)
+
+    def list_payouts(self, *, created_from: datetime | None = None) -> list[ProviderPayout]:
+        params: PayoutListParams = {"limit": _PAGE_LIMIT}
+        if created_from is not None:
+            params["created"] = {"gte": int(created_from.timestamp())}
+        found: list[ProviderPayout] = []
+        try:
+            while True:
+                page = self._client.v1.payouts.list(params=params)
+                found.extend(_provider_payout(payout) for payout in page.data)
+                if not page.has_more or not page.data:
+                    return found
+                params["starting_after"] = page.data[-1].id
+        except stripe.StripeError as error:
+            _raise_translated(error, operation="listing payouts")
+
+    def list_charges(self, *, created_from: datetime) -> list[ProviderCharge]:
+        """``GET /v1/charges`` created since ``created_from``, every page. ``created[gt]`` one
+        second before is ``gte`` in whole seconds (localstripe implements only ``gt``)."""
+        params: ChargeListParams = {
+            "created": {"gt": int(created_from.timestamp()) - 1},
+            "limit": _PAGE_LIMIT,
+        }
+        found: list[ProviderCharge] = []
+        try:
+            while True:
+                page = self._client.v1.charges.list(params=params)
+                found.extend(
+                    ProviderCharge(
+                        charge_id=str(charge.id),
+                        payment_intent_id=_expandable_id(_get(charge, "payment_intent")),
+                        amount_minor=int(charge.amount),
+                        currency=str(charge.currency).upper(),
+                        succeeded=_get(charge, "status") == "succeeded",
+                        customer_id=_expandable_id(_get(charge, "customer")),
+                        created=_timestamp(_get(charge, "created")),
+                    )
+                    for charge in page.data
+                )
+                if not page.has_more or not page.data:
+                    return found
+                params["starting_after"] = page.data[-1].id
+        except stripe.StripeError as error:
+            _raise_translated(error, operation="listing charges")
+
+
+def _exchange_rate_text(value: object) -> str | None:
+    """Stripe's exchange rate (a JSON number) as the shortest text that reads back as it."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return repr(float(value))[:32]
+    return str(value)[:32]
+
+
+def _provider_balance_transaction(txn: Any) -> ProviderBalanceTransaction:
+    return ProviderBalanceTransaction(
+        transaction_id=str(txn.id),
+        type=str(_get(txn, "type") or "unknown"),
+        reporting_category=_get(txn, "reporting_category"),
+        amount_minor=int(txn.amount),
+        fee_minor=int(_get(txn, "fee") or 0),
+        net_minor=int(txn.net),
+        currency=str(txn.currency).upper(),
+        source_id=_expandable_id(_get(txn, "source")),
+        exchange_rate=_exchange_rate_text(_get(txn, "exchange_rate")),
+        created=_timestamp(_get(txn, "created")),
+        available_on=_timestamp(_get(txn, "available_on")),
+        description=_get(txn, "description"),
+    )
+
+
+def _provider_payout(payout: Any) -> ProviderPayout:
+    raw_status = str(_get(payout, "status") or "")
+    try:
+        status = PayoutStatus(raw_status)
+    except ValueError:
+        raise PaymentProviderError(
+            f"payout {payout.id} has status {raw_status!r}, which this adapter does not know"
+        ) from None
+    return ProviderPayout(
+        payout_id=str(payout.id),
+        amount_minor=int(payout.amount),
+        currency=str(payout.currency).upper(),
+        status=status,
+        automatic=bool(_get(payout, "automatic")),
+        balance_transaction_id=_expandable_id(_get(payout, "balance_transaction")),
+        arrival_date=_timestamp(_get(payout, "arrival_date")),
+        created=_timestamp(_get(payout, "created")),
+        failure_code=_get(payout, "failure_code"),
+    )
+
 
 def _timestamp(value: object) -> datetime | None:
     return datetime.fromtimestamp(int(value), UTC) if isinstance(value, int) and value > 0 else None
@@ -1142,6 +1279,7 @@ if TYPE_CHECKING:
     # mypy proves here that StripeGateway implements the PaymentGateway protocol exactly.
     _implements_protocol: type[PaymentGateway] = StripeGateway
     _implements_refunds: type[RefundGateway] = StripeGateway
+    _implements_ledger: type[LedgerGateway] = StripeGateway
 
 
 def webhook_signature_valid(

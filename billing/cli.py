@@ -235,6 +235,7 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
         build_dependencies,
         build_worker,
         ensure_refund_sweeper,
+        ensure_settlement_schedule,
         ensure_signup_sweeper,
         metrics_runtime,
         report_needs_attention,
@@ -265,6 +266,9 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
     # this worker as soon as it polls.
     await ensure_signup_sweeper(client, task_queue=settings.task_queue)
     await ensure_refund_sweeper(client, task_queue=settings.task_queue)
+    await ensure_settlement_schedule(
+        client, task_queue=settings.task_queue, payments_task_queue=settings.payments_queue()
+    )
     console.print(
         f"[green]worker running[/green] on task queues {settings.task_queue!r} and "
         f"{settings.payments_queue()!r} (provider calls, at most "
@@ -347,6 +351,7 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
         build_worker,
         connect_temporal,
         ensure_refund_sweeper,
+        ensure_settlement_schedule,
         ensure_signup_sweeper,
     )
 
@@ -364,6 +369,9 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
     async with w, _payments_worker(settings, client, deps):
         await ensure_signup_sweeper(client, task_queue=settings.task_queue)
         await ensure_refund_sweeper(client, task_queue=settings.task_queue)
+        await ensure_settlement_schedule(
+            client, task_queue=settings.task_queue, payments_task_queue=settings.payments_queue()
+        )
         console.print(f"[green]worker running[/green] on task queue {settings.task_queue!r}")
         api_ready = asyncio.Event()
         api_task = asyncio.create_task(

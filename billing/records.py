@@ -360,3 +360,61 @@ class DisputeRecord:
     reason: str | None = None
     evidence_due_by: datetime | None = None
     closed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerEntryRecord:
+    """One mirrored balance transaction (``billing.ledger``); settlement currency, signed."""
+
+    id: str
+    balance_transaction_id: str
+    type: str
+    amount_minor: int
+    fee_minor: int
+    net_minor: int
+    currency: str
+    recorded_at: datetime
+    reporting_category: str | None = None
+    source_id: str | None = None
+    source_amount_minor: int | None = None
+    source_currency: str | None = None
+    exchange_rate: str | None = None
+    payment_id: str | None = None
+    refund_id: str | None = None
+    dispute_id: str | None = None
+    description: str | None = None
+    provider_created_at: datetime | None = None
+    available_on: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PayoutRecord:
+    id: str
+    stripe_payout_id: str
+    amount_minor: int
+    currency: str
+    status: str
+    automatic: bool
+    recorded_at: datetime
+    updated_at: datetime
+    balance_transaction_id: str | None = None
+    arrival_date: datetime | None = None
+    provider_created_at: datetime | None = None
+    failure_code: str | None = None
+    imported_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReconciliationFindingRecord:
+    id: str
+    kind: str
+    severity: str
+    subject_key: str
+    detail: str
+    found_at: datetime
+    run_id: str
+    invoice_id: str | None = None
+    payment_intent_id: str | None = None
+    charge_id: str | None = None
+    amount_minor: int | None = None
+    currency: str | None = None

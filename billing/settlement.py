@@ -89,3 +89,86 @@ class RefundSweepInput:
 
 def refund_sweeper_workflow_id(task_queue: str) -> str:
     return f"refund-sweeper-{task_queue}"
+
+
+# ---- the ledger and payouts --------------------------------------------------------------
+
+
+class LedgerActivityName:
+    IMPORT_PAYOUT = "import_payout"
+    SYNC_LEDGER = "sync_ledger"
+    RECONCILE_CHARGES = "reconcile_charges"
+
+
+class LedgerWorkflowName:
+    PAYOUT_IMPORT = "PayoutImportWorkflow"
+    SETTLEMENT_SYNC = "SettlementSyncWorkflow"
+
+
+def payout_import_workflow_id(stripe_payout_id: str) -> str:
+    return f"payout-import-{stripe_payout_id}"
+
+
+#: The Temporal Schedule that runs ``SettlementSyncWorkflow`` (one per task queue).
+def settlement_schedule_id(task_queue: str) -> str:
+    return f"settlement-daily-{task_queue}"
+
+
+@dataclass
+class ImportPayoutInput:
+    stripe_payout_id: str
+
+
+@dataclass
+class PayoutImportWorkflowInput:
+    stripe_payout_id: str
+    payments_task_queue: str | None = None
+
+
+@dataclass
+class ImportPayoutResult:
+    payout_id: str
+    status: str
+    transactions: int = 0
+    new_ledger_entries: int = 0
+
+
+@dataclass
+class SyncLedgerInput:
+    #: Import what Stripe created in the last ``days`` days (payouts and transactions).
+    days: int = 3
+
+
+@dataclass
+class SyncLedgerResult:
+    payouts: int = 0
+    new_ledger_entries: int = 0
+
+
+@dataclass
+class ReconcileChargesInput:
+    #: Compare the provider's charges of the last ``days`` days with our attempts.
+    days: int = 3
+    #: Names the run in its findings (the schedule's day); "" for a run by hand.
+    run_id: str = ""
+
+
+@dataclass
+class ReconcileChargesResult:
+    charges_checked: int = 0
+    #: New findings by kind (findings already recorded by an earlier run are not counted).
+    new_findings: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class SettlementSyncInput:
+    days: int = 3
+    payments_task_queue: str | None = None
+
+
+@dataclass
+class SettlementSyncResult:
+    payouts: int = 0
+    new_ledger_entries: int = 0
+    charges_checked: int = 0
+    new_findings: dict[str, int] = field(default_factory=dict)

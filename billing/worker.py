@@ -29,7 +29,17 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
-from temporalio.client import Client
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleCalendarSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleRange,
+    ScheduleSpec,
+)
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import TLSConfig
@@ -37,19 +47,27 @@ from temporalio.worker import Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.billing import AfterChargeHook, BillingActivities
+from activities.ledger import LedgerActivities
 from activities.settlement import AfterRefundHook, RefundSweepActivities, SettlementActivities
 from activities.signup_sweep import SignupSweepActivities
 from activities.stripe_gateway import StripeGateway, make_stripe_client
 from billing.clock import Clock, SystemClock
+from billing.ledger import LedgerGateway
 from billing.payments import PaymentGateway
 from billing.refunds import RefundGateway
 from billing.settings import Settings
-from billing.settlement import RefundSweepInput, refund_sweeper_workflow_id
+from billing.settlement import (
+    RefundSweepInput,
+    SettlementSyncInput,
+    refund_sweeper_workflow_id,
+    settlement_schedule_id,
+)
 from billing.signup_sweep import PendingSignupSweepInput, sweeper_workflow_id
 from billing.subscription import SubscriptionStatus
 from db.engine import make_engine, make_session_factory, unit_of_work
 from db.repositories import subscriptions as subscriptions_repo
 from workflows.invoice_payment import InvoicePaymentWorkflow
+from workflows.ledger import PayoutImportWorkflow, SettlementSyncWorkflow
 from workflows.refund import RefundSweepWorkflow, RefundWorkflow
 from workflows.signup_sweep import PendingSignupSweepWorkflow
 from workflows.subscription import SubscriptionWorkflow
@@ -72,6 +90,9 @@ class Dependencies:
     refund_gateway: RefundGateway | None = None
     #: TEST ONLY: called after the provider answered a refund, before it is recorded.
     after_refund_hook: AfterRefundHook | None = None
+    #: The provider's balance transactions, payouts and charges (the same StripeGateway);
+    #: None: the ledger activities are not registered.
+    ledger_gateway: LedgerGateway | None = None
 
 
 def temporal_tls_config(settings: Settings) -> TLSConfig | bool:
@@ -221,6 +242,7 @@ def build_dependencies(settings: Settings, *, clock: Clock | None = None) -> Dep
         session_factory=make_session_factory(engine),
         gateway=gateway,
         refund_gateway=gateway,
+        ledger_gateway=gateway,
         clock=clock or SystemClock(),
         # Settings refuse a non-zero percentage in production.
         after_charge_hook=crash_after_charge_hook(settings.chaos_crash_after_charge_percent),
@@ -277,6 +299,8 @@ def build_worker(
             PendingSignupSweepWorkflow,
             RefundWorkflow,
             RefundSweepWorkflow,
+            PayoutImportWorkflow,
+            SettlementSyncWorkflow,
         ],
         activities=[*registered, sweep.sweep_pending_signups, *settlement],
         activity_executor=ThreadPoolExecutor(max_workers=activity_threads),
@@ -303,6 +327,8 @@ def _settlement_activities(
     ]
     if deps.refund_gateway is not None:
         found.extend(_refund_activities(deps, deps.refund_gateway))
+    if deps.ledger_gateway is not None:
+        found.extend(LedgerActivities(deps.session_factory, deps.ledger_gateway, deps.clock).all())
     return found
 
 
@@ -328,6 +354,33 @@ async def ensure_refund_sweeper(client: Client, *, task_queue: str) -> str:
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
     )
     return workflow_id
+
+
+async def ensure_settlement_schedule(
+    client: Client, *, task_queue: str, payments_task_queue: str | None, days: int = 3
+) -> str:
+    """Make sure the daily settlement Schedule exists (a Temporal Schedule, not cron): every
+    day at 03:00 UTC it runs ``SettlementSyncWorkflow`` (ledger and payouts of the last
+    ``days`` days, then the charge reconciliation); a run still going is not doubled (SKIP).
+    Creating it again finds it. Returns its id."""
+    schedule_id = settlement_schedule_id(task_queue)
+    with contextlib.suppress(ScheduleAlreadyRunningError):
+        await client.create_schedule(
+            schedule_id,
+            Schedule(
+                action=ScheduleActionStartWorkflow(
+                    SettlementSyncWorkflow.run,
+                    SettlementSyncInput(days=days, payments_task_queue=payments_task_queue),
+                    id=f"settlement-sync-{task_queue}",
+                    task_queue=task_queue,
+                ),
+                spec=ScheduleSpec(
+                    calendars=[ScheduleCalendarSpec(hour=[ScheduleRange(3)])], time_zone_name="UTC"
+                ),
+                policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+            ),
+        )
+    return schedule_id
 
 
 async def ensure_signup_sweeper(
@@ -443,6 +496,10 @@ def build_payments_worker(
     provider = provider_activities(activities)
     if deps.refund_gateway is not None:
         provider.extend(_refund_activities(deps, deps.refund_gateway))
+    if deps.ledger_gateway is not None:
+        provider.extend(
+            LedgerActivities(deps.session_factory, deps.ledger_gateway, deps.clock).all()
+        )
     if charge_rate_per_s is not None:
         # The process's window when it has one: the billing worker paces with it too.
         window = deps.provider_window or OneSecondWindow(

@@ -459,6 +459,105 @@ class DisputeRow(Base):
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class LedgerEntryRow(Base):
+    """One Stripe balance transaction, mirrored (``billing.ledger``). Append-only: the
+    repository only inserts, once per transaction id; a correction is a new transaction."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        Index("ix_ledger_entries_source_id", "source_id"),
+        Index("ix_ledger_entries_provider_created_at", "provider_created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    balance_transaction_id: Mapped[str] = mapped_column(String(100), unique=True)
+    type: Mapped[str] = mapped_column(String(40))
+    reporting_category: Mapped[str | None] = mapped_column(String(40))
+    #: Gross, fee and net in the settlement ``currency`` (minor units; signed).
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    fee_minor: Mapped[int] = mapped_column(BigInteger)
+    net_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    source_id: Mapped[str | None] = mapped_column(String(100))
+    #: The source's own amount and currency (the charge as the customer paid it), when known.
+    source_amount_minor: Mapped[int | None] = mapped_column(BigInteger)
+    source_currency: Mapped[str | None] = mapped_column(String(3))
+    #: Stripe's exchange rate, as its exact decimal text (no float in the database).
+    exchange_rate: Mapped[str | None] = mapped_column(String(32))
+    payment_id: Mapped[str | None] = mapped_column(String(40))
+    refund_id: Mapped[str | None] = mapped_column(String(40))
+    dispute_id: Mapped[str | None] = mapped_column(String(40))
+    description: Mapped[str | None] = mapped_column(String(500))
+    provider_created_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    available_on: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class PayoutRow(Base):
+    """A Stripe payout, as last read (its status moves: pending, in transit, paid/failed)."""
+
+    __tablename__ = "payouts"
+    __table_args__ = (Index("ix_payouts_provider_created_at", "provider_created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    stripe_payout_id: Mapped[str] = mapped_column(String(100), unique=True)
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16))
+    automatic: Mapped[bool] = mapped_column(Boolean)
+    balance_transaction_id: Mapped[str | None] = mapped_column(String(100))
+    arrival_date: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    provider_created_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    failure_code: Mapped[str | None] = mapped_column(String(64))
+    #: When its balance transactions were last imported (None: not yet).
+    imported_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class PayoutItemRow(Base):
+    """A balance transaction a payout paid out (``GET /v1/balance_transactions?payout=``)."""
+
+    __tablename__ = "payout_items"
+    __table_args__ = (
+        UniqueConstraint("payout_id", "balance_transaction_id"),
+        Index("ix_payout_items_balance_transaction_id", "balance_transaction_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    payout_id: Mapped[str] = mapped_column(String(40), ForeignKey("payouts.id"))
+    balance_transaction_id: Mapped[str] = mapped_column(
+        String(100), ForeignKey("ledger_entries.balance_transaction_id")
+    )
+
+
+class ReconciliationFindingRow(Base):
+    """A difference the daily charge reconciliation found between Stripe and our attempts,
+    once per (kind, subject): a later run finds it again and records nothing new."""
+
+    __tablename__ = "reconciliation_findings"
+    __table_args__ = (
+        UniqueConstraint("kind", "subject_key"),
+        CheckConstraint("severity IN ('info', 'warning', 'error')", name="severity"),
+        Index("ix_reconciliation_findings_found_at", "found_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    severity: Mapped[str] = mapped_column(String(8))
+    #: What it is about (a PaymentIntent or charge id), unique per kind.
+    subject_key: Mapped[str] = mapped_column(String(200))
+    invoice_id: Mapped[str | None] = mapped_column(String(40))
+    payment_intent_id: Mapped[str | None] = mapped_column(String(100))
+    charge_id: Mapped[str | None] = mapped_column(String(100))
+    amount_minor: Mapped[int | None] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(String(3))
+    detail: Mapped[str] = mapped_column(String(1000))
+    found_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: The run (the schedule's day) that found it first.
+    run_id: Mapped[str] = mapped_column(String(100))
+
+
 class SubscriptionStatusChangeRow(Base):
     """Every status a subscription moved to, with the instant its workflow decided it: the
     audit trail finance and support read (and the simulator's status timeline). Written in
@@ -549,3 +648,7 @@ CREDIT_NOTES = _table(CreditNoteRow)
 CREDIT_NOTE_LINES = _table(CreditNoteLineRow)
 REFUNDS = _table(RefundRow)
 DISPUTES = _table(DisputeRow)
+LEDGER_ENTRIES = _table(LedgerEntryRow)
+PAYOUTS = _table(PayoutRow)
+PAYOUT_ITEMS = _table(PayoutItemRow)
+RECONCILIATION_FINDINGS = _table(ReconciliationFindingRow)

@@ -26,12 +26,14 @@ from typing import Any, Protocol
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.disputes import ProviderDispute
+from billing.ledger import ProviderBalanceTransaction
 from billing.records import PaymentRecord, WebhookOutcome
 from billing.refunds import ProviderRefund
 from db.engine import unit_of_work
 from db.repositories import credit_notes as credit_notes_repo
 from db.repositories import disputes as disputes_repo
 from db.repositories import invoices as invoices_repo
+from db.repositories import ledger as ledger_repo
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,17 @@ _DISPUTE_EVENTS = frozenset(
     }
 )
 SETTLEMENT_EVENT_TYPES = _CHARGE_EVENTS | _REFUND_EVENTS | _DISPUTE_EVENTS
+#: Events whose object is a payout: its import runs in ``PayoutImportWorkflow``.
+PAYOUT_EVENT_TYPES = frozenset(
+    {
+        "payout.created",
+        "payout.updated",
+        "payout.paid",
+        "payout.failed",
+        "payout.canceled",
+        "payout.reconciliation_completed",
+    }
+)
 
 #: Longest Stripe id we look up (our columns hold 100).
 _MAX_ID_LENGTH = 100
@@ -65,6 +78,10 @@ class SettlementReader(Protocol):
     def retrieve_refund(self, *, refund_id: str) -> ProviderRefund: ...
 
     def retrieve_dispute(self, *, dispute_id: str) -> ProviderDispute: ...
+
+    def retrieve_balance_transaction(
+        self, *, transaction_id: str
+    ) -> ProviderBalanceTransaction: ...
 
 
 class SettlementProviderUnavailable(Exception):
@@ -124,7 +141,7 @@ def record_settlement_event(
         refund = _read(
             f"reading refund {refund_id}", lambda: reader.retrieve_refund(refund_id=refund_id)
         )
-        return _record_refunds(session_factory, refund.charge_id, [refund], now)
+        return _record_refunds(session_factory, reader, refund.charge_id, [refund], now)
     if event_type in _DISPUTE_EVENTS:
         dispute_id = _object_id(obj)
         if dispute_id is None:
@@ -132,7 +149,7 @@ def record_settlement_event(
         dispute = _read(
             f"reading dispute {dispute_id}", lambda: reader.retrieve_dispute(dispute_id=dispute_id)
         )
-        return _record_dispute(session_factory, dispute, now)
+        return _record_dispute(session_factory, reader, dispute, now)
     return Recorded(WebhookOutcome.IGNORED, f"event type {event_type} is not settlement news")
 
 
@@ -161,15 +178,40 @@ def _record_charge_refunds(
         f"listing the refunds of charge {charge_id}",
         lambda: reader.list_charge_refunds(charge_id=charge_id),
     )
-    return _record_refunds(session_factory, charge_id, refunds, now)
+    return _record_refunds(session_factory, reader, charge_id, refunds, now)
+
+
+def _transactions(
+    reader: SettlementReader, transaction_ids: list[str]
+) -> list[ProviderBalanceTransaction]:
+    """The balance transactions, read now (outside any database transaction)."""
+    found: list[ProviderBalanceTransaction] = []
+    for txn_id in transaction_ids:
+        try:
+            found.append(reader.retrieve_balance_transaction(transaction_id=txn_id))
+        except Exception as error:  # Stripe retries the event; nothing half-applied
+            raise SettlementProviderUnavailable(
+                f"reading balance transaction {txn_id}: {type(error).__name__}: {error}"
+            ) from error
+    return found
 
 
 def _record_refunds(
     session_factory: sessionmaker[Session],
+    reader: SettlementReader,
     charge_id: str | None,
     refunds: list[ProviderRefund],
     now: datetime,
 ) -> Recorded:
+    with unit_of_work(session_factory) as session:
+        payment, _ = _payment_and_subscription(session, charge_id)
+    if payment is None:
+        return Recorded(
+            WebhookOutcome.NO_SUBSCRIPTION, f"charge {charge_id} is not a payment of ours"
+        )
+    transactions = _transactions(
+        reader, [r.balance_transaction_id for r in refunds if r.balance_transaction_id]
+    )
     with unit_of_work(session_factory) as session:
         payment, subscription_id = _payment_and_subscription(session, charge_id)
         if payment is None:
@@ -185,6 +227,9 @@ def _record_refunds(
                 f"{refund.refund_id} {record.status.value}"
                 + (" (made elsewhere, new)" if inserted else "")
             )
+        # The ledger after the refunds, so each entry links to its refund.
+        for txn in transactions:
+            ledger_repo.record_transaction(session, txn, at=now)
     return Recorded(
         WebhookOutcome.RECORDED,
         f"charge {charge_id}: " + (", ".join(parts) if parts else "no refunds"),
@@ -193,11 +238,18 @@ def _record_refunds(
 
 
 def _record_dispute(
-    session_factory: sessionmaker[Session], dispute: ProviderDispute, now: datetime
+    session_factory: sessionmaker[Session],
+    reader: SettlementReader,
+    dispute: ProviderDispute,
+    now: datetime,
 ) -> Recorded:
+    # The withdrawal (and a won dispute's reinstatement) are balance transactions: mirrored.
+    transactions = _transactions(reader, list(dispute.balance_transaction_ids))
     with unit_of_work(session_factory) as session:
         payment, subscription_id = _payment_and_subscription(session, dispute.charge_id)
         record, inserted = disputes_repo.record_dispute(session, payment, dispute, at=now)
+        for txn in transactions:
+            ledger_repo.record_transaction(session, txn, at=now)
     whose = "" if payment is not None else f" (charge {dispute.charge_id} is not a payment of ours)"
     return Recorded(
         WebhookOutcome.RECORDED,

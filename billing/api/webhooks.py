@@ -74,10 +74,12 @@ from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.ledger import start_payout_import
 from activities.stripe_gateway import webhook_signature_valid
 from billing.api.errors import error_body
 from billing.api.schemas import ErrorOut
 from billing.api.settlement_webhooks import (
+    PAYOUT_EVENT_TYPES,
     SETTLEMENT_EVENT_TYPES,
     SettlementProviderUnavailable,
     record_settlement_event,
@@ -624,6 +626,29 @@ async def _start_late_payment(
     )
 
 
+async def _start_payout_import(
+    temporal: Client | None, event: _Event, settings: Settings
+) -> _Delivered:
+    """A payout's news: its import (the payout and what it paid out) runs in its workflow."""
+    payout_id = _object_id(event.object.get("id"))
+    if payout_id is None:
+        return _Delivered(WebhookOutcome.IGNORED, None, "the payout has no id")
+    if temporal is None:
+        raise _TemporalUnavailable("no Temporal client is configured on the application")
+    try:
+        workflow_id = await start_payout_import(
+            temporal,
+            payout_id,
+            task_queue=settings.task_queue,
+            payments_task_queue=settings.payments_queue(),
+        )
+    except RPCError as error:
+        raise _TemporalUnavailable(f"{error.status.name}: {error.message}") from error
+    except RuntimeError as error:
+        raise _TemporalUnavailable(str(error)) from error
+    return _Delivered(WebhookOutcome.ROUTED, None, f"payout {payout_id} imported by {workflow_id}")
+
+
 async def _deliver(temporal: Client | None, routing: Routing, settings: Settings) -> _Delivered:
     if not routing.signals:
         if routing.late_payment is not None:
@@ -781,6 +806,9 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
             )
             routing = Routing(outcome=recorded.outcome, detail=recorded.detail)
             delivered = _Delivered(recorded.outcome, recorded.subscription_id, recorded.detail)
+        elif event.type in PAYOUT_EVENT_TYPES:
+            routing = Routing(outcome=WebhookOutcome.ROUTED)
+            delivered = await _start_payout_import(temporal, event, settings)
         else:
             routing = await asyncio.to_thread(_route, session_factory, event, deps.gateway)
             delivered = await _deliver(temporal, routing, settings)

@@ -134,7 +134,11 @@ class BillingHarness:
         )
         self.clock = ServerTimeClock()
         self.deps = Dependencies(
-            self.session_factory, self.gateway, self.clock, refund_gateway=self.stripe_gateway
+            self.session_factory,
+            self.gateway,
+            self.clock,
+            refund_gateway=self.stripe_gateway,
+            ledger_gateway=self.stripe_gateway,
         )
         self.signups = SignupService(
             self.session_factory,

@@ -23,11 +23,36 @@ than a charge holds, and sends no refund events. Patched here, each as Stripe do
   ``charge.refund.updated`` and ``refund.updated``. ``POST /_config/settlement`` with
   ``refund_status=pending`` makes new refunds stay pending (asynchronous methods) until then.
 
+* **Disputes** (https://docs.stripe.com/api/disputes/object,
+  https://docs.stripe.com/disputes/how-disputes-work): ``POST
+  /_config/settlement/charges/{id}/dispute`` (``reason``, ``status`` ``needs_response`` or
+  ``warning_needs_response``) opens one as a cardholder would; a chargeback withdraws the amount
+  plus Stripe's 15.00 dispute fee at once (an ``adjustment`` balance transaction, reporting
+  category ``dispute``) and sends ``charge.dispute.created`` and
+  ``charge.dispute.funds_withdrawn``; an inquiry moves no money. ``POST
+  /_config/settlement/disputes/{id}/close`` (``status`` ``won`` or ``lost``) closes it: won gives
+  the amount and the fee back (``dispute_reversal``) with ``charge.dispute.funds_reinstated``;
+  both send ``charge.dispute.closed``. ``GET /v1/disputes/{id}`` and ``GET /v1/disputes``
+  read them. A disputed charge refuses refunds (``charge_disputed``).
+* **Automatic payouts** (https://docs.stripe.com/payouts,
+  https://docs.stripe.com/api/balance_transactions/list): ``POST
+  /_config/settlement/payouts/run`` is one day's payout run: per currency, every balance
+  transaction available and in no payout yet is batched into one automatic payout of their
+  net sum (when positive), with its own ``payout`` balance transaction; it sends
+  ``payout.created`` and, with ``paid=true`` (default), ``payout.paid``. ``GET
+  /v1/balance_transactions?payout=po_...`` lists what a payout paid out (the payout's own
+  transaction included), as Stripe does for automatic payouts; ``type`` and ``created`` filter
+  too. A test can make a balance transaction's amounts differ from its source
+  (``POST /_config/settlement/balance_transactions/{id}``: ``fee``) or add one that is not ours
+  (``POST /_config/settlement/balance_transactions`` with ``amount``, ``currency``,
+  ``description``: a charge from another integration).
+
 Nothing of localstripe is copied; its objects and store are used as they are.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from localstripe import resources  # the server process's own localstripe
@@ -174,18 +199,356 @@ class _ConfigView:
         return dict(_config)
 
 
+# ---- balance transactions of every type -----------------------------------------------------
+
+#: Stripe's dispute fee (USD 15.00; minor units of the dispute's currency here).
+DISPUTE_FEE_MINOR = 1500
+
+
+def _new_balance_transaction(
+    *,
+    amount: int,
+    currency: str,
+    type: str,
+    reporting_category: str,
+    source: str | None,
+    fee: int = 0,
+    description: str | None = None,
+) -> Any:
+    """A balance transaction of any of Stripe's types (localstripe's own constructor takes only
+    charge and refund)."""
+    txn = object.__new__(_BalanceTransaction)
+    resources.StripeObject.__init__(txn)
+    txn.amount = amount
+    txn.available_on = txn.created
+    txn.currency = currency
+    txn.description = description
+    txn.exchange_rate = None
+    txn.fee = fee
+    txn.fee_details = (
+        [
+            {
+                "amount": fee,
+                "application": None,
+                "currency": currency,
+                "description": description,
+                "type": "stripe_fee",
+            }
+        ]
+        if fee
+        else []
+    )
+    txn.reporting_category = reporting_category
+    txn.source = source
+    txn.status = "available"
+    txn.type = type
+    return txn
+
+
+def _within(created: int, op: str, bound: int) -> bool:
+    if op == "gt":
+        return created > bound
+    if op == "gte":
+        return created >= bound
+    if op == "lt":
+        return created < bound
+    return created <= bound
+
+
+def _list_balance_transactions(
+    cls: Any,
+    /,
+    url: str,
+    limit: object = None,
+    starting_after: object = None,
+    payout: object = None,
+    type: object = None,
+    created: object = None,
+    **kwargs: Any,
+) -> Any:
+    if kwargs:
+        raise UserError(400, "Unexpected " + ", ".join(kwargs.keys()))
+    li = resources.StripeObject._api_list_all.__func__(cls, url, limit, starting_after)
+    items = li._list
+    if payout is not None:
+        if not (isinstance(payout, str) and payout.startswith("po_")):
+            raise UserError(400, f"Invalid payout: {payout!r}")
+        resources.Payout._api_retrieve(payout)  # 404 if it does not exist
+        items = [t for t in items if getattr(t, "_payout", None) == payout]
+    if type is not None:
+        items = [t for t in items if t.type == type]
+    if created is not None:
+        if not isinstance(created, dict) or not created:
+            raise UserError(400, "created must be a range such as created[gte]=1700000000")
+        for op, value in created.items():
+            bound = resources.try_convert_to_int(value)
+            if op not in ("gt", "gte", "lt", "lte") or not isinstance(bound, int):
+                raise UserError(400, f"Invalid created[{op}]")
+            items = [t for t in items if _within(int(t.created), op, bound)]
+    items.sort(key=lambda t: t.created, reverse=True)
+    li._list = items
+    return li
+
+
+def _add_balance_transaction(
+    amount: object = None, currency: object = None, description: object = None, **kwargs: Any
+) -> Any:
+    """A charge that is not ours (another integration on the account)."""
+    if kwargs:
+        raise UserError(400, "Unexpected " + ", ".join(kwargs.keys()))
+    value = resources.try_convert_to_int(amount)
+    if not isinstance(value, int) or value <= 0 or not isinstance(currency, str):
+        raise UserError(400, "amount (> 0) and currency are required")
+    return _new_balance_transaction(
+        amount=value,
+        currency=currency.lower(),
+        type="charge",
+        reporting_category="charge",
+        source=f"ch_foreign{resources.random_id(10)}",
+        fee=stripe_fee(value),
+        description=description if isinstance(description, str) else "not ours",
+    )
+
+
+def _alter_balance_transaction(id: object, fee: object = None, **kwargs: Any) -> Any:
+    if kwargs:
+        raise UserError(400, "Unexpected " + ", ".join(kwargs.keys()))
+    if not isinstance(id, str):
+        raise UserError(400, "Bad request")
+    txn = _BalanceTransaction._api_retrieve(id)
+    value = resources.try_convert_to_int(fee)
+    if not isinstance(value, int) or value < 0:
+        raise UserError(400, "fee must be a whole number >= 0")
+    txn.fee = value
+    txn.fee_details = [
+        {
+            "amount": value,
+            "application": None,
+            "currency": txn.currency,
+            "description": "Stripe processing fees",
+            "type": "stripe_fee",
+        }
+    ]
+    return txn
+
+
+# ---- disputes ---------------------------------------------------------------------------------
+
+
+class Dispute(resources.StripeObject):  # type: ignore[misc]
+    object = "dispute"
+    _id_prefix = "dp_"
+
+    def __init__(self, charge: Any, reason: str, status: str) -> None:
+        super().__init__()
+        self.amount = charge.amount
+        self.currency = charge.currency
+        self.charge = charge.id
+        self.payment_intent = getattr(charge, "payment_intent", None)
+        self.reason = reason
+        self.status = status
+        self.is_charge_refundable = False
+        self.balance_transactions: list[Any] = []
+        self.evidence_details = {
+            "due_by": self.created + 7 * 24 * 3600,
+            "has_evidence": False,
+            "past_due": False,
+            "submission_count": 0,
+        }
+        self.metadata: dict[str, str] = {}
+
+    @classmethod
+    def _api_create(cls, **data: Any) -> Any:
+        raise UserError(405, "Method Not Allowed")
+
+    @classmethod
+    def _api_update(cls, id: Any, **data: Any) -> Any:
+        raise UserError(405, "Method Not Allowed")
+
+    @classmethod
+    def _api_delete(cls, id: Any) -> Any:
+        raise UserError(405, "Method Not Allowed")
+
+    @classmethod
+    def _api_list_all(
+        cls,
+        url: str,
+        limit: Any = None,
+        starting_after: Any = None,
+        charge: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        if kwargs:
+            raise UserError(400, "Unexpected " + ", ".join(kwargs.keys()))
+        li = resources.StripeObject._api_list_all.__func__(cls, url, limit, starting_after)
+        if charge is not None:
+            li._list = [d for d in li._list if d.charge == charge]
+        li._list.sort(key=lambda d: d.created, reverse=True)
+        return li
+
+
+_DISPUTE_REASONS = frozenset(
+    {
+        "bank_cannot_process",
+        "credit_not_processed",
+        "customer_initiated",
+        "debit_not_authorized",
+        "duplicate",
+        "fraudulent",
+        "general",
+        "incorrect_account_details",
+        "insufficient_funds",
+        "product_not_received",
+        "product_unacceptable",
+        "subscription_canceled",
+        "unrecognized",
+    }
+)
+
+
+def _open_dispute(
+    id: object, reason: object = "fraudulent", status: object = "needs_response", **kwargs: Any
+) -> Any:
+    if kwargs:
+        raise UserError(400, "Unexpected " + ", ".join(kwargs.keys()))
+    if reason not in _DISPUTE_REASONS or status not in ("needs_response", "warning_needs_response"):
+        raise UserError(400, "Invalid reason or status")
+    if not isinstance(id, str):
+        raise UserError(400, "Bad request")
+    charge = _Charge._api_retrieve(id)
+    dispute = Dispute(charge, str(reason), str(status))
+    if status == "needs_response":
+        withdrawal = _new_balance_transaction(
+            amount=-dispute.amount,
+            currency=dispute.currency,
+            type="adjustment",
+            reporting_category="dispute",
+            source=dispute.id,
+            fee=DISPUTE_FEE_MINOR,
+            description=f"Chargeback withdrawal for {charge.id}",
+        )
+        dispute.balance_transactions = [withdrawal]
+    _schedule("charge.dispute.created", dispute)
+    if status == "needs_response":
+        _schedule("charge.dispute.funds_withdrawn", dispute)
+    return dispute
+
+
+def _close_dispute(id: object, status: object = None, **kwargs: Any) -> Any:
+    if kwargs:
+        raise UserError(400, "Unexpected " + ", ".join(kwargs.keys()))
+    if status not in ("won", "lost") or not isinstance(id, str):
+        raise UserError(400, "status must be won or lost")
+    dispute = Dispute._api_retrieve(id)
+    if dispute.status in ("won", "lost", "warning_closed"):
+        raise UserError(400, f"Dispute {id} is already closed ({dispute.status}).")
+    inquiry = dispute.status.startswith("warning_")
+    dispute.status = "warning_closed" if inquiry else status
+    if status == "won" and not inquiry:
+        reinstated = _new_balance_transaction(
+            amount=dispute.amount,
+            currency=dispute.currency,
+            type="adjustment",
+            reporting_category="dispute_reversal",
+            source=dispute.id,
+            fee=-DISPUTE_FEE_MINOR,
+            description=f"Chargeback reversal for {dispute.charge}",
+        )
+        dispute.balance_transactions = [*dispute.balance_transactions, reinstated]
+        _schedule("charge.dispute.funds_reinstated", dispute)
+    _schedule("charge.dispute.closed", dispute)
+    return dispute
+
+
+# ---- automatic payouts ---------------------------------------------------------------------
+
+
+def _run_payouts(paid: object = "true", **kwargs: Any) -> Any:
+    if kwargs:
+        raise UserError(400, "Unexpected " + ", ".join(kwargs.keys()))
+    now = int(time.time())
+    by_currency: dict[str, list[Any]] = {}
+    for key, obj in list(resources.store.items()):
+        if not key.startswith("balance_transaction:"):
+            continue
+        if getattr(obj, "_payout", None) is not None or obj.type == "payout":
+            continue
+        if obj.available_on <= now and obj.status == "available":
+            by_currency.setdefault(obj.currency, []).append(obj)
+    made = []
+    for currency, batch in sorted(by_currency.items()):
+        net = sum(t.amount - t.fee for t in batch)
+        if net <= 0:
+            continue  # Stripe waits for a positive balance
+        payout = object.__new__(resources.Payout)
+        resources.StripeObject.__init__(payout)
+        payout.amount = net
+        payout.currency = currency
+        payout.description = "STRIPE PAYOUT"
+        payout.destination = "ba_settlementdouble"
+        payout.metadata = {}
+        payout.method = "standard"
+        payout.source_type = "card"
+        payout.statement_descriptor = ""
+        payout.arrival_date = now + 2 * 24 * 3600
+        payout.automatic = True
+        payout.failure_balance_transaction = None
+        payout.failure_code = None
+        payout.failure_message = None
+        payout.original_payout = None
+        payout.reversed_by = None
+        payout.status = "paid" if str(paid).lower() == "true" else "pending"
+        payout.type = "bank_account"
+        own = _new_balance_transaction(
+            amount=-net,
+            currency=currency,
+            type="payout",
+            reporting_category="payout",
+            source=payout.id,
+            description="STRIPE PAYOUT",
+        )
+        payout.balance_transaction = own.id
+        for txn in [*batch, own]:
+            txn._payout = payout.id
+        _schedule("payout.created", payout)
+        if payout.status == "paid":
+            _schedule("payout.paid", payout)
+        made.append(payout)
+    return _Listed(made)
+
+
+def _list_disputes(**data: Any) -> Any:
+    return Dispute._api_list_all("/v1/disputes", **data)
+
+
+class _Listed:
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def _export(self, expand: object = None) -> dict[str, Any]:
+        return {"object": "list", "data": [item._export() for item in self.items]}
+
+
 def apply() -> None:
     """Patch fees and refunds, and add the test routes. Idempotent. Must run before
     ``localstripe.server`` is imported (it binds the extra routes then)."""
     if getattr(_Refund, "_settlement_patched", False):
         return
     _BalanceTransaction.__init__ = _balance_transaction_init
+    _BalanceTransaction._api_list_all = classmethod(_list_balance_transactions)
     _Refund._api_create = classmethod(_refund_create)
     _Refund._settlement_patched = True
     resources.extra_apis.extend(
         (
             ("POST", "/_config/settlement/refunds/{id}/status", _refund_set_status),
             ("POST", "/_config/settlement", _set_config),
+            ("POST", "/_config/settlement/charges/{id}/dispute", _open_dispute),
+            ("POST", "/_config/settlement/disputes/{id}/close", _close_dispute),
+            ("POST", "/_config/settlement/payouts/run", _run_payouts),
+            ("POST", "/_config/settlement/balance_transactions/{id}", _alter_balance_transaction),
+            ("POST", "/_config/settlement/balance_transactions", _add_balance_transaction),
+            ("GET", "/v1/disputes/{id}", Dispute._api_retrieve),
+            ("GET", "/v1/disputes", _list_disputes),
         )
     )
 

@@ -15,6 +15,8 @@ from sqlalchemy import update
 
 from activities.settlement import SettlementActivities
 from billing.credit_notes import CreditNoteRequest, RefundSource, RefundStatus
+from billing.disputes import DisputeStatus
+from billing.errors import InvalidInput
 from billing.invoices import InvoiceStatus
 from billing.records import RefundRecord, WebhookOutcome
 from billing.settlement import ExecuteRefundInput
@@ -24,6 +26,8 @@ from billing.testing.settlement_double import move_refund
 from db import models
 from db.engine import unit_of_work
 from db.repositories import credit_notes as credit_notes_repo
+from db.repositories import disputes as disputes_repo
+from db.repositories import ledger as ledger_repo
 from db.repositories import payments as payments_repo
 from tests.api.webhook_fixtures import (
     WebhookStack,
@@ -209,3 +213,91 @@ async def test_a_webhook_request_that_dies_after_recording_is_redelivered_and_re
     [refund] = refunds_of(harness, invoice_id)
     assert (refund.stripe_refund_id, refund.amount_minor) == (made.id, 100)
     assert stack.event("evt_dies_midway").outcome == WebhookOutcome.RECORDED  # type: ignore[union-attr]
+
+
+def dispute_of(harness: BillingHarness, invoice_id: str) -> list[Any]:
+    with unit_of_work(harness.session_factory) as session:
+        payment = payments_repo.get_payment_for_invoice(session, invoice_id)
+        assert payment is not None
+        return disputes_repo.list_disputes(session, payment_id=payment.id)
+
+
+def ledger_of(harness: BillingHarness, *source_ids: str) -> list[Any]:
+    with unit_of_work(harness.session_factory) as session:
+        return ledger_repo.list_entries(session, source_ids=source_ids)
+
+
+@BOTH_BACKENDS
+@pytest.mark.parametrize("ending", ["won", "lost"])
+async def test_a_dispute_arrives_by_webhook_out_of_order_and_twice_and_the_ledger_is_right_once(
+    webhook_stack: WebhookStack, ending: str
+) -> None:
+    stack = webhook_stack
+    harness = stack.harness
+    invoice_id, charge_id = await paid_payment(harness)
+
+    opened = stack.stripe_post(
+        f"/_config/settlement/charges/{charge_id}/dispute", {"reason": "fraudulent"}
+    )
+    [dispute] = await wait_until(
+        lambda: dispute_of(harness, invoice_id), timeout=15, what="the dispute recorded"
+    )
+    assert (dispute.stripe_dispute_id, dispute.status, dispute.amount_minor) == (
+        opened["id"],
+        DisputeStatus.NEEDS_RESPONSE,
+        900,
+    )
+    [withdrawal] = await wait_until(
+        lambda: ledger_of(harness, opened["id"]), timeout=15, what="the withdrawal mirrored"
+    )
+    assert (withdrawal.amount_minor, withdrawal.fee_minor, withdrawal.net_minor) == (
+        -900,
+        1500,
+        -2400,
+    )
+    assert (withdrawal.reporting_category, withdrawal.dispute_id) == ("dispute", dispute.id)
+    # Disputed money cannot be refunded as well.
+    with unit_of_work(harness.session_factory) as session, pytest.raises(InvalidInput) as capped:
+        credit_notes_repo.issue_credit_note(
+            session, invoice_id, CreditNoteRequest(refund_amount_minor=1), at=harness.clock.now()
+        )
+    assert "disputed 900" in capped.value.message
+
+    stack.stripe_post(f"/_config/settlement/disputes/{opened['id']}/close", {"status": ending})
+    await wait_until(
+        lambda: dispute_of(harness, invoice_id)[0].status == DisputeStatus(ending),
+        timeout=15,
+        what="the dispute closed",
+    )
+    expected_entries = 2 if ending == "won" else 1
+    entries = await wait_until(
+        lambda: (
+            (found := ledger_of(harness, opened["id"])) and len(found) == expected_entries and found
+        ),
+        timeout=15,
+        what="the ledger complete",
+    )
+
+    # The creation again, late under a new id and twice as it was: nothing moves.
+    [created] = stack.deliveries("charge.dispute.created")
+    for body in (replayed(created.event, f"evt_late_dispute_{ending}"), created.body, created.body):
+        answer = await stack.post(body, sign(body))
+        assert answer.status_code == 200, answer.text
+    [still] = dispute_of(harness, invoice_id)
+    assert still.status == DisputeStatus(ending)
+    assert ledger_of(harness, opened["id"]) == entries
+
+    with unit_of_work(harness.session_factory) as session:
+        payment = payments_repo.get_payment_for_invoice(session, invoice_id)
+        assert payment is not None and payment.net_minor is not None
+        charge_entries = ledger_repo.list_entries(session, source_ids=[charge_id])
+        held = credit_notes_repo.disputed_minor(session, payment.id)
+    dispute_net = sum(e.net_minor for e in entries)
+    if ending == "won":
+        # Restored: the amount and the dispute fee came back.
+        assert (dispute_net, held) == (0, 0)
+        assert [e.reporting_category for e in entries] == ["dispute", "dispute_reversal"]
+    else:
+        # Reversed: the payment's money and the dispute fee are gone for good.
+        assert (dispute_net, held) == (-2400, 900)
+    assert charge_entries == []  # the charge's own transaction comes with its payout or sync

@@ -198,8 +198,117 @@ def upgrade() -> None:
     )
     op.create_index("ix_disputes_payment_id", "disputes", ["payment_id"])
 
+    op.create_table(
+        "ledger_entries",
+        sa.Column("id", sa.String(40), nullable=False),
+        sa.Column("balance_transaction_id", sa.String(100), nullable=False),
+        sa.Column("type", sa.String(40), nullable=False),
+        sa.Column("reporting_category", sa.String(40), nullable=True),
+        sa.Column("amount_minor", sa.BigInteger(), nullable=False),
+        sa.Column("fee_minor", sa.BigInteger(), nullable=False),
+        sa.Column("net_minor", sa.BigInteger(), nullable=False),
+        sa.Column("currency", sa.String(3), nullable=False),
+        sa.Column("source_id", sa.String(100), nullable=True),
+        sa.Column("source_amount_minor", sa.BigInteger(), nullable=True),
+        sa.Column("source_currency", sa.String(3), nullable=True),
+        sa.Column("exchange_rate", sa.String(32), nullable=True),
+        sa.Column("payment_id", sa.String(40), nullable=True),
+        sa.Column("refund_id", sa.String(40), nullable=True),
+        sa.Column("dispute_id", sa.String(40), nullable=True),
+        sa.Column("description", sa.String(500), nullable=True),
+        sa.Column("provider_created_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("available_on", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_ledger_entries")),
+        sa.UniqueConstraint(
+            "balance_transaction_id", name=op.f("uq_ledger_entries_balance_transaction_id")
+        ),
+    )
+    op.create_index("ix_ledger_entries_source_id", "ledger_entries", ["source_id"])
+    op.create_index(
+        "ix_ledger_entries_provider_created_at", "ledger_entries", ["provider_created_at"]
+    )
+
+    op.create_table(
+        "payouts",
+        sa.Column("id", sa.String(40), nullable=False),
+        sa.Column("stripe_payout_id", sa.String(100), nullable=False),
+        sa.Column("amount_minor", sa.BigInteger(), nullable=False),
+        sa.Column("currency", sa.String(3), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("automatic", sa.Boolean(), nullable=False),
+        sa.Column("balance_transaction_id", sa.String(100), nullable=True),
+        sa.Column("arrival_date", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("provider_created_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("failure_code", sa.String(64), nullable=True),
+        sa.Column("imported_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_payouts")),
+        sa.UniqueConstraint("stripe_payout_id", name=op.f("uq_payouts_stripe_payout_id")),
+    )
+    op.create_index("ix_payouts_provider_created_at", "payouts", ["provider_created_at"])
+
+    op.create_table(
+        "payout_items",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("payout_id", sa.String(40), nullable=False),
+        sa.Column("balance_transaction_id", sa.String(100), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["payout_id"], ["payouts.id"], name=op.f("fk_payout_items_payout_id_payouts")
+        ),
+        sa.ForeignKeyConstraint(
+            ["balance_transaction_id"],
+            ["ledger_entries.balance_transaction_id"],
+            name=op.f("fk_payout_items_balance_transaction_id_ledger_entries"),
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_payout_items")),
+        sa.UniqueConstraint(
+            "payout_id",
+            "balance_transaction_id",
+            name=op.f("uq_payout_items_payout_id_balance_transaction_id"),
+        ),
+    )
+    op.create_index(
+        "ix_payout_items_balance_transaction_id", "payout_items", ["balance_transaction_id"]
+    )
+
+    op.create_table(
+        "reconciliation_findings",
+        sa.Column("id", sa.String(40), nullable=False),
+        sa.Column("kind", sa.String(40), nullable=False),
+        sa.Column("severity", sa.String(8), nullable=False),
+        sa.Column("subject_key", sa.String(200), nullable=False),
+        sa.Column("invoice_id", sa.String(40), nullable=True),
+        sa.Column("payment_intent_id", sa.String(100), nullable=True),
+        sa.Column("charge_id", sa.String(100), nullable=True),
+        sa.Column("amount_minor", sa.BigInteger(), nullable=True),
+        sa.Column("currency", sa.String(3), nullable=True),
+        sa.Column("detail", sa.String(1000), nullable=False),
+        sa.Column("found_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("run_id", sa.String(100), nullable=False),
+        sa.CheckConstraint(
+            "severity IN ('info', 'warning', 'error')",
+            name=op.f("ck_reconciliation_findings_severity"),
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_reconciliation_findings")),
+        sa.UniqueConstraint(
+            "kind", "subject_key", name=op.f("uq_reconciliation_findings_kind_subject_key")
+        ),
+    )
+    op.create_index("ix_reconciliation_findings_found_at", "reconciliation_findings", ["found_at"])
+
 
 def downgrade() -> None:
+    op.drop_index("ix_reconciliation_findings_found_at", table_name="reconciliation_findings")
+    op.drop_table("reconciliation_findings")
+    op.drop_index("ix_payout_items_balance_transaction_id", table_name="payout_items")
+    op.drop_table("payout_items")
+    op.drop_index("ix_payouts_provider_created_at", table_name="payouts")
+    op.drop_table("payouts")
+    op.drop_index("ix_ledger_entries_provider_created_at", table_name="ledger_entries")
+    op.drop_index("ix_ledger_entries_source_id", table_name="ledger_entries")
+    op.drop_table("ledger_entries")
     op.drop_index("ix_disputes_payment_id", table_name="disputes")
     op.drop_table("disputes")
     op.drop_index("ix_refunds_status_created_at", table_name="refunds")
