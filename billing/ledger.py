@@ -253,3 +253,32 @@ class LedgerGateway(Protocol):
     def list_charges(self, *, created_from: datetime) -> list[ProviderCharge]:
         """The account's charges created since ``created_from``, every page."""
         ...
+
+
+@dataclass
+class PeriodReconciliation:
+    """Every payout created in ``[since, until)`` reconciled, plus our money movements of the
+    period that no payout paid out after the expected delay."""
+
+    since: datetime | None
+    until: datetime
+    payouts: list[PayoutReconciliation]
+    missing: list[Finding]
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [f for report in self.payouts for f in report.findings] + self.missing
+
+    def totals(self) -> dict[str, dict[str, int]]:
+        """Per settlement currency: gross, fee, net and paid out (minor units)."""
+        found: dict[str, dict[str, int]] = {}
+        for report in self.payouts:
+            sums = found.setdefault(
+                report.currency,
+                {"gross_minor": 0, "fee_minor": 0, "net_minor": 0, "paid_out_minor": 0},
+            )
+            sums["gross_minor"] += report.gross_minor
+            sums["fee_minor"] += report.fee_minor
+            sums["net_minor"] += report.net_minor
+            sums["paid_out_minor"] += report.amount_minor
+        return found

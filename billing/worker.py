@@ -65,6 +65,7 @@ from billing.settlement import (
 from billing.signup_sweep import PendingSignupSweepInput, sweeper_workflow_id
 from billing.subscription import SubscriptionStatus
 from db.engine import make_engine, make_session_factory, unit_of_work
+from db.repositories import ledger as ledger_repo
 from db.repositories import subscriptions as subscriptions_repo
 from workflows.invoice_payment import InvoicePaymentWorkflow
 from workflows.ledger import PayoutImportWorkflow, SettlementSyncWorkflow
@@ -143,6 +144,8 @@ PARKED_COUNTER = "billing_subscriptions_parked"
 #: wants (``billing_subscriptions_needs_attention > 0``), whichever worker parked them and
 #: however long ago.
 NEEDS_ATTENTION_GAUGE = "billing_subscriptions_needs_attention"
+#: Findings of the daily charge reconciliation, by severity (from the database).
+RECONCILIATION_FINDINGS_GAUGE = "billing_reconciliation_findings"
 
 
 class MetricsAddressInUse(Exception):
@@ -185,15 +188,30 @@ async def report_needs_attention(
         "subscriptions parked in needs_attention now, waiting for an operator "
         "(billing subscriptions resume-billing ID)",
     )
+    findings = runtime.metric_meter.create_gauge(
+        RECONCILIATION_FINDINGS_GAUGE,
+        "differences the daily charge reconciliation recorded, by severity "
+        "(GET /v1/reconciliation/findings)",
+    )
     while not stop.is_set():
         try:
             count = await asyncio.to_thread(_count_needs_attention, session_factory)
+            by_severity = await asyncio.to_thread(_count_findings, session_factory)
         except Exception:
             log.warning("counting needs_attention subscriptions failed", exc_info=True)
         else:
             gauge.set(count)
+            for severity in ("info", "warning", "error"):
+                findings.with_additional_attributes({"severity": severity}).set(
+                    by_severity.get(severity, 0)
+                )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every_s)
+
+
+def _count_findings(session_factory: sessionmaker[Session]) -> dict[str, int]:
+    with unit_of_work(session_factory) as session:
+        return ledger_repo.count_findings_by_severity(session)
 
 
 def _count_needs_attention(session_factory: sessionmaker[Session]) -> int:

@@ -517,6 +517,36 @@ def _run_payouts(paid: object = "true", **kwargs: Any) -> Any:
     return _Listed(made)
 
 
+def _list_payouts(
+    cls: Any,
+    /,
+    url: str,
+    limit: Any = None,
+    starting_after: Any = None,
+    created: Any = None,
+    status: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """Stripe's payout list filters ``created`` (a range) and ``status``."""
+    if kwargs:
+        raise UserError(400, "Unexpected " + ", ".join(kwargs.keys()))
+    li = resources.StripeObject._api_list_all.__func__(cls, url, limit, starting_after)
+    items = li._list
+    if status is not None:
+        items = [p for p in items if p.status == status]
+    if created is not None:
+        if not isinstance(created, dict) or not created:
+            raise UserError(400, "created must be a range such as created[gte]=1700000000")
+        for op, value in created.items():
+            bound = resources.try_convert_to_int(value)
+            if op not in ("gt", "gte", "lt", "lte") or not isinstance(bound, int):
+                raise UserError(400, f"Invalid created[{op}]")
+            items = [p for p in items if _within(int(p.created), op, bound)]
+    items.sort(key=lambda p: p.created, reverse=True)
+    li._list = items
+    return li
+
+
 def _list_disputes(**data: Any) -> Any:
     return Dispute._api_list_all("/v1/disputes", **data)
 
@@ -536,6 +566,7 @@ def apply() -> None:
         return
     _BalanceTransaction.__init__ = _balance_transaction_init
     _BalanceTransaction._api_list_all = classmethod(_list_balance_transactions)
+    resources.Payout._api_list_all = classmethod(_list_payouts)
     _Refund._api_create = classmethod(_refund_create)
     _Refund._settlement_patched = True
     resources.extra_apis.extend(

@@ -9,7 +9,7 @@ payout import and the periodic sync all meet) changes nothing.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
@@ -23,7 +23,17 @@ from billing.charge_reconciliation import (
 from billing.credit_notes import RefundStatus
 from billing.disputes import DisputeStatus
 from billing.ids import new_id
-from billing.ledger import Expected, PayoutStatus, ProviderBalanceTransaction, ProviderPayout
+from billing.ledger import (
+    Expected,
+    Finding,
+    FindingKind,
+    PayoutReconciliation,
+    PayoutStatus,
+    PeriodReconciliation,
+    ProviderBalanceTransaction,
+    ProviderPayout,
+    reconcile_payout,
+)
 from billing.records import (
     DisputeRecord,
     LedgerEntryRecord,
@@ -455,3 +465,70 @@ def unknown_outcomes(session: Session, *, older_than: datetime) -> list[ChargeFi
         )
         for key, invoice_id, intent, amount, currency, created_at in rows
     ]
+
+
+def _as_transaction(entry: LedgerEntryRecord) -> ProviderBalanceTransaction:
+    return ProviderBalanceTransaction(
+        transaction_id=entry.balance_transaction_id,
+        type=entry.type,
+        reporting_category=entry.reporting_category,
+        amount_minor=entry.amount_minor,
+        fee_minor=entry.fee_minor,
+        net_minor=entry.net_minor,
+        currency=entry.currency,
+        source_id=entry.source_id,
+        exchange_rate=entry.exchange_rate,
+        created=entry.provider_created_at,
+        available_on=entry.available_on,
+        description=entry.description,
+    )
+
+
+def payout_reconciliation(session: Session, payout: PayoutRecord) -> PayoutReconciliation:
+    """The payout's transactions (as imported) matched to our records."""
+    entries = payout_entries(session, payout)
+    expected = expected_for(session, [e.source_id for e in entries if e.source_id])
+    return reconcile_payout(
+        ProviderPayout(
+            payout_id=payout.stripe_payout_id,
+            amount_minor=payout.amount_minor,
+            currency=payout.currency,
+            status=PayoutStatus(payout.status),
+            automatic=payout.automatic,
+            balance_transaction_id=payout.balance_transaction_id,
+            arrival_date=payout.arrival_date,
+            created=payout.provider_created_at,
+        ),
+        [_as_transaction(e) for e in entries],
+        expected,
+    )
+
+
+def period_reconciliation(
+    session: Session,
+    *,
+    since: datetime | None,
+    until: datetime,
+    now: datetime,
+    expected_delay: timedelta,
+) -> PeriodReconciliation:
+    """Payouts created in ``[since, until)``, and what of ours settled in the period is in no
+    payout although ``expected_delay`` has passed (as of ``now``)."""
+    payouts = list_payouts(session, since=since, until=until, limit=100_000)
+    reports = [payout_reconciliation(session, payout) for payout in payouts]
+    cutoff = min(until, now - expected_delay)
+    missing = [
+        Finding(
+            FindingKind.MISSING_FROM_PAYOUTS,
+            f"{kind} {ours} ({amount} {currency}"
+            + (f", balance transaction {txn}" if txn else ", no balance transaction recorded")
+            + f") settled before {cutoff.isoformat()} and is in no payout",
+            txn,
+            None,
+            ours,
+        )
+        for kind, ours, txn, amount, currency in unpaid_out(
+            session, settled_from=since, settled_before=cutoff
+        )
+    ]
+    return PeriodReconciliation(since=since, until=until, payouts=reports, missing=missing)
