@@ -1144,6 +1144,9 @@ class StripeGateway:
         params: ChargeListParams = {
             "created": {"gt": int(created_from.timestamp()) - 1},
             "limit": _PAGE_LIMIT,
+            # The intent's metadata names our invoice, even when our record of the attempt
+            # never learnt the intent (an answer lost): that is the late success to find.
+            "expand": ["data.payment_intent"],
         }
         found: list[ProviderCharge] = []
         try:
@@ -1158,6 +1161,9 @@ class StripeGateway:
                         succeeded=_get(charge, "status") == "succeeded",
                         customer_id=_expandable_id(_get(charge, "customer")),
                         created=_timestamp(_get(charge, "created")),
+                        invoice_id=_metadata_of(_get(charge, "payment_intent")).get("invoice_id")
+                        if not isinstance(_get(charge, "payment_intent"), str)
+                        else None,
                     )
                     for charge in page.data
                 )

@@ -45,6 +45,9 @@ class ProviderCharge:
     succeeded: bool
     customer_id: str | None = None
     created: datetime | None = None
+    #: The invoice its PaymentIntent's metadata names (our charges carry it); a claim only:
+    #: our records decide.
+    invoice_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -990,9 +990,15 @@ def subscriptions_resume_billing(
 
 
 # Settlement commands (issue 13), in their own module.
-from billing.cli_settlement import credit_notes_app  # noqa: E402
+from billing.cli_settlement import (  # noqa: E402
+    credit_notes_app,
+    payouts_app,
+    reconciliation_app,
+)
 
 app.add_typer(credit_notes_app, name="credit-notes")
+app.add_typer(payouts_app, name="payouts")
+app.add_typer(reconciliation_app, name="reconciliation")
 
 
 def main() -> None:

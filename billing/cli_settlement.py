@@ -8,6 +8,7 @@ import asyncio
 import csv
 import hashlib
 import sys
+from datetime import datetime
 from typing import TYPE_CHECKING, NoReturn
 
 import typer
@@ -244,3 +245,164 @@ def credit_notes_create(
         markup=False,
         highlight=False,
     )
+
+
+payouts_app = typer.Typer(help="Payouts and their reconciliation.", no_args_is_help=True)
+reconciliation_app = typer.Typer(help="The daily charge reconciliation.", no_args_is_help=True)
+
+
+def _instant(value: str | None, option: str) -> datetime | None:
+    from billing.errors import InvalidInput
+    from billing.finance import parse_instant
+
+    try:
+        return parse_instant(value, field=option)
+    except InvalidInput as invalid:
+        _fail(invalid.message)
+
+
+@payouts_app.command("list")
+def payouts_list(
+    since: str | None = typer.Option(None, "--since", help="ISO 8601 with a zone"),
+    until: str | None = typer.Option(None, "--until", help="ISO 8601 with a zone"),
+) -> None:
+    """Payouts Stripe made, as imported (GET /v1/payouts)."""
+    from billing.finance import format_instant
+    from db.engine import unit_of_work
+    from db.repositories import ledger as ledger_repo
+
+    start, end = _instant(since, "--since"), _instant(until, "--until")
+    with unit_of_work(_factory(Settings())) as session:
+        found = ledger_repo.list_payouts(session, since=start, until=end, limit=100_000)
+    table = Table(title="payouts")
+    for column in ("stripe payout", "amount", "status", "created", "arrival", "id"):
+        table.add_column(column)
+    for p in found:
+        table.add_row(
+            p.stripe_payout_id,
+            f"{p.amount_minor} {p.currency}",
+            p.status,
+            format_instant(p.provider_created_at),
+            format_instant(p.arrival_date),
+            p.id,
+        )
+    console.print(table)
+
+
+@payouts_app.command("reconcile")
+def payouts_reconcile(
+    payout_id: str | None = typer.Argument(None, help="one payout (po_... or pout_...)"),
+    since: str | None = typer.Option(None, "--since", help="ISO 8601 with a zone"),
+    until: str | None = typer.Option(None, "--until", help="ISO 8601 with a zone; default now"),
+    expected_delay_days: int = typer.Option(7, "--expected-delay-days", min=0, max=90),
+    csv_output: bool = typer.Option(False, "--csv", help="one line per difference, as CSV"),
+) -> None:
+    """Reconcile one payout, or every payout of a period with what is in no payout after the
+    expected delay (GET /v1/reconciliation). Exit 1 when there is any difference."""
+    from datetime import timedelta
+
+    from billing.api.payouts import csv_rows, csv_text
+    from billing.clock import SystemClock
+    from db.engine import unit_of_work
+    from db.repositories import ledger as ledger_repo
+
+    with unit_of_work(_factory(Settings())) as session:
+        if payout_id is not None:
+            _checked_id(payout_id, "PAYOUT_ID")
+            payout = ledger_repo.get_payout(session, payout_id)
+            if payout is None:
+                _fail(f"payout {payout_id!r} not found (not imported yet?)", code=1)
+            reports = [ledger_repo.payout_reconciliation(session, payout)]
+            missing = []
+        else:
+            now = SystemClock().now()
+            start, end = _instant(since, "--since"), _instant(until, "--until") or now
+            period = ledger_repo.period_reconciliation(
+                session,
+                since=start,
+                until=end,
+                now=now,
+                expected_delay=timedelta(days=expected_delay_days),
+            )
+            reports, missing = period.payouts, period.missing
+    differences = sum(len(r.findings) for r in reports) + len(missing)
+    if csv_output:
+        sys.stdout.write(csv_text(csv_rows(reports, missing)))
+    else:
+        table = Table(title="reconciliation")
+        for column in ("payout", "amount", "gross", "fee", "net", "matched", "differences"):
+            table.add_column(column)
+        for r in reports:
+            table.add_row(
+                r.payout_id,
+                f"{r.amount_minor} {r.currency}",
+                str(r.gross_minor),
+                str(r.fee_minor),
+                str(r.net_minor),
+                str(len(r.matched)),
+                str(len(r.findings)),
+            )
+        console.print(table)
+        for finding in [f for r in reports for f in r.findings] + missing:
+            console.print(
+                f"{finding.severity.value:7} {finding.kind.value}: {finding.detail}",
+                markup=False,
+                highlight=False,
+            )
+        console.print(f"{differences} differences", markup=False)
+    if differences:
+        raise typer.Exit(1)
+
+
+@payouts_app.command("sync")
+def payouts_sync() -> None:
+    """Run the daily settlement Schedule now (ledger and payouts of the last days, then the
+    charge reconciliation), in the worker."""
+    from billing.settlement import settlement_schedule_id
+    from billing.worker import connect_temporal, ensure_settlement_schedule
+
+    settings = Settings()
+
+    async def trigger() -> str:
+        client = await connect_temporal(settings)
+        schedule_id = await ensure_settlement_schedule(
+            client, task_queue=settings.task_queue, payments_task_queue=settings.payments_queue()
+        )
+        await client.get_schedule_handle(settlement_schedule_id(settings.task_queue)).trigger()
+        return schedule_id
+
+    try:
+        schedule_id = asyncio.run(trigger())
+    except Exception as error:
+        _fail(f"could not reach Temporal to run the settlement sync: {error}", code=1)
+    console.print(f"triggered schedule {schedule_id}", markup=False)
+
+
+@reconciliation_app.command("findings")
+def reconciliation_findings(
+    severity: str | None = typer.Option(None, "--severity", help="info, warning or error"),
+    since: str | None = typer.Option(None, "--since", help="ISO 8601 with a zone"),
+) -> None:
+    """What the daily charge reconciliation found (GET /v1/reconciliation/findings)."""
+    from billing.finance import format_instant
+    from db.engine import unit_of_work
+    from db.repositories import ledger as ledger_repo
+
+    if severity is not None and severity not in ("info", "warning", "error"):
+        _fail(f"--severity {severity!r} is not one of info, warning, error")
+    start = _instant(since, "--since")
+    with unit_of_work(_factory(Settings())) as session:
+        found = ledger_repo.list_findings(session, since=start, severity=severity, limit=100_000)
+    table = Table(title="charge reconciliation findings")
+    for column in ("found", "severity", "kind", "invoice", "charge", "detail"):
+        table.add_column(column)
+    for f in found:
+        table.add_row(
+            format_instant(f.found_at),
+            f.severity,
+            f.kind,
+            f.invoice_id or "",
+            f.charge_id or "",
+            f.detail,
+        )
+    console.print(table)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from fastapi import APIRouter, FastAPI
 from temporalio.client import Client
 
-from billing.api import access_log, credit_notes, invoices, subscriptions
+from billing.api import access_log, credit_notes, invoices, payouts, subscriptions
 from billing.api.auth import KeyRing
 from billing.api.errors import install_error_handlers
 from billing.api.webhooks import WEBHOOK_MAX_BODY_BYTES, WEBHOOK_PATH
@@ -71,6 +71,7 @@ def create_app(
     app.include_router(subscriptions.router)
     app.include_router(invoices.router)
     app.include_router(credit_notes.router)
+    app.include_router(payouts.router)
     for router in include_routers:
         app.include_router(router)
     return app

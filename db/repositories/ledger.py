@@ -408,6 +408,14 @@ def our_side(session: Session, charge: ProviderCharge) -> OurSide:
                 .join(PAYMENT_ATTEMPTS, PAYMENT_ATTEMPTS.c.invoice_id == INVOICES.c.id)
                 .where(PAYMENT_ATTEMPTS.c.stripe_payment_intent_id == charge.payment_intent_id)
             ).first()
+    if invoice is None and charge.invoice_id is not None and customer_is_ours:
+        # An intent our records never learnt (its create's answer was lost), naming one of our
+        # invoices, for one of our customers.
+        invoice = session.execute(
+            select(INVOICES.c.id, INVOICES.c.amount_due_minor, INVOICES.c.currency).where(
+                INVOICES.c.id == charge.invoice_id
+            )
+        ).first()
     if invoice is None:
         return OurSide(invoice_id=None, customer_is_ours=customer_is_ours)
     invoice_id, amount, currency = invoice
