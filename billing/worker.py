@@ -245,6 +245,22 @@ def crash_after_charge_hook(percent: int) -> AfterChargeHook | None:
     return crash
 
 
+def crash_after_refund_hook(percent: int) -> AfterRefundHook | None:
+    """TEST ONLY (scripts/chaos.py): SIGKILL this process after Stripe made a picked refund and
+    before our database hears of it (a refund's create is only ever sent once: a re-drive
+    finds it by its key first, so the retry after the crash goes through)."""
+    if percent == 0:
+        return None
+
+    def crash(idempotency_key: str) -> None:
+        if not crash_selected(idempotency_key, percent):
+            return
+        print(f"CHAOS crash-after-refund {idempotency_key}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return crash
+
+
 def build_dependencies(settings: Settings, *, clock: Clock | None = None) -> Dependencies:
     engine = make_engine(settings.database_url)
     client = make_stripe_client(
@@ -264,6 +280,7 @@ def build_dependencies(settings: Settings, *, clock: Clock | None = None) -> Dep
         clock=clock or SystemClock(),
         # Settings refuse a non-zero percentage in production.
         after_charge_hook=crash_after_charge_hook(settings.chaos_crash_after_charge_percent),
+        after_refund_hook=crash_after_refund_hook(settings.chaos_crash_after_charge_percent),
         provider_window=OneSecondWindow(settings.charge_rate_per_s, window_s=1 + PACING_GUARD_S),
     )
 
