@@ -291,10 +291,15 @@ def issue_credit_note(
     key_scope: str = "",
     request_hash: str | None = None,
     created_by: str | None = None,
+    allow_open_invoices: bool = False,
 ) -> IssuedCreditNote:
     """Issue a credit note on the invoice (see the module docstring). A repeat with the same
     ``(key_scope, idempotency_key)`` and ``request_hash`` returns the note issued first;
-    another request under that key is IdempotencyConflict. Caps refused: InvalidInput."""
+    another request under that key is IdempotencyConflict. Caps refused: InvalidInput.
+
+    ``allow_open_invoices``: a credit note on an open invoice lowers its amount due (Stripe's
+    pre-payment credit note). Off by default: the subscription workflow must first learn the
+    lower amount (its open invoice and the PaymentIntent's amount) before callers turn it on."""
     replay = _replay(session, key_scope, idempotency_key, request_hash)
     if replay is not None:
         return replay
@@ -309,6 +314,12 @@ def issue_credit_note(
     invoice = get_invoice(session, invoice_id)
     assert invoice is not None
     if invoice.status == InvoiceStatus.OPEN:
+        if not allow_open_invoices:
+            raise ChangeRefused(
+                f"invoice {invoice.number} is open: a credit note would lower its amount due, "
+                "which its subscription workflow does not follow yet (it charges the amount it "
+                "holds); void the invoice, or credit it once it is paid"
+            )
         _refuse_while_charging(session, invoice)
     plan = plan_credit_note(invoice_facts(session, invoice), request)
     sequence = (
