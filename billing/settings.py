@@ -159,6 +159,11 @@ class Settings(BaseSettings):
     #: Seconds between two reads of the parked-subscription count for the gauge.
     worker_metrics_refresh_s: float = Field(default=30.0, gt=0, le=3600)
 
+    #: What a chargeback does to the disputed payment's subscription (``charge.dispute.*``
+    #: webhooks): ``none`` (recorded, finance decides) or ``cancel`` (canceled now, with the
+    #: dispute as the reason, as a card-fraud policy would).
+    dispute_subscription_action: Literal["none", "cancel"] = "none"
+
     #: TEST ONLY (scripts/chaos.py): the worker kills itself (SIGKILL) right after Stripe
     #: answered the first send of a charge and before the answer is written to the database,
     #: for this percentage of idempotency keys (chosen by a hash of the key, so the subset is

@@ -93,6 +93,9 @@ class Recorded:
     outcome: WebhookOutcome
     detail: str
     subscription_id: str | None = None
+    #: A chargeback holds money of this subscription's payment (for the dispute policy):
+    #: ``(subscription id, why)``.
+    chargeback: tuple[str, str] | None = None
 
 
 #: Called with what was recorded, in its transaction (the ledger hooks in here).
@@ -251,8 +254,16 @@ def _record_dispute(
         for txn in transactions:
             ledger_repo.record_transaction(session, txn, at=now)
     whose = "" if payment is not None else f" (charge {dispute.charge_id} is not a payment of ours)"
+    chargeback = None
+    if subscription_id is not None and record.status.holds_money:
+        chargeback = (
+            subscription_id,
+            f"chargeback {dispute.dispute_id} ({dispute.reason or 'no reason given'}) on "
+            f"charge {dispute.charge_id}",
+        )
     return Recorded(
         WebhookOutcome.RECORDED,
         f"dispute {dispute.dispute_id} {record.status.value}{' (new)' if inserted else ''}{whose}",
         subscription_id,
+        chargeback,
     )

@@ -70,7 +70,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowUpdateFailedError, WorkflowUpdateStage
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -86,6 +86,8 @@ from billing.api.settlement_webhooks import (
 )
 from billing.clock import Clock
 from billing.contracts import (
+    CancelInput,
+    CancelResult,
     InvoicePaymentWorkflowInput,
     PaymentAuthenticatedInput,
     PaymentMethodChangedInput,
@@ -626,6 +628,33 @@ async def _start_late_payment(
     )
 
 
+async def _cancel_for_chargeback(temporal: Client | None, subscription_id: str, why: str) -> str:
+    """The dispute policy ``cancel``: the subscription is canceled now, the dispute as the
+    reason (the workflow's own Update: a repeat is refused as already canceled, which is
+    done). Temporal unreachable: 503, and Stripe's retry of the event cancels again."""
+    if temporal is None:
+        raise _TemporalUnavailable("no Temporal client is configured on the application")
+    handle = temporal.get_workflow_handle(workflow_id_for(subscription_id))
+    try:
+        # Accepted is enough: the workflow applies an accepted cancel at its next safe point.
+        await handle.start_update(
+            SubscriptionMessage.CANCEL,
+            CancelInput(at_period_end=False, reason=why[:500]),
+            wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+            result_type=CancelResult,
+            rpc_timeout=SIGNAL_RPC_TIMEOUT,
+        )
+    except WorkflowUpdateFailedError as refused:
+        return f"subscription {subscription_id} not canceled: {refused.cause or refused}"
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            return f"subscription {subscription_id}'s workflow has ended"
+        raise _TemporalUnavailable(f"{error.status.name}: {error.message}") from error
+    except RuntimeError as error:
+        raise _TemporalUnavailable(str(error)) from error
+    return f"subscription {subscription_id} is canceled now ({why})"
+
+
 async def _start_payout_import(
     temporal: Client | None, event: _Event, settings: Settings
 ) -> _Delivered:
@@ -805,7 +834,10 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
                 deps.clock.now(),
             )
             routing = Routing(outcome=recorded.outcome, detail=recorded.detail)
-            delivered = _Delivered(recorded.outcome, recorded.subscription_id, recorded.detail)
+            detail = recorded.detail
+            if recorded.chargeback is not None and settings.dispute_subscription_action == "cancel":
+                detail += "; " + await _cancel_for_chargeback(temporal, *recorded.chargeback)
+            delivered = _Delivered(recorded.outcome, recorded.subscription_id, detail)
         elif event.type in PAYOUT_EVENT_TYPES:
             routing = Routing(outcome=WebhookOutcome.ROUTED)
             delivered = await _start_payout_import(temporal, event, settings)

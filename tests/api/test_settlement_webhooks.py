@@ -22,6 +22,7 @@ from billing.errors import InvalidInput
 from billing.invoices import InvoiceStatus
 from billing.records import RefundRecord, WebhookOutcome
 from billing.settlement import ExecuteRefundInput
+from billing.subscription import SubscriptionStatus
 from billing.testing.cards import SUCCEEDS
 from billing.testing.harness import BillingHarness
 from billing.testing.localstripe_settlement import stripe_fee
@@ -30,6 +31,7 @@ from db import models
 from db.engine import unit_of_work
 from db.repositories import credit_notes as credit_notes_repo
 from db.repositories import disputes as disputes_repo
+from db.repositories import invoices as invoices_repo
 from db.repositories import ledger as ledger_repo
 from db.repositories import payments as payments_repo
 from tests.api.support import api_settings, auth
@@ -364,3 +366,46 @@ async def test_a_payout_webhook_imports_it_in_its_workflow_and_finance_reads_it_
         missing = await client.get("/v1/payouts/po_missing/reconciliation", headers=finance)
         assert missing.status_code == 404
         assert (await client.get("/v1/payouts", headers=auth("signup"))).status_code == 403
+
+
+async def test_with_the_cancel_policy_a_chargeback_cancels_the_subscription_once(
+    webhook_stack: WebhookStack,
+) -> None:
+    stack = webhook_stack
+    harness = stack.harness
+    settings = stack.app.state.settings
+    stack.app.state.settings = settings.model_copy(update={"dispute_subscription_action": "cancel"})
+    invoice_id, charge_id = await paid_payment(harness)
+    with unit_of_work(harness.session_factory) as session:
+        payment = payments_repo.get_payment_for_invoice(session, invoice_id)
+        assert payment is not None
+        invoice = invoices_repo.get_invoice(session, invoice_id)
+        assert invoice is not None
+    opened = stack.stripe_post(
+        f"/_config/settlement/charges/{charge_id}/dispute", {"reason": "fraudulent"}
+    )
+
+    def canceled() -> bool:
+        snap = harness.snapshot(invoice.subscription_id)
+        return snap.subscription.status == SubscriptionStatus.CANCELED
+
+    await wait_until(canceled, timeout=20, what="the subscription canceled")
+    snap = harness.snapshot(invoice.subscription_id)
+    assert snap.subscription.cancel_reason is not None
+    assert opened["id"] in snap.subscription.cancel_reason
+    # charge.dispute.funds_withdrawn (and any repeat) finds it canceled already: recorded.
+    await wait_until(
+        lambda: stack.deliveries("charge.dispute.funds_withdrawn"), what="funds_withdrawn"
+    )
+    await wait_until(
+        lambda: (
+            all(
+                e.outcome == WebhookOutcome.RECORDED
+                for e in stack.events("charge.dispute.funds_withdrawn")
+            )
+            and stack.events("charge.dispute.funds_withdrawn")
+        ),
+        what="funds_withdrawn recorded",
+    )
+    canceled_rows = [c for c in snap.status_changes if c.to_status == SubscriptionStatus.CANCELED]
+    assert len(canceled_rows) == 1
