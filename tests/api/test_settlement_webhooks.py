@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from activities.settlement import SettlementActivities
 from billing.api import create_app
@@ -409,3 +410,44 @@ async def test_with_the_cancel_policy_a_chargeback_cancels_the_subscription_once
     )
     canceled_rows = [c for c in snap.status_changes if c.to_status == SubscriptionStatus.CANCELED]
     assert len(canceled_rows) == 1
+
+
+@pytest.mark.parametrize(
+    ("event_type", "obj", "outcome"),
+    [
+        ("refund.created", {"id": "re_\u0000x"}, WebhookOutcome.IGNORED),
+        ("refund.updated", {"id": "re_" + "x" * 10_000}, WebhookOutcome.IGNORED),
+        ("charge.refunded", {"id": "ch_🙂"}, WebhookOutcome.IGNORED),
+        ("charge.dispute.created", {"id": 42}, WebhookOutcome.IGNORED),
+        ("charge.refunded", {"id": "ch_notours123"}, WebhookOutcome.NO_SUBSCRIPTION),
+        ("payout.paid", {"id": None}, WebhookOutcome.IGNORED),
+    ],
+)
+async def test_settlement_events_naming_nothing_usable_change_nothing(
+    webhook_stack: WebhookStack, event_type: str, obj: dict[str, Any], outcome: WebhookOutcome
+) -> None:
+    stack = webhook_stack
+    event_id = f"evt_garbage_{uuid.uuid4().hex[:12]}"
+    body = json.dumps(
+        {"id": event_id, "type": event_type, "created": int(time.time()), "data": {"object": obj}}
+    ).encode()
+    before = row_counts_settlement(stack.harness)
+
+    answer = await stack.post(body, sign(body))
+
+    assert answer.status_code == 200, answer.text
+    assert stack.event(event_id).outcome == outcome  # type: ignore[union-attr]
+    assert row_counts_settlement(stack.harness) == before
+
+
+def row_counts_settlement(harness: BillingHarness) -> dict[str, int]:
+    with harness.session_factory() as session:
+        return {
+            table.__tablename__: session.scalar(select(func.count()).select_from(table)) or 0
+            for table in (
+                models.RefundRow,
+                models.DisputeRow,
+                models.LedgerEntryRow,
+                models.PayoutRow,
+            )
+        }
