@@ -11,12 +11,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import func, select, update
 
 from activities.settlement import SettlementActivities
-from billing.api import create_app
 from billing.credit_notes import CreditNoteRequest, RefundSource, RefundStatus
 from billing.disputes import DisputeStatus
 from billing.errors import InvalidInput
@@ -26,7 +24,6 @@ from billing.settlement import ExecuteRefundInput
 from billing.subscription import SubscriptionStatus
 from billing.testing.cards import SUCCEEDS
 from billing.testing.harness import BillingHarness
-from billing.testing.localstripe_settlement import stripe_fee
 from billing.testing.settlement_double import move_refund
 from db import models
 from db.engine import unit_of_work
@@ -35,7 +32,6 @@ from db.repositories import disputes as disputes_repo
 from db.repositories import invoices as invoices_repo
 from db.repositories import ledger as ledger_repo
 from db.repositories import payments as payments_repo
-from tests.api.support import api_settings, auth
 from tests.api.webhook_fixtures import (
     WebhookStack,
     localstripe_fixture,  # noqa: F401  (a fixture, registered under its short name)
@@ -308,65 +304,6 @@ async def test_a_dispute_arrives_by_webhook_out_of_order_and_twice_and_the_ledge
         # Reversed: the payment's money and the dispute fee are gone for good.
         assert (dispute_net, held) == (-2400, 900)
     assert charge_entries == []  # the charge's own transaction comes with its payout or sync
-
-
-@BOTH_BACKENDS
-async def test_a_payout_webhook_imports_it_in_its_workflow_and_finance_reads_it_reconciled(
-    webhook_stack: WebhookStack,
-) -> None:
-    stack = webhook_stack
-    harness = stack.harness
-    invoice_id, charge_id = await paid_payment(harness)
-    harness.stripe.v1.refunds.create(params={"charge": charge_id, "amount": 200})
-    await wait_until(lambda: refunds_of(harness, invoice_id), timeout=15, what="refund recorded")
-
-    [payout] = stack.stripe_post("/_config/settlement/payouts/run", {})["data"]
-
-    def imported() -> Any:
-        with unit_of_work(harness.session_factory) as session:
-            found = ledger_repo.get_payout(session, payout["id"])
-            return found if found is not None and found.imported_at is not None else None
-
-    stored = await wait_until(imported, timeout=20, what="the payout imported")
-    assert (stored.amount_minor, stored.currency, stored.status) == (
-        payout["amount"],
-        "USD",
-        "paid",
-    )
-
-    settings = api_settings(harness)
-    app = create_app(settings, deps=harness.deps, temporal=harness.client)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://billing.test") as client:
-        finance = auth("finance")
-        listed = await client.get("/v1/payouts", headers=finance)
-        assert [p["stripe_payout_id"] for p in listed.json()["data"]] == [payout["id"]]
-        report = await client.get(f"/v1/payouts/{payout['id']}/reconciliation", headers=finance)
-        body = report.json()
-        assert (body["differences"], body["matched"]) == (0, 2), body
-        assert body["fee_minor"] == stripe_fee(900)
-        assert body["net_minor"] == body["amount_minor"] == 900 - 200 - stripe_fee(900)
-        # Until far ahead: localstripe stamps the payout with the real time, the harness's
-        # clock is the time-skipping server's.
-        until = {"until": "2100-01-01T00:00:00Z"}
-        exported = await client.get("/v1/reconciliation.csv", headers=finance, params=until)
-        assert exported.status_code == 200
-        assert f"{payout['id']},USD" in exported.text and "reconciled" in exported.text
-        period = await client.get(
-            "/v1/reconciliation", headers=finance, params={"expected_delay_days": 0, **until}
-        )
-        assert period.json()["differences"] == 0
-        for path, params in (
-            ("/v1/reconciliation", {"since": "yesterday"}),
-            ("/v1/reconciliation", {"colour": "red"}),
-            ("/v1/payouts", {"limit": 0}),
-            ("/v1/reconciliation/findings", {"severity": "fatal"}),
-        ):
-            refused = await client.get(path, headers=finance, params=params)
-            assert refused.status_code == 422, (path, refused.text)
-        missing = await client.get("/v1/payouts/po_missing/reconciliation", headers=finance)
-        assert missing.status_code == 404
-        assert (await client.get("/v1/payouts", headers=auth("signup"))).status_code == 403
 
 
 async def test_with_the_cancel_policy_a_chargeback_cancels_the_subscription_once(
