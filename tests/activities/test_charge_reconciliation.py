@@ -32,6 +32,13 @@ class Killed(BaseException):
     pass
 
 
+@pytest.fixture(autouse=True)
+def fresh_account(stack: Stack) -> None:
+    """These tests read the whole account (every charge, every available transaction): start
+    from an empty localstripe, whatever earlier tests of the session left there."""
+    stack.localstripe.flush()
+
+
 def findings(stack: Stack) -> dict[str, set[str]]:
     with unit_of_work(stack.session_factory) as session:
         found = ledger_repo.list_findings(session)

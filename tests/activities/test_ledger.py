@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 
 from activities.ledger import LedgerActivities
 from activities.settlement import SettlementActivities
@@ -34,6 +35,13 @@ from tests.activities.test_billing_activities import (  # noqa: F401  (the stack
 from tests.conftest import BOTH_BACKENDS
 
 DAY = timedelta(days=1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_account(stack: Stack) -> None:
+    """These tests read the whole account (every charge, every available transaction): start
+    from an empty localstripe, whatever earlier tests of the session left there."""
+    stack.localstripe.flush()
 
 
 def double(stack: Stack, path: str, form: dict[str, str] | None = None) -> Any:

@@ -92,6 +92,13 @@ PAYOUT_FIELDS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def fresh_account(stack: Stack) -> None:
+    """These tests read the whole account (every charge, every available transaction): start
+    from an empty localstripe, whatever earlier tests of the session left there."""
+    stack.localstripe.flush()
+
+
 def paid_charge(stack: Stack) -> str:
     seeded = seed_subscription(stack)
     invoice = open_invoice(stack, seeded)
