@@ -1086,6 +1086,34 @@ class StripeGateway:
             _raise_translated(error, operation=f"reading dispute {dispute_id}")
         return _provider_dispute(dispute)
 
+    def update_payment_intent_amount(
+        self, *, payment_intent_id: str, amount_minor: int, currency: str
+    ) -> int:
+        """Set the amount of an invoice's PaymentIntent that has not succeeded (a pre-payment
+        credit note lowered the invoice), so the next confirm takes the new amount
+        (https://docs.stripe.com/api/payment_intents/update; allowed while it waits for a
+        payment method, a confirmation or an action). Returns the amount Stripe now holds. An
+        intent that succeeded or was canceled meanwhile is refused by Stripe
+        (``payment_intent_unexpected_state``): PaymentProviderError, the caller reads it.
+        For the subscription workflow's follow-up (issue 12); unused until then."""
+        if isinstance(amount_minor, bool) or amount_minor < 1:
+            raise PaymentProviderError(f"a PaymentIntent amount is >= 1; got {amount_minor!r}")
+        try:
+            intent = self._client.v1.payment_intents.update(
+                payment_intent_id, params={"amount": amount_minor}
+            )
+        except stripe.StripeError as error:
+            _raise_translated(
+                error,
+                operation=f"setting payment intent {payment_intent_id} to {amount_minor} "
+                f"{currency.upper()} minor units",
+            )
+        if str(intent.currency).upper() != currency.upper():
+            raise PaymentProviderError(
+                f"payment intent {payment_intent_id} is in {intent.currency}, not {currency}"
+            )
+        return int(intent.amount)
+
     # -- the ledger: balance transactions and payouts (issue 13) -----------------------------
 
     def retrieve_balance_transaction(self, *, transaction_id: str) -> ProviderBalanceTransaction:

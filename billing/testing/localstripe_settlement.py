@@ -559,6 +559,31 @@ class _Listed:
         return {"object": "list", "data": [item._export() for item in self.items]}
 
 
+_original_intent_update = resources.PaymentIntent._api_update
+_INTENT_UPDATABLE = frozenset(
+    {"requires_payment_method", "requires_confirmation", "requires_action"}
+)
+
+
+def _intent_update(cls: Any, /, id: Any, **data: Any) -> Any:
+    """Stripe's update of a PaymentIntent's ``amount``: a whole number of minor units (stored
+    as a number, where localstripe kept the form's text), only while the intent has not
+    succeeded, been canceled or started processing (``payment_intent_unexpected_state``)."""
+    if "amount" in data:
+        amount = resources.try_convert_to_int(data["amount"])
+        if not isinstance(amount, int) or amount < 1:
+            raise UserError(400, "Invalid positive integer", {"param": "amount"})
+        intent = resources.PaymentIntent._api_retrieve(id)
+        if intent.status not in _INTENT_UPDATABLE:
+            raise UserError(
+                400,
+                f"You cannot update this PaymentIntent because it has a status of {intent.status}.",
+                {"code": "payment_intent_unexpected_state"},
+            )
+        data["amount"] = amount
+    return _original_intent_update(id, **data)
+
+
 def apply() -> None:
     """Patch fees and refunds, and add the test routes. Idempotent. Must run before
     ``localstripe.server`` is imported (it binds the extra routes then)."""
@@ -567,6 +592,7 @@ def apply() -> None:
     _BalanceTransaction.__init__ = _balance_transaction_init
     _BalanceTransaction._api_list_all = classmethod(_list_balance_transactions)
     resources.Payout._api_list_all = classmethod(_list_payouts)
+    resources.PaymentIntent._api_update = classmethod(_intent_update)
     _Refund._api_create = classmethod(_refund_create)
     _Refund._settlement_patched = True
     resources.extra_apis.extend(

@@ -18,6 +18,8 @@ import stripe
 from billing.credit_notes import RefundReason, RefundStatus
 from billing.disputes import DisputeStatus
 from billing.ledger import PayoutStatus
+from billing.payments import PaymentProviderError
+from billing.testing import cards
 from billing.testing.localstripe_settlement import DISPUTE_FEE_MINOR, stripe_fee
 from tests.activities.test_billing_activities import (  # noqa: F401  (the stack fixture)
     AMOUNT_MINOR,
@@ -242,3 +244,33 @@ def test_an_automatic_payout_batches_the_available_balance_and_the_filter_lists_
     )
     # Paid out once: the next run has nothing to batch.
     assert double(stack, "/_config/settlement/payouts/run")["data"] == []
+
+
+def test_a_declined_intent_takes_a_lower_amount_for_its_next_confirm(stack: Stack) -> None:
+    seeded = seed_subscription(stack, card=cards.DECLINES_AFTER_ATTACH)
+    invoice = open_invoice(stack, seeded)
+    declined = charge(stack, invoice.invoice_id, 1)
+    assert declined.payment_intent_id is not None
+    assert (
+        stack.gateway.update_payment_intent_amount(
+            payment_intent_id=declined.payment_intent_id, amount_minor=1800, currency="USD"
+        )
+        == 1800
+    )
+    assert stack.stripe.v1.payment_intents.retrieve(declined.payment_intent_id).amount == 1800
+    with pytest.raises(PaymentProviderError):
+        stack.gateway.update_payment_intent_amount(
+            payment_intent_id=declined.payment_intent_id, amount_minor=0, currency="USD"
+        )
+
+
+def test_a_paid_intents_amount_is_not_changed(stack: Stack) -> None:
+    seeded = seed_subscription(stack)
+    invoice = open_invoice(stack, seeded)
+    paid = charge(stack, invoice.invoice_id, 1)
+    assert paid.payment_intent_id is not None
+    with pytest.raises(PaymentProviderError, match="payment_intent_unexpected_state"):
+        stack.gateway.update_payment_intent_amount(
+            payment_intent_id=paid.payment_intent_id, amount_minor=100, currency="USD"
+        )
+    assert stack.stripe.v1.payment_intents.retrieve(paid.payment_intent_id).amount == AMOUNT_MINOR
