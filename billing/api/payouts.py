@@ -258,7 +258,7 @@ RECONCILIATION_CSV_COLUMNS = (
 )
 
 
-def _csv_rows(reports: list[PayoutReconciliation], missing: list[Finding]) -> Iterator[list[str]]:
+def csv_rows(reports: list[PayoutReconciliation], missing: list[Finding]) -> Iterator[list[str]]:
     yield list(RECONCILIATION_CSV_COLUMNS)
     for r in reports:
         head = [
@@ -330,7 +330,7 @@ async def payout_reconciliation_csv(
 ) -> Response:
     _refuse_unknown_params(request, frozenset())
     report = await asyncio.to_thread(_payout_report, deps, id)
-    return _csv(_csv_rows([report], []), f"payout-{report.payout_id}.csv")
+    return _csv(csv_rows([report], []), f"payout-{report.payout_id}.csv")
 
 
 def _period(
@@ -385,7 +385,7 @@ async def period_reconciliation_csv(
 ) -> Response:
     _refuse_unknown_params(request, frozenset({"since", "until", "expected_delay_days"}))
     period = await asyncio.to_thread(_period, deps, since, until, expected_delay_days)
-    return _csv(_csv_rows(period.payouts, period.missing), "reconciliation.csv")
+    return _csv(csv_rows(period.payouts, period.missing), "reconciliation.csv")
 
 
 @router.get("/reconciliation/findings", summary="The daily charge reconciliation's findings")
@@ -419,4 +419,3 @@ def csv_text(rows: Iterator[list[str]]) -> str:
 
 
 __all__ = ["RECONCILIATION_CSV_COLUMNS", "csv_rows", "csv_text", "router"]
-csv_rows = _csv_rows
