@@ -125,3 +125,49 @@ def test_bad_arguments_are_refused_and_nothing_is_written(
     assert "Traceback" not in done.stderr
     with unit_of_work(stack.session_factory) as session:
         assert credit_notes_repo.list_credit_notes(session, invoice_id=invoice_id) == []
+
+
+def test_finance_reconciles_payouts_from_the_command_line(stack: Stack) -> None:
+    import httpx
+
+    from activities.ledger import LedgerActivities
+    from billing.settlement import ImportPayoutInput
+
+    stack.localstripe.flush()  # the payout batches the whole account's available balance
+    paid(stack)
+
+    def run_payouts() -> str:
+        answer = httpx.post(f"{stack.localstripe.url}/_config/settlement/payouts/run", timeout=10)
+        answer.raise_for_status()
+        [payout] = answer.json()["data"]
+        LedgerActivities(stack.session_factory, stack.gateway, stack.clock).import_payout(
+            ImportPayoutInput(payout["id"])
+        )
+        return str(payout["id"])
+
+    clean = run_payouts()
+    listed = run(stack, "payouts", "list")
+    assert listed.returncode == 0 and clean in listed.stdout, listed.stderr
+    ok = run(stack, "payouts", "reconcile", clean)
+    assert ok.returncode == 0 and "0 differences" in ok.stdout, (ok.stdout, ok.stderr)
+
+    httpx.post(
+        f"{stack.localstripe.url}/_config/settlement/balance_transactions",
+        data={"amount": "5000", "currency": "usd"},
+        timeout=10,
+    ).raise_for_status()
+    foreign = run_payouts()
+    found = run(stack, "payouts", "reconcile", foreign, "--csv")
+    assert found.returncode == 1, (found.stdout, found.stderr)
+    [row] = list(csv.DictReader(io.StringIO(found.stdout)))
+    assert (row["stripe_payout_id"], row["kind"], row["severity"]) == (
+        foreign,
+        "unknown_at_stripe",
+        "error",
+    )
+    period = run(stack, "payouts", "reconcile", "--until", "2100-01-01T00:00:00Z")
+    assert period.returncode == 1 and "1 differences" in period.stdout, period.stdout
+    bad = run(stack, "payouts", "reconcile", "--since", "yesterday")
+    assert bad.returncode == 2 and "since" in bad.stderr, bad.stderr
+    assert run(stack, "reconciliation", "findings", "--severity", "fatal").returncode == 2
+    assert run(stack, "reconciliation", "findings").returncode == 0
