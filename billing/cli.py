@@ -263,6 +263,8 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
         MetricsAddressInUse,
         build_dependencies,
         build_worker,
+        ensure_refund_sweeper,
+        ensure_settlement_schedule,
         ensure_signup_sweeper,
         metrics_runtime,
         report_needs_attention,
@@ -295,6 +297,10 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
     # this worker as soon as it polls.
     await ensure_signup_sweeper(client, task_queue=settings.task_queue)
     await _ensure_dispatcher(settings, client)
+    await ensure_refund_sweeper(client, task_queue=settings.task_queue)
+    await ensure_settlement_schedule(
+        client, task_queue=settings.task_queue, payments_task_queue=settings.payments_queue()
+    )
     console.print(
         f"[green]worker running[/green] on task queues {settings.task_queue!r} and "
         f"{settings.payments_queue()!r} (provider calls, at most "
@@ -430,6 +436,8 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
         build_dependencies,
         build_worker,
         connect_temporal,
+        ensure_refund_sweeper,
+        ensure_settlement_schedule,
         ensure_signup_sweeper,
     )
 
@@ -451,6 +459,10 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
     ):
         await ensure_signup_sweeper(client, task_queue=settings.task_queue)
         await _ensure_dispatcher(settings, client)
+        await ensure_refund_sweeper(client, task_queue=settings.task_queue)
+        await ensure_settlement_schedule(
+            client, task_queue=settings.task_queue, payments_task_queue=settings.payments_queue()
+        )
         console.print(f"[green]worker running[/green] on task queue {settings.task_queue!r}")
         api_ready = asyncio.Event()
         api_task = asyncio.create_task(
@@ -1432,6 +1444,18 @@ def customers_show(customer_id: str) -> None:
             sub.id, sub.status.value, sub.plan_code, str(sub.quantity), _fmt(sub.next_billing_at)
         )
     console.print(table)
+
+
+# Settlement commands (issue 13), in their own module.
+from billing.cli_settlement import (  # noqa: E402
+    credit_notes_app,
+    payouts_app,
+    reconciliation_app,
+)
+
+app.add_typer(credit_notes_app, name="credit-notes")
+app.add_typer(payouts_app, name="payouts")
+app.add_typer(reconciliation_app, name="reconciliation")
 
 
 def main() -> None:

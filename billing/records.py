@@ -14,6 +14,8 @@ from typing import Any
 
 from billing.balance import BalanceEntryKind
 from billing.calendar import IntervalUnit
+from billing.credit_notes import CreditNoteReason, RefundReason, RefundSource, RefundStatus
+from billing.disputes import DisputeStatus
 from billing.invoices import InvoiceLineKind, InvoiceStatus
 from billing.payments import ChargeOutcomeKind
 from billing.plans import Plan
@@ -286,6 +288,8 @@ class WebhookOutcome(StrEnum):
     NO_SUBSCRIPTION = "no_subscription"
     #: Every workflow it was meant for has already finished; nothing was signalled.
     WORKFLOW_CLOSED = "workflow_closed"
+    #: Settlement news (a refund, a dispute) read back from the provider and recorded.
+    RECORDED = "recorded"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -376,3 +380,142 @@ class EventDeliveryAttemptRecord:
     duration_ms: int
     status_code: int | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreditNoteRecord:
+    """A credit note (``billing.credit_notes``). Amounts in minor units; the parts add up to
+    ``amount_minor``."""
+
+    id: str
+    number: str
+    customer_id: str
+    sequence: int
+    invoice_id: str
+    #: ``post_payment`` (a paid invoice) or ``pre_payment`` (an open one), as Stripe says.
+    type: str
+    currency: str
+    amount_minor: int
+    refund_amount_minor: int
+    credit_amount_minor: int
+    out_of_band_amount_minor: int
+    amount_due_reduction_minor: int
+    created_at: datetime
+    reason: CreditNoteReason | None = None
+    memo: str | None = None
+    idempotency_key: str | None = None
+    key_scope: str | None = None
+    request_hash: str | None = None
+    created_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreditNoteLineRecord:
+    id: str
+    credit_note_id: str
+    position: int
+    description: str
+    amount_minor: int
+    invoice_line_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefundRecord:
+    """A refund of a payment: a credit note's (``source=credit_note``, with its key) or one made
+    elsewhere (``source=provider``)."""
+
+    id: str
+    invoice_id: str
+    payment_id: str
+    source: RefundSource
+    amount_minor: int
+    currency: str
+    status: RefundStatus
+    created_at: datetime
+    updated_at: datetime
+    credit_note_id: str | None = None
+    refund_number: int | None = None
+    idempotency_key: str | None = None
+    reason: RefundReason | None = None
+    stripe_refund_id: str | None = None
+    stripe_charge_id: str | None = None
+    balance_transaction_id: str | None = None
+    failure_reason: str | None = None
+    completed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DisputeRecord:
+    """A dispute as the provider last reported it (minor units)."""
+
+    id: str
+    stripe_dispute_id: str
+    stripe_charge_id: str
+    amount_minor: int
+    currency: str
+    status: DisputeStatus
+    created_at: datetime
+    updated_at: datetime
+    payment_id: str | None = None
+    invoice_id: str | None = None
+    reason: str | None = None
+    evidence_due_by: datetime | None = None
+    closed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerEntryRecord:
+    """One mirrored balance transaction (``billing.ledger``); settlement currency, signed."""
+
+    id: str
+    balance_transaction_id: str
+    type: str
+    amount_minor: int
+    fee_minor: int
+    net_minor: int
+    currency: str
+    recorded_at: datetime
+    reporting_category: str | None = None
+    source_id: str | None = None
+    source_amount_minor: int | None = None
+    source_currency: str | None = None
+    exchange_rate: str | None = None
+    payment_id: str | None = None
+    refund_id: str | None = None
+    dispute_id: str | None = None
+    description: str | None = None
+    provider_created_at: datetime | None = None
+    available_on: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PayoutRecord:
+    id: str
+    stripe_payout_id: str
+    amount_minor: int
+    currency: str
+    status: str
+    automatic: bool
+    recorded_at: datetime
+    updated_at: datetime
+    balance_transaction_id: str | None = None
+    arrival_date: datetime | None = None
+    provider_created_at: datetime | None = None
+    failure_code: str | None = None
+    imported_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReconciliationFindingRecord:
+    id: str
+    kind: str
+    severity: str
+    subject_key: str
+    detail: str
+    found_at: datetime
+    run_id: str
+    invoice_id: str | None = None
+    payment_intent_id: str | None = None
+    charge_id: str | None = None
+    amount_minor: int | None = None
+    currency: str | None = None

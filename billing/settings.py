@@ -208,6 +208,10 @@ class Settings(BaseSettings):
     seller_email: str | None = Field(default="billing@example.com", max_length=320)
     #: Locale of invoice documents for customers without their own (``customers.locale``).
     invoice_locale: str = Field(default="en_GB", min_length=2, max_length=35)
+    #: What a chargeback does to the disputed payment's subscription (``charge.dispute.*``
+    #: webhooks): ``none`` (recorded, finance decides) or ``cancel`` (canceled now, with the
+    #: dispute as the reason, as a card-fraud policy would).
+    dispute_subscription_action: Literal["none", "cancel"] = "none"
 
     #: TEST ONLY (scripts/chaos.py): the worker kills itself (SIGKILL) right after Stripe
     #: answered the first send of a charge and before the answer is written to the database,

@@ -22,7 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
-from temporalio.client import Client
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleCalendarSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleRange,
+    ScheduleSpec,
+)
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import TLSConfig
@@ -31,18 +41,29 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.billing import AfterChargeHook, BillingActivities
 from activities.delivery import DeliveryActivities, MailSettings
+from activities.ledger import LedgerActivities
 from activities.provider_pacing import DatabasePacer
+from activities.settlement import AfterRefundHook, RefundSweepActivities, SettlementActivities
 from activities.signup_sweep import SignupSweepActivities
 from activities.smtp_mailer import SmtpConfig, SmtpMailer
 from activities.stripe_gateway import StripeGateway, make_stripe_client
 from billing.clock import Clock, SystemClock
 from billing.delivery import DispatcherInput, dispatcher_workflow_id
+from billing.ledger import LedgerGateway
 from billing.pacing import PACING_HEADROOM
 from billing.payments import PaymentGateway
+from billing.refunds import RefundGateway
 from billing.settings import Settings
+from billing.settlement import (
+    RefundSweepInput,
+    SettlementSyncInput,
+    refund_sweeper_workflow_id,
+    settlement_schedule_id,
+)
 from billing.signup_sweep import PendingSignupSweepInput, sweeper_workflow_id
 from billing.subscription import SubscriptionStatus
 from db.engine import make_engine, make_session_factory, unit_of_work
+from db.repositories import ledger as ledger_repo
 from db.repositories import subscriptions as subscriptions_repo
 from workflows.delivery import (
     DeliveryDispatcherWorkflow,
@@ -50,6 +71,8 @@ from workflows.delivery import (
     NotificationDeliveryWorkflow,
 )
 from workflows.invoice_payment import InvoicePaymentWorkflow
+from workflows.ledger import PayoutImportWorkflow, SettlementSyncWorkflow
+from workflows.refund import RefundSweepWorkflow, RefundWorkflow
 from workflows.signup_sweep import PendingSignupSweepWorkflow
 from workflows.subscription import SubscriptionWorkflow
 
@@ -67,6 +90,14 @@ class Dependencies:
     #: every other worker on the database (``Settings.charge_rate_per_s``); None: no pacing
     #: (the API, tests and simulations against localstripe).
     pacer: DatabasePacer | None = None
+    #: Refunds at the provider (the same StripeGateway); None: refunds are not carried out
+    #: by this worker (their activity is not registered).
+    refund_gateway: RefundGateway | None = None
+    #: TEST ONLY: called after the provider answered a refund, before it is recorded.
+    after_refund_hook: AfterRefundHook | None = None
+    #: The provider's balance transactions, payouts and charges (the same StripeGateway);
+    #: None: the ledger activities are not registered.
+    ledger_gateway: LedgerGateway | None = None
 
 
 def temporal_tls_config(settings: Settings) -> TLSConfig | bool:
@@ -117,6 +148,8 @@ PARKED_COUNTER = "billing_subscriptions_parked"
 #: wants (``billing_subscriptions_needs_attention > 0``), whichever worker parked them and
 #: however long ago.
 NEEDS_ATTENTION_GAUGE = "billing_subscriptions_needs_attention"
+#: Findings of the daily charge reconciliation, by severity (from the database).
+RECONCILIATION_FINDINGS_GAUGE = "billing_reconciliation_findings"
 
 
 class MetricsAddressInUse(Exception):
@@ -159,15 +192,30 @@ async def report_needs_attention(
         "subscriptions parked in needs_attention now, waiting for an operator "
         "(billing subscriptions resume-billing ID)",
     )
+    findings = runtime.metric_meter.create_gauge(
+        RECONCILIATION_FINDINGS_GAUGE,
+        "differences the daily charge reconciliation recorded, by severity "
+        "(GET /v1/reconciliation/findings)",
+    )
     while not stop.is_set():
         try:
             count = await asyncio.to_thread(_count_needs_attention, session_factory)
+            by_severity = await asyncio.to_thread(_count_findings, session_factory)
         except Exception:
             log.warning("counting needs_attention subscriptions failed", exc_info=True)
         else:
             gauge.set(count)
+            for severity in ("info", "warning", "error"):
+                findings.with_additional_attributes({"severity": severity}).set(
+                    by_severity.get(severity, 0)
+                )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every_s)
+
+
+def _count_findings(session_factory: sessionmaker[Session]) -> dict[str, int]:
+    with unit_of_work(session_factory) as session:
+        return ledger_repo.count_findings_by_severity(session)
 
 
 def _count_needs_attention(session_factory: sessionmaker[Session]) -> int:
@@ -201,6 +249,22 @@ def crash_after_charge_hook(percent: int) -> AfterChargeHook | None:
     return crash
 
 
+def crash_after_refund_hook(percent: int) -> AfterRefundHook | None:
+    """TEST ONLY (scripts/chaos.py): SIGKILL this process after Stripe made a picked refund and
+    before our database hears of it (a refund's create is only ever sent once: a re-drive
+    finds it by its key first, so the retry after the crash goes through)."""
+    if percent == 0:
+        return None
+
+    def crash(idempotency_key: str) -> None:
+        if not crash_selected(idempotency_key, percent):
+            return
+        print(f"CHAOS crash-after-refund {idempotency_key}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return crash
+
+
 def build_dependencies(
     settings: Settings, *, clock: Clock | None = None, pace_provider: bool = False
 ) -> Dependencies:
@@ -225,14 +289,18 @@ def build_dependencies(
         read_timeout_s=settings.stripe_read_timeout_s,
         pacer=pacer,
     )
+    # localstripe rejects `description` on PaymentIntents; real Stripe gets it.
+    gateway = StripeGateway(client, send_description=settings.stripe_api_key is not None)
     return Dependencies(
         session_factory=session_factory,
-        # localstripe rejects `description` on PaymentIntents; real Stripe gets it.
-        gateway=StripeGateway(client, send_description=settings.stripe_api_key is not None),
+        gateway=gateway,
         clock=clock or SystemClock(),
         # Settings refuse a non-zero percentage in production.
         after_charge_hook=crash_after_charge_hook(settings.chaos_crash_after_charge_percent),
         pacer=pacer,
+        refund_gateway=gateway,
+        ledger_gateway=gateway,
+        after_refund_hook=crash_after_refund_hook(settings.chaos_crash_after_charge_percent),
     )
 
 
@@ -268,11 +336,22 @@ def build_worker(
         task_queue=task_queue,
         payments_task_queue=payments_task_queue or f"{task_queue}-payments",
     )
+    settlement = _settlement_activities(
+        deps, task_queue=task_queue, payments_task_queue=payments_task_queue
+    )
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[SubscriptionWorkflow, InvoicePaymentWorkflow, PendingSignupSweepWorkflow],
-        activities=[*registered, sweep.sweep_pending_signups],
+        workflows=[
+            SubscriptionWorkflow,
+            InvoicePaymentWorkflow,
+            PendingSignupSweepWorkflow,
+            RefundWorkflow,
+            RefundSweepWorkflow,
+            PayoutImportWorkflow,
+            SettlementSyncWorkflow,
+        ],
+        activities=[*registered, sweep.sweep_pending_signups, *settlement],
         activity_executor=ThreadPoolExecutor(max_workers=activity_threads),
         max_concurrent_activities=activity_threads,
         workflow_runner=workflow_runner or SandboxedWorkflowRunner(),
@@ -280,6 +359,77 @@ def build_worker(
         # Running activities get this long to finish after shutdown starts, then are cancelled.
         graceful_shutdown_timeout=timedelta(seconds=graceful_shutdown_s),
     )
+
+
+def _settlement_activities(
+    deps: Dependencies, *, task_queue: str, payments_task_queue: str | None
+) -> list[Any]:
+    """The refund sweep, and (with a refund gateway) the refund activity: runs started with
+    no payments queue schedule it on the workflow's own."""
+    found: list[Any] = [
+        RefundSweepActivities(
+            deps.session_factory,
+            deps.clock,
+            task_queue=task_queue,
+            payments_task_queue=payments_task_queue or f"{task_queue}-payments",
+        ).sweep_refunds
+    ]
+    if deps.refund_gateway is not None:
+        found.extend(_refund_activities(deps, deps.refund_gateway))
+    if deps.ledger_gateway is not None:
+        found.extend(LedgerActivities(deps.session_factory, deps.ledger_gateway, deps.clock).all())
+    return found
+
+
+def _refund_activities(deps: Dependencies, gateway: RefundGateway) -> list[Any]:
+    return SettlementActivities(
+        deps.session_factory,
+        gateway,
+        deps.clock,
+        after_refund_hook=deps.after_refund_hook,
+    ).provider()
+
+
+async def ensure_refund_sweeper(client: Client, *, task_queue: str) -> str:
+    """Make sure the refund sweeper runs on ``task_queue`` (one per queue; a second start
+    finds the running one). Returns its id."""
+    workflow_id = refund_sweeper_workflow_id(task_queue)
+    await client.start_workflow(
+        RefundSweepWorkflow.run,
+        RefundSweepInput(),
+        id=workflow_id,
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+    )
+    return workflow_id
+
+
+async def ensure_settlement_schedule(
+    client: Client, *, task_queue: str, payments_task_queue: str | None, days: int = 3
+) -> str:
+    """Make sure the daily settlement Schedule exists (a Temporal Schedule, not cron): every
+    day at 03:00 UTC it runs ``SettlementSyncWorkflow`` (ledger and payouts of the last
+    ``days`` days, then the charge reconciliation); a run still going is not doubled (SKIP).
+    Creating it again finds it. Returns its id."""
+    schedule_id = settlement_schedule_id(task_queue)
+    with contextlib.suppress(ScheduleAlreadyRunningError):
+        await client.create_schedule(
+            schedule_id,
+            Schedule(
+                action=ScheduleActionStartWorkflow(
+                    SettlementSyncWorkflow.run,
+                    SettlementSyncInput(days=days, payments_task_queue=payments_task_queue),
+                    id=f"settlement-sync-{task_queue}",
+                    task_queue=task_queue,
+                ),
+                spec=ScheduleSpec(
+                    calendars=[ScheduleCalendarSpec(hour=[ScheduleRange(3)])], time_zone_name="UTC"
+                ),
+                policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+            ),
+        )
+    return schedule_id
 
 
 async def ensure_signup_sweeper(
@@ -344,6 +494,12 @@ def build_payments_worker(
         deps.session_factory, deps.gateway, deps.clock, after_charge_hook=deps.after_charge_hook
     )
     provider = provider_activities(activities)
+    if deps.refund_gateway is not None:
+        provider.extend(_refund_activities(deps, deps.refund_gateway))
+    if deps.ledger_gateway is not None:
+        provider.extend(
+            LedgerActivities(deps.session_factory, deps.ledger_gateway, deps.clock).all()
+        )
     return Worker(
         client,
         task_queue=task_queue,

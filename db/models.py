@@ -33,6 +33,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from billing.balance import BalanceEntryKind
 from billing.calendar import IntervalUnit
+from billing.credit_notes import CreditNoteReason, RefundReason, RefundSource, RefundStatus
+from billing.disputes import DisputeStatus
 from billing.dunning import FinalAction
 from billing.invoices import InvoiceLineKind, InvoiceStatus
 from billing.notices import NoticeStatus
@@ -365,6 +367,245 @@ class PaymentRow(Base):
     settled_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class CreditNoteRow(Base):
+    """A credit note on an invoice (``billing.credit_notes``): its total, and on a paid
+    invoice the split into refund, credit to the balance and an amount settled outside.
+    Numbered gap-free per customer (``sequence``, under the customer's lock)."""
+
+    __tablename__ = "credit_notes"
+    __table_args__ = (
+        UniqueConstraint("customer_id", "sequence"),
+        # A repeated request (same Idempotency-Key from the same API key) finds its note.
+        UniqueConstraint("key_scope", "idempotency_key"),
+        CheckConstraint("sequence >= 1", name="sequence_positive"),
+        CheckConstraint("amount_minor > 0", name="amount_positive"),
+        CheckConstraint(
+            "refund_amount_minor >= 0 AND credit_amount_minor >= 0 "
+            "AND out_of_band_amount_minor >= 0 AND amount_due_reduction_minor >= 0",
+            name="parts_nonnegative",
+        ),
+        CheckConstraint(
+            "refund_amount_minor + credit_amount_minor + out_of_band_amount_minor "
+            "+ amount_due_reduction_minor = amount_minor",
+            name="parts_add_up",
+        ),
+        CheckConstraint(one_of("reason", CreditNoteReason), name="reason"),
+        CheckConstraint("type IN ('pre_payment', 'post_payment')", name="type"),
+        Index("ix_credit_notes_invoice_id", "invoice_id"),
+        Index("ix_credit_notes_created_at_id", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    number: Mapped[str] = mapped_column(String(40), unique=True)
+    customer_id: Mapped[str] = mapped_column(String(40), ForeignKey("customers.id"))
+    sequence: Mapped[int] = mapped_column(Integer)
+    invoice_id: Mapped[str] = mapped_column(String(40), ForeignKey("invoices.id"))
+    #: Stripe's: ``post_payment`` on a paid invoice, ``pre_payment`` on an open one.
+    type: Mapped[str] = mapped_column(String(16))
+    currency: Mapped[str] = mapped_column(String(3))
+    reason: Mapped[CreditNoteReason | None] = mapped_column(StrEnumType(CreditNoteReason, 32))
+    memo: Mapped[str | None] = mapped_column(String(500))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    refund_amount_minor: Mapped[int] = mapped_column(BigInteger)
+    credit_amount_minor: Mapped[int] = mapped_column(BigInteger)
+    out_of_band_amount_minor: Mapped[int] = mapped_column(BigInteger)
+    amount_due_reduction_minor: Mapped[int] = mapped_column(BigInteger)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    #: Whose key it is (a digest of the API key; "" in-process), as for signups.
+    key_scope: Mapped[str | None] = mapped_column(String(64))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    #: The API key's name (or "cli") that issued it, for the audit trail.
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class CreditNoteLineRow(Base):
+    __tablename__ = "credit_note_lines"
+    __table_args__ = (
+        UniqueConstraint("credit_note_id", "position"),
+        CheckConstraint("position >= 1", name="position_positive"),
+        CheckConstraint("amount_minor > 0", name="amount_positive"),
+        Index("ix_credit_note_lines_invoice_line_id", "invoice_line_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(48), primary_key=True)
+    credit_note_id: Mapped[str] = mapped_column(String(40), ForeignKey("credit_notes.id"))
+    position: Mapped[int] = mapped_column(Integer)
+    #: The invoice line it credits; None for a credit on the invoice as a whole.
+    invoice_line_id: Mapped[str | None] = mapped_column(String(48), ForeignKey("invoice_lines.id"))
+    description: Mapped[str] = mapped_column(String(500))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+
+
+class RefundRow(Base):
+    """A refund of a payment: ours (a credit note's, recorded ``pending`` before the provider
+    is called, with the key derived from (credit note, refund number)) or one made elsewhere
+    and learnt from the provider. One row per provider refund (``stripe_refund_id``)."""
+
+    __tablename__ = "refunds"
+    __table_args__ = (
+        UniqueConstraint("credit_note_id", "refund_number"),
+        CheckConstraint("amount_minor > 0", name="amount_positive"),
+        CheckConstraint("refund_number >= 1", name="refund_number_positive"),
+        CheckConstraint(one_of("status", RefundStatus), name="status"),
+        CheckConstraint(one_of("source", RefundSource), name="source"),
+        CheckConstraint(one_of("reason", RefundReason), name="reason"),
+        # A credit note's refund has its key; one made elsewhere has its provider id.
+        CheckConstraint(
+            "(source = 'credit_note' AND credit_note_id IS NOT NULL "
+            "AND refund_number IS NOT NULL AND idempotency_key IS NOT NULL) "
+            "OR (source = 'provider' AND stripe_refund_id IS NOT NULL)",
+            name="source_identified",
+        ),
+        Index("ix_refunds_payment_id", "payment_id"),
+        Index("ix_refunds_status_created_at", "status", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    invoice_id: Mapped[str] = mapped_column(String(40), ForeignKey("invoices.id"))
+    payment_id: Mapped[str] = mapped_column(String(40), ForeignKey("payments.id"))
+    credit_note_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("credit_notes.id"))
+    refund_number: Mapped[int | None] = mapped_column(Integer)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    source: Mapped[RefundSource] = mapped_column(StrEnumType(RefundSource, 16))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    reason: Mapped[RefundReason | None] = mapped_column(StrEnumType(RefundReason, 32))
+    status: Mapped[RefundStatus] = mapped_column(StrEnumType(RefundStatus, 24))
+    stripe_refund_id: Mapped[str | None] = mapped_column(String(100), unique=True)
+    stripe_charge_id: Mapped[str | None] = mapped_column(String(100))
+    balance_transaction_id: Mapped[str | None] = mapped_column(String(100))
+    failure_reason: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class DisputeRow(Base):
+    """A dispute of one of our payments (or of a charge we cannot place: ``payment_id``
+    NULL), as the provider last reported it."""
+
+    __tablename__ = "disputes"
+    __table_args__ = (
+        CheckConstraint("amount_minor > 0", name="amount_positive"),
+        CheckConstraint(one_of("status", DisputeStatus), name="status"),
+        Index("ix_disputes_payment_id", "payment_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    stripe_dispute_id: Mapped[str] = mapped_column(String(100), unique=True)
+    stripe_charge_id: Mapped[str] = mapped_column(String(100))
+    payment_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("payments.id"))
+    invoice_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("invoices.id"))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[DisputeStatus] = mapped_column(StrEnumType(DisputeStatus, 32))
+    reason: Mapped[str | None] = mapped_column(String(64))
+    evidence_due_by: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class LedgerEntryRow(Base):
+    """One Stripe balance transaction, mirrored (``billing.ledger``). Append-only: the
+    repository only inserts, once per transaction id; a correction is a new transaction."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        Index("ix_ledger_entries_source_id", "source_id"),
+        Index("ix_ledger_entries_provider_created_at", "provider_created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    balance_transaction_id: Mapped[str] = mapped_column(String(100), unique=True)
+    type: Mapped[str] = mapped_column(String(40))
+    reporting_category: Mapped[str | None] = mapped_column(String(40))
+    #: Gross, fee and net in the settlement ``currency`` (minor units; signed).
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    fee_minor: Mapped[int] = mapped_column(BigInteger)
+    net_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    source_id: Mapped[str | None] = mapped_column(String(100))
+    #: The source's own amount and currency (the charge as the customer paid it), when known.
+    source_amount_minor: Mapped[int | None] = mapped_column(BigInteger)
+    source_currency: Mapped[str | None] = mapped_column(String(3))
+    #: Stripe's exchange rate, as its exact decimal text (no float in the database).
+    exchange_rate: Mapped[str | None] = mapped_column(String(32))
+    payment_id: Mapped[str | None] = mapped_column(String(40))
+    refund_id: Mapped[str | None] = mapped_column(String(40))
+    dispute_id: Mapped[str | None] = mapped_column(String(40))
+    description: Mapped[str | None] = mapped_column(String(500))
+    provider_created_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    available_on: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class PayoutRow(Base):
+    """A Stripe payout, as last read (its status moves: pending, in transit, paid/failed)."""
+
+    __tablename__ = "payouts"
+    __table_args__ = (Index("ix_payouts_provider_created_at", "provider_created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    stripe_payout_id: Mapped[str] = mapped_column(String(100), unique=True)
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16))
+    automatic: Mapped[bool] = mapped_column(Boolean)
+    balance_transaction_id: Mapped[str | None] = mapped_column(String(100))
+    arrival_date: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    provider_created_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    failure_code: Mapped[str | None] = mapped_column(String(64))
+    #: When its balance transactions were last imported (None: not yet).
+    imported_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class PayoutItemRow(Base):
+    """A balance transaction a payout paid out (``GET /v1/balance_transactions?payout=``)."""
+
+    __tablename__ = "payout_items"
+    __table_args__ = (
+        UniqueConstraint("payout_id", "balance_transaction_id"),
+        Index("ix_payout_items_balance_transaction_id", "balance_transaction_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    payout_id: Mapped[str] = mapped_column(String(40), ForeignKey("payouts.id"))
+    balance_transaction_id: Mapped[str] = mapped_column(
+        String(100), ForeignKey("ledger_entries.balance_transaction_id")
+    )
+
+
+class ReconciliationFindingRow(Base):
+    """A difference the daily charge reconciliation found between Stripe and our attempts,
+    once per (kind, subject): a later run finds it again and records nothing new."""
+
+    __tablename__ = "reconciliation_findings"
+    __table_args__ = (
+        UniqueConstraint("kind", "subject_key"),
+        CheckConstraint("severity IN ('info', 'warning', 'error')", name="severity"),
+        Index("ix_reconciliation_findings_found_at", "found_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    severity: Mapped[str] = mapped_column(String(8))
+    #: What it is about (a PaymentIntent or charge id), unique per kind.
+    subject_key: Mapped[str] = mapped_column(String(200))
+    invoice_id: Mapped[str | None] = mapped_column(String(40))
+    payment_intent_id: Mapped[str | None] = mapped_column(String(100))
+    charge_id: Mapped[str | None] = mapped_column(String(100))
+    amount_minor: Mapped[int | None] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(String(3))
+    detail: Mapped[str] = mapped_column(String(1000))
+    found_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: The run (the schedule's day) that found it first.
+    run_id: Mapped[str] = mapped_column(String(100))
+
+
 class SubscriptionStatusChangeRow(Base):
     """Every status a subscription moved to, with the instant its workflow decided it: the
     audit trail finance and support read (and the simulator's status timeline). Written in
@@ -576,3 +817,11 @@ EVENT_ENDPOINTS = _table(EventEndpointRow)
 EVENTS = _table(EventRow)
 EVENT_DELIVERIES = _table(EventDeliveryRow)
 EVENT_DELIVERY_ATTEMPTS = _table(EventDeliveryAttemptRow)
+CREDIT_NOTES = _table(CreditNoteRow)
+CREDIT_NOTE_LINES = _table(CreditNoteLineRow)
+REFUNDS = _table(RefundRow)
+DISPUTES = _table(DisputeRow)
+LEDGER_ENTRIES = _table(LedgerEntryRow)
+PAYOUTS = _table(PayoutRow)
+PAYOUT_ITEMS = _table(PayoutItemRow)
+RECONCILIATION_FINDINGS = _table(ReconciliationFindingRow)

@@ -88,6 +88,7 @@ from db.models import (  # noqa: E402
     SubscriptionRow,
     WebhookEventRow,
 )
+from scripts.chaos_refunds import ChaosRefunds, audit_refunds  # noqa: E402
 
 PLAN = "basic-monthly"
 LOCALSTRIPE_KEY = "sk_test_localstripe"
@@ -107,6 +108,8 @@ LOSS_KEYS = (
     "payable_intents_of_closed_invoices",
     "failed_workflows",
     "needs_attention",
+    "double_refunds",
+    "lost_refunds",
 )
 #: Temporal execution statuses a subscription (or late-payment) workflow must never end in.
 FAILED_WORKFLOW_STATUSES = ("FAILED", "TERMINATED", "TIMED_OUT", "CANCELED")
@@ -430,6 +433,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--lead-s", type=float, default=None, help="first anchor this long after signups start"
     )
+    parser.add_argument(
+        "--refund-share",
+        type=float,
+        default=0.5,
+        help="share of paying customers whose first invoice gets credit notes with refunds",
+    )
     parser.add_argument("--pg-outage-s", type=float, default=30)
     parser.add_argument("--no-temporal-restart", action="store_true")
     parser.add_argument(
@@ -660,6 +669,7 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
     next_check = 0.0
     last_outstanding = -1
     actions = CustomerActions(run, base_url, keys["admin"], stripe_direct, localstripe.url)
+    refunds = ChaosRefunds(run.customers, run.rng, base_url, keys["admin"], args.refund_share)
     while time.monotonic() < deadline:
         now = time.monotonic()
         while events and events[0][0] <= now:
@@ -673,21 +683,29 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
             with contextlib.suppress(DBAPIError):
                 progress = billing_progress(engine, run)
                 actions.act(progress["declined_open"], progress["action_open"])
-                if progress["outstanding"] != last_outstanding:
-                    last_outstanding = progress["outstanding"]
-                    log(f"{last_outstanding} subscription(s) not at their expected end yet")
-                if not events and progress["outstanding"] == 0:
+                refunds.act(engine)
+                outstanding = progress["outstanding"] + refunds.outstanding(engine)
+                if outstanding != last_outstanding:
+                    last_outstanding = outstanding
+                    log(f"{last_outstanding} subscription(s) or refund(s) not at their end yet")
+                if not events and outstanding == 0:
                     done = True
                     break
         time.sleep(0.2)
     actions.pool.shutdown(wait=False, cancel_futures=True)
+    refunds.stop()
     for _, kind in events:
         if kind == "pg_start":  # never audit (or leave) with the database down
             on_event(kind)
     run.faults["worker_crash_after_charge"] = worker.count_in_log("CHAOS crash-after-charge")
+    run.faults["worker_crash_after_refund"] = worker.count_in_log("CHAOS crash-after-refund")
     run.faults["worker_unplanned_exit"] = max(
         0,
-        worker.starts - 1 - run.faults["worker_kill"] - run.faults["worker_crash_after_charge"],
+        worker.starts
+        - 1
+        - run.faults["worker_kill"]
+        - run.faults["worker_crash_after_charge"]
+        - run.faults["worker_crash_after_refund"],
     )
     refused_starts = worker.count_in_log("Failed client connect")
     if refused_starts:
@@ -703,6 +721,8 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
     for kind, count in proxy.faults_injected().items():
         run.faults[kind] = count
     report = audit(run, engine, stripe_direct)
+    report.update(audit_refunds(refunds, engine, stripe_direct))
+    run.notes.extend(report["refund_notes"])
     workflows = workflow_statuses(settings)
     report["workflows"] = workflows["counts"]
     report["failed_workflows"] = len(workflows["failed"])

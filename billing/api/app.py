@@ -22,12 +22,14 @@ from temporalio.client import Client
 
 from billing.api import (
     access_log,
+    credit_notes,
     customers,
     documents,
     events,
     health,
     invoices,
     metrics,
+    payouts,
     plans,
     reports,
     subscriptions,
@@ -132,6 +134,8 @@ def create_app(
     app.include_router(events.router)
     app.include_router(reports.router)
     dashboard.install(app)
+    app.include_router(credit_notes.router)
+    app.include_router(payouts.router)
     for router in include_routers:
         app.include_router(router)
     return app

@@ -70,15 +70,24 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowUpdateFailedError, WorkflowUpdateStage
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.ledger import start_payout_import
 from activities.stripe_gateway import webhook_signature_valid
 from billing.api.errors import error_body
 from billing.api.schemas import ErrorOut
+from billing.api.settlement_webhooks import (
+    PAYOUT_EVENT_TYPES,
+    SETTLEMENT_EVENT_TYPES,
+    SettlementProviderUnavailable,
+    record_settlement_event,
+)
 from billing.clock import Clock
 from billing.contracts import (
+    CancelInput,
+    CancelResult,
     InvoicePaymentWorkflowInput,
     PaymentAuthenticatedInput,
     PaymentMethodChangedInput,
@@ -619,6 +628,56 @@ async def _start_late_payment(
     )
 
 
+async def _cancel_for_chargeback(temporal: Client | None, subscription_id: str, why: str) -> str:
+    """The dispute policy ``cancel``: the subscription is canceled now, the dispute as the
+    reason (the workflow's own Update: a repeat is refused as already canceled, which is
+    done). Temporal unreachable: 503, and Stripe's retry of the event cancels again."""
+    if temporal is None:
+        raise _TemporalUnavailable("no Temporal client is configured on the application")
+    handle = temporal.get_workflow_handle(workflow_id_for(subscription_id))
+    try:
+        # Accepted is enough: the workflow applies an accepted cancel at its next safe point.
+        await handle.start_update(
+            SubscriptionMessage.CANCEL,
+            CancelInput(at_period_end=False, reason=why[:500]),
+            wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+            result_type=CancelResult,
+            rpc_timeout=SIGNAL_RPC_TIMEOUT,
+        )
+    except WorkflowUpdateFailedError as refused:
+        return f"subscription {subscription_id} not canceled: {refused.cause or refused}"
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            return f"subscription {subscription_id}'s workflow has ended"
+        raise _TemporalUnavailable(f"{error.status.name}: {error.message}") from error
+    except RuntimeError as error:
+        raise _TemporalUnavailable(str(error)) from error
+    return f"subscription {subscription_id} is canceled now ({why})"
+
+
+async def _start_payout_import(
+    temporal: Client | None, event: _Event, settings: Settings
+) -> _Delivered:
+    """A payout's news: its import (the payout and what it paid out) runs in its workflow."""
+    payout_id = _object_id(event.object.get("id"))
+    if payout_id is None:
+        return _Delivered(WebhookOutcome.IGNORED, None, "the payout has no id")
+    if temporal is None:
+        raise _TemporalUnavailable("no Temporal client is configured on the application")
+    try:
+        workflow_id = await start_payout_import(
+            temporal,
+            payout_id,
+            task_queue=settings.task_queue,
+            payments_task_queue=settings.payments_queue(),
+        )
+    except RPCError as error:
+        raise _TemporalUnavailable(f"{error.status.name}: {error.message}") from error
+    except RuntimeError as error:
+        raise _TemporalUnavailable(str(error)) from error
+    return _Delivered(WebhookOutcome.ROUTED, None, f"payout {payout_id} imported by {workflow_id}")
+
+
 async def _deliver(temporal: Client | None, routing: Routing, settings: Settings) -> _Delivered:
     if not routing.signals:
         if routing.late_payment is not None:
@@ -764,8 +823,36 @@ async def receive_stripe_webhook(request: Request) -> JSONResponse:
 
     claimed_at = claim.event.claimed_at
     try:
-        routing = await asyncio.to_thread(_route, session_factory, event, deps.gateway)
-        delivered = await _deliver(temporal, routing, settings)
+        if event.type in SETTLEMENT_EVENT_TYPES:
+            # Refunds and disputes: read back from Stripe and recorded (no workflow signal).
+            recorded = await asyncio.to_thread(
+                record_settlement_event,
+                session_factory,
+                getattr(deps, "refund_gateway", None) or deps.gateway,  # type: ignore[arg-type]
+                event.type,
+                event.object,
+                deps.clock.now(),
+            )
+            routing = Routing(outcome=recorded.outcome, detail=recorded.detail)
+            detail = recorded.detail
+            if recorded.chargeback is not None and settings.dispute_subscription_action == "cancel":
+                detail += "; " + await _cancel_for_chargeback(temporal, *recorded.chargeback)
+            delivered = _Delivered(recorded.outcome, recorded.subscription_id, detail)
+        elif event.type in PAYOUT_EVENT_TYPES:
+            routing = Routing(outcome=WebhookOutcome.ROUTED)
+            delivered = await _start_payout_import(temporal, event, settings)
+        else:
+            routing = await asyncio.to_thread(_route, session_factory, event, deps.gateway)
+            delivered = await _deliver(temporal, routing, settings)
+    except SettlementProviderUnavailable as unavailable:
+        await asyncio.to_thread(_release, session_factory, event.id, claimed_at)
+        logger.warning("Stripe unavailable for webhook %s: %s", event.id, unavailable)
+        return _error(
+            503,
+            "provider_unavailable",
+            f"could not read the event's object back from Stripe ({unavailable}); event "
+            f"{event.id} was not processed, retry later",
+        )
     except _TemporalUnavailable as unavailable:
         # Without this delete, Stripe's retry would find the row and be answered "duplicate":
         # the news would be lost. Signals already sent (to a customer's other subscriptions)

@@ -133,7 +133,13 @@ class BillingHarness:
             wrap_gateway(self.stripe_gateway) if wrap_gateway else self.stripe_gateway
         )
         self.clock = ServerTimeClock()
-        self.deps = Dependencies(self.session_factory, self.gateway, self.clock)
+        self.deps = Dependencies(
+            self.session_factory,
+            self.gateway,
+            self.clock,
+            refund_gateway=self.stripe_gateway,
+            ledger_gateway=self.stripe_gateway,
+        )
         self.signups = SignupService(
             self.session_factory,
             self.gateway,

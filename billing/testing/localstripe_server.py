@@ -113,7 +113,8 @@ def _log_arrivals(app: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     store_path, log_arrivals, rest = parse_args(sys.argv[1:] if argv is None else argv)
     from localstripe import resources  # only in the server process
-    import billing.testing.localstripe_conformance  # noqa: F401  # isort: skip  (patches first)
+    import billing.testing.localstripe_conformance  # isort: skip  (patches first)
+    import billing.testing.localstripe_settlement  # noqa: F401  # isort: skip  (patches first)
     from localstripe.server import app, start
 
     if log_arrivals:

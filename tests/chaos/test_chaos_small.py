@@ -56,6 +56,8 @@ LOSSES = (
     "payable_intents_of_closed_invoices",
     "failed_workflows",
     "needs_attention",
+    "double_refunds",
+    "lost_refunds",
 )
 
 
@@ -90,6 +92,8 @@ def test_a_small_chaos_run_loses_and_doubles_nothing() -> None:
             "--fault-429=0.05",
             "--fault-timeout=0.05",
             "--timeout-hold-s=1",
+            # Every paying customer's first invoice gets credit notes with refunds.
+            "--refund-share=1",
             # A worker killed mid-activity (the crash hook, a kill) is noticed when the
             # activity's 60 s start-to-close timeout expires; a customer's card update then a
             # charge can meet that twice. The run ends as soon as the expected work is done.
@@ -156,3 +160,6 @@ def test_a_small_chaos_run_loses_and_doubles_nothing() -> None:
     assert report["webhook_events"], "localstripe's webhooks reached the API"
     stripe_faults = sum(n for kind, n in faults.items() if kind.startswith("stripe_"))
     assert stripe_faults > 0
+    # Refunds issued through the API while the faults ran: each made once at Stripe.
+    assert report["refunds"] > 0, report["credit_notes_by_way"]
+    assert (report["double_refunds"], report["lost_refunds"]) == (0, 0), report["refund_problems"]

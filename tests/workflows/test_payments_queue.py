@@ -24,6 +24,7 @@ from billing.contracts import ActivityName
 from billing.invoices import InvoiceStatus
 from billing.pacing import PACING_HEADROOM, spacing_s
 from billing.settings import Settings
+from billing.settlement import LedgerActivityName, SettlementActivityName
 from billing.testing.cards import SUCCEEDS
 from billing.testing.harness import BillingHarness
 from billing.testing.localstripe import LOCALSTRIPE_API_KEY, LocalStripe
@@ -119,6 +120,11 @@ async def test_the_worker_command_caps_the_payments_queue_from_settings(
         ActivityName.CONFIRM_AUTHENTICATED_PAYMENT,
         ActivityName.CANCEL_INVOICE_PAYMENT,
         ActivityName.RECORD_INVOICE_PAYMENT,
+        # Settlement (issue 13): refunds and the ledger's reads of Stripe.
+        SettlementActivityName.EXECUTE_REFUND,
+        LedgerActivityName.IMPORT_PAYOUT,
+        LedgerActivityName.SYNC_LEDGER,
+        LedgerActivityName.RECONCILE_CHARGES,
     }
 
 
