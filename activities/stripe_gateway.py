@@ -25,6 +25,7 @@ lower-case on the wire (Stripe's convention).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -136,6 +137,12 @@ _CHARGE_EXPAND = ["latest_charge.balance_transaction"]
 #: time they are used (https://docs.stripe.com/testing#cards), so one request cannot both
 #: attach one and name it as the default: they take the attach-then-default path.
 _TEST_TOKEN_PREFIX = "pm_card_"
+
+#: A payment method id that goes into an Idempotency-Key as it is: what Stripe issues
+#: (``pm_...``, ``card_...``). Anything else a caller sends (any text the API's edge lets
+#: through) is hashed first, since an HTTP header carries only Latin-1, and the key must stay
+#: within Stripe's 255 characters.
+_KEY_SAFE_ID = re.compile(r"[A-Za-z0-9_]{1,100}")
 
 #: Stripe's largest page size for list endpoints.
 _PAGE_LIMIT = 100
@@ -433,6 +440,27 @@ def _preferred_intent(
     return max(succeeded or matches, key=lambda intent: int(_get(intent, "created") or 0))
 
 
+def _key_part(payment_method_id: str) -> str:
+    """``payment_method_id`` as a part of an Idempotency-Key: itself when it looks like an id
+    Stripe issues (so keys of requests in flight across an upgrade are unchanged), else a
+    digest of it (``sha256-...``), deterministic, header-safe and of bounded length. Such an
+    id can name no card; the request still goes out, and Stripe's refusal of it is
+    translated like any other unknown card's."""
+    if _KEY_SAFE_ID.fullmatch(payment_method_id):
+        return payment_method_id
+    digest = hashlib.sha256(payment_method_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"sha256-{digest}"
+
+
+def _rejects_payment_method(error: stripe.StripeError) -> bool:
+    """Whether an invalid request was refused because of the card it names (no such card, or
+    one that cannot be used), rather than because our request was malformed."""
+    code = error.code or _get(error.error, "code")
+    return isinstance(error, stripe.InvalidRequestError) and (
+        error.http_status == 404 or code in _REJECTED_PAYMENT_METHOD_CODES
+    )
+
+
 def _check_idempotency_key(idempotency_key: str) -> None:
     if not idempotency_key or len(idempotency_key) > _MAX_IDEMPOTENCY_KEY_LENGTH:
         # Without a key the SDK would invent a random one per call, silently losing the
@@ -590,10 +618,12 @@ class StripeGateway:
         try:
             customer = self._client.v1.customers.create(
                 params=params,
-                options={"idempotency_key": f"customer-{customer_id}-{payment_method_id}"},
+                options={
+                    "idempotency_key": f"customer-{customer_id}-{_key_part(payment_method_id)}"
+                },
             )
         except stripe.StripeError as error:
-            self._raise_for_attach(error, payment_method_id, f"a new customer ({customer_id})")
+            self._raise_for_new_customer(error, payment_method_id, customer_id)
         default = _get(_get(customer, "invoice_settings"), "default_payment_method")
         card = _get(default, "card")
         return ProviderCustomer(
@@ -621,7 +651,11 @@ class StripeGateway:
             payment_method = self._client.v1.payment_methods.attach(
                 payment_method_id,
                 params={"customer": provider_customer_id},
-                options={"idempotency_key": f"attach-{provider_customer_id}-{payment_method_id}"},
+                options={
+                    "idempotency_key": (
+                        f"attach-{provider_customer_id}-{_key_part(payment_method_id)}"
+                    )
+                },
             )
         except stripe.StripeError as error:
             if _is_card_error(error) or not isinstance(error, stripe.InvalidRequestError):
@@ -670,15 +704,40 @@ class StripeGateway:
             self._raise_for_attach(error, payment_method_id, provider_customer_id)
         return payment_method
 
+    def _raise_for_new_customer(
+        self, error: stripe.StripeError, payment_method_id: str, customer_id: str
+    ) -> NoReturn:
+        """A customer create with a card failed as a whole. A refusal that names no reason
+        about the card (an invalid request without a card code: localstripe's bare "Bad
+        request" for an id that is not ``pm_...``, a card attached elsewhere) is looked into
+        with one read, as the attach does: no such card, or another customer's, is a
+        rejection of the card (``PaymentMethodRejected``); otherwise the refusal, translated.
+        Only a failed create reads: a new customer still costs one request."""
+        where = f"a new customer ({customer_id})"
+        if (
+            _is_card_error(error)
+            or not isinstance(error, stripe.InvalidRequestError)
+            or _rejects_payment_method(error)
+        ):
+            self._raise_for_attach(error, payment_method_id, where)
+        try:
+            payment_method = self._client.v1.payment_methods.retrieve(payment_method_id)
+        except stripe.StripeError as read_error:
+            self._raise_for_attach(read_error, payment_method_id, where)
+        owner = _expandable_id(payment_method.customer)
+        if owner is not None:
+            raise PaymentMethodRejected(
+                f"payment method {payment_method_id!r} belongs to another Stripe customer "
+                f"({owner}); collect a new card from this customer",
+                field="payment_method_id",
+            ) from error
+        self._raise_for_attach(error, payment_method_id, where)
+
     def _raise_for_attach(
         self, error: stripe.StripeError, payment_method_id: str, provider_customer_id: str
     ) -> NoReturn:
         code = error.code or _get(error.error, "code")
-        rejected = _is_card_error(error) or (
-            isinstance(error, stripe.InvalidRequestError)
-            and (error.http_status == 404 or code in _REJECTED_PAYMENT_METHOD_CODES)
-        )
-        if rejected:
+        if _is_card_error(error) or _rejects_payment_method(error):
             decline_code = _get(error.error, "decline_code")
             reason = error.user_message or "no reason given"
             codes = ", ".join(

@@ -327,6 +327,81 @@ def test_a_new_customer_with_a_refused_card_is_not_created(
     assert stripe_client.v1.payment_methods.retrieve(payment_method).customer is None
 
 
+def _provider_customers_of(client: stripe.StripeClient, customer_id: str) -> list[str]:
+    """The provider customers made for our ``customer_id`` (every page)."""
+    listed = client.v1.customers.list(params={"limit": 100}).auto_paging_iter()
+    return [
+        c.id
+        for c in listed
+        if c.metadata is not None and c.metadata.to_dict().get("billing_customer_id") == customer_id
+    ]
+
+
+#: Payment method ids no provider issued, as the API's edge lets them through (text within
+#: its length bound): Latin-1 cannot carry the first three in an HTTP header.
+ODD_PAYMENT_METHOD_IDS = ["مرحبا بالعالم", "💳 card", "卡片", "0", "abc", "pm_does_not_exist", "é"]
+
+
+@pytest.mark.parametrize("payment_method", ODD_PAYMENT_METHOD_IDS)
+def test_a_new_customer_with_a_card_that_does_not_exist_is_refused_and_not_created(
+    gateway: StripeGateway,
+    stripe_client: stripe.StripeClient,
+    recording_http_client: RecordingHTTPClient,
+    payment_method: str,
+) -> None:
+    customer_id = f"cust-{uuid.uuid4().hex[:12]}"
+    keys = []
+    for _ in range(2):
+        recording_http_client.clear()
+        with pytest.raises(PaymentMethodRejected, match="ask the customer for another card") as e:
+            gateway.create_customer(
+                customer_id=customer_id, email=None, name=None, payment_method_id=payment_method
+            )
+        assert e.value.field == "payment_method_id"
+        # The create went out (a header-safe, deterministic key), and only its refusal was
+        # looked into, with at most one read of the card.
+        [create] = recording_http_client.requests_to("/v1/customers")
+        assert create.idempotency_key is not None
+        create.idempotency_key.encode("ascii")
+        assert len(create.idempotency_key) <= 255
+        keys.append(create.idempotency_key)
+        assert len(recording_http_client.recorded) <= 2
+    assert keys[0] == keys[1]
+    assert _provider_customers_of(stripe_client, customer_id) == []
+
+
+def test_a_new_customer_with_another_customers_card_is_refused_and_not_created(
+    gateway: StripeGateway, stripe_client: stripe.StripeClient
+) -> None:
+    owner, payment_method = _customer_with_card(gateway, stripe_client, cards.SUCCEEDS)
+    customer_id = f"cust-{uuid.uuid4().hex[:12]}"
+
+    with pytest.raises(PaymentMethodRejected, match="belongs to another Stripe customer"):
+        gateway.create_customer(
+            customer_id=customer_id, email=None, name=None, payment_method_id=payment_method
+        )
+
+    assert _provider_customers_of(stripe_client, customer_id) == []
+    assert stripe_client.v1.payment_methods.retrieve(payment_method).customer == owner
+
+
+@pytest.mark.parametrize("payment_method", ODD_PAYMENT_METHOD_IDS[:3])
+def test_attaching_a_card_named_in_odd_text_is_refused(
+    gateway: StripeGateway, recording_http_client: RecordingHTTPClient, payment_method: str
+) -> None:
+    customer = _customer(gateway)
+
+    with pytest.raises(PaymentMethodRejected, match="ask the customer for another card"):
+        gateway.attach_payment_method(
+            provider_customer_id=customer, payment_method_id=payment_method
+        )
+
+    [attach] = [r for r in recording_http_client.recorded if r.path.endswith("/attach")]
+    assert attach.idempotency_key is not None
+    attach.idempotency_key.encode("ascii")
+    assert gateway.default_payment_method(provider_customer_id=customer) is None
+
+
 def test_a_new_customer_with_a_test_token_gets_the_card_stripe_made_from_it(
     gateway: StripeGateway, recording_http_client: RecordingHTTPClient
 ) -> None:

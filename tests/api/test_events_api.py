@@ -204,3 +204,51 @@ async def test_mails_are_visible_with_their_status_and_preferences_can_be_set(ap
         "PUT", "/v1/customers/cus_nope/mail-preferences", scope="admin", json={}
     )
     assert unknown.status_code == 404
+
+
+BODY_ROUTES = [
+    ("POST", "/v1/event-endpoints"),
+    ("PATCH", "/v1/event-endpoints/{id}"),
+    ("POST", "/v1/events/{id}/redeliver"),
+    ("PUT", "/v1/customers/{id}/mail-preferences"),
+]
+
+
+@pytest.mark.parametrize(("method", "route"), BODY_ROUTES)
+async def test_bodies_that_are_not_json_are_refused_as_documented(
+    api: Api, app: FastAPI, method: str, route: str
+) -> None:
+    """Every route that reads a body answers JSON that does not parse with 400, a body that
+    is not JSON with 415, and documents both (and 413), as the other write routes do; the
+    event types are documented as the enum they are checked against."""
+    path = route.replace("{id}", "evt_0")
+    broken = await api.request(
+        method,
+        path,
+        scope="admin",
+        content=b"\x00",
+        headers={"Content-Type": "application/json"},
+    )
+    assert broken.status_code == 400, broken.text
+    assert broken.json()["error"]["type"] == "malformed_json"
+    not_json = await api.request(
+        method, path, scope="admin", content=b"url=x", headers={"Content-Type": "text/plain"}
+    )
+    assert not_json.status_code == 415, not_json.text
+    documented = app.openapi()["paths"][route][method.lower()]["responses"]
+    assert {"400", "413", "415", "422"} <= set(documented), sorted(documented)
+    listed = await api.request("GET", "/v1/event-endpoints", scope="admin")
+    assert listed.json()["data"] == []
+
+
+async def test_the_document_lists_the_event_types_an_endpoint_accepts(
+    api: Api, app: FastAPI
+) -> None:
+    schemas = app.openapi()["components"]["schemas"]
+    for name in ("EndpointIn", "EndpointPatchIn"):
+        field = schemas[name]["properties"]["enabled_events"]
+        [items] = [f["items"] for f in field.get("anyOf", [field]) if f.get("type") == "array"]
+        assert "invoice.paid" in items["enum"] and "*" in items["enum"]
+        # Each listed type is accepted.
+        created = await register(api, f"https://hooks.example.com/{name}", items["enum"])
+        assert created.status_code == 201, created.text
