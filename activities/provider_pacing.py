@@ -7,7 +7,7 @@ import time
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing.pacing import spacing_s
+from billing.pacing import MAX_TURN_LATENESS_S, spacing_s
 from db.engine import unit_of_work
 from db.repositories import pacing as pacing_repo
 
@@ -23,18 +23,30 @@ class DatabasePacer:
         self.name = name
         self.cap_per_s = cap_per_s
         self.spacing_s = spacing_s(cap_per_s)
+        #: Turns this process woke up too late for and left unused (see ``wait_turn``).
+        self.late_turns_given_up = 0
 
     def wait_turn(self, *, max_wait_s: float) -> float | None:
         """Sleep until the granted turn and return its start (Unix seconds on the schedule's
-        clock); None at once, no turn taken, if it is more than ``max_wait_s`` away."""
-        with unit_of_work(self._session_factory) as session:
-            turn = pacing_repo.claim_turn(
-                session, self.name, spacing_s=self.spacing_s, max_wait_s=max(0.0, max_wait_s)
-            )
-        if turn is None:
-            return None
-        if turn.wait_s > 0:
+        clock); None at once, no turn taken, if the next free one is more than ``max_wait_s``
+        away. A turn this process woke up too late for (``MAX_TURN_LATENESS_S``) is given up
+        and the next free one taken, within the same ``max_wait_s``."""
+        give_up_at = time.monotonic() + max(0.0, max_wait_s)
+        while True:
+            with unit_of_work(self._session_factory) as session:
+                turn = pacing_repo.claim_turn(
+                    session,
+                    self.name,
+                    spacing_s=self.spacing_s,
+                    max_wait_s=max(0.0, give_up_at - time.monotonic()),
+                )
+            if turn is None:
+                return None
             # Counted from the grant (the database's clock, which may not be this machine's):
             # the commit and the round trip make the request a little late, never early.
-            time.sleep(turn.wait_s)
-        return turn.start_at
+            due = time.monotonic() + turn.wait_s
+            if turn.wait_s > 0:
+                time.sleep(turn.wait_s)
+            if time.monotonic() - due <= MAX_TURN_LATENESS_S:
+                return turn.start_at
+            self.late_turns_given_up += 1

@@ -23,6 +23,14 @@ from typing import Protocol
 #: before it and the window still holds.
 PACING_HEADROOM = 0.95
 
+#: How late (seconds) a request may start after its turn. ``cap`` + 1 turns span
+#: ``1 / PACING_HEADROOM`` seconds, so requests each late by less than the slack
+#: ``1 / PACING_HEADROOM - 1`` (53 ms) still put at most ``cap`` in any one-second window. A
+#: worker that wakes later than this (a starved CPU, a long pause) gives its turn up unused
+#: and takes the next free one: a wasted turn only lowers the rate, a late one could break
+#: the cap. Three quarters of the slack leave room for the send itself.
+MAX_TURN_LATENESS_S = 0.75 * (1 / PACING_HEADROOM - 1)
+
 
 def spacing_s(cap_per_s: float) -> float:
     """Seconds between two turns for a cap of ``cap_per_s`` requests in any one-second window."""

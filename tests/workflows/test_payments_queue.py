@@ -220,6 +220,31 @@ def test_two_pacers_on_one_database_share_one_schedule(database_url: str) -> Non
 
 
 @BOTH_BACKENDS
+def test_a_turn_woken_up_too_late_for_is_given_up_and_the_next_one_taken(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose sleep overran (a starved CPU) by more than the slack the headroom leaves
+    must not send on its stale turn, which could put cap + 1 requests in one second: it leaves
+    that turn unused and takes the next free one."""
+    engine = make_engine(database_url)
+    pacer = DatabasePacer(make_session_factory(engine), name="late", cap_per_s=10)
+    real_sleep = time.sleep
+    oversleeps = [0.3]  # the first sleep overruns by 300 ms; later ones are on time
+
+    def starved_sleep(seconds: float) -> None:
+        real_sleep(seconds + (oversleeps.pop() if oversleeps else 0.0))
+
+    monkeypatch.setattr("activities.provider_pacing.time.sleep", starved_sleep)
+    first = pacer.wait_turn(max_wait_s=5)  # turn now: no sleep, on time
+    second = pacer.wait_turn(max_wait_s=5)  # sleeps, overruns: given up, the next one taken
+    engine.dispose()
+    assert first is not None and second is not None
+    assert pacer.late_turns_given_up == 1
+    # Not the turn right after the first (one spacing later), but a fresh one after the overrun.
+    assert second - first >= 0.3 + pacer.spacing_s * 0.9
+
+
+@BOTH_BACKENDS
 def test_a_turn_further_away_than_the_attempt_can_wait_is_not_taken(database_url: str) -> None:
     engine = make_engine(database_url)
     session_factory = make_session_factory(engine)
