@@ -253,6 +253,14 @@ def credit_notes_create(
         markup=False,
         highlight=False,
     )
+    if credited:
+        assert issued.invoice is not None
+        console.print(
+            f"invoice {issued.invoice.number} is now due {issued.invoice.amount_due_minor} "
+            f"{issued.invoice.currency} ({issued.invoice.status.value})",
+            markup=False,
+            highlight=False,
+        )
 
 
 payouts_app = typer.Typer(help="Payouts and their reconciliation.", no_args_is_help=True)
