@@ -5,6 +5,7 @@ and its retries stop at once; bad input is refused and writes nothing."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -143,3 +144,30 @@ async def test_bad_input_on_an_open_invoice_is_refused_and_writes_nothing(
     assert (current.status, current.amount_due_minor) == (InvoiceStatus.OPEN, PRICE)
     state = await api.harness.state(invoice["subscription_id"])
     assert state.open_invoice is not None and state.open_invoice.amount_minor == PRICE
+
+
+@BOTH_BACKENDS
+async def test_twenty_parallel_credit_notes_on_an_open_invoice_pay_it_exactly_once(
+    api: Api,
+) -> None:
+    invoice = await declined_invoice(api)
+    h = api.harness
+
+    responses = await asyncio.gather(
+        *(issue(api, invoice["id"], {"amount_minor": 100}, key=f"p{n}") for n in range(20))
+    )
+
+    statuses = sorted(r.status_code for r in responses)
+    # 900 due: nine notes of 100 fit, the last of them pays it; the rest are refused.
+    assert statuses.count(201) == 9, [r.text for r in responses if r.status_code != 201][:2]
+    assert {r.status_code for r in responses if r.status_code != 201} <= {409, 422}
+    paid = stored(api, invoice["id"])
+    assert (paid.status, paid.amount_due_minor, paid.amount_paid_minor) == (
+        InvoiceStatus.PAID,
+        0,
+        0,
+    )
+    state = await h.wait_for(invoice["subscription_id"], lambda v: v.open_invoice is None)
+    assert state.status == SubscriptionStatus.ACTIVE
+    assert h.stripe.v1.payment_intents.retrieve(invoice["intent"]).status == "canceled"
+    assert intent_charges(api, invoice) == [(PRICE, "failed")]
