@@ -30,6 +30,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import event_log
+from billing.business_events import EventType
 from billing.clock import Clock
 from billing.contracts import (
     ActivityName,
@@ -84,6 +85,7 @@ from billing.text import (
 )
 from db.engine import unit_of_work
 from db.repositories import attempts as attempts_repo
+from db.repositories import balances as balances_repo
 from db.repositories import customers as customers_repo
 from db.repositories import invoices as invoices_repo
 from db.repositories import notifications as notifications_repo
@@ -343,15 +345,35 @@ class BillingActivities:
     @_domain_errors_are_final
     def charge_invoice(self, input: ChargeInvoiceInput) -> ChargeInvoiceResult:
         """One charge attempt of an open invoice, off-session, on the customer's default
-        payment method. Declines are returned; provider outages raise and are retried."""
+        payment method. Declines are returned; provider outages raise and are retried.
+
+        The pending attempt is inserted under the customer's lock, which credit notes also take
+        (``credit_notes.issue_credit_note``), after reading the invoice again: a credit note
+        lands either before the attempt, which then charges the lowered amount (or finds the
+        invoice paid by the credit and charges nothing), or after it, and is refused while the
+        attempt is in flight. If the invoice changed since it was first read, the attempt is
+        prepared again from the start."""
+        for _ in range(_START_OVER_LIMIT):
+            try:
+                return self._charge_invoice(input)
+            except _InvoiceChangedMeanwhile:
+                continue
+        # Retried by Temporal (not a domain error): nothing was recorded or sent.
+        raise RuntimeError(
+            f"invoice {input.invoice_id} changed {_START_OVER_LIMIT} times while its charge "
+            "attempt was prepared; nothing was sent, try again"
+        )
+
+    def _charge_invoice(self, input: ChargeInvoiceInput) -> ChargeInvoiceResult:
         attempt_number = input.attempt_number
         with unit_of_work(self.session_factory) as session:
             invoice = _require_invoice(session, input.invoice_id)
             attempts = attempts_repo.list_attempts_for_invoice(session, invoice.id)
             succeeded = next((a for a in attempts if a.status == AttemptStatus.SUCCEEDED), None)
             if invoice.status == InvoiceStatus.PAID or succeeded is not None:
-                # Our records say the money is already collected: never charge again.
-                return _already_paid(session, invoice, succeeded)
+                # Our records say the money is already collected (or a credit note paid the
+                # invoice): never charge again.
+                return _already_paid(session, invoice, succeeded, attempt_number)
             if invoice.status != InvoiceStatus.OPEN:
                 raise ChangeRefused(
                     f"invoice {invoice.number} is {invoice.status.value}; only open invoices "
@@ -396,6 +418,14 @@ class BillingActivities:
                 None,
             )
             with unit_of_work(self.session_factory) as session:
+                # The customer's lock serializes this insert with credit notes; under it, the
+                # invoice and its attempts must be what the attempt was prepared from.
+                balances_repo.lock_customer(session, invoice.customer_id)
+                if (
+                    invoices_repo.get_invoice(session, invoice.id) != invoice
+                    or attempts_repo.list_attempts_for_invoice(session, invoice.id) != attempts
+                ):
+                    raise _InvoiceChangedMeanwhile(invoice.id)
                 attempt, _ = attempts_repo.insert_pending_attempt(
                     session,
                     PaymentAttemptRecord(
@@ -425,12 +455,15 @@ class BillingActivities:
         intent_to_confirm = attempt.stripe_payment_intent_id
         # The pending attempt, with the card it will use, is committed before the provider
         # sees anything.
+        # The amount recorded on the attempt (the invoice's amount due when it was inserted,
+        # under the lock): a re-drive sends exactly the request of its first send.
+        amount_minor = attempt.amount_minor
         if customer.stripe_customer_id is None or payment_method_id is None:
             outcome = ChargeOutcome(
                 kind=ChargeOutcomeKind.HARD_DECLINE,
                 decline_code="no_payment_method",
                 failure_message="the customer has no default payment method",
-                amount_minor=invoice.amount_due_minor,
+                amount_minor=amount_minor,
                 currency=invoice.currency,
             )
         else:
@@ -444,6 +477,13 @@ class BillingActivities:
                 found = self._find_lost_send(
                     customer.stripe_customer_id, redriven, key, intent_to_confirm
                 )
+            if found is None and intent_to_confirm is not None:
+                # A credit note lowered the invoice since its intent was last charged: the
+                # intent takes the new amount before it is confirmed (one request more, only
+                # then), so it can never take the old one.
+                found = self._set_intent_amount(
+                    attempts, attempt, intent_to_confirm, key, redriven=redriven is not None
+                )
             if found is not None:
                 outcome = found
             elif intent_to_confirm is not None:
@@ -453,7 +493,7 @@ class BillingActivities:
                 outcome = self.gateway.confirm_payment_intent(
                     payment_intent_id=intent_to_confirm,
                     payment_method_id=payment_method_id,
-                    amount_minor=invoice.amount_due_minor,
+                    amount_minor=amount_minor,
                     currency=invoice.currency,
                     idempotency_key=key,
                 )
@@ -467,7 +507,7 @@ class BillingActivities:
                 outcome = self.gateway.charge(
                     provider_customer_id=customer.stripe_customer_id,
                     payment_method_id=payment_method_id,
-                    amount_minor=invoice.amount_due_minor,
+                    amount_minor=amount_minor,
                     currency=invoice.currency,
                     idempotency_key=key,
                     description=f"Invoice {invoice.number}",
@@ -526,7 +566,53 @@ class BillingActivities:
             decline_code=decline_code,
             failure_message=failure_message,
             payment_id=payment_id,
+            amount_due_minor=amount_minor,
         )
+
+    def _set_intent_amount(
+        self,
+        attempts: list[PaymentAttemptRecord],
+        attempt: PaymentAttemptRecord,
+        payment_intent_id: str,
+        key: str,
+        *,
+        redriven: bool,
+    ) -> ChargeOutcome | None:
+        """Before ``attempt`` confirms the invoice's intent again: if the intent's amount (the
+        amount of the last earlier attempt on it) is not the attempt's, set it first, under a
+        key derived from the attempt's, so a re-drive repeats the same update. Returns the
+        intent's outcome when a re-drive finds it already paid (the first confirm took the
+        money, its answer lost: nothing more is sent), else None."""
+        earlier = [
+            a
+            for a in attempts
+            if a.attempt_number < attempt.attempt_number
+            and a.stripe_payment_intent_id == payment_intent_id
+        ]
+        if not earlier or earlier[-1].amount_minor == attempt.amount_minor:
+            return None
+        try:
+            self.gateway.update_payment_intent_amount(
+                payment_intent_id=payment_intent_id,
+                amount_minor=attempt.amount_minor,
+                currency=attempt.currency,
+                idempotency_key=f"{key}-amount",
+            )
+        except PaymentProviderError:
+            if not redriven:
+                raise
+            # A re-drive whose update is refused: Stripe forgot the key, or a double ignores
+            # it, and the intent has moved on. Succeeded means the first send was paid.
+            current = self.gateway.payment_intent_outcome(payment_intent_id=payment_intent_id)
+            if current.kind != ChargeOutcomeKind.PAID:
+                raise
+            log.warning(
+                "re-driven attempt %s: payment intent %s is already paid; not re-sent",
+                key,
+                payment_intent_id,
+            )
+            return current
+        return None
 
     def _find_lost_send(
         self,
@@ -893,8 +979,12 @@ class BillingActivities:
                 attempt_number=attempt.attempt_number,
             )
         if invoice.status == InvoiceStatus.PAID:
-            # Paid without a charge (a free period): nothing to cancel, nothing to close.
-            return CancelInvoicePaymentResult(paid=True)
+            # Paid without a charge of ours: a credit note brought its amount due to 0 (or a
+            # free period). Its PaymentIntent is canceled so nobody can pay it any more.
+            return self._cancel_intents_of_credited(invoice, attempts)
+        if input.only_if_paid:
+            # Still owed (a stale signal): left exactly as it is.
+            return CancelInvoicePaymentResult(paid=False)
         intents = _intents_of(invoice, attempts)
         pending = [a for a in attempts if a.status == AttemptStatus.PENDING]
         lost_creates = [a for a in pending if a.stripe_payment_intent_id is None]
@@ -948,6 +1038,34 @@ class BillingActivities:
                     )
         return CancelInvoicePaymentResult(
             paid=False,
+            payment_intent_id=intents[0] if intents else None,
+            canceled=canceled,
+        )
+
+    def _cancel_intents_of_credited(
+        self, invoice: InvoiceRecord, attempts: list[PaymentAttemptRecord]
+    ) -> CancelInvoicePaymentResult:
+        """Cancel every intent of an invoice paid without a charge. One that succeeded took
+        money for an invoice the credit had paid: ChangeRefused, so the subscription parks
+        with the reason for an operator (refund it) instead of booking it silently."""
+        canceled = False
+        intents = _intents_of(invoice, attempts)
+        for payment_intent_id in intents:
+            result = self.gateway.cancel_payment_intent(payment_intent_id=payment_intent_id)
+            if result.paid is not None:
+                raise ChangeRefused(
+                    f"payment intent {payment_intent_id} took {result.paid.amount_minor} "
+                    f"{result.paid.currency} minor units for invoice {invoice.number}, which a "
+                    "credit note had already paid; refund that payment, then resume billing"
+                )
+            canceled = canceled or result.canceled
+        with unit_of_work(self.session_factory) as session:
+            # ``invoice.paid``, once per invoice (its key), as for a paid charge; no receipt:
+            # nothing was charged.
+            event_log.invoice_event(session, invoice.id, EventType.INVOICE_PAID, self.clock.now())
+        return CancelInvoicePaymentResult(
+            paid=True,
+            paid_by_credit=True,
             payment_intent_id=intents[0] if intents else None,
             canceled=canceled,
         )
@@ -1106,6 +1224,16 @@ class BillingActivities:
 # ---------------------------------------------------------------------------- helpers ------
 
 
+#: How many times a charge attempt is prepared again when the invoice changes between its
+#: first read and the insert of the pending attempt (a credit note landed in between).
+_START_OVER_LIMIT = 5
+
+
+class _InvoiceChangedMeanwhile(Exception):
+    """The invoice (or its attempts) changed between the charge's read and its insert under
+    the customer's lock: prepare the attempt again."""
+
+
 def _require_invoice(session: Session, invoice_id: str) -> InvoiceRecord:
     invoice = invoices_repo.get_invoice(session, invoice_id)
     if invoice is None:
@@ -1164,11 +1292,15 @@ def _attempt_result(attempt: PaymentAttemptRecord) -> ChargeInvoiceResult:
         charge_id=attempt.stripe_charge_id,
         decline_code=attempt.decline_code,
         failure_message=attempt.failure_message,
+        amount_due_minor=attempt.amount_minor,
     )
 
 
 def _already_paid(
-    session: Session, invoice: InvoiceRecord, succeeded: PaymentAttemptRecord | None
+    session: Session,
+    invoice: InvoiceRecord,
+    succeeded: PaymentAttemptRecord | None,
+    attempt_number: int,
 ) -> ChargeInvoiceResult:
     payment = payments_repo.get_payment_for_invoice(session, invoice.id)
     if succeeded is None and payment is not None:
@@ -1178,7 +1310,16 @@ def _already_paid(
             if a.id == payment.attempt_id
         )
     if succeeded is None:
-        raise ChangeRefused(f"invoice {invoice.number} is paid but has no successful attempt")
+        # Paid with no charge of ours: a credit note (or the customer's balance) brought the
+        # amount due to 0. Nothing is sent; the workflow ends the collection (SettleByCredit).
+        return ChargeInvoiceResult(
+            outcome=ChargeOutcomeKind.PAID,
+            attempt_number=attempt_number,
+            idempotency_key=idempotency_key_for(invoice.id, attempt_number),
+            already_paid=True,
+            paid_by_credit=True,
+            amount_due_minor=invoice.amount_due_minor,
+        )
     result = _attempt_result(succeeded)
     result.already_paid = True
     result.payment_id = payment.id if payment is not None else None

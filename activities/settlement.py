@@ -33,10 +33,11 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError
 
 from billing.clock import Clock
+from billing.contracts import InvoiceCreditedInput, SubscriptionMessage, workflow_id_for
 from billing.credit_notes import RefundReason, RefundSource, refund_workflow_id_for
 from billing.errors import BillingError, NotFound
 from billing.payments import PaymentProviderError
-from billing.records import RefundRecord
+from billing.records import InvoiceRecord, RefundRecord
 from billing.refunds import ProviderRefund, RefundGateway, RefundRefused
 from billing.settlement import (
     ExecuteRefundInput,
@@ -235,9 +236,28 @@ async def start_refund_workflow(
     return workflow_id
 
 
+async def signal_invoice_credited(
+    client: Client, invoice: InvoiceRecord, credit_note_id: str
+) -> None:
+    """After a pre-payment credit note committed: tell the invoice's subscription workflow its
+    amount due (0: the credit paid it, and dunning stops now). True if Temporal took the
+    signal. A lost signal costs nothing but time: the workflow's next charge attempt reads the
+    invoice under the customer's lock, charges the lower amount or finds it paid. Raises what
+    the client raises (no such workflow, Temporal unreachable)."""
+    await client.get_workflow_handle(workflow_id_for(invoice.subscription_id)).signal(
+        SubscriptionMessage.INVOICE_CREDITED,
+        InvoiceCreditedInput(
+            invoice_id=invoice.id,
+            amount_due_minor=invoice.amount_due_minor,
+            credit_note_id=credit_note_id,
+        ),
+    )
+
+
 __all__ = [
     "AfterRefundHook",
     "RefundSweepActivities",
     "SettlementActivities",
+    "signal_invoice_credited",
     "start_refund_workflow",
 ]

@@ -1348,7 +1348,12 @@ class StripeGateway:
         return _provider_dispute(dispute)
 
     def update_payment_intent_amount(
-        self, *, payment_intent_id: str, amount_minor: int, currency: str
+        self,
+        *,
+        payment_intent_id: str,
+        amount_minor: int,
+        currency: str,
+        idempotency_key: str | None = None,
     ) -> int:
         """Set the amount of an invoice's PaymentIntent that has not succeeded (a pre-payment
         credit note lowered the invoice), so the next confirm takes the new amount
@@ -1356,12 +1361,17 @@ class StripeGateway:
         payment method, a confirmation or an action). Returns the amount Stripe now holds. An
         intent that succeeded or was canceled meanwhile is refused by Stripe
         (``payment_intent_unexpected_state``): PaymentProviderError, the caller reads it.
-        For the subscription workflow's follow-up (issue 12); unused until then."""
+        ``idempotency_key``: the charge attempt's (derived), so a re-drive of the attempt within
+        Stripe's 24 hours is answered with the first update's result."""
         if isinstance(amount_minor, bool) or amount_minor < 1:
             raise PaymentProviderError(f"a PaymentIntent amount is >= 1; got {amount_minor!r}")
+        if idempotency_key is not None:
+            _check_idempotency_key(idempotency_key)
         try:
             intent = self._client.v1.payment_intents.update(
-                payment_intent_id, params={"amount": amount_minor}
+                payment_intent_id,
+                params={"amount": amount_minor},
+                options={"idempotency_key": idempotency_key} if idempotency_key else {},
             )
         except stripe.StripeError as error:
             _raise_translated(

@@ -164,7 +164,7 @@ def credit_notes_create(
     """Issue a credit note on INVOICE_ID (as POST /v1/invoices/{id}/credit-notes): written
     with its refund pending, then the refund's workflow is started (the refund sweep starts it
     if Temporal does not answer)."""
-    from activities.settlement import start_refund_workflow
+    from activities.settlement import signal_invoice_credited, start_refund_workflow
     from billing.credit_notes import CreditNoteReason, CreditNoteRequest, LineRequest
     from billing.errors import BillingError, InvalidInput
     from billing.text import IDEMPOTENCY_KEY, REASON
@@ -211,6 +211,7 @@ def credit_notes_create(
                 key_scope="cli",
                 request_hash=hashlib.sha256(repr((invoice_id, request)).encode()).hexdigest(),
                 created_by="cli",
+                allow_open_invoices=True,
             )
     except InvalidInput as invalid:
         _fail(invalid.message)
@@ -218,8 +219,14 @@ def credit_notes_create(
         _fail(error.message, code=1)
     note = issued.credit_note
 
+    credited = note.type == "pre_payment" and issued.invoice is not None
+
     async def start() -> None:
         client = await connect_temporal(settings)
+        if credited:
+            assert issued.invoice is not None
+            # The subscription learns the lower amount due (0: paid, dunning stops now).
+            await signal_invoice_credited(client, issued.invoice, note.id)
         for pending in issued.refunds:
             if not pending.status.final:
                 await start_refund_workflow(
@@ -230,11 +237,12 @@ def credit_notes_create(
                 )
 
     try:
-        if any(not r.status.final for r in issued.refunds):
+        if credited or any(not r.status.final for r in issued.refunds):
             asyncio.run(start())
     except Exception as error:
         err_console.print(
-            f"the refund workflow could not be started now ({error}); the refund sweep starts it",
+            f"Temporal could not be told now ({error}); the refund sweep starts a refund's "
+            "workflow, and the subscription's next charge attempt reads the invoice's amount due",
             markup=False,
         )
     what = "issued" if issued.created else "already issued"
@@ -245,6 +253,14 @@ def credit_notes_create(
         markup=False,
         highlight=False,
     )
+    if credited:
+        assert issued.invoice is not None
+        console.print(
+            f"invoice {issued.invoice.number} is now due {issued.invoice.amount_due_minor} "
+            f"{issued.invoice.currency} ({issued.invoice.status.value})",
+            markup=False,
+            highlight=False,
+        )
 
 
 payouts_app = typer.Typer(help="Payouts and their reconciliation.", no_args_is_help=True)

@@ -1,10 +1,11 @@
 """What a subscription workflow does next: a pure function of its state and the time.
 
 The workflow asks ``decide(state, now, run)`` and carries out the typed step it gets back:
-sleep, bill a period, charge the open invoice, confirm an authenticated payment, take the
-final action, end, continue as new, or wait for a change or an operator. The dunning rules
-(which retry is due, how far apart automatic attempts must be, when retries run out) live here,
-where hypothesis can test them without a Temporal server.
+sleep, bill a period, charge the open invoice, confirm an authenticated payment, end the
+collection of an invoice a credit note paid, take the final action, end, continue as new, or
+wait for a change or an operator. The dunning rules (which retry is due, how far apart
+automatic attempts must be, when retries run out) live here, where hypothesis can test them
+without a Temporal server.
 
 Retry rules (``RetryRules.SPACED``, every run started since the money-safety change):
 
@@ -120,6 +121,12 @@ class Settle:
 
 
 @dataclass(frozen=True)
+class SettleByCredit:
+    """A credit note paid the open invoice (its amount due is 0): cancel its PaymentIntent so
+    nobody can pay it, and end its collection without charging."""
+
+
+@dataclass(frozen=True)
 class TakeFinalAction:
     """Retries ran out: the policy's final action."""
 
@@ -134,6 +141,7 @@ Step = (
     | Charge
     | ConfirmAuthenticated
     | Settle
+    | SettleByCredit
     | TakeFinalAction
 )
 
@@ -180,6 +188,9 @@ def collection_step(
     state: SubscriptionState, inv: OpenInvoice, now: datetime, run: RunFacts
 ) -> Step:
     """The next step for the open invoice ``inv``."""
+    if inv.paid_by_credit:
+        # Before anything else: no charge, no retry and no final action for a paid invoice.
+        return SettleByCredit()
     if inv.paid_attempt_number is not None:
         return Settle()
     if inv.attempts == 0:
@@ -256,6 +267,7 @@ __all__ = [
     "RetryRules",
     "RunFacts",
     "Settle",
+    "SettleByCredit",
     "SleepUntil",
     "Step",
     "TakeFinalAction",

@@ -203,6 +203,12 @@ class ChargeInvoiceResult:
     #: The settled payment, when the charge activity also settled the invoice (the usual
     #: case); None means the workflow settles it with ``settle_invoice``.
     payment_id: str | None = None
+    #: The invoice is paid without any charge of ours (a credit note, or the customer's
+    #: balance, brought its amount due to 0): nothing was sent, and there is nothing to settle.
+    paid_by_credit: bool = False
+    #: The amount this attempt charged, minor units (the invoice's amount due when it was
+    #: recorded); None in results recorded before the field.
+    amount_due_minor: int | None = None
 
 
 # ---- settle_invoice ------------------------------------------------------------------------
@@ -332,6 +338,9 @@ class CancelInvoicePaymentInput:
     invoice_id: str
     #: Why the invoice is being closed ("subscription_canceled", "dunning_exhausted").
     reason: str = ""
+    #: Only settle an invoice that is already paid (a credit note paid it): cancel its
+    #: PaymentIntent then; an invoice still open is left exactly as it is (``paid`` False).
+    only_if_paid: bool = False
 
 
 @dataclass
@@ -345,6 +354,8 @@ class CancelInvoicePaymentResult:
     attempt_number: int = 0
     #: The PaymentIntent was canceled at the provider (False: there was none to cancel).
     canceled: bool = False
+    #: ``paid`` without any charge of ours: a credit note (or the customer's balance) paid it.
+    paid_by_credit: bool = False
 
 
 # ---- record_invoice_payment ----------------------------------------------------------------
@@ -414,6 +425,7 @@ class SubscriptionMessage:
     RESUME_BILLING = "resume_billing"
     CHANGE_PLAN = "change_plan"
     CANCEL_PENDING_CHANGE = "cancel_pending_change"
+    INVOICE_CREDITED = "invoice_credited"
     GET_STATE = "get_state"
     PREVIEW_CHANGE = "preview_change"
 
@@ -567,6 +579,32 @@ class PaymentAuthenticatedInput:
             raise InvalidInput("payment_intent_id must not be empty", field="payment_intent_id")
         PROVIDER_ID.check(self.payment_intent_id, field="payment_intent_id")
         OUR_ID.check_optional(self.invoice_id, field="invoice_id")
+
+
+@dataclass
+class InvoiceCreditedInput:
+    """From the credit-note API or CLI, after the credit note committed: a pre-payment credit
+    note lowered the open invoice's amount due to ``amount_due_minor`` (minor units; 0: the
+    credit paid it, and dunning stops). The database is the truth: a lost signal only delays
+    what the next charge attempt finds there."""
+
+    invoice_id: str
+    amount_due_minor: int
+    credit_note_id: str | None = None
+
+    def check(self) -> None:
+        """InvalidInput for an id the database would refuse or a negative amount: the signal
+        handler drops such a signal."""
+        OUR_ID.check(self.invoice_id, field="invoice_id")
+        OUR_ID.check_optional(self.credit_note_id, field="credit_note_id")
+        if (
+            isinstance(self.amount_due_minor, bool)
+            or not isinstance(self.amount_due_minor, int)
+            or self.amount_due_minor < 0
+        ):
+            raise InvalidInput(
+                "amount_due_minor must be 0 or more minor units", field="amount_due_minor"
+            )
 
 
 def _check_payment_method_id(payment_method_id: str) -> None:

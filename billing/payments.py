@@ -213,6 +213,19 @@ class PaymentGateway(Protocol):
         TransientPaymentError (ask again later)."""
         ...
 
+    def update_payment_intent_amount(
+        self,
+        *,
+        payment_intent_id: str,
+        amount_minor: int,
+        currency: str,
+        idempotency_key: str | None = None,
+    ) -> int:
+        """Set the amount (minor units) of the invoice's PaymentIntent before it is confirmed
+        again (a credit note lowered the invoice). Returns the amount the provider now holds.
+        An intent that succeeded or was canceled is refused: PaymentProviderError."""
+        ...
+
     def settlement_details(
         self, *, payment_intent_id: str, charge_id: str | None
     ) -> SettlementDetails: ...

@@ -77,6 +77,9 @@ class OpenInvoice:
     paid_charge_id: str | None = None
     #: The plan change this invoice bills (None: a renewal).
     change_id: str | None = None
+    #: A credit note brought the amount due to 0 and paid the invoice (Stripe's pre-payment
+    #: credit note): collection ends without a charge, once its PaymentIntent is canceled.
+    paid_by_credit: bool = False
 
 
 class ChangeEffective(StrEnum):

@@ -50,6 +50,7 @@ with workflow.unsafe.imports_passed_through():
         RetryRules,
         RunFacts,
         Settle,
+        SettleByCredit,
         SleepUntil,
         Step,
         TakeFinalAction,
@@ -83,6 +84,7 @@ with workflow.unsafe.imports_passed_through():
         CreateInvoiceResult,
         EnqueueNotificationInput,
         EnqueueNotificationResult,
+        InvoiceCreditedInput,
         NoticeKind,
         OpenInvoiceView,
         PauseInput,
@@ -242,6 +244,7 @@ Change = (
     | PaymentAuthenticatedInput
     | ChangePlanInput
     | CancelPendingChangeInput
+    | InvoiceCreditedInput
 )
 #: What applying a change answers (signals answer None).
 ChangeResult = (
@@ -302,6 +305,10 @@ PATCH_CLEAR_AUTHENTICATION_WHEN_PAID = "clear-authentication-when-paid"
 #: Plan and quantity changes (issue 12). The marker is written where a change is applied, so a
 #: later revision of that path can tell runs that applied changes on this code.
 PATCH_PLAN_CHANGES = "plan-changes"
+#: Credit notes on open invoices (issue 13): the ``invoice_credited`` signal is acted on. A run
+#: recorded before its handler existed (a signal an older worker left unhandled) replays
+#: without it; every run that receives one on this code takes it.
+PATCH_OPEN_INVOICE_CREDIT = "open-invoice-credit"
 
 
 @dataclass
@@ -387,6 +394,13 @@ class SubscriptionWorkflow:
                 assert s.open_invoice is not None
                 inv = s.open_invoice
                 await self._guarded(f"settle invoice {inv.number}", self._settle(inv))
+            case SettleByCredit():
+                assert s.open_invoice is not None
+                inv = s.open_invoice
+                await self._guarded(
+                    f"close invoice {inv.number}, paid by a credit note",
+                    self._settle_by_credit(inv),
+                )
             case TakeFinalAction():
                 assert s.open_invoice is not None
                 inv = s.open_invoice
@@ -712,6 +726,14 @@ class SubscriptionWorkflow:
                 await self._drain_inbox()
                 if s.status == SubscriptionStatus.CANCELED or s.open_invoice is not inv:
                     return
+        if result.paid_by_credit:
+            # A credit note paid the invoice (its signal lost or not yet applied): nothing was
+            # sent to the provider. ``decide`` ends the collection next (SettleByCredit).
+            inv.paid_by_credit = True
+            return
+        if result.amount_due_minor is not None:
+            # A credit note may have lowered it since the invoice was issued.
+            inv.amount_minor = result.amount_due_minor
         inv.attempts = result.attempt_number
         inv.last_outcome = result.outcome.value
         inv.last_attempt_at = workflow.now()
@@ -802,10 +824,29 @@ class SubscriptionWorkflow:
             )
         await self._paid(inv, inv.paid_attempt_number)
 
-    async def _paid(self, inv: OpenInvoice, attempt_number: int) -> None:
-        """The open invoice's payment is recorded: collection is over."""
+    async def _settle_by_credit(self, inv: OpenInvoice) -> None:
+        """A credit note paid the open invoice: its PaymentIntent is canceled at the provider
+        (nobody can pay it afterwards), then collection ends, without a charge and without the
+        "payment succeeded" notice. An invoice the database still shows open (a stale signal)
+        goes on being collected."""
+        result: CancelInvoicePaymentResult = await _provider_activity(
+            ActivityName.CANCEL_INVOICE_PAYMENT,
+            CancelInvoicePaymentInput(
+                invoice_id=inv.invoice_id, reason="paid_by_credit_note", only_if_paid=True
+            ),
+            CancelInvoicePaymentResult,
+            task_queue=self._payments_task_queue,
+        )
+        if not result.paid:
+            inv.paid_by_credit = False
+            return
+        await self._paid(inv, result.attempt_number, notify=not result.paid_by_credit)
+
+    async def _paid(self, inv: OpenInvoice, attempt_number: int, *, notify: bool = True) -> None:
+        """The open invoice's payment is recorded: collection is over. ``notify``: False when
+        no payment was taken (a credit note paid it)."""
         s = self.state
-        recovered = inv.first_failure_at is not None
+        recovered = notify and inv.first_failure_at is not None
         s.open_invoice = None
         if s.authenticated_payment_intent_id is not None and workflow.patched(
             PATCH_CLEAR_AUTHENTICATION_WHEN_PAID
@@ -867,7 +908,7 @@ class SubscriptionWorkflow:
                 give_up=give_up,
             )
             if payment.paid:
-                await self._paid(inv, payment.attempt_number)
+                await self._paid(inv, payment.attempt_number, notify=not payment.paid_by_credit)
                 return None
         result: CloseInvoiceResult = await _db_activity(
             ActivityName.CLOSE_INVOICE,
@@ -1035,6 +1076,14 @@ class SubscriptionWorkflow:
                     plan_code=pending.plan.code,
                     quantity=pending.quantity,
                 )
+            case InvoiceCreditedInput():
+                credited = s.open_invoice
+                if credited is not None and credited.invoice_id == change.invoice_id:
+                    # Amounts due only go down: a late or repeated signal never raises it.
+                    credited.amount_minor = min(credited.amount_minor, change.amount_due_minor)
+                    if change.amount_due_minor == 0:
+                        credited.paid_by_credit = True
+                return None
             case PaymentAuthenticatedInput():
                 if s.open_invoice is not None and (
                     change.invoice_id is None or change.invoice_id == s.open_invoice.invoice_id
@@ -1105,7 +1154,9 @@ class SubscriptionWorkflow:
                 invalid.message, invalid.field, type="InvalidInput", non_retryable=True
             ) from None
 
-    def _enqueue_news(self, change: PaymentMethodChangedInput | PaymentAuthenticatedInput) -> None:
+    def _enqueue_news(
+        self, change: PaymentMethodChangedInput | PaymentAuthenticatedInput | InvoiceCreditedInput
+    ) -> None:
         """A signal's news, unless it carries text the database could not store (a signal
         cannot be refused; it is dropped with a warning instead)."""
         try:
@@ -1261,6 +1312,17 @@ class SubscriptionWorkflow:
 
     @workflow.signal(name=SubscriptionMessage.PAYMENT_AUTHENTICATED)
     def payment_authenticated(self, input: PaymentAuthenticatedInput) -> None:
+        self._enqueue_news(input)
+
+    @workflow.signal(name=SubscriptionMessage.INVOICE_CREDITED)
+    def invoice_credited(self, input: InvoiceCreditedInput) -> None:
+        """A credit note lowered the open invoice's amount due (to 0: it is paid). Queued
+        like any news: applied between steps, never during a charge."""
+        if self.state.status == SubscriptionStatus.CANCELED:
+            return
+        if not workflow.patched(PATCH_OPEN_INVOICE_CREDIT):
+            # Replaying a run whose worker did not know this signal: it was not acted on.
+            return
         self._enqueue_news(input)
 
     @workflow.query(name=SubscriptionMessage.GET_STATE)

@@ -24,7 +24,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, StrictInt
 
-from activities.settlement import start_refund_workflow
+from activities.settlement import signal_invoice_credited, start_refund_workflow
 from billing.api.auth import Caller, require_scope
 from billing.api.dependencies import get_deps, get_settings, require_json_body
 from billing.api.errors import ApiError
@@ -255,7 +255,8 @@ async def issue_credit_note(
     """Caps: every credit note of an invoice together at most its total (each line at most
     its amount); refunds at most what was captured minus what was refunded (here or
     elsewhere) minus what is disputed. Over a cap: 422 naming the field, nothing written.
-    An open invoice's credit note lowers its amount due (409 while a charge is in flight)."""
+    An open invoice's credit note lowers its amount due (409 while a charge is in flight);
+    one that brings it to 0 pays the invoice, and its dunning stops."""
     IDEMPOTENCY_KEY.check_optional(idempotency_key, field="Idempotency-Key")
     caller: Caller | None = getattr(request.state, "caller", None)
     request_hash = _request_hash(id, body)
@@ -271,10 +272,12 @@ async def issue_credit_note(
                 key_scope=caller.key_id if caller else "",
                 request_hash=request_hash,
                 created_by=caller.key_name if caller else None,
+                allow_open_invoices=True,
             )
 
     issued = await asyncio.to_thread(write)
     temporal = _temporal(request)
+    await _tell_subscription(temporal, issued)
     for refund in issued.refunds:
         if refund.status.final or temporal is None:
             continue
@@ -309,6 +312,28 @@ async def issue_credit_note(
             issued.credit_note.out_of_band_amount_minor,
         )
     return CreditNoteOut.of(issued.credit_note, issued.lines, issued.refunds)
+
+
+async def _tell_subscription(temporal: Any, issued: credit_notes_repo.IssuedCreditNote) -> None:
+    """A pre-payment credit note (a replay too: it re-sends a signal that may have been lost)
+    tells the invoice's subscription workflow its new amount due; 0 stops dunning now. A
+    signal Temporal does not confirm is not an error: the next charge attempt reads the
+    invoice (lower amount, or paid) under the customer's lock."""
+    note, invoice = issued.credit_note, issued.invoice
+    if note.type != "pre_payment" or invoice is None or temporal is None:
+        return
+    try:
+        await signal_invoice_credited(temporal, invoice, note.id)
+    except Exception as error:
+        logger.warning(
+            "credit note %s: invoice %s is due %d, and its subscription %s was not told (%s); "
+            "its next charge attempt reads it",
+            note.number,
+            invoice.id,
+            invoice.amount_due_minor,
+            invoice.subscription_id,
+            error,
+        )
 
 
 @router.post(

@@ -54,7 +54,7 @@ from db.models import (
 )
 from db.repositories import balances, disputes
 from db.repositories._rows import column_values, fetch_all, fetch_one, insert_or_get, select_rows
-from db.repositories.invoices import get_invoice, list_invoice_lines
+from db.repositories.invoices import get_invoice, list_invoice_lines, transition_invoice
 from db.repositories.payments import get_payment_for_invoice
 
 #: Refund statuses that still hold money against a payment's refundable amount.
@@ -243,6 +243,9 @@ class IssuedCreditNote:
     refunds: list[RefundRecord]
     #: False: the same Idempotency-Key (and request) found the note issued before.
     created: bool
+    #: The invoice as it is after the note (a pre-payment note: its lower amount due, and
+    #: ``paid`` when that reached 0).
+    invoice: InvoiceRecord | None = None
 
 
 def preview_credit_note(
@@ -261,6 +264,7 @@ def _issued(session: Session, note: CreditNoteRecord, created: bool) -> IssuedCr
         lines=list_credit_note_lines(session, note.id),
         refunds=list_refunds(session, credit_note_ids=[note.id]),
         created=created,
+        invoice=get_invoice(session, note.invoice_id),
     )
 
 
@@ -298,8 +302,11 @@ def issue_credit_note(
     another request under that key is IdempotencyConflict. Caps refused: InvalidInput.
 
     ``allow_open_invoices``: a credit note on an open invoice lowers its amount due (Stripe's
-    pre-payment credit note). Off by default: the subscription workflow must first learn the
-    lower amount (its open invoice and the PaymentIntent's amount) before callers turn it on."""
+    pre-payment credit note); one that brings it to 0 pays the invoice (``amount_paid`` 0). It
+    is refused while a charge attempt is in flight; the charge takes the same lock before it
+    records its pending attempt (``activities.billing.charge_invoice``), so it charges either
+    the old amount before the note or the new one after it, never the old one after it. The
+    caller tells the subscription workflow (``invoice_credited``) once this commits."""
     replay = _replay(session, key_scope, idempotency_key, request_hash)
     if replay is not None:
         return replay
@@ -317,8 +324,8 @@ def issue_credit_note(
         if not allow_open_invoices:
             raise ChangeRefused(
                 f"invoice {invoice.number} is open: a credit note would lower its amount due, "
-                "which its subscription workflow does not follow yet (it charges the amount it "
-                "holds); void the invoice, or credit it once it is paid"
+                "and this caller does not issue pre-payment credit notes; use the API or the "
+                "CLI, or credit it once it is paid"
             )
         _refuse_while_charging(session, invoice)
     plan = plan_credit_note(invoice_facts(session, invoice), request)
@@ -389,32 +396,59 @@ def issue_credit_note(
         assert payment is not None and payment.stripe_charge_id is not None  # the cap says so
         _insert_pending_refund(session, note, payment, plan.refund_amount_minor, at)
     if plan.amount_due_reduction_minor:
-        reduce_amount_due(session, invoice, plan.amount_due_reduction_minor)
+        lowered = reduce_amount_due(session, invoice, plan.amount_due_reduction_minor)
+        if lowered.amount_due_minor == 0:
+            # Stripe's behaviour: an invoice a credit note leaves owing nothing is paid (by the
+            # credit, amount_paid 0). Its PaymentIntent is canceled by its workflow.
+            transition_invoice(
+                session,
+                invoice.id,
+                to=InvoiceStatus.PAID,
+                at=at,
+                reason=f"paid by credit note {note.number}",
+                amount_paid_minor=0,
+            )
     return _issued(session, note, created=True)
 
 
 def _refuse_while_charging(session: Session, invoice: InvoiceRecord) -> None:
     """An open invoice whose charge is in flight (an attempt of unknown outcome, or waiting
     for the customer's authentication) cannot have its amount lowered: the provider would
-    take the old amount."""
-    waiting = session.execute(
-        select(PAYMENT_ATTEMPTS.c.attempt_number).where(
-            PAYMENT_ATTEMPTS.c.invoice_id == invoice.id,
-            PAYMENT_ATTEMPTS.c.status.in_(["pending", "requires_action"]),
+    take the old amount. Nor can one whose charge succeeded and is being recorded.
+
+    An attempt that waited for authentication no longer counts once a later attempt
+    confirmed the same PaymentIntent (a new card replaces the pending authentication)."""
+    rows = session.execute(
+        select(
+            PAYMENT_ATTEMPTS.c.attempt_number,
+            PAYMENT_ATTEMPTS.c.status,
+            PAYMENT_ATTEMPTS.c.stripe_payment_intent_id,
         )
-    ).first()
-    if waiting is not None:
-        raise ChangeRefused(
-            f"invoice {invoice.number} has charge attempt {waiting[0]} in flight (outcome "
-            "unknown or waiting for authentication); issue the credit note once it is answered"
+        .where(PAYMENT_ATTEMPTS.c.invoice_id == invoice.id)
+        .order_by(PAYMENT_ATTEMPTS.c.attempt_number)
+    ).all()
+    for position, (number, status, intent) in enumerate(rows):
+        if status == "succeeded":
+            raise ChangeRefused(
+                f"invoice {invoice.number} was charged (attempt {number}) and its payment is "
+                "being recorded; credit it once it is paid"
+            )
+        superseded = status == "requires_action" and any(
+            later[2] is not None and later[2] == intent for later in rows[position + 1 :]
         )
+        if status in ("pending", "requires_action") and not superseded:
+            raise ChangeRefused(
+                f"invoice {invoice.number} has charge attempt {number} in flight (outcome "
+                "unknown or waiting for authentication); issue the credit note once it is "
+                "answered"
+            )
 
 
 def reduce_amount_due(session: Session, invoice: InvoiceRecord, amount_minor: int) -> InvoiceRecord:
     """Lower an open invoice's amount due by ``amount_minor`` (a pre-payment credit note), by
     compare-and-set on (open, the amount read): a charge that settled meanwhile, or another
     writer, makes it refuse rather than lower a paid invoice. An invoice left owing nothing
-    stays open here: the subscription workflow closes it (see the report to the lead)."""
+    stays open here: ``issue_credit_note`` marks it paid."""
     if amount_minor > invoice.amount_due_minor:
         raise ChangeRefused(
             f"invoice {invoice.number} is due {invoice.amount_due_minor} minor units; it "

@@ -1,6 +1,6 @@
 """Credit notes in the database (SQLite and PostgreSQL): numbering per customer, the credit
 to the balance, and the pre-payment credit note on an open invoice (its lower amount due,
-compare-and-set, refused while a charge is in flight and until callers allow it)."""
+compare-and-set, paid at 0, refused while a charge is in flight and unless callers allow it)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,13 @@ from billing.errors import ChangeRefused, InvalidInput
 from billing.ids import new_id
 from billing.invoices import InvoiceStatus, invoice_prefix_for
 from billing.plans import Plan
-from billing.records import CustomerRecord, InvoiceRecord, PaymentAttemptRecord, SubscriptionRecord
+from billing.records import (
+    AttemptStatus,
+    CustomerRecord,
+    InvoiceRecord,
+    PaymentAttemptRecord,
+    SubscriptionRecord,
+)
 from billing.subscription import SubscriptionStatus
 from db.engine import unit_of_work
 from db.repositories import attempts as attempts_repo
@@ -115,7 +121,7 @@ def test_an_open_invoice_credit_note_lowers_the_amount_due_by_line_and_keeps_it_
     with unit_of_work(factory) as session:
         [line] = invoices_repo.list_invoice_lines(session, invoice.id)
 
-    with pytest.raises(ChangeRefused, match="subscription workflow does not follow yet"):
+    with pytest.raises(ChangeRefused, match="does not issue pre-payment credit notes"):
         issue(factory, invoice.id, amount_minor=100, allow=False)
     assert stored(factory, invoice.id).amount_due_minor == 3000
 
@@ -161,6 +167,93 @@ def test_an_open_invoice_with_a_charge_in_flight_is_not_lowered(
     with pytest.raises(ChangeRefused, match="charge attempt 1 in flight"):
         issue(factory, invoice.id, amount_minor=100)
     assert stored(factory, invoice.id).amount_due_minor == 3000
+
+
+def attempt(
+    factory: sessionmaker[Session],
+    invoice: InvoiceRecord,
+    number: int,
+    status: AttemptStatus,
+    intent: str | None = "pi_one",
+) -> None:
+    with unit_of_work(factory) as session:
+        attempts_repo.insert_pending_attempt(
+            session,
+            PaymentAttemptRecord(
+                id=new_id("pa"),
+                invoice_id=invoice.id,
+                attempt_number=number,
+                idempotency_key=f"{invoice.id}-attempt-{number}",
+                amount_minor=invoice.amount_due_minor,
+                currency="EUR",
+                reason="scheduled",
+                created_at=NOW,
+                stripe_payment_intent_id=intent,
+            ),
+        )
+        if status != AttemptStatus.PENDING:
+            found = attempts_repo.get_attempt(session, invoice.id, number)
+            assert found is not None
+            attempts_repo.record_attempt_outcome(
+                session,
+                found.id,
+                status=status,
+                outcome=None,
+                decline_code=None,
+                failure_message=None,
+                payment_intent_id=intent,
+                charge_id=None,
+                payment_method_id=None,
+                completed_at=NOW,
+            )
+
+
+def test_a_credit_note_that_brings_the_amount_due_to_0_pays_the_invoice(
+    factory: sessionmaker[Session],
+) -> None:
+    invoice = open_invoice(factory)
+    issue(factory, invoice.id, amount_minor=1000)
+    assert stored(factory, invoice.id).status == InvoiceStatus.OPEN
+    issued = issue(factory, invoice.id, amount_minor=2000)
+    paid = stored(factory, invoice.id)
+    assert (paid.status, paid.amount_due_minor, paid.amount_paid_minor, paid.paid_at) == (
+        InvoiceStatus.PAID,
+        0,
+        0,
+        NOW,
+    )
+    assert paid.status_reason == f"paid by credit note {issued.credit_note.number}"  # type: ignore[attr-defined]
+    assert issued.invoice == paid  # type: ignore[attr-defined]
+    # Nothing is left to credit, and no refund can come of it (nothing was captured).
+    with pytest.raises(ChangeRefused, match="fully credited"):
+        issue(factory, invoice.id, amount_minor=1)
+
+
+def test_a_charge_that_succeeded_or_waits_for_authentication_refuses_a_credit_note(
+    factory: sessionmaker[Session],
+) -> None:
+    succeeded = open_invoice(factory)
+    attempt(factory, succeeded, 1, AttemptStatus.SUCCEEDED)
+    with pytest.raises(ChangeRefused, match="was charged"):
+        issue(factory, succeeded.id, amount_minor=100)
+
+    waiting = open_invoice(factory)
+    attempt(factory, waiting, 1, AttemptStatus.REQUIRES_ACTION)
+    with pytest.raises(ChangeRefused, match="charge attempt 1 in flight"):
+        issue(factory, waiting.id, amount_minor=100)
+    # A new card confirmed the same intent again (declined): the authentication it waited for
+    # is gone, so the invoice can be credited.
+    attempt(factory, waiting, 2, AttemptStatus.FAILED)
+    issue(factory, waiting.id, amount_minor=100)
+    assert stored(factory, waiting.id).amount_due_minor == 2900
+
+    # An invoice charged before one intent per invoice: the other intent can still be paid.
+    legacy = open_invoice(factory)
+    attempt(factory, legacy, 1, AttemptStatus.REQUIRES_ACTION, intent="pi_first")
+    attempt(factory, legacy, 2, AttemptStatus.FAILED, intent="pi_second")
+    with pytest.raises(ChangeRefused, match="charge attempt 1 in flight"):
+        issue(factory, legacy.id, amount_minor=100)
+    assert stored(factory, legacy.id).amount_due_minor == 3000
 
 
 def test_numbers_follow_the_customer_and_credits_reach_the_balance_once(

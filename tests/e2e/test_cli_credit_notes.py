@@ -104,6 +104,32 @@ def test_finance_issues_lists_and_shows_a_credit_note_from_the_command_line(stac
     assert json.loads(shown.stdout)["out_of_band_amount_minor"] == 200
 
 
+@BOTH_BACKENDS
+def test_a_credit_note_on_an_open_invoice_lowers_its_amount_due_and_at_0_pays_it(
+    stack: Stack,
+) -> None:
+    seeded = seed_subscription(stack)
+    invoice = open_invoice(stack, seeded)
+
+    split = run(stack, "credit-notes", "create", invoice.invoice_id, "--refund", "100")
+    assert split.returncode == 2 and "refund_amount_minor" in split.stderr, split.stderr
+    lowered = run(stack, "credit-notes", "create", invoice.invoice_id, "--amount", "1000")
+    assert lowered.returncode == 0, lowered.stderr
+    assert f"invoice {invoice.number} is now due 1500 USD (open)" in lowered.stdout
+    # Nothing listens at the Temporal address: the subscription is not told, and says so; its
+    # next charge attempt reads the invoice.
+    assert "next charge attempt reads the invoice's amount due" in lowered.stderr
+    rest = run(stack, "credit-notes", "create", invoice.invoice_id, "--amount", "1500")
+    assert rest.returncode == 0, rest.stderr
+    assert f"invoice {invoice.number} is now due 0 USD (paid)" in rest.stdout
+    with unit_of_work(stack.session_factory) as session:
+        notes = credit_notes_repo.list_credit_notes(session, invoice_id=invoice.invoice_id)
+    assert [(n.type, n.amount_due_reduction_minor) for n in notes] == [
+        ("pre_payment", 1000),
+        ("pre_payment", 1500),
+    ]
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [

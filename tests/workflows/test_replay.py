@@ -52,6 +52,8 @@ def test_histories_are_recorded_for_every_scenario() -> None:
         "change_racing_the_renewal",
         "monthly_to_annual",
         "create_prorations_carries",
+        "credit_note_lowers_the_next_retry",
+        "lost_signal_leaves_the_next_retry",
     ):
         assert scenario in names, f"no recorded history for {scenario}; re-record (see docstring)"
 
