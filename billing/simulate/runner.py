@@ -591,7 +591,10 @@ class Simulation:
         h = self.harness
         assert self.customer_id is not None
         try:
-            pm = await h.to_thread_switch_card(self.customer_id, CARD_NUMBERS[action.card])
+            # The customer's own change at the provider: our records learn it from the webhook.
+            pm = await h.to_thread_switch_card(
+                self.customer_id, CARD_NUMBERS[action.card], as_the_bank=False
+            )
         except (PaymentMethodRejected, stripe.StripeError):
             # The provider's message names random ids; the timeline stays stable without them.
             self.actions.append(

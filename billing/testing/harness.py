@@ -297,19 +297,35 @@ class BillingHarness:
     async def to_thread_card(self, number: str) -> str:
         return await asyncio.to_thread(self.card, number)
 
-    async def to_thread_switch_card(self, customer_id: str, number: str) -> str:
-        return await asyncio.to_thread(self.switch_card_at_provider, customer_id, number)
+    async def to_thread_switch_card(
+        self, customer_id: str, number: str, *, as_the_bank: bool = True
+    ) -> str:
+        return await asyncio.to_thread(
+            self.switch_card_at_provider, customer_id, number, as_the_bank=as_the_bank
+        )
 
-    def switch_card_at_provider(self, customer_id: str, number: str) -> str:
-        """Replace the customer's default card *at the provider only*, as if the bank started
-        (or stopped) declining it. The workflow is not told: the next charge finds out."""
+    def switch_card_at_provider(
+        self, customer_id: str, number: str, *, as_the_bank: bool = True
+    ) -> str:
+        """Replace the customer's default card at the provider. ``as_the_bank`` (default): the
+        bank starts (or stops) declining the card we hold. localstripe cannot change a card's
+        behaviour, so a card that behaves so replaces it at the provider *and in our records*
+        (a charge takes the card from our records): the workflow is not told, and the next
+        charge finds out. ``as_the_bank=False``: the customer changed the card at the provider
+        (e.g. in Stripe's portal); our records learn it only from the customer.updated
+        webhook."""
         with unit_of_work(self.session_factory) as session:
             customer = customers_repo.get_customer(session, customer_id)
         assert customer is not None and customer.stripe_customer_id is not None
         pm = self.card(number)
-        self.stripe_gateway.attach_payment_method(
+        attached = self.stripe_gateway.attach_payment_method(
             provider_customer_id=customer.stripe_customer_id, payment_method_id=pm
         )
+        if as_the_bank:
+            with unit_of_work(self.session_factory) as session:
+                customers_repo.set_default_payment_method(
+                    session, customer_id, attached.payment_method_id
+                )
         return pm
 
     # ------------------------------------------------------------------------- handles ----

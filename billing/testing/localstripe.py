@@ -72,11 +72,14 @@ class LocalStripe:
         startup_timeout_seconds: float = 15.0,
         store: Path | None = None,
         log_path: Path | None = None,
+        log_arrivals: bool = False,
     ) -> None:
         """``store``: a file to load the store from at start and save it to after every write
         (the local stack resumes with it; each write costs time in proportion to the store);
         None keeps it in memory. ``log_path`` keeps its output in a file instead of a
-        temporary one."""
+        temporary one. ``log_arrivals``: each request's arrival instant to the microsecond in
+        that log too (``billing.testing.localstripe_server``)."""
+        self._log_arrivals = log_arrivals
         self._store = store
         self._log_path = log_path
         self._requested_port = port
@@ -134,6 +137,8 @@ class LocalStripe:
         args = [executable, "-m", "billing.testing.localstripe_server", "--port", str(port)]
         if self._store is not None:
             args += ["--store", str(self._store)]
+        if self._log_arrivals:
+            args.append("--log-arrivals")
         try:
             self._process = subprocess.Popen(
                 args,

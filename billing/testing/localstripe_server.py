@@ -13,6 +13,10 @@ that file is never read or written:
   start and written back after every write, atomically (a temporary file beside it, fsync,
   rename), so a crash mid-write leaves the previous store, never half of one.
 
+With ``--log-arrivals`` (benchmarks) every request also logs one line when it arrived, to the
+microsecond (``ARRIVED <unix seconds> <method> <path> <status>``): localstripe's access log
+has whole seconds only, too coarse to check a cap in every sliding one-second window.
+
 Everything else is localstripe's own server, unchanged: the requests, objects and answers.
 """
 
@@ -83,11 +87,47 @@ def parse_args(argv: Sequence[str]) -> tuple[Path | None, list[str]]:
     return (None if store is None else store.resolve()), theirs
 
 
+#: Prefix of the lines ``--log-arrivals`` writes.
+ARRIVAL_PREFIX = "ARRIVED "
+
+
+def log_arrivals(app: Any) -> None:
+    """Make ``app`` log each request's arrival instant (see the module doc), on stderr."""
+    import time
+
+    from aiohttp import web
+
+    @web.middleware
+    async def arrival(request: Any, handler: Any) -> Any:
+        arrived = time.time()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as error:
+            status = error.status
+            raise
+        finally:
+            print(
+                f"{ARRIVAL_PREFIX}{arrived:.6f} {request.method} {request.path} {status}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    app.middlewares.insert(0, arrival)  # outermost: the arrival before any other work
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    store_path, rest = parse_args(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    arrivals = "--log-arrivals" in args
+    store_path, rest = parse_args([a for a in args if a != "--log-arrivals"])
     from localstripe import resources  # only in the server process
     import billing.testing.localstripe_conformance  # noqa: F401  # isort: skip  (patches first)
-    from localstripe.server import start
+    from localstripe.server import app, start
+
+    if arrivals:
+        log_arrivals(app)
 
     if store_path is None:
         # The store is a dict subclass whose __setitem__/__delitem__ call dump_to_disk.
