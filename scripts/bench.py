@@ -431,10 +431,34 @@ def idle_steps(small: int, large: int) -> list[int]:
     return [*range(small + step, large, step), large][-4:]
 
 
-def bulk_pending_subscriptions(stack: Stack, n: int, anchor: datetime) -> list[str]:
+def bulk_pending_subscriptions(
+    stack: Stack,
+    n: int,
+    anchor: datetime,
+    stripe_ids: list[tuple[str, str]] | None = None,
+    *,
+    skip: int = 0,
+) -> list[str]:
     """``n`` customers with one pending ``basic-monthly`` subscription each, anchored at
-    ``anchor``, as signup writes them before starting the workflow. Returns their ids."""
+    ``anchor``, as signup writes them before starting the workflow. Returns their ids.
+    ``stripe_ids``: each customer's Stripe customer and card (from ``skip`` on), so it can be
+    charged; else a card id that is never charged (the anchor must be far away)."""
     tag = secrets.token_hex(4)
+    if stripe_ids is not None:
+        ids = bulk_pending_subscriptions(stack, n, anchor, skip=skip)
+        pairs = stripe_ids[skip : skip + n]
+        with stack.engine.begin() as connection:
+            connection.execute(
+                text(
+                    "UPDATE customers SET stripe_customer_id = :cus, "
+                    "default_payment_method_id = :pm WHERE id = :id"
+                ),
+                [
+                    {"cus": cus, "pm": pm, "id": "cus_" + sub.removeprefix("sub_")}
+                    for sub, (cus, pm) in zip(ids, pairs, strict=True)
+                ],
+            )
+        return ids
     now = datetime.now(UTC)
     params = {"n": n, "tag": tag, "anchor": anchor, "now": now}
     with stack.engine.begin() as connection:
@@ -992,6 +1016,177 @@ def stack_up() -> Iterator[Stack]:
             stack.close()
 
 
+# ------------------------------------------------------------------------ scale run --------
+
+#: Subscriptions due at one instant in each size of ``--scale`` (``--scale-sizes``).
+SCALE_SIZES = (1000, 3000, 10_000)
+#: A cap that does not bind: the engine, not the cap, is measured.
+SCALE_CAP_PER_S = 10_000.0
+
+
+def stripe_customers_with_cards(stripe: LocalStripe, n: int) -> list[tuple[str, str]]:
+    """``n`` Stripe customers, each with its own card as default: (customer id, card id)."""
+    from activities.stripe_gateway import StripeGateway, make_stripe_client
+
+    gateway = StripeGateway(
+        make_stripe_client(api_key="sk_test_bench", api_base=stripe.url), send_description=False
+    )
+    cards = create_cards(stripe, n)
+
+    def one(i: int) -> tuple[str, str]:
+        created = gateway.create_customer(
+            customer_id=f"scale-{i}-{secrets.token_hex(3)}",
+            email=None,
+            name=None,
+            payment_method_id=cards[i],
+        )
+        assert created.payment_method is not None
+        return created.provider_customer_id, created.payment_method.payment_method_id
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def database_size(stack: Stack) -> tuple[int, int]:
+    """Rows and bytes (tables, indexes and TOAST) of every table of the billing schema."""
+    with stack.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        tables = [
+            row[0]
+            for row in connection.execute(
+                text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            )
+        ]
+        rows = sum(
+            int(connection.execute(text(f'SELECT count(*) FROM "{t}"')).scalar_one())
+            for t in tables
+        )
+        size = int(
+            connection.execute(
+                text(
+                    "SELECT sum(pg_total_relation_size(quote_ident(tablename))) FROM pg_tables "
+                    "WHERE schemaname = 'public'"
+                )
+            ).scalar_one()
+        )
+    return rows, size
+
+
+async def history_events(client: Client, workflow_ids: list[str]) -> float:
+    """Mean history events per workflow (every run of it: continue-as-new included)."""
+    total = 0
+    for workflow_id in workflow_ids:
+        history = await client.get_workflow_handle(workflow_id).fetch_history()
+        total += len(history.events)
+    return total / len(workflow_ids)
+
+
+async def scale_size(n: int) -> dict[str, Any]:
+    """``n`` subscriptions due at one instant on a stack of their own: PostgreSQL, two
+    ``billing worker`` processes (each a billing and a payments worker) on one queue, the cap
+    at ``SCALE_CAP_PER_S``. All must be paid, each once."""
+    with stack_up() as stack:
+        client = await Client.connect(stack.temporal_address)
+        ls_log = stack.state / "localstripe-scale.log"
+        with LocalStripe(log_path=ls_log, log_arrivals=True) as stripe:
+            queue = f"scale-{secrets.token_hex(4)}"
+            workers = [stack.billing_worker(stripe, queue, SCALE_CAP_PER_S) for _ in range(2)]
+            signups = Signups(stack, client, stripe, queue)
+            try:
+                rows_before, bytes_before = await asyncio.to_thread(database_size, stack)
+                stripe_ids = await asyncio.to_thread(stripe_customers_with_cards, stripe, n + 50)
+                # Pilot: how fast workflows start here now, to place the due instant.
+                far = datetime.now(UTC) + timedelta(days=300)
+                pilot = await asyncio.to_thread(
+                    bulk_pending_subscriptions, stack, 50, far, stripe_ids[:50]
+                )
+                pilot_started = time.monotonic()
+                await gather_limited(50, 20, lambda i: signups.service.start_pending(pilot[i]))
+                due = await due_instant(pilot_started, 50, n, margin_s=15)
+                due = due.replace(microsecond=0) + timedelta(seconds=1)
+                ids = await asyncio.to_thread(
+                    bulk_pending_subscriptions, stack, n, due, stripe_ids, skip=50
+                )
+                await gather_limited(n, 20, lambda i: signups.service.start_pending(ids[i]))
+                if datetime.now(UTC) >= due:
+                    raise SystemExit(f"scale {n}: starting the workflows overran the due instant")
+                await wait_until_synced(
+                    stack, ids, timeout=max(0.0, (due - datetime.now(UTC)).total_seconds())
+                )
+                await asyncio.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds()))
+                deadline = time.monotonic() + 3600
+                while True:
+                    [(settled,)] = sql(
+                        stack,
+                        "SELECT count(*) FROM subscriptions WHERE id = ANY(:ids) "
+                        "AND status = 'active' AND current_period_start IS NOT NULL",
+                        ids=ids,
+                    )
+                    if settled == n:
+                        break
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"scale {n}: only {settled} settled")
+                    await asyncio.sleep(0.5)
+                rss = [round(w.rss_mb(), 1) for w in workers]
+                [(end, paid, invoices, attempts)] = sql(
+                    stack,
+                    "SELECT max(s.updated_at), count(DISTINCT i.id) FILTER "
+                    "(WHERE i.status = 'paid'), count(DISTINCT i.id), count(a.id) "
+                    "FROM subscriptions s JOIN invoices i ON i.subscription_id = s.id "
+                    "LEFT JOIN payment_attempts a ON a.invoice_id = i.id WHERE s.id = ANY(:ids)",
+                    ids=ids,
+                )
+                charges = [
+                    r
+                    for r in stripe_requests(ls_log)
+                    if r.path == "/v1/payment_intents" and r.at >= due.timestamp()
+                ]
+                rows_after, bytes_after = await asyncio.to_thread(database_size, stack)
+                sample = random.Random(n).sample(ids, min(50, n))
+                events = await history_events(client, [f"subscription-{i}" for i in sample])
+            finally:
+                signups.close()
+                for worker in workers:
+                    worker.stop()
+    seconds = end.timestamp() - due.timestamp()
+    per = n + 50  # the pilot's rows are in the database too
+    figures = {
+        "subscriptions": n,
+        "paid": paid,
+        "invoices": invoices,
+        "charge_attempts": attempts,
+        "stripe_charges": len(charges),
+        "all_paid_each_once": paid == invoices == attempts == len(charges) == n,
+        "wall_s": round(seconds, 2),
+        "cycles_per_s": round(n / seconds, 1),
+        "history_events_per_subscription": round(events, 1),
+        "db_rows_per_subscription": round((rows_after - rows_before) / per, 2),
+        "db_bytes_per_subscription": round((bytes_after - bytes_before) / per),
+        "worker_rss_mb": rss,
+    }
+    log(f"scale {n}: {json.dumps(figures)}")
+    return figures
+
+
+async def scale_run(sizes: list[int]) -> dict[str, Any]:
+    started = time.perf_counter()
+    rows = [await scale_size(n) for n in sizes]
+    return {
+        "scale": rows,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.platform()}",
+    }
+
+
+def scale_table(figures: dict[str, Any]) -> str:
+    keys = [k for k in figures["scale"][0] if k != "subscriptions"]
+    lines = [
+        f"{'subscriptions':<34}" + "".join(f"{r['subscriptions']:>16}" for r in figures["scale"])
+    ]
+    for key in keys:
+        lines.append(f"{key:<34}" + "".join(f"{r[key]!s:>16}" for r in figures["scale"]))
+    return "\n".join(lines)
+
+
 async def run(sizes: Sizes) -> dict[str, Any]:
     started = time.perf_counter()
     figures: dict[str, Any] = {}
@@ -1146,7 +1341,21 @@ def main() -> None:
     parser.add_argument(
         "--phases", default=",".join(PHASES), help=f"comma-separated subset of {PHASES}"
     )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="the scale run instead (not in CI): subscriptions due at one instant, per size",
+    )
+    parser.add_argument(
+        "--scale-sizes",
+        default=",".join(str(n) for n in SCALE_SIZES),
+        help="comma-separated sizes of --scale",
+    )
     args = parser.parse_args()
+    if args.scale:
+        scale_sizes = [int(n) for n in args.scale_sizes.split(",") if n.strip()]
+        print_figures(lambda: scale_run(scale_sizes), args.json, scale_table)
+        return
     base = QUICK if args.quick else DEFAULT
     sizes = Sizes(
         burst=args.burst or base.burst,
@@ -1165,18 +1374,26 @@ def main() -> None:
     unknown = sizes.phases - set(PHASES)
     if unknown:
         parser.error(f"unknown phases {sorted(unknown)}; choose from {', '.join(PHASES)}")
+    print_figures(lambda: run(sizes), args.json, table)
+
+
+def print_figures(
+    measure: Callable[[], Awaitable[dict[str, Any]]],
+    as_json: bool,
+    as_table: Callable[[dict[str, Any]], str],
+) -> None:
     # The Temporal SDK core and the child servers may write to file descriptor 1: send all of
     # it to stderr while measuring, so stdout holds the figures alone (--json parses).
     sys.stdout.flush()
     real_stdout = os.dup(1)
     os.dup2(2, 1)
     try:
-        figures = asyncio.run(run(sizes))
+        figures = asyncio.run(measure())  # type: ignore[arg-type]
     finally:
         sys.stdout.flush()
         os.dup2(real_stdout, 1)
         os.close(real_stdout)
-    print(json.dumps(figures, indent=2) if args.json else table(figures))
+    print(json.dumps(figures, indent=2) if as_json else as_table(figures))
 
 
 if __name__ == "__main__":
