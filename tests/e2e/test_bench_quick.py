@@ -72,8 +72,11 @@ def test_bench_quick_reports_every_figure() -> None:
     # customer's signup (its card created beforehand, as Stripe.js does).
     assert figures["stripe_requests_per_cycle_by_kind"] == {"POST /v1/payment_intents": 1.0}
     assert figures["signup_stripe_requests_by_kind"] == {"POST /v1/customers": 1.0}
-    assert figures["max_charge_rate_per_s"] <= figures["configured_charge_rate_per_s"]
-    assert figures["max_stripe_requests_per_s"] <= figures["configured_charge_rate_per_s"]
+    # Charges are among the requests. Whether the cap held at Stripe's end is a figure with a
+    # goal, not an assert: the pacer spaces the turns (tests/workflows/test_capped_burst.py),
+    # and a request that leaves late on a starved machine can share a window with one turn
+    # too many (docs/benchmarks.md, "The rate cap").
+    assert 0 < figures["max_charge_rate_per_s"] <= figures["max_stripe_requests_per_s"]
     assert figures["burst_cap_use"] == round(
         figures["billing_cycles_per_s"] / figures["configured_charge_rate_per_s"], 3
     )
