@@ -1088,6 +1088,8 @@ async def scale_size(n: int) -> dict[str, Any]:
     at ``SCALE_CAP_PER_S``. All must be paid, each once."""
     with stack_up() as stack:
         client = await Client.connect(stack.temporal_address)
+        # The baseline on this stack, just before: n bare timer+activity cycles at one instant.
+        bare = await with_retries(lambda f: bare_burst(stack, client, n, f))
         ls_log = stack.state / "localstripe-scale.log"
         with LocalStripe(log_path=ls_log, log_arrivals=True) as stripe:
             queue = f"scale-{secrets.token_hex(4)}"
@@ -1162,6 +1164,8 @@ async def scale_size(n: int) -> dict[str, Any]:
         "all_paid_each_once": paid == invoices == attempts == len(charges) == n,
         "wall_s": round(seconds, 2),
         "cycles_per_s": round(n / seconds, 1),
+        "bare_cycles_per_s": bare["bare_cycles_per_s"],
+        "ratio_to_bare": round(n / seconds / bare["bare_cycles_per_s"], 3),
         "history_events_per_subscription": round(events, 1),
         "db_rows_per_subscription": round((rows_after - rows_before) / per, 2),
         "db_bytes_per_subscription": round((bytes_after - bytes_before) / per),
