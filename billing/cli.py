@@ -290,6 +290,7 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
         max_cached_workflows=settings.worker_max_cached_workflows,
         graceful_shutdown_s=graceful_s,
         payments_task_queue=settings.payments_queue(),
+        max_concurrent_workflow_tasks=settings.worker_max_concurrent_workflow_tasks,
     )
     payments = _payments_worker(settings, client, deps)
     delivery = _delivery_worker(settings, client, deps)

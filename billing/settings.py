@@ -148,6 +148,11 @@ class Settings(BaseSettings):
     #: an evicted one replays its current run's history when it next wakes. A subscription
     #: sleeps for most of its life, so the cache bounds worker memory, not the book's size.
     worker_max_cached_workflows: int = Field(default=1000, ge=0, le=100_000)
+    #: Workflow tasks a worker runs at once (None: the Temporal SDK's default, 100). A due
+    #: subscription's task waits for its local activities (invoice, sync) on the
+    #: ``activity_threads``; a lower bound keeps further due tasks queued in Temporal instead
+    #: of waiting in the worker until the server's 10 s workflow-task timeout repeats them.
+    worker_max_concurrent_workflow_tasks: int | None = Field(default=None, ge=2, le=10_000)
 
     #: Where ``billing worker`` serves Prometheus metrics (``HOST:PORT``, scraped at
     #: ``http://HOST:PORT/metrics``): the Temporal SDK's worker metrics, the counter

@@ -314,6 +314,7 @@ def build_worker(
     max_cached_workflows: int = 1000,
     graceful_shutdown_s: float = 0.0,
     payments_task_queue: str | None = None,
+    max_concurrent_workflow_tasks: int | None = None,
 ) -> Worker:
     """``workflow_runner``: the sandbox by default; simulations pass
     ``UnsandboxedWorkflowRunner()`` to skip re-creating the sandbox for every run (the
@@ -356,6 +357,7 @@ def build_worker(
         max_concurrent_activities=activity_threads,
         workflow_runner=workflow_runner or SandboxedWorkflowRunner(),
         max_cached_workflows=max_cached_workflows,
+        max_concurrent_workflow_tasks=max_concurrent_workflow_tasks,
         # Running activities get this long to finish after shutdown starts, then are cancelled.
         graceful_shutdown_timeout=timedelta(seconds=graceful_shutdown_s),
     )

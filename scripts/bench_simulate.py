@@ -24,10 +24,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from billing.simulate.runner import run_scenario
+from temporalio import activity, workflow
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+
+from billing.simulate.runner import quiet_runtime, run_scenario
 from billing.simulate.scenario import parse_scenario
 from billing.simulate.timeline import Timeline
 
@@ -62,6 +69,81 @@ async def measure(data: dict[str, Any]) -> tuple[float, Timeline]:
     started = time.perf_counter()
     timeline = await run_scenario(scenario)
     return time.perf_counter() - started, timeline
+
+
+@dataclass
+class BareLoopInput:
+    #: Timer-plus-activity cycles to run, one after another.
+    cycles: int
+    #: Each timer's length, days. Time-skipped, so its length costs nothing; short, so even
+    #: the ten-year simulation's count of timers (dunning retries included) stays inside the
+    #: test server's default run timeout of 10 years.
+    every_days: int = 7
+
+
+@activity.defn(name="bare_sim_effect")
+def bare_sim_effect() -> None:
+    """The cycle's one effect: nothing (the baseline is Temporal's own cost)."""
+
+
+@workflow.defn(name="BareSimLoop")
+class BareLoopWorkflow:
+    """The bare simulation: the same number of timers and activities as a subscription's
+    simulation, and nothing else."""
+
+    @workflow.run
+    async def run(self, input: BareLoopInput) -> int:
+        for _ in range(input.cycles):
+            await workflow.sleep(timedelta(days=input.every_days))
+            await workflow.execute_activity(
+                bare_sim_effect, start_to_close_timeout=timedelta(seconds=60)
+            )
+        return input.cycles
+
+
+def cycles_of(timeline: Timeline) -> list[int]:
+    """Per subscription, the timer-plus-activity cycles its simulation ran: one per charge
+    attempt (a billing date or a dunning retry is a timer, then the charge activity)."""
+    return [
+        max(1, sum(len(invoice.attempts) for invoice in sub.invoices))
+        for sub in timeline.subscriptions
+    ]
+
+
+async def measure_bare(cycles: list[int]) -> float:
+    """Seconds for bare loops of ``cycles`` (one workflow each, all at once) on a time-skipping
+    test server, start-up included as in ``measure``: the same worker runner and activity
+    threads as the simulation (unsandboxed, 16 threads)."""
+    from billing.testing.harness import start_time_skipping_environment
+
+    started = time.perf_counter()
+    env = await start_time_skipping_environment(runtime=quiet_runtime())
+    try:
+        queue = f"bare-sim-{uuid.uuid4().hex[:8]}"
+        with ThreadPoolExecutor(16) as threads:
+            async with Worker(
+                env.client,
+                task_queue=queue,
+                workflows=[BareLoopWorkflow],
+                activities=[bare_sim_effect],
+                activity_executor=threads,
+                workflow_runner=UnsandboxedWorkflowRunner(),
+            ):
+                handles = [
+                    await env.client.start_workflow(
+                        BareLoopWorkflow.run,
+                        BareLoopInput(n),
+                        id=f"bare-sim-{i}-{uuid.uuid4().hex[:8]}",
+                        task_queue=queue,
+                    )
+                    for i, n in enumerate(cycles)
+                ]
+                # One at a time: gathering results can crash the time-skipping server.
+                for handle in handles:
+                    await handle.result()
+    finally:
+        await env.shutdown()
+    return time.perf_counter() - started
 
 
 def cli_seconds(data: dict[str, Any]) -> float:

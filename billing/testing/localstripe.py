@@ -77,11 +77,11 @@ class LocalStripe:
         """``store``: a file to load the store from at start and save it to after every write
         (the local stack resumes with it; each write costs time in proportion to the store);
         None keeps it in memory. ``log_path`` keeps its output in a file instead of a
-        temporary one. ``log_arrivals``: the output also has a line with the time each request
-        arrived, to the microsecond (``billing.testing.localstripe_server.ARRIVAL_LINE``)."""
+        temporary one. ``log_arrivals``: each request's arrival instant to the microsecond in
+        that log too (``billing.testing.localstripe_server``)."""
+        self._log_arrivals = log_arrivals
         self._store = store
         self._log_path = log_path
-        self._log_arrivals = log_arrivals
         self._requested_port = port
         self._startup_timeout_seconds = startup_timeout_seconds
         self._process: subprocess.Popen[bytes] | None = None

@@ -13,7 +13,9 @@ that file is never read or written:
   start and written back after every write, atomically (a temporary file beside it, fsync,
   rename), so a crash mid-write leaves the previous store, never half of one.
 
-``--log-arrivals`` writes a line with the time of each request as it arrives (``ARRIVAL_LINE``).
+With ``--log-arrivals`` (benchmarks) every request also logs one line when it arrived, to the
+microsecond (``ARRIVED <unix seconds> <method> <path> <status>``): localstripe's access log
+has whole seconds only, too coarse to check a cap in every sliding one-second window.
 
 Everything else is localstripe's own server, unchanged: the requests, objects and answers.
 """
@@ -76,49 +78,57 @@ def load_store(path: Path) -> dict[str, Any]:
     return loaded
 
 
-#: The line ``--log-arrivals`` writes for each request as it arrives, before localstripe
-#: handles it: ``arrived <Unix seconds, to the microsecond> <METHOD> <path>``. (The access log
-#: is written once the answer is ready, to the second.)
-ARRIVAL_LINE = "arrived {at:.6f} {method} {path}"
-
-
-def parse_args(argv: Sequence[str]) -> tuple[Path | None, bool, list[str]]:
-    """Our ``--store PATH`` and ``--log-arrivals``, and the arguments left for localstripe's
-    own parser."""
+def parse_args(argv: Sequence[str]) -> tuple[Path | None, list[str]]:
+    """Our ``--store PATH``, and the arguments left for localstripe's own parser."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--store", type=Path, default=None)
-    parser.add_argument("--log-arrivals", action="store_true")
     ours, theirs = parser.parse_known_args(argv)
     store: Path | None = ours.store
-    return (None if store is None else store.resolve()), bool(ours.log_arrivals), theirs
+    return (None if store is None else store.resolve()), theirs
 
 
-def _log_arrivals(app: Any) -> None:
-    """Write ``ARRIVAL_LINE`` to stdout for every request, first thing (benchmarks count the
-    charges the provider received in any sliding one-second window)."""
+#: Prefix of the lines ``--log-arrivals`` writes.
+ARRIVAL_PREFIX = "ARRIVED "
+
+
+def log_arrivals(app: Any) -> None:
+    """Make ``app`` log each request's arrival instant (see the module doc), on stderr."""
     import time
 
     from aiohttp import web
 
     @web.middleware
-    async def arrival(request: web.Request, handler: Any) -> web.StreamResponse:
-        line = ARRIVAL_LINE.format(at=time.time(), method=request.method, path=request.path)
-        print(line, flush=True)
-        response: web.StreamResponse = await handler(request)
-        return response
+    async def arrival(request: Any, handler: Any) -> Any:
+        arrived = time.time()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as error:
+            status = error.status
+            raise
+        finally:
+            print(
+                f"{ARRIVAL_PREFIX}{arrived:.6f} {request.method} {request.path} {status}",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    app.middlewares.insert(0, arrival)
+    app.middlewares.insert(0, arrival)  # outermost: the arrival before any other work
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    store_path, log_arrivals, rest = parse_args(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    arrivals = "--log-arrivals" in args
+    store_path, rest = parse_args([a for a in args if a != "--log-arrivals"])
     from localstripe import resources  # only in the server process
     import billing.testing.localstripe_conformance  # isort: skip  (patches first)
     import billing.testing.localstripe_settlement  # noqa: F401  # isort: skip  (patches first)
     from localstripe.server import app, start
 
-    if log_arrivals:
-        _log_arrivals(app)
+    if arrivals:
+        log_arrivals(app)
 
     if store_path is None:
         # The store is a dict subclass whose __setitem__/__delitem__ call dump_to_disk.

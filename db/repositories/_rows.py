@@ -1,4 +1,4 @@
-"""Shared plumbing: rows to records, records to column values, insert-once via savepoint."""
+"""Shared plumbing: rows to records, records to column values, insert-once."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Executable, Insert, Select, Table, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -42,17 +44,43 @@ def _insert_returning(table: Table) -> Insert:
     return insert(table).returning(*table.c)
 
 
+@functools.cache
+def _insert_unless_duplicate(table: Table, dialect: str) -> Insert | None:
+    """``INSERT ... ON CONFLICT DO NOTHING RETURNING *`` (PostgreSQL and SQLite), built once
+    per table; None on a database without it."""
+    if dialect == "postgresql":
+        return pg_insert(table).on_conflict_do_nothing().returning(*table.c)
+    if dialect == "sqlite":
+        return sqlite_insert(table).on_conflict_do_nothing().returning(*table.c)
+    return None
+
+
 def insert_or_get(
     session: Session, table: Table, record: R, lookup: Callable[[], R | None]
 ) -> tuple[R, bool]:
     """Insert ``record`` once: ``(stored row, True)``, or ``(existing row, False)`` when a
     unique constraint says it is already there (a retry, or a concurrent writer that won).
 
-    The INSERT runs in a SAVEPOINT, so a violation rolls back only the savepoint and the
-    caller's transaction carries on. ``lookup`` finds the row that won by its natural key; if
-    it finds nothing, the violation was something else (a CHECK or a foreign key) and the
-    IntegrityError propagates.
+    On PostgreSQL and SQLite one statement, ``INSERT ... ON CONFLICT DO NOTHING RETURNING``:
+    a unique constraint that holds the row already makes it return nothing (a concurrent
+    writer's row is waited for, then seen by ``lookup``), and the caller's transaction carries
+    on. One round trip instead of three (SAVEPOINT, INSERT, RELEASE): a billing cycle makes
+    several of these. Any other violation (a CHECK, a foreign key) raises as before.
+    Elsewhere the INSERT runs in a SAVEPOINT, so a violation rolls back only the savepoint.
+    ``lookup`` finds the row that won by its natural key.
     """
+    statement = _insert_unless_duplicate(table, session.get_bind().dialect.name)
+    if statement is not None:
+        inserted = session.execute(statement, column_values(record)).mappings().first()
+        if inserted is not None:
+            return type(record)(**inserted), True
+        existing = lookup()
+        if existing is None:
+            # A conflict that ``lookup`` does not cover (another unique column): the plain
+            # INSERT raises its IntegrityError, as the savepoint's path does.
+            again = session.execute(_insert_returning(table), column_values(record))
+            return type(record)(**again.mappings().one()), True
+        return existing, False
     try:
         with session.begin_nested():
             row = session.execute(_insert_returning(table), column_values(record)).mappings().one()

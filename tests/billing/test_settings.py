@@ -123,3 +123,14 @@ def test_the_stripe_timeouts_come_from_the_environment(monkeypatch: pytest.Monke
     assert (s.stripe_connect_timeout_s, s.stripe_read_timeout_s) == (2.0, 7.5)
     with pytest.raises(ValueError, match="greater than 0"):
         settings(stripe_read_timeout_s=0)
+
+
+def test_concurrent_workflow_tasks_default_to_the_sdk_and_need_two() -> None:
+    """Unset: the Temporal SDK's own default. Set: at least 2 (the SDK's floor: one sticky and
+    one normal poller), refused below with the setting's name."""
+    assert settings().worker_max_concurrent_workflow_tasks is None
+    assert (
+        settings(worker_max_concurrent_workflow_tasks=16).worker_max_concurrent_workflow_tasks == 16
+    )
+    with pytest.raises(ValueError, match="worker_max_concurrent_workflow_tasks"):
+        settings(worker_max_concurrent_workflow_tasks=1)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect, update
+from sqlalchemy import event, inspect, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.calendar import IntervalUnit
@@ -485,6 +488,70 @@ def test_a_retried_attempt_reuses_the_first_row_and_its_key(session: Session, fa
     assert attempts.insert_pending_attempt(session, retry) == (first, False)
     assert attempts.get_attempt(session, invoice.id, 1) == first
     assert attempts.get_attempt(session, invoice.id, 2) is None
+
+
+def test_a_duplicate_insert_leaves_the_transaction_usable(
+    session_factory: sessionmaker[Session], factory: Any
+) -> None:
+    """The duplicate is answered without aborting the caller's transaction (one statement,
+    ``ON CONFLICT DO NOTHING``, no savepoint): what follows in it still commits."""
+    with unit_of_work(session_factory) as session:
+        invoice = factory.invoice(session)
+        first = factory.attempt(session, invoice, 1)
+    with unit_of_work(session_factory) as session:
+        again = factory.attempt_record(invoice, 1, id=new_id("pa"))
+        assert attempts.insert_pending_attempt(session, again) == (first, False)
+        second = factory.attempt(session, invoice, 2)
+    with unit_of_work(session_factory) as session:
+        assert attempts.get_attempt(session, invoice.id, 2) == second
+
+
+def test_an_insert_once_is_one_statement(session: Session, factory: Any) -> None:
+    """A billing cycle makes several of these: one round trip each (no SAVEPOINT and
+    RELEASE around the INSERT), whether it inserts or finds the row there."""
+    invoice = factory.invoice(session)
+    sent: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement.split(None, 1)[0].upper())
+
+    bind = session.get_bind()
+    event.listen(bind, "before_cursor_execute", count)
+    try:
+        factory.attempt(session, invoice, 1)
+        assert sent == ["INSERT"]
+    finally:
+        event.remove(bind, "before_cursor_execute", count)
+
+
+def test_an_insert_that_breaks_another_rule_still_raises(session: Session, factory: Any) -> None:
+    """Only a unique constraint's duplicate is answered with the existing row: a foreign key
+    to nothing raises, as it did inside a savepoint."""
+    invoice = factory.invoice(session)
+    orphan = factory.attempt_record(invoice, 1, invoice_id="in_missing")
+    with pytest.raises(IntegrityError):
+        attempts.insert_pending_attempt(session, orphan)
+
+
+def test_twenty_concurrent_inserts_of_one_attempt_store_one(
+    session_factory: sessionmaker[Session], factory: Any
+) -> None:
+    with unit_of_work(session_factory) as session:
+        invoice = factory.invoice(session)
+    barrier = threading.Barrier(20)
+
+    def insert(_: int) -> tuple[str, bool]:
+        with unit_of_work(session_factory) as session:
+            barrier.wait(timeout=30)
+            record, created = attempts.insert_pending_attempt(
+                session, factory.attempt_record(invoice, 1, id=new_id("pa"))
+            )
+            return record.id, created
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(insert, range(20)))
+    assert sum(created for _, created in results) == 1
+    assert len({record_id for record_id, _ in results}) == 1
 
 
 def test_attempt_outcomes_are_recorded(session: Session, factory: Any) -> None:
