@@ -37,7 +37,9 @@ def invoice_object(session: Session, invoice: InvoiceRecord) -> dict[str, Any]:
     from billing.api.schemas import InvoiceOut
 
     payment = payments_repo.get_payment_for_invoice(session, invoice.id)
-    return InvoiceOut.of(invoice, payment).model_dump(mode="json")
+    # With its lines, as GET /v1/invoices/{id} shows it (written before any of its events).
+    lines = invoices_repo.list_invoice_lines(session, invoice.id)
+    return InvoiceOut.of(invoice, payment, lines).model_dump(mode="json")
 
 
 def _changed(before: SubscriptionRecord, after: SubscriptionRecord) -> bool:
