@@ -19,17 +19,16 @@ ApplicationError whose type names the domain error.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
 from activities import event_log
+from activities.errors import domain_errors_are_final
 from billing.business_events import EventType
 from billing.clock import Clock
 from billing.contracts import (
@@ -57,7 +56,7 @@ from billing.contracts import (
     SyncSubscriptionResult,
     idempotency_key_for,
 )
-from billing.errors import BillingError, ChangeRefused, NotFound
+from billing.errors import ChangeRefused, NotFound
 from billing.ids import change_invoice_id_for, invoice_id_for, new_id
 from billing.invoices import InvoiceLine, InvoiceLineKind, InvoiceStatus
 from billing.payments import (
@@ -94,7 +93,6 @@ from db.repositories import subscriptions as subscriptions_repo
 
 log = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
 
 #: TEST ONLY: called with (idempotency key, re-driven?) after the provider answered a charge and
 #: before that answer is written down, the one instant where a crash leaves money taken with
@@ -119,26 +117,6 @@ _ATTEMPT_STATUS: dict[ChargeOutcomeKind, AttemptStatus] = {
     ChargeOutcomeKind.HARD_DECLINE: AttemptStatus.FAILED,
     ChargeOutcomeKind.AUTHENTICATION_REQUIRED: AttemptStatus.REQUIRES_ACTION,
 }
-
-
-def _domain_errors_are_final(fn: F) -> F:
-    """Domain errors become non-retryable ApplicationErrors typed by the error's class name;
-    a provider misconfiguration too. Everything else propagates and is retried."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except BillingError as error:
-            raise ApplicationError(
-                error.message, type=type(error).__name__, non_retryable=True
-            ) from error
-        except PaymentProviderError as error:
-            raise ApplicationError(
-                str(error), type="PaymentProviderError", non_retryable=True
-            ) from error
-
-    return wrapper  # type: ignore[return-value]
 
 
 class BillingActivities:
@@ -175,7 +153,7 @@ class BillingActivities:
     # ---------------------------------------------------------------- subscription mirror --
 
     @activity.defn(name=ActivityName.SYNC_SUBSCRIPTION)
-    @_domain_errors_are_final
+    @domain_errors_are_final
     def sync_subscription(self, input: SyncSubscriptionInput) -> SyncSubscriptionResult:
         with unit_of_work(self.session_factory) as session:
             before = subscriptions_repo.get_subscription(session, input.subscription_id)
@@ -205,7 +183,7 @@ class BillingActivities:
     # ---------------------------------------------------------------------------- invoices --
 
     @activity.defn(name=ActivityName.CREATE_INVOICE)
-    @_domain_errors_are_final
+    @domain_errors_are_final
     def create_invoice(self, input: CreateInvoiceInput) -> CreateInvoiceResult:
         """Create the period's invoice, finalized; idempotent per (subscription, period)."""
         with unit_of_work(self.session_factory) as session:
@@ -256,7 +234,7 @@ class BillingActivities:
             return _invoice_result(invoice, created=created)
 
     @activity.defn(name=ActivityName.CREATE_CHANGE_INVOICE)
-    @_domain_errors_are_final
+    @domain_errors_are_final
     def create_change_invoice(self, input: CreateChangeInvoiceInput) -> CreateInvoiceResult:
         """Issue the invoice of one plan change, finalized; idempotent per change (its own
         key, so it never collides with the period's renewal, even at the same instant)."""
@@ -312,7 +290,7 @@ class BillingActivities:
             return _invoice_result(invoice, created=created)
 
     @activity.defn(name=ActivityName.CLOSE_INVOICE)
-    @_domain_errors_are_final
+    @domain_errors_are_final
     def close_invoice(self, input: CloseInvoiceInput) -> CloseInvoiceResult:
         if input.status not in (InvoiceStatus.VOID, InvoiceStatus.UNCOLLECTIBLE):
             raise ChangeRefused(
@@ -342,7 +320,7 @@ class BillingActivities:
     # ----------------------------------------------------------------------------- charges --
 
     @activity.defn(name=ActivityName.CHARGE_INVOICE)
-    @_domain_errors_are_final
+    @domain_errors_are_final
     def charge_invoice(self, input: ChargeInvoiceInput) -> ChargeInvoiceResult:
         """One charge attempt of an open invoice, off-session, on the customer's default
         payment method. Declines are returned; provider outages raise and are retried.
@@ -729,7 +707,7 @@ class BillingActivities:
             return None
 
     @activity.defn(name=ActivityName.SETTLE_INVOICE)
-    @_domain_errors_are_final
+    @domain_errors_are_final
     def settle_invoice(self, input: SettleInvoiceInput) -> SettleInvoiceResult:
         """Record the settled payment (amount, fee, net) and mark the invoice paid."""
         with unit_of_work(self.session_factory) as session:
@@ -830,7 +808,7 @@ class BillingActivities:
         return payment
 
     @activity.defn(name=ActivityName.CONFIRM_AUTHENTICATED_PAYMENT)
-    @_domain_errors_are_final
+    @domain_errors_are_final
     def confirm_authenticated_payment(
         self, input: ConfirmAuthenticatedPaymentInput
     ) -> ConfirmAuthenticatedPaymentResult:
@@ -949,7 +927,7 @@ class BillingActivities:
         )
 
     @activity.defn(name=ActivityName.CANCEL_INVOICE_PAYMENT)
-    @_domain_errors_are_final
+    @domain_errors_are_final
     def cancel_invoice_payment(
         self, input: CancelInvoicePaymentInput
     ) -> CancelInvoicePaymentResult:
@@ -1071,7 +1049,7 @@ class BillingActivities:
         )
 
     @activity.defn(name=ActivityName.RECORD_INVOICE_PAYMENT)
-    @_domain_errors_are_final
+    @domain_errors_are_final
     def record_invoice_payment(
         self, input: RecordInvoicePaymentInput
     ) -> RecordInvoicePaymentResult:
@@ -1152,7 +1130,7 @@ class BillingActivities:
     # ----------------------------------------------------------------- customers & notices --
 
     @activity.defn(name=ActivityName.ATTACH_PAYMENT_METHOD)
-    @_domain_errors_are_final
+    @domain_errors_are_final
     def attach_payment_method(self, input: AttachPaymentMethodInput) -> AttachPaymentMethodResult:
         with unit_of_work(self.session_factory) as session:
             customer = customers_repo.get_customer(session, input.customer_id)
@@ -1200,7 +1178,7 @@ class BillingActivities:
         )
 
     @activity.defn(name=ActivityName.ENQUEUE_NOTIFICATION)
-    @_domain_errors_are_final
+    @domain_errors_are_final
     def enqueue_notification(self, input: EnqueueNotificationInput) -> EnqueueNotificationResult:
         """Write a customer notice to the outbox; a sender delivers it (at most once per key)."""
         with unit_of_work(self.session_factory) as session:

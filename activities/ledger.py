@@ -4,24 +4,21 @@ reconciliation of charges. Reads only at the provider; every write is keyed by S
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import ApplicationError
 
+from activities.errors import domain_errors_are_final
 from billing.charge_reconciliation import UNKNOWN_OUTCOME_AFTER, reconcile_charge
 from billing.clock import Clock
-from billing.errors import BillingError
 from billing.ids import new_id
 from billing.ledger import LedgerGateway, ProviderBalanceTransaction, ProviderPayout
-from billing.payments import PaymentProviderError
 from billing.records import ReconciliationFindingRecord
 from billing.settlement import (
     ImportPayoutInput,
@@ -40,25 +37,6 @@ from db.repositories import ledger as ledger_repo
 
 log = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _domain_errors_are_final(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except BillingError as error:
-            raise ApplicationError(
-                error.message, type=type(error).__name__, non_retryable=True
-            ) from error
-        except PaymentProviderError as error:
-            raise ApplicationError(
-                str(error), type="PaymentProviderError", non_retryable=True
-            ) from error
-
-    return wrapper  # type: ignore[return-value]
-
 
 class LedgerActivities:
     def __init__(
@@ -72,7 +50,7 @@ class LedgerActivities:
         return [self.import_payout, self.sync_ledger, self.reconcile_charges]
 
     @activity.defn(name=LedgerActivityName.IMPORT_PAYOUT)
-    @_domain_errors_are_final
+    @domain_errors_are_final
     def import_payout(self, input: ImportPayoutInput) -> ImportPayoutResult:
         """The payout as Stripe holds it, and (automatic payouts) every balance transaction it
         paid out, into the ledger and the payout's items, in one transaction."""
@@ -112,7 +90,7 @@ class LedgerActivities:
         return new
 
     @activity.defn(name=LedgerActivityName.SYNC_LEDGER)
-    @_domain_errors_are_final
+    @domain_errors_are_final
     def sync_ledger(self, input: SyncLedgerInput) -> SyncLedgerResult:
         """Stripe's payouts and balance transactions of the last ``days`` days: what a lost
         or late webhook did not bring."""
@@ -127,7 +105,7 @@ class LedgerActivities:
         return SyncLedgerResult(payouts=len(payouts), new_ledger_entries=new)
 
     @activity.defn(name=LedgerActivityName.RECONCILE_CHARGES)
-    @_domain_errors_are_final
+    @domain_errors_are_final
     def reconcile_charges(self, input: ReconcileChargesInput) -> ReconcileChargesResult:
         """The provider's charges of the last ``days`` days against our attempts and payments,
         and our attempts still of unknown outcome; each finding recorded once with its

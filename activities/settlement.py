@@ -19,24 +19,22 @@ A refund follows the charge's crash-proof discipline:
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import ApplicationError
 
+from activities.errors import domain_errors_are_final
 from billing.clock import Clock
 from billing.contracts import InvoiceCreditedInput, SubscriptionMessage, workflow_id_for
 from billing.credit_notes import RefundReason, RefundSource, refund_workflow_id_for
-from billing.errors import BillingError, NotFound
-from billing.payments import PaymentProviderError
+from billing.errors import NotFound
 from billing.records import InvoiceRecord, RefundRecord
 from billing.refunds import ProviderRefund, RefundGateway, RefundRefused
 from billing.settlement import (
@@ -54,29 +52,11 @@ from db.repositories import credit_notes as credit_notes_repo
 
 log = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
 
 #: TEST ONLY: called with the refund's key after the provider answered its create and before
 #: that answer is written down (the instant a crash leaves a refund made with only a pending
 #: row to show for it). Tests and fault-injection runs kill the worker here.
 AfterRefundHook = Callable[[str], None]
-
-
-def _domain_errors_are_final(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except BillingError as error:
-            raise ApplicationError(
-                error.message, type=type(error).__name__, non_retryable=True
-            ) from error
-        except PaymentProviderError as error:
-            raise ApplicationError(
-                str(error), type="PaymentProviderError", non_retryable=True
-            ) from error
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _result(refund: RefundRecord) -> ExecuteRefundResult:
@@ -107,7 +87,7 @@ class SettlementActivities:
         return [self.execute_refund]
 
     @activity.defn(name=SettlementActivityName.EXECUTE_REFUND)
-    @_domain_errors_are_final
+    @domain_errors_are_final
     def execute_refund(self, input: ExecuteRefundInput) -> ExecuteRefundResult:
         """Carry the refund one step towards its end (see the module docstring)."""
         with unit_of_work(self.session_factory) as session:
