@@ -264,7 +264,6 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
         build_dependencies,
         build_worker,
         ensure_refund_sweeper,
-        ensure_settlement_schedule,
         ensure_signup_sweeper,
         metrics_runtime,
         report_needs_attention,
@@ -299,9 +298,7 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
     await ensure_signup_sweeper(client, task_queue=settings.task_queue)
     await _ensure_dispatcher(settings, client)
     await ensure_refund_sweeper(client, task_queue=settings.task_queue)
-    await ensure_settlement_schedule(
-        client, task_queue=settings.task_queue, payments_task_queue=settings.payments_queue()
-    )
+    await _ensure_settlement_schedule(settings, client)
     console.print(
         f"[green]worker running[/green] on task queues {settings.task_queue!r} and "
         f"{settings.payments_queue()!r} (provider calls, at most "
@@ -390,6 +387,28 @@ def _delivery_worker(settings: Settings, client: Client, deps: object) -> Worker
     )
 
 
+async def _ensure_settlement_schedule(settings: Settings, client: Client) -> None:
+    """The daily settlement Schedule, made sure of by every worker. A Temporal server without
+    Schedules (the time-skipping test server) does not stop the worker from billing: it is
+    told, and the sync can be run by hand (``billing payouts sync``)."""
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from billing.worker import ensure_settlement_schedule
+
+    try:
+        await ensure_settlement_schedule(
+            client, task_queue=settings.task_queue, payments_task_queue=settings.payments_queue()
+        )
+    except RPCError as error:
+        if error.status != RPCStatusCode.UNIMPLEMENTED:
+            raise
+        err_console.print(
+            "[yellow]this Temporal server has no Schedules[/yellow]: the daily settlement "
+            "sync and charge reconciliation will not run by themselves; run "
+            "`billing payouts sync` instead"
+        )
+
+
 async def _ensure_dispatcher(settings: Settings, client: Client) -> None:
     from billing.delivery import DispatcherInput
     from billing.worker import ensure_delivery_dispatcher
@@ -438,7 +457,6 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
         build_worker,
         connect_temporal,
         ensure_refund_sweeper,
-        ensure_settlement_schedule,
         ensure_signup_sweeper,
     )
 
@@ -461,9 +479,7 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
         await ensure_signup_sweeper(client, task_queue=settings.task_queue)
         await _ensure_dispatcher(settings, client)
         await ensure_refund_sweeper(client, task_queue=settings.task_queue)
-        await ensure_settlement_schedule(
-            client, task_queue=settings.task_queue, payments_task_queue=settings.payments_queue()
-        )
+        await _ensure_settlement_schedule(settings, client)
         console.print(f"[green]worker running[/green] on task queue {settings.task_queue!r}")
         api_ready = asyncio.Event()
         api_task = asyncio.create_task(

@@ -5,7 +5,7 @@ triggered, it runs SettlementSyncWorkflow, whose charge reconciliation records i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from temporalio.client import ScheduleOverlapPolicy
@@ -18,6 +18,15 @@ from billing.testing.localstripe import LocalStripe
 from billing.worker import ensure_settlement_schedule
 from db.engine import unit_of_work
 from db.repositories import ledger as ledger_repo
+
+
+@pytest.fixture
+def localstripe() -> Iterator[LocalStripe]:
+    """An account of its own: the reconciliation lists every charge on the account, and the
+    session's shared localstripe holds every other test's charges (in a full run, thousands:
+    more than the run gets done in the time this test waits)."""
+    with LocalStripe() as server:
+        yield server
 
 
 @pytest.fixture
@@ -76,7 +85,7 @@ async def test_the_daily_schedule_runs_the_settlement_sync_and_records_findings(
                     if f.kind == "foreign_charge"
                 ]
 
-        for _ in range(200):
+        for _ in range(600):
             if foreign.charge_id in found():
                 break
             await asyncio.sleep(0.1)
