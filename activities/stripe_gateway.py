@@ -1328,14 +1328,9 @@ class StripeGateway:
 
     def _charge_refunds(self, charge_id: str) -> list[ProviderRefund]:
         params: RefundListParams = {"charge": charge_id, "limit": _PAGE_LIMIT}
-        found: list[ProviderRefund] = []
         try:
-            while True:
-                page = self._client.v1.refunds.list(params=params)
-                found.extend(_provider_refund(refund) for refund in page.data)
-                if not page.has_more or not page.data:
-                    return found
-                params["starting_after"] = page.data[-1].id
+            pages = self._client.v1.refunds.list(params=params).auto_paging_iter()
+            return [_provider_refund(refund) for refund in pages]
         except stripe.StripeError as error:
             _raise_translated(error, operation=f"listing the refunds of charge {charge_id}")
 
@@ -1404,14 +1399,9 @@ class StripeGateway:
             params["payout"] = payout_id
         if created_from is not None:
             params["created"] = {"gte": int(created_from.timestamp())}
-        found: list[ProviderBalanceTransaction] = []
         try:
-            while True:
-                page = self._client.v1.balance_transactions.list(params=params)
-                found.extend(_provider_balance_transaction(txn) for txn in page.data)
-                if not page.has_more or not page.data:
-                    return found
-                params["starting_after"] = page.data[-1].id
+            pages = self._client.v1.balance_transactions.list(params=params).auto_paging_iter()
+            return [_provider_balance_transaction(txn) for txn in pages]
         except stripe.StripeError as error:
             _raise_translated(error, operation="listing balance transactions")
 
@@ -1426,14 +1416,9 @@ class StripeGateway:
         params: PayoutListParams = {"limit": _PAGE_LIMIT}
         if created_from is not None:
             params["created"] = {"gte": int(created_from.timestamp())}
-        found: list[ProviderPayout] = []
         try:
-            while True:
-                page = self._client.v1.payouts.list(params=params)
-                found.extend(_provider_payout(payout) for payout in page.data)
-                if not page.has_more or not page.data:
-                    return found
-                params["starting_after"] = page.data[-1].id
+            pages = self._client.v1.payouts.list(params=params).auto_paging_iter()
+            return [_provider_payout(payout) for payout in pages]
         except stripe.StripeError as error:
             _raise_translated(error, operation="listing payouts")
 
@@ -1447,28 +1432,23 @@ class StripeGateway:
             # never learnt the intent (an answer lost): that is the late success to find.
             "expand": ["data.payment_intent"],
         }
-        found: list[ProviderCharge] = []
         try:
-            while True:
-                page = self._client.v1.charges.list(params=params)
-                found.extend(
-                    ProviderCharge(
-                        charge_id=str(charge.id),
-                        payment_intent_id=_expandable_id(_get(charge, "payment_intent")),
-                        amount_minor=int(charge.amount),
-                        currency=str(charge.currency).upper(),
-                        succeeded=_get(charge, "status") == "succeeded",
-                        customer_id=_expandable_id(_get(charge, "customer")),
-                        created=_timestamp(_get(charge, "created")),
-                        invoice_id=_metadata_of(_get(charge, "payment_intent")).get("invoice_id")
-                        if not isinstance(_get(charge, "payment_intent"), str)
-                        else None,
-                    )
-                    for charge in page.data
+            pages = self._client.v1.charges.list(params=params).auto_paging_iter()
+            return [
+                ProviderCharge(
+                    charge_id=str(charge.id),
+                    payment_intent_id=_expandable_id(_get(charge, "payment_intent")),
+                    amount_minor=int(charge.amount),
+                    currency=str(charge.currency).upper(),
+                    succeeded=_get(charge, "status") == "succeeded",
+                    customer_id=_expandable_id(_get(charge, "customer")),
+                    created=_timestamp(_get(charge, "created")),
+                    invoice_id=_metadata_of(_get(charge, "payment_intent")).get("invoice_id")
+                    if not isinstance(_get(charge, "payment_intent"), str)
+                    else None,
                 )
-                if not page.has_more or not page.data:
-                    return found
-                params["starting_after"] = page.data[-1].id
+                for charge in pages
+            ]
         except stripe.StripeError as error:
             _raise_translated(error, operation="listing charges")
 

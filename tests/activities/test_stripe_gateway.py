@@ -1557,3 +1557,38 @@ def test_no_stripe_try_starts_that_could_outlive_its_activity_attempt(
     with pytest.raises(TransientPaymentError, match="safe to retry"):
         _with_time_left(50.0).run(gateway.default_payment_method, provider_customer_id="cus_1")
     assert len(silent_server.accepted) == 3
+
+
+def test_list_payouts_reads_every_page_with_the_same_filter() -> None:
+    """The SDK's auto-pagination follows ``has_more`` with ``starting_after`` and keeps the
+    filter: a reconciliation that stopped at the first page would miss payouts."""
+
+    def payout(payout_id: str) -> dict[str, Any]:
+        return {
+            "id": payout_id,
+            "object": "payout",
+            "amount": 1000,
+            "currency": "usd",
+            "status": "paid",
+            "automatic": True,
+            "created": _SINCE_TS,
+        }
+
+    page = {"object": "list", "url": "/v1/payouts"}
+    transport = ScriptedHTTPClient(
+        (200, {**page, "has_more": True, "data": [payout("po_1"), payout("po_2")]}),
+        (200, {**page, "has_more": False, "data": [payout("po_3")]}),
+    )
+    gateway = StripeGateway(
+        make_stripe_client(
+            api_key="sk_test_x", api_base=None, max_network_retries=0, http_client=transport
+        )
+    )
+
+    found = gateway.list_payouts(created_from=_SINCE)
+
+    assert [p.payout_id for p in found] == ["po_1", "po_2", "po_3"]
+    first, second = (_query(sent) for sent in transport.sent)
+    assert first[2]["created[gte]"] == [str(_SINCE_TS)]
+    assert second[2]["starting_after"] == ["po_2"]
+    assert second[2]["created[gte]"] == [str(_SINCE_TS)]
