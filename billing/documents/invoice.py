@@ -374,8 +374,8 @@ _LABELS: dict[str, dict[str, str]] = {
 }
 
 
-#: Credit note reasons and refund statuses in the document's language (the code itself where
-#: there is no translation).
+#: Invoice statuses, credit note reasons and refund statuses in the document's language (the
+#: code itself where there is no translation).
 _TERMS: dict[str, dict[str, str]] = {
     "en": {
         "duplicate": "duplicate",
@@ -387,6 +387,11 @@ _TERMS: dict[str, dict[str, str]] = {
         "succeeded": "succeeded",
         "failed": "failed",
         "canceled": "canceled",
+        "draft": "draft",
+        "open": "open",
+        "paid": "paid",
+        "void": "void",
+        "uncollectible": "uncollectible",
     },
     "fr": {
         "duplicate": "doublon",
@@ -398,6 +403,11 @@ _TERMS: dict[str, dict[str, str]] = {
         "succeeded": "effectué",
         "failed": "échoué",
         "canceled": "annulé",
+        "draft": "brouillon",
+        "open": "à payer",
+        "paid": "payée",
+        "void": "annulée",
+        "uncollectible": "irrécouvrable",
     },
     "de": {
         "duplicate": "Duplikat",
@@ -409,6 +419,11 @@ _TERMS: dict[str, dict[str, str]] = {
         "succeeded": "erfolgt",
         "failed": "fehlgeschlagen",
         "canceled": "storniert",
+        "draft": "Entwurf",
+        "open": "offen",
+        "paid": "bezahlt",
+        "void": "storniert",
+        "uncollectible": "uneinbringlich",
     },
 }
 

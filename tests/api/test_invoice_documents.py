@@ -293,7 +293,7 @@ async def test_kwd_in_german_with_credit_applied_and_a_credit_note_before_paymen
     pdf = await api.request("GET", f"/v1/invoices/{invoice.id}.pdf", scope="finance")
     assert pdf.status_code == 200, pdf.text
     text = pdf_text(pdf.content, tmp_path)
-    assert "Rechnung" in text and invoice.number in text
+    assert "Rechnung" in text and invoice.number in text and "Status: offen" in text
     # Lines: the subscription line for March (Berlin dates), the proration from Mar 16.
     assert f"1. März 2026 {DASH} 1. April 2026 2 12,345 KWD 24,690 KWD" in text, text
     assert f"16. März 2026 {DASH} 1. April 2026 2 12,345 KWD -3,500 KWD" in text, text

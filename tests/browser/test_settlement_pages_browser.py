@@ -139,10 +139,12 @@ async def test_settlement_pages_show_the_books_figures(server: str, browser: Bro
     matched_rows = await _texts(page, "#transactions tr.txn-row")
     assert sum("matched" in r for r in matched_rows) == settled.MATCHED
     assert await _texts(page, "#missing-from-payouts tr.missing-row") == []
+    assert await page.query_selector("#not-imported") is None
     await _shot(page, "payout-reconciliation")
 
     # The newest payout: nothing imported yet, and Stripe's own refund is in no payout.
     await page.goto(f"{server}/dashboard/payouts/po_book_5")
+    assert "not imported yet" in await page.inner_text("#not-imported")
     [total] = await _texts(page, "#mismatches li.finding")
     assert "payout_total_mismatch" in total and "1000" in total
     [missing] = await _texts(page, "#missing-from-payouts tr.missing-row")
