@@ -138,16 +138,22 @@ def _known_locale(value: str) -> str:
     try:
         return check_locale(value, field="locale")
     except InvalidInput as error:
-        # Reported as "field 'customer.locale' ..." (billing.api.errors).
+        # Reported as "field 'customer.locale' ..." (billing.api.errors), as a text problem:
+        # the message already shows the value where it is safe to.
         raise PydanticCustomError(
-            "locale", "{problem}", {"problem": error.message.removeprefix("locale ")}
+            "text", "{problem}", {"problem": error.message.removeprefix("locale ")}
         ) from None
 
 
-#: A BCP 47 locale CLDR has data for (``billing.locales``), as its canonical tag.
+#: A BCP 47 locale CLDR has data for (``billing.locales``), as its canonical tag. The
+#: document states the tag's shape; which tags CLDR knows is the check's (babel's data).
 LocaleIn = Annotated[
     str,
-    _bounded(LOCALE, min_length=2),
+    Field(
+        min_length=2,
+        max_length=LOCALE.max_length,
+        json_schema_extra={"pattern": r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$"},
+    ),
     _checked_by(LOCALE),
     AfterValidator(_known_locale),
 ]
