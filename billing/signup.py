@@ -54,6 +54,7 @@ from billing.errors import (
 )
 from billing.ids import new_id, subscription_id_for_signup
 from billing.invoices import invoice_prefix_for
+from billing.locales import check_locale
 from billing.payments import PaymentGateway
 from billing.plans import (
     MAX_TRIAL_DAYS,
@@ -122,6 +123,9 @@ class CustomerDetails:
     name: str | None = None
     #: IANA zone in which billing dates are computed.
     timezone: str = "UTC"
+    #: BCP 47 locale of the customer's mails and invoice documents (``billing.locales``);
+    #: None: English mails, the seller's default for documents.
+    locale: str | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,9 @@ def request_fingerprint(request: SignupRequest) -> str:
     if body.get("quantity") == 1:
         # The default: requests recorded before seats existed keep their fingerprint.
         body.pop("quantity")
+    if body["customer"].get("locale") is None:
+        # Likewise for requests recorded before signups took a locale.
+        body["customer"].pop("locale", None)
     canonical = json.dumps(body, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -217,7 +224,7 @@ class SignupService:
         self.clock = clock
 
     async def start_subscription(self, request: SignupRequest) -> SignupResult:
-        _validate_shape(request)
+        request = _validate_shape(request)
         fingerprint = request_fingerprint(request)
         looked_up = await asyncio.to_thread(self._look_up, request, fingerprint)
         if isinstance(looked_up, SignupResult):
@@ -387,6 +394,7 @@ class SignupService:
             email=request.customer.email,
             name=request.customer.name,
             timezone=request.customer.timezone,
+            locale=request.customer.locale,
             invoice_prefix=invoice_prefix_for(customer_id),
             next_invoice_sequence=1,
             created_at=now,
@@ -510,6 +518,13 @@ class SignupService:
             if attached_id is not None:
                 customers_repo.set_default_payment_method(
                     session, customer.id, attached_id, card_brand=card[0], card_last4=card[1]
+                )
+            if request.customer.locale is not None and request.customer.locale != customer.locale:
+                # An existing customer takes the locale the signup states (its time zone, by
+                # contrast, stays: its billing dates already follow it). In the transaction
+                # that writes the subscription, so a refused signup changes nothing.
+                customers_repo.set_mail_preferences(
+                    session, customer.id, locale=request.customer.locale, mail_opt_out=None, now=now
                 )
             stored, inserted = subscriptions_repo.insert_subscription(session, record)
             if not inserted:
@@ -796,7 +811,9 @@ def _dates(
     return trial_end_at, _anchor(request, now, trial_end_at)
 
 
-def _validate_shape(request: SignupRequest) -> None:
+def _validate_shape(request: SignupRequest) -> SignupRequest:
+    """``request`` checked (the text rule, the zone, the trial), with its locale as the BCP 47
+    tag it stands for (``de_ch`` -> ``de-CH``); InvalidInput naming the field otherwise."""
     # The text rule first (the API checked it already; other callers, such as the CLI's demo
     # and the simulator, did not): nothing the database would refuse goes further.
     customer = request.customer
@@ -827,6 +844,11 @@ def _validate_shape(request: SignupRequest) -> None:
         raise InvalidInput("payment_method_id must not be empty", field="payment_method_id")
     if request.idempotency_key is not None and not 1 <= len(request.idempotency_key) <= 200:
         raise InvalidInput("idempotency key must be 1 to 200 characters", field="idempotency_key")
+    if customer.locale is not None:
+        locale = check_locale(customer.locale, field="customer.locale")
+        if locale != customer.locale:
+            request = replace(request, customer=replace(customer, locale=locale))
+    return request
 
 
 def _anchor(request: SignupRequest, now: datetime, trial_end_at: datetime | None) -> datetime:

@@ -118,6 +118,8 @@ CUSTOMER_NAME = TextRule(200)
 EMAIL = TextRule(320)
 #: customers.timezone / subscriptions.timezone: an IANA zone name.
 TIMEZONE = TextRule(64)
+#: customers.locale: a BCP 47 tag (``billing.locales``).
+LOCALE = TextRule(35)
 #: plans.code.
 PLAN_CODE = TextRule(63)
 #: plans.name (also each invoice's description and line text).

@@ -19,6 +19,7 @@ from billing.errors import NotFound
 from billing.settings import Settings
 from billing.worker import Dependencies
 from db.engine import unit_of_work
+from db.repositories import credit_notes as credit_notes_repo
 from db.repositories import customers as customers_repo
 from db.repositories import invoices as invoices_repo
 from db.repositories import payments as payments_repo
@@ -45,7 +46,12 @@ def load_document(
         if invoice is None or customer is None:
             raise NotFound(f"invoice {invoice_id!r} not found", field="id")
         payments = payments_repo.list_payments_for_invoice(session, invoice_id)
-    return invoice_document(settings, invoice, customer, payments)
+        lines = invoices_repo.list_invoice_lines(session, invoice_id)
+        notes = credit_notes_repo.list_credit_notes_for_invoice(session, invoice_id)
+        refunds = credit_notes_repo.list_refunds(session, credit_note_ids=[n.id for n in notes])
+    return invoice_document(
+        settings, invoice, customer, payments, lines=lines, credit_notes=notes, refunds=refunds
+    )
 
 
 def pdf_response(document: InvoiceDocument, pdf: bytes) -> Response:
@@ -69,8 +75,9 @@ async def invoice_pdf(
     deps: Annotated[Dependencies, Depends(get_deps)],
     settings: Annotated[Settings, Depends(get_settings)],
 ) -> Response:
-    """Seller, customer, number, dates, lines, totals and amount paid, in the customer's
-    locale and currency format."""
+    """Seller, customer, number, dates, the invoice's lines (prorations with their periods),
+    totals (subtotal, credit applied, amount due), amount paid and the credit notes issued
+    against it with their refunds, in the customer's locale and currency format."""
 
     def build() -> Response:
         document = load_document(deps.session_factory, settings, id)

@@ -19,7 +19,15 @@ from pydantic import BaseModel, Field, StrictBool
 
 from billing.api.auth import require_scope
 from billing.api.dependencies import get_clock, get_deps, get_settings, require_json_body
-from billing.api.schemas import ID_PATTERN, Instant, OurIdIn, ReasonIn, RequestIn, error_responses
+from billing.api.schemas import (
+    ID_PATTERN,
+    Instant,
+    LocaleIn,
+    OurIdIn,
+    ReasonIn,
+    RequestIn,
+    error_responses,
+)
 from billing.business_events import (
     EVENT_TYPES,
     check_event_types,
@@ -59,9 +67,6 @@ EventTypeIn = Annotated[
     Field(min_length=1, max_length=64, json_schema_extra={"enum": [*EVENT_TYPES, "*"]}),
 ]
 UrlIn = Annotated[str, Field(min_length=1, max_length=2000)]
-LocaleIn = Annotated[
-    str, Field(min_length=2, max_length=35, pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
-]
 
 
 class EndpointIn(RequestIn):
@@ -225,7 +230,8 @@ class NotificationListOut(BaseModel):
 
 class MailPreferencesIn(RequestIn):
     locale: LocaleIn | None = Field(
-        None, description="CLDR locale for amounts and dates in mails, e.g. 'de-CH'."
+        None,
+        description="BCP 47 locale CLDR knows, for amounts and dates in mails, e.g. 'de-CH'.",
     )
     opt_out_non_essential: StrictBool | None = Field(
         None,

@@ -38,6 +38,7 @@ from billing.contracts import (
     UpdatePaymentMethodResult,
 )
 from billing.dunning import FinalAction
+from billing.errors import InvalidInput
 from billing.finance import (
     InvoiceDetail,
     InvoiceListItem,
@@ -46,6 +47,7 @@ from billing.finance import (
     format_instant,
 )
 from billing.invoices import InvoiceStatus
+from billing.locales import check_locale
 from billing.money import MAX_AMOUNT_MINOR
 from billing.plans import MAX_QUANTITY, MAX_TRIAL_DAYS
 from billing.proration import ProrationLine
@@ -65,6 +67,7 @@ from billing.text import (
     CUSTOMER_NAME,
     EMAIL,
     EXTERNAL_ID,
+    LOCALE,
     OUR_ID,
     PAYMENT_METHOD_ID,
     PLAN_CODE,
@@ -129,6 +132,31 @@ ExternalIdIn = Annotated[str, _bounded(EXTERNAL_ID, min_length=1), _checked_by(E
 CustomerNameIn = Annotated[str, _bounded(CUSTOMER_NAME, min_length=1), _checked_by(CUSTOMER_NAME)]
 EmailIn = Annotated[str, _bounded(EMAIL), _checked_by(EMAIL)]
 TimezoneIn = Annotated[str, _bounded(TIMEZONE, min_length=1), _checked_by(TIMEZONE)]
+
+
+def _known_locale(value: str) -> str:
+    try:
+        return check_locale(value, field="locale")
+    except InvalidInput as error:
+        # Reported as "field 'customer.locale' ..." (billing.api.errors), as a text problem:
+        # the message already shows the value where it is safe to.
+        raise PydanticCustomError(
+            "text", "{problem}", {"problem": error.message.removeprefix("locale ")}
+        ) from None
+
+
+#: A BCP 47 locale CLDR has data for (``billing.locales``), as its canonical tag. The
+#: document states the tag's shape; which tags CLDR knows is the check's (babel's data).
+LocaleIn = Annotated[
+    str,
+    Field(
+        min_length=2,
+        max_length=LOCALE.max_length,
+        json_schema_extra={"pattern": r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$"},
+    ),
+    _checked_by(LOCALE),
+    AfterValidator(_known_locale),
+]
 OurIdIn = Annotated[str, _bounded(OUR_ID, min_length=1), _checked_by(OUR_ID)]
 PaymentMethodIdIn = Annotated[
     str, _bounded(PAYMENT_METHOD_ID, min_length=1), _checked_by(PAYMENT_METHOD_ID)
@@ -256,6 +284,12 @@ class CustomerIn(RequestIn):
     timezone: TimezoneIn = Field(
         "UTC",
         description="IANA zone in which billing dates are computed, e.g. 'Europe/Paris'.",
+    )
+    locale: LocaleIn | None = Field(
+        None,
+        description="BCP 47 locale CLDR knows, e.g. 'de-CH', for the customer's mails and "
+        "invoice documents (amounts, dates, words); default: English mails and the seller's "
+        "invoice locale. Given for an existing customer, it replaces theirs.",
     )
 
     @field_validator("email")
@@ -901,6 +935,9 @@ class CustomerSummaryOut(BaseModel):
     email: str | None
     name: str | None
     timezone: str
+    locale: str | None = Field(
+        None, description="BCP 47 locale of the customer's mails and invoice documents."
+    )
     created_at: Instant
 
     @classmethod
@@ -911,6 +948,7 @@ class CustomerSummaryOut(BaseModel):
             email=c.email,
             name=c.name,
             timezone=c.timezone,
+            locale=c.locale,
             created_at=c.created_at,
         )
 

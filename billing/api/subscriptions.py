@@ -179,6 +179,7 @@ async def create_subscription(
                 email=customer.email,
                 name=customer.name,
                 timezone=customer.timezone,
+                locale=customer.locale,
             ),
             payment_method_id=body.payment_method_id,
             customer_id=body.customer_id,

@@ -4,6 +4,8 @@
 - ``/dashboard``: overview per currency (MRR chart and movements, AR aging, recovery)
 - ``/dashboard/invoices`` (filters, keyset pages), ``/dashboard/invoices.csv``
 - ``/dashboard/invoices/{id}`` (and ``.pdf``), ``/dashboard/subscriptions/{id}``
+- ``/dashboard/payouts``, ``/dashboard/payouts/{id}``, ``/dashboard/reconciliation/findings``
+  (``billing.dashboard.settlement``)
 - ``/dashboard/static/...``: its stylesheet
 
 A page without a valid session redirects to the sign-in form (303).
@@ -27,6 +29,7 @@ from starlette.staticfiles import StaticFiles
 
 from billing import reporting
 from billing.api.documents import load_document, pdf_response
+from billing.credit_notes import RefundSource, RefundStatus
 from billing.dashboard.charts import Bar, bar_chart
 from billing.dashboard.session import (
     LOGIN_COOKIE,
@@ -50,6 +53,7 @@ from billing.settings import Settings
 from billing.text import text_problem
 from billing.worker import Dependencies
 from db.engine import unit_of_work
+from db.repositories import credit_notes as credit_notes_repo
 from db.repositories import finance as finance_repo
 from db.repositories import notifications as notifications_repo
 from db.repositories import subscriptions as subscriptions_repo
@@ -76,10 +80,18 @@ def _templates() -> Environment:
         autoescape=select_autoescape(default=True),
     )
     env.filters["instant"] = format_instant
-    env.filters["money"] = lambda amount, currency: (
-        "" if amount is None else Money(int(amount), currency).format()
-    )
+    env.filters["money"] = _money
     return env
+
+
+def _money(amount: int | None, currency: str) -> str:
+    """Minor units as ``USD 12.34``; a credit or a refund as ``-USD 3.00`` (Money itself holds
+    no negative amounts)."""
+    if amount is None:
+        return ""
+    amount = int(amount)
+    text = Money(abs(amount), currency).format()
+    return f"-{text}" if amount < 0 else text
 
 
 def _signer(request: Request) -> SessionSigner:
@@ -441,12 +453,24 @@ async def invoice_page(request: Request) -> Response:
         if not _valid_id(invoice_id):
             return None
         with unit_of_work(deps.session_factory) as db:
-            return finance_repo.get_invoice_detail(db, invoice_id)
+            detail = finance_repo.get_invoice_detail(db, invoice_id)
+            if detail is None:
+                return None
+            notes = credit_notes_repo.list_credit_notes_for_invoice(db, invoice_id)
+            # Every refund of its payments: a credit note's, and one made at Stripe directly.
+            refunds = [
+                refund
+                for payment in detail.payments
+                for refund in credit_notes_repo.list_refunds(db, payment_id=payment.id)
+            ]
+            return detail, notes, refunds
 
-    detail = await asyncio.to_thread(read)
-    if detail is None:
+    found = await asyncio.to_thread(read)
+    if found is None:
         return _page(request, "error.html", session, status_code=404, message="No such invoice.")
+    detail, notes, refunds = found
     invoice = detail.invoice
+    numbers = {note.id: note.number for note in notes}
     timeline = sorted(
         [
             (at, what)
@@ -468,16 +492,45 @@ async def invoice_page(request: Request) -> Response:
             )
             for a in detail.attempts
         ]
-        + [(p.settled_at, f"payment {p.id} settled") for p in detail.payments],
+        + [(p.settled_at, f"payment {p.id} settled") for p in detail.payments]
+        + [
+            (
+                n.created_at,
+                f"credit note {n.number} issued: "
+                + Money(n.amount_minor, n.currency).format()
+                + (f" ({n.reason})" if n.reason else ""),
+            )
+            for n in notes
+        ]
+        + [
+            (
+                r.completed_at or r.created_at,
+                f"refund {r.id} of {Money(r.amount_minor, r.currency).format()}: "
+                + f"{RefundStatus(r.status).value}"
+                + (
+                    f" (credit note {numbers[r.credit_note_id]})"
+                    if r.credit_note_id in numbers
+                    else ""
+                )
+                + (" (made at the provider)" if r.source == RefundSource.PROVIDER else ""),
+            )
+            for r in refunds
+        ],
         key=lambda item: item[0],
     )
+    lines = document_lines(invoice, detail.lines, notes)
     return _page(
         request,
         "invoice.html",
         session,
         detail=detail,
         invoice=invoice,
-        lines=document_lines(invoice),
+        lines=lines,
+        subtotal=sum(line.amount_minor for line in lines),
+        prepayment_credit=sum(n.amount_due_reduction_minor for n in notes),
+        credit_notes=notes,
+        refunds=refunds,
+        note_numbers=numbers,
         timeline=timeline,
     )
 
@@ -563,3 +616,8 @@ def install(app: FastAPI) -> None:
         (f"{PREFIX}/subscriptions/{{id}}", subscription_page, ["GET"]),
     ):
         app.add_api_route(path, endpoint, methods=methods, include_in_schema=False)
+    # Imported here: the settlement pages use this module's helpers.
+    from billing.dashboard import settlement
+
+    for path, endpoint in settlement.ROUTES:
+        app.add_api_route(path, endpoint, methods=["GET"], include_in_schema=False)

@@ -5,9 +5,12 @@ in the customer's locale and currency format. ``invoice_document`` gathers what 
 from __future__ import annotations
 
 from billing.documents.invoice import (
+    DocumentCreditNote,
     DocumentLine,
+    DocumentRefund,
     InvoiceDocument,
     Seller,
+    document_credit_notes,
     document_lines,
     invoice_document,
     render_invoice_html,
@@ -15,9 +18,12 @@ from billing.documents.invoice import (
 )
 
 __all__ = [
+    "DocumentCreditNote",
     "DocumentLine",
+    "DocumentRefund",
     "InvoiceDocument",
     "Seller",
+    "document_credit_notes",
     "document_lines",
     "invoice_document",
     "render_invoice_html",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from billing.charge_reconciliation import (
@@ -173,6 +173,36 @@ def list_payouts(
         session,
         PayoutRecord,
         statement.order_by(PAYOUTS.c.provider_created_at, PAYOUTS.c.id).limit(limit),
+    )
+
+
+def _payout_created() -> ColumnElement[datetime]:
+    # A payout is always created at Stripe with a time; a row without one (never seen) sorts
+    # by when we recorded it, so the order has no NULLs (SQLite and PostgreSQL sort those
+    # differently, which would break a keyset).
+    return func.coalesce(PAYOUTS.c.provider_created_at, PAYOUTS.c.recorded_at)
+
+
+def payout_created_at(payout: PayoutRecord) -> datetime:
+    """The instant ``page_payouts`` orders ``payout`` by (UTC)."""
+    return payout.provider_created_at or payout.recorded_at
+
+
+def page_payouts(
+    session: Session, *, limit: int, before: tuple[datetime, str] | None = None
+) -> list[PayoutRecord]:
+    """Payouts newest first by (Stripe's creation time, id), the page after ``before`` (the
+    last payout of the previous page): a keyset, so a payout imported meanwhile neither
+    repeats nor hides a row."""
+    created = _payout_created()
+    statement = select_rows(PAYOUTS)
+    if before is not None:
+        at, last_id = before
+        statement = statement.where(or_(created < at, and_(created == at, PAYOUTS.c.id < last_id)))
+    return fetch_all(
+        session,
+        PayoutRecord,
+        statement.order_by(created.desc(), PAYOUTS.c.id.desc()).limit(limit),
     )
 
 

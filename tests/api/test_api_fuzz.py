@@ -117,11 +117,13 @@ def key_for(
 #: defaults (2xx, 401, 403, 404, 409, 429, 5xx) for ``positive_data_acceptance``. Each is a
 #: rule no JSON Schema can state, so the check stays on for everything else:
 ACCEPTABLE_REFUSALS: dict[tuple[str, str], tuple[int, ...]] = {
-    # The plan catalog and the IANA zones live in the database and tzdata, and the card is
-    # judged by the provider (402); the message names the field either way.
+    # The plan catalog, the IANA zones and CLDR's locales live in the database, tzdata and
+    # babel, and the card is judged by the provider (402); the message names the field.
     ("POST", "/v1/subscriptions"): (402, 422),
     # A card the provider refuses.
     ("POST", "/v1/subscriptions/{id}/payment-method"): (402,),
+    # A locale with a BCP 47 tag's shape that CLDR has no data for (billing.locales).
+    ("PUT", "/v1/customers/{id}/mail-preferences"): (422,),
     # ``*_from`` after ``*_to``, and 3-letter codes that are not ISO 4217 currencies.
     ("GET", "/v1/invoices"): (422,),
     ("GET", "/v1/invoices.csv"): (422,),

@@ -192,6 +192,7 @@ async def test_mails_are_visible_with_their_status_and_preferences_can_be_set(ap
     for body, field in (
         ({"locale": "de\x00"}, "locale"),
         ({"locale": "x" * 3_000}, "locale"),
+        ({"locale": "zz-ZZ"}, "locale"),  # a tag's shape, but no CLDR locale
         ({"opt_out_non_essential": "yes"}, "opt_out_non_essential"),
         ({"opt_in": True}, "opt_in"),
     ):

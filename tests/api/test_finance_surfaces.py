@@ -194,7 +194,8 @@ async def test_invoice_pdf_of_a_paid_usd_invoice_and_html(api: Api, tmp_path: Pa
     pdf = await api.request("GET", "/v1/invoices/in_2.pdf", scope="admin")
     text = " ".join(_pdf_text(pdf.content, tmp_path).split())
     assert "Invoice" in text and "AAAAAAAA-0002" in text
-    assert "Total US$10.00" in text and "Amount paid US$10.00" in text
+    assert "Amount due US$10.00" in text and "Amount paid US$10.00" in text
+    assert "Subtotal US$10.00" in text
     assert "Amount remaining US$0.00" in text
     html = await api.request("GET", "/v1/invoices/in_2.html", scope="finance")
     assert html.status_code == 200 and "AAAAAAAA-0002" in html.text

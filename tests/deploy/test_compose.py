@@ -210,11 +210,12 @@ def test_health_checks_and_scrape_targets_match_the_settings(compose: dict[str, 
     )
     assert ":8000/readyz" in " ".join(compose["services"]["api"]["healthcheck"]["test"])
     scrape = yaml.safe_load((COMPOSE.parent / "prometheus.yml").read_text())
-    targets = {
-        t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]
-    }
     metrics_port = worker.worker_metrics_address.rsplit(":", 1)[1]
-    assert {"api:8000", f"worker:{metrics_port}"} <= targets
+    # Compose's DNS: one address per container of a service.
+    dns = {"api": ["10.0.0.2"], "worker": ["10.0.0.3", "10.0.0.4"]}
+    targets = scrape_targets(scrape, dns)
+    assert targets["billing-api"] == {"api:8000"}
+    assert targets["billing-worker"] == {f"10.0.0.3:{metrics_port}", f"10.0.0.4:{metrics_port}"}
     dashboard = json.loads((COMPOSE.parent / "grafana" / "billing-dashboard.json").read_text())
     queries = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     for name in (
@@ -226,3 +227,56 @@ def test_health_checks_and_scrape_targets_match_the_settings(compose: dict[str, 
         "billing_subscriptions_needs_attention",
     ):
         assert name in queries
+
+
+def scrape_targets(config: dict[str, Any], dns: dict[str, list[str]]) -> dict[str, set[str]]:
+    """What Prometheus scrapes per job under ``config``, with compose's DNS ``dns`` (service
+    name -> one address per container). A static ``host:port`` is one target: each scrape
+    reaches whichever container the name resolves to then. ``dns_sd_configs`` of type A make
+    one target per address (compose serves no SRV records, so type SRV finds nothing)."""
+    found: dict[str, set[str]] = {}
+    for job in config["scrape_configs"]:
+        targets = found.setdefault(job["job_name"], set())
+        for static in job.get("static_configs", []):
+            targets.update(static["targets"])
+        for sd in job.get("dns_sd_configs", []):
+            assert sd.get("type", "SRV") == "A", "compose's DNS answers A records, not SRV"
+            for name in sd["names"]:
+                targets.update(f"{address}:{sd['port']}" for address in dns.get(name, []))
+        unknown = set(job) - {
+            "job_name",
+            "metrics_path",
+            "scrape_interval",
+            "static_configs",
+            "dns_sd_configs",
+        }
+        assert not unknown, f"scrape_targets does not model {sorted(unknown)}"
+    return found
+
+
+@pytest.mark.parametrize("scale", [None, 1, 5])
+def test_prometheus_scrapes_every_worker_replica(
+    compose: dict[str, Any], scale: int | None
+) -> None:
+    """Each worker serves its own metrics (its workflow cache, its task slots, its charges):
+    every replica must be a target, at the port the worker's settings serve metrics on, also
+    after `docker compose up --scale worker=N`."""
+    replicas = scale or compose["services"]["worker"]["deploy"]["replicas"]
+    assert replicas >= 1
+    worker_env = env_of(compose, "worker")
+    port = worker_env["BILLING_WORKER_METRICS_ADDRESS"].rsplit(":", 1)[1]
+    addresses = [f"172.18.0.{10 + n}" for n in range(replicas)]
+    scrape = yaml.safe_load((COMPOSE.parent / "prometheus.yml").read_text())
+
+    targets = scrape_targets(scrape, {"api": ["172.18.0.2"], "worker": addresses})
+
+    assert targets["billing-worker"] == {f"{a}:{port}" for a in addresses}
+    # The service name the discovery asks for is the compose service that runs the workers.
+    names = {
+        name
+        for job in scrape["scrape_configs"]
+        for sd in job.get("dns_sd_configs", [])
+        for name in sd["names"]
+    }
+    assert names <= set(compose["services"])
+    assert compose["services"]["worker"]["command"] == ["billing", "worker"]
