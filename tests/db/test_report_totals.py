@@ -103,8 +103,8 @@ def _apply(session: Session, op: tuple, made: list[InvoiceRecord], refunds: list
         )
     elif kind == "pay":
         _, _, at, fee, settlement_currency = op
-        if invoice.status != InvoiceStatus.OPEN:
-            return
+        if invoice.status != InvoiceStatus.OPEN or invoice.amount_due_minor == 0:
+            return  # (an invoice lowered to 0 is paid by its credit note, not a payment)
         attempt, _ = attempts.insert_pending_attempt(
             session, factory.attempt_record(invoice, created_at=at)
         )
