@@ -7,9 +7,11 @@ the totals equals the report computed from the rows, on SQLite and PostgreSQL.""
 from __future__ import annotations
 
 import dataclasses
+import threading
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, delete, select
@@ -344,3 +346,56 @@ def test_every_report_on_an_empty_database(session_factory: sessionmaker[Session
     assert reporting.aging(session_factory, as_of=None, currency=None, now=now) == (now, [])
     report = reporting.dunning(session_factory, months)
     assert (report.rows, report.written_off) == ([], [])
+
+
+def test_twenty_writers_at_once_are_all_counted(
+    backend: str, session_factory: sessionmaker[Session]
+) -> None:
+    """Twenty transactions at once, each issuing and paying an invoice in the same two months
+    (one crosses into the other in UTC): the month rows they all update count every one, and
+    none deadlocks (each statement takes its rows in key order)."""
+    if backend != "postgres":
+        pytest.skip("SQLite has one writer at a time")
+    factory = Factory()
+    with unit_of_work(session_factory) as session:
+        subs = [factory.subscription(session) for _ in range(20)]
+    barrier = threading.Barrier(20)
+    errors: list[BaseException] = []
+
+    def write(n: int) -> None:
+        try:
+            barrier.wait()
+            with unit_of_work(session_factory) as session:
+                created = datetime(2026, 1, 31, 23, tzinfo=UTC) + timedelta(minutes=n)
+                record = dataclasses.replace(
+                    factory.invoice_record(subs[n], created_at=created, amount_due_minor=100 + n),
+                    status=InvoiceStatus.OPEN,
+                    finalized_at=created,
+                )
+                invoice, _ = invoices.issue_invoice(session, record)
+                paid_at = created + timedelta(hours=1)
+                attempt, _ = attempts.insert_pending_attempt(
+                    session, factory.attempt_record(invoice, created_at=paid_at)
+                )
+                invoices.transition_invoice(session, invoice.id, to=InvoiceStatus.PAID, at=paid_at)
+                payments.insert_payment(
+                    session,
+                    factory.payment_record(
+                        invoice, attempt, settled_at=paid_at, fee_minor=3, settlement_currency="USD"
+                    ),
+                )
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    months = reporting.MonthRange(Month(2026, 1), Month(2026, 2))
+    rows = reporting.collections(session_factory, months)
+    assert rows == reporting.collections(session_factory, months, from_rows=True)
+    assert sum(r.invoices for r in rows) == sum(r.payments for r in rows) == 20
+    assert sum(r.invoiced_minor for r in rows) == sum(100 + n for n in range(20))
+    assert sum(r.fees_minor for r in rows) == 60
