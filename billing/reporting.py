@@ -112,17 +112,15 @@ def dunning(session_factory: sessionmaker[Session], months: MonthRange) -> Dunni
 
 
 def collections(
-    session_factory: sessionmaker[Session], months: MonthRange
+    session_factory: sessionmaker[Session], months: MonthRange, *, from_rows: bool = False
 ) -> list[CollectionMonth]:
+    """Collected vs invoiced, refunds and fees per month, from the monthly totals the
+    database keeps (``report_monthly_totals``); ``from_rows`` computes them from the invoices,
+    payments and refunds instead (a scan: for checking the totals)."""
+    read = reports_repo.monthly_figures_from_rows if from_rows else reports_repo.monthly_figures
     with unit_of_work(session_factory) as session:
         reports_repo.tune_for_reports(session)
-        invoiced = reports_repo.monthly_invoiced(
-            session, months.first, months.last, currency=months.currency
-        )
-        collected = reports_repo.monthly_collected(
-            session, months.first, months.last, currency=months.currency
-        )
-        fees = reports_repo.monthly_fees(
-            session, months.first, months.last, currency=months.currency
-        )
-    return collections_report(months.months, invoiced, collected, fees)
+        figures = read(session, months.first, months.last, currency=months.currency)
+    return collections_report(
+        months.months, figures.invoiced, figures.collected, figures.fees, figures.refunded
+    )

@@ -420,6 +420,13 @@ def aging_bucket(days: int) -> AgingBucket:
     return AgingBucket.OVER_90
 
 
+def bucket_first_days() -> list[int]:
+    """The first whole day of each aging bucket, ascending (0, 1, 31, 61, 91): an invoice is
+    in the bucket of the largest of them its ``days_past_due`` reaches, so the database can
+    bucket by comparing instants instead of computing each invoice's age."""
+    return [d for d in range(0, 366) if d == 0 or aging_bucket(d) != aging_bucket(d - 1)]
+
+
 @dataclass(frozen=True, slots=True)
 class Receivable:
     """Invoices unpaid at the report's instant, ``days_past_due`` whole days after they fell
@@ -611,8 +618,9 @@ def recovery_row(row: RecoveryRow) -> dict[str, object]:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CollectionMonth:
     """One currency's month: invoiced (invoices issued that month, void ones excluded),
-    collected (payments settled that month, in the charge currency), and the provider fees of
-    payments settled that month in this settlement currency. Minor units."""
+    collected (payments settled that month, in the charge currency), refunded (refunds that
+    succeeded that month, in the charge currency, whatever month the payment was), and the
+    provider fees of payments settled that month in this settlement currency. Minor units."""
 
     month: Month
     currency: str
@@ -621,6 +629,14 @@ class CollectionMonth:
     collected_minor: int = 0
     payments: int = 0
     fees_minor: int = 0
+    refunded_minor: int = 0
+    refunds: int = 0
+
+    @property
+    def net_collected_minor(self) -> int:
+        """Collected less refunded, both in this currency (fees are not taken off: they are
+        in the settlement currency, which may be another)."""
+        return self.collected_minor - self.refunded_minor
 
     @property
     def collection_rate(self) -> str | None:
@@ -642,6 +658,7 @@ def collections_report(
     invoiced: Iterable[MonthlySum],
     collected: Iterable[MonthlySum],
     fees: Iterable[MonthlySum],
+    refunded: Iterable[MonthlySum] = (),
 ) -> list[CollectionMonth]:
     """Every month of ``months`` for every currency that has any figure, in (currency, month)
     order; months without a figure are 0."""
@@ -654,6 +671,9 @@ def collections_report(
         table[(s.currency, s.month)]["payments"] += s.count
     for s in fees:
         table[(s.currency, s.month)]["fees_minor"] += s.amount_minor
+    for s in refunded:
+        table[(s.currency, s.month)]["refunded_minor"] += s.amount_minor
+        table[(s.currency, s.month)]["refunds"] += s.count
     wanted = {str(m): m for m in months}
     currencies = sorted({currency for currency, month in table if month in wanted})
     return [
@@ -670,6 +690,9 @@ COLLECTIONS_CSV_COLUMNS = (
     "invoices",
     "collected_minor",
     "payments",
+    "refunded_minor",
+    "refunds",
+    "net_collected_minor",
     "fees_minor",
     "collection_rate",
 )
@@ -683,6 +706,9 @@ def collection_row(row: CollectionMonth) -> dict[str, object]:
         "invoices": row.invoices,
         "collected_minor": row.collected_minor,
         "payments": row.payments,
+        "refunded_minor": row.refunded_minor,
+        "refunds": row.refunds,
+        "net_collected_minor": row.net_collected_minor,
         "fees_minor": row.fees_minor,
         "collection_rate": row.collection_rate,
     }

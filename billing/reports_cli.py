@@ -161,7 +161,7 @@ def collections(
     currency: str | None = CURRENCY,
     as_csv: bool = CSV,
 ) -> None:
-    """Invoiced vs collected vs fees per month."""
+    """Invoiced vs collected, refunded, net collected and fees per month."""
     try:
         months = _months(first, last, currency)
         rows = reporting.collections(_factory(), months)

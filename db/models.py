@@ -169,6 +169,11 @@ class SubscriptionRow(Base):
     quantity: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
+#: An invoice neither paid, voided nor written off (also in migration 0019).
+UNSETTLED = "paid_at IS NULL AND voided_at IS NULL AND marked_uncollectible_at IS NULL"
+SETTLED_STAMPS = ("paid_at", "voided_at", "marked_uncollectible_at")
+
+
 class InvoiceRow(Base):
     __tablename__ = "invoices"
     __table_args__ = (
@@ -203,6 +208,25 @@ class InvoiceRow(Base):
         # Listings filtered by billing period (e.g. "March's invoices"), see
         # db/repositories/finance.py.
         Index("ix_invoices_period_start_created_at_id", "period_start", "created_at", "id"),
+        # AR aging (db/repositories/reports.py): the invoices owed now, read from the index
+        # alone, and those settled after a past instant, by the stamp that settled them.
+        Index(
+            "ix_invoices_unsettled_finalized_at",
+            "finalized_at",
+            "currency",
+            "amount_due_minor",
+            postgresql_where=text(UNSETTLED),
+            sqlite_where=text(UNSETTLED),
+        ),
+        *(
+            Index(
+                f"ix_invoices_{stamp}",
+                stamp,
+                postgresql_where=text(f"{stamp} IS NOT NULL"),
+                sqlite_where=text(f"{stamp} IS NOT NULL"),
+            )
+            for stamp in SETTLED_STAMPS
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -825,3 +849,37 @@ LEDGER_ENTRIES = _table(LedgerEntryRow)
 PAYOUTS = _table(PayoutRow)
 PAYOUT_ITEMS = _table(PayoutItemRow)
 RECONCILIATION_FINDINGS = _table(ReconciliationFindingRow)
+
+
+class ReportMonthlyTotalsRow(Base):
+    """Collected vs invoiced, kept per UTC month and currency so the report reads a few rows
+    instead of summing every invoice, payment and refund (1M invoices: seconds).
+
+    Maintained by database triggers on ``invoices``, ``payments`` and ``refunds`` (migration
+    0019), in the same transaction as every write to them, whoever makes it: each write takes
+    back its rows' old contribution and adds the new one. A month's figures are what
+    ``db.repositories.reports.monthly_invoiced`` / ``_collected`` / ``_fees`` /
+    ``_refunded`` compute from the rows themselves (tests/db/test_report_totals.py). Counts
+    are kept beside the amounts so a month whose rows all went away is known to be empty.
+    """
+
+    __tablename__ = "report_monthly_totals"
+
+    #: ``YYYY-MM``, the UTC month.
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)
+    currency: Mapped[str] = mapped_column(String(3), primary_key=True)
+    #: Invoices issued (``created_at``) that month, neither draft nor void: amount due.
+    invoiced_minor: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    invoices: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    #: Payments settled that month, in the charge currency.
+    collected_minor: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    payments: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    #: Provider fees of the payments settled that month, in their settlement currency.
+    fees_minor: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    fee_payments: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    #: Refunds that succeeded (``completed_at``) that month, in the charge currency.
+    refunded_minor: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    refunds: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+
+REPORT_MONTHLY_TOTALS = _table(ReportMonthlyTotalsRow)

@@ -20,6 +20,7 @@ from db.models import (
     PAYMENT_ATTEMPTS,
     PAYMENTS,
     PLANS,
+    REFUNDS,
     SUBSCRIPTION_STATUS_CHANGES,
     SUBSCRIPTIONS,
 )
@@ -314,6 +315,41 @@ def write_book(session_factory: sessionmaker[Session]) -> None:
                 _payment("in_2", 2, 1000, "USD", at(2, 14), fee=59),
             ],
         )
+        _insert_each(
+            session,
+            REFUNDS,
+            [
+                # in_1 (paid in January) partly refunded after that month ended.
+                _refund("rf_1", "in_1", 300, "succeeded", at(1, 31, 22), completed=at(2, 3)),
+                # A refund of in_2 the provider refused: nothing refunded.
+                _refund("rf_2", "in_2", 1000, "failed", at(4, 1), completed=at(4, 1, 0, 1)),
+                # One still pending at the provider: not refunded yet.
+                _refund("rf_3", "in_2", 200, "pending", at(4, 29)),
+            ],
+        )
+
+
+def _refund(
+    rid: str,
+    iid: str,
+    amount: int,
+    status: str,
+    created: datetime,
+    completed: datetime | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "invoice_id": iid,
+        "payment_id": f"py_{iid}",
+        "source": "provider",
+        "amount_minor": amount,
+        "currency": "USD",
+        "status": status,
+        "stripe_refund_id": f"re_{rid}",
+        "created_at": created,
+        "updated_at": completed or created,
+        "completed_at": completed,
+    }
 
 
 # ---- What the reports must say (worked out by hand) -----------------------------------------
@@ -383,4 +419,19 @@ COLLECTIONS = {
     ("2026-02", "EUR"): (0, 0, 0, 0, 0),
     ("2026-03", "EUR"): (123456, 1, 0, 0, 0),
     ("2026-04", "EUR"): (0, 0, 0, 0, 0),
+}
+
+#: (month, currency) -> (refunded, refunds, net collected): refunds that succeeded, in the
+#: month they completed. rf_1 (300 of in_1's January payment) completed Feb 3: February's
+#: collected 1000 (in_2) less 300 is 700, and January keeps its 1000. rf_2 failed and rf_3 is
+#: pending: nothing.
+REFUNDED = {
+    ("2026-01", "USD"): (0, 0, 1000),
+    ("2026-02", "USD"): (300, 1, 700),
+    ("2026-03", "USD"): (0, 0, 0),
+    ("2026-04", "USD"): (0, 0, 0),
+    ("2026-01", "EUR"): (0, 0, 0),
+    ("2026-02", "EUR"): (0, 0, 0),
+    ("2026-03", "EUR"): (0, 0, 0),
+    ("2026-04", "EUR"): (0, 0, 0),
 }

@@ -222,8 +222,9 @@ async def collections(
     months: Annotated[reporting.MonthRange, Depends(month_range)],
     deps: Annotated[Dependencies, Depends(get_deps)],
 ) -> dict[str, Any]:
-    """Invoiced (issued that month, void excluded), collected (settled that month) and the
-    provider's fees (by settlement currency), per month and currency."""
+    """Invoiced (issued that month, draft and void excluded), collected (settled that month),
+    refunded (refunds that succeeded that month), net collected (collected less refunded) and
+    the provider's fees (by settlement currency), per month and currency."""
     rows = await _read(lambda: reporting.collections(deps.session_factory, months))
     return mrr_body(months, [collection_row(r) for r in rows])
 

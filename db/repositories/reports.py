@@ -8,14 +8,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
-    Integer,
     and_,
-    bindparam,
+    case,
     exists,
     func,
     literal,
@@ -23,10 +22,12 @@ from sqlalchemy import (
     select,
     text,
     true,
+    union_all,
 )
 from sqlalchemy.orm import Session
 
 from billing.calendar import IntervalUnit
+from billing.credit_notes import RefundStatus
 from billing.invoices import InvoiceStatus
 from billing.payments import ChargeOutcomeKind
 from billing.reports import (
@@ -36,6 +37,7 @@ from billing.reports import (
     Receivable,
     SteadyGroup,
     SubscriptionHistory,
+    bucket_first_days,
     monthly_recurring_minor,
 )
 from billing.subscription import SubscriptionStatus
@@ -43,10 +45,11 @@ from db.models import (
     INVOICES,
     PAYMENT_ATTEMPTS,
     PAYMENTS,
+    REFUNDS,
+    REPORT_MONTHLY_TOTALS,
     SUBSCRIPTION_STATUS_CHANGES,
     SUBSCRIPTIONS,
 )
-from db.types import UTCDateTime
 
 
 def _quantity_column() -> Any:
@@ -266,31 +269,45 @@ def _unpaid_at(as_of: datetime) -> ColumnElement[bool]:
     )
 
 
-def _whole_days_since(session: Session, column: Any, as_of: datetime) -> Any:
-    """Whole days from ``column`` to ``as_of`` (floor of the elapsed seconds / 86400, as
-    billing.reports.days_past_due counts them), in SQL so the database groups by it."""
-    instant = bindparam("as_of_instant", as_of, type_=UTCDateTime())
-    if session.get_bind().dialect.name == "postgresql":
-        return func.floor(func.extract("epoch", instant - column) / 86400).cast(Integer)
-    # SQLite: integer seconds since the epoch of both UTC wall times, integer division.
-    seconds = func.strftime("%s", instant).cast(Integer) - func.strftime("%s", column).cast(Integer)
-    return seconds / 86400
-
-
 def receivables(
     session: Session, *, as_of: datetime, currency: str | None = None
 ) -> list[Receivable]:
-    """Invoices owed at ``as_of``, grouped by currency and whole days since they fell due (at
-    finalization), with how many and the amount outstanding (an invoice is paid in one
-    payment, so the whole amount due). One row per day of age, not per invoice."""
-    days = _whole_days_since(session, INVOICES.c.finalized_at, as_of).label("days")
-    statement = (
-        select(INVOICES.c.currency, days, func.count(), func.sum(INVOICES.c.amount_due_minor))
-        .where(_unpaid_at(as_of), INVOICES.c.amount_due_minor > 0)
-        .group_by(INVOICES.c.currency, days)
-    )
+    """Invoices owed at ``as_of``, grouped by currency and aging bucket (by whole days since
+    they fell due, at finalization; ``days_past_due`` is the bucket's first day), with how
+    many and the amount outstanding (an invoice is paid in one payment, so the whole amount
+    due). One row per bucket, not per invoice.
+
+    Two disjoint parts, each from an index (ix_invoices_unsettled_finalized_at, and one per
+    settling stamp): the invoices still unsettled now, and those settled after ``as_of``
+    (every stamp they have is later)."""
+    stamps = (INVOICES.c.paid_at, INVOICES.c.voided_at, INVOICES.c.marked_uncollectible_at)
+    owed = [INVOICES.c.amount_due_minor > 0]
     if currency is not None:
-        statement = statement.where(INVOICES.c.currency == currency)
+        owed.append(INVOICES.c.currency == currency)
+    columns = (INVOICES.c.currency, INVOICES.c.finalized_at, INVOICES.c.amount_due_minor)
+    unsettled = select(*columns).where(
+        INVOICES.c.finalized_at.isnot(None),
+        INVOICES.c.finalized_at <= as_of,
+        *(stamp.is_(None) for stamp in stamps),
+        *owed,
+    )
+    settled_later = select(*columns).where(
+        _unpaid_at(as_of), or_(*(stamp > as_of for stamp in stamps)), *owed
+    )
+    owed_rows = union_all(unsettled, settled_later).subquery("owed")
+    # Its bucket's first day: the largest L with as_of - finalized_at >= L whole days, i.e.
+    # finalized_at <= as_of - L days (exactly billing.reports.days_past_due's floor).
+    firsts = sorted(bucket_first_days(), reverse=True)
+    days = case(
+        *(
+            (owed_rows.c.finalized_at <= as_of - timedelta(days=first), literal(first))
+            for first in firsts[:-1]
+        ),
+        else_=literal(firsts[-1]),
+    ).label("days")
+    statement = select(
+        owed_rows.c.currency, days, func.count(), func.sum(owed_rows.c.amount_due_minor)
+    ).group_by(owed_rows.c.currency, days)
     return [
         Receivable(
             currency=c,
@@ -464,3 +481,74 @@ def monthly_fees(
         source=PAYMENTS,
         where=where,
     )
+
+
+def monthly_refunded(
+    session: Session, first: Month, last: Month, *, currency: str | None = None
+) -> list[MonthlySum]:
+    """Refunds that succeeded per month (``completed_at``) and currency (the charge's)."""
+    where = [
+        REFUNDS.c.status == RefundStatus.SUCCEEDED.value,
+        REFUNDS.c.completed_at >= first.start,
+        REFUNDS.c.completed_at < last.next().start,
+    ]
+    if currency is not None:
+        where.append(REFUNDS.c.currency == currency)
+    return _monthly_sums(
+        session,
+        instant=REFUNDS.c.completed_at,
+        amount=REFUNDS.c.amount_minor,
+        currency_column=REFUNDS.c.currency,
+        source=REFUNDS,
+        where=where,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MonthlyFigures:
+    """Collected vs invoiced's four sums, each per (month, currency)."""
+
+    invoiced: list[MonthlySum]
+    collected: list[MonthlySum]
+    fees: list[MonthlySum]
+    refunded: list[MonthlySum]
+
+
+def monthly_figures_from_rows(
+    session: Session, first: Month, last: Month, *, currency: str | None = None
+) -> MonthlyFigures:
+    """The four sums computed from the invoices, payments and refunds themselves (a scan of
+    every row in the months): what ``report_monthly_totals`` must always agree with."""
+    return MonthlyFigures(
+        monthly_invoiced(session, first, last, currency=currency),
+        monthly_collected(session, first, last, currency=currency),
+        monthly_fees(session, first, last, currency=currency),
+        monthly_refunded(session, first, last, currency=currency),
+    )
+
+
+def monthly_figures(
+    session: Session, first: Month, last: Month, *, currency: str | None = None
+) -> MonthlyFigures:
+    """The four sums from ``report_monthly_totals`` (kept by triggers, migration 0019): one
+    row per month and currency. A sum whose count is 0 had no rows, as a GROUP BY over the
+    rows would not have produced it."""
+    totals = REPORT_MONTHLY_TOTALS.c
+    statement = select(REPORT_MONTHLY_TOTALS).where(
+        totals.month >= str(first), totals.month <= str(last)
+    )
+    if currency is not None:
+        statement = statement.where(totals.currency == currency)
+    figures = MonthlyFigures([], [], [], [])
+    for row in session.execute(statement).mappings():
+        for target, amount, count in (
+            (figures.invoiced, "invoiced_minor", "invoices"),
+            (figures.collected, "collected_minor", "payments"),
+            (figures.fees, "fees_minor", "fee_payments"),
+            (figures.refunded, "refunded_minor", "refunds"),
+        ):
+            if row[count]:
+                target.append(
+                    MonthlySum(row["month"], row["currency"], int(row[amount]), int(row[count]))
+                )
+    return figures

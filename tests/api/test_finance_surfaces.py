@@ -136,6 +136,21 @@ async def test_reports_api_json_and_csv(api: Api) -> None:
         )
         for r in collections.json()["rows"]
     } == book.COLLECTIONS
+    assert {
+        (r["month"], r["currency"]): (r["refunded_minor"], r["refunds"], r["net_collected_minor"])
+        for r in collections.json()["rows"]
+    } == book.REFUNDED
+    exported = await api.request(
+        "GET", "/v1/reports/collections.csv", scope="finance", params=months
+    )
+    assert {
+        (r["month"], r["currency"]): (
+            int(r["refunded_minor"]),
+            int(r["refunds"]),
+            int(r["net_collected_minor"]),
+        )
+        for r in csv.DictReader(io.StringIO(exported.text))
+    } == book.REFUNDED
 
 
 @pytest.mark.parametrize(

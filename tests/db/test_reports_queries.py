@@ -98,6 +98,13 @@ def test_collected_vs_invoiced_per_month(factory: sessionmaker[Session]) -> None
         for r in rows
     }
     assert got == book.COLLECTIONS
+    refunded = {
+        (str(r.month), r.currency): (r.refunded_minor, r.refunds, r.net_collected_minor)
+        for r in rows
+    }
+    assert refunded == book.REFUNDED
+    # The totals the database keeps say what the rows say.
+    assert rows == reporting.collections(factory, JAN_TO_APR, from_rows=True)
 
 
 def test_the_database_counts_whole_days_as_the_rule_does(

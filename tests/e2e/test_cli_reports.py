@@ -82,6 +82,16 @@ def test_every_report_as_csv(env: dict[str, str]) -> None:
     )
     assert collections.returncode == 0, collections.stderr
     assert "123456" in collections.stdout and "USD" not in collections.stdout
+    exported = run(env, "reports", "collections", "--from", "2026-01", "--to", "2026-04", "--csv")
+    assert exported.returncode == 0, exported.stderr
+    assert {
+        (r["month"], r["currency"]): (
+            int(r["refunded_minor"]),
+            int(r["refunds"]),
+            int(r["net_collected_minor"]),
+        )
+        for r in csv.DictReader(io.StringIO(exported.stdout))
+    } == book.REFUNDED
 
 
 @pytest.mark.parametrize(
