@@ -22,6 +22,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    SmallInteger,
     String,
     Table,
     UniqueConstraint,
@@ -868,6 +869,10 @@ class ReportMonthlyTotalsRow(Base):
     #: ``YYYY-MM``, the UTC month.
     month: Mapped[str] = mapped_column(String(7), primary_key=True)
     currency: Mapped[str] = mapped_column(String(3), primary_key=True)
+    #: PostgreSQL keeps a month and currency in up to 16 rows, a connection writing to
+    #: ``pg_backend_pid() % 16``, so concurrent transactions do not queue on one row lock until
+    #: they commit; readers sum the slots. SQLite (one writer at a time) uses slot 0 only.
+    slot: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default="0")
     #: Invoices issued (``created_at``) that month, neither draft nor void: amount due.
     invoiced_minor: Mapped[int] = mapped_column(BigInteger, server_default="0")
     invoices: Mapped[int] = mapped_column(BigInteger, server_default="0")

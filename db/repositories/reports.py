@@ -534,8 +534,24 @@ def monthly_figures(
     row per month and currency. A sum whose count is 0 had no rows, as a GROUP BY over the
     rows would not have produced it."""
     totals = REPORT_MONTHLY_TOTALS.c
-    statement = select(REPORT_MONTHLY_TOTALS).where(
-        totals.month >= str(first), totals.month <= str(last)
+    sums = [
+        func.sum(getattr(totals, c)).label(c)
+        for c in (
+            "invoiced_minor",
+            "invoices",
+            "collected_minor",
+            "payments",
+            "fees_minor",
+            "fee_payments",
+            "refunded_minor",
+            "refunds",
+        )
+    ]
+    # The slots of a month and currency (PostgreSQL spreads concurrent writers over them).
+    statement = (
+        select(totals.month, totals.currency, *sums)
+        .where(totals.month >= str(first), totals.month <= str(last))
+        .group_by(totals.month, totals.currency)
     )
     if currency is not None:
         statement = statement.where(totals.currency == currency)

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import reporting
@@ -399,3 +399,56 @@ def test_twenty_writers_at_once_are_all_counted(
     assert sum(r.invoices for r in rows) == sum(r.payments for r in rows) == 20
     assert sum(r.invoiced_minor for r in rows) == sum(100 + n for n in range(20))
     assert sum(r.fees_minor for r in rows) == 60
+
+
+def test_a_transaction_in_flight_does_not_hold_the_month_for_others(
+    backend: str, session_factory: sessionmaker[Session]
+) -> None:
+    """A transaction that issued an invoice and has not committed yet (a charge waiting for
+    Stripe, say) must not make every other writer of the same month and currency wait: the
+    month is kept in several rows on PostgreSQL, one per connection's slot."""
+    if backend != "postgres":
+        pytest.skip("SQLite has one writer at a time")
+    factory = Factory()
+    with unit_of_work(session_factory) as session:
+        first, second = factory.subscription(session), factory.subscription(session)
+    created = datetime(2026, 3, 10, 12, tzinfo=UTC)
+    holder = session_factory()
+    others: list[Session] = []
+    try:
+        holder_slot = holder.execute(text("SELECT pg_backend_pid() % 16")).scalar_one()
+        invoices.issue_invoice(
+            holder,
+            dataclasses.replace(
+                factory.invoice_record(first, created_at=created, amount_due_minor=500),
+                status=InvoiceStatus.OPEN,
+                finalized_at=created,
+            ),
+        )
+        holder.flush()
+        # A connection of another slot (each new session gets its own connection while the
+        # others are held open).
+        while True:
+            other = session_factory()
+            others.append(other)
+            if other.execute(text("SELECT pg_backend_pid() % 16")).scalar_one() != holder_slot:
+                break
+        other.execute(text("SET LOCAL lock_timeout = '3s'"))
+        invoices.issue_invoice(
+            other,
+            dataclasses.replace(
+                factory.invoice_record(second, created_at=created, amount_due_minor=700),
+                status=InvoiceStatus.OPEN,
+                finalized_at=created,
+            ),
+        )
+        other.commit()
+        holder.commit()
+    finally:
+        holder.close()
+        for session in others:
+            session.close()
+    months = reporting.MonthRange(Month(2026, 3), Month(2026, 3))
+    rows = reporting.collections(session_factory, months)
+    assert rows == reporting.collections(session_factory, months, from_rows=True)
+    assert sum(r.invoiced_minor for r in rows) == 1200

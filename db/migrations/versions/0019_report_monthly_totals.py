@@ -114,17 +114,26 @@ def _contributions(dialect: str, table: str, source: str, sign: str) -> list[str
     return selects
 
 
+#: PostgreSQL: each month and currency is kept in this many rows (``slot``), a connection
+#: writing to ``pg_backend_pid() % SLOTS``; the report sums them. One row would be locked by
+#: every transaction that issues an invoice or records a payment in the month until it
+#: commits: on a billing day every charge in the book would wait in one line.
+SLOTS = 16
+
+
 def _grouped_insert(selects: list[str], *, upsert: bool = True) -> str:
     sums = ", ".join(f"sum({c})" for c in COLUMNS)
     having = " OR ".join(f"sum({c}) <> 0" for c in COLUMNS)
     added = ", ".join(f"{c} = {TABLE}.{c} + EXCLUDED.{c}" for c in COLUMNS)
+    # The backfill writes slot 0; a trigger its connection's slot.
+    slot = f"pg_backend_pid() % {SLOTS}" if upsert else "0"
     return (
-        f"INSERT INTO {TABLE} (month, currency, {', '.join(COLUMNS)}) "
-        f"SELECT month, currency, {sums} FROM ({' UNION ALL '.join(selects)}) AS delta "
+        f"INSERT INTO {TABLE} (month, currency, slot, {', '.join(COLUMNS)}) "
+        f"SELECT month, currency, {slot}, {sums} FROM ({' UNION ALL '.join(selects)}) AS delta "
         f"GROUP BY month, currency HAVING {having} "
         # In key order, so two statements never lock the same rows in opposite orders.
         "ORDER BY month, currency"
-        + (f" ON CONFLICT (month, currency) DO UPDATE SET {added}" if upsert else "")
+        + (f" ON CONFLICT (month, currency, slot) DO UPDATE SET {added}" if upsert else "")
     )
 
 
@@ -165,14 +174,16 @@ def _sqlite_triggers(table: str) -> list[str]:
         ):
             r = f"{row}."
             month = _month("sqlite", instant.format(r=r))
-            key = f"month = {month} AND currency = {currency.format(r=r)}"
+            # One writer at a time: one row per month and currency (slot 0).
+            key = f"month = {month} AND currency = {currency.format(r=r)} AND slot = 0"
             changes = ", ".join(f"{c} = {c} {sign} ({v.format(r=r)})" for c, v in values.items())
             name = f"{TABLE}_{table}_{n}_{event.split()[0].lower()}_{row.lower()}"
             statements.append(
                 f"CREATE TRIGGER {name} AFTER {event} ON {table} FOR EACH ROW "
                 f"WHEN {condition.format(r=r)} BEGIN "
-                f"INSERT INTO {TABLE} (month, currency) VALUES ({month}, {currency.format(r=r)}) "
-                "ON CONFLICT (month, currency) DO NOTHING; "
+                f"INSERT INTO {TABLE} (month, currency, slot) "
+                f"VALUES ({month}, {currency.format(r=r)}, 0) "
+                "ON CONFLICT (month, currency, slot) DO NOTHING; "
                 f"UPDATE {TABLE} SET {changes} WHERE {key}; END"
             )
     return statements
@@ -217,8 +228,9 @@ def upgrade() -> None:
         TABLE,
         sa.Column("month", sa.String(7), nullable=False),
         sa.Column("currency", sa.String(3), nullable=False),
+        sa.Column("slot", sa.SmallInteger(), server_default="0", nullable=False),
         *(sa.Column(c, sa.BigInteger(), server_default="0", nullable=False) for c in COLUMNS),
-        sa.PrimaryKeyConstraint("month", "currency", name=op.f(f"pk_{TABLE}")),
+        sa.PrimaryKeyConstraint("month", "currency", "slot", name=op.f(f"pk_{TABLE}")),
     )
     # Triggers first, then the backfill, in one transaction: on PostgreSQL CREATE TRIGGER
     # takes a lock that waits for the writers in flight and holds new ones until commit, so
