@@ -27,6 +27,10 @@ class BalanceEntryKind(StrEnum):
     RESTORED_FROM_INVOICE = "restored_from_invoice"
     #: A correction by an operator (either sign).
     ADJUSTMENT = "adjustment"
+    #: An invoice's amount due below the provider's minimum charge, not charged but carried to
+    #: the balance as a debit (negative) for the next invoice; Stripe's ``invoice_too_small``
+    #: customer balance transaction.
+    INVOICE_TOO_SMALL = "invoice_too_small"
 
 
 def credit_to_apply(balance_minor: int, subtotal_minor: int) -> int:
