@@ -13,6 +13,14 @@ from enum import StrEnum
 from billing.ledger import Severity
 
 
+class FindingStatus(StrEnum):
+    """Where finance is with a finding: ``open`` until resolved with a note (who, when, why).
+    Only open ones count in the metric."""
+
+    OPEN = "open"
+    RESOLVED = "resolved"
+
+
 class ChargeFindingKind(StrEnum):
     LATE_SUCCESS = "late_success"
     CHARGE_WITHOUT_ATTEMPT = "charge_without_attempt"

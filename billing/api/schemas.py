@@ -70,6 +70,7 @@ from billing.text import (
     PLAN_CODE,
     PLAN_NAME,
     REASON,
+    RESOLUTION_NOTE,
     TIMEZONE,
     TextRule,
     text_problem,
@@ -134,6 +135,9 @@ PaymentMethodIdIn = Annotated[
     str, _bounded(PAYMENT_METHOD_ID, min_length=1), _checked_by(PAYMENT_METHOD_ID)
 ]
 ReasonIn = Annotated[str, _bounded(REASON), _checked_by(REASON)]
+ResolutionNoteIn = Annotated[
+    str, _bounded(RESOLUTION_NOTE, min_length=1), _checked_by(RESOLUTION_NOTE)
+]
 
 
 def _card_data_path(value: Any, path: str = "") -> str | None:
