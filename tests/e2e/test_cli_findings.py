@@ -2,6 +2,8 @@
 with a note from the command line (who, when, why), lists open or resolved ones, as a table or
 CSV. Bad input exits 2 and writes nothing; another resolution of a resolved finding exits 1."""
 
+# The `stack` fixture is imported from the charge tests, and so is redefined by every use.
+# ruff: noqa: F811
 from __future__ import annotations
 
 import csv
