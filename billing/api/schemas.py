@@ -928,7 +928,10 @@ class CustomerListOut(BaseModel):
 
 class BalanceOut(BaseModel):
     currency: str
-    amount_minor: int = Field(description="Credit the customer holds (minor units, >= 0).")
+    amount_minor: int = Field(
+        description="Credit the customer holds (minor units); below 0: a debit they owe (an "
+        "amount below the minimum charge, carried to the next invoice)."
+    )
     amount_display: str | None
 
 
