@@ -9,9 +9,10 @@ payout import and the periodic sync all meet) changes nothing.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from billing.charge_reconciliation import (
@@ -25,6 +26,7 @@ from billing.credit_notes import RefundStatus
 from billing.disputes import DisputeStatus
 from billing.errors import ChangeRefused, NotFound
 from billing.ids import new_id
+from billing.invoices import InvoiceStatus
 from billing.ledger import (
     Expected,
     Finding,
@@ -524,6 +526,62 @@ def unknown_outcomes(session: Session, *, older_than: datetime) -> list[ChargeFi
             currency,
         )
         for key, invoice_id, intent, amount, currency, created_at in rows
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedInvoiceIntent:
+    """The PaymentIntent of an invoice no charge of ours may confirm any more."""
+
+    invoice_id: str
+    number: str
+    status: str
+    payment_intent_id: str
+    amount_due_minor: int
+    currency: str
+
+
+def closed_invoice_intents(
+    session: Session, *, closed_since: datetime, closed_before: datetime
+) -> list[ClosedInvoiceIntent]:
+    """Intents of invoices closed in ``[closed_since, closed_before)`` (UTC) that no payment
+    of ours used:
+    void, written off, or paid without a charge (a credit note, an amount too small to
+    charge). Each should be canceled at the provider; the daily reconciliation checks it."""
+    closed_at = func.coalesce(INVOICES.c.voided_at, INVOICES.c.marked_uncollectible_at)
+    rows = session.execute(
+        select(
+            INVOICES.c.id,
+            INVOICES.c.number,
+            INVOICES.c.status,
+            INVOICES.c.stripe_payment_intent_id,
+            INVOICES.c.amount_due_minor,
+            INVOICES.c.currency,
+        )
+        .outerjoin(PAYMENTS, PAYMENTS.c.invoice_id == INVOICES.c.id)
+        .where(
+            INVOICES.c.stripe_payment_intent_id.is_not(None),
+            PAYMENTS.c.id.is_(None),
+            or_(
+                and_(
+                    INVOICES.c.status.in_(
+                        [InvoiceStatus.VOID.value, InvoiceStatus.UNCOLLECTIBLE.value]
+                    ),
+                    closed_at >= closed_since,
+                    closed_at < closed_before,
+                ),
+                and_(
+                    INVOICES.c.status == InvoiceStatus.PAID.value,
+                    INVOICES.c.paid_at >= closed_since,
+                    INVOICES.c.paid_at < closed_before,
+                ),
+            ),
+        )
+        .order_by(INVOICES.c.id)
+    ).all()
+    return [
+        ClosedInvoiceIntent(invoice_id, number, str(status), intent, amount, currency)
+        for invoice_id, number, status, intent, amount, currency in rows
     ]
 
 
