@@ -57,7 +57,11 @@ async def test_any_printable_memo_is_stored_exactly_and_a_repeat_is_one_note(
     note = await api.request("GET", f"/v1/credit-notes/{first.json()['id']}", scope="finance")
     assert note.json()["memo"] == memo
     exported = await api.request("GET", "/v1/credit-notes.csv", scope="finance")
-    [row] = [r for r in csv.DictReader(io.StringIO(exported.text)) if r["id"] == note.json()["id"]]
+    [row] = [
+        r
+        for r in csv.DictReader(io.StringIO(exported.text))
+        if r["credit_note_id"] == note.json()["id"]
+    ]
     assert row["memo"] == memo
     listed = await api.request(
         "GET", "/v1/credit-notes", scope="finance", params={"invoice_id": invoice["id"]}
