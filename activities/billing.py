@@ -29,7 +29,6 @@ from temporalio import activity
 
 from activities import event_log
 from activities.errors import domain_errors_are_final
-from billing.business_events import EventType
 from billing.clock import Clock
 from billing.contracts import (
     ActivityName,
@@ -1038,9 +1037,9 @@ class BillingActivities:
                 )
             canceled = canceled or result.canceled
         with unit_of_work(self.session_factory) as session:
-            # ``invoice.paid``, once per invoice (its key), as for a paid charge; no receipt:
-            # nothing was charged.
-            event_log.invoice_event(session, invoice.id, EventType.INVOICE_PAID, self.clock.now())
+            # ``invoice.paid`` and the receipt, once per invoice (their keys), as for a paid
+            # charge; the credit note that paid it wrote the receipt already.
+            event_log.invoice_paid(session, invoice, self.clock.now())
         return CancelInvoicePaymentResult(
             paid=True,
             paid_by_credit=True,

@@ -13,10 +13,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from billing.business_events import EventType, invoice_event_for, subscription_event_for
-from billing.ids import new_id
 from billing.invoices import InvoiceStatus
-from billing.notices import NoticeKind
-from billing.records import InvoiceRecord, NotificationRecord, SubscriptionRecord
+from billing.records import InvoiceRecord, SubscriptionRecord
 from billing.subscription import SubscriptionStatus
 from db.repositories import events as events_repo
 from db.repositories import invoices as invoices_repo
@@ -106,11 +104,15 @@ def invoice_event(
 
 def invoice_issued(session: Session, invoice: InvoiceRecord, at: datetime) -> None:
     """A new invoice: created and finalized in one step (the engine issues them final), and
-    paid at once when free."""
+    paid at once when it owes nothing. One the customer's credit balance paid (or that
+    carried an amount below the provider's minimum charge to the balance) gets its receipt
+    like any paid invoice; a free one (nothing billed) does not."""
     invoice_event(session, invoice.id, EventType.INVOICE_CREATED, at)
     invoice_event(session, invoice.id, EventType.INVOICE_FINALIZED, at)
     if invoice.status == InvoiceStatus.PAID:
         invoice_event(session, invoice.id, EventType.INVOICE_PAID, at)
+        if invoice.subtotal_minor > 0:
+            notifications_repo.enqueue_receipt(session, invoice, at)
 
 
 def invoice_closed(session: Session, invoice: InvoiceRecord, at: datetime) -> None:
@@ -122,19 +124,7 @@ def invoice_closed(session: Session, invoice: InvoiceRecord, at: datetime) -> No
 def invoice_paid(session: Session, invoice: InvoiceRecord, at: datetime) -> None:
     """The invoice's payment was recorded: ``invoice.paid`` and the customer's receipt."""
     invoice_event(session, invoice.id, EventType.INVOICE_PAID, at)
-    notifications_repo.enqueue_notification(
-        session,
-        NotificationRecord(
-            id=new_id("ntf"),
-            kind=NoticeKind.RECEIPT.value,
-            customer_id=invoice.customer_id,
-            subscription_id=invoice.subscription_id,
-            invoice_id=invoice.id,
-            dedupe_key=f"{invoice.id}:{NoticeKind.RECEIPT.value}",
-            payload={"invoice_number": invoice.number},
-            created_at=at,
-        ),
-    )
+    notifications_repo.enqueue_receipt(session, invoice, at)
 
 
 def charge_failed(

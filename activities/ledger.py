@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,7 +15,13 @@ from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
 from activities.errors import domain_errors_are_final
-from billing.charge_reconciliation import UNKNOWN_OUTCOME_AFTER, reconcile_charge
+from billing.charge_reconciliation import (
+    CANCELABLE_INTENT_STATUSES,
+    CHARGE_SEVERITY,
+    UNKNOWN_OUTCOME_AFTER,
+    ChargeFindingKind,
+    reconcile_charge,
+)
 from billing.clock import Clock
 from billing.ids import new_id
 from billing.ledger import LedgerGateway, ProviderBalanceTransaction, ProviderPayout
@@ -143,9 +149,68 @@ class LedgerActivities:
                 )
                 if inserted:
                     new[finding.kind.value] = new.get(finding.kind.value, 0) + 1
+        canceled = self._cancel_intents_of_closed_invoices(
+            closed_since=now - timedelta(days=input.days), now=now, run_id=run_id
+        )
+        if canceled:
+            new[ChargeFindingKind.OPEN_INTENT_CANCELED.value] = canceled
         if new:
             log.warning("charge reconciliation %s found %s", run_id, new)
         return ReconcileChargesResult(charges_checked=len(charges), new_findings=new)
+
+    def _cancel_intents_of_closed_invoices(
+        self, *, closed_since: datetime, now: datetime, run_id: str
+    ) -> int:
+        """Every PaymentIntent of an invoice closed in the window (void, written off, or paid
+        without it) that is still open at Stripe is canceled, so it can never be confirmed
+        later, and reported once. The workflows cancel them as they close an invoice; this
+        catches what they could not: an invoice closed by code before that, or paid by a credit
+        note whose subscription workflow has ended and never heard. A read first, so intents
+        already canceled cost no write; a cancel is idempotent at Stripe."""
+        with unit_of_work(self.session_factory) as session:
+            # An hour's grace: the invoice's own workflow cancels its intent as it closes it.
+            candidates = ledger_repo.closed_invoice_intents(
+                session, closed_since=closed_since, closed_before=now - UNKNOWN_OUTCOME_AFTER
+            )
+        canceled = 0
+        for closed in candidates:
+            status = self.gateway.payment_intent_status(payment_intent_id=closed.payment_intent_id)
+            if status not in CANCELABLE_INTENT_STATUSES:
+                continue
+            result = self.gateway.cancel_payment_intent(payment_intent_id=closed.payment_intent_id)
+            if result.paid is not None:
+                # Confirmed between the read and the cancel: money taken for a closed invoice.
+                # The charge's own reconciliation (late success) reports it; never booked here.
+                log.error(
+                    "payment intent %s of %s invoice %s succeeded while it was being canceled",
+                    closed.payment_intent_id,
+                    closed.status,
+                    closed.number,
+                )
+                continue
+            with unit_of_work(self.session_factory) as session:
+                _, inserted = ledger_repo.record_finding(
+                    session,
+                    ReconciliationFindingRecord(
+                        id=new_id("rcf"),
+                        kind=ChargeFindingKind.OPEN_INTENT_CANCELED.value,
+                        severity=CHARGE_SEVERITY[ChargeFindingKind.OPEN_INTENT_CANCELED].value,
+                        subject_key=closed.payment_intent_id,
+                        detail=(
+                            f"payment intent {closed.payment_intent_id} of {closed.status} "
+                            f"invoice {closed.number} was still open at Stripe ({status}); "
+                            "canceled so it can never be confirmed"
+                        )[:1000],
+                        found_at=now,
+                        run_id=run_id[:100],
+                        invoice_id=closed.invoice_id,
+                        payment_intent_id=closed.payment_intent_id,
+                        amount_minor=closed.amount_due_minor,
+                        currency=closed.currency,
+                    ),
+                )
+            canceled += int(inserted)
+        return canceled
 
 
 async def start_payout_import(

@@ -35,6 +35,7 @@ from billing.clock import Clock
 from billing.contracts import InvoiceCreditedInput, SubscriptionMessage, workflow_id_for
 from billing.credit_notes import RefundReason, RefundSource, refund_workflow_id_for
 from billing.errors import NotFound
+from billing.invoices import InvoiceStatus
 from billing.records import InvoiceRecord, RefundRecord
 from billing.refunds import ProviderRefund, RefundGateway, RefundRefused
 from billing.settlement import (
@@ -228,7 +229,10 @@ async def signal_invoice_credited(
         SubscriptionMessage.INVOICE_CREDITED,
         InvoiceCreditedInput(
             invoice_id=invoice.id,
-            amount_due_minor=invoice.amount_due_minor,
+            # Paid (by the credit, or carried as below the minimum charge): nothing is due.
+            amount_due_minor=0
+            if invoice.status == InvoiceStatus.PAID
+            else invoice.amount_due_minor,
             credit_note_id=credit_note_id,
         ),
     )

@@ -938,6 +938,15 @@ class StripeGateway:
             )
         return PaymentIntentCancellation(payment_intent_id=intent.id, canceled=False, paid=outcome)
 
+    def payment_intent_status(self, *, payment_intent_id: str) -> str:
+        """The intent's status (https://docs.stripe.com/api/payment_intents/object#payment_intent_object-status);
+        a read, so the daily reconciliation asks it before canceling anything."""
+        try:
+            intent = self._client.v1.payment_intents.retrieve(payment_intent_id)
+        except stripe.StripeError as error:
+            _raise_translated(error, operation=f"reading payment intent {payment_intent_id}")
+        return str(intent.status)
+
     def payment_intent_outcome(self, *, payment_intent_id: str) -> ChargeOutcome:
         """The current state of a PaymentIntent, e.g. after the customer authenticated."""
         try:

@@ -13,6 +13,14 @@ from enum import StrEnum
 from billing.ledger import Severity
 
 
+class FindingStatus(StrEnum):
+    """Where finance is with a finding: ``open`` until resolved with a note (who, when, why).
+    Only open ones count in the metric."""
+
+    OPEN = "open"
+    RESOLVED = "resolved"
+
+
 class ChargeFindingKind(StrEnum):
     LATE_SUCCESS = "late_success"
     CHARGE_WITHOUT_ATTEMPT = "charge_without_attempt"
@@ -20,6 +28,10 @@ class ChargeFindingKind(StrEnum):
     AMOUNT_MISMATCH = "amount_mismatch"
     DOUBLE_CHARGE = "double_charge"
     UNKNOWN_OUTCOME = "unknown_outcome"
+    #: The PaymentIntent of an invoice that is void, written off or paid without it (by a
+    #: credit note) was still open at Stripe: it could have been confirmed later. The daily
+    #: reconciliation cancels it and reports it.
+    OPEN_INTENT_CANCELED = "open_intent_canceled"
 
 
 CHARGE_SEVERITY: dict[ChargeFindingKind, Severity] = {
@@ -30,7 +42,14 @@ CHARGE_SEVERITY: dict[ChargeFindingKind, Severity] = {
     ChargeFindingKind.AMOUNT_MISMATCH: Severity.ERROR,
     ChargeFindingKind.DOUBLE_CHARGE: Severity.ERROR,
     ChargeFindingKind.UNKNOWN_OUTCOME: Severity.WARNING,
+    ChargeFindingKind.OPEN_INTENT_CANCELED: Severity.WARNING,
 }
+
+#: Statuses of a PaymentIntent that could still take money if confirmed
+#: (https://docs.stripe.com/payments/paymentintents/lifecycle): cancelable.
+CANCELABLE_INTENT_STATUSES = frozenset(
+    {"requires_payment_method", "requires_confirmation", "requires_action", "requires_capture"}
+)
 
 #: An attempt still without an outcome this long after it was recorded is reported.
 UNKNOWN_OUTCOME_AFTER = timedelta(hours=1)

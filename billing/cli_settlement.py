@@ -398,27 +398,84 @@ def payouts_sync() -> None:
 def reconciliation_findings(
     severity: str | None = typer.Option(None, "--severity", help="info, warning or error"),
     since: str | None = typer.Option(None, "--since", help="ISO 8601 with a zone"),
+    status: str | None = typer.Option(
+        None, "--status", help="open (not resolved yet) or resolved; default: both"
+    ),
+    csv_output: bool = typer.Option(False, "--csv", help="every matching finding as CSV"),
 ) -> None:
     """What the daily charge reconciliation found (GET /v1/reconciliation/findings)."""
+    from billing.api.payouts import findings_csv_rows
+    from billing.charge_reconciliation import FindingStatus
     from billing.finance import format_instant
     from db.engine import unit_of_work
     from db.repositories import ledger as ledger_repo
 
     if severity is not None and severity not in ("info", "warning", "error"):
         _fail(f"--severity {severity!r} is not one of info, warning, error")
+    wanted: FindingStatus | None = None
+    if status is not None:
+        try:
+            wanted = FindingStatus(status)
+        except ValueError:
+            _fail(f"--status {status!r} is not one of open, resolved")
     start = _instant(since, "--since")
     with unit_of_work(_factory(Settings())) as session:
-        found = ledger_repo.list_findings(session, since=start, severity=severity, limit=100_000)
+        found = ledger_repo.list_findings(
+            session, since=start, severity=severity, status=wanted, limit=100_000
+        )
+    if csv_output:
+        csv.writer(sys.stdout, lineterminator="\n").writerows(findings_csv_rows(found))
+        return
     table = Table(title="charge reconciliation findings")
-    for column in ("found", "severity", "kind", "invoice", "charge", "detail"):
+    for column in ("id", "found", "severity", "kind", "status", "invoice", "charge", "detail"):
         table.add_column(column)
     for f in found:
         table.add_row(
+            f.id,
             format_instant(f.found_at),
             f.severity,
             f.kind,
+            "open" if f.resolved_at is None else f"resolved by {f.resolved_by}",
             f.invoice_id or "",
             f.charge_id or "",
             f.detail,
         )
-    console.print(table)
+    console.print(table, markup=False)
+
+
+@reconciliation_app.command("resolve")
+def reconciliation_resolve(
+    finding_id: str = typer.Argument(..., help="the finding's id (rcf_...)"),
+    note: str = typer.Option(..., "--note", help="why it needs nothing more"),
+    by: str = typer.Option(..., "--by", help="who resolves it (recorded with the note)"),
+) -> None:
+    """Resolve a finding with a note (POST /v1/reconciliation/findings/{id}/resolve). Exit 1
+    when another resolution is recorded already; 2 on bad input."""
+    from billing.clock import SystemClock
+    from billing.errors import BillingError, InvalidInput
+    from billing.finance import format_instant
+    from billing.text import RESOLUTION_NOTE, RESOLVED_BY
+    from db.engine import unit_of_work
+    from db.repositories import ledger as ledger_repo
+
+    checked_id = _checked_id(finding_id, "FINDING_ID")
+    try:
+        checked_note = RESOLUTION_NOTE.check(note, field="--note")
+        checked_by = RESOLVED_BY.check(by, field="--by")
+        if not checked_note.strip() or not checked_by.strip():
+            raise InvalidInput("--note and --by must not be empty", field="--note")
+    except InvalidInput as invalid:
+        _fail(invalid.message)
+    try:
+        with unit_of_work(_factory(Settings())) as session:
+            finding, resolved = ledger_repo.resolve_finding(
+                session, checked_id, by=checked_by, note=checked_note, at=SystemClock().now()
+            )
+    except BillingError as error:
+        _fail(error.message, code=1)
+    assert finding.resolved_at is not None
+    verb = "resolved" if resolved else "already resolved"
+    console.print(
+        f"{finding.id} {verb} by {finding.resolved_by} at {format_instant(finding.resolved_at)}",
+        markup=False,
+    )

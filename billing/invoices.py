@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from billing.balance import credit_to_apply
+from billing.balance import credit_to_apply, debit_to_apply
 from billing.errors import ChangeRefused
+from billing.minimum_charge import is_too_small_to_charge
 
 
 class InvoiceLineKind(StrEnum):
@@ -50,10 +51,44 @@ class InvoiceLine:
 def invoice_totals(line_amounts_minor: list[int], balance_minor: int) -> tuple[int, int, int]:
     """``(subtotal, credit_applied, amount_due)`` in minor units for lines totalling their sum,
     paid first from a credit balance of ``balance_minor``. A negative subtotal owes nothing
-    (its credit goes to the balance, see ``billing.balance``)."""
+    (its credit goes to the balance, see ``billing.balance``). A negative balance (a debit,
+    ``debit_to_apply``) is added by ``invoice_totals_with_debit``."""
     subtotal = sum(line_amounts_minor)
     applied = credit_to_apply(balance_minor, subtotal)
     return subtotal, applied, max(subtotal - applied, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceTotals:
+    """An invoice's totals at finalization (minor units)."""
+
+    subtotal_minor: int
+    #: Credit of the customer's balance used (never negative).
+    credit_applied_minor: int
+    #: A debit of the customer's balance (an earlier amount too small to charge) added.
+    debit_applied_minor: int
+    amount_due_minor: int
+    #: The amount due is more than 0 but below the provider's minimum charge: not charged, it
+    #: is carried to the balance as a debit and the invoice is paid (``billing.minimum_charge``).
+    too_small_to_charge: bool
+
+
+def invoice_totals_with_debit(
+    line_amounts_minor: list[int], balance_minor: int, currency: str
+) -> InvoiceTotals:
+    """``invoice_totals``, plus Stripe's rules for a debit balance and for an amount below the
+    minimum charge: a debit is added to an invoice that bills something (subtotal above 0); an
+    amount due below Stripe's minimum in ``currency`` is too small to charge."""
+    subtotal, applied, due = invoice_totals(line_amounts_minor, balance_minor)
+    debit = debit_to_apply(balance_minor) if subtotal > 0 else 0
+    due += debit
+    return InvoiceTotals(
+        subtotal_minor=subtotal,
+        credit_applied_minor=applied,
+        debit_applied_minor=debit,
+        amount_due_minor=due,
+        too_small_to_charge=is_too_small_to_charge(due, currency),
+    )
 
 
 class InvoiceStatus(StrEnum):

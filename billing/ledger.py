@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from billing.charge_reconciliation import ProviderCharge
+    from billing.payments import PaymentIntentCancellation
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +253,15 @@ class LedgerGateway(Protocol):
 
     def list_charges(self, *, created_from: datetime) -> list[ProviderCharge]:
         """The account's charges created since ``created_from``, every page."""
+        ...
+
+    def payment_intent_status(self, *, payment_intent_id: str) -> str:
+        """The PaymentIntent's status as Stripe reports it (``requires_payment_method``,
+        ``canceled``, ``succeeded``, ...)."""
+        ...
+
+    def cancel_payment_intent(self, *, payment_intent_id: str) -> PaymentIntentCancellation:
+        """Cancel it so nobody can pay it (idempotent; a succeeded one is returned paid)."""
         ...
 
 

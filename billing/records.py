@@ -519,3 +519,6 @@ class ReconciliationFindingRecord:
     charge_id: str | None = None
     amount_minor: int | None = None
     currency: str | None = None
+    resolved_at: datetime | None = None
+    resolved_by: str | None = None
+    resolution_note: str | None = None

@@ -135,6 +135,10 @@ IDEMPOTENCY_KEY = TextRule(200)
 #: subscriptions.cancel_reason, subscription_status_changes.reason, invoices.status_reason:
 #: free text from an operator or the customer.
 REASON = TextRule(500, multiline=True)
+#: reconciliation_findings.resolution_note: why finance resolved a finding.
+RESOLUTION_NOTE = TextRule(2000, multiline=True)
+#: reconciliation_findings.resolved_by: who resolved it (an API key's name, an operator).
+RESOLVED_BY = TextRule(200)
 #: payment_attempts.failure_message: the provider's decline message.
 FAILURE_MESSAGE = TextRule(500, multiline=True)
 #: payment_attempts.decline_code.

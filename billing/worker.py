@@ -152,7 +152,8 @@ PARKED_COUNTER = "billing_subscriptions_parked"
 #: wants (``billing_subscriptions_needs_attention > 0``), whichever worker parked them and
 #: however long ago.
 NEEDS_ATTENTION_GAUGE = "billing_subscriptions_needs_attention"
-#: Findings of the daily charge reconciliation, by severity (from the database).
+#: Open findings of the daily charge reconciliation, by severity (from the database); a
+#: finding finance resolved no longer counts.
 RECONCILIATION_FINDINGS_GAUGE = "billing_reconciliation_findings"
 
 
@@ -198,8 +199,8 @@ async def report_needs_attention(
     )
     findings = runtime.metric_meter.create_gauge(
         RECONCILIATION_FINDINGS_GAUGE,
-        "differences the daily charge reconciliation recorded, by severity "
-        "(GET /v1/reconciliation/findings)",
+        "open (unresolved) differences the daily charge reconciliation recorded, by "
+        "severity (GET /v1/reconciliation/findings?status=open)",
     )
     while not stop.is_set():
         try:

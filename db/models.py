@@ -612,6 +612,11 @@ class ReconciliationFindingRow(Base):
     __table_args__ = (
         UniqueConstraint("kind", "subject_key"),
         CheckConstraint("severity IN ('info', 'warning', 'error')", name="severity"),
+        CheckConstraint(
+            "(resolved_at IS NULL AND resolved_by IS NULL AND resolution_note IS NULL) OR "
+            "(resolved_at IS NOT NULL AND resolved_by IS NOT NULL AND resolution_note IS NOT NULL)",
+            name="resolved_together",
+        ),
         Index("ix_reconciliation_findings_found_at", "found_at"),
     )
 
@@ -629,6 +634,11 @@ class ReconciliationFindingRow(Base):
     found_at: Mapped[datetime] = mapped_column(UTCDateTime)
     #: The run (the schedule's day) that found it first.
     run_id: Mapped[str] = mapped_column(String(100))
+    #: Finance's resolution (who, when, why): all three or none. A resolved finding that a
+    #: later run finds again stays one row (keyed by kind and subject) and stays resolved.
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    resolved_by: Mapped[str | None] = mapped_column(String(200))
+    resolution_note: Mapped[str | None] = mapped_column(String(2000))
 
 
 class SubscriptionStatusChangeRow(Base):

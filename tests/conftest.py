@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from billing.testing.database import postgres_available, temporary_database
@@ -81,6 +82,18 @@ async def record_histories(h: BillingHarness, test_name: str) -> None:
         for index, history in keep:
             name = f"{test_name}-s{n}-run{index + 1}.json"
             (HISTORIES_DIR / name).write_text(history.to_json())
+
+
+async def record_workflow_history(client: Client, workflow_id: str, test_name: str) -> None:
+    """Save the latest run of ``workflow_id`` (any workflow type: refunds, payouts, the
+    settlement sync, an invoice's payment) for the replay test when
+    BILLING_RECORD_HISTORIES=1; named after the test and the workflow type."""
+    if not RECORD_HISTORIES:
+        return
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    started = history.events[0].workflow_execution_started_event_attributes
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", test_name)
+    (HISTORIES_DIR / f"{safe}-{started.workflow_type.name}.json").write_text(history.to_json())
 
 
 @contextlib.asynccontextmanager

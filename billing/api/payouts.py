@@ -17,14 +17,22 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from billing.api.auth import require_scope
-from billing.api.dependencies import get_deps
+from billing.api.auth import Caller, require_scope
+from billing.api.dependencies import get_deps, require_json_body
 from billing.api.errors import ApiError
-from billing.api.schemas import ID_PATTERN, Instant, error_responses
+from billing.api.schemas import (
+    ID_PATTERN,
+    Instant,
+    RequestIn,
+    ResolutionNoteIn,
+    error_responses,
+)
+from billing.charge_reconciliation import FindingStatus
 from billing.errors import NotFound
-from billing.finance import parse_instant
+from billing.finance import format_instant, parse_instant
 from billing.ledger import Finding, PayoutReconciliation, PeriodReconciliation
 from billing.records import PayoutRecord, ReconciliationFindingRecord
+from billing.text import RESOLVED_BY
 from billing.worker import Dependencies
 from db.engine import unit_of_work
 from db.repositories import ledger as ledger_repo
@@ -136,6 +144,12 @@ class PeriodReconciliationOut(BaseModel):
     totals: dict[str, dict[str, int]]
 
 
+class FindingResolutionOut(BaseModel):
+    resolved_at: Instant
+    resolved_by: str
+    note: str
+
+
 class ChargeFindingOut(BaseModel):
     id: str
     kind: str
@@ -148,6 +162,8 @@ class ChargeFindingOut(BaseModel):
     currency: str | None
     found_at: Instant
     run_id: str
+    status: FindingStatus
+    resolution: FindingResolutionOut | None
 
     @classmethod
     def of(cls, f: ReconciliationFindingRecord) -> ChargeFindingOut:
@@ -163,12 +179,29 @@ class ChargeFindingOut(BaseModel):
             currency=f.currency,
             found_at=f.found_at,
             run_id=f.run_id,
+            status=FindingStatus.OPEN if f.resolved_at is None else FindingStatus.RESOLVED,
+            resolution=(
+                FindingResolutionOut(
+                    resolved_at=f.resolved_at,
+                    resolved_by=f.resolved_by or "",
+                    note=f.resolution_note or "",
+                )
+                if f.resolved_at is not None
+                else None
+            ),
         )
 
 
 class ChargeFindingListOut(BaseModel):
     data: list[ChargeFindingOut]
+    #: Open (unresolved) findings per severity, as the metric counts them.
     by_severity: dict[str, int]
+
+
+class ResolveFindingIn(RequestIn):
+    """Why the finding needs nothing more (refunded, booked by hand, a known test charge)."""
+
+    note: ResolutionNoteIn
 
 
 def _refuse_unknown_params(request: Request, allowed: frozenset[str]) -> None:
@@ -388,28 +421,138 @@ async def period_reconciliation_csv(
     return _csv(csv_rows(period.payouts, period.missing), "reconciliation.csv")
 
 
+_FindingStatusQuery = Annotated[
+    FindingStatus | None,
+    Query(description="open (not resolved yet) or resolved; default: both"),
+]
+FindingId = Annotated[
+    str,
+    Path(min_length=1, max_length=40, pattern=ID_PATTERN, description="Finding id, 'rcf_...'."),
+]
+
+
+def _read_findings(
+    deps: Dependencies,
+    since: str | None,
+    severity: str | None,
+    status: FindingStatus | None,
+    limit: int,
+) -> tuple[list[ReconciliationFindingRecord], dict[str, int]]:
+    start = parse_instant(since, field="since")
+    with unit_of_work(deps.session_factory) as session:
+        found = ledger_repo.list_findings(
+            session, since=start, severity=severity, status=status, limit=limit
+        )
+        counts = ledger_repo.count_findings_by_severity(session)
+    return found, counts
+
+
 @router.get("/reconciliation/findings", summary="The daily charge reconciliation's findings")
 async def charge_findings(
     request: Request,
     deps: Annotated[Dependencies, Depends(get_deps)],
     since: _Since = None,
     severity: Annotated[str | None, Query(pattern="^(info|warning|error)$")] = None,
+    status: _FindingStatusQuery = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> ChargeFindingListOut:
     """Late successes, charges with no attempt of ours, amount mismatches, double charges and
-    attempts still of unknown outcome, each once, with its severity."""
-    _refuse_unknown_params(request, frozenset({"since", "severity", "limit"}))
-    start = parse_instant(since, field="since")
+    attempts still of unknown outcome, each once, with its severity and, once finance resolved
+    it, the resolution (who, when, why)."""
+    _refuse_unknown_params(request, frozenset({"since", "severity", "status", "limit"}))
+    found, counts = await asyncio.to_thread(_read_findings, deps, since, severity, status, limit)
+    return ChargeFindingListOut(data=[ChargeFindingOut.of(f) for f in found], by_severity=counts)
 
-    def read() -> ChargeFindingListOut:
+
+FINDINGS_CSV_COLUMNS = [
+    "id",
+    "found_at",
+    "severity",
+    "kind",
+    "status",
+    "invoice_id",
+    "payment_intent_id",
+    "charge_id",
+    "amount_minor",
+    "currency",
+    "detail",
+    "resolved_at",
+    "resolved_by",
+    "resolution_note",
+]
+
+
+def _csv_safe(text: str) -> str:
+    # A formula-looking note must not run in a spreadsheet.
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def findings_csv_rows(found: list[ReconciliationFindingRecord]) -> Iterator[list[str]]:
+    yield FINDINGS_CSV_COLUMNS
+    for f in found:
+        yield [
+            f.id,
+            format_instant(f.found_at),
+            f.severity,
+            f.kind,
+            FindingStatus.OPEN if f.resolved_at is None else FindingStatus.RESOLVED,
+            f.invoice_id or "",
+            f.payment_intent_id or "",
+            f.charge_id or "",
+            "" if f.amount_minor is None else str(f.amount_minor),
+            f.currency or "",
+            _csv_safe(f.detail),
+            format_instant(f.resolved_at) if f.resolved_at is not None else "",
+            _csv_safe(f.resolved_by or ""),
+            _csv_safe(f.resolution_note or ""),
+        ]
+
+
+@router.get(
+    "/reconciliation/findings.csv",
+    summary="The daily charge reconciliation's findings, as CSV",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}, "description": "One line per finding."}},
+)
+async def charge_findings_csv(
+    request: Request,
+    deps: Annotated[Dependencies, Depends(get_deps)],
+    since: _Since = None,
+    severity: Annotated[str | None, Query(pattern="^(info|warning|error)$")] = None,
+    status: _FindingStatusQuery = None,
+) -> Response:
+    _refuse_unknown_params(request, frozenset({"since", "severity", "status"}))
+    found, _ = await asyncio.to_thread(_read_findings, deps, since, severity, status, 100_000)
+    return _csv(findings_csv_rows(found), "reconciliation-findings.csv")
+
+
+@router.post(
+    "/reconciliation/findings/{id}/resolve",
+    summary="Resolve a finding with a note (scope admin)",
+    dependencies=[require_scope("admin"), Depends(require_json_body)],
+    responses=error_responses(400, 404, 409, 413, 415),
+)
+async def resolve_charge_finding(
+    id: FindingId,
+    body: ResolveFindingIn,
+    request: Request,
+    deps: Annotated[Dependencies, Depends(get_deps)],
+) -> ChargeFindingOut:
+    """Who (the API key's name), when (now) and why (``note``) are recorded once. The same
+    resolution again answers the finding unchanged (200); another one of a resolved finding is
+    409, naming who resolved it and when. A later run that finds the same difference again
+    keeps this one row, resolved."""
+    caller: Caller | None = getattr(request.state, "caller", None)
+    by = RESOLVED_BY.check(caller.key_name if caller else "api", field="resolved_by")
+
+    def write() -> ReconciliationFindingRecord:
         with unit_of_work(deps.session_factory) as session:
-            found = ledger_repo.list_findings(session, since=start, severity=severity, limit=limit)
-            counts = ledger_repo.count_findings_by_severity(session)
-        return ChargeFindingListOut(
-            data=[ChargeFindingOut.of(f) for f in found], by_severity=counts
-        )
+            finding, _ = ledger_repo.resolve_finding(
+                session, id, by=by, note=body.note, at=deps.clock.now()
+            )
+            return finding
 
-    return await asyncio.to_thread(read)
+    return ChargeFindingOut.of(await asyncio.to_thread(write))
 
 
 def csv_text(rows: Iterator[list[str]]) -> str:
@@ -418,4 +561,11 @@ def csv_text(rows: Iterator[list[str]]) -> str:
     return buffer.getvalue()
 
 
-__all__ = ["RECONCILIATION_CSV_COLUMNS", "csv_rows", "csv_text", "router"]
+__all__ = [
+    "FINDINGS_CSV_COLUMNS",
+    "RECONCILIATION_CSV_COLUMNS",
+    "csv_rows",
+    "csv_text",
+    "findings_csv_rows",
+    "router",
+]

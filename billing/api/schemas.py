@@ -73,6 +73,7 @@ from billing.text import (
     PLAN_CODE,
     PLAN_NAME,
     REASON,
+    RESOLUTION_NOTE,
     TIMEZONE,
     TextRule,
     text_problem,
@@ -162,6 +163,9 @@ PaymentMethodIdIn = Annotated[
     str, _bounded(PAYMENT_METHOD_ID, min_length=1), _checked_by(PAYMENT_METHOD_ID)
 ]
 ReasonIn = Annotated[str, _bounded(REASON), _checked_by(REASON)]
+ResolutionNoteIn = Annotated[
+    str, _bounded(RESOLUTION_NOTE, min_length=1), _checked_by(RESOLUTION_NOTE)
+]
 
 
 def _card_data_path(value: Any, path: str = "") -> str | None:
@@ -962,7 +966,10 @@ class CustomerListOut(BaseModel):
 
 class BalanceOut(BaseModel):
     currency: str
-    amount_minor: int = Field(description="Credit the customer holds (minor units, >= 0).")
+    amount_minor: int = Field(
+        description="Credit the customer holds (minor units); below 0: a debit they owe (an "
+        "amount below the minimum charge, carried to the next invoice)."
+    )
     amount_display: str | None
 
 

@@ -35,7 +35,8 @@ def lock_customer(session: Session, customer_id: str) -> None:
 
 
 def credit_balance(session: Session, customer_id: str, currency: str) -> int:
-    """The customer's credit in ``currency`` (minor units, never negative)."""
+    """The customer's credit in ``currency`` (minor units; below 0: a debit they owe, an
+    amount too small to charge carried to their next invoice)."""
     total = session.execute(
         select(func.coalesce(func.sum(BALANCE_ENTRIES.c.amount_minor), 0)).where(
             BALANCE_ENTRIES.c.customer_id == customer_id,
@@ -90,6 +91,7 @@ def record_entry(
     at: datetime,
     invoice_id: str | None = None,
     credit_note_id: str | None = None,
+    allow_debit: bool = False,
 ) -> tuple[BalanceEntryRecord, bool]:
     """Record one movement once per ``source_key``: ``(entry, True)``, or the entry already
     recorded for that key and False (then nothing moves).
@@ -97,7 +99,8 @@ def record_entry(
     A negative movement (credit used) is refused with InvalidInput when the balance does not
     hold it; the caller must hold the customer's lock (``lock_customer``) for that check to
     mean anything under concurrency. A repeat with the same key but another amount is refused
-    too: the key names one decision.
+    too: the key names one decision. ``allow_debit``: the movement may take the balance
+    below 0 (a debit: an amount too small to charge carried, or given back by a void).
     """
     if isinstance(amount_minor, bool) or not isinstance(amount_minor, int) or amount_minor == 0:
         raise InvalidInput(
@@ -105,7 +108,7 @@ def record_entry(
             field="amount_minor",
         )
     existing = get_entry_by_source(session, source_key)
-    if existing is None and amount_minor < 0:
+    if existing is None and amount_minor < 0 and not allow_debit:
         held = credit_balance(session, customer_id, currency)
         if held + amount_minor < 0:
             raise InvalidInput(

@@ -35,6 +35,7 @@ from billing.credit_notes import (
 from billing.errors import ChangeRefused, IdempotencyConflict, NotFound
 from billing.ids import new_id
 from billing.invoices import InvoiceStatus
+from billing.minimum_charge import is_too_small_to_charge
 from billing.records import (
     CreditNoteLineRecord,
     CreditNoteRecord,
@@ -52,9 +53,15 @@ from db.models import (
     PAYMENTS,
     REFUNDS,
 )
-from db.repositories import balances, disputes
+from db.repositories import balances, disputes, notifications
 from db.repositories._rows import column_values, fetch_all, fetch_one, insert_or_get, select_rows
-from db.repositories.invoices import get_invoice, list_invoice_lines, transition_invoice
+from db.repositories.invoices import (
+    carry_too_small,
+    get_invoice,
+    list_invoice_lines,
+    too_small_reason,
+    transition_invoice,
+)
 from db.repositories.payments import get_payment_for_invoice
 
 #: Refund statuses that still hold money against a payment's refundable amount.
@@ -400,7 +407,7 @@ def issue_credit_note(
         if lowered.amount_due_minor == 0:
             # Stripe's behaviour: an invoice a credit note leaves owing nothing is paid (by the
             # credit, amount_paid 0). Its PaymentIntent is canceled by its workflow.
-            transition_invoice(
+            paid = transition_invoice(
                 session,
                 invoice.id,
                 to=InvoiceStatus.PAID,
@@ -408,6 +415,27 @@ def issue_credit_note(
                 reason=f"paid by credit note {note.number}",
                 amount_paid_minor=0,
             )
+            # Paid entirely by credit: the customer's receipt, like any paid invoice, in the
+            # transaction that pays it (once: its dedupe key is the invoice's).
+            notifications.enqueue_receipt(session, paid, at)
+        elif is_too_small_to_charge(lowered.amount_due_minor, lowered.currency):
+            # Stripe Billing's rule (billing.minimum_charge): an amount due below the minimum
+            # charge is not charged; it is carried to the customer's balance as a debit for
+            # the next invoice, and this invoice is paid. Its PaymentIntent is canceled by its
+            # workflow, as for an invoice the credit paid in full.
+            paid = transition_invoice(
+                session,
+                invoice.id,
+                to=InvoiceStatus.PAID,
+                at=at,
+                reason=(
+                    f"credit note {note.number}: "
+                    + too_small_reason(lowered.amount_due_minor, lowered.currency)
+                )[:500],
+                amount_paid_minor=0,
+            )
+            carry_too_small(session, paid, at)
+            notifications.enqueue_receipt(session, paid, at)
     return _issued(session, note, created=True)
 
 

@@ -18,8 +18,9 @@ from billing.invoices import (
     InvoiceLineKind,
     InvoiceStatus,
     check_transition,
-    invoice_totals,
+    invoice_totals_with_debit,
 )
+from billing.minimum_charge import minimum_charge_minor
 from billing.records import InvoiceLineRecord, InvoiceRecord
 from db.models import INVOICE_LINES, INVOICES
 from db.repositories import balances
@@ -134,19 +135,55 @@ def _subscription_line(record: InvoiceRecord) -> InvoiceLine:
 
 def _finalize(session: Session, record: InvoiceRecord, lines: list[InvoiceLine]) -> InvoiceRecord:
     """The invoice's totals from its lines, paid first from the customer's credit balance
-    (the caller holds the customer's row lock). An invoice that owes nothing is paid as it is
-    finalized, as Stripe does."""
+    (the caller holds the customer's row lock); a debit on the balance is added. An invoice
+    that owes nothing is paid as it is finalized, as Stripe does; so is one owing less than
+    Stripe's minimum charge, whose amount is carried to the balance as a debit
+    (``billing.minimum_charge``; the entries are written by ``_write_lines_and_credit``)."""
     balance = balances.credit_balance(session, record.customer_id, record.currency)
-    subtotal, applied, due = invoice_totals([line.amount_minor for line in lines], balance)
-    paid = due == 0
+    totals = invoice_totals_with_debit(
+        [line.amount_minor for line in lines], balance, record.currency
+    )
+    due = totals.amount_due_minor
+    paid = due == 0 or totals.too_small_to_charge
     at = record.finalized_at or record.created_at
     return dataclasses.replace(
         record,
-        subtotal_minor=subtotal,
-        credit_applied_minor=applied,
+        subtotal_minor=totals.subtotal_minor,
+        credit_applied_minor=totals.credit_applied_minor,
         amount_due_minor=due,
         status=InvoiceStatus.PAID if paid else record.status,
         paid_at=(record.paid_at or at) if paid else None,
+        status_reason=too_small_reason(due, record.currency)
+        if totals.too_small_to_charge
+        else record.status_reason,
+    )
+
+
+def too_small_reason(amount_due_minor: int, currency: str) -> str:
+    minimum = minimum_charge_minor(currency)
+    return (
+        f"amount due {amount_due_minor} {currency} minor units is below Stripe's minimum charge "
+        f"({minimum}); not charged, carried to the customer's balance for the next invoice"
+    )
+
+
+def carry_too_small(session: Session, invoice: InvoiceRecord, at: datetime) -> None:
+    """Carry the amount due of ``invoice`` (paid because it was below the minimum charge) to
+    the customer's balance as a debit, once per invoice (its source key)."""
+    balances.record_entry(
+        session,
+        customer_id=invoice.customer_id,
+        currency=invoice.currency,
+        amount_minor=-invoice.amount_due_minor,
+        kind=BalanceEntryKind.INVOICE_TOO_SMALL,
+        source_key=f"too-small:{invoice.id}",
+        description=(
+            f"invoice {invoice.number}: {invoice.amount_due_minor} below the minimum charge, "
+            "carried to the next invoice"
+        ),
+        at=at,
+        invoice_id=invoice.id,
+        allow_debit=True,
     )
 
 
@@ -187,6 +224,23 @@ def _write_lines_and_credit(
             at=invoice.created_at,
             invoice_id=invoice.id,
         )
+    debit = invoice.amount_due_minor - max(invoice.subtotal_minor - invoice.credit_applied_minor, 0)
+    if debit > 0:
+        # The balance's debit (an earlier amount too small to charge) is billed here: the
+        # balance goes back up by it (Stripe's applied_to_invoice of a debit).
+        balances.record_entry(
+            session,
+            customer_id=invoice.customer_id,
+            currency=invoice.currency,
+            amount_minor=debit,
+            kind=BalanceEntryKind.APPLIED_TO_INVOICE,
+            source_key=f"applied:{invoice.id}",
+            description=f"debit carried to invoice {invoice.number}",
+            at=invoice.created_at,
+            invoice_id=invoice.id,
+        )
+    if invoice.status == InvoiceStatus.PAID and invoice.amount_due_minor > 0:
+        carry_too_small(session, invoice, invoice.created_at)
     if invoice.subtotal_minor < 0:
         balances.record_entry(
             session,
@@ -302,18 +356,25 @@ def transition_invoice(
         )
         if moved is not None:
             voided = InvoiceRecord(**moved)
-            if to == InvoiceStatus.VOID and voided.credit_applied_minor:
-                # A voided invoice owes nothing: the credit it used goes back, as Stripe does.
+            applied = (
+                balances.get_entry_by_source(session, f"applied:{voided.id}")
+                if to == InvoiceStatus.VOID
+                else None
+            )
+            if applied is not None:
+                # A voided invoice owes nothing: the credit it used goes back, as Stripe does,
+                # and a debit it billed (an earlier amount too small to charge) is owed again.
                 balances.record_entry(
                     session,
                     customer_id=voided.customer_id,
                     currency=voided.currency,
-                    amount_minor=voided.credit_applied_minor,
+                    amount_minor=-applied.amount_minor,
                     kind=BalanceEntryKind.RESTORED_FROM_INVOICE,
                     source_key=f"restored:{voided.id}",
                     description=f"invoice {voided.number} voided",
                     at=at,
                     invoice_id=voided.id,
+                    allow_debit=True,
                 )
             return voided
     raise RuntimeError(f"invoice {invoice_id} kept changing status; try again")

@@ -9,6 +9,7 @@ payout import and the periodic sync all meet) changes nothing.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
@@ -17,12 +18,15 @@ from sqlalchemy.orm import Session
 from billing.charge_reconciliation import (
     ChargeFinding,
     ChargeFindingKind,
+    FindingStatus,
     OurSide,
     ProviderCharge,
 )
 from billing.credit_notes import RefundStatus
 from billing.disputes import DisputeStatus
+from billing.errors import ChangeRefused, NotFound
 from billing.ids import new_id
+from billing.invoices import InvoiceStatus
 from billing.ledger import (
     Expected,
     Finding,
@@ -390,13 +394,19 @@ def list_findings(
     *,
     since: datetime | None = None,
     severity: str | None = None,
+    status: FindingStatus | None = None,
     limit: int = 200,
 ) -> list[ReconciliationFindingRecord]:
+    """Findings oldest first; ``status``: only open (not resolved) or only resolved ones."""
     statement = select_rows(RECONCILIATION_FINDINGS)
     if since is not None:
         statement = statement.where(RECONCILIATION_FINDINGS.c.found_at >= since)
     if severity is not None:
         statement = statement.where(RECONCILIATION_FINDINGS.c.severity == severity)
+    if status == FindingStatus.OPEN:
+        statement = statement.where(RECONCILIATION_FINDINGS.c.resolved_at.is_(None))
+    elif status == FindingStatus.RESOLVED:
+        statement = statement.where(RECONCILIATION_FINDINGS.c.resolved_at.is_not(None))
     return fetch_all(
         session,
         ReconciliationFindingRecord,
@@ -407,12 +417,56 @@ def list_findings(
 
 
 def count_findings_by_severity(session: Session) -> dict[str, int]:
+    """Open (unresolved) findings per severity: what still needs finance (the gauge)."""
     rows = session.execute(
-        select(RECONCILIATION_FINDINGS.c.severity, func.count()).group_by(
-            RECONCILIATION_FINDINGS.c.severity
-        )
+        select(RECONCILIATION_FINDINGS.c.severity, func.count())
+        .where(RECONCILIATION_FINDINGS.c.resolved_at.is_(None))
+        .group_by(RECONCILIATION_FINDINGS.c.severity)
     ).all()
     return {severity: int(count) for severity, count in rows}
+
+
+def get_finding(session: Session, finding_id: str) -> ReconciliationFindingRecord | None:
+    return fetch_one(
+        session,
+        ReconciliationFindingRecord,
+        select_rows(RECONCILIATION_FINDINGS).where(RECONCILIATION_FINDINGS.c.id == finding_id),
+    )
+
+
+def resolve_finding(
+    session: Session, finding_id: str, *, by: str, note: str, at: datetime
+) -> tuple[ReconciliationFindingRecord, bool]:
+    """Mark the finding resolved by ``by`` at ``at`` (UTC) with ``note``: ``(finding, True)``.
+    Set once, by compare-and-set on "not resolved", so of racing resolutions one wins. The
+    same resolution again (same person and note) answers the finding and False; another one
+    of a resolved finding is ChangeRefused naming who resolved it and when. ``note`` and
+    ``by`` are checked at the edge (``billing.text``)."""
+    moved = (
+        session.execute(
+            update(RECONCILIATION_FINDINGS)
+            .where(
+                RECONCILIATION_FINDINGS.c.id == finding_id,
+                RECONCILIATION_FINDINGS.c.resolved_at.is_(None),
+            )
+            .values(resolved_at=at, resolved_by=by, resolution_note=note)
+            .returning(*RECONCILIATION_FINDINGS.c)
+        )
+        .mappings()
+        .first()
+    )
+    if moved is not None:
+        return ReconciliationFindingRecord(**moved), True
+    current = get_finding(session, finding_id)
+    if current is None:
+        raise NotFound(f"reconciliation finding {finding_id!r} not found", field="id")
+    if (current.resolved_by, current.resolution_note) == (by, note):
+        return current, False
+    assert current.resolved_at is not None
+    raise ChangeRefused(
+        f"finding {finding_id} was resolved by {current.resolved_by} at "
+        f"{current.resolved_at.isoformat()}; a resolution is recorded once"
+    )
 
 
 def our_side(session: Session, charge: ProviderCharge) -> OurSide:
@@ -502,6 +556,62 @@ def unknown_outcomes(session: Session, *, older_than: datetime) -> list[ChargeFi
             currency,
         )
         for key, invoice_id, intent, amount, currency, created_at in rows
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedInvoiceIntent:
+    """The PaymentIntent of an invoice no charge of ours may confirm any more."""
+
+    invoice_id: str
+    number: str
+    status: str
+    payment_intent_id: str
+    amount_due_minor: int
+    currency: str
+
+
+def closed_invoice_intents(
+    session: Session, *, closed_since: datetime, closed_before: datetime
+) -> list[ClosedInvoiceIntent]:
+    """Intents of invoices closed in ``[closed_since, closed_before)`` (UTC) that no payment
+    of ours used:
+    void, written off, or paid without a charge (a credit note, an amount too small to
+    charge). Each should be canceled at the provider; the daily reconciliation checks it."""
+    closed_at = func.coalesce(INVOICES.c.voided_at, INVOICES.c.marked_uncollectible_at)
+    rows = session.execute(
+        select(
+            INVOICES.c.id,
+            INVOICES.c.number,
+            INVOICES.c.status,
+            INVOICES.c.stripe_payment_intent_id,
+            INVOICES.c.amount_due_minor,
+            INVOICES.c.currency,
+        )
+        .outerjoin(PAYMENTS, PAYMENTS.c.invoice_id == INVOICES.c.id)
+        .where(
+            INVOICES.c.stripe_payment_intent_id.is_not(None),
+            PAYMENTS.c.id.is_(None),
+            or_(
+                and_(
+                    INVOICES.c.status.in_(
+                        [InvoiceStatus.VOID.value, InvoiceStatus.UNCOLLECTIBLE.value]
+                    ),
+                    closed_at >= closed_since,
+                    closed_at < closed_before,
+                ),
+                and_(
+                    INVOICES.c.status == InvoiceStatus.PAID.value,
+                    INVOICES.c.paid_at >= closed_since,
+                    INVOICES.c.paid_at < closed_before,
+                ),
+            ),
+        )
+        .order_by(INVOICES.c.id)
+    ).all()
+    return [
+        ClosedInvoiceIntent(invoice_id, number, str(status), intent, amount, currency)
+        for invoice_id, number, status, intent, amount, currency in rows
     ]
 
 

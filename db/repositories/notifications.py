@@ -8,8 +8,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, update
 from sqlalchemy.orm import Session
 
-from billing.notices import NoticeStatus
-from billing.records import NotificationRecord, SubscriptionRecord
+from billing.ids import new_id
+from billing.notices import NoticeKind, NoticeStatus
+from billing.records import InvoiceRecord, NotificationRecord, SubscriptionRecord
 from billing.subscription import SubscriptionStatus
 from db.models import NOTIFICATIONS, SUBSCRIPTIONS
 from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
@@ -32,6 +33,26 @@ def enqueue_notification(
         NOTIFICATIONS,
         record,
         lambda: get_notification_by_dedupe_key(session, record.dedupe_key),
+    )
+
+
+def enqueue_receipt(
+    session: Session, invoice: InvoiceRecord, at: datetime
+) -> tuple[NotificationRecord, bool]:
+    """The customer's receipt for the paid ``invoice``, once per invoice (its dedupe key is
+    the invoice's): by a charge, or entirely by credit (a credit note, the credit balance)."""
+    return enqueue_notification(
+        session,
+        NotificationRecord(
+            id=new_id("ntf"),
+            kind=NoticeKind.RECEIPT.value,
+            customer_id=invoice.customer_id,
+            subscription_id=invoice.subscription_id,
+            invoice_id=invoice.id,
+            dedupe_key=f"{invoice.id}:{NoticeKind.RECEIPT.value}",
+            payload={"invoice_number": invoice.number},
+            created_at=at,
+        ),
     )
 
 

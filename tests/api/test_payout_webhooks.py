@@ -8,8 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 
 from billing.api import create_app
+from billing.settlement import payout_import_workflow_id
 from billing.testing.localstripe_settlement import stripe_fee
 from db.engine import unit_of_work
 from db.repositories import ledger as ledger_repo
@@ -22,12 +24,12 @@ from tests.api.webhook_fixtures import (
     webhook_harness_fixture,  # noqa: F401  (a fixture, registered under its short name)
     webhook_stack_fixture,  # noqa: F401  (a fixture, registered under its short name)
 )
-from tests.conftest import BOTH_BACKENDS
+from tests.conftest import BOTH_BACKENDS, record_workflow_history
 
 
 @BOTH_BACKENDS
 async def test_a_payout_webhook_imports_it_in_its_workflow_and_finance_reads_it_reconciled(
-    webhook_stack: WebhookStack,
+    request: pytest.FixtureRequest, webhook_stack: WebhookStack
 ) -> None:
     stack = webhook_stack
     harness = stack.harness
@@ -82,3 +84,6 @@ async def test_a_payout_webhook_imports_it_in_its_workflow_and_finance_reads_it_
         missing = await client.get("/v1/payouts/po_missing/reconciliation", headers=finance)
         assert missing.status_code == 404
         assert (await client.get("/v1/payouts", headers=auth("signup"))).status_code == 403
+    await record_workflow_history(
+        harness.client, payout_import_workflow_id(payout["id"]), request.node.name
+    )

@@ -42,7 +42,7 @@ from tests.api.webhook_fixtures import (
     webhook_settings,
     webhook_stack_fixture,  # noqa: F401  (a fixture, registered under its short name)
 )
-from tests.conftest import BOTH_BACKENDS
+from tests.conftest import BOTH_BACKENDS, record_workflow_history
 
 DAY = timedelta(days=1)
 
@@ -286,7 +286,7 @@ async def test_authenticated_payment_from_the_webhook_settles_the_blocked_invoic
 
 @pytest.mark.parametrize("closed", ["invoice_uncollectible", "workflow_ended"])
 async def test_a_success_for_an_invoice_no_workflow_will_settle_is_recorded_and_paid(
-    webhook_stack: WebhookStack, closed: str
+    request: pytest.FixtureRequest, webhook_stack: WebhookStack, closed: str
 ) -> None:
     """Finding 2: the customer authenticates after the invoice was written off (or after the
     subscription's workflow ended). Stripe took the money; it must be booked, not "ignored"."""
@@ -355,6 +355,10 @@ async def test_a_success_for_an_invoice_no_workflow_will_settle_is_recorded_and_
     assert response.status_code == 200
     assert response.json()["outcome"] == WebhookOutcome.IGNORED
     assert len(harness.snapshot(sub.subscription_id).payments[invoice_id]) == 1
+    await harness.client.get_workflow_handle(f"invoice-payment-{invoice_id}").result()
+    await record_workflow_history(
+        harness.client, f"invoice-payment-{invoice_id}", request.node.name
+    )
 
 
 # ---- a card changed at Stripe retries the open invoice at once ---------------------------------

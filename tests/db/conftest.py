@@ -14,7 +14,7 @@ from functools import cache
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete
+from sqlalchemy import Engine, delete, text
 from sqlalchemy.orm import Session, sessionmaker
 
 import db.models  # noqa: F401  (registers every table)
@@ -94,12 +94,35 @@ def session_factory(engine: Engine) -> Iterator[sessionmaker[Session]]:
     yield factory
     # Empty every table so the next test starts from nothing; children first, and the
     # report totals last (deleting invoices, payments and refunds takes their contribution
-    # back through the triggers of migration 0019).
+    # back through the triggers of migration 0019, which the ledger's bypass may switch off).
+    # The ledger is append-only by trigger (revision 0017): this cleanup, and only it, steps
+    # around them.
     with unit_of_work(factory) as session:
+        restore = without_append_only_triggers(session)
         for table in reversed(Base.metadata.sorted_tables):
             if table.name != "report_monthly_totals":
                 session.execute(delete(table))
         session.execute(delete(Base.metadata.tables["report_monthly_totals"]))
+        for statement in restore:
+            session.execute(text(statement))
+
+
+def without_append_only_triggers(session: Session) -> list[str]:
+    """Switch the ledger's append-only triggers off for this transaction (a test's cleanup);
+    the statements that put them back (SQLite) are returned."""
+    if session.get_bind().dialect.name == "postgresql":
+        # Superuser only, and for this transaction only: row triggers do not fire.
+        session.execute(text("SET LOCAL session_replication_role = replica"))
+        return []
+    rows = session.execute(
+        text(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' "
+            "AND tbl_name = 'ledger_entries'"
+        )
+    ).all()
+    for name, _ in rows:
+        session.execute(text(f'DROP TRIGGER "{name}"'))
+    return [sql for _, sql in rows]
 
 
 @pytest.fixture

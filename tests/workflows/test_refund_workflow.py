@@ -9,6 +9,7 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.testing import WorkflowEnvironment
 
@@ -24,7 +25,7 @@ from billing.testing.localstripe import LocalStripe
 from billing.testing.settlement_double import move_refund, set_new_refund_status
 from db.engine import unit_of_work
 from db.repositories import credit_notes as credit_notes_repo
-from tests.conftest import BOTH_BACKENDS
+from tests.conftest import BOTH_BACKENDS, record_workflow_history
 
 
 class LosesTheFirstAnswer:
@@ -68,7 +69,10 @@ def issue(h: BillingHarness, invoice_id: str, amount: int) -> str:
 
 @BOTH_BACKENDS
 async def test_a_refund_whose_answer_is_lost_is_retried_by_temporal_and_made_once(
-    temporal_env: WorkflowEnvironment, localstripe: LocalStripe, database_url: str
+    request: pytest.FixtureRequest,
+    temporal_env: WorkflowEnvironment,
+    localstripe: LocalStripe,
+    database_url: str,
 ) -> None:
     h = BillingHarness(temporal_env, database_url=database_url, stripe_api_base=localstripe.url)
     lossy = LosesTheFirstAnswer(h.stripe_gateway)
@@ -88,10 +92,16 @@ async def test_a_refund_whose_answer_is_lost_is_retried_by_temporal_and_made_onc
         assert result.stripe_refund_id == made[0].id
         # The retry found the refund by its key: it sent nothing again.
         assert lossy.creates == 1
+        await record_workflow_history(
+            h.client, refund_workflow_id_for(refund_id), request.node.name
+        )
 
 
 async def test_a_pending_refund_is_read_until_it_ends_and_the_sweep_starts_a_forgotten_one(
-    temporal_env: WorkflowEnvironment, localstripe: LocalStripe, database_url: str
+    request: pytest.FixtureRequest,
+    temporal_env: WorkflowEnvironment,
+    localstripe: LocalStripe,
+    database_url: str,
 ) -> None:
     async with BillingHarness(
         temporal_env, database_url=database_url, stripe_api_base=localstripe.url
@@ -126,6 +136,12 @@ async def test_a_pending_refund_is_read_until_it_ends_and_the_sweep_starts_a_for
             result = await handle.result()
             assert result.status == RefundStatus.SUCCEEDED
             assert len(list(h.stripe.v1.refunds.list(params={"charge": charge_id}).data)) == 1
+            await record_workflow_history(
+                h.client, refund_workflow_id_for(refund_id), request.node.name
+            )
         finally:
             set_new_refund_status(localstripe.url, "succeeded")
             await h.client.get_workflow_handle(f"refund-sweeper-{h.task_queue}").terminate()
+            await record_workflow_history(
+                h.client, f"refund-sweeper-{h.task_queue}", request.node.name
+            )

@@ -3,6 +3,10 @@ non-determinism. Re-record after an intended, patched change with:
 
     BILLING_RECORD_HISTORIES=1 pytest tests/workflows
 
+The settlement workflows' histories come from their tests in tests/workflows
+(test_refund_workflow, test_settlement_schedule) and tests/api (test_payout_webhooks, and
+test_webhooks' late success for an invoice no workflow settles: InvoicePaymentWorkflow).
+
 Keep the previous recordings in a versioned subfolder (tests/histories/v1/, ...): workflows
 started by earlier code are still running somewhere and must replay on the new code.
 """
@@ -19,7 +23,22 @@ from temporalio.worker import Replayer
 
 import billing.calendar
 from tests.cldr import cldr_without
+from workflows.invoice_payment import InvoicePaymentWorkflow
+from workflows.ledger import PayoutImportWorkflow, SettlementSyncWorkflow
+from workflows.refund import RefundSweepWorkflow, RefundWorkflow
 from workflows.subscription import SubscriptionWorkflow
+
+#: Every workflow the billing worker runs: a history replays on the class its type names.
+#: Histories of the settlement workflows (issue 13) are named after their test and type
+#: (``...-RefundWorkflow.json``), recorded by ``tests.conftest.record_workflow_history``.
+WORKFLOWS = [
+    SubscriptionWorkflow,
+    InvoicePaymentWorkflow,
+    RefundWorkflow,
+    RefundSweepWorkflow,
+    PayoutImportWorkflow,
+    SettlementSyncWorkflow,
+]
 
 ROOT = Path(__file__).parents[1] / "histories"
 #: Current recordings at the top level; recordings made by earlier workflow versions in
@@ -58,12 +77,26 @@ def test_histories_are_recorded_for_every_scenario() -> None:
         assert scenario in names, f"no recorded history for {scenario}; re-record (see docstring)"
 
 
+def test_histories_are_recorded_for_every_settlement_workflow() -> None:
+    names = " ".join(p.name for p in CURRENT)
+    for workflow_type in (
+        "-RefundWorkflow.json",
+        "-RefundSweepWorkflow.json",
+        "-PayoutImportWorkflow.json",
+        "-SettlementSyncWorkflow.json",
+        "-InvoicePaymentWorkflow.json",
+    ):
+        assert workflow_type in names, (
+            f"no recorded history of {workflow_type[1:-5]}; re-record (see docstring)"
+        )
+
+
 @pytest.mark.parametrize(
     "path", HISTORIES, ids=[str(p.relative_to(ROOT).with_suffix("")) for p in HISTORIES]
 )
 async def test_recorded_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())
-    result = await Replayer(workflows=[SubscriptionWorkflow]).replay_workflow(
+    result = await Replayer(workflows=WORKFLOWS).replay_workflow(
         history, raise_on_replay_failure=False
     )
     assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
@@ -80,7 +113,7 @@ async def test_recorded_history_replays_after_a_babel_that_refuses_its_currency(
     # recorded, and the workflow never asks babel again.
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     with cldr_without("USD", "EUR", "JPY"):
-        result = await Replayer(workflows=[SubscriptionWorkflow]).replay_workflow(
+        result = await Replayer(workflows=WORKFLOWS).replay_workflow(
             history, raise_on_replay_failure=False
         )
     assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
@@ -98,7 +131,7 @@ async def test_recorded_history_replays_under_other_zone_rules(path: Path) -> No
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(billing.calendar, "_zone", lambda name: other_rules)
-        result = await Replayer(workflows=[SubscriptionWorkflow]).replay_workflow(
+        result = await Replayer(workflows=WORKFLOWS).replay_workflow(
             history, raise_on_replay_failure=False
         )
     assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"

@@ -18,6 +18,7 @@ from billing.testing.localstripe import LocalStripe
 from billing.worker import ensure_settlement_schedule
 from db.engine import unit_of_work
 from db.repositories import ledger as ledger_repo
+from tests.conftest import record_workflow_history
 
 
 @pytest.fixture
@@ -40,7 +41,10 @@ async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
 
 
 async def test_the_daily_schedule_runs_the_settlement_sync_and_records_findings(
-    dev_server: WorkflowEnvironment, localstripe: LocalStripe, database_url: str
+    request: pytest.FixtureRequest,
+    dev_server: WorkflowEnvironment,
+    localstripe: LocalStripe,
+    database_url: str,
 ) -> None:
     async with BillingHarness(
         dev_server, database_url=database_url, stripe_api_base=localstripe.url
@@ -92,4 +96,6 @@ async def test_the_daily_schedule_runs_the_settlement_sync_and_records_findings(
         assert foreign.charge_id in found()
         runs = (await handle.describe()).info.recent_actions
         assert runs and runs[-1].action.workflow_id.startswith(f"settlement-sync-{h.task_queue}")
+        await h.client.get_workflow_handle(runs[-1].action.workflow_id).result()
+        await record_workflow_history(h.client, runs[-1].action.workflow_id, request.node.name)
         await handle.delete()
