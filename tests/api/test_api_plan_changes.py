@@ -9,8 +9,11 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import select, update
 
 from billing.testing.cards import SUCCEEDS
+from db import models
+from db.engine import unit_of_work
 from tests.api.support import Api, row_counts
 from tests.conftest import BOTH_BACKENDS
 
@@ -136,3 +139,93 @@ async def test_archived_plans_and_canceled_subscriptions_are_refused(api: Api) -
     assert (
         await api.request("POST", path, scope="finance", json={"quantity": 2})
     ).status_code == 403
+
+
+@BOTH_BACKENDS
+async def test_an_idempotency_key_makes_one_change_also_after_continue_as_new(api: Api) -> None:
+    """The key is claimed in the database (scoped to the API key) and names one Update: a
+    repeat, sequential or twenty at once, answers the first change; after the workflow
+    continued as new too, even when the first answer never reached the database (the API died
+    after the change): the workflow answers the change it recorded, and changes nothing."""
+    sub = await active_subscription(api)
+    sub_id = sub["id"]
+    path = f"/v1/subscriptions/{sub_id}/change-plan"
+    first_body = {"quantity": 2, "effective": "now"}
+    first = await api.request(
+        "POST", path, scope="admin", json=first_body, headers={"Idempotency-Key": "seats-to-2"}
+    )
+    assert first.status_code == 200, first.text
+    assert "Idempotent-Replayed" not in first.headers
+    answer = first.json()
+    assert answer["invoice_id"] is not None and answer["quantity"] == 2
+    await api.harness.wait_for(sub_id, lambda v: v.open_invoice is None)
+
+    again = await api.request(
+        "POST", path, scope="admin", json=first_body, headers={"Idempotency-Key": "seats-to-2"}
+    )
+    assert (again.status_code, again.json()) == (200, answer)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    # The same key with another body: refused, naming the key; nothing written.
+    before = row_counts(api.harness)
+    other = await api.request(
+        "POST",
+        path,
+        scope="admin",
+        json={"quantity": 5, "effective": "now"},
+        headers={"Idempotency-Key": "seats-to-2"},
+    )
+    assert other.status_code == 409, other.text
+    assert other.json()["error"]["type"] == "idempotency_conflict"
+    assert "seats-to-2" in other.json()["error"]["message"]
+    assert row_counts(api.harness) == before
+
+    # Another change (another key) moves the subscription on: 3 seats.
+    moved = await api.request(
+        "POST", path, scope="admin", json={"quantity": 3}, headers={"Idempotency-Key": "seats-3"}
+    )
+    assert moved.status_code == 200 and moved.json()["quantity"] == 3, moved.text
+    await api.harness.wait_for(sub_id, lambda v: v.open_invoice is None)
+
+    # The API died after the first change was applied, before it kept the answer.
+    with unit_of_work(api.harness.session_factory) as session:
+        session.execute(
+            update(models.PLAN_CHANGE_REQUESTS)
+            .where(models.PLAN_CHANGE_REQUESTS.c.idempotency_key == "seats-to-2")
+            .values(status="requested", result=None, completed_at=None)
+        )
+
+    # A year of renewals: the workflow continues as new (12 periods per run).
+    run = (await api.harness.state(sub_id)).run_number
+    await api.harness.advance(330 * DAY)
+    state = await api.harness.wait_for(
+        sub_id, lambda v: v.run_number > run and v.open_invoice is None
+    )
+    assert state.quantity == 3
+    invoices_before = row_counts(api.harness)["invoices"]
+    charges_before = len(api.harness.provider_charges(sub_id))
+
+    repeats = await asyncio.gather(
+        *(
+            api.request(
+                "POST",
+                path,
+                scope="admin",
+                json=first_body,
+                headers={"Idempotency-Key": "seats-to-2"},
+            )
+            for _ in range(20)
+        )
+    )
+    assert {r.status_code for r in repeats} == {200}, [r.text for r in repeats]
+    assert all(r.json() == answer for r in repeats), [r.json() for r in repeats][:2]
+    state = await api.harness.state(sub_id)
+    assert (state.quantity, state.pending_change) == (3, None)  # not back to 2
+    assert row_counts(api.harness)["invoices"] == invoices_before
+    assert len(api.harness.provider_charges(sub_id)) == charges_before
+    with unit_of_work(api.harness.session_factory) as session:
+        kept = session.execute(
+            select(models.PLAN_CHANGE_REQUESTS.c.result).where(
+                models.PLAN_CHANGE_REQUESTS.c.idempotency_key == "seats-to-2"
+            )
+        ).scalar_one()
+    assert kept == answer
