@@ -95,14 +95,16 @@ async def test_plans_from_a_file_listings_and_changes_from_the_cli(
 
     preview = await run(env, "subscriptions", "change-plan", sub_id, "--quantity", "3", "--preview")
     assert preview.exit_code == 0, preview.output
-    # The CLI previews at the wall clock's now (the test server's clock is days ahead), so
-    # only the shape is compared here; tests/api checks preview == change to the minor unit.
-    assert "seats-monthly x 3; subtotal" in preview.output
+    # Priced by the workflow at the service's time (the test server's clock, days ahead of
+    # this machine's): exactly what the change then bills.
+    subtotal = re.search(r"seats-monthly x 3; subtotal (-?\d+) USD", preview.output)
+    assert subtotal is not None, preview.output
     changed = await run(env, "subscriptions", "change-plan", sub_id, "--quantity", "3")
     assert changed.exit_code == 0, changed.output
     assert "now seats-monthly x 3" in changed.output
     due = re.search(r"\((open|paid), (\d+) due\)", changed.output)
     assert due is not None and int(due.group(2)) > 0
+    assert int(subtotal.group(1)) == int(due.group(2)), (preview.output, changed.output)
     refused_change = await run(
         env, "subscriptions", "change-plan", sub_id, "--plan", "seats-annual"
     )
