@@ -5,6 +5,8 @@ one change; bad input and refused changes write nothing."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 from datetime import timedelta
 from typing import Any
 
@@ -68,6 +70,47 @@ async def test_preview_then_change_gives_the_same_lines_and_one_change_per_key(a
     assert body_out["subtotal_minor"] == preview["subtotal_minor"] == body_out["amount_due_minor"]
     listed = await api.request("GET", f"/v1/invoices?subscription_id={sub['id']}", scope="finance")
     assert [len(i["lines"]) for i in listed.json()["data"]] == [1, 2]
+
+    # The lines CSV: one row per line, with its invoice, kind, period, seats and amounts.
+    exported = await api.request(
+        "GET", f"/v1/invoice-lines.csv?subscription_id={sub['id']}", scope="finance"
+    )
+    assert exported.status_code == 200, exported.text
+    assert exported.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(exported.text)))
+    renewal_id = listed.json()["data"][0]["id"]
+    assert [
+        (
+            r["invoice_id"],
+            r["position"],
+            r["kind"],
+            r["plan_code"],
+            r["quantity"],
+            int(r["amount_minor"]),
+            r["period_end"],
+            r["currency"],
+        )
+        for r in rows
+    ] == [
+        (renewal_id, "1", "subscription", "basic-monthly", "1", 900, rows[0]["period_end"], "USD"),
+    ] + [
+        (
+            changed["invoice_id"],
+            str(n),
+            "proration",
+            x["plan"],
+            str(x["quantity"]),
+            x["amount_minor"],
+            x["period_end"].replace("+00:00", "Z"),
+            "USD",
+        )
+        for n, x in enumerate(changed["lines"], start=1)
+    ]
+    assert rows[1]["unit_amount_minor"] == "900" and rows[2]["unit_amount_minor"] == "2900"
+    assert rows[1]["change_id"] == changed["change_id"]
+    for invoice_id in {r["invoice_id"] for r in rows}:
+        mine = [r for r in rows if r["invoice_id"] == invoice_id]
+        assert sum(int(r["amount_minor"]) for r in mine) == int(mine[0]["invoice_subtotal_minor"])
 
 
 @pytest.mark.parametrize(
