@@ -272,3 +272,82 @@ async def test_an_idempotency_key_makes_one_change_also_after_continue_as_new(ap
             )
         ).scalar_one()
     assert kept == answer
+
+
+@BOTH_BACKENDS
+async def test_twenty_parallel_changes_under_twenty_keys_make_one_change(api: Api) -> None:
+    """Twenty different keys asking the same change at once: one is applied (one invoice, one
+    charge), the others are refused with the reason; the refusals keep nothing half-done."""
+    sub = await active_subscription(api)
+    path = f"/v1/subscriptions/{sub['id']}/change-plan"
+    before = row_counts(api.harness)
+    answers = await asyncio.gather(
+        *(
+            api.request(
+                "POST",
+                path,
+                scope="admin",
+                json={"quantity": 2},
+                headers={"Idempotency-Key": f"parallel-{n}"},
+            )
+            for n in range(20)
+        )
+    )
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [200] + [409] * 19, [a.text for a in answers if a.status_code != 409]
+    refused = [a.json()["error"]["message"] for a in answers if a.status_code == 409]
+    assert all("nothing to change" in m or "unpaid" in m for m in refused), refused[:3]
+    await api.harness.wait_for(sub["id"], lambda v: v.open_invoice is None)
+    assert row_counts(api.harness)["invoices"] == before["invoices"] + 1
+    charges = [c for c in api.harness.provider_charges(sub["id"]) if c["status"] == "succeeded"]
+    assert len(charges) == 2  # the signup's and the change's
+    # A refused key asked again is refused again: nothing was kept as its answer.
+    loser = next(n for n, a in enumerate(answers) if a.status_code == 409)
+    again = await api.request(
+        "POST",
+        path,
+        scope="admin",
+        json={"quantity": 2},
+        headers={"Idempotency-Key": f"parallel-{loser}"},
+    )
+    assert again.status_code == 409
+
+
+@BOTH_BACKENDS
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "error_type"),
+    [
+        ({"plan": "pro-monthly\x00"}, {}, 422, "invalid_input"),
+        # Plan codes are lower-case letters, digits, '-' and '_': no such plan.
+        ({"plan": "pro-\U0001f4b8-monthly"}, {}, 422, "unknown_plan"),
+        ({"plan": "p" * 10_000}, {}, 413, "payload_too_large"),
+        ({"quantity": 2}, {"Idempotency-Key": "k" * 10_000}, 422, "invalid_input"),
+        ({"quantity": 2}, {"Idempotency-Key": "4242 4242 4242 4242"}, 422, "invalid_input"),
+    ],
+    ids=["nul", "emoji", "10k-plan", "10k-key", "card-key"],
+)
+async def test_hostile_plan_codes_and_keys_are_refused_and_write_nothing(
+    api: Api, body: dict[str, Any], headers: dict[str, str], status: int, error_type: str
+) -> None:
+    sub = await active_subscription(api)
+    before = row_counts(api.harness)
+    # The preview takes no Idempotency-Key (it writes nothing): only the body is checked.
+    paths = ["change-plan"] + ([] if headers else ["change-plan/preview"])
+    for path in paths:
+        answer = await api.request(
+            "POST",
+            f"/v1/subscriptions/{sub['id']}/{path}",
+            scope="admin",
+            json=body,
+            headers=headers,
+        )
+        assert (answer.status_code, answer.json()["error"]["type"]) == (status, error_type), (
+            path,
+            answer.text[:300],
+        )
+        assert "4242 4242 4242 4242" not in answer.text
+    assert row_counts(api.harness) == before
+    with unit_of_work(api.harness.session_factory) as session:
+        assert session.execute(select(models.PLAN_CHANGE_REQUESTS.c.id)).first() is None
+    state = await api.harness.state(sub["id"])
+    assert (state.plan_code, state.quantity) == ("basic-monthly", 1)
