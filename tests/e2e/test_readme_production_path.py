@@ -4,10 +4,11 @@
 CLI and the API are used, as a new user would (the Temporal dev server, localstripe and
 PostgreSQL stand in for production's).
 
-On the same stack, a worker killed mid plan change: `billing worker` is SIGKILLed after the
-change's invoice is written, while its charge is on its way to Stripe (held by a proxy that
-never forwards it), and started again: exactly one change invoice and exactly one
-PaymentIntent and charge at localstripe for it."""
+On the same stack, a worker killed mid plan change, three ways: `billing worker` is SIGKILLed
+inside the change_plan Update (its invoice written, the next step waiting on a row lock),
+then while the change's charge is on its way to Stripe (held by a proxy before it reached
+Stripe, then after Stripe took the money), and started again each time: exactly one invoice
+per change and exactly one PaymentIntent and charge at localstripe for it."""
 
 from __future__ import annotations
 
@@ -20,11 +21,14 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 from temporalio.testing import WorkflowEnvironment
 
 from activities.stripe_gateway import make_stripe_client
@@ -32,6 +36,7 @@ from billing.settings import find_binary
 from billing.testing.database import temporary_database
 from billing.testing.localstripe import LOCALSTRIPE_API_KEY, LocalStripe
 from billing.testing.stripe_fault_proxy import FaultRates, StripeFaultProxy
+from db.engine import normalize_url
 from tests.conftest import POSTGRES_ADMIN_URL, require_postgres
 from tests.e2e.test_cli_start_up import free_port, wait_for_text
 
@@ -225,6 +230,74 @@ async def test_the_readme_production_path_then_a_worker_killed_mid_change(
             )
             paid_amounts = [6000]
             change_invoices: list[str] = []
+
+            # A plan created through the API (POST /v1/plans does what the CLI does).
+            plus = {
+                "code": "team-plus",
+                "name": "Team plus (per seat)",
+                "amount_minor": 1500,
+                "currency": "USD",
+                "interval": "month",
+            }
+            assert http.post("/v1/plans", headers=admin, json=plus).status_code == 201
+
+            # Killed inside the change_plan Update, between its activities: its invoice is
+            # written, and its next step (the sync, which points the subscription row at the
+            # new plan) waits on a lock of that plan's row (its foreign key check).
+            locker = create_engine(normalize_url(postgres_url), poolclass=NullPool).connect()
+            held_row = locker.begin()
+            locker.execute(text("SELECT code FROM plans WHERE code = 'team-plus' FOR UPDATE"))
+            key = {"Idempotency-Key": "to-team-plus"}
+            with ThreadPoolExecutor(1) as pool:
+                first_try = pool.submit(
+                    http.post,
+                    f"/v1/subscriptions/{sub_id}/change-plan",
+                    headers=admin | key,
+                    json={"plan": "team-plus"},
+                )
+                [written] = eventually(
+                    lambda: [i for i in invoices() if i.get("change_id")],
+                    what="the change's invoice written, its sync waiting",
+                )
+                worker.send_signal(signal.SIGKILL)
+                assert worker.wait(timeout=30) == -signal.SIGKILL
+                held_row.rollback()
+                locker.close()
+                worker = processes.start("worker", "worker running")
+                # Accepted, then not finished in time while the worker was down (504, "it
+                # will still be applied"), or finished: either way, not refused.
+                assert first_try.result().status_code in (200, 504), first_try.result().text
+            # The caller retries with its key: the change applied once, its first answer.
+            retried = eventually(
+                lambda: (
+                    r
+                    if (
+                        r := http.post(
+                            f"/v1/subscriptions/{sub_id}/change-plan",
+                            headers=admin | key,
+                            json={"plan": "team-plus"},
+                        )
+                    ).status_code
+                    == 200
+                    else None
+                ),
+                timeout_s=180,
+                what="the change applied after the restart",
+            )
+            answer = retried.json()
+            assert answer["invoice_id"] == written["id"] and answer["plan"] == "team-plus"
+            eventually(
+                lambda: [
+                    i for i in invoices() if i["id"] == written["id"] and i["status"] == "paid"
+                ],
+                timeout_s=180,
+                what="the change invoice of the killed Update paid",
+            )
+            change_invoices.append(written["id"])
+            paid_amounts.append(answer["amount_due_minor"])
+            [intent] = intents_for(stripe, written["id"])
+            assert intent.amount == answer["amount_due_minor"]
+            assert len(invoices()) == 2
             # Killed with the change's charge held at the proxy: before it reached Stripe
             # (never forwarded), then after Stripe took the money (the answer held). The
             # proxy answers a repeated key as Stripe does, so only a retry under another key
