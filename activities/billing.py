@@ -57,7 +57,12 @@ from billing.contracts import (
 )
 from billing.errors import ChangeRefused, NotFound
 from billing.ids import change_invoice_id_for, invoice_id_for, new_id
-from billing.invoices import InvoiceLine, InvoiceLineKind, InvoiceStatus
+from billing.invoices import (
+    InvoiceLine,
+    InvoiceLineKind,
+    InvoiceStatus,
+    credit_notes_carried_over,
+)
 from billing.payments import (
     ChargeOutcome,
     ChargeOutcomeKind,
@@ -84,6 +89,7 @@ from billing.text import (
 from db.engine import unit_of_work
 from db.repositories import attempts as attempts_repo
 from db.repositories import balances as balances_repo
+from db.repositories import credit_notes as credit_notes_repo
 from db.repositories import customers as customers_repo
 from db.repositories import invoices as invoices_repo
 from db.repositories import notifications as notifications_repo
@@ -261,6 +267,26 @@ class BillingActivities:
                     )
                     for old in invoices_repo.list_invoice_lines(session, voided.id)
                 )
+                # Credit notes lowered the voided invoice's amount due: they come along, or
+                # the customer would pay again what was credited.
+                notes = credit_notes_repo.list_credit_notes_for_invoice(session, voided.id)
+                credited = sum(n.amount_due_reduction_minor for n in notes)
+                carried = credit_notes_carried_over(
+                    credited,
+                    sum(li.amount_minor for li in lines) + sum(p.amount_minor for p in input.lines),
+                )
+                if carried:
+                    numbers = [n.number for n in notes if n.amount_due_reduction_minor]
+                    lines.append(
+                        InvoiceLine(
+                            kind=InvoiceLineKind.CREDIT_NOTE,
+                            description=f"Credit note{'s' if len(numbers) > 1 else ''} "
+                            f"{', '.join(numbers)} on voided invoice {voided.number}",
+                            amount_minor=-carried,
+                            period_start=voided.period_start,
+                            period_end=voided.period_end,
+                        )
+                    )
             lines.extend(_proration_line(p) for p in input.lines)
             issued = InvoiceRecord(
                 id=change_invoice_id_for(input.subscription_id, input.change_id),

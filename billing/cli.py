@@ -783,16 +783,21 @@ def invoices_list(
     limit: int = typer.Option(50, "--limit", help="rows per page (1-200); ignored with --csv"),
     cursor: str | None = typer.Option(None, "--cursor", help="next_cursor of the previous page"),
     csv_output: bool = typer.Option(False, "--csv", help="every matching invoice as CSV on stdout"),
+    lines: bool = typer.Option(
+        False, "--lines", help="with --csv: one row per invoice line (GET /v1/invoice-lines.csv)"
+    ),
 ) -> None:
     """List invoices with the same filters as GET /v1/invoices."""
     from billing.errors import BillingError
     from billing.finance import (
         INVOICE_CSV_COLUMNS,
+        INVOICE_LINE_CSV_COLUMNS,
         InvoiceCursor,
         InvoiceFilter,
         amount_display,
         format_instant,
         invoice_csv_row,
+        invoice_line_csv_rows,
     )
     from db.engine import unit_of_work
     from db.repositories import finance
@@ -811,8 +816,15 @@ def invoices_list(
         )
         after = InvoiceCursor.decode(cursor) if cursor else None
         factory = _session_factory(settings)
+        if lines and not csv_output:
+            _fail("--lines goes with --csv (the table shows one row per invoice)")
         if csv_output:
             writer = csv.writer(sys.stdout, lineterminator="\n")
+            if lines:
+                writer.writerow(INVOICE_LINE_CSV_COLUMNS)
+                for item in finance.iter_invoices(factory, invoice_filter, with_lines=True):
+                    writer.writerows(invoice_line_csv_rows(item))
+                return
             writer.writerow(INVOICE_CSV_COLUMNS)
             for item in finance.iter_invoices(factory, invoice_filter):
                 writer.writerow(invoice_csv_row(item))
@@ -1304,15 +1316,12 @@ def subscriptions_change_plan(
     proration: str | None = typer.Option(
         None, "--proration", help="always_invoice (default), create_prorations or none"
     ),
-    preview: bool = typer.Option(False, "--preview", help="show the lines; change nothing"),
+    preview: bool = typer.Option(
+        False, "--preview", help="show the lines, priced at the service's time; change nothing"
+    ),
 ) -> None:
     """Change the plan and/or the seats (see the README's proration rules)."""
-    from billing.contracts import (
-        ChangePlanInput,
-        ChangePlanResult,
-        ChangePreview,
-        PreviewChangeInput,
-    )
+    from billing.contracts import ChangePlanInput, ChangePlanResult, ChangePreview
     from billing.errors import BillingError, PlanArchived, UnknownPlan
     from billing.proration import ProrationLine
     from db.engine import unit_of_work
@@ -1353,17 +1362,21 @@ def subscriptions_change_plan(
     if preview:
 
         async def ask() -> ChangePreview:
+            # Priced by the workflow at its own time (the service's clock, which a simulation
+            # or a time-skipping server moves), never at this machine's clock: the lines are
+            # those the change would bill now.
             client = await _connect_or_fail(settings)
             handle = client.get_workflow_handle(f"subscription-{subscription_id}")
-            answer: ChangePreview = await handle.query(
-                SubscriptionMessage.PREVIEW_CHANGE,
-                PreviewChangeInput(change=arg, at=datetime.now(UTC)),
-                result_type=ChangePreview,
+            answer: ChangePreview = await handle.execute_update(
+                SubscriptionMessage.PREVIEW_CHANGE_NOW, arg, result_type=ChangePreview
             )
             return answer
 
         try:
             shown = asyncio.run(ask())
+        except WorkflowUpdateFailedError as error:
+            cause = error.cause
+            _fail(getattr(cause, "message", None) or str(cause or error), code=1)
         except RPCError as error:
             _fail(f"subscription {subscription_id!r}: {error.message}", code=1)
         if shown.refused:

@@ -424,6 +424,8 @@ class SubscriptionMessage:
     PAYMENT_AUTHENTICATED = "payment_authenticated"
     RESUME_BILLING = "resume_billing"
     CHANGE_PLAN = "change_plan"
+    #: Update: the preview of a change at the workflow's own time (the CLI's --preview).
+    PREVIEW_CHANGE_NOW = "preview_change_now"
     CANCEL_PENDING_CHANGE = "cancel_pending_change"
     INVOICE_CREDITED = "invoice_credited"
     GET_STATE = "get_state"
@@ -450,6 +452,15 @@ class SubscriptionWorkflowInput:
     #: workers cap their rate (``Settings.charge_rate_per_s``). None, as in runs started before
     #: it existed: the workflow's own task queue.
     payments_task_queue: str | None = None
+    #: The answers of the last plan changes applied (at most ``MAX_RECENT_CHANGES``), carried
+    #: across continue-as-new: a change Update repeated with the same id (an Idempotency-Key's
+    #: retry) in a later run answers the first result instead of changing again. Temporal
+    #: dedupes Update ids only within one run.
+    recent_changes: list[ChangePlanResult] = field(default_factory=list)
+
+
+#: How many applied plan changes' answers a subscription workflow keeps (see above).
+MAX_RECENT_CHANGES = 20
 
 
 @dataclass

@@ -322,6 +322,65 @@ def _number(value: int | None) -> str:
     return "" if value is None else str(value)
 
 
+#: The lines export's columns (``GET /v1/invoice-lines.csv``, ``billing invoices list --csv
+#: --lines``): one row per invoice line, with its invoice's identity, so finance can sum any
+#: column by invoice, kind or plan. ``amount_minor`` is signed (a credit is negative); the
+#: lines of an invoice add up to its ``subtotal_minor``; ``unit_amount_minor`` is the price of
+#: one seat for a whole period of the terms the line bills (a proration bills part of it).
+INVOICE_LINE_CSV_COLUMNS: tuple[str, ...] = (
+    "invoice_id",
+    "invoice_number",
+    "invoice_status",
+    "customer_id",
+    "subscription_id",
+    "line_id",
+    "position",
+    "kind",
+    "description",
+    "plan_code",
+    "period_start",
+    "period_end",
+    "quantity",
+    "unit_amount_minor",
+    "amount_minor",
+    "currency",
+    "change_id",
+    "invoice_subtotal_minor",
+    "invoice_credit_applied_minor",
+    "invoice_amount_due_minor",
+)
+
+
+def invoice_line_csv_rows(item: InvoiceListItem) -> list[list[str]]:
+    """The cells of each of the invoice's lines, in ``INVOICE_LINE_CSV_COLUMNS`` order."""
+    i = item.invoice
+    return [
+        [
+            i.id,
+            i.number,
+            i.status.value,
+            i.customer_id,
+            i.subscription_id,
+            line.id,
+            str(line.position),
+            line.kind.value,
+            _text(line.description),
+            _text(line.plan_code),
+            format_instant(line.period_start),
+            format_instant(line.period_end),
+            str(line.quantity),
+            _number(line.unit_amount_minor),
+            str(line.amount_minor),
+            line.currency,
+            _text(line.change_id),
+            str(i.subtotal_minor),
+            str(i.credit_applied_minor),
+            str(i.amount_due_minor),
+        ]
+        for line in item.lines
+    ]
+
+
 def invoice_csv_row(item: InvoiceListItem) -> list[str]:
     """The cells of one invoice, in ``INVOICE_CSV_COLUMNS`` order."""
     i, p = item.invoice, item.payment

@@ -30,6 +30,9 @@ class InvoiceLineKind(StrEnum):
     SUBSCRIPTION = "subscription"
     #: A proration: unused time of the old price (negative) or remaining time of the new one.
     PRORATION = "proration"
+    #: Pre-payment credit notes of a voided invoice whose lines this one bills again (a plan
+    #: change during dunning): negative, see ``credit_notes_carried_over``.
+    CREDIT_NOTE = "credit_note"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,6 +92,19 @@ def invoice_totals_with_debit(
         amount_due_minor=due,
         too_small_to_charge=is_too_small_to_charge(due, currency),
     )
+
+
+def credit_notes_carried_over(credited_minor: int, rebilled_subtotal_minor: int) -> int:
+    """How much of the pre-payment credit notes on an unpaid invoice (``credited_minor``: the
+    amount due they took off it) goes onto the invoice that replaces it, when a plan change
+    voids it and bills its lines again with the change's lines (``rebilled_subtotal_minor``:
+    their sum). All of it, so the customer is never charged for what was credited; but never
+    more than that subtotal, so an invoice nobody paid never turns into balance credit (the
+    period's money was never received: a credit note on it only lowers what is owed).
+    Minor units, both >= 0 in, result >= 0."""
+    if credited_minor < 0:
+        raise ValueError(f"credited_minor must be >= 0; got {credited_minor}")
+    return min(credited_minor, max(0, rebilled_subtotal_minor))
 
 
 class InvoiceStatus(StrEnum):

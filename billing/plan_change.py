@@ -15,6 +15,8 @@ a downgrade applies at the period's end, when nothing needs prorating.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from fractions import Fraction
@@ -251,9 +253,30 @@ def decide_change(
     )
 
 
+def change_request_digest(
+    subscription_id: str,
+    *,
+    plan_code: str | None,
+    quantity: int | None,
+    effective: str | None,
+    proration: str | None,
+) -> str:
+    """What one plan change request asks, as a digest: an Idempotency-Key's repeat must ask
+    the same (fields as sent, before defaults: leaving one out is another request)."""
+    asked = {
+        "subscription": subscription_id,
+        "plan": plan_code,
+        "quantity": quantity,
+        "effective": effective,
+        "proration": proration,
+    }
+    return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()
+
+
 __all__ = [
     "ChangeDecision",
     "ChangeRequest",
+    "change_request_digest",
     "check_change",
     "decide_change",
     "interval_changes",

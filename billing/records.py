@@ -522,3 +522,21 @@ class ReconciliationFindingRecord:
     resolved_at: datetime | None = None
     resolved_by: str | None = None
     resolution_note: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanChangeRequestRecord:
+    """A plan change asked with an Idempotency-Key (``plan_change_requests``): the key scoped
+    to the API key that sent it, the request's digest, the workflow Update id (``change_id``)
+    and, once given, the first answer (the API's JSON body). Instants UTC."""
+
+    id: str
+    subscription_id: str
+    key_scope: str
+    idempotency_key: str
+    request_hash: str
+    change_id: str
+    status: str
+    created_at: datetime
+    result: dict[str, Any] | None = None
+    completed_at: datetime | None = None

@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr | None = None
     #: Override the Stripe API base URL (localstripe's URL in the local stack and tests).
     stripe_api_base: str | None = None
+    #: Send the invoice's description on PaymentIntents. Unset: when ``stripe_api_key`` is
+    #: (real Stripe takes it; localstripe refuses it, so a production-mode run against
+    #: localstripe sets this to false).
+    stripe_send_description: bool | None = None
     #: Retries the Stripe SDK makes itself (connection errors, 409, 5xx) with the same
     #: Idempotency-Key, before the activity sees the failure and Temporal retries it.
     stripe_max_network_retries: int = Field(default=DEFAULT_STRIPE_MAX_NETWORK_RETRIES, ge=0, le=10)

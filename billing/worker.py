@@ -337,7 +337,10 @@ def build_dependencies(
         pacer=pacer,
     )
     # localstripe rejects `description` on PaymentIntents; real Stripe gets it.
-    gateway = StripeGateway(client, send_description=settings.stripe_api_key is not None)
+    send_description = settings.stripe_send_description
+    if send_description is None:
+        send_description = settings.stripe_api_key is not None
+    gateway = StripeGateway(client, send_description=send_description)
     return Dependencies(
         session_factory=session_factory,
         gateway=gateway,

@@ -641,6 +641,34 @@ class ReconciliationFindingRow(Base):
     resolution_note: Mapped[str | None] = mapped_column(String(2000))
 
 
+class PlanChangeRequestRow(Base):
+    """A plan change asked for with an ``Idempotency-Key`` (POST .../change-plan), claimed
+    before the workflow is asked: the key belongs to the API key that sent it (``key_scope``,
+    a digest, as for signups and credit notes) and to one request (``request_hash``: another
+    body under the same key is refused). ``change_id`` is the workflow Update's id, so every
+    repeat asks for the same change; ``result`` is the first answer, replayed to every
+    repeat, also after the workflow continued as new."""
+
+    __tablename__ = "plan_change_requests"
+    __table_args__ = (
+        UniqueConstraint("key_scope", "idempotency_key"),
+        CheckConstraint("status IN ('requested', 'applied')", name="status"),
+        Index("ix_plan_change_requests_subscription_id", "subscription_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    subscription_id: Mapped[str] = mapped_column(String(40), ForeignKey("subscriptions.id"))
+    key_scope: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str] = mapped_column(String(200))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    change_id: Mapped[str] = mapped_column(String(200), unique=True)
+    status: Mapped[str] = mapped_column(String(16))
+    #: The first answer (the API's JSON body), once the workflow gave it.
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class SubscriptionStatusChangeRow(Base):
     """Every status a subscription moved to, with the instant its workflow decided it: the
     audit trail finance and support read (and the simulator's status timeline). Written in
@@ -848,6 +876,7 @@ class ProviderPacingRow(Base):
 
 
 PROVIDER_PACING = _table(ProviderPacingRow)
+PLAN_CHANGE_REQUESTS = _table(PlanChangeRequestRow)
 EVENT_ENDPOINTS = _table(EventEndpointRow)
 EVENTS = _table(EventRow)
 EVENT_DELIVERIES = _table(EventDeliveryRow)

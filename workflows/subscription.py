@@ -60,6 +60,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from billing.contracts import (
         MAX_INVOICE_IDS_IN_STATE,
+        MAX_RECENT_CHANGES,
         PROVIDER_ACTIVITY_TIMEOUT,
         ActivityName,
         AttachPaymentMethodInput,
@@ -332,6 +333,8 @@ class SubscriptionWorkflow:
         self._inbox: list[_Request[ChangeResult]] = []
         # True while an accepted change is applied (its database steps are not local).
         self._applying_change = False
+        # The last plan changes' answers, by Update id, carried across continue-as-new.
+        self._recent_changes: list[ChangePlanResult] = list(input.recent_changes)
 
     # ================================================================== main loop ==========
 
@@ -1065,7 +1068,10 @@ class SubscriptionWorkflow:
                     proration=change.proration,
                     change_id=update_id,
                 )
-                return await self._change_plan(request)
+                result = await self._change_plan(request)
+                self._recent_changes.append(result)
+                del self._recent_changes[:-MAX_RECENT_CHANGES]
+                return result
             case CancelPendingChangeInput():
                 pending = s.pending_change
                 if pending is None:
@@ -1228,15 +1234,30 @@ class SubscriptionWorkflow:
         self._refuse_invalid(input)
         self._refuse(self.state.check_payment_method_update)
 
+    def _applied_change(self) -> ChangePlanResult | None:
+        """The answer of the change this Update repeats (same id), if it was applied in this
+        run or, before a continue-as-new, in an earlier one."""
+        info = workflow.current_update_info()
+        if info is None:
+            return None
+        return next((r for r in self._recent_changes if r.change_id == info.id), None)
+
     @workflow.update(name=SubscriptionMessage.CHANGE_PLAN)
     async def change_plan(self, input: ChangePlanInput) -> ChangePlanResult:
         info = workflow.current_update_info()
         assert info is not None
+        applied = self._applied_change()
+        if applied is not None:
+            # A repeat of a change applied earlier (its Idempotency-Key's retry, perhaps after
+            # a continue-as-new): the first answer, nothing changed again.
+            return applied
         return await self._submit(input, ChangePlanResult, info.id)
 
     @change_plan.validator
     def _validate_change_plan(self, input: ChangePlanInput) -> None:
         self._refuse_invalid(input)
+        if self._applied_change() is not None:
+            return  # answered with the first result, whatever the state says now
         try:
             check_change(
                 self.state,
@@ -1274,8 +1295,23 @@ class SubscriptionWorkflow:
     def preview_change(self, input: PreviewChangeInput) -> ChangePreview:
         """What the change would do at ``input.at``: the same pure decision ``change_plan``
         takes, without any effect."""
+        return self._preview(input.change, input.at)
+
+    @workflow.update(name=SubscriptionMessage.PREVIEW_CHANGE_NOW)
+    async def preview_change_now(self, input: ChangePlanInput) -> ChangePreview:
+        """The preview at the workflow's own time (a query cannot know it: its ``now`` is the
+        last workflow task's), once the changes accepted before it are applied. No effect: it
+        only reads the state (the Update is recorded in history, nothing else)."""
+        await workflow.wait_condition(lambda: not self._inbox and not self._applying_change)
+        return self._preview(input, workflow.now())
+
+    @preview_change_now.validator
+    def _validate_preview_change_now(self, input: ChangePlanInput) -> None:
+        # Bad text and refused changes never enter history: the caller gets the reason.
+        self._validate_change_plan(input)
+
+    def _preview(self, change: ChangePlanInput, at: datetime) -> ChangePreview:
         s = self.state
-        change = input.change
         try:
             change.check()
             request = check_change(
@@ -1286,7 +1322,7 @@ class SubscriptionWorkflow:
                 proration=change.proration,
                 change_id="preview",
             )
-            decision = decide_change(s, request, input.at)
+            decision = decide_change(s, request, at)
         except BillingError as refused:
             return ChangePreview(refused=refused.message, error_type=refused.code)
         return ChangePreview(
@@ -1425,6 +1461,7 @@ class SubscriptionWorkflow:
                 state=self.state,
                 periods_per_run=self._periods_per_run,
                 payments_task_queue=self._payments_task_queue,
+                recent_changes=list(self._recent_changes),
             )
         )
 

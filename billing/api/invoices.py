@@ -27,11 +27,13 @@ from billing.finance import (
     DEFAULT_PAGE_SIZE,
     EXPORT_PAGE_SIZE,
     INVOICE_CSV_COLUMNS,
+    INVOICE_LINE_CSV_COLUMNS,
     MAX_PAGE_SIZE,
     InvoiceCursor,
     InvoiceFilter,
     InvoiceListItem,
     invoice_csv_row,
+    invoice_line_csv_rows,
 )
 from billing.invoices import InvoiceStatus
 from billing.worker import Dependencies
@@ -197,6 +199,44 @@ async def export_invoices(
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": 'attachment; filename="invoices.csv"'},
     )
+
+
+@router.get(
+    "/invoice-lines.csv",
+    summary="Export invoice lines as CSV",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/csv": {}}, "description": "One line per invoice line."}},
+)
+async def export_invoice_lines(
+    request: Request,
+    filters: Annotated[InvoiceFilter, Depends(invoice_filter)],
+    deps: Annotated[Dependencies, Depends(get_deps)],
+) -> StreamingResponse:
+    """The lines of the invoices ``GET /v1/invoices.csv`` exports for the same filters, one
+    row per line (the subscription line, proration lines with their periods, credit notes
+    carried over), each with its invoice's id, number, status and totals. ``amount_minor`` is
+    signed (a credit is negative); an invoice's lines add up to its ``invoice_subtotal_minor``.
+    """
+    _refuse_unknown_params(request, _FILTER_PARAMS)
+    pages = finance_repo.iter_invoice_pages(
+        deps.session_factory, filters, page_size=EXPORT_PAGE_SIZE, with_lines=True
+    )
+    first = await asyncio.to_thread(_next_page, pages)
+    return StreamingResponse(
+        _line_csv_lines(first, pages),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": 'attachment; filename="invoice-lines.csv"'},
+    )
+
+
+async def _line_csv_lines(
+    first: list[InvoiceListItem] | None, pages: Iterator[list[InvoiceListItem]]
+) -> AsyncIterator[str]:
+    yield _csv_text([list(INVOICE_LINE_CSV_COLUMNS)])
+    page = first
+    while page is not None:
+        yield _csv_text([row for item in page for row in invoice_line_csv_rows(item)])
+        page = await asyncio.to_thread(_next_page, pages)
 
 
 def _next_page(pages: Iterator[list[InvoiceListItem]]) -> list[InvoiceListItem] | None:

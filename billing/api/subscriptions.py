@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
@@ -83,14 +83,16 @@ from billing.contracts import (
 )
 from billing.errors import ChangeRefused, InvalidInput, NotFound, PlanArchived, UnknownPlan
 from billing.finance import SubscriptionInvoicing, amount_display
+from billing.plan_change import change_request_digest
 from billing.plans import Plan
-from billing.records import StatusChangeRecord, SubscriptionRecord
+from billing.records import PlanChangeRequestRecord, StatusChangeRecord, SubscriptionRecord
 from billing.signup import CustomerDetails, SignupRequest, SignupService
 from billing.subscription import SubscriptionStatus
 from billing.text import IDEMPOTENCY_KEY
 from billing.worker import Dependencies
 from db.engine import unit_of_work
 from db.repositories import finance as finance_repo
+from db.repositories import plan_changes as plan_changes_repo
 from db.repositories import plans as plans_repo
 from db.repositories import subscriptions as subscriptions_repo
 
@@ -460,13 +462,15 @@ async def change_plan(
     id: SubscriptionId,
     body: ChangePlanIn,
     request: Request,
+    response: Response,
     idempotency_key: Annotated[
         str | None,
         Header(
             alias="Idempotency-Key",
             min_length=1,
             max_length=100,
-            description="The same key answers the same change instead of making another.",
+            description="The same key (from the same API key) answers the first change's "
+            "result instead of making another, also 20 at once; another body is 409.",
         ),
     ] = None,
 ) -> ChangePlanOut:
@@ -480,18 +484,96 @@ async def change_plan(
     upgrade now with always_invoice, a downgrade at the period end. Refused (409/422) with the
     reason, writing nothing: an unknown or archived plan, another currency, a canceled
     subscription, a change already pending."""
-    IDEMPOTENCY_KEY.check_optional(idempotency_key, field="Idempotency-Key")
+    _check_stored_key(idempotency_key)
     change = await _change_input(request, body)
+    if idempotency_key is None:
+        result = await _update(
+            request, id, SubscriptionMessage.CHANGE_PLAN, change, ChangePlanResult
+        )
+        return ChangePlanOut.of(id, result)
+    deps = get_deps(request)
+    caller: Caller | None = getattr(request.state, "caller", None)
+    # Claimed in the database before the workflow is asked: the key is the sending API key's
+    # own, one request's (another body is 409), and names one Update id, so a repeat (twenty
+    # at once, or after the workflow continued as new) asks for the same change.
+    claimed, first = await asyncio.to_thread(
+        _claim_change,
+        deps,
+        id,
+        caller.key_id if caller else "",
+        idempotency_key,
+        change_request_digest(
+            id,
+            plan_code=body.plan,
+            quantity=body.quantity,
+            effective=body.effective.value if body.effective else None,
+            proration=body.proration.value if body.proration else None,
+        ),
+        get_clock(request).now(),
+    )
+    if not first:
+        response.headers["Idempotent-Replayed"] = "true"
+    if claimed.result is not None:
+        return ChangePlanOut.model_validate(claimed.result)
+    # A repeat whose first request has not answered yet asks for the same Update: Temporal
+    # attaches it to the first (same run), or the workflow answers its recorded result.
     result = await _update(
         request,
         id,
         SubscriptionMessage.CHANGE_PLAN,
         change,
         ChangePlanResult,
-        # Temporal answers a repeated update id with the first one's result.
-        update_id=f"change-{idempotency_key}" if idempotency_key else None,
+        update_id=claimed.change_id,
     )
-    return ChangePlanOut.of(id, result)
+    answer = ChangePlanOut.of(id, result)
+    kept = await asyncio.to_thread(
+        _keep_change_answer, deps, claimed.change_id, answer, get_clock(request).now()
+    )
+    return answer if kept is None else kept
+
+
+def _check_stored_key(idempotency_key: str | None) -> None:
+    """An Idempotency-Key that is stored: the text rule of every field, and no card number."""
+    if idempotency_key is not None and contains_card_number(idempotency_key):
+        raise InvalidInput(
+            "header 'Idempotency-Key' looks like a card number; use a key of your own, "
+            "such as a UUID",
+            field="Idempotency-Key",
+        )
+    IDEMPOTENCY_KEY.check_optional(idempotency_key, field="Idempotency-Key")
+
+
+def _claim_change(
+    deps: Dependencies,
+    subscription_id: str,
+    key_scope: str,
+    idempotency_key: str,
+    request_hash: str,
+    at: datetime,
+) -> tuple[PlanChangeRequestRecord, bool]:
+    with unit_of_work(deps.session_factory) as session:
+        _require(session, subscription_id)  # 404 before anything is written
+        return plan_changes_repo.claim(
+            session,
+            subscription_id=subscription_id,
+            key_scope=key_scope,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            at=at,
+        )
+
+
+def _keep_change_answer(
+    deps: Dependencies, change_id: str, answer: ChangePlanOut, at: datetime
+) -> ChangePlanOut | None:
+    """Store the first answer; return the one stored (a racing repeat may have stored it)."""
+    with unit_of_work(deps.session_factory) as session:
+        kept = plan_changes_repo.record_result(
+            session, change_id, answer.model_dump(mode="json"), at
+        )
+    if kept is None or kept.result is None:
+        return None
+    return ChangePlanOut.model_validate(kept.result)
 
 
 @router.post(

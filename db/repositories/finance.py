@@ -169,17 +169,22 @@ def iter_invoice_pages(
     *,
     page_size: int = EXPORT_PAGE_SIZE,
     after: InvoiceCursor | None = None,
+    with_lines: bool = False,
 ) -> Iterator[list[InvoiceListItem]]:
     """Every invoice matching the filter, in (created_at, id) order, as lists of at most
     ``page_size`` (never an empty list). Each page is read in its own short transaction, so
     an export of any size holds no transaction open between pages (on SQLite every
-    transaction takes the write lock the workers need) and has one page in memory."""
+    transaction takes the write lock the workers need) and has one page in memory.
+    ``with_lines``: each item carries its lines (one more query per page)."""
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"page_size must be a positive integer; got {page_size!r}")
     cursor = after
     while True:
         with unit_of_work(session_factory) as session:
             items, has_more = _fetch(session, invoice_filter, page_size, cursor)
+            if with_lines and items:
+                lines = invoices_repo.lines_by_invoice(session, [i.invoice.id for i in items])
+                items = [dataclasses.replace(i, lines=lines[i.invoice.id]) for i in items]
         if items:
             yield items
         if not has_more:
@@ -192,9 +197,12 @@ def iter_invoices(
     invoice_filter: InvoiceFilter,
     *,
     page_size: int = EXPORT_PAGE_SIZE,
+    with_lines: bool = False,
 ) -> Iterator[InvoiceListItem]:
     """``iter_invoice_pages``, one invoice at a time."""
-    for page in iter_invoice_pages(session_factory, invoice_filter, page_size=page_size):
+    for page in iter_invoice_pages(
+        session_factory, invoice_filter, page_size=page_size, with_lines=with_lines
+    ):
         yield from page
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from billing.errors import ChangeRefused
 from billing.invoices import (
     InvoiceStatus,
     can_transition,
     check_transition,
+    credit_notes_carried_over,
     format_invoice_number,
     invoice_prefix_for,
 )
@@ -109,3 +112,22 @@ def test_prefixes_are_eight_unambiguous_characters_and_differ_between_customers(
     assert len(set(prefixes)) == len(prefixes)
     # Every letter of the alphabet gets used: the mapping is not lopsided.
     assert set("".join(prefixes)) == PREFIX_ALPHABET
+
+
+@given(
+    credited=st.integers(min_value=0, max_value=10**9),
+    rebilled=st.integers(min_value=-(10**9), max_value=10**9),
+)
+def test_credit_notes_carried_to_a_replacing_invoice_never_make_it_a_credit(
+    credited: int, rebilled: int
+) -> None:
+    """A plan change during dunning bills the voided renewal's lines again: its credit notes
+    come along in full when they fit (never charged for what was credited), and never push the
+    new invoice below zero (an unpaid period never becomes balance credit)."""
+    carried = credit_notes_carried_over(credited, rebilled)
+    assert 0 <= carried <= credited
+    assert rebilled - carried >= min(rebilled, 0)
+    if rebilled >= credited:
+        assert carried == credited
+    with pytest.raises(ValueError, match="credited_minor"):
+        credit_notes_carried_over(-1, rebilled)

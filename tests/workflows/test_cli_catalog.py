@@ -5,6 +5,8 @@ pause/resume and a plan change with its preview."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -95,14 +97,30 @@ async def test_plans_from_a_file_listings_and_changes_from_the_cli(
 
     preview = await run(env, "subscriptions", "change-plan", sub_id, "--quantity", "3", "--preview")
     assert preview.exit_code == 0, preview.output
-    # The CLI previews at the wall clock's now (the test server's clock is days ahead), so
-    # only the shape is compared here; tests/api checks preview == change to the minor unit.
-    assert "seats-monthly x 3; subtotal" in preview.output
+    # Priced by the workflow at the service's time (the test server's clock, days ahead of
+    # this machine's): exactly what the change then bills.
+    subtotal = re.search(r"seats-monthly x 3; subtotal (-?\d+) USD", preview.output)
+    assert subtotal is not None, preview.output
     changed = await run(env, "subscriptions", "change-plan", sub_id, "--quantity", "3")
     assert changed.exit_code == 0, changed.output
     assert "now seats-monthly x 3" in changed.output
     due = re.search(r"\((open|paid), (\d+) due\)", changed.output)
     assert due is not None and int(due.group(2)) > 0
+    assert int(subtotal.group(1)) == int(due.group(2)), (preview.output, changed.output)
+    exported = await run(env, "invoices", "list", "--subscription-id", sub_id, "--csv", "--lines")
+    assert exported.exit_code == 0, exported.output
+    rows = list(csv.DictReader(io.StringIO(exported.output)))
+    assert [(r["kind"], r["quantity"]) for r in rows] == [
+        ("subscription", "1"),
+        ("proration", "1"),
+        ("proration", "3"),
+    ]
+    change_rows = [r for r in rows if r["kind"] == "proration"]
+    assert int(change_rows[0]["amount_minor"]) < 0 < int(change_rows[1]["amount_minor"])
+    assert sum(int(r["amount_minor"]) for r in change_rows) == int(due.group(2))
+    assert {r["invoice_amount_due_minor"] for r in change_rows} == {due.group(2)}
+    no_csv = await run(env, "invoices", "list", "--lines")
+    assert no_csv.exit_code == 2 and "--lines goes with --csv" in no_csv.output
     refused_change = await run(
         env, "subscriptions", "change-plan", sub_id, "--plan", "seats-annual"
     )

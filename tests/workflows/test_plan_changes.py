@@ -375,3 +375,52 @@ async def test_create_prorations_carries_the_lines_to_the_next_renewal(
     ]
     assert renewal.amount_due_minor == 2700 + sum(amounts)
     assert succeeded_charges(harness, sub_id) == sorted([900, 2700 + sum(amounts)])
+
+
+@BOTH_BACKENDS
+async def test_a_change_during_dunning_keeps_a_credit_note_issued_on_the_unpaid_renewal(
+    harness: BillingHarness,
+) -> None:
+    """A pre-payment credit note lowered the unpaid renewal (900 -> 600). The change voids the
+    renewal and bills its lines again: the credit note must come along (the customer is never
+    charged for what was credited), and it is not turned into balance credit either (never
+    credited twice)."""
+    from tests.workflows.test_credit_notes_during_dunning import credit, tell
+
+    sub_id, anchor = await signed_up(harness, card=DECLINES_AFTER_ATTACH)
+    await harness.advance_to(anchor + 2 * DAY)
+    state = await harness.state(sub_id)
+    assert state.status == SubscriptionStatus.PAST_DUE and state.open_invoice is not None
+    renewal_id = state.open_invoice.invoice_id
+    issued = credit(harness, renewal_id, 300)
+    await tell(harness, issued)
+    await harness.wait_for(
+        sub_id, lambda v: v.open_invoice is not None and v.open_invoice.amount_minor == 600
+    )
+
+    result = await change(harness, sub_id, plan=PRO)
+    assert result.voided_invoice_id == renewal_id and result.invoice_id is not None
+    amounts = [li.amount_minor for li in result.lines]
+    # The renewal again (900), less the credit note on it (300), plus the change's lines.
+    assert result.amount_due_minor == 900 - 300 + sum(amounts)
+    assert lines_of(harness, result.invoice_id) == [
+        (InvoiceLineKind.SUBSCRIPTION, 900),
+        (InvoiceLineKind.CREDIT_NOTE, -300),
+        (InvoiceLineKind.PRORATION, amounts[0]),
+        (InvoiceLineKind.PRORATION, amounts[1]),
+    ]
+    customer_id = harness.snapshot(sub_id).subscription.customer_id
+    with unit_of_work(harness.session_factory) as session:
+        assert balances_repo.credit_balance(session, customer_id, "USD") == 0
+
+    pm = await harness.to_thread_card(SUCCEEDS)
+    await harness.update(
+        sub_id,
+        SubscriptionMessage.UPDATE_PAYMENT_METHOD,
+        UpdatePaymentMethodInput(payment_method_id=pm),
+        UpdatePaymentMethodResult,
+    )
+    await harness.wait_for(sub_id, lambda v: v.open_invoice is None)
+    assert succeeded_charges(harness, sub_id) == [600 + sum(amounts)]
+    with unit_of_work(harness.session_factory) as session:
+        assert balances_repo.credit_balance(session, customer_id, "USD") == 0
