@@ -22,13 +22,14 @@ from billing.api.dependencies import get_clock, get_deps, get_settings, require_
 from billing.api.schemas import ID_PATTERN, Instant, OurIdIn, ReasonIn, RequestIn, error_responses
 from billing.business_events import (
     EVENT_TYPES,
+    check_contact_email,
     check_event_types,
 )
 from billing.clock import Clock
 from billing.errors import ChangeRefused, InvalidInput, NotFound
 from billing.event_endpoints import Resolver, checked_url, register_endpoint, resolve_host
 from billing.finance import InvoiceCursor
-from billing.notices import NoticeStatus
+from billing.notices import NoticeKind, NoticeStatus
 from billing.records import (
     EventDeliveryAttemptRecord,
     EventDeliveryRecord,
@@ -59,6 +60,8 @@ EventTypeIn = Annotated[
     Field(min_length=1, max_length=64, json_schema_extra={"enum": [*EVENT_TYPES, "*"]}),
 ]
 UrlIn = Annotated[str, Field(min_length=1, max_length=2000)]
+#: Checked by billing.business_events.check_contact_email (422 naming the field).
+ContactEmailIn = Annotated[str, Field(max_length=320)]
 LocaleIn = Annotated[
     str, Field(min_length=2, max_length=35, pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
 ]
@@ -72,6 +75,11 @@ class EndpointIn(RequestIn):
         description=f"Event types to receive, or ['*'] for all: {', '.join(EVENT_TYPES)}.",
     )
     description: ReasonIn | None = None
+    contact_email: ContactEmailIn | None = Field(
+        None,
+        description="Told by e-mail if the endpoint is disabled after failing for 3 days "
+        "(default: BILLING_EVENTS_CONTACT_EMAIL).",
+    )
 
 
 class EndpointPatchIn(RequestIn):
@@ -79,6 +87,7 @@ class EndpointPatchIn(RequestIn):
     url: UrlIn | None = None
     enabled_events: list[EventTypeIn] | None = Field(None, min_length=1)
     description: ReasonIn | None = None
+    contact_email: ContactEmailIn | None = Field(None, description="'' removes it.")
 
 
 class EndpointOut(BaseModel):
@@ -88,6 +97,7 @@ class EndpointOut(BaseModel):
     description: str | None
     enabled: bool
     disabled_reason: str | None
+    contact_email: str | None = None
     created_at: Instant
     updated_at: Instant
 
@@ -100,6 +110,7 @@ class EndpointOut(BaseModel):
             description=e.description,
             enabled=e.enabled,
             disabled_reason=e.disabled_reason,
+            contact_email=e.contact_email,
             created_at=e.created_at,
             updated_at=e.updated_at,
         )
@@ -190,7 +201,10 @@ class RedeliverIn(RequestIn):
 class NotificationOut(BaseModel):
     id: str
     kind: str
-    customer_id: str
+    customer_id: str | None = Field(description="None for a mail to the business.")
+    recipient: str | None = Field(
+        None, description="A mail to the business (kind endpoint_disabled): its address."
+    )
     subscription_id: str | None
     invoice_id: str | None
     status: str
@@ -207,6 +221,7 @@ class NotificationOut(BaseModel):
             id=n.id,
             kind=n.kind,
             customer_id=n.customer_id,
+            recipient=n.recipient,
             subscription_id=n.subscription_id,
             invoice_id=n.invoice_id,
             status=str(n.status),
@@ -276,6 +291,7 @@ async def create_endpoint(
         description=body.description,
         allow_insecure=settings.endpoints_allow_insecure(),
         resolve=_resolver(request),
+        contact_email=body.contact_email,
     )
     return EndpointCreatedOut(**EndpointOut.of(stored).model_dump(), secret=stored.secret)
 
@@ -317,6 +333,9 @@ async def update_endpoint(
     event_types = (
         check_event_types(body.enabled_events) if body.enabled_events is not None else None
     )
+    contact_email = body.contact_email
+    if contact_email:
+        contact_email = check_contact_email(contact_email, field="contact_email")
     url = None
     if body.url is not None:
         url = await asyncio.to_thread(
@@ -339,6 +358,7 @@ async def update_endpoint(
                 url=url,
                 event_types=event_types,
                 description=body.description,
+                contact_email=contact_email,
             )
         assert updated is not None
         return EndpointOut.of(updated)
@@ -481,12 +501,16 @@ async def list_notifications(
         str | None, Query(min_length=1, max_length=40, pattern=ID_PATTERN)
     ] = None,
     status: Annotated[NoticeStatus | None, Query()] = None,
+    kind: Annotated[NoticeKind | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> NotificationListOut:
     """Mails oldest first: ``status`` pending, sent, failed (``last_error`` says why: the mail
-    server's refusal, or retries exhausted) or skipped (opted out, no address)."""
-    if customer_id is None and subscription_id is None and invoice_id is None:
-        raise InvalidInput("name customer_id, subscription_id or invoice_id", field="customer_id")
+    server's refusal, or retries exhausted) or skipped (opted out, no address). The mails to
+    the business (an endpoint disabled) are ``kind=endpoint_disabled``."""
+    if customer_id is None and subscription_id is None and invoice_id is None and kind is None:
+        raise InvalidInput(
+            "name customer_id, subscription_id, invoice_id or kind", field="customer_id"
+        )
 
     def read() -> NotificationListOut:
         with unit_of_work(deps.session_factory) as session:
@@ -495,6 +519,7 @@ async def list_notifications(
                 customer_id=customer_id,
                 subscription_id=subscription_id,
                 invoice_id=invoice_id,
+                kind=kind.value if kind is not None else None,
             )
         if status is not None:
             found = [n for n in found if n.status == status]
