@@ -302,6 +302,19 @@ async def test_contact_email_and_descriptions_are_checked_at_the_edge(api: Api) 
     )
     cleared = await api.request("PATCH", path, scope="admin", json={"contact_email": ""})
     assert cleared.status_code == 200 and cleared.json()["contact_email"] is None
+    for body, message in (
+        ({"url": "http://hooks.example.com/c2"}, "https://"),
+        ({"url": "https://metadata.example.com/c2"}, "169.254.169.254"),
+        ({"enabled_events": ["invoice.nope"]}, "invoice.nope"),
+        ({"enabled": "yes"}, "enabled"),
+    ):
+        refused = await api.request("PATCH", path, scope="admin", json=body)
+        assert refused.status_code == 422, (body, refused.text)
+        assert message in refused.text, (body, refused.text)
+    unknown = await api.request(
+        "POST", "/v1/events/evt_nope/redeliver", scope="admin", json={"endpoint_id": "we_x"}
+    )
+    assert unknown.status_code == 404, unknown.text
 
 
 async def test_redelivery_twenty_times_at_once_queues_one_delivery(api: Api) -> None:

@@ -9,6 +9,7 @@ import hashlib
 import shutil
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -242,3 +243,34 @@ def test_tls_is_verified_against_the_host_name_on_the_pinned_address(
         assert impostor.requests == []
     error = attempts_of(session_factory, delivery_id)[0] or ""
     assert "certificate verify failed" in error and "hooks.pinned.test" in error, error
+
+
+def test_a_receiver_answering_200_after_our_timeout_gets_the_event_again_once_more(
+    session_factory: sessionmaker[Session],
+) -> None:
+    """At least once, made visible: the first attempt times out (the receiver still answers
+    200, too late), the retry delivers; the receiver has the same event id twice and
+    deduplicates on it; our record is one delivered delivery with both attempts."""
+    with event_receiver(delay_s=2.5) as late:
+        dns = RebindingDns("hooks.late.test", [["127.0.0.1"]])
+        activities = DeliveryActivities(
+            session_factory,
+            SystemClock(),
+            mailer=None,
+            mail=MailSettings(from_address="billing@shop.example"),
+            post_timeout_s=1,
+            allow_insecure_endpoints=True,
+            resolve=dns,
+        )
+        delivery_id = one_delivery(session_factory, late.url_for("hooks.late.test"))
+        with pytest.raises(ApplicationError, match="ReadTimeout"):
+            activities.post_event(PostEventInput(delivery_id))
+        late.delay_s = 0
+        assert activities.post_event(PostEventInput(delivery_id)).outcome == "delivered"
+        # Delivered: a third run (a retry after a lost result) sends nothing.
+        assert activities.post_event(PostEventInput(delivery_id)).outcome == "skipped"
+        time.sleep(2)  # the late answer to the first request is recorded too
+    ids = [r.event()["id"] for r in late.requests]
+    assert len(ids) == 2 and len(set(ids)) == 1
+    errors = attempts_of(session_factory, delivery_id)
+    assert len(errors) == 2 and "ReadTimeout" in (errors[0] or "") and errors[1] is None
