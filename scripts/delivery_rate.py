@@ -93,6 +93,22 @@ async def measure(
     handler: RecordingHandler,
     receiver: EventReceiver,
 ) -> None:
+    # An endpoint of its own per run: a stream workflow (events-<endpoint>-<subscription>)
+    # of the previous run may still be open on that run's task queue, whose worker is gone.
+    url = f"{receiver.url}?run={new_id('r')}"
+    with unit_of_work(session_factory) as session:
+        endpoint, _ = events_repo.insert_endpoint(
+            session,
+            EventEndpointRecord(
+                id=new_id("we"),
+                url=url,
+                url_digest=hashlib.sha256(url.encode()).hexdigest(),
+                event_types=["*"],
+                secret="bwhsec_bench",
+                created_at=T0,
+                updated_at=T0,
+            ),
+        )
     activities = delivery_activities(session_factory, port)
     async with delivery_stack(
         env_client,  # type: ignore[arg-type]
@@ -124,6 +140,8 @@ async def measure(
             if now > 600:
                 raise SystemExit("not delivered within 10 minutes")
             await asyncio.sleep(0.02)
+    with unit_of_work(session_factory) as session:
+        events_repo.update_endpoint(session, endpoint.id, now=T0, enabled=False)
     print(f"{mode}:")
     print(
         f"  first delivery (mail and event both there), {samples} samples: median "
@@ -143,18 +161,6 @@ async def run(mails: int, events: int, samples: int, database_url: str | None) -
         handler = RecordingHandler()
         with smtp_server(handler) as port, event_receiver() as receiver:
             with unit_of_work(session_factory) as session:
-                events_repo.insert_endpoint(
-                    session,
-                    EventEndpointRecord(
-                        id=new_id("we"),
-                        url=receiver.url,
-                        url_digest=hashlib.sha256(receiver.url.encode()).hexdigest(),
-                        event_types=["*"],
-                        secret="bwhsec_bench",
-                        created_at=T0,
-                        updated_at=T0,
-                    ),
-                )
                 books = [make_book(session) for _ in range(max(1, max(mails, events) // 10))]
             env = await start_time_skipping_environment()
             try:

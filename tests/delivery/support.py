@@ -203,6 +203,7 @@ async def delivery_stack(
     *,
     interval_s: float = 0.5,
     wake_on_commit: bool = False,
+    batch: int = 100,
 ) -> AsyncIterator[str]:
     """The delivery worker and its dispatcher on a fresh task queue; yields the queue.
     ``wake_on_commit``: a commit that writes a notice or an event wakes the dispatcher (as
@@ -217,7 +218,11 @@ async def delivery_stack(
     )
     async with worker:
         dispatcher = DispatcherInput(
-            task_queue=task_queue, interval_s=interval_s, mail_timeout_s=10, post_timeout_s=10
+            task_queue=task_queue,
+            interval_s=interval_s,
+            batch=batch,
+            mail_timeout_s=10,
+            post_timeout_s=10,
         )
         workflow_id = await ensure_delivery_dispatcher(
             client, task_queue=task_queue, dispatcher=dispatcher

@@ -103,3 +103,20 @@ async def test_a_written_notice_and_event_wake_the_dispatcher(
     assert len(set(ids)) == 21
     sequences = [e["sequence"] for e in receiver.accepted()]
     assert sequences == list(range(1, 22)), "in order per subscription"
+
+
+async def test_a_burst_larger_than_a_batch_does_not_wait_for_the_poll(
+    temporal_env: WorkflowEnvironment, session_factory: sessionmaker[Session]
+) -> None:
+    """12 mails, batches of 5: the dispatcher looks again at once after a full batch, so all
+    12 leave now, not 5 now and the rest an interval (here an hour) later per batch."""
+    handler = RecordingHandler()
+    with unit_of_work(session_factory) as session:
+        book = make_book(session)
+        for _ in range(12):
+            payload, _ = notice_payloads(book)["receipt"]
+            enqueue(session, book, "receipt", payload, with_invoice=True)
+    with smtp_server(handler) as port:
+        activities = delivery_activities(session_factory, port)
+        async with delivery_stack(temporal_env.client, activities, interval_s=3600, batch=5):
+            await wait_until(lambda: len(handler.received) == 12, timeout_s=20, what="12 mails")
