@@ -570,6 +570,7 @@ class BillingActivities:
             failure_message=failure_message,
             payment_id=payment_id,
             amount_due_minor=amount_minor,
+            authentication_url=outcome.authentication_url,
         )
 
     def _set_intent_amount(

@@ -16,28 +16,29 @@ backoff. A non-2xx from an endpoint raises too.
 from __future__ import annotations
 
 import json
-import socket
+import ssl
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import event_log
-from activities.smtp_mailer import SmtpMailer, SmtpSendError
-from billing.business_events import (
-    SIGNATURE_HEADER,
-    EventType,
-    address_is_public,
-    sign_payload,
+from activities.pinned_http import (
+    POST_ERRORS,
+    AddressRefused,
+    Dialer,
+    Resolver,
+    pinned_post,
+    system_resolve,
 )
+from activities.smtp_mailer import SmtpMailer, SmtpSendError
+from billing.business_events import SIGNATURE_HEADER, EventType, sign_payload
 from billing.clock import Clock
 from billing.delivery import (
     ClaimedNotifications,
@@ -56,7 +57,13 @@ from billing.delivery import (
     SweepRemindersResult,
 )
 from billing.ids import new_id
-from billing.mail.render import NoticeContext, render_notice
+from billing.mail.render import (
+    EndpointDisabledContext,
+    NoticeContext,
+    RenderedMail,
+    render_endpoint_disabled,
+    render_notice,
+)
 from billing.notices import (
     UPCOMING_RENEWAL_NOTICE,
     NoticeKind,
@@ -90,10 +97,27 @@ class MailSettings:
         from_address: str,
         card_update_url: str | None = None,
         authentication_url: str | None = None,
+        business_contact: str | None = None,
     ) -> None:
         self.from_address = from_address
         self.card_update_url = card_update_url
         self.authentication_url = authentication_url
+        #: The business's address for mails about its event endpoints, when an endpoint has
+        #: no ``contact_email`` of its own (``BILLING_EVENTS_CONTACT_EMAIL``).
+        self.business_contact = business_contact
+
+
+def authentication_link(payload: dict[str, Any], fallback: str | None) -> str | None:
+    """The action-required mail's link: the page the payment provider gave for this payment
+    (Stripe's ``next_action.redirect_to_url.url``, carried in the notice), else the
+    business's own page from ``BILLING_MAIL_AUTHENTICATION_URL`` with the payment's id, else
+    None (the mail then asks the customer to sign in to their account to confirm it)."""
+    given = payload.get("authentication_url")
+    if isinstance(given, str) and given.startswith("https://"):
+        return given
+    if fallback and payload.get("payment_intent_id"):
+        return fallback.replace("{payment_intent_id}", str(payload["payment_intent_id"]))
+    return None
 
 
 def _instant(value: Any) -> datetime | None:
@@ -115,7 +139,9 @@ class DeliveryActivities:
         mail: MailSettings,
         post_timeout_s: float = 10.0,
         allow_insecure_endpoints: bool = False,
-        resolve: Callable[[str], list[str]] | None = None,
+        resolve: Resolver | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        dial: Dialer | None = None,
     ) -> None:
         self.session_factory = session_factory
         self.clock = clock
@@ -123,7 +149,12 @@ class DeliveryActivities:
         self.mail = mail
         self.post_timeout_s = post_timeout_s
         self.allow_insecure_endpoints = allow_insecure_endpoints
-        self._resolve = resolve or _resolve
+        #: The endpoint's host is resolved by this, once per attempt (tests give a fake DNS).
+        self._resolve = resolve or system_resolve
+        #: TLS trust for endpoints (default: the system's CAs); tests give their own CA.
+        self._ssl_context = ssl_context
+        #: TEST ONLY: how a checked address is dialed (tests route a "public" one locally).
+        self._dial = dial
 
     def all(self) -> list[Callable[..., Any]]:
         return [
@@ -271,6 +302,15 @@ class DeliveryActivities:
     def _skip_reason(
         self, session: Session, notice: NotificationRecord
     ) -> tuple[NoticeStatus, str] | None:
+        if notice.customer_id is None:  # a mail to the business
+            if not notice.recipient:
+                return NoticeStatus.SKIPPED, (
+                    "no address for the business: set the endpoint's contact_email or "
+                    "BILLING_EVENTS_CONTACT_EMAIL"
+                )
+            if notice.kind != NoticeKind.ENDPOINT_DISABLED:
+                return NoticeStatus.FAILED, f"no mail template for notice kind {notice.kind!r}"
+            return None
         customer = customers_repo.get_customer(session, notice.customer_id)
         if customer is None or not customer.email:
             return NoticeStatus.SKIPPED, "the customer has no e-mail address"
@@ -281,6 +321,8 @@ class DeliveryActivities:
         return None
 
     def _message(self, session: Session, notice: NotificationRecord) -> EmailMessage:
+        if notice.customer_id is None:
+            return self._business_message(notice)
         customer = customers_repo.get_customer(session, notice.customer_id)
         assert customer is not None and customer.email
         payload = notice.payload or {}
@@ -307,11 +349,7 @@ class DeliveryActivities:
         ):
             amount, currency = sub.amount_minor, sub.currency
         about = _instant(payload.get("about"))
-        auth_url = None
-        if self.mail.authentication_url and payload.get("payment_intent_id"):
-            auth_url = self.mail.authentication_url.replace(
-                "{payment_intent_id}", str(payload["payment_intent_id"])
-            )
+        auth_url = authentication_link(payload, self.mail.authentication_url)
         context = NoticeContext(
             kind=kind,
             customer_name=customer.name,
@@ -333,10 +371,31 @@ class DeliveryActivities:
             authentication_url=auth_url,
         )
         mail = render_notice(context)
+        to = formataddr((customer.name or "", customer.email))
+        return self._envelope(notice, to=to, subject=mail.subject, mail=mail)
+
+    def _business_message(self, notice: NotificationRecord) -> EmailMessage:
+        """A mail to the business about one of its endpoints (English: the operator's
+        language is not known)."""
+        assert notice.recipient
+        payload = notice.payload or {}
+        mail = render_endpoint_disabled(
+            EndpointDisabledContext(
+                endpoint_id=str(payload.get("endpoint_id", "")),
+                url=str(payload.get("url", "")),
+                reason=str(payload.get("reason", "")),
+                disabled_at=_instant(payload.get("disabled_at")) or notice.created_at,
+            )
+        )
+        return self._envelope(notice, to=notice.recipient, subject=mail.subject, mail=mail)
+
+    def _envelope(
+        self, notice: NotificationRecord, *, to: str, subject: str, mail: RenderedMail
+    ) -> EmailMessage:
         message = EmailMessage()
         message["From"] = self.mail.from_address
-        message["To"] = formataddr((customer.name or "", customer.email))
-        message["Subject"] = mail.subject
+        message["To"] = to
+        message["Subject"] = subject
         message["Date"] = format_datetime(notice.created_at)
         message["Message-ID"] = message_id_for(notice.id, self.mail.from_address)
         message["Auto-Submitted"] = "auto-generated"
@@ -390,23 +449,30 @@ class DeliveryActivities:
         status_code: int | None = None
         error: str | None = None
         try:
-            self._check_address(endpoint.url)
             timestamp = int(self.clock.now().timestamp())
-            with httpx.Client(timeout=self.post_timeout_s, follow_redirects=False) as client:
-                response = client.post(
-                    endpoint.url,
-                    content=body,
-                    headers={
-                        "Content-Type": "application/json",
-                        "User-Agent": "billing-events/1",
-                        SIGNATURE_HEADER: sign_payload(body, endpoint.secret, timestamp=timestamp),
-                    },
-                )
-            status_code = response.status_code
+            # Resolved once, checked, and connected to exactly the checked address (no
+            # DNS-rebinding window); TLS verified against the host name; no redirects.
+            result = pinned_post(
+                endpoint.url,
+                body=body,
+                headers={
+                    "Content-Type": "application/json",
+                    "User-Agent": "billing-events/1",
+                    SIGNATURE_HEADER: sign_payload(body, endpoint.secret, timestamp=timestamp),
+                },
+                timeout_s=self.post_timeout_s,
+                resolve=self._resolve,
+                allow_private=self.allow_insecure_endpoints,
+                ssl_context=self._ssl_context,
+                dial=self._dial,
+            )
+            status_code = result.status_code
             if not 200 <= status_code < 300:
                 error = f"the endpoint answered {status_code}"
-        except (httpx.HTTPError, OSError, ValueError) as failure:
-            error = f"{type(failure).__name__}: {failure}"
+        except AddressRefused as refused:
+            error = f"refused: {refused}"
+        except POST_ERRORS as failure:
+            error = f"{type(failure).__name__}: {failure}"[:400]
         delivered = error is None
         with unit_of_work(self.session_factory) as session:
             events_repo.record_delivery_attempt(
@@ -425,30 +491,38 @@ class DeliveryActivities:
     @activity.defn(name=DeliveryActivity.GIVE_UP_EVENT_STREAM)
     def give_up_event_stream(self, input: GiveUpStreamInput) -> None:
         """The stream's head delivery failed for 3 days: fail it and disable the endpoint
-        (its other deliveries wait; re-enabling it resumes them in order)."""
+        (its other deliveries wait; re-enabling it resumes them in order), and, in the same
+        transaction, queue the mail that tells the business (once per disabling: a retry,
+        or the endpoint's other streams giving up too, find it disabled already)."""
+        now = self.clock.now()
         with unit_of_work(self.session_factory) as session:
             events_repo.fail_delivery(session, input.delivery_id, reason=input.reason)
+            endpoint = events_repo.get_endpoint(session, input.endpoint_id)
+            if endpoint is None or not endpoint.enabled:
+                return
+            reason = f"deliveries failed for 3 days: {input.reason}"[:500]
             events_repo.update_endpoint(
-                session,
-                input.endpoint_id,
-                now=self.clock.now(),
-                enabled=False,
-                disabled_reason=f"deliveries failed for 3 days: {input.reason}"[:500],
+                session, endpoint.id, now=now, enabled=False, disabled_reason=reason
             )
-
-    def _check_address(self, url: str) -> None:
-        """Refuse, at delivery time too, a host that resolves to a private address (its DNS
-        may have changed since registration)."""
-        if self.allow_insecure_endpoints:
-            return
-        host = urlsplit(url).hostname or ""
-        for address in self._resolve(host):
-            if not address_is_public(address):
-                raise ValueError(f"{host} resolves to {address}, which is not public")
-
-
-def _resolve(host: str) -> list[str]:
-    return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None)})
+            recipient = endpoint.contact_email or self.mail.business_contact
+            notifications_repo.enqueue_notification(
+                session,
+                NotificationRecord(
+                    id=new_id("ntf"),
+                    kind=NoticeKind.ENDPOINT_DISABLED.value,
+                    customer_id=None,
+                    recipient=recipient,
+                    dedupe_key=f"{endpoint.id}:{NoticeKind.ENDPOINT_DISABLED.value}:"
+                    f"{now.isoformat()}",
+                    payload={
+                        "endpoint_id": endpoint.id,
+                        "url": endpoint.url,
+                        "reason": input.reason[:400],
+                        "disabled_at": now.isoformat(),
+                    },
+                    created_at=now,
+                ),
+            )
 
 
 def event_body(event: EventRecord) -> bytes:

@@ -25,6 +25,7 @@ lower-case on the wire (Stripe's convention).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -318,6 +319,17 @@ def _settlement_of_charge(charge: object) -> SettlementDetails | None:
     )
 
 
+def _redirect_url(intent: object) -> str | None:
+    """``next_action.redirect_to_url.url`` of an intent waiting for the customer: the page
+    where they authenticate (only when it was confirmed with a ``return_url``); None for any
+    other next action (``use_stripe_sdk`` needs Stripe.js on the business's own page)."""
+    action = _get(intent, "next_action")
+    if _get(action, "type") != "redirect_to_url":
+        return None
+    url = _get(_get(action, "redirect_to_url"), "url")
+    return url if isinstance(url, str) and url.startswith("https://") else None
+
+
 def _get(obj: object, name: str) -> Any:
     """A field of a Stripe object, or None when absent. Stripe omits null fields in some
     payloads (error objects) and localstripe omits fields real Stripe always sends."""
@@ -547,9 +559,21 @@ class StripeGateway:
     ``metadata["description"]`` instead. Real Stripe takes it as a field (the default).
     """
 
-    def __init__(self, client: stripe.StripeClient, *, send_description: bool = True) -> None:
+    def __init__(
+        self,
+        client: stripe.StripeClient,
+        *,
+        send_description: bool = True,
+        return_url: str | None = None,
+    ) -> None:
         self._client = client
         self._send_description = send_description
+        #: Where Stripe sends the customer back after authenticating a payment. With it, every
+        #: charge and confirmation passes ``return_url``, so an intent that waits for 3-D
+        #: Secure carries ``next_action.redirect_to_url.url``: the page the action-required
+        #: mail links to. Without it Stripe gives no such URL (``use_stripe_sdk`` needs the
+        #: business's own page with Stripe.js).
+        self._return_url = return_url
 
     # -- customers and payment methods ------------------------------------------------------
 
@@ -814,6 +838,8 @@ class StripeGateway:
             "metadata": wire_metadata,
             "expand": list(_CHARGE_EXPAND),
         }
+        if self._return_url is not None:
+            params["return_url"] = self._return_url
         if self._send_description:
             params["description"] = description
         else:
@@ -828,8 +854,12 @@ class StripeGateway:
             intent = _without_expand_if_refused(create, params)
         except stripe.StripeError as error:
             if _is_card_error(error):
-                return self._outcome_from_card_error(
-                    error, amount_minor=amount_minor, currency=currency_upper
+                return self._with_authentication_link(
+                    self._outcome_from_card_error(
+                        error, amount_minor=amount_minor, currency=currency_upper
+                    ),
+                    payment_method_id=payment_method_id,
+                    idempotency_key=idempotency_key,
                 )
             _raise_translated(
                 error,
@@ -866,6 +896,8 @@ class StripeGateway:
             "off_session": True,
             "expand": list(_CHARGE_EXPAND),
         }
+        if self._return_url is not None:
+            params["return_url"] = self._return_url
         operation = (
             f"confirming payment intent {payment_intent_id} with {payment_method_id} "
             f"(idempotency key {idempotency_key!r})"
@@ -880,11 +912,15 @@ class StripeGateway:
             intent = _without_expand_if_refused(confirm, params)
         except stripe.StripeError as error:
             if _is_card_error(error):
-                return self._outcome_from_card_error(
-                    error,
-                    amount_minor=amount_minor,
-                    currency=currency_upper,
-                    payment_intent_id=payment_intent_id,
+                return self._with_authentication_link(
+                    self._outcome_from_card_error(
+                        error,
+                        amount_minor=amount_minor,
+                        currency=currency_upper,
+                        payment_intent_id=payment_intent_id,
+                    ),
+                    payment_method_id=payment_method_id,
+                    idempotency_key=idempotency_key,
                 )
             if _is_unexpected_state(error):
                 # Succeeded or canceled meanwhile: its state is the answer, not an error.
@@ -1100,6 +1136,7 @@ class StripeGateway:
             return ChargeOutcome(
                 kind=ChargeOutcomeKind.AUTHENTICATION_REQUIRED,
                 payment_intent_id=intent.id,
+                authentication_url=_redirect_url(intent),
                 charge_id=charge_id,
                 failure_message=(
                     f"payment intent {intent.id} is {status}: the customer must authenticate "
@@ -1186,6 +1223,52 @@ class StripeGateway:
             amount_minor=amount_minor,
             currency=currency,
         )
+
+    def _with_authentication_link(
+        self, outcome: ChargeOutcome, *, payment_method_id: str, idempotency_key: str
+    ) -> ChargeOutcome:
+        """An off-session charge Stripe declined with ``authentication_required`` (its
+        documented answer when the bank wants 3-D Secure and nobody is there) leaves the
+        intent in ``requires_payment_method`` with no next action, so no link. With a
+        ``return_url`` configured, confirm it once more *on-session* with it: Stripe then
+        answers ``requires_action`` with ``next_action.redirect_to_url.url``, the page where
+        the customer authenticates, and the payment completes there (Stripe's "manually
+        handle 3D Secure" flow). Its own idempotency key (the attempt's plus ``:auth``), so a
+        retried activity asks once. Any failure keeps the outcome without a link: the mail
+        then falls back (``BILLING_MAIL_AUTHENTICATION_URL``), and the decline stands."""
+        if (
+            outcome.kind != ChargeOutcomeKind.AUTHENTICATION_REQUIRED
+            or outcome.authentication_url is not None
+            or outcome.payment_intent_id is None
+            or self._return_url is None
+        ):
+            return outcome
+        params: PaymentIntentConfirmParams = {
+            "payment_method": payment_method_id,
+            "return_url": self._return_url,
+        }
+        try:
+            intent = self._client.v1.payment_intents.confirm(
+                outcome.payment_intent_id,
+                params=params,
+                options={"idempotency_key": f"{idempotency_key}:auth"},
+            )
+        except stripe.StripeError as error:
+            logger.warning(
+                "no authentication link for %s: %s", outcome.payment_intent_id, _describe(error)
+            )
+            return outcome
+        try:
+            now = self._outcome_from_intent(intent)
+        except (PaymentProviderError, TransientPaymentError):
+            return outcome  # processing: a later attempt or read finds how it ended
+        if now.kind == ChargeOutcomeKind.PAID:
+            # The bank let it through on-session after all: the money is taken, and that is
+            # the outcome to record (never a second charge later).
+            return now
+        if now.kind == ChargeOutcomeKind.AUTHENTICATION_REQUIRED:
+            return dataclasses.replace(outcome, authentication_url=now.authentication_url)
+        return outcome
 
     def _payment_intent_of_charge(self, charge_id: str) -> str | None:
         """The PaymentIntent of a declined charge. A transient failure raises

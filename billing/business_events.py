@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
 import time
 from datetime import timedelta
@@ -29,6 +30,7 @@ from urllib.parse import urlsplit
 from billing.errors import InvalidInput
 from billing.invoices import InvoiceStatus
 from billing.subscription import SubscriptionStatus
+from billing.text import EMAIL
 
 
 class EventType(StrEnum):
@@ -225,3 +227,18 @@ def verify_signature(
             f"the tolerance of {tolerance_s} s (a replayed delivery?)"
         )
     return timestamp
+
+
+_EMAIL_SHAPE = re.compile(r"[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\".]+")
+
+
+def check_contact_email(value: str, *, field: str) -> str:
+    """The business's contact address for endpoint mails, if it is one bare address (no
+    display name, no list, no control characters, at most 320 characters)."""
+    EMAIL.check(value, field=field)
+    if not _EMAIL_SHAPE.fullmatch(value):
+        raise InvalidInput(
+            f"{field} must be one e-mail address such as 'ops@example.com' (got {value[:40]!r})",
+            field=field,
+        )
+    return value

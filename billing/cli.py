@@ -34,6 +34,7 @@ from billing.settings import ApiKey, Settings
 from billing.simulate.command import simulate
 
 if TYPE_CHECKING:
+    from billing.delivery import DispatcherInput
     from billing.signup import SweepReport
 
 app = typer.Typer(help="Recurring billing on Temporal.", no_args_is_help=True)
@@ -297,7 +298,12 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
     # The sweeper is a workflow on this task queue: started once (idempotent by id), run by
     # this worker as soon as it polls.
     await ensure_signup_sweeper(client, task_queue=settings.task_queue)
-    await _ensure_dispatcher(settings, client)
+    dispatcher = await _ensure_dispatcher(settings, client)
+    # A commit that writes a notice or an event wakes the dispatcher (the poll stays as the
+    # safety net), so a mail leaves within a moment, not at the next look.
+    from billing.worker import wake_dispatcher_on_commit
+
+    wake_dispatcher_on_commit(deps.session_factory, client, dispatcher=dispatcher)
     await ensure_refund_sweeper(client, task_queue=settings.task_queue)
     await _ensure_settlement_schedule(settings, client)
     console.print(
@@ -419,16 +425,14 @@ async def _ensure_settlement_schedule(settings: Settings, client: Client) -> Non
         )
 
 
-async def _ensure_dispatcher(settings: Settings, client: Client) -> None:
+async def _ensure_dispatcher(settings: Settings, client: Client) -> DispatcherInput:
     from billing.delivery import DispatcherInput
     from billing.worker import ensure_delivery_dispatcher
 
     queue = settings.delivery_queue()
-    await ensure_delivery_dispatcher(
-        client,
-        task_queue=queue,
-        dispatcher=DispatcherInput(task_queue=queue, interval_s=settings.delivery_poll_interval_s),
-    )
+    dispatcher = DispatcherInput(task_queue=queue, interval_s=settings.delivery_poll_interval_s)
+    await ensure_delivery_dispatcher(client, task_queue=queue, dispatcher=dispatcher)
+    return dispatcher
 
 
 def _stop_event() -> asyncio.Event:

@@ -35,6 +35,12 @@ def add(
         ["*"], "--event", help="event type to send (repeatable); '*' for all"
     ),
     description: str | None = typer.Option(None, "--description"),
+    contact_email: str | None = typer.Option(
+        None,
+        "--contact-email",
+        help="told by e-mail if it is disabled after failing for 3 days "
+        "(default: BILLING_EVENTS_CONTACT_EMAIL)",
+    ),
 ) -> None:
     """Register an endpoint; prints its signing secret, which is shown only this once."""
     from billing.clock import SystemClock
@@ -50,6 +56,7 @@ def add(
             event_types=event,
             description=description,
             allow_insecure=settings.endpoints_allow_insecure(),
+            contact_email=contact_email,
         )
     except BillingError as error:
         _fail(error.message)

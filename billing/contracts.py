@@ -209,6 +209,9 @@ class ChargeInvoiceResult:
     #: The amount this attempt charged, minor units (the invoice's amount due when it was
     #: recorded); None in results recorded before the field.
     amount_due_minor: int | None = None
+    #: AUTHENTICATION_REQUIRED: the page where the customer authenticates, as the provider
+    #: gave it (Stripe's ``next_action.redirect_to_url.url``); None when it gave none.
+    authentication_url: str | None = None
 
 
 # ---- settle_invoice ------------------------------------------------------------------------

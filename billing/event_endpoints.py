@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from billing.business_events import (
     MAX_ENDPOINTS,
     address_is_public,
+    check_contact_email,
     check_endpoint_url,
     check_event_types,
     new_signing_secret,
@@ -65,12 +66,15 @@ def register_endpoint(
     description: str | None,
     allow_insecure: bool,
     resolve: Resolver = resolve_host,
+    contact_email: str | None = None,
 ) -> EventEndpointRecord:
     """A new enabled endpoint with a fresh secret; ChangeRefused when one for the URL exists
     (naming it), so a repeated registration never makes a second endpoint."""
     types = check_event_types(event_types)
     url = checked_url(url, allow_insecure=allow_insecure, resolve=resolve)
     description = REASON.check_optional(description, field="description")
+    if contact_email:
+        contact_email = check_contact_email(contact_email, field="contact_email")
     now = clock.now()
     with unit_of_work(session_factory) as session:
         if events_repo.count_endpoints(session) >= MAX_ENDPOINTS:
@@ -86,6 +90,7 @@ def register_endpoint(
                 event_types=types,
                 secret=new_signing_secret(),
                 description=description,
+                contact_email=contact_email or None,
                 created_at=now,
                 updated_at=now,
             ),

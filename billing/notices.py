@@ -32,6 +32,9 @@ class NoticeKind(StrEnum):
     RECEIPT = "receipt"
     #: An annual plan renews in 7 days.
     UPCOMING_RENEWAL = "upcoming_renewal"
+    #: To the business, not a customer: one of its event endpoints failed for 3 days and was
+    #: disabled (``notifications.recipient``).
+    ENDPOINT_DISABLED = "endpoint_disabled"
 
 
 #: What a customer may switch off. Dunning notices (failed payment, action required, recovered,

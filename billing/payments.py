@@ -90,6 +90,9 @@ class ChargeOutcome:
 
     kind: ChargeOutcomeKind
     payment_intent_id: str | None = None
+    #: AUTHENTICATION_REQUIRED: the page where the customer authenticates, as the provider
+    #: gave it (Stripe's ``next_action.redirect_to_url.url``); None when it gave none.
+    authentication_url: str | None = None
     charge_id: str | None = None
     decline_code: str | None = None
     failure_message: str | None = None

@@ -256,7 +256,8 @@ class NotificationRecord:
 
     id: str
     kind: str
-    customer_id: str
+    #: The customer told; None for a mail to the business (then ``recipient``).
+    customer_id: str | None
     #: Unique per notice, so activity retries and replays enqueue it once.
     dedupe_key: str
     created_at: datetime
@@ -273,6 +274,8 @@ class NotificationRecord:
     message_id: str | None = None
     failed_at: datetime | None = None
     dispatched_at: datetime | None = None
+    #: A mail to the business: the address it goes to.
+    recipient: str | None = None
 
 
 class WebhookOutcome(StrEnum):
@@ -339,6 +342,8 @@ class EventEndpointRecord:
     description: str | None = None
     enabled: bool = True
     disabled_reason: str | None = None
+    #: Whom to tell when it is disabled (else ``BILLING_EVENTS_CONTACT_EMAIL``).
+    contact_email: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

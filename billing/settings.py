@@ -190,9 +190,23 @@ class Settings(BaseSettings):
     #: Where a customer updates their card (in payment-failed and unpaid mails); unset: the
     #: mails say nothing about it.
     mail_card_update_url: str | None = None
-    #: Where a customer confirms a payment their bank holds (action-required mails);
-    #: ``{payment_intent_id}`` is replaced by the payment's id.
+    #: Where a customer confirms a payment their bank holds (action-required mails), used
+    #: only when the provider gave no authentication page for it (see
+    #: ``stripe_return_url``); ``{payment_intent_id}`` is replaced by the payment's id.
+    #: Neither: the mail asks the customer to sign in to their account to confirm it.
     mail_authentication_url: str | None = None
+    #: Where Stripe sends a customer back after authenticating a payment (3-D Secure). Set,
+    #: every charge passes it as ``return_url``, and Stripe answers a payment that needs
+    #: authentication with ``next_action.redirect_to_url.url``, the page the action-required
+    #: mail links to. Unset: Stripe gives no page (``use_stripe_sdk``), and the mail falls
+    #: back to ``mail_authentication_url``.
+    stripe_return_url: str | None = Field(
+        default=None, max_length=2000, pattern=r"^https?://[^\s\x00]+$"
+    )
+    #: Whom to tell by e-mail when an event endpoint is disabled after failing for 3 days,
+    #: unless the endpoint names its own ``contact_email``. Unset: such a mail is recorded
+    #: as skipped (GET /v1/notifications), naming the missing address.
+    events_contact_email: str | None = None
     #: Task queue of the mail and event deliveries. Default: ``{task_queue}-delivery``.
     delivery_task_queue: str | None = None
     #: Seconds between two looks of the dispatcher at the outbox and the events.
@@ -310,6 +324,19 @@ class Settings(BaseSettings):
                 self.temporal_api_key,
             )
         )
+
+    @field_validator("events_contact_email")
+    @classmethod
+    def _contact_email(cls, value: str | None) -> str | None:
+        from billing.business_events import check_contact_email
+        from billing.errors import InvalidInput
+
+        if value is None or not value.strip():
+            return None
+        try:
+            return check_contact_email(value.strip(), field="BILLING_EVENTS_CONTACT_EMAIL")
+        except InvalidInput as error:
+            raise ValueError(str(error)) from None
 
     @field_validator("stripe_api_key")
     @classmethod

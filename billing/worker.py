@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -66,7 +67,7 @@ from billing.settlement import (
 )
 from billing.signup_sweep import PendingSignupSweepInput, sweeper_workflow_id
 from billing.subscription import SubscriptionStatus
-from db.engine import make_engine, make_session_factory, unit_of_work
+from db.engine import make_engine, make_session_factory, on_delivery_commit, unit_of_work
 from db.repositories import ledger as ledger_repo
 from db.repositories import subscriptions as subscriptions_repo
 from workflows.delivery import (
@@ -340,7 +341,9 @@ def build_dependencies(
     send_description = settings.stripe_send_description
     if send_description is None:
         send_description = settings.stripe_api_key is not None
-    gateway = StripeGateway(client, send_description=send_description)
+    gateway = StripeGateway(
+        client, send_description=send_description, return_url=settings.stripe_return_url
+    )
     return Dependencies(
         session_factory=session_factory,
         gateway=gateway,
@@ -627,6 +630,7 @@ def build_delivery_activities(
             from_address=settings.mail_from,
             card_update_url=settings.mail_card_update_url,
             authentication_url=settings.mail_authentication_url,
+            business_contact=settings.events_contact_email,
         ),
         post_timeout_s=settings.event_delivery_timeout_s,
         allow_insecure_endpoints=settings.endpoints_allow_insecure(),
@@ -672,3 +676,70 @@ async def ensure_delivery_dispatcher(
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
     )
     return workflow_id
+
+
+class DispatcherWaker:
+    """Wakes the delivery dispatcher right after a commit wrote a notice or an event
+    delivery, so it is sent within a moment instead of at the next poll (the poll stays as
+    the safety net: a lost wake-up only costs up to one interval).
+
+    Called from any thread (the committing activity's or request's); the signal is sent from
+    ``loop`` as a signal-with-start (a dispatcher that is not running is started, one that
+    is gets ``wake``). Wake-ups coalesce: while one is being sent, any number of further
+    calls make at most one more, so a burst of commits costs the dispatcher one or two
+    history events, not one per commit. Best effort: a failure is logged and dropped."""
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        dispatcher: DispatcherInput,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self._client = client
+        self._dispatcher = dispatcher
+        self._loop = loop or asyncio.get_running_loop()
+        self._sending: asyncio.Task[None] | None = None
+        self._again = False
+        #: Wake-ups sent (signals that reached Temporal), for tests and the benchmark.
+        self.sent = 0
+        #: Stops the wake-ups (set by ``wake_dispatcher_on_commit``).
+        self.detach: Callable[[], None] = lambda: None
+
+    def __call__(self) -> None:
+        # A closed loop (the process is stopping) drops it.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._request)
+
+    def _request(self) -> None:
+        if self._sending is not None and not self._sending.done():
+            self._again = True
+            return
+        self._sending = self._loop.create_task(self._send())
+
+    async def _send(self) -> None:
+        while True:
+            self._again = False
+            try:
+                await self._client.start_workflow(
+                    DeliveryDispatcherWorkflow.run,
+                    self._dispatcher,
+                    id=dispatcher_workflow_id(self._dispatcher.task_queue),
+                    task_queue=self._dispatcher.task_queue,
+                    start_signal="wake",
+                )
+                self.sent += 1
+            except Exception:
+                log.warning("could not wake the delivery dispatcher", exc_info=True)
+            if not self._again:
+                return
+
+
+def wake_dispatcher_on_commit(
+    session_factory: sessionmaker[Session], client: Client, *, dispatcher: DispatcherInput
+) -> DispatcherWaker:
+    """Wake the delivery dispatcher after every commit through ``session_factory`` that wrote
+    a notice or an event delivery. Call from the running event loop."""
+    waker = DispatcherWaker(client, dispatcher=dispatcher)
+    waker.detach = on_delivery_commit(session_factory, waker)
+    return waker

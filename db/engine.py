@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -81,3 +82,44 @@ def unit_of_work(session_factory: sessionmaker[Session]) -> Iterator[Session]:
     """
     with session_factory() as session, session.begin():
         yield session
+
+
+#: ``session.info`` key: this transaction wrote a notice or an event delivery to send.
+_DELIVERY_WRITTEN = "billing.delivery_written"
+
+log = logging.getLogger(__name__)
+
+
+def mark_delivery_written(session: Session) -> None:
+    """Note that the session's transaction wrote something for the delivery dispatcher (a
+    pending notice or event delivery); ``on_delivery_commit`` callbacks run once it commits."""
+    session.info[_DELIVERY_WRITTEN] = True
+
+
+def on_delivery_commit(
+    session_factory: sessionmaker[Session], callback: Callable[[], None]
+) -> Callable[[], None]:
+    """Call ``callback`` after each commit of a ``session_factory`` session that wrote a
+    notice or an event delivery (never after a rollback). Best effort: it runs in the
+    committing thread, must not block, and an error in it is logged, never raised (the
+    commit happened; the dispatcher's poll still finds the rows). Returns what removes the
+    callback again."""
+
+    def after_commit(session: Session) -> None:
+        if session.info.pop(_DELIVERY_WRITTEN, False):
+            try:
+                callback()
+            except Exception:
+                log.warning("waking the delivery dispatcher failed", exc_info=True)
+
+    def after_rollback(session: Session) -> None:
+        session.info.pop(_DELIVERY_WRITTEN, None)
+
+    event.listen(session_factory, "after_commit", after_commit)
+    event.listen(session_factory, "after_rollback", after_rollback)
+
+    def remove() -> None:
+        event.remove(session_factory, "after_commit", after_commit)
+        event.remove(session_factory, "after_rollback", after_rollback)
+
+    return remove

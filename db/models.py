@@ -710,9 +710,12 @@ class NotificationRow(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     kind: Mapped[str] = mapped_column(String(40))
-    customer_id: Mapped[str] = mapped_column(String(40), ForeignKey("customers.id"))
+    #: The customer told; None for a mail to the business (``recipient``).
+    customer_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("customers.id"))
     subscription_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("subscriptions.id"))
     invoice_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("invoices.id"))
+    #: A mail to the business: its address (customer notices go to the customer's e-mail).
+    recipient: Mapped[str | None] = mapped_column(String(320))
     dedupe_key: Mapped[str] = mapped_column(String(200), unique=True)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -772,6 +775,8 @@ class EventEndpointRow(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     #: Why it was disabled (by an operator, or after failing for 3 days).
     disabled_reason: Mapped[str | None] = mapped_column(String(500))
+    #: Who is told by e-mail when it is disabled (else ``BILLING_EVENTS_CONTACT_EMAIL``).
+    contact_email: Mapped[str | None] = mapped_column(String(320))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 

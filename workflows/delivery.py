@@ -54,6 +54,8 @@ with workflow.unsafe.imports_passed_through():
     )
 
 _DB_STEP = timedelta(seconds=30)
+#: The dispatcher looks again at once after a full batch (runs before it slept first).
+DRAIN_FULL_BATCHES_PATCH = "dispatcher-drain-full-batches"
 #: A database step that fails is retried by the next look (dispatcher) or a few times here.
 _DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=5)
 
@@ -115,6 +117,14 @@ class DeliveryDispatcherWorkflow:
                     *(self._start_notice(input, n) for n in notices.notification_ids),
                     *(self._start_stream(input, s) for s in streams.streams),
                 )
+                full = (
+                    len(notices.notification_ids) >= input.batch
+                    or len(streams.streams) >= input.batch
+                )
+                # A full batch means more are waiting: look again now, not after the
+                # interval (a burst of 200 mails used to wait one poll per 100).
+                if full and workflow.patched(DRAIN_FULL_BATCHES_PATCH):
+                    continue
             if not self._woken:
                 started = workflow.time()
                 with contextlib.suppress(TimeoutError):

@@ -787,6 +787,8 @@ class SubscriptionWorkflow:
                 "decline_code": result.decline_code,
                 "hard_decline": inv.blocked == BlockedReason.HARD_DECLINE,
                 "payment_intent_id": result.payment_intent_id,
+                # The provider's authentication page (action required); None: none given.
+                "authentication_url": result.authentication_url,
                 "next_retry_at": next_retry_at.isoformat() if next_retry_at else None,
             },
         )

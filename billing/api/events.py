@@ -30,13 +30,14 @@ from billing.api.schemas import (
 )
 from billing.business_events import (
     EVENT_TYPES,
+    check_contact_email,
     check_event_types,
 )
 from billing.clock import Clock
 from billing.errors import ChangeRefused, InvalidInput, NotFound
 from billing.event_endpoints import Resolver, checked_url, register_endpoint, resolve_host
 from billing.finance import InvoiceCursor
-from billing.notices import NoticeStatus
+from billing.notices import NoticeKind, NoticeStatus
 from billing.records import (
     EventDeliveryAttemptRecord,
     EventDeliveryRecord,
@@ -67,6 +68,8 @@ EventTypeIn = Annotated[
     Field(min_length=1, max_length=64, json_schema_extra={"enum": [*EVENT_TYPES, "*"]}),
 ]
 UrlIn = Annotated[str, Field(min_length=1, max_length=2000)]
+#: Checked by billing.business_events.check_contact_email (422 naming the field).
+ContactEmailIn = Annotated[str, Field(max_length=320)]
 
 
 class EndpointIn(RequestIn):
@@ -77,6 +80,11 @@ class EndpointIn(RequestIn):
         description=f"Event types to receive, or ['*'] for all: {', '.join(EVENT_TYPES)}.",
     )
     description: ReasonIn | None = None
+    contact_email: ContactEmailIn | None = Field(
+        None,
+        description="Told by e-mail if the endpoint is disabled after failing for 3 days "
+        "(default: BILLING_EVENTS_CONTACT_EMAIL).",
+    )
 
 
 class EndpointPatchIn(RequestIn):
@@ -84,6 +92,7 @@ class EndpointPatchIn(RequestIn):
     url: UrlIn | None = None
     enabled_events: list[EventTypeIn] | None = Field(None, min_length=1)
     description: ReasonIn | None = None
+    contact_email: ContactEmailIn | None = Field(None, description="'' removes it.")
 
 
 class EndpointOut(BaseModel):
@@ -93,6 +102,7 @@ class EndpointOut(BaseModel):
     description: str | None
     enabled: bool
     disabled_reason: str | None
+    contact_email: str | None = None
     created_at: Instant
     updated_at: Instant
 
@@ -105,6 +115,7 @@ class EndpointOut(BaseModel):
             description=e.description,
             enabled=e.enabled,
             disabled_reason=e.disabled_reason,
+            contact_email=e.contact_email,
             created_at=e.created_at,
             updated_at=e.updated_at,
         )
@@ -195,7 +206,10 @@ class RedeliverIn(RequestIn):
 class NotificationOut(BaseModel):
     id: str
     kind: str
-    customer_id: str
+    customer_id: str | None = Field(description="None for a mail to the business.")
+    recipient: str | None = Field(
+        None, description="A mail to the business (kind endpoint_disabled): its address."
+    )
     subscription_id: str | None
     invoice_id: str | None
     status: str
@@ -212,6 +226,7 @@ class NotificationOut(BaseModel):
             id=n.id,
             kind=n.kind,
             customer_id=n.customer_id,
+            recipient=n.recipient,
             subscription_id=n.subscription_id,
             invoice_id=n.invoice_id,
             status=str(n.status),
@@ -282,6 +297,7 @@ async def create_endpoint(
         description=body.description,
         allow_insecure=settings.endpoints_allow_insecure(),
         resolve=_resolver(request),
+        contact_email=body.contact_email,
     )
     return EndpointCreatedOut(**EndpointOut.of(stored).model_dump(), secret=stored.secret)
 
@@ -323,6 +339,9 @@ async def update_endpoint(
     event_types = (
         check_event_types(body.enabled_events) if body.enabled_events is not None else None
     )
+    contact_email = body.contact_email
+    if contact_email:
+        contact_email = check_contact_email(contact_email, field="contact_email")
     url = None
     if body.url is not None:
         url = await asyncio.to_thread(
@@ -345,6 +364,7 @@ async def update_endpoint(
                 url=url,
                 event_types=event_types,
                 description=body.description,
+                contact_email=contact_email,
             )
         assert updated is not None
         return EndpointOut.of(updated)
@@ -487,12 +507,16 @@ async def list_notifications(
         str | None, Query(min_length=1, max_length=40, pattern=ID_PATTERN)
     ] = None,
     status: Annotated[NoticeStatus | None, Query()] = None,
+    kind: Annotated[NoticeKind | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> NotificationListOut:
     """Mails oldest first: ``status`` pending, sent, failed (``last_error`` says why: the mail
-    server's refusal, or retries exhausted) or skipped (opted out, no address)."""
-    if customer_id is None and subscription_id is None and invoice_id is None:
-        raise InvalidInput("name customer_id, subscription_id or invoice_id", field="customer_id")
+    server's refusal, or retries exhausted) or skipped (opted out, no address). The mails to
+    the business (an endpoint disabled) are ``kind=endpoint_disabled``."""
+    if customer_id is None and subscription_id is None and invoice_id is None and kind is None:
+        raise InvalidInput(
+            "name customer_id, subscription_id, invoice_id or kind", field="customer_id"
+        )
 
     def read() -> NotificationListOut:
         with unit_of_work(deps.session_factory) as session:
@@ -501,6 +525,7 @@ async def list_notifications(
                 customer_id=customer_id,
                 subscription_id=subscription_id,
                 invoice_id=invoice_id,
+                kind=kind.value if kind is not None else None,
             )
         if status is not None:
             found = [n for n in found if n.status == status]

@@ -4,6 +4,7 @@ headers), answers with a status the test chooses (e.g. 503 while "down"), and ca
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -34,10 +35,17 @@ class EventReceiver:
     delay_s: float = 0.0
     requests: list[ReceivedRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Serve HTTPS with this context (its certificate names the host the test dials).
+    tls: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hooks"
+
+    def url_for(self, host: str) -> str:
+        """The URL under another host name (the test's DNS sends it here)."""
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{host}:{self.port}/hooks"
 
     def accepted(self) -> list[dict[str, Any]]:
         """The events answered 2xx, in the order they arrived."""
@@ -73,6 +81,8 @@ def event_receiver(**options: Any) -> Iterator[EventReceiver]:
 
     server = ThreadingHTTPServer(("127.0.0.1", receiver.port), Handler)
     receiver.port = int(server.server_address[1])
+    if receiver.tls is not None:
+        server.socket = receiver.tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

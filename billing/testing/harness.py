@@ -101,6 +101,7 @@ class BillingHarness:
         throwaway_database: bool = False,
         charge_rate_per_s: float | None = None,
         payments_processes: int = 0,
+        stripe_return_url: str | None = None,
     ) -> None:
         """Provider activities run on ``{task_queue}-payments``, as in production, capped at
         ``charge_rate_per_s`` (None: no cap, for localstripe). ``payments_processes``: run
@@ -127,7 +128,9 @@ class BillingHarness:
             http_client=self.http_client,
         )
         # localstripe rejects `description` on PaymentIntents; real Stripe takes it.
-        self.stripe_gateway = StripeGateway(self.stripe, send_description=False)
+        self.stripe_gateway = StripeGateway(
+            self.stripe, send_description=False, return_url=stripe_return_url
+        )
         # A wrapper stands in for provider answers localstripe cannot give (e.g. stolen_card).
         self.gateway: PaymentGateway = (
             wrap_gateway(self.stripe_gateway) if wrap_gateway else self.stripe_gateway

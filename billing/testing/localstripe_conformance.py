@@ -57,6 +57,17 @@ patched, each as Stripe documents it:
   https://docs.stripe.com/api/payment_methods/detach); localstripe 1.15 moves it silently.
   Attaching it again to the customer it belongs to succeeds.
 
+* ``return_url`` is taken by the create with ``confirm=true`` and by ``/confirm``
+  (https://docs.stripe.com/api/payment_intents/confirm#confirm_payment_intent-return_url:
+  "The URL to redirect your customer back to after they authenticate or cancel their payment
+  on the payment method's app or site"). A card that needs authentication then gives
+  ``next_action: {type: redirect_to_url, redirect_to_url: {url, return_url}}``, the page the
+  customer must visit (https://docs.stripe.com/payments/3d-secure/authentication-flow, "Manually
+  handle 3D Secure authentication": "redirect your customer to next_action.redirect_to_url.url");
+  without it, localstripe's ``use_stripe_sdk`` action stays (no URL, as on Stripe). The page
+  here is a stand-in address on ``hooks.stripe.com`` naming the intent and its client
+  secret; completing it is localstripe's own ``/_authenticate``.
+
 ``expand`` needs no patch: localstripe's handlers apply it to every answer, including
 ``latest_charge.balance_transaction`` on the create and the patched confirm (its
 ``latest_charge`` is always the charge object; the balance transaction is an id unless
@@ -105,12 +116,48 @@ def _retrieve(id: object) -> Any:
     return _PaymentIntent._api_retrieve(id)
 
 
+def _checked_return_url(return_url: object) -> str | None:
+    if return_url is None:
+        return None
+    if not (isinstance(return_url, str) and return_url.startswith(("https://", "http://"))):
+        raise UserError(400, f"Invalid URL for return_url: {return_url!r}")
+    return return_url
+
+
+def _redirect_if_asked(intent: Any, return_url: str | None) -> None:
+    """Stripe's redirect action for an intent waiting for 3-D Secure, when the confirmation
+    named where the customer returns to."""
+    if return_url is None or intent.status != "requires_action":
+        return
+    intent.next_action = {
+        "type": "redirect_to_url",
+        "redirect_to_url": {
+            "url": "https://hooks.stripe.com/3d_secure_2/hosted?payment_intent="
+            f"{intent.id}&payment_intent_client_secret={intent.client_secret}",
+            "return_url": return_url,
+        },
+    }
+
+
+_original_create: Any = _PaymentIntent._api_create.__func__
+
+
+def _create(cls: Any, /, return_url: object = None, **data: Any) -> Any:
+    checked = _checked_return_url(return_url)
+    if checked is not None and resources.try_convert_to_bool(data.get("confirm")) is not True:
+        raise UserError(400, "return_url can only be used with confirm=true")
+    intent = _original_create(cls, **data)
+    _redirect_if_asked(intent, checked)
+    return intent
+
+
 def _confirm(
     cls: Any,
     /,
     id: object,
     payment_method: object = None,
     off_session: object = None,
+    return_url: object = None,
     **kwargs: Any,
 ) -> Any:
     if kwargs:
@@ -143,12 +190,14 @@ def _confirm(
     intent.next_action = None
     intent._authentication_failed = False
     intent.latest_charge = None
+    checked = _checked_return_url(return_url)
     try:
         intent._confirm(on_failure_now=intent._report_failure)
     finally:
         if intent.latest_charge is None:
             # Waiting for authentication again: no new charge was made.
             intent.latest_charge = previous_charge
+    _redirect_if_asked(intent, checked)
     return intent
 
 
@@ -228,6 +277,7 @@ def apply() -> None:
     cancel = classmethod(_cancel)
     _PaymentIntent._api_confirm = confirm
     _PaymentIntent._api_cancel = cancel
+    _PaymentIntent._api_create = classmethod(_create)
     _PaymentIntent._report_failure = _report_failure
     resources.Customer._api_create = classmethod(_customer_create)
     resources.PaymentMethod._api_attach = classmethod(_attach)

@@ -26,6 +26,7 @@ from billing.records import (
     EventEndpointRecord,
     EventRecord,
 )
+from db.engine import mark_delivery_written
 from db.models import (
     EVENT_DELIVERIES,
     EVENT_DELIVERY_ATTEMPTS,
@@ -84,10 +85,16 @@ def update_endpoint(
     url: str | None = None,
     event_types: list[str] | None = None,
     description: str | None = None,
+    contact_email: str | None = None,
 ) -> EventEndpointRecord | None:
+    """Change the given fields (None: unchanged; ``contact_email=""`` clears it)."""
     values: dict[str, Any] = {"updated_at": now}
+    if contact_email is not None:
+        values["contact_email"] = contact_email or None
     if enabled is not None:
         values["enabled"] = enabled
+        if enabled:
+            mark_delivery_written(session)  # its waiting deliveries resume
         values["disabled_reason"] = None if enabled else disabled_reason
     if url is not None:
         values["url"] = url
@@ -137,9 +144,14 @@ def record_event(
         return None
     # Number the subscription's events one writer at a time (PostgreSQL: the subscription's
     # row lock; SQLite: one writer anyway). The unique (subscription_id, sequence) is the
-    # guard if a writer ever skips this.
+    # guard if a writer ever skips this. FOR NO KEY UPDATE, not FOR UPDATE: a row written
+    # earlier in the same transaction that references the subscription (a notice, an
+    # invoice) holds FOR KEY SHARE on it, which FOR UPDATE conflicts with, so two such
+    # writers deadlocked (found by 20 parallel commits of a notice then an event).
     session.execute(
-        select(SUBSCRIPTIONS.c.id).where(SUBSCRIPTIONS.c.id == subscription_id).with_for_update()
+        select(SUBSCRIPTIONS.c.id)
+        .where(SUBSCRIPTIONS.c.id == subscription_id)
+        .with_for_update(key_share=True)
     )
     last = session.execute(
         select(func.max(EVENTS.c.sequence)).where(EVENTS.c.subscription_id == subscription_id)
@@ -177,6 +189,7 @@ def record_event(
                 ),
                 lambda: None,
             )
+            mark_delivery_written(session)
     return event
 
 
@@ -347,6 +360,7 @@ def redeliver(
     session: Session, event: EventRecord, endpoint: EventEndpointRecord, now: datetime
 ) -> EventDeliveryRecord:
     """Queue the event for the endpoint again (a delivery created if it never had one)."""
+    mark_delivery_written(session)
     existing = fetch_one(
         session,
         EventDeliveryRecord,

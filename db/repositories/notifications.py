@@ -12,6 +12,7 @@ from billing.ids import new_id
 from billing.notices import NoticeKind, NoticeStatus
 from billing.records import InvoiceRecord, NotificationRecord, SubscriptionRecord
 from billing.subscription import SubscriptionStatus
+from db.engine import mark_delivery_written
 from db.models import NOTIFICATIONS, SUBSCRIPTIONS
 from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
 
@@ -28,12 +29,15 @@ def enqueue_notification(
     session: Session, record: NotificationRecord
 ) -> tuple[NotificationRecord, bool]:
     """Put the notice in the outbox; ``(existing, False)`` if its dedupe key is already there."""
-    return insert_or_get(
+    stored, created = insert_or_get(
         session,
         NOTIFICATIONS,
         record,
         lambda: get_notification_by_dedupe_key(session, record.dedupe_key),
     )
+    if created:
+        mark_delivery_written(session)
+    return stored, created
 
 
 def enqueue_receipt(

@@ -253,3 +253,98 @@ async def test_the_document_lists_the_event_types_an_endpoint_accepts(
         # Each listed type is accepted.
         created = await register(api, f"https://hooks.example.com/{name}", items["enum"])
         assert created.status_code == 201, created.text
+
+
+@BOTH_BACKENDS
+async def test_contact_email_and_descriptions_are_checked_at_the_edge(api: Api) -> None:
+    """The address told when an endpoint is disabled: one bare address, no NUL, bounded;
+    emoji and 500-character descriptions are stored as given on both databases; a refusal
+    writes nothing."""
+    for bad, message in (
+        ("not-an-address", "contact_email must be one e-mail address"),
+        ("a@b.c, d@e.f", "contact_email must be one e-mail address"),
+        ("Ops <ops@shop.example>", "contact_email must be one e-mail address"),
+        ("ops\x00@shop.example", "contact_email"),
+        ("o" * 400 + "@shop.example", "contact_email"),
+    ):
+        refused = await register(api, "https://hooks.example.com/c", contact_email=bad)
+        assert refused.status_code == 422, (bad, refused.text)
+        error = refused.json()["error"]
+        assert message in error["message"] or error["field"] == "contact_email", error
+    assert (await api.request("GET", "/v1/event-endpoints", scope="admin")).json()["data"] == []
+    description = "Ünïcödé \U0001f600 " + "d" * 480
+    created = await register(
+        api,
+        "https://hooks.example.com/c",
+        contact_email="ops@shop.example",
+        description=description,
+    )
+    assert created.status_code == 201, created.text
+    endpoint = created.json()
+    assert endpoint["contact_email"] == "ops@shop.example"
+    assert endpoint["description"] == description
+    path = f"/v1/event-endpoints/{endpoint['id']}"
+    for body in (
+        {"contact_email": "x\x00y@shop.example"},
+        {"contact_email": "two@a.example three@b.example"},
+        {"description": "no NUL \x00 here"},
+        {"description": "d" * 10_000},
+    ):
+        refused = await api.request("PATCH", path, scope="admin", json=body)
+        assert refused.status_code in (413, 422), (body, refused.text)
+    listed = (await api.request("GET", "/v1/event-endpoints", scope="admin")).json()["data"]
+    assert listed[0]["contact_email"] == "ops@shop.example"
+    assert listed[0]["description"] == description
+    changed = await api.request(
+        "PATCH", path, scope="admin", json={"contact_email": "billing-ops@shop.example"}
+    )
+    assert changed.status_code == 200 and changed.json()["contact_email"] == (
+        "billing-ops@shop.example"
+    )
+    cleared = await api.request("PATCH", path, scope="admin", json={"contact_email": ""})
+    assert cleared.status_code == 200 and cleared.json()["contact_email"] is None
+    for body, message in (
+        ({"url": "http://hooks.example.com/c2"}, "https://"),
+        ({"url": "https://metadata.example.com/c2"}, "169.254.169.254"),
+        ({"enabled_events": ["invoice.nope"]}, "invoice.nope"),
+        ({"enabled": "yes"}, "enabled"),
+    ):
+        refused = await api.request("PATCH", path, scope="admin", json=body)
+        assert refused.status_code == 422, (body, refused.text)
+        assert message in refused.text, (body, refused.text)
+    unknown = await api.request(
+        "POST", "/v1/events/evt_nope/redeliver", scope="admin", json={"endpoint_id": "we_x"}
+    )
+    assert unknown.status_code == 404, unknown.text
+
+
+async def test_redelivery_twenty_times_at_once_queues_one_delivery(api: Api) -> None:
+    endpoint = (await register(api, "https://hooks.example.com/r")).json()
+    sub = await api.signed_up(card=SUCCEEDS)
+    await api.harness.wait_for(sub["id"], lambda v: v.invoices_issued == 1 and not v.open_invoice)
+    events = (
+        await api.request(
+            "GET", "/v1/events", scope="finance", params={"subscription_id": sub["id"]}
+        )
+    ).json()["data"]
+    paid = next(e for e in events if e["type"] == "invoice.paid")
+    path = f"/v1/events/{paid['id']}/redeliver"
+    answers = await asyncio.gather(
+        *(
+            api.request("POST", path, scope="admin", json={"endpoint_id": endpoint["id"]})
+            for _ in range(20)
+        )
+    )
+    assert {a.status_code for a in answers} == {200}, [a.text for a in answers]
+    detail = (await api.request("GET", f"/v1/events/{paid['id']}", scope="finance")).json()
+    assert [(d["endpoint_id"], d["status"]) for d in detail["deliveries"]] == [
+        (endpoint["id"], "pending")
+    ]
+    mails = await api.request(
+        "GET", "/v1/notifications", scope="finance", params={"kind": "endpoint_disabled"}
+    )
+    assert mails.status_code == 200 and mails.json()["data"] == []
+    unknown_kind = await api.request(
+        "GET", "/v1/notifications", scope="finance", params={"kind": "nope"}
+    )
+    assert unknown_kind.status_code == 422

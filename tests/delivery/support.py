@@ -26,7 +26,11 @@ from billing.invoices import InvoiceStatus, invoice_prefix_for
 from billing.plans import Plan
 from billing.records import CustomerRecord, InvoiceRecord, NotificationRecord, SubscriptionRecord
 from billing.subscription import SubscriptionStatus
-from billing.worker import build_delivery_worker, ensure_delivery_dispatcher
+from billing.worker import (
+    build_delivery_worker,
+    ensure_delivery_dispatcher,
+    wake_dispatcher_on_commit,
+)
 from db.engine import unit_of_work
 from db.repositories import customers, invoices, notifications, plans, subscriptions
 
@@ -52,6 +56,7 @@ def make_book(
     opt_out: bool = False,
     interval: IntervalUnit = IntervalUnit.MONTH,
     status: SubscriptionStatus = SubscriptionStatus.ACTIVE,
+    name: str = "Ada Lovelace",
 ) -> Book:
     code = f"plan-{currency.lower()}-{interval.value}"
     if plans.get_plan(session, code) is None:
@@ -66,7 +71,7 @@ def make_book(
             invoice_prefix=invoice_prefix_for(customer_id),
             timezone=timezone,
             email=email,
-            name="Ada Lovelace",
+            name=name,
             created_at=T0,
             updated_at=T0,
             locale=locale,
@@ -172,6 +177,7 @@ def delivery_activities(
     *,
     mailer: SmtpMailer | None = None,
     allow_insecure_endpoints: bool = True,
+    business_contact: str | None = None,
 ) -> DeliveryActivities:
     if mailer is None and smtp_port is not None:
         mailer = SmtpMailer(SmtpConfig(host="127.0.0.1", port=smtp_port, timeout_s=5))
@@ -183,6 +189,7 @@ def delivery_activities(
             from_address=FROM,
             card_update_url="https://shop.example/billing/card",
             authentication_url="https://shop.example/pay/{payment_intent_id}",
+            business_contact=business_contact,
         ),
         post_timeout_s=5,
         allow_insecure_endpoints=allow_insecure_endpoints,
@@ -191,9 +198,16 @@ def delivery_activities(
 
 @asynccontextmanager
 async def delivery_stack(
-    client: Client, activities: DeliveryActivities, *, interval_s: float = 0.5
+    client: Client,
+    activities: DeliveryActivities,
+    *,
+    interval_s: float = 0.5,
+    wake_on_commit: bool = False,
+    batch: int = 100,
 ) -> AsyncIterator[str]:
-    """The delivery worker and its dispatcher on a fresh task queue; yields the queue."""
+    """The delivery worker and its dispatcher on a fresh task queue; yields the queue.
+    ``wake_on_commit``: a commit that writes a notice or an event wakes the dispatcher (as
+    ``billing worker`` does)."""
     task_queue = f"delivery-{uuid.uuid4().hex[:8]}"
     worker = build_delivery_worker(
         client,
@@ -203,16 +217,26 @@ async def delivery_stack(
         workflow_runner=UnsandboxedWorkflowRunner(),
     )
     async with worker:
-        workflow_id = await ensure_delivery_dispatcher(
-            client,
+        dispatcher = DispatcherInput(
             task_queue=task_queue,
-            dispatcher=DispatcherInput(
-                task_queue=task_queue, interval_s=interval_s, mail_timeout_s=10, post_timeout_s=10
-            ),
+            interval_s=interval_s,
+            batch=batch,
+            mail_timeout_s=10,
+            post_timeout_s=10,
+        )
+        workflow_id = await ensure_delivery_dispatcher(
+            client, task_queue=task_queue, dispatcher=dispatcher
+        )
+        waker = (
+            wake_dispatcher_on_commit(activities.session_factory, client, dispatcher=dispatcher)
+            if wake_on_commit
+            else None
         )
         try:
             yield task_queue
         finally:
+            if waker is not None:
+                waker.detach()
             await client.get_workflow_handle(workflow_id).terminate("test over")
 
 

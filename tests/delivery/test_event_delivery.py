@@ -4,6 +4,7 @@ a slow endpoint holding up others, and with an endpoint that fails for 3 days di
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from datetime import timedelta
 
@@ -15,10 +16,18 @@ from billing.business_events import SignatureError, verify_signature
 from billing.ids import new_id
 from billing.records import EventEndpointRecord
 from billing.testing.event_receiver import EventReceiver, event_receiver
+from billing.testing.mail_sink import RecordingHandler, smtp_server
 from db.engine import make_engine, make_session_factory, unit_of_work
 from db.repositories import events as events_repo
 from tests.conftest import BOTH_BACKENDS
-from tests.delivery.support import T0, delivery_activities, delivery_stack, make_book, wait_until
+from tests.delivery.support import (
+    T0,
+    delivery_activities,
+    delivery_stack,
+    make_book,
+    notices_of,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -26,7 +35,9 @@ def session_factory(database_url: str) -> sessionmaker[Session]:
     return make_session_factory(make_engine(database_url))
 
 
-def add_endpoint(session: Session, url: str, secret: str = "bwhsec_test") -> EventEndpointRecord:
+def add_endpoint(
+    session: Session, url: str, secret: str = "bwhsec_test", contact_email: str | None = None
+) -> EventEndpointRecord:
     stored, created = events_repo.insert_endpoint(
         session,
         EventEndpointRecord(
@@ -37,6 +48,7 @@ def add_endpoint(session: Session, url: str, secret: str = "bwhsec_test") -> Eve
             secret=secret,
             created_at=T0,
             updated_at=T0,
+            contact_email=contact_email,
         ),
     )
     assert created
@@ -152,25 +164,44 @@ async def test_a_slow_endpoint_does_not_hold_up_another(
     in_order_once(slow, subs, 3)
 
 
-async def test_an_endpoint_failing_for_three_days_is_disabled(
+@BOTH_BACKENDS
+async def test_an_endpoint_failing_for_three_days_is_disabled_and_the_business_told_once(
     temporal_env: WorkflowEnvironment, session_factory: sessionmaker[Session]
 ) -> None:
-    with event_receiver(status=500) as dead:
+    """Two dead endpoints, each with two streams: each is disabled once and its business
+    mailed once (through the outbox and the real SMTP server): the endpoint's own
+    contact_email, else the BILLING_EVENTS_CONTACT_EMAIL address."""
+    handler = RecordingHandler()
+    with event_receiver(status=500) as dead, event_receiver(status=502) as other:
         with unit_of_work(session_factory) as session:
-            endpoint = add_endpoint(session, dead.url)
+            endpoint = add_endpoint(session, dead.url, contact_email="hooks-owner@shop.example")
+            fallback = add_endpoint(session, other.url)
             write_events(session, 2)
-        async with delivery_stack(
-            temporal_env.client, delivery_activities(session_factory, None), interval_s=3600
-        ):
-            await wait_until(lambda: len(dead.requests) >= 2, what="first tries")
-            await temporal_env.sleep(timedelta(days=3, hours=3))
+        with smtp_server(handler) as port:
+            activities = delivery_activities(
+                session_factory, port, business_contact="ops@shop.example"
+            )
+            async with delivery_stack(
+                temporal_env.client, activities, interval_s=3600, wake_on_commit=True
+            ):
+                await wait_until(lambda: len(dead.requests) >= 2, what="first tries")
+                # 3 days and 3 hours, skipped a quarter of a day at a time (one long skip
+                # with four streams retrying outlasts the test server's call timeout).
+                for _ in range(13):
+                    await temporal_env.sleep(timedelta(hours=6))
 
-            def disabled() -> bool:
-                with unit_of_work(session_factory) as session:
-                    found = events_repo.get_endpoint(session, endpoint.id)
-                return found is not None and not found.enabled
+                def disabled() -> bool:
+                    with unit_of_work(session_factory) as session:
+                        found = [
+                            events_repo.get_endpoint(session, e.id) for e in (endpoint, fallback)
+                        ]
+                    return all(f is not None and not f.enabled for f in found)
 
-            await wait_until(disabled, what="the endpoint disabled")
+                await wait_until(disabled, what="the endpoints disabled")
+                await wait_until(lambda: len(handler.received) >= 2, what="the business's mails")
+                # Nothing more comes: the endpoints' other streams stop without a mail.
+                await temporal_env.sleep(timedelta(hours=3))
+                await asyncio.sleep(1.0)
     with unit_of_work(session_factory) as session:
         found = events_repo.get_endpoint(session, endpoint.id)
         counts = events_repo.delivery_counts(session)
@@ -180,5 +211,25 @@ async def test_an_endpoint_failing_for_three_days_is_disabled(
     # The first stream to give up failed its head and disabled the endpoint; the other
     # stream stops at its next try (the endpoint is disabled), and everything behind waits
     # for the endpoint to be enabled again.
-    assert counts["failed"] in (1, 2) and counts["failed"] + counts["pending"] == 4
+    assert 2 <= counts["failed"] <= 4 and counts["failed"] + counts["pending"] == 8
     assert {e["sequence"] for e in dead.all_events()} == {1}
+    mails = {m.rcpt_tos[0]: m.message() for m in handler.received}
+    assert len(handler.received) == 2, [m.rcpt_tos for m in handler.received]
+    assert set(mails) == {"hooks-owner@shop.example", "ops@shop.example"}
+    stored = {n.recipient: n for n in notices_of(session_factory, kind="endpoint_disabled")}
+    for address, target, code in (
+        ("hooks-owner@shop.example", endpoint, "500"),
+        ("ops@shop.example", fallback, "502"),
+    ):
+        message = mails[address]
+        notice = stored[address]
+        assert notice.status == "sent" and notice.customer_id is None
+        assert message["Message-ID"] == notice.message_id
+        assert target.id in str(message["Subject"])
+        text = str(message.get_body(preferencelist=("plain",)).get_content())  # type: ignore[union-attr]
+        html = str(message.get_body(preferencelist=("html",)).get_content())  # type: ignore[union-attr]
+        for body in (text, html):
+            assert target.id in body and target.url in body
+            assert f"the endpoint answered {code}" in body
+            assert "bwhsec_" not in body, "the signing secret is never mailed"
+        assert f"billing event-endpoints enable {target.id}" in text

@@ -223,3 +223,92 @@ async def test_worker_killed_between_send_and_mark_resends_with_the_same_message
     assert len(ids) == 2 and len(set(ids)) == 1
     stored = notices_of(session_factory)[0]
     assert stored.status == "sent" and stored.message_id == ids[0]
+
+
+def lf_parts(message: EmailMessage) -> tuple[str, str]:
+    text, html = parts(message)
+    return text.replace("\r\n", "\n"), html.replace("\r\n", "\n")
+
+
+#: A French customer's amounts (CLDR fr: comma decimals, narrow no-break space groups, the
+#: symbol after a no-break space), with each currency's own decimals.
+FRENCH_AMOUNT = {
+    ("EUR", 2900): "29,00\xa0€",
+    ("JPY", 120000): "120\u202f000\xa0JPY",
+    ("KWD", 12345): "12,345\xa0KWD",
+}
+
+
+@BOTH_BACKENDS
+async def test_a_french_customers_mails_are_in_french_with_french_amounts(
+    temporal_env: WorkflowEnvironment, session_factory: sessionmaker[Session]
+) -> None:
+    """customers.locale picks the catalog: every kind in French for fr-FR, with the amount
+    formatted for France in EUR, JPY and KWD; a locale without a catalog (ja) reads English;
+    German words for de-AT."""
+    handler = RecordingHandler()
+    books = {}
+    with unit_of_work(session_factory) as session:
+        for (currency, amount), _shown in FRENCH_AMOUNT.items():
+            book = make_book(
+                session,
+                currency=currency,
+                amount_minor=amount,
+                timezone="Europe/Paris",
+                locale="fr-FR",
+                name="Zoë \U0001f600 <Dupont> & fils",
+                email="zoe@example.fr",
+            )
+            books[currency] = book
+            for kind, (payload, about_invoice) in notice_payloads(book).items():
+                enqueue(session, book, kind, payload, with_invoice=about_invoice)
+        english = make_book(session, currency="EUR", locale="ja-JP", email="ken@example.jp")
+        payload, _ = notice_payloads(english)["payment_failed"]
+        enqueue(session, english, "payment_failed", payload, with_invoice=True)
+        german = make_book(
+            session, currency="EUR", locale="de-AT", timezone="Europe/Vienna", email="k@example.at"
+        )
+        enqueue(session, german, "payment_failed", payload, with_invoice=True)
+    with smtp_server(handler) as port:
+        async with delivery_stack(temporal_env.client, delivery_activities(session_factory, port)):
+            await wait_until(
+                lambda: all(n.status != "pending" for n in notices_of(session_factory)),
+                what="every notice delivered",
+            )
+    assert len(handler.received) == 3 * 8 + 2
+    for (currency, _amount), shown in FRENCH_AMOUNT.items():
+        failed = next(
+            m.message()
+            for m in handler.received
+            if str(m.message()["X-Billing-Notice"]).startswith("payment_failed")
+            and shown in str(m.message()["Subject"])
+        )
+        text, html = lf_parts(failed)
+        assert str(failed["Subject"]) == f"Votre paiement de {shown} a échoué"
+        assert text.startswith("Bonjour Zoë \U0001f600 <Dupont> & fils,\n")
+        assert "Bonjour Zoë \U0001f600 &lt;Dupont&gt; &amp; fils," in html
+        failed_line = f"Nous n\u2019avons pas pu encaisser votre paiement de {shown} pour"
+        assert failed_line in text
+        assert f"de {shown} pour la facture" in html
+        # The next try, in French, in the customer's zone (12:00 UTC is 13:00 in Paris).
+        assert "Nous réessaierons le 4 mars 2026" in text and "13:00:00" in text
+        assert "Mettez à jour votre carte : https://shop.example/billing/card" in text
+        assert '<html lang="fr">' in html
+        for english_word in ("We could not", "Hello", "Update your card", "automatic message"):
+            assert english_word not in text + html, (currency, english_word)
+
+    def to(address: str) -> list[EmailMessage]:
+        return [m.message() for m in handler.received if m.rcpt_tos == [address]]
+
+    assert len(to("zoe@example.fr")) == 24
+    for message in to("zoe@example.fr"):
+        text, html = lf_parts(message)
+        assert text.startswith("Bonjour "), text
+        assert "Ceci est un message automatique concernant votre abonnement." in html
+    (japanese,) = to("ken@example.jp")
+    assert lf_parts(japanese)[0].startswith("Hello Ada Lovelace,\n")
+    assert "We could not take your payment of" in lf_parts(japanese)[0]
+    (austrian,) = to("k@example.at")
+    # Austrian German writes the symbol first.
+    assert str(austrian["Subject"]) == "Ihre Zahlung von €\xa029,00 ist fehlgeschlagen"
+    assert "Wir konnten Ihre Zahlung von €\xa029,00 für Rechnung" in lf_parts(austrian)[0]
