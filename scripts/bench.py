@@ -33,6 +33,7 @@ import platform
 import random
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -558,7 +559,11 @@ def start_profiler(process: Process, name: str) -> subprocess.Popen[bytes] | Non
     if not folder:
         return None
     Path(folder).mkdir(parents=True, exist_ok=True)
-    py_spy = str(Path(sys.executable).parent / "py-spy")
+    # The venv's py-spy, else one on PATH (a venv of tools beside the project's).
+    beside = Path(sys.executable).parent / "py-spy"
+    py_spy = str(beside) if beside.exists() else shutil.which("py-spy")
+    if py_spy is None:
+        raise SystemExit("BENCH_PROFILE_DIR is set but py-spy is not installed: pip install py-spy")
     args = [py_spy, "record", "--pid", str(process.popen.pid), "--format", "raw", "--rate", "50"]
     args += ["--nonblocking", "--output", str(Path(folder) / f"{name}.txt")]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
