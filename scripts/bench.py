@@ -60,6 +60,7 @@ from bench_bare import WORKFLOW_NAME as BARE_WORKFLOW  # noqa: E402
 from bench_bare import BareCycleInput  # noqa: E402
 from bench_signup import free_port, percentile  # noqa: E402
 
+from activities.provider_pacing import TURN_GIVEN_UP  # noqa: E402
 from billing.devstack import migrate_and_seed, temporal_dev_server, wait_for_port  # noqa: E402
 from billing.settings import Settings  # noqa: E402
 from billing.signup import CustomerDetails, SignupRequest, SignupService  # noqa: E402
@@ -281,7 +282,15 @@ class CpuMeter:
             name: round((runqueue_wait_seconds(pid) - self.start_wait[name]) / wall, 2)
             for name, pid in self.pids.items()
         }
-        return {"used": used, "waited_for_cpu": waited, "load_avg_1m": round(os.getloadavg()[0], 1)}
+        cpu_s = {
+            name: round(cpu_seconds(pid) - self.start[name], 2) for name, pid in self.pids.items()
+        }
+        return {
+            "used": used,
+            "waited_for_cpu": waited,
+            "cpu_s": cpu_s,
+            "load_avg_1m": round(os.getloadavg()[0], 1),
+        }
 
 
 def beyond_limit(instants: list[float], limit: int, window_s: float = 1.0) -> int:
@@ -720,6 +729,11 @@ async def billing_burst(
         + beyond_limit(arrivals, STRIPE_LIVE_LIMIT_PER_S),
         "stripe_fake_ceiling_per_s": ceiling,
         "cpu_cores": cores,
+        # Worker CPU per paid cycle (ms): the engine's own cost, less sensitive to a shared
+        # machine than its rate.
+        "worker_cpu_ms_per_cycle": round(cores["cpu_s"]["worker"] * 1000 / n, 1),
+        # Turns of the cap the payments worker woke too late for and left unused.
+        "pacer_turns_given_up": worker.log_path.read_text(errors="replace").count(TURN_GIVEN_UP),
     }
     log(f"billing burst (cap {rate:g}/s): {json.dumps(figures)}")
     return figures
@@ -854,6 +868,10 @@ async def signup_phase(stack: Stack, client: Client, sizes: Sizes) -> dict[str, 
         "signup_ratio_to_bare_start": round(signups_per_s / starts_per_s, 3),
         "signup_concurrency": c,
         "signup_cpu_cores": cores,
+        # CPU per signup (ms) of the API and of the worker charging each new subscription:
+        # what a signup costs, less sensitive to a shared machine than its latency.
+        "signup_api_cpu_ms": round(cores["cpu_s"]["api"] * 1000 / sizes.signups, 1),
+        "signup_worker_cpu_ms": round(cores["cpu_s"]["worker"] * 1000 / sizes.signups, 1),
         "_api": (api, http, worker, stripe),
     }
 
