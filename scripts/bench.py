@@ -1273,6 +1273,9 @@ async def burst_phase(stack: Stack, client: Client, sizes: Sizes) -> dict[str, A
         stripe_rate_limit_errors=capped["stripe_rate_limit_errors"],
         burst_cpu_cores=capped["cpu_cores"],
         burst_cpu_cores_uncapped=uncapped["cpu_cores"],
+        worker_cpu_ms_per_cycle=capped["worker_cpu_ms_per_cycle"],
+        worker_cpu_ms_per_cycle_uncapped=uncapped["worker_cpu_ms_per_cycle"],
+        pacer_turns_given_up=capped["pacer_turns_given_up"],
     )
     return figures
 
