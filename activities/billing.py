@@ -350,27 +350,20 @@ class BillingActivities:
         """One charge attempt of an open invoice, off-session, on the customer's default
         payment method. Declines are returned; provider outages raise and are retried.
 
-        The pending attempt is inserted under the customer's lock, which credit notes also take
-        (``credit_notes.issue_credit_note``), after reading the invoice again: a credit note
-        lands either before the attempt, which then charges the lowered amount (or finds the
-        invoice paid by the credit and charges nothing), or after it, and is refused while the
-        attempt is in flight. If the invoice changed since it was first read, the attempt is
-        prepared again from the start."""
-        for _ in range(_START_OVER_LIMIT):
-            try:
-                return self._charge_invoice(input)
-            except _InvoiceChangedMeanwhile:
-                continue
-        # Retried by Temporal (not a domain error): nothing was recorded or sent.
-        raise RuntimeError(
-            f"invoice {input.invoice_id} changed {_START_OVER_LIMIT} times while its charge "
-            "attempt was prepared; nothing was sent, try again"
-        )
-
-    def _charge_invoice(self, input: ChargeInvoiceInput) -> ChargeInvoiceResult:
+        The invoice and its attempts are read, and the pending attempt inserted, in one
+        transaction under the customer's lock, which credit notes also take
+        (``credit_notes.issue_credit_note``): a credit note lands either before the attempt,
+        which then charges the lowered amount (or finds the invoice paid by the credit and
+        charges nothing), or after it, and is refused while the attempt is in flight."""
         attempt_number = input.attempt_number
         with unit_of_work(self.session_factory) as session:
+            # The lock first, with the customer's row in the same statement: everything read
+            # after it is what the attempt is recorded from, and nothing it depends on can
+            # change before that commits.
+            customer = balances_repo.lock_customer_of_invoice(session, input.invoice_id)
             invoice = _require_invoice(session, input.invoice_id)
+            if customer is None:
+                raise NotFound(f"customer {invoice.customer_id} of invoice {invoice.id} not found")
             attempts = attempts_repo.list_attempts_for_invoice(session, invoice.id)
             succeeded = next((a for a in attempts if a.status == AttemptStatus.SUCCEEDED), None)
             if invoice.status == InvoiceStatus.PAID or succeeded is not None:
@@ -390,45 +383,33 @@ class BillingActivities:
             attempt = next((a for a in attempts if a.attempt_number == attempt_number), None)
             if attempt is not None and attempt.status != AttemptStatus.PENDING:
                 return _attempt_result(attempt)  # this attempt already finished: replay it
-            customer = customers_repo.get_customer(session, invoice.customer_id)
-            if customer is None:
-                raise NotFound(f"customer {invoice.customer_id} of invoice {invoice.id} not found")
-        key = idempotency_key_for(invoice.id, attempt_number)
-        # An attempt already recorded as pending is being re-driven: a send of it may have
-        # reached the provider with its answer lost.
-        redriven = attempt
-        if attempt is not None and attempt.payment_method_id is not None:
-            # Re-driving an attempt of unknown outcome: same key, so exactly the same request
-            # (the provider refuses a reused key with other parameters).
-            payment_method_id: str | None = attempt.payment_method_id
-        else:
-            # The card from our records, not a read of the provider's customer: the row is
-            # written by every card change we make (signup, card update) and by the provider's
-            # webhooks for changes made elsewhere (checked against the provider before they
-            # are recorded), so a paid cycle costs the one charge request.
-            payment_method_id = customer.default_payment_method_id
-        if attempt is None:
-            # One PaymentIntent per invoice: the attempt confirms the invoice's intent when it
-            # has one (an invoice charged before that model: its latest attempt's intent),
-            # else creates it. Recorded on the pending attempt, so a re-drive sends the same
-            # request under the same key, whatever was learnt in between.
-            intent_to_confirm = invoice.stripe_payment_intent_id or next(
-                (
-                    a.stripe_payment_intent_id
-                    for a in reversed(attempts)
-                    if a.stripe_payment_intent_id is not None
-                ),
-                None,
-            )
-            with unit_of_work(self.session_factory) as session:
-                # The customer's lock serializes this insert with credit notes; under it, the
-                # invoice and its attempts must be what the attempt was prepared from.
-                balances_repo.lock_customer(session, invoice.customer_id)
-                if (
-                    invoices_repo.get_invoice(session, invoice.id) != invoice
-                    or attempts_repo.list_attempts_for_invoice(session, invoice.id) != attempts
-                ):
-                    raise _InvoiceChangedMeanwhile(invoice.id)
+            key = idempotency_key_for(invoice.id, attempt_number)
+            # An attempt already recorded as pending is being re-driven: a send of it may have
+            # reached the provider with its answer lost.
+            redriven = attempt
+            if attempt is not None and attempt.payment_method_id is not None:
+                # Re-driving an attempt of unknown outcome: same key, so exactly the same
+                # request (the provider refuses a reused key with other parameters).
+                payment_method_id: str | None = attempt.payment_method_id
+            else:
+                # The card from our records, not a read of the provider's customer: the row is
+                # written by every card change we make (signup, card update) and by the
+                # provider's webhooks for changes made elsewhere (checked against the provider
+                # before they are recorded), so a paid cycle costs the one charge request.
+                payment_method_id = customer.default_payment_method_id
+            if attempt is None:
+                # One PaymentIntent per invoice: the attempt confirms the invoice's intent when
+                # it has one (an invoice charged before that model: its latest attempt's
+                # intent), else creates it. Recorded on the pending attempt, so a re-drive
+                # sends the same request under the same key, whatever was learnt in between.
+                intent_to_confirm = invoice.stripe_payment_intent_id or next(
+                    (
+                        a.stripe_payment_intent_id
+                        for a in reversed(attempts)
+                        if a.stripe_payment_intent_id is not None
+                    ),
+                    None,
+                )
                 attempt, _ = attempts_repo.insert_pending_attempt(
                     session,
                     PaymentAttemptRecord(
@@ -452,7 +433,7 @@ class BillingActivities:
                 )
                 if intent_to_confirm is not None:
                     self._record_invoice_intent(session, invoice.id, intent_to_confirm)
-            payment_method_id = attempt.payment_method_id
+                payment_method_id = attempt.payment_method_id
         # A pending attempt that names an intent confirms it; one that names none creates the
         # invoice's intent. (Pending attempts get an intent id only when they are inserted.)
         intent_to_confirm = attempt.stripe_payment_intent_id
@@ -545,8 +526,13 @@ class BillingActivities:
                 payment_method_id=payment_method_id,
                 completed_at=self.clock.now(),
             )
+            # The invoice as this transaction holds it (row-locked by the intent's write), so
+            # the settlement need not read it again.
+            current = None
             if outcome.payment_intent_id is not None:
-                self._record_invoice_intent(session, invoice.id, outcome.payment_intent_id)
+                current = self._record_invoice_intent(
+                    session, invoice.id, outcome.payment_intent_id
+                )
             if outcome.kind != ChargeOutcomeKind.PAID:
                 event_log.charge_failed(
                     session,
@@ -558,7 +544,13 @@ class BillingActivities:
             if details is not None:
                 assert outcome.payment_intent_id is not None
                 payment_id = self._settle_with_outcome(
-                    session, invoice, attempt, outcome.payment_intent_id, outcome.charge_id, details
+                    session,
+                    invoice,
+                    attempt,
+                    outcome.payment_intent_id,
+                    outcome.charge_id,
+                    details,
+                    current=current,
                 )
         return ChargeInvoiceResult(
             outcome=outcome.kind,
@@ -655,9 +647,10 @@ class BillingActivities:
 
     def _record_invoice_intent(
         self, session: Session, invoice_id: str, payment_intent_id: str
-    ) -> None:
+    ) -> InvoiceRecord | None:
         """Record the invoice's one PaymentIntent (set once), in a savepoint: a failure here
-        must never keep a charge's outcome from being recorded."""
+        must never keep a charge's outcome from being recorded. Returns the invoice as now
+        stored (locked by this write until the transaction ends), or None if that failed."""
         try:
             with session.begin_nested():
                 stored = invoices_repo.record_payment_intent(session, invoice_id, payment_intent_id)
@@ -665,7 +658,7 @@ class BillingActivities:
             log.exception(
                 "could not record payment intent %s on invoice %s", payment_intent_id, invoice_id
             )
-            return
+            return None
         if stored.stripe_payment_intent_id != payment_intent_id:
             # Only an invoice charged before one-intent-per-invoice, or a decline whose intent
             # the provider did not name, gets here: both intents are canceled when the invoice
@@ -676,6 +669,7 @@ class BillingActivities:
                 stored.stripe_payment_intent_id,
                 payment_intent_id,
             )
+        return stored
 
     def _details_after_charge(
         self, invoice: InvoiceRecord, outcome: ChargeOutcome
@@ -715,14 +709,23 @@ class BillingActivities:
         payment_intent_id: str,
         charge_id: str | None,
         details: SettlementDetails,
+        *,
+        current: InvoiceRecord | None = None,
     ) -> str | None:
         """Record the settlement in the transaction that records the charge's outcome, inside
         a savepoint: if it fails, only the settlement is rolled back and logged, and the
-        outcome still commits. Nothing here may lose a charge."""
+        outcome still commits. Nothing here may lose a charge. ``current``: see
+        ``_record_settlement``."""
         try:
             with session.begin_nested():
                 return self._record_settlement(
-                    session, invoice, attempt, payment_intent_id, charge_id, details
+                    session,
+                    invoice,
+                    attempt,
+                    payment_intent_id,
+                    charge_id,
+                    details,
+                    current=current,
                 ).id
         except Exception:
             log.warning(
@@ -781,8 +784,12 @@ class BillingActivities:
         payment_intent_id: str,
         charge_id: str | None,
         details: SettlementDetails,
+        *,
+        current: InvoiceRecord | None = None,
     ) -> PaymentRecord:
-        """Write the payment and mark the invoice paid, in the caller's transaction."""
+        """Write the payment and mark the invoice paid, in the caller's transaction.
+        ``current``: the invoice as this transaction holds it, row-locked by an earlier write
+        in it (``_record_invoice_intent``'s answer); None reads it."""
         now = self.clock.now()
         payment, _ = payments_repo.insert_payment(
             session,
@@ -802,7 +809,8 @@ class BillingActivities:
                 settled_at=now,
             ),
         )
-        current = invoices_repo.get_invoice(session, invoice.id)
+        if current is None or current.id != invoice.id:
+            current = invoices_repo.get_invoice(session, invoice.id)
         reason = None
         if current is not None and current.status in (
             InvoiceStatus.VOID,
@@ -828,9 +836,10 @@ class BillingActivities:
             at=now,
             reason=reason,
             amount_paid_minor=payment.amount_minor,
+            current=current,
         )
         # The event and the receipt go with the payment, once (their keys are the invoice's).
-        event_log.invoice_paid(session, paid, now)
+        event_log.invoice_paid(session, paid, now, payment)
         return payment
 
     @activity.defn(name=ActivityName.CONFIRM_AUTHENTICATED_PAYMENT)
@@ -1226,16 +1235,6 @@ class BillingActivities:
 
 
 # ---------------------------------------------------------------------------- helpers ------
-
-
-#: How many times a charge attempt is prepared again when the invoice changes between its
-#: first read and the insert of the pending attempt (a credit note landed in between).
-_START_OVER_LIMIT = 5
-
-
-class _InvoiceChangedMeanwhile(Exception):
-    """The invoice (or its attempts) changed between the charge's read and its insert under
-    the customer's lock: prepare the attempt again."""
 
 
 def _require_invoice(session: Session, invoice_id: str) -> InvoiceRecord:

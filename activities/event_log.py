@@ -7,14 +7,16 @@ that reads our API and one that reads our events see the same thing."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from billing.business_events import EventType, invoice_event_for, subscription_event_for
 from billing.invoices import InvoiceStatus
-from billing.records import InvoiceRecord, SubscriptionRecord
+from billing.records import InvoiceRecord, PaymentRecord, SubscriptionRecord
 from billing.subscription import SubscriptionStatus
 from db.repositories import events as events_repo
 from db.repositories import invoices as invoices_repo
@@ -31,10 +33,21 @@ def subscription_object(session: Session, subscription: SubscriptionRecord) -> d
     return SubscriptionSummaryOut.of(subscription, parked).model_dump(mode="json")
 
 
-def invoice_object(session: Session, invoice: InvoiceRecord) -> dict[str, Any]:
+class _Unread(Enum):
+    UNREAD = "unread"
+
+
+def invoice_object(
+    session: Session,
+    invoice: InvoiceRecord,
+    payment: PaymentRecord | _Unread | None = _Unread.UNREAD,
+) -> dict[str, Any]:
+    """``payment``: the invoice's payment when the caller holds it (None: it has none),
+    saving the read."""
     from billing.api.schemas import InvoiceOut
 
-    payment = payments_repo.get_payment_for_invoice(session, invoice.id)
+    if payment is _Unread.UNREAD:
+        payment = payments_repo.get_payment_for_invoice(session, invoice.id)
     # With its lines, as GET /v1/invoices/{id} shows it (written before any of its events).
     lines = invoices_repo.list_invoice_lines(session, invoice.id)
     return InvoiceOut.of(invoice, payment, lines).model_dump(mode="json")
@@ -84,33 +97,54 @@ def subscription_synced(session: Session, before: SubscriptionRecord | None, at:
     )
 
 
+@dataclass(frozen=True)
+class ShownInvoice:
+    """An invoice as this transaction holds it now, and as ``invoice_object`` shows it."""
+
+    invoice: InvoiceRecord
+    object: dict[str, Any]
+
+
 def invoice_event(
-    session: Session, invoice_id: str, event_type: EventType, at: datetime, *, key: str = ""
+    session: Session,
+    invoice_id: str,
+    event_type: EventType,
+    at: datetime,
+    *,
+    key: str = "",
+    shown: ShownInvoice | None = None,
 ) -> None:
-    """Record ``event_type`` about the invoice (once per invoice, type and ``key``)."""
-    invoice = invoices_repo.get_invoice(session, invoice_id)
-    if invoice is None:
-        return
+    """Record ``event_type`` about the invoice (once per invoice, type and ``key``).
+    ``shown``: the invoice when the caller holds it as it is now in this transaction (it just
+    wrote it), saving the reads."""
+    if shown is None:
+        invoice = invoices_repo.get_invoice(session, invoice_id)
+        if invoice is None:
+            return
+        shown = ShownInvoice(invoice, invoice_object(session, invoice))
     events_repo.record_event(
         session,
         type=event_type,
-        subscription_id=invoice.subscription_id,
-        object_id=invoice.id,
-        object=invoice_object(session, invoice),
-        dedupe_key=f"{invoice.id}:{event_type.value}{':' + key if key else ''}",
+        subscription_id=shown.invoice.subscription_id,
+        object_id=invoice_id,
+        object=shown.object,
+        dedupe_key=f"{invoice_id}:{event_type.value}{':' + key if key else ''}",
         created_at=at,
     )
 
 
 def invoice_issued(session: Session, invoice: InvoiceRecord, at: datetime) -> None:
-    """A new invoice: created and finalized in one step (the engine issues them final), and
-    paid at once when it owes nothing. One the customer's credit balance paid (or that
-    carried an amount below the provider's minimum charge to the balance) gets its receipt
-    like any paid invoice; a free one (nothing billed) does not."""
-    invoice_event(session, invoice.id, EventType.INVOICE_CREATED, at)
-    invoice_event(session, invoice.id, EventType.INVOICE_FINALIZED, at)
+    """A new invoice (``invoice``: as just inserted, with its lines, in this transaction):
+    created and finalized in one step (the engine issues them final), and paid at once when it
+    owes nothing. Its events show it once read: a new invoice has no payment. One the
+    customer's credit balance paid (or that carried an amount below the provider's minimum
+    charge to the balance) gets its receipt like any paid invoice; a free one (nothing
+    billed) does not."""
+    shown = ShownInvoice(invoice, invoice_object(session, invoice, payment=None))
+    invoice_event(session, invoice.id, EventType.INVOICE_CREATED, at, shown=shown)
+    invoice_event(session, invoice.id, EventType.INVOICE_FINALIZED, at, shown=shown)
     if invoice.status == InvoiceStatus.PAID:
-        invoice_event(session, invoice.id, EventType.INVOICE_PAID, at)
+        invoice_event(session, invoice.id, EventType.INVOICE_PAID, at, shown=shown)
         if invoice.subtotal_minor > 0:
             notifications_repo.enqueue_receipt(session, invoice, at)
 
@@ -121,9 +155,13 @@ def invoice_closed(session: Session, invoice: InvoiceRecord, at: datetime) -> No
         invoice_event(session, invoice.id, event_type, at)
 
 
-def invoice_paid(session: Session, invoice: InvoiceRecord, at: datetime) -> None:
-    """The invoice's payment was recorded: ``invoice.paid`` and the customer's receipt."""
-    invoice_event(session, invoice.id, EventType.INVOICE_PAID, at)
+def invoice_paid(
+    session: Session, invoice: InvoiceRecord, at: datetime, payment: PaymentRecord
+) -> None:
+    """The invoice's payment was recorded: ``invoice.paid`` and the customer's receipt.
+    ``invoice`` and ``payment``: as this transaction just wrote them."""
+    shown = ShownInvoice(invoice, invoice_object(session, invoice, payment=payment))
+    invoice_event(session, invoice.id, EventType.INVOICE_PAID, at, shown=shown)
     notifications_repo.enqueue_receipt(session, invoice, at)
 
 

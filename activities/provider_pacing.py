@@ -3,6 +3,7 @@ takes its provider requests' turns from one row (``db.repositories.pacing``)."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -12,6 +13,11 @@ from db.engine import unit_of_work
 from db.repositories import pacing as pacing_repo
 
 __all__ = ["DatabasePacer"]
+
+log = logging.getLogger(__name__)
+
+#: The start of the warning ``wait_turn`` logs for each turn it gives up (the bench counts them).
+TURN_GIVEN_UP = "provider turn given up"
 
 
 class DatabasePacer:
@@ -47,6 +53,15 @@ class DatabasePacer:
             due = time.monotonic() + turn.wait_s
             if turn.wait_s > 0:
                 time.sleep(turn.wait_s)
-            if time.monotonic() - due <= MAX_TURN_LATENESS_S:
+            late_s = time.monotonic() - due
+            if late_s <= MAX_TURN_LATENESS_S:
                 return turn.start_at
             self.late_turns_given_up += 1
+            # Each one costs a turn of the cap: many mean the worker is starved of CPU.
+            log.warning(
+                "%s: this worker woke %.0f ms after its turn (more than %.0f ms could put more "
+                "than the cap in one second at the provider); taking the next free one",
+                TURN_GIVEN_UP,
+                late_s * 1000,
+                MAX_TURN_LATENESS_S * 1000,
+            )

@@ -175,7 +175,7 @@ class SweepReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Claim:
     """A customer held by one signup (its lease ``token``)."""
 
@@ -183,6 +183,20 @@ class _Claim:
     token: str
     #: This signup inserted the customer's row.
     created: bool
+    #: The customer's row as read under the lease (None: read it in ``_prepare``).
+    customer: CustomerRecord | None = None
+    #: The same request, finished by another signup while this one waited for the customer.
+    replay: SignupResult | None = None
+    #: The lease was let go in the transaction that recorded the subscription.
+    released: bool = False
+
+
+@dataclass(frozen=True)
+class _Busy:
+    """Another signup holds the customer: wait for it (``_claim_customer``)."""
+
+    plan: Plan
+    customer_id: str | None
 
 
 class _CannotStart(Exception):
@@ -226,18 +240,22 @@ class SignupService:
     async def start_subscription(self, request: SignupRequest) -> SignupResult:
         request = _validate_shape(request)
         fingerprint = request_fingerprint(request)
-        looked_up = await asyncio.to_thread(self._look_up, request, fingerprint)
-        if isinstance(looked_up, SignupResult):
-            return await self._replayed(looked_up)
-        plan, customer_id = looked_up
-        claim = await self._claim_customer(request, customer_id)
+        token = secrets.token_hex(16)
+        # One thread, two transactions around the provider's one request when the customer is
+        # free (the usual case): look up and claim, then record the subscription and let go.
         # The lease is let go inside the same thread, after its work: a request canceled
         # meanwhile (the caller hung up) must not free the customer while that work runs.
-        prepared = await asyncio.to_thread(self._prepare, request, fingerprint, plan, claim)
-        if isinstance(prepared, SignupResult):
-            return await self._replayed(prepared)
-        state, record = prepared
-        return await self._start_new(state, record)
+        opened = await asyncio.to_thread(self._open, request, fingerprint, token)
+        if isinstance(opened, _Busy):
+            claim = await self._claim_customer(request, opened.customer_id, token)
+            opened = await asyncio.to_thread(
+                self._prepare, request, fingerprint, opened.plan, claim
+            )
+        if isinstance(opened, SignupResult):
+            return await self._replayed(opened)
+        state, record, created = opened
+        # A customer this signup created has no other subscription to tell of its card.
+        return await self._start_new(state, record, tell_others=not created)
 
     async def sweep_pending(self, *, older_than: timedelta = SIGNUP_SWEEP_GRACE) -> SweepReport:
         """Bring every signup still ``pending`` after ``older_than`` to an end: start its
@@ -294,43 +312,110 @@ class SignupService:
 
     # ---------------------------------------------------------------------------------------
 
-    def _look_up(
-        self, request: SignupRequest, fingerprint: str
-    ) -> SignupResult | tuple[Plan, str | None]:
-        """Reads only: the replay of an earlier request with the key, else the plan and the
-        existing customer's id. Refuses what can be refused before anything is written."""
+    def _open(
+        self, request: SignupRequest, fingerprint: str, token: str
+    ) -> SignupResult | _Busy | tuple[SubscriptionState, SubscriptionRecord, bool]:
+        """In one transaction, look up (the replay, the plan, the customer), refuse what can
+        be refused, and claim the customer (insert its row with this signup's lease, or take
+        the lease of the existing row); then, holding it, prepare the subscription
+        (``_prepare``). ``_Busy`` when another signup holds the customer."""
         with unit_of_work(self.session_factory) as session:
-            replay = _replay_of(session, request, fingerprint)
-            if replay is not None:
-                return replay
-            plan = plans_repo.get_plan(session, request.plan_code)
-            if plan is None:
-                known = ", ".join(sorted(p.code for p in plans_repo.list_plans(session)))
-                raise UnknownPlan(
-                    f"unknown plan {request.plan_code!r}; known plans: {known or '(none)'}",
-                    field="plan",
-                )
-            if not plans_repo.is_active(session, plan.code):
-                raise PlanArchived(
-                    f"plan {plan.code!r} is archived and takes no new signups; choose one of: "
-                    + (
-                        ", ".join(p.code for p in plans_repo.list_plans(session, active_only=True))
-                        or "(none)"
-                    ),
-                    field="plan",
-                )
-            plan = _sellable(plan)
-            validate_total(plan, request.quantity)
-            customer = _find_customer(session, request)
+            looked_up = self._look_up(session, request, fingerprint)
+            if isinstance(looked_up, SignupResult):
+                return looked_up
+            plan, customer = looked_up
+            claim = self._claim_in(session, request, fingerprint, token, customer)
+        if claim is None:
+            return _Busy(plan, customer.id if customer else None)
+        return self._prepare(request, fingerprint, plan, claim)
+
+    def _look_up(
+        self, session: Session, request: SignupRequest, fingerprint: str
+    ) -> SignupResult | tuple[Plan, CustomerRecord | None]:
+        """Reads only: the replay of an earlier request with the key, else the plan and the
+        existing customer. Refuses what can be refused before anything is written."""
+        replay = _replay_of(session, request, fingerprint)
+        if replay is not None:
+            return replay
+        catalog_plan = plans_repo.get_catalog_plan(session, request.plan_code)
+        if catalog_plan is None:
+            known = ", ".join(sorted(p.code for p in plans_repo.list_plans(session)))
+            raise UnknownPlan(
+                f"unknown plan {request.plan_code!r}; known plans: {known or '(none)'}",
+                field="plan",
+            )
+        if not catalog_plan.active:
+            raise PlanArchived(
+                f"plan {catalog_plan.plan.code!r} is archived and takes no new signups; choose "
+                "one of: "
+                + (
+                    ", ".join(p.code for p in plans_repo.list_plans(session, active_only=True))
+                    or "(none)"
+                ),
+                field="plan",
+            )
+        plan = _sellable(catalog_plan.plan)
+        validate_total(plan, request.quantity)
+        customer = _find_customer(session, request)
         _check_payment_method(request, customer)
         timezone = customer.timezone if customer else request.customer.timezone
         _dates(request, plan, timezone, self.clock.now())  # refuses a bad trial or anchor
-        return plan, customer.id if customer else None
+        return plan, customer
 
-    async def _claim_customer(self, request: SignupRequest, customer_id: str | None) -> _Claim:
+    def _claim_in(
+        self,
+        session: Session,
+        request: SignupRequest,
+        fingerprint: str,
+        token: str,
+        found: CustomerRecord | None,
+    ) -> _Claim | None:
+        """In the look-up's transaction: insert the customer ``found`` nothing of, with this
+        signup's lease, or take the lease of its row. None if another signup holds it (or
+        removed it meanwhile): ``_claim_customer`` then waits."""
+        now = datetime.now(UTC)
+        expires_at = now + SIGNUP_LEASE
+        customer_id = request.customer_id or (found.id if found else None)
+        if customer_id is None and request.idempotency_key:
+            # A retry of a keyed signup whose customer has no external id finds it here.
+            existing = customers_repo.get_customer(session, _new_customer_id(request))
+            customer_id = existing.id if existing else None
+        if customer_id is None:
+            stored, inserted = customers_repo.insert_customer(
+                session, self._new_customer(request, token, expires_at)
+            )
+            if inserted:
+                return _Claim(stored.id, token, created=True, customer=stored)
+            customer_id = stored.id  # a concurrent signup inserted it first
+        if not customers_repo.take_signup_lease(
+            session, customer_id, token, now=now, expires_at=expires_at
+        ):
+            return None
+        return self._held(session, request, fingerprint, customer_id, token)
+
+    def _held(
+        self,
+        session: Session,
+        request: SignupRequest,
+        fingerprint: str,
+        customer_id: str,
+        token: str,
+    ) -> _Claim:
+        """The claim of a customer whose lease this transaction just took: its row as it is
+        now, and the same request if another signup finished it before the lease was ours."""
+        return _Claim(
+            customer_id,
+            token,
+            created=False,
+            customer=customers_repo.get_customer(session, customer_id),
+            replay=_replay_of(session, request, fingerprint),
+        )
+
+    async def _claim_customer(
+        self, request: SignupRequest, customer_id: str | None, token: str
+    ) -> _Claim:
         """Find or insert the customer's row and take its signup lease, waiting up to
         ``SIGNUP_LEASE_WAIT`` for another signup of the same customer to finish."""
-        token = secrets.token_hex(16)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SIGNUP_LEASE_WAIT.total_seconds()
         while True:
@@ -354,6 +439,7 @@ class SignupService:
         # a lease is about how long a request may run.
         now = datetime.now(UTC)
         expires_at = now + SIGNUP_LEASE
+        fingerprint = request_fingerprint(request)
         with unit_of_work(self.session_factory) as session:
             if request.customer_id is not None:
                 taken = customers_repo.take_signup_lease(
@@ -363,7 +449,9 @@ class SignupService:
                     raise NotFound(
                         f"customer {request.customer_id!r} not found", field="customer_id"
                     )
-                return _Claim(request.customer_id, token, created=False) if taken else None
+                if not taken:
+                    return None
+                return self._held(session, request, fingerprint, request.customer_id, token)
             existing = _find_customer(session, request)
             if existing is None and request.idempotency_key:
                 # A retry of a keyed signup whose customer has no external id finds it here.
@@ -372,16 +460,18 @@ class SignupService:
                 record = self._new_customer(request, token, expires_at)
                 stored, inserted = customers_repo.insert_customer(session, record)
                 if inserted:
-                    return _Claim(stored.id, token, created=True)
+                    return _Claim(stored.id, token, created=True, customer=stored)
                 existing = stored  # a concurrent signup inserted it first
             taken = customers_repo.take_signup_lease(
                 session, existing.id, token, now=now, expires_at=expires_at
             )
+            if taken:
+                return self._held(session, request, fingerprint, existing.id, token)
         if taken is None:
             # Removed by the signup that held it (it failed before the provider had anything):
             # start over, which inserts it again.
             return self._try_claim(request, customer_id, token)
-        return _Claim(existing.id, token, created=False) if taken else None
+        return None
 
     def _new_customer(
         self, request: SignupRequest, token: str, expires_at: datetime
@@ -405,11 +495,18 @@ class SignupService:
 
     def _prepare(
         self, request: SignupRequest, fingerprint: str, plan: Plan, claim: _Claim
-    ) -> SignupResult | tuple[SubscriptionState, SubscriptionRecord]:
-        """Holding the customer: provider customer and card, then the pending subscription.
-        Lets the customer go at the end, whatever happened."""
+    ) -> SignupResult | tuple[SubscriptionState, SubscriptionRecord, bool]:
+        """Holding the customer: provider customer and card, then the pending subscription
+        (and whether this signup created the customer). Lets the customer go at the end,
+        whatever happened: in the transaction that records the subscription, else after."""
         try:
-            return self._prepare_holding(request, fingerprint, plan, claim)
+            if claim.replay is not None:
+                # While this signup waited for the customer, the same request finished.
+                return claim.replay
+            prepared = self._prepare_holding(request, fingerprint, plan, claim)
+            if isinstance(prepared, SignupResult):
+                return prepared
+            return (*prepared, claim.created)
         except BaseException:
             if claim.created:
                 # A row this signup inserted and that the provider knows nothing of goes
@@ -419,18 +516,14 @@ class SignupService:
                     customers_repo.delete_customer_without_subscriptions(session, claim.customer_id)
             raise
         finally:
-            with unit_of_work(self.session_factory) as session:
-                customers_repo.release_signup_lease(session, claim.customer_id, claim.token)
+            if not claim.released:
+                with unit_of_work(self.session_factory) as session:
+                    customers_repo.release_signup_lease(session, claim.customer_id, claim.token)
 
     def _prepare_holding(
         self, request: SignupRequest, fingerprint: str, plan: Plan, claim: _Claim
     ) -> SignupResult | tuple[SubscriptionState, SubscriptionRecord]:
-        with unit_of_work(self.session_factory) as session:
-            # While this signup waited for the customer, the same request may have finished.
-            replay = _replay_of(session, request, fingerprint)
-            if replay is not None:
-                return replay
-            customer = customers_repo.get_customer(session, claim.customer_id)
+        customer = claim.customer
         if customer is None:
             raise NotFound(f"customer {claim.customer_id!r} not found", field="customer_id")
         _check_payment_method(request, customer)
@@ -449,21 +542,20 @@ class SignupService:
         provider_customer_id = customer.stripe_customer_id
         payment_method_id = customer.default_payment_method_id
         attached_id: str | None = None
+        made_customer_id: str | None = None
         card: tuple[str | None, str | None] = (None, None)
         if provider_customer_id is None:
             # One request: the customer with the card attached and made its default. Its key
             # derives from our customer id and the card (a retry with the same card finds the
-            # same customer).
+            # same customer). Its id is recorded with the subscription below, in the same
+            # transaction (or on its own if that transaction fails), still under the lease.
             made = self.gateway.create_customer(
                 customer_id=customer.id,
                 email=customer.email,
                 name=customer.name,
                 payment_method_id=request.payment_method_id,
             )
-            with unit_of_work(self.session_factory) as session:
-                provider_customer_id = customers_repo.set_stripe_customer_id(
-                    session, customer.id, made.provider_customer_id, now=now
-                )
+            made_customer_id = made.provider_customer_id
             if made.payment_method is not None:
                 payment_method_id = attached_id = made.payment_method.payment_method_id
                 card = (
@@ -514,25 +606,57 @@ class SignupService:
             updated_at=now,
             quantity=request.quantity,
         )
-        with unit_of_work(self.session_factory) as session:
-            if attached_id is not None:
-                customers_repo.set_default_payment_method(
-                    session, customer.id, attached_id, card_brand=card[0], card_last4=card[1]
-                )
-            if request.customer.locale is not None and request.customer.locale != customer.locale:
-                # An existing customer takes the locale the signup states (its time zone, by
-                # contrast, stays: its billing dates already follow it). In the transaction
-                # that writes the subscription, so a refused signup changes nothing.
-                customers_repo.set_mail_preferences(
-                    session, customer.id, locale=request.customer.locale, mail_opt_out=None, now=now
-                )
-            stored, inserted = subscriptions_repo.insert_subscription(session, record)
-            if not inserted:
-                # The same key from the same sender got here first (before the lease: a
-                # subscription that moved to another customer cannot, ids derive from keys).
-                if stored.signup_request_hash != fingerprint:
-                    raise _conflict(request)
-                return _result_from_record(stored)
+        try:
+            # One transaction: the provider customer's id, the card, the pending subscription,
+            # and the lease let go (a commit later than this one could only delay the next
+            # signup of the customer).
+            with unit_of_work(self.session_factory) as session:
+                if made_customer_id is not None:
+                    customers_repo.set_stripe_customer_id(
+                        session, customer.id, made_customer_id, now=now
+                    )
+                if attached_id is not None:
+                    customers_repo.set_default_payment_method(
+                        session, customer.id, attached_id, card_brand=card[0], card_last4=card[1]
+                    )
+                if (
+                    request.customer.locale is not None
+                    and request.customer.locale != customer.locale
+                ):
+                    # An existing customer takes the locale the signup states (its time zone,
+                    # by contrast, stays: its billing dates already follow it). In the
+                    # transaction that writes the subscription, so a refused signup changes
+                    # nothing.
+                    customers_repo.set_mail_preferences(
+                        session,
+                        customer.id,
+                        locale=request.customer.locale,
+                        mail_opt_out=None,
+                        now=now,
+                    )
+                stored, inserted = subscriptions_repo.insert_subscription(session, record)
+                if not inserted:
+                    # The same key from the same sender got here first (before the lease: a
+                    # subscription that moved to another customer cannot, ids derive from
+                    # keys).
+                    if stored.signup_request_hash != fingerprint:
+                        raise _conflict(request)
+                    replayed: SignupResult | None = _result_from_record(stored)
+                else:
+                    replayed = None
+                customers_repo.release_signup_lease(session, customer.id, claim.token)
+        except BaseException:
+            if made_customer_id is not None:
+                # The provider customer exists: its id is kept whatever else failed, so the
+                # customer is never lost (a retry reuses it) and the row is not removed.
+                with unit_of_work(self.session_factory) as session:
+                    customers_repo.set_stripe_customer_id(
+                        session, customer.id, made_customer_id, now=now
+                    )
+            raise
+        claim.released = True
+        if replayed is not None:
+            return replayed
 
         state = SubscriptionState(
             subscription_id=subscription_id,
@@ -548,7 +672,7 @@ class SignupService:
         return state, record
 
     async def _start_new(
-        self, state: SubscriptionState, record: SubscriptionRecord
+        self, state: SubscriptionState, record: SubscriptionRecord, *, tell_others: bool = True
     ) -> SignupResult:
         started = True
         try:
@@ -568,7 +692,7 @@ class SignupService:
                 # Refused outright: nothing runs, so nothing may stay. The caller is told.
                 await self._clean_up(record)
                 raise
-        if started and record.signup_payment_method_id is not None:
+        if started and tell_others and record.signup_payment_method_id is not None:
             # The card it attached is now the customer's default at the provider: the
             # customer's other subscriptions use it too.
             await self._tell_other_subscriptions(state)

@@ -33,6 +33,7 @@ import platform
 import random
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,7 @@ from bench_bare import WORKFLOW_NAME as BARE_WORKFLOW  # noqa: E402
 from bench_bare import BareCycleInput  # noqa: E402
 from bench_signup import free_port, percentile  # noqa: E402
 
+from activities.provider_pacing import TURN_GIVEN_UP  # noqa: E402
 from billing.devstack import migrate_and_seed, temporal_dev_server, wait_for_port  # noqa: E402
 from billing.settings import Settings  # noqa: E402
 from billing.signup import CustomerDetails, SignupRequest, SignupService  # noqa: E402
@@ -281,7 +283,15 @@ class CpuMeter:
             name: round((runqueue_wait_seconds(pid) - self.start_wait[name]) / wall, 2)
             for name, pid in self.pids.items()
         }
-        return {"used": used, "waited_for_cpu": waited, "load_avg_1m": round(os.getloadavg()[0], 1)}
+        cpu_s = {
+            name: round(cpu_seconds(pid) - self.start[name], 2) for name, pid in self.pids.items()
+        }
+        return {
+            "used": used,
+            "waited_for_cpu": waited,
+            "cpu_s": cpu_s,
+            "load_avg_1m": round(os.getloadavg()[0], 1),
+        }
 
 
 def beyond_limit(instants: list[float], limit: int, window_s: float = 1.0) -> int:
@@ -559,7 +569,11 @@ def start_profiler(process: Process, name: str) -> subprocess.Popen[bytes] | Non
     if not folder:
         return None
     Path(folder).mkdir(parents=True, exist_ok=True)
-    py_spy = str(Path(sys.executable).parent / "py-spy")
+    # The venv's py-spy, else one on PATH (a venv of tools beside the project's).
+    beside = Path(sys.executable).parent / "py-spy"
+    py_spy = str(beside) if beside.exists() else shutil.which("py-spy")
+    if py_spy is None:
+        raise SystemExit("BENCH_PROFILE_DIR is set but py-spy is not installed: pip install py-spy")
     args = [py_spy, "record", "--pid", str(process.popen.pid), "--format", "raw", "--rate", "50"]
     args += ["--nonblocking", "--output", str(Path(folder) / f"{name}.txt")]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -716,6 +730,11 @@ async def billing_burst(
         + beyond_limit(arrivals, STRIPE_LIVE_LIMIT_PER_S),
         "stripe_fake_ceiling_per_s": ceiling,
         "cpu_cores": cores,
+        # Worker CPU per paid cycle (ms): the engine's own cost, less sensitive to a shared
+        # machine than its rate.
+        "worker_cpu_ms_per_cycle": round(cores["cpu_s"]["worker"] * 1000 / n, 1),
+        # Turns of the cap the payments worker woke too late for and left unused.
+        "pacer_turns_given_up": worker.log_path.read_text(errors="replace").count(TURN_GIVEN_UP),
     }
     log(f"billing burst (cap {rate:g}/s): {json.dumps(figures)}")
     return figures
@@ -850,6 +869,10 @@ async def signup_phase(stack: Stack, client: Client, sizes: Sizes) -> dict[str, 
         "signup_ratio_to_bare_start": round(signups_per_s / starts_per_s, 3),
         "signup_concurrency": c,
         "signup_cpu_cores": cores,
+        # CPU per signup (ms) of the API and of the worker charging each new subscription:
+        # what a signup costs, less sensitive to a shared machine than its latency.
+        "signup_api_cpu_ms": round(cores["cpu_s"]["api"] * 1000 / sizes.signups, 1),
+        "signup_worker_cpu_ms": round(cores["cpu_s"]["worker"] * 1000 / sizes.signups, 1),
         "_api": (api, http, worker, stripe),
     }
 
@@ -1255,6 +1278,9 @@ async def burst_phase(stack: Stack, client: Client, sizes: Sizes) -> dict[str, A
         stripe_rate_limit_errors=capped["stripe_rate_limit_errors"],
         burst_cpu_cores=capped["cpu_cores"],
         burst_cpu_cores_uncapped=uncapped["cpu_cores"],
+        worker_cpu_ms_per_cycle=capped["worker_cpu_ms_per_cycle"],
+        worker_cpu_ms_per_cycle_uncapped=uncapped["worker_cpu_ms_per_cycle"],
+        pacer_turns_given_up=capped["pacer_turns_given_up"],
     )
     return figures
 

@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session
 from billing.balance import BalanceEntryKind
 from billing.errors import InvalidInput, NotFound
 from billing.ids import new_id
-from billing.records import BalanceEntryRecord
-from db.models import BALANCE_ENTRIES, CUSTOMERS
+from billing.records import BalanceEntryRecord, CustomerRecord
+from db.models import BALANCE_ENTRIES, CUSTOMERS, INVOICES
 from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
 
 
@@ -32,6 +32,22 @@ def lock_customer(session: Session, customer_id: str) -> None:
     ).first()
     if locked is None:
         raise NotFound(f"customer {customer_id} not found")
+
+
+def lock_customer_of_invoice(session: Session, invoice_id: str) -> CustomerRecord | None:
+    """The invoice's customer, read under the customer's row lock (the lock ``lock_customer``
+    takes, until the transaction ends): one statement for the lock and the read. None if
+    there is no such invoice.
+
+    ``FOR NO KEY UPDATE`` is the lock ``lock_customer``'s UPDATE takes, so the two exclude
+    each other, while inserts that only refer to the customer (``FOR KEY SHARE``) go on.
+    SQLite has no row locks: its writer lock, taken when the transaction begins, covers it."""
+    owner = select(INVOICES.c.customer_id).where(INVOICES.c.id == invoice_id).scalar_subquery()
+    return fetch_one(
+        session,
+        CustomerRecord,
+        select_rows(CUSTOMERS).where(CUSTOMERS.c.id == owner).with_for_update(key_share=True),
+    )
 
 
 def credit_balance(session: Session, customer_id: str, currency: str) -> int:

@@ -139,9 +139,8 @@ def record_event(
     created_at: datetime,
 ) -> EventRecord | None:
     """Write the event and its deliveries in the caller's transaction; None when an event
-    with ``dedupe_key`` exists already (a retried activity)."""
-    if get_event_by_dedupe_key(session, dedupe_key) is not None:
-        return None
+    with ``dedupe_key`` exists already (a retried activity: the insert below finds it, so
+    the usual first write costs no look-up)."""
     # Number the subscription's events one writer at a time (PostgreSQL: the subscription's
     # row lock; SQLite: one writer anyway). The unique (subscription_id, sequence) is the
     # guard if a writer ever skips this. FOR NO KEY UPDATE, not FOR UPDATE: a row written

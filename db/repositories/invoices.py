@@ -7,7 +7,7 @@ import dataclasses
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import func, update
 from sqlalchemy.orm import Session
 
 from billing.balance import BalanceEntryKind
@@ -301,6 +301,7 @@ def transition_invoice(
     at: datetime,
     reason: str | None = None,
     amount_paid_minor: int | None = None,
+    current: InvoiceRecord | None = None,
 ) -> InvoiceRecord:
     """Move the invoice to ``to`` at ``at`` (UTC), if its lifecycle allows it from the status
     it has *in the database*; raises ChangeRefused otherwise (e.g. voiding a paid invoice)
@@ -309,6 +310,10 @@ def transition_invoice(
     Asking for the status it already has returns it unchanged, so retries are harmless.
     Stamps ``finalized_at``/``paid_at``/``voided_at``/``marked_uncollectible_at``. Paying
     sets ``amount_paid_minor`` (default: the full amount due, in minor units).
+
+    ``current``: the invoice as this transaction already holds it, row-locked by an earlier
+    write in it (``record_payment_intent``'s answer), which saves reading it again. Anything
+    else must be read here: the status is compared-and-set, but the amount due is not.
     """
     to = InvoiceStatus(to)
     if amount_paid_minor is not None and (
@@ -322,7 +327,8 @@ def transition_invoice(
     # Each lost race moves the invoice one step further along an acyclic lifecycle, so a
     # handful of rounds always settles: either our write lands or the move is refused.
     for _ in range(len(InvoiceStatus) + 1):
-        current = get_invoice(session, invoice_id)
+        if current is None or current.id != invoice_id:
+            current = get_invoice(session, invoice_id)
         if current is None:
             raise NotFound(f"invoice {invoice_id} not found")
         if current.status == to:
@@ -377,6 +383,7 @@ def transition_invoice(
                     allow_debit=True,
                 )
             return voided
+        current = None  # moved meanwhile: read it again
     raise RuntimeError(f"invoice {invoice_id} kept changing status; try again")
 
 
@@ -398,12 +405,23 @@ def record_payment_intent(
     the invoice's attempts confirm. Returns the invoice as stored: a caller whose intent is not
     the one returned has found a second PaymentIntent for the invoice and must say so.
     """
-    session.execute(
-        update(INVOICES)
-        .where(INVOICES.c.id == invoice_id, INVOICES.c.stripe_payment_intent_id.is_(None))
-        .values(stripe_payment_intent_id=payment_intent_id)
+    # One statement: set if unset (COALESCE keeps an intent already there), and the row as
+    # stored. The row stays locked by this write until the transaction ends, so the record
+    # returned is the invoice for the rest of it (``transition_invoice``'s ``current``).
+    row = (
+        session.execute(
+            update(INVOICES)
+            .where(INVOICES.c.id == invoice_id)
+            .values(
+                stripe_payment_intent_id=func.coalesce(
+                    INVOICES.c.stripe_payment_intent_id, payment_intent_id
+                )
+            )
+            .returning(*INVOICES.c)
+        )
+        .mappings()
+        .first()
     )
-    stored = get_invoice(session, invoice_id)
-    if stored is None:
+    if row is None:
         raise NotFound(f"invoice {invoice_id} not found")
-    return stored
+    return InvoiceRecord(**row)

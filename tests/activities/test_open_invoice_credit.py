@@ -70,9 +70,10 @@ def charge_with(
 
 
 class CreditNoteWhileTheChargePrepares:
-    """The activities' session factory. When the charge opens its second transaction (the one
-    that inserts the pending attempt), a credit note in another thread has just taken the
-    customer's lock: it commits 0.3 s later, while the charge waits for that lock."""
+    """The activities' session factory. When the charge opens its first transaction (the one
+    that reads the invoice and inserts the pending attempt), a credit note in another thread
+    has just taken the customer's lock: it commits 0.3 s later, while the charge waits for
+    that lock."""
 
     def __init__(self, inner: sessionmaker[Session], invoice_id: str, amount: int) -> None:
         self.inner = inner
@@ -84,7 +85,7 @@ class CreditNoteWhileTheChargePrepares:
 
     def __call__(self) -> Session:
         self.opened += 1
-        if self.opened == 2:
+        if self.opened == 1:
             locked = threading.Event()
             self.thread = threading.Thread(target=self._credit, args=(locked,))
             self.thread.start()
@@ -126,8 +127,8 @@ def test_a_credit_note_that_lands_while_the_charge_prepares_is_charged_lowered(
     assert factory.thread is not None
     factory.thread.join(10)
     assert factory.errors == []
-    # The charge read 2500, waited for the lock the credit note held, found the invoice changed
-    # and started over: it charged 1500, the amount due after the note.
+    # The charge waited for the lock the credit note held before it read the invoice: it
+    # charged 1500, the amount due after the note, never the 2500 before it.
     assert paid.outcome == ChargeOutcomeKind.PAID and paid.amount_due_minor == 1500
     [attempt] = stored_attempts(stack, invoice.invoice_id)
     assert (attempt.amount_minor, attempt.status) == (1500, AttemptStatus.SUCCEEDED)
