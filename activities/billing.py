@@ -1075,7 +1075,7 @@ class BillingActivities:
         with unit_of_work(self.session_factory) as session:
             # ``invoice.paid`` and the receipt, once per invoice (their keys), as for a paid
             # charge; the credit note that paid it wrote the receipt already.
-            event_log.invoice_paid(session, invoice, self.clock.now())
+            event_log.invoice_paid(session, invoice, self.clock.now(), payment=None)
         return CancelInvoicePaymentResult(
             paid=True,
             paid_by_credit=True,

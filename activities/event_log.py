@@ -156,10 +156,11 @@ def invoice_closed(session: Session, invoice: InvoiceRecord, at: datetime) -> No
 
 
 def invoice_paid(
-    session: Session, invoice: InvoiceRecord, at: datetime, payment: PaymentRecord
+    session: Session, invoice: InvoiceRecord, at: datetime, payment: PaymentRecord | None
 ) -> None:
-    """The invoice's payment was recorded: ``invoice.paid`` and the customer's receipt.
-    ``invoice`` and ``payment``: as this transaction just wrote them."""
+    """The invoice was paid: ``invoice.paid`` and the customer's receipt. ``invoice`` and
+    ``payment``: as this transaction just wrote them (``payment`` None: paid by credit,
+    without a charge)."""
     shown = ShownInvoice(invoice, invoice_object(session, invoice, payment=payment))
     invoice_event(session, invoice.id, EventType.INVOICE_PAID, at, shown=shown)
     notifications_repo.enqueue_receipt(session, invoice, at)
