@@ -90,27 +90,43 @@ def invoice_event(
     session: Session, invoice_id: str, event_type: EventType, at: datetime, *, key: str = ""
 ) -> None:
     """Record ``event_type`` about the invoice (once per invoice, type and ``key``)."""
+    invoice_events(session, invoice_id, [event_type], at, key=key)
+
+
+def invoice_events(
+    session: Session,
+    invoice_id: str,
+    event_types: list[EventType],
+    at: datetime,
+    *,
+    key: str = "",
+) -> None:
+    """Record each of ``event_types`` about the invoice, in order, each carrying the invoice
+    as it is now: read and shown once for all of them (they are written in one transaction,
+    so it cannot change between them)."""
     invoice = invoices_repo.get_invoice(session, invoice_id)
     if invoice is None:
         return
-    events_repo.record_event(
-        session,
-        type=event_type,
-        subscription_id=invoice.subscription_id,
-        object_id=invoice.id,
-        object=invoice_object(session, invoice),
-        dedupe_key=f"{invoice.id}:{event_type.value}{':' + key if key else ''}",
-        created_at=at,
-    )
+    shown = invoice_object(session, invoice)
+    for event_type in event_types:
+        events_repo.record_event(
+            session,
+            type=event_type,
+            subscription_id=invoice.subscription_id,
+            object_id=invoice.id,
+            object=shown,
+            dedupe_key=f"{invoice.id}:{event_type.value}{':' + key if key else ''}",
+            created_at=at,
+        )
 
 
 def invoice_issued(session: Session, invoice: InvoiceRecord, at: datetime) -> None:
     """A new invoice: created and finalized in one step (the engine issues them final), and
     paid at once when free."""
-    invoice_event(session, invoice.id, EventType.INVOICE_CREATED, at)
-    invoice_event(session, invoice.id, EventType.INVOICE_FINALIZED, at)
+    issued = [EventType.INVOICE_CREATED, EventType.INVOICE_FINALIZED]
     if invoice.status == InvoiceStatus.PAID:
-        invoice_event(session, invoice.id, EventType.INVOICE_PAID, at)
+        issued.append(EventType.INVOICE_PAID)
+    invoice_events(session, invoice.id, issued, at)
 
 
 def invoice_closed(session: Session, invoice: InvoiceRecord, at: datetime) -> None:
