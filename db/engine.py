@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import collections
+import fcntl
 import logging
+import os
+import sqlite3
+import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,11 +44,140 @@ def make_engine(url: str | URL, *, throwaway: bool = False, **engine_options: An
     # Activities run in worker threads; the pool hands one connection to one thread at a time.
     connect_args.setdefault("check_same_thread", False)
     engine = create_engine(parsed, connect_args=connect_args, **engine_options)
-    _configure_sqlite(engine, synchronous="OFF" if throwaway else "FULL")
+    _configure_sqlite(
+        engine, synchronous="OFF" if throwaway else "FULL", turn=_TransactionTurn(parsed.database)
+    )
     return engine
 
 
-def _configure_sqlite(engine: Engine, *, synchronous: str) -> None:
+class _FifoLock:
+    """A lock handed to its waiters in the order they came (``threading.Lock`` lets the thread
+    that releases it take it straight back, so a waiter could be passed over again and
+    again)."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._held = False
+        self._waiters: collections.deque[threading.Lock] = collections.deque()
+
+    def acquire(self, timeout_s: float) -> bool:
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return True
+            waiter = threading.Lock()
+            waiter.acquire()
+            self._waiters.append(waiter)
+        if waiter.acquire(timeout=timeout_s):
+            return True  # handed over by release()
+        with self._mutex:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                return True  # handed over just as the wait timed out
+            return False
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().release()  # still held: now by that waiter
+            else:
+                self._held = False
+
+
+#: How often a process waiting for another process's transaction looks again, in seconds.
+TURN_POLL_S = 0.001
+#: The key in a pooled connection's ``info`` saying it holds the turn.
+_HOLDS_TURN = "billing_holds_transaction_turn"
+
+
+class _TransactionTurn:
+    """One transaction at a time on a SQLite database, handed over promptly.
+
+    Every transaction here takes SQLite's write lock at BEGIN (IMMEDIATE, see
+    ``_configure_sqlite``), so they run one after another anyway. Left to SQLite, a waiting
+    connection sleeps in its busy handler, up to 100 ms between looks, and meanwhile other
+    threads take the lock in the gaps: with many activity threads on a loaded machine a
+    transaction was seen waiting out the whole busy timeout and failing with "database is
+    locked" (then retried by Temporal; a simulation stands still meanwhile). So each engine
+    queues its threads on a lock, and the one at the front waits for other processes on an
+    advisory lock of a file beside the database (``<database>-turn``), looking every
+    millisecond. SQLite's own locking is untouched: this only orders who asks.
+    """
+
+    def __init__(self, database: str | None) -> None:
+        self._threads = _FifoLock()
+        in_memory = not database or database == ":memory:" or database.startswith("file:")
+        self._path = None if in_memory else f"{database}-turn"
+        self._fd: int | None = None
+        self._timeout_s = SQLITE_BUSY_TIMEOUT_MS / 1000
+
+    def install(self, engine: Engine) -> None:
+        """Give the turn back when a connection returns to the pool: after its COMMIT or
+        ROLLBACK (the engine's commit event comes before the COMMIT, when the next
+        transaction would still find SQLite locked). A unit of work is one checkout."""
+
+        # A plain function: the listeners are what keeps this object alive.
+        def on_checkin(_dbapi_connection: Any, record: Any) -> None:
+            self._release(record.info)
+
+        event.listen(engine.pool, "checkin", on_checkin)
+
+    def take(self, connection: Any) -> None:
+        """Wait for the turn before ``connection`` begins (called by the begin listener, before
+        its BEGIN IMMEDIATE)."""
+        info = connection.connection.info
+        if info.get(_HOLDS_TURN):
+            return
+        if not self._acquire():
+            raise exc.OperationalError(
+                "BEGIN IMMEDIATE",
+                None,
+                sqlite3.OperationalError(
+                    f"database is locked (no turn within {self._timeout_s:g} s)"
+                ),
+            )
+        info[_HOLDS_TURN] = True
+
+    def _acquire(self) -> bool:
+        deadline = time.monotonic() + self._timeout_s
+        if not self._threads.acquire(self._timeout_s):
+            return False
+        if self._path is None:
+            return True
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+                # Closed with the engine (its listeners hold this object).
+                weakref.finalize(self, os.close, self._fd)
+            while True:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        self._threads.release()
+                        return False
+                    time.sleep(TURN_POLL_S)
+        except OSError:
+            # No file beside the database (a read-only folder): SQLite's own busy handler
+            # orders the processes, as without this class.
+            return True
+        except BaseException:
+            self._threads.release()
+            raise
+
+    def _release(self, info: dict[str, Any]) -> None:
+        if not info.pop(_HOLDS_TURN, False):
+            return
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._threads.release()
+
+
+def _configure_sqlite(engine: Engine, *, synchronous: str, turn: _TransactionTurn) -> None:
+    turn.install(engine)
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control away from the sqlite3 module: in its legacy mode it does
@@ -66,6 +202,8 @@ def _configure_sqlite(engine: Engine, *, synchronous: str) -> None:
         # reads and then writes (allocate a number, compare-and-set a status) fails at once
         # with "database is locked" when another writer got there first, and busy_timeout
         # does not help; IMMEDIATE makes concurrent workers queue for up to busy_timeout.
+        # They queue for their turn first (_TransactionTurn), so the BEGIN rarely waits.
+        turn.take(connection)
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 

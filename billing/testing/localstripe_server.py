@@ -17,7 +17,9 @@ With ``--log-arrivals`` (benchmarks) every request also logs one line when it ar
 microsecond (``ARRIVED <unix seconds> <method> <path> <status>``): localstripe's access log
 has whole seconds only, too coarse to check a cap in every sliding one-second window.
 
-Everything else is localstripe's own server, unchanged: the requests, objects and answers.
+Everything else is localstripe's own server, unchanged: the requests, objects and answers
+(``billing.testing.localstripe_index`` makes its listings of one kind read only that kind,
+with the same answers).
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     store_path, rest = parse_args([a for a in args if a != "--log-arrivals"])
     from localstripe import resources  # only in the server process
     import billing.testing.localstripe_conformance  # isort: skip  (patches first)
+    import billing.testing.localstripe_index  # isort: skip  (patches first)
     import billing.testing.localstripe_settlement  # noqa: F401  # isort: skip  (patches first)
     from localstripe.server import app, start
 

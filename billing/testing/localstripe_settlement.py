@@ -58,6 +58,8 @@ from typing import Any
 from localstripe import resources  # the server process's own localstripe
 from localstripe.errors import UserError
 
+from billing.testing.localstripe_index import objects_of
+
 __all__ = ["apply", "stripe_fee"]
 
 _Refund: Any = resources.Refund
@@ -110,10 +112,8 @@ def _balance_transaction_init(self: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def _charge_disputed(charge: Any) -> bool:
-    return any(
-        key.startswith("dispute:") and getattr(obj, "charge", None) == charge.id
-        for key, obj in resources.store.items()
-    )
+    # The store's disputes only (localstripe_index), not a scan of everything stored.
+    return any(getattr(obj, "charge", None) == charge.id for obj in objects_of("dispute"))
 
 
 _original_refund_create = _Refund._api_create
