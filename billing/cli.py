@@ -264,7 +264,6 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
         MetricsAddressInUse,
         build_dependencies,
         build_worker,
-        collect_garbage_every,
         ensure_refund_sweeper,
         ensure_signup_sweeper,
         metrics_runtime,
@@ -344,16 +343,7 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
                 runtime, deps.session_factory, every_s=settings.worker_metrics_refresh_s, stop=stop
             )
         )
-    collector = None
-    if settings.worker_gc_every_s > 0:
-        collector = asyncio.create_task(
-            collect_garbage_every(settings.worker_gc_every_s, stop=stop)
-        )
     clean = await run_workers_until(stop, [w, payments, delivery], graceful_shutdown_s=graceful_s)
-    if collector is not None:
-        collector.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await collector
     if health is not None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(health, timeout=2)

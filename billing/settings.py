@@ -152,12 +152,6 @@ class Settings(BaseSettings):
     #: an evicted one replays its current run's history when it next wakes. A subscription
     #: sleeps for most of its life, so the cache bounds worker memory, not the book's size.
     worker_max_cached_workflows: int = Field(default=1000, ge=0, le=100_000)
-    #: Seconds between two full garbage collections in ``billing worker`` (0: only
-    #: CPython's own). A workflow the cache evicts is freed only by a full collection, which
-    #: CPython runs late: without this a worker whose cache turns over carries up to a quarter
-    #: of its cache again as garbage. A collection of a full 1,000-workflow cache takes tens of
-    #: milliseconds.
-    worker_gc_every_s: float = Field(default=30.0, ge=0, le=3600)
     #: Workflow tasks a worker runs at once (None: the Temporal SDK's default, 100). A due
     #: subscription's task waits for its local activities (invoice, sync) on the
     #: ``activity_threads``; a lower bound keeps further due tasks queued in Temporal instead

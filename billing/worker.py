@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import gc
 import hashlib
 import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -217,48 +213,6 @@ async def report_needs_attention(
                 )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every_s)
-
-
-def _glibc_malloc_trim() -> Any:
-    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS), which hands the heap's free
-    pages back to the system."""
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def collect_evicted_workflows() -> tuple[int, float]:
-    """One full garbage collection, then the freed pages handed back (glibc). Returns the
-    objects collected and the seconds it took.
-
-    Why: a sandboxed workflow the sticky cache evicts is a web of reference cycles (its
-    module copies, functions and state), freed only by a full collection. CPython runs one only
-    once the surviving objects grew by a quarter since the last, so a worker whose cache is
-    full and turning over (a large book waking, or new subscriptions starting) carries up to a
-    quarter of its cache again as garbage: measured with ``scripts/bench.py --phases idle``,
-    +44-49 MiB past 1,000 cached workflows, about half of it gone with this loop."""
-    started = time.perf_counter()
-    collected = gc.collect()
-    trim = _glibc_malloc_trim()
-    if trim is not None:
-        trim(0)
-    return collected, time.perf_counter() - started
-
-
-async def collect_garbage_every(every_s: float, *, stop: asyncio.Event) -> None:
-    """Run :func:`collect_evicted_workflows` every ``every_s`` seconds until ``stop``, on the
-    event loop (the collection holds the interpreter lock wherever it runs)."""
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), every_s)
-        if stop.is_set():
-            return
-        collected, took_s = collect_evicted_workflows()
-        log.debug("garbage collection: %d objects in %.3f s", collected, took_s)
 
 
 def _count_findings(session_factory: sessionmaker[Session]) -> dict[str, int]:
