@@ -136,6 +136,7 @@ def create_app(
     dashboard.install(app)
     app.include_router(credit_notes.router)
     app.include_router(payouts.router)
+    app.include_router(payouts.admin_router)
     for router in include_routers:
         app.include_router(router)
     return app
