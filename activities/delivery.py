@@ -33,9 +33,7 @@ from activities.pinned_http import (
     POST_ERRORS,
     AddressRefused,
     Dialer,
-    Resolver,
     pinned_post,
-    system_resolve,
 )
 from activities.smtp_mailer import SmtpMailer, SmtpSendError
 from billing.business_events import SIGNATURE_HEADER, EventType, sign_payload
@@ -56,6 +54,7 @@ from billing.delivery import (
     SweepRemindersInput,
     SweepRemindersResult,
 )
+from billing.event_endpoints import Resolver, resolve_host
 from billing.ids import new_id
 from billing.mail.render import (
     EndpointDisabledContext,
@@ -150,7 +149,7 @@ class DeliveryActivities:
         self.post_timeout_s = post_timeout_s
         self.allow_insecure_endpoints = allow_insecure_endpoints
         #: The endpoint's host is resolved by this, once per attempt (tests give a fake DNS).
-        self._resolve = resolve or system_resolve
+        self._resolve = resolve or resolve_host
         #: TLS trust for endpoints (default: the system's CAs); tests give their own CA.
         self._ssl_context = ssl_context
         #: TEST ONLY: how a checked address is dialed (tests route a "public" one locally).

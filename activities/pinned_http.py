@@ -10,7 +10,6 @@ the name had been resolved by the connection itself.
 
 from __future__ import annotations
 
-import socket
 import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,20 +17,7 @@ from urllib.parse import urlsplit
 
 import httpcore
 
-from billing.business_events import address_is_public
-
-#: A host name's addresses (IPv4 or IPv6 text); raises OSError when it does not resolve.
-Resolver = Callable[[str], list[str]]
-
-
-def system_resolve(host: str) -> list[str]:
-    """``host``'s addresses from the system resolver, in its order, without repeats."""
-    found: list[str] = []
-    for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM):
-        address = str(info[4][0])
-        if address not in found:
-            found.append(address)
-    return found
+from billing.event_endpoints import Resolver, non_public_address
 
 
 class AddressRefused(ValueError):
@@ -46,13 +32,12 @@ def checked_addresses(host: str, resolve: Resolver, *, allow_private: bool) -> l
         raise AddressRefused(f"{host} does not resolve: {error}") from None
     if not addresses:
         raise AddressRefused(f"{host} resolves to no address")
-    if not allow_private:
-        for address in addresses:
-            if not address_is_public(address):
-                raise AddressRefused(
-                    f"{host} resolves to {address}, which is not public (private, loopback, "
-                    "link-local or metadata); refused"
-                )
+    refused = None if allow_private else non_public_address(addresses)
+    if refused is not None:
+        raise AddressRefused(
+            f"{host} resolves to {refused}, which is not public (private, loopback, "
+            "link-local or metadata); refused"
+        )
     return addresses
 
 

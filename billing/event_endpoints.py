@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,14 +31,22 @@ Resolver = Callable[[str], list[str]]
 
 
 def resolve_host(host: str) -> list[str]:
-    """The addresses ``host`` resolves to; InvalidInput when it does not resolve."""
-    try:
-        return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, 443)})
-    except OSError:
-        raise InvalidInput(
-            f"url's host {host!r} does not resolve; register a reachable public host",
-            field="url",
-        ) from None
+    """``host``'s addresses from the system resolver, in its order (the order a connection
+    tries them in), without repeats. OSError when it does not resolve. The one resolver of
+    endpoint hosts: registration checks them, and every delivery attempt resolves once more
+    and connects only to what it checked (``activities.pinned_http``)."""
+    found: list[str] = []
+    for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM):
+        address = str(info[4][0])
+        if address not in found:
+            found.append(address)
+    return found
+
+
+def non_public_address(addresses: Iterable[str]) -> str | None:
+    """The first of ``addresses`` a delivery may not reach (private, loopback, link-local or
+    metadata), or None when all are public."""
+    return next((a for a in addresses if not address_is_public(a)), None)
 
 
 def checked_url(url: str, *, allow_insecure: bool, resolve: Resolver = resolve_host) -> str:
@@ -47,13 +55,20 @@ def checked_url(url: str, *, allow_insecure: bool, resolve: Resolver = resolve_h
     check_endpoint_url(url, allow_insecure=allow_insecure)
     if not allow_insecure:
         host = urlsplit(url).hostname or ""
-        for address in resolve(host):
-            if not address_is_public(address):
-                raise InvalidInput(
-                    f"url's host {host!r} resolves to {address}, a private, loopback or "
-                    "link-local address; endpoints must be on the public internet",
-                    field="url",
-                )
+        try:
+            addresses = resolve(host)
+        except OSError:
+            raise InvalidInput(
+                f"url's host {host!r} does not resolve; register a reachable public host",
+                field="url",
+            ) from None
+        refused = non_public_address(addresses)
+        if refused is not None:
+            raise InvalidInput(
+                f"url's host {host!r} resolves to {refused}, a private, loopback or "
+                "link-local address; endpoints must be on the public internet",
+                field="url",
+            )
     return url
 
 
