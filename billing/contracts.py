@@ -43,6 +43,11 @@ class ActivityName:
 #: still waiting when Temporal times the attempt out would keep running beside its retry.
 PROVIDER_ACTIVITY_TIMEOUT = timedelta(seconds=60)
 
+#: Heartbeat timeout of those activities: the worker's event loop beats while they run
+#: (``activities.keepalive``), so a worker killed mid-call has its attempts retried (re-driven
+#: under their own keys) after this long instead of the whole start-to-close timeout.
+PROVIDER_HEARTBEAT_TIMEOUT = timedelta(seconds=15)
+
 
 def workflow_id_for(subscription_id: str) -> str:
     """Deterministic workflow id: one workflow per subscription, and a second start is refused."""

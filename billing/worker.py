@@ -42,6 +42,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.billing import AfterChargeHook, BillingActivities
 from activities.delivery import DeliveryActivities, MailSettings
+from activities.keepalive import KeepAlive
 from activities.ledger import LedgerActivities
 from activities.provider_pacing import DatabasePacer
 from activities.settlement import AfterRefundHook, RefundSweepActivities, SettlementActivities
@@ -367,6 +368,7 @@ def build_worker(
         max_concurrent_workflow_tasks=max_concurrent_workflow_tasks,
         # Running activities get this long to finish after shutdown starts, then are cancelled.
         graceful_shutdown_timeout=timedelta(seconds=graceful_shutdown_s),
+        interceptors=[KeepAlive()],
     )
 
 
@@ -517,6 +519,7 @@ def build_payments_worker(
         max_concurrent_activities=activity_threads,
         max_task_queue_activities_per_second=queue_rate_for(charge_rate_per_s),
         graceful_shutdown_timeout=timedelta(seconds=graceful_shutdown_s),
+        interceptors=[KeepAlive()],
     )
 
 
@@ -612,6 +615,7 @@ def build_delivery_worker(
         max_concurrent_activities=activity_threads,
         workflow_runner=workflow_runner or SandboxedWorkflowRunner(),
         graceful_shutdown_timeout=timedelta(seconds=graceful_shutdown_s),
+        interceptors=[KeepAlive()],
     )
 
 

@@ -668,6 +668,7 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
     done = False
     next_check = 0.0
     last_outstanding = -1
+    last_unfinished: list[str] = []
     actions = CustomerActions(run, base_url, keys["admin"], stripe_direct, localstripe.url)
     refunds = ChaosRefunds(run.customers, run.rng, base_url, keys["admin"], args.refund_share)
     while time.monotonic() < deadline:
@@ -685,6 +686,7 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
                 actions.act(progress["declined_open"], progress["action_open"])
                 refunds.act(engine)
                 outstanding = progress["outstanding"] + refunds.outstanding(engine)
+                last_unfinished = progress["unfinished"] + refunds.unfinished(engine)
                 if outstanding != last_outstanding:
                     last_outstanding = outstanding
                     log(f"{last_outstanding} subscription(s) or refund(s) not at their end yet")
@@ -715,6 +717,7 @@ def execute(run: Run, stack: contextlib.ExitStack) -> dict[str, Any]:
         )
     if not done:
         run.notes.append(f"expected work not done within {args.settle_timeout_s:g} s")
+        run.notes.extend(f"not at its end: {item}" for item in last_unfinished)
 
     # The audit runs with faults off, straight against localstripe and the database.
     proxy.rates = FaultRates()
@@ -1105,6 +1108,7 @@ def billing_progress(engine: Engine, run: Run) -> dict[str, Any]:
         attempts[a.invoice_id].append(a)
     notices = {n.dedupe_key for n in rows["notices"]}
     outstanding = 0
+    unfinished: list[str] = []
     declined_open: set[str] = set()
     action_open: dict[str, str] = {}
     for customer in run.customers:
@@ -1117,11 +1121,20 @@ def billing_progress(engine: Engine, run: Run) -> dict[str, Any]:
                 and subscription is not None
                 and subscription.status == SubscriptionStatus.CANCELED
             )
-            outstanding += 0 if canceled_unbilled else 1
+            if not canceled_unbilled:
+                outstanding += 1
+                unfinished.append(
+                    f"{customer.kind} {customer.subscription_id}: "
+                    + ("no subscription row" if subscription is None else "no first invoice")
+                )
             continue
         tries = attempts[invoice.id]
         if any(a.status == AttemptStatus.PENDING for a in tries):
             outstanding += 1
+            unfinished.append(
+                f"{customer.kind} {customer.subscription_id}: invoice {invoice.id} has a "
+                "pending attempt"
+            )
             continue
         failed = any(a.status == AttemptStatus.FAILED for a in tries)
         waiting = next(
@@ -1158,9 +1171,16 @@ def billing_progress(engine: Engine, run: Run) -> dict[str, Any]:
             finished = canceled and invoice.status in (InvoiceStatus.VOID, InvoiceStatus.PAID)
         else:  # pays, multi_pays, multi_recovers
             finished = invoice.status == InvoiceStatus.PAID
-        outstanding += 0 if finished else 1
+        if not finished:
+            outstanding += 1
+            unfinished.append(
+                f"{customer.kind} {customer.subscription_id}: subscription {subscription.status}, "
+                f"invoice {invoice.id} {invoice.status}, attempts "
+                f"{[str(a.status) for a in tries]}, recovered notice {recovered}"
+            )
     return {
         "outstanding": outstanding,
+        "unfinished": unfinished,
         "declined_open": declined_open,
         "action_open": action_open,
     }

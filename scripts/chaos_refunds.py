@@ -168,6 +168,22 @@ class ChaosRefunds:
             )
         return unissued + unfinished
 
+    def unfinished(self, engine: Engine) -> list[str]:
+        """What `outstanding` counts, one line each, for the run's notes when time runs out."""
+        items = [
+            f"credit note planned for {subscription_id} ({plan.way}) not issued (answers {plan.answers})"
+            for subscription_id, plan in self.planned.items()
+            if not plan.issued
+        ]
+        with engine.connect() as connection:
+            rows = connection.execute(
+                select(RefundRow.id, RefundRow.status, RefundRow.stripe_refund_id).where(
+                    RefundRow.status.not_in(FINAL)
+                )
+            ).all()
+        items += [f"refund {r.id} {r.status} (Stripe {r.stripe_refund_id})" for r in rows]
+        return items
+
     def stop(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 

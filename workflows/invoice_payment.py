@@ -21,6 +21,7 @@ from temporalio.common import RetryPolicy
 with workflow.unsafe.imports_passed_through():
     from billing.contracts import (
         PROVIDER_ACTIVITY_TIMEOUT,
+        PROVIDER_HEARTBEAT_TIMEOUT,
         ActivityName,
         InvoicePaymentWorkflowInput,
         InvoicePaymentWorkflowResult,
@@ -58,6 +59,7 @@ class InvoicePaymentWorkflow:
             result_type=RecordInvoicePaymentResult,
             task_queue=input.payments_task_queue,
             start_to_close_timeout=_RECORD_TIMEOUT,
+            heartbeat_timeout=PROVIDER_HEARTBEAT_TIMEOUT,
             retry_policy=_RECORD_RETRY,
         )
         return InvoicePaymentWorkflowResult(

@@ -11,6 +11,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
+    from billing.contracts import PROVIDER_HEARTBEAT_TIMEOUT
     from billing.settlement import (
         ImportPayoutInput,
         ImportPayoutResult,
@@ -45,6 +46,7 @@ class PayoutImportWorkflow:
             result_type=ImportPayoutResult,
             task_queue=input.payments_task_queue,
             start_to_close_timeout=_SYNC_TIMEOUT,
+            heartbeat_timeout=PROVIDER_HEARTBEAT_TIMEOUT,
             retry_policy=_RETRY,
         )
         return result
@@ -63,6 +65,7 @@ class SettlementSyncWorkflow:
             result_type=SyncLedgerResult,
             task_queue=input.payments_task_queue,
             start_to_close_timeout=_SYNC_TIMEOUT,
+            heartbeat_timeout=PROVIDER_HEARTBEAT_TIMEOUT,
             retry_policy=_RETRY,
         )
         reconciled = await workflow.execute_activity(
@@ -71,6 +74,7 @@ class SettlementSyncWorkflow:
             result_type=ReconcileChargesResult,
             task_queue=input.payments_task_queue,
             start_to_close_timeout=_SYNC_TIMEOUT,
+            heartbeat_timeout=PROVIDER_HEARTBEAT_TIMEOUT,
             retry_policy=_RETRY,
         )
         return SettlementSyncResult(

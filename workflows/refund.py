@@ -19,7 +19,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from billing.contracts import PROVIDER_ACTIVITY_TIMEOUT
+    from billing.contracts import PROVIDER_ACTIVITY_TIMEOUT, PROVIDER_HEARTBEAT_TIMEOUT
     from billing.settlement import (
         REFUND_POLL_DELAYS,
         ExecuteRefundInput,
@@ -59,6 +59,7 @@ class RefundWorkflow:
                     result_type=ExecuteRefundResult,
                     task_queue=input.payments_task_queue,
                     start_to_close_timeout=PROVIDER_ACTIVITY_TIMEOUT,
+                    heartbeat_timeout=PROVIDER_HEARTBEAT_TIMEOUT,
                     schedule_to_close_timeout=_GIVE_UP_AFTER,
                     retry_policy=_RETRY,
                 )

@@ -62,6 +62,7 @@ with workflow.unsafe.imports_passed_through():
         MAX_INVOICE_IDS_IN_STATE,
         MAX_RECENT_CHANGES,
         PROVIDER_ACTIVITY_TIMEOUT,
+        PROVIDER_HEARTBEAT_TIMEOUT,
         ActivityName,
         AttachPaymentMethodInput,
         AttachPaymentMethodResult,
@@ -213,6 +214,7 @@ async def _provider_activity(
         result_type=result_type,
         task_queue=task_queue,
         start_to_close_timeout=_PROVIDER_TIMEOUT,
+        heartbeat_timeout=PROVIDER_HEARTBEAT_TIMEOUT,
         schedule_to_close_timeout=give_up,
         retry_policy=_PROVIDER_RETRY,
     )
