@@ -95,8 +95,9 @@ def test_a_small_chaos_run_loses_and_doubles_nothing() -> None:
             # Every paying customer's first invoice gets credit notes with refunds.
             "--refund-share=1",
             # A worker killed mid-activity (the crash hook, a kill) is noticed when the
-            # activity's 60 s start-to-close timeout expires; a customer's card update then a
-            # charge can meet that twice. The run ends as soon as the expected work is done.
+            # provider activity's 15 s heartbeat timeout expires (it was the 60 s
+            # start-to-close timeout before activities.keepalive, and two crashes in a row
+            # then outlasted this in CI). The run ends as soon as the expected work is done.
             "--settle-timeout-s=170",
         ],
         capture_output=True,
