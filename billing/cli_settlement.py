@@ -164,6 +164,7 @@ def credit_notes_create(
     """Issue a credit note on INVOICE_ID (as POST /v1/invoices/{id}/credit-notes): written
     with its refund pending, then the refund's workflow is started (the refund sweep starts it
     if Temporal does not answer)."""
+    from activities import event_log
     from activities.settlement import signal_invoice_credited, start_refund_workflow
     from billing.credit_notes import CreditNoteReason, CreditNoteRequest, LineRequest
     from billing.errors import BillingError, InvalidInput
@@ -202,17 +203,22 @@ def credit_notes_create(
         from billing.clock import SystemClock
 
         with unit_of_work(_factory(settings)) as session:
+            at = SystemClock().now()
             issued = repo.issue_credit_note(
                 session,
                 invoice_id,
                 request,
-                at=SystemClock().now(),
+                at=at,
                 idempotency_key=idempotency_key,
                 key_scope="cli",
                 request_hash=hashlib.sha256(repr((invoice_id, request)).encode()).hexdigest(),
                 created_by="cli",
                 allow_open_invoices=True,
             )
+            if issued.created:
+                event_log.credit_note_issued(
+                    session, issued.credit_note, issued.lines, issued.refunds, issued.invoice, at
+                )
     except InvalidInput as invalid:
         _fail(invalid.message)
     except BillingError as error:

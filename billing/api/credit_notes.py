@@ -24,6 +24,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, StrictInt
 
+from activities import event_log
 from activities.settlement import signal_invoice_credited, start_refund_workflow
 from billing.api.auth import Caller, require_scope
 from billing.api.dependencies import get_deps, get_settings, require_json_body
@@ -121,6 +122,8 @@ class CreditNoteLineOut(BaseModel):
 
 class RefundOut(BaseModel):
     id: str
+    invoice_id: str
+    credit_note_id: str | None = Field(description="None: made elsewhere (Stripe's dashboard).")
     source: RefundSource
     refund_number: int | None
     status: RefundStatus
@@ -137,6 +140,8 @@ class RefundOut(BaseModel):
     def of(cls, refund: RefundRecord) -> RefundOut:
         return cls(
             id=refund.id,
+            invoice_id=refund.invoice_id,
+            credit_note_id=refund.credit_note_id,
             source=refund.source,
             refund_number=refund.refund_number,
             status=refund.status,
@@ -263,17 +268,24 @@ async def issue_credit_note(
 
     def write() -> credit_notes_repo.IssuedCreditNote:
         with unit_of_work(deps.session_factory) as session:
-            return credit_notes_repo.issue_credit_note(
+            at = deps.clock.now()
+            issued = credit_notes_repo.issue_credit_note(
                 session,
                 id,
                 body.request(),
-                at=deps.clock.now(),
+                at=at,
                 idempotency_key=idempotency_key,
                 key_scope=caller.key_id if caller else "",
                 request_hash=request_hash,
                 created_by=caller.key_name if caller else None,
                 allow_open_invoices=True,
             )
+            # Its events in its transaction (a replay found it issued: none again).
+            if issued.created:
+                event_log.credit_note_issued(
+                    session, issued.credit_note, issued.lines, issued.refunds, issued.invoice, at
+                )
+            return issued
 
     issued = await asyncio.to_thread(write)
     temporal = _temporal(request)

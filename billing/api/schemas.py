@@ -37,6 +37,7 @@ from billing.contracts import (
     SubscriptionView,
     UpdatePaymentMethodResult,
 )
+from billing.disputes import DisputeStatus
 from billing.dunning import FinalAction
 from billing.errors import InvalidInput
 from billing.finance import (
@@ -55,6 +56,7 @@ from billing.records import (
     AttemptStatus,
     CatalogPlan,
     CustomerRecord,
+    DisputeRecord,
     InvoiceLineRecord,
     InvoiceRecord,
     PaymentAttemptRecord,
@@ -680,6 +682,43 @@ class PaymentOut(BaseModel):
             settlement_amount_minor=p.settlement_amount_minor,
             settlement_currency=p.settlement_currency,
             settled_at=p.settled_at,
+        )
+
+
+class DisputeOut(BaseModel):
+    """A dispute (chargeback) of a payment, as Stripe last reported it: no card data, the
+    charge by its id only."""
+
+    id: str
+    stripe_dispute_id: str
+    stripe_charge_id: str
+    payment_id: str | None = Field(description="None: the charge is none of our payments.")
+    invoice_id: str | None
+    amount_minor: int
+    currency: str
+    status: DisputeStatus
+    reason: str | None
+    evidence_due_by: Instant | None
+    created_at: Instant
+    updated_at: Instant
+    closed_at: Instant | None
+
+    @classmethod
+    def of(cls, d: DisputeRecord) -> DisputeOut:
+        return cls(
+            id=d.id,
+            stripe_dispute_id=d.stripe_dispute_id,
+            stripe_charge_id=d.stripe_charge_id,
+            payment_id=d.payment_id,
+            invoice_id=d.invoice_id,
+            amount_minor=d.amount_minor,
+            currency=d.currency,
+            status=d.status,
+            reason=d.reason,
+            evidence_due_by=d.evidence_due_by,
+            created_at=d.created_at,
+            updated_at=d.updated_at,
+            closed_at=d.closed_at,
         )
 
 
