@@ -354,3 +354,52 @@ def test_twenty_concurrent_account_events_number_the_stream_without_gaps(stack: 
         list(pool.map(write, range(20)))
     account = events(stack, ACCOUNT_STREAM)
     assert [e.sequence for e in account] == list(range(1, start + 21))
+
+
+_KILLED_AT_THE_EVENT = """
+import os, signal, sys
+from db.repositories import events as events_repo
+
+def killed(*args, **kwargs):
+    print("state written, killing myself before the event", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+events_repo.record_event = killed
+from billing.cli import app
+app(["credit-notes", "create", sys.argv[1], "--refund", "100"])
+"""
+
+
+@BOTH_BACKENDS
+def test_a_process_killed_after_the_credit_note_and_before_its_event_leaves_neither(
+    stack: Stack, database_url: str, tmp_path: Any
+) -> None:
+    """``billing credit-notes create`` SIGKILLed between the credit note's rows and its event:
+    the database rolls the transaction back (PostgreSQL on the dropped connection, SQLite from
+    its journal), so no credit note, refund or event is left, and no lock: issuing it again
+    writes both once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    paid = paid_invoice(stack)
+    script = tmp_path / "killed.py"
+    script.write_text(_KILLED_AT_THE_EVENT)
+    run = subprocess.run(
+        [sys.executable, str(script), paid.invoice_id],
+        env={**os.environ, "PYTHONPATH": os.getcwd(), "BILLING_DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    assert "state written" in run.stdout
+    with unit_of_work(stack.session_factory) as session:
+        assert credit_notes_repo.list_credit_notes(session, invoice_id=paid.invoice_id) == []
+        assert credit_notes_repo.list_refunds(session, payment_id=paid.payment_id) == []
+    assert types(stack, paid.subscription_id)[-1] == "invoice.paid"
+
+    issued = issue(stack, paid.invoice_id, refund_amount_minor=100)  # done again, not killed
+    assert issued.credit_note.number.endswith("-CN-0001")  # no number was used up
+    assert types(stack, paid.subscription_id)[-2:] == ["credit_note.created", "refund.created"]
