@@ -216,7 +216,7 @@ def _invoice_stream(session: Session, invoice_id: str | None) -> str:
 
 
 def refund_object(refund: RefundRecord) -> dict[str, Any]:
-    from billing.api.credit_notes import RefundOut
+    from billing.api.schemas import RefundOut
 
     return RefundOut.of(refund).model_dump(mode="json")
 
@@ -239,7 +239,7 @@ def credit_note_issued(
     left it, all in this transaction): ``credit_note.created``, ``refund.created`` for its
     refund, and ``invoice.paid`` when it paid an open invoice (the subscription workflow's
     own ``invoice.paid`` for it later finds it written)."""
-    from billing.api.credit_notes import CreditNoteOut
+    from billing.api.schemas import CreditNoteOut
 
     stream = (
         invoice.subscription_id
@@ -332,7 +332,7 @@ def dispute_recorded(
 def payout_recorded(session: Session, payout: PayoutRecord, at: datetime) -> None:
     """The payout as this transaction just wrote it: ``payout.paid/failed/canceled`` once it
     reached that status (on the account's stream)."""
-    from billing.api.payouts import PayoutOut
+    from billing.api.schemas import PayoutOut
 
     event_type = payout_event_for(PayoutStatus(payout.status))
     if event_type is None:
@@ -358,7 +358,7 @@ def payout_reconciled(
     transaction: ``payout.reconciliation_completed``, once per payout, showing what
     ``GET /v1/payouts/{id}/reconciliation`` shows (``differences``: how many findings).
     ``reconcile`` is called only the first time (a re-import by the daily sync skips it)."""
-    from billing.api.payouts import PayoutReconciliationOut
+    from billing.api.schemas import PayoutReconciliationOut
 
     dedupe_key = f"{payout.id}:{EventType.PAYOUT_RECONCILIATION_COMPLETED.value}"
     if events_repo.get_event_by_dedupe_key(session, dedupe_key) is not None:

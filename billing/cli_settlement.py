@@ -55,11 +55,8 @@ def credit_notes_list(
 ) -> None:
     """Credit notes with their refunds' state, as GET /v1/credit-notes (CSV: the finance
     export's columns)."""
-    from billing.api.credit_notes import (
-        CREDIT_NOTE_CSV_COLUMNS,
-        CreditNoteOut,
-        credit_note_csv_row,
-    )
+    from billing.api.credit_notes import CREDIT_NOTE_CSV_COLUMNS, credit_note_csv_row
+    from billing.api.schemas import CreditNoteOut
     from db.engine import unit_of_work
     from db.repositories import credit_notes as repo
 
@@ -126,7 +123,7 @@ def credit_notes_list(
 @credit_notes_app.command("show")
 def credit_notes_show(credit_note_id: str) -> None:
     """One credit note with its lines and refunds."""
-    from billing.api.credit_notes import CreditNoteOut
+    from billing.api.schemas import CreditNoteOut
     from db.engine import unit_of_work
     from db.repositories import credit_notes as repo
 
