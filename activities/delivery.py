@@ -36,7 +36,12 @@ from activities.pinned_http import (
     pinned_post,
 )
 from activities.smtp_mailer import SmtpMailer, SmtpSendError
-from billing.business_events import SIGNATURE_HEADER, EventType, sign_payload
+from billing.business_events import (
+    SIGNATURE_HEADER,
+    EventType,
+    sign_payload,
+    stream_subscription_id,
+)
 from billing.clock import Clock
 from billing.delivery import (
     ClaimedNotifications,
@@ -525,15 +530,17 @@ class DeliveryActivities:
 
 
 def event_body(event: EventRecord) -> bytes:
-    """The JSON an endpoint receives: the event's id, type, created (Unix seconds), the
-    subscription's sequence number and the object as the API shows it."""
+    """The JSON an endpoint receives: the event's id, type, created (Unix seconds), its
+    subscription (null for an account-level event), its stream (the subscription's id, or
+    ``account``) and sequence number in it, and the object as the API shows it."""
     return json.dumps(
         {
             "id": event.id,
             "object": "event",
             "type": event.type,
             "created": int(event.created_at.timestamp()),
-            "subscription_id": event.subscription_id,
+            "subscription_id": stream_subscription_id(event.subscription_id),
+            "stream": event.subscription_id,
             "sequence": event.sequence,
             "data": {"object": event.object},
         },

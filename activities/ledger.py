@@ -14,6 +14,7 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
+from activities import event_log
 from activities.errors import domain_errors_are_final
 from billing.charge_reconciliation import (
     CANCELABLE_INTENT_STATUSES,
@@ -24,7 +25,7 @@ from billing.charge_reconciliation import (
 )
 from billing.clock import Clock
 from billing.ids import new_id
-from billing.ledger import LedgerGateway, ProviderBalanceTransaction, ProviderPayout
+from billing.ledger import LedgerGateway, PayoutStatus, ProviderBalanceTransaction, ProviderPayout
 from billing.records import ReconciliationFindingRecord
 from billing.settlement import (
     ImportPayoutInput,
@@ -76,11 +77,25 @@ class LedgerActivities:
         else:
             transactions = []
         with unit_of_work(self.session_factory) as session:
+            now = self.clock.now()
             new = self._record(session, transactions)
-            stored = ledger_repo.record_payout(session, payout, at=self.clock.now())
+            stored = ledger_repo.record_payout(session, payout, at=now)
             ledger_repo.record_payout_items(
-                session, stored, [t.transaction_id for t in transactions], at=self.clock.now()
+                session, stored, [t.transaction_id for t in transactions], at=now
             )
+            # Its events in the same transaction (each once per payout: a repeated webhook or
+            # the daily sync writes none again): the status it reached, then, for a paid
+            # automatic payout (the only kind whose transactions Stripe lists, as Stripe's own
+            # reconciliation), the reconciliation of what it paid out.
+            shown = ledger_repo.get_payout(session, stored.id) or stored  # imported now
+            event_log.payout_recorded(session, shown, now)
+            if shown.automatic and PayoutStatus(shown.status) == PayoutStatus.PAID:
+                event_log.payout_reconciled(
+                    session,
+                    shown,
+                    lambda: ledger_repo.payout_reconciliation(session, shown),
+                    now,
+                )
         return ImportPayoutResult(
             payout_id=stored.id,
             status=payout.status.value,

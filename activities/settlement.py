@@ -30,6 +30,7 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
+from activities import event_log
 from activities.errors import domain_errors_are_final
 from billing.clock import Clock
 from billing.contracts import InvoiceCreditedInput, SubscriptionMessage, workflow_id_for
@@ -137,19 +138,27 @@ class SettlementActivities:
         return _result(self._record(refund, made))
 
     def _record(self, refund: RefundRecord, reported: ProviderRefund) -> RefundRecord:
+        at = self.clock.now()
         with unit_of_work(self.session_factory) as session:
-            return credit_notes_repo.record_refund_outcome(
-                session, refund.id, _cleaned(reported), at=self.clock.now()
+            recorded = credit_notes_repo.record_refund_outcome(
+                session, refund.id, _cleaned(reported), at=at
             )
+            # The status it reached, in the same transaction (once per status: a retry, or
+            # the webhook that recorded it first, finds the event written).
+            event_log.refund_recorded(session, recorded, at)
+            return recorded
 
     def _record_refusal(self, refund: RefundRecord, reason: str) -> RefundRecord:
+        at = self.clock.now()
         with unit_of_work(self.session_factory) as session:
-            return credit_notes_repo.record_refund_refusal(
+            recorded = credit_notes_repo.record_refund_refusal(
                 session,
                 refund.id,
                 clean_provider_text(reason, FAILURE_MESSAGE) or "refused",
-                at=self.clock.now(),
+                at=at,
             )
+            event_log.refund_recorded(session, recorded, at)
+            return recorded
 
 
 def _cleaned(reported: ProviderRefund) -> ProviderRefund:

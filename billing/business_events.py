@@ -27,8 +27,11 @@ from datetime import timedelta
 from enum import StrEnum
 from urllib.parse import urlsplit
 
+from billing.credit_notes import RefundStatus
+from billing.disputes import DisputeStatus
 from billing.errors import InvalidInput
 from billing.invoices import InvoiceStatus
+from billing.ledger import PayoutStatus
 from billing.subscription import SubscriptionStatus
 from billing.text import EMAIL
 
@@ -47,9 +50,44 @@ class EventType(StrEnum):
     INVOICE_PAYMENT_ACTION_REQUIRED = "invoice.payment_action_required"
     INVOICE_VOIDED = "invoice.voided"
     INVOICE_MARKED_UNCOLLECTIBLE = "invoice.marked_uncollectible"
+    #: A credit note issued (API or CLI). Ours cannot be voided, so there is no
+    #: ``credit_note.voided``.
+    CREDIT_NOTE_CREATED = "credit_note.created"
+    #: Refunds (a credit note's, or one made elsewhere, e.g. Stripe's dashboard): created, then
+    #: one event per status reached. Stripe sends ``refund.updated`` for every move and
+    #: ``refund.failed`` too; the outcome a business acts on gets its own type here
+    #: (``succeeded``, ``failed``), every other move (``requires_action``, ``canceled``) is
+    #: ``refund.updated``. Stripe's ``charge.refunded`` has no twin: we show no charge object.
+    REFUND_CREATED = "refund.created"
+    REFUND_UPDATED = "refund.updated"
+    REFUND_SUCCEEDED = "refund.succeeded"
+    REFUND_FAILED = "refund.failed"
+    #: Disputes (chargebacks). Stripe names them ``charge.dispute.*``; ours are named after our
+    #: object (``dp_…``), like every other type here.
+    DISPUTE_CREATED = "dispute.created"
+    DISPUTE_UPDATED = "dispute.updated"
+    DISPUTE_CLOSED = "dispute.closed"
+    #: Payouts: account-level, on the ``account`` stream (``ACCOUNT_STREAM``).
+    PAYOUT_PAID = "payout.paid"
+    PAYOUT_FAILED = "payout.failed"
+    PAYOUT_CANCELED = "payout.canceled"
+    #: Our reconciliation of a paid payout's transactions finished (its findings counted).
+    PAYOUT_RECONCILIATION_COMPLETED = "payout.reconciliation_completed"
 
 
 EVENT_TYPES: tuple[str, ...] = tuple(t.value for t in EventType)
+
+#: The stream (``events.subscription_id``) of account-level events (payouts, and disputes of
+#: charges that are none of our payments): its own sequence from 1, delivered in order like a
+#: subscription's. Subscription ids are ``sub_…``, so it can never be one. The API and the
+#: delivered JSON show ``subscription_id: null`` and ``stream: "account"`` for it.
+ACCOUNT_STREAM = "account"
+
+
+def stream_subscription_id(stream: str) -> str | None:
+    """The subscription an event stream belongs to (None: the account's stream)."""
+    return None if stream == ACCOUNT_STREAM else stream
+
 
 #: Signature header and scheme, as Stripe's ``Stripe-Signature: t=…,v1=…``.
 SIGNATURE_HEADER = "Billing-Signature"
@@ -91,6 +129,40 @@ def invoice_event_for(status: InvoiceStatus) -> EventType | None:
         InvoiceStatus.PAID: EventType.INVOICE_PAID,
         InvoiceStatus.VOID: EventType.INVOICE_VOIDED,
         InvoiceStatus.UNCOLLECTIBLE: EventType.INVOICE_MARKED_UNCOLLECTIBLE,
+    }.get(status)
+
+
+def refund_event_for(status: RefundStatus) -> EventType | None:
+    """The event a refund reaching ``status`` reports (None: ``pending``, which its
+    ``refund.created`` shows)."""
+    if status == RefundStatus.PENDING:
+        return None
+    return {
+        RefundStatus.SUCCEEDED: EventType.REFUND_SUCCEEDED,
+        RefundStatus.FAILED: EventType.REFUND_FAILED,
+    }.get(status, EventType.REFUND_UPDATED)
+
+
+def dispute_event_for(
+    previous: tuple[DisputeStatus, int] | None, current: tuple[DisputeStatus, int]
+) -> EventType | None:
+    """The event a dispute's record moving from ``previous`` to ``current`` (status, amount in
+    minor units) reports, besides ``dispute.created`` for a new one: ``closed`` once it is
+    closed (won, lost, inquiry closed), ``updated`` for any other change, None for none (a
+    repeated or stale report)."""
+    if current[0].closed and (previous is None or not previous[0].closed):
+        return EventType.DISPUTE_CLOSED
+    if previous is None or previous == current or current[0].closed:
+        return None
+    return EventType.DISPUTE_UPDATED
+
+
+def payout_event_for(status: PayoutStatus) -> EventType | None:
+    """The event a payout reaching ``status`` reports (None: still on its way)."""
+    return {
+        PayoutStatus.PAID: EventType.PAYOUT_PAID,
+        PayoutStatus.FAILED: EventType.PAYOUT_FAILED,
+        PayoutStatus.CANCELED: EventType.PAYOUT_CANCELED,
     }.get(status)
 
 

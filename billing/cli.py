@@ -133,7 +133,7 @@ async def _serve_api(
     ready: asyncio.Event | None = None,
 ) -> None:
     """Serve the API until ``stop`` is set; uvicorn runs in this event loop."""
-    from billing.api.app import create_app
+    from billing.api.app import create_app, wake_dispatcher_on_commits
     from billing.api.webhooks import router as webhook_router
     from billing.worker import Dependencies
 
@@ -141,6 +141,10 @@ async def _serve_api(
     application = create_app(
         settings, deps=deps, temporal=client, clock=deps.clock, include_routers=[webhook_router]
     )
+    # The API's own commits that queue events (a redelivery, a credit note, a settlement
+    # webhook) wake the dispatcher, as the worker's do (in ``billing dev`` the worker shares
+    # this session factory, so its commits do too).
+    waker = wake_dispatcher_on_commits(application, _dispatcher_input(settings))
     config = uvicorn.Config(
         application,
         host=settings.api_host,
@@ -149,16 +153,19 @@ async def _serve_api(
         lifespan="off",
     )
     server = _EmbeddedServer(config)
-    serving = asyncio.create_task(server.serve())
-    while not server.started and not serving.done():
-        await asyncio.sleep(0.05)
-    if serving.done():
-        await serving  # raises why it could not start (e.g. the port is taken)
-    if ready is not None:
-        ready.set()
-    await stop.wait()
-    server.should_exit = True
-    await serving
+    try:
+        serving = asyncio.create_task(server.serve())
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        if serving.done():
+            await serving  # raises why it could not start (e.g. the port is taken)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        server.should_exit = True
+        await serving
+    finally:
+        waker.detach()
 
 
 @app.command()
@@ -415,13 +422,21 @@ async def _ensure_settlement_schedule(settings: Settings, client: Client) -> Non
         )
 
 
-async def _ensure_dispatcher(settings: Settings, client: Client) -> DispatcherInput:
+def _dispatcher_input(settings: Settings) -> DispatcherInput:
     from billing.delivery import DispatcherInput
+
+    return DispatcherInput(
+        task_queue=settings.delivery_queue(), interval_s=settings.delivery_poll_interval_s
+    )
+
+
+async def _ensure_dispatcher(settings: Settings, client: Client) -> DispatcherInput:
     from billing.worker import ensure_delivery_dispatcher
 
-    queue = settings.delivery_queue()
-    dispatcher = DispatcherInput(task_queue=queue, interval_s=settings.delivery_poll_interval_s)
-    await ensure_delivery_dispatcher(client, task_queue=queue, dispatcher=dispatcher)
+    dispatcher = _dispatcher_input(settings)
+    await ensure_delivery_dispatcher(
+        client, task_queue=dispatcher.task_queue, dispatcher=dispatcher
+    )
     return dispatcher
 
 

@@ -55,11 +55,8 @@ def credit_notes_list(
 ) -> None:
     """Credit notes with their refunds' state, as GET /v1/credit-notes (CSV: the finance
     export's columns)."""
-    from billing.api.credit_notes import (
-        CREDIT_NOTE_CSV_COLUMNS,
-        CreditNoteOut,
-        credit_note_csv_row,
-    )
+    from billing.api.credit_notes import CREDIT_NOTE_CSV_COLUMNS, credit_note_csv_row
+    from billing.api.schemas import CreditNoteOut
     from db.engine import unit_of_work
     from db.repositories import credit_notes as repo
 
@@ -126,7 +123,7 @@ def credit_notes_list(
 @credit_notes_app.command("show")
 def credit_notes_show(credit_note_id: str) -> None:
     """One credit note with its lines and refunds."""
-    from billing.api.credit_notes import CreditNoteOut
+    from billing.api.schemas import CreditNoteOut
     from db.engine import unit_of_work
     from db.repositories import credit_notes as repo
 
@@ -164,6 +161,7 @@ def credit_notes_create(
     """Issue a credit note on INVOICE_ID (as POST /v1/invoices/{id}/credit-notes): written
     with its refund pending, then the refund's workflow is started (the refund sweep starts it
     if Temporal does not answer)."""
+    from activities import event_log
     from activities.settlement import signal_invoice_credited, start_refund_workflow
     from billing.credit_notes import CreditNoteReason, CreditNoteRequest, LineRequest
     from billing.errors import BillingError, InvalidInput
@@ -202,17 +200,22 @@ def credit_notes_create(
         from billing.clock import SystemClock
 
         with unit_of_work(_factory(settings)) as session:
+            at = SystemClock().now()
             issued = repo.issue_credit_note(
                 session,
                 invoice_id,
                 request,
-                at=SystemClock().now(),
+                at=at,
                 idempotency_key=idempotency_key,
                 key_scope="cli",
                 request_hash=hashlib.sha256(repr((invoice_id, request)).encode()).hexdigest(),
                 created_by="cli",
                 allow_open_invoices=True,
             )
+            if issued.created:
+                event_log.credit_note_issued(
+                    session, issued.credit_note, issued.lines, issued.refunds, issued.invoice, at
+                )
     except InvalidInput as invalid:
         _fail(invalid.message)
     except BillingError as error:

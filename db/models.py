@@ -783,8 +783,10 @@ class EventEndpointRow(Base):
 
 class EventRow(Base):
     """An event for the business, written in the same transaction as the change it reports.
-    ``sequence`` counts the subscription's events from 1: receivers can order them and
-    notice a gap."""
+    ``sequence`` counts the stream's events from 1: receivers can order them and notice a
+    gap. The stream is ``subscription_id``: a subscription's id, or ``account`` (reserved;
+    ``billing.business_events.ACCOUNT_STREAM``) for account-level events such as payouts, so
+    the unique (subscription_id, sequence) and the NOT NULL hold for both."""
 
     __tablename__ = "events"
     __table_args__ = (
@@ -796,7 +798,8 @@ class EventRow(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     type: Mapped[str] = mapped_column(String(64))
-    #: Not a foreign key, like webhook_events: an audit log that must not block a deletion.
+    #: The stream: a subscription's id or ``account``. Not a foreign key, like
+    #: webhook_events: an audit log that must not block a deletion.
     subscription_id: Mapped[str] = mapped_column(String(40))
     sequence: Mapped[int] = mapped_column(Integer)
     object_id: Mapped[str] = mapped_column(String(40))

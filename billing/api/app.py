@@ -39,9 +39,10 @@ from billing.api.errors import install_error_handlers
 from billing.api.webhooks import WEBHOOK_MAX_BODY_BYTES, WEBHOOK_PATH
 from billing.clock import Clock
 from billing.dashboard import app as dashboard
+from billing.delivery import DispatcherInput
 from billing.settings import Settings
 from billing.signup import SignupService
-from billing.worker import Dependencies
+from billing.worker import Dependencies, DispatcherWaker, wake_dispatcher_on_commit
 
 API_VERSION = "1"
 DOCS_PATH = "/docs"
@@ -140,3 +141,14 @@ def create_app(
     for router in include_routers:
         app.include_router(router)
     return app
+
+
+def wake_dispatcher_on_commits(app: FastAPI, dispatcher: DispatcherInput) -> DispatcherWaker:
+    """Wake the delivery dispatcher after every commit of this app's requests that wrote an
+    event delivery or a notice (a manual redelivery, a credit note, a settlement webhook's
+    refund or dispute), as the worker's own commits do, so it leaves within a moment instead
+    of at the dispatcher's next poll (which stays the safety net). Call from the running event
+    loop that serves the app; ``.detach()`` stops it."""
+    deps: Dependencies = app.state.deps
+    temporal: Client = app.state.temporal
+    return wake_dispatcher_on_commit(deps.session_factory, temporal, dispatcher=dispatcher)

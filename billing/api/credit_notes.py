@@ -24,23 +24,29 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, StrictInt
 
+from activities import event_log
 from activities.settlement import signal_invoice_credited, start_refund_workflow
 from billing.api.auth import Caller, require_scope
 from billing.api.dependencies import get_deps, get_settings, require_json_body
 from billing.api.errors import ApiError
-from billing.api.schemas import ID_PATTERN, Instant, ReasonIn, RequestIn, error_responses
+from billing.api.schemas import (
+    ID_PATTERN,
+    CreditNoteLineOut,
+    CreditNoteOut,
+    ReasonIn,
+    RequestIn,
+    error_responses,
+)
 from billing.credit_notes import (
     MAX_CREDIT_NOTE_LINES,
     CreditNoteReason,
     CreditNoteRequest,
     LineRequest,
-    RefundReason,
-    RefundSource,
     RefundStatus,
 )
 from billing.errors import NotFound
 from billing.finance import InvoiceCursor, format_instant
-from billing.records import CreditNoteLineRecord, CreditNoteRecord, RefundRecord
+from billing.records import RefundRecord
 from billing.settings import Settings
 from billing.text import IDEMPOTENCY_KEY
 from billing.worker import Dependencies
@@ -100,98 +106,6 @@ class CreditNoteIn(RequestIn):
             credit_amount_minor=self.credit_amount_minor,
             out_of_band_amount_minor=self.out_of_band_amount_minor,
             memo=self.memo,
-        )
-
-
-class CreditNoteLineOut(BaseModel):
-    position: int
-    invoice_line_id: str | None
-    description: str
-    amount_minor: int
-
-    @classmethod
-    def of(cls, line: CreditNoteLineRecord) -> CreditNoteLineOut:
-        return cls(
-            position=line.position,
-            invoice_line_id=line.invoice_line_id,
-            description=line.description,
-            amount_minor=line.amount_minor,
-        )
-
-
-class RefundOut(BaseModel):
-    id: str
-    source: RefundSource
-    refund_number: int | None
-    status: RefundStatus
-    amount_minor: int
-    currency: str
-    reason: RefundReason | None
-    idempotency_key: str | None
-    stripe_refund_id: str | None
-    failure_reason: str | None
-    created_at: Instant
-    completed_at: Instant | None
-
-    @classmethod
-    def of(cls, refund: RefundRecord) -> RefundOut:
-        return cls(
-            id=refund.id,
-            source=refund.source,
-            refund_number=refund.refund_number,
-            status=refund.status,
-            amount_minor=refund.amount_minor,
-            currency=refund.currency,
-            reason=refund.reason,
-            idempotency_key=refund.idempotency_key,
-            stripe_refund_id=refund.stripe_refund_id,
-            failure_reason=refund.failure_reason,
-            created_at=refund.created_at,
-            completed_at=refund.completed_at,
-        )
-
-
-class CreditNoteOut(BaseModel):
-    id: str
-    number: str
-    invoice_id: str
-    customer_id: str
-    type: str = Field(description="post_payment (a paid invoice) or pre_payment (an open one).")
-    currency: str
-    reason: CreditNoteReason | None
-    memo: str | None
-    amount_minor: int
-    refund_amount_minor: int
-    credit_amount_minor: int
-    out_of_band_amount_minor: int
-    amount_due_reduction_minor: int
-    created_at: Instant
-    created_by: str | None
-    lines: list[CreditNoteLineOut]
-    refunds: list[RefundOut]
-
-    @classmethod
-    def of(
-        cls, note: CreditNoteRecord, lines: list[CreditNoteLineRecord], refunds: list[RefundRecord]
-    ) -> CreditNoteOut:
-        return cls(
-            id=note.id,
-            number=note.number,
-            invoice_id=note.invoice_id,
-            customer_id=note.customer_id,
-            type=note.type,
-            currency=note.currency,
-            reason=note.reason,
-            memo=note.memo,
-            amount_minor=note.amount_minor,
-            refund_amount_minor=note.refund_amount_minor,
-            credit_amount_minor=note.credit_amount_minor,
-            out_of_band_amount_minor=note.out_of_band_amount_minor,
-            amount_due_reduction_minor=note.amount_due_reduction_minor,
-            created_at=note.created_at,
-            created_by=note.created_by,
-            lines=[CreditNoteLineOut.of(line) for line in lines],
-            refunds=[RefundOut.of(refund) for refund in refunds],
         )
 
 
@@ -263,17 +177,24 @@ async def issue_credit_note(
 
     def write() -> credit_notes_repo.IssuedCreditNote:
         with unit_of_work(deps.session_factory) as session:
-            return credit_notes_repo.issue_credit_note(
+            at = deps.clock.now()
+            issued = credit_notes_repo.issue_credit_note(
                 session,
                 id,
                 body.request(),
-                at=deps.clock.now(),
+                at=at,
                 idempotency_key=idempotency_key,
                 key_scope=caller.key_id if caller else "",
                 request_hash=request_hash,
                 created_by=caller.key_name if caller else None,
                 allow_open_invoices=True,
             )
+            # Its events in its transaction (a replay found it issued: none again).
+            if issued.created:
+                event_log.credit_note_issued(
+                    session, issued.credit_note, issued.lines, issued.refunds, issued.invoice, at
+                )
+            return issued
 
     issued = await asyncio.to_thread(write)
     temporal = _temporal(request)

@@ -32,6 +32,7 @@ from billing.business_events import (
     EVENT_TYPES,
     check_contact_email,
     check_event_types,
+    stream_subscription_id,
 )
 from billing.clock import Clock
 from billing.errors import ChangeRefused, InvalidInput, NotFound
@@ -135,8 +136,14 @@ class EventOut(BaseModel):
     id: str
     type: str
     created: Instant
-    subscription_id: str
-    sequence: int = Field(description="The subscription's events count from 1, in order.")
+    subscription_id: str | None = Field(
+        description="The subscription it is about; null for an account-level event (payouts)."
+    )
+    stream: str = Field(
+        description="What ``sequence`` counts: the subscription's id, or 'account' for the "
+        "account-level events (payouts, disputes of charges that are none of our payments)."
+    )
+    sequence: int = Field(description="The stream's events count from 1, in order.")
     data: dict[str, Any] = Field(description="{'object': the object as the API shows it}")
 
     @classmethod
@@ -145,7 +152,8 @@ class EventOut(BaseModel):
             id=e.id,
             type=e.type,
             created=e.created_at,
-            subscription_id=e.subscription_id,
+            subscription_id=stream_subscription_id(e.subscription_id),
+            stream=e.subscription_id,
             sequence=e.sequence,
             data={"object": e.object},
         )
@@ -389,9 +397,21 @@ async def list_events(
     subscription_id: Annotated[
         str | None, Query(min_length=1, max_length=40, pattern=ID_PATTERN)
     ] = None,
+    stream: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=40,
+            pattern=ID_PATTERN,
+            description="A subscription's id, or 'account' for the account-level events.",
+        ),
+    ] = None,
 ) -> EventListOut:
     """Events oldest first (by created, then id); pass ``next_cursor`` as ``cursor`` for the
     next page. A poller keeps its last cursor and asks again later."""
+    if stream is not None and subscription_id is not None and stream != subscription_id:
+        raise InvalidInput("give subscription_id or stream, not two different ones", field="stream")
+    subscription_id = subscription_id or stream
     after = InvoiceCursor.decode(cursor) if cursor is not None else None
 
     def read() -> EventListOut:

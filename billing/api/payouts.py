@@ -22,7 +22,10 @@ from billing.api.dependencies import get_deps, require_json_body
 from billing.api.errors import ApiError
 from billing.api.schemas import (
     ID_PATTERN,
+    FindingOut,
     Instant,
+    PayoutOut,
+    PayoutReconciliationOut,
     RequestIn,
     ResolutionNoteIn,
     error_responses,
@@ -31,7 +34,7 @@ from billing.charge_reconciliation import FindingStatus
 from billing.errors import NotFound
 from billing.finance import format_instant, parse_instant
 from billing.ledger import Finding, PayoutReconciliation, PeriodReconciliation
-from billing.records import PayoutRecord, ReconciliationFindingRecord
+from billing.records import ReconciliationFindingRecord
 from billing.text import RESOLVED_BY
 from billing.worker import Dependencies
 from db.engine import unit_of_work
@@ -66,82 +69,8 @@ PayoutId = Annotated[
 ]
 
 
-class PayoutOut(BaseModel):
-    id: str
-    stripe_payout_id: str
-    amount_minor: int
-    currency: str
-    status: str
-    automatic: bool
-    arrival_date: Instant | None
-    created_at: Instant | None
-    imported_at: Instant | None
-
-    @classmethod
-    def of(cls, p: PayoutRecord) -> PayoutOut:
-        return cls(
-            id=p.id,
-            stripe_payout_id=p.stripe_payout_id,
-            amount_minor=p.amount_minor,
-            currency=p.currency,
-            status=p.status,
-            automatic=p.automatic,
-            arrival_date=p.arrival_date,
-            created_at=p.provider_created_at,
-            imported_at=p.imported_at,
-        )
-
-
 class PayoutListOut(BaseModel):
     data: list[PayoutOut]
-
-
-class FindingOut(BaseModel):
-    kind: str
-    severity: str
-    detail: str
-    balance_transaction_id: str | None
-    source_id: str | None
-    ours: str | None
-
-    @classmethod
-    def of(cls, f: Finding) -> FindingOut:
-        return cls(
-            kind=f.kind.value,
-            severity=f.severity.value,
-            detail=f.detail,
-            balance_transaction_id=f.transaction_id,
-            source_id=f.source_id,
-            ours=f.ours,
-        )
-
-
-class PayoutReconciliationOut(BaseModel):
-    stripe_payout_id: str
-    currency: str
-    amount_minor: int
-    gross_minor: int
-    fee_minor: int
-    net_minor: int
-    transactions_by_type: dict[str, int]
-    matched: int
-    differences: int
-    findings: list[FindingOut]
-
-    @classmethod
-    def of(cls, r: PayoutReconciliation) -> PayoutReconciliationOut:
-        return cls(
-            stripe_payout_id=r.payout_id,
-            currency=r.currency,
-            amount_minor=r.amount_minor,
-            gross_minor=r.gross_minor,
-            fee_minor=r.fee_minor,
-            net_minor=r.net_minor,
-            transactions_by_type=r.counts_by_type,
-            matched=len(r.matched),
-            differences=len(r.findings),
-            findings=[FindingOut.of(f) for f in r.findings],
-        )
 
 
 class PeriodReconciliationOut(BaseModel):

@@ -37,6 +37,8 @@ from billing.contracts import (
     SubscriptionView,
     UpdatePaymentMethodResult,
 )
+from billing.credit_notes import CreditNoteReason, RefundReason, RefundSource, RefundStatus
+from billing.disputes import DisputeStatus
 from billing.dunning import FinalAction
 from billing.errors import InvalidInput
 from billing.finance import (
@@ -47,6 +49,7 @@ from billing.finance import (
     format_instant,
 )
 from billing.invoices import InvoiceStatus
+from billing.ledger import Finding, PayoutReconciliation
 from billing.locales import check_locale
 from billing.money import MAX_AMOUNT_MINOR
 from billing.plans import MAX_QUANTITY, MAX_TRIAL_DAYS
@@ -54,11 +57,16 @@ from billing.proration import ProrationLine
 from billing.records import (
     AttemptStatus,
     CatalogPlan,
+    CreditNoteLineRecord,
+    CreditNoteRecord,
     CustomerRecord,
+    DisputeRecord,
     InvoiceLineRecord,
     InvoiceRecord,
     PaymentAttemptRecord,
     PaymentRecord,
+    PayoutRecord,
+    RefundRecord,
     StatusChangeRecord,
     SubscriptionRecord,
 )
@@ -683,6 +691,43 @@ class PaymentOut(BaseModel):
         )
 
 
+class DisputeOut(BaseModel):
+    """A dispute (chargeback) of a payment, as Stripe last reported it: no card data, the
+    charge by its id only."""
+
+    id: str
+    stripe_dispute_id: str
+    stripe_charge_id: str
+    payment_id: str | None = Field(description="None: the charge is none of our payments.")
+    invoice_id: str | None
+    amount_minor: int
+    currency: str
+    status: DisputeStatus
+    reason: str | None
+    evidence_due_by: Instant | None
+    created_at: Instant
+    updated_at: Instant
+    closed_at: Instant | None
+
+    @classmethod
+    def of(cls, d: DisputeRecord) -> DisputeOut:
+        return cls(
+            id=d.id,
+            stripe_dispute_id=d.stripe_dispute_id,
+            stripe_charge_id=d.stripe_charge_id,
+            payment_id=d.payment_id,
+            invoice_id=d.invoice_id,
+            amount_minor=d.amount_minor,
+            currency=d.currency,
+            status=d.status,
+            reason=d.reason,
+            evidence_due_by=d.evidence_due_by,
+            created_at=d.created_at,
+            updated_at=d.updated_at,
+            closed_at=d.closed_at,
+        )
+
+
 class AttemptOut(BaseModel):
     id: str
     attempt_number: int
@@ -1093,3 +1138,176 @@ class PendingChangeCancelOut(BaseModel):
     change_id: str
     plan: str
     quantity: int
+
+
+# ---- credit notes, refunds and payouts (their routers, and the events that show them) --------
+
+
+class CreditNoteLineOut(BaseModel):
+    position: int
+    invoice_line_id: str | None
+    description: str
+    amount_minor: int
+
+    @classmethod
+    def of(cls, line: CreditNoteLineRecord) -> CreditNoteLineOut:
+        return cls(
+            position=line.position,
+            invoice_line_id=line.invoice_line_id,
+            description=line.description,
+            amount_minor=line.amount_minor,
+        )
+
+
+class RefundOut(BaseModel):
+    id: str
+    invoice_id: str
+    credit_note_id: str | None = Field(description="None: made elsewhere (Stripe's dashboard).")
+    source: RefundSource
+    refund_number: int | None
+    status: RefundStatus
+    amount_minor: int
+    currency: str
+    reason: RefundReason | None
+    idempotency_key: str | None
+    stripe_refund_id: str | None
+    failure_reason: str | None
+    created_at: Instant
+    completed_at: Instant | None
+
+    @classmethod
+    def of(cls, refund: RefundRecord) -> RefundOut:
+        return cls(
+            id=refund.id,
+            invoice_id=refund.invoice_id,
+            credit_note_id=refund.credit_note_id,
+            source=refund.source,
+            refund_number=refund.refund_number,
+            status=refund.status,
+            amount_minor=refund.amount_minor,
+            currency=refund.currency,
+            reason=refund.reason,
+            idempotency_key=refund.idempotency_key,
+            stripe_refund_id=refund.stripe_refund_id,
+            failure_reason=refund.failure_reason,
+            created_at=refund.created_at,
+            completed_at=refund.completed_at,
+        )
+
+
+class CreditNoteOut(BaseModel):
+    id: str
+    number: str
+    invoice_id: str
+    customer_id: str
+    type: str = Field(description="post_payment (a paid invoice) or pre_payment (an open one).")
+    currency: str
+    reason: CreditNoteReason | None
+    memo: str | None
+    amount_minor: int
+    refund_amount_minor: int
+    credit_amount_minor: int
+    out_of_band_amount_minor: int
+    amount_due_reduction_minor: int
+    created_at: Instant
+    created_by: str | None
+    lines: list[CreditNoteLineOut]
+    refunds: list[RefundOut]
+
+    @classmethod
+    def of(
+        cls, note: CreditNoteRecord, lines: list[CreditNoteLineRecord], refunds: list[RefundRecord]
+    ) -> CreditNoteOut:
+        return cls(
+            id=note.id,
+            number=note.number,
+            invoice_id=note.invoice_id,
+            customer_id=note.customer_id,
+            type=note.type,
+            currency=note.currency,
+            reason=note.reason,
+            memo=note.memo,
+            amount_minor=note.amount_minor,
+            refund_amount_minor=note.refund_amount_minor,
+            credit_amount_minor=note.credit_amount_minor,
+            out_of_band_amount_minor=note.out_of_band_amount_minor,
+            amount_due_reduction_minor=note.amount_due_reduction_minor,
+            created_at=note.created_at,
+            created_by=note.created_by,
+            lines=[CreditNoteLineOut.of(line) for line in lines],
+            refunds=[RefundOut.of(refund) for refund in refunds],
+        )
+
+
+class PayoutOut(BaseModel):
+    id: str
+    stripe_payout_id: str
+    amount_minor: int
+    currency: str
+    status: str
+    automatic: bool
+    arrival_date: Instant | None
+    created_at: Instant | None
+    imported_at: Instant | None
+
+    @classmethod
+    def of(cls, p: PayoutRecord) -> PayoutOut:
+        return cls(
+            id=p.id,
+            stripe_payout_id=p.stripe_payout_id,
+            amount_minor=p.amount_minor,
+            currency=p.currency,
+            status=p.status,
+            automatic=p.automatic,
+            arrival_date=p.arrival_date,
+            created_at=p.provider_created_at,
+            imported_at=p.imported_at,
+        )
+
+
+class FindingOut(BaseModel):
+    kind: str
+    severity: str
+    detail: str
+    balance_transaction_id: str | None
+    source_id: str | None
+    ours: str | None
+
+    @classmethod
+    def of(cls, f: Finding) -> FindingOut:
+        return cls(
+            kind=f.kind.value,
+            severity=f.severity.value,
+            detail=f.detail,
+            balance_transaction_id=f.transaction_id,
+            source_id=f.source_id,
+            ours=f.ours,
+        )
+
+
+class PayoutReconciliationOut(BaseModel):
+    stripe_payout_id: str
+    currency: str
+    amount_minor: int
+    gross_minor: int
+    fee_minor: int
+    net_minor: int
+    transactions_by_type: dict[str, int]
+    matched: int
+    differences: int
+    findings: list[FindingOut]
+
+    @classmethod
+    def of(cls, r: PayoutReconciliation) -> PayoutReconciliationOut:
+        return cls(
+            stripe_payout_id=r.payout_id,
+            currency=r.currency,
+            amount_minor=r.amount_minor,
+            gross_minor=r.gross_minor,
+            fee_minor=r.fee_minor,
+            net_minor=r.net_minor,
+            transactions_by_type=r.counts_by_type,
+            matched=len(r.matched),
+            differences=len(r.findings),
+            findings=[FindingOut.of(f) for f in r.findings],
+        )

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from activities import event_log
 from billing.disputes import ProviderDispute
 from billing.ledger import ProviderBalanceTransaction
 from billing.records import PaymentRecord, WebhookOutcome
@@ -226,6 +227,9 @@ def _record_refunds(
             record, inserted = credit_notes_repo.record_provider_refund(
                 session, payment, refund, at=now
             )
+            # Its events in the same transaction, keyed by the state it reached: a repeated
+            # or stale delivery reaches none and writes nothing.
+            event_log.refund_recorded(session, record, now, created=inserted)
             parts.append(
                 f"{refund.refund_id} {record.status.value}"
                 + (" (made elsewhere, new)" if inserted else "")
@@ -250,7 +254,9 @@ def _record_dispute(
     transactions = _transactions(reader, list(dispute.balance_transaction_ids))
     with unit_of_work(session_factory) as session:
         payment, subscription_id = _payment_and_subscription(session, dispute.charge_id)
-        record, inserted = disputes_repo.record_dispute(session, payment, dispute, at=now)
+        before, record = disputes_repo.record_dispute_change(session, payment, dispute, at=now)
+        inserted = before is None
+        event_log.dispute_recorded(session, before, record, now)
         for txn in transactions:
             ledger_repo.record_transaction(session, txn, at=now)
     whose = "" if payment is not None else f" (charge {dispute.charge_id} is not a payment of ours)"

@@ -48,6 +48,15 @@ def record_dispute(
 ) -> tuple[DisputeRecord, bool]:
     """Record the dispute as the provider holds it: inserted once (its provider id is unique),
     then updated; a closed dispute never reopens (``dispute_status_after``)."""
+    before, after = record_dispute_change(session, payment, reported, at=at)
+    return after, before is None
+
+
+def record_dispute_change(
+    session: Session, payment: PaymentRecord | None, reported: ProviderDispute, *, at: datetime
+) -> tuple[DisputeRecord | None, DisputeRecord]:
+    """``record_dispute``, answering ``(as it was, as it is now)``: as it was None when this
+    call inserted it."""
     record = DisputeRecord(
         id=new_id("dp"),
         stripe_dispute_id=reported.dispute_id,
@@ -67,7 +76,7 @@ def record_dispute(
         session, DISPUTES, record, lambda: get_dispute_by_provider_id(session, reported.dispute_id)
     )
     if inserted:
-        return stored, True
+        return None, stored
     status = dispute_status_after(stored.status, reported.status)
     row = (
         session.execute(
@@ -85,4 +94,4 @@ def record_dispute(
         .mappings()
         .one()
     )
-    return DisputeRecord(**row), False
+    return stored, DisputeRecord(**row)

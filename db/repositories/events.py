@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, tuple_, update
+from sqlalchemy import and_, func, or_, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from billing.business_events import endpoint_wants
+from billing.business_events import ACCOUNT_STREAM, endpoint_wants
 from billing.errors import ChangeRefused
 from billing.ids import new_id
 from billing.records import (
@@ -128,6 +128,36 @@ def get_event_by_dedupe_key(session: Session, dedupe_key: str) -> EventRecord | 
     )
 
 
+#: PostgreSQL advisory lock key that numbers the account stream's events one writer at a time
+#: (a constant: the first 8 bytes of sha256(b"billing.events.account"), as a signed bigint).
+_ACCOUNT_STREAM_LOCK = int.from_bytes(
+    hashlib.sha256(b"billing.events.account").digest()[:8], "big", signed=True
+)
+
+
+def _lock_stream(session: Session, stream: str) -> None:
+    """Number the stream's events one writer at a time, until the transaction ends (SQLite:
+    one writer anyway, every transaction BEGINs IMMEDIATE). The unique (subscription_id,
+    sequence) is the guard if a writer ever skips this."""
+    if stream == ACCOUNT_STREAM:
+        # No row to lock: a transaction-scoped advisory lock, released at commit/rollback.
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ACCOUNT_STREAM_LOCK}
+            )
+        return
+    # A subscription's stream: PostgreSQL takes the subscription's row lock. FOR NO KEY
+    # UPDATE, not FOR UPDATE: a row written earlier in the same transaction that references
+    # the subscription (a notice, an invoice) holds FOR KEY SHARE on it, which FOR UPDATE
+    # conflicts with, so two such writers deadlocked (found by 20 parallel commits of a
+    # notice then an event).
+    session.execute(
+        select(SUBSCRIPTIONS.c.id)
+        .where(SUBSCRIPTIONS.c.id == stream)
+        .with_for_update(key_share=True)
+    )
+
+
 def record_event(
     session: Session,
     *,
@@ -140,18 +170,9 @@ def record_event(
 ) -> EventRecord | None:
     """Write the event and its deliveries in the caller's transaction; None when an event
     with ``dedupe_key`` exists already (a retried activity: the insert below finds it, so
-    the usual first write costs no look-up)."""
-    # Number the subscription's events one writer at a time (PostgreSQL: the subscription's
-    # row lock; SQLite: one writer anyway). The unique (subscription_id, sequence) is the
-    # guard if a writer ever skips this. FOR NO KEY UPDATE, not FOR UPDATE: a row written
-    # earlier in the same transaction that references the subscription (a notice, an
-    # invoice) holds FOR KEY SHARE on it, which FOR UPDATE conflicts with, so two such
-    # writers deadlocked (found by 20 parallel commits of a notice then an event).
-    session.execute(
-        select(SUBSCRIPTIONS.c.id)
-        .where(SUBSCRIPTIONS.c.id == subscription_id)
-        .with_for_update(key_share=True)
-    )
+    the usual first write costs no look-up). ``subscription_id`` is the event's stream: the
+    subscription's id, or ``ACCOUNT_STREAM`` for an account-level event (a payout)."""
+    _lock_stream(session, subscription_id)
     last = session.execute(
         select(func.max(EVENTS.c.sequence)).where(EVENTS.c.subscription_id == subscription_id)
     ).scalar_one_or_none()

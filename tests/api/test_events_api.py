@@ -255,6 +255,58 @@ async def test_the_document_lists_the_event_types_an_endpoint_accepts(
         assert created.status_code == 201, created.text
 
 
+SETTLEMENT_TYPES = [
+    "credit_note.created",
+    "refund.created",
+    "refund.updated",
+    "refund.succeeded",
+    "refund.failed",
+    "dispute.created",
+    "dispute.updated",
+    "dispute.closed",
+    "payout.paid",
+    "payout.failed",
+    "payout.canceled",
+    "payout.reconciliation_completed",
+]
+
+
+async def test_endpoints_take_the_settlement_event_types_and_refuse_unknown_ones_clearly(
+    api: Api, app: FastAPI
+) -> None:
+    created = await register(api, "https://hooks.example.com/settlement", SETTLEMENT_TYPES)
+    assert created.status_code == 201, created.text
+    assert created.json()["enabled_events"] == SETTLEMENT_TYPES
+    patched = await api.request(
+        "PATCH",
+        f"/v1/event-endpoints/{created.json()['id']}",
+        scope="admin",
+        json={"enabled_events": ["payout.paid", "dispute.closed"]},
+    )
+    assert patched.status_code == 200, patched.text
+    schemas = app.openapi()["components"]["schemas"]
+    field = schemas["EndpointIn"]["properties"]["enabled_events"]
+    assert set(SETTLEMENT_TYPES) <= set(field["items"]["enum"])
+    # Stripe's names for what we call dispute.* and refund.*: refused, naming ours.
+    for unknown in ("charge.dispute.created", "charge.refunded", "payout.created"):
+        refused = await register(api, "https://hooks.example.com/stripe-names", [unknown])
+        assert refused.status_code == 422, refused.text
+        message = refused.json()["error"]["message"]
+        assert f"unknown event type {unknown!r}" in message
+        assert "dispute.created" in message and "payout.reconciliation_completed" in message
+        again = await api.request(
+            "PATCH",
+            f"/v1/event-endpoints/{created.json()['id']}",
+            scope="admin",
+            json={"enabled_events": [unknown]},
+        )
+        assert again.status_code == 422 and unknown in again.json()["error"]["message"]
+    listed = await api.request(
+        "GET", "/v1/events", scope="finance", params={"type": "charge.dispute.created"}
+    )
+    assert listed.status_code == 422
+
+
 @BOTH_BACKENDS
 async def test_contact_email_and_descriptions_are_checked_at_the_edge(api: Api) -> None:
     """The address told when an endpoint is disabled: one bare address, no NUL, bounded;

@@ -73,6 +73,19 @@ async def test_a_payout_webhook_imports_it_in_its_workflow_and_finance_reads_it_
             "/v1/reconciliation", headers=finance, params={"expected_delay_days": 0, **until}
         )
         assert period.json()["differences"] == 0
+        # The business heard of it on the account's stream: paid, then reconciled, once
+        # (payout.created and payout.paid both started the import).
+        account = await client.get("/v1/events", headers=finance, params={"stream": "account"})
+        shown = [
+            (e["type"], e["subscription_id"], e["stream"], e["data"]["object"]["stripe_payout_id"])
+            for e in account.json()["data"]
+        ]
+        assert shown == [
+            ("payout.paid", None, "account", payout["id"]),
+            ("payout.reconciliation_completed", None, "account", payout["id"]),
+        ]
+        assert [e["sequence"] for e in account.json()["data"]] == [1, 2]
+        assert account.json()["data"][1]["data"]["object"]["differences"] == 0
         for path, params in (
             ("/v1/reconciliation", {"since": "yesterday"}),
             ("/v1/reconciliation", {"colour": "red"}),

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.testing import WorkflowEnvironment
 
-from billing.business_events import SignatureError, verify_signature
+from billing.business_events import ACCOUNT_STREAM, SignatureError, verify_signature
 from billing.ids import new_id
 from billing.records import EventEndpointRecord
 from billing.testing.event_receiver import EventReceiver, event_receiver
@@ -233,3 +233,63 @@ async def test_an_endpoint_failing_for_three_days_is_disabled_and_the_business_t
             assert f"the endpoint answered {code}" in body
             assert "bwhsec_" not in body, "the signing secret is never mailed"
         assert f"billing event-endpoints enable {target.id}" in text
+
+
+@BOTH_BACKENDS
+async def test_account_level_events_are_their_own_stream_delivered_in_order(
+    temporal_env: WorkflowEnvironment, session_factory: sessionmaker[Session]
+) -> None:
+    """Payouts are the account's, not a subscription's: their stream (``account``) is numbered
+    and delivered in order like a subscription's, beside it, through an outage."""
+    with event_receiver(status=503) as receiver:
+        with unit_of_work(session_factory) as session:
+            add_endpoint(session, receiver.url, secret="bwhsec_account")
+            book = make_book(session)
+            sub = book.subscription.id
+            written = [
+                (sub, "invoice.paid"),
+                (ACCOUNT_STREAM, "payout.paid"),
+                (sub, "credit_note.created"),
+                (ACCOUNT_STREAM, "payout.reconciliation_completed"),
+                (sub, "refund.created"),
+                (sub, "refund.succeeded"),
+                (ACCOUNT_STREAM, "payout.failed"),
+            ]
+            for n, (stream, event_type) in enumerate(written):
+                events_repo.record_event(
+                    session,
+                    type=event_type,
+                    subscription_id=stream,
+                    object_id=f"obj_{n}",
+                    object={"n": n},
+                    dedupe_key=f"{stream}:{event_type}:{n}:{sub}",
+                    created_at=T0 + timedelta(seconds=n),
+                )
+        activities = delivery_activities(session_factory, None)
+        async with delivery_stack(temporal_env.client, activities, interval_s=3600):
+            await wait_until(lambda: len(receiver.requests) >= 2, what="first tries")
+            await temporal_env.sleep(timedelta(hours=1))  # retried with backoff meanwhile
+            assert len(receiver.requests) >= 2 * 5, len(receiver.requests)
+            # Each stream's head only, retried: never a later event before it.
+            heads = {(e["stream"], e["sequence"]) for e in receiver.all_events()}
+            assert heads == {(sub, 1), (ACCOUNT_STREAM, 1)}, heads
+            receiver.status = 200
+            await temporal_env.sleep(timedelta(hours=3))
+            await wait_until(lambda: len(receiver.accepted()) == 7, what="every event")
+    accepted = receiver.accepted()
+    assert len({e["id"] for e in accepted}) == 7
+    account = [e for e in accepted if e["stream"] == ACCOUNT_STREAM]
+    assert [(e["type"], e["sequence"], e["subscription_id"]) for e in account] == [
+        ("payout.paid", 1, None),
+        ("payout.reconciliation_completed", 2, None),
+        ("payout.failed", 3, None),
+    ]
+    ours = [e for e in accepted if e["stream"] == sub]
+    assert [(e["type"], e["sequence"], e["subscription_id"]) for e in ours] == [
+        ("invoice.paid", 1, sub),
+        ("credit_note.created", 2, sub),
+        ("refund.created", 3, sub),
+        ("refund.succeeded", 4, sub),
+    ]
+    for request in receiver.requests:
+        verify_signature(request.body, request.headers["Billing-Signature"], "bwhsec_account")
