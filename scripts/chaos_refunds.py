@@ -171,7 +171,8 @@ class ChaosRefunds:
     def unfinished(self, engine: Engine) -> list[str]:
         """What `outstanding` counts, one line each, for the run's notes when time runs out."""
         items = [
-            f"credit note planned for {subscription_id} ({plan.way}) not issued (answers {plan.answers})"
+            f"credit note planned for {subscription_id} ({plan.way}) not issued "
+            f"(answers {plan.answers})"
             for subscription_id, plan in self.planned.items()
             if not plan.issued
         ]
