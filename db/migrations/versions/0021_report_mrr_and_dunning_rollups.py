@@ -339,6 +339,8 @@ def _sqlite_trigger_names() -> list[str]:
 
 
 def _backfill(dialect: str) -> list[str]:
+    """The rollups of the rows already there (SQLite's triggers on report_dunning_invoices
+    sum its rows into report_dunning_monthly as they are inserted)."""
     price = ", ".join(PRICE)
     key = ", ".join(DUNNING_KEY)
     paying = _paying("") if dialect == "postgresql" else _sqlite_paying("")
@@ -355,9 +357,6 @@ def _backfill(dialect: str) -> list[str]:
         f"INSERT INTO report_dunning_invoices (invoice_id, {key}, amount_due_minor) "
         f"SELECT invoice_id, {key}, amount_due_minor FROM ({_fresh_dunning(dialect, '1 = 1')}) "
         "AS fresh",
-        f"INSERT INTO report_dunning_monthly ({key}, slot, invoices, amount_due_minor) "
-        f"SELECT {key}, 0, count(*), sum(amount_due_minor) FROM report_dunning_invoices "
-        f"GROUP BY {key}",
     ]
 
 
@@ -442,6 +441,13 @@ def upgrade() -> None:
             op.execute(statement)
     for statement in _backfill(dialect):
         op.execute(statement)
+    if dialect == "postgresql":
+        key = ", ".join(DUNNING_KEY)
+        op.execute(
+            f"INSERT INTO report_dunning_monthly ({key}, slot, invoices, amount_due_minor) "
+            f"SELECT {key}, 0, count(*), sum(amount_due_minor) FROM report_dunning_invoices "
+            f"GROUP BY {key}"
+        )
 
 
 def downgrade() -> None:
