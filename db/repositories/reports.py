@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    String,
     and_,
     case,
     exists,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     select,
     text,
     true,
+    type_coerce,
     union,
     union_all,
 )
@@ -329,9 +331,11 @@ def mrr_inputs(
         for (_, amount, interval, count, qty) in counted_now
         if monthly_recurring_minor(amount, IntervalUnit(interval), count, qty) == 0
     ]
-    # The customer owns a steady subscription with MRR above 0 (a few index lookups per row).
+    # The customer owns a steady subscription with MRR above 0: a scalar subquery with LIMIT
+    # 1, so it runs per moved row from ix_subscriptions_customer_id (an EXISTS here may be
+    # hashed instead, i.e. the steady set of the whole book computed).
     owns_steady = (
-        exists()
+        select(literal(1))
         .where(
             sibling.c.customer_id == SUBSCRIPTIONS.c.customer_id,
             sibling.c.currency == SUBSCRIPTIONS.c.currency,
@@ -342,6 +346,9 @@ def mrr_inputs(
                 changes.c.subscription_id == sibling.c.id, changes.c.changed_at >= start
             ),
         )
+        .limit(1)
+        .scalar_subquery()
+        .isnot(None)
         .label("owns_steady")
     )
     moved = session.execute(
@@ -350,39 +357,43 @@ def mrr_inputs(
             SUBSCRIPTIONS.c.customer_id,
             SUBSCRIPTIONS.c.currency,
             SUBSCRIPTIONS.c.amount_minor,
-            SUBSCRIPTIONS.c.interval,
+            type_coerce(SUBSCRIPTIONS.c.interval, String).label("interval"),
             SUBSCRIPTIONS.c.interval_count,
             SUBSCRIPTIONS.c.created_at,
-            SUBSCRIPTIONS.c.status,
+            type_coerce(SUBSCRIPTIONS.c.status, String).label("status"),
             quantity_value.label("quantity"),
             owns_steady,
         ).where(*moved_where)
     ).all()
-    listed_ids = [row.id for row in moved if row.created_at < until]
+    # The listed ones' changes before ``until``, joined in the database (plain text statuses:
+    # thousands of rows).
+    listed = (
+        select(SUBSCRIPTIONS.c.id)
+        .where(*moved_where, SUBSCRIPTIONS.c.created_at < until)
+        .subquery("listed")
+    )
     history: dict[str, list[tuple[datetime, SubscriptionStatus, SubscriptionStatus]]] = defaultdict(
         list
     )
-    for chunk in _chunks(listed_ids, 5000):
-        for sub_id, from_status, to_status, changed_at in session.execute(
-            select(
-                changes.c.subscription_id,
-                changes.c.from_status,
-                changes.c.to_status,
-                changes.c.changed_at,
-            )
-            .where(changes.c.subscription_id.in_(chunk), changes.c.changed_at < until)
-            .order_by(changes.c.subscription_id, changes.c.changed_at, changes.c.id)
-        ):
-            history[sub_id].append(
-                (changed_at, SubscriptionStatus(from_status), SubscriptionStatus(to_status))
-            )
+    for sub_id, from_status, to_status, changed_at in session.execute(
+        select(
+            changes.c.subscription_id,
+            type_coerce(changes.c.from_status, String),
+            type_coerce(changes.c.to_status, String),
+            changes.c.changed_at,
+        )
+        .join(listed, listed.c.id == changes.c.subscription_id)
+        .where(changes.c.changed_at < until)
+        .order_by(changes.c.subscription_id, changes.c.changed_at, changes.c.id)
+    ):
+        history[sub_id].append((changed_at, _STATUS[from_status], _STATUS[to_status]))
     histories = []
     owners: set[tuple[str, str]] = set()
     not_steady_customers: set[tuple[str, str]] = set()
     for row in moved:
         monthly = monthly_recurring_minor(
             int(row.amount_minor),
-            IntervalUnit(row.interval),
+            _INTERVAL[row.interval],
             int(row.interval_count),
             int(row.quantity),
         )
@@ -411,7 +422,7 @@ def mrr_inputs(
                 # Before its first change a subscription had that change's from-status; with
                 # no change recorded, it has had its current status since it was created.
                 created_at=row.created_at,
-                initial_status=own[0][1] if own else SubscriptionStatus(row.status),
+                initial_status=own[0][1] if own else _STATUS[row.status],
                 changes=tuple((at, to) for at, _, to in own),
             )
         )
@@ -434,8 +445,8 @@ def mrr_inputs(
     )
 
 
-def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+_STATUS = {status.value: status for status in SubscriptionStatus}
+_INTERVAL = {unit.value: unit for unit in IntervalUnit}
 
 
 def _unpaid_at(as_of: datetime) -> ColumnElement[bool]:
