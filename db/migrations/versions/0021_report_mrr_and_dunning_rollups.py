@@ -152,8 +152,12 @@ $body$
     invoices = f"""
 CREATE FUNCTION report_dunning_invoices_changed() RETURNS trigger LANGUAGE plpgsql AS $body$
 BEGIN
+    -- Only invoices whose first attempt failed have a row to move (ix_payment_attempts_
+    -- first_failed); an attempt that fails later refreshes its invoice itself.
     PERFORM report_dunning_refresh(ARRAY(
-        SELECT n.id FROM new_rows n JOIN old_rows o ON o.id = n.id WHERE {changed}));
+        SELECT n.id FROM new_rows n JOIN old_rows o ON o.id = n.id WHERE ({changed})
+        AND EXISTS (SELECT 1 FROM payment_attempts a WHERE a.invoice_id = n.id
+            AND a.attempt_number = 1 AND a.outcome <> 'paid')));
     RETURN NULL;
 END
 $body$
@@ -287,7 +291,9 @@ def _sqlite_triggers() -> list[str]:
         )
     statements.append(
         f"CREATE TRIGGER report_dunning_invoices_update AFTER UPDATE OF "
-        f"{', '.join(INVOICE_WATCHED)} ON invoices FOR EACH ROW BEGIN {refresh('NEW.id')}END"
+        f"{', '.join(INVOICE_WATCHED)} ON invoices FOR EACH ROW WHEN EXISTS (SELECT 1 FROM "
+        "payment_attempts a WHERE a.invoice_id = NEW.id AND a.attempt_number = 1 AND "
+        f"a.outcome <> 'paid') BEGIN {refresh('NEW.id')}END"
     )
     # MRR: a counted row adds 1 to its price; a paying counted row 1 to its customer's count,
     # and the currency's customers move when that count crosses 0.
