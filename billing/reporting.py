@@ -63,16 +63,29 @@ def _add(month: Month, count: int) -> Month:
     return Month(max(1, index // 12), index % 12 + 1)
 
 
-def mrr(session_factory: sessionmaker[Session], months: MonthRange) -> list[MrrMonth]:
+def mrr(
+    session_factory: sessionmaker[Session], months: MonthRange, *, from_rows: bool = False
+) -> list[MrrMonth]:
+    """MRR and its movements, from the counts the database keeps (``report_mrr_prices`` and
+    the customers', migration 0021) and the subscriptions that moved in the months;
+    ``from_rows`` computes the steady part from every subscription instead (for checking)."""
     with unit_of_work(session_factory) as session:
         reports_repo.tune_for_reports(session)
-        inputs = reports_repo.mrr_inputs(
-            session,
-            start=months.first.start,
-            until=months.last.next().start,
-            counted=sorted(status.value for status in MRR_STATUSES),
-            currency=months.currency,
-        )
+        if from_rows:
+            inputs = reports_repo.mrr_inputs_from_rows(
+                session,
+                start=months.first.start,
+                until=months.last.next().start,
+                counted=sorted(status.value for status in MRR_STATUSES),
+                currency=months.currency,
+            )
+        else:
+            inputs = reports_repo.mrr_inputs(
+                session,
+                start=months.first.start,
+                until=months.last.next().start,
+                currency=months.currency,
+            )
     return mrr_report(
         inputs.histories,
         months.months,
@@ -98,16 +111,25 @@ def aging(
     return instant, ar_aging(receivables)
 
 
-def dunning(session_factory: sessionmaker[Session], months: MonthRange) -> DunningReport:
-    """Invoices issued in the months, by how their dunning went."""
+def dunning(
+    session_factory: sessionmaker[Session], months: MonthRange, *, from_rows: bool = False
+) -> DunningReport:
+    """Invoices issued in the months, by how their dunning went: from the monthly sums the
+    database keeps (``report_dunning_monthly``, migration 0021); ``from_rows`` joins the
+    invoices with their attempts instead (for checking)."""
     with unit_of_work(session_factory) as session:
         reports_repo.tune_for_reports(session)
-        failed = reports_repo.failed_invoices(
-            session,
-            issued_from=months.first.start,
-            issued_to=months.last.next().start,
-            currency=months.currency,
-        )
+        if from_rows:
+            failed = reports_repo.failed_invoices_from_rows(
+                session,
+                issued_from=months.first.start,
+                issued_to=months.last.next().start,
+                currency=months.currency,
+            )
+        else:
+            failed = reports_repo.failed_invoices(
+                session, months.first, months.last, currency=months.currency
+            )
     return dunning_recovery(failed)
 
 

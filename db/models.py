@@ -129,6 +129,8 @@ class SubscriptionRow(Base):
         UniqueConstraint("signup_key_scope", "signup_idempotency_key"),
         # The sweeper looks for signups whose workflow never started.
         Index("ix_subscriptions_status_created_at", "status", "created_at"),
+        # MRR: the subscriptions created since a report's first month (migration 0021).
+        Index("ix_subscriptions_created_at", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -683,6 +685,8 @@ class SubscriptionStatusChangeRow(Base):
             "subscription_id",
             "changed_at",
         ),
+        # MRR: the subscriptions changed since a report's first month (migration 0021).
+        Index("ix_subscription_status_changes_changed_at", "changed_at", "subscription_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -935,3 +939,97 @@ class ReportMonthlyTotalsRow(Base):
 
 
 REPORT_MONTHLY_TOTALS = _table(ReportMonthlyTotalsRow)
+
+
+class ReportMrrPriceRow(Base):
+    """The subscriptions that count toward MRR now (billing.reports.MRR_STATUSES), per
+    currency and price, kept by triggers on ``subscriptions`` (migration 0021). The MRR report
+    takes from these the subscriptions created or changed since its first month, and has the
+    steady rest without scanning the book (tests/db/test_report_rollups.py)."""
+
+    __tablename__ = "report_mrr_prices"
+
+    currency: Mapped[str] = mapped_column(String(3), primary_key=True)
+    amount_minor: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    interval: Mapped[str] = mapped_column(String(8), primary_key=True)
+    interval_count: Mapped[int] = mapped_column(Integer, primary_key=True)
+    quantity: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: As ``report_monthly_totals.slot``: PostgreSQL spreads writers over 16 rows.
+    slot: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default="0")
+    subscriptions: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+
+class ReportMrrCustomerRow(Base):
+    """Per currency and customer: how many of their subscriptions count toward MRR now with a
+    monthly amount above 0 (migration 0021). Rows at 0 stay."""
+
+    __tablename__ = "report_mrr_customers"
+
+    currency: Mapped[str] = mapped_column(String(3), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    subscriptions: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+
+class ReportMrrCurrencyCustomersRow(Base):
+    """Per currency: the customers whose ``report_mrr_customers`` count is above 0, summed
+    over the slots (migration 0021)."""
+
+    __tablename__ = "report_mrr_currency_customers"
+
+    currency: Mapped[str] = mapped_column(String(3), primary_key=True)
+    slot: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default="0")
+    customers: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+
+class ReportDunningInvoiceRow(Base):
+    """One row per invoice whose first charge attempt did not pay it: what the dunning report
+    groups, copied from the invoice and its attempts by triggers on both (migration 0021) and
+    recomputed from them on every change, so it is what
+    ``db.repositories.reports.failed_invoices_from_rows`` reads."""
+
+    __tablename__ = "report_dunning_invoices"
+
+    invoice_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    #: ``YYYY-MM``, the UTC month the invoice was issued (``created_at``).
+    month: Mapped[str] = mapped_column(String(7))
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16))
+    #: The first attempt's outcome (billing.payments.ChargeOutcomeKind, never ``paid``).
+    first_failure: Mapped[str] = mapped_column(String(32))
+    #: The lowest attempt number above 1 that paid it; 0 when none did.
+    paid_by_attempt: Mapped[int] = mapped_column(Integer)
+    amount_due_minor: Mapped[int] = mapped_column(BigInteger)
+
+
+class ReportDunningMonthlyRow(Base):
+    """``report_dunning_invoices`` summed per month and key, in slots as the other totals: the
+    dunning report reads these (migration 0021)."""
+
+    __tablename__ = "report_dunning_monthly"
+
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)
+    currency: Mapped[str] = mapped_column(String(3), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    first_failure: Mapped[str] = mapped_column(String(32), primary_key=True)
+    paid_by_attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    slot: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default="0")
+    invoices: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    amount_due_minor: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+
+REPORT_MRR_PRICES = _table(ReportMrrPriceRow)
+REPORT_MRR_CUSTOMERS = _table(ReportMrrCustomerRow)
+REPORT_MRR_CURRENCY_CUSTOMERS = _table(ReportMrrCurrencyCustomersRow)
+REPORT_DUNNING_INVOICES = _table(ReportDunningInvoiceRow)
+REPORT_DUNNING_MONTHLY = _table(ReportDunningMonthlyRow)
+
+#: Every table the database keeps from others by trigger: emptied after their sources (whose
+#: deletes write to them).
+REPORT_ROLLUPS = (
+    REPORT_MONTHLY_TOTALS,
+    REPORT_MRR_PRICES,
+    REPORT_MRR_CUSTOMERS,
+    REPORT_MRR_CURRENCY_CUSTOMERS,
+    REPORT_DUNNING_INVOICES,
+    REPORT_DUNNING_MONTHLY,
+)

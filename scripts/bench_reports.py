@@ -23,12 +23,14 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -131,13 +133,21 @@ async def dashboard_cookie(http: httpx.AsyncClient, key: str) -> dict[str, str]:
 
 
 async def time_reports(
-    http: httpx.AsyncClient, key: str, repeat: int, log: Callable[[str], None]
+    http: httpx.AsyncClient,
+    key: str,
+    repeat: int,
+    log: Callable[[str], None],
+    *,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
-    """p50/p99 of each report request, asked ``repeat`` times one at a time."""
+    """p50/p99 of each report request (or those in ``only``), asked ``repeat`` times one at a
+    time."""
     headers = {"Authorization": f"Bearer {key}"}
     cookies = await dashboard_cookie(http, key)
     figures: dict[str, Any] = {}
     for name, (path, params) in REPORT_REQUESTS.items():
+        if only and name not in only:
+            continue
         latencies = []
         for _ in range(repeat):
             started = time.perf_counter()
@@ -154,7 +164,30 @@ async def time_reports(
     return figures
 
 
-async def _standalone(invoices: int, repeat: int) -> dict[str, Any]:
+@contextmanager
+def _kept_database(name: str) -> Iterator[tuple[str, bool]]:
+    """The URL of database ``name`` on the bench's PostgreSQL server, created if absent, never
+    dropped; and whether it was just created (and so still needs migrating and loading)."""
+    from billing.testing.database import DEFAULT_ADMIN_URL
+    from db.engine import normalize_url
+
+    admin = normalize_url(DEFAULT_ADMIN_URL)
+    admin_engine = create_engine(admin, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with admin_engine.connect() as connection:
+            exists = connection.execute(
+                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+            ).first()
+            if exists is None:
+                connection.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin_engine.dispose()
+    yield admin.set(database=name).render_as_string(hide_password=False), exists is None
+
+
+async def _standalone(
+    invoices: int, repeat: int, keep: str | None, only: list[str] | None
+) -> dict[str, Any]:
     from bench import Stack, bulk_load_invoices
     from pydantic import SecretStr
     from temporalio.client import Client
@@ -169,36 +202,70 @@ async def _standalone(invoices: int, repeat: int) -> dict[str, Any]:
         print(message, file=sys.stderr, flush=True)
 
     key = "bench-finance-key-0123456789abcdef"
-    with temporary_database("postgres", migrate=False, name_prefix="bench_") as url:
+    database = (
+        _kept_database(keep)
+        if keep
+        else _fresh(temporary_database("postgres", migrate=False, name_prefix="bench_"))
+    )
+    with database as (url, new):
         settings = Settings(
             _env_file=None,  # type: ignore[call-arg]
             database_url=url,
             api_keys=[ApiKey(name="bench", scope="finance", key=SecretStr(key))],
         )
-        migrate_and_seed(settings)
         stack = Stack(Path("."), "127.0.0.1:1", url)
         try:
-            load_s = bulk_load_invoices(stack, invoices)
-            facts_s = load_report_facts(stack.engine)
-            [(in_db,)] = stack.engine.connect().execute(text("SELECT count(*) FROM invoices"))
-            log(f"reports: {in_db} invoices, loaded in {load_s:.1f} s + {facts_s:.1f} s")
+            if new:
+                migrate_and_seed(settings)
+                load_s = bulk_load_invoices(stack, invoices)
+                facts_s = load_report_facts(stack.engine)
+                log(f"reports: loaded in {load_s:.1f} s + {facts_s:.1f} s")
+            else:
+                # A kept book is used as it is, at whatever revision it is (so the same book
+                # can be timed by two versions of the code, before and after a migration).
+                log(f"reports: reusing the book in {keep}")
+            with stack.engine.connect() as connection:
+                [(in_db,)] = connection.execute(text("SELECT count(*) FROM invoices"))
+                revision = connection.execute(
+                    text("SELECT version_num FROM alembic_version")
+                ).scalar()
+            log(f"reports: {in_db} invoices, revision {revision}")
             # Reports never call Temporal: a client that connects lazily to nothing will do.
             temporal = await Client.connect("127.0.0.1:1", lazy=True)
             app = create_app(settings, deps=build_dependencies(settings), temporal=temporal)
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://bench") as http:
-                figures = await time_reports(http, key, repeat, log)
-            return {"invoices_in_db": in_db, **figures}
+                figures = await time_reports(http, key, repeat, log, only=only)
+            return {"invoices_in_db": in_db, "revision": revision, **figures}
         finally:
             stack.close()
+
+
+@contextmanager
+def _fresh(database: AbstractContextManager[str]) -> Iterator[tuple[str, bool]]:
+    with database as url:
+        yield url, True
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--invoices", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument(
+        "--keep",
+        metavar="NAME",
+        help="build the book in database NAME and keep it (no drop); when NAME exists, time "
+        "the book in it as it is (not migrated, not loaded)",
+    )
+    parser.add_argument(
+        "--only",
+        metavar="REPORT",
+        action="append",
+        choices=sorted(REPORT_REQUESTS),
+        help="time only this report (repeatable); default: all",
+    )
     args = parser.parse_args()
-    run: Awaitable[dict[str, Any]] = _standalone(args.invoices, args.repeat)
+    run: Awaitable[dict[str, Any]] = _standalone(args.invoices, args.repeat, args.keep, args.only)
     print(json.dumps(asyncio.run(run), indent=2))
 
 

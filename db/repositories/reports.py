@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    String,
     and_,
     case,
     exists,
@@ -22,6 +23,8 @@ from sqlalchemy import (
     select,
     text,
     true,
+    type_coerce,
+    union,
     union_all,
 )
 from sqlalchemy.orm import Session
@@ -46,7 +49,10 @@ from db.models import (
     PAYMENT_ATTEMPTS,
     PAYMENTS,
     REFUNDS,
+    REPORT_DUNNING_MONTHLY,
     REPORT_MONTHLY_TOTALS,
+    REPORT_MRR_CURRENCY_CUSTOMERS,
+    REPORT_MRR_PRICES,
     SUBSCRIPTION_STATUS_CHANGES,
     SUBSCRIPTIONS,
 )
@@ -87,7 +93,7 @@ def _steady(start: datetime, counted: Sequence[str]) -> ColumnElement[bool]:
     )
 
 
-def mrr_inputs(
+def mrr_inputs_from_rows(
     session: Session,
     *,
     start: datetime,
@@ -98,7 +104,10 @@ def mrr_inputs(
     """The book for an MRR report whose first boundary is ``start`` and last ``until``:
     steady counted subscriptions grouped by price (counted, not listed), and every other
     subscription that may count at some boundary with its status changes before ``until``.
-    ``counted``: the statuses that count (billing.reports.MRR_STATUSES)."""
+    ``counted``: the statuses that count (billing.reports.MRR_STATUSES).
+
+    From the subscriptions themselves (four scans of the book): what ``mrr_inputs`` must
+    always agree with."""
     quantity = _quantity_column()
     quantity_value = quantity if quantity is not None else literal(1)
     steady_where = [_steady(start, counted)]
@@ -252,6 +261,194 @@ def mrr_inputs(
     return MrrInputs(histories, steady, steady_customers, frozenset(owners))
 
 
+#: The statuses migration 0021's triggers count in ``report_mrr_prices`` (frozen there; a test
+#: checks they are billing.reports.MRR_STATUSES).
+ROLLUP_COUNTED = ("active", "needs_attention", "past_due")
+
+
+def mrr_inputs(
+    session: Session, *, start: datetime, until: datetime, currency: str | None = None
+) -> MrrInputs:
+    """What ``mrr_inputs_from_rows`` returns, from the counts the database keeps (migration
+    0021) and the subscriptions created or changed since ``start`` only.
+
+    The steady subscriptions (created before ``start``, counted, no change since) are those
+    counted now less the counted ones created or changed since ``start``; the steady customers
+    are the customers counted now less those whose every paying counted subscription is one of
+    these. So the work grows with what moved since ``start``, not with the book."""
+    prices = REPORT_MRR_PRICES.c
+    price_columns = (
+        prices.currency,
+        prices.amount_minor,
+        prices.interval,
+        prices.interval_count,
+        prices.quantity,
+    )
+    counted_now: dict[tuple[str, int, str, int, int], int] = {}
+    statement = (
+        select(*price_columns, func.sum(prices.subscriptions))
+        .group_by(*price_columns)
+        .having(func.sum(prices.subscriptions) != 0)
+    )
+    if currency is not None:
+        statement = statement.where(prices.currency == currency)
+    for c, amount, interval, count, qty, n in session.execute(statement):
+        counted_now[(c, int(amount), str(interval), int(count), int(qty))] = int(n)
+    customers = REPORT_MRR_CURRENCY_CUSTOMERS.c
+    customers_statement = select(customers.currency, func.sum(customers.customers)).group_by(
+        customers.currency
+    )
+    if currency is not None:
+        customers_statement = customers_statement.where(customers.currency == currency)
+    steady_customers = {c: int(n) for c, n in session.execute(customers_statement)}
+
+    quantity = _quantity_column()
+    quantity_value = quantity if quantity is not None else literal(1)
+    changes = SUBSCRIPTION_STATUS_CHANGES
+    # Created or changed since ``start``: from ix_subscriptions_created_at and
+    # ix_subscription_status_changes_changed_at, never a scan of the book.
+    moved_ids = union(
+        select(SUBSCRIPTIONS.c.id).where(SUBSCRIPTIONS.c.created_at >= start),
+        select(changes.c.subscription_id).where(changes.c.changed_at >= start),
+    ).subquery("moved_ids")
+    counted = list(ROLLUP_COUNTED)
+    moved_where = [
+        SUBSCRIPTIONS.c.id.in_(select(moved_ids.c.id)),
+        # Listed (may count at some boundary), or counted now (taken off the steady counts).
+        or_(SUBSCRIPTIONS.c.created_at < until, SUBSCRIPTIONS.c.status.in_(counted)),
+    ]
+    if currency is not None:
+        moved_where.append(SUBSCRIPTIONS.c.currency == currency)
+    sibling = SUBSCRIPTIONS.alias("sibling")
+    sibling_quantity = sibling.c[quantity.name] if quantity is not None else literal(1)
+    free = [
+        and_(
+            sibling.c.amount_minor == amount,
+            sibling.c.interval == interval,
+            sibling.c.interval_count == count,
+            sibling_quantity == qty,
+        )
+        for (_, amount, interval, count, qty) in counted_now
+        if monthly_recurring_minor(amount, IntervalUnit(interval), count, qty) == 0
+    ]
+    # The customer owns a steady subscription with MRR above 0: a scalar subquery with LIMIT
+    # 1, so it runs per moved row from ix_subscriptions_customer_id (an EXISTS here may be
+    # hashed instead, i.e. the steady set of the whole book computed).
+    owns_steady = (
+        select(literal(1))
+        .where(
+            sibling.c.customer_id == SUBSCRIPTIONS.c.customer_id,
+            sibling.c.currency == SUBSCRIPTIONS.c.currency,
+            sibling.c.created_at < start,
+            sibling.c.status.in_(counted),
+            *([~or_(*free)] if free else []),
+            ~exists().where(
+                changes.c.subscription_id == sibling.c.id, changes.c.changed_at >= start
+            ),
+        )
+        .limit(1)
+        .scalar_subquery()
+        .isnot(None)
+        .label("owns_steady")
+    )
+    moved = session.execute(
+        select(
+            SUBSCRIPTIONS.c.id,
+            SUBSCRIPTIONS.c.customer_id,
+            SUBSCRIPTIONS.c.currency,
+            SUBSCRIPTIONS.c.amount_minor,
+            type_coerce(SUBSCRIPTIONS.c.interval, String).label("interval"),
+            SUBSCRIPTIONS.c.interval_count,
+            SUBSCRIPTIONS.c.created_at,
+            type_coerce(SUBSCRIPTIONS.c.status, String).label("status"),
+            quantity_value.label("quantity"),
+            owns_steady,
+        ).where(*moved_where)
+    ).all()
+    # The listed ones' changes before ``until``, joined in the database (plain text statuses:
+    # thousands of rows).
+    listed = (
+        select(SUBSCRIPTIONS.c.id)
+        .where(*moved_where, SUBSCRIPTIONS.c.created_at < until)
+        .subquery("listed")
+    )
+    history: dict[str, list[tuple[datetime, SubscriptionStatus, SubscriptionStatus]]] = defaultdict(
+        list
+    )
+    for sub_id, from_status, to_status, changed_at in session.execute(
+        select(
+            changes.c.subscription_id,
+            type_coerce(changes.c.from_status, String),
+            type_coerce(changes.c.to_status, String),
+            changes.c.changed_at,
+        )
+        .join(listed, listed.c.id == changes.c.subscription_id)
+        .where(changes.c.changed_at < until)
+        .order_by(changes.c.subscription_id, changes.c.changed_at, changes.c.id)
+    ):
+        history[sub_id].append((changed_at, _STATUS[from_status], _STATUS[to_status]))
+    histories = []
+    owners: set[tuple[str, str]] = set()
+    not_steady_customers: set[tuple[str, str]] = set()
+    for row in moved:
+        monthly = monthly_recurring_minor(
+            int(row.amount_minor),
+            _INTERVAL[row.interval],
+            int(row.interval_count),
+            int(row.quantity),
+        )
+        if row.status in ROLLUP_COUNTED:
+            key = (
+                row.currency,
+                int(row.amount_minor),
+                str(row.interval),
+                int(row.interval_count),
+                int(row.quantity),
+            )
+            counted_now[key] = counted_now.get(key, 0) - 1
+            if monthly > 0 and not row.owns_steady:
+                not_steady_customers.add((row.currency, row.customer_id))
+        if row.created_at >= until:
+            continue
+        own = history.get(row.id, [])
+        if row.owns_steady:
+            owners.add((row.currency, row.customer_id))
+        histories.append(
+            SubscriptionHistory(
+                subscription_id=row.id,
+                customer_id=row.customer_id,
+                currency=row.currency,
+                monthly_minor=monthly,
+                # Before its first change a subscription had that change's from-status; with
+                # no change recorded, it has had its current status since it was created.
+                created_at=row.created_at,
+                initial_status=own[0][1] if own else _STATUS[row.status],
+                changes=tuple((at, to) for at, _, to in own),
+            )
+        )
+    for c, _ in not_steady_customers:
+        steady_customers[c] = steady_customers.get(c, 0) - 1
+    steady = [
+        SteadyGroup(
+            currency=c,
+            monthly_minor=monthly_recurring_minor(amount, IntervalUnit(interval), count, qty),
+            subscriptions=n,
+        )
+        for (c, amount, interval, count, qty), n in counted_now.items()
+        if n
+    ]
+    return MrrInputs(
+        histories,
+        steady,
+        {c: n for c, n in steady_customers.items() if n},
+        frozenset(owners),
+    )
+
+
+_STATUS = {status.value: status for status in SubscriptionStatus}
+_INTERVAL = {unit.value: unit for unit in IntervalUnit}
+
+
 def _unpaid_at(as_of: datetime) -> ColumnElement[bool]:
     """Finalized at or before ``as_of`` and, at ``as_of``, neither paid, voided nor written
     off (each is stamped with its instant, so the state at any past instant is known)."""
@@ -319,12 +516,15 @@ def receivables(
     ]
 
 
-def failed_invoices(
+def failed_invoices_from_rows(
     session: Session, *, issued_from: datetime, issued_to: datetime, currency: str | None = None
 ) -> list[FailedInvoice]:
     """Invoices issued in [issued_from, issued_to) whose first attempt with an outcome was not
     a payment, grouped by currency, status, the class of that failure and the attempt that
-    paid them (if any), with how many and their amount due."""
+    paid them (if any), with how many and their amount due.
+
+    From the invoices and attempts themselves (a join of every failed first attempt with the
+    invoices): what ``failed_invoices`` must always agree with."""
     attempts = PAYMENT_ATTEMPTS
     # The first attempt decides whether an invoice failed: an attempt whose outcome is unknown
     # is re-driven under its own number, never replaced, so attempt 1 always gets an outcome.
@@ -375,6 +575,36 @@ def failed_invoices(
             status=InvoiceStatus(status),
             # Recovered only if the invoice is paid now (a later refund-to-void would not be).
             paid_by_attempt=int(paid_by) if paid_by is not None else None,
+            invoices=int(n),
+        )
+        for c, status, outcome, paid_by, n, amount in session.execute(statement)
+    ]
+
+
+def failed_invoices(
+    session: Session, first: Month, last: Month, *, currency: str | None = None
+) -> list[FailedInvoice]:
+    """What ``failed_invoices_from_rows`` returns for the invoices issued from ``first`` to
+    ``last`` (UTC months, both included), from ``report_dunning_monthly`` (kept by triggers,
+    migration 0021): a few rows per month."""
+    totals = REPORT_DUNNING_MONTHLY.c
+    key = (totals.currency, totals.status, totals.first_failure, totals.paid_by_attempt)
+    statement = (
+        select(*key, func.sum(totals.invoices), func.sum(totals.amount_due_minor))
+        .where(totals.month >= str(first), totals.month <= str(last))
+        .group_by(*key)
+        # A key whose invoices all moved elsewhere keeps its rows, at 0.
+        .having(func.sum(totals.invoices) != 0)
+    )
+    if currency is not None:
+        statement = statement.where(totals.currency == currency)
+    return [
+        FailedInvoice(
+            currency=c,
+            amount_due_minor=int(amount),
+            first_failure=ChargeOutcomeKind(outcome),
+            status=InvoiceStatus(status),
+            paid_by_attempt=int(paid_by) or None,
             invoices=int(n),
         )
         for c, status, outcome, paid_by, n, amount in session.execute(statement)

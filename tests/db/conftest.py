@@ -33,6 +33,7 @@ from billing.subscription import SubscriptionStatus
 from billing.testing.database import DEFAULT_ADMIN_URL, postgres_available, temporary_database
 from db.base import Base
 from db.engine import make_engine, make_session_factory, unit_of_work
+from db.models import REPORT_ROLLUPS
 from db.repositories import attempts, customers, invoices, plans, subscriptions
 
 POSTGRES_ADMIN_URL = os.environ.get("BILLING_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL)
@@ -93,16 +94,17 @@ def session_factory(engine: Engine) -> Iterator[sessionmaker[Session]]:
     factory = make_session_factory(engine)
     yield factory
     # Empty every table so the next test starts from nothing; children first, and the
-    # report totals last (deleting invoices, payments and refunds takes their contribution
-    # back through the triggers of migration 0019, which the ledger's bypass may switch off).
+    # report rollups last (deleting their sources writes to them through the triggers of
+    # migrations 0019 and 0021, which the ledger's bypass may switch off).
     # The ledger is append-only by trigger (revision 0017): this cleanup, and only it, steps
     # around them.
     with unit_of_work(factory) as session:
         restore = without_append_only_triggers(session)
         for table in reversed(Base.metadata.sorted_tables):
-            if table.name != "report_monthly_totals":
+            if table not in REPORT_ROLLUPS:
                 session.execute(delete(table))
-        session.execute(delete(Base.metadata.tables["report_monthly_totals"]))
+        for table in REPORT_ROLLUPS:
+            session.execute(delete(table))
         for statement in restore:
             session.execute(text(statement))
 

@@ -27,7 +27,7 @@ from billing.refunds import ProviderRefund
 from billing.reports import Month
 from db.base import Base
 from db.engine import make_session_factory, unit_of_work
-from db.models import INVOICES, REFUNDS, REPORT_MONTHLY_TOTALS
+from db.models import INVOICES, REFUNDS, REPORT_MONTHLY_TOTALS, REPORT_ROLLUPS
 from db.repositories import attempts, credit_notes, invoices, payments
 from tests.db.conftest import Factory
 
@@ -76,9 +76,10 @@ ops = st.one_of(
 def _empty(factory: sessionmaker[Session]) -> None:
     with unit_of_work(factory) as session:
         for table in reversed(Base.metadata.sorted_tables):
-            if table is not REPORT_MONTHLY_TOTALS:
+            if table not in REPORT_ROLLUPS:
                 session.execute(delete(table))
-        session.execute(delete(REPORT_MONTHLY_TOTALS))
+        for table in REPORT_ROLLUPS:
+            session.execute(delete(table))
 
 
 def _apply(session: Session, op: tuple, made: list[InvoiceRecord], refunds: list[str]) -> None:
