@@ -1,9 +1,12 @@
 """What a simulation does once per run, before its first billed period, is kept cheap: its
-workers name their build instead of hashing every loaded module, and they use the project's
-data converter (``billing.temporal_payloads``; the database is a copy of a migrated
-template, ``tests/db/test_sqlite_template.py``)."""
+workers name their build instead of hashing every loaded module, they use the project's
+data converter (``billing.temporal_payloads``), and the caller's objects sit out the garbage
+collector's full passes while it runs (the database is a copy of a migrated template,
+``tests/db/test_sqlite_template.py``)."""
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import temporalio.worker._worker
@@ -30,6 +33,7 @@ async def test_a_simulation_s_workers_do_not_hash_the_loaded_modules(
         assert worker is not None
         seen["build_id"] = worker.config().get("build_id")
         seen["converter"] = simulation.harness.client.data_converter.payload_converter_class
+        seen["frozen"] = gc.get_freeze_count() > 0
 
     scenario = parse_scenario(
         {
@@ -38,8 +42,15 @@ async def test_a_simulation_s_workers_do_not_hash_the_loaded_modules(
             "horizon": "2033-03-11",
         }
     )
+    assert gc.get_freeze_count() == 0
     timeline = await run_scenario(scenario, inspect=inspect)
 
     [subscription] = timeline.subscriptions
     assert [invoice.status for invoice in subscription.invoices] == ["paid", "paid", "paid"]
-    assert seen == {"build_id": HARNESS_BUILD_ID, "converter": BillingPayloadConverter}
+    assert seen == {
+        "build_id": HARNESS_BUILD_ID,
+        "converter": BillingPayloadConverter,
+        # The test process's objects sat out the collector's full passes, and no longer do.
+        "frozen": True,
+    }
+    assert gc.get_freeze_count() == 0
