@@ -35,9 +35,7 @@ def cache_keys_computed() -> Iterator[list[str]]:
         yield computed
 
 
-def test_hot_statements_compute_no_cache_key_once_warm(
-    session: Session, factory: Factory
-) -> None:
+def test_hot_statements_compute_no_cache_key_once_warm(session: Session, factory: Factory) -> None:
     subscription = factory.subscription(session)
     invoice = factory.invoice(session, subscription)
     attempt = factory.attempt(session, invoice)
