@@ -32,6 +32,7 @@ import os
 import platform
 import random
 import re
+import resource
 import secrets
 import shutil
 import subprocess
@@ -991,6 +992,12 @@ async def query_phase(
     }
 
 
+def process_cpu_s(who: int = resource.RUSAGE_SELF) -> float:
+    """CPU seconds (user + system) this process (or its ended children) has used so far."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def simulation_phase(sizes: Sizes) -> dict[str, Any]:
     """Each simulation against a bare loop of as many timers and activities on a test server
     of its own, started right after it (start-up included in both)."""
@@ -999,12 +1006,31 @@ async def simulation_phase(sizes: Sizes) -> dict[str, Any]:
     if sizes.sim_hundred:
         scenarios.append(("100x1y", bench_simulate.hundred_subscriptions_one_year))
     for name, make in scenarios:
+        # CPU of this process (the simulating one; localstripe, the payments process and the
+        # test servers are others): less sensitive to a shared machine's load than wall time.
+        children = resource.RUSAGE_CHILDREN
+        cpu_started, children_started = process_cpu_s(), process_cpu_s(children)
         seconds, timeline = await bench_simulate.measure(make())
+        cpu = process_cpu_s() - cpu_started
+        children_cpu = process_cpu_s(children) - children_started
         cycles = bench_simulate.cycles_of(timeline)
+        cpu_started, children_started = process_cpu_s(), process_cpu_s(children)
         bare = await bench_simulate.measure_bare(cycles)
-        log(f"simulation {name}: {seconds:.2f} s, bare loop of {sum(cycles)} cycles {bare:.2f} s")
+        bare_cpu = process_cpu_s() - cpu_started
+        bare_children_cpu = process_cpu_s(children) - children_started
+        log(
+            f"simulation {name}: {seconds:.2f} s (CPU {cpu:.2f} s, its ended children "
+            f"{children_cpu:.2f} s), bare loop of {sum(cycles)} cycles {bare:.2f} s (CPU "
+            f"{bare_cpu:.2f} s, children {bare_children_cpu:.2f} s); load {os.getloadavg()}"
+        )
+        figures[f"sim_{name}_children_cpu_s"] = round(children_cpu, 2)
+        figures[f"sim_{name}_bare_children_cpu_s"] = round(bare_children_cpu, 2)
         figures[f"sim_{name}_s"] = round(seconds, 2)
         figures[f"sim_{name}_bare_s"] = round(bare, 2)
+        figures[f"sim_{name}_cpu_s"] = round(cpu, 2)
+        figures[f"sim_{name}_bare_cpu_s"] = round(bare_cpu, 2)
+        figures[f"sim_{name}_cpu_ratio_to_bare"] = round(cpu / bare_cpu, 2)
+        figures[f"sim_{name}_load_1m"] = round(os.getloadavg()[0], 1)
         figures[f"sim_{name}_cycles"] = sum(cycles)
         figures[f"sim_{name}_ratio_to_bare"] = round(seconds / bare, 2)
     if not sizes.sim_hundred:

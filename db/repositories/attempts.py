@@ -4,8 +4,9 @@ provider is called and completed with the outcome afterwards."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import func, update
+from sqlalchemy import BindParameter, bindparam, func, update
 from sqlalchemy.orm import Session
 
 from billing.errors import ChangeRefused, NotFound
@@ -57,14 +58,17 @@ def list_attempts_for_payment_intent(
     )
 
 
+_LIST_ATTEMPTS_FOR_INVOICE = (
+    select_rows(PAYMENT_ATTEMPTS)
+    .where(PAYMENT_ATTEMPTS.c.invoice_id == bindparam("invoice_id"))
+    .order_by(PAYMENT_ATTEMPTS.c.attempt_number)
+)
+
+
 def list_attempts_for_invoice(session: Session, invoice_id: str) -> list[PaymentAttemptRecord]:
     """The invoice's attempts by attempt number."""
     return fetch_all(
-        session,
-        PaymentAttemptRecord,
-        select_rows(PAYMENT_ATTEMPTS)
-        .where(PAYMENT_ATTEMPTS.c.invoice_id == invoice_id)
-        .order_by(PAYMENT_ATTEMPTS.c.attempt_number),
+        session, PaymentAttemptRecord, _LIST_ATTEMPTS_FOR_INVOICE, {"invoice_id": invoice_id}
     )
 
 
@@ -102,28 +106,25 @@ def record_attempt_outcome(
     """
     status = AttemptStatus(status)
     outcome = None if outcome is None else ChargeOutcomeKind(outcome)
-    statement = (
-        update(PAYMENT_ATTEMPTS)
-        .where(PAYMENT_ATTEMPTS.c.id == attempt_id)
-        .values(
-            status=status,
-            outcome=outcome,
-            decline_code=decline_code,
-            failure_message=failure_message,
-            stripe_payment_intent_id=func.coalesce(
-                payment_intent_id, PAYMENT_ATTEMPTS.c.stripe_payment_intent_id
-            ),
-            stripe_charge_id=func.coalesce(charge_id, PAYMENT_ATTEMPTS.c.stripe_charge_id),
-            payment_method_id=func.coalesce(
-                payment_method_id, PAYMENT_ATTEMPTS.c.payment_method_id
-            ),
-            completed_at=completed_at,
+    statement = _RECORD_SUCCESS if status == AttemptStatus.SUCCEEDED else _RECORD_UNLESS_SUCCEEDED
+    updated = (
+        session.execute(
+            statement,
+            {
+                "attempt_id": attempt_id,
+                "new_status": status,
+                "new_outcome": outcome,
+                "new_decline_code": decline_code,
+                "new_failure_message": failure_message,
+                "new_payment_intent_id": payment_intent_id,
+                "new_charge_id": charge_id,
+                "new_payment_method_id": payment_method_id,
+                "new_completed_at": completed_at,
+            },
         )
-        .returning(*PAYMENT_ATTEMPTS.c)
+        .mappings()
+        .first()
     )
-    if status != AttemptStatus.SUCCEEDED:
-        statement = statement.where(PAYMENT_ATTEMPTS.c.status != AttemptStatus.SUCCEEDED)
-    updated = session.execute(statement).mappings().first()
     if updated is None:
         current = fetch_one(
             session,
@@ -137,3 +138,37 @@ def record_attempt_outcome(
             f"{current.attempt_number}) already succeeded; it cannot become {status.value}"
         )
     return PaymentAttemptRecord(**updated)
+
+
+def _typed(name: str, column: str) -> BindParameter[Any]:
+    return bindparam(name, type_=PAYMENT_ATTEMPTS.c[column].type)
+
+
+# Provider ids passed as None keep what is recorded (COALESCE); built once (see _rows).
+_RECORD_SUCCESS = (
+    update(PAYMENT_ATTEMPTS)
+    .where(PAYMENT_ATTEMPTS.c.id == bindparam("attempt_id"))
+    .values(
+        status=_typed("new_status", "status"),
+        outcome=_typed("new_outcome", "outcome"),
+        decline_code=_typed("new_decline_code", "decline_code"),
+        failure_message=_typed("new_failure_message", "failure_message"),
+        stripe_payment_intent_id=func.coalesce(
+            _typed("new_payment_intent_id", "stripe_payment_intent_id"),
+            PAYMENT_ATTEMPTS.c.stripe_payment_intent_id,
+        ),
+        stripe_charge_id=func.coalesce(
+            _typed("new_charge_id", "stripe_charge_id"), PAYMENT_ATTEMPTS.c.stripe_charge_id
+        ),
+        payment_method_id=func.coalesce(
+            _typed("new_payment_method_id", "payment_method_id"),
+            PAYMENT_ATTEMPTS.c.payment_method_id,
+        ),
+        completed_at=_typed("new_completed_at", "completed_at"),
+    )
+    .returning(*PAYMENT_ATTEMPTS.c)
+)
+#: Anything but a success: never over a succeeded attempt.
+_RECORD_UNLESS_SUCCEEDED = _RECORD_SUCCESS.where(
+    PAYMENT_ATTEMPTS.c.status != AttemptStatus.SUCCEEDED
+)

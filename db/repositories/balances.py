@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from billing.balance import BalanceEntryKind
@@ -42,24 +42,34 @@ def lock_customer_of_invoice(session: Session, invoice_id: str) -> CustomerRecor
     ``FOR NO KEY UPDATE`` is the lock ``lock_customer``'s UPDATE takes, so the two exclude
     each other, while inserts that only refer to the customer (``FOR KEY SHARE``) go on.
     SQLite has no row locks: its writer lock, taken when the transaction begins, covers it."""
-    owner = select(INVOICES.c.customer_id).where(INVOICES.c.id == invoice_id).scalar_subquery()
-    return fetch_one(
-        session,
-        CustomerRecord,
-        select_rows(CUSTOMERS).where(CUSTOMERS.c.id == owner).with_for_update(key_share=True),
+    return fetch_one(session, CustomerRecord, _LOCK_CUSTOMER_OF_INVOICE, {"invoice_id": invoice_id})
+
+
+_LOCK_CUSTOMER_OF_INVOICE = (
+    select_rows(CUSTOMERS)
+    .where(
+        CUSTOMERS.c.id
+        == select(INVOICES.c.customer_id)
+        .where(INVOICES.c.id == bindparam("invoice_id"))
+        .scalar_subquery()
     )
+    .with_for_update(key_share=True)
+)
 
 
 def credit_balance(session: Session, customer_id: str, currency: str) -> int:
     """The customer's credit in ``currency`` (minor units; below 0: a debit they owe, an
     amount too small to charge carried to their next invoice)."""
     total = session.execute(
-        select(func.coalesce(func.sum(BALANCE_ENTRIES.c.amount_minor), 0)).where(
-            BALANCE_ENTRIES.c.customer_id == customer_id,
-            BALANCE_ENTRIES.c.currency == currency,
-        )
+        _CREDIT_BALANCE, {"customer_id": customer_id, "currency": currency}
     ).scalar_one()
     return int(total)
+
+
+_CREDIT_BALANCE = select(func.coalesce(func.sum(BALANCE_ENTRIES.c.amount_minor), 0)).where(
+    BALANCE_ENTRIES.c.customer_id == bindparam("customer_id"),
+    BALANCE_ENTRIES.c.currency == bindparam("currency"),
+)
 
 
 def credit_balances(session: Session, customer_id: str) -> dict[str, int]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text, tuple_, update
+from sqlalchemy import and_, bindparam, func, or_, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -63,12 +63,13 @@ def get_endpoint(session: Session, endpoint_id: str) -> EventEndpointRecord | No
     )
 
 
+_LIST_ENDPOINTS = select_rows(EVENT_ENDPOINTS).order_by(
+    EVENT_ENDPOINTS.c.created_at, EVENT_ENDPOINTS.c.id
+)
+
+
 def list_endpoints(session: Session) -> list[EventEndpointRecord]:
-    return fetch_all(
-        session,
-        EventEndpointRecord,
-        select_rows(EVENT_ENDPOINTS).order_by(EVENT_ENDPOINTS.c.created_at, EVENT_ENDPOINTS.c.id),
-    )
+    return fetch_all(session, EventEndpointRecord, _LIST_ENDPOINTS)
 
 
 def count_endpoints(session: Session) -> int:
@@ -122,10 +123,22 @@ def get_event(session: Session, event_id: str) -> EventRecord | None:
     return fetch_one(session, EventRecord, select_rows(EVENTS).where(EVENTS.c.id == event_id))
 
 
+_GET_EVENT_BY_DEDUPE_KEY = select_rows(EVENTS).where(EVENTS.c.dedupe_key == bindparam("key"))
+
+
 def get_event_by_dedupe_key(session: Session, dedupe_key: str) -> EventRecord | None:
-    return fetch_one(
-        session, EventRecord, select_rows(EVENTS).where(EVENTS.c.dedupe_key == dedupe_key)
-    )
+    return fetch_one(session, EventRecord, _GET_EVENT_BY_DEDUPE_KEY, {"key": dedupe_key})
+
+
+# The outbox's two statements before each event's insert (see record_event).
+_LOCK_SUBSCRIPTION = (
+    select(SUBSCRIPTIONS.c.id)
+    .where(SUBSCRIPTIONS.c.id == bindparam("subscription_id"))
+    .with_for_update(key_share=True)
+)
+_LAST_SEQUENCE = select(func.max(EVENTS.c.sequence)).where(
+    EVENTS.c.subscription_id == bindparam("subscription_id")
+)
 
 
 #: PostgreSQL advisory lock key that numbers the account stream's events one writer at a time
@@ -151,11 +164,7 @@ def _lock_stream(session: Session, stream: str) -> None:
     # the subscription (a notice, an invoice) holds FOR KEY SHARE on it, which FOR UPDATE
     # conflicts with, so two such writers deadlocked (found by 20 parallel commits of a
     # notice then an event).
-    session.execute(
-        select(SUBSCRIPTIONS.c.id)
-        .where(SUBSCRIPTIONS.c.id == stream)
-        .with_for_update(key_share=True)
-    )
+    session.execute(_LOCK_SUBSCRIPTION, {"subscription_id": stream})
 
 
 def record_event(
@@ -174,7 +183,7 @@ def record_event(
     subscription's id, or ``ACCOUNT_STREAM`` for an account-level event (a payout)."""
     _lock_stream(session, subscription_id)
     last = session.execute(
-        select(func.max(EVENTS.c.sequence)).where(EVENTS.c.subscription_id == subscription_id)
+        _LAST_SEQUENCE, {"subscription_id": subscription_id}
     ).scalar_one_or_none()
     event, created = insert_or_get(
         session,

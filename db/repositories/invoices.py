@@ -7,7 +7,7 @@ import dataclasses
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, update
+from sqlalchemy import bindparam, func, update
 from sqlalchemy.orm import Session
 
 from billing.balance import BalanceEntryKind
@@ -36,10 +36,11 @@ _STAMPED_AT: dict[InvoiceStatus, str] = {
 }
 
 
+_GET_INVOICE = select_rows(INVOICES).where(INVOICES.c.id == bindparam("invoice_id"))
+
+
 def get_invoice(session: Session, invoice_id: str) -> InvoiceRecord | None:
-    return fetch_one(
-        session, InvoiceRecord, select_rows(INVOICES).where(INVOICES.c.id == invoice_id)
-    )
+    return fetch_one(session, InvoiceRecord, _GET_INVOICE, {"invoice_id": invoice_id})
 
 
 def get_invoice_for_period(
@@ -93,15 +94,16 @@ def insert_invoice(session: Session, record: InvoiceRecord) -> tuple[InvoiceReco
     return insert_or_get(session, INVOICES, record, lambda: _existing(session, record))
 
 
+_LIST_INVOICE_LINES = (
+    select_rows(INVOICE_LINES)
+    .where(INVOICE_LINES.c.invoice_id == bindparam("invoice_id"))
+    .order_by(INVOICE_LINES.c.position)
+)
+
+
 def list_invoice_lines(session: Session, invoice_id: str) -> list[InvoiceLineRecord]:
     """The invoice's lines in order (position 1 first)."""
-    return fetch_all(
-        session,
-        InvoiceLineRecord,
-        select_rows(INVOICE_LINES)
-        .where(INVOICE_LINES.c.invoice_id == invoice_id)
-        .order_by(INVOICE_LINES.c.position),
-    )
+    return fetch_all(session, InvoiceLineRecord, _LIST_INVOICE_LINES, {"invoice_id": invoice_id})
 
 
 def lines_by_invoice(
@@ -410,14 +412,8 @@ def record_payment_intent(
     # returned is the invoice for the rest of it (``transition_invoice``'s ``current``).
     row = (
         session.execute(
-            update(INVOICES)
-            .where(INVOICES.c.id == invoice_id)
-            .values(
-                stripe_payment_intent_id=func.coalesce(
-                    INVOICES.c.stripe_payment_intent_id, payment_intent_id
-                )
-            )
-            .returning(*INVOICES.c)
+            _RECORD_PAYMENT_INTENT,
+            {"invoice_id": invoice_id, "payment_intent_id": payment_intent_id},
         )
         .mappings()
         .first()
@@ -425,3 +421,16 @@ def record_payment_intent(
     if row is None:
         raise NotFound(f"invoice {invoice_id} not found")
     return InvoiceRecord(**row)
+
+
+_RECORD_PAYMENT_INTENT = (
+    update(INVOICES)
+    .where(INVOICES.c.id == bindparam("invoice_id"))
+    .values(
+        stripe_payment_intent_id=func.coalesce(
+            INVOICES.c.stripe_payment_intent_id,
+            bindparam("payment_intent_id", type_=INVOICES.c.stripe_payment_intent_id.type),
+        )
+    )
+    .returning(*INVOICES.c)
+)

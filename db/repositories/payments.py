@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from sqlalchemy import bindparam
 from sqlalchemy.orm import Session
 
 from billing.records import PaymentRecord
 from db.models import PAYMENTS
 from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
 
+_GET_PAYMENT_FOR_INVOICE = select_rows(PAYMENTS).where(
+    PAYMENTS.c.invoice_id == bindparam("invoice_id")
+)
+
 
 def get_payment_for_invoice(session: Session, invoice_id: str) -> PaymentRecord | None:
-    return fetch_one(
-        session, PaymentRecord, select_rows(PAYMENTS).where(PAYMENTS.c.invoice_id == invoice_id)
-    )
+    return fetch_one(session, PaymentRecord, _GET_PAYMENT_FOR_INVOICE, {"invoice_id": invoice_id})
 
 
 def list_payments_for_invoice(session: Session, invoice_id: str) -> list[PaymentRecord]:

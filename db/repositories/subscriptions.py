@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from billing.records import StatusChangeRecord, SubscriptionRecord
@@ -43,11 +43,14 @@ def insert_subscription(
     return insert_or_get(session, SUBSCRIPTIONS, record, existing)
 
 
+_GET_SUBSCRIPTION = select_rows(SUBSCRIPTIONS).where(
+    SUBSCRIPTIONS.c.id == bindparam("subscription_id")
+)
+
+
 def get_subscription(session: Session, subscription_id: str) -> SubscriptionRecord | None:
     return fetch_one(
-        session,
-        SubscriptionRecord,
-        select_rows(SUBSCRIPTIONS).where(SUBSCRIPTIONS.c.id == subscription_id),
+        session, SubscriptionRecord, _GET_SUBSCRIPTION, {"subscription_id": subscription_id}
     )
 
 
@@ -282,15 +285,20 @@ def parked_at(session: Session, subscription_ids: list[str]) -> dict[str, dateti
     are absent), from the status log."""
     if not subscription_ids:
         return {}
-    rows = session.execute(
-        select(
-            SUBSCRIPTION_STATUS_CHANGES.c.subscription_id,
-            func.max(SUBSCRIPTION_STATUS_CHANGES.c.changed_at),
-        )
-        .where(
-            SUBSCRIPTION_STATUS_CHANGES.c.subscription_id.in_(subscription_ids),
-            SUBSCRIPTION_STATUS_CHANGES.c.to_status == SubscriptionStatus.NEEDS_ATTENTION,
-        )
-        .group_by(SUBSCRIPTION_STATUS_CHANGES.c.subscription_id)
-    ).all()
+    rows = session.execute(_PARKED_AT, {"subscription_ids": list(subscription_ids)}).all()
     return {subscription_id: changed_at for subscription_id, changed_at in rows}
+
+
+_PARKED_AT = (
+    select(
+        SUBSCRIPTION_STATUS_CHANGES.c.subscription_id,
+        func.max(SUBSCRIPTION_STATUS_CHANGES.c.changed_at),
+    )
+    .where(
+        SUBSCRIPTION_STATUS_CHANGES.c.subscription_id.in_(
+            bindparam("subscription_ids", expanding=True)
+        ),
+        SUBSCRIPTION_STATUS_CHANGES.c.to_status == SubscriptionStatus.NEEDS_ATTENTION,
+    )
+    .group_by(SUBSCRIPTION_STATUS_CHANGES.c.subscription_id)
+)
