@@ -351,9 +351,11 @@ def mrr_inputs(
     ).all()
     # The moved ones' changes before ``until`` (plain text statuses: thousands of rows), from
     # the two indexes alone; those of subscriptions not listed are not looked up.
-    history: dict[str, list[tuple[datetime, SubscriptionStatus, SubscriptionStatus]]] = defaultdict(
-        list
-    )
+    # Plain tuples and locals below, not ORM rows and attribute look-ups: tens of thousands
+    # of values at 1M invoices.
+    history: dict[str, list[tuple[datetime, SubscriptionStatus]]] = {}
+    # Before its first change a subscription had that change's from-status.
+    status_before: dict[str, SubscriptionStatus] = {}
     for sub_id, from_status, to_status, changed_at in session.execute(
         select(
             changes.c.subscription_id,
@@ -364,55 +366,65 @@ def mrr_inputs(
         .join(moved_ids, moved_ids.c.id == changes.c.subscription_id)
         .where(changes.c.changed_at < until)
         .order_by(changes.c.subscription_id, changes.c.changed_at, changes.c.id)
-    ):
-        history[sub_id].append((changed_at, _STATUS[from_status], _STATUS[to_status]))
+    ).all():
+        own = history.get(sub_id)
+        if own is None:
+            own = history[sub_id] = []
+            status_before[sub_id] = _STATUS[from_status]
+        own.append((changed_at, _STATUS[to_status]))
     # Few distinct prices among thousands of rows: normalise each once.
-    monthly_of: dict[tuple[int, str, int, int], int] = {}
+    monthly_of: dict[tuple[str, int, str, int, int], int] = {}
     priced = []
     moved_paying_now: dict[tuple[str, str], int] = defaultdict(int)
-    for row in moved:
-        price = (int(row.amount_minor), row.interval, int(row.interval_count), int(row.quantity))
+    for (
+        sub_id,
+        customer_id,
+        code,
+        amount,
+        interval,
+        count,
+        created_at,
+        status,
+        qty,
+        paying,
+    ) in moved:
+        price = (code, int(amount), str(interval), int(count), int(qty))
         monthly = monthly_of.get(price)
         if monthly is None:
             monthly = monthly_of[price] = monthly_recurring_minor(
-                price[0], _INTERVAL[price[1]], price[2], price[3]
+                price[1], _INTERVAL[price[2]], price[3], price[4]
             )
-        priced.append((row, monthly))
-        if monthly > 0 and row.status in ROLLUP_COUNTED:
-            moved_paying_now[(row.currency, row.customer_id)] += 1
+        is_counted = status in ROLLUP_COUNTED
+        priced.append(
+            (sub_id, customer_id, code, price, monthly, created_at, status, is_counted, paying)
+        )
+        if is_counted and monthly > 0:
+            moved_paying_now[(code, customer_id)] += 1
     histories = []
     owners: set[tuple[str, str]] = set()
     not_steady_customers: set[tuple[str, str]] = set()
-    for row, monthly in priced:
-        customer = (row.currency, row.customer_id)
-        owns_steady = (row.counted_paying_now or 0) > moved_paying_now.get(customer, 0)
-        if row.status in ROLLUP_COUNTED:
-            key = (
-                row.currency,
-                int(row.amount_minor),
-                str(row.interval),
-                int(row.interval_count),
-                int(row.quantity),
-            )
-            counted_now[key] = counted_now.get(key, 0) - 1
+    for sub_id, customer_id, code, price, monthly, created_at, status, is_counted, paying in priced:
+        customer = (code, customer_id)
+        owns_steady = (paying or 0) > moved_paying_now.get(customer, 0)
+        if is_counted:
+            counted_now[price] = counted_now.get(price, 0) - 1
             if monthly > 0 and not owns_steady:
                 not_steady_customers.add(customer)
-        if row.created_at >= until:
+        if created_at >= until:
             continue
-        own = history.get(row.id, [])
         if owns_steady:
             owners.add(customer)
+        own = history.get(sub_id)
         histories.append(
             SubscriptionHistory(
-                subscription_id=row.id,
-                customer_id=row.customer_id,
-                currency=row.currency,
+                subscription_id=sub_id,
+                customer_id=customer_id,
+                currency=code,
                 monthly_minor=monthly,
-                # Before its first change a subscription had that change's from-status; with
-                # no change recorded, it has had its current status since it was created.
-                created_at=row.created_at,
-                initial_status=own[0][1] if own else _STATUS[row.status],
-                changes=tuple((at, to) for at, _, to in own),
+                created_at=created_at,
+                # With no change recorded, it has had its current status since it was created.
+                initial_status=status_before[sub_id] if own else _STATUS[status],
+                changes=tuple(own) if own else (),
             )
         )
     for c, _ in not_steady_customers:

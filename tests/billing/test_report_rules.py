@@ -210,3 +210,17 @@ def test_the_report_is_the_definition_month_by_month(
 ) -> None:
     months = month_range(month_range(Month(2025, 1), Month(2026, 6))[offset], Month(2026, 6))
     assert mrr_report(subs, months) == _by_definition(subs, months)
+
+
+@given(histories(), st.lists(st.integers(-30, 600), max_size=20))
+def test_mrr_at_each_is_mrr_at_every_instant(
+    subs: list[SubscriptionHistory], days: list[int]
+) -> None:
+    """Including instants exactly at a creation or a change (seen only after it)."""
+    instants = sorted(
+        {_T0 + timedelta(days=d) for d in days}
+        | {at for s in subs for at, _ in s.changes}
+        | {s.created_at for s in subs}
+    )
+    for sub in subs:
+        assert sub.mrr_at_each(instants) == [sub.mrr_at(i) for i in instants]
