@@ -322,19 +322,12 @@ def mrr_inputs(
     if currency is not None:
         moved_where.append(SUBSCRIPTIONS.c.currency == currency)
     # How many counted subscriptions with MRR above 0 the customer has now (report_mrr_customers,
-    # kept by 0021's triggers; by primary key per moved row). Each is steady or moved, so the
-    # customer owns a steady one exactly when it has more than its moved ones counted now:
-    # no per-row subquery over its siblings and their changes.
+    # kept by 0021's triggers, one row per currency and customer). Each is steady or moved, so
+    # the customer owns a steady one exactly when it has more than its moved ones counted now:
+    # no per-row subquery over its siblings and their changes. An outer join, not a scalar
+    # subquery: PostgreSQL then hashes the rollup (a third less time at 1M invoices than 5,000
+    # probes of its key).
     owned = REPORT_MRR_CUSTOMERS.c
-    counted_paying_now = (
-        select(owned.subscriptions)
-        .where(
-            owned.currency == SUBSCRIPTIONS.c.currency,
-            owned.customer_id == SUBSCRIPTIONS.c.customer_id,
-        )
-        .scalar_subquery()
-        .label("counted_paying_now")
-    )
     moved = session.execute(
         select(
             SUBSCRIPTIONS.c.id,
@@ -346,8 +339,18 @@ def mrr_inputs(
             _as_driver_returns(session, SUBSCRIPTIONS.c.created_at),
             type_coerce(SUBSCRIPTIONS.c.status, String).label("status"),
             quantity_value.label("quantity"),
-            counted_paying_now,
-        ).where(*moved_where)
+            owned.subscriptions,
+        )
+        .select_from(
+            SUBSCRIPTIONS.outerjoin(
+                REPORT_MRR_CUSTOMERS,
+                and_(
+                    owned.currency == SUBSCRIPTIONS.c.currency,
+                    owned.customer_id == SUBSCRIPTIONS.c.customer_id,
+                ),
+            )
+        )
+        .where(*moved_where)
     ).all()
     # The moved ones' changes before ``until`` (plain text statuses: thousands of rows), from
     # the two indexes alone; those of subscriptions not listed are not looked up.
@@ -365,7 +368,9 @@ def mrr_inputs(
         )
         .join(moved_ids, moved_ids.c.id == changes.c.subscription_id)
         .where(changes.c.changed_at < until)
-        .order_by(changes.c.subscription_id, changes.c.changed_at, changes.c.id)
+        # Time order is all each subscription's list needs (grouped here, in a dict): no sort
+        # on the text ids, whose collation makes it the query's costliest step.
+        .order_by(changes.c.changed_at, changes.c.id)
     ).all():
         own = history.get(sub_id)
         if own is None:
