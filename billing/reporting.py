@@ -4,6 +4,9 @@ transaction each. Inputs are checked here, once, with errors that name the field
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -63,12 +66,34 @@ def _add(month: Month, count: int) -> Month:
     return Month(max(1, index // 12), index % 12 + 1)
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a report builds its many short-lived objects
+    (tens of thousands of tuples and rows, no cycles among them): its passes cost about a
+    quarter of the MRR report at 1M invoices. Reference counting still frees them; the
+    collector is back on (if it was on) however the report ends."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def mrr(
     session_factory: sessionmaker[Session], months: MonthRange, *, from_rows: bool = False
 ) -> list[MrrMonth]:
     """MRR and its movements, from the counts the database keeps (``report_mrr_prices`` and
     the customers', migration 0021) and the subscriptions that moved in the months;
     ``from_rows`` computes the steady part from every subscription instead (for checking)."""
+    with _collector_paused():
+        return _mrr(session_factory, months, from_rows=from_rows)
+
+
+def _mrr(
+    session_factory: sessionmaker[Session], months: MonthRange, *, from_rows: bool
+) -> list[MrrMonth]:
     with unit_of_work(session_factory) as session:
         reports_repo.tune_for_reports(session)
         if from_rows:

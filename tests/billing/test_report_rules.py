@@ -13,6 +13,8 @@ from billing.calendar import IntervalUnit
 from billing.reports import (
     AgingBucket,
     Month,
+    Movement,
+    MrrMonth,
     SubscriptionHistory,
     aging_bucket,
     classify_movement,
@@ -158,3 +160,67 @@ def test_steady_subscriptions_counted_in_bulk_give_the_same_report(
     assert [r for r in whole if r.currency in {x.currency for x in split}] == split
     assert all(r.closing_mrr_minor == 0 and r.opening_mrr_minor == 0 for r in whole
                if r.currency not in {x.currency for x in split})  # fmt: skip
+
+
+def _by_definition(subs: list[SubscriptionHistory], months: list[Month]) -> list[MrrMonth]:
+    """MRR month by month straight from the definitions, every subscription at every boundary
+    (what mrr_report computed before it was made to walk each subscription once)."""
+    boundaries = [m.start for m in months] + [months[-1].next().start]
+    result = []
+    for currency in sorted({s.currency for s in subs}):
+        mine = [s for s in subs if s.currency == currency]
+        for k, month in enumerate(months):
+            before = {s.subscription_id: s.mrr_at(boundaries[k]) for s in mine}
+            after = {s.subscription_id: s.mrr_at(boundaries[k + 1]) for s in mine}
+            totals = dict.fromkeys(Movement, 0)
+            for s in mine:
+                first = s.first_counted_at()
+                movement = classify_movement(
+                    before[s.subscription_id],
+                    after[s.subscription_id],
+                    counted_before=first is not None and first < boundaries[k],
+                )
+                if movement is not None:
+                    totals[movement] += abs(after[s.subscription_id] - before[s.subscription_id])
+            opening = {s.customer_id for s in mine if before[s.subscription_id]}
+            closing = {s.customer_id for s in mine if after[s.subscription_id]}
+            result.append(
+                MrrMonth(
+                    month=month,
+                    currency=currency,
+                    opening_mrr_minor=sum(before.values()),
+                    new_minor=totals[Movement.NEW],
+                    expansion_minor=totals[Movement.EXPANSION],
+                    contraction_minor=totals[Movement.CONTRACTION],
+                    churned_minor=totals[Movement.CHURNED],
+                    reactivated_minor=totals[Movement.REACTIVATED],
+                    closing_mrr_minor=sum(after.values()),
+                    active_subscriptions=sum(1 for v in after.values() if v),
+                    active_customers=len(closing),
+                    opening_customers=len(opening),
+                    churned_customers=len(opening - closing),
+                )
+            )
+    return result
+
+
+@given(histories(), st.integers(0, 17))
+def test_the_report_is_the_definition_month_by_month(
+    subs: list[SubscriptionHistory], offset: int
+) -> None:
+    months = month_range(month_range(Month(2025, 1), Month(2026, 6))[offset], Month(2026, 6))
+    assert mrr_report(subs, months) == _by_definition(subs, months)
+
+
+@given(histories(), st.lists(st.integers(-30, 600), max_size=20))
+def test_mrr_at_each_is_mrr_at_every_instant(
+    subs: list[SubscriptionHistory], days: list[int]
+) -> None:
+    """Including instants exactly at a creation or a change (seen only after it)."""
+    instants = sorted(
+        {_T0 + timedelta(days=d) for d in days}
+        | {at for s in subs for at, _ in s.changes}
+        | {s.created_at for s in subs}
+    )
+    for sub in subs:
+        assert sub.mrr_at_each(instants) == [sub.mrr_at(i) for i in instants]
