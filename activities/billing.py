@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -79,6 +79,7 @@ from billing.records import (
     PaymentAttemptRecord,
     PaymentRecord,
 )
+from billing.subscription import SubscriptionStatus
 from billing.text import (
     CARD_BRAND,
     CARD_LAST4,
@@ -181,9 +182,29 @@ class BillingActivities:
             )
             if updated:
                 event_log.subscription_synced(session, before, input.changed_at or self.clock.now())
+            if updated and input.status == SubscriptionStatus.CANCELED:
+                self._void_orphans(session, input.subscription_id, input.changed_at)
         if not updated:
             raise NotFound(f"subscription {input.subscription_id} is not in the database")
         return SyncSubscriptionResult(updated=True)
+
+    def _void_orphans(self, session: Session, subscription_id: str, at: datetime | None) -> None:
+        """A canceled subscription keeps no open invoice that was never charged.
+
+        The workflow voids (or collects) the open invoice it knows before it ends. One it does
+        not know is an orphan: ``create_invoice`` runs as a local activity, inside the workflow
+        task that decides the period's invoice, so when that task is discarded (the worker
+        killed, the server restarted) and the next task applies an immediate cancel first, the
+        row written by the lost task stays open for good, a receivable nobody owes (the chaos
+        run's ``cancel_while_charging``, seed 77416468). No charge was ever made for it (charges
+        are ordinary activities, scheduled only by completed tasks), so it is voided here, in
+        the transaction that records the cancel."""
+        when = at or self.clock.now()
+        for orphan in invoices_repo.list_open_never_charged(session, subscription_id):
+            closed = invoices_repo.transition_invoice(
+                session, orphan.id, to=InvoiceStatus.VOID, at=when, reason="subscription_canceled"
+            )
+            event_log.invoice_closed(session, closed, when)
 
     # ---------------------------------------------------------------------------- invoices --
 

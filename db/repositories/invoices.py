@@ -7,7 +7,7 @@ import dataclasses
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from billing.balance import BalanceEntryKind
@@ -22,7 +22,7 @@ from billing.invoices import (
 )
 from billing.minimum_charge import minimum_charge_minor
 from billing.records import InvoiceLineRecord, InvoiceRecord
-from db.models import INVOICE_LINES, INVOICES
+from db.models import INVOICE_LINES, INVOICES, PAYMENT_ATTEMPTS
 from db.repositories import balances
 from db.repositories._rows import column_values, fetch_all, fetch_one, insert_or_get, select_rows
 from db.repositories.customers import allocate_invoice_number
@@ -80,6 +80,23 @@ def list_invoices_for_subscription(session: Session, subscription_id: str) -> li
         InvoiceRecord,
         select_rows(INVOICES)
         .where(INVOICES.c.subscription_id == subscription_id)
+        .order_by(INVOICES.c.period_start),
+    )
+
+
+def list_open_never_charged(session: Session, subscription_id: str) -> list[InvoiceRecord]:
+    """The subscription's open invoices that no charge attempt was ever made for."""
+    return fetch_all(
+        session,
+        InvoiceRecord,
+        select_rows(INVOICES)
+        .where(
+            INVOICES.c.subscription_id == subscription_id,
+            INVOICES.c.status == InvoiceStatus.OPEN,
+            ~select(PAYMENT_ATTEMPTS.c.id)
+            .where(PAYMENT_ATTEMPTS.c.invoice_id == INVOICES.c.id)
+            .exists(),
+        )
         .order_by(INVOICES.c.period_start),
     )
 

@@ -1361,3 +1361,35 @@ def test_syncing_an_unknown_subscription_is_not_found(stack: Stack) -> None:
         period_end,
         NOW,
     )
+
+
+@BOTH_BACKENDS
+def test_a_cancel_voids_an_open_invoice_the_workflow_never_charged(stack: Stack) -> None:
+    """An orphan: the period's invoice written by a local activity whose workflow task was then
+    discarded, the next task applying an immediate cancel first (chaos run, seed 77416468: the
+    subscription canceled, its invoice open for good). The cancel's sync voids it, with its
+    event; an invoice a charge was attempted for is left to the workflow."""
+    from db.repositories import events as events_repo
+
+    seeded = seed_subscription(stack, card=cards.DECLINES_AFTER_ATTACH)
+    declined = open_invoice(stack, seeded)
+    charge(stack, declined.invoice_id, 1)
+    orphan = open_invoice(stack, seeded, period_index=1)
+
+    for _ in range(2):  # a local activity runs again: the second sync changes nothing
+        stack.activities.sync_subscription(
+            SyncSubscriptionInput(
+                seeded.subscription_id,
+                SubscriptionStatus.CANCELED,
+                canceled_at=NOW,
+                ended_at=NOW,
+                cancel_reason="customer left",
+                changed_at=NOW,
+            )
+        )
+
+    assert stored_invoice(stack, orphan.invoice_id).status == InvoiceStatus.VOID
+    assert stored_invoice(stack, declined.invoice_id).status == InvoiceStatus.OPEN
+    with stack.session_factory() as session:
+        voided = events_repo.list_events(session, limit=100, type="invoice.voided")
+    assert [e.object_id for e in voided] == [orphan.invoice_id]
