@@ -236,7 +236,7 @@ class BillingHarness:
         await asyncio.gather(*(p.stop() for p in self._payments_processes))
         tasks = [t for t in (self._worker_task, self._payments_worker_task) if t is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.http_client.close()  # type: ignore[no-untyped-call]
+        self.http_client.close()
         self.engine.dispose()
 
     # ------------------------------------------------------------------------- time -------

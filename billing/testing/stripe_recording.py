@@ -9,15 +9,92 @@ connection that dropped once the server had already processed the request.
 
 from __future__ import annotations
 
+import http.client
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import stripe
 
-__all__ = ["RecordedRequest", "RecordingHTTPClient"]
+__all__ = ["LocalHTTPClient", "RecordedRequest", "RecordingHTTPClient"]
+
+
+class LocalHTTPClient(stripe.HTTPClient):
+    """A Stripe SDK HTTP client on ``http.client`` with one kept-alive connection per thread
+    and host, for the Stripe-protocol server on this machine (localstripe) in tests and
+    simulations; production keeps ``requests`` (``ActivityDeadlineClient``).
+
+    ``requests`` builds a session-merged, hook-dispatched, adapter-routed request per call:
+    about four times the CPU of the ``http.client`` exchange underneath, which is all a
+    plain-HTTP server on localhost needs (no proxies, no TLS, no redirects). A connection
+    that fails is closed and the failure raised as ``stripe.APIConnectionError``, retryable
+    as the SDK's own clients report a connection error or timeout."""
+
+    name: ClassVar[str] = "http.client"
+
+    def __init__(self, *, timeout_s: float = 30.0) -> None:
+        super().__init__()
+        self._timeout_s = timeout_s
+        self._connections = threading.local()
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        post_data: Any = None,
+        *,
+        _usage: list[str] | None = None,
+    ) -> tuple[Any, int, Mapping[str, str]]:
+        parts = urlsplit(url)
+        if parts.scheme != "http":
+            raise ValueError(f"LocalHTTPClient speaks plain HTTP to a local server; got {url}")
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        pool: dict[str, http.client.HTTPConnection] = self._connections.__dict__.setdefault(
+            "by_host", {}
+        )
+        connection = pool.get(parts.netloc)
+        if connection is None:
+            connection = pool[parts.netloc] = http.client.HTTPConnection(
+                parts.netloc, timeout=self._timeout_s
+            )
+        try:
+            body = post_data.encode("utf-8") if isinstance(post_data, str) else post_data
+            connection.request(method.upper(), target, body=body, headers=dict(headers or {}))
+            response = connection.getresponse()
+            answer = response.read()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            pool.pop(parts.netloc, None)
+            raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
+                f"Unexpected error communicating with Stripe: {type(error).__name__}: {error}",
+                should_retry=True,
+            ) from error
+        if response.will_close:
+            connection.close()
+            pool.pop(parts.netloc, None)
+        # The message type reads headers case-insensitively, as the SDK expects.
+        return answer, response.status, response.headers  # type: ignore[return-value]
+
+    def request_stream(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        post_data: Any = None,
+        *,
+        _usage: list[str] | None = None,
+    ) -> tuple[Any, int, Mapping[str, str]]:
+        raise NotImplementedError("LocalHTTPClient does not stream")
+
+    def close(self) -> None:
+        """Close this thread's connections (others close with their threads' sockets)."""
+        pool: dict[str, http.client.HTTPConnection] = self._connections.__dict__.get("by_host", {})
+        for connection in pool.values():
+            connection.close()
+        pool.clear()
 
 
 @dataclass(frozen=True)
@@ -36,8 +113,8 @@ class RecordedRequest:
     stripe_version: str | None = None
 
 
-class RecordingHTTPClient(stripe.RequestsClient):
-    """``stripe.RequestsClient`` (the SDK's default sync client) that records each request's
+class RecordingHTTPClient(LocalHTTPClient):
+    """``LocalHTTPClient`` that records each request's
     method, URL path and Idempotency-Key, thread-safely, and can drop requests or their
     answers on purpose.
 
@@ -46,8 +123,8 @@ class RecordingHTTPClient(stripe.RequestsClient):
     SDK's own retry.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *, timeout_s: float = 30.0) -> None:
+        super().__init__(timeout_s=timeout_s)
         self._lock = threading.Lock()
         self._recorded: list[RecordedRequest] = []
         # (method, path) -> (how many still to drop, whether the SDK may retry): answers the
@@ -130,7 +207,6 @@ class RecordingHTTPClient(stripe.RequestsClient):
         with self._lock:
             self._recorded.append(request)
 
-    # Not named ``requests``: RequestsClient keeps the requests module in that attribute.
     @property
     def recorded(self) -> list[RecordedRequest]:
         """A snapshot of every request so far, oldest first."""
