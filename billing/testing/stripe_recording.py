@@ -10,6 +10,7 @@ connection that dropped once the server had already processed the request.
 from __future__ import annotations
 
 import http.client
+import select
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -56,6 +57,11 @@ class LocalHTTPClient(stripe.HTTPClient):
             "by_host", {}
         )
         connection = pool.get(parts.netloc)
+        if connection is not None and _dropped(connection):
+            # The server closed the idle connection (its keep-alive timeout): a new one, as
+            # urllib3 does, rather than a request sent into a closed socket.
+            connection.close()
+            connection = None
         if connection is None:
             connection = pool[parts.netloc] = http.client.HTTPConnection(
                 parts.netloc, timeout=self._timeout_s
@@ -111,6 +117,19 @@ class RecordedRequest:
     request_dropped: bool = False
     #: The ``Stripe-Version`` header sent (None: none, the account's default version).
     stripe_version: str | None = None
+
+
+def _dropped(connection: http.client.HTTPConnection) -> bool:
+    """Whether an idle kept-alive connection was closed by the server: its socket is readable
+    (at end of file) while no request is in flight."""
+    sock = connection.sock
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 class RecordingHTTPClient(LocalHTTPClient):

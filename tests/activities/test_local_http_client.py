@@ -5,7 +5,11 @@ It must answer exactly as the SDK's own client does."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import socket
+import threading
+import time
 
 import pytest
 import requests
@@ -54,3 +58,41 @@ def test_an_unreachable_server_is_a_retryable_connection_error(localstripe: Loca
     with pytest.raises(stripe.APIConnectionError) as failed:
         client.v1.customers.retrieve("cus_any")
     assert failed.value.should_retry
+
+
+class _OneRequestPerConnection(http.server.BaseHTTPRequestHandler):
+    """Answers each request as HTTP/1.1 without ``Connection: close``, then closes the
+    connection anyway: what a server's keep-alive timeout does to an idle client."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = json.dumps({"id": "cus_1", "object": "customer"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_connection_the_server_closed_is_replaced_not_failed() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OneRequestPerConnection)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        client = make_stripe_client(
+            api_key=LOCALSTRIPE_API_KEY,
+            api_base=f"http://127.0.0.1:{server.server_address[1]}",
+            max_network_retries=0,
+            http_client=RecordingHTTPClient(timeout_s=5.0),
+        )
+        for _ in range(3):
+            time.sleep(0.05)  # the server has closed the previous connection by now
+            assert client.v1.customers.retrieve("cus_1").id == "cus_1"
+    finally:
+        server.shutdown()
+        server.server_close()
