@@ -69,6 +69,9 @@ class _KeepAliveInbound(ActivityInboundInterceptor):
 
 
 async def _beat(outbound: ActivityOutboundInterceptor, every_s: float) -> None:
+    # The heartbeat timeout runs from the attempt's start, so the first beat is due a third
+    # of the way in, not at once: an activity that ends sooner (a charge usually takes a
+    # second) sends none, one heartbeat RPC less per provider call.
     while True:
-        outbound.heartbeat()
         await asyncio.sleep(every_s)
+        outbound.heartbeat()

@@ -66,18 +66,25 @@ def _insert_returning(table: Table) -> Insert:
 
 
 @functools.cache
-def _insert_unless_duplicate(table: Table, dialect: str) -> Insert | None:
+def _insert_unless_duplicate(table: Table, dialect: str, read_back: bool = True) -> Insert | None:
     """``INSERT ... ON CONFLICT DO NOTHING RETURNING *`` (PostgreSQL and SQLite), built once
-    per table; None on a database without it."""
+    per table; None on a database without it. ``read_back=False``: ``RETURNING`` the primary
+    key only (enough to tell an insert from a duplicate)."""
+    returned = table.c if read_back else table.primary_key.columns
     if dialect == "postgresql":
-        return pg_insert(table).on_conflict_do_nothing().returning(*table.c)
+        return pg_insert(table).on_conflict_do_nothing().returning(*returned)
     if dialect == "sqlite":
-        return sqlite_insert(table).on_conflict_do_nothing().returning(*table.c)
+        return sqlite_insert(table).on_conflict_do_nothing().returning(*returned)
     return None
 
 
 def insert_or_get(
-    session: Session, table: Table, record: R, lookup: Callable[[], R | None]
+    session: Session,
+    table: Table,
+    record: R,
+    lookup: Callable[[], R | None],
+    *,
+    read_back: bool = True,
 ) -> tuple[R, bool]:
     """Insert ``record`` once: ``(stored row, True)``, or ``(existing row, False)`` when a
     unique constraint says it is already there (a retry, or a concurrent writer that won).
@@ -89,12 +96,18 @@ def insert_or_get(
     several of these. Any other violation (a CHECK, a foreign key) raises as before.
     Elsewhere the INSERT runs in a SAVEPOINT, so a violation rolls back only the savepoint.
     ``lookup`` finds the row that won by its natural key.
+
+    ``read_back=False``: an inserted row is returned as ``record`` itself instead of being
+    read back through ``RETURNING``, for tables whose columns store exactly what the record
+    holds (no server defaults, no column that rewrites its value). The event outbox uses
+    it: its JSON column was encoded on insert and decoded straight back, a quarter of the
+    outbox's cost per event.
     """
-    statement = _insert_unless_duplicate(table, session.get_bind().dialect.name)
+    statement = _insert_unless_duplicate(table, session.get_bind().dialect.name, read_back)
     if statement is not None:
         inserted = session.execute(statement, column_values(record)).mappings().first()
         if inserted is not None:
-            return type(record)(**inserted), True
+            return (type(record)(**inserted) if read_back else record), True
         existing = lookup()
         if existing is None:
             # A conflict that ``lookup`` does not cover (another unique column): the plain

@@ -199,6 +199,8 @@ def record_event(
             created_at=created_at,
         ),
         lambda: get_event_by_dedupe_key(session, dedupe_key),
+        # The event as written: its ``object`` need not come back through JSON.
+        read_back=False,
     )
     if not created:
         return None
@@ -217,6 +219,7 @@ def record_event(
                     created_at=created_at,
                 ),
                 lambda: None,
+                read_back=False,
             )
             mark_delivery_written(session)
     return event

@@ -10,6 +10,7 @@ made at Stripe and their invoices still open (seed 77416468)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from temporalio.common import RetryPolicy
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.keepalive import KeepAlive
+from activities.keepalive import KeepAlive, _beat
 from billing.contracts import (
     PROVIDER_ACTIVITY_TIMEOUT,
     PROVIDER_HEARTBEAT_TIMEOUT,
@@ -115,3 +116,24 @@ async def test_provider_activities_are_scheduled_with_the_heartbeat_timeout(
     for scheduled in charges:
         assert scheduled.heartbeat_timeout.ToTimedelta() == PROVIDER_HEARTBEAT_TIMEOUT
         assert scheduled.start_to_close_timeout.ToTimedelta() == PROVIDER_ACTIVITY_TIMEOUT
+
+
+async def test_the_first_beat_waits_a_third_of_the_timeout() -> None:
+    """The heartbeat timeout runs from the attempt's start: an activity that ends within a
+    third of it (a charge usually takes a second of the 15) sends no heartbeat at all."""
+
+    class Counting:
+        beats = 0
+
+        def heartbeat(self, *details: object) -> None:
+            self.beats += 1
+
+    outbound = Counting()
+    beating = asyncio.create_task(_beat(outbound, 0.2))  # type: ignore[arg-type]
+    try:
+        await asyncio.sleep(0.05)
+        assert outbound.beats == 0
+        await asyncio.sleep(0.3)
+        assert outbound.beats >= 1
+    finally:
+        beating.cancel()

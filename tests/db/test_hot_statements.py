@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.cache_key import HasCacheKey
 
@@ -124,3 +125,33 @@ def test_a_success_is_recorded_and_never_overwritten(session: Session, factory: 
             status=AttemptStatus.FAILED,
             **{**outcome, "outcome": ChargeOutcomeKind.HARD_DECLINE},
         )
+
+
+def test_an_event_is_not_read_back_through_returning(session: Session, factory: Factory) -> None:
+    """The outbox's insert returns the new row's key only: its JSON ``object`` was encoded on
+    insert and would be decoded straight back. The event it returns is the row as stored."""
+    subscription = factory.subscription(session)
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    engine = session.get_bind()
+    sqlalchemy_event.listen(engine, "before_cursor_execute", seen)
+    try:
+        recorded = events.record_event(
+            session,
+            type="customer.subscription.updated",
+            subscription_id=subscription.id,
+            object_id=subscription.id,
+            object={"id": subscription.id, "items": [{"amount": 900, "currency": "usd"}]},
+            dedupe_key=f"{subscription.id}:returning",
+            created_at=factory.t0,
+        )
+    finally:
+        sqlalchemy_event.remove(engine, "before_cursor_execute", seen)
+    insert = next(s for s in statements if s.lstrip().upper().startswith("INSERT INTO EVENTS"))
+    returning = insert.upper().split("RETURNING", 1)[1]
+    assert "OBJECT" not in returning and "ID" in returning, insert
+    assert recorded is not None
+    assert events.get_event(session, recorded.id) == recorded
