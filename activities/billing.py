@@ -19,6 +19,7 @@ ApplicationError whose type names the domain error.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -61,6 +62,7 @@ from billing.invoices import (
     InvoiceLine,
     InvoiceLineKind,
     InvoiceStatus,
+    bills_the_same,
     credit_notes_carried_over,
 )
 from billing.payments import (
@@ -182,27 +184,54 @@ class BillingActivities:
             )
             if updated:
                 event_log.subscription_synced(session, before, input.changed_at or self.clock.now())
-            if updated and input.status == SubscriptionStatus.CANCELED:
-                self._void_orphans(session, input.subscription_id, input.changed_at)
+            canceled = input.status == SubscriptionStatus.CANCELED
+            if updated and before is not None and (input.sweep_orphans or canceled):
+                self._void_orphans(
+                    session,
+                    before.customer_id,
+                    input.subscription_id,
+                    input.changed_at,
+                    keep=input.open_invoice_id if input.sweep_orphans else None,
+                    reason="subscription_canceled" if canceled else "superseded",
+                )
         if not updated:
             raise NotFound(f"subscription {input.subscription_id} is not in the database")
         return SyncSubscriptionResult(updated=True)
 
-    def _void_orphans(self, session: Session, subscription_id: str, at: datetime | None) -> None:
-        """A canceled subscription keeps no open invoice that was never charged.
+    def _void_orphans(
+        self,
+        session: Session,
+        customer_id: str,
+        subscription_id: str,
+        at: datetime | None,
+        *,
+        keep: str | None,
+        reason: str,
+    ) -> None:
+        """Void the subscription's open invoices that were never charged, but ``keep`` (the
+        one the workflow is collecting).
 
-        The workflow voids (or collects) the open invoice it knows before it ends. One it does
-        not know is an orphan: ``create_invoice`` runs as a local activity, inside the workflow
-        task that decides the period's invoice, so when that task is discarded (the worker
-        killed, the server restarted) and the next task applies an immediate cancel first, the
-        row written by the lost task stays open for good, a receivable nobody owes (the chaos
-        run's ``cancel_while_charging``, seed 77416468). No charge was ever made for it (charges
-        are ordinary activities, scheduled only by completed tasks), so it is voided here, in
-        the transaction that records the cancel."""
+        The workflow knows one open invoice at a time and closes (or collects) it itself. One
+        it does not know is an orphan: ``create_invoice`` runs as a local activity, inside the
+        workflow task that decides the period's invoice, so when that task is discarded (the
+        worker killed, the server restarted) and the task that replaces it applies a cancel, a
+        pause or an interval change first, the row written by the lost task would stay open for
+        good, a receivable nobody owes (the chaos run's ``cancel_while_charging``, seed
+        77416468). No charge was ever made for it (charges are ordinary activities, scheduled
+        only by completed tasks), so it is voided here, in the transaction of the sync, with
+        its ``invoice.voided``.
+
+        Checked again under the customer's lock, which ``charge_invoice`` holds while it
+        records an attempt: an invoice being charged is never voided under it."""
+        if not invoices_repo.list_open_never_charged(session, subscription_id, except_id=keep):
+            return
+        balances_repo.lock_customer(session, customer_id)
         when = at or self.clock.now()
-        for orphan in invoices_repo.list_open_never_charged(session, subscription_id):
+        for orphan in invoices_repo.list_open_never_charged(
+            session, subscription_id, except_id=keep
+        ):
             closed = invoices_repo.transition_invoice(
-                session, orphan.id, to=InvoiceStatus.VOID, at=when, reason="subscription_canceled"
+                session, orphan.id, to=InvoiceStatus.VOID, at=when, reason=reason
             )
             event_log.invoice_closed(session, closed, when)
 
@@ -255,9 +284,62 @@ class BillingActivities:
             # Idempotent per (subscription, period) and gap-free: a racing run of this activity
             # gets the existing invoice and gives its number back.
             invoice, created = invoices_repo.issue_invoice(session, issued, lines)
+            if not created and self._superseded(session, invoice, input.currency, lines, now):
+                # The period's renewal was written for other terms, by a workflow task that was
+                # then discarded; it is void now, and this one is the period's invoice.
+                revision = invoices_repo.count_renewals_for_period(
+                    session, input.subscription_id, input.period_start
+                )
+                issued = dataclasses.replace(
+                    issued,
+                    id=invoice_id_for(input.subscription_id, input.period_start, revision),
+                )
+                invoice, created = invoices_repo.issue_invoice(session, issued, lines)
             if created:
                 event_log.invoice_issued(session, invoice, now)
             return _invoice_result(invoice, created=created)
+
+    def _superseded(
+        self,
+        session: Session,
+        existing: InvoiceRecord,
+        currency: str,
+        lines: list[InvoiceLine],
+        now: datetime,
+    ) -> bool:
+        """Void ``existing``, the period's renewal, if it bills other lines than ``lines`` and
+        no charge was ever attempted for it; True if it is void now.
+
+        It is then a write of a discarded workflow task (``create_invoice`` runs as a local
+        activity inside the task that decides the period's invoice) whose replacement decided
+        other terms: a plan or seat change applied first. Adopting it would bill the period at
+        the amount first written. One a charge was attempted for was known to a completed task
+        (charges are ordinary activities): it is the workflow's, and adopted as before."""
+        if existing.currency == currency and bills_the_same(
+            invoices_repo.list_invoice_lines(session, existing.id), lines
+        ):
+            return False
+        # Under the customer's lock, which charge_invoice holds while it records an attempt.
+        balances_repo.lock_customer(session, existing.customer_id)
+        current = invoices_repo.get_invoice(session, existing.id)
+        if (
+            current is None
+            or current.status != InvoiceStatus.OPEN
+            or invoices_repo.was_ever_charged(session, existing.id)
+        ):
+            log.warning(
+                "create_invoice: invoice %s (%s) bills other terms than asked for its period "
+                "but cannot be superseded (status %s or charged); adopted as it is",
+                existing.id,
+                existing.number,
+                current.status.value if current else "gone",
+            )
+            return False
+        closed = invoices_repo.transition_invoice(
+            session, existing.id, to=InvoiceStatus.VOID, at=now, reason="superseded"
+        )
+        event_log.invoice_closed(session, closed, now)
+        return True
 
     @activity.defn(name=ActivityName.CREATE_CHANGE_INVOICE)
     @domain_errors_are_final

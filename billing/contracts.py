@@ -113,6 +113,15 @@ class SyncSubscriptionInput:
     attention_reason: str | None = None
     #: Set when a plan or quantity change was applied: the new snapshot to mirror.
     terms: SubscriptionTerms | None = None
+    #: The open invoice the workflow is collecting, if any. With ``sweep_orphans``, every other
+    #: open invoice of the subscription that no charge was ever attempted for is voided: a
+    #: renewal written by a workflow task that was then discarded, when the task that replaced
+    #: it did not bill that period as written (a pause, a cancel or an interval change applied
+    #: first).
+    open_invoice_id: str | None = None
+    #: False for syncs recorded before ``open_invoice_id`` existed: they void orphans only on
+    #: a cancel, as then.
+    sweep_orphans: bool = False
 
 
 @dataclass

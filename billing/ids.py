@@ -63,13 +63,21 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
 
 
-def invoice_id_for(subscription_id: str, period_start: datetime) -> str:
+def invoice_id_for(subscription_id: str, period_start: datetime, revision: int = 0) -> str:
     """The same (subscription, period) always names the same invoice.
 
     ``period_start`` must be aware; it is read in UTC, so the same instant given in another zone
     (or as a value read back from the database) names the same invoice. Naive values are refused.
+
+    ``revision``: how many renewals of the period were voided as superseded before this one
+    (``create_invoice``); 0, the first, keeps the id every earlier invoice was given.
     """
-    return f"in_{_digest(subscription_id, ensure_utc(period_start).isoformat())}"
+    if isinstance(revision, bool) or revision < 0:
+        raise ValueError(f"revision must be a whole number >= 0; got {revision!r}")
+    parts = [subscription_id, ensure_utc(period_start).isoformat()]
+    if revision:
+        parts.append(f"r{revision}")
+    return f"in_{_digest(*parts)}"
 
 
 def change_invoice_id_for(subscription_id: str, change_id: str) -> str:

@@ -14,9 +14,11 @@ sees invoice 0001, 0002, ... with no gaps caused by other customers.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Protocol
 
 from billing.balance import credit_to_apply, debit_to_apply
 from billing.errors import ChangeRefused
@@ -49,6 +51,52 @@ class InvoiceLine:
     unit_amount_minor: int | None = None
     #: The plan change that produced a proration line.
     change_id: str | None = None
+
+
+class _BilledLine(Protocol):
+    """What a stored line (``InvoiceLineRecord``) and a draft (``InvoiceLine``) share."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def amount_minor(self) -> int: ...
+    @property
+    def plan_code(self) -> str | None: ...
+    @property
+    def quantity(self) -> int: ...
+    @property
+    def unit_amount_minor(self) -> int | None: ...
+    @property
+    def change_id(self) -> str | None: ...
+
+
+def _terms(line: _BilledLine) -> tuple[object, ...]:
+    return (
+        str(line.kind),
+        line.description,
+        line.amount_minor,
+        line.plan_code,
+        line.quantity,
+        line.unit_amount_minor,
+        line.change_id,
+    )
+
+
+def bills_the_same(stored: Sequence[_BilledLine], drafts: Sequence[_BilledLine]) -> bool:
+    """Whether an invoice already issued with ``stored`` lines is the invoice these ``drafts``
+    describe: the same lines in the same order, for the same amounts, plans, seats and changes.
+    A renewal written by a workflow task that was then discarded, when the task that replaced
+    it decided other terms (a plan change or seats applied first), does not: it is voided as
+    superseded rather than billed at the amount first written (``create_invoice``).
+
+    Instants are not compared: a re-run computed under other zone rules (a worker with newer
+    tzdata) may ask for another period end, and the period is the one the invoice stores
+    (README, "Replay safety")."""
+    return len(stored) == len(drafts) and all(
+        _terms(a) == _terms(b) for a, b in zip(stored, drafts, strict=True)
+    )
 
 
 def invoice_totals(line_amounts_minor: list[int], balance_minor: int) -> tuple[int, int, int]:

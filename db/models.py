@@ -172,6 +172,9 @@ class SubscriptionRow(Base):
     quantity: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
+#: The renewal invoices the period's unique index holds (also in migration 0022).
+LIVE_RENEWAL = "change_id IS NULL AND status <> 'void'"
+
 #: An invoice neither paid, voided nor written off (also in migration 0019).
 UNSETTLED = "paid_at IS NULL AND voided_at IS NULL AND marked_uncollectible_at IS NULL"
 SETTLED_STAMPS = ("paid_at", "voided_at", "marked_uncollectible_at")
@@ -180,18 +183,20 @@ SETTLED_STAMPS = ("paid_at", "voided_at", "marked_uncollectible_at")
 class InvoiceRow(Base):
     __tablename__ = "invoices"
     __table_args__ = (
-        # One renewal invoice per billing period: a retried or replayed create_invoice finds
-        # this row instead of billing the customer twice. Its unique index also serves lookups
-        # by (subscription_id, period_start), so no second index on those columns. An invoice
-        # issued for a plan change is keyed by its change instead (``change_id``, unique), so
-        # a change at the very instant a period renews never collides with the renewal.
+        # One live renewal invoice per billing period: a retried or replayed create_invoice
+        # finds this row instead of billing the customer twice. Its unique index also serves
+        # lookups by (subscription_id, period_start), so no second index on those columns. An
+        # invoice issued for a plan change is keyed by its change instead (``change_id``,
+        # unique), so a change at the very instant a period renews never collides with the
+        # renewal. A renewal voided as superseded (written by a discarded workflow task, see
+        # migration 0022) leaves the period to the invoice the workflow decided.
         Index(
             "uq_invoices_renewal_period",
             "subscription_id",
             "period_start",
             unique=True,
-            sqlite_where=text("change_id IS NULL"),
-            postgresql_where=text("change_id IS NULL"),
+            sqlite_where=text(LIVE_RENEWAL),
+            postgresql_where=text(LIVE_RENEWAL),
         ),
         CheckConstraint("amount_due_minor >= 0", name="amount_due_nonnegative"),
         CheckConstraint(

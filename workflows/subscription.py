@@ -1500,6 +1500,9 @@ class SubscriptionWorkflow:
                     quantity=s.quantity,
                     anchor_at=s.anchor_at,
                 ),
+                # Any other open invoice never charged is a discarded task's write: voided.
+                open_invoice_id=s.open_invoice.invoice_id if s.open_invoice else None,
+                sweep_orphans=True,
             ),
             SyncSubscriptionResult,
             local=not self._change_steps_not_local(),

@@ -1,5 +1,6 @@
-"""Invoices: one per (subscription, period start), numbered gap-free per customer, moved
-through their lifecycle by compare-and-set so concurrent workers cannot undo each other."""
+"""Invoices: one live renewal per (subscription, period start), numbered gap-free per
+customer, moved through their lifecycle by compare-and-set so concurrent workers cannot undo
+each other."""
 
 from __future__ import annotations
 
@@ -46,8 +47,10 @@ def get_invoice(session: Session, invoice_id: str) -> InvoiceRecord | None:
 def get_invoice_for_period(
     session: Session, subscription_id: str, period_start: datetime
 ) -> InvoiceRecord | None:
-    """The subscription's renewal invoice for the period starting at ``period_start`` (any
-    zone); invoices issued for a plan change are found by ``get_invoice_for_change``."""
+    """The subscription's live renewal invoice for the period starting at ``period_start``
+    (any zone): the one the period's unique index holds, so not one voided as superseded
+    (migration 0022). Invoices issued for a plan change are found by
+    ``get_invoice_for_change``."""
     return fetch_one(
         session,
         InvoiceRecord,
@@ -55,7 +58,38 @@ def get_invoice_for_period(
             INVOICES.c.subscription_id == subscription_id,
             INVOICES.c.period_start == period_start,
             INVOICES.c.change_id.is_(None),
+            INVOICES.c.status != InvoiceStatus.VOID,
         ),
+    )
+
+
+def count_renewals_for_period(
+    session: Session, subscription_id: str, period_start: datetime
+) -> int:
+    """How many renewal invoices (live or voided) the period has had: the next one's
+    ``revision`` (``billing.ids.invoice_id_for``)."""
+    return int(
+        session.execute(
+            select(func.count())
+            .select_from(INVOICES)
+            .where(
+                INVOICES.c.subscription_id == subscription_id,
+                INVOICES.c.period_start == period_start,
+                INVOICES.c.change_id.is_(None),
+            )
+        ).scalar_one()
+    )
+
+
+def was_ever_charged(session: Session, invoice_id: str) -> bool:
+    """Whether any charge attempt was ever recorded for the invoice."""
+    return (
+        session.execute(
+            select(PAYMENT_ATTEMPTS.c.id)
+            .where(PAYMENT_ATTEMPTS.c.invoice_id == invoice_id)
+            .limit(1)
+        ).first()
+        is not None
     )
 
 
@@ -84,21 +118,21 @@ def list_invoices_for_subscription(session: Session, subscription_id: str) -> li
     )
 
 
-def list_open_never_charged(session: Session, subscription_id: str) -> list[InvoiceRecord]:
-    """The subscription's open invoices that no charge attempt was ever made for."""
-    return fetch_all(
-        session,
-        InvoiceRecord,
-        select_rows(INVOICES)
-        .where(
-            INVOICES.c.subscription_id == subscription_id,
-            INVOICES.c.status == InvoiceStatus.OPEN,
-            ~select(PAYMENT_ATTEMPTS.c.id)
-            .where(PAYMENT_ATTEMPTS.c.invoice_id == INVOICES.c.id)
-            .exists(),
-        )
-        .order_by(INVOICES.c.period_start),
+def list_open_never_charged(
+    session: Session, subscription_id: str, *, except_id: str | None = None
+) -> list[InvoiceRecord]:
+    """The subscription's open invoices that no charge attempt was ever made for, but
+    ``except_id``."""
+    query = select_rows(INVOICES).where(
+        INVOICES.c.subscription_id == subscription_id,
+        INVOICES.c.status == InvoiceStatus.OPEN,
+        ~select(PAYMENT_ATTEMPTS.c.id)
+        .where(PAYMENT_ATTEMPTS.c.invoice_id == INVOICES.c.id)
+        .exists(),
     )
+    if except_id is not None:
+        query = query.where(INVOICES.c.id != except_id)
+    return fetch_all(session, InvoiceRecord, query.order_by(INVOICES.c.period_start))
 
 
 def insert_invoice(session: Session, record: InvoiceRecord) -> tuple[InvoiceRecord, bool]:

@@ -213,3 +213,49 @@ def test_sqlite_batch_migration_can_rebuild_a_referenced_table(
     with pytest.raises(IntegrityError), unit_of_work(session_factory) as session:
         session.execute(text("UPDATE subscriptions SET customer_id = 'cus_missing'"))
     engine.dispose()
+
+
+def test_a_superseded_renewal_frees_its_period_and_blocks_the_downgrade_below_0022(
+    backend: str, admin_url: str, factory: Any
+) -> None:
+    """0022: one live renewal per period; a voided one no longer holds it. Going back to
+    0021's index would make two renewals of one period collide, so the downgrade refuses and
+    says which, leaving the schema at 0022."""
+    from datetime import UTC, datetime
+
+    from billing.ids import invoice_id_for
+    from billing.invoices import InvoiceStatus
+    from db.repositories import invoices
+
+    with temporary_database(backend, admin_url=admin_url, migrate=False) as url:
+        upgrade(url)
+        engine = make_engine(url)
+        session_factory = make_session_factory(engine)
+        try:
+            with unit_of_work(session_factory) as session:
+                subscription = factory.subscription(session)
+                first = factory.invoice(session, subscription)
+                # While it is live, a second renewal of the period is the same invoice.
+                again, created = invoices.issue_invoice(
+                    session, factory.invoice_record(subscription, id="in_other")
+                )
+                assert (again.id, created) == (first.id, False)
+                invoices.transition_invoice(
+                    session, first.id, to=InvoiceStatus.VOID, at=datetime.now(UTC)
+                )
+                second = factory.invoice(
+                    session,
+                    subscription,
+                    id=invoice_id_for(subscription.id, first.period_start, 1),
+                )
+            with unit_of_work(session_factory) as session:
+                assert (
+                    invoices.get_invoice_for_period(session, subscription.id, first.period_start)
+                    == second
+                )
+        finally:
+            engine.dispose()
+
+        with pytest.raises(RuntimeError, match="superseded renewal beside the live one"):
+            downgrade(url, "0021")
+        assert current_revision(url) == head_revision()
