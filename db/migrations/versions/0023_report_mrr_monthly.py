@@ -35,7 +35,8 @@ of them is written: the old rows are taken off the monthly sums and the new ones
 late change (``changed_at`` before others already logged) moves every boundary it should.
 
 PostgreSQL: statement triggers over transition tables; the refresh first takes a
-transaction-level advisory lock per customer (class 23, in hash order), and its statements
+transaction-level advisory lock per customer (class 23, in hash order; one lock on the whole
+book instead for a statement writing more than 64 customers), and its statements
 start after the lock is held, so two transactions writing one customer's subscriptions see
 each other's committed rows and the last refresh is computed from everything (the pattern of
 0021's dunning refresh). SQLite: row triggers (one writer at a time), slot 0, the monthly sums
@@ -52,7 +53,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0023"
-down_revision: str | Sequence[str] | None = "0021"  # TEMP: 0022 once main has it
+down_revision: str | Sequence[str] | None = "0022"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -80,8 +81,11 @@ WATCHED = (
     "created_at",
 )
 CHANGES = "subscription_status_changes"
-#: Advisory lock class of the refresh (this revision's number).
+#: Advisory lock class of the refresh (this revision's number): (23, hash of the customer id)
+#: per customer, each refresh holding (-23, 0) shared, or exclusive instead of the customers'
+#: when it refreshes more than BULK_CUSTOMERS of them.
 LOCK_CLASS = 23
+BULK_CUSTOMERS = 64
 
 
 def _next_month(dialect: str, column: str) -> str:
@@ -203,10 +207,16 @@ BEGIN
     ids := ARRAY(SELECT DISTINCT split_part(k, chr(31), 2) FROM unnest(keys) AS k);
     -- Serialise with every other writer of these customers, in one order (no deadlock); the
     -- statements below start after the locks are held, so they see what the previous holder
-    -- committed.
-    FOR lock_key IN SELECT DISTINCT hashtext(i) FROM unnest(ids) AS i ORDER BY 1 LOOP
-        PERFORM pg_advisory_xact_lock({LOCK_CLASS}, lock_key);
-    END LOOP;
+    -- committed. A statement writing many customers (a bulk load) takes the whole book
+    -- instead, so it does not fill the lock table.
+    IF cardinality(ids) > {BULK_CUSTOMERS} THEN
+        PERFORM pg_advisory_xact_lock({-LOCK_CLASS}, 0);
+    ELSE
+        PERFORM pg_advisory_xact_lock_shared({-LOCK_CLASS}, 0);
+        FOR lock_key IN SELECT DISTINCT hashtext(i) FROM unnest(ids) AS i ORDER BY 1 LOOP
+            PERFORM pg_advisory_xact_lock({LOCK_CLASS}, lock_key);
+        END LOOP;
+    END IF;
     INSERT INTO report_mrr_monthly (currency, month, slot, {figures})
     SELECT currency, month, pg_backend_pid() % {SLOTS}, {sums}
     FROM (
