@@ -115,10 +115,10 @@ def _monthly(r: str) -> str:
     )
 
 
-def fresh_rows(dialect: str, where: str) -> str:
-    """``report_mrr_customer_months`` of the customers whose subscriptions match ``where``
-    (alias ``s``; it must select whole (currency, customer) pairs), from scratch:
-    (currency, customer_id, month, *FIGURES)."""
+def fresh_rows(dialect: str, where: str, *, source: str = "subscriptions s") -> str:
+    """``report_mrr_customer_months`` of the customers whose subscriptions (alias ``s`` in
+    ``source``) match ``where`` (it must select whole (currency, customer) pairs), from
+    scratch: (currency, customer_id, month, *FIGURES)."""
     nm = _next_month
     # The subscriptions with MRR above 0: their amount, first boundary (b0), first status,
     # and the first boundary at which they had counted (fb).
@@ -132,7 +132,7 @@ def fresh_rows(dialect: str, where: str) -> str:
         "ORDER BY c.changed_at, c.id LIMIT 1), s.status) AS initial, "
         f"(SELECT min(c.changed_at) FROM {CHANGES} c WHERE c.subscription_id = s.id "
         f"AND c.to_status IN {COUNTED}) AS first_change_counted "
-        f"FROM subscriptions s WHERE ({where}) AND {_monthly('s.')} > 0) AS x"
+        f"FROM {source} WHERE ({where}) AND {_monthly('s.')} > 0) AS x"
     )
     carried = "sub.id, sub.currency, sub.customer_id, sub.m, sub.fb"
     # The status at each boundary where it may change: the first one (its last change before
@@ -186,16 +186,31 @@ def fresh_rows(dialect: str, where: str) -> str:
 def _pg_functions() -> list[str]:
     figures = ", ".join(FIGURES)
     sums = ", ".join(f"sum({f})" for f in FIGURES)
-    negated = ", ".join(f"-{f}" for f in FIGURES)
     nonzero = " OR ".join(f"sum({f}) <> 0" for f in FIGURES)
     added = ", ".join(f"{f} = report_mrr_monthly.{f} + EXCLUDED.{f}" for f in FIGURES)
-    mine = "customer_id = ANY(ids) AND currency || chr(31) || customer_id = ANY(keys)"
+    # Joined with the keys as a table (an index probe per customer), not "= ANY(keys)": a
+    # cached generic plan compares each row with every element of the array, so a bulk load
+    # of thousands of customers would take quadratic time.
+    wanted = (
+        "(SELECT DISTINCT split_part(k, chr(31), 1) AS currency, split_part(k, chr(31), 2) "
+        "AS customer_id FROM unnest(keys) AS k) AS wanted"
+    )
     fresh = fresh_rows(
         "postgresql",
-        "s.customer_id = ANY(ids) AND s.currency || chr(31) || s.customer_id = ANY(keys)",
+        "true",
+        source=f"{wanted} JOIN subscriptions s ON s.customer_id = wanted.customer_id "
+        "AND s.currency = wanted.currency",
+    )
+    old_rows = (
+        f"report_mrr_customer_months m JOIN {wanted} ON m.customer_id = wanted.customer_id "
+        "AND m.currency = wanted.currency"
     )
     refresh = f"""
-CREATE FUNCTION report_mrr_refresh(keys text[]) RETURNS void LANGUAGE plpgsql AS $body$
+CREATE FUNCTION report_mrr_refresh(keys text[]) RETURNS void LANGUAGE plpgsql
+-- Its statements are long: planned afresh at each call they took 20-30 ms, and JIT compiled
+-- (at 1M invoices, the first bench of this revision); their generic plans probe indexes per
+-- customer whatever the number of keys.
+SET plan_cache_mode = force_generic_plan SET jit = off AS $body$
 DECLARE
     ids text[];
     lock_key integer;
@@ -211,6 +226,10 @@ BEGIN
     -- instead, so it does not fill the lock table.
     IF cardinality(ids) > {BULK_CUSTOMERS} THEN
         PERFORM pg_advisory_xact_lock({-LOCK_CLASS}, 0);
+        -- The rows this statement wrote (thousands into a table the statistics think empty)
+        -- counted, so the plans probe indexes instead of scanning them per customer.
+        ANALYZE subscriptions;
+        ANALYZE subscription_status_changes;
     ELSE
         PERFORM pg_advisory_xact_lock_shared({-LOCK_CLASS}, 0);
         FOR lock_key IN SELECT DISTINCT hashtext(i) FROM unnest(ids) AS i ORDER BY 1 LOOP
@@ -222,11 +241,12 @@ BEGIN
     FROM (
         SELECT currency, month, {figures} FROM ({fresh}) AS fresh
         UNION ALL
-        SELECT currency, month, {negated} FROM report_mrr_customer_months WHERE {mine}
+        SELECT m.currency, m.month, {", ".join(f"-m.{f}" for f in FIGURES)} FROM {old_rows}
     ) AS delta
     GROUP BY currency, month HAVING {nonzero} ORDER BY currency, month
     ON CONFLICT (currency, month, slot) DO UPDATE SET {added};
-    DELETE FROM report_mrr_customer_months WHERE {mine};
+    DELETE FROM report_mrr_customer_months gone USING {wanted}
+    WHERE gone.customer_id = wanted.customer_id AND gone.currency = wanted.currency;
     INSERT INTO report_mrr_customer_months (currency, customer_id, month, {figures})
     SELECT currency, customer_id, month, {figures} FROM ({fresh}) AS fresh;
 END
