@@ -15,7 +15,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from billing.finance import parse_instant
 from billing.money import normalize_currency
 from billing.reports import (
-    MRR_STATUSES,
     AgingRow,
     CollectionMonth,
     DunningReport,
@@ -25,7 +24,9 @@ from billing.reports import (
     collections_report,
     dunning_recovery,
     month_range,
+    mrr_from_boundaries,
     mrr_report,
+    with_mrr,
 )
 from db.engine import unit_of_work
 from db.repositories import reports as reports_repo
@@ -84,9 +85,10 @@ def _collector_paused() -> Iterator[None]:
 def mrr(
     session_factory: sessionmaker[Session], months: MonthRange, *, from_rows: bool = False
 ) -> list[MrrMonth]:
-    """MRR and its movements, from the counts the database keeps (``report_mrr_prices`` and
-    the customers', migration 0021) and the subscriptions that moved in the months;
-    ``from_rows`` computes the steady part from every subscription instead (for checking)."""
+    """MRR and its movements, from the sums the database keeps per currency and month
+    (``report_mrr_monthly``, migration 0023): a few rows a month, whatever the range and
+    however much of the book moved in it. ``from_rows`` computes them from every subscription
+    and its status changes instead (for checking; a scan of the book)."""
     with _collector_paused():
         return _mrr(session_factory, months, from_rows=from_rows)
 
@@ -96,28 +98,15 @@ def _mrr(
 ) -> list[MrrMonth]:
     with unit_of_work(session_factory) as session:
         reports_repo.tune_for_reports(session)
-        if from_rows:
-            inputs = reports_repo.mrr_inputs_from_rows(
-                session,
-                start=months.first.start,
-                until=months.last.next().start,
-                counted=sorted(status.value for status in MRR_STATUSES),
-                currency=months.currency,
+        if not from_rows:
+            opening, moves = reports_repo.mrr_boundaries(
+                session, months.first, months.last, currency=months.currency
             )
-        else:
-            inputs = reports_repo.mrr_inputs(
-                session,
-                start=months.first.start,
-                until=months.last.next().start,
-                currency=months.currency,
-            )
-    return mrr_report(
-        inputs.histories,
-        months.months,
-        steady=inputs.steady,
-        steady_customers=inputs.steady_customers,
-        steady_customer_ids=inputs.steady_customer_ids,
-    )
+            return mrr_from_boundaries(opening, moves, months.months)
+        histories = reports_repo.mrr_histories_from_rows(
+            session, until=months.last.next().start, currency=months.currency
+        )
+    return with_mrr(mrr_report(histories, months.months))
 
 
 def aging(

@@ -379,6 +379,81 @@ def mrr_report(
     return result
 
 
+def with_mrr(rows: Sequence[MrrMonth]) -> list[MrrMonth]:
+    """``rows`` less the currencies with no MRR at any boundary of the report (subscriptions
+    that never counted, or counted only between two boundaries, move nothing): the currencies a
+    report shows."""
+    shown = {r.currency for r in rows if r.opening_mrr_minor or r.closing_mrr_minor}
+    return [r for r in rows if r.currency in shown]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MrrBoundary:
+    """What one currency's MRR does around one month start, summed over its customers (the
+    database keeps these per month, migration 0023): how the levels move at ``month``'s first
+    instant (MRR, subscriptions with MRR above 0, customers owning one), and the movements of
+    the month before it. Minor units."""
+
+    currency: str
+    month: Month
+    mrr_minor: int = 0
+    subscriptions: int = 0
+    customers: int = 0
+    new_minor: int = 0
+    reactivated_minor: int = 0
+    churned_minor: int = 0
+    churned_customers: int = 0
+
+
+def mrr_from_boundaries(
+    opening: Iterable[MrrBoundary], moves: Iterable[MrrBoundary], months: Sequence[Month]
+) -> list[MrrMonth]:
+    """The report ``mrr_report`` gives, from the levels at the first month's start
+    (``opening``: every level move up to it, summed per currency; its movements are ignored)
+    and the moves at each later boundary (``moves``: month starts after the first, up to the
+    end of the last month). A subscription's MRR is constant (its price now), so it only
+    starts or stops counting: no expansion or contraction. Currencies with no MRR at any
+    boundary are left out (``with_mrr``)."""
+    if not months:
+        return []
+    first = months[0]
+    at_start: dict[str, MrrBoundary] = {}
+    for row in opening:
+        at_start[row.currency] = row
+    moved: dict[tuple[str, Month], MrrBoundary] = {}
+    for row in moves:
+        if first < row.month <= months[-1].next():
+            moved[(row.currency, row.month)] = row
+    result: list[MrrMonth] = []
+    for currency in sorted(set(at_start) | {c for c, _ in moved}):
+        start = at_start.get(currency, MrrBoundary(currency=currency, month=first))
+        mrr, subscriptions, customers = start.mrr_minor, start.subscriptions, start.customers
+        for month in months:
+            row = moved.get((currency, month.next()), MrrBoundary(currency=currency, month=month))
+            opening_mrr, opening_customers = mrr, customers
+            mrr += row.mrr_minor
+            subscriptions += row.subscriptions
+            customers += row.customers
+            result.append(
+                MrrMonth(
+                    month=month,
+                    currency=currency,
+                    opening_mrr_minor=opening_mrr,
+                    new_minor=row.new_minor,
+                    expansion_minor=0,
+                    contraction_minor=0,
+                    churned_minor=row.churned_minor,
+                    reactivated_minor=row.reactivated_minor,
+                    closing_mrr_minor=mrr,
+                    active_subscriptions=subscriptions,
+                    active_customers=customers,
+                    opening_customers=opening_customers,
+                    churned_customers=row.churned_customers,
+                )
+            )
+    return with_mrr(result)
+
+
 def is_steady(history: SubscriptionHistory, start: datetime) -> bool:
     """Whether the subscription is the same at every boundary from ``start`` on: created
     before it and no status change at or after it."""

@@ -1022,11 +1022,53 @@ class ReportDunningMonthlyRow(Base):
     amount_due_minor: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
+class ReportMrrCustomerMonthRow(Base):
+    """Per currency, customer and month: what the customer's subscriptions add to MRR at the
+    month's first instant (levels: MRR, subscriptions and customers counted) and move in the
+    month before it (new, reactivated, churned, churned customers). Recomputed from the
+    customer's subscriptions and status changes by triggers on both (migration 0023), so it is
+    what ``billing.reports.mrr_report`` computes from those rows."""
+
+    __tablename__ = "report_mrr_customer_months"
+
+    customer_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    currency: Mapped[str] = mapped_column(String(3), primary_key=True)
+    #: ``YYYY-MM``: the levels move at this month's start; the movements are the month before.
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)
+    mrr_minor: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    subscriptions: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    customers: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    new_minor: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    reactivated_minor: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    churned_minor: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    churned_customers: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+
+class ReportMrrMonthlyRow(Base):
+    """``report_mrr_customer_months`` summed per currency and month, in slots as the other
+    totals: the MRR report reads these (migration 0023), a few rows a month whatever the range."""
+
+    __tablename__ = "report_mrr_monthly"
+
+    currency: Mapped[str] = mapped_column(String(3), primary_key=True)
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)
+    slot: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default="0")
+    mrr_minor: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    subscriptions: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    customers: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    new_minor: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    reactivated_minor: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    churned_minor: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    churned_customers: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+
 REPORT_MRR_PRICES = _table(ReportMrrPriceRow)
 REPORT_MRR_CUSTOMERS = _table(ReportMrrCustomerRow)
 REPORT_MRR_CURRENCY_CUSTOMERS = _table(ReportMrrCurrencyCustomersRow)
 REPORT_DUNNING_INVOICES = _table(ReportDunningInvoiceRow)
 REPORT_DUNNING_MONTHLY = _table(ReportDunningMonthlyRow)
+REPORT_MRR_CUSTOMER_MONTHS = _table(ReportMrrCustomerMonthRow)
+REPORT_MRR_MONTHLY = _table(ReportMrrMonthlyRow)
 
 #: Every table the database keeps from others by trigger: emptied after their sources (whose
 #: deletes write to them).
@@ -1037,4 +1079,6 @@ REPORT_ROLLUPS = (
     REPORT_MRR_CURRENCY_CUSTOMERS,
     REPORT_DUNNING_INVOICES,
     REPORT_DUNNING_MONTHLY,
+    REPORT_MRR_CUSTOMER_MONTHS,
+    REPORT_MRR_MONTHLY,
 )

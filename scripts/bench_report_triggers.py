@@ -3,13 +3,21 @@
 The same writes, through the repositories as the activities make them, each in its own
 transaction, with the report triggers switched three ways on one database (``ALTER TABLE ...
 DISABLE TRIGGER``, in rounds so the load is shared): none; only migration 0019's
-(``report_monthly_totals``); 0019's and 0021's (MRR and dunning). Writes:
+(``report_monthly_totals``); 0019's and 0021's (MRR counts and dunning); and 0023's too (MRR
+per month). Writes:
 
 - ``invoice``: an open invoice issued (``issue_invoice``);
 - ``charge``: attempt 1 recorded pending, then paid, the invoice marked paid and its payment
   recorded (two transactions, as the charge activity does: before and after the provider);
 - ``failed_charge``: attempt 1 recorded pending, then declined (a dunning row is written);
-- ``status``: a subscription's status changed and logged (``update_subscription_state``).
+- ``status``: a subscription's status changed and logged (``update_subscription_state``), its
+  first change (none logged before: 0023 refreshes its customer twice, on the update and on
+  the logged change);
+- ``status_again``: the same for a subscription whose first change is logged already (the
+  usual case: one refresh);
+- ``subscribe``: a subscription inserted (a signup), for a customer of its own.
+
+Every subscription has a customer of its own (0023 recomputes a customer's months whole).
 
 Prints, per write and setting, the mean and p50/p99 milliseconds, and the trigger functions
 called per write (``pg_stat_user_functions`` with ``track_functions = 'pl'``).
@@ -61,16 +69,26 @@ TRIGGERS_0021 = [
     ),
     ("invoices", "report_dunning_invoices_changed_update"),
 ]
+TRIGGERS_0023 = [
+    (table, f"report_mrr_{name}_changed_{e}")
+    for table, name in (
+        ("subscriptions", "subscriptions"),
+        ("subscription_status_changes", "status_changes"),
+    )
+    for e in ("insert", "update", "delete")
+]
+ALL_TRIGGERS = TRIGGERS_0019 + TRIGGERS_0021 + TRIGGERS_0023
 SETTINGS = {
     "no report triggers": [],
     "0019 (monthly totals)": TRIGGERS_0019,
     "0019 + 0021 (and MRR, dunning)": TRIGGERS_0019 + TRIGGERS_0021,
+    "0019 + 0021 + 0023 (and MRR per month)": ALL_TRIGGERS,
 }
 
 
 def switch(engine: Any, enabled: list[tuple[str, str]]) -> None:
     with engine.begin() as connection:
-        for table, trigger in TRIGGERS_0019 + TRIGGERS_0021:
+        for table, trigger in ALL_TRIGGERS:
             state = "ENABLE" if (table, trigger) in enabled else "DISABLE"
             connection.execute(text(f"ALTER TABLE {table} {state} TRIGGER {trigger}"))
 
@@ -92,13 +110,11 @@ def main() -> None:
     factory = make_session_factory(engine)
     maker = Factory()
     at = datetime(2027, 3, 1, tzinfo=UTC)
-    with unit_of_work(factory) as session:
-        customer = maker.customer(session)
     open_invoices: list[Any] = []
 
     def new_sub() -> Any:
         with unit_of_work(factory) as session:
-            return maker.subscription(session, customer, created_at=at)
+            return maker.subscription(session, maker.customer(session), created_at=at)
 
     fresh_subs: list[Any] = []
 
@@ -164,8 +180,8 @@ def main() -> None:
 
     status_subs: list[Any] = []
 
-    def status_write() -> None:
-        sub = status_subs.pop()
+    def status_write(sub: Any = None) -> None:
+        sub = sub or status_subs.pop()
         to = (
             SubscriptionStatus.PAST_DUE
             if sub.status == SubscriptionStatus.ACTIVE
@@ -193,6 +209,8 @@ def main() -> None:
         "charge": lambda: attempt(ChargeOutcomeKind.PAID),
         "failed_charge": lambda: attempt(ChargeOutcomeKind.SOFT_DECLINE),
         "status": status_write,
+        "status_again": status_write,
+        "subscribe": new_sub,
     }
     timings: dict[tuple[str, str], list[float]] = {}
     calls: dict[tuple[str, str], dict[str, tuple[int, float]]] = {}
@@ -206,8 +224,15 @@ def main() -> None:
                     if kind in ("charge", "failed_charge"):
                         for _ in range(args.writes):
                             invoice_write()
-                    if kind == "status":
+                    if kind in ("status", "status_again"):
                         status_subs[:] = [new_sub() for _ in range(args.writes)]
+                    if kind == "status_again":
+                        # Each changed once already (logged), then back where it was.
+                        for sub in status_subs:
+                            status_write(sub)
+                            status_write(
+                                dataclasses.replace(sub, status=SubscriptionStatus.PAST_DUE)
+                            )
                     with engine.connect() as connection:
                         before = _function_calls(connection)
                     for _ in range(args.writes):
@@ -226,7 +251,7 @@ def main() -> None:
                     if kind == "invoice":
                         open_invoices.clear()
     finally:
-        switch(engine, TRIGGERS_0019 + TRIGGERS_0021)
+        switch(engine, ALL_TRIGGERS)
     report = {}
     writes = args.writes * args.rounds
     for (setting, kind), values in timings.items():
@@ -235,8 +260,8 @@ def main() -> None:
             "p50_ms": round(percentile(values, 50), 2),
             "p99_ms": round(percentile(values, 99), 2),
             # Per write: how many times each trigger function ran, and the milliseconds the
-            # ones a write fires directly took in the server (report_dunning_refresh runs
-            # inside the dunning ones).
+            # ones a write fires directly took in the server (report_dunning_refresh and
+            # report_mrr_refresh run inside the trigger functions, which count them).
             "trigger_calls_per_write": {
                 name: round(n / writes, 2) for name, (n, _) in calls[(setting, kind)].items() if n
             },
@@ -244,7 +269,7 @@ def main() -> None:
                 sum(
                     ms
                     for name, (_, ms) in calls[(setting, kind)].items()
-                    if name != "report_dunning_refresh"
+                    if name not in ("report_dunning_refresh", "report_mrr_refresh")
                 )
                 / writes,
                 3,

@@ -40,6 +40,10 @@ from bench_signup import percentile
 #: Report requests timed, with the book's months (bulk invoices start in January 2020).
 REPORT_REQUESTS: dict[str, tuple[str, dict[str, str]]] = {
     "mrr": ("/v1/reports/mrr", {"from": "2020-09", "to": "2021-08"}),
+    # The months the whole book was created in (every subscription moves in them), and three
+    # years around the book.
+    "mrr_creation": ("/v1/reports/mrr", {"from": "2020-01", "to": "2020-12"}),
+    "mrr_36_months": ("/v1/reports/mrr", {"from": "2019-06", "to": "2022-05"}),
     "ar_aging": ("/v1/reports/ar-aging", {"as_of": "2021-09-15T00:00:00Z"}),
     "dunning": ("/v1/reports/dunning", {"from": "2020-09", "to": "2021-08"}),
     "collections": ("/v1/reports/collections", {"from": "2020-09", "to": "2021-08"}),

@@ -6,7 +6,6 @@ collected vs invoiced. Reads only. Months are grouped in UTC, in SQL, on both da
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,15 +16,12 @@ from sqlalchemy import (
     String,
     and_,
     case,
-    exists,
     func,
     literal,
     or_,
     select,
     text,
-    true,
     type_coerce,
-    union,
     union_all,
 )
 from sqlalchemy.orm import Session
@@ -38,8 +34,8 @@ from billing.reports import (
     FailedInvoice,
     Month,
     MonthlySum,
+    MrrBoundary,
     Receivable,
-    SteadyGroup,
     SubscriptionHistory,
     bucket_first_days,
     monthly_recurring_minor,
@@ -52,9 +48,7 @@ from db.models import (
     REFUNDS,
     REPORT_DUNNING_MONTHLY,
     REPORT_MONTHLY_TOTALS,
-    REPORT_MRR_CURRENCY_CUSTOMERS,
-    REPORT_MRR_CUSTOMERS,
-    REPORT_MRR_PRICES,
+    REPORT_MRR_MONTHLY,
     SUBSCRIPTION_STATUS_CHANGES,
     SUBSCRIPTIONS,
 )
@@ -66,389 +60,133 @@ def _quantity_column() -> Any:
     return SUBSCRIPTIONS.c.get("quantity")
 
 
-@dataclass(frozen=True, slots=True)
-class MrrInputs:
-    """What ``billing.reports.mrr_report`` needs for a report from ``start`` to ``until``."""
+def mrr_histories_from_rows(
+    session: Session, *, until: datetime, currency: str | None = None
+) -> list[SubscriptionHistory]:
+    """Every subscription created before ``until`` (of ``currency``, if given), with its
+    monthly amount (its price now), its status changes before ``until`` in time order, and its
+    status before the first of them: the first change's ``from_status`` (whenever that change
+    is), or with none logged its status now.
 
-    histories: list[SubscriptionHistory]
-    steady: list[SteadyGroup]
-    steady_customers: dict[str, int]
-    steady_customer_ids: frozenset[tuple[str, str]]
-
-
-def _changed_since(start: datetime) -> Any:
-    """The subscription has a status change at or after ``start``."""
+    From the subscriptions and their changes themselves (a scan of the book): what the
+    monthly rollup (``mrr_boundaries``) must always agree with."""
     changes = SUBSCRIPTION_STATUS_CHANGES
-    return exists().where(
-        changes.c.subscription_id == SUBSCRIPTIONS.c.id, changes.c.changed_at >= start
-    )
-
-
-def _steady(start: datetime, counted: Sequence[str]) -> ColumnElement[bool]:
-    """Created before ``start``, no status change since, and counted: the same at every
-    boundary of the report. Its status then is its current one (the status mirror and its
-    change log are written together)."""
-    return and_(
-        SUBSCRIPTIONS.c.created_at < start,
-        SUBSCRIPTIONS.c.status.in_(counted),
-        ~_changed_since(start),
-    )
-
-
-def mrr_inputs_from_rows(
-    session: Session,
-    *,
-    start: datetime,
-    until: datetime,
-    counted: Sequence[str],
-    currency: str | None = None,
-) -> MrrInputs:
-    """The book for an MRR report whose first boundary is ``start`` and last ``until``:
-    steady counted subscriptions grouped by price (counted, not listed), and every other
-    subscription that may count at some boundary with its status changes before ``until``.
-    ``counted``: the statuses that count (billing.reports.MRR_STATUSES).
-
-    From the subscriptions themselves (four scans of the book): what ``mrr_inputs`` must
-    always agree with."""
     quantity = _quantity_column()
-    quantity_value = quantity if quantity is not None else literal(1)
-    steady_where = [_steady(start, counted)]
+    first_change = changes.alias("first_change")
+    first_from = (
+        select(type_coerce(first_change.c.from_status, String))
+        .where(first_change.c.subscription_id == SUBSCRIPTIONS.c.id)
+        .order_by(first_change.c.changed_at, first_change.c.id)
+        .limit(1)
+        .scalar_subquery()
+    )
+    where = [SUBSCRIPTIONS.c.created_at < until]
     if currency is not None:
-        steady_where.append(SUBSCRIPTIONS.c.currency == currency)
-    groups = session.execute(
-        select(
-            SUBSCRIPTIONS.c.currency,
-            SUBSCRIPTIONS.c.amount_minor,
-            SUBSCRIPTIONS.c.interval,
-            SUBSCRIPTIONS.c.interval_count,
-            quantity_value.label("quantity"),
-            func.count(),
-        )
-        .where(*steady_where)
-        .group_by(
-            SUBSCRIPTIONS.c.currency,
-            SUBSCRIPTIONS.c.amount_minor,
-            SUBSCRIPTIONS.c.interval,
-            SUBSCRIPTIONS.c.interval_count,
-            quantity_value,
-        )
-    )
-    steady = []
-    free_prices: set[tuple[int, str, int, int]] = set()
-    for c, amount, interval, count, qty, n in groups:
-        monthly = monthly_recurring_minor(int(amount), IntervalUnit(interval), int(count), int(qty))
-        steady.append(SteadyGroup(currency=c, monthly_minor=monthly, subscriptions=int(n)))
-        if monthly == 0:
-            free_prices.add((int(amount), str(IntervalUnit(interval).value), int(count), int(qty)))
-    # Customers count while some subscription of theirs has MRR above 0: leave out the
-    # price points whose monthly amount rounds to 0 (free plans).
-    free = [
-        and_(
-            SUBSCRIPTIONS.c.amount_minor == amount,
-            SUBSCRIPTIONS.c.interval == interval,
-            SUBSCRIPTIONS.c.interval_count == count,
-            quantity_value == qty,
-        )
-        for amount, interval, count, qty in free_prices
-    ]
-    paying = ~or_(*free) if free else true()
-    steady_customers = {
-        c: int(n)
-        for c, n in session.execute(
-            select(SUBSCRIPTIONS.c.currency, func.count(SUBSCRIPTIONS.c.customer_id.distinct()))
-            .where(*steady_where, paying)
-            .group_by(SUBSCRIPTIONS.c.currency)
-        )
-    }
-    # Everything else that may count at some boundary: created inside the report, or changed
-    # since its start.
-    others = and_(
-        SUBSCRIPTIONS.c.created_at < until,
-        or_(SUBSCRIPTIONS.c.created_at >= start, _changed_since(start)),
-        *([SUBSCRIPTIONS.c.currency == currency] if currency is not None else []),
-    )
-    sibling = SUBSCRIPTIONS.alias("sibling")
-    owns_steady = (
-        exists()
-        .where(
-            sibling.c.customer_id == SUBSCRIPTIONS.c.customer_id,
-            sibling.c.currency == SUBSCRIPTIONS.c.currency,
-            sibling.c.created_at < start,
-            sibling.c.status.in_(counted),
-            *(
-                [
-                    ~or_(
-                        *(
-                            and_(
-                                sibling.c.amount_minor == amount,
-                                sibling.c.interval == interval,
-                                sibling.c.interval_count == count,
-                                (sibling.c[quantity.name] if quantity is not None else literal(1))
-                                == qty,
-                            )
-                            for amount, interval, count, qty in free_prices
-                        )
-                    )
-                ]
-                if free_prices
-                else []
-            ),
-            ~exists().where(
-                SUBSCRIPTION_STATUS_CHANGES.c.subscription_id == sibling.c.id,
-                SUBSCRIPTION_STATUS_CHANGES.c.changed_at >= start,
-            ),
-        )
-        .label("owns_steady")
-    )
-    statement = select(
-        SUBSCRIPTIONS.c.id,
-        SUBSCRIPTIONS.c.customer_id,
-        SUBSCRIPTIONS.c.currency,
-        SUBSCRIPTIONS.c.amount_minor,
-        SUBSCRIPTIONS.c.interval,
-        SUBSCRIPTIONS.c.interval_count,
-        SUBSCRIPTIONS.c.created_at,
-        SUBSCRIPTIONS.c.status,
-        quantity_value.label("quantity"),
-        owns_steady,
-    ).where(others)
-    listed = select(SUBSCRIPTIONS.c.id).where(others).subquery("listed")
-    changes_statement = (
-        select(
-            SUBSCRIPTION_STATUS_CHANGES.c.subscription_id,
-            SUBSCRIPTION_STATUS_CHANGES.c.from_status,
-            SUBSCRIPTION_STATUS_CHANGES.c.to_status,
-            SUBSCRIPTION_STATUS_CHANGES.c.changed_at,
-        )
-        .join(listed, listed.c.id == SUBSCRIPTION_STATUS_CHANGES.c.subscription_id)
-        .where(SUBSCRIPTION_STATUS_CHANGES.c.changed_at < until)
-        .order_by(
-            SUBSCRIPTION_STATUS_CHANGES.c.subscription_id,
-            SUBSCRIPTION_STATUS_CHANGES.c.changed_at,
-            SUBSCRIPTION_STATUS_CHANGES.c.id,
-        )
-    )
-    changes: dict[str, list[tuple[datetime, SubscriptionStatus, SubscriptionStatus]]] = defaultdict(
-        list
-    )
-    for sub_id, from_status, to_status, changed_at in session.execute(changes_statement):
-        changes[sub_id].append(
-            (changed_at, SubscriptionStatus(from_status), SubscriptionStatus(to_status))
-        )
-    histories = []
-    owners: set[tuple[str, str]] = set()
-    for row in session.execute(statement).mappings():
-        own = changes.get(row["id"], [])
-        # Before its first change a subscription had that change's from-status; with no change
-        # recorded, it has had its current status since it was created.
-        initial = own[0][1] if own else SubscriptionStatus(row["status"])
-        if row["owns_steady"]:
-            owners.add((row["currency"], row["customer_id"]))
-        histories.append(
-            SubscriptionHistory(
-                subscription_id=row["id"],
-                customer_id=row["customer_id"],
-                currency=row["currency"],
-                monthly_minor=monthly_recurring_minor(
-                    int(row["amount_minor"]),
-                    IntervalUnit(row["interval"]),
-                    int(row["interval_count"]),
-                    int(row["quantity"]),
-                ),
-                created_at=row["created_at"],
-                initial_status=initial,
-                changes=tuple((at, to) for at, _, to in own),
-            )
-        )
-    return MrrInputs(histories, steady, steady_customers, frozenset(owners))
-
-
-#: The statuses migration 0021's triggers count in ``report_mrr_prices`` (frozen there; a test
-#: checks they are billing.reports.MRR_STATUSES).
-ROLLUP_COUNTED = ("active", "needs_attention", "past_due")
-
-
-def mrr_inputs(
-    session: Session, *, start: datetime, until: datetime, currency: str | None = None
-) -> MrrInputs:
-    """What ``mrr_inputs_from_rows`` returns, from the counts the database keeps (migration
-    0021) and the subscriptions created or changed since ``start`` only.
-
-    The steady subscriptions (created before ``start``, counted, no change since) are those
-    counted now less the counted ones created or changed since ``start``; the steady customers
-    are the customers counted now less those whose every paying counted subscription is one of
-    these. So the work grows with what moved since ``start``, not with the book."""
-    prices = REPORT_MRR_PRICES.c
-    price_columns = (
-        prices.currency,
-        prices.amount_minor,
-        prices.interval,
-        prices.interval_count,
-        prices.quantity,
-    )
-    counted_now: dict[tuple[str, int, str, int, int], int] = {}
-    statement = (
-        select(*price_columns, func.sum(prices.subscriptions))
-        .group_by(*price_columns)
-        .having(func.sum(prices.subscriptions) != 0)
-    )
-    if currency is not None:
-        statement = statement.where(prices.currency == currency)
-    for c, amount, interval, count, qty, n in session.execute(statement):
-        counted_now[(c, int(amount), str(interval), int(count), int(qty))] = int(n)
-    customers = REPORT_MRR_CURRENCY_CUSTOMERS.c
-    customers_statement = select(customers.currency, func.sum(customers.customers)).group_by(
-        customers.currency
-    )
-    if currency is not None:
-        customers_statement = customers_statement.where(customers.currency == currency)
-    steady_customers = {c: int(n) for c, n in session.execute(customers_statement)}
-
-    quantity = _quantity_column()
-    quantity_value = quantity if quantity is not None else literal(1)
-    changes = SUBSCRIPTION_STATUS_CHANGES
-    # Created or changed since ``start``: from ix_subscriptions_created_at and
-    # ix_subscription_status_changes_changed_at, never a scan of the book.
-    moved_ids = union(
-        select(SUBSCRIPTIONS.c.id).where(SUBSCRIPTIONS.c.created_at >= start),
-        select(changes.c.subscription_id).where(changes.c.changed_at >= start),
-    ).subquery("moved_ids")
-    counted = list(ROLLUP_COUNTED)
-    moved_where = [
-        SUBSCRIPTIONS.c.id.in_(select(moved_ids.c.id)),
-        # Listed (may count at some boundary), or counted now (taken off the steady counts).
-        or_(SUBSCRIPTIONS.c.created_at < until, SUBSCRIPTIONS.c.status.in_(counted)),
-    ]
-    if currency is not None:
-        moved_where.append(SUBSCRIPTIONS.c.currency == currency)
-    # How many counted subscriptions with MRR above 0 the customer has now (report_mrr_customers,
-    # kept by 0021's triggers, one row per currency and customer). Each is steady or moved, so
-    # the customer owns a steady one exactly when it has more than its moved ones counted now:
-    # no per-row subquery over its siblings and their changes. An outer join, not a scalar
-    # subquery: PostgreSQL then hashes the rollup (a third less time at 1M invoices than 5,000
-    # probes of its key).
-    owned = REPORT_MRR_CUSTOMERS.c
-    moved = session.execute(
+        where.append(SUBSCRIPTIONS.c.currency == currency)
+    rows = session.execute(
         select(
             SUBSCRIPTIONS.c.id,
             SUBSCRIPTIONS.c.customer_id,
             SUBSCRIPTIONS.c.currency,
             SUBSCRIPTIONS.c.amount_minor,
-            type_coerce(SUBSCRIPTIONS.c.interval, String).label("interval"),
+            type_coerce(SUBSCRIPTIONS.c.interval, String),
             SUBSCRIPTIONS.c.interval_count,
+            quantity if quantity is not None else literal(1),
             _as_driver_returns(session, SUBSCRIPTIONS.c.created_at),
-            type_coerce(SUBSCRIPTIONS.c.status, String).label("status"),
-            quantity_value.label("quantity"),
-            owned.subscriptions,
-        )
-        .select_from(
-            SUBSCRIPTIONS.outerjoin(
-                REPORT_MRR_CUSTOMERS,
-                and_(
-                    owned.currency == SUBSCRIPTIONS.c.currency,
-                    owned.customer_id == SUBSCRIPTIONS.c.customer_id,
-                ),
-            )
-        )
-        .where(*moved_where)
+            type_coerce(SUBSCRIPTIONS.c.status, String),
+            first_from,
+        ).where(*where)
     ).all()
-    # The moved ones' changes before ``until`` (plain text statuses: thousands of rows), from
-    # the two indexes alone; those of subscriptions not listed are not looked up.
-    # Plain tuples and locals below, not ORM rows and attribute look-ups: tens of thousands
-    # of values at 1M invoices.
-    history: dict[str, list[tuple[datetime, SubscriptionStatus]]] = {}
-    # Before its first change a subscription had that change's from-status.
-    status_before: dict[str, SubscriptionStatus] = {}
-    for sub_id, from_status, to_status, changed_at in session.execute(
+    listed = select(SUBSCRIPTIONS.c.id).where(*where).subquery("listed")
+    history: dict[str, list[tuple[datetime, SubscriptionStatus]]] = defaultdict(list)
+    for sub_id, to_status, changed_at in session.execute(
         select(
             changes.c.subscription_id,
-            type_coerce(changes.c.from_status, String),
             type_coerce(changes.c.to_status, String),
             _as_driver_returns(session, changes.c.changed_at),
         )
-        .join(moved_ids, moved_ids.c.id == changes.c.subscription_id)
+        .join(listed, listed.c.id == changes.c.subscription_id)
         .where(changes.c.changed_at < until)
-        # Time order is all each subscription's list needs (grouped here, in a dict): no sort
-        # on the text ids, whose collation makes it the query's costliest step.
         .order_by(changes.c.changed_at, changes.c.id)
-    ).all():
-        own = history.get(sub_id)
-        if own is None:
-            own = history[sub_id] = []
-            status_before[sub_id] = _STATUS[from_status]
-        own.append((changed_at, _STATUS[to_status]))
-    # Few distinct prices among thousands of rows: normalise each once.
-    monthly_of: dict[tuple[str, int, str, int, int], int] = {}
-    priced = []
-    moved_paying_now: dict[tuple[str, str], int] = defaultdict(int)
-    for (
-        sub_id,
-        customer_id,
-        code,
-        amount,
-        interval,
-        count,
-        created_at,
-        status,
-        qty,
-        paying,
-    ) in moved:
-        price = (code, int(amount), str(interval), int(count), int(qty))
-        monthly = monthly_of.get(price)
-        if monthly is None:
-            monthly = monthly_of[price] = monthly_recurring_minor(
-                price[1], _INTERVAL[price[2]], price[3], price[4]
-            )
-        is_counted = status in ROLLUP_COUNTED
-        priced.append(
-            (sub_id, customer_id, code, price, monthly, created_at, status, is_counted, paying)
+    ):
+        history[sub_id].append((changed_at, _STATUS[to_status]))
+    return [
+        SubscriptionHistory(
+            subscription_id=sub_id,
+            customer_id=customer_id,
+            currency=code,
+            monthly_minor=monthly_recurring_minor(
+                int(amount), _INTERVAL[interval], int(count), int(qty)
+            ),
+            created_at=created_at,
+            initial_status=_STATUS[first or status],
+            changes=tuple(history.get(sub_id, ())),
         )
-        if is_counted and monthly > 0:
-            moved_paying_now[(code, customer_id)] += 1
-    histories = []
-    owners: set[tuple[str, str]] = set()
-    not_steady_customers: set[tuple[str, str]] = set()
-    for sub_id, customer_id, code, price, monthly, created_at, status, is_counted, paying in priced:
-        customer = (code, customer_id)
-        owns_steady = (paying or 0) > moved_paying_now.get(customer, 0)
-        if is_counted:
-            counted_now[price] = counted_now.get(price, 0) - 1
-            if monthly > 0 and not owns_steady:
-                not_steady_customers.add(customer)
-        if created_at >= until:
-            continue
-        if owns_steady:
-            owners.add(customer)
-        own = history.get(sub_id)
-        histories.append(
-            SubscriptionHistory(
-                subscription_id=sub_id,
-                customer_id=customer_id,
-                currency=code,
-                monthly_minor=monthly,
-                created_at=created_at,
-                # With no change recorded, it has had its current status since it was created.
-                initial_status=status_before[sub_id] if own else _STATUS[status],
-                changes=tuple(own) if own else (),
-            )
-        )
-    for c, _ in not_steady_customers:
-        steady_customers[c] = steady_customers.get(c, 0) - 1
-    steady = [
-        SteadyGroup(
-            currency=c,
-            monthly_minor=monthly_recurring_minor(amount, IntervalUnit(interval), count, qty),
-            subscriptions=n,
-        )
-        for (c, amount, interval, count, qty), n in counted_now.items()
-        if n
+        for (
+            sub_id,
+            customer_id,
+            code,
+            amount,
+            interval,
+            count,
+            qty,
+            created_at,
+            status,
+            first,
+        ) in rows
     ]
-    return MrrInputs(
-        histories,
-        steady,
-        {c: n for c, n in steady_customers.items() if n},
-        frozenset(owners),
+
+
+#: The statuses migrations 0021 and 0023 froze into their triggers (a test checks they are
+#: billing.reports.MRR_STATUSES).
+ROLLUP_COUNTED = ("active", "needs_attention", "past_due")
+
+
+def mrr_boundaries(
+    session: Session, first: Month, last: Month, *, currency: str | None = None
+) -> tuple[list[MrrBoundary], list[MrrBoundary]]:
+    """From ``report_mrr_monthly`` (migration 0023): per currency, every level move up to
+    ``first``'s start summed (the opening levels), and the moves at each later month start up
+    to the end of ``last`` (billing.reports.mrr_from_boundaries). One row per currency and
+    month after the sums; the book's months before ``first`` are added up in SQL."""
+    totals = REPORT_MRR_MONTHLY.c
+    opening = str(first)
+    key = case((totals.month <= opening, literal(opening)), else_=totals.month).label("key")
+    figures = (
+        "mrr_minor",
+        "subscriptions",
+        "customers",
+        "new_minor",
+        "reactivated_minor",
+        "churned_minor",
+        "churned_customers",
     )
+    statement = (
+        select(totals.currency, key, *(func.sum(getattr(totals, f)).label(f) for f in figures))
+        .where(totals.month <= str(last.next()))
+        .group_by(totals.currency, key)
+    )
+    if currency is not None:
+        statement = statement.where(totals.currency == currency)
+    start: list[MrrBoundary] = []
+    moves: list[MrrBoundary] = []
+    for row in session.execute(statement).mappings():
+        month = Month.parse(row["key"])
+        values = {f: int(row[f] or 0) for f in figures}
+        if row["key"] == opening:
+            # Only the levels: the movements summed here are of months before the report.
+            start.append(
+                MrrBoundary(
+                    currency=row["currency"],
+                    month=month,
+                    mrr_minor=values["mrr_minor"],
+                    subscriptions=values["subscriptions"],
+                    customers=values["customers"],
+                )
+            )
+        else:
+            moves.append(MrrBoundary(currency=row["currency"], month=month, **values))
+    return start, moves
 
 
 _STATUS = {status.value: status for status in SubscriptionStatus}
