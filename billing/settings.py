@@ -36,6 +36,10 @@ PROVIDER_ACTIVITY_MARGIN_S = 10.0
 DEFAULT_STRIPE_CONNECT_TIMEOUT_S = 3.0
 DEFAULT_STRIPE_READ_TIMEOUT_S = 12.0
 DEFAULT_STRIPE_MAX_NETWORK_RETRIES = 2
+#: Subscription workflows a worker keeps in Temporal's sticky cache (the SDK's default is
+#: 1,000). Measured in docs/benchmarks.md ("Issue 16, session 8"): see
+#: ``Settings.worker_max_cached_workflows``.
+DEFAULT_WORKER_MAX_CACHED_WORKFLOWS = 1000
 
 
 def stripe_request_worst_case_s(
@@ -151,7 +155,9 @@ class Settings(BaseSettings):
     #: cache, least recently used evicted). Each costs about 160 KiB (a sandboxed instance);
     #: an evicted one replays its current run's history when it next wakes. A subscription
     #: sleeps for most of its life, so the cache bounds worker memory, not the book's size.
-    worker_max_cached_workflows: int = Field(default=1000, ge=0, le=100_000)
+    worker_max_cached_workflows: int = Field(
+        default=DEFAULT_WORKER_MAX_CACHED_WORKFLOWS, ge=0, le=100_000
+    )
     #: Workflow tasks a worker runs at once (None: the Temporal SDK's default, 100). A due
     #: subscription's task waits for its local activities (invoice, sync) on the
     #: ``activity_threads``; a lower bound keeps further due tasks queued in Temporal instead

@@ -40,6 +40,7 @@ from billing.contracts import (
 )
 from billing.ids import new_id
 from billing.invoices import InvoiceStatus, invoice_prefix_for
+from billing.pacing import spacing_s
 from billing.payments import ChargeOutcomeKind
 from billing.plans import Plan
 from billing.records import CustomerRecord, SubscriptionRecord
@@ -263,6 +264,16 @@ async def test_two_payments_workers_use_the_whole_cap_and_never_exceed_it(
     gaps = [b - a for a, b in itertools.pairwise(granted)]
     sustained = 1 / statistics.median(gaps)
     assert sustained >= 0.9 * CAP_PER_S, f"{sustained:.2f} charges/s under a cap of {CAP_PER_S}"
+    # And from the first turn to the last: Temporal releases the queue faster than the pacer
+    # hands out turns (``queue_rate_for``), so a charge is always waiting for the next turn
+    # and none is left unused. With Temporal at the pacer's own rate the two limits in series
+    # left turns unused whenever a dispatch came late (7.8-8.5/s here on a loaded machine).
+    overall = (len(granted) - 1) / (granted[-1] - granted[0])
+    idle = sum(gap - spacing_s(CAP_PER_S) for gap in gaps if gap > 1.5 * spacing_s(CAP_PER_S))
+    assert overall >= 0.9 * CAP_PER_S, (
+        f"{overall:.2f} charges/s from the first turn to the last under a cap of {CAP_PER_S}; "
+        f"the schedule stood idle {idle:.2f} s"
+    )
     engine = make_engine(database_url)
     with unit_of_work(make_session_factory(engine)) as session:
         for invoice_id in invoice_ids:

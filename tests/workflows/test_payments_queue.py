@@ -28,7 +28,7 @@ from billing.settlement import LedgerActivityName, SettlementActivityName
 from billing.testing.cards import SUCCEEDS
 from billing.testing.harness import BillingHarness
 from billing.testing.localstripe import LOCALSTRIPE_API_KEY, LocalStripe
-from billing.worker import build_dependencies
+from billing.worker import PAYMENTS_QUEUE_RATE_OVER_CAP, build_dependencies
 from db.engine import make_engine, make_session_factory, unit_of_work
 from db.repositories.pacing import claim_turn
 from tests.conftest import BOTH_BACKENDS, recorded_harness
@@ -72,12 +72,14 @@ async def test_charge_and_settle_run_on_the_rate_capped_payments_queue(
     # The charge (which also settles) is the one ordinary activity of a paid period, on the
     # payments queue; the database steps are local activities of the billing worker.
     assert scheduled_queues(run) == {ActivityName.CHARGE_INVOICE: {h.payments_task_queue}}
-    # The configured cap reaches the payments worker: Temporal gets the shared pacer's rate
-    # (0.95 of the cap), no longer half of it.
+    # The configured cap reaches the payments worker: Temporal releases the queue at twice
+    # the cap (no longer half of it, nor the pacer's own rate), so the shared pacer sets the
+    # pace and always has a charge waiting for its next turn.
     assert h._payments_worker is not None
     config = h._payments_worker.config()
     assert config["task_queue"] == h.payments_task_queue
-    assert config["max_task_queue_activities_per_second"] == 7.5 * PACING_HEADROOM
+    assert config["max_task_queue_activities_per_second"] == 7.5 * PAYMENTS_QUEUE_RATE_OVER_CAP
+    assert PAYMENTS_QUEUE_RATE_OVER_CAP > 1 / PACING_HEADROOM
 
     # Replay: as recorded, and with every activity moved to another queue (the task queue is
     # not compared on replay, so histories from before the payments queue replay too).
@@ -111,7 +113,7 @@ async def test_the_worker_command_caps_the_payments_queue_from_settings(
     worker = _payments_worker(settings, harness.client, harness.deps)
     config = worker.config()
     assert config["task_queue"] == "bench-billing-payments"
-    assert config["max_task_queue_activities_per_second"] == 12.5 * PACING_HEADROOM
+    assert config["max_task_queue_activities_per_second"] == 12.5 * PAYMENTS_QUEUE_RATE_OVER_CAP
     names = {getattr(a, "__temporal_activity_definition").name for a in config["activities"]}
     assert names == {
         ActivityName.CHARGE_INVOICE,
