@@ -739,7 +739,7 @@ async def billing_burst(
             ids = await signups.many(n, due)
             if datetime.now(UTC) >= due:
                 raise Overran("billing burst: signups overran the billing instant")
-            await wait_until_synced(stack, ids, timeout=120)
+            await wait_until_synced(stack, ids, timeout=120 + n / 2)
             await asyncio.sleep((due - datetime.now(UTC)).total_seconds())
             profiler = start_profiler(worker, f"worker-burst-{rate:g}{label}")
             meter = CpuMeter(

@@ -205,11 +205,13 @@ async def test_two_payments_workers_use_the_whole_cap_and_never_exceed_it(
     sent: list[tuple[float | None, float, str, str]] = []
     lock = threading.Lock()
     workers, engines = [], []
+    pacers: list[RecordingPacer] = []
     for _ in range(2):
         engine = make_engine(database_url)
         engines.append(engine)
         session_factory = make_session_factory(engine)
         pacer = RecordingPacer(session_factory, name=queue, cap_per_s=CAP_PER_S)
+        pacers.append(pacer)
         http = PacedRecordingClient(timeout=(3.0, 12.0), pacer=pacer)
         http.sent, http.lock = sent, lock
         gateway = StripeGateway(
@@ -266,13 +268,13 @@ async def test_two_payments_workers_use_the_whole_cap_and_never_exceed_it(
     assert sustained >= 0.9 * CAP_PER_S, f"{sustained:.2f} charges/s under a cap of {CAP_PER_S}"
     # And from the first turn to the last: Temporal releases the queue faster than the pacer
     # hands out turns (``queue_rate_for``), so a charge is always waiting for the next turn
-    # and none is left unused. With Temporal at the pacer's own rate the two limits in series
-    # left turns unused whenever a dispatch came late (7.8-8.5/s here on a loaded machine).
-    overall = (len(granted) - 1) / (granted[-1] - granted[0])
-    idle = sum(gap - spacing_s(CAP_PER_S) for gap in gaps if gap > 1.5 * spacing_s(CAP_PER_S))
-    assert overall >= 0.9 * CAP_PER_S, (
-        f"{overall:.2f} charges/s from the first turn to the last under a cap of {CAP_PER_S}; "
-        f"the schedule stood idle {idle:.2f} s"
+    # and the schedule never stands idle. The only holes are the turns a worker woke up too
+    # late for and gave up (each exactly one spacing; on a starved machine, a few).
+    spacing = spacing_s(CAP_PER_S)
+    given_up = sum(pacer.late_turns_given_up for pacer in pacers)
+    idle = (granted[-1] - granted[0]) - (len(granted) - 1 + given_up) * spacing
+    assert idle <= 3 * spacing, (
+        f"the schedule stood idle {idle:.2f} s while charges waited ({given_up} turns given up)"
     )
     engine = make_engine(database_url)
     with unit_of_work(make_session_factory(engine)) as session:
