@@ -36,6 +36,12 @@ PROVIDER_ACTIVITY_MARGIN_S = 10.0
 DEFAULT_STRIPE_CONNECT_TIMEOUT_S = 3.0
 DEFAULT_STRIPE_READ_TIMEOUT_S = 12.0
 DEFAULT_STRIPE_MAX_NETWORK_RETRIES = 2
+#: Subscription workflows a worker keeps in Temporal's sticky cache (the SDK's default is
+#: 1,000). 500 keeps a worker's RSS with 10,000 idle subscriptions within 50 MiB of its RSS
+#: with 1,000 (1,000 did not: +74 MiB); what it costs a burst of more subscriptions due at
+#: once on one worker than it holds is in ``Settings.worker_max_cached_workflows`` and
+#: docs/benchmarks.md ("Issue 16, session 8").
+DEFAULT_WORKER_MAX_CACHED_WORKFLOWS = 500
 
 
 def stripe_request_worst_case_s(
@@ -148,10 +154,16 @@ class Settings(BaseSettings):
     #: timeout (docker stop: 10 s; Kubernetes terminationGracePeriodSeconds: 30 s).
     worker_graceful_shutdown_s: float = Field(default=5.0, ge=0, le=3600)
     #: Subscription workflows a worker keeps in memory between their tasks (Temporal's sticky
-    #: cache, least recently used evicted). Each costs about 160 KiB (a sandboxed instance);
-    #: an evicted one replays its current run's history when it next wakes. A subscription
-    #: sleeps for most of its life, so the cache bounds worker memory, not the book's size.
-    worker_max_cached_workflows: int = Field(default=1000, ge=0, le=100_000)
+    #: cache, least recently used evicted). Each costs about 160-200 KiB (a sandboxed
+    #: instance); an evicted one replays its current run's history when it next wakes. A
+    #: subscription sleeps for most of its life, so the cache bounds worker memory, not the
+    #: book's size. The cost of a small cache is on billing day: when more subscriptions fall
+    #: due at once on one worker than it holds, each is evicted between its tasks and replayed
+    #: at each (31-99 ms of CPU per replay against about 49 ms for a whole cached cycle);
+    #: raise it, or add workers, for books whose due-at-once share per worker is larger.
+    worker_max_cached_workflows: int = Field(
+        default=DEFAULT_WORKER_MAX_CACHED_WORKFLOWS, ge=0, le=100_000
+    )
     #: Workflow tasks a worker runs at once (None: the Temporal SDK's default, 100). A due
     #: subscription's task waits for its local activities (invoice, sync) on the
     #: ``activity_threads``; a lower bound keeps further due tasks queued in Temporal instead

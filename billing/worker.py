@@ -52,10 +52,9 @@ from activities.stripe_gateway import StripeGateway, make_stripe_client
 from billing.clock import Clock, SystemClock
 from billing.delivery import DispatcherInput, dispatcher_workflow_id
 from billing.ledger import LedgerGateway
-from billing.pacing import PACING_HEADROOM
 from billing.payments import PaymentGateway
 from billing.refunds import RefundGateway
-from billing.settings import Settings
+from billing.settings import DEFAULT_WORKER_MAX_CACHED_WORKFLOWS, Settings
 from billing.settlement import (
     RefundSweepInput,
     SettlementSyncInput,
@@ -322,7 +321,7 @@ def build_worker(
     task_queue: str,
     activity_threads: int = 16,
     workflow_runner: WorkflowRunner | None = None,
-    max_cached_workflows: int = 1000,
+    max_cached_workflows: int = DEFAULT_WORKER_MAX_CACHED_WORKFLOWS,
     graceful_shutdown_s: float = 0.0,
     payments_task_queue: str | None = None,
     max_concurrent_workflow_tasks: int | None = None,
@@ -481,13 +480,27 @@ def provider_activities(activities: BillingActivities) -> list[Any]:
     ]
 
 
+#: Temporal's rate for the payments queue, as a multiple of the cap. Above the pacer's own
+#: rate (``PACING_HEADROOM`` of the cap), so the shared pacer, never Temporal, sets the pace:
+#: a few due charges always wait for a turn, and no turn goes unused. Temporal's limit is
+#: not exact enough to be the one that binds: it is split evenly between the queue's
+#: partitions (four by default), each a token bucket of its own, so a partition that runs
+#: dry leaves its share unused, and a dispatch late by some milliseconds is lost to the
+#: pacer, whose idle schedule stores no credit. At the pacer's rate the two in series used
+#: 0.63-0.88 of a cap of 20 (docs/benchmarks.md, "Issue 16, session 8"). What waits beyond
+#: the pacer's rate waits in the worker's activity slots (at most ``activity_threads`` per
+#: worker, each for its turn, a second or so at 16 and a cap of 20); the rest stays queued
+#: in Temporal.
+PAYMENTS_QUEUE_RATE_OVER_CAP = 2.0
+
+
 def queue_rate_for(charge_rate_per_s: float | None) -> float | None:
-    """The rate Temporal's matching service gives the payments queue: the rate the shared
-    pacer hands out turns at (``PACING_HEADROOM`` of the cap), so due charges wait in Temporal
-    rather than in worker threads. Its token bucket can release a second's burst on top of
-    that rate; the pacer (``billing.pacing``) spaces those out, so the cap holds in every
-    one-second window."""
-    return None if charge_rate_per_s is None else charge_rate_per_s * PACING_HEADROOM
+    """The rate Temporal's matching service gives the payments queue: a multiple of the cap
+    (``PAYMENTS_QUEUE_RATE_OVER_CAP``), so Temporal keeps the backlog and the shared pacer
+    (``billing.pacing``), which spaces every request globally, is the only limit that binds.
+    The cap in every one-second window is the pacer's: Temporal's token bucket may release a
+    burst on top of its rate, and the pacer spaces it out."""
+    return None if charge_rate_per_s is None else charge_rate_per_s * PAYMENTS_QUEUE_RATE_OVER_CAP
 
 
 def build_payments_worker(
@@ -504,14 +517,15 @@ def build_payments_worker(
     in total for all its workers. ``None``: no cap (tests and simulations on localstripe).
     ``build_id``: as ``build_worker``'s.
 
-    Two layers, both global. Temporal's matching service dispatches the queue's tasks at the
-    cap (``max_task_queue_activities_per_second`` is the queue's, whatever the number of
-    workers), so due charges wait in Temporal, not in worker threads. Its token bucket starts
-    full, though: after a quiet spell it hands out a whole second's worth at once on top of the
-    rate, which is why this worker used to give it half the cap and lost half the throughput.
-    The second layer removes that burst: every Stripe request takes its turn from one schedule
-    in the database (``deps.pacer``, ``billing.pacing``), turns ``1 / (0.95 * cap)`` s apart,
-    so no one-second window sees more than the cap, across every worker process."""
+    Two layers, both global. Every Stripe request takes its turn from one schedule in the
+    database (``deps.pacer``, ``billing.pacing``), turns ``1 / (0.95 * cap)`` s apart, so no
+    one-second window sees more than the cap, across every worker process: that is the limit.
+    Temporal's matching service releases the queue's tasks at ``queue_rate_for`` (twice the
+    cap, the queue's rate whatever the number of workers), so most of a burst's backlog waits
+    in Temporal, not in worker threads, while the pacer always has a request waiting for its
+    next turn. Its token bucket starts full, and its rate is split between partitions: neither
+    matters, the pacer spaces whatever it releases. At the pacer's own rate the two layers in
+    series lost up to a third of the cap (``PAYMENTS_QUEUE_RATE_OVER_CAP``)."""
     activities = BillingActivities(
         deps.session_factory, deps.gateway, deps.clock, after_charge_hook=deps.after_charge_hook
     )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -64,6 +65,7 @@ from bench_signup import free_port, percentile  # noqa: E402
 
 from activities.provider_pacing import TURN_GIVEN_UP  # noqa: E402
 from billing.devstack import migrate_and_seed, temporal_dev_server, wait_for_port  # noqa: E402
+from billing.pacing import spacing_s  # noqa: E402
 from billing.settings import Settings  # noqa: E402
 from billing.signup import CustomerDetails, SignupRequest, SignupService  # noqa: E402
 from billing.testing.database import temporary_database  # noqa: E402
@@ -93,6 +95,16 @@ class Sizes:
     #: Run ``scripts/bench_simulate.py``'s 100 subscriptions over a year (about a minute).
     sim_hundred: bool
     phases: frozenset[str] = frozenset()
+    #: Worker variants compared in one run (``--variant``): name and the environment each
+    #: variant's ``billing worker`` gets on top of the stack's (e.g. a cache size, or
+    #: ``PYTHONPATH`` pointing at another checkout). The first one gives the top-level figures.
+    variants: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (("default", ()),)
+    #: Rounds of the idle and burst phases; each round runs every variant in turn (interleaved).
+    rounds: int = 1
+    #: ``billing worker`` processes per burst, all on the same queues (one shared cap).
+    burst_workers: int = 1
+    #: Skip the uncapped burst (``--capped-only``: the pacer's comparisons).
+    capped_only: bool = False
 
 
 DEFAULT = Sizes(
@@ -168,7 +180,13 @@ class Stack:
         return Process(process, log_path)
 
     def billing_worker(
-        self, stripe: LocalStripe, task_queue: str, rate: float, *, name: str = ""
+        self,
+        stripe: LocalStripe,
+        task_queue: str,
+        rate: float,
+        *,
+        name: str = "",
+        extra_env: dict[str, str] | None = None,
     ) -> Process:
         env = self.env(
             # BENCH_WORKER_X in the environment becomes the worker's BILLING_X, e.g.
@@ -183,6 +201,9 @@ class Stack:
             charge_rate_per_s=str(rate),
             stripe_api_base=stripe.url,
         )
+        # A variant's environment last (``--variant``): full names, e.g.
+        # BILLING_WORKER_MAX_CACHED_WORKFLOWS=500 or PYTHONPATH=/path/to/another/checkout.
+        env.update(extra_env or {})
         billing = str(Path(sys.executable).parent / "billing")
         return self.spawn(f"worker-{task_queue}{name}", [billing, "worker"], env, "worker running")
 
@@ -391,12 +412,64 @@ async def wait_until_synced(stack: Stack, ids: list[str], *, timeout: float) -> 
 async def idle_phase(stack: Stack, client: Client, sizes: Sizes) -> dict[str, Any]:
     """Worker RSS with ``sizes.idle`` subscriptions asleep until a billing date 300 days away,
     then with ``sizes.idle_large`` on the same worker (and at steps between): what the worker
-    holds per sleeping subscription beyond its sticky cache."""
+    holds per sleeping subscription beyond its sticky cache. Each variant (``--variant``) gets
+    a worker of its own, one after the other, ``--rounds`` times; the first variant's median
+    gives the top-level figures."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in sizes.variants}
+    for round_ in range(sizes.rounds):
+        for name, env in sizes.variants:
+            log(f"idle: round {round_ + 1}, variant {name}")
+            runs[name].append(await idle_one(stack, client, sizes, dict(env)))
+    by_variant = {name: idle_summary(found, sizes) for name, found in runs.items()}
+    first = by_variant[sizes.variants[0][0]]
+    figures = {k: v for k, v in first.items() if k != "runs"}
+    if len(sizes.variants) > 1 or sizes.rounds > 1:
+        figures["idle_by_variant"] = by_variant
+    return figures
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def idle_summary(found: list[dict[str, Any]], sizes: Sizes) -> dict[str, Any]:
+    """One variant's idle figures: the median over its rounds, and every round's readings."""
+    before = _median([f["before"] for f in found])
+    small = _median([f["rss_at"][sizes.idle] for f in found])
+    large = _median([f["rss_at"][sizes.idle_large] for f in found])
+    return {
+        "worker_rss_mb_before_idle": round(before, 1),
+        "worker_rss_mb_1k_idle": round(small, 1),
+        "worker_rss_mb_10k_idle": round(large, 1),
+        "worker_rss_mb_10k_over_1k": round(
+            _median([f["rss_at"][sizes.idle_large] - f["rss_at"][sizes.idle] for f in found]), 1
+        ),
+        "worker_rss_mb_per_1k_idle": round((small - before) / sizes.idle * 1000, 2),
+        "worker_rss_mb_idle_by_size": {
+            str(k): round(_median([f["rss_at"][k] for f in found]), 1) for k in found[0]["rss_at"]
+        },
+        "idle_subscriptions": [sizes.idle, sizes.idle_large],
+        "idle_worker_max_cached_workflows": found[0]["cached"],
+        "runs": [
+            {"before": f["before"], "rss_at": {str(k): v for k, v in f["rss_at"].items()}}
+            for f in found
+        ],
+    }
+
+
+async def idle_one(
+    stack: Stack, client: Client, sizes: Sizes, extra_env: dict[str, str]
+) -> dict[str, Any]:
+    """One worker's RSS readings on its way from ``sizes.idle`` to ``sizes.idle_large``."""
     steps = sorted({sizes.idle, *idle_steps(sizes.idle, sizes.idle_large)})
     rss_at: dict[int, float] = {}
     with LocalStripe(log_path=stack.state / "localstripe-idle.log") as stripe:
         queue = f"idle-{secrets.token_hex(4)}"
-        worker = stack.billing_worker(stripe, queue, sizes.charge_rate)
+        worker = stack.billing_worker(stripe, queue, sizes.charge_rate, extra_env=extra_env)
         signups = Signups(stack, client, stripe, queue)
         try:
             far = datetime.now(UTC) + timedelta(days=300)
@@ -415,26 +488,24 @@ async def idle_phase(stack: Stack, client: Client, sizes: Sizes) -> dict[str, An
                 await gather_limited(
                     len(ids), 20, lambda i, ids=ids: signups.service.start_pending(ids[i])
                 )
-                await wait_until_synced(stack, ids, timeout=60 + len(ids) / 10)
+                # Generous: on a loaded shared machine 2,250 starts took over 285 s.
+                await wait_until_synced(stack, ids, timeout=120 + len(ids) / 2)
                 started = step
                 await asyncio.sleep(2)
                 rss_at[step] = round(worker.rss_mb(), 1)
                 log(f"idle: worker RSS {rss_at[step]:.0f} MiB with {step} subscriptions asleep")
-            cached = int(os.environ.get("BENCH_WORKER_WORKER_MAX_CACHED_WORKFLOWS", "0")) or None
         finally:
             signups.close()
             worker.stop()
-    small, large = rss_at[sizes.idle], rss_at[sizes.idle_large]
+    cached = extra_env.get("BILLING_WORKER_MAX_CACHED_WORKFLOWS") or os.environ.get(
+        "BENCH_WORKER_WORKER_MAX_CACHED_WORKFLOWS"
+    )
     return {
-        "worker_rss_mb_before_idle": round(before, 1),
-        "worker_rss_mb_1k_idle": small,
-        "worker_rss_mb_10k_idle": large,
-        "worker_rss_mb_10k_over_1k": round(large - small, 1),
-        "worker_rss_mb_per_1k_idle": round((small - before) / sizes.idle * 1000, 2),
-        "worker_rss_mb_idle_by_size": {str(k): v for k, v in rss_at.items()},
-        "idle_subscriptions": [sizes.idle, sizes.idle_large],
-        "idle_worker_max_cached_workflows": cached
-        or Settings.model_fields["worker_max_cached_workflows"].default,
+        "before": round(before, 1),
+        "rss_at": rss_at,
+        "cached": int(cached)
+        if cached
+        else Settings.model_fields["worker_max_cached_workflows"].default,
     }
 
 
@@ -635,14 +706,28 @@ def create_cards(stripe: LocalStripe, n: int) -> list[str]:
 
 
 async def billing_burst(
-    stack: Stack, client: Client, n: int, rate: float, *, ceiling_s: float, factor: float
+    stack: Stack,
+    client: Client,
+    n: int,
+    rate: float,
+    *,
+    ceiling_s: float,
+    factor: float,
+    extra_env: dict[str, str] | None = None,
+    workers: int = 1,
+    label: str = "",
 ) -> dict[str, Any]:
-    """``n`` subscriptions billed at one instant, through ``billing worker`` with its payments
-    queue capped at ``rate`` provider activities per second."""
-    ls_log = stack.state / f"localstripe-burst-{rate:g}.log"
+    """``n`` subscriptions billed at one instant, through ``workers`` ``billing worker``
+    processes (one queue, one shared cap) with their payments queue capped at ``rate``
+    provider activities per second."""
+    ls_log = stack.state / f"localstripe-burst-{rate:g}-{secrets.token_hex(3)}.log"
     with LocalStripe(log_path=ls_log, log_arrivals=True) as stripe:
         queue = f"burst-{secrets.token_hex(4)}"
-        worker = stack.billing_worker(stripe, queue, rate)
+        started_workers = [
+            stack.billing_worker(stripe, queue, rate, name=f"-{i}", extra_env=extra_env)
+            for i in range(workers)
+        ]
+        worker = started_workers[0]
         signups = Signups(stack, client, stripe, queue)
         try:
             far = datetime.now(UTC) + timedelta(days=300)
@@ -654,12 +739,15 @@ async def billing_burst(
             ids = await signups.many(n, due)
             if datetime.now(UTC) >= due:
                 raise Overran("billing burst: signups overran the billing instant")
-            await wait_until_synced(stack, ids, timeout=120)
+            await wait_until_synced(stack, ids, timeout=120 + n / 2)
             await asyncio.sleep((due - datetime.now(UTC)).total_seconds())
-            profiler = start_profiler(worker, f"worker-burst-{rate:g}")
+            profiler = start_profiler(worker, f"worker-burst-{rate:g}{label}")
             meter = CpuMeter(
                 {
-                    "worker": worker.popen.pid,
+                    **{
+                        "worker" + (f"{i + 1}" if i else ""): w.popen.pid
+                        for i, w in enumerate(started_workers)
+                    },
                     "localstripe": stripe.pid,
                     "temporal": stack.temporal_pid,
                 }
@@ -698,9 +786,11 @@ async def billing_burst(
             # Read before the ceiling's own requests reach the log.
             requests = stripe_requests(ls_log)
             ceiling = await asyncio.to_thread(stripe_ceiling, stripe, ceiling_s)
+            worker_logs = [w.log_path.read_text(errors="replace") for w in started_workers]
         finally:
             signups.close()
-            worker.stop()
+            for started in started_workers:
+                started.stop()
     seconds = end.timestamp() - due.timestamp()
     # From the bench's first card (created as Stripe.js would) to the due instant localstripe
     # heard only the signups (20 pilots and n) and those cards; from it on, only the worker.
@@ -711,9 +801,25 @@ async def billing_burst(
     cycle_requests = [r for r in requests if due.timestamp() <= r.at <= end.timestamp()]
     arrivals = [r.at for r in cycle_requests]
     charge_arrivals = [r.at for r in cycle_requests if r.path.startswith("/v1/payment_intents")]
+    # Where the burst's time went: from the due instant to the first charge reaching Stripe,
+    # the charges themselves (each gap beyond the pacer's spacing is time the cap was not
+    # used: no charge was waiting for a turn, or a turn was given up), and from the last
+    # charge to the last settlement written back.
+    ordered = sorted(charge_arrivals)
+    spacing = spacing_s(rate)
+    figures_time = {
+        "burst_start_s": round(ordered[0] - due.timestamp(), 3) if ordered else None,
+        "burst_tail_s": round(end.timestamp() - ordered[-1], 3) if ordered else None,
+        "burst_charges_s": round(ordered[-1] - ordered[0], 3) if ordered else None,
+        "burst_gaps_over_spacing_s": round(
+            sum(max(0.0, b - a - spacing) for a, b in itertools.pairwise(ordered)),
+            3,
+        ),
+    }
     figures = {
         "cycles_per_s": round(n / seconds, 1),
         "burst_s": round(seconds, 2),
+        **figures_time,
         "paid": paid,
         # Sliding one-second windows, at Stripe's end (arrival instants to the microsecond).
         "max_stripe_requests_per_s": max_per_window(arrivals),
@@ -733,11 +839,15 @@ async def billing_burst(
         "cpu_cores": cores,
         # Worker CPU per paid cycle (ms): the engine's own cost, less sensitive to a shared
         # machine than its rate.
-        "worker_cpu_ms_per_cycle": round(cores["cpu_s"]["worker"] * 1000 / n, 1),
-        # Turns of the cap the payments worker woke too late for and left unused.
-        "pacer_turns_given_up": worker.log_path.read_text(errors="replace").count(TURN_GIVEN_UP),
+        "worker_cpu_ms_per_cycle": round(
+            sum(v for k, v in cores["cpu_s"].items() if k.startswith("worker")) * 1000 / n, 1
+        ),
+        # Turns of the cap the payments workers woke too late for and left unused.
+        "pacer_turns_given_up": sum(text_.count(TURN_GIVEN_UP) for text_ in worker_logs),
+        # Workflow tasks the server timed out and scheduled again (their work thrown away).
+        "workflow_tasks_not_found": sum(text_.count("Task not found") for text_ in worker_logs),
     }
-    log(f"billing burst (cap {rate:g}/s): {json.dumps(figures)}")
+    log(f"billing burst{label} (cap {rate:g}/s): {json.dumps(figures)}")
     return figures
 
 
@@ -1270,45 +1380,133 @@ async def run(sizes: Sizes) -> dict[str, Any]:
 
 
 async def burst_phase(stack: Stack, client: Client, sizes: Sizes) -> dict[str, Any]:
+    """The bare burst, then per round each variant's capped and uncapped bursts (interleaved:
+    variant A capped, A uncapped, B capped, B uncapped, then the next round); each variant's
+    figures are the medians of its rounds, the first variant's are also the top-level ones."""
     n = sizes.burst
-    figures = await with_retries(lambda f: bare_burst(stack, client, n, f))
-    capped = await with_retries(
-        lambda f: billing_burst(
-            stack, client, n, sizes.charge_rate, ceiling_s=sizes.ceiling_s, factor=f
-        )
-    )
-    # The same burst without the cap: the engine's own limit.
-    uncapped = await with_retries(
-        lambda f: billing_burst(stack, client, n, 10_000, ceiling_s=0.5, factor=f)
-    )
-    figures.update(
-        billing_cycles_per_s=capped["cycles_per_s"],
+    bare: list[float] = []
+    runs: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {
+        name: [] for name, _ in sizes.variants
+    }
+    for round_ in range(sizes.rounds):
+        bare_figures = await with_retries(lambda f: bare_burst(stack, client, n, f))
+        bare.append(bare_figures["bare_cycles_per_s"])
+        for name, env in sizes.variants:
+            label = f" [{name} r{round_ + 1}]"
+            capped = await with_retries(
+                lambda f, env=env, label=label: billing_burst(
+                    stack,
+                    client,
+                    n,
+                    sizes.charge_rate,
+                    ceiling_s=sizes.ceiling_s,
+                    factor=f,
+                    extra_env=dict(env),
+                    workers=sizes.burst_workers,
+                    label=label,
+                )
+            )
+            if sizes.capped_only:
+                runs[name].append((capped, capped))
+                continue
+            # The same burst without the cap: the engine's own limit.
+            uncapped = await with_retries(
+                lambda f, env=env, label=label: billing_burst(
+                    stack,
+                    client,
+                    n,
+                    10_000,
+                    ceiling_s=0.5,
+                    factor=f,
+                    extra_env=dict(env),
+                    workers=sizes.burst_workers,
+                    label=label,
+                )
+            )
+            runs[name].append((capped, uncapped))
+    bare_per_s = _median(bare)
+    by_variant = {name: burst_summary(found, bare_per_s, sizes) for name, found in runs.items()}
+    figures: dict[str, Any] = {
+        "bare_cycles_per_s": round(bare_per_s, 1),
+        **{k: v for k, v in by_variant[sizes.variants[0][0]].items() if k != "runs"},
+    }
+    if len(sizes.variants) > 1 or sizes.rounds > 1:
+        figures["bare_cycles_per_s_by_round"] = bare
+        figures["burst_by_variant"] = by_variant
+    return figures
+
+
+def burst_summary(
+    found: list[tuple[dict[str, Any], dict[str, Any]]], bare_per_s: float, sizes: Sizes
+) -> dict[str, Any]:
+    """One variant's burst figures: medians over its rounds (the most per window: the
+    largest), with every round's main figures."""
+
+    def med(which: int, key: str) -> float:
+        return _median([run[which][key] for run in found])
+
+    capped, uncapped = found[0]
+    capped_per_s = med(0, "cycles_per_s")
+    uncapped_per_s = med(1, "cycles_per_s")
+    summary = {
+        "billing_cycles_per_s": capped_per_s,
         # What share of the cap the capped burst used: cycles per second over charges per
         # second allowed (a paid cycle is one charge).
-        burst_cap_use=round(capped["cycles_per_s"] / sizes.charge_rate, 3),
-        burst_ratio=round(capped["cycles_per_s"] / figures["bare_cycles_per_s"], 3),
-        billing_cycles_per_s_uncapped=uncapped["cycles_per_s"],
-        burst_ratio_uncapped=round(uncapped["cycles_per_s"] / figures["bare_cycles_per_s"], 3),
-        stripe_fake_ceiling_per_s=capped["stripe_fake_ceiling_per_s"],
-        burst_size=sizes.burst,
-        burst_paid=capped["paid"],
-        configured_charge_rate_per_s=sizes.charge_rate,
-        max_charge_rate_per_s=capped["max_charge_rate_per_s"],
-        max_charge_rate_per_s_uncapped=uncapped["max_charge_rate_per_s"],
-        max_charge_records_per_s=capped["max_charge_records_per_s"],
-        max_stripe_requests_per_s=capped["max_stripe_requests_per_s"],
-        stripe_requests_per_cycle=capped["stripe_requests_per_cycle"],
-        stripe_requests_per_cycle_by_kind=capped["stripe_requests_per_cycle_by_kind"],
-        signup_stripe_requests=capped["signup_stripe_requests"],
-        signup_stripe_requests_by_kind=capped["signup_stripe_requests_by_kind"],
-        stripe_rate_limit_errors=capped["stripe_rate_limit_errors"],
-        burst_cpu_cores=capped["cpu_cores"],
-        burst_cpu_cores_uncapped=uncapped["cpu_cores"],
-        worker_cpu_ms_per_cycle=capped["worker_cpu_ms_per_cycle"],
-        worker_cpu_ms_per_cycle_uncapped=uncapped["worker_cpu_ms_per_cycle"],
-        pacer_turns_given_up=capped["pacer_turns_given_up"],
-    )
-    return figures
+        "burst_cap_use": round(capped_per_s / sizes.charge_rate, 3),
+        "burst_ratio": round(capped_per_s / bare_per_s, 3),
+        "billing_cycles_per_s_uncapped": uncapped_per_s,
+        "burst_ratio_uncapped": round(uncapped_per_s / bare_per_s, 3),
+        "stripe_fake_ceiling_per_s": capped["stripe_fake_ceiling_per_s"],
+        "burst_size": sizes.burst,
+        "burst_workers": sizes.burst_workers,
+        "burst_paid": min(run[0]["paid"] for run in found),
+        "configured_charge_rate_per_s": sizes.charge_rate,
+        "max_charge_rate_per_s": max(run[0]["max_charge_rate_per_s"] for run in found),
+        "max_charge_rate_per_s_uncapped": max(run[1]["max_charge_rate_per_s"] for run in found),
+        "max_charge_records_per_s": max(run[0]["max_charge_records_per_s"] for run in found),
+        "max_stripe_requests_per_s": max(run[0]["max_stripe_requests_per_s"] for run in found),
+        "stripe_requests_per_cycle": capped["stripe_requests_per_cycle"],
+        "stripe_requests_per_cycle_by_kind": capped["stripe_requests_per_cycle_by_kind"],
+        "signup_stripe_requests": capped["signup_stripe_requests"],
+        "signup_stripe_requests_by_kind": capped["signup_stripe_requests_by_kind"],
+        "stripe_rate_limit_errors": max(run[0]["stripe_rate_limit_errors"] for run in found),
+        "burst_cpu_cores": capped["cpu_cores"],
+        "burst_cpu_cores_uncapped": uncapped["cpu_cores"],
+        "worker_cpu_ms_per_cycle": med(0, "worker_cpu_ms_per_cycle"),
+        "worker_cpu_ms_per_cycle_uncapped": med(1, "worker_cpu_ms_per_cycle"),
+        "pacer_turns_given_up": sum(run[0]["pacer_turns_given_up"] for run in found),
+        "workflow_tasks_not_found": sum(
+            run[0]["workflow_tasks_not_found"]
+            + (0 if sizes.capped_only else run[1]["workflow_tasks_not_found"])
+            for run in found
+        ),
+        "runs": [
+            {
+                "capped_cycles_per_s": c["cycles_per_s"],
+                "uncapped_cycles_per_s": u["cycles_per_s"],
+                "max_stripe_requests_per_s": c["max_stripe_requests_per_s"],
+                "pacer_turns_given_up": c["pacer_turns_given_up"],
+                "worker_cpu_ms_per_cycle": c["worker_cpu_ms_per_cycle"],
+                "worker_cpu_ms_per_cycle_uncapped": u["worker_cpu_ms_per_cycle"],
+                "workflow_tasks_not_found": c["workflow_tasks_not_found"]
+                + (0 if sizes.capped_only else u["workflow_tasks_not_found"]),
+                "capped_start_s": c["burst_start_s"],
+                "capped_charges_s": c["burst_charges_s"],
+                "capped_gaps_over_spacing_s": c["burst_gaps_over_spacing_s"],
+                "capped_tail_s": c["burst_tail_s"],
+                "load_avg_1m": [c["cpu_cores"]["load_avg_1m"], u["cpu_cores"]["load_avg_1m"]],
+            }
+            for c, u in found
+        ],
+    }
+    if sizes.capped_only:  # no uncapped burst ran: its figures would be the capped ones
+        for key in list(summary):
+            if "uncapped" in key:
+                summary[key] = None
+        for run in summary["runs"]:
+            for key in [k for k in run if "uncapped" in k]:
+                del run[key]
+    return summary
 
 
 async def reports_phase(stack: Stack, http: httpx.AsyncClient, sizes: Sizes) -> dict[str, Any]:
@@ -1439,6 +1637,22 @@ def main() -> None:
         "--phases", default=",".join(PHASES), help=f"comma-separated subset of {PHASES}"
     )
     parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE,...",
+        help="a worker variant for the idle and burst phases, e.g. "
+        "'cache500:BILLING_WORKER_MAX_CACHED_WORKFLOWS=500' or 'main:PYTHONPATH=/path'; "
+        "repeat it to compare variants in one run, interleaved",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of every variant")
+    parser.add_argument(
+        "--burst-workers", type=int, default=1, help="billing worker processes per burst"
+    )
+    parser.add_argument(
+        "--capped-only", action="store_true", help="burst: no uncapped burst (the cap's runs)"
+    )
+    parser.add_argument(
         "--scale",
         action="store_true",
         help="the scale run instead (not in CI): subscriptions due at one instant, per size",
@@ -1467,11 +1681,27 @@ def main() -> None:
         ceiling_s=base.ceiling_s,
         sim_hundred=base.sim_hundred,
         phases=frozenset(p.strip() for p in args.phases.split(",") if p.strip()),
+        variants=tuple(parse_variant(v) for v in args.variant) or DEFAULT.variants,
+        rounds=max(1, args.rounds),
+        burst_workers=max(1, args.burst_workers),
+        capped_only=args.capped_only,
     )
     unknown = sizes.phases - set(PHASES)
     if unknown:
         parser.error(f"unknown phases {sorted(unknown)}; choose from {', '.join(PHASES)}")
     print_figures(lambda: run(sizes), args.json, table)
+
+
+def parse_variant(text_: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """``NAME:VAR=VALUE,VAR=VALUE`` (``NAME:`` alone: the worker as it is)."""
+    name, _, assignments = text_.partition(":")
+    env = []
+    for assignment in filter(None, assignments.split(",")):
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant {text_!r}: expected VAR=VALUE, got {assignment!r}")
+        env.append((key.strip(), value))
+    return name or f"variant{len(env)}", tuple(env)
 
 
 def print_figures(

@@ -38,7 +38,7 @@ from billing.records import (
     StatusChangeRecord,
     SubscriptionRecord,
 )
-from billing.settings import find_binary
+from billing.settings import DEFAULT_WORKER_MAX_CACHED_WORKFLOWS, find_binary
 from billing.signup import CustomerDetails, SignupRequest, SignupResult, SignupService
 from billing.temporal_payloads import DATA_CONVERTER
 from billing.testing.cards import create_card_payment_method
@@ -106,11 +106,13 @@ class BillingHarness:
         charge_rate_per_s: float | None = None,
         payments_processes: int = 0,
         stripe_return_url: str | None = None,
+        max_cached_workflows: int = DEFAULT_WORKER_MAX_CACHED_WORKFLOWS,
     ) -> None:
         """Provider activities run on ``{task_queue}-payments``, as in production, capped at
         ``charge_rate_per_s`` (None: no cap, for localstripe). ``payments_processes``: run
         that queue's worker in this many processes of its own instead of this one (see
-        ``billing.testing.payments_process``); they talk to the gateway unwrapped."""
+        ``billing.testing.payments_process``); they talk to the gateway unwrapped.
+        ``max_cached_workflows``: the billing worker's sticky cache."""
         if payments_processes and (wrap_gateway is not None or charge_rate_per_s is not None):
             raise ValueError(
                 "payments worker processes use the plain Stripe gateway without a rate cap; "
@@ -158,6 +160,7 @@ class BillingHarness:
         self._plans = list(plans)
         self._activity_threads = activity_threads
         self._sandboxed = sandboxed
+        self._max_cached_workflows = max_cached_workflows
         self._worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
         self._payments_processes = [
@@ -199,6 +202,7 @@ class BillingHarness:
             activity_threads=self._activity_threads,
             workflow_runner=None if self._sandboxed else UnsandboxedWorkflowRunner(),
             build_id=HARNESS_BUILD_ID,
+            max_cached_workflows=self._max_cached_workflows,
         )
         self._worker_task = asyncio.create_task(self._worker.run())
         if self._payments_processes:

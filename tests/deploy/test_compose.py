@@ -188,7 +188,7 @@ def test_several_workers_run_against_one_temporal_with_bounded_memory(
         worker_max_cached_workflows=env["BILLING_WORKER_MAX_CACHED_WORKFLOWS"],
         activity_threads=env["BILLING_ACTIVITY_THREADS"],
     )
-    assert settings.worker_max_cached_workflows == 1000 and settings.activity_threads == 16
+    assert settings.worker_max_cached_workflows == 500 and settings.activity_threads == 16
     assert env["BILLING_TEMPORAL_ADDRESS"] == "temporal:7233"
 
 

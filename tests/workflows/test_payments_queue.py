@@ -5,10 +5,12 @@ before the payments queue existed (or on another queue name) still replay."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
+from activities import provider_pacing
 from activities.provider_pacing import DatabasePacer
 from activities.stripe_gateway import make_stripe_client
 from billing.cli import _payments_worker
@@ -28,7 +31,7 @@ from billing.settlement import LedgerActivityName, SettlementActivityName
 from billing.testing.cards import SUCCEEDS
 from billing.testing.harness import BillingHarness
 from billing.testing.localstripe import LOCALSTRIPE_API_KEY, LocalStripe
-from billing.worker import build_dependencies
+from billing.worker import PAYMENTS_QUEUE_RATE_OVER_CAP, build_dependencies
 from db.engine import make_engine, make_session_factory, unit_of_work
 from db.repositories.pacing import claim_turn
 from tests.conftest import BOTH_BACKENDS, recorded_harness
@@ -72,12 +75,14 @@ async def test_charge_and_settle_run_on_the_rate_capped_payments_queue(
     # The charge (which also settles) is the one ordinary activity of a paid period, on the
     # payments queue; the database steps are local activities of the billing worker.
     assert scheduled_queues(run) == {ActivityName.CHARGE_INVOICE: {h.payments_task_queue}}
-    # The configured cap reaches the payments worker: Temporal gets the shared pacer's rate
-    # (0.95 of the cap), no longer half of it.
+    # The configured cap reaches the payments worker: Temporal releases the queue at twice
+    # the cap (no longer half of it, nor the pacer's own rate), so the shared pacer sets the
+    # pace and always has a charge waiting for its next turn.
     assert h._payments_worker is not None
     config = h._payments_worker.config()
     assert config["task_queue"] == h.payments_task_queue
-    assert config["max_task_queue_activities_per_second"] == 7.5 * PACING_HEADROOM
+    assert config["max_task_queue_activities_per_second"] == 7.5 * PAYMENTS_QUEUE_RATE_OVER_CAP
+    assert PAYMENTS_QUEUE_RATE_OVER_CAP > 1 / PACING_HEADROOM
 
     # Replay: as recorded, and with every activity moved to another queue (the task queue is
     # not compared on replay, so histories from before the payments queue replay too).
@@ -111,7 +116,7 @@ async def test_the_worker_command_caps_the_payments_queue_from_settings(
     worker = _payments_worker(settings, harness.client, harness.deps)
     config = worker.config()
     assert config["task_queue"] == "bench-billing-payments"
-    assert config["max_task_queue_activities_per_second"] == 12.5 * PACING_HEADROOM
+    assert config["max_task_queue_activities_per_second"] == 12.5 * PAYMENTS_QUEUE_RATE_OVER_CAP
     names = {getattr(a, "__temporal_activity_definition").name for a in config["activities"]}
     assert names == {
         ActivityName.CHARGE_INVOICE,
@@ -215,8 +220,12 @@ def test_two_pacers_on_one_database_share_one_schedule(database_url: str) -> Non
     assert len(turns) == 60
     check_paced(turns, 25)
     granted = sorted(start for start, _ in turns)
-    rate = (len(granted) - 1) / (granted[-1] - granted[0])
-    assert 0.85 * 25 <= rate <= 25
+    # A turn given up for a late wake-up (or a late answer) is a hole of one spacing, by
+    # design: on a starved machine there are a few. The bound leaves room for the threads
+    # themselves coming back late to ask again (a 2-core machine at load 25: 0.81 of the cap).
+    given_up = sum(pacer.late_turns_given_up for pacer in pacers)
+    rate = (len(granted) - 1 + given_up) / (granted[-1] - granted[0])
+    assert 0.75 * 25 <= rate <= 25
 
 
 @BOTH_BACKENDS
@@ -242,6 +251,35 @@ def test_a_turn_woken_up_too_late_for_is_given_up_and_the_next_one_taken(
     assert pacer.late_turns_given_up == 1
     # Not the turn right after the first (one spacing later), but a fresh one after the overrun.
     assert second - first >= 0.3 + pacer.spacing_s * 0.9
+
+
+@BOTH_BACKENDS
+def test_a_turn_whose_commit_ran_late_is_given_up_too(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request's lateness counts from the database's answer, not from after the commit:
+    a worker starved between the two (here 300 ms pass after a turn due at once was granted)
+    would otherwise send 300 ms after its turn with the check seeing none of it."""
+    engine = make_engine(database_url)
+    pacer = DatabasePacer(make_session_factory(engine), name="slow-commit", cap_per_s=10)
+    real_unit_of_work = provider_pacing.unit_of_work
+    held_up = [0.3]  # the first commit waits 300 ms; later ones do not
+
+    @contextlib.contextmanager
+    def slow_commit(session_factory: Any) -> Iterator[Any]:
+        with real_unit_of_work(session_factory) as session:
+            yield session
+            if held_up:
+                time.sleep(held_up.pop())  # after the grant's answer, before its commit
+
+    monkeypatch.setattr(provider_pacing, "unit_of_work", slow_commit)
+    asked = time.time()
+    start = pacer.wait_turn(max_wait_s=5)
+    engine.dispose()
+    assert start is not None
+    assert pacer.late_turns_given_up >= 1  # more on a starved machine: each late for real
+    # Not the turn granted at once (before the commit's 300 ms), but a fresh one after them.
+    assert start - asked >= 0.3 - 0.05
 
 
 @BOTH_BACKENDS
