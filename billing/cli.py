@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import csv
 import json
+import logging
 import os
 import secrets
 import signal
@@ -1508,7 +1509,35 @@ app.add_typer(reconciliation_app, name="reconciliation")
 
 
 def main() -> None:
-    app()
+    """Run the command, then end the process without the interpreter's finalization.
+
+    The Temporal SDK's Rust runtime keeps threads that can call into Python while CPython
+    finalizes, which aborts the process (SIGABRT, "PyGILState_Release: thread state ... must be
+    current when releasing"; temporalio/sdk-python#300), rarely, after a command or a worker
+    that had already finished cleanly (seen once in CI: a worker stopped by SIGTERM exited -6).
+    Everything a command owns is closed before it returns (servers stopped, engines disposed,
+    child processes ended in ``finally`` blocks), so what is left is flushed and the process
+    exits with the command's own code."""
+    code: int
+    try:
+        app()
+        code = 0
+    except SystemExit as done:
+        if done.code is None or isinstance(done.code, int):
+            code = done.code or 0
+        else:
+            print(done.code, file=sys.stderr)
+            code = 1
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> NoReturn:
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -1056,6 +1056,7 @@ def _rows(engine: Engine, run: Run) -> dict[str, Any]:
                 InvoiceRow.amount_due_minor,
                 InvoiceRow.currency,
                 InvoiceRow.stripe_payment_intent_id,
+                InvoiceRow.status_reason,
             ).where(InvoiceRow.subscription_id.in_(ids))
         ).all()
         invoice_ids = [i.id for i in invoices]
