@@ -319,20 +319,16 @@ class BillingActivities:
             invoices_repo.list_invoice_lines(session, existing.id), lines
         ):
             return False
-        # Under the customer's lock, which charge_invoice holds while it records an attempt.
+        # The sweep's rule (open, never charged), read under the customer's lock, which
+        # charge_invoice holds while it records an attempt.
         balances_repo.lock_customer(session, existing.customer_id)
-        current = invoices_repo.get_invoice(session, existing.id)
-        if (
-            current is None
-            or current.status != InvoiceStatus.OPEN
-            or invoices_repo.was_ever_charged(session, existing.id)
-        ):
+        never_charged = invoices_repo.list_open_never_charged(session, existing.subscription_id)
+        if existing.id not in {i.id for i in never_charged}:
             log.warning(
                 "create_invoice: invoice %s (%s) bills other terms than asked for its period "
-                "but cannot be superseded (status %s or charged); adopted as it is",
+                "but is no longer open or was charged; adopted as it is",
                 existing.id,
                 existing.number,
-                current.status.value if current else "gone",
             )
             return False
         closed = invoices_repo.transition_invoice(

@@ -81,18 +81,6 @@ def count_renewals_for_period(
     )
 
 
-def was_ever_charged(session: Session, invoice_id: str) -> bool:
-    """Whether any charge attempt was ever recorded for the invoice."""
-    return (
-        session.execute(
-            select(PAYMENT_ATTEMPTS.c.id)
-            .where(PAYMENT_ATTEMPTS.c.invoice_id == invoice_id)
-            .limit(1)
-        ).first()
-        is not None
-    )
-
-
 def get_invoice_for_change(session: Session, change_id: str) -> InvoiceRecord | None:
     """The invoice issued for the plan change ``change_id`` (unique), if any."""
     return fetch_one(
