@@ -251,6 +251,29 @@ class StatusChangeRecord:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TermsChangeRecord:
+    """A plan or seat change of a subscription's billing terms (``changed_at`` UTC): the plan,
+    unit amount (minor units), quantity and interval before and after."""
+
+    id: int
+    subscription_id: str
+    changed_at: datetime
+    from_plan_code: str
+    to_plan_code: str
+    from_amount_minor: int
+    to_amount_minor: int
+    from_quantity: int
+    to_quantity: int
+    from_interval: IntervalUnit
+    to_interval: IntervalUnit
+    from_interval_count: int
+    to_interval_count: int
+    #: Each side's monthly amount (billing.reports.monthly_recurring_minor).
+    from_monthly_minor: int
+    to_monthly_minor: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NotificationRecord:
     """A notice waiting in the outbox (``sent_at`` None) or already delivered."""
 

@@ -133,7 +133,11 @@ class SubscriptionHistory:
     """What MRR needs of one subscription: its monthly amount and its status over time.
 
     ``changes`` are (changed_at, new status) in time order; before the first one the status
-    was ``initial_status``, from ``created_at`` on (before that the subscription did not exist).
+    was ``initial_status``. ``price_changes`` are (changed_at, new monthly amount) in time
+    order (a plan or seat change); before the first one the monthly amount was
+    ``monthly_minor``. The subscription exists from ``created_at`` on: its state at an
+    instant after it is what every change before that instant left (a change logged before
+    ``created_at`` is in force from ``created_at``).
     """
 
     subscription_id: str
@@ -143,6 +147,7 @@ class SubscriptionHistory:
     created_at: datetime
     initial_status: SubscriptionStatus
     changes: tuple[tuple[datetime, SubscriptionStatus], ...] = ()
+    price_changes: tuple[tuple[datetime, int], ...] = ()
 
     def status_at(self, instant: datetime) -> SubscriptionStatus | None:
         """The status just before ``instant`` (changes at ``instant`` itself count from then
@@ -156,8 +161,28 @@ class SubscriptionHistory:
             status = to
         return status
 
+    def monthly_at(self, instant: datetime) -> int:
+        """The monthly amount just before ``instant`` (whatever the status)."""
+        monthly = self.monthly_minor
+        for at, to in self.price_changes:
+            if at >= instant:
+                break
+            monthly = to
+        return monthly
+
     def mrr_at(self, instant: datetime) -> int:
-        return self.monthly_minor if self.status_at(instant) in MRR_STATUSES else 0
+        return self.monthly_at(instant) if self.status_at(instant) in MRR_STATUSES else 0
+
+    def _events(self) -> list[tuple[datetime, SubscriptionStatus | None, int | None]]:
+        """Status and price changes in one time order: (at, new status or None, new monthly
+        amount or None); each list keeps its own order among equal instants."""
+        merged: list[tuple[datetime, SubscriptionStatus | None, int | None]] = [
+            (at, to, None) for at, to in self.changes
+        ]
+        if self.price_changes:
+            merged.extend((at, None, to) for at, to in self.price_changes)
+            merged.sort(key=lambda event: event[0])  # stable
+        return merged
 
     def mrr_at_each(self, instants: Sequence[datetime]) -> list[int]:
         """``mrr_at`` for each of ``instants`` (ascending): one bisection per change, the
@@ -166,26 +191,35 @@ class SubscriptionHistory:
         values = [0] * count
         # The first instant the subscription existed just before.
         filled = bisect_right(instants, self.created_at)
-        if not self.monthly_minor or filled >= count:
+        if filled >= count:
             return values
-        status = self.initial_status
-        for at, to in self.changes:
+        status, monthly = self.initial_status, self.monthly_minor
+        for at, to_status, to_monthly in self._events():
             # A change at ``at`` is seen from the first instant after it on.
             seen_from = bisect_right(instants, at, lo=filled)
             if seen_from > filled:
-                if status in MRR_STATUSES:
-                    values[filled:seen_from] = [self.monthly_minor] * (seen_from - filled)
+                if monthly and status in MRR_STATUSES:
+                    values[filled:seen_from] = [monthly] * (seen_from - filled)
                 filled = seen_from
-            status = to
-        if status in MRR_STATUSES:
-            values[filled:] = [self.monthly_minor] * (count - filled)
+            if to_status is not None:
+                status = to_status
+            if to_monthly is not None:
+                monthly = to_monthly
+        if monthly and status in MRR_STATUSES:
+            values[filled:] = [monthly] * (count - filled)
         return values
 
-    def first_counted_at(self) -> datetime | None:
-        """When it first counted toward MRR (None: never)."""
-        if self.initial_status in MRR_STATUSES:
-            return self.created_at
-        return next((at for at, status in self.changes if status in MRR_STATUSES), None)
+    def first_counted_boundary(self) -> datetime | None:
+        """The first month start at which it counted toward MRR (its MRR there above 0; None:
+        never). A subscription that counted only between two month starts never counted: MRR
+        is read at month starts, so a return after such a spell is new business, and a
+        return after a month start it counted at is a reactivation."""
+        boundaries = sorted(
+            {Month.of(self.created_at).next().start}
+            | {Month.of(at).next().start for at, _ in self.changes}
+            | {Month.of(at).next().start for at, _ in self.price_changes}
+        )
+        return next((b for b in boundaries if b > self.created_at and self.mrr_at(b) > 0), None)
 
 
 class Movement(StrEnum):
@@ -198,8 +232,8 @@ class Movement(StrEnum):
 
 def classify_movement(before: int, after: int, *, counted_before: bool) -> Movement | None:
     """How one subscription's MRR moved between two month ends. ``counted_before``: it had
-    counted toward MRR at some instant before the earlier one (a return is a reactivation,
-    not new business)."""
+    counted toward MRR at some month start before the earlier one (a return is a
+    reactivation, not new business)."""
     if before == after:
         return None
     if before == 0:
@@ -331,7 +365,7 @@ def mrr_report(
                 bits = bits_of[values] = sum(1 << j for j, value in enumerate(values) if value)
             if not bits:
                 continue  # never counted at a boundary: no MRR, no movement, no customer
-            first = sub.first_counted_at()
+            first = sub.first_counted_boundary()
             # It had counted before boundary k exactly when k >= this.
             counted_from = count + 1 if first is None else bisect_right(boundaries, first)
             shapes[(values, counted_from)] += 1
@@ -403,6 +437,8 @@ class MrrBoundary:
     reactivated_minor: int = 0
     churned_minor: int = 0
     churned_customers: int = 0
+    expansion_minor: int = 0
+    contraction_minor: int = 0
 
 
 def mrr_from_boundaries(
@@ -411,9 +447,8 @@ def mrr_from_boundaries(
     """The report ``mrr_report`` gives, from the levels at the first month's start
     (``opening``: every level move up to it, summed per currency; its movements are ignored)
     and the moves at each later boundary (``moves``: month starts after the first, up to the
-    end of the last month). A subscription's MRR is constant (its price now), so it only
-    starts or stops counting: no expansion or contraction. Currencies with no MRR at any
-    boundary are left out (``with_mrr``)."""
+    end of the last month). Currencies with no MRR at any boundary are left out
+    (``with_mrr``)."""
     if not months:
         return []
     first = months[0]
@@ -440,8 +475,8 @@ def mrr_from_boundaries(
                     currency=currency,
                     opening_mrr_minor=opening_mrr,
                     new_minor=row.new_minor,
-                    expansion_minor=0,
-                    contraction_minor=0,
+                    expansion_minor=row.expansion_minor,
+                    contraction_minor=row.contraction_minor,
                     churned_minor=row.churned_minor,
                     reactivated_minor=row.reactivated_minor,
                     closing_mrr_minor=mrr,
@@ -456,8 +491,12 @@ def mrr_from_boundaries(
 
 def is_steady(history: SubscriptionHistory, start: datetime) -> bool:
     """Whether the subscription is the same at every boundary from ``start`` on: created
-    before it and no status change at or after it."""
-    return history.created_at < start and all(at < start for at, _ in history.changes)
+    before it and no status or price change at or after it."""
+    return (
+        history.created_at < start
+        and all(at < start for at, _ in history.changes)
+        and all(at < start for at, _ in history.price_changes)
+    )
 
 
 MRR_CSV_COLUMNS = (

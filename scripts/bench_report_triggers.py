@@ -15,7 +15,10 @@ per month). Writes:
   the logged change);
 - ``status_again``: the same for a subscription whose first change is logged already (the
   usual case: one refresh);
-- ``subscribe``: a subscription inserted (a signup), for a customer of its own.
+- ``subscribe``: a subscription inserted (a signup), for a customer of its own;
+- ``plan_change``: a subscription's terms changed (another unit amount and seats, synced and
+  logged in ``subscription_terms_changes``, migration 0024: its customer refreshed on the
+  update and on the logged change).
 
 Every subscription has a customer of its own (0023 recomputes a customer's months whole).
 
@@ -77,12 +80,18 @@ TRIGGERS_0023 = [
     )
     for e in ("insert", "update", "delete")
 ]
-ALL_TRIGGERS = TRIGGERS_0019 + TRIGGERS_0021 + TRIGGERS_0023
+#: 0024: the status-change trigger function on the terms log too (the refresh it calls is
+#: 0024's computation once the database is at 0024).
+TRIGGERS_0024 = [
+    ("subscription_terms_changes", f"report_mrr_terms_changes_changed_{e}")
+    for e in ("insert", "update", "delete")
+]
+ALL_TRIGGERS = TRIGGERS_0019 + TRIGGERS_0021 + TRIGGERS_0023 + TRIGGERS_0024
 SETTINGS = {
     "no report triggers": [],
     "0019 (monthly totals)": TRIGGERS_0019,
     "0019 + 0021 (and MRR, dunning)": TRIGGERS_0019 + TRIGGERS_0021,
-    "0019 + 0021 + 0023 (and MRR per month)": ALL_TRIGGERS,
+    "all (and MRR per month, 0023 + 0024)": ALL_TRIGGERS,
 }
 
 
@@ -98,6 +107,12 @@ def main() -> None:
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--writes", type=int, default=300, help="per write kind and setting")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", action="append", help="a write kind (repeatable); all if none")
+    parser.add_argument(
+        "--settings",
+        default=None,
+        help="comma-separated setting numbers to run (1 none, 2 0019, 3 0019+0021, 4 all)",
+    )
     args = parser.parse_args()
     engine = make_engine(args.database_url)
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
@@ -204,6 +219,26 @@ def main() -> None:
                 changed_at=at,
             )
 
+    def plan_change() -> None:
+        sub = status_subs.pop()
+        with unit_of_work(factory) as session:
+            subscriptions.update_subscription_state(
+                session,
+                sub.id,
+                status=sub.status,
+                current_period_start=None,
+                current_period_end=None,
+                next_billing_at=at + timedelta(days=30),
+                cancel_at_period_end=False,
+                canceled_at=None,
+                ended_at=None,
+                paused_at=None,
+                cancel_reason=None,
+                now=at,
+                changed_at=at,
+                terms={"amount_minor": sub.amount_minor + 1000, "quantity": sub.quantity + 1},
+            )
+
     kinds: dict[str, Callable[[], None]] = {
         "invoice": invoice_write,
         "charge": lambda: attempt(ChargeOutcomeKind.PAID),
@@ -211,12 +246,18 @@ def main() -> None:
         "status": status_write,
         "status_again": status_write,
         "subscribe": new_sub,
+        "plan_change": plan_change,
     }
+    if args.only:
+        kinds = {k: v for k, v in kinds.items() if k in args.only}
     timings: dict[tuple[str, str], list[float]] = {}
     calls: dict[tuple[str, str], dict[str, tuple[int, float]]] = {}
     try:
+        chosen = list(SETTINGS.items())
+        if args.settings:
+            chosen = [chosen[int(n) - 1] for n in args.settings.split(",")]
         for _ in range(args.rounds):
-            for setting, enabled in SETTINGS.items():
+            for setting, enabled in chosen:
                 switch(engine, enabled)
                 for kind, write in kinds.items():
                     # Setup outside the timing: invoices to charge, subscriptions to change.
@@ -224,7 +265,7 @@ def main() -> None:
                     if kind in ("charge", "failed_charge"):
                         for _ in range(args.writes):
                             invoice_write()
-                    if kind in ("status", "status_again"):
+                    if kind in ("status", "status_again", "plan_change"):
                         status_subs[:] = [new_sub() for _ in range(args.writes)]
                     if kind == "status_again":
                         # Each changed once already (logged), then back where it was.

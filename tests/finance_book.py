@@ -22,6 +22,7 @@ from db.models import (
     PLANS,
     REFUNDS,
     SUBSCRIPTION_STATUS_CHANGES,
+    SUBSCRIPTION_TERMS_CHANGES,
     SUBSCRIPTIONS,
 )
 
@@ -189,10 +190,14 @@ def write_book(session_factory: sessionmaker[Session]) -> None:
                 _subscription("sub_a", "cus_a", 1000, "USD", "month", "canceled", at(1, 10)),
                 # USD 20.00 a month from Feb 5, paused Mar 10 to Apr 20.
                 _subscription("sub_b", "cus_b", 2000, "USD", "month", "active", at(2, 5)),
-                # EUR 9.99 a week: MRR 999 x 52 / 12 = 4329; trial from Jan 20, active Feb 3.
-                _subscription("sub_c", "cus_c", 999, "EUR", "week", "active", at(1, 20)),
-                # USD 120.00 a year: MRR 1000; created at the very start of February.
-                _subscription("sub_d", "cus_d", 12000, "USD", "year", "active", at(2, 1)),
+                # EUR 9.99 a week: MRR 999 x 52 / 12 = 4329; trial from Jan 20, active Feb 3;
+                # two seats from Mar 20 (MRR 8658).
+                _subscription(
+                    "sub_c", "cus_c", 999, "EUR", "week", "active", at(1, 20), quantity=2
+                ),
+                # USD 120.00 a year: MRR 1000; created at the very start of February; USD 60.00
+                # a year (MRR 500) from Apr 10.
+                _subscription("sub_d", "cus_d", 6000, "USD", "year", "active", at(2, 1)),
             ],
         )
         changes = [
@@ -211,6 +216,32 @@ def write_book(session_factory: sessionmaker[Session]) -> None:
             [
                 {"subscription_id": s, "from_status": f, "to_status": t, "changed_at": w}
                 for s, f, t, w in changes
+            ],
+        )
+        # (subscription, interval, (amount, quantity) before, after, when)
+        plan_changes = [
+            ("sub_c", "week", (999, 1), (999, 2), at(3, 20)),
+            ("sub_d", "year", (12000, 1), (6000, 1), at(4, 10)),
+        ]
+        _insert_each(
+            session,
+            SUBSCRIPTION_TERMS_CHANGES,
+            [
+                {
+                    "subscription_id": s,
+                    "changed_at": w,
+                    "from_plan_code": "book-plan",
+                    "to_plan_code": "book-plan",
+                    "from_amount_minor": b[0],
+                    "to_amount_minor": a[0],
+                    "from_quantity": b[1],
+                    "to_quantity": a[1],
+                    "from_interval": i,
+                    "to_interval": i,
+                    "from_interval_count": 1,
+                    "to_interval_count": 1,
+                }
+                for s, i, b, a, w in plan_changes
             ],
         )
         _insert_each(
@@ -362,13 +393,14 @@ MRR = {
     ("2026-02", "USD"): (1000, 3000, 0, 0, 0, 0, 4000),
     # Mar: sub_a canceled and sub_b paused: 3000 churned.
     ("2026-03", "USD"): (4000, 0, 0, 0, 3000, 0, 1000),
-    # Apr: sub_b resumed: reactivated, not new.
-    ("2026-04", "USD"): (1000, 0, 0, 0, 0, 2000, 3000),
+    # Apr: sub_b resumed: reactivated, not new; sub_d down to 500 a month: contraction.
+    ("2026-04", "USD"): (1000, 0, 0, 500, 0, 2000, 2500),
     # EUR: the trial counts nothing; active from Feb 3 at 999 x 52 / 12 = 4329.
     ("2026-01", "EUR"): (0, 0, 0, 0, 0, 0, 0),
     ("2026-02", "EUR"): (0, 4329, 0, 0, 0, 0, 4329),
-    ("2026-03", "EUR"): (4329, 0, 0, 0, 0, 0, 4329),
-    ("2026-04", "EUR"): (4329, 0, 0, 0, 0, 0, 4329),
+    # Mar: sub_c's second seat (8658): expansion.
+    ("2026-03", "EUR"): (4329, 0, 4329, 0, 0, 0, 8658),
+    ("2026-04", "EUR"): (8658, 0, 0, 0, 0, 0, 8658),
 }
 #: March USD: 3 customers at the opening, 1 at the closing.
 MARCH_USD_CHURN = {

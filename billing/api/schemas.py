@@ -69,6 +69,7 @@ from billing.records import (
     RefundRecord,
     StatusChangeRecord,
     SubscriptionRecord,
+    TermsChangeRecord,
 )
 from billing.subscription import ChangeEffective, ProrationBehavior, SubscriptionStatus
 from billing.text import (
@@ -517,6 +518,43 @@ class StatusChangeOut(BaseModel):
         )
 
 
+class PlanChangeOut(BaseModel):
+    """A plan or seat change of the subscription's billing terms (issue 12), as logged when it
+    took effect: what MRR's expansion and contraction are computed from."""
+
+    changed_at: Instant = Field(description="When the change took effect (the workflow's sync).")
+    from_plan: str
+    to_plan: str
+    from_amount_minor: int = Field(description="Unit price before, minor units.")
+    to_amount_minor: int = Field(description="Unit price after, minor units.")
+    from_quantity: int
+    to_quantity: int
+    from_interval: str
+    to_interval: str
+    from_interval_count: int
+    to_interval_count: int
+    from_mrr_minor: int = Field(description="Monthly recurring amount before (price x seats).")
+    to_mrr_minor: int = Field(description="Monthly recurring amount after.")
+
+    @classmethod
+    def of(cls, change: TermsChangeRecord) -> PlanChangeOut:
+        return cls(
+            changed_at=change.changed_at,
+            from_plan=change.from_plan_code,
+            to_plan=change.to_plan_code,
+            from_amount_minor=change.from_amount_minor,
+            to_amount_minor=change.to_amount_minor,
+            from_quantity=change.from_quantity,
+            to_quantity=change.to_quantity,
+            from_interval=change.from_interval.value,
+            to_interval=change.to_interval.value,
+            from_interval_count=change.from_interval_count,
+            to_interval_count=change.to_interval_count,
+            from_mrr_minor=change.from_monthly_minor,
+            to_mrr_minor=change.to_monthly_minor,
+        )
+
+
 class AttentionOut(BaseModel):
     """Why a subscription is parked (status ``needs_attention``): billing waits until an
     operator has fixed the cause and calls ``POST /v1/subscriptions/{id}/resume-billing``."""
@@ -608,6 +646,11 @@ class SubscriptionOut(BaseModel):
         default_factory=list,
         description="Every status change, oldest first, from the database's status log "
         "(the live status may be one step ahead of it for a moment).",
+    )
+    plan_history: list[PlanChangeOut] = Field(
+        default_factory=list,
+        description="Every plan or seat change that took effect, oldest first (changes "
+        "before this log existed, migration 0024, are not in it).",
     )
 
 

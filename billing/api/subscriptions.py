@@ -45,6 +45,7 @@ from billing.api.schemas import (
     PaymentMethodOut,
     PendingChangeCancelOut,
     PendingChangeOut,
+    PlanChangeOut,
     PriceOut,
     ResumeBillingIn,
     ResumeBillingOut,
@@ -85,7 +86,12 @@ from billing.errors import ChangeRefused, InvalidInput, NotFound, PlanArchived, 
 from billing.finance import SubscriptionInvoicing, amount_display
 from billing.plan_change import change_request_digest
 from billing.plans import Plan
-from billing.records import PlanChangeRequestRecord, StatusChangeRecord, SubscriptionRecord
+from billing.records import (
+    PlanChangeRequestRecord,
+    StatusChangeRecord,
+    SubscriptionRecord,
+    TermsChangeRecord,
+)
 from billing.signup import CustomerDetails, SignupRequest, SignupService
 from billing.subscription import SubscriptionStatus
 from billing.text import IDEMPOTENCY_KEY
@@ -736,7 +742,7 @@ async def get_subscription(
 ) -> SubscriptionOut:
     """The database record merged with the workflow's live state (``live: true``). If the
     workflow cannot be asked, the database's copy (``live: false``)."""
-    record, history = await asyncio.to_thread(_load_with_history, deps, id)
+    record, history, plans = await asyncio.to_thread(_load_with_history, deps, id)
     view = await _live_view(temporal, id)
     if view is not None:
         answer = _merged(record, view)
@@ -745,16 +751,21 @@ async def get_subscription(
         answer = _from_database(record, invoicing)
         answer.attention = AttentionOut.of_record(record, parked_since(history))
     answer.status_history = [StatusChangeOut.of(change) for change in history]
+    answer.plan_history = [PlanChangeOut.of(change) for change in plans]
     return answer
 
 
 def _load_with_history(
     deps: Dependencies, subscription_id: str
-) -> tuple[SubscriptionRecord, list[StatusChangeRecord]]:
-    """The record and its status log, in one transaction."""
+) -> tuple[SubscriptionRecord, list[StatusChangeRecord], list[TermsChangeRecord]]:
+    """The record, its status log and its plan log, in one transaction."""
     with unit_of_work(deps.session_factory) as session:
         record = _require(session, subscription_id)
-        return record, subscriptions_repo.list_status_changes(session, subscription_id)
+        return (
+            record,
+            subscriptions_repo.list_status_changes(session, subscription_id),
+            subscriptions_repo.list_terms_changes(session, subscription_id),
+        )
 
 
 async def _live_view(temporal: Client, subscription_id: str) -> SubscriptionView | None:

@@ -571,6 +571,7 @@ async def subscription_page(request: Request) -> Response:
             return {
                 "subscription": subscription,
                 "changes": subscriptions_repo.list_status_changes(db, subscription_id),
+                "plan_changes": subscriptions_repo.list_terms_changes(db, subscription_id),
                 "notices": notifications_repo.list_notifications(
                     db, subscription_id=subscription_id
                 ),

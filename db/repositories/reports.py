@@ -50,6 +50,7 @@ from db.models import (
     REPORT_MONTHLY_TOTALS,
     REPORT_MRR_MONTHLY,
     SUBSCRIPTION_STATUS_CHANGES,
+    SUBSCRIPTION_TERMS_CHANGES,
     SUBSCRIPTIONS,
 )
 
@@ -64,9 +65,10 @@ def mrr_histories_from_rows(
     session: Session, *, until: datetime, currency: str | None = None
 ) -> list[SubscriptionHistory]:
     """Every subscription created before ``until`` (of ``currency``, if given), with its
-    monthly amount (its price now), its status changes before ``until`` in time order, and its
-    status before the first of them: the first change's ``from_status`` (whenever that change
-    is), or with none logged its status now.
+    status changes and its plan or seat changes before ``until`` in time order, its status
+    before the first status change (that change's ``from_status``, whenever it is; with none
+    logged, its status now) and its monthly amount before the first terms change (from that
+    change's ``from_`` terms; with none logged, its terms now).
 
     From the subscriptions and their changes themselves (a scan of the book): what the
     monthly rollup (``mrr_boundaries``) must always agree with."""
@@ -98,6 +100,49 @@ def mrr_histories_from_rows(
         ).where(*where)
     ).all()
     listed = select(SUBSCRIPTIONS.c.id).where(*where).subquery("listed")
+    terms = SUBSCRIPTION_TERMS_CHANGES.c
+    first_terms: dict[str, int] = {}
+    prices: dict[str, list[tuple[datetime, int]]] = defaultdict(list)
+    for (
+        sub_id,
+        changed_at,
+        from_amount,
+        from_interval,
+        from_count,
+        from_quantity,
+        to_amount,
+        to_interval,
+        to_count,
+        to_quantity,
+    ) in session.execute(
+        select(
+            terms.subscription_id,
+            _as_driver_returns(session, terms.changed_at),
+            terms.from_amount_minor,
+            type_coerce(terms.from_interval, String),
+            terms.from_interval_count,
+            terms.from_quantity,
+            terms.to_amount_minor,
+            type_coerce(terms.to_interval, String),
+            terms.to_interval_count,
+            terms.to_quantity,
+        )
+        .join(listed, listed.c.id == terms.subscription_id)
+        .order_by(terms.changed_at, terms.id)
+    ):
+        if sub_id not in first_terms:
+            first_terms[sub_id] = monthly_recurring_minor(
+                int(from_amount), _INTERVAL[from_interval], int(from_count), int(from_quantity)
+            )
+        if changed_at < until:
+            prices[sub_id].append(
+                (
+                    changed_at,
+                    monthly_recurring_minor(
+                        int(to_amount), _INTERVAL[to_interval], int(to_count), int(to_quantity)
+                    ),
+                )
+            )
     history: dict[str, list[tuple[datetime, SubscriptionStatus]]] = defaultdict(list)
     for sub_id, to_status, changed_at in session.execute(
         select(
@@ -115,12 +160,13 @@ def mrr_histories_from_rows(
             subscription_id=sub_id,
             customer_id=customer_id,
             currency=code,
-            monthly_minor=monthly_recurring_minor(
-                int(amount), _INTERVAL[interval], int(count), int(qty)
-            ),
+            monthly_minor=first_terms[sub_id]
+            if sub_id in first_terms
+            else monthly_recurring_minor(int(amount), _INTERVAL[interval], int(count), int(qty)),
             created_at=created_at,
             initial_status=_STATUS[first or status],
             changes=tuple(history.get(sub_id, ())),
+            price_changes=tuple(prices.get(sub_id, ())),
         )
         for (
             sub_id,
@@ -160,6 +206,8 @@ def mrr_boundaries(
         "reactivated_minor",
         "churned_minor",
         "churned_customers",
+        "expansion_minor",
+        "contraction_minor",
     )
     statement = (
         select(totals.currency, key, *(func.sum(getattr(totals, f)).label(f) for f in figures))

@@ -8,9 +8,14 @@ from datetime import datetime
 from sqlalchemy import ColumnElement, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from billing.records import StatusChangeRecord, SubscriptionRecord
+from billing.records import StatusChangeRecord, SubscriptionRecord, TermsChangeRecord
 from billing.subscription import TERMINAL_STATUSES, SubscriptionStatus
-from db.models import CUSTOMERS, SUBSCRIPTION_STATUS_CHANGES, SUBSCRIPTIONS
+from db.models import (
+    CUSTOMERS,
+    SUBSCRIPTION_STATUS_CHANGES,
+    SUBSCRIPTION_TERMS_CHANGES,
+    SUBSCRIPTIONS,
+)
 from db.repositories._rows import fetch_all, fetch_one, insert_or_get, select_rows
 
 
@@ -171,15 +176,18 @@ def update_subscription_state(
     ``anchor_at``), written with the status; None leaves it as it is.
 
     A new status is also logged in ``subscription_status_changes`` at ``changed_at`` (when
-    the workflow decided it; ``now`` if not given), in the same transaction. A sync that
-    repeats the stored status logs nothing, so a retried sync is logged once.
+    the workflow decided it; ``now`` if not given), in the same transaction, and new terms
+    (another plan, unit amount, quantity or interval) in ``subscription_terms_changes``. A
+    sync that repeats the stored status and terms logs nothing, so a retried sync is logged
+    once.
     """
     status = SubscriptionStatus(status)
-    previous = session.execute(
-        select(SUBSCRIPTIONS.c.status)
+    stored = session.execute(
+        select(SUBSCRIPTIONS.c.status, *(SUBSCRIPTIONS.c[c] for c in _LOGGED_TERMS))
         .where(SUBSCRIPTIONS.c.id == subscription_id)
-        .with_for_update()  # PostgreSQL: the logged "from" is the status this update replaces
-    ).scalar_one_or_none()
+        .with_for_update()  # PostgreSQL: the logged "from" is the state this update replaces
+    ).one_or_none()
+    previous = stored[0] if stored is not None else None
     statement = (
         update(SUBSCRIPTIONS)
         .where(SUBSCRIPTIONS.c.id == subscription_id)
@@ -217,7 +225,34 @@ def update_subscription_state(
                 else None,
             )
         )
+    if stored is not None and terms:
+        before = dict(zip(_LOGGED_TERMS, stored[1:], strict=True))
+        after = {c: terms.get(c, before[c]) for c in _LOGGED_TERMS}
+        if any(str(after[c]) != str(before[c]) for c in _LOGGED_TERMS):
+            session.execute(
+                insert(SUBSCRIPTION_TERMS_CHANGES).values(
+                    subscription_id=subscription_id,
+                    changed_at=changed_at or now,
+                    **{f"from_{c}": before[c] for c in _LOGGED_TERMS},
+                    **{f"to_{c}": after[c] for c in _LOGGED_TERMS},
+                )
+            )
     return True
+
+
+#: The terms a plan or seat change moves, logged in ``subscription_terms_changes``.
+_LOGGED_TERMS = ("plan_code", "amount_minor", "quantity", "interval", "interval_count")
+
+
+def list_terms_changes(session: Session, subscription_id: str) -> list[TermsChangeRecord]:
+    """The subscription's plan and seat changes, oldest first."""
+    return fetch_all(
+        session,
+        TermsChangeRecord,
+        select_rows(SUBSCRIPTION_TERMS_CHANGES)
+        .where(SUBSCRIPTION_TERMS_CHANGES.c.subscription_id == subscription_id)
+        .order_by(SUBSCRIPTION_TERMS_CHANGES.c.changed_at, SUBSCRIPTION_TERMS_CHANGES.c.id),
+    )
 
 
 def list_status_changes(session: Session, subscription_id: str) -> list[StatusChangeRecord]:

@@ -59,6 +59,12 @@ async def test_preview_then_change_gives_the_same_lines_and_one_change_per_key(a
 
     live = await api.request("GET", f"/v1/subscriptions/{sub['id']}", scope="finance")
     assert (live.json()["plan"], live.json()["quantity"]) == ("pro-monthly", 2)
+    # Twenty requests, one change: logged once, with the monthly amounts MRR moves by.
+    assert [
+        (p["from_plan"], p["from_quantity"], p["to_plan"], p["to_quantity"], p["from_mrr_minor"],
+         p["to_mrr_minor"])
+        for p in live.json()["plan_history"]
+    ] == [("basic-monthly", 1, "pro-monthly", 2, 900, 5800)]  # fmt: skip
 
     # Finance reads show the lines and the totals.
     invoice = await api.request("GET", f"/v1/invoices/{changed['invoice_id']}", scope="finance")

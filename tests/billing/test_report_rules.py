@@ -3,6 +3,7 @@ always add up, aging buckets and rates."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from datetime import UTC, datetime, timedelta
 
@@ -71,7 +72,13 @@ def histories(draw: st.DrawFn) -> list[SubscriptionHistory]:
     result = []
     for n in range(draw(st.integers(0, 8))):
         created = _T0 + timedelta(days=draw(st.integers(0, 400)))
-        offsets = sorted(draw(st.lists(st.integers(0, 500), max_size=6)))
+        offsets = sorted(draw(st.lists(st.integers(-30, 500), max_size=6)))
+        # Plan and seat changes: a new monthly amount, sometimes 0 (a free plan), sometimes
+        # at the very instant of a status change or of the creation.
+        price_offsets = sorted(
+            draw(st.lists(st.one_of(st.integers(-30, 500), st.sampled_from(offsets or [0])),
+                          max_size=4))
+        )  # fmt: skip
         result.append(
             SubscriptionHistory(
                 subscription_id=f"sub_{n}",
@@ -81,6 +88,10 @@ def histories(draw: st.DrawFn) -> list[SubscriptionHistory]:
                 created_at=created,
                 initial_status=draw(_statuses),
                 changes=tuple((created + timedelta(days=o), draw(_statuses)) for o in offsets),
+                price_changes=tuple(
+                    (created + timedelta(days=o), draw(st.sampled_from((0, 1, 900, 5000, 10**6))))
+                    for o in price_offsets
+                ),
             )
         )
     return result
@@ -92,7 +103,16 @@ def test_movements_always_add_up_and_months_chain(subs: list[SubscriptionHistory
     rows = mrr_report(subs, months)
     for row in rows:
         assert row.opening_mrr_minor + row.net_movement_minor == row.closing_mrr_minor
-        assert min(row.new_minor, row.churned_minor, row.reactivated_minor) >= 0
+        assert (
+            min(
+                row.new_minor,
+                row.churned_minor,
+                row.reactivated_minor,
+                row.expansion_minor,
+                row.contraction_minor,
+            )
+            >= 0
+        )
         assert row.churned_customers <= row.opening_customers
     for a, b in itertools.pairwise(rows):
         if a.currency == b.currency:
@@ -143,9 +163,9 @@ def test_steady_subscriptions_counted_in_bulk_give_the_same_report(
         s for s in subs if is_steady(s, start) and s.status_at(start) not in MRR_STATUSES
     ]
     others = [s for s in subs if s not in steady and s not in quiet_uncounted]
-    groups = Counter((s.currency, s.monthly_minor) for s in steady)
+    groups = Counter((s.currency, s.monthly_at(start)) for s in steady)
     # As the database counts them: owners of a steady subscription with MRR above 0.
-    owners = {(s.currency, s.customer_id) for s in steady if s.monthly_minor > 0}
+    owners = {(s.currency, s.customer_id) for s in steady if s.monthly_at(start) > 0}
     by_currency = Counter(currency for currency, _ in owners)
     split = mrr_report(
         others,
@@ -174,7 +194,7 @@ def _by_definition(subs: list[SubscriptionHistory], months: list[Month]) -> list
             after = {s.subscription_id: s.mrr_at(boundaries[k + 1]) for s in mine}
             totals = dict.fromkeys(Movement, 0)
             for s in mine:
-                first = s.first_counted_at()
+                first = s.first_counted_boundary()
                 movement = classify_movement(
                     before[s.subscription_id],
                     after[s.subscription_id],
@@ -220,7 +240,94 @@ def test_mrr_at_each_is_mrr_at_every_instant(
     instants = sorted(
         {_T0 + timedelta(days=d) for d in days}
         | {at for s in subs for at, _ in s.changes}
+        | {at for s in subs for at, _ in s.price_changes}
         | {s.created_at for s in subs}
     )
     for sub in subs:
         assert sub.mrr_at_each(instants) == [sub.mrr_at(i) for i in instants]
+
+
+def _sub(
+    created: datetime,
+    *,
+    monthly: int,
+    changes: list[tuple[datetime, SubscriptionStatus]] | None = None,
+    prices: list[tuple[datetime, int]] | None = None,
+) -> SubscriptionHistory:
+    return SubscriptionHistory(
+        subscription_id="sub_1",
+        customer_id="cus_1",
+        currency="USD",
+        monthly_minor=monthly,
+        created_at=created,
+        initial_status=SubscriptionStatus.ACTIVE,
+        changes=tuple(changes or ()),
+        price_changes=tuple(prices or ()),
+    )
+
+
+def test_a_plan_change_is_expansion_or_contraction_in_the_month_it_is_made() -> None:
+    """An upgrade from 900 to 2900 a month on 10 March moves +2000 as expansion in March (seen
+    at April's start); a downgrade to 500 on 5 June moves -2400 as contraction in June, and
+    counts in revenue churn; neither is new business nor churn."""
+    t = datetime(2026, 1, 15, tzinfo=UTC)
+    sub = _sub(
+        t,
+        monthly=900,
+        prices=[
+            (datetime(2026, 3, 10, tzinfo=UTC), 2900),
+            (datetime(2026, 6, 5, tzinfo=UTC), 500),
+        ],
+    )
+    rows = {str(r.month): r for r in mrr_report([sub], month_range(Month(2026, 1), Month(2026, 7)))}
+    assert rows["2026-01"].new_minor == 900
+    assert (rows["2026-03"].expansion_minor, rows["2026-03"].contraction_minor) == (2000, 0)
+    assert rows["2026-03"].closing_mrr_minor == 2900
+    assert (rows["2026-06"].expansion_minor, rows["2026-06"].contraction_minor) == (0, 2400)
+    assert rows["2026-06"].revenue_churn_rate == rate(2400, 2900)
+    assert rows["2026-06"].logo_churn_rate == "0.0000"
+    assert all(r.churned_minor == 0 for r in rows.values())
+    assert rows["2026-07"].closing_mrr_minor == 500
+
+
+def test_a_free_plan_to_a_paid_one_is_new_business_and_back_is_churn() -> None:
+    t = datetime(2026, 1, 15, tzinfo=UTC)
+    sub = _sub(
+        t,
+        monthly=0,
+        prices=[
+            (datetime(2026, 2, 10, tzinfo=UTC), 1000),
+            (datetime(2026, 4, 10, tzinfo=UTC), 0),
+            (datetime(2026, 5, 10, tzinfo=UTC), 1000),
+        ],
+    )
+    rows = {str(r.month): r for r in mrr_report([sub], month_range(Month(2026, 1), Month(2026, 6)))}
+    assert rows["2026-01"].closing_mrr_minor == 0
+    assert rows["2026-02"].new_minor == 1000
+    assert rows["2026-04"].churned_minor == 1000
+    assert rows["2026-04"].churned_customers == 1
+    assert rows["2026-05"].reactivated_minor == 1000
+    assert sub.first_counted_boundary() == datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def test_a_spell_between_two_month_starts_never_counted() -> None:
+    """Paused from its creation, active from 3 to 20 February (no month start between), active
+    again from 2 April: MRR never saw the spell, so April's return is new business, not a
+    reactivation."""
+    t = datetime(2026, 1, 15, tzinfo=UTC)
+    sub = dataclasses.replace(
+        _sub(
+            t,
+            monthly=700,
+            changes=[
+                (datetime(2026, 2, 3, tzinfo=UTC), SubscriptionStatus.ACTIVE),
+                (datetime(2026, 2, 20, tzinfo=UTC), SubscriptionStatus.PAUSED),
+                (datetime(2026, 4, 2, tzinfo=UTC), SubscriptionStatus.ACTIVE),
+            ],
+        ),
+        initial_status=SubscriptionStatus.PAUSED,
+    )
+    assert sub.first_counted_boundary() == datetime(2026, 5, 1, tzinfo=UTC)
+    rows = {str(r.month): r for r in mrr_report([sub], month_range(Month(2026, 1), Month(2026, 5)))}
+    assert all(r.churned_minor == 0 for r in rows.values())
+    assert (rows["2026-04"].new_minor, rows["2026-04"].reactivated_minor) == (700, 0)

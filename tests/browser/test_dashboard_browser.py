@@ -159,9 +159,20 @@ async def test_the_dashboard_end_to_end(server: str, browser: Browser, tmp_path:
             # Feb (4000) is drawn four times as tall as Jan (1000).
             assert heights["2026-02"] == pytest.approx(4 * heights["2026-01"], rel=0.01)
     assert "US$40.00" not in await page.inner_text("#mrr-USD")
-    assert await page.inner_text("#mrr-USD") == "USD 30.00"
+    assert await page.inner_text("#mrr-USD") == "USD 25.00"
     movements = await page.inner_text("#movements-USD")
     assert "2026-03" in movements and "USD 30.00" in movements  # March's churn
+    # April's row: opening, new, expansion, contraction (sub_d's cheaper plan), churned, ...
+    april = await page.eval_on_selector(
+        "#movements-USD tr:has-text('2026-04')",
+        "r => [...r.querySelectorAll('td')].map(c => c.innerText)",
+    )
+    assert april[:5] == ["2026-04", "USD 10.00", "USD 0.00", "USD 0.00", "USD 5.00"], april
+    eur_march = await page.eval_on_selector(
+        "#movements-EUR tr:has-text('2026-03')",
+        "r => [...r.querySelectorAll('td')].map(c => c.innerText)",
+    )
+    assert eur_march[3] != "€0.00" and "43.29" in eur_march[3], eur_march  # a second seat
     aging = await page.inner_text("#aging-USD tr[data-bucket='61-90']")
     assert "USD 120.00" in aging
     assert "0.3333" in await page.inner_text("#recovery-USD")
@@ -211,7 +222,19 @@ async def test_the_dashboard_end_to_end(server: str, browser: Browser, tmp_path:
     assert await page.inner_text("#subscription-id") == "sub_a"
     history = await page.inner_text("#status-history")
     assert "canceled" in history and "2026-03-15" in history
+    assert "No plan or seat changes" in await page.inner_text("#plan-history")
     await _shot(page, "subscription")
+    # A subscription with a plan history: sub_c's second seat.
+    await page.goto(f"{server}/dashboard/subscriptions/sub_c")
+    plans = await page.eval_on_selector(
+        "#plan-history tbody tr",
+        "r => [...r.querySelectorAll('td')].map(c => c.innerText)",
+    )
+    times = "\u00d7"  # the multiplication sign the page shows
+    assert plans[0].startswith("2026-03-20")
+    assert plans[1:3] == [f"book-plan {times} 1", f"book-plan {times} 2"], plans
+    assert "43.29" in plans[3] and "86.58" in plans[4], plans
+    await _shot(page, "subscription-plan-history")
 
     # Sign-out needs the page's CSRF token: the same POST without it is refused.
     forged = await page.context.request.post(

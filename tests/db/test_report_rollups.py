@@ -47,6 +47,7 @@ from db.models import (
     REPORT_MRR_PRICES,
     REPORT_ROLLUPS,
     SUBSCRIPTION_STATUS_CHANGES,
+    SUBSCRIPTION_TERMS_CHANGES,
     SUBSCRIPTIONS,
 )
 from db.repositories import attempts, credit_notes, invoices, subscriptions
@@ -102,10 +103,12 @@ subscription_ops = st.one_of(
         st.integers(1, 4),
         st.one_of(st.none(), st.sampled_from(tuple(IntervalUnit))),
         st.one_of(st.none(), st.sampled_from(CURRENCIES)),
+        instants,
     ),
     st.tuples(st.just("delete_pending"), st.integers(0, 30)),
     # Not something the service does; the triggers must follow it all the same.
     st.tuples(st.just("delete_change"), st.integers(0, 30), st.integers(0, 5)),
+    st.tuples(st.just("delete_terms_change"), st.integers(0, 30), st.integers(0, 5)),
 )
 invoice_ops = st.one_of(
     st.tuples(
@@ -181,7 +184,7 @@ def _apply(session: Session, op: tuple[Any, ...], book: Book) -> None:
         )
         book.subscriptions.append(record.id)
         return
-    if kind in ("status", "terms", "delete_pending", "delete_change"):
+    if kind in ("status", "terms", "delete_pending", "delete_change", "delete_terms_change"):
         sub_id = _pick(book.subscriptions, op[1])
         current = subscriptions.get_subscription(session, sub_id) if sub_id else None
         if current is None:
@@ -199,6 +202,16 @@ def _apply(session: Session, op: tuple[Any, ...], book: Book) -> None:
                     )
                 )
             return
+        if kind == "delete_terms_change":
+            logged_terms = subscriptions.list_terms_changes(session, current.id)
+            if logged_terms:
+                gone_terms = logged_terms[op[2] % len(logged_terms)]
+                session.execute(
+                    delete(SUBSCRIPTION_TERMS_CHANGES).where(
+                        SUBSCRIPTION_TERMS_CHANGES.c.id == gone_terms.id
+                    )
+                )
+            return
         status, at, terms = current.status, current.updated_at, None
         if kind == "status":
             status, at = op[2], op[3]
@@ -208,6 +221,7 @@ def _apply(session: Session, op: tuple[Any, ...], book: Book) -> None:
                 terms["interval"] = op[4]
             if op[5] is not None:
                 terms["currency"] = op[5]
+            at = op[6]
         _set_state(session, current, status, at, terms)
         return
     if kind == "issue":
@@ -481,6 +495,8 @@ MRR_FIGURES = (
     "reactivated_minor",
     "churned_minor",
     "churned_customers",
+    "expansion_minor",
+    "contraction_minor",
 )
 #: Later than any instant the tests write.
 FAR = datetime(2100, 1, 1, tzinfo=UTC)
@@ -501,15 +517,16 @@ def _customer_months_by_definition(session: Session) -> dict[tuple[str, str, str
         months = sorted(
             {Month.of(h.created_at).next() for h in mine}
             | {Month.of(at).next() for h in mine for at, _ in h.changes}
+            | {Month.of(at).next() for h in mine for at, _ in h.price_changes}
         )
         for month in months:
             before_start = Month(month.year - (month.month == 1), (month.month - 2) % 12 + 1)
             before, after = before_start.start, month.start
             was = [h.mrr_at(before) for h in mine]
             now = [h.mrr_at(after) for h in mine]
-            new = reactivated = churned = 0
+            new = reactivated = churned = expansion = contraction = 0
             for h, b, a in zip(mine, was, now, strict=True):
-                first = h.first_counted_at()
+                first = h.first_counted_boundary()
                 if b == 0 and a > 0:
                     if first is not None and first < before:
                         reactivated += a
@@ -517,6 +534,10 @@ def _customer_months_by_definition(session: Session) -> dict[tuple[str, str, str
                         new += a
                 elif a == 0 and b > 0:
                     churned += b
+                elif a > b > 0:
+                    expansion += a - b
+                elif b > a > 0:
+                    contraction += b - a
             counts_before = any(was)
             counts_now = any(now)
             figures = (
@@ -527,6 +548,8 @@ def _customer_months_by_definition(session: Session) -> dict[tuple[str, str, str
                 reactivated,
                 churned,
                 int(counts_before and not counts_now),
+                expansion,
+                contraction,
             )
             if any(figures):
                 rows[(currency, customer, str(month))] = figures

@@ -40,7 +40,7 @@ def test_mrr_and_its_movements_per_currency_and_month(factory: sessionmaker[Sess
     assert march.logo_churn_rate == book.MARCH_USD_CHURN["logo_churn_rate"]
     assert march.revenue_churn_rate == book.MARCH_USD_CHURN["revenue_churn_rate"]
     april = next(m for m in rows if str(m.month) == "2026-04" and m.currency == "USD")
-    assert (april.arr_minor, april.active_subscriptions, april.active_customers) == (36000, 2, 2)
+    assert (april.arr_minor, april.active_subscriptions, april.active_customers) == (30000, 2, 2)
 
 
 def test_mrr_for_one_currency_only(factory: sessionmaker[Session]) -> None:
@@ -206,7 +206,7 @@ def test_steady_months_are_counted_in_bulk_with_the_same_figures(
     assert set(rows) == {("2026-05", "USD"), ("2026-06", "USD"), ("2026-05", "EUR"),
                          ("2026-06", "EUR")}  # fmt: skip
     for (_, currency), m in rows.items():
-        expected = {"USD": (3000, 2, 2), "EUR": (4329, 1, 1)}[currency]
+        expected = {"USD": (2500, 2, 2), "EUR": (8658, 1, 1)}[currency]
         assert (m.closing_mrr_minor, m.active_subscriptions, m.active_customers) == expected
         assert m.opening_mrr_minor == m.closing_mrr_minor and m.net_movement_minor == 0
         assert m.churned_customers == 0 and m.opening_customers == expected[2]
@@ -215,6 +215,6 @@ def test_steady_months_are_counted_in_bulk_with_the_same_figures(
     april_may = reporting.mrr(factory, reporting.MonthRange(Month(2026, 4), Month(2026, 5)))
     usd = [m for m in april_may if m.currency == "USD"]
     assert [(m.opening_mrr_minor, m.reactivated_minor, m.closing_mrr_minor) for m in usd] == [
-        (1000, 2000, 3000),
-        (3000, 0, 3000),
+        (1000, 2000, 2500),
+        (2500, 0, 2500),
     ]

@@ -11,6 +11,7 @@ from dateutil.relativedelta import relativedelta
 from temporalio.client import WorkflowUpdateFailedError
 
 from activities.billing import BillingActivities
+from billing import reporting, reports
 from billing.contracts import (
     CancelPendingChangeInput,
     CancelPendingChangeResult,
@@ -27,12 +28,14 @@ from billing.contracts import (
 from billing.invoices import InvoiceLineKind, InvoiceStatus
 from billing.plans import DEMO_PLANS, Plan
 from billing.proration import Terms, prorate
+from billing.reports import Month
 from billing.subscription import SubscriptionStatus
 from billing.testing.cards import DECLINES_AFTER_ATTACH, SUCCEEDS
 from billing.testing.harness import BillingHarness
 from db.engine import unit_of_work
 from db.repositories import balances as balances_repo
 from db.repositories import invoices as invoices_repo
+from db.repositories import subscriptions as subscriptions_repo
 from tests.conftest import BOTH_BACKENDS
 
 DAY = timedelta(days=1)
@@ -424,3 +427,58 @@ async def test_a_change_during_dunning_keeps_a_credit_note_issued_on_the_unpaid_
     assert succeeded_charges(harness, sub_id) == [600 + sum(amounts)]
     with unit_of_work(harness.session_factory) as session:
         assert balances_repo.credit_balance(session, customer_id, "USD") == 0
+
+
+@BOTH_BACKENDS
+async def test_plan_changes_are_logged_once_and_move_mrr_as_expansion_and_contraction(
+    harness: BillingHarness,
+) -> None:
+    """The real workflow's upgrade (now) and downgrade (at the renewal) are each logged once,
+    when they took effect, and the MRR report, from the database's rollups and from
+    the rows alike, shows them as expansion and contraction in their months, not as new
+    business or churn."""
+    sub_id, anchor = await signed_up(harness)
+    # Past the first month start the basic plan counted at.
+    upgrade_at = Month.of(anchor).next().next().start + 3 * DAY
+    await harness.advance_to(upgrade_at)
+    upgraded = await change(harness, sub_id, plan=PRO, update_id="mrr-upgrade")
+    await harness.wait_for(sub_id, lambda v: v.open_invoice is None and v.amount_minor == 2900)
+    again = await change(harness, sub_id, plan=PRO, update_id="mrr-upgrade")
+    assert again.change_id == upgraded.change_id
+    # The downgrade takes effect in a later month than the upgrade.
+    await harness.advance_to(Month.of(upgraded.effective_at).next().start + DAY)
+    await harness.wait_for(sub_id, lambda v: not v.open_invoice)
+    scheduled = await change(harness, sub_id, plan=BASIC)
+    assert scheduled.effective == "period_end"
+    await harness.advance_to(scheduled.effective_at + timedelta(hours=1))
+    await harness.wait_for(sub_id, lambda v: v.amount_minor == 900 and not v.open_invoice)
+
+    with unit_of_work(harness.session_factory) as session:
+        logged = subscriptions_repo.list_terms_changes(session, sub_id)
+    assert [
+        (t.from_plan_code, t.to_plan_code, t.from_monthly_minor, t.to_monthly_minor) for t in logged
+    ] == [("basic-monthly", "pro-monthly", 900, 2900), ("pro-monthly", "basic-monthly", 2900, 900)]
+    # Logged by the sync that follows the change in the same workflow (its clock a few
+    # milliseconds on, after the change invoice's local activity).
+    for terms, effective in zip(logged, (upgraded, scheduled), strict=True):
+        assert timedelta(0) <= terms.changed_at - effective.effective_at < timedelta(seconds=5)
+
+    months = reporting.MonthRange(Month.of(anchor), Month.of(scheduled.effective_at).next())
+    for from_rows in (False, True):
+        rows = {
+            str(r.month): r
+            for r in reporting.mrr(harness.session_factory, months, from_rows=from_rows)
+            if r.currency == "USD"
+        }
+        moved = {
+            month: (r.new_minor, r.expansion_minor, r.contraction_minor, r.churned_minor)
+            for month, r in rows.items()
+            if r.new_minor or r.expansion_minor or r.contraction_minor or r.churned_minor
+        }
+        assert moved == {
+            str(Month.of(anchor)): (900, 0, 0, 0),
+            str(Month.of(upgraded.effective_at)): (0, 2000, 0, 0),
+            str(Month.of(scheduled.effective_at)): (0, 0, 2000, 0),
+        }, from_rows
+        last = rows[str(Month.of(scheduled.effective_at))]
+        assert last.revenue_churn_rate == reports.rate(2000, 2900)

@@ -46,7 +46,7 @@ triggers, so the computation is written as nested subqueries for both databases.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -184,10 +184,17 @@ def fresh_rows(dialect: str, where: str, *, source: str = "subscriptions s") -> 
 
 
 def _pg_functions() -> list[str]:
-    figures = ", ".join(FIGURES)
-    sums = ", ".join(f"sum({f})" for f in FIGURES)
-    nonzero = " OR ".join(f"sum({f}) <> 0" for f in FIGURES)
-    added = ", ".join(f"{f} = report_mrr_monthly.{f} + EXCLUDED.{f}" for f in FIGURES)
+    return [pg_refresh(FIGURES, fresh_rows), *_pg_trigger_functions()]
+
+
+def pg_refresh(all_figures: Sequence[str], fresh_of: Callable[..., str]) -> str:
+    """``report_mrr_refresh(keys)``: the customers' rows recomputed by ``fresh_of`` (a
+    ``fresh_rows``), their differences added to the monthly sums (also revision 0024's, with
+    its figures and rows)."""
+    figures = ", ".join(all_figures)
+    sums = ", ".join(f"sum({f})" for f in all_figures)
+    nonzero = " OR ".join(f"sum({f}) <> 0" for f in all_figures)
+    added = ", ".join(f"{f} = report_mrr_monthly.{f} + EXCLUDED.{f}" for f in all_figures)
     # Joined with the keys as a table (an index probe per customer), not "= ANY(keys)": a
     # cached generic plan compares each row with every element of the array, so a bulk load
     # of thousands of customers would take quadratic time.
@@ -195,7 +202,7 @@ def _pg_functions() -> list[str]:
         "(SELECT DISTINCT split_part(k, chr(31), 1) AS currency, split_part(k, chr(31), 2) "
         "AS customer_id FROM unnest(keys) AS k) AS wanted"
     )
-    fresh = fresh_rows(
+    fresh = fresh_of(
         "postgresql",
         "true",
         source=f"{wanted} JOIN subscriptions s ON s.customer_id = wanted.customer_id "
@@ -205,8 +212,8 @@ def _pg_functions() -> list[str]:
         f"report_mrr_customer_months m JOIN {wanted} ON m.customer_id = wanted.customer_id "
         "AND m.currency = wanted.currency"
     )
-    refresh = f"""
-CREATE FUNCTION report_mrr_refresh(keys text[]) RETURNS void LANGUAGE plpgsql
+    return f"""
+CREATE OR REPLACE FUNCTION report_mrr_refresh(keys text[]) RETURNS void LANGUAGE plpgsql
 -- Its statements are long: planned afresh at each call they took 20-30 ms, and JIT compiled
 -- (at 1M invoices, the first bench of this revision); their generic plans probe indexes per
 -- customer whatever the number of keys.
@@ -241,7 +248,7 @@ BEGIN
     FROM (
         SELECT currency, month, {figures} FROM ({fresh}) AS fresh
         UNION ALL
-        SELECT m.currency, m.month, {", ".join(f"-m.{f}" for f in FIGURES)} FROM {old_rows}
+        SELECT m.currency, m.month, {", ".join(f"-m.{f}" for f in all_figures)} FROM {old_rows}
     ) AS delta
     GROUP BY currency, month HAVING {nonzero} ORDER BY currency, month
     ON CONFLICT (currency, month, slot) DO UPDATE SET {added};
@@ -252,6 +259,9 @@ BEGIN
 END
 $body$
 """
+
+
+def _pg_trigger_functions() -> list[str]:
     key = "{r}.currency || chr(31) || {r}.customer_id"
     changed = " OR ".join(f"o.{c} IS DISTINCT FROM n.{c}" for c in WATCHED)
     moved = (
@@ -294,7 +304,7 @@ BEGIN
 END
 $body$
 """
-    return [refresh, subscriptions, changes]
+    return [subscriptions, changes]
 
 
 _PG_EVENTS = {
@@ -314,8 +324,17 @@ _PG_FUNCTIONS = (
 )
 
 
-def _sqlite_triggers() -> list[str]:
-    figures = ", ".join(FIGURES)
+def _sqlite_triggers(
+    all_figures: Sequence[str] = FIGURES,
+    fresh_of: Callable[..., str] | None = None,
+    logs: Sequence[tuple[str, str]] = ((CHANGES, "status_changes"),),
+) -> list[str]:
+    """Every SQLite trigger: the monthly sums following the per-customer rows, and the rows
+    of a customer recomputed by ``fresh_of`` (this revision's ``fresh_rows`` by default) when
+    one of its subscriptions or a row of one of ``logs`` ((table, name), each with a
+    ``subscription_id``) is written (also revision 0024's)."""
+    fresh_of = fresh_of or fresh_rows
+    figures = ", ".join(all_figures)
     statements = []
     # The monthly sums follow the per-customer rows.
     for event, row, sign in (("INSERT", "NEW", "+"), ("DELETE", "OLD", "-")):
@@ -325,7 +344,7 @@ def _sqlite_triggers() -> list[str]:
             "INSERT INTO report_mrr_monthly (currency, month, slot) "
             f"VALUES ({row}.currency, {row}.month, 0) ON CONFLICT DO NOTHING; "
             "UPDATE report_mrr_monthly SET "
-            + ", ".join(f"{f} = {f} {sign} {row}.{f}" for f in FIGURES)
+            + ", ".join(f"{f} = {f} {sign} {row}.{f}" for f in all_figures)
             + f" WHERE currency = {row}.currency AND month = {row}.month AND slot = 0; END"
         )
 
@@ -335,7 +354,7 @@ def _sqlite_triggers() -> list[str]:
             f"AND currency = {currency}; "
             f"INSERT INTO report_mrr_customer_months (currency, customer_id, month, {figures}) "
             f"SELECT currency, customer_id, month, {figures} FROM ("
-            + fresh_rows("sqlite", f"s.customer_id = {customer} AND s.currency = {currency}")
+            + fresh_of("sqlite", f"s.customer_id = {customer} AND s.currency = {currency}")
             + "); "
         )
 
@@ -356,32 +375,33 @@ def _sqlite_triggers() -> list[str]:
             f"CREATE TRIGGER report_mrr_subscriptions_{name} AFTER {event} ON subscriptions "
             f"FOR EACH ROW WHEN {when} BEGIN {body}END"
         )
-    for name, event, rows in (
-        ("insert", "INSERT", ("NEW",)),
-        ("delete", "DELETE", ("OLD",)),
-        ("update", "UPDATE", ("OLD", "NEW")),
-    ):
-        body = "".join(
-            refresh(
-                f"(SELECT currency FROM subscriptions WHERE id = {r}.subscription_id)",
-                f"(SELECT customer_id FROM subscriptions WHERE id = {r}.subscription_id)",
+    for table, log in logs:
+        for name, event, rows in (
+            ("insert", "INSERT", ("NEW",)),
+            ("delete", "DELETE", ("OLD",)),
+            ("update", "UPDATE", ("OLD", "NEW")),
+        ):
+            body = "".join(
+                refresh(
+                    f"(SELECT currency FROM subscriptions WHERE id = {r}.subscription_id)",
+                    f"(SELECT customer_id FROM subscriptions WHERE id = {r}.subscription_id)",
+                )
+                for r in rows
             )
-            for r in rows
-        )
-        statements.append(
-            f"CREATE TRIGGER report_mrr_status_changes_{name} AFTER {event} ON {CHANGES} "
-            f"FOR EACH ROW BEGIN {body}END"
-        )
+            statements.append(
+                f"CREATE TRIGGER report_mrr_{log}_{name} AFTER {event} ON {table} "
+                f"FOR EACH ROW BEGIN {body}END"
+            )
     return statements
 
 
-def _sqlite_trigger_names() -> list[str]:
+def _sqlite_trigger_names(logs: Sequence[str] = ("status_changes",)) -> list[str]:
     return [
         "report_mrr_monthly_insert",
         "report_mrr_monthly_delete",
         *(
             f"report_mrr_{t}_{e}"
-            for t in ("subscriptions", "status_changes")
+            for t in ("subscriptions", *logs)
             for e in ("insert", "delete", "update")
         ),
     ]
@@ -427,16 +447,22 @@ def upgrade() -> None:
     else:
         for statement in _sqlite_triggers():
             op.execute(statement)
-    names = ", ".join(FIGURES)
+    backfill(dialect, FIGURES, fresh_rows)
+
+
+def backfill(dialect: str, all_figures: Sequence[str], fresh_of: Callable[..., str]) -> None:
+    """Both tables (empty) filled from every subscription, by ``fresh_of`` (also revision
+    0024's)."""
+    names = ", ".join(all_figures)
     op.execute(
         f"INSERT INTO report_mrr_customer_months (currency, customer_id, month, {names}) "
-        f"SELECT currency, customer_id, month, {names} FROM ({fresh_rows(dialect, '1 = 1')}) "
+        f"SELECT currency, customer_id, month, {names} FROM ({fresh_of(dialect, '1 = 1')}) "
         "AS fresh"
     )
     if dialect == "postgresql":
         op.execute(
             f"INSERT INTO report_mrr_monthly (currency, month, slot, {names}) "
-            f"SELECT currency, month, 0, {', '.join(f'sum({f})' for f in FIGURES)} "
+            f"SELECT currency, month, 0, {', '.join(f'sum({f})' for f in all_figures)} "
             "FROM report_mrr_customer_months GROUP BY currency, month"
         )
 
