@@ -129,24 +129,38 @@ def fresh_rows(dialect: str, where: str, *, source: str = "subscriptions s") -> 
         "WHERE t0.subscription_id = s.id ORDER BY t0.changed_at, t0.id LIMIT 1), "
         f"{own_monthly}) AS initial_m FROM {source} WHERE ({where})"
     )
-    # The boundaries where a subscription's MRR may move: the first one after its creation,
-    # and the first after each change (a change at a month's first instant counts from the
-    # next one). Those before b0 are left out below.
-    points = (
-        f"SELECT s.id AS id, {nm('s.created_at')} AS b FROM {source} WHERE ({where}) "
-        f"UNION SELECT c2.subscription_id, {nm('c2.changed_at')} FROM {source} "
-        f"JOIN {CHANGES} c2 ON c2.subscription_id = s.id WHERE ({where}) "
-        f"UNION SELECT t2.subscription_id, {nm('t2.changed_at')} FROM {source} "
-        f"JOIN {TERMS} t2 ON t2.subscription_id = s.id WHERE ({where})"
-    )
-    # Its MRR at each: the status and the monthly amount every change before it left.
+    # The boundaries where a subscription's MRR may move: the first one after its creation
+    # (b0), and the first after each change (a change at a month's first instant counts from
+    # the next one) that is not before b0; its MRR at each: the status and the monthly amount
+    # every change before it left.
     status_there = status_where("sub", "c3", f"{nm('c3.changed_at')} <= p.b")
     monthly_there = monthly_where("sub", "t3", f"{nm('t3.changed_at')} <= p.b")
-    valued = (
-        "SELECT sub.id, sub.currency, sub.customer_id, p.b, "
-        f"CASE WHEN {status_there} IN {COUNTED} THEN {monthly_there} ELSE 0 END AS v "
-        f"FROM ({subs}) AS sub JOIN ({points}) AS p ON p.id = sub.id AND p.b >= sub.b0"
-    )
+    value = f"CASE WHEN {status_there} IN {COUNTED} THEN {monthly_there} ELSE 0 END AS v"
+    if dialect == "postgresql":
+        # Each subscription's own points (an index probe per subscription): a join of two
+        # derived tables was planned as a nested loop for a bulk refresh (the generic plan
+        # guesses a few keys), quadratic in the customers.
+        valued = (
+            f"SELECT sub.id, sub.currency, sub.customer_id, p.b, {value} "
+            f"FROM ({subs}) AS sub CROSS JOIN LATERAL (SELECT sub.b0 AS b "
+            f"UNION SELECT {nm('c2.changed_at')} FROM {CHANGES} c2 "
+            "WHERE c2.subscription_id = sub.id "
+            f"UNION SELECT {nm('t2.changed_at')} FROM {TERMS} t2 "
+            "WHERE t2.subscription_id = sub.id) AS p WHERE p.b >= sub.b0"
+        )
+    else:
+        # SQLite has no LATERAL; its refresh covers one customer.
+        points = (
+            f"SELECT s.id AS id, {nm('s.created_at')} AS b FROM {source} WHERE ({where}) "
+            f"UNION SELECT c2.subscription_id, {nm('c2.changed_at')} FROM {source} "
+            f"JOIN {CHANGES} c2 ON c2.subscription_id = s.id WHERE ({where}) "
+            f"UNION SELECT t2.subscription_id, {nm('t2.changed_at')} FROM {source} "
+            f"JOIN {TERMS} t2 ON t2.subscription_id = s.id WHERE ({where})"
+        )
+        valued = (
+            f"SELECT sub.id, sub.currency, sub.customer_id, p.b, {value} "
+            f"FROM ({subs}) AS sub JOIN ({points}) AS p ON p.id = sub.id AND p.b >= sub.b0"
+        )
     # Where it moved, with its value at the previous point and its highest at any point
     # before that one (above 0: it counted at an earlier month start, so a return is a
     # reactivation).
