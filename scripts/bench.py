@@ -1453,6 +1453,21 @@ def burst_summary(
         # What share of the cap the capped burst used: cycles per second over charges per
         # second allowed (a paid cycle is one charge).
         "burst_cap_use": round(capped_per_s / sizes.charge_rate, 3),
+        # The same once charging: charges after the first over the time from the first to the
+        # last (the rate the cap was used at, without the start from the due instant), the
+        # "sustains" of issue 16; the goal stays on burst_cap_use.
+        "burst_cap_use_charging": round(
+            _median(
+                [
+                    (sizes.burst - 1) / run[0]["burst_charges_s"]
+                    for run in found
+                    if run[0]["burst_charges_s"]
+                ]
+                or [0.0]
+            )
+            / sizes.charge_rate,
+            3,
+        ),
         "burst_ratio": round(capped_per_s / bare_per_s, 3),
         "billing_cycles_per_s_uncapped": uncapped_per_s,
         "burst_ratio_uncapped": round(uncapped_per_s / bare_per_s, 3),

@@ -97,6 +97,9 @@ def test_bench_quick_reports_every_figure() -> None:
     assert figures["burst_cap_use"] == round(
         figures["billing_cycles_per_s"] / figures["configured_charge_rate_per_s"], 3
     )
+    # Once charging, the pacer's turns being spaced, the rate is never above the cap by more
+    # than one request's share.
+    assert 0 < figures["burst_cap_use_charging"] <= 1 + 1 / figures["burst_size"]
     for key in WITH_GOALS:
         assert isinstance(figures["goals"][key]["met"], bool), (key, figures["goals"])
     assert figures["goals"]["stripe_requests_per_cycle"]["met"] is True
