@@ -110,7 +110,7 @@ async def test_no_secret_or_card_number_in_logs_answers_or_the_database(
         column.name
         for mapper in Base.registry.mappers
         for column in inspect(mapper.class_).columns
-        if any(word in column.name for word in ("card_number", "cvc", "cvv", "pan", "exp_"))
+        if names_card_data(column.name)
     ]
     assert card_columns == []
     assert models.CustomerRow.__tablename__ == "customers"
@@ -166,6 +166,22 @@ async def test_a_card_number_in_a_path_header_or_change_is_not_echoed(api: Api) 
     for response in (missing, keyed, change):
         assert cards_in(response.text) == []
     assert auth("finance")
+
+
+def names_card_data(column: str) -> bool:
+    """A column named for card data: a card number, a PAN, a CVC/CVV or an expiry, as a whole
+    word of its snake_case name (``expansion_minor`` is not a PAN)."""
+    words = column.lower().split("_")
+    return "card_number" in column.lower() or any(
+        word in ("pan", "cvc", "cvv", "cvc2", "exp", "expiry") for word in words
+    )
+
+
+def test_card_data_column_names_are_recognised_by_word() -> None:
+    for name in ("card_number", "pan", "card_pan", "cvc", "cvv", "exp_month", "card_exp_year"):
+        assert names_card_data(name), name
+    for name in ("expansion_minor", "span", "company", "expires_at_hint", "expected"):
+        assert not names_card_data(name), name
 
 
 def test_card_numbers_are_recognised_and_other_numbers_are_not() -> None:
