@@ -195,18 +195,13 @@ def main() -> None:
 
     status_subs: list[Any] = []
 
-    def status_write(sub: Any = None) -> None:
-        sub = sub or status_subs.pop()
-        to = (
-            SubscriptionStatus.PAST_DUE
-            if sub.status == SubscriptionStatus.ACTIVE
-            else SubscriptionStatus.ACTIVE
-        )
+    def sync(sub: Any, status: SubscriptionStatus, terms: dict[str, object] | None) -> None:
+        """The workflow's sync of ``sub``: its status and, for a plan change, its terms."""
         with unit_of_work(factory) as session:
             subscriptions.update_subscription_state(
                 session,
                 sub.id,
-                status=to,
+                status=status,
                 current_period_start=None,
                 current_period_end=None,
                 next_billing_at=at + timedelta(days=30),
@@ -217,27 +212,21 @@ def main() -> None:
                 cancel_reason=None,
                 now=at,
                 changed_at=at,
+                terms=terms,
             )
+
+    def status_write(sub: Any = None) -> None:
+        sub = sub or status_subs.pop()
+        active = sub.status == SubscriptionStatus.ACTIVE
+        sync(sub, SubscriptionStatus.PAST_DUE if active else SubscriptionStatus.ACTIVE, None)
 
     def plan_change() -> None:
         sub = status_subs.pop()
-        with unit_of_work(factory) as session:
-            subscriptions.update_subscription_state(
-                session,
-                sub.id,
-                status=sub.status,
-                current_period_start=None,
-                current_period_end=None,
-                next_billing_at=at + timedelta(days=30),
-                cancel_at_period_end=False,
-                canceled_at=None,
-                ended_at=None,
-                paused_at=None,
-                cancel_reason=None,
-                now=at,
-                changed_at=at,
-                terms={"amount_minor": sub.amount_minor + 1000, "quantity": sub.quantity + 1},
-            )
+        sync(
+            sub,
+            sub.status,
+            {"amount_minor": sub.amount_minor + 1000, "quantity": sub.quantity + 1},
+        )
 
     kinds: dict[str, Callable[[], None]] = {
         "invoice": invoice_write,

@@ -192,25 +192,17 @@ def _apply(session: Session, op: tuple[Any, ...], book: Book) -> None:
         if kind == "delete_pending":
             subscriptions.delete_pending_subscription(session, current.id)
             return
-        if kind == "delete_change":
-            logged = subscriptions.list_status_changes(session, current.id)
+        if kind in ("delete_change", "delete_terms_change"):
+            # Not something the service does; the triggers must follow it all the same.
+            log, table = (
+                (subscriptions.list_status_changes, SUBSCRIPTION_STATUS_CHANGES)
+                if kind == "delete_change"
+                else (subscriptions.list_terms_changes, SUBSCRIPTION_TERMS_CHANGES)
+            )
+            logged = log(session, current.id)
             if logged:
                 gone = logged[op[2] % len(logged)]
-                session.execute(
-                    delete(SUBSCRIPTION_STATUS_CHANGES).where(
-                        SUBSCRIPTION_STATUS_CHANGES.c.id == gone.id
-                    )
-                )
-            return
-        if kind == "delete_terms_change":
-            logged_terms = subscriptions.list_terms_changes(session, current.id)
-            if logged_terms:
-                gone_terms = logged_terms[op[2] % len(logged_terms)]
-                session.execute(
-                    delete(SUBSCRIPTION_TERMS_CHANGES).where(
-                        SUBSCRIPTION_TERMS_CHANGES.c.id == gone_terms.id
-                    )
-                )
+                session.execute(delete(table).where(table.c.id == gone.id))
             return
         status, at, terms = current.status, current.updated_at, None
         if kind == "status":

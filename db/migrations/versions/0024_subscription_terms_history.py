@@ -15,12 +15,10 @@ after its creation, its MRR is its monthly amount there (the ``to_`` terms of it
 change before that instant, or, with none, the ``from_`` terms of its first one, or, with none
 logged, its terms now) if its status there counts (0023's rule), else 0. Between two month
 starts at which it is above 0 on both sides, a rise is *expansion* and a fall *contraction*; a
-start from 0 is *new*, or *reactivated* if it counted at some instant before the previous
-month start; a fall to 0 is *churned*. It first counted at its creation if the state every
-change up to then left counts (a counted status and a monthly amount above 0), else at the
-first later change instant after which it does (a state some change left and another at the
-same instant undid never counted: a stricter reading than 0023's, for status changes at one
-instant only).
+start from 0 is *new*, or *reactivated* if its MRR was above 0 at an earlier month start; a
+fall to 0 is *churned*. (0023 called a start *reactivated* if the subscription had counted at
+any instant before; a spell between two month starts, which MRR never saw, now leaves a later
+start *new*.)
 
 Terms changed before this revision were not logged: a subscription changed then counts at its
 terms of this revision's time over its whole past, as before.
