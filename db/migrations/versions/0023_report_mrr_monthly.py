@@ -101,14 +101,19 @@ def _next_month(dialect: str, column: str) -> str:
 
 
 def _monthly(r: str) -> str:
-    """billing.reports.monthly_recurring_minor in SQL: amount x quantity over the interval's
-    months (n / d per unit: month 1, year 12, week 12/52, day 12/365), half to even, in
-    integers: p / q with p = amount x quantity x d, q = count x n."""
+    """billing.reports.monthly_recurring_minor in SQL over a subscription row ``r``."""
+    return monthly_of(f"{r}amount_minor", f"{r}quantity", f'{r}"interval"', f"{r}interval_count")
+
+
+def monthly_of(amount: str, quantity: str, interval: str, count: str) -> str:
+    """billing.reports.monthly_recurring_minor in SQL over any columns: amount x quantity over
+    the interval's months (n / d per unit: month 1, year 12, week 12/52, day 12/365), half to
+    even, in integers: p / q with p = amount x quantity x d, q = count x n (also 0024's)."""
     p = (
-        f"({r}amount_minor * {r}quantity * CASE {r}\"interval\" WHEN 'week' THEN 52 "
+        f"({amount} * {quantity} * CASE {interval} WHEN 'week' THEN 52 "
         "WHEN 'day' THEN 365 ELSE 1 END)"
     )
-    q = f"({r}interval_count * CASE {r}\"interval\" WHEN 'month' THEN 1 ELSE 12 END)"
+    q = f"({count} * CASE {interval} WHEN 'month' THEN 1 ELSE 12 END)"
     return (
         f"({p} / {q} + CASE WHEN 2 * ({p} % {q}) > {q} THEN 1 "
         f"WHEN 2 * ({p} % {q}) = {q} THEN ({p} / {q}) % 2 ELSE 0 END)"
@@ -169,15 +174,22 @@ def fresh_rows(dialect: str, where: str, *, source: str = "subscriptions s") -> 
         "sum(CASE WHEN t.sign = -1 THEN t.m ELSE 0 END) AS churned_minor "
         f"FROM ({transitions}) AS t GROUP BY t.currency, t.customer_id, t.b"
     )
-    # The customer's counted subscriptions after each boundary (n) and before it
-    # (n - subscriptions): it counts while n > 0.
+    return with_customers(per_customer)
+
+
+def with_customers(per_customer: str, extra: Sequence[str] = ()) -> str:
+    """The rows of ``per_customer`` (currency, customer_id, month, mrr_minor, subscriptions,
+    new, reactivated and churned minor, then ``extra`` figures) with the customer counts: the
+    customer's counted subscriptions after each boundary (n) and before it (n -
+    subscriptions); it counts while n > 0 (also 0024's)."""
+    more = "".join(f", z.{f}" for f in extra)
     return (
         "SELECT z.currency, z.customer_id, z.month, z.mrr_minor, z.subscriptions, "
         "CASE WHEN z.n > 0 AND z.n - z.subscriptions <= 0 THEN 1 "
         "WHEN z.n <= 0 AND z.n - z.subscriptions > 0 THEN -1 ELSE 0 END AS customers, "
         "z.new_minor, z.reactivated_minor, z.churned_minor, "
         "CASE WHEN z.n <= 0 AND z.n - z.subscriptions > 0 THEN 1 ELSE 0 END "
-        "AS churned_customers FROM ("
+        f"AS churned_customers{more} FROM ("
         "SELECT g.*, sum(g.subscriptions) OVER (PARTITION BY g.currency, g.customer_id "
         f"ORDER BY g.month) AS n FROM ({per_customer}) AS g) AS z"
     )

@@ -67,19 +67,6 @@ FIGURES = (*R23.FIGURES, *MOVES)
 _INTERVALS = "'day', 'week', 'month', 'year'"
 
 
-def _monthly(amount: str, quantity: str, interval: str, count: str) -> str:
-    """billing.reports.monthly_recurring_minor in SQL (0023's formula, over any columns)."""
-    p = (
-        f"({amount} * {quantity} * CASE {interval} WHEN 'week' THEN 52 "
-        "WHEN 'day' THEN 365 ELSE 1 END)"
-    )
-    q = f"({count} * CASE {interval} WHEN 'month' THEN 1 ELSE 12 END)"
-    return (
-        f"({p} / {q} + CASE WHEN 2 * ({p} % {q}) > {q} THEN 1 "
-        f"WHEN 2 * ({p} % {q}) = {q} THEN ({p} / {q}) % 2 ELSE 0 END)"
-    )
-
-
 def _terms_monthly(alias: str, side: str) -> str:
     """The monthly amount of one side of a terms change: a stored generated column, so the
     triggers' statements stay shallow enough for SQLite's parser."""
@@ -88,7 +75,7 @@ def _terms_monthly(alias: str, side: str) -> str:
 
 def monthly_of_side(side: str) -> str:
     """The generated column's expression (``from_monthly_minor``, ``to_monthly_minor``)."""
-    return _monthly(
+    return R23.monthly_of(  # type: ignore[no-any-return]
         f"{side}_amount_minor", f"{side}_quantity", f"{side}_interval", f"{side}_interval_count"
     )
 
@@ -116,7 +103,7 @@ def fresh_rows(dialect: str, where: str, *, source: str = "subscriptions s") -> 
             f"ORDER BY {alias}.changed_at DESC, {alias}.id DESC LIMIT 1), {sub}.initial_m)"
         )
 
-    own_monthly = _monthly("s.amount_minor", "s.quantity", 's."interval"', "s.interval_count")
+    own_monthly = R23._monthly("s.")
     # Each subscription: its first status and monthly amount (before its first change of
     # each).
     subs = (
@@ -181,18 +168,8 @@ def fresh_rows(dialect: str, where: str, *, source: str = "subscriptions s") -> 
         "AS contraction_minor "
         f"FROM ({moved}) AS t GROUP BY t.currency, t.customer_id, t.b"
     )
-    # The customer counts while some of its subscriptions does: n after each boundary,
-    # n - subscriptions before it (0023's rule).
-    return (
-        "SELECT z.currency, z.customer_id, z.month, z.mrr_minor, z.subscriptions, "
-        "CASE WHEN z.n > 0 AND z.n - z.subscriptions <= 0 THEN 1 "
-        "WHEN z.n <= 0 AND z.n - z.subscriptions > 0 THEN -1 ELSE 0 END AS customers, "
-        "z.new_minor, z.reactivated_minor, z.churned_minor, "
-        "CASE WHEN z.n <= 0 AND z.n - z.subscriptions > 0 THEN 1 ELSE 0 END "
-        "AS churned_customers, z.expansion_minor, z.contraction_minor FROM ("
-        "SELECT g.*, sum(g.subscriptions) OVER (PARTITION BY g.currency, g.customer_id "
-        f"ORDER BY g.month) AS n FROM ({per_customer}) AS g) AS z"
-    )
+    # The customer counts while some of its subscriptions does (0023's rule).
+    return R23.with_customers(per_customer, MOVES)  # type: ignore[no-any-return]
 
 
 _EVENTS = {
