@@ -145,7 +145,11 @@ async def _serve_api(
     # The API's own commits that queue events (a redelivery, a credit note, a settlement
     # webhook) wake the dispatcher, as the worker's do (in ``billing dev`` the worker shares
     # this session factory, so its commits do too).
-    waker = wake_dispatcher_on_commits(application, _dispatcher_input(settings))
+    waker = wake_dispatcher_on_commits(
+        application,
+        _dispatcher_input(settings),
+        min_interval_s=settings.delivery_wake_min_interval_s,
+    )
     config = uvicorn.Config(
         application,
         host=settings.api_host,
@@ -310,7 +314,12 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
     # safety net), so a mail leaves within a moment, not at the next look.
     from billing.worker import wake_dispatcher_on_commit
 
-    wake_dispatcher_on_commit(deps.session_factory, client, dispatcher=dispatcher)
+    wake_dispatcher_on_commit(
+        deps.session_factory,
+        client,
+        dispatcher=dispatcher,
+        min_interval_s=settings.delivery_wake_min_interval_s,
+    )
     await ensure_refund_sweeper(client, task_queue=settings.task_queue)
     await _ensure_settlement_schedule(settings, client)
     console.print(

@@ -117,7 +117,7 @@ def spawn_temporal_dev_server(
 
 @contextlib.contextmanager
 def temporal_dev_server(
-    settings: Settings, *, persist: bool = True
+    settings: Settings, *, persist: bool = True, extra_args: Sequence[str] = ()
 ) -> Iterator[ManagedProcess | None]:
     """The Temporal dev server, with its state in ``state_dir/temporal.db`` so a restart
     resumes every subscription (in memory with ``persist=False``, as benchmarks use it). If a
@@ -132,6 +132,7 @@ def temporal_dev_server(
         settings,
         db_filename=state_dir / "temporal.db" if persist else None,
         log=state_dir / "temporal.log",
+        extra_args=extra_args,
     )
     try:
         yield managed

@@ -54,7 +54,11 @@ from billing.delivery import DispatcherInput, dispatcher_workflow_id
 from billing.ledger import LedgerGateway
 from billing.payments import PaymentGateway
 from billing.refunds import RefundGateway
-from billing.settings import DEFAULT_WORKER_MAX_CACHED_WORKFLOWS, Settings
+from billing.settings import (
+    DEFAULT_DELIVERY_WAKE_MIN_INTERVAL_S,
+    DEFAULT_WORKER_MAX_CACHED_WORKFLOWS,
+    Settings,
+)
 from billing.settlement import (
     RefundSweepInput,
     SettlementSyncInput,
@@ -669,9 +673,12 @@ class DispatcherWaker:
 
     Called from any thread (the committing activity's or request's); the signal is sent from
     ``loop`` as a signal-with-start (a dispatcher that is not running is started, one that
-    is gets ``wake``). Wake-ups coalesce: while one is being sent, any number of further
-    calls make at most one more, so a burst of commits costs the dispatcher one or two
-    history events, not one per commit. Best effort: a failure is logged and dropped."""
+    is gets ``wake``). Wake-ups coalesce and are spaced: a call after a quiet spell sends at
+    once; calls while one is being sent, or within ``min_interval_s`` of the last one sent,
+    make one more, sent when that spacing has passed. So a burst of commits (a receipt per
+    paid cycle on billing day) costs the dispatcher at most one wake-up per ``min_interval_s``,
+    and every call is followed by a wake-up sent after it. Best effort: a failure is logged
+    and dropped."""
 
     def __init__(
         self,
@@ -679,12 +686,16 @@ class DispatcherWaker:
         *,
         dispatcher: DispatcherInput,
         loop: asyncio.AbstractEventLoop | None = None,
+        min_interval_s: float = DEFAULT_DELIVERY_WAKE_MIN_INTERVAL_S,
     ) -> None:
         self._client = client
         self._dispatcher = dispatcher
         self._loop = loop or asyncio.get_running_loop()
+        self._min_interval_s = min_interval_s
         self._sending: asyncio.Task[None] | None = None
         self._again = False
+        #: When the last wake-up was sent (the loop's clock), None before the first.
+        self._last_sent: float | None = None
         #: Wake-ups sent (signals that reached Temporal), for tests and the benchmark.
         self.sent = 0
         #: Stops the wake-ups (set by ``wake_dispatcher_on_commit``).
@@ -703,6 +714,11 @@ class DispatcherWaker:
 
     async def _send(self) -> None:
         while True:
+            if self._last_sent is not None:
+                wait = self._last_sent + self._min_interval_s - self._loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            # Calls from here on need a wake-up after this one; earlier ones are covered.
             self._again = False
             try:
                 await self._client.start_workflow(
@@ -715,15 +731,21 @@ class DispatcherWaker:
                 self.sent += 1
             except Exception:
                 log.warning("could not wake the delivery dispatcher", exc_info=True)
+            self._last_sent = self._loop.time()
             if not self._again:
                 return
 
 
 def wake_dispatcher_on_commit(
-    session_factory: sessionmaker[Session], client: Client, *, dispatcher: DispatcherInput
+    session_factory: sessionmaker[Session],
+    client: Client,
+    *,
+    dispatcher: DispatcherInput,
+    min_interval_s: float = DEFAULT_DELIVERY_WAKE_MIN_INTERVAL_S,
 ) -> DispatcherWaker:
     """Wake the delivery dispatcher after every commit through ``session_factory`` that wrote
-    a notice or an event delivery. Call from the running event loop."""
-    waker = DispatcherWaker(client, dispatcher=dispatcher)
+    a notice or an event delivery, at most once per ``min_interval_s`` (see
+    ``DispatcherWaker``). Call from the running event loop."""
+    waker = DispatcherWaker(client, dispatcher=dispatcher, min_interval_s=min_interval_s)
     waker.detach = on_delivery_commit(session_factory, waker)
     return waker

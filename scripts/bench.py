@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -154,6 +155,8 @@ class Stack:
         self.engine = make_engine(database_url)
         self.processes: list[subprocess.Popen[bytes]] = []
         self.temporal_pid: int | None = None
+        #: The dev server's Prometheus endpoint (``--metrics-port``), None if not ours.
+        self.temporal_metrics_url: str | None = None
 
     def env(self, **settings: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
@@ -282,16 +285,45 @@ def runqueue_wait_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def postgres_cpu_seconds() -> float:
+    """CPU of every PostgreSQL process on the machine so far: the live ones' own, plus what
+    the server's ended backends used (the postmaster reaped them: its children's time), so a
+    connection closed in the stretch still counts. 0 where no PostgreSQL runs here."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            head, tail = (proc / "stat").read_text().rsplit(")", 1)
+            if not head.split("(", 1)[1].startswith("postgres"):
+                continue
+            fields = tail.split()
+            total += int(fields[11]) + int(fields[12])
+            if not Path(f"/proc/{fields[1]}/comm").read_text().startswith("postgres"):
+                total += int(fields[13]) + int(fields[14])  # the postmaster: ended backends
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_seconds() -> float:
+    """CPU the whole machine spent so far, all cores, every process (Linux /proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 class CpuMeter:
     """Per process, over a stretch of wall time: CPU cores used, and cores' worth of time its
     threads waited for a CPU while runnable. High waits everywhere mean the machine is the
-    limit (2 shared cores), not one process."""
+    limit (2 shared cores), not one process. ``postgres`` (every PostgreSQL process, ended
+    backends included) and ``machine`` (all cores, everything) complete the account."""
 
     def __init__(self, pids: dict[str, int | None]) -> None:
         self.pids = {name: pid for name, pid in pids.items() if pid is not None}
         self.pids["bench"] = os.getpid()
         self.start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         self.start_wait = {name: runqueue_wait_seconds(pid) for name, pid in self.pids.items()}
+        self.start_postgres = postgres_cpu_seconds()
+        self.start_machine = machine_cpu_seconds()
         self.started = time.monotonic()
         self.load_start = os.getloadavg()[0]
 
@@ -308,12 +340,60 @@ class CpuMeter:
         cpu_s = {
             name: round(cpu_seconds(pid) - self.start[name], 2) for name, pid in self.pids.items()
         }
+        cpu_s["postgres"] = round(postgres_cpu_seconds() - self.start_postgres, 2)
+        cpu_s["machine"] = round(machine_cpu_seconds() - self.start_machine, 2)
+        used["postgres"] = round(cpu_s["postgres"] / wall, 2)
+        used["machine"] = round(cpu_s["machine"] / wall, 2)
         return {
             "used": used,
             "waited_for_cpu": waited,
             "cpu_s": cpu_s,
             "load_avg_1m": round(os.getloadavg()[0], 1),
         }
+
+
+#: The dev server's request counters, per operation: what a cycle costs Temporal, in units
+#: that do not depend on the machine's load. ``service_requests`` are RPCs each of its
+#: services (frontend, history, matching) served; ``persistence_requests`` are its reads
+#: and writes of its store.
+TEMPORAL_COUNTERS = ("service_requests", "persistence_requests")
+
+
+def temporal_counters(url: str | None) -> Counter[str]:
+    """The dev server's request counters now, by ``counter:service:operation``; empty
+    without a metrics endpoint or if it does not answer."""
+    found: Counter[str] = Counter()
+    if url is None:
+        return found
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return found
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name not in TEMPORAL_COUNTERS:
+            continue
+        labels_text, _, value = rest.rpartition("} ")
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', labels_text))
+        found[f"{name}:{labels.get('service_name', '?')}:{labels.get('operation', '?')}"] += int(
+            float(value)
+        )
+    return found
+
+
+def temporal_per_cycle(before: Counter[str], after: Counter[str], n: int) -> dict[str, Any]:
+    """Requests per cycle between two readings of ``temporal_counters``: the total RPCs and
+    store operations, and the 25 commonest of each kind."""
+    delta = after - before
+    figures: dict[str, Any] = {}
+    for counter in TEMPORAL_COUNTERS:
+        mine = {k.removeprefix(counter + ":"): v for k, v in delta.items() if k.startswith(counter)}
+        figures[f"{counter}_per_cycle"] = round(sum(mine.values()) / n, 1)
+        figures[f"{counter}_per_cycle_top"] = {
+            k: round(v / n, 2) for k, v in Counter(mine).most_common(25)
+        }
+    return figures
 
 
 def beyond_limit(instants: list[float], limit: int, window_s: float = 1.0) -> int:
@@ -622,16 +702,23 @@ async def bare_burst(stack: Stack, client: Client, n: int, factor: float) -> dic
         handles = await gather_limited(n, 20, lambda _: start(due))
         if datetime.now(UTC) >= due:
             raise Overran("bare burst: starting the workflows overran the due instant")
+        await asyncio.sleep((due - datetime.now(UTC)).total_seconds() - 0.5)
+        counted = temporal_counters(stack.temporal_metrics_url)
         await asyncio.sleep((due - datetime.now(UTC)).total_seconds())
         query = f"TaskQueue = '{queue}' AND ExecutionStatus = 'Running'"
         while (await client.count_workflows(query)).count > 20:
             await asyncio.sleep(0.25)
         done = [await h.result() for h in handles]
+        temporal = temporal_per_cycle(counted, temporal_counters(stack.temporal_metrics_url), n)
     finally:
         worker.stop()
     seconds = max(done) - due.timestamp()
-    log(f"bare burst: {n} cycles in {seconds:.2f} s")
-    return {"bare_cycles_per_s": round(n / seconds, 1), "bare_burst_s": round(seconds, 2)}
+    log(f"bare burst: {n} cycles in {seconds:.2f} s; Temporal per cycle: {json.dumps(temporal)}")
+    return {
+        "bare_cycles_per_s": round(n / seconds, 1),
+        "bare_burst_s": round(seconds, 2),
+        **{f"bare_temporal_{k}": v for k, v in temporal.items()},
+    }
 
 
 def start_profiler(process: Process, name: str) -> subprocess.Popen[bytes] | None:
@@ -646,8 +733,12 @@ def start_profiler(process: Process, name: str) -> subprocess.Popen[bytes] | Non
     py_spy = str(beside) if beside.exists() else shutil.which("py-spy")
     if py_spy is None:
         raise SystemExit("BENCH_PROFILE_DIR is set but py-spy is not installed: pip install py-spy")
-    args = [py_spy, "record", "--pid", str(process.popen.pid), "--format", "raw", "--rate", "50"]
+    args = [py_spy, "record", "--pid", str(process.popen.pid), "--format", "raw", "--rate"]
+    args.append(os.environ.get("BENCH_PROFILE_RATE", "50"))  # samples per second
     args += ["--nonblocking", "--output", str(Path(folder) / f"{name}.txt")]
+    # BENCH_PROFILE_ARGS adds py-spy options, e.g. "--gil" for the interpreter's CPU only
+    # (the default samples every thread that is not idle, waits on the database included).
+    args += os.environ.get("BENCH_PROFILE_ARGS", "").split()
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -740,6 +831,8 @@ async def billing_burst(
             if datetime.now(UTC) >= due:
                 raise Overran("billing burst: signups overran the billing instant")
             await wait_until_synced(stack, ids, timeout=120 + n / 2)
+            await asyncio.sleep((due - datetime.now(UTC)).total_seconds() - 0.5)
+            counted = temporal_counters(stack.temporal_metrics_url)
             await asyncio.sleep((due - datetime.now(UTC)).total_seconds())
             profiler = start_profiler(worker, f"worker-burst-{rate:g}{label}")
             meter = CpuMeter(
@@ -766,6 +859,7 @@ async def billing_burst(
                     raise SystemExit(f"billing burst: only {settled} of {n} settled")
                 await asyncio.sleep(0.25)
             cores = meter.cores()
+            temporal = temporal_per_cycle(counted, temporal_counters(stack.temporal_metrics_url), n)
             stop_profiler(profiler)
             [(end, paid)] = sql(
                 stack,
@@ -837,6 +931,8 @@ async def billing_burst(
         + beyond_limit(arrivals, STRIPE_LIVE_LIMIT_PER_S),
         "stripe_fake_ceiling_per_s": ceiling,
         "cpu_cores": cores,
+        # What each cycle asked of Temporal (RPCs, store operations), from the due instant.
+        **{f"temporal_{k}": v for k, v in temporal.items()},
         # Worker CPU per paid cycle (ms): the engine's own cost, less sensitive to a shared
         # machine than its rate.
         "worker_cpu_ms_per_cycle": round(
@@ -1169,13 +1265,18 @@ def stack_up() -> Iterator[Stack]:
         temporal_address=address,
         temporal_ui_port=free_port(),
     )
+    metrics_port = free_port()
     with (
-        temporal_dev_server(settings, persist=False) as temporal,
+        temporal_dev_server(
+            settings, persist=False, extra_args=["--metrics-port", str(metrics_port)]
+        ) as temporal,
         temporary_database("postgres", migrate=False, name_prefix="bench_") as url,
     ):
         migrate_and_seed(settings.model_copy(update={"database_url": url}))
         stack = Stack(state, address, url)
         stack.temporal_pid = temporal.process.pid if temporal is not None else None
+        if temporal is not None:
+            stack.temporal_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         try:
             yield stack
         finally:
@@ -1626,7 +1727,7 @@ def table(figures: dict[str, Any]) -> str:
             # CPU per process: cores used / cores' worth waited for a CPU.
             value = (
                 " ".join(
-                    f"{name} {used}/{value['waited_for_cpu'][name]}"
+                    f"{name} {used}/{value['waited_for_cpu'].get(name, '-')}"
                     for name, used in value["used"].items()
                 )
                 + f" (load {value['load_avg_1m']})"

@@ -40,7 +40,7 @@ from billing.api.webhooks import WEBHOOK_MAX_BODY_BYTES, WEBHOOK_PATH
 from billing.clock import Clock
 from billing.dashboard import app as dashboard
 from billing.delivery import DispatcherInput
-from billing.settings import Settings
+from billing.settings import DEFAULT_DELIVERY_WAKE_MIN_INTERVAL_S, Settings
 from billing.signup import SignupService
 from billing.worker import Dependencies, DispatcherWaker, wake_dispatcher_on_commit
 
@@ -143,7 +143,12 @@ def create_app(
     return app
 
 
-def wake_dispatcher_on_commits(app: FastAPI, dispatcher: DispatcherInput) -> DispatcherWaker:
+def wake_dispatcher_on_commits(
+    app: FastAPI,
+    dispatcher: DispatcherInput,
+    *,
+    min_interval_s: float = DEFAULT_DELIVERY_WAKE_MIN_INTERVAL_S,
+) -> DispatcherWaker:
     """Wake the delivery dispatcher after every commit of this app's requests that wrote an
     event delivery or a notice (a manual redelivery, a credit note, a settlement webhook's
     refund or dispute), as the worker's own commits do, so it leaves within a moment instead
@@ -151,4 +156,6 @@ def wake_dispatcher_on_commits(app: FastAPI, dispatcher: DispatcherInput) -> Dis
     loop that serves the app; ``.detach()`` stops it."""
     deps: Dependencies = app.state.deps
     temporal: Client = app.state.temporal
-    return wake_dispatcher_on_commit(deps.session_factory, temporal, dispatcher=dispatcher)
+    return wake_dispatcher_on_commit(
+        deps.session_factory, temporal, dispatcher=dispatcher, min_interval_s=min_interval_s
+    )
