@@ -271,6 +271,8 @@ def dev(
 
 
 async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    from temporalio.worker import UnsandboxedWorkflowRunner
+
     from billing.worker import (
         SHUTDOWN_MARGIN_S,
         MetricsAddressInUse,
@@ -298,6 +300,7 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
         client,
         deps,
         task_queue=settings.task_queue,
+        workflow_runner=None if settings.worker_workflow_sandbox else UnsandboxedWorkflowRunner(),
         activity_threads=settings.activity_threads,
         max_cached_workflows=settings.worker_max_cached_workflows,
         graceful_shutdown_s=graceful_s,

@@ -171,6 +171,13 @@ class Settings(BaseSettings):
     #: ``activity_threads``; a lower bound keeps further due tasks queued in Temporal instead
     #: of waiting in the worker until the server's 10 s workflow-task timeout repeats them.
     worker_max_concurrent_workflow_tasks: int | None = Field(default=None, ge=2, le=10_000)
+    #: Run the subscription workflows in Temporal's sandbox (the default), which refuses
+    #: non-deterministic calls (the clock, randomness, I/O) at run time and re-imports the
+    #: workflow modules per run. Off: the same workflow code without that guard, for less of
+    #: the worker's CPU per cycle (docs/benchmarks.md measures it); the test suite and the
+    #: replay tests run sandboxed either way, so code that breaks determinism is still caught
+    #: before it ships. Turn it off only for a deployment whose workflow code passed them.
+    worker_workflow_sandbox: bool = True
 
     #: Where ``billing worker`` serves Prometheus metrics (``HOST:PORT``, scraped at
     #: ``http://HOST:PORT/metrics``): the Temporal SDK's worker metrics, the counter
