@@ -196,7 +196,7 @@ class BillingActivities:
                 )
         if not updated:
             raise NotFound(f"subscription {input.subscription_id} is not in the database")
-        return SyncSubscriptionResult(updated=True)
+        return SyncSubscriptionResult(updated=True, observed_at=self.clock.now())
 
     def _void_orphans(
         self,

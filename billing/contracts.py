@@ -127,6 +127,10 @@ class SyncSubscriptionInput:
 @dataclass
 class SyncSubscriptionResult:
     updated: bool
+    #: The activity's clock as it finished (UTC): the workflow starts a timer decided in the
+    #: same task from it rather than from the task's start (``billing.collection.timer_delay``).
+    #: None in histories recorded before the field.
+    observed_at: datetime | None = None
 
 
 # ---- create_invoice ------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import re
 import resource
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -394,6 +395,45 @@ def temporal_per_cycle(before: Counter[str], after: Counter[str], n: int) -> dic
             k: round(v / n, 2) for k, v in Counter(mine).most_common(25)
         }
     return figures
+
+
+async def timer_lateness(
+    client: Client, subscription_ids: list[str], due: datetime, sample: int = 30
+) -> dict[str, Any]:
+    """For ``sample`` of the burst's subscriptions, from their histories: how late the timer
+    that woke them for the due instant fired, and how long before it Temporal recorded that
+    timer (``TimerStarted``) after the workflow task that computed its delay had started.
+    A timer runs from when its command is recorded, while the workflow computed the delay
+    from ``workflow.now()`` (the task's start): a slow task makes the timer late by as much."""
+    from temporalio.api.enums.v1 import EventType
+
+    from billing.contracts import workflow_id_for
+
+    late: list[float] = []
+    lag: list[float] = []
+    for subscription_id in subscription_ids[:: max(1, len(subscription_ids) // sample)]:
+        handle = client.get_workflow_handle(workflow_id_for(subscription_id))
+        task_started: datetime | None = None
+        started_at: dict[int, tuple[datetime, datetime | None]] = {}
+        async for event in handle.fetch_history_events():
+            at = event.event_time.ToDatetime(tzinfo=UTC)
+            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
+                task_started = at
+            elif event.event_type == EventType.EVENT_TYPE_TIMER_STARTED:
+                started_at[event.event_id] = (at, task_started)
+            elif event.event_type == EventType.EVENT_TYPE_TIMER_FIRED and at >= due:
+                recorded, computed = started_at[event.timer_fired_event_attributes.started_event_id]
+                late.append((at - due).total_seconds())
+                if computed is not None:
+                    lag.append((recorded - computed).total_seconds())
+                break
+    return {
+        "timer_fired_late_s_median": round(statistics.median(late), 3) if late else None,
+        "timer_fired_late_s_max": round(max(late), 3) if late else None,
+        "timer_recorded_after_task_start_s_median": (
+            round(statistics.median(lag), 3) if lag else None
+        ),
+    }
 
 
 def beyond_limit(instants: list[float], limit: int, window_s: float = 1.0) -> int:
@@ -877,6 +917,14 @@ async def billing_burst(
                     ids=ids,
                 )
             ]
+            [(first_invoice, last_invoice, first_attempt)] = sql(
+                stack,
+                "SELECT min(i.created_at), max(i.created_at), min(a.created_at) "
+                "FROM invoices i LEFT JOIN payment_attempts a ON a.invoice_id = i.id "
+                "WHERE i.subscription_id = ANY(:ids)",
+                ids=ids,
+            )
+            timers = await timer_lateness(client, ids, due)
             # Read before the ceiling's own requests reach the log.
             requests = stripe_requests(ls_log)
             ceiling = await asyncio.to_thread(stripe_ceiling, stripe, ceiling_s)
@@ -902,7 +950,14 @@ async def billing_burst(
     ordered = sorted(charge_arrivals)
     spacing = spacing_s(rate)
     figures_time = {
+        # The start, in steps: the first invoice written, the first pending attempt (its
+        # charge then waits for its turn under the cap), the first charge at Stripe; and
+        # when the last invoice was written.
+        "burst_first_invoice_s": round(first_invoice.timestamp() - due.timestamp(), 3),
+        "burst_first_attempt_s": round(first_attempt.timestamp() - due.timestamp(), 3),
         "burst_start_s": round(ordered[0] - due.timestamp(), 3) if ordered else None,
+        "burst_last_invoice_s": round(last_invoice.timestamp() - due.timestamp(), 3),
+        **{f"burst_{k}": v for k, v in timers.items()},
         "burst_tail_s": round(end.timestamp() - ordered[-1], 3) if ordered else None,
         "burst_charges_s": round(ordered[-1] - ordered[0], 3) if ordered else None,
         "burst_gaps_over_spacing_s": round(

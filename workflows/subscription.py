@@ -57,6 +57,7 @@ with workflow.unsafe.imports_passed_through():
         WaitForChange,
         decide,
         next_retry,
+        timer_delay,
     )
     from billing.contracts import (
         MAX_INVOICE_IDS_IN_STATE,
@@ -333,6 +334,9 @@ class SubscriptionWorkflow:
         # replay schedules them exactly as the recorded run did.
         self._payments_task_queue = input.payments_task_queue
         self._inbox: list[_Request[ChangeResult]] = []
+        #: (the task's ``workflow.now()``, the clock its last sync read as it finished): used
+        #: by ``_sleep_until`` in that task only.
+        self._observed: tuple[datetime, datetime] | None = None
         # True while an accepted change is applied (its database steps are not local).
         self._applying_change = False
         # The last plan changes' answers, by Update id, carried across continue-as-new.
@@ -1426,17 +1430,24 @@ class SubscriptionWorkflow:
     # ================================================================== helpers =============
 
     async def _sleep_until(self, when: datetime) -> bool:
-        """Sleep until ``when`` (UTC). True if the time came; False if a change arrived first."""
-        delay = when - workflow.now()
-        if delay <= timedelta(0):
-            return True
-        if self._inbox:
+        """Sleep until ``when`` (UTC). True if the time came; False if a change arrived first.
+
+        The timer counts from the latest instant this task observed (``timer_delay``), so a
+        task slowed by its local activities does not make it fire late; if it fires before
+        ``when`` by Temporal's clock (a worker clock ahead), it sleeps the rest."""
+        while True:
+            now = workflow.now()
+            observed = self._observed[1] if self._observed and self._observed[0] == now else None
+            delay = timer_delay(when, now, observed)
+            if delay <= timedelta(0):
+                return True
+            if self._inbox:
+                return False
+            try:
+                await workflow.wait_condition(lambda: bool(self._inbox), timeout=delay)
+            except TimeoutError:
+                continue
             return False
-        try:
-            await workflow.wait_condition(lambda: bool(self._inbox), timeout=delay)
-        except TimeoutError:
-            return True
-        return False
 
     def _should_continue_as_new(self) -> bool:
         if self._periods_billed_this_run >= self._periods_per_run:
@@ -1471,7 +1482,7 @@ class SubscriptionWorkflow:
 
     async def _sync(self) -> None:
         s = self.state
-        await _db_activity(
+        synced = await _db_activity(
             ActivityName.SYNC_SUBSCRIPTION,
             SyncSubscriptionInput(
                 subscription_id=s.subscription_id,
@@ -1507,6 +1518,8 @@ class SubscriptionWorkflow:
             SyncSubscriptionResult,
             local=not self._change_steps_not_local(),
         )
+        if synced.observed_at is not None:
+            self._observed = (workflow.now(), synced.observed_at)
 
     async def _notify(
         self,
