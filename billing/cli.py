@@ -271,8 +271,6 @@ def dev(
 
 
 async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    from temporalio.worker import UnsandboxedWorkflowRunner
-
     from billing.worker import (
         SHUTDOWN_MARGIN_S,
         MetricsAddressInUse,
@@ -283,6 +281,7 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
         metrics_runtime,
         report_needs_attention,
         run_workers_until,
+        workflow_runner_for,
     )
 
     stop = stop or _worker_stop_event()
@@ -300,7 +299,7 @@ async def _run_worker(settings: Settings, *, stop: asyncio.Event | None = None) 
         client,
         deps,
         task_queue=settings.task_queue,
-        workflow_runner=None if settings.worker_workflow_sandbox else UnsandboxedWorkflowRunner(),
+        workflow_runner=workflow_runner_for(settings),
         activity_threads=settings.activity_threads,
         max_cached_workflows=settings.worker_max_cached_workflows,
         graceful_shutdown_s=graceful_s,
@@ -490,6 +489,7 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
         connect_temporal,
         ensure_refund_sweeper,
         ensure_signup_sweeper,
+        workflow_runner_for,
     )
 
     client = await connect_temporal(settings)
@@ -498,9 +498,11 @@ async def _run_dev(settings: Settings, *, demo: bool) -> None:
         client,
         deps,
         task_queue=settings.task_queue,
+        workflow_runner=workflow_runner_for(settings),
         activity_threads=settings.activity_threads,
         max_cached_workflows=settings.worker_max_cached_workflows,
         payments_task_queue=settings.payments_queue(),
+        max_concurrent_workflow_tasks=settings.worker_max_concurrent_workflow_tasks,
     )
     stop = _stop_event()
     async with (

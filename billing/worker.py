@@ -37,7 +37,7 @@ from temporalio.client import (
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import TLSConfig
-from temporalio.worker import Worker, WorkflowRunner
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.billing import AfterChargeHook, BillingActivities
@@ -316,6 +316,14 @@ def build_dependencies(
         ledger_gateway=gateway,
         after_refund_hook=crash_after_refund_hook(settings.chaos_crash_after_charge_percent),
     )
+
+
+def workflow_runner_for(settings: Settings) -> WorkflowRunner:
+    """The workflow runner ``Settings.worker_workflow_sandbox`` asks for: Temporal's sandbox
+    (the default) or none. ``billing worker`` and ``billing dev`` both build theirs here."""
+    if settings.worker_workflow_sandbox:
+        return SandboxedWorkflowRunner()
+    return UnsandboxedWorkflowRunner()
 
 
 def build_worker(

@@ -1541,12 +1541,14 @@ async def burst_phase(stack: Stack, client: Client, sizes: Sizes) -> dict[str, A
     figures are the medians of its rounds, the first variant's are also the top-level ones."""
     n = sizes.burst
     bare: list[float] = []
+    bare_temporal: list[dict[str, Any]] = []
     runs: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {
         name: [] for name, _ in sizes.variants
     }
     for round_ in range(sizes.rounds):
         bare_figures = await with_retries(lambda f: bare_burst(stack, client, n, f))
         bare.append(bare_figures["bare_cycles_per_s"])
+        bare_temporal.append(bare_figures)
         for name, env in sizes.variants:
             label = f" [{name} r{round_ + 1}]"
             capped = await with_retries(
@@ -1584,6 +1586,14 @@ async def burst_phase(stack: Stack, client: Client, sizes: Sizes) -> dict[str, A
     by_variant = {name: burst_summary(found, bare_per_s, sizes) for name, found in runs.items()}
     figures: dict[str, Any] = {
         "bare_cycles_per_s": round(bare_per_s, 1),
+        # What the bare cycle asks of Temporal, beside the billing cycle's figures below.
+        **{
+            key: _median([found[key] for found in bare_temporal])
+            for key in (
+                "bare_temporal_service_requests_per_cycle",
+                "bare_temporal_persistence_requests_per_cycle",
+            )
+        },
         **{k: v for k, v in by_variant[sizes.variants[0][0]].items() if k != "runs"},
     }
     if len(sizes.variants) > 1 or sizes.rounds > 1:
@@ -1645,6 +1655,27 @@ def burst_summary(
         "burst_cpu_cores_uncapped": uncapped["cpu_cores"],
         "worker_cpu_ms_per_cycle": med(0, "worker_cpu_ms_per_cycle"),
         "worker_cpu_ms_per_cycle_uncapped": med(1, "worker_cpu_ms_per_cycle"),
+        # What a paid cycle asked of Temporal: counts, which a loaded machine does not change.
+        **{
+            f"temporal_{kind}_requests_per_cycle{suffix}": med(
+                which, f"temporal_{kind}_requests_per_cycle"
+            )
+            for kind in ("service", "persistence")
+            for which, suffix in ((0, ""), (1, "_uncapped"))
+        },
+        "temporal_service_requests_per_cycle_top": capped[
+            "temporal_service_requests_per_cycle_top"
+        ],
+        # The capped burst's start in steps, and how late the due instant's timers fired.
+        **{
+            key: med(0, key)
+            for key in (
+                "burst_first_invoice_s",
+                "burst_first_attempt_s",
+                "burst_start_s",
+                "burst_timer_fired_late_s_median",
+            )
+        },
         "pacer_turns_given_up": sum(run[0]["pacer_turns_given_up"] for run in found),
         "workflow_tasks_not_found": sum(
             run[0]["workflow_tasks_not_found"]

@@ -134,3 +134,19 @@ def test_concurrent_workflow_tasks_default_to_the_sdk_and_need_two() -> None:
     )
     with pytest.raises(ValueError, match="worker_max_concurrent_workflow_tasks"):
         settings(worker_max_concurrent_workflow_tasks=1)
+
+
+def test_the_workflow_sandbox_setting_picks_the_runner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``billing worker`` and ``billing dev`` build their runner from it
+    (``workflow_runner_for``)."""
+    from temporalio.worker import UnsandboxedWorkflowRunner
+    from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
+
+    from billing.worker import workflow_runner_for
+
+    assert isinstance(workflow_runner_for(Settings(_env_file=None)), SandboxedWorkflowRunner)  # type: ignore[call-arg]
+    monkeypatch.setenv("BILLING_WORKER_WORKFLOW_SANDBOX", "false")
+    assert isinstance(workflow_runner_for(Settings(_env_file=None)), UnsandboxedWorkflowRunner)  # type: ignore[call-arg]
+    monkeypatch.setenv("BILLING_WORKER_WORKFLOW_SANDBOX", "maybe")
+    with pytest.raises(ValueError, match="worker_workflow_sandbox"):
+        Settings(_env_file=None)  # type: ignore[call-arg]

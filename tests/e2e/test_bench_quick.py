@@ -97,6 +97,22 @@ def test_bench_quick_reports_every_figure() -> None:
     assert figures["burst_cap_use"] == round(
         figures["billing_cycles_per_s"] / figures["configured_charge_rate_per_s"], 3
     )
+    # What a cycle asked of Temporal, from the dev server's metrics (counted, for the bare
+    # cycle too), and the dispatcher's wake-ups spaced, not one per receipt.
+    for key in ("service", "persistence"):
+        assert figures[f"bare_temporal_{key}_requests_per_cycle"] > 0
+        assert figures[f"temporal_{key}_requests_per_cycle"] > 0
+    wakes = figures["temporal_service_requests_per_cycle_top"].get(
+        "frontend:SignalWithStartWorkflowExecution", 0
+    )
+    assert wakes < 0.4, wakes  # a wake-up per receipt was 0.8 per paid cycle
+    # The whole machine's CPU and PostgreSQL's are in the account.
+    cpu = figures["burst_cpu_cores"]["cpu_s"]
+    assert 0 < cpu["postgres"] < cpu["machine"] and cpu["worker"] < cpu["machine"], cpu
+    # The burst's start in steps: the first invoice, its attempt, then its charge at Stripe.
+    assert 0 <= figures["burst_first_invoice_s"] <= figures["burst_first_attempt_s"]
+    assert figures["burst_first_attempt_s"] <= figures["burst_start_s"]
+    assert figures["burst_timer_fired_late_s_median"] >= 0
     # Once charging, the pacer's turns being spaced, the rate is never above the cap by more
     # than one request's share.
     assert 0 < figures["burst_cap_use_charging"] <= 1 + 1 / figures["burst_size"]
