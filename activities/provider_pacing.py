@@ -1,72 +1,168 @@
 """``billing.pacing.ProviderPacer`` on the database: every worker process sharing the database
-takes its provider requests' turns from one row (``db.repositories.pacing``)."""
+takes its provider requests' slots from one ring (``db.repositories.pacing``)."""
 
 from __future__ import annotations
 
 import logging
+import secrets
+import threading
 import time
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing.pacing import MAX_TURN_LATENESS_S, spacing_s
+from billing.pacing import (
+    HOLD_LEASE_S,
+    MAX_LATENESS_S,
+    min_gap_s,
+    slot_count,
+    slot_reuse_s,
+)
 from db.engine import unit_of_work
 from db.repositories import pacing as pacing_repo
 
-__all__ = ["DatabasePacer"]
+__all__ = ["PACER_RESTAMPED", "DatabasePacer"]
 
 log = logging.getLogger(__name__)
 
-#: The start of the warning ``wait_turn`` logs for each turn it gives up (the bench counts them).
-TURN_GIVEN_UP = "provider turn given up"
+#: The start of the warning ``wait_turn`` logs each time a request, later than its planned
+#: instant by more than ``MAX_LATENESS_S``, stamps its slot again (the bench counts them).
+PACER_RESTAMPED = "provider slot stamped again"
+
+#: Shortest sleep before asking again when every slot is held (seconds): waiters beyond the
+#: ring's size poll for the first slot let go, no faster than this.
+_FULL_RING_POLL_S = 0.02
 
 
 class DatabasePacer:
     """At most ``cap_per_s`` provider requests in any one-second window across every process
-    that paces with schedule ``name`` (the payments task queue's name) on this database."""
+    that paces with ring ``name`` (the payments task queue's name) on this database.
+
+    ``wait_turn`` holds a slot for the calling thread, which sends one request and then calls
+    ``release_turn``."""
 
     def __init__(self, session_factory: sessionmaker[Session], *, name: str, cap_per_s: float):
         self._session_factory = session_factory
         self.name = name
         self.cap_per_s = cap_per_s
-        self.spacing_s = spacing_s(cap_per_s)
-        #: Turns this process woke up too late for and left unused (see ``wait_turn``).
-        self.late_turns_given_up = 0
+        self.slots = slot_count(cap_per_s)
+        self.reuse_s = slot_reuse_s(cap_per_s)
+        self.gap_s = min_gap_s(cap_per_s)
+        #: Times a request of this process left later than planned and stamped its slot again.
+        self.restamps = 0
+        #: Holds this process lost to their lease running out before it could stamp again.
+        self.holds_lost = 0
+        self._held = threading.local()
 
     def wait_turn(self, *, max_wait_s: float) -> float | None:
-        """Sleep until the granted turn and return its start (Unix seconds on the schedule's
-        clock); None at once, no turn taken, if the next free one is more than ``max_wait_s``
-        away. A turn this process woke up too late for (``MAX_TURN_LATENESS_S``) is given up
-        and the next free one taken, within the same ``max_wait_s``."""
+        """Hold a slot, sleep until its planned instant and return the stamp the request
+        leaves on (Unix seconds on the schedule's clock): the plan, or, if this thread got
+        there more than ``MAX_LATENESS_S`` late, a fresh stamp now. None at once, nothing
+        taken, if no slot comes free within ``max_wait_s``. The slot stays this thread's
+        until ``release_turn``."""
+        self.release_turn()  # a request before this one that never let go (it raised)
         give_up_at = time.monotonic() + max(0.0, max_wait_s)
+        token = secrets.token_hex(16)
         while True:
             with unit_of_work(self._session_factory) as session:
-                turn = pacing_repo.claim_turn(
+                held = pacing_repo.hold_slot(
                     session,
                     self.name,
-                    spacing_s=self.spacing_s,
+                    count=self.slots,
+                    reuse_s=self.reuse_s,
+                    gap_s=self.gap_s,
+                    token=token,
                     max_wait_s=max(0.0, give_up_at - time.monotonic()),
+                    lease_s=HOLD_LEASE_S,
                 )
-                # Counted from the grant's answer, before the commit: the database's clock may
-                # not be this machine's, so the wait it computed is taken from when it
-                # answered. The commit and the thread's way back to here are part of the
-                # request's lateness, checked below like the sleep's: counted from after the
-                # commit, they went unchecked and, on a starved machine, a request left up to
-                # 200 ms after its turn with the check seeing under 40 (one too many in a
-                # second at the provider, docs/benchmarks.md "Issue 16, session 8").
-                due = time.monotonic() + (turn.wait_s if turn is not None else 0.0)
-            if turn is None:
-                return None
-            if turn.wait_s > 0:
-                time.sleep(turn.wait_s)
+                # Counted from the hold's answer, before the commit: the database's clock
+                # may not be this machine's, so the wait it computed is taken from when it
+                # answered. The commit and the thread's way back are part of the request's
+                # lateness, checked below like the sleep's (on a starved machine, up to
+                # 200 ms, docs/benchmarks.md "Issue 16, session 8").
+                due = time.monotonic() + (held.wait_s if held is not None else 0.0)
+                ring = (
+                    None
+                    if held is not None
+                    else pacing_repo.outlook(session, self.name, count=self.slots)
+                )
+            if held is None:
+                assert ring is not None
+                pause = self._pause(ring, give_up_at)
+                if pause is None:
+                    return None
+                if pause > 0:
+                    time.sleep(pause)
+                continue
+            self._held.slot, self._held.token = held.slot, token
+            sleep_s = due - time.monotonic()
+            if sleep_s > 0:
+                time.sleep(sleep_s)
+            at = self._leave(held, token, due)
+            if at is not None:
+                return at
+            # The hold lapsed while this thread was away: take a slot afresh.
+            self._held.slot = None
+
+    def release_turn(self) -> None:
+        """Let go of this thread's slot once its request has left (its next use is already
+        set by the stamp): holders waiting for the ring may take it again."""
+        slot, token = getattr(self._held, "slot", None), getattr(self._held, "token", None)
+        if slot is None or token is None:
+            return
+        self._held.slot = None
+        with unit_of_work(self._session_factory) as session:
+            pacing_repo.release(session, self.name, slot=slot, token=token)
+
+    def _pause(self, ring: pacing_repo.Outlook, give_up_at: float) -> float | None:
+        """How long to sleep before asking again when no slot could be held; None: no slot
+        comes free before ``give_up_at``."""
+        if ring.slots < self.slots:  # a new ring (or a bigger cap): make its slots
+            with unit_of_work(self._session_factory) as session:
+                pacing_repo.create_slots(session, self.name, count=self.slots)
+            return 0.0
+        left = give_up_at - time.monotonic()
+        if ring.soonest_unheld is not None:
+            if ring.soonest_unheld - ring.now > left:
+                return None  # even the soonest slot nobody holds is too far away
+            return 0.0  # a slot came free between the two statements, or another took it
+        # Every slot is held: the soonest one may be let go once its request leaves at its
+        # planned instant, and is then free a reuse after that.
+        assert ring.soonest_held is not None
+        if ring.soonest_held - ring.now > left:
+            return None
+        return max(_FULL_RING_POLL_S, ring.soonest_held - self.reuse_s - ring.now)
+
+    def _leave(self, held: pacing_repo.Held, token: str, due: float) -> float | None:
+        """The stamp to leave on: the plan if this thread is back within ``MAX_LATENESS_S``
+        of it, else a fresh stamp, taken again as long as the thread is back more than that
+        after the database answered; None if the hold was lost meanwhile."""
+        at = held.at
+        while True:
             late_s = time.monotonic() - due
-            if late_s <= MAX_TURN_LATENESS_S:
-                return turn.start_at
-            self.late_turns_given_up += 1
-            # Each one costs a turn of the cap: many mean the worker is starved of CPU.
+            if late_s <= MAX_LATENESS_S:
+                return at
+            self.restamps += 1
+            # Each one moves one slot later by the lateness: many mean the worker is starved.
             log.warning(
-                "%s: this worker woke %.0f ms after its turn (more than %.0f ms could put more "
-                "than the cap in one second at the provider); taking the next free one",
-                TURN_GIVEN_UP,
+                "%s: this worker got to its request %.0f ms after its stamp (more than %.0f ms "
+                "could put more than the cap in one second at the provider)",
+                PACER_RESTAMPED,
                 late_s * 1000,
-                MAX_TURN_LATENESS_S * 1000,
+                MAX_LATENESS_S * 1000,
             )
+            with unit_of_work(self._session_factory) as session:
+                stamp = pacing_repo.restamp(
+                    session, self.name, slot=held.slot, token=token, reuse_s=self.reuse_s
+                )
+                due = time.monotonic()
+            if stamp is None:
+                self.holds_lost += 1
+                log.warning(
+                    "provider slot %d of %s was taken by another request while this one was "
+                    "away more than %.0f s; taking a slot afresh",
+                    held.slot,
+                    self.name,
+                    HOLD_LEASE_S,
+                )
+                return None
+            at = stamp

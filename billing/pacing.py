@@ -5,70 +5,112 @@ Temporal's task-queue rate (``max_task_queue_activities_per_second``) is global 
 but is a token bucket that starts full: after a quiet spell it releases a whole second's worth
 of tasks at once on top of its rate, so one second can see twice the cap. Pacing each process
 alone does not hold across several processes either. So every provider request first takes a
-turn from one shared schedule (a row in the database, ``db.repositories.pacing``): turns are
-``spacing_s`` apart, the generic cell rate algorithm with a burst of one. ``n`` turns then
-span ``(n - 1) * spacing_s`` seconds, so a one-second window holds at most
-``floor(cap * PACING_HEADROOM) + 1`` of them, which is at most the cap; the headroom also
-absorbs a start a little late (a thread woken late, a slow connect) after its turn.
+*slot* of one shared schedule (rows in the database, ``db.repositories.pacing``).
+
+The rule is a sliding window kept as a ring of ``slot_count(cap)`` slots. A request may leave
+only through a slot, and a slot is used again only ``slot_reuse_s(cap)`` (at least one second
+and ``SEND_MARGIN_S``) after the instant its last request was *stamped* with, which is never
+before that request left. Then any one-second window holds at most one request per slot, at
+most the cap, whatever order the requests leave in and however late any of them is: a late
+request only moves its own slot's next use later.
+
+A request takes the slot that comes free soonest and plans to leave there; the plan is its
+stamp, written when it takes the slot, and the slot stays its own (nobody else may take it)
+until the request has left. If the thread wakes for it on time, within ``MAX_LATENESS_S``,
+the request leaves with no further word to the database. If it is later (a starved CPU, a
+slow commit), it stamps the slot again with the instant it really leaves: its slot's next use
+moves later by its lateness, and nobody else's. (A schedule of fixed instants, which this
+replaced, had to give a turn up whenever a thread woke too late for it, because the turns after
+it were already promised to others: on a loaded 2-core machine 7-47 turns of a 300-charge
+burst.)
+
+Plans are also at least ``min_gap_s`` apart (half the sustained spacing), so a ring that comes
+free at once (a burst after a quiet spell) does not wake all its holders in the same instant.
+The gap only smooths; the cap rests on the slots alone.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Protocol
 
-#: The share of the cap the schedule hands out. 0.95 sustains 95 % of the cap; a start can be
-#: ``(1 / 0.95 - 1) / cap * cap`` = 5 % of a second (53 ms) later than the one ``cap`` turns
-#: before it and the window still holds.
-PACING_HEADROOM = 0.95
+#: What a slot's reuse adds to the one-second window (seconds): a request leaves at most this
+#: long after its stamp, its way out and the network's jitter included, without two requests
+#: of one slot reaching the provider less than a second apart. It is also the share of the cap
+#: given up: a saturated schedule sustains ``1 / (1 + SEND_MARGIN_S)``, 0.952 of it.
+SEND_MARGIN_S = 0.05
 
-#: How late (seconds) a request may start after its turn. ``cap`` + 1 turns span
-#: ``1 / PACING_HEADROOM`` seconds, so requests each late by less than the slack
-#: ``1 / PACING_HEADROOM - 1`` (53 ms) still put at most ``cap`` in any one-second window. A
-#: worker that wakes later than this (a starved CPU, a long pause) gives its turn up unused
-#: and takes the next free one: a wasted turn only lowers the rate, a late one could break
-#: the cap. Three quarters of the slack leave room for the send itself.
-MAX_TURN_LATENESS_S = 0.75 * (1 / PACING_HEADROOM - 1)
+#: How late (seconds) a request may leave after its planned instant on that stamp: later, it
+#: stamps its slot again first. The rest of ``SEND_MARGIN_S`` (15 ms) covers the HTTP
+#: client's work after the pacer returns and the network's jitter.
+MAX_LATENESS_S = 0.035
+
+#: How long a slot stays its holder's after its planned instant (seconds) if the holder never
+#: lets go of it (its process died): nobody else takes it meanwhile. A holder away longer than
+#: this may find its slot taken when it comes back, and takes another.
+HOLD_LEASE_S = 10.0
 
 
-def spacing_s(cap_per_s: float) -> float:
-    """Seconds between two turns for a cap of ``cap_per_s`` requests in any one-second window."""
+def _checked(cap_per_s: float) -> float:
     if not math.isfinite(cap_per_s) or cap_per_s <= 0:
         raise ValueError(f"the provider cap must be a positive number per second; got {cap_per_s}")
-    return 1.0 / (cap_per_s * PACING_HEADROOM)
+    return cap_per_s
 
 
-@dataclass(frozen=True)
-class Turn:
-    """One request's turn: when it may start, and when the next free turn is (Unix seconds)."""
-
-    start_at: float
-    next_free_at: float
-
-
-def next_turn(next_free_at: float | None, now: float, spacing: float) -> Turn:
-    """The turn a request asking at ``now`` gets: the next free one, or now if the schedule is
-    idle (an idle schedule stores no credit: a burst after a quiet spell is still spaced)."""
-    start = now if next_free_at is None else max(next_free_at, now)
-    return Turn(start_at=start, next_free_at=start + spacing)
+def slot_count(cap_per_s: float) -> int:
+    """How many slots the ring has: the most requests any one-second window may hold (a
+    fractional cap allows only its whole part; below one a second, one slot, reused more
+    slowly)."""
+    return max(1, math.floor(_checked(cap_per_s)))
 
 
-@dataclass(frozen=True)
-class GrantedTurn:
-    """A turn the shared schedule handed out: when it starts (Unix seconds on the schedule's
-    clock) and how long the caller waits for it from when it was granted (0 or more)."""
+def slot_reuse_s(cap_per_s: float) -> float:
+    """Seconds from a slot's stamp to its next use: one second plus ``SEND_MARGIN_S``, or, for
+    a cap below one a second, the longer interval that keeps it (one request per ``1 / cap``
+    seconds)."""
+    return max(1.0, slot_count(cap_per_s) / _checked(cap_per_s)) + SEND_MARGIN_S
 
-    start_at: float
-    wait_s: float
+
+def sustained_per_s(cap_per_s: float) -> float:
+    """The rate a saturated schedule keeps up: every slot used again as soon as it may."""
+    return slot_count(cap_per_s) / slot_reuse_s(cap_per_s)
+
+
+#: The least gap between two planned stamps, as a share of the sustained spacing
+#: (``min_gap_s``): a ring that comes free at once is spread over half a reuse.
+PLAN_SPREAD = 0.5
+
+
+def min_gap_s(cap_per_s: float) -> float:
+    """The least time between two holds' planned stamps: ``PLAN_SPREAD`` of the sustained
+    spacing, so the planned rate is twice the sustained one and the slots, not the plan, set
+    the pace of a saturated ring."""
+    return PLAN_SPREAD / sustained_per_s(cap_per_s)
+
+
+def least_span_s(requests: int, cap_per_s: float) -> float:
+    """The shortest time from the first to the last of ``requests`` requests the schedule
+    allows, starting with every slot free: the first ring spread at ``min_gap_s``, then each
+    slot again a reuse after its last stamp. The time a burst took beyond this is time the
+    cap went unused."""
+    if requests <= 0:
+        return 0.0
+    rings, last = divmod(requests - 1, slot_count(cap_per_s))
+    return rings * slot_reuse_s(cap_per_s) + last * min_gap_s(cap_per_s)
 
 
 class ProviderPacer(Protocol):
-    """Waits for a provider request's turn in the shared schedule."""
+    """Waits for a provider request's slot in the shared schedule."""
 
     def wait_turn(self, *, max_wait_s: float) -> float | None:
-        """Block until this request's turn and return its start as the schedule granted it
-        (Unix seconds on the schedule's clock: what the cap is kept on; the request itself
-        leaves a little later, when the thread wakes); None at once (no turn taken) if the
-        next free turn is more than ``max_wait_s`` away."""
+        """Block until this request may leave and return its stamp (Unix seconds on the
+        schedule's clock: what the cap is kept on; the pacer has checked that the calling
+        thread is back within ``MAX_LATENESS_S`` of it); None at once, no slot taken, if no
+        slot comes free within ``max_wait_s``. The slot is the calling thread's until
+        ``release_turn``."""
+        ...
+
+    def release_turn(self) -> None:
+        """The calling thread's request has left (or will not be sent): its slot may be taken
+        again, at its next use."""
         ...

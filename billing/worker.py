@@ -493,16 +493,15 @@ def provider_activities(activities: BillingActivities) -> list[Any]:
 
 
 #: Temporal's rate for the payments queue, as a multiple of the cap. Above the pacer's own
-#: rate (``PACING_HEADROOM`` of the cap), so the shared pacer, never Temporal, sets the pace:
-#: a few due charges always wait for a turn, and no turn goes unused. Temporal's limit is
-#: not exact enough to be the one that binds: it is split evenly between the queue's
-#: partitions (four by default), each a token bucket of its own, so a partition that runs
-#: dry leaves its share unused, and a dispatch late by some milliseconds is lost to the
-#: pacer, whose idle schedule stores no credit. At the pacer's rate the two in series used
-#: 0.63-0.88 of a cap of 20 (docs/benchmarks.md, "Issue 16, session 8"). What waits beyond
-#: the pacer's rate waits in the worker's activity slots (at most ``activity_threads`` per
-#: worker, each for its turn, a second or so at 16 and a cap of 20); the rest stays queued
-#: in Temporal.
+#: rate (``billing.pacing.sustained_per_s``, 0.95 of the cap), so the shared pacer, never
+#: Temporal, sets the pace: a few due charges always wait for a slot, and no slot stands
+#: idle. Temporal's limit is not exact enough to be the one that binds: it is split evenly
+#: between the queue's partitions (four by default), each a token bucket of its own, so a
+#: partition that runs dry leaves its share unused, and a dispatch late by some milliseconds
+#: is lost to the pacer. At the pacer's rate the two in series used 0.63-0.88 of a cap of 20
+#: (docs/benchmarks.md, "Issue 16, session 8"). What waits beyond the pacer's rate waits in
+#: the worker's activity slots (at most ``activity_threads`` per worker, each for its slot, a
+#: second or so at 16 and a cap of 20); the rest stays queued in Temporal.
 PAYMENTS_QUEUE_RATE_OVER_CAP = 2.0
 
 
@@ -530,8 +529,9 @@ def build_payments_worker(
     ``build_id``: as ``build_worker``'s.
 
     Two layers, both global. Every Stripe request takes its turn from one schedule in the
-    database (``deps.pacer``, ``billing.pacing``), turns ``1 / (0.95 * cap)`` s apart, so no
-    one-second window sees more than the cap, across every worker process: that is the limit.
+    database (``deps.pacer``, ``billing.pacing``), a ring of ``cap`` slots each used again a
+    second and a margin after its last request left, so no one-second window sees more than
+    the cap, across every worker process: that is the limit.
     Temporal's matching service releases the queue's tasks at ``queue_rate_for`` (twice the
     cap, the queue's rate whatever the number of workers), so most of a burst's backlog waits
     in Temporal, not in worker threads, while the pacer always has a request waiting for its

@@ -941,18 +941,34 @@ INVOICE_LINES = _table(InvoiceLineRow)
 BALANCE_ENTRIES = _table(BalanceEntryRow)
 
 
-class ProviderPacingRow(Base):
-    """The shared schedule of provider requests (``billing.pacing``): one row per paced queue,
-    holding the next free turn. Every worker takes its turns from it with one atomic UPDATE."""
+class ProviderPacingSlotRow(Base):
+    """The shared schedule of provider requests (``billing.pacing``): a ring of slots per paced
+    queue. A slot is used by one request at a time and again only a second and a margin after
+    its last request was stamped; any one-second window thus holds at most one request per
+    slot. Every worker takes, stamps and lets go of slots with one atomic UPDATE each."""
 
-    __tablename__ = "provider_pacing"
+    __tablename__ = "provider_pacing_slots"
 
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
-    #: The next free turn, Unix seconds (the database server's clock on PostgreSQL).
-    next_free_at: Mapped[float] = mapped_column(Double)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: When the slot may next be stamped, Unix seconds (the database server's clock on
+    #: PostgreSQL): its last stamp plus the reuse interval.
+    free_at: Mapped[float] = mapped_column(Double)
+    #: When its last holder planned to stamp it (at or after ``free_at``): the next hold in
+    #: the ring plans its own stamp at least ``billing.pacing.min_gap_s`` after the latest.
+    planned_at: Mapped[float] = mapped_column(Double)
+    #: The request waiting for it (a random token), None if nobody holds it.
+    held_by: Mapped[str | None] = mapped_column(String(64))
+    #: When that hold lapses (its holder presumed gone), Unix seconds; None when not held.
+    held_until: Mapped[float | None] = mapped_column(Double)
+
+    __table_args__ = (
+        CheckConstraint("slot >= 0", name="slot_not_negative"),
+        CheckConstraint("(held_by IS NULL) = (held_until IS NULL)", name="hold_has_lease"),
+    )
 
 
-PROVIDER_PACING = _table(ProviderPacingRow)
+PROVIDER_PACING_SLOTS = _table(ProviderPacingSlotRow)
 PLAN_CHANGE_REQUESTS = _table(PlanChangeRequestRow)
 EVENT_ENDPOINTS = _table(EventEndpointRow)
 EVENTS = _table(EventRow)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import os
 import platform
@@ -65,9 +64,9 @@ from bench_bare import WORKFLOW_NAME as BARE_WORKFLOW  # noqa: E402
 from bench_bare import BareCycleInput  # noqa: E402
 from bench_signup import free_port, percentile  # noqa: E402
 
-from activities.provider_pacing import TURN_GIVEN_UP  # noqa: E402
+from activities.provider_pacing import PACER_RESTAMPED  # noqa: E402
 from billing.devstack import migrate_and_seed, temporal_dev_server, wait_for_port  # noqa: E402
-from billing.pacing import spacing_s  # noqa: E402
+from billing.pacing import least_span_s  # noqa: E402
 from billing.settings import Settings  # noqa: E402
 from billing.signup import CustomerDetails, SignupRequest, SignupService  # noqa: E402
 from billing.testing.database import temporary_database  # noqa: E402
@@ -944,11 +943,10 @@ async def billing_burst(
     arrivals = [r.at for r in cycle_requests]
     charge_arrivals = [r.at for r in cycle_requests if r.path.startswith("/v1/payment_intents")]
     # Where the burst's time went: from the due instant to the first charge reaching Stripe,
-    # the charges themselves (each gap beyond the pacer's spacing is time the cap was not
-    # used: no charge was waiting for a turn, or a turn was given up), and from the last
-    # charge to the last settlement written back.
+    # the charges themselves (what they took beyond the least the pacer's ring allows is
+    # time the cap was not used: no charge was waiting for a slot, or a late one moved its
+    # slot on), and from the last charge to the last settlement written back.
     ordered = sorted(charge_arrivals)
-    spacing = spacing_s(rate)
     figures_time = {
         # The start, in steps: the first invoice written, the first pending attempt (its
         # charge then waits for its turn under the cap), the first charge at Stripe; and
@@ -960,10 +958,9 @@ async def billing_burst(
         **{f"burst_{k}": v for k, v in timers.items()},
         "burst_tail_s": round(end.timestamp() - ordered[-1], 3) if ordered else None,
         "burst_charges_s": round(ordered[-1] - ordered[0], 3) if ordered else None,
-        "burst_gaps_over_spacing_s": round(
-            sum(max(0.0, b - a - spacing) for a, b in itertools.pairwise(ordered)),
-            3,
-        ),
+        "burst_cap_idle_s": round((ordered[-1] - ordered[0]) - least_span_s(len(ordered), rate), 3)
+        if ordered
+        else None,
     }
     figures = {
         "cycles_per_s": round(n / seconds, 1),
@@ -993,8 +990,9 @@ async def billing_burst(
         "worker_cpu_ms_per_cycle": round(
             sum(v for k, v in cores["cpu_s"].items() if k.startswith("worker")) * 1000 / n, 1
         ),
-        # Turns of the cap the payments workers woke too late for and left unused.
-        "pacer_turns_given_up": sum(text_.count(TURN_GIVEN_UP) for text_ in worker_logs),
+        # Requests the payments workers got to later than planned and stamped again (each
+        # moves one slot of the ring on by its lateness).
+        "pacer_restamps": sum(text_.count(PACER_RESTAMPED) for text_ in worker_logs),
         # Workflow tasks the server timed out and scheduled again (their work thrown away).
         "workflow_tasks_not_found": sum(text_.count("Task not found") for text_ in worker_logs),
     }
@@ -1676,7 +1674,7 @@ def burst_summary(
                 "burst_timer_fired_late_s_median",
             )
         },
-        "pacer_turns_given_up": sum(run[0]["pacer_turns_given_up"] for run in found),
+        "pacer_restamps": sum(run[0]["pacer_restamps"] for run in found),
         "workflow_tasks_not_found": sum(
             run[0]["workflow_tasks_not_found"]
             + (0 if sizes.capped_only else run[1]["workflow_tasks_not_found"])
@@ -1687,14 +1685,14 @@ def burst_summary(
                 "capped_cycles_per_s": c["cycles_per_s"],
                 "uncapped_cycles_per_s": u["cycles_per_s"],
                 "max_stripe_requests_per_s": c["max_stripe_requests_per_s"],
-                "pacer_turns_given_up": c["pacer_turns_given_up"],
+                "pacer_restamps": c["pacer_restamps"],
                 "worker_cpu_ms_per_cycle": c["worker_cpu_ms_per_cycle"],
                 "worker_cpu_ms_per_cycle_uncapped": u["worker_cpu_ms_per_cycle"],
                 "workflow_tasks_not_found": c["workflow_tasks_not_found"]
                 + (0 if sizes.capped_only else u["workflow_tasks_not_found"]),
                 "capped_start_s": c["burst_start_s"],
                 "capped_charges_s": c["burst_charges_s"],
-                "capped_gaps_over_spacing_s": c["burst_gaps_over_spacing_s"],
+                "capped_cap_idle_s": c["burst_cap_idle_s"],
                 "capped_tail_s": c["burst_tail_s"],
                 "load_avg_1m": [c["cpu_cores"]["load_avg_1m"], u["cpu_cores"]["load_avg_1m"]],
             }

@@ -6,7 +6,7 @@ before the payments queue existed (or on another queue name) still replay."""
 from __future__ import annotations
 
 import contextlib
-import itertools
+import functools
 import json
 import threading
 import time
@@ -25,7 +25,7 @@ from activities.stripe_gateway import make_stripe_client
 from billing.cli import _payments_worker
 from billing.contracts import ActivityName
 from billing.invoices import InvoiceStatus
-from billing.pacing import PACING_HEADROOM, spacing_s
+from billing.pacing import least_span_s, slot_count, slot_reuse_s, sustained_per_s
 from billing.settings import Settings
 from billing.settlement import LedgerActivityName, SettlementActivityName
 from billing.testing.cards import SUCCEEDS
@@ -33,7 +33,7 @@ from billing.testing.harness import BillingHarness
 from billing.testing.localstripe import LOCALSTRIPE_API_KEY, LocalStripe
 from billing.worker import PAYMENTS_QUEUE_RATE_OVER_CAP, build_dependencies
 from db.engine import make_engine, make_session_factory, unit_of_work
-from db.repositories.pacing import claim_turn
+from db.repositories.pacing import create_slots, hold_slot, outlook, release, restamp
 from tests.conftest import BOTH_BACKENDS, recorded_harness
 from workflows.subscription import SubscriptionWorkflow
 
@@ -82,7 +82,7 @@ async def test_charge_and_settle_run_on_the_rate_capped_payments_queue(
     config = h._payments_worker.config()
     assert config["task_queue"] == h.payments_task_queue
     assert config["max_task_queue_activities_per_second"] == 7.5 * PAYMENTS_QUEUE_RATE_OVER_CAP
-    assert PAYMENTS_QUEUE_RATE_OVER_CAP > 1 / PACING_HEADROOM
+    assert sustained_per_s(7.5) < 7.5 * PAYMENTS_QUEUE_RATE_OVER_CAP
 
     # Replay: as recorded, and with every activity moved to another queue (the task queue is
     # not compared on replay, so histories from before the payments queue replay too).
@@ -163,80 +163,87 @@ def max_per_window(instants: list[float], window_s: float = 1.0) -> int:
     return most
 
 
-#: How late a paced request may leave after its granted turn on a loaded machine (2 shared
-#: cores: up to 0.18 s was measured with twelve threads on SQLite, and a late wake-up put 26
-#: requests in a one-second window under a cap of 25). The schedule's own turns are checked
-#: exactly; only the real departures get this allowance.
+#: How late the test's own record of a paced request may come after its stamp on a loaded
+#: machine (2 shared cores: up to 0.18 s was measured with twelve threads on SQLite). The
+#: schedule's own stamps are checked exactly; only the test's reading of the clock after
+#: ``wait_turn`` returned gets this allowance (the pacer itself re-stamps beyond
+#: ``MAX_SEND_DELAY_S``).
 WAKE_UP_TOLERANCE_S = 0.5
 
 
 def check_paced(turns: list[tuple[float, float]], cap_per_s: float) -> None:
-    """``turns``: (start the schedule granted, when the request really went) pairs. The cap
-    holds exactly on the granted turns: at most ``cap_per_s`` in any one-second window and
-    consecutive turns at least the spacing apart. A request never goes before its turn and at
-    most ``WAKE_UP_TOLERANCE_S`` after it, so the real sends keep the cap in any window of
-    ``1 - WAKE_UP_TOLERANCE_S`` seconds (a later wake-up can only bunch them that much)."""
-    granted = sorted(start for start, _ in turns)
-    assert max_per_window(granted) <= cap_per_s
-    gaps = [b - a for a, b in itertools.pairwise(granted)]
-    assert min(gaps) >= spacing_s(cap_per_s) - 1e-6, min(gaps)
+    """``turns``: (stamp the schedule gave, when the request really went) pairs. The cap holds
+    exactly on the stamps: at most ``cap_per_s`` in any one-second window, and any ring's
+    worth plus one spans at least a reuse (two of them shared a slot). A request never goes
+    before its stamp and at most ``WAKE_UP_TOLERANCE_S`` after it."""
+    stamps = sorted(start for start, _ in turns)
+    assert max_per_window(stamps) <= cap_per_s
+    n, reuse = slot_count(cap_per_s), slot_reuse_s(cap_per_s)
+    spans = [b - a for a, b in zip(stamps, stamps[n:], strict=False)]
+    assert min(spans, default=reuse) >= reuse - 1e-6, min(spans)
     # Same machine's clock for the database (SQLite, or the local PostgreSQL); 1 ms of
     # rounding between the two readings.
     lateness = [sent - start for start, sent in turns]
-    assert min(lateness) >= -0.001, f"a request went {-min(lateness):.3f} s before its turn"
-    assert max(lateness) <= WAKE_UP_TOLERANCE_S, f"a request woke {max(lateness):.3f} s late"
-    sent = [at for _, at in turns]
-    assert max_per_window(sent, window_s=1 - WAKE_UP_TOLERANCE_S) <= cap_per_s
+    assert min(lateness) >= -0.001, f"a request went {-min(lateness):.3f} s before its stamp"
+    assert max(lateness) <= WAKE_UP_TOLERANCE_S, f"a request went {max(lateness):.3f} s late"
 
 
 @BOTH_BACKENDS
 def test_two_pacers_on_one_database_share_one_schedule(database_url: str) -> None:
-    """Two processes' pacers (each its own engine) and six threads each take 60 turns at a cap
-    of 25/s: never more than 25 granted in a one-second window, turns at least the spacing
-    apart, no request before its turn and the real ones only a stated tolerance after it, and
-    the cap used at 0.95."""
-    engines = [make_engine(database_url) for _ in range(2)]
+    """Two processes' pacers (each its own engine) and 24 threads take 90 stamps at a cap of
+    25/s: never more than 25 in a one-second window, no request before its stamp, and no
+    capacity lost: the 90 take the least time the ring allows (a full ring at once, then a
+    ring per reuse), give or take the threads' own way back to ask again."""
+    # A connection kept for each thread, as the worker's pool is sized (``database_pool_size``).
+    engines = [make_engine(database_url, pool_size=12) for _ in range(2)]
     pacers = [
         DatabasePacer(make_session_factory(e), name="test-payments", cap_per_s=25) for e in engines
     ]
     turns: list[tuple[float, float]] = []
     lock = threading.Lock()
+    barrier = threading.Barrier(24)
 
-    def take(pacer: DatabasePacer) -> None:
-        for _ in range(5):
+    def take(pacer: DatabasePacer, count: int) -> None:
+        barrier.wait()
+        for _ in range(count):
             start = pacer.wait_turn(max_wait_s=30)
             sent = time.time()
+            pacer.release_turn()
             assert start is not None
             with lock:
                 turns.append((start, sent))
 
-    threads = [threading.Thread(target=take, args=(pacers[n % 2],)) for n in range(12)]
+    threads = [
+        threading.Thread(target=take, args=(pacers[n % 2], 4 if n < 18 else 3)) for n in range(24)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     for engine in engines:
         engine.dispose()
-    assert len(turns) == 60
+    assert len(turns) == 90
     check_paced(turns, 25)
-    granted = sorted(start for start, _ in turns)
-    # A turn given up for a late wake-up (or a late answer) is a hole of one spacing, by
-    # design: on a starved machine there are a few. The bound leaves room for the threads
-    # themselves coming back late to ask again (a 2-core machine at load 25: 0.81 of the cap).
-    given_up = sum(pacer.late_turns_given_up for pacer in pacers)
-    rate = (len(granted) - 1 + given_up) / (granted[-1] - granted[0])
-    assert 0.75 * 25 <= rate <= 25
+    stamps = sorted(start for start, _ in turns)
+    least = least_span_s(90, 25)  # 3 reuses: 3.15 s
+    restamps = sum(pacer.restamps for pacer in pacers)
+    timeline = [round(t - stamps[0], 3) for t in stamps]
+    assert 3 * slot_reuse_s(25) - 1e-6 <= stamps[-1] - stamps[0] <= least + 0.5, (
+        restamps,
+        timeline,
+    )
+    assert sum(pacer.holds_lost for pacer in pacers) == 0
 
 
 @BOTH_BACKENDS
-def test_a_turn_woken_up_too_late_for_is_given_up_and_the_next_one_taken(
+def test_a_request_woken_late_uses_its_slot_late_and_loses_nothing(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker whose sleep overran (a starved CPU) by more than the slack the headroom leaves
-    must not send on its stale turn, which could put cap + 1 requests in one second: it leaves
-    that turn unused and takes the next free one."""
+    """A worker whose sleep overran (a starved CPU) by 300 ms stamps its slot again when it
+    wakes, instead of leaving on its planned instant: the slot's next use counts from there,
+    so the cap holds, and no turn is given up."""
     engine = make_engine(database_url)
-    pacer = DatabasePacer(make_session_factory(engine), name="late", cap_per_s=10)
+    pacer = DatabasePacer(make_session_factory(engine), name="late", cap_per_s=1)
     real_sleep = time.sleep
     oversleeps = [0.3]  # the first sleep overruns by 300 ms; later ones are on time
 
@@ -244,24 +251,36 @@ def test_a_turn_woken_up_too_late_for_is_given_up_and_the_next_one_taken(
         real_sleep(seconds + (oversleeps.pop() if oversleeps else 0.0))
 
     monkeypatch.setattr("activities.provider_pacing.time.sleep", starved_sleep)
-    first = pacer.wait_turn(max_wait_s=5)  # turn now: no sleep, on time
-    second = pacer.wait_turn(max_wait_s=5)  # sleeps, overruns: given up, the next one taken
+
+    def turn() -> float:
+        at = pacer.wait_turn(max_wait_s=5)
+        pacer.release_turn()
+        assert at is not None
+        return at
+
+    first = turn()  # the one slot is free: planned now, no sleep
+    second = turn()  # sleeps a reuse and overruns by 300 ms: stamped again when it wakes
+    third = turn()  # a reuse after that stamp
     engine.dispose()
-    assert first is not None and second is not None
-    assert pacer.late_turns_given_up == 1
-    # Not the turn right after the first (one spacing later), but a fresh one after the overrun.
-    assert second - first >= 0.3 + pacer.spacing_s * 0.9
+    reuse = slot_reuse_s(1)
+    assert second - first >= reuse + 0.3 - 0.01
+    assert reuse - 1e-6 <= third - second <= reuse + 0.1
+    assert (pacer.restamps, pacer.holds_lost) == (1, 0)
 
 
 @BOTH_BACKENDS
-def test_a_turn_whose_commit_ran_late_is_given_up_too(
+def test_a_request_whose_hold_committed_late_is_stamped_again(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The request's lateness counts from the database's answer, not from after the commit:
-    a worker starved between the two (here 300 ms pass after a turn due at once was granted)
-    would otherwise send 300 ms after its turn with the check seeing none of it."""
+    """The lateness counts from the database's answer, not from after the commit: a worker
+    starved between the two (here 300 ms pass after a slot planned for now was taken) would
+    otherwise send 300 ms after its stamp with nothing seeing it. It stamps again, so the
+    slot's next use counts from when it really leaves."""
     engine = make_engine(database_url)
-    pacer = DatabasePacer(make_session_factory(engine), name="slow-commit", cap_per_s=10)
+    session_factory = make_session_factory(engine)
+    pacer = DatabasePacer(session_factory, name="slow-commit", cap_per_s=1)
+    with unit_of_work(session_factory) as session:
+        create_slots(session, "slow-commit", count=1)  # as a first request would have
     real_unit_of_work = provider_pacing.unit_of_work
     held_up = [0.3]  # the first commit waits 300 ms; later ones do not
 
@@ -270,34 +289,104 @@ def test_a_turn_whose_commit_ran_late_is_given_up_too(
         with real_unit_of_work(session_factory) as session:
             yield session
             if held_up:
-                time.sleep(held_up.pop())  # after the grant's answer, before its commit
+                time.sleep(held_up.pop())  # after the hold's answer, before its commit
 
     monkeypatch.setattr(provider_pacing, "unit_of_work", slow_commit)
     asked = time.time()
     start = pacer.wait_turn(max_wait_s=5)
-    engine.dispose()
+    pacer.release_turn()
     assert start is not None
-    assert pacer.late_turns_given_up >= 1  # more on a starved machine: each late for real
-    # Not the turn granted at once (before the commit's 300 ms), but a fresh one after them.
+    assert pacer.restamps >= 1  # more on a starved machine: each late for real
+    # Not the plan made at once (before the commit's 300 ms), but the stamp made after them.
     assert start - asked >= 0.3 - 0.05
+    with unit_of_work(session_factory) as session:
+        ring = outlook(session, "slow-commit", count=1)
+    engine.dispose()
+    assert ring.soonest_held is None
+    assert ring.soonest_unheld == pytest.approx(start + slot_reuse_s(1), abs=1e-6)
 
 
 @BOTH_BACKENDS
-def test_a_turn_further_away_than_the_attempt_can_wait_is_not_taken(database_url: str) -> None:
+def test_a_slot_further_away_than_the_attempt_can_wait_is_not_taken(database_url: str) -> None:
     engine = make_engine(database_url)
     session_factory = make_session_factory(engine)
+    hold = functools.partial(hold_slot, count=2, reuse_s=1.05, gap_s=0.0, lease_s=10.0)
     with unit_of_work(session_factory) as session:
-        # 2 turns a second: the first is now, the second half a second later.
-        first = claim_turn(session, "q", spacing_s=0.5, max_wait_s=0)
-        assert first is not None and first.wait_s == 0
-        assert abs(first.start_at - time.time()) < 1.0
-        assert claim_turn(session, "q", spacing_s=0.5, max_wait_s=0.1) is None
-        second = claim_turn(session, "q", spacing_s=0.5, max_wait_s=1)
-        assert second is not None and 0.3 < second.wait_s <= 0.5
-        assert abs(second.start_at - first.start_at - 0.5) < 1e-6
-        # Another queue's schedule is its own.
-        other = claim_turn(session, "other", spacing_s=0.5, max_wait_s=0)
+        create_slots(session, "q", count=2)
+        create_slots(session, "q", count=2)  # a second worker's: changes nothing
+        # Two slots, both free: each planned now, held by its taker.
+        first = hold(session, "q", token="a", max_wait_s=0)
+        second = hold(session, "q", token="b", max_wait_s=0)
+        assert first is not None and first.wait_s == 0 and abs(first.at - time.time()) < 1.0
+        assert second is not None and second.wait_s == 0
+        assert {first.slot, second.slot} == {0, 1}
+        # Both held: nothing to take, however long one could wait.
+        assert hold(session, "q", token="c", max_wait_s=5) is None
+        full = outlook(session, "q", count=2)
+        assert full.slots == 2 and full.soonest_unheld is None
+        assert full.soonest_held == pytest.approx(first.at + 1.05)
+        # Let go once their requests left: each next free a reuse after its plan, too far
+        # for an attempt that can wait only 0.1 s.
+        assert release(session, "q", slot=first.slot, token="a")
+        assert release(session, "q", slot=second.slot, token="b")
+        assert not release(session, "q", slot=second.slot, token="b")  # once
+        assert hold(session, "q", token="c", max_wait_s=0.1) is None
+        ring = outlook(session, "q", count=2)
+        assert ring.soonest_held is None
+        assert ring.soonest_unheld == pytest.approx(first.at + 1.05)
+        # One that can wait 2 s takes the sooner one, planned a reuse after its last stamp.
+        third = hold(session, "q", token="c", max_wait_s=2)
+        assert third is not None and third.slot == first.slot
+        assert third.at == pytest.approx(first.at + 1.05)
+        assert 0.9 < third.wait_s <= 1.05
+        # Stamped again later (its request left late): its next use moves with it.
+        again = restamp(session, "q", slot=third.slot, token="c", reuse_s=1.05)
+        assert again is not None and again >= first.at
+        # Another queue's ring is its own.
+        create_slots(session, "other", count=2)
+        other = hold(session, "other", token="f", max_wait_s=0)
         assert other is not None and other.wait_s == 0
+    engine.dispose()
+
+
+@BOTH_BACKENDS
+def test_a_hold_whose_lease_ran_out_is_taken_and_its_holder_told(database_url: str) -> None:
+    """A holder that died before letting go keeps its slot only for its lease: then the slot
+    is another's (at its next use, which the first holder's plan set), and the first holder,
+    should it come back, can neither stamp it again nor let it go."""
+    engine = make_engine(database_url)
+    session_factory = make_session_factory(engine)
+    hold = functools.partial(hold_slot, count=1, reuse_s=0.2, gap_s=0.0)
+    with unit_of_work(session_factory) as session:
+        create_slots(session, "q", count=1)
+        gone = hold(session, "q", token="a", max_wait_s=0, lease_s=0.05)
+        assert gone is not None and gone.wait_s == 0
+        assert hold(session, "q", token="b", max_wait_s=1, lease_s=10) is None  # held
+    time.sleep(0.1)  # past the lease
+    with unit_of_work(session_factory) as session:
+        taken = hold(session, "q", token="b", max_wait_s=1, lease_s=10)
+        assert taken is not None and taken.at == pytest.approx(gone.at + 0.2)
+        assert restamp(session, "q", slot=0, token="a", reuse_s=0.2) is None
+        assert not release(session, "q", slot=0, token="a")
+        assert release(session, "q", slot=0, token="b")
+    engine.dispose()
+
+
+@BOTH_BACKENDS
+def test_the_pacer_gives_up_at_once_when_no_slot_comes_free_in_time(database_url: str) -> None:
+    engine = make_engine(database_url)
+    pacer = DatabasePacer(make_session_factory(engine), name="full", cap_per_s=2)
+    for _ in range(2):
+        assert pacer.wait_turn(max_wait_s=0) is not None
+        pacer.release_turn()
+    asked = time.monotonic()
+    assert pacer.wait_turn(max_wait_s=0.5) is None  # both next free a reuse (1.05 s) away
+    assert time.monotonic() - asked < 0.5
+    # Held and never let go (its request raised before the client could): the thread's next
+    # turn lets it go first, so the ring does not shrink.
+    assert pacer.wait_turn(max_wait_s=5) is not None
+    assert pacer.wait_turn(max_wait_s=5) is not None
+    pacer.release_turn()
     engine.dispose()
 
 
@@ -311,6 +400,9 @@ def test_a_stripe_request_waits_for_its_turn_and_is_not_sent_without_one(
             self.asked.append(max_wait_s)
             return None
 
+        def release_turn(self) -> None:
+            raise AssertionError("no turn was taken")
+
     pacer = NoTurn()
     client = make_stripe_client(
         api_key=LOCALSTRIPE_API_KEY, api_base=localstripe.url, max_network_retries=0, pacer=pacer
@@ -318,6 +410,40 @@ def test_a_stripe_request_waits_for_its_turn_and_is_not_sent_without_one(
     with pytest.raises(stripe.APIConnectionError, match="next free turn"):
         client.v1.customers.create()
     assert pacer.asked == [30.0]
+
+
+def test_a_stripe_request_lets_its_slot_go_once_it_has_left_even_if_it_failed(
+    localstripe: LocalStripe,
+) -> None:
+    """Every request the client sends takes a turn and lets it go after, whether Stripe
+    answered or the connection failed: a slot kept would leave the ring a slot short until
+    its lease ran out."""
+
+    class Counting:
+        def __init__(self) -> None:
+            self.events: list[str] = []
+
+        def wait_turn(self, *, max_wait_s: float) -> float | None:
+            self.events.append("wait")
+            return time.time()
+
+        def release_turn(self) -> None:
+            self.events.append("release")
+
+    answered, refused = Counting(), Counting()
+    make_stripe_client(
+        api_key=LOCALSTRIPE_API_KEY, api_base=localstripe.url, max_network_retries=0, pacer=answered
+    ).v1.customers.create()
+    assert answered.events == ["wait", "release"]
+    nobody = make_stripe_client(
+        api_key=LOCALSTRIPE_API_KEY,
+        api_base="http://127.0.0.1:9",  # the discard port: nothing listens
+        max_network_retries=0,
+        pacer=refused,
+    )
+    with pytest.raises(stripe.APIConnectionError):
+        nobody.v1.customers.create()
+    assert refused.events == ["wait", "release"]
 
 
 def test_only_the_worker_paces_its_stripe_requests(database_url: str) -> None:
