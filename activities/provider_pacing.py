@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
 import time
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,10 +34,7 @@ _FULL_RING_POLL_S = 0.02
 
 class DatabasePacer:
     """At most ``cap_per_s`` provider requests in any one-second window across every process
-    that paces with ring ``name`` (the payments task queue's name) on this database.
-
-    ``wait_turn`` holds a slot for the calling thread, which sends one request and then calls
-    ``release_turn``."""
+    that paces with ring ``name`` (the payments task queue's name) on this database."""
 
     def __init__(self, session_factory: sessionmaker[Session], *, name: str, cap_per_s: float):
         self._session_factory = session_factory
@@ -51,15 +47,12 @@ class DatabasePacer:
         self.restamps = 0
         #: Holds this process lost to their lease running out before it could stamp again.
         self.holds_lost = 0
-        self._held = threading.local()
 
     def wait_turn(self, *, max_wait_s: float) -> float | None:
         """Hold a slot, sleep until its planned instant and return the stamp the request
         leaves on (Unix seconds on the schedule's clock): the plan, or, if this thread got
         there more than ``MAX_LATENESS_S`` late, a fresh stamp now. None at once, nothing
-        taken, if no slot comes free within ``max_wait_s``. The slot stays this thread's
-        until ``release_turn``."""
-        self.release_turn()  # a request before this one that never let go (it raised)
+        taken, if no slot comes free within ``max_wait_s``."""
         give_up_at = time.monotonic() + max(0.0, max_wait_s)
         token = secrets.token_hex(16)
         while True:
@@ -93,25 +86,14 @@ class DatabasePacer:
                 if pause > 0:
                     time.sleep(pause)
                 continue
-            self._held.slot, self._held.token = held.slot, token
             sleep_s = due - time.monotonic()
             if sleep_s > 0:
                 time.sleep(sleep_s)
             at = self._leave(held, token, due)
             if at is not None:
                 return at
-            # The hold lapsed while this thread was away: take a slot afresh.
-            self._held.slot = None
-
-    def release_turn(self) -> None:
-        """Let go of this thread's slot once its request has left (its next use is already
-        set by the stamp): holders waiting for the ring may take it again."""
-        slot, token = getattr(self._held, "slot", None), getattr(self._held, "token", None)
-        if slot is None or token is None:
-            return
-        self._held.slot = None
-        with unit_of_work(self._session_factory) as session:
-            pacing_repo.release(session, self.name, slot=slot, token=token)
+            # The hold lapsed while this thread was away and another took the slot: take a
+            # slot afresh.
 
     def _pause(self, ring: pacing_repo.Outlook, give_up_at: float) -> float | None:
         """How long to sleep before asking again when no slot could be held; None: no slot
@@ -125,12 +107,12 @@ class DatabasePacer:
             if ring.soonest_unheld - ring.now > left:
                 return None  # even the soonest slot nobody holds is too far away
             return 0.0  # a slot came free between the two statements, or another took it
-        # Every slot is held: the soonest one may be let go once its request leaves at its
-        # planned instant, and is then free a reuse after that.
-        assert ring.soonest_held is not None
-        if ring.soonest_held - ring.now > left:
+        # Every slot is held: the soonest hold lapses a lease after its plan, and its slot is
+        # free a reuse after that plan.
+        assert ring.soonest_lapse is not None
+        if ring.soonest_lapse - HOLD_LEASE_S + self.reuse_s - ring.now > left:
             return None
-        return max(_FULL_RING_POLL_S, ring.soonest_held - self.reuse_s - ring.now)
+        return max(_FULL_RING_POLL_S, ring.soonest_lapse - ring.now)
 
     def _leave(self, held: pacing_repo.Held, token: str, due: float) -> float | None:
         """The stamp to leave on: the plan if this thread is back within ``MAX_LATENESS_S``
@@ -159,7 +141,7 @@ class DatabasePacer:
                 self.holds_lost += 1
                 log.warning(
                     "provider slot %d of %s was taken by another request while this one was "
-                    "away more than %.0f s; taking a slot afresh",
+                    "away more than %.1f s; taking a slot afresh",
                     held.slot,
                     self.name,
                     HOLD_LEASE_S,

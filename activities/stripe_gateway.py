@@ -203,23 +203,18 @@ class ActivityDeadlineClient(stripe.RequestsClient):
     ) -> tuple[Any, int, Mapping[str, str]]:
         if self._pacer is not None:
             self._wait_turn(method, url)
-        try:
-            left = activity_time_left_s()
-            if left is not None and left < self._worst_try_s:
-                raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
-                    f"{method.upper()} {url} not sent: {max(left, 0):.1f} s are left of this "
-                    f"activity attempt and one try may take {self._worst_try_s:.1f} s; the "
-                    "activity's retry sends it again under the same idempotency key",
-                    should_retry=False,
-                )
-            result: tuple[Any, int, Mapping[str, str]] = super().request(
-                method, url, headers, post_data
+        left = activity_time_left_s()
+        if left is not None and left < self._worst_try_s:
+            raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
+                f"{method.upper()} {url} not sent: {max(left, 0):.1f} s are left of this "
+                f"activity attempt and one try may take {self._worst_try_s:.1f} s; the "
+                "activity's retry sends it again under the same idempotency key",
+                should_retry=False,
             )
-            return result
-        finally:
-            if self._pacer is not None:
-                # The request has left (its slot's next use was set when it was stamped).
-                self._pacer.release_turn()
+        result: tuple[Any, int, Mapping[str, str]] = super().request(
+            method, url, headers, post_data
+        )
+        return result
 
     def _wait_turn(self, method: str, url: str) -> None:
         """Wait for this try's turn in the schedule every worker shares (the provider cap);

@@ -16,8 +16,9 @@ request only moves its own slot's next use later.
 
 A request takes the slot that comes free soonest and plans to leave there; the plan is its
 stamp, written when it takes the slot, and the slot stays its own (nobody else may take it)
-until the request has left. If the thread wakes for it on time, within ``MAX_LATENESS_S``,
-the request leaves with no further word to the database. If it is later (a starved CPU, a
+until ``HOLD_LEASE_S`` after the plan. If the thread wakes for it on time, within
+``MAX_LATENESS_S``, the request leaves with no further word to the database: one statement
+per request. If it is later (a starved CPU, a
 slow commit), it stamps the slot again with the instant it really leaves: its slot's next use
 moves later by its lateness, and nobody else's. (A schedule of fixed instants, which this
 replaced, had to give a turn up whenever a thread woke too late for it, because the turns after
@@ -45,10 +46,11 @@ SEND_MARGIN_S = 0.05
 #: client's work after the pacer returns and the network's jitter.
 MAX_LATENESS_S = 0.035
 
-#: How long a slot stays its holder's after its planned instant (seconds) if the holder never
-#: lets go of it (its process died): nobody else takes it meanwhile. A holder away longer than
-#: this may find its slot taken when it comes back, and takes another.
-HOLD_LEASE_S = 10.0
+#: How long after its planned instant a slot stays its holder's (seconds): nobody else takes
+#: it meanwhile, so a holder that wakes late may stamp it again. Half a reuse: a holder later
+#: than this may find its slot taken (at its next use) and take another; the next holder can
+#: still take it half a second before it comes free.
+HOLD_LEASE_S = 0.5
 
 
 def _checked(cap_per_s: float) -> float:
@@ -106,11 +108,5 @@ class ProviderPacer(Protocol):
         """Block until this request may leave and return its stamp (Unix seconds on the
         schedule's clock: what the cap is kept on; the pacer has checked that the calling
         thread is back within ``MAX_LATENESS_S`` of it); None at once, no slot taken, if no
-        slot comes free within ``max_wait_s``. The slot is the calling thread's until
-        ``release_turn``."""
-        ...
-
-    def release_turn(self) -> None:
-        """The calling thread's request has left (or will not be sent): its slot may be taken
-        again, at its next use."""
+        slot comes free within ``max_wait_s``."""
         ...

@@ -1,6 +1,6 @@
 """The shared schedule of provider requests (``billing.pacing``): a ring of slots per paced
-queue, each taken (and stamped), stamped again and let go by one atomic statement, so any
-number of workers, threads and processes share it without a lock of ours."""
+queue, each taken (and stamped) or stamped again by one atomic statement, so any number of
+workers, threads and processes share it without a lock of ours."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from db.models import PROVIDER_PACING_SLOTS
 
-__all__ = ["Held", "Outlook", "create_slots", "hold_slot", "outlook", "release", "restamp"]
+__all__ = ["Held", "Outlook", "create_slots", "hold_slot", "outlook", "restamp"]
 
 _S = PROVIDER_PACING_SLOTS.c
 
@@ -31,7 +31,8 @@ _S = PROVIDER_PACING_SLOTS.c
 class Held:
     """A slot taken for one request: ``at`` is its planned instant (Unix seconds on the
     schedule's clock), already stamped, the slot next free a reuse after it; ``now`` the clock
-    when it was taken. The holder keeps it until its request has left (``release``)."""
+    when it was taken. Nobody else takes the slot until the hold lapses, a lease after ``at``:
+    until then its holder alone may stamp it again (``restamp``)."""
 
     slot: int
     at: float
@@ -45,12 +46,12 @@ class Held:
 @dataclass(frozen=True)
 class Outlook:
     """Why no slot could be held, in the schedule's clock: ``now``, the soonest an unheld slot
-    comes free (None: every slot is held), the soonest a held one may be stamped and let go
-    (None: none is held), and how many of the ring's slots exist."""
+    comes free (None: every slot is held), the soonest a hold lapses (None: none is held),
+    and how many of the ring's slots exist."""
 
     now: float
     soonest_unheld: float | None
-    soonest_held: float | None
+    soonest_lapse: float | None
     slots: int
 
 
@@ -92,11 +93,11 @@ def hold_slot(
     """Take the slot of ring ``name`` (its first ``count``) that comes free soonest and plan
     its request there, but no sooner than ``gap_s`` after the ring's latest plan up to a
     ring's spread beyond there, if that is within ``max_wait_s``. The plan is stamped at
-    once (the slot next free ``reuse_s`` after it) and the slot held for ``token`` until its
-    request has left, or until the plan plus ``lease_s``. None, taking nothing, if every slot
-    is held or the plan is further away (``outlook`` says which). One UPDATE: on PostgreSQL
-    the choice skips rows other transactions are taking, so concurrent callers take
-    different slots."""
+    once (the slot next free ``reuse_s`` after it) and the slot held for ``token`` until the
+    plan plus ``lease_s``, so that a holder late for its plan may stamp it again. None,
+    taking nothing, if every slot is held or the plan is further away (``outlook`` says
+    which). One UPDATE: on PostgreSQL the choice skips rows other transactions are taking, so
+    concurrent callers take different slots."""
     now = _now(session)
     soonest = (
         select(_S.slot)
@@ -161,18 +162,6 @@ def restamp(session: Session, name: str, *, slot: int, token: str, reuse_s: floa
     return None if row is None else float(row[0]) - reuse_s
 
 
-def release(session: Session, name: str, *, slot: int, token: str) -> bool:
-    """Let go of held ``slot`` once its request has left (its next use is already set); False
-    if the hold had lapsed and someone else holds it now."""
-    result = session.execute(
-        update(PROVIDER_PACING_SLOTS)
-        .where(_S.name == name, _S.slot == slot, _S.held_by == token)
-        .values(held_by=None, held_until=None)
-        .returning(_S.slot)
-    ).first()
-    return result is not None
-
-
 def outlook(session: Session, name: str, *, count: int) -> Outlook:
     """The ring's state, for a request that could not hold a slot."""
     now = _now(session)
@@ -181,14 +170,14 @@ def outlook(session: Session, name: str, *, count: int) -> Outlook:
         select(
             now,
             func.min(case((unheld, _S.free_at))),
-            func.min(case((unheld, None), else_=_S.free_at)),
+            func.min(case((unheld, None), else_=_S.held_until)),
             func.count(),
         ).where(_S.name == name, _S.slot < count)
     ).one()
     return Outlook(
         now=float(row[0]),
         soonest_unheld=None if row[1] is None else float(row[1]),
-        soonest_held=None if row[2] is None else float(row[2]),
+        soonest_lapse=None if row[2] is None else float(row[2]),
         slots=int(row[3]),
     )
 

@@ -96,9 +96,9 @@ def test_no_one_second_window_holds_more_than_the_cap(
     cap: float, asks: list[float], wake_late: list[float], send_delay: list[float]
 ) -> None:
     """However late each request wakes (up to 3 s) and however long it then takes to reach
-    the provider (anything below what the margin leaves beyond ``MAX_LATENESS_S``), no one-second window there holds more than the
-    cap, nor more than the ring's slots (a cap below one a second: one in any ``1 / cap``
-    seconds); no request leaves before its ask."""
+    the provider (anything below what the margin leaves beyond ``MAX_LATENESS_S``), no
+    one-second window there holds more than the cap, nor more than the ring's slots (a cap
+    below one a second: one in any ``1 / cap`` seconds); no request leaves before its ask."""
     stamps, arrivals = ring(asks, cap, wake_late, send_delay)
     assert all(stamp >= ask for stamp, ask in zip(stamps, asks, strict=False))
     window = max(1.0, 1 / cap)

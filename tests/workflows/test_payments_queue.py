@@ -33,7 +33,7 @@ from billing.testing.harness import BillingHarness
 from billing.testing.localstripe import LOCALSTRIPE_API_KEY, LocalStripe
 from billing.worker import PAYMENTS_QUEUE_RATE_OVER_CAP, build_dependencies
 from db.engine import make_engine, make_session_factory, unit_of_work
-from db.repositories.pacing import create_slots, hold_slot, outlook, release, restamp
+from db.repositories.pacing import create_slots, hold_slot, outlook, restamp
 from tests.conftest import BOTH_BACKENDS, recorded_harness
 from workflows.subscription import SubscriptionWorkflow
 
@@ -208,7 +208,6 @@ def test_two_pacers_on_one_database_share_one_schedule(database_url: str) -> Non
         for _ in range(count):
             start = pacer.wait_turn(max_wait_s=30)
             sent = time.time()
-            pacer.release_turn()
             assert start is not None
             with lock:
                 turns.append((start, sent))
@@ -251,10 +250,11 @@ def test_a_request_woken_late_uses_its_slot_late_and_loses_nothing(
         real_sleep(seconds + (oversleeps.pop() if oversleeps else 0.0))
 
     monkeypatch.setattr("activities.provider_pacing.time.sleep", starved_sleep)
+    # No lease: the next request holds the slot at once, and sleeps only for its plan.
+    monkeypatch.setattr("activities.provider_pacing.HOLD_LEASE_S", 0.0)
 
     def turn() -> float:
         at = pacer.wait_turn(max_wait_s=5)
-        pacer.release_turn()
         assert at is not None
         return at
 
@@ -294,7 +294,6 @@ def test_a_request_whose_hold_committed_late_is_stamped_again(
     monkeypatch.setattr(provider_pacing, "unit_of_work", slow_commit)
     asked = time.time()
     start = pacer.wait_turn(max_wait_s=5)
-    pacer.release_turn()
     assert start is not None
     assert pacer.restamps >= 1  # more on a starved machine: each late for real
     # Not the plan made at once (before the commit's 300 ms), but the stamp made after them.
@@ -302,58 +301,55 @@ def test_a_request_whose_hold_committed_late_is_stamped_again(
     with unit_of_work(session_factory) as session:
         ring = outlook(session, "slow-commit", count=1)
     engine.dispose()
-    assert ring.soonest_held is None
-    assert ring.soonest_unheld == pytest.approx(start + slot_reuse_s(1), abs=1e-6)
+    assert ring.soonest_unheld is None  # still held: its lease runs half a second
+    assert ring.soonest_lapse is not None and ring.soonest_lapse > start
 
 
 @BOTH_BACKENDS
 def test_a_slot_further_away_than_the_attempt_can_wait_is_not_taken(database_url: str) -> None:
     engine = make_engine(database_url)
     session_factory = make_session_factory(engine)
-    hold = functools.partial(hold_slot, count=2, reuse_s=1.05, gap_s=0.0, lease_s=10.0)
+    hold = functools.partial(hold_slot, count=2, reuse_s=1.05, gap_s=0.0)
     with unit_of_work(session_factory) as session:
         create_slots(session, "q", count=2)
         create_slots(session, "q", count=2)  # a second worker's: changes nothing
-        # Two slots, both free: each planned now, held by its taker.
-        first = hold(session, "q", token="a", max_wait_s=0)
-        second = hold(session, "q", token="b", max_wait_s=0)
+        # Two slots, both free: each planned now, held by its taker for a lease.
+        first = hold(session, "q", token="a", max_wait_s=0, lease_s=0.1)
+        second = hold(session, "q", token="b", max_wait_s=0, lease_s=0.1)
         assert first is not None and first.wait_s == 0 and abs(first.at - time.time()) < 1.0
         assert second is not None and second.wait_s == 0
         assert {first.slot, second.slot} == {0, 1}
         # Both held: nothing to take, however long one could wait.
-        assert hold(session, "q", token="c", max_wait_s=5) is None
+        assert hold(session, "q", token="c", max_wait_s=5, lease_s=10) is None
         full = outlook(session, "q", count=2)
         assert full.slots == 2 and full.soonest_unheld is None
-        assert full.soonest_held == pytest.approx(first.at + 1.05)
-        # Let go once their requests left: each next free a reuse after its plan, too far
-        # for an attempt that can wait only 0.1 s.
-        assert release(session, "q", slot=first.slot, token="a")
-        assert release(session, "q", slot=second.slot, token="b")
-        assert not release(session, "q", slot=second.slot, token="b")  # once
-        assert hold(session, "q", token="c", max_wait_s=0.1) is None
+        assert full.soonest_lapse == pytest.approx(first.at + 0.1)
+    time.sleep(0.15)  # both leases lapse
+    with unit_of_work(session_factory) as session:
+        # Each next free a reuse after its plan: too far for an attempt that can wait 0.1 s.
+        assert hold(session, "q", token="c", max_wait_s=0.1, lease_s=10) is None
         ring = outlook(session, "q", count=2)
-        assert ring.soonest_held is None
+        assert ring.soonest_lapse is None
         assert ring.soonest_unheld == pytest.approx(first.at + 1.05)
         # One that can wait 2 s takes the sooner one, planned a reuse after its last stamp.
-        third = hold(session, "q", token="c", max_wait_s=2)
+        third = hold(session, "q", token="c", max_wait_s=2, lease_s=10)
         assert third is not None and third.slot == first.slot
         assert third.at == pytest.approx(first.at + 1.05)
-        assert 0.9 < third.wait_s <= 1.05
-        # Stamped again later (its request left late): its next use moves with it.
+        assert 0.7 < third.wait_s <= 1.05
+        # Stamped again now (its request left late): its next use moves with it.
         again = restamp(session, "q", slot=third.slot, token="c", reuse_s=1.05)
         assert again is not None and again >= first.at
         # Another queue's ring is its own.
         create_slots(session, "other", count=2)
-        other = hold(session, "other", token="f", max_wait_s=0)
+        other = hold(session, "other", token="f", max_wait_s=0, lease_s=10)
         assert other is not None and other.wait_s == 0
     engine.dispose()
 
 
 @BOTH_BACKENDS
 def test_a_hold_whose_lease_ran_out_is_taken_and_its_holder_told(database_url: str) -> None:
-    """A holder that died before letting go keeps its slot only for its lease: then the slot
-    is another's (at its next use, which the first holder's plan set), and the first holder,
-    should it come back, can neither stamp it again nor let it go."""
+    """A holder away past its lease may find its slot taken (at its next use, which the
+    first holder's plan set); it can then not stamp it again, and takes another."""
     engine = make_engine(database_url)
     session_factory = make_session_factory(engine)
     hold = functools.partial(hold_slot, count=1, reuse_s=0.2, gap_s=0.0)
@@ -367,8 +363,7 @@ def test_a_hold_whose_lease_ran_out_is_taken_and_its_holder_told(database_url: s
         taken = hold(session, "q", token="b", max_wait_s=1, lease_s=10)
         assert taken is not None and taken.at == pytest.approx(gone.at + 0.2)
         assert restamp(session, "q", slot=0, token="a", reuse_s=0.2) is None
-        assert not release(session, "q", slot=0, token="a")
-        assert release(session, "q", slot=0, token="b")
+        assert restamp(session, "q", slot=0, token="b", reuse_s=0.2) is not None
     engine.dispose()
 
 
@@ -378,15 +373,9 @@ def test_the_pacer_gives_up_at_once_when_no_slot_comes_free_in_time(database_url
     pacer = DatabasePacer(make_session_factory(engine), name="full", cap_per_s=2)
     for _ in range(2):
         assert pacer.wait_turn(max_wait_s=0) is not None
-        pacer.release_turn()
     asked = time.monotonic()
     assert pacer.wait_turn(max_wait_s=0.5) is None  # both next free a reuse (1.05 s) away
     assert time.monotonic() - asked < 0.5
-    # Held and never let go (its request raised before the client could): the thread's next
-    # turn lets it go first, so the ring does not shrink.
-    assert pacer.wait_turn(max_wait_s=5) is not None
-    assert pacer.wait_turn(max_wait_s=5) is not None
-    pacer.release_turn()
     engine.dispose()
 
 
@@ -400,9 +389,6 @@ def test_a_stripe_request_waits_for_its_turn_and_is_not_sent_without_one(
             self.asked.append(max_wait_s)
             return None
 
-        def release_turn(self) -> None:
-            raise AssertionError("no turn was taken")
-
     pacer = NoTurn()
     client = make_stripe_client(
         api_key=LOCALSTRIPE_API_KEY, api_base=localstripe.url, max_network_retries=0, pacer=pacer
@@ -410,40 +396,6 @@ def test_a_stripe_request_waits_for_its_turn_and_is_not_sent_without_one(
     with pytest.raises(stripe.APIConnectionError, match="next free turn"):
         client.v1.customers.create()
     assert pacer.asked == [30.0]
-
-
-def test_a_stripe_request_lets_its_slot_go_once_it_has_left_even_if_it_failed(
-    localstripe: LocalStripe,
-) -> None:
-    """Every request the client sends takes a turn and lets it go after, whether Stripe
-    answered or the connection failed: a slot kept would leave the ring a slot short until
-    its lease ran out."""
-
-    class Counting:
-        def __init__(self) -> None:
-            self.events: list[str] = []
-
-        def wait_turn(self, *, max_wait_s: float) -> float | None:
-            self.events.append("wait")
-            return time.time()
-
-        def release_turn(self) -> None:
-            self.events.append("release")
-
-    answered, refused = Counting(), Counting()
-    make_stripe_client(
-        api_key=LOCALSTRIPE_API_KEY, api_base=localstripe.url, max_network_retries=0, pacer=answered
-    ).v1.customers.create()
-    assert answered.events == ["wait", "release"]
-    nobody = make_stripe_client(
-        api_key=LOCALSTRIPE_API_KEY,
-        api_base="http://127.0.0.1:9",  # the discard port: nothing listens
-        max_network_retries=0,
-        pacer=refused,
-    )
-    with pytest.raises(stripe.APIConnectionError):
-        nobody.v1.customers.create()
-    assert refused.events == ["wait", "release"]
 
 
 def test_only_the_worker_paces_its_stripe_requests(database_url: str) -> None:
