@@ -281,7 +281,7 @@ def build_dependencies(
     ``Settings.charge_rate_per_s`` in any one-second window together with every other worker
     on the database (``billing.pacing``). The API's are not paced: a signup must not wait
     behind a billing-day burst (the cap leaves Stripe's limit room for it)."""
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, pool=settings.database_pool())
     session_factory = make_session_factory(engine)
     pacer = (
         DatabasePacer(

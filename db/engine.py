@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,15 +30,23 @@ def normalize_url(url: str | URL) -> URL:
     return parsed
 
 
-def make_engine(url: str | URL, *, throwaway: bool = False, **engine_options: Any) -> Engine:
+def make_engine(
+    url: str | URL,
+    *,
+    throwaway: bool = False,
+    pool: Mapping[str, int] | None = None,
+    **engine_options: Any,
+) -> Engine:
     """An engine for SQLite (the embedded default) or PostgreSQL (``postgresql+psycopg``).
 
     ``throwaway``: a SQLite database nobody keeps (simulations) skips fsync on commit; never
-    set it for real money. ``engine_options`` go to ``create_engine`` (e.g. ``echo``).
+    set it for real money. ``pool``: PostgreSQL's ``pool_size`` and ``max_overflow``
+    (``Settings.database_pool``; None: SQLAlchemy's 5 and 10); SQLite ignores it, its
+    writers take turns anyway. ``engine_options`` go to ``create_engine`` (e.g. ``echo``).
     """
     parsed = normalize_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, **engine_options)
+        return create_engine(parsed, **{**dict(pool or {}), **engine_options})
 
     connect_args = dict(engine_options.pop("connect_args", {}))
     # Activities run in worker threads; the pool hands one connection to one thread at a time.

@@ -5,16 +5,20 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, insert, select, text
+from pydantic import ValidationError
+from sqlalchemy import Engine, event, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from billing.settings import Settings
 from billing.testing.database import postgres_available, temporary_database
+from billing.worker import build_dependencies
 from db.engine import make_engine, normalize_url, unit_of_work
 from db.models import NotificationRow
 from db.repositories import customers
@@ -171,3 +175,58 @@ def test_without_a_server_postgres_tests_fail_under_ci() -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     assert "skipped" not in result.stdout
     assert "CI=true" in result.stdout
+
+
+@ONLY_POSTGRES
+def test_the_worker_pool_keeps_a_connection_per_busy_thread(database_url: str) -> None:
+    """Sixteen threads, each running short transactions at once, as a worker's activity
+    threads do in a burst: with the pool the settings give (``database_pool``), PostgreSQL
+    sees one connection per thread and no more; with SQLAlchemy's default (5 kept), the
+    threads beyond five open and close a connection (a PostgreSQL backend) again and again."""
+    settings = Settings(_env_file=None, database_url=database_url)  # type: ignore[call-arg]
+    assert settings.database_pool() == {"pool_size": 32, "max_overflow": 16}
+
+    def connections_opened(engine: Engine) -> int:
+        opened = [0]
+
+        def count(*_: Any) -> None:
+            opened[0] += 1
+
+        event.listen(engine, "connect", count)
+        factory = sessionmaker(engine)
+        barrier = threading.Barrier(16)
+
+        def work() -> None:
+            barrier.wait()
+            for _ in range(20):
+                with unit_of_work(factory) as session:
+                    session.execute(text("SELECT pg_sleep(0.001)"))
+                time.sleep(0.003)  # the activity's own work between two transactions
+
+        threads = [threading.Thread(target=work) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        engine.dispose()
+        return opened[0]
+
+    assert connections_opened(make_engine(database_url, pool=settings.database_pool())) <= 16
+    assert connections_opened(make_engine(database_url)) > 16
+
+
+def test_the_pool_size_is_a_setting_with_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BILLING_DATABASE_POOL_SIZE", "4")
+    monkeypatch.setenv("BILLING_ACTIVITY_THREADS", "8")
+    assert Settings(_env_file=None).database_pool() == {"pool_size": 4, "max_overflow": 8}  # type: ignore[call-arg]
+    monkeypatch.setenv("BILLING_DATABASE_POOL_SIZE", "0")
+    with pytest.raises(ValidationError, match="database_pool_size"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+@ONLY_POSTGRES
+def test_the_workers_engine_takes_the_pool_from_the_settings(database_url: str) -> None:
+    settings = Settings(_env_file=None, database_url=database_url, database_pool_size=7)  # type: ignore[call-arg]
+    deps = build_dependencies(settings)
+    pool = deps.session_factory.kw["bind"].pool
+    assert (pool.size(), pool._max_overflow) == (7, settings.activity_threads)
