@@ -13,6 +13,7 @@ from billing.pacing import (
     HOLD_LEASE_S,
     MAX_LATENESS_S,
     min_gap_s,
+    pause_before_asking_again,
     slot_count,
     slot_reuse_s,
 )
@@ -26,10 +27,6 @@ log = logging.getLogger(__name__)
 #: The start of the warning ``wait_turn`` logs each time a request, later than its planned
 #: instant by more than ``MAX_LATENESS_S``, stamps its slot again (the bench counts them).
 PACER_RESTAMPED = "provider slot stamped again"
-
-#: Shortest sleep before asking again when every slot is held (seconds): waiters beyond the
-#: ring's size poll for the first slot let go, no faster than this.
-_FULL_RING_POLL_S = 0.02
 
 
 class DatabasePacer:
@@ -102,17 +99,13 @@ class DatabasePacer:
             with unit_of_work(self._session_factory) as session:
                 pacing_repo.create_slots(session, self.name, count=self.slots)
             return 0.0
-        left = give_up_at - time.monotonic()
-        if ring.soonest_unheld is not None:
-            if ring.soonest_unheld - ring.now > left:
-                return None  # even the soonest slot nobody holds is too far away
-            return 0.0  # a slot came free between the two statements, or another took it
-        # Every slot is held: the soonest hold lapses a lease after its plan, and its slot is
-        # free a reuse after that plan.
-        assert ring.soonest_lapse is not None
-        if ring.soonest_lapse - HOLD_LEASE_S + self.reuse_s - ring.now > left:
-            return None
-        return max(_FULL_RING_POLL_S, ring.soonest_lapse - ring.now)
+        return pause_before_asking_again(
+            now=ring.now,
+            soonest_unheld=ring.soonest_unheld,
+            soonest_lapse=ring.soonest_lapse,
+            left_s=give_up_at - time.monotonic(),
+            cap_per_s=self.cap_per_s,
+        )
 
     def _leave(self, held: pacing_repo.Held, token: str, due: float) -> float | None:
         """The stamp to leave on: the plan if this thread is back within ``MAX_LATENESS_S``

@@ -101,6 +101,48 @@ def least_span_s(requests: int, cap_per_s: float) -> float:
     return rings * slot_reuse_s(cap_per_s) + last * min_gap_s(cap_per_s)
 
 
+#: Shortest sleep before asking again when every slot is held (seconds): waiters beyond the
+#: ring's size poll for the first hold to lapse, no faster than this.
+FULL_RING_POLL_S = 0.02
+
+#: Sleep before asking again after a hold lost a race for a free slot (seconds).
+RACE_RETRY_S = 0.001
+
+
+def pause_before_asking_again(
+    *,
+    now: float,
+    soonest_unheld: float | None,
+    soonest_lapse: float | None,
+    left_s: float,
+    cap_per_s: float,
+) -> float | None:
+    """A request that could not take a slot: how long to sleep before asking again, or None
+    if no slot can be its own within ``left_s``. ``now``, ``soonest_unheld`` (the soonest
+    instant of a slot nobody holds) and ``soonest_lapse`` (the soonest a hold lapses) are on
+    the schedule's clock.
+
+    A plan may be up to ``slot_count + 1`` gaps after its slot's instant (plans are kept
+    apart), so a slot whose instant is within reach may still have been refused for a plan
+    beyond it. The bound counts that spread: with the instant alone the refusal would repeat
+    however long the request waited (both sides of the comparison shrink alike), a request
+    asking again and again until the ring changed."""
+    if soonest_unheld is not None:
+        spread = (slot_count(cap_per_s) + 1) * min_gap_s(cap_per_s)
+        if max(soonest_unheld, now) + spread - now > left_s:
+            return None
+        # A slot came free between the two statements, or another worker's concurrent hold
+        # was taking it: ask again in a moment.
+        return RACE_RETRY_S
+    if soonest_lapse is None:
+        return RACE_RETRY_S  # the slots were made meanwhile
+    # Every slot is held: the soonest hold lapses a lease after its plan, and its slot is
+    # free a reuse after that plan.
+    if soonest_lapse - HOLD_LEASE_S + slot_reuse_s(cap_per_s) - now > left_s:
+        return None
+    return max(FULL_RING_POLL_S, soonest_lapse - now)
+
+
 class ProviderPacer(Protocol):
     """Waits for a provider request's slot in the shared schedule."""
 

@@ -5,6 +5,7 @@ slot's delay, never a turn; a saturated ring sustains the share the margin leave
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -14,10 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from billing.pacing import (
+    FULL_RING_POLL_S,
     MAX_LATENESS_S,
+    RACE_RETRY_S,
     SEND_MARGIN_S,
     least_span_s,
     min_gap_s,
+    pause_before_asking_again,
     slot_count,
     slot_reuse_s,
     sustained_per_s,
@@ -175,3 +179,23 @@ def test_least_span() -> None:
     assert least_span_s(20, 20) == pytest.approx(19 * gap)
     assert least_span_s(21, 20) == pytest.approx(1.05)
     assert least_span_s(300, 20) == pytest.approx(14 * 1.05 + 19 * gap)
+
+
+def test_a_request_refused_a_slot_asks_again_only_while_one_can_still_be_its_own() -> None:
+    """Cap 2: two slots, gaps of 0.2625 s, so a plan may fall up to 0.79 s after its slot's
+    instant. A slot 0.3 s away with 0.4 s left could be refused again and again (its plan
+    beyond reach, both sides shrinking alike as time passes): given up at once. With time
+    to spare: ask again in a moment. Every slot held: sleep until the soonest hold lapses,
+    unless even that slot's next use is out of reach."""
+    pause = functools.partial(pause_before_asking_again, now=100.0, cap_per_s=2)
+    spread = 3 * min_gap_s(2)
+    assert spread == pytest.approx(0.7875)
+    assert pause(soonest_unheld=100.3, soonest_lapse=None, left_s=0.4) is None
+    assert pause(soonest_unheld=100.3, soonest_lapse=None, left_s=0.3 + spread - 0.01) is None
+    assert pause(soonest_unheld=100.3, soonest_lapse=None, left_s=5) == RACE_RETRY_S
+    # A slot free since long ago counts from now.
+    assert pause(soonest_unheld=50.0, soonest_lapse=None, left_s=spread + 0.01) == RACE_RETRY_S
+    assert pause(soonest_unheld=None, soonest_lapse=100.2, left_s=5) == pytest.approx(0.2)
+    assert pause(soonest_unheld=None, soonest_lapse=100.001, left_s=5) == FULL_RING_POLL_S
+    # The soonest hold lapses at 100.2: its plan was 99.7, its slot's next use 100.75.
+    assert pause(soonest_unheld=None, soonest_lapse=100.2, left_s=0.7) is None
