@@ -7,6 +7,7 @@ deterministic, so it is tested without Temporal.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -236,7 +237,22 @@ class SubscriptionState:
 
     # ---- changes: each returns nothing or raises ChangeRefused with a reason ------------------
 
-    def check_cancel(self, at_period_end: bool) -> None:
+    def check_cancel(self, at_period_end: bool, queued: Sequence[bool] = ()) -> None:
+        """``queued``: the ``at_period_end`` of each cancel accepted but not applied yet (the
+        workflow applies accepted changes one at a time, in order). A cancel that one of them
+        would refuse once applied is refused now, at once: twenty parallel cancels then hold
+        one accepted Update, not twenty in flight (Temporal holds at most 10 per workflow)."""
+        if False in queued:
+            raise ChangeRefused(
+                f"subscription {self.subscription_id} is already being canceled: an immediate "
+                "cancel accepted before this one is being applied; if it fails, the "
+                "subscription is left as it was and can be canceled again"
+            )
+        if at_period_end and True in queued:
+            raise ChangeRefused(
+                f"subscription {self.subscription_id} is already being set to cancel at period "
+                "end by a cancel accepted before this one; cancel immediately instead if needed"
+            )
         if self.status == SubscriptionStatus.CANCELED:
             raise ChangeRefused(
                 f"subscription {self.subscription_id} is already canceled"

@@ -345,6 +345,8 @@ class SubscriptionWorkflow:
         self._observed: tuple[datetime, datetime] | None = None
         # True while an accepted change is applied (its database steps are not local).
         self._applying_change = False
+        # The accepted change being applied, if any (the inbox holds those after it).
+        self._applying: _Request[ChangeResult] | None = None
         # The last plan changes' answers, by Update id, carried across continue-as-new.
         self._recent_changes: list[ChangePlanResult] = list(input.recent_changes)
 
@@ -957,6 +959,7 @@ class SubscriptionWorkflow:
         while self._inbox:
             request = self._inbox.pop(0)
             self._applying_change = True
+            self._applying = request
             try:
                 request.result = await self._apply(request.change, request.update_id)
             except ChangeRefused as refused:
@@ -982,6 +985,7 @@ class SubscriptionWorkflow:
                 )
             finally:
                 self._applying_change = False
+                self._applying = None
             request.done = True
 
     def _change_steps_not_local(self) -> bool:
@@ -1163,6 +1167,18 @@ class SubscriptionWorkflow:
         assert isinstance(request.result, result_type)
         return request.result
 
+    def _queued_cancels(self) -> list[bool]:
+        """``at_period_end`` of each cancel accepted and not applied yet. A validator and the
+        start of its handler run in one step of the same task (the SDK's ``run_update``), so a
+        cancel accepted in this very activation is already in the inbox when the next one's
+        validator runs."""
+        waiting = [self._applying] if self._applying is not None else []
+        return [
+            r.change.at_period_end
+            for r in waiting + self._inbox
+            if isinstance(r.change, CancelInput) and not r.done
+        ]
+
     @staticmethod
     def _refuse_invalid(change: Change) -> None:
         """Refuse, in a validator, input the database could not store (NUL, a card number,
@@ -1204,7 +1220,7 @@ class SubscriptionWorkflow:
     @cancel.validator
     def _validate_cancel(self, input: CancelInput) -> None:
         self._refuse_invalid(input)
-        self._refuse(self.state.check_cancel, input.at_period_end)
+        self._refuse(self.state.check_cancel, input.at_period_end, self._queued_cancels())
 
     @workflow.update(name=SubscriptionMessage.PAUSE)
     async def pause(self, input: PauseInput) -> PauseResult:

@@ -310,6 +310,17 @@ async def _temporal_error(request: Request, exc: Exception) -> JSONResponse:
             "Idempotency-Key)",
             headers={"Retry-After": "5"},
         )
+    if isinstance(exc, RPCError) and exc.status == RPCStatusCode.RESOURCE_EXHAUSTED:
+        # A namespace's rate limit, or a workflow's most Updates in flight, outlasted the
+        # client's own retries: nothing was started or changed.
+        logger.warning("Temporal busy in %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            503,
+            "temporal_busy",
+            f"the workflow service refused the request for now ({exc.message}); nothing was "
+            "changed: retry after a few seconds (a signup with the same Idempotency-Key)",
+            headers={"Retry-After": "5"},
+        )
     return _internal_error(request.method, request.url.path, exc)
 
 

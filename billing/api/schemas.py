@@ -270,10 +270,13 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     413: "Request body over the size limit.",
     415: "The body is not application/json.",
     422: "A field or parameter is invalid; the message names it and says what was wrong.",
+    429: "Too many changes of this subscription in progress at once; nothing was changed: "
+    "retry after the Retry-After header's seconds.",
     500: "Internal error; the message carries a reference to quote.",
     502: "The payment provider failed; retry later.",
     503: "A dependency (database, Temporal, payment provider) did not answer; retry.",
-    504: "A change was accepted but not finished in time; it will still be applied.",
+    504: "A change was accepted but not finished in time (it will still be applied), or "
+    "Temporal did not say in time whether it was accepted: check the subscription first.",
 }
 
 

@@ -111,6 +111,9 @@ LIVE_QUERY_TIMEOUT = timedelta(seconds=5)
 #: How long a change waits for the workflow to apply an accepted Update before answering 504
 #: ("accepted, still being applied").
 CHANGE_RESULT_TIMEOUT = timedelta(seconds=30)
+#: Retry-After of a change refused because its workflow already holds Temporal's most
+#: Updates in flight (10): the changes ahead of it are applied one at a time.
+CHANGES_BUSY_RETRY_AFTER_S = 5
 
 SubscriptionId = Annotated[
     str,
@@ -268,13 +271,23 @@ async def _update(
     try:
         # Accepted first: the workflow's validator answers at once, and a refusal never
         # enters history. Then the result, which waits for the workflow to apply the change.
-        update = await handle.start_update(
-            name,
-            arg,
-            id=update_id,
-            wait_for_stage=WorkflowUpdateStage.ACCEPTED,
-            result_type=result_type,
-        )
+        try:
+            update = await handle.start_update(
+                name,
+                arg,
+                id=update_id,
+                wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                result_type=result_type,
+            )
+        except WorkflowUpdateRPCTimeoutOrCancelledError:
+            raise ApiError(
+                504,
+                "change_unconfirmed",
+                f"the workflow service did not say in time whether subscription "
+                f"{subscription_id} accepted the change; check GET "
+                f"/v1/subscriptions/{subscription_id} before retrying",
+                headers={"Retry-After": "30"},
+            ) from None
         try:
             result: _R = await asyncio.wait_for(
                 update.result(), timeout=CHANGE_RESULT_TIMEOUT.total_seconds()
@@ -294,6 +307,17 @@ async def _update(
     except WorkflowUpdateFailedError as failed:
         raise from_update_failure(failed) from None
     except RPCError as error:
+        if error.status == RPCStatusCode.RESOURCE_EXHAUSTED:
+            # Temporal holds at most 10 Updates in flight per workflow (its client retried
+            # for a while before giving up): nothing was accepted, so a retry is safe.
+            raise ApiError(
+                429,
+                "too_many_changes",
+                f"subscription {subscription_id} already has as many changes in progress as "
+                f"the workflow service holds at once ({error.message}); this one was not "
+                "accepted and nothing changed: retry in a few seconds",
+                headers={"Retry-After": str(CHANGES_BUSY_RETRY_AFTER_S)},
+            ) from None
         if error.status != RPCStatusCode.NOT_FOUND:
             raise  # an unreachable Temporal is answered 503 by the app's handler
         # The workflow is gone (a canceled subscription's workflow has completed) or never
@@ -312,7 +336,7 @@ async def _update(
 
 
 _CHANGE_DEPENDENCIES = [require_scope("admin"), Depends(require_json_body)]
-_CHANGE_RESPONSES = error_responses(400, 401, 402, 403, 404, 409, 413, 415, 422, 502, 503, 504)
+_CHANGE_RESPONSES = error_responses(400, 401, 402, 403, 404, 409, 413, 415, 422, 429, 502, 503, 504)
 
 
 @router.post(

@@ -4,6 +4,8 @@ database/Temporal checks."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +16,7 @@ from sqlalchemy import func, select
 from temporalio.service import RPCError, RPCStatusCode
 
 from billing.contracts import workflow_id_for
+from billing.payments import AttachedPaymentMethod, PaymentGateway
 from billing.settings import ApiKey, Settings
 from billing.testing.harness import BillingHarness
 from db import models
@@ -123,3 +126,29 @@ async def eventually(check: Callable[[], object], *, timeout: float = 20.0) -> N
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not reached in {timeout}s")
         await asyncio.sleep(0.05)
+
+
+@dataclasses.dataclass
+class SlowToAttach:
+    """The real gateway, except that attaching a card waits (once ``slow`` is set) until
+    ``release`` is: a provider that answers slowly, which localstripe cannot be made to be."""
+
+    inner: PaymentGateway
+    slow: threading.Event = dataclasses.field(default_factory=threading.Event)
+    release: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    #: The cards asked to be attached, in order (whether or not slowed).
+    attached: list[str] = dataclasses.field(default_factory=list)
+
+    def attach_payment_method(
+        self, *, provider_customer_id: str, payment_method_id: str
+    ) -> AttachedPaymentMethod:
+        self.attached.append(payment_method_id)
+        if self.slow.is_set():
+            self.release.wait(timeout=30)
+        return self.inner.attach_payment_method(
+            provider_customer_id=provider_customer_id, payment_method_id=payment_method_id
+        )

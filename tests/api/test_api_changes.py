@@ -4,8 +4,6 @@ with the workflow's reason), pause and resume, and card changes (a card refused 
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,14 +14,14 @@ from temporalio.testing import WorkflowEnvironment
 
 from billing.api import create_app
 from billing.invoices import InvoiceStatus
-from billing.payments import AttachedPaymentMethod, PaymentGateway
+from billing.payments import PaymentGateway
 from billing.subscription import SubscriptionStatus
 from billing.testing.cards import DECLINED_AT_ATTACH, DECLINES_AFTER_ATTACH, SUCCEEDS
 from billing.testing.harness import BillingHarness
 from billing.testing.localstripe import LocalStripe
 from db.engine import unit_of_work
 from db.repositories import customers as customers_repo
-from tests.api.support import Api, api_settings, eventually
+from tests.api.support import Api, SlowToAttach, api_settings, eventually
 
 DAY = timedelta(days=1)
 
@@ -227,28 +225,6 @@ async def test_change_bodies_are_validated(api: Api) -> None:
     status, refused = await change(api, sub_id, "cancel", {"at_period_end": "yes"})
     assert status == 422
     assert "field 'at_period_end' input should be a valid boolean" in refused["error"]["message"]
-
-
-@dataclasses.dataclass
-class SlowToAttach:
-    """The real gateway, except that attaching a card waits (once ``slow`` is set) until
-    ``release`` is: a provider that answers slowly, which localstripe cannot be made to be."""
-
-    inner: PaymentGateway
-    slow: threading.Event = dataclasses.field(default_factory=threading.Event)
-    release: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-    def attach_payment_method(
-        self, *, provider_customer_id: str, payment_method_id: str
-    ) -> AttachedPaymentMethod:
-        if self.slow.is_set():
-            self.release.wait(timeout=30)
-        return self.inner.attach_payment_method(
-            provider_customer_id=provider_customer_id, payment_method_id=payment_method_id
-        )
 
 
 async def test_a_change_that_takes_too_long_answers_504_and_is_still_applied(

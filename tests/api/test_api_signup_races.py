@@ -286,3 +286,44 @@ async def test_an_unconfirmed_start_answers_202_and_the_worker_sweeper_starts_it
         assert view.status == SubscriptionStatus.ACTIVE
     finally:
         await api.harness.client.get_workflow_handle(sweeper).terminate("test finished")
+
+
+class BusyStart:
+    """The Temporal client, except that subscription workflow starts are refused
+    RESOURCE_EXHAUSTED (a namespace over its rate limit), after the client's own retries."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    async def start_workflow(self, *args: Any, **kwargs: Any) -> Any:
+        from temporalio.service import RPCError, RPCStatusCode
+
+        raise RPCError("namespace rate limit exceeded", RPCStatusCode.RESOURCE_EXHAUSTED, b"")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+async def test_a_start_refused_as_busy_answers_503_leaves_nothing_and_the_retry_signs_up(
+    app: Any, api: Api
+) -> None:
+    app.state.signups.temporal = BusyStart(api.harness.client)
+    card = await api.harness.to_thread_card(SUCCEEDS)
+    response = await api.signup(idempotency_key="busy-1", payment_method_id=card)
+
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["type"] == "temporal_busy"
+    assert "namespace rate limit exceeded" in error["message"]
+    assert "nothing was changed" in error["message"]
+    assert response.headers["Retry-After"] == "5"
+    with api.harness.session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(models.SubscriptionRow)) == 0
+
+    app.state.signups.temporal = api.harness.client
+    again = await api.signup(idempotency_key="busy-1", payment_method_id=card)
+    assert again.status_code == 201, again.text
+    view = await api.harness.wait_for(
+        again.json()["id"], lambda v: v.invoices_issued == 1 and v.open_invoice is None
+    )
+    assert view.status == SubscriptionStatus.ACTIVE

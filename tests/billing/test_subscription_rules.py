@@ -100,6 +100,33 @@ def test_live_subscriptions_can_be_canceled_either_way(status: SubscriptionStatu
     state(status=status).check_cancel(at_period_end=False)
 
 
+@pytest.mark.parametrize(
+    ("queued", "at_period_end", "refused"),
+    [
+        ((), False, None),
+        ((), True, None),
+        # An immediate cancel ahead: whatever comes after it would find the subscription
+        # canceled, so it is refused now rather than held in flight.
+        ((False,), False, "already being canceled"),
+        ((False,), True, "already being canceled"),
+        ((True, False), True, "already being canceled"),
+        # A cancel at period end ahead: a second one is refused, an immediate one is not.
+        ((True,), True, "already being set to cancel at period end"),
+        ((True,), False, None),
+        ((True, True), False, None),
+    ],
+)
+def test_a_cancel_behind_an_accepted_cancel_is_refused_as_that_one_would_refuse_it(
+    queued: tuple[bool, ...], at_period_end: bool, refused: str | None
+) -> None:
+    if refused is None:
+        state().check_cancel(at_period_end, queued)
+        return
+    with pytest.raises(ChangeRefused) as caught:
+        state().check_cancel(at_period_end, queued)
+    assert caught.value.message.startswith(f"subscription sub_1 is {refused}")
+
+
 def test_cancel_at_period_end_before_any_invoice_ends_with_the_trial() -> None:
     trial_end = datetime(2024, 2, 14, 14, tzinfo=UTC)
     trialing = state(
