@@ -18,7 +18,9 @@ A request takes the slot that comes free soonest and plans to leave there; the p
 stamp, written when it takes the slot, and the slot stays its own (nobody else may take it)
 until ``HOLD_LEASE_S`` after the plan. If the thread wakes for it on time, within
 ``MAX_LATENESS_S``, the request leaves with no further word to the database: one statement
-per request. If it is later (a starved CPU, a
+per request. The plan is on the database's clock; ``ClockOffset`` places it on the worker's
+from the statements' round trips, so that the thread never leaves before it and a slow way
+back from the database counts as lateness. If it is later (a starved CPU, a
 slow commit), it stamps the slot again with the instant it really leaves: its slot's next use
 moves later by its lateness, and nobody else's. (A schedule of fixed instants, which this
 replaced, had to give a turn up whenever a thread woke too late for it, because the turns after
@@ -33,6 +35,7 @@ The gap only smooths; the cap rests on the slots alone.
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Protocol
 
 #: What a slot's reuse adds to the one-second window (seconds): a request leaves at most this
@@ -141,6 +144,46 @@ def pause_before_asking_again(
     if soonest_lapse - HOLD_LEASE_S + slot_reuse_s(cap_per_s) - now > left_s:
         return None
     return max(FULL_RING_POLL_S, soonest_lapse - now)
+
+
+#: How long a reading of the schedule's clock counts towards ``ClockOffset`` (seconds): long
+#: enough to meet a quick round trip, short enough that two clocks drifting apart (parts per
+#: million) or slewed by NTP move less than a millisecond meanwhile.
+CLOCK_SAMPLE_TTL_S = 60.0
+#: The most readings ``ClockOffset`` keeps (the newest).
+CLOCK_SAMPLES = 256
+
+
+class ClockOffset:
+    """The schedule's clock (the database's) minus this process's monotonic clock, bounded
+    from round trips: a statement that read the remote clock as ``remote`` was sent at
+    ``asked`` and answered at ``answered`` (local), so the offset lies in ``[remote -
+    answered, remote - asked]``. The readings of the last minute are intersected, so one
+    quick round trip bounds it to a millisecond or so, however slow the others were (a
+    worker busy with other threads takes its answers late, which must not count as the
+    request being late, nor the request leave before its plan). Readings that cannot all
+    hold (a clock was stepped) are dropped for the newest one."""
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, float, float]] = deque(maxlen=CLOCK_SAMPLES)
+
+    def add(self, *, asked: float, answered: float, remote: float) -> None:
+        if answered < asked:
+            raise ValueError(f"answered ({answered}) before asked ({asked})")
+        self._samples.append((answered, remote - answered, remote - asked))
+        low, high = self.bounds(answered)
+        if low > high:  # a clock was stepped: the older readings no longer hold
+            newest = self._samples[-1]
+            self._samples.clear()
+            self._samples.append(newest)
+
+    def bounds(self, now: float) -> tuple[float, float]:
+        """(least, greatest) offset the readings of the last ``CLOCK_SAMPLE_TTL_S`` allow."""
+        while len(self._samples) > 1 and self._samples[0][0] < now - CLOCK_SAMPLE_TTL_S:
+            self._samples.popleft()
+        if not self._samples:
+            raise LookupError("no reading of the schedule's clock yet")
+        return max(s[1] for s in self._samples), min(s[2] for s in self._samples)
 
 
 class ProviderPacer(Protocol):

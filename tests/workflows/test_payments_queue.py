@@ -308,6 +308,39 @@ def test_a_request_whose_hold_committed_late_is_stamped_again(
 
 
 @BOTH_BACKENDS
+def test_a_hold_whose_answer_came_back_late_is_stamped_again(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database read its clock, then its answer took 300 ms to reach the thread (a busy
+    worker waiting for the interpreter). Counted from the answer, as before session 12, the
+    request left 300 ms after its stamp unseen (traced: one slot used twice 0.85 s apart). The
+    plan is placed on this machine's clock by the round trips' bounds, so the 300 ms are
+    lateness: the slot is stamped again. A quick round trip first makes the bounds tight."""
+    engine = make_engine(database_url)
+    pacer = DatabasePacer(make_session_factory(engine), name="slow-answer", cap_per_s=5)
+    real_hold = provider_pacing.pacing_repo.hold_slot
+    held_up = [0.3]  # the second hold's answer is seen 300 ms late; the first is quick
+
+    def slow_answer(*args: Any, **kwargs: Any) -> Any:
+        held = real_hold(*args, **kwargs)
+        if held is not None and pacer_calls[0] == 1 and held_up:
+            time.sleep(held_up.pop())
+        return held
+
+    pacer_calls = [0]
+    monkeypatch.setattr(provider_pacing.pacing_repo, "hold_slot", slow_answer)
+    first = pacer.wait_turn(max_wait_s=5)
+    assert first is not None and pacer.restamps == 0
+    pacer_calls[0] = 1
+    second = pacer.wait_turn(max_wait_s=5)
+    engine.dispose()
+    assert second is not None
+    assert pacer.restamps >= 1
+    # The stamp it left on is after the 300 ms, not the plan made before them.
+    assert second - first >= 0.3 - 0.05
+
+
+@BOTH_BACKENDS
 def test_a_slot_further_away_than_the_attempt_can_wait_is_not_taken(database_url: str) -> None:
     engine = make_engine(database_url)
     session_factory = make_session_factory(engine)
