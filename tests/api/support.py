@@ -140,6 +140,11 @@ class SlowToAttach:
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
 
+    def wrap(self, inner: PaymentGateway) -> PaymentGateway:
+        """The harness's ``wrap_gateway``: this, around the real gateway."""
+        self.inner = inner
+        return self  # type: ignore[return-value]
+
     #: The cards asked to be attached, in order (whether or not slowed).
     attached: list[str] = dataclasses.field(default_factory=list)
 

@@ -14,7 +14,6 @@ from temporalio.testing import WorkflowEnvironment
 
 from billing.api import create_app
 from billing.invoices import InvoiceStatus
-from billing.payments import PaymentGateway
 from billing.subscription import SubscriptionStatus
 from billing.testing.cards import DECLINED_AT_ATTACH, DECLINES_AFTER_ATTACH, SUCCEEDS
 from billing.testing.harness import BillingHarness
@@ -234,13 +233,11 @@ async def test_a_change_that_takes_too_long_answers_504_and_is_still_applied(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     gateway = SlowToAttach(None)  # type: ignore[arg-type]
-
-    def wrap(inner: PaymentGateway) -> PaymentGateway:
-        gateway.inner = inner
-        return gateway  # type: ignore[return-value]
-
     async with BillingHarness(
-        temporal_env, database_url=database_url, stripe_api_base=localstripe.url, wrap_gateway=wrap
+        temporal_env,
+        database_url=database_url,
+        stripe_api_base=localstripe.url,
+        wrap_gateway=gateway.wrap,
     ) as harness:
         app = create_app(api_settings(harness), deps=harness.deps, temporal=harness.client)
         transport = httpx.ASGITransport(app=app)

@@ -30,7 +30,6 @@ from temporalio.testing import WorkflowEnvironment
 
 from billing.api import create_app
 from billing.contracts import NoticeKind, SubscriptionMessage
-from billing.payments import PaymentGateway
 from billing.settings import find_binary
 from billing.subscription import SubscriptionStatus
 from billing.testing.cards import SUCCEEDS
@@ -159,13 +158,11 @@ async def test_changes_beyond_temporals_in_flight_limit_are_429_and_change_nothi
     rest RESOURCE_EXHAUSTED. Those are answered 429 with Retry-After, and their cards are never
     attached; the accepted ones (504: still being applied) all are, once the provider answers."""
     gateway = SlowToAttach(None)  # type: ignore[arg-type]
-
-    def wrap(inner: PaymentGateway) -> PaymentGateway:
-        gateway.inner = inner
-        return gateway  # type: ignore[return-value]
-
     async with BillingHarness(
-        dev_server, database_url=database_url, stripe_api_base=localstripe.url, wrap_gateway=wrap
+        dev_server,
+        database_url=database_url,
+        stripe_api_base=localstripe.url,
+        wrap_gateway=gateway.wrap,
     ) as harness:
         # The app's own client, retrying a refusal for a second instead of ten (the default),
         # so that the test does not wait out the default budget.
