@@ -16,6 +16,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import func, select
+from temporalio.service import RPCError, RPCStatusCode
 
 from billing.api import create_app
 from billing.settings import ApiKey
@@ -238,17 +239,17 @@ async def test_parallel_signups_with_new_cards_leave_one_default_card_both_sides
     assert customer.default_payment_method_id in cards
 
 
-class UnconfirmedStart:
-    """The Temporal client, except that subscription workflow starts time out unanswered
-    (nothing starts), as when the service is overloaded."""
+class FailingStart:
+    """The Temporal client, except that subscription workflow starts fail with ``status``
+    (nothing starts): DEADLINE_EXCEEDED, unanswered, as when the service is overloaded;
+    RESOURCE_EXHAUSTED, refused, as a namespace over its rate limit after the client's own
+    retries."""
 
-    def __init__(self, client: Any) -> None:
-        self._client = client
+    def __init__(self, client: Any, status: RPCStatusCode, message: str) -> None:
+        self._client, self._status, self._message = client, status, message
 
     async def start_workflow(self, *args: Any, **kwargs: Any) -> Any:
-        from temporalio.service import RPCError, RPCStatusCode
-
-        raise RPCError("deadline exceeded", RPCStatusCode.DEADLINE_EXCEEDED, b"")
+        raise RPCError(self._message, self._status, b"")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -260,7 +261,9 @@ async def test_an_unconfirmed_start_answers_202_and_the_worker_sweeper_starts_it
     from billing.signup_sweep import PendingSignupSweepInput
     from billing.worker import ensure_signup_sweeper
 
-    app.state.signups.temporal = UnconfirmedStart(api.harness.client)
+    app.state.signups.temporal = FailingStart(
+        api.harness.client, RPCStatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+    )
     card = await api.harness.to_thread_card(SUCCEEDS)
     response = await api.signup(idempotency_key="unconfirmed-1", payment_method_id=card)
 
@@ -288,26 +291,12 @@ async def test_an_unconfirmed_start_answers_202_and_the_worker_sweeper_starts_it
         await api.harness.client.get_workflow_handle(sweeper).terminate("test finished")
 
 
-class BusyStart:
-    """The Temporal client, except that subscription workflow starts are refused
-    RESOURCE_EXHAUSTED (a namespace over its rate limit), after the client's own retries."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-
-    async def start_workflow(self, *args: Any, **kwargs: Any) -> Any:
-        from temporalio.service import RPCError, RPCStatusCode
-
-        raise RPCError("namespace rate limit exceeded", RPCStatusCode.RESOURCE_EXHAUSTED, b"")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-
 async def test_a_start_refused_as_busy_answers_503_leaves_nothing_and_the_retry_signs_up(
     app: Any, api: Api
 ) -> None:
-    app.state.signups.temporal = BusyStart(api.harness.client)
+    app.state.signups.temporal = FailingStart(
+        api.harness.client, RPCStatusCode.RESOURCE_EXHAUSTED, "namespace rate limit exceeded"
+    )
     card = await api.harness.to_thread_card(SUCCEEDS)
     response = await api.signup(idempotency_key="busy-1", payment_method_id=card)
 
